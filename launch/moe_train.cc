@@ -1,0 +1,123 @@
+// moe-train: the pretraining job. Launch it under mpirun (or launch/moe-launch):
+//
+//   mpirun -np 4 build/bin/moe-train --config=configs/demo.textproto train.steps=50
+//
+// Exit codes: 0 done, 1 runtime failure, 2 bad command line or config (every
+// rank exits 2, before anything is allocated or written).
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "comm/mpi_env.h"
+#include "parallel/layout.h"
+#include "runtime/core/logging.h"
+#include "runtime/job_config.h"
+
+namespace {
+
+constexpr int kExitRuntimeError = 1;
+constexpr int kExitUsage = 2;
+
+constexpr char kUsage[] =
+    "usage: moe-train --config=FILE [field.path=value ...]\n"
+    "  --config=FILE     job config in protobuf text format (configs/demo.textproto)\n"
+    "  field.path=value  override any scalar field, e.g. train.steps=20 parallel.expert=2\n"
+    "  --print-config    print the resolved config and layout, then exit\n";
+
+struct Args {
+  std::string config;
+  std::vector<std::string> overrides;
+  bool print_only = false;
+  bool help = false;
+  std::vector<std::string> errors;
+};
+
+Args ParseArgs(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (absl::StartsWith(arg, "--config=")) {
+      a.config = arg.substr(9);
+    } else if (arg == "--config" && i + 1 < argc) {
+      a.config = argv[++i];
+    } else if (arg == "--print-config") {
+      a.print_only = true;
+    } else if (arg == "--help" || arg == "-h") {
+      a.help = true;
+    } else if (absl::StartsWith(arg, "-")) {
+      a.errors.push_back(absl::StrCat("unknown flag '", arg, "'"));
+    } else {
+      a.overrides.push_back(arg);
+    }
+  }
+  if (a.config.empty() && !a.help) a.errors.push_back("--config=FILE is required");
+  return a;
+}
+
+int Finish(int code) {
+  moe::comm::MpiEnv::Finalize();
+  return code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::Status init = moe::comm::MpiEnv::Init(&argc, &argv);
+  if (!init.ok()) {
+    std::fprintf(stderr, "moe-train: %s\n", std::string(init.message()).c_str());
+    return kExitRuntimeError;
+  }
+  const int rank = moe::comm::MpiEnv::world_rank();
+  const int world = moe::comm::MpiEnv::world_size();
+
+  Args args = ParseArgs(argc, argv);
+  if (args.help || !args.errors.empty()) {
+    if (rank == 0) {
+      for (const auto& e : args.errors) std::fprintf(stderr, "moe-train: %s\n", e.c_str());
+      std::fprintf(stderr, "%s", kUsage);
+    }
+    return Finish(args.help ? 0 : kExitUsage);
+  }
+
+  // Every rank resolves the same config; a bad one stops all of them with exit
+  // code 2 before any allocation. Rank 0 alone prints the reasons.
+  absl::StatusOr<moe::JobConfig> config = moe::ResolveJobConfig(args.config, args.overrides, world);
+  if (!config.ok()) {
+    if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(config.status().message()).c_str());
+    return Finish(kExitUsage);
+  }
+  const auto& p = config->parallel();
+  absl::StatusOr<std::string> table = moe::parallel::FormatLayoutTable(world, p.tensor(), p.expert());
+  if (!table.ok()) {
+    if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(table.status().message()).c_str());
+    return Finish(kExitUsage);
+  }
+  if (rank == 0) {
+    std::printf("# resolved config (%s)\n%s\n%s", args.config.c_str(), moe::ConfigToText(*config).c_str(),
+                table->c_str());
+    std::fflush(stdout);
+  }
+  if (args.print_only) return Finish(0);
+
+  if (rank == 0) {
+    std::error_code ec;
+    std::filesystem::create_directories(config->train().run_dir(), ec);
+    if (ec) {
+      MOE_LOG(ERROR) << "cannot create train.run_dir '" << config->train().run_dir() << "': " << ec.message();
+      moe::comm::MpiEnv::Abort(kExitRuntimeError);
+    }
+    std::string path = config->train().run_dir() + "/config.textproto";
+    std::string tmp = path + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << moe::ConfigToText(*config);
+    }
+    std::filesystem::rename(tmp, path, ec);
+    MOE_LOG_RANK0(INFO) << "resolved config written to " << path;
+  }
+  return Finish(0);
+}

@@ -1,0 +1,152 @@
+#include "runtime/job_config.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "runtime/core/status.h"
+
+namespace moe {
+
+std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
+  std::vector<std::string> e;
+  auto need = [&](bool ok, std::string message) {
+    if (!ok) e.push_back(std::move(message));
+  };
+  const auto& m = c.model();
+  const auto& moe = m.moe();
+  const auto& p = c.parallel();
+  const auto& t = c.train();
+  const auto& o = c.optim();
+
+  auto positive = [&](const char* name, long long v, const char* fix) {
+    need(v > 0, absl::StrCat(name, " = ", v, " must be positive; ", fix));
+  };
+  positive("model.vocab_size", m.vocab_size(), "set it to the tokenizer's vocabulary size (257 for bytes)");
+  positive("model.hidden_size", m.hidden_size(), "e.g. 128");
+  positive("model.num_layers", m.num_layers(), "e.g. 4");
+  positive("model.num_heads", m.num_heads(), "e.g. 4");
+  positive("model.num_kv_heads", m.num_kv_heads(), "e.g. model.num_heads");
+  positive("model.ffn_hidden_size", m.ffn_hidden_size(), "e.g. 4 * hidden_size");
+  positive("model.seq_len", m.seq_len(), "e.g. 128");
+  positive("model.moe.num_experts", moe.num_experts(), "e.g. 8");
+  positive("model.moe.top_k", moe.top_k(), "e.g. 2");
+  positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size(), "e.g. ffn_hidden_size");
+  positive("train.micro_batch", t.micro_batch(), "sequences per rank per micro-batch, e.g. 4");
+  positive("train.grad_accum", t.grad_accum(), "e.g. 1");
+  positive("parallel.tensor", p.tensor(), "e.g. 1");
+  positive("parallel.expert", p.expert(), "e.g. 1");
+  positive("parallel.overlap_chunks", p.overlap_chunks(), "1 disables pipelining");
+  need(t.steps() >= 0, absl::StrCat("train.steps = ", t.steps(), " must be >= 0"));
+  need(t.log_every() > 0, absl::StrCat("train.log_every = ", t.log_every(), " must be positive"));
+  need(t.eval_every() >= 0, absl::StrCat("train.eval_every = ", t.eval_every(), " must be >= 0 (0: only at the end)"));
+  need(m.norm_eps() > 0, absl::StrCat("model.norm_eps = ", m.norm_eps(), " must be positive, e.g. 1e-5"));
+  need(m.rope_theta() > 0, absl::StrCat("model.rope_theta = ", m.rope_theta(), " must be positive, e.g. 10000"));
+  need(m.init_std() > 0, absl::StrCat("model.init_std = ", m.init_std(), " must be positive, e.g. 0.02"));
+  need(moe.moe_layer_freq() >= 0,
+       absl::StrCat("model.moe.moe_layer_freq = ", moe.moe_layer_freq(), " must be >= 0 (0: no MoE layers)"));
+  if (!e.empty()) return e;  // the divisibility checks below need positive sizes
+
+  need(m.hidden_size() % m.num_heads() == 0,
+       absl::StrCat("model.num_heads = ", m.num_heads(), " must divide model.hidden_size = ", m.hidden_size()));
+  need((m.hidden_size() / m.num_heads()) % 2 == 0,
+       absl::StrCat("head size model.hidden_size / model.num_heads = ", m.hidden_size() / m.num_heads(),
+                    " must be even for RoPE"));
+  need(m.num_heads() % m.num_kv_heads() == 0,
+       absl::StrCat("model.num_kv_heads = ", m.num_kv_heads(), " must divide model.num_heads = ", m.num_heads()));
+  need(moe.top_k() <= moe.num_experts(),
+       absl::StrCat("model.moe.top_k = ", moe.top_k(), " must be at most model.moe.num_experts = ",
+                    moe.num_experts()));
+  need(moe.drop_policy() == "probs" || moe.drop_policy() == "position",
+       absl::StrCat("model.moe.drop_policy = \"", moe.drop_policy(), "\" must be \"probs\" or \"position\""));
+  need(moe.experts_impl() == "grouped" || moe.experts_impl() == "sequential",
+       absl::StrCat("model.moe.experts_impl = \"", moe.experts_impl(),
+                    "\" must be \"grouped\" or \"sequential\""));
+  const auto& fr = moe.forced_routing();
+  need(fr.fraction() <= 1.0,
+       absl::StrCat("model.moe.forced_routing.fraction = ", fr.fraction(), " must be at most 1"));
+  need(fr.hot_experts() >= 1 && fr.hot_experts() <= moe.num_experts(),
+       absl::StrCat("model.moe.forced_routing.hot_experts = ", fr.hot_experts(), " must be in [1, ",
+                    moe.num_experts(), "]"));
+
+  // Parallel layout.
+  need(p.tensor() <= world_size && world_size % p.tensor() == 0,
+       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide the world size ", world_size,
+                    " (ranks given to mpirun -np)"));
+  need(p.data() == 0 || p.tensor() * p.data() == world_size,
+       absl::StrCat("world size ", world_size, " is not parallel.tensor x parallel.data = ", p.tensor(), " x ",
+                    p.data(), "; launch ", p.tensor() * p.data(), " ranks or leave parallel.data unset"));
+  need(m.num_heads() % p.tensor() == 0,
+       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.num_heads = ", m.num_heads()));
+  need(m.num_kv_heads() % p.tensor() == 0,
+       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.num_kv_heads = ", m.num_kv_heads()));
+  need(m.ffn_hidden_size() % p.tensor() == 0,
+       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.ffn_hidden_size = ",
+                    m.ffn_hidden_size()));
+  need(moe.num_experts() % p.expert() == 0,
+       absl::StrCat("parallel.expert = ", p.expert(), " must divide model.moe.num_experts = ",
+                    moe.num_experts()));
+  if (p.data() > 0) {
+    need(p.data() % p.expert() == 0,
+         absl::StrCat("parallel.expert = ", p.expert(), " must divide parallel.data = ", p.data(),
+                      " (expert groups are slices of the data-parallel dimension)"));
+  }
+  need(p.grad_bucket_mb() > 0,
+       absl::StrCat("parallel.grad_bucket_mb = ", p.grad_bucket_mb(), " must be positive, e.g. 25"));
+
+  // LLEP.
+  const auto& l = c.llep();
+  need(l.trigger_ratio() >= 1.0,
+       absl::StrCat("llep.trigger_ratio = ", l.trigger_ratio(), " must be >= 1 (max/mean load; paper: 1.3)"));
+  need(l.capacity_factor() >= 1.0,
+       absl::StrCat("llep.capacity_factor = ", l.capacity_factor(), " must be >= 1 (paper: 1.0)"));
+  need(l.min_tokens_per_gemm() >= 1,
+       absl::StrCat("llep.min_tokens_per_gemm = ", l.min_tokens_per_gemm(), " must be >= 1 (paper: 1024)"));
+  need(l.max_borrowed_experts() >= 0,
+       absl::StrCat("llep.max_borrowed_experts = ", l.max_borrowed_experts(), " must be >= 0 (0: no limit)"));
+
+  // Optimizer.
+  need(o.type() == "adamw" || o.type() == "sgd",
+       absl::StrCat("optim.type = \"", o.type(), "\" must be \"adamw\" or \"sgd\""));
+  need(o.lr() > 0, absl::StrCat("optim.lr = ", o.lr(), " must be positive"));
+  need(o.min_lr() >= 0 && o.min_lr() <= o.lr(),
+       absl::StrCat("optim.min_lr = ", o.min_lr(), " must be in [0, optim.lr = ", o.lr(), "]"));
+  need(o.beta1() >= 0 && o.beta1() < 1, absl::StrCat("optim.beta1 = ", o.beta1(), " must be in [0, 1)"));
+  need(o.beta2() >= 0 && o.beta2() < 1, absl::StrCat("optim.beta2 = ", o.beta2(), " must be in [0, 1)"));
+  need(o.eps() > 0, absl::StrCat("optim.eps = ", o.eps(), " must be positive"));
+  need(o.weight_decay() >= 0, absl::StrCat("optim.weight_decay = ", o.weight_decay(), " must be >= 0"));
+  need(o.warmup_steps() >= 0, absl::StrCat("optim.warmup_steps = ", o.warmup_steps(), " must be >= 0"));
+  need(o.lr_schedule() == "cosine" || o.lr_schedule() == "linear" || o.lr_schedule() == "constant",
+       absl::StrCat("optim.lr_schedule = \"", o.lr_schedule(), "\" must be \"cosine\", \"linear\" or \"constant\""));
+
+  // Train, data, checkpoint, comm.
+  need(t.device() == "cpu" || t.device() == "cuda",
+       absl::StrCat("train.device = \"", t.device(), "\" must be \"cpu\" or \"cuda\""));
+  need(!t.run_dir().empty(), "train.run_dir is empty; name a directory for metrics, e.g. runs/demo");
+  const auto& d = c.data();
+  need(d.format() == "megatron" || d.format() == "hdf5",
+       absl::StrCat("data.format = \"", d.format(), "\" must be \"megatron\" or \"hdf5\""));
+  need(d.valid_fraction() >= 0 && d.valid_fraction() < 1,
+       absl::StrCat("data.valid_fraction = ", d.valid_fraction(), " must be in [0, 1)"));
+  need(c.checkpoint().save_every() >= 0,
+       absl::StrCat("checkpoint.save_every = ", c.checkpoint().save_every(), " must be >= 0"));
+  need(c.checkpoint().keep_last() >= 0,
+       absl::StrCat("checkpoint.keep_last = ", c.checkpoint().keep_last(), " must be >= 0 (0: keep all)"));
+  need(c.comm().timeout_s() > 0, absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
+  need(c.comm().backend() == "auto" || c.comm().backend() == "mpi" || c.comm().backend() == "nccl",
+       absl::StrCat("comm.backend = \"", c.comm().backend(), "\" must be \"auto\", \"mpi\" or \"nccl\""));
+  return e;
+}
+
+absl::StatusOr<JobConfig> ResolveJobConfig(const std::string& path, const std::vector<std::string>& overrides,
+                                           int world_size) {
+  ASSIGN_OR_RETURN(JobConfig config, LoadConfigFile(path));
+  RETURN_IF_ERROR(ApplyOverrides(overrides, &config));
+  ApplyDefaults(world_size, &config);
+  std::vector<std::string> problems = ValidateJobConfig(config, world_size);
+  if (!problems.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid config ", path, ":\n  ",
+                                                   absl::StrJoin(problems, "\n  ")));
+  }
+  return config;
+}
+
+}  // namespace moe

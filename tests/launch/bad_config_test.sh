@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# moe-train under a real 4-rank mpirun: the demo config prints the layout; each
+# bad config fails with its message and exit code 2 on every rank, before any
+# work (no run directory is created).
+set -uo pipefail
+BIN="$1"; SRC="$2"
+TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
+cd "$TMP"
+fail=0
+run() { mpirun -np 4 --oversubscribe "$BIN/moe-train" "$@" >"$TMP/out" 2>&1; echo $?; }
+
+code=$(run --config="$SRC/configs/demo.textproto" --print-config)
+if [ "$code" != 0 ] || ! grep -q "EP groups   {0,1} {2,3}" "$TMP/out"; then
+  echo "FAIL: demo config did not print the layout (exit $code)"; cat "$TMP/out"; fail=1
+fi
+
+expect() {  # expect "message" args...
+  local message="$1"; shift
+  local code; code=$(run "$@")
+  if [ "$code" != 2 ]; then echo "FAIL: exit $code, want 2 for: $*"; cat "$TMP/out"; fail=1; return; fi
+  if ! grep -qF -- "$message" "$TMP/out"; then echo "FAIL: no '$message' for: $*"; cat "$TMP/out"; fail=1; return; fi
+  # Every rank exits 2: mpirun reports the number of ranks that did.
+  if [ -d "$TMP/runs" ]; then echo "FAIL: a run directory was written for: $*"; fail=1; fi
+  echo "ok: $message"
+}
+D="--config=$SRC/configs/demo.textproto"
+expect "parallel.expert = 3 must divide model.moe.num_experts = 8" "$D" parallel.expert=3
+expect "parallel.tensor = 3 must divide model.num_heads = 4" "$D" parallel.tensor=3 parallel.data=1 parallel.expert=1
+expect "world size 4 is not parallel.tensor x parallel.data = 2 x 4" "$D" parallel.tensor=2 parallel.data=4
+expect "model.moe.top_k = 9 must be at most model.moe.num_experts = 8" "$D" model.moe.top_k=9
+expect "model has no field 'hiden_size'" "$D" model.hiden_size=3
+expect "cannot open config file" --config=/nonexistent.textproto
+printf 'model {\n  hidden_size: 12\n  bogus: 1\n}\n' > bad.textproto
+expect "bad.textproto:3:" --config=bad.textproto
+expect "--config=FILE is required"
+exit $fail

@@ -80,10 +80,7 @@ void Reporter::Note(std::string text) { notes_.push_back(std::move(text)); }
 void Reporter::Flush() {
   if (!print_) return;
   if (json_) return;
-  if (rows_.empty()) {
-    std::printf("%s: no measurements\n", suite_.c_str());
-    return;
-  }
+  if (rows_.empty()) return;  // the suite printed its own output
   // Columns: the first row's params and figures (+ ratio), in order.
   std::vector<std::string> header;
   for (auto& p : rows_[0].params) header.push_back(p.first);
@@ -163,7 +160,11 @@ int main(int argc, char** argv) {
   if (!status.ok()) {
     std::fprintf(stderr, "[rank %d] moe-bench %s: %s\n", args.rank, suite->name.c_str(),
                  std::string(status.message()).c_str());
-    moe::comm::MpiEnv::Abort(1);
+    if (args.world == 1) {
+      moe::comm::MpiEnv::Finalize();
+      return 1;
+    }
+    moe::comm::MpiEnv::Abort(1);  // the other ranks may be waiting in a collective
   }
   reporter.Flush();
   moe::comm::MpiEnv::Finalize();

@@ -1,0 +1,76 @@
+// moe-bench llep-plan: plans one MoE layer offline from a count table, so the
+// LLEP knobs can be tuned without a job.
+//
+//   moe-bench llep-plan counts=FILE [trigger_ratio=1.3] [capacity_factor=1.0]
+//       [min_tokens_per_gemm=1024] [max_borrowed_experts=0]
+//       [hidden=512 expert_ffn=1024 gemm_gflops=100 p2p_gbps=10]   (cost model)
+//
+// FILE is JSON: {"counts": [[c_00, c_01, ...], ...]} with one row per EP rank
+// and one column per expert (tokens rank r routes to expert e); knobs may also
+// be given in the file. Prints the plan as one JSON object: ranges per expert,
+// loads per rank before and after, imbalance, weight moves.
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "launch/bench/bench.h"
+#include "parallel/llep_planner.h"
+#include "runtime/core/json.h"
+#include "runtime/core/status.h"
+
+namespace moe::bench {
+namespace {
+
+absl::Status RunLlepPlan(const Args& args, Reporter&) {
+  std::string path = args.Str("counts", "");
+  if (path.empty()) {
+    return absl::InvalidArgumentError("llep-plan needs counts=FILE (JSON: {\"counts\": [[...], ...]})");
+  }
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("llep-plan: cannot open counts file '", path, "'"));
+  std::stringstream text;
+  text << in.rdbuf();
+  ASSIGN_OR_RETURN(JsonValue doc, ParseJson(text.str()));
+  const JsonValue* table = doc.Find("counts");
+  if (table == nullptr || table->kind != JsonValue::Kind::kArray) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": needs a \"counts\" array of per-rank arrays"));
+  }
+  std::vector<std::vector<int64_t>> counts;
+  for (const JsonValue& row : table->array) {
+    if (row.kind != JsonValue::Kind::kArray) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": counts[", counts.size(), "] is not an array"));
+    }
+    counts.emplace_back();
+    for (const JsonValue& v : row.array) {
+      if (v.kind != JsonValue::Kind::kNumber) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": counts[", counts.size() - 1, "] has a non-number"));
+      }
+      counts.back().push_back(static_cast<int64_t>(v.number));
+    }
+  }
+  auto knob = [&](const char* name, double fallback) {
+    const JsonValue* v = doc.Find(name);
+    return args.Double(name, v && v->kind == JsonValue::Kind::kNumber ? v->number : fallback);
+  };
+  parallel::LlepOptions o;
+  o.trigger_ratio = knob("trigger_ratio", 1.3);
+  o.capacity_factor = knob("capacity_factor", 1.0);
+  o.min_tokens_per_gemm = static_cast<int64_t>(knob("min_tokens_per_gemm", 1024));
+  o.max_borrowed_experts = static_cast<int>(knob("max_borrowed_experts", 0));
+  double hidden = knob("hidden", 0), ffn = knob("expert_ffn", 0);
+  if (hidden > 0 && ffn > 0) {
+    o.flops_per_token = 18.0 * hidden * ffn;  // SwiGLU: 3 GEMMs x 2 flops x (1 forward + 2 backward)
+    o.weight_bytes = 3.0 * hidden * ffn * 4;
+    o.gemm_flops_per_s = knob("gemm_gflops", 0) * 1e9;
+    o.p2p_bytes_per_s = knob("p2p_gbps", 0) * 1e9;
+  }
+  ASSIGN_OR_RETURN(parallel::LlepPlan plan, parallel::PlanLlep(counts, o));
+  if (args.rank == 0) std::printf("%s\n", parallel::PlanToJson(plan).c_str());
+  return absl::OkStatus();
+}
+
+Registrar reg("llep-plan", "plan one MoE layer from a JSON count table (tune LLEP knobs offline)", RunLlepPlan);
+
+}  // namespace
+}  // namespace moe::bench

@@ -1,0 +1,254 @@
+#include "parallel/llep_planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "runtime/core/json.h"
+
+namespace moe::parallel {
+namespace {
+
+double Imbalance(const std::vector<int64_t>& loads) {
+  if (loads.empty()) return 1.0;
+  int64_t total = std::accumulate(loads.begin(), loads.end(), int64_t{0});
+  if (total == 0) return 1.0;
+  int64_t max = *std::max_element(loads.begin(), loads.end());
+  return static_cast<double>(max) * static_cast<double>(loads.size()) / static_cast<double>(total);
+}
+
+std::vector<int64_t> ExpertLoads(const std::vector<std::vector<int64_t>>& counts) {
+  std::vector<int64_t> loads(counts.empty() ? 0 : counts[0].size(), 0);
+  for (const auto& row : counts)
+    for (size_t e = 0; e < row.size(); ++e) loads[e] += row[e];
+  return loads;
+}
+
+void FinishLoads(LlepPlan* plan) {
+  plan->load_after.assign(plan->num_ranks, 0);
+  plan->tokens_moved = 0;
+  for (int e = 0; e < plan->num_experts; ++e) {
+    for (const LlepRange& r : plan->ranges[e]) {
+      plan->load_after[r.rank] += r.end - r.begin;
+      if (r.rank != plan->native_rank(e)) plan->tokens_moved += r.end - r.begin;
+    }
+  }
+  plan->imbalance_after = Imbalance(plan->load_after);
+}
+
+}  // namespace
+
+LlepPlan StandardPlan(const std::vector<std::vector<int64_t>>& counts) {
+  LlepPlan plan;
+  plan.num_ranks = static_cast<int>(counts.size());
+  plan.num_experts = counts.empty() ? 0 : static_cast<int>(counts[0].size());
+  std::vector<int64_t> loads = ExpertLoads(counts);
+  plan.ranges.resize(plan.num_experts);
+  plan.load_before.assign(plan.num_ranks, 0);
+  for (int e = 0; e < plan.num_experts; ++e) {
+    plan.load_before[plan.native_rank(e)] += loads[e];
+    if (loads[e] > 0) plan.ranges[e].push_back({plan.native_rank(e), 0, loads[e]});
+  }
+  plan.imbalance_before = Imbalance(plan.load_before);
+  FinishLoads(&plan);
+  return plan;
+}
+
+absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts, const LlepOptions& options) {
+  const int P = static_cast<int>(counts.size());
+  if (P == 0) return absl::InvalidArgumentError("LLEP plan: the count table has no ranks");
+  const int E = static_cast<int>(counts[0].size());
+  if (E == 0 || E % P != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LLEP plan: ", E, " experts cannot be split evenly over ", P, " ranks"));
+  }
+  for (int r = 0; r < P; ++r) {
+    if (static_cast<int>(counts[r].size()) != E) {
+      return absl::InvalidArgumentError(absl::StrCat("LLEP plan: rank ", r, " has ", counts[r].size(),
+                                                     " expert counts, rank 0 has ", E));
+    }
+    for (int e = 0; e < E; ++e) {
+      if (counts[r][e] < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("LLEP plan: counts[", r, "][", e, "] = ", counts[r][e], " is negative"));
+      }
+    }
+  }
+  if (options.capacity_factor < 1.0 || options.trigger_ratio < 1.0 || options.min_tokens_per_gemm < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LLEP plan: need capacity_factor >= 1 (got ", options.capacity_factor, "), trigger_ratio >= 1 (got ",
+        options.trigger_ratio, ") and min_tokens_per_gemm >= 1 (got ", options.min_tokens_per_gemm, ")"));
+  }
+
+  LlepPlan standard = StandardPlan(counts);
+  const std::vector<int64_t> loads = ExpertLoads(counts);
+  const int64_t total = std::accumulate(loads.begin(), loads.end(), int64_t{0});
+  if (total == 0) {
+    standard.reason = "no tokens";
+    return standard;
+  }
+  if (standard.imbalance_before < options.trigger_ratio) {
+    standard.reason = absl::StrFormat("imbalance %.3f below trigger_ratio %.3f", standard.imbalance_before,
+                                      options.trigger_ratio);
+    return standard;
+  }
+
+  LlepPlan plan;
+  plan.num_ranks = P;
+  plan.num_experts = E;
+  plan.ranges.resize(E);
+  plan.load_before = standard.load_before;
+  plan.imbalance_before = standard.imbalance_before;
+  const int64_t cap = static_cast<int64_t>(std::ceil(options.capacity_factor * static_cast<double>(total) / P));
+  const bool cost_model = options.flops_per_token > 0 && options.weight_bytes > 0 &&
+                          options.gemm_flops_per_s > 0 && options.p2p_bytes_per_s > 0;
+  // Tokens worth moving to a helper that does not hold the expert yet: the
+  // compute they take off the native rank must outlast sending the weights and
+  // returning their gradient.
+  int64_t min_worthwhile = 1;
+  if (cost_model) {
+    double transfer_s = 2.0 * options.weight_bytes / options.p2p_bytes_per_s;
+    double per_token_s = options.flops_per_token / options.gemm_flops_per_s;
+    min_worthwhile = static_cast<int64_t>(std::floor(transfer_s / per_token_s)) + 1;
+  }
+
+  std::vector<int> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return loads[a] > loads[b]; });
+
+  std::vector<int64_t> assigned(P, 0);
+  std::vector<int64_t> pending = standard.load_before;  // native loads not yet planned
+  std::vector<int> borrowed(P, 0);
+  auto effective = [&](int g) { return assigned[g] + pending[g]; };
+
+  for (int e : order) {
+    const int native = plan.native_rank(e);
+    const int64_t load = loads[e];
+    pending[native] -= load;
+    if (load == 0) continue;
+    int64_t keep = std::clamp<int64_t>(cap - assigned[native], 0, load);
+    int64_t next = 0;
+    if (keep > 0) {
+      plan.ranges[e].push_back({native, 0, keep});
+      assigned[native] += keep;
+      next = keep;
+    }
+    int64_t remaining = load - keep;
+    std::vector<bool> used(P, false);
+    used[native] = true;
+    while (remaining > 0) {
+      // Helpers by effective load, then rank: deterministic.
+      std::vector<int> helpers;
+      for (int g = 0; g < P; ++g) {
+        if (used[g]) continue;
+        if (options.max_borrowed_experts > 0 && borrowed[g] >= options.max_borrowed_experts) continue;
+        helpers.push_back(g);
+      }
+      std::stable_sort(helpers.begin(), helpers.end(),
+                       [&](int a, int b) { return effective(a) < effective(b); });
+      int chosen = -1;
+      int64_t chunk = 0;
+      for (int g : helpers) {
+        int64_t room = cap - effective(g);
+        if (room <= 0) continue;
+        int64_t c = std::min(room, remaining);
+        if (c < options.min_tokens_per_gemm && remaining > c) continue;  // avoid a tiny GEMM
+        chosen = g;
+        chunk = c;
+        break;
+      }
+      if (chosen < 0 && !helpers.empty()) {  // no helper has room: least loaded takes the rest
+        chosen = helpers.front();
+        chunk = remaining;
+        // Forcing onto a helper that would end above the native rank helps nobody.
+        if (effective(chosen) + chunk >= assigned[native] + remaining) chosen = -1;
+      }
+      if (chosen >= 0 && chunk < min_worthwhile) chosen = -1;  // not worth the weight transfer
+      if (chosen < 0) {  // the native rank computes the rest
+        plan.ranges[e].push_back({native, next, next + remaining});
+        assigned[native] += remaining;
+        break;
+      }
+      plan.ranges[e].push_back({chosen, next, next + chunk});
+      plan.weight_moves.push_back({e, native, chosen});
+      assigned[chosen] += chunk;
+      borrowed[chosen] += 1;
+      used[chosen] = true;
+      next += chunk;
+      remaining -= chunk;
+    }
+  }
+  // Merge adjacent ranges of one rank (the native's tail after a rejected spill).
+  for (auto& ranges : plan.ranges) {
+    std::vector<LlepRange> merged;
+    for (const LlepRange& r : ranges) {
+      if (!merged.empty() && merged.back().rank == r.rank && merged.back().end == r.begin) {
+        merged.back().end = r.end;
+      } else {
+        merged.push_back(r);
+      }
+    }
+    ranges = std::move(merged);
+  }
+  std::sort(plan.weight_moves.begin(), plan.weight_moves.end(), [](const auto& a, const auto& b) {
+    return a.expert != b.expert ? a.expert < b.expert : a.dst < b.dst;
+  });
+  FinishLoads(&plan);
+  const int64_t max_after = *std::max_element(plan.load_after.begin(), plan.load_after.end());
+  const int64_t max_before = *std::max_element(plan.load_before.begin(), plan.load_before.end());
+  if (plan.weight_moves.empty() || max_after >= max_before) {
+    standard.reason = plan.weight_moves.empty()
+                          ? "no move is worth its weight transfer"
+                          : absl::StrCat("plan max load ", max_after, " not below standard ", max_before);
+    return standard;
+  }
+  plan.active = true;
+  plan.reason = absl::StrFormat("imbalance %.3f >= trigger_ratio %.3f", plan.imbalance_before,
+                                options.trigger_ratio);
+  return plan;
+}
+
+std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(const LlepPlan& plan,
+                                                              const std::vector<std::vector<int64_t>>& counts,
+                                                              int src) {
+  std::vector<std::vector<std::pair<int, int64_t>>> out(plan.num_experts);
+  for (int e = 0; e < plan.num_experts; ++e) {
+    int64_t begin = 0;
+    for (int r = 0; r < src; ++r) begin += counts[r][e];
+    const int64_t end = begin + counts[src][e];
+    for (const LlepRange& range : plan.ranges[e]) {
+      int64_t lo = std::max(begin, range.begin), hi = std::min(end, range.end);
+      if (hi > lo) out[e].push_back({range.rank, hi - lo});
+    }
+  }
+  return out;
+}
+
+std::string PlanToJson(const LlepPlan& plan) {
+  auto ints = [](const std::vector<int64_t>& v) { return absl::StrCat("[", absl::StrJoin(v, ","), "]"); };
+  std::string out = absl::StrFormat(
+      "{\"active\":%s,\"reason\":\"%s\",\"num_ranks\":%d,\"num_experts\":%d,\"imbalance_before\":%.4f,"
+      "\"imbalance_after\":%.4f,\"tokens_moved\":%d,\"load_before\":%s,\"load_after\":%s,\"ranges\":[",
+      plan.active ? "true" : "false", JsonEscape(plan.reason), plan.num_ranks, plan.num_experts, plan.imbalance_before,
+      plan.imbalance_after, plan.tokens_moved, ints(plan.load_before), ints(plan.load_after));
+  for (int e = 0; e < plan.num_experts; ++e) {
+    absl::StrAppend(&out, e ? "," : "", "[");
+    for (size_t i = 0; i < plan.ranges[e].size(); ++i) {
+      const LlepRange& r = plan.ranges[e][i];
+      absl::StrAppendFormat(&out, "%s{\"rank\":%d,\"begin\":%d,\"end\":%d}", i ? "," : "", r.rank, r.begin, r.end);
+    }
+    absl::StrAppend(&out, "]");
+  }
+  absl::StrAppend(&out, "],\"weight_moves\":[");
+  for (size_t i = 0; i < plan.weight_moves.size(); ++i) {
+    const LlepWeightMove& m = plan.weight_moves[i];
+    absl::StrAppendFormat(&out, "%s{\"expert\":%d,\"src\":%d,\"dst\":%d}", i ? "," : "", m.expert, m.src, m.dst);
+  }
+  absl::StrAppend(&out, "]}");
+  return out;
+}
+
+}  // namespace moe::parallel

@@ -1,0 +1,195 @@
+#include "parallel/llep_planner.h"
+
+#include <catch2/catch.hpp>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+namespace moe::parallel {
+namespace {
+
+using Table = std::vector<std::vector<int64_t>>;
+
+// Every (token, expert) pair is computed exactly once, the native rank takes
+// the first range, and the loads add up.
+void CheckPlanCovers(const LlepPlan& plan, const Table& counts, double capacity_factor = 1.0) {
+  const int P = counts.size(), E = counts[0].size();
+  int64_t total = 0;
+  for (auto& row : counts) total += std::accumulate(row.begin(), row.end(), int64_t{0});
+  const int64_t cap = static_cast<int64_t>(std::ceil(capacity_factor * total / P));
+  std::vector<int64_t> load_after(P, 0);
+  for (int e = 0; e < E; ++e) {
+    int64_t load = 0;
+    for (int r = 0; r < P; ++r) load += counts[r][e];
+    int64_t next = 0;
+    for (size_t i = 0; i < plan.ranges[e].size(); ++i) {
+      const LlepRange& range = plan.ranges[e][i];
+      CAPTURE(e, i, range.rank, range.begin, range.end);
+      CHECK(range.begin == next);  // contiguous, no gap or overlap
+      CHECK(range.end > range.begin);
+      // The native rank keeps the first range, unless it was already full.
+      if (i == 0 && range.rank != plan.native_rank(e)) CHECK(plan.load_after[plan.native_rank(e)] >= cap);
+      load_after[range.rank] += range.end - range.begin;
+      next = range.end;
+    }
+    CHECK(next == load);
+  }
+  CHECK(load_after == plan.load_after);
+  // Each source rank's split of its tokens adds up to its counts.
+  for (int r = 0; r < P; ++r) {
+    auto splits = SourceSplits(plan, counts, r);
+    for (int e = 0; e < E; ++e) {
+      int64_t sum = 0;
+      for (auto& [dst, n] : splits[e]) sum += n;
+      CHECK(sum == counts[r][e]);
+    }
+  }
+  // A weight move for every (expert, helper) pair that computes tokens.
+  for (int e = 0; e < E; ++e) {
+    for (const LlepRange& range : plan.ranges[e]) {
+      if (range.rank == plan.native_rank(e)) continue;
+      bool found = std::any_of(plan.weight_moves.begin(), plan.weight_moves.end(),
+                               [&](const LlepWeightMove& m) { return m.expert == e && m.dst == range.rank; });
+      CHECK(found);
+    }
+  }
+}
+
+TEST_CASE("all tokens into one expert spill to the helper") {
+  Table counts = {{1000, 0, 0, 0}, {1000, 0, 0, 0}};  // expert 0 is native to rank 0
+  LlepOptions o;
+  LlepPlan plan = PlanLlep(counts, o).value();
+  REQUIRE(plan.active);
+  CheckPlanCovers(plan, counts);
+  REQUIRE(plan.ranges[0].size() == 2);
+  CHECK(plan.ranges[0][0].rank == 0);
+  CHECK(plan.ranges[0][0].end == 1000);
+  CHECK(plan.ranges[0][1].rank == 1);
+  CHECK(plan.load_after == std::vector<int64_t>{1000, 1000});
+  CHECK(plan.weight_moves.size() == 1);
+  CHECK(plan.weight_moves[0].src == 0);
+  CHECK(plan.weight_moves[0].dst == 1);
+  CHECK(plan.tokens_moved == 1000);
+  CHECK(plan.imbalance_before == Approx(2.0));
+  CHECK(plan.imbalance_after == Approx(1.0));
+  // Rank 1's tokens (global positions 1000..1999) stay on rank 1.
+  auto splits1 = SourceSplits(plan, counts, 1);
+  REQUIRE(splits1[0].size() == 1);
+  CHECK(splits1[0][0] == std::pair<int, int64_t>{1, 1000});
+}
+
+TEST_CASE("balanced loads keep standard EP") {
+  Table counts = {{100, 100, 100, 100}, {100, 100, 100, 100}};
+  LlepPlan plan = PlanLlep(counts, LlepOptions{}).value();
+  CHECK_FALSE(plan.active);
+  CHECK(plan.weight_moves.empty());
+  CheckPlanCovers(plan, counts);
+  CHECK(plan.reason.find("below trigger_ratio") != std::string::npos);
+}
+
+TEST_CASE("hand-made 4-rank table: caps respected, native keeps the first range") {
+  // 8 experts, 2 per rank. Rank 0 holds experts 0,1 with 6000 tokens; others light.
+  Table counts = {{2000, 1000, 100, 100, 100, 100, 100, 100},
+                  {2000, 1000, 100, 100, 100, 100, 100, 100},
+                  {0, 0, 100, 100, 100, 100, 100, 100},
+                  {0, 0, 100, 100, 100, 100, 100, 100}};
+  LlepOptions o;
+  o.min_tokens_per_gemm = 256;
+  LlepPlan plan = PlanLlep(counts, o).value();
+  REQUIRE(plan.active);
+  CheckPlanCovers(plan, counts);
+  int64_t sum = std::accumulate(plan.load_after.begin(), plan.load_after.end(), int64_t{0});
+  CHECK(sum == 8400);
+  const int64_t cap = 2100;  // ceil(1.0 * 8400 / 4)
+  for (int64_t l : plan.load_after) CHECK(l <= cap);
+  CHECK(plan.ranges[0][0].rank == 0);
+  CHECK(plan.ranges[0][0].end - plan.ranges[0][0].begin == cap);
+}
+
+TEST_CASE("min_tokens_per_gemm avoids small ranges while more remains") {
+  Table counts = {{3000, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0},
+                  {0, 0, 0, 0, 0, 0, 0, 0},    {0, 0, 0, 0, 0, 0, 0, 0}};
+  LlepOptions o;
+  o.min_tokens_per_gemm = 1024;
+  LlepPlan plan = PlanLlep(counts, o).value();
+  CheckPlanCovers(plan, counts);
+  // cap 750: native 750, the 2250 left cannot be cut in ranges >= 1024 under
+  // the caps of 750, so the last one takes the rest rather than three small ones.
+  for (size_t i = 0; i + 1 < plan.ranges[0].size(); ++i) {
+    const auto& r = plan.ranges[0][i];
+    if (i > 0) CHECK(r.end - r.begin >= 1024);
+  }
+  int64_t max_after = *std::max_element(plan.load_after.begin(), plan.load_after.end());
+  CHECK(max_after < 3000);
+}
+
+TEST_CASE("max_borrowed_experts bounds the foreign experts per helper") {
+  Table counts = {{900, 900, 900, 900, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+  LlepOptions o;
+  o.min_tokens_per_gemm = 1;
+  o.max_borrowed_experts = 1;
+  LlepPlan plan = PlanLlep(counts, o).value();
+  CheckPlanCovers(plan, counts);
+  std::vector<int> borrowed(2, 0);
+  for (auto& m : plan.weight_moves) borrowed[m.dst]++;
+  CHECK(borrowed[1] <= 1);
+  o.max_borrowed_experts = 0;
+  LlepPlan unlimited = PlanLlep(counts, o).value();
+  CHECK(unlimited.weight_moves.size() > plan.weight_moves.size());
+}
+
+TEST_CASE("the cost model refuses moves that cost more than they save") {
+  Table counts = {{1000, 0, 0, 0}, {1000, 0, 0, 0}};
+  LlepOptions o;
+  o.flops_per_token = 18.0 * 512 * 1024;
+  o.weight_bytes = 3.0 * 512 * 1024 * 4;
+  o.gemm_flops_per_s = 50e9;
+  o.p2p_bytes_per_s = 0.01e9;  // a very slow link: 1.2 s for the weights
+  LlepPlan slow = PlanLlep(counts, o).value();
+  CHECK_FALSE(slow.active);
+  CheckPlanCovers(slow, counts);
+  o.p2p_bytes_per_s = 10e9;  // fast link: worth it
+  LlepPlan fast = PlanLlep(counts, o).value();
+  CHECK(fast.active);
+  CheckPlanCovers(fast, counts);
+}
+
+TEST_CASE("random tables: exact cover, deterministic, never worse than standard EP") {
+  std::mt19937_64 rng(7);
+  for (int trial = 0; trial < 300; ++trial) {
+    int P = 1 << (rng() % 4);  // 1, 2, 4, 8
+    int E = P * (1 + rng() % 4);
+    Table counts(P, std::vector<int64_t>(E));
+    int hot = rng() % E;
+    for (int r = 0; r < P; ++r)
+      for (int e = 0; e < E; ++e) counts[r][e] = (rng() % 200) + (e == hot ? rng() % 5000 : 0);
+    if (trial % 7 == 0) counts[0].assign(E, 0);
+    LlepOptions o;
+    o.min_tokens_per_gemm = 1 + rng() % 512;
+    o.capacity_factor = 1.0 + (rng() % 3) * 0.1;
+    o.max_borrowed_experts = rng() % 3;
+    LlepPlan a = PlanLlep(counts, o).value();
+    LlepPlan b = PlanLlep(counts, o).value();
+    CAPTURE(trial, P, E);
+    CheckPlanCovers(a, counts, o.capacity_factor);
+    CHECK(PlanToJson(a) == PlanToJson(b));
+    LlepPlan standard = StandardPlan(counts);
+    int64_t max_a = *std::max_element(a.load_after.begin(), a.load_after.end());
+    int64_t max_s = *std::max_element(standard.load_after.begin(), standard.load_after.end());
+    CHECK(max_a <= max_s);
+    if (a.active) CHECK(max_a < max_s);
+  }
+}
+
+TEST_CASE("malformed tables are refused with a reason") {
+  CHECK(PlanLlep({}, LlepOptions{}).status().message().find("no ranks") != std::string::npos);
+  CHECK(PlanLlep({{1, 2, 3}, {1, 2, 3}}, LlepOptions{}).status().message().find("cannot be split evenly") !=
+        std::string::npos);
+  CHECK(PlanLlep({{1, 2}, {1}}, LlepOptions{}).status().message().find("rank 1 has 1 expert counts") !=
+        std::string::npos);
+  CHECK(PlanLlep({{1, -2}, {1, 2}}, LlepOptions{}).status().message().find("negative") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace moe::parallel

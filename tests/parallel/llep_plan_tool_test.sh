@@ -6,7 +6,7 @@ TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 fail=0
 echo '{"counts": [[3000, 10, 10, 10], [3000, 10, 10, 10]], "min_tokens_per_gemm": 64}' > "$TMP/c.json"
 out=$("$BIN/moe-bench" llep-plan counts="$TMP/c.json" 2>&1) || { echo "FAIL: exit $?"; echo "$out"; fail=1; }
-for want in '"active":true' '"load_before":[6020,40]' '"weight_moves":[{"expert":0,"src":0,"dst":1}]'; do
+for want in '"active":true' '"load_before":[6020,40]' '"weight_moves":[{"expert":0,"src":0,"dst":1},{"expert":1,"src":0,"dst":1}]'; do
   grep -qF "$want" <<<"$out" || { echo "FAIL: no $want in $out"; fail=1; }
 done
 # The same table under a high trigger ratio stays standard EP.

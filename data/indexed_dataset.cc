@@ -1,0 +1,541 @@
+#include "data/indexed_dataset.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "runtime/core/status.h"
+
+namespace moe::data {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "the Megatron format is little-endian; this reader maps it directly");
+
+constexpr char kRegenerate[] =
+    "regenerate the pair with moe-preprocess (or Megatron's tools/preprocess_data.py)";
+
+std::string ErrnoText() { return std::strerror(errno); }
+
+template <typename T>
+T LoadAt(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+// A read-only mapping of a whole file (or an empty one), unmapped on scope exit.
+struct Mapping {
+  const uint8_t* data = nullptr;
+  int64_t size = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (data != nullptr) munmap(const_cast<uint8_t*>(data), static_cast<size_t>(size));
+  }
+  const uint8_t* Release() {
+    const uint8_t* d = data;
+    data = nullptr;
+    return d;
+  }
+};
+
+absl::Status MapFile(const std::string& path, Mapping* m) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) {
+      return absl::NotFoundError(absl::StrCat(path,
+                                              ": no such file; data.train_path / data.valid_path "
+                                              "must name an existing Megatron prefix (PREFIX.bin + "
+                                              "PREFIX.idx), e.g. one written by moe-preprocess"));
+    }
+    return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open: ", ErrnoText()));
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    std::string e = ErrnoText();
+    ::close(fd);
+    return absl::InternalError(absl::StrCat(path, ": fstat failed: ", e));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  m->size = st.st_size;
+  if (m->size > 0) {
+    void* p = mmap(nullptr, static_cast<size_t>(m->size), PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      std::string e = ErrnoText();
+      ::close(fd);
+      return absl::InternalError(absl::StrCat(path, ": mmap of ", m->size, " bytes failed: ", e));
+    }
+    m->data = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);  // the mapping stays valid
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+size_t MegatronDTypeSize(MegatronDType dtype) {
+  switch (dtype) {
+    case MegatronDType::kUint8:
+    case MegatronDType::kInt8:
+      return 1;
+    case MegatronDType::kInt16:
+    case MegatronDType::kUint16:
+      return 2;
+    case MegatronDType::kInt32:
+    case MegatronDType::kFloat32:
+      return 4;
+    case MegatronDType::kInt64:
+    case MegatronDType::kFloat64:
+      return 8;
+  }
+  return 0;
+}
+
+const char* MegatronDTypeName(MegatronDType dtype) {
+  switch (dtype) {
+    case MegatronDType::kUint8:
+      return "uint8";
+    case MegatronDType::kInt8:
+      return "int8";
+    case MegatronDType::kInt16:
+      return "int16";
+    case MegatronDType::kInt32:
+      return "int32";
+    case MegatronDType::kInt64:
+      return "int64";
+    case MegatronDType::kFloat64:
+      return "float64";
+    case MegatronDType::kFloat32:
+      return "float32";
+    case MegatronDType::kUint16:
+      return "uint16";
+  }
+  return "?";
+}
+
+bool IsMegatronDTypeCode(uint8_t code) { return code >= 1 && code <= 8; }
+
+std::string IndexedDatasetPrefix(const std::string& path) {
+  if (absl::EndsWith(path, ".bin") || absl::EndsWith(path, ".idx")) {
+    return path.substr(0, path.size() - 4);
+  }
+  return path;
+}
+std::string BinPath(const std::string& prefix) { return absl::StrCat(prefix, ".bin"); }
+std::string IdxPath(const std::string& prefix) { return absl::StrCat(prefix, ".idx"); }
+
+// ---------------------------------------------------------------------------
+// IndexedDataset
+
+absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::string& path) {
+  const std::string prefix = IndexedDatasetPrefix(path);
+  const std::string idx_path = IdxPath(prefix);
+  const std::string bin_path = BinPath(prefix);
+  std::unique_ptr<IndexedDataset> ds(new IndexedDataset());
+  ds->prefix_ = prefix;
+
+  Mapping idx;
+  RETURN_IF_ERROR(MapFile(idx_path, &idx));
+  Mapping bin;
+  RETURN_IF_ERROR(MapFile(bin_path, &bin));
+
+  if (idx.size < kIndexHeaderBytes) {
+    return absl::DataLossError(absl::StrCat(idx_path, ": truncated .idx: ", idx.size,
+                                            " bytes, shorter than the 34-byte header; ", kRegenerate));
+  }
+  const uint8_t* h = idx.data;
+  if (std::memcmp(h, kIndexMagic, 9) != 0) {
+    std::string found;
+    for (int i = 0; i < 9; ++i) {
+      found += (h[i] >= 32 && h[i] < 127) ? std::string(1, static_cast<char>(h[i]))
+                                          : absl::StrCat("\\x", absl::Hex(h[i], absl::kZeroPad2));
+    }
+    return absl::DataLossError(absl::StrCat(idx_path, ": bad magic at offset 0: \"", found,
+                                            "\", expected \"MMIDIDX\\x00\\x00\"; this is not a Megatron "
+                                            "mmap indexed dataset (the old \"TNTIDX\" lazy format is not "
+                                            "supported); ",
+                                            kRegenerate));
+  }
+  const uint64_t version = LoadAt<uint64_t>(h + 9);
+  if (version != 1) {
+    return absl::DataLossError(
+        absl::StrCat(idx_path, ": version (offset 9) = ", version, ", only version 1 exists; ", kRegenerate));
+  }
+  const uint8_t code = h[17];
+  if (!IsMegatronDTypeCode(code)) {
+    return absl::DataLossError(
+        absl::StrCat(idx_path, ": unknown dtype code ", static_cast<int>(code),
+                     " at offset 17; Megatron's codes are 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, "
+                     "6 float64, 7 float32, 8 uint16; ",
+                     kRegenerate));
+  }
+  ds->dtype_ = static_cast<MegatronDType>(code);
+  ds->item_size_ = MegatronDTypeSize(ds->dtype_);
+  const uint64_t n = LoadAt<uint64_t>(h + 18);
+  const uint64_t d = LoadAt<uint64_t>(h + 26);
+
+  // Sizes in uint64 with overflow in mind: a corrupt count must not wrap.
+  const uint64_t body = static_cast<uint64_t>(idx.size - kIndexHeaderBytes);
+  if (n > body / 12 || d > body / 8 || 12 * n + 8 * d > body) {
+    return absl::DataLossError(absl::StrCat(idx_path, ": truncated .idx: header says sequence_count = ", n,
+                                            " and document_count = ", d, ", which need ", kIndexHeaderBytes,
+                                            " + 12*", n, " + 8*", d, " bytes, but the file has ", idx.size,
+                                            "; ", kRegenerate));
+  }
+  const uint64_t expected = 12 * n + 8 * d;
+  if (body == expected) {
+    ds->has_modes_ = false;
+  } else if (body == expected + n) {
+    ds->has_modes_ = true;  // Megatron multimodal: one int8 mode per sequence
+  } else {
+    return absl::DataLossError(
+        absl::StrCat(idx_path, ": .idx has ", idx.size, " bytes but its header (sequence_count = ", n,
+                     ", document_count = ", d, ") describes ", kIndexHeaderBytes + expected, " (or ",
+                     kIndexHeaderBytes + expected + n, " with sequence modes); ", kRegenerate));
+  }
+  if (d < 1) {
+    return absl::DataLossError(
+        absl::StrCat(idx_path,
+                     ": document_count (offset 26) = 0; Megatron always stores document_indices "
+                     "starting with 0, so it is at least 1; ",
+                     kRegenerate));
+  }
+
+  ds->lengths_.resize(n);
+  ds->pointers_.resize(n);
+  ds->document_indices_.resize(d);
+  const uint8_t* p = h + kIndexHeaderBytes;
+  if (n > 0) std::memcpy(ds->lengths_.data(), p, 4 * n);
+  if (n > 0) std::memcpy(ds->pointers_.data(), p + 4 * n, 8 * n);
+  std::memcpy(ds->document_indices_.data(), p + 12 * n, 8 * d);
+  const int64_t lengths_off = kIndexHeaderBytes;
+  const int64_t pointers_off = lengths_off + 4 * static_cast<int64_t>(n);
+  const int64_t docs_off = pointers_off + 8 * static_cast<int64_t>(n);
+
+  // Every sequence must lie inside the .bin.
+  ds->token_offsets_.resize(n + 1);
+  ds->token_offsets_[0] = 0;
+  int64_t end_max = 0;
+  const int64_t item = static_cast<int64_t>(ds->item_size_);
+  for (uint64_t i = 0; i < n; ++i) {
+    const int64_t len = ds->lengths_[i];
+    const int64_t ptr = ds->pointers_[i];
+    if (len < 0) {
+      return absl::DataLossError(absl::StrCat(idx_path, ": sequence_lengths[", i, "] (byte offset ",
+                                              lengths_off + 4 * static_cast<int64_t>(i), ") = ", len,
+                                              " is negative; ", kRegenerate));
+    }
+    if (ptr < 0 || ptr > bin.size || len > (bin.size - ptr) / item) {
+      return absl::DataLossError(
+          absl::StrCat(bin_path, " does not match ", idx_path, ": sequence ", i, " (sequence_pointers[", i,
+                       "] at .idx byte ", pointers_off + 8 * static_cast<int64_t>(i), " = ", ptr, ", length ",
+                       len, " x ", item, " bytes) ends at byte ", ptr + len * item, " but the .bin has only ",
+                       bin.size, " bytes: the .bin is truncated or belongs to another .idx; ", kRegenerate));
+    }
+    end_max = std::max(end_max, ptr + len * item);
+    ds->token_offsets_[i + 1] = ds->token_offsets_[i] + len;
+  }
+  if (end_max != bin.size) {
+    return absl::DataLossError(absl::StrCat(
+        bin_path, " does not match ", idx_path, ": the .idx describes ", n, " sequences of ",
+        ds->token_offsets_[n], " ", MegatronDTypeName(ds->dtype_), " tokens ending at byte ", end_max,
+        ", but the .bin has ", bin.size, " bytes; the two files come from different runs; ", kRegenerate));
+  }
+  // Document indices: 0, non-decreasing, ending at N.
+  const auto& di = ds->document_indices_;
+  if (di[0] != 0) {
+    return absl::DataLossError(absl::StrCat(idx_path, ": document_indices[0] (byte offset ", docs_off,
+                                            ") = ", di[0], ", must be 0; ", kRegenerate));
+  }
+  for (uint64_t k = 1; k < d; ++k) {
+    if (di[k] < di[k - 1] || di[k] > static_cast<int64_t>(n)) {
+      return absl::DataLossError(absl::StrCat(idx_path, ": document_indices[", k, "] (byte offset ",
+                                              docs_off + 8 * static_cast<int64_t>(k), ") = ", di[k],
+                                              " after ", di[k - 1],
+                                              "; document indices must be non-decreasing and at most "
+                                              "sequence_count = ",
+                                              n, "; ", kRegenerate));
+    }
+  }
+  if (di[d - 1] != static_cast<int64_t>(n)) {
+    return absl::DataLossError(absl::StrCat(idx_path, ": the last document index (document_indices[", d - 1,
+                                            "]) = ", di[d - 1], " but sequence_count = ", n,
+                                            "; sequences after the last document boundary mean an "
+                                            "unfinished document; ",
+                                            kRegenerate));
+  }
+
+  ds->bin_size_ = bin.size;
+  ds->bin_ = bin.Release();
+  return ds;
+}
+
+IndexedDataset::~IndexedDataset() {
+  if (bin_ != nullptr) munmap(const_cast<uint8_t*>(bin_), static_cast<size_t>(bin_size_));
+}
+
+std::string IndexedDataset::Describe() const { return absl::StrCat(prefix_, ".{bin,idx}"); }
+
+bool IndexedDataset::Token(int64_t byte, int64_t* value) const {
+  const uint8_t* p = bin_ + byte;
+  switch (dtype_) {
+    case MegatronDType::kUint8:
+      *value = p[0];
+      return true;
+    case MegatronDType::kInt8:
+      *value = static_cast<int8_t>(p[0]);
+      return true;
+    case MegatronDType::kInt16:
+      *value = LoadAt<int16_t>(p);
+      return true;
+    case MegatronDType::kUint16:
+      *value = LoadAt<uint16_t>(p);
+      return true;
+    case MegatronDType::kInt32:
+      *value = LoadAt<int32_t>(p);
+      return true;
+    case MegatronDType::kInt64:
+      *value = LoadAt<int64_t>(p);
+      return true;
+    case MegatronDType::kFloat32: {
+      const float f = LoadAt<float>(p);
+      if (!(std::floor(f) == f) || std::fabs(f) > 9.0e15f) return false;
+      *value = static_cast<int64_t>(f);
+      return true;
+    }
+    case MegatronDType::kFloat64: {
+      const double f = LoadAt<double>(p);
+      if (!(std::floor(f) == f) || std::fabs(f) > 9.0e15) return false;
+      *value = static_cast<int64_t>(f);
+      return true;
+    }
+  }
+  return false;
+}
+
+absl::Status IndexedDataset::ReadSequence(int64_t i, std::vector<int64_t>* out) const {
+  if (i < 0 || i >= num_sequences()) {
+    return absl::OutOfRangeError(
+        absl::StrCat(Describe(), ": sequence ", i, " outside [0, ", num_sequences(), ")"));
+  }
+  out->resize(lengths_[i]);
+  const int64_t item = static_cast<int64_t>(item_size_);
+  for (int64_t j = 0; j < lengths_[i]; ++j) {
+    if (!Token(pointers_[i] + j * item, &(*out)[j])) {
+      return absl::DataLossError(absl::StrCat(BinPath(prefix_), ": token at byte ", pointers_[i] + j * item,
+                                              " (sequence ", i, ") is not an integral ",
+                                              MegatronDTypeName(dtype_), " value"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status IndexedDataset::Read(int64_t begin, int64_t count, int32_t* out) const {
+  if (begin < 0 || count < 0 || begin > num_tokens() - count) {
+    return absl::OutOfRangeError(absl::StrCat(Describe(), ": token range [", begin, ", ", begin + count,
+                                              ") outside the stream of ", num_tokens(), " tokens"));
+  }
+  if (count == 0) return absl::OkStatus();
+  // Sequence holding token `begin`: the last s with token_offsets_[s] <= begin.
+  int64_t s = static_cast<int64_t>(std::upper_bound(token_offsets_.begin(), token_offsets_.end(), begin) -
+                                   token_offsets_.begin()) -
+              1;
+  int64_t pos = begin;
+  const int64_t item = static_cast<int64_t>(item_size_);
+  while (count > 0) {
+    while (token_offsets_[s + 1] <= pos) ++s;  // skips empty sequences
+    const int64_t j0 = pos - token_offsets_[s];
+    const int64_t take = std::min(count, token_offsets_[s + 1] - pos);
+    const int64_t base = pointers_[s] + j0 * item;
+    if (dtype_ == MegatronDType::kUint16) {  // the common case, kept tight
+      for (int64_t j = 0; j < take; ++j) out[j] = LoadAt<uint16_t>(bin_ + base + 2 * j);
+    } else {
+      for (int64_t j = 0; j < take; ++j) {
+        int64_t v;
+        if (!Token(base + j * item, &v) || v < 0 || v > std::numeric_limits<int32_t>::max()) {
+          return absl::DataLossError(absl::StrCat(
+              BinPath(prefix_), ": token at stream offset ", pos + j, " (sequence ", s, ", .bin byte ",
+              base + j * item, ") is not a token id in [0, 2^31); run Validate(vocab_size) first"));
+        }
+        out[j] = static_cast<int32_t>(v);
+      }
+    }
+    out += take;
+    pos += take;
+    count -= take;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status IndexedDataset::Validate(int64_t vocab_size) const {
+  const int64_t item = static_cast<int64_t>(item_size_);
+  for (int64_t s = 0; s < num_sequences(); ++s) {
+    for (int64_t j = 0; j < lengths_[s]; ++j) {
+      const int64_t byte = pointers_[s] + j * item;
+      int64_t v = 0;
+      const bool integral = Token(byte, &v);
+      if (!integral || v < 0 || v >= vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            BinPath(prefix_), ": token ", integral ? absl::StrCat(v) : std::string("(not an integer)"),
+            " at token offset ", token_offsets_[s] + j, " (sequence ", s, ", byte ", byte,
+            ") is outside [0, model.vocab_size = ", vocab_size,
+            "); set model.vocab_size to the tokenizer's vocabulary (257 for moe-preprocess's "
+            "byte tokenizer) or re-preprocess the data with the model's tokenizer"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// IndexedDatasetWriter
+
+MegatronDType IndexedDatasetWriter::DTypeForVocab(int64_t vocab_size) {
+  return vocab_size <= 65535 ? MegatronDType::kUint16 : MegatronDType::kInt32;
+}
+
+absl::StatusOr<std::unique_ptr<IndexedDatasetWriter>> IndexedDatasetWriter::Create(const std::string& path,
+                                                                                   int64_t vocab_size) {
+  if (vocab_size <= 0 || vocab_size > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("vocab_size = ", vocab_size, " must be in [1, 2^31 - 1]"));
+  }
+  std::unique_ptr<IndexedDatasetWriter> w(new IndexedDatasetWriter());
+  w->prefix_ = IndexedDatasetPrefix(path);
+  w->vocab_size_ = vocab_size;
+  w->dtype_ = DTypeForVocab(vocab_size);
+  const std::string suffix = absl::StrCat(".tmp.", static_cast<long>(getpid()));
+  w->bin_tmp_ = BinPath(w->prefix_) + suffix;
+  w->idx_tmp_ = IdxPath(w->prefix_) + suffix;
+  w->bin_ = std::fopen(w->bin_tmp_.c_str(), "wb");
+  if (w->bin_ == nullptr) {
+    return absl::PermissionDeniedError(absl::StrCat(w->bin_tmp_, ": cannot create: ", ErrnoText(),
+                                                    "; check that the output folder exists and is writable"));
+  }
+  return w;
+}
+
+IndexedDatasetWriter::~IndexedDatasetWriter() {
+  if (!finished_) RemoveTemporaries();
+}
+
+void IndexedDatasetWriter::RemoveTemporaries() {
+  if (bin_ != nullptr) std::fclose(bin_);
+  bin_ = nullptr;
+  std::remove(bin_tmp_.c_str());
+  std::remove(idx_tmp_.c_str());
+}
+
+absl::Status IndexedDatasetWriter::AddSequence(const int32_t* tokens, int64_t count) {
+  if (finished_ || bin_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(prefix_, ": AddSequence after Finish()"));
+  }
+  if (count > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(prefix_, ": a sequence of ", count,
+                                                   " tokens exceeds the format's int32 length; split it"));
+  }
+  const size_t item = MegatronDTypeSize(dtype_);
+  buffer_.resize(static_cast<size_t>(count) * item);
+  for (int64_t j = 0; j < count; ++j) {
+    const int32_t t = tokens[j];
+    if (t < 0 || t >= vocab_size_) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix_, ": token ", t, " at position ", j,
+                                                     " of sequence ", lengths_.size(),
+                                                     " is outside [0, vocab_size = ", vocab_size_, ")"));
+    }
+    if (item == 2) {
+      const uint16_t v = static_cast<uint16_t>(t);
+      std::memcpy(buffer_.data() + 2 * j, &v, 2);
+    } else {
+      std::memcpy(buffer_.data() + 4 * j, &t, 4);
+    }
+  }
+  if (count > 0 && std::fwrite(buffer_.data(), 1, buffer_.size(), bin_) != buffer_.size()) {
+    return absl::DataLossError(absl::StrCat(bin_tmp_, ": write failed: ", ErrnoText()));
+  }
+  lengths_.push_back(static_cast<int32_t>(count));
+  num_tokens_ += count;
+  return absl::OkStatus();
+}
+
+void IndexedDatasetWriter::EndDocument() {
+  document_indices_.push_back(static_cast<int64_t>(lengths_.size()));
+}
+
+absl::Status IndexedDatasetWriter::AddDocument(const int32_t* tokens, int64_t count) {
+  RETURN_IF_ERROR(AddSequence(tokens, count));
+  EndDocument();
+  return absl::OkStatus();
+}
+
+absl::Status IndexedDatasetWriter::Finish() {
+  if (finished_ || bin_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(prefix_, ": Finish() called twice"));
+  }
+  if (document_indices_.back() != static_cast<int64_t>(lengths_.size())) EndDocument();
+  const bool bin_ok = std::fflush(bin_) == 0 && fsync(fileno(bin_)) == 0;
+  const bool bin_closed = std::fclose(bin_) == 0;
+  bin_ = nullptr;
+  if (!bin_ok || !bin_closed) {
+    RemoveTemporaries();
+    return absl::DataLossError(absl::StrCat(bin_tmp_, ": write failed: ", ErrnoText()));
+  }
+
+  std::vector<uint8_t> idx(kIndexHeaderBytes);
+  std::memcpy(idx.data(), kIndexMagic, 9);
+  const uint64_t version = 1;
+  std::memcpy(idx.data() + 9, &version, 8);
+  idx[17] = static_cast<uint8_t>(dtype_);
+  const uint64_t n = lengths_.size();
+  const uint64_t d = document_indices_.size();
+  std::memcpy(idx.data() + 18, &n, 8);
+  std::memcpy(idx.data() + 26, &d, 8);
+  idx.resize(kIndexHeaderBytes + 12 * n + 8 * d);
+  uint8_t* p = idx.data() + kIndexHeaderBytes;
+  if (n > 0) std::memcpy(p, lengths_.data(), 4 * n);
+  const int64_t item = static_cast<int64_t>(MegatronDTypeSize(dtype_));
+  int64_t ptr = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    std::memcpy(p + 4 * n + 8 * i, &ptr, 8);
+    ptr += lengths_[i] * item;
+  }
+  std::memcpy(p + 12 * n, document_indices_.data(), 8 * d);
+
+  std::FILE* f = std::fopen(idx_tmp_.c_str(), "wb");
+  if (f == nullptr) {
+    RemoveTemporaries();
+    return absl::PermissionDeniedError(absl::StrCat(idx_tmp_, ": cannot create: ", ErrnoText()));
+  }
+  const bool idx_ok =
+      std::fwrite(idx.data(), 1, idx.size(), f) == idx.size() && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
+  const bool idx_closed = std::fclose(f) == 0;
+  if (!idx_ok || !idx_closed) {
+    RemoveTemporaries();
+    return absl::DataLossError(absl::StrCat(idx_tmp_, ": write failed: ", ErrnoText()));
+  }
+  // The .bin first: a reader that sees the new .idx always finds its .bin.
+  if (std::rename(bin_tmp_.c_str(), BinPath(prefix_).c_str()) != 0 ||
+      std::rename(idx_tmp_.c_str(), IdxPath(prefix_).c_str()) != 0) {
+    std::string e = ErrnoText();
+    RemoveTemporaries();
+    return absl::DataLossError(absl::StrCat(prefix_, ".{bin,idx}: rename from temporary files failed: ", e));
+  }
+  finished_ = true;
+  return absl::OkStatus();
+}
+
+}  // namespace moe::data

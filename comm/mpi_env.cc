@@ -23,10 +23,11 @@ absl::Status MpiEnv::Init(int* argc, char*** argv) {
     // Errors come back as codes that MpiStatus turns into messages.
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     if (provided < MPI_THREAD_MULTIPLE) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the MPI library provides thread level ", provided, " but moe-runtime needs MPI_THREAD_MULTIPLE (",
-          MPI_THREAD_MULTIPLE, ") for its communication threads; use an Open MPI built with thread support "
-          "(Debian's openmpi-bin is)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the MPI library provides thread level ", provided,
+                       " but moe-runtime needs MPI_THREAD_MULTIPLE (", MPI_THREAD_MULTIPLE,
+                       ") for its communication threads; use an Open MPI built with thread support "
+                       "(Debian's openmpi-bin is)"));
     }
     MPI_Comm local;
     MPI_RETURN_IF_ERROR(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local));

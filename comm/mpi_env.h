@@ -34,7 +34,6 @@ absl::Status MpiStatus(int code, const char* call, const char* file, int line);
 }  // namespace moe::comm
 
 // MPI_RETURN_IF_ERROR(MPI_Barrier(comm));
-#define MPI_RETURN_IF_ERROR(call) \
-  RETURN_IF_ERROR(::moe::comm::MpiStatus((call), #call, __FILE__, __LINE__))
+#define MPI_RETURN_IF_ERROR(call) RETURN_IF_ERROR(::moe::comm::MpiStatus((call), #call, __FILE__, __LINE__))
 
 #endif  // MOE_COMM_MPI_ENV_H_

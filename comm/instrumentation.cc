@@ -1,0 +1,64 @@
+#include "comm/instrumentation.h"
+
+#include "absl/strings/str_format.h"
+
+namespace moe::comm {
+
+const char* OpKindName(OpKind kind) {
+  switch (kind) {
+    case OpKind::kAllReduce:
+      return "AllReduce";
+    case OpKind::kBroadcast:
+      return "Broadcast";
+    case OpKind::kAllGather:
+      return "AllGather";
+    case OpKind::kAllGatherV:
+      return "AllGatherV";
+    case OpKind::kReduceScatter:
+      return "ReduceScatter";
+    case OpKind::kAllToAll:
+      return "AllToAll";
+    case OpKind::kAllToAllV:
+      return "AllToAllV";
+    case OpKind::kSend:
+      return "Send";
+    case OpKind::kRecv:
+      return "Recv";
+    case OpKind::kGroupP2P:
+      return "GroupP2P";
+    case OpKind::kBarrier:
+      return "Barrier";
+    case OpKind::kSplit:
+      return "Split";
+  }
+  return "?";
+}
+
+void TotalsSink::Record(const CommRecord& record) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Totals& t = totals_[record.kind];
+  ++t.count;
+  if (!record.ok) ++t.failed;
+  t.bytes_sent += record.bytes_sent;
+  t.bytes_received += record.bytes_received;
+  t.seconds += record.seconds();
+}
+
+std::map<OpKind, TotalsSink::Totals> TotalsSink::Snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return totals_;
+}
+
+std::string TotalsSink::Format() const {
+  std::string out;
+  for (const auto& [kind, t] : Snapshot()) {
+    double moved = static_cast<double>(t.bytes_sent + t.bytes_received) / 2;
+    absl::StrAppendFormat(
+        &out, "%-14s count %-7u failed %-3u sent %10.3f MiB  recv %10.3f MiB  %9.4f s  %8.3f GB/s\n",
+        OpKindName(kind), t.count, t.failed, t.bytes_sent / 1048576.0, t.bytes_received / 1048576.0,
+        t.seconds, t.seconds > 0 ? moved / t.seconds / 1e9 : 0.0);
+  }
+  return out;
+}
+
+}  // namespace moe::comm

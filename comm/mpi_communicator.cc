@@ -1,0 +1,513 @@
+#include "comm/mpi_communicator.h"
+
+#include <mpi.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/mpi_env.h"
+#include "comm/watchdog.h"
+#include "runtime/core/status.h"
+
+namespace moe::comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::atomic<size_t> g_count_limit{static_cast<size_t>(INT_MAX)};
+
+// Tags of the point-to-point messages of each kind of operation. Operations of
+// one communicator never overlap in time, so one tag per kind suffices.
+constexpr int kP2PTag = 1;
+constexpr int kCollectiveTag = 2;
+
+// ---- bf16 ------------------------------------------------------------------
+
+float Bf16ToFloat(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t FloatToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <int kOp>  // 0 sum, 1 max, 2 min
+void Bf16Reduce(void* in, void* inout, int* len, MPI_Datatype*) {
+  auto* a = static_cast<const uint16_t*>(in);
+  auto* b = static_cast<uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    float x = Bf16ToFloat(a[i]), y = Bf16ToFloat(b[i]);
+    float r = kOp == 0 ? x + y : kOp == 1 ? std::max(x, y) : std::min(x, y);
+    b[i] = FloatToBf16(r);
+  }
+}
+
+MPI_Datatype MpiType(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return MPI_FLOAT;
+    case DType::kF64:
+      return MPI_DOUBLE;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
+    case DType::kBF16:
+      return MPI_UINT16_T;  // reduced with the user ops below
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+MPI_Op MpiOp(ReduceOp op, DType t) {
+  if (t == DType::kBF16) {
+    static MPI_Op ops[3];
+    static std::once_flag once;
+    std::call_once(once, [] {
+      MPI_Op_create(&Bf16Reduce<0>, 1, &ops[0]);
+      MPI_Op_create(&Bf16Reduce<1>, 1, &ops[1]);
+      MPI_Op_create(&Bf16Reduce<2>, 1, &ops[2]);
+    });
+    return op == ReduceOp::kMax ? ops[1] : op == ReduceOp::kMin ? ops[2] : ops[0];
+  }
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return MPI_SUM;  // divided afterwards
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+  }
+  return MPI_OP_NULL;
+}
+
+// buf[i] /= d: the second half of kAvg. Integers divide with truncation.
+void DivideBy(void* buf, size_t n, DType t, int d) {
+  switch (t) {
+    case DType::kF32:
+      for (size_t i = 0; i < n; ++i) static_cast<float*>(buf)[i] /= d;
+      break;
+    case DType::kF64:
+      for (size_t i = 0; i < n; ++i) static_cast<double*>(buf)[i] /= d;
+      break;
+    case DType::kI32:
+      for (size_t i = 0; i < n; ++i) static_cast<int32_t*>(buf)[i] /= d;
+      break;
+    case DType::kI64:
+      for (size_t i = 0; i < n; ++i) static_cast<int64_t*>(buf)[i] /= d;
+      break;
+    case DType::kU8:
+      for (size_t i = 0; i < n; ++i) static_cast<uint8_t*>(buf)[i] /= d;
+      break;
+    case DType::kBF16: {
+      auto* p = static_cast<uint16_t*>(buf);
+      for (size_t i = 0; i < n; ++i) p[i] = FloatToBf16(Bf16ToFloat(p[i]) / d);
+      break;
+    }
+  }
+}
+
+// ---- work ------------------------------------------------------------------
+
+class MpiWork : public WorkState {
+ public:
+  absl::Status Wait() override {
+    if (done_.load(std::memory_order_acquire)) return status_;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_.load(std::memory_order_relaxed); });
+    return status_;
+  }
+  bool Test() override { return done_.load(std::memory_order_acquire); }
+  void Complete(absl::Status status) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status_ = std::move(status);
+      done_.store(true, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+  MPI_Comm split_result = MPI_COMM_NULL;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> done_{false};
+  absl::Status status_;
+};
+
+struct Pending {
+  OpDesc op;
+  std::shared_ptr<MpiWork> work;
+};
+
+// Requests of one operation, split into calls of at most MpiCountLimit() elements.
+class Requests {
+ public:
+  explicit Requests(MPI_Comm comm) : comm_(comm), limit_(g_count_limit.load()) {}
+  size_t limit() const { return limit_; }
+  MPI_Request* Add() {
+    reqs_.push_back(MPI_REQUEST_NULL);
+    return &reqs_.back();
+  }
+  absl::Status Isend(const void* buf, size_t count, DType t, int peer, int tag) {
+    const size_t es = DTypeSize(t);
+    for (size_t off = 0; off < count; off += limit_) {
+      int n = static_cast<int>(std::min(limit_, count - off));
+      MPI_RETURN_IF_ERROR(
+          MPI_Isend(static_cast<const char*>(buf) + off * es, n, MpiType(t), peer, tag, comm_, Add()));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Irecv(void* buf, size_t count, DType t, int peer, int tag) {
+    const size_t es = DTypeSize(t);
+    for (size_t off = 0; off < count; off += limit_) {
+      int n = static_cast<int>(std::min(limit_, count - off));
+      MPI_RETURN_IF_ERROR(
+          MPI_Irecv(static_cast<char*>(buf) + off * es, n, MpiType(t), peer, tag, comm_, Add()));
+    }
+    return absl::OkStatus();
+  }
+  // Polls until every request completed: spinning first, then yielding the
+  // core, then sleeping briefly, so a long wait does not starve ranks that
+  // share cores while a short one keeps its latency.
+  absl::Status WaitAll() {
+    if (reqs_.empty()) return absl::OkStatus();
+    const Clock::time_point begin = Clock::now();
+    for (int polls = 0;; ++polls) {
+      int flag = 0;
+      MPI_RETURN_IF_ERROR(
+          MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, MPI_STATUSES_IGNORE));
+      if (flag) return absl::OkStatus();
+      if (polls < 256) continue;
+      const double waited = std::chrono::duration<double>(Clock::now() - begin).count();
+      if (waited < 0.1) {
+        sched_yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+    }
+  }
+
+ private:
+  MPI_Comm comm_;
+  size_t limit_;
+  std::vector<MPI_Request> reqs_;
+};
+
+// ---- the communicator ------------------------------------------------------
+
+class MpiCommunicator : public Communicator, public Watched {
+ public:
+  static absl::StatusOr<std::unique_ptr<Communicator>> Create(MPI_Comm comm, CommOptions options) {
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    int rank = 0, size = 0;
+    MPI_RETURN_IF_ERROR(MPI_Comm_rank(comm, &rank));
+    MPI_RETURN_IF_ERROR(MPI_Comm_size(comm, &size));
+    MPI_Group group, world_group;
+    MPI_RETURN_IF_ERROR(MPI_Comm_group(comm, &group));
+    MPI_RETURN_IF_ERROR(MPI_Comm_group(MPI_COMM_WORLD, &world_group));
+    std::vector<int> ranks(size), world_ranks(size);
+    for (int i = 0; i < size; ++i) ranks[i] = i;
+    MPI_RETURN_IF_ERROR(
+        MPI_Group_translate_ranks(group, size, ranks.data(), world_group, world_ranks.data()));
+    MPI_Group_free(&group);
+    MPI_Group_free(&world_group);
+    return std::unique_ptr<Communicator>(
+        new MpiCommunicator(comm, rank, size, std::move(world_ranks), std::move(options)));
+  }
+
+  ~MpiCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();  // runs what was enqueued first
+    WatchdogUnregister(this);
+    if (MpiEnv::initialized()) MPI_Comm_free(&comm_);
+  }
+
+  Device device() const override { return Device::Cpu(); }
+  const char* backend_name() const override { return "mpi"; }
+
+  void Collect(std::vector<InFlight::Snapshot>* running) override { running->push_back(in_flight_.Get()); }
+  std::string Describe() const override { return describe_; }
+
+ protected:
+  absl::StatusOr<Work> Submit(OpDesc op) override {
+    auto work = std::make_shared<MpiWork>();
+    const uint64_t sequence = op.sequence;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_.ok()) return error_;
+      queue_.push_back(Pending{std::move(op), work});
+    }
+    cv_.notify_one();
+    return Work(work, sequence);
+  }
+
+  absl::StatusOr<std::unique_ptr<Communicator>> SplitImpl(OpDesc op, CommOptions child) override {
+    ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
+    RETURN_IF_ERROR(work.Wait());
+    MPI_Comm comm = static_cast<MpiWork*>(work.state())->split_result;
+    if (comm == MPI_COMM_NULL) return std::unique_ptr<Communicator>();
+    return Create(comm, std::move(child));
+  }
+
+ private:
+  MpiCommunicator(MPI_Comm comm, int rank, int size, std::vector<int> world_ranks, CommOptions options)
+      : Communicator(rank, size, std::move(world_ranks), std::move(options)), comm_(comm) {
+    describe_ = absl::StrCat("world rank ", MpiEnv::world_rank(), ", rank ", rank, " of group '", name(),
+                             "' (", this->size(), " ranks; world ranks ", absl::StrJoin(group_ranks(), ","),
+                             "), backend mpi");
+    WatchdogRegister(this);
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  void Run() {
+    for (;;) {
+      Pending p;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        p = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      Execute(p);
+    }
+  }
+
+  void Execute(Pending& p) {
+    const OpDesc& op = p.op;
+    CommRecord record;
+    record.started = Clock::now();
+    in_flight_.Begin(op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s, record.started);
+    absl::Status status;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      status = error_;
+    }
+    if (status.ok()) {
+      status = Run(op, p.work.get());
+      if (!status.ok()) {
+        status = Annotate(status,
+                          absl::StrCat(OpKindName(op.kind), " #", op.sequence, " on group '", name(), "'"));
+        std::lock_guard<std::mutex> lock(mu_);
+        error_ = absl::Status(status.code(),
+                              absl::StrCat("communicator '", name(),
+                                           "' is unusable after an earlier failure: ", status.message()));
+      }
+    }
+    in_flight_.End();
+    record.finished = Clock::now();
+    if (options().sink) {
+      record.group = name();
+      record.group_size = size();
+      record.rank = rank();
+      record.kind = op.kind;
+      record.sequence = op.sequence;
+      record.bytes_sent = op.bytes_sent;
+      record.bytes_received = op.bytes_received;
+      record.enqueued = op.enqueued;
+      record.ok = status.ok();
+      options().sink->Record(record);
+    }
+    p.work->Complete(std::move(status));
+  }
+
+  // Every rank of a V-collective or all-to-all posts one receive and one send
+  // per peer (split by the count limit); its own block is copied locally.
+  absl::Status ExchangeV(Requests& reqs, const char* send, const std::vector<size_t>& send_counts,
+                         const std::vector<size_t>& send_displs, char* recv,
+                         const std::vector<size_t>& recv_counts, const std::vector<size_t>& recv_displs,
+                         DType t, bool in_place) {
+    const size_t es = DTypeSize(t);
+    const int me = rank(), n = size();
+    for (int k = 1; k < n; ++k) {
+      int peer = (me - k + n) % n;
+      if (recv_counts[peer] > 0) {
+        RETURN_IF_ERROR(
+            reqs.Irecv(recv + recv_displs[peer] * es, recv_counts[peer], t, peer, kCollectiveTag));
+      }
+    }
+    for (int k = 1; k < n; ++k) {
+      int peer = (me + k) % n;
+      if (send_counts[peer] > 0) {
+        RETURN_IF_ERROR(
+            reqs.Isend(send + send_displs[peer] * es, send_counts[peer], t, peer, kCollectiveTag));
+      }
+    }
+    if (!in_place && recv_counts[me] > 0) {
+      std::memmove(recv + recv_displs[me] * es, send + send_displs[me] * es,
+                   std::min(send_counts[me], recv_counts[me]) * es);
+    }
+    return reqs.WaitAll();
+  }
+
+  absl::Status Run(const OpDesc& op, MpiWork* work) {
+    Requests reqs(comm_);
+    const size_t limit = reqs.limit();
+    const size_t es = typed(op) ? DTypeSize(op.dtype) : 0;
+    const MPI_Datatype type = typed(op) ? MpiType(op.dtype) : MPI_DATATYPE_NULL;
+    const int n = size();
+    const char* send = static_cast<const char*>(op.send);
+    char* recv = static_cast<char*>(op.recv);
+    switch (op.kind) {
+      case OpKind::kAllReduce: {
+        const MPI_Op mop = MpiOp(op.op, op.dtype);
+        for (size_t off = 0; off < op.count; off += limit) {
+          int c = static_cast<int>(std::min(limit, op.count - off));
+          MPI_RETURN_IF_ERROR(MPI_Iallreduce(op.in_place ? MPI_IN_PLACE : send + off * es, recv + off * es, c,
+                                             type, mop, comm_, reqs.Add()));
+        }
+        RETURN_IF_ERROR(reqs.WaitAll());
+        if (op.op == ReduceOp::kAvg) DivideBy(recv, op.count, op.dtype, n);
+        return absl::OkStatus();
+      }
+      case OpKind::kBroadcast: {
+        if (rank() == op.root && !op.in_place && op.count > 0) std::memcpy(recv, send, op.count * es);
+        for (size_t off = 0; off < op.count; off += limit) {
+          int c = static_cast<int>(std::min(limit, op.count - off));
+          MPI_RETURN_IF_ERROR(MPI_Ibcast(recv + off * es, c, type, op.root, comm_, reqs.Add()));
+        }
+        return reqs.WaitAll();
+      }
+      case OpKind::kAllGather: {
+        if (op.count * n <= limit) {
+          MPI_RETURN_IF_ERROR(MPI_Iallgather(op.in_place ? MPI_IN_PLACE : send, static_cast<int>(op.count),
+                                             type, recv, static_cast<int>(op.count), type, comm_,
+                                             reqs.Add()));
+          return reqs.WaitAll();
+        }
+        std::vector<size_t> counts(n, op.count), displs(n);
+        for (int r = 0; r < n; ++r) displs[r] = r * op.count;
+        std::vector<size_t> send_displs(n, 0);
+        return ExchangeV(reqs, send, counts, send_displs, recv, counts, displs, op.dtype, op.in_place);
+      }
+      case OpKind::kAllGatherV: {
+        std::vector<size_t> send_counts(n, op.count), send_displs(n, 0);
+        return ExchangeV(reqs, send, send_counts, send_displs, recv, op.recv_counts, op.recv_displs, op.dtype,
+                         op.in_place);
+      }
+      case OpKind::kReduceScatter: {
+        const MPI_Op mop = MpiOp(op.op, op.dtype);
+        // MPI's in-place reduce-scatter puts the result at the start of the
+        // buffer; ours keeps it in its block, so reduce into a temporary.
+        std::vector<char> temp(op.in_place ? op.count * es : 0);
+        char* target = op.in_place ? temp.data() : recv;
+        if (op.count * n <= limit) {
+          MPI_RETURN_IF_ERROR(MPI_Ireduce_scatter_block(send, target, static_cast<int>(op.count), type, mop,
+                                                        comm_, reqs.Add()));
+        } else {
+          for (int r = 0; r < n; ++r) {
+            for (size_t off = 0; off < op.count; off += limit) {
+              int c = static_cast<int>(std::min(limit, op.count - off));
+              MPI_RETURN_IF_ERROR(MPI_Ireduce(send + (r * op.count + off) * es,
+                                              r == rank() ? target + off * es : nullptr, c, type, mop, r,
+                                              comm_, reqs.Add()));
+            }
+          }
+        }
+        RETURN_IF_ERROR(reqs.WaitAll());
+        if (op.in_place && op.count > 0) std::memcpy(recv, temp.data(), op.count * es);
+        if (op.op == ReduceOp::kAvg) DivideBy(recv, op.count, op.dtype, n);
+        return absl::OkStatus();
+      }
+      case OpKind::kAllToAll: {
+        std::vector<size_t> counts(n, op.count), displs(n);
+        for (int r = 0; r < n; ++r) displs[r] = r * op.count;
+        return ExchangeV(reqs, send, counts, displs, recv, counts, displs, op.dtype, false);
+      }
+      case OpKind::kAllToAllV:
+        return ExchangeV(reqs, send, op.send_counts, op.send_displs, recv, op.recv_counts, op.recv_displs,
+                         op.dtype, false);
+      case OpKind::kSend:
+      case OpKind::kRecv:
+      case OpKind::kGroupP2P: {
+        for (const P2POp& p : op.p2p) {
+          if (p.type == P2PType::kRecv && p.count > 0) {
+            RETURN_IF_ERROR(reqs.Irecv(p.buf, p.count, p.dtype, p.peer, kP2PTag));
+          }
+        }
+        for (const P2POp& p : op.p2p) {
+          if (p.type == P2PType::kSend && p.count > 0) {
+            RETURN_IF_ERROR(reqs.Isend(p.buf, p.count, p.dtype, p.peer, kP2PTag));
+          }
+        }
+        return reqs.WaitAll();
+      }
+      case OpKind::kBarrier:
+        MPI_RETURN_IF_ERROR(MPI_Ibarrier(comm_, reqs.Add()));
+        return reqs.WaitAll();
+      case OpKind::kSplit: {
+        MPI_RETURN_IF_ERROR(MPI_Comm_split(comm_, op.split_color == kNoColor ? MPI_UNDEFINED : op.split_color,
+                                           op.split_key, &work->split_result));
+        return absl::OkStatus();
+      }
+    }
+    return absl::InternalError("unknown operation kind");
+  }
+
+  static bool typed(const OpDesc& op) {
+    return op.kind != OpKind::kGroupP2P && op.kind != OpKind::kBarrier && op.kind != OpKind::kSplit;
+  }
+
+  MPI_Comm comm_;
+  std::string describe_;
+  InFlight in_flight_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Pending> queue_;
+  bool stop_ = false;
+  absl::Status error_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+size_t MpiCountLimit() { return g_count_limit.load(); }
+
+void SetMpiCountLimitForTesting(size_t limit) {
+  g_count_limit = limit == 0 || limit > static_cast<size_t>(INT_MAX) ? static_cast<size_t>(INT_MAX) : limit;
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiWorldCommunicator(const CommOptions& options) {
+  if (!MpiEnv::initialized()) {
+    return absl::FailedPreconditionError(
+        "CreateMpiWorldCommunicator: MPI is not initialised; call MpiEnv::Init");
+  }
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  if (provided < MPI_THREAD_MULTIPLE) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the MPI communicator needs MPI_THREAD_MULTIPLE (its progress thread calls MPI) but MPI "
+                     "was initialised "
+                     "with thread level ",
+                     provided, "; initialise through MpiEnv::Init"));
+  }
+  MPI_Comm comm;
+  MPI_RETURN_IF_ERROR(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
+  return MpiCommunicator::Create(comm, options);
+}
+
+}  // namespace moe::comm

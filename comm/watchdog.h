@@ -1,0 +1,65 @@
+// The process-wide watchdog: one thread that looks at every live
+// communicator's running operation a few times a second and, when one is past
+// its deadline, prints from this rank what it was waiting for and aborts the
+// whole job. This is what makes a missing rank or a mismatched collective end
+// the job instead of hanging it.
+#ifndef MOE_COMM_WATCHDOG_H_
+#define MOE_COMM_WATCHDOG_H_
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "comm/instrumentation.h"
+
+namespace moe::comm {
+
+// Exit code of a job the watchdog aborts.
+inline constexpr int kWatchdogExitCode = 124;
+
+// What a communicator is running now. Thread-safe: the backend updates it,
+// the watchdog reads it.
+class InFlight {
+ public:
+  struct Snapshot {
+    bool active = false;
+    OpKind kind = OpKind::kBarrier;
+    uint64_t sequence = 0;
+    size_t bytes_sent = 0, bytes_received = 0;
+    double timeout_s = 0;
+    std::chrono::steady_clock::time_point started;
+  };
+  void Begin(OpKind kind, uint64_t sequence, size_t bytes_sent, size_t bytes_received, double timeout_s,
+             std::chrono::steady_clock::time_point started);
+  void End();
+  Snapshot Get() const;
+
+ private:
+  mutable std::mutex mu_;
+  Snapshot s_;
+};
+
+// Implemented by each backend's communicator.
+class Watched {
+ public:
+  virtual ~Watched() = default;
+  // The operations to check, with who is waiting (for the message).
+  virtual void Collect(std::vector<InFlight::Snapshot>* running) = 0;
+  virtual std::string Describe() const = 0;  // "rank 1 of group 'ep' (world ranks 1,3), backend mpi"
+  // Called before the job is aborted (ncclCommAbort); must not block.
+  virtual void AbortBackend() {}
+};
+
+// Registers `w` with the watchdog (starting its thread on first use).
+void WatchdogRegister(Watched* w);
+// Unregisters; after it returns the watchdog no longer touches `w`.
+void WatchdogUnregister(Watched* w);
+
+// The message printed for an overdue operation (exposed for tests).
+std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op, double waited_s);
+
+}  // namespace moe::comm
+
+#endif  // MOE_COMM_WATCHDOG_H_

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <cmath>
@@ -418,7 +419,9 @@ absl::StatusOr<std::unique_ptr<IndexedDatasetWriter>> IndexedDatasetWriter::Crea
   w->prefix_ = IndexedDatasetPrefix(path);
   w->vocab_size_ = vocab_size;
   w->dtype_ = DTypeForVocab(vocab_size);
-  const std::string suffix = absl::StrCat(".tmp.", static_cast<long>(getpid()));
+  // Unique per process and writer, so two writers never share temporaries.
+  static std::atomic<int64_t> counter{0};
+  const std::string suffix = absl::StrCat(".tmp.", static_cast<long>(getpid()), ".", counter++);
   w->bin_tmp_ = BinPath(w->prefix_) + suffix;
   w->idx_tmp_ = IdxPath(w->prefix_) + suffix;
   w->bin_ = std::fopen(w->bin_tmp_.c_str(), "wb");

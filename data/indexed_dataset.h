@@ -117,7 +117,7 @@ class IndexedDataset : public TokenSource {
 
 // Writes a .bin/.idx pair as Megatron's IndexedDatasetBuilder does, one
 // sequence per document unless AddSequence/EndDocument are used directly. The
-// files are written under temporary names (PREFIX.bin.tmp.<pid>, ...) and
+// files are written under temporary names (PREFIX.bin.tmp.<pid>.<n>, ...) and
 // renamed into place by Finish(); a writer destroyed before Finish() removes
 // them, so PREFIX.bin/.idx are never half-written. Not thread-safe.
 class IndexedDatasetWriter {

@@ -88,10 +88,14 @@ std::vector<absl::string_view> SplitDocuments(absl::string_view text, SplitMode 
 }
 
 absl::StatusOr<TokenizedFile> TokenizeFile(const std::string& path, const TokenizeOptions& options) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open for reading"));
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
+  const std::streamoff size = in.tellg();
+  in.seekg(0);
+  std::string text(static_cast<size_t>(std::max<std::streamoff>(size, 0)), '\0');
+  if (size > 0 && !in.read(text.data(), size)) {
+    return absl::DataLossError(absl::StrCat(path, ": read failed"));
+  }
 
   TokenizedFile out;
   out.bytes_read = static_cast<int64_t>(text.size());

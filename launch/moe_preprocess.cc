@@ -144,8 +144,10 @@ struct Unigram {
   std::vector<int64_t> counts;
   int64_t total = 0;
   void Add(const int32_t* t, int64_t n) {
+    if (counts.size() < static_cast<size_t>(ByteTokenizer::kVocabSize))
+      counts.resize(ByteTokenizer::kVocabSize);
     for (int64_t i = 0; i < n; ++i) {
-      if (t[i] >= static_cast<int64_t>(counts.size())) counts.resize(t[i] + 1);
+      if (static_cast<size_t>(t[i]) >= counts.size()) counts.resize(t[i] + 1);
       ++counts[t[i]];
     }
     total += n;

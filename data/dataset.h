@@ -10,7 +10,8 @@
 //   checkpoint: data->train->state().ToInts(); resume: data->train->Restore(...)
 //   eval: for (b < train.eval_batches) data->valid->EvalMicroBatch(b, dp_rank, tokens)
 //
-// Every rank opens the files itself (they are memory-mapped, so the page cache
+// dp_rank is layout.dp_rank: the TP ranks of one data-parallel replica read the
+// same micro-batch. Every rank opens the files itself (they are memory-mapped, so the page cache
 // is shared between ranks of a node); no communication happens here.
 #ifndef MOE_DATA_DATASET_H_
 #define MOE_DATA_DATASET_H_

@@ -187,7 +187,7 @@ class Requests {
     return absl::OkStatus();
   }
   // Polls until every request completed: spinning first, then yielding the
-  // core, then sleeping briefly, so a long wait does not starve ranks that
+  // core, then pausing briefly, so a long wait does not starve ranks that
   // share cores while a short one keeps its latency.
   absl::Status WaitAll() {
     if (reqs_.empty()) return absl::OkStatus();
@@ -199,10 +199,13 @@ class Requests {
       if (flag) return absl::OkStatus();
       if (polls < 256) continue;
       const double waited = std::chrono::duration<double>(Clock::now() - begin).count();
-      if (waited < 0.1) {
+      // Nonblocking collectives advance one round per test, so sleeping
+      // slows long transfers; only a wait of over a second (a straggler, not
+      // a transfer) is polled with pauses.
+      if (waited < 1.0) {
         sched_yield();
       } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
     }
   }

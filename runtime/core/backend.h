@@ -1,0 +1,188 @@
+// Device backends, split as ggml-backend splits them:
+//
+//   BufferType  allocates Buffers for one device (alignment, host-visible or not)
+//   Buffer      one allocation: device pointer, size, memory category; frees on destruction
+//   Stream      an ordered queue of work on one device (cudaStream_t on CUDA; on CPU a
+//               work queue run inline or by a worker thread)
+//   Event       a point in a stream's queue that other streams or the host can wait for
+//   Backend     one device: its buffer type, streams, events, memory tracker, and the
+//               ops it supports (SupportsOp); ops themselves are called through ops.h
+//
+// Model and parallel code see only these interfaces and ops.h; nothing in them
+// is CPU-specific, so the same schedule (compute on one stream, communication
+// on another, ordered by events) runs on CPU and CUDA.
+//
+//   ASSIGN_OR_RETURN(Backend * backend, GetBackend(Device::Cpu()));
+//   Stream& compute = backend->default_stream();
+//   ASSIGN_OR_RETURN(std::unique_ptr<Stream> comm, backend->CreateStream(StreamMode::kWorker));
+//   ASSIGN_OR_RETURN(std::unique_ptr<Event> ready, backend->CreateEvent());
+//   RETURN_IF_ERROR(ops::Gemm(compute, x, false, w, true, y));  // enqueued on compute
+//   RETURN_IF_ERROR(compute.Record(*ready));
+//   RETURN_IF_ERROR(comm->Wait(*ready));        // comm work after this runs after the GEMM
+//   RETURN_IF_ERROR(comm->LaunchHostFunc([=] { return SendRows(y); }));
+//   RETURN_IF_ERROR(comm->Synchronize());       // host waits; returns the first async error
+//
+// Error model: a call returning OK means "enqueued"; an error raised by work
+// that already ran asynchronously is kept by the stream and returned by its
+// next Synchronize() (and by the Synchronize() of events recorded after it).
+#ifndef MOE_RUNTIME_CORE_BACKEND_H_
+#define MOE_RUNTIME_CORE_BACKEND_H_
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "runtime/core/dtype.h"
+#include "runtime/core/memory.h"
+
+namespace moe {
+
+class Backend;
+class Kernels;
+
+// One allocation. Move-free: owned through std::shared_ptr by Tensors.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  // Device address (a host pointer for CPU buffers). Never null, even for size 0.
+  virtual void* data() const = 0;
+  virtual size_t size() const = 0;
+  virtual MemoryCategory category() const = 0;
+  virtual Device device() const = 0;
+  // Can the host dereference data()? (CPU: yes; CUDA device memory: no.)
+  virtual bool host_visible() const = 0;
+};
+
+class BufferType {
+ public:
+  virtual ~BufferType() = default;
+  virtual std::string name() const = 0;  // "cpu", "cuda:0"
+  virtual size_t alignment() const = 0;
+  virtual Device device() const = 0;
+  // Allocates `bytes` (0 is allowed) attributed to `category` in the device's
+  // MemoryTracker; the bytes are released from the tracker when the Buffer dies.
+  // ResourceExhausted when the device has no room.
+  virtual absl::StatusOr<std::shared_ptr<Buffer>> Allocate(size_t bytes, MemoryCategory category) = 0;
+};
+
+class Event;
+
+enum class StreamMode : uint8_t {
+  // Work runs on the calling thread when it is enqueued (in order, trivially).
+  // CPU default stream; on CUDA every stream is asynchronous and this mode is
+  // treated as kWorker.
+  kInline = 0,
+  // Work runs later, in enqueue order, on the stream's own thread (CPU) or on
+  // the device (CUDA).
+  kWorker = 1,
+};
+
+// An ordered queue of work on one device. Not copyable; destroying a stream
+// waits for its queued work. Enqueueing from several host threads into one
+// stream is allowed (order between them is the order of the calls).
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual Backend& backend() const = 0;
+  virtual StreamMode mode() const = 0;
+  // Blocks the host until everything enqueued so far has run; returns the
+  // first error raised by asynchronous work on this stream (and clears it).
+  virtual absl::Status Synchronize() = 0;
+  // Marks the current end of this stream's queue in `event`.
+  virtual absl::Status Record(Event& event) = 0;
+  // Work enqueued on this stream after Wait() runs only after `event`'s work.
+  // Waiting on an event never recorded returns at once (as CUDA does).
+  virtual absl::Status Wait(const Event& event) = 0;
+  // Enqueues a host function (cudaLaunchHostFunc on CUDA). A non-OK status it
+  // returns is kept and reported by Synchronize(). Communicators use this to
+  // run MPI calls in stream order.
+  virtual absl::Status LaunchHostFunc(std::function<absl::Status()> fn) = 0;
+};
+
+// A marker in a stream. Record it again to move it; Synchronize() waits on the host.
+class Event {
+ public:
+  virtual ~Event() = default;
+  // Blocks the host until the work before the last Record() has run; returns
+  // the first asynchronous error of the recorded stream up to that point.
+  virtual absl::Status Synchronize() const = 0;
+  // True when the recorded work has run (or the event was never recorded).
+  virtual bool Query() const = 0;
+};
+
+// Op kinds, for SupportsOp (one per entry point of ops.h).
+enum class OpKind : uint8_t {
+  kCopy,
+  kCast,
+  kFill,
+  kGemm,
+  kBatchedGemm,
+  kGroupedGemm,
+  kGroupedGemmWeightGrad,
+  kAdd,
+  kAxpby,
+  kMul,
+  kScale,
+  kSilu,
+  kSiluBackward,
+  kSwiGLU,
+  kSwiGLUBackward,
+  kReduceSum,
+  kReduceSumSquares,
+  kReduceMax,
+  kSumRows,
+  kRmsNorm,
+  kRmsNormBackward,
+  kRope,
+  kRopeBackward,
+  kCausalAttention,
+  kCausalAttentionBackward,
+  kSoftmax,
+  kSoftmaxBackward,
+  kLogSumExp,
+  kCrossEntropy,
+  kCrossEntropyBackward,
+  kTopK,
+  kGatherRows,
+  kScatterAddRows,
+  kGatherRowDot,
+  kInitNormal,
+  kAdamW,
+  kNumOpKinds
+};
+const char* OpKindName(OpKind op);
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;  // "cpu", "cuda:0"
+  virtual BufferType& default_buffer_type() = 0;
+  // The stream ops use when the caller has no other: inline on CPU, the
+  // device's default stream on CUDA. Lives as long as the backend.
+  virtual Stream& default_stream() = 0;
+  virtual absl::StatusOr<std::unique_ptr<Stream>> CreateStream(StreamMode mode) = 0;
+  virtual absl::StatusOr<std::unique_ptr<Event>> CreateEvent() = 0;
+  virtual MemoryTracker& memory() = 0;
+  virtual bool SupportsOp(OpKind op) const = 0;
+  // Threads this backend's kernels use (CPU: OpenBLAS and the element-wise
+  // pool). n <= 0 restores the default (env OPENBLAS_NUM_THREADS, else all cores).
+  virtual void SetNumThreads(int n) = 0;
+  virtual int num_threads() const = 0;
+  // The kernels behind ops.h (backend implementers' interface, kernels.h).
+  virtual Kernels& kernels() = 0;
+};
+
+// The backend of `device`, created on first use and alive until exit. The CPU
+// backend always exists; "cuda:N" is FailedPrecondition when this build has no
+// CUDA backend (configure with -DMOE_WITH_CUDA=ON on a machine with the toolkit).
+absl::StatusOr<Backend*> GetBackend(Device device);
+// Parses "cpu" / "cuda" / "cuda:N".
+absl::StatusOr<Device> ParseDevice(const std::string& text);
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_CORE_BACKEND_H_

@@ -1,0 +1,207 @@
+// The ops every layer above runtime/core computes with. Each call validates its
+// arguments here, once (shapes, dtypes, devices; a bad call returns
+// InvalidArgument naming the argument, its shape and what was expected), then
+// enqueues the work on `stream` through stream.backend().kernels().
+//
+// Conventions
+// - Every tensor must live on stream's device. Outputs are passed as
+//   `const Tensor&` handles and written in place (tensor.h explains why).
+// - OK means enqueued; on an inline (CPU default) stream it also means done.
+//   Read results on the host only after the stream is synchronized.
+// - f32 compute and storage unless stated; index tensors are i32.
+// - "Matrix view": a tensor of rank >= 2 used as a matrix is [numel / last, last]
+//   (leading dimensions merged), so [B, S, d] activations go straight into GEMMs.
+// - alpha/beta follow BLAS: out = alpha * f(inputs) + beta * out, so backward
+//   passes accumulate gradients with beta = 1. With beta = 0, `out` is never
+//   read (NaNs in it do not propagate).
+// - Outputs must not overlap inputs unless a function says in-place is allowed.
+//
+// Threads (CPU): GEMMs use OpenBLAS threads, the other ops a small pool of the
+// same size; Backend::SetNumThreads / OPENBLAS_NUM_THREADS set it. Keep
+// threads per rank x ranks per node <= cores.
+#ifndef MOE_RUNTIME_CORE_OPS_H_
+#define MOE_RUNTIME_CORE_OPS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/tensor.h"
+
+namespace moe::ops {
+
+// ---- Data movement ---------------------------------------------------------
+
+// dst = src (same dtype and numel; shapes may differ). Either may be on another
+// device than the stream (host <-> device copies); in-place is a no-op.
+absl::Status Copy(Stream& stream, const Tensor& src, const Tensor& dst);
+// dst = src converted (f32 <-> bf16 round-to-nearest-even, f32 <-> f64,
+// i32 <-> i64); same numel.
+absl::Status Cast(Stream& stream, const Tensor& src, const Tensor& dst);
+// Every element = value (f32, bf16, i32, i64 tensors).
+absl::Status Fill(Stream& stream, const Tensor& t, double value);
+
+// ---- Matrix products -------------------------------------------------------
+
+// c = alpha * op(a) op(b) + beta * c, op(x) = x^T when trans_x. Matrix views:
+// op(a) [M, K], op(b) [K, N], c [M, N]. Transposes cost no copy.
+//   Linear forward   y[T, out] = x[T, in] W[out, in]^T:  Gemm(s, x, false, w, true, y)
+//   dx[T, in]        = dy W:                              Gemm(s, dy, false, w, false, dx)
+//   dW[out, in]     += dy^T x:                            Gemm(s, dy, true, x, false, dw, 1, 1)
+absl::Status Gemm(Stream& stream, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                  const Tensor& c, float alpha = 1.0f, float beta = 0.0f);
+
+// For each batch index i: c[i] = alpha * op(a[i]) op(b[i / r]) + beta * c[i], with
+// a [batch, ., .], b [batch / r, ., .] (r = a.batch / b.batch, an integer: GQA
+// broadcast), c [batch, M, N]. Rank-3 tensors (or rank 4 [B, H, ., .] = batch B*H).
+absl::Status BatchedGemm(Stream& stream, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                         const Tensor& c, float alpha = 1.0f, float beta = 0.0f);
+
+// Grouped GEMM over E experts in ONE call. Rows of x and y are grouped by
+// expert: expert e owns rows [offsets[e], offsets[e+1]) (offsets: E + 1
+// non-decreasing host values, offsets[0] = 0, offsets[E] = x rows; an expert
+// may own zero rows). w is [E, P, Q].
+//   trans_w = true : y_e[n_e, P] = alpha * x_e[n_e, Q] w_e^T + beta * y_e   (forward, x W^T)
+//   trans_w = false: y_e[n_e, Q] = alpha * x_e[n_e, P] w_e   + beta * y_e   (backward dX)
+absl::Status GroupedGemm(Stream& stream, const Tensor& x, const Tensor& w, bool trans_w, const Tensor& y,
+                         absl::Span<const int64_t> offsets, float alpha = 1.0f, float beta = 0.0f);
+// Weight gradient of the grouped GEMM: dw_e[P, Q] = alpha * dy_e^T x_e + beta * dw_e
+// with dy [rows, P], x [rows, Q], dw [E, P, Q], same offsets. An expert with
+// zero rows gets dw_e = beta * dw_e.
+absl::Status GroupedGemmWeightGrad(Stream& stream, const Tensor& dy, const Tensor& x, const Tensor& dw,
+                                   absl::Span<const int64_t> offsets, float alpha = 1.0f, float beta = 0.0f);
+
+// ---- Element-wise (same shapes; out may alias an input) ---------------------
+
+absl::Status Add(Stream& stream, const Tensor& a, const Tensor& b, const Tensor& out);
+// y = alpha * x + beta * y (axpy when beta = 1).
+absl::Status Axpby(Stream& stream, float alpha, const Tensor& x, float beta, const Tensor& y);
+absl::Status Mul(Stream& stream, const Tensor& a, const Tensor& b, const Tensor& out);
+absl::Status Scale(Stream& stream, const Tensor& x, float alpha, const Tensor& out);
+// silu(z) = z * sigmoid(z).
+absl::Status Silu(Stream& stream, const Tensor& x, const Tensor& out);
+// dx = alpha * dout * silu'(x) + beta * dx.
+absl::Status SiluBackward(Stream& stream, const Tensor& x, const Tensor& dout, const Tensor& dx,
+                          float alpha = 1.0f, float beta = 0.0f);
+// out = silu(gate) * up.
+absl::Status SwiGLU(Stream& stream, const Tensor& gate, const Tensor& up, const Tensor& out);
+// dgate = dout * up * silu'(gate), dup = dout * silu(gate) (overwritten; may alias gate / up).
+absl::Status SwiGLUBackward(Stream& stream, const Tensor& gate, const Tensor& up, const Tensor& dout,
+                            const Tensor& dgate, const Tensor& dup);
+
+// ---- Reductions (double accumulation on CPU) ---------------------------------
+
+// out (f32, 1 element) = alpha * sum(x) + beta * out.
+absl::Status ReduceSum(Stream& stream, const Tensor& x, const Tensor& out, float alpha = 1.0f,
+                       float beta = 0.0f);
+// out (f32, 1 element) = alpha * sum(x^2) + beta * out (gradient norms).
+absl::Status ReduceSumSquares(Stream& stream, const Tensor& x, const Tensor& out, float alpha = 1.0f,
+                              float beta = 0.0f);
+// out (f32, 1 element) = max(x); -inf for an empty x.
+absl::Status ReduceMax(Stream& stream, const Tensor& x, const Tensor& out);
+// Column sums of the matrix view: out[C] = alpha * sum_r x[r, :] + beta * out.
+absl::Status SumRows(Stream& stream, const Tensor& x, const Tensor& out, float alpha = 1.0f,
+                     float beta = 0.0f);
+
+// ---- Normalisation, position, attention ---------------------------------------
+
+// Rows of the matrix view x [R, d]: rstd[r] = 1 / sqrt(mean(x[r]^2) + eps),
+// out[r] = x[r] * rstd[r] * weight. rstd is f32 [R] (kept for backward).
+absl::Status RmsNorm(Stream& stream, const Tensor& x, const Tensor& weight, float eps, const Tensor& out,
+                     const Tensor& rstd);
+// dx = d/dx (overwritten unless accumulate_dx, then +=), dweight += d/dweight.
+absl::Status RmsNormBackward(Stream& stream, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                             const Tensor& dout, const Tensor& dx, const Tensor& dweight,
+                             bool accumulate_dx = false);
+
+// RoPE, rotate-half convention (MODEL.md), on x [B, S, num_heads, head_dim]
+// (head_dim even), position of row s = position_offset + s. out may alias x.
+absl::Status Rope(Stream& stream, const Tensor& x, const Tensor& out, double theta,
+                  int64_t position_offset = 0);
+// dx = R^T dout (the inverse rotation); dx may alias dout.
+absl::Status RopeBackward(Stream& stream, const Tensor& dout, const Tensor& dx, double theta,
+                          int64_t position_offset = 0);
+
+// Causal softmax attention with GQA, heads in place (no transposes):
+//   q [B, S, H, hd], k, v [B, S, Hkv, hd] (Hkv divides H; query head j uses kv
+//   head j / (H / Hkv)), out [B, S, H, hd], probs [B, H, S, S] (kept for
+//   backward; entries above the diagonal are 0), scale usually 1 / sqrt(hd).
+//   probs[b,h,i,:] = softmax_{j <= i}(scale * q[b,i,h] . k[b,j,h/r]),
+//   out[b,i,h] = sum_j probs[b,h,i,j] v[b,j,h/r].
+absl::Status CausalAttention(Stream& stream, const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                             const Tensor& out, const Tensor& probs);
+// Gradients of CausalAttention given dout [B, S, H, hd]; dq, dk, dv overwritten.
+absl::Status CausalAttentionBackward(Stream& stream, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& probs, float scale, const Tensor& dout, const Tensor& dq,
+                                     const Tensor& dk, const Tensor& dv);
+
+// ---- Softmax, losses, routing ------------------------------------------------
+
+// Row softmax of the matrix view; out may alias x.
+absl::Status Softmax(Stream& stream, const Tensor& x, const Tensor& out);
+// dx = y * (dy - sum(dy * y)) per row, y = softmax output; dx = alpha * that + beta * dx.
+absl::Status SoftmaxBackward(Stream& stream, const Tensor& y, const Tensor& dy, const Tensor& dx,
+                             float alpha = 1.0f, float beta = 0.0f);
+// out[r] = log(sum_c exp(x[r, c])) (f32 [R]).
+absl::Status LogSumExp(Stream& stream, const Tensor& x, const Tensor& out);
+
+// Per-row cross-entropy: logits [T, V] (matrix view), targets i32 [T].
+// losses[t] = lse[t] - logits[t, targets[t]], lse [T] kept for backward.
+// A target < 0 (ignore) gives loss 0. A target >= V fails the kernel with
+// InvalidArgument (returned by this call on an inline stream, else by the
+// stream's Synchronize()); the same holds for out-of-range row indices below.
+absl::Status CrossEntropy(Stream& stream, const Tensor& logits, const Tensor& targets, const Tensor& losses,
+                          const Tensor& lse);
+// dlogits[t] = scale * dloss[t] * (softmax(logits[t]) - onehot(targets[t])), with
+// dloss f32 [T] or undefined (= all ones). dlogits may alias logits.
+absl::Status CrossEntropyBackward(Stream& stream, const Tensor& logits, const Tensor& targets,
+                                  const Tensor& lse, const Tensor& dloss, float scale, const Tensor& dlogits);
+
+// Per row of the matrix view x [R, C]: the k largest values in descending order
+// (values f32 [R, k]) and their column indices (indices i32 [R, k]). Ties go to
+// the lower index first. 1 <= k <= C.
+absl::Status TopK(Stream& stream, const Tensor& x, int k, const Tensor& values, const Tensor& indices);
+
+// dst[i, :] = src[index[i], :] for i < M: src [N, d], index i32 [M] (0 <= index < N),
+// dst [M, d]. Permuting tokens into expert order; embedding lookup.
+absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst);
+// dst[index[i], :] += weight[i] * src[i, :] for i < M (weight f32 [M], or an
+// undefined Tensor for 1): src [M, d], dst [N, d]. Repeated indices accumulate
+// (deterministically, in i order). Un-permute + weighted combine; embedding backward.
+absl::Status ScatterAddRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
+                            const Tensor& weight = Tensor());
+// out[i] = alpha * dot(a[index[i], :], b[i, :]) + beta * out[i]: a [N, d], b [M, d],
+// out f32 [M]. The gradient of the combine weights.
+absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, const Tensor& b,
+                          const Tensor& out, float alpha = 1.0f, float beta = 0.0f);
+
+// ---- Initialisation ----------------------------------------------------------
+
+// Fills `t`, a box of a larger (global) tensor, with Normal(0, std) values that
+// depend only on (seed, name, global index) (DESIGN.md invariant 2): the global
+// tensor has shape `global_shape`; t covers [offsets[d], offsets[d] + t.size(d))
+// in every dimension d (t.rank() == global_shape.rank()); the global index of
+// an element is its row-major index in global_shape. Generator: Philox4x32-10
+// (rng.h): key = PhiloxKeyFromName(name), counter = {index lo, index hi,
+// seed lo, seed hi}; the first two words give a Box-Muller normal.
+absl::Status InitNormal(Stream& stream, const Tensor& t, uint64_t seed, absl::string_view name,
+                        const Shape& global_shape, absl::Span<const int64_t> offsets, float std);
+// The whole tensor is the global tensor (offsets all 0).
+absl::Status InitNormal(Stream& stream, const Tensor& t, uint64_t seed, absl::string_view name, float std);
+
+// ---- Optimizer ----------------------------------------------------------------
+
+// One AdamW step (decoupled weight decay), element-wise over same-shape f32
+// tensors, step >= 1 (bias correction uses it):
+//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//   p -= lr * (m / (1 - b1^step) / (sqrt(v / (1 - b2^step)) + eps) + weight_decay * p)
+absl::Status AdamW(Stream& stream, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
+                   const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
+                   float weight_decay, int64_t step);
+
+}  // namespace moe::ops
+
+#endif  // MOE_RUNTIME_CORE_OPS_H_

@@ -1,9 +1,9 @@
 #include "optim/optimizer.h"
 
 #include <algorithm>
+#include <set>
 #include <tuple>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/core/config.pb.h"
 #include "runtime/core/ops.h"
@@ -96,7 +96,7 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(const OptimizerOpti
   // Every parameter: f32 value and grad of the same shape, all on one device.
   bool have_device = false;
   Device device = Device::Cpu();
-  absl::flat_hash_set<std::string> names;
+  std::set<std::string> names;
   for (const parallel::Parameter* p : params) {
     if (!p->value.defined() || !p->grad.defined()) {
       return absl::InvalidArgumentError(absl::StrCat("optimizer: parameter ", p->name, " has no ",

@@ -1,0 +1,363 @@
+#include "model/alltoall_dispatcher.h"
+
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "parallel/tensor_parallel.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+int64_t Bytes(const Tensor& t) { return static_cast<int64_t>(t.nbytes()); }
+
+}  // namespace
+
+AllToAllTokenDispatcher::AllToAllTokenDispatcher(comm::Communicator* ep, comm::Communicator* tp,
+                                                 int64_t num_experts, int num_chunks)
+    : ep_(ep), tp_(tp), num_experts_(num_experts), num_chunks_(num_chunks < 1 ? 1 : num_chunks) {
+  const int P = ep_->size(), r = ep_->rank();
+  expert_begin_ = num_experts * r / P;
+  expert_end_ = num_experts * (r + 1) / P;
+  owner_.assign(num_experts, 0);
+  for (int p = 0; p < P; ++p) {
+    for (int64_t e = num_experts * p / P; e < num_experts * (p + 1) / P; ++e) owner_[e] = p;
+  }
+}
+
+absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                              int num_chunks) {
+  const auto t0 = Clock::now();
+  const int64_t T = plan.num_tokens, E = num_experts_;
+  const int k = plan.top_k;
+  if (plan.num_experts != E) {
+    return absl::InvalidArgumentError(absl::StrCat("AllToAllTokenDispatcher: the plan routes to ",
+                                                   plan.num_experts,
+                                                   " experts but the dispatcher was built for ", E));
+  }
+  if (x.rank() != 2 || x.size(0) != T) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AllToAllTokenDispatcher: x ", x.ToString(), " is not [T = ", T, ", d]"));
+  }
+  num_tokens_ = T;
+  hidden_ = x.size(1);
+  num_assignments_ = T * k;
+  const int tp_size = tp_ != nullptr ? tp_->size() : 1, tp_rank = tp_ != nullptr ? tp_->rank() : 0;
+  std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
+  const int64_t slice_len = slice_end_ - slice_begin_;
+  const int P = ep_->size();
+  std::vector<int64_t> counts(static_cast<size_t>(num_chunks) * P * E, 0);
+  chunks_.assign(num_chunks, Chunk());
+  std::vector<std::vector<int64_t>> lists(static_cast<size_t>(P) * E);
+  for (int c = 0; c < num_chunks; ++c) {
+    const auto [cb, ce] = parallel::RowSlice(slice_len, num_chunks, c);
+    for (auto& l : lists) l.clear();
+    for (int64_t t = slice_begin_ + cb; t < slice_begin_ + ce; ++t) {
+      for (int j = 0; j < k; ++j) {
+        const int64_t a = t * k + j;
+        if (!plan.kept[a]) continue;
+        const int64_t e = plan.experts[a];
+        lists[static_cast<size_t>(owner_[e]) * E + e].push_back(a);
+      }
+    }
+    Chunk& ch = chunks_[c];
+    std::vector<int32_t> tok, rows;
+    std::vector<float> w;
+    for (int p = 0; p < P; ++p) {
+      for (int64_t e = 0; e < E; ++e) {
+        const auto& l = lists[static_cast<size_t>(p) * E + e];
+        counts[(static_cast<size_t>(c) * P + p) * E + e] = static_cast<int64_t>(l.size());
+        for (int64_t a : l) {
+          ch.assignment.push_back(a);
+          tok.push_back(static_cast<int32_t>(a / k - slice_begin_));
+          w.push_back(plan.weights[a]);
+        }
+      }
+    }
+    const int64_t n = static_cast<int64_t>(tok.size());
+    rows.resize(n);
+    for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
+    ASSIGN_OR_RETURN(ch.token_index, FromHostInts(stream, tok, Shape{n}));
+    ASSIGN_OR_RETURN(ch.row_index, FromHostInts(stream, rows, Shape{n}));
+    ASSIGN_OR_RETURN(ch.weights, FromHostFloats(stream, w, Shape{n}));
+  }
+  stats_.permute_s += Since(t0);
+  const auto t1 = Clock::now();
+  // The one host copy point of counts in this layer.
+  ASSIGN_OR_RETURN(plan_, parallel::ExchangePlan::Create(*ep_, stream, num_chunks, E, counts));
+  stats_.counts_s += Since(t1);
+  stats_.counts_bytes += static_cast<int64_t>(counts.size() / P * (P - 1) * sizeof(int64_t));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> AllToAllTokenDispatcher::SendRows(Stream& stream, int chunk,
+                                                         const Tensor& src_slice) const {
+  const Chunk& ch = chunks_[chunk];
+  const int64_t n = ch.token_index.numel();
+  ASSIGN_OR_RETURN(Tensor rows, NewActivation(stream, Shape{n, hidden_}));
+  if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, src_slice, ch.token_index, rows));
+  return rows;
+}
+
+absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::LocalRows(int chunk, const Tensor& grouped) const {
+  const std::vector<int64_t> all = plan_.ExpertOffsets(chunk);
+  if (all[expert_begin_] != 0 || all[expert_end_] != grouped.size(0)) {
+    return absl::InternalError(absl::StrCat("AllToAllTokenDispatcher: EP rank ", ep_->rank(), " received ",
+                                            grouped.size(0) - (all[expert_end_] - all[expert_begin_]),
+                                            " rows for experts outside its [", expert_begin_, ", ",
+                                            expert_end_, ")"));
+  }
+  ExpertInput in;
+  in.tokens = grouped;
+  in.offsets.assign(all.begin() + expert_begin_, all.begin() + expert_end_ + 1);
+  return in;
+}
+
+absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream, int chunk,
+                                                                 const Tensor& dy_slice,
+                                                                 std::vector<float>* dweights) {
+  Chunk& ch = chunks_[chunk];
+  const int64_t n = ch.token_index.numel();
+  ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}));
+  if (n == 0) return d_rows;
+  // d w of row r = dy[t_r] . out_r.
+  ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
+  RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
+  ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
+  for (int64_t r = 0; r < n; ++r) (*dweights)[ch.assignment[r]] = dw_host[r];
+  // d out_r = w_r dy[t_r].
+  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
+  RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, gathered));
+  RETURN_IF_ERROR(ops::Fill(stream, d_rows, 0.0));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, ch.row_index, d_rows, ch.weights));
+  ch.combined = Tensor();
+  return d_rows;
+}
+
+absl::Status AllToAllTokenDispatcher::FinishForward(Stream& stream, const Tensor& y_slice, Tensor* y) {
+  if (tp_ == nullptr || tp_->size() == 1) {
+    *y = y_slice;
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(*y, parallel::AllGatherRows(*tp_, stream, y_slice, num_tokens_));
+  return absl::OkStatus();
+}
+
+absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice,
+                                                     std::vector<float>* dweights, const Tensor& dx) {
+  if (tp_ == nullptr || tp_->size() == 1) return absl::OkStatus();  // scattered straight into dx
+  // Each TP rank filled the weights of its own tokens; the sum is all of them.
+  ASSIGN_OR_RETURN(Tensor dw, FromHostFloats(stream, *dweights, Shape{num_assignments_}));
+  RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dw));
+  ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dw));
+  if (!dx_slice.defined()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, dx_slice, num_tokens_));
+  return ops::Add(stream, dx, full, dx);
+}
+
+// ---- TokenDispatcher interface: one exchange, no overlap ----------------------
+
+absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::Dispatch(Stream& stream, const Tensor& x,
+                                                              const RoutingPlan& plan) {
+  RETURN_IF_ERROR(Prepare(stream, x, plan, 1));
+  ASSIGN_OR_RETURN(Tensor send, SendRows(stream, 0, x.Slice(slice_begin_, slice_end_)));
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, send));
+  stats_.dispatch_s += Since(t0);
+  stats_.dispatch_bytes += Bytes(send);
+  return LocalRows(0, grouped);
+}
+
+absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
+  if (chunks_.size() != 1)
+    return absl::FailedPreconditionError("AllToAllTokenDispatcher::Combine before Dispatch");
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(chunks_[0].combined, parallel::Combine(*ep_, stream, plan_, 0, expert_out));
+  stats_.combine_s += Since(t0);
+  stats_.combine_bytes += Bytes(expert_out);
+  const auto t1 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
+  const Chunk& ch = chunks_[0];
+  if (ch.token_index.numel() > 0) {
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
+  }
+  Tensor y;
+  RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
+  stats_.unpermute_s += Since(t1);
+  return y;
+}
+
+absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, const Tensor& dy,
+                                                                std::vector<float>* dweights) {
+  if (chunks_.size() != 1) {
+    return absl::FailedPreconditionError("AllToAllTokenDispatcher::CombineBackward before Dispatch/Combine");
+  }
+  dweights->assign(num_assignments_, 0.0f);
+  ASSIGN_OR_RETURN(Tensor d_rows, WeightedGradRows(stream, 0, dy.Slice(slice_begin_, slice_end_), dweights));
+  if (tp_ != nullptr && tp_->size() > 1)
+    RETURN_IF_ERROR(FinishBackward(stream, Tensor(), dweights, Tensor()));
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, d_rows));
+  stats_.combine_s += Since(t0);
+  stats_.combine_bytes += Bytes(d_rows);
+  ASSIGN_OR_RETURN(ExpertInput in, LocalRows(0, grouped));
+  return in.tokens;
+}
+
+absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Tensor& d_expert_in,
+                                                       const Tensor& dx) {
+  if (chunks_.size() != 1)
+    return absl::FailedPreconditionError("AllToAllTokenDispatcher::DispatchBackward first");
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor d_send, parallel::Combine(*ep_, stream, plan_, 0, d_expert_in));
+  stats_.dispatch_s += Since(t0);
+  stats_.dispatch_bytes += Bytes(d_expert_in);
+  const Chunk& ch = chunks_[0];
+  const bool ted = tp_ != nullptr && tp_->size() > 1;
+  Tensor target = dx.Slice(slice_begin_, slice_end_);
+  if (ted) {
+    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
+  }
+  if (ch.token_index.numel() > 0)
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
+  if (ted) {
+    ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
+    RETURN_IF_ERROR(ops::Add(stream, dx, full, dx));
+  }
+  chunks_.clear();
+  return absl::OkStatus();
+}
+
+// ---- Pipelined chunks -----------------------------------------------------------
+
+absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream, const Tensor& x,
+                                                                 const RoutingPlan& plan,
+                                                                 const ExpertFn& expert_forward) {
+  const int C = num_chunks_;
+  RETURN_IF_ERROR(Prepare(stream, x, plan, C));
+  const Tensor x_slice = x.Slice(slice_begin_, slice_end_);
+  auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor send0, SendRows(stream, 0, x_slice));
+  stats_.permute_s += Since(t0);
+  t0 = Clock::now();
+  ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+  stats_.dispatch_s += Since(t0);
+  stats_.dispatch_bytes += Bytes(send0);
+  std::vector<parallel::InFlight> back(C);
+  for (int c = 0; c < C; ++c) {
+    parallel::InFlight cur = std::move(next);
+    if (c + 1 < C) {
+      // Enqueue chunk c + 1's exchange before computing chunk c.
+      t0 = Clock::now();
+      ASSIGN_OR_RETURN(Tensor send, SendRows(stream, c + 1, x_slice));
+      stats_.permute_s += Since(t0);
+      t0 = Clock::now();
+      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, send));
+      stats_.dispatch_s += Since(t0);
+      stats_.dispatch_bytes += Bytes(send);
+    }
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
+    stats_.dispatch_s += Since(t0);
+    ASSIGN_OR_RETURN(ExpertInput in, LocalRows(c, grouped));
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, in.tokens, in.offsets));
+    RETURN_IF_ERROR(stream.Synchronize());
+    stats_.expert_s += Since(t0);
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, out));
+    stats_.combine_s += Since(t0);
+    stats_.combine_bytes += Bytes(out);
+  }
+  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
+  for (int c = 0; c < C; ++c) {
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c]));
+    stats_.combine_s += Since(t0);
+    t0 = Clock::now();
+    const Chunk& ch = chunks_[c];
+    if (ch.token_index.numel() > 0) {
+      RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
+    }
+    stats_.unpermute_s += Since(t0);
+  }
+  t0 = Clock::now();
+  Tensor y;
+  RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
+  stats_.unpermute_s += Since(t0);
+  return y;
+}
+
+absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Tensor& dy,
+                                                        const ExpertFn& expert_backward,
+                                                        std::vector<float>* dweights, const Tensor& dx) {
+  const int C = static_cast<int>(chunks_.size());
+  if (C != num_chunks_) {
+    return absl::FailedPreconditionError(
+        "AllToAllTokenDispatcher::BackwardPipelined without ForwardPipelined");
+  }
+  dweights->assign(num_assignments_, 0.0f);
+  const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
+  auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(Tensor d0, WeightedGradRows(stream, 0, dy_slice, dweights));
+  stats_.unpermute_s += Since(t0);
+  t0 = Clock::now();
+  ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+  stats_.combine_s += Since(t0);
+  stats_.combine_bytes += Bytes(d0);
+  std::vector<parallel::InFlight> back(C);
+  for (int c = 0; c < C; ++c) {
+    parallel::InFlight cur = std::move(next);
+    if (c + 1 < C) {
+      t0 = Clock::now();
+      ASSIGN_OR_RETURN(Tensor d, WeightedGradRows(stream, c + 1, dy_slice, dweights));
+      stats_.unpermute_s += Since(t0);
+      t0 = Clock::now();
+      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, d));
+      stats_.combine_s += Since(t0);
+      stats_.combine_bytes += Bytes(d);
+    }
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
+    stats_.combine_s += Since(t0);
+    ASSIGN_OR_RETURN(ExpertInput in, LocalRows(c, grouped));
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, in.tokens, in.offsets));
+    RETURN_IF_ERROR(stream.Synchronize());
+    stats_.expert_s += Since(t0);
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, d_in));
+    stats_.dispatch_s += Since(t0);
+    stats_.dispatch_bytes += Bytes(d_in);
+  }
+  const bool ted = tp_ != nullptr && tp_->size() > 1;
+  Tensor target = dx.Slice(slice_begin_, slice_end_);
+  if (ted) {
+    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
+  }
+  for (int c = 0; c < C; ++c) {
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(Tensor d_send, parallel::FinishCombine(stream, plan_, back[c]));
+    stats_.dispatch_s += Since(t0);
+    const Chunk& ch = chunks_[c];
+    if (ch.token_index.numel() > 0)
+      RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
+  }
+  t0 = Clock::now();
+  RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));
+  stats_.unpermute_s += Since(t0);
+  chunks_.clear();
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

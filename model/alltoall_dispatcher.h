@@ -1,0 +1,130 @@
+// AllToAllTokenDispatcher: the expert-parallel TokenDispatcher (Megatron's
+// MoEAlltoAllTokenDispatcher) with DeepSpeed-TED duplicate-token dropping and
+// chunked overlap.
+//
+// Forward, on the micro-batch's T tokens x [T, d] and the router's plan (the
+// plan is computed on all T tokens, identically on every TP rank, so capacity
+// drops are those of the whole micro-batch whatever the layout):
+//
+//   1. TED: TP rank r takes the tokens RowSlice(T, tp, r) only (tp = 1: all).
+//   2. Those tokens' kept assignments are cut into num_chunks chunks of tokens
+//      and, per chunk, ordered by (destination EP rank, expert, token): the
+//      destination of expert e is its owner (EP rank owning e).
+//   3. The count table [chunk][destination][expert] is exchanged once
+//      (parallel::ExchangePlan::Create: the one host copy of counts per layer).
+//   4. Per chunk: rows gathered (x[t]), AllToAllV, grouped by local expert ->
+//      experts -> AllToAllV back -> y_slice[t] += w_t,e * out.
+//   5. TED: y = AllGatherRows(tp, y_slice) restores [T, d].
+//
+// Backward mirrors it: dy [T, d] (the same on every TP rank) is sliced; per
+// chunk d out = w * dy[t] goes the dispatch way, the experts' input grads come
+// back the combine way and are scattered into dx; d w_t,e = dy[t] . out is
+// summed over TP (each TP rank fills its own tokens) so that the router's
+// backward sees all T tokens; dx is all-gathered over TP.
+//
+// Two ways to drive it:
+//   - the TokenDispatcher interface (Dispatch / Combine / CombineBackward /
+//     DispatchBackward): one exchange for all tokens, the experts run once
+//     between the calls (no overlap);
+//   - ForwardPipelined / BackwardPipelined: num_chunks exchanges, the
+//     exchange of chunk c + 1 enqueued before chunk c's experts run
+//     (parallel.overlap_chunks); the caller's `expert_fn` computes one chunk.
+// Both give the same results up to float summation order, for any chunk count.
+//
+// Collective: every rank of the EP group (and of the TP group) runs the same
+// calls in the same order. Communicators are borrowed and must outlive the
+// dispatcher.
+#ifndef MOE_MODEL_ALLTOALL_DISPATCHER_H_
+#define MOE_MODEL_ALLTOALL_DISPATCHER_H_
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "comm/communicator.h"
+#include "model/token_dispatcher.h"
+#include "parallel/token_exchange.h"
+
+namespace moe::model {
+
+// Per-phase counters of one dispatcher (accumulated until Reset), for the
+// benchmark and the metrics: seconds spent on the host in each phase and
+// payload bytes sent to other ranks.
+struct DispatchStats {
+  double permute_s = 0, dispatch_s = 0, expert_s = 0, combine_s = 0, unpermute_s = 0, counts_s = 0;
+  int64_t dispatch_bytes = 0, combine_bytes = 0, counts_bytes = 0;
+  void Reset() { *this = DispatchStats(); }
+};
+
+class AllToAllTokenDispatcher : public TokenDispatcher {
+ public:
+  // ep: the EP group (EP rank r owns the experts [E r / P, E (r + 1) / P));
+  // tp: the TP group, or nullptr for TP = 1. num_chunks >= 1.
+  AllToAllTokenDispatcher(comm::Communicator* ep, comm::Communicator* tp, int64_t num_experts,
+                          int num_chunks);
+
+  int64_t expert_begin() const override { return expert_begin_; }
+  int64_t expert_end() const override { return expert_end_; }
+  int num_chunks() const { return num_chunks_; }
+
+  // TokenDispatcher: one chunk, no overlap.
+  absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan) override;
+  absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out) override;
+  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy,
+                                         std::vector<float>* dweights) override;
+  absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx) override;
+
+  // Computes one chunk's experts: rows [N, d] grouped by local expert (offsets:
+  // E_local + 1 values) -> [N, d] (forward: outputs; backward: input grads
+  // from output grads).
+  using ExpertFn =
+      std::function<absl::StatusOr<Tensor>(int chunk, const Tensor& rows, absl::Span<const int64_t> offsets)>;
+  // x [T, d] -> y [T, d], with expert_fn called once per chunk in chunk order.
+  absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                          const ExpertFn& expert_forward);
+  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights
+  // [T * k] = d loss / d w_t,e for all T tokens (0 for dropped assignments).
+  absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
+                                 std::vector<float>* dweights, const Tensor& dx);
+
+  DispatchStats& stats() { return stats_; }
+
+ private:
+  struct Chunk {
+    std::vector<int64_t> assignment;  // host: assignment a = t * k + j of each send row
+    Tensor token_index;               // i32 [n]: the token of each send row, relative to the slice
+    Tensor row_index;                 // i32 [n]: 0..n-1
+    Tensor weights;                   // f32 [n]: w_t,e
+    Tensor combined;                  // [n, d] expert outputs back on this rank (for d w)
+  };
+  // Steps 1-3: slices, orders and counts the plan's assignments into `chunks`.
+  absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks);
+  // Local expert rows of a grouped chunk and their offsets (checks that only
+  // local experts received rows).
+  absl::StatusOr<ExpertInput> LocalRows(int chunk, const Tensor& grouped) const;
+  absl::StatusOr<Tensor> SendRows(Stream& stream, int chunk, const Tensor& src_slice) const;
+  absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice,
+                                          std::vector<float>* dweights);
+  absl::Status FinishForward(Stream& stream, const Tensor& y_slice, Tensor* y);
+  absl::Status FinishBackward(Stream& stream, const Tensor& dx_slice, std::vector<float>* dweights,
+                              const Tensor& dx);
+
+  comm::Communicator* ep_;
+  comm::Communicator* tp_;
+  int64_t num_experts_, expert_begin_, expert_end_;
+  int num_chunks_;
+  std::vector<int> owner_;  // EP rank of each expert
+
+  // State of the current micro-batch.
+  int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0;
+  int64_t slice_begin_ = 0, slice_end_ = 0;
+  parallel::ExchangePlan plan_;
+  std::vector<Chunk> chunks_;
+  DispatchStats stats_;
+};
+
+}  // namespace moe::model
+
+#endif  // MOE_MODEL_ALLTOALL_DISPATCHER_H_

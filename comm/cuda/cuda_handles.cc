@@ -1,0 +1,73 @@
+#include "comm/cuda/cuda_handles.h"
+
+#include <utility>
+
+#include "comm/cuda/cuda_check.h"
+
+namespace moe::comm {
+
+CudaDeviceGuard::CudaDeviceGuard(int device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  if (device != previous_) cudaSetDevice(device);
+}
+
+CudaDeviceGuard::~CudaDeviceGuard() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
+absl::StatusOr<CudaStream> CudaStream::Create(int device) {
+  CudaDeviceGuard guard(device);
+  CudaStream s;
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.stream_, cudaStreamNonBlocking));
+  s.device_ = device;
+  return s;
+}
+
+CudaStream::~CudaStream() {
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+CudaStream& CudaStream::operator=(CudaStream&& o) noexcept {
+  if (this != &o) {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    stream_ = std::exchange(o.stream_, nullptr);
+    device_ = o.device_;
+  }
+  return *this;
+}
+
+absl::StatusOr<CudaEvent> CudaEvent::Create(int device) {
+  CudaDeviceGuard guard(device);
+  CudaEvent e;
+  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e.event_, cudaEventDisableTiming));
+  return e;
+}
+
+CudaEvent::~CudaEvent() {
+  if (event_ != nullptr) cudaEventDestroy(event_);
+}
+
+CudaEvent& CudaEvent::operator=(CudaEvent&& o) noexcept {
+  if (this != &o) {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+    event_ = std::exchange(o.event_, nullptr);
+  }
+  return *this;
+}
+
+absl::Status CudaEvent::Record(cudaStream_t stream) {
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CudaEvent::Query() const {
+  cudaError_t e = cudaEventQuery(event_);
+  if (e == cudaSuccess) return true;
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  return CudaStatus(e, "cudaEventQuery", __FILE__, __LINE__);
+}
+
+}  // namespace moe::comm

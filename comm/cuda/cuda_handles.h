@@ -1,0 +1,62 @@
+// RAII, move-only handles for a CUDA stream and a CUDA event of one device.
+#ifndef MOE_COMM_CUDA_CUDA_HANDLES_H_
+#define MOE_COMM_CUDA_CUDA_HANDLES_H_
+
+#include <cuda_runtime_api.h>
+
+#include "absl/status/statusor.h"
+
+namespace moe::comm {
+
+// Makes `device` current for the scope and restores the previous one.
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int device);
+  ~CudaDeviceGuard();
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+class CudaStream {
+ public:
+  CudaStream() = default;
+  // A non-blocking stream (does not synchronise with the legacy default stream).
+  static absl::StatusOr<CudaStream> Create(int device);
+  ~CudaStream();
+  CudaStream(CudaStream&& o) noexcept : stream_(o.stream_), device_(o.device_) { o.stream_ = nullptr; }
+  CudaStream& operator=(CudaStream&& o) noexcept;
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  int device() const { return device_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  int device_ = -1;
+};
+
+class CudaEvent {
+ public:
+  CudaEvent() = default;
+  // Timing disabled: the events order streams and mark completion.
+  static absl::StatusOr<CudaEvent> Create(int device);
+  ~CudaEvent();
+  CudaEvent(CudaEvent&& o) noexcept : event_(o.event_) { o.event_ = nullptr; }
+  CudaEvent& operator=(CudaEvent&& o) noexcept;
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  cudaEvent_t get() const { return event_; }
+  absl::Status Record(cudaStream_t stream);
+  // True once the work recorded before it finished; an error of the device otherwise.
+  absl::StatusOr<bool> Query() const;
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+}  // namespace moe::comm
+
+#endif  // MOE_COMM_CUDA_CUDA_HANDLES_H_

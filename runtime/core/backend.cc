@@ -1,0 +1,72 @@
+#include "runtime/core/backend.h"
+
+#include <cstdlib>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "runtime/core/cpu/cpu_backend.h"
+
+namespace moe {
+
+const char* OpKindName(OpKind op) {
+  static const char* const kNames[] = {"Copy",
+                                       "Cast",
+                                       "Fill",
+                                       "Gemm",
+                                       "BatchedGemm",
+                                       "GroupedGemm",
+                                       "GroupedGemmWeightGrad",
+                                       "Add",
+                                       "Axpby",
+                                       "Mul",
+                                       "Scale",
+                                       "Silu",
+                                       "SiluBackward",
+                                       "SwiGLU",
+                                       "SwiGLUBackward",
+                                       "ReduceSum",
+                                       "ReduceSumSquares",
+                                       "ReduceMax",
+                                       "SumRows",
+                                       "RmsNorm",
+                                       "RmsNormBackward",
+                                       "Rope",
+                                       "RopeBackward",
+                                       "CausalAttention",
+                                       "CausalAttentionBackward",
+                                       "Softmax",
+                                       "SoftmaxBackward",
+                                       "LogSumExp",
+                                       "CrossEntropy",
+                                       "CrossEntropyBackward",
+                                       "TopK",
+                                       "GatherRows",
+                                       "ScatterAddRows",
+                                       "GatherRowDot",
+                                       "InitNormal",
+                                       "AdamW"};
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kNumOpKinds));
+  int i = static_cast<int>(op);
+  return i < static_cast<int>(OpKind::kNumOpKinds) ? kNames[i] : "?";
+}
+
+absl::StatusOr<Backend*> GetBackend(Device device) {
+  if (device.is_cpu()) return &cpu::CpuBackendInstance();
+  return absl::FailedPreconditionError(
+      absl::StrCat("device ", device.ToString(),
+                   ": this build has no CUDA backend (use train.device = \"cpu\", or build on a machine "
+                   "with the CUDA toolkit and -DMOE_WITH_CUDA=ON)"));
+}
+
+absl::StatusOr<Device> ParseDevice(const std::string& text) {
+  if (text == "cpu") return Device::Cpu();
+  if (text == "cuda") return Device::Cuda(0);
+  int index = 0;
+  if (absl::StartsWith(text, "cuda:") && absl::SimpleAtoi(text.substr(5), &index) && index >= 0)
+    return Device::Cuda(index);
+  return absl::InvalidArgumentError(
+      absl::StrCat("device \"", text, "\" is not one of \"cpu\", \"cuda\", \"cuda:N\""));
+}
+
+}  // namespace moe

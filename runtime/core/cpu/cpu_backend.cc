@@ -1,0 +1,340 @@
+#include "runtime/core/cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/check.h"
+
+namespace moe::cpu {
+
+// ---- ThreadPool ---------------------------------------------------------------
+
+namespace {
+thread_local bool tls_in_pool_job = false;
+
+int DefaultThreads() {
+  if (const char* env = std::getenv("OPENBLAS_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  int n = static_cast<int>(std::thread::hardware_concurrency());
+  return n > 0 ? n : 1;
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int num_threads) { Start(num_threads); }
+ThreadPool::~ThreadPool() { Stop(); }
+
+void ThreadPool::Start(int num_threads) {
+  num_threads_ = std::max(1, num_threads);
+  stop_ = false;
+  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+void ThreadPool::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
+}
+
+void ThreadPool::Resize(int num_threads) {
+  std::lock_guard<std::mutex> job(job_mutex_);
+  Stop();
+  Start(num_threads);
+}
+
+void ThreadPool::RunChunks() {
+  tls_in_pool_job = true;
+  for (;;) {
+    int64_t c = next_chunk_.fetch_add(1);
+    if (c >= num_chunks_) break;
+    (*fn_)(c * chunk_, std::min(n_, (c + 1) * chunk_));
+  }
+  tls_in_pool_job = false;
+}
+
+void ThreadPool::WorkerLoop() {
+  int64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+    }
+    RunChunks();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--active_ == 0) done_cv_.notify_all();
+  }
+}
+
+void ThreadPool::ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  int64_t chunk = std::max<int64_t>(grain, 1);
+  int64_t num_chunks = (n + chunk - 1) / chunk;
+  auto serial = [&] {
+    for (int64_t c = 0; c < num_chunks; ++c) fn(c * chunk, std::min(n, (c + 1) * chunk));
+  };
+  if (num_chunks == 1 || num_threads_ == 1 || tls_in_pool_job || !job_mutex_.try_lock()) {
+    serial();
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fn_ = &fn;
+    n_ = n;
+    chunk_ = chunk;
+    num_chunks_ = num_chunks;
+    next_chunk_.store(0);
+    active_ = static_cast<int>(workers_.size());
+    ++generation_;
+  }
+  cv_.notify_all();
+  RunChunks();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return active_ == 0; });
+    fn_ = nullptr;
+  }
+  job_mutex_.unlock();
+}
+
+ThreadPool& Pool() {
+  static ThreadPool* pool = new ThreadPool(DefaultThreads());
+  return *pool;
+}
+
+// ---- Streams and events ---------------------------------------------------------
+
+CpuStream::CpuStream(Backend& backend, StreamMode mode)
+    : backend_(backend), mode_(mode), state_(std::make_shared<StreamState>()) {
+  if (mode_ == StreamMode::kWorker) worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+CpuStream::~CpuStream() {
+  if (mode_ != StreamMode::kWorker) return;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    stop_ = true;
+  }
+  queue_cv_.notify_all();
+  worker_.join();
+}
+
+void CpuStream::WorkerLoop() {
+  for (;;) {
+    std::function<absl::Status()> fn;
+    {
+      std::unique_lock<std::mutex> lock(queue_mu_);
+      queue_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and drained
+      fn = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    absl::Status status = fn();
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (!status.ok() && state_->error.ok()) state_->error = status;
+    ++state_->completed;
+    state_->cv.notify_all();
+  }
+}
+
+absl::Status CpuStream::Run(std::function<absl::Status()> fn) {
+  if (mode_ == StreamMode::kInline) {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      ++state_->enqueued;
+    }
+    absl::Status status = fn();
+    std::lock_guard<std::mutex> lock(state_->mu);
+    ++state_->completed;
+    state_->cv.notify_all();
+    return status;
+  }
+  std::lock_guard<std::mutex> qlock(queue_mu_);
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    ++state_->enqueued;
+  }
+  queue_.push_back(std::move(fn));
+  queue_cv_.notify_one();
+  return absl::OkStatus();
+}
+
+absl::Status CpuStream::Synchronize() {
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    seq = state_->enqueued;
+  }
+  state_->WaitFor(seq);
+  std::lock_guard<std::mutex> lock(state_->mu);
+  absl::Status error = state_->error;
+  state_->error = absl::OkStatus();
+  return error;
+}
+
+absl::Status CpuStream::Record(Event& event) {
+  auto* e = dynamic_cast<CpuEvent*>(&event);
+  if (e == nullptr) return absl::InvalidArgumentError("Stream::Record: event is not a CPU event");
+  std::lock_guard<std::mutex> qlock(queue_mu_);  // orders against concurrent Run()
+  std::lock_guard<std::mutex> lock(state_->mu);
+  e->Set(state_, state_->enqueued);
+  return absl::OkStatus();
+}
+
+absl::Status CpuStream::Wait(const Event& event) {
+  auto* e = dynamic_cast<const CpuEvent*>(&event);
+  if (e == nullptr) return absl::InvalidArgumentError("Stream::Wait: event is not a CPU event");
+  std::shared_ptr<StreamState> st;
+  uint64_t seq;
+  e->Get(&st, &seq);
+  if (st == nullptr || st == state_) return absl::OkStatus();  // own stream: already ordered
+  if (mode_ == StreamMode::kInline) {
+    st->WaitFor(seq);
+    return absl::OkStatus();
+  }
+  return Run([st, seq] {
+    st->WaitFor(seq);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuStream::LaunchHostFunc(std::function<absl::Status()> fn) { return Run(std::move(fn)); }
+
+void CpuEvent::Set(std::shared_ptr<StreamState> state, uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mu_);
+  state_ = std::move(state);
+  seq_ = seq;
+}
+
+void CpuEvent::Get(std::shared_ptr<StreamState>* state, uint64_t* seq) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  *state = state_;
+  *seq = seq_;
+}
+
+absl::Status CpuEvent::Synchronize() const {
+  std::shared_ptr<StreamState> st;
+  uint64_t seq;
+  Get(&st, &seq);
+  if (st == nullptr) return absl::OkStatus();
+  st->WaitFor(seq);
+  std::lock_guard<std::mutex> lock(st->mu);
+  return st->error;
+}
+
+bool CpuEvent::Query() const {
+  std::shared_ptr<StreamState> st;
+  uint64_t seq;
+  Get(&st, &seq);
+  if (st == nullptr) return true;
+  std::lock_guard<std::mutex> lock(st->mu);
+  return st->completed >= seq;
+}
+
+CpuStream& AsCpu(Stream& s) {
+  auto* cpu = dynamic_cast<CpuStream*>(&s);
+  MOE_CHECK(cpu != nullptr) << "a CPU kernel was given a non-CPU stream";
+  return *cpu;
+}
+
+// ---- Buffers ------------------------------------------------------------------------
+
+namespace {
+
+constexpr size_t kAlignment = 64;
+
+class CpuBuffer : public Buffer {
+ public:
+  CpuBuffer(void* data, size_t size, MemoryCategory category, MemoryTracker* tracker)
+      : data_(data), size_(size), category_(category), tracker_(tracker) {}
+  ~CpuBuffer() override {
+    std::free(data_);
+    tracker_->OnFree(category_, static_cast<int64_t>(size_));
+  }
+  void* data() const override { return data_; }
+  size_t size() const override { return size_; }
+  MemoryCategory category() const override { return category_; }
+  Device device() const override { return Device::Cpu(); }
+  bool host_visible() const override { return true; }
+
+ private:
+  void* data_;
+  size_t size_;
+  MemoryCategory category_;
+  MemoryTracker* tracker_;
+};
+
+class CpuBufferType : public BufferType {
+ public:
+  explicit CpuBufferType(MemoryTracker* tracker) : tracker_(tracker) {}
+  std::string name() const override { return "cpu"; }
+  size_t alignment() const override { return kAlignment; }
+  Device device() const override { return Device::Cpu(); }
+  absl::StatusOr<std::shared_ptr<Buffer>> Allocate(size_t bytes, MemoryCategory category) override {
+    size_t rounded = std::max(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
+    void* p = std::aligned_alloc(kAlignment, rounded);
+    if (p == nullptr)
+      return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes for ",
+                                                       MemoryCategoryName(category), " (",
+                                                       tracker_->Total().live_bytes, " bytes live)"));
+    tracker_->OnAllocate(category, static_cast<int64_t>(bytes));
+    return std::shared_ptr<Buffer>(std::make_shared<CpuBuffer>(p, bytes, category, tracker_));
+  }
+
+ private:
+  MemoryTracker* tracker_;
+};
+
+class CpuBackend : public Backend {
+ public:
+  CpuBackend()
+      : buffer_type_(&memory_), default_stream_(*this, StreamMode::kInline), kernels_(MakeCpuKernels()) {
+    num_threads_ = Pool().num_threads();
+  }
+  Device device() const override { return Device::Cpu(); }
+  std::string name() const override { return "cpu"; }
+  BufferType& default_buffer_type() override { return buffer_type_; }
+  Stream& default_stream() override { return default_stream_; }
+  absl::StatusOr<std::unique_ptr<Stream>> CreateStream(StreamMode mode) override {
+    return std::unique_ptr<Stream>(std::make_unique<CpuStream>(*this, mode));
+  }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override {
+    return std::unique_ptr<Event>(std::make_unique<CpuEvent>());
+  }
+  MemoryTracker& memory() override { return memory_; }
+  bool SupportsOp(OpKind op) const override { return op < OpKind::kNumOpKinds; }
+  void SetNumThreads(int n) override {
+    if (n <= 0) n = DefaultThreads();
+    openblas_set_num_threads(n);
+    Pool().Resize(n);
+    num_threads_ = n;
+  }
+  int num_threads() const override { return num_threads_; }
+  Kernels& kernels() override { return *kernels_; }
+
+ private:
+  MemoryTracker memory_;
+  CpuBufferType buffer_type_;
+  CpuStream default_stream_;
+  std::unique_ptr<Kernels> kernels_;
+  int num_threads_ = 1;
+};
+
+}  // namespace
+
+Backend& CpuBackendInstance() {
+  static CpuBackend* backend = new CpuBackend();  // never destroyed: outlives every tensor
+  return *backend;
+}
+
+}  // namespace moe::cpu

@@ -1,0 +1,127 @@
+// The CPU backend (internal to runtime/core: model code reaches it only
+// through backend.h and ops.h).
+//
+// Streams: an inline stream runs each piece of work when it is enqueued; a
+// worker stream runs them in order on its own thread. Events are (stream
+// state, sequence number) pairs: work item n of a stream is done when the
+// stream's completed count reaches n.
+//
+// Threads: GEMMs use OpenBLAS threads; element-wise and row-wise kernels use
+// ThreadPool (num_threads - 1 helper threads plus the caller). Both default to
+// OPENBLAS_NUM_THREADS when set, else all cores; with R ranks on a node set
+// OPENBLAS_NUM_THREADS (or train.threads_per_rank) to cores / R.
+#ifndef MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_
+#define MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "runtime/core/backend.h"
+#include "runtime/core/kernels.h"
+
+namespace moe::cpu {
+
+// A fixed pool running ParallelFor jobs. One job at a time: a caller that finds
+// the pool busy (another stream's thread) runs its job alone, so nesting and
+// concurrent streams never deadlock.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  // Calls fn(begin, end) over [0, n) split into chunks of at least `grain`
+  // items. The split depends only on (n, grain), never on the thread count, so
+  // per-chunk partial results are deterministic.
+  void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+  void Resize(int num_threads);
+  int num_threads() const { return num_threads_; }
+
+ private:
+  void Start(int num_threads);
+  void Stop();
+  void WorkerLoop();
+  void RunChunks();
+
+  int num_threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex job_mutex_;  // held by the caller for the duration of a job
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, chunk_ = 1, num_chunks_ = 0;
+  std::atomic<int64_t> next_chunk_{0};
+  int64_t generation_ = 0;
+  int active_ = 0;
+  bool stop_ = false;
+};
+
+// The pool of the CPU backend (for kernels).
+ThreadPool& Pool();
+
+struct StreamState {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t enqueued = 0, completed = 0;
+  absl::Status error;  // first asynchronous error not yet reported
+  void WaitFor(uint64_t seq) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return completed >= seq; });
+  }
+};
+
+class CpuStream : public Stream {
+ public:
+  CpuStream(Backend& backend, StreamMode mode);
+  ~CpuStream() override;
+  Backend& backend() const override { return backend_; }
+  StreamMode mode() const override { return mode_; }
+  absl::Status Synchronize() override;
+  absl::Status Record(Event& event) override;
+  absl::Status Wait(const Event& event) override;
+  absl::Status LaunchHostFunc(std::function<absl::Status()> fn) override;
+  // Runs `fn` in stream order: now (inline; its status is returned) or on the worker.
+  absl::Status Run(std::function<absl::Status()> fn);
+
+ private:
+  void WorkerLoop();
+  Backend& backend_;
+  StreamMode mode_;
+  std::shared_ptr<StreamState> state_;
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<std::function<absl::Status()>> queue_;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+class CpuEvent : public Event {
+ public:
+  absl::Status Synchronize() const override;
+  bool Query() const override;
+  void Set(std::shared_ptr<StreamState> state, uint64_t seq);
+  void Get(std::shared_ptr<StreamState>* state, uint64_t* seq) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::shared_ptr<StreamState> state_;
+  uint64_t seq_ = 0;
+};
+
+// The stream of a kernel call, known to be a CpuStream (ops.cc checks the device).
+CpuStream& AsCpu(Stream& s);
+
+// Makes the CPU Kernels table (cpu_kernels.cc).
+std::unique_ptr<Kernels> MakeCpuKernels();
+
+// The CPU Backend singleton.
+Backend& CpuBackendInstance();
+
+}  // namespace moe::cpu
+
+#endif  // MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_

@@ -1,0 +1,460 @@
+// Row-wise neural-network kernels: normalisation, RoPE, attention, softmax,
+// losses, top-k, row gather/scatter. Rows are independent and run on the
+// ThreadPool; accumulations that cross rows (dweight, dk/dv, scatter-add) are
+// done in a fixed order so results are deterministic.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/cpu/cpu_kernels.h"
+
+namespace moe::cpu {
+namespace {
+
+// First bad index seen by a parallel loop.
+struct BadIndex {
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> position{0}, value{0};
+  void Report(int64_t pos, int64_t val) {
+    bool expected = false;
+    if (bad.compare_exchange_strong(expected, true)) {
+      position = pos;
+      value = val;
+    }
+  }
+};
+
+void RopeRows(const float* in, float* out, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+              double theta, int64_t position_offset, bool inverse) {
+  int64_t half = head_dim / 2;
+  std::vector<double> inv_freq(half);
+  for (int64_t j = 0; j < half; ++j)
+    inv_freq[j] = std::pow(theta, -2.0 * static_cast<double>(j) / static_cast<double>(head_dim));
+  int64_t row = heads * head_dim;
+  Pool().ParallelFor(batch * seq, GrainFor(row * 4), [&](int64_t r0, int64_t r1) {
+    std::vector<float> c(half), sn(half);
+    for (int64_t r = r0; r < r1; ++r) {
+      double pos = static_cast<double>(position_offset + r % seq);
+      for (int64_t j = 0; j < half; ++j) {
+        c[j] = static_cast<float>(std::cos(pos * inv_freq[j]));
+        sn[j] = static_cast<float>(inverse ? -std::sin(pos * inv_freq[j]) : std::sin(pos * inv_freq[j]));
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* x = in + r * row + h * head_dim;
+        float* y = out + r * row + h * head_dim;
+        for (int64_t j = 0; j < half; ++j) {
+          float x1 = x[j], x2 = x[j + half];
+          y[j] = x1 * c[j] - x2 * sn[j];
+          y[j + half] = x2 * c[j] + x1 * sn[j];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+absl::Status CpuKernels::RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(x), d = Cols(x);
+    const float *px = x.data<float>(), *pw = weight.data<float>();
+    float *po = out.data<float>(), *pr = rstd.data<float>();
+    Pool().ParallelFor(rows, GrainFor(d * 3), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = px + r * d;
+        double ss = 0;
+        for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+        float rs = static_cast<float>(1.0 / std::sqrt(ss / std::max<int64_t>(d, 1) + eps));
+        pr[r] = rs;
+        float* orow = po + r * d;
+        for (int64_t i = 0; i < d; ++i) orow[i] = xr[i] * rs * pw[i];
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
+                                         bool accumulate_dx) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(x), d = Cols(x);
+    const float *px = x.data<float>(), *pw = weight.data<float>(), *pr = rstd.data<float>(),
+                *pd = dout.data<float>();
+    float *pdx = dx.data<float>(), *pdw = dweight.data<float>();
+    Pool().ParallelFor(rows, GrainFor(d * 4), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = px + r * d, *dr = pd + r * d;
+        float rs = pr[r];
+        double dot = 0;
+        for (int64_t i = 0; i < d; ++i) dot += static_cast<double>(pw[i]) * dr[i] * xr[i];
+        float coef = static_cast<float>(dot / d) * rs * rs;
+        float* dxr = pdx + r * d;
+        for (int64_t i = 0; i < d; ++i) {
+          float g = rs * (pw[i] * dr[i] - xr[i] * coef);
+          dxr[i] = accumulate_dx ? dxr[i] + g : g;
+        }
+      }
+    });
+    Pool().ParallelFor(d, 64, [&](int64_t c0, int64_t c1) {
+      std::vector<double> acc(c1 - c0, 0.0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = px + r * d, *dr = pd + r * d;
+        double rs = pr[r];
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<double>(dr[c]) * xr[c] * rs;
+      }
+      for (int64_t c = c0; c < c1; ++c) pdw[c] += static_cast<float>(acc[c - c0]);
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::Rope(S& s, T x, T out, double theta, int64_t position_offset) {
+  return AsCpu(s).Run([=]() {
+    RopeRows(x.data<float>(), out.data<float>(), x.size(0), x.size(1), x.size(2), x.size(3), theta,
+             position_offset, /*inverse=*/false);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) {
+  return AsCpu(s).Run([=]() {
+    RopeRows(dout.data<float>(), dx.data<float>(), dout.size(0), dout.size(1), dout.size(2), dout.size(3),
+             theta, position_offset, /*inverse=*/true);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::CausalAttention(S& s, T q, T k, T v, float scale, T out, T probs) {
+  return AsCpu(s).Run([=]() {
+    int64_t B = q.size(0), L = q.size(1), H = q.size(2), hd = q.size(3), Hkv = k.size(2);
+    int64_t group = H / Hkv;
+    const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>();
+    float *po = out.data<float>(), *pp = probs.data<float>();
+    int64_t qrow = H * hd, kvrow = Hkv * hd;
+    Pool().ParallelFor(B * H, GrainFor(L * L * hd), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t b = t / H, h = t % H, g = h / group;
+        const float* kb = pk + b * L * kvrow + g * hd;
+        const float* vb = pv + b * L * kvrow + g * hd;
+        for (int64_t i = 0; i < L; ++i) {
+          const float* qi = pq + (b * L + i) * qrow + h * hd;
+          float* p = pp + ((b * H + h) * L + i) * L;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j <= i; ++j) {
+            const float* kj = kb + j * kvrow;
+            float dot = 0;
+            for (int64_t c = 0; c < hd; ++c) dot += qi[c] * kj[c];
+            p[j] = dot * scale;
+            mx = std::max(mx, p[j]);
+          }
+          double sum = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            p[j] = std::exp(p[j] - mx);
+            sum += p[j];
+          }
+          float inv = static_cast<float>(1.0 / sum);
+          for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
+          for (int64_t j = i + 1; j < L; ++j) p[j] = 0.0f;
+          float* oi = po + (b * L + i) * qrow + h * hd;
+          for (int64_t c = 0; c < hd; ++c) oi[c] = 0.0f;
+          for (int64_t j = 0; j <= i; ++j) {
+            const float* vj = vb + j * kvrow;
+            float pj = p[j];
+            for (int64_t c = 0; c < hd; ++c) oi[c] += pj * vj[c];
+          }
+        }
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::CausalAttentionBackward(S& s, T q, T k, T v, T probs, float scale, T dout, T dq,
+                                                 T dk, T dv) {
+  return AsCpu(s).Run([=]() {
+    int64_t B = q.size(0), L = q.size(1), H = q.size(2), hd = q.size(3), Hkv = k.size(2);
+    int64_t group = H / Hkv;
+    const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>(),
+                *pp = probs.data<float>(), *pdo = dout.data<float>();
+    float *pdq = dq.data<float>(), *pdk = dk.data<float>(), *pdv = dv.data<float>();
+    int64_t qrow = H * hd, kvrow = Hkv * hd;
+    // One task per (batch, kv head): it owns dk/dv of that kv head and dq of its query heads.
+    Pool().ParallelFor(B * Hkv, GrainFor(group * L * L * hd * 2), [&](int64_t t0, int64_t t1) {
+      std::vector<float> ds(L);
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t b = t / Hkv, g = t % Hkv;
+        const float* kb = pk + b * L * kvrow + g * hd;
+        const float* vb = pv + b * L * kvrow + g * hd;
+        float* dkb = pdk + b * L * kvrow + g * hd;
+        float* dvb = pdv + b * L * kvrow + g * hd;
+        for (int64_t j = 0; j < L; ++j)
+          for (int64_t c = 0; c < hd; ++c) dkb[j * kvrow + c] = dvb[j * kvrow + c] = 0.0f;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          for (int64_t i = 0; i < L; ++i) {
+            const float* p = pp + ((b * H + h) * L + i) * L;
+            const float* doi = pdo + (b * L + i) * qrow + h * hd;
+            const float* qi = pq + (b * L + i) * qrow + h * hd;
+            float* dqi = pdq + (b * L + i) * qrow + h * hd;
+            // dP_ij = dout_i . v_j; dS_ij = P_ij (dP_ij - sum_j P_ij dP_ij).
+            double row_dot = 0;
+            for (int64_t j = 0; j <= i; ++j) {
+              const float* vj = vb + j * kvrow;
+              float dp = 0;
+              for (int64_t c = 0; c < hd; ++c) dp += doi[c] * vj[c];
+              ds[j] = dp;
+              row_dot += static_cast<double>(p[j]) * dp;
+            }
+            float rd = static_cast<float>(row_dot);
+            for (int64_t c = 0; c < hd; ++c) dqi[c] = 0.0f;
+            for (int64_t j = 0; j <= i; ++j) {
+              float pj = p[j];
+              float dsj = pj * (ds[j] - rd) * scale;
+              const float* kj = kb + j * kvrow;
+              float* dkj = dkb + j * kvrow;
+              float* dvj = dvb + j * kvrow;
+              for (int64_t c = 0; c < hd; ++c) {
+                dqi[c] += dsj * kj[c];
+                dkj[c] += dsj * qi[c];
+                dvj[c] += pj * doi[c];
+              }
+            }
+          }
+        }
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::Softmax(S& s, T x, T out) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(x), cols = Cols(x);
+    const float* px = x.data<float>();
+    float* po = out.data<float>();
+    Pool().ParallelFor(rows, GrainFor(cols * 8), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = px + r * cols;
+        float* orow = po + r * cols;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
+        double sum = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          orow[c] = std::exp(xr[c] - mx);
+          sum += orow[c];
+        }
+        float inv = static_cast<float>(1.0 / sum);
+        for (int64_t c = 0; c < cols; ++c) orow[c] *= inv;
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, float beta) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(y), cols = Cols(y);
+    const float *py = y.data<float>(), *pdy = dy.data<float>();
+    float* pdx = dx.data<float>();
+    Pool().ParallelFor(rows, GrainFor(cols * 4), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float *yr = py + r * cols, *dyr = pdy + r * cols;
+        float* dxr = pdx + r * cols;
+        double dot = 0;
+        for (int64_t c = 0; c < cols; ++c) dot += static_cast<double>(yr[c]) * dyr[c];
+        float fd = static_cast<float>(dot);
+        for (int64_t c = 0; c < cols; ++c) {
+          float g = alpha * yr[c] * (dyr[c] - fd);
+          dxr[c] = beta == 0.0f ? g : g + beta * dxr[c];
+        }
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+namespace {
+float RowLogSumExp(const float* xr, int64_t cols) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
+  if (std::isinf(mx)) return mx;
+  double sum = 0;
+  for (int64_t c = 0; c < cols; ++c) sum += std::exp(static_cast<double>(xr[c] - mx));
+  return static_cast<float>(mx + std::log(sum));
+}
+}  // namespace
+
+absl::Status CpuKernels::LogSumExp(S& s, T x, T out) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(x), cols = Cols(x);
+    const float* px = x.data<float>();
+    float* po = out.data<float>();
+    Pool().ParallelFor(rows, GrainFor(cols * 8), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) po[r] = RowLogSumExp(px + r * cols, cols);
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::CrossEntropy(S& s, T logits, T targets, T losses, T lse) {
+  return AsCpu(s).Run([=]() -> absl::Status {
+    int64_t rows = LeadRows(logits), cols = Cols(logits);
+    const float* px = logits.data<float>();
+    const int32_t* pt = targets.data<int32_t>();
+    float *pl = losses.data<float>(), *pe = lse.data<float>();
+    BadIndex bad;
+    Pool().ParallelFor(rows, GrainFor(cols * 8), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = px + r * cols;
+        pe[r] = RowLogSumExp(xr, cols);
+        int32_t tgt = pt[r];
+        if (tgt < 0) {
+          pl[r] = 0.0f;
+        } else if (tgt >= cols) {
+          bad.Report(r, tgt);
+          pl[r] = 0.0f;
+        } else {
+          pl[r] = pe[r] - xr[tgt];
+        }
+      }
+    });
+    if (bad.bad)
+      return absl::InvalidArgumentError(absl::StrCat("ops::CrossEntropy: targets[", bad.position.load(),
+                                                     "] = ", bad.value.load(), " is >= the ", cols,
+                                                     " classes of logits"));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
+                                              T dlogits) {
+  return AsCpu(s).Run([=]() -> absl::Status {
+    int64_t rows = LeadRows(logits), cols = Cols(logits);
+    const float *px = logits.data<float>(), *pe = lse.data<float>();
+    const float* pdl = dloss.defined() ? dloss.data<float>() : nullptr;
+    const int32_t* pt = targets.data<int32_t>();
+    float* pg = dlogits.data<float>();
+    BadIndex bad;
+    Pool().ParallelFor(rows, GrainFor(cols * 8), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = px + r * cols;
+        float* gr = pg + r * cols;
+        int32_t tgt = pt[r];
+        if (tgt < 0) {
+          for (int64_t c = 0; c < cols; ++c) gr[c] = 0.0f;
+          continue;
+        }
+        if (tgt >= cols) bad.Report(r, tgt);
+        float f = scale * (pdl ? pdl[r] : 1.0f);
+        float l = pe[r];
+        for (int64_t c = 0; c < cols; ++c) gr[c] = f * std::exp(xr[c] - l);
+        if (tgt < cols) gr[tgt] -= f;
+      }
+    });
+    if (bad.bad)
+      return absl::InvalidArgumentError(absl::StrCat("ops::CrossEntropyBackward: targets[",
+                                                     bad.position.load(), "] = ", bad.value.load(),
+                                                     " is >= the ", cols, " classes of logits"));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::TopK(S& s, T x, int k, T values, T indices) {
+  return AsCpu(s).Run([=]() {
+    int64_t rows = LeadRows(x), cols = Cols(x);
+    const float* px = x.data<float>();
+    float* pv = values.data<float>();
+    int32_t* pi = indices.data<int32_t>();
+    Pool().ParallelFor(rows, GrainFor(cols * 8), [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> idx(cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = px + r * cols;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                          [xr](int32_t a, int32_t b) { return xr[a] > xr[b] || (xr[a] == xr[b] && a < b); });
+        for (int j = 0; j < k; ++j) {
+          pi[r * k + j] = idx[j];
+          pv[r * k + j] = xr[idx[j]];
+        }
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+namespace {
+absl::Status CheckIndices(const char* op, const int32_t* idx, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i)
+    if (idx[i] < 0 || idx[i] >= n)
+      return absl::InvalidArgumentError(
+          absl::StrCat("ops::", op, ": index[", i, "] = ", idx[i], " is outside [0, ", n, ")"));
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst) {
+  return AsCpu(s).Run([=]() -> absl::Status {
+    int64_t m = index.numel(), n = LeadRows(src);
+    const int32_t* idx = index.data<int32_t>();
+    absl::Status st = CheckIndices("GatherRows", idx, m, n);
+    if (!st.ok()) return st;
+    size_t row_bytes = static_cast<size_t>(Cols(src)) * DTypeSize(src.dtype());
+    const char* ps = static_cast<const char*>(src.raw_data());
+    char* pd = static_cast<char*>(dst.raw_data());
+    Pool().ParallelFor(m, GrainFor(static_cast<int64_t>(row_bytes / 4)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) std::memcpy(pd + i * row_bytes, ps + idx[i] * row_bytes, row_bytes);
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight) {
+  return AsCpu(s).Run([=]() -> absl::Status {
+    int64_t m = index.numel(), n = LeadRows(dst), d = Cols(src);
+    const int32_t* idx = index.data<int32_t>();
+    absl::Status st = CheckIndices("ScatterAddRows", idx, m, n);
+    if (!st.ok()) return st;
+    const float* ps = src.data<float>();
+    const float* pw = weight.defined() ? weight.data<float>() : nullptr;
+    float* pd = dst.data<float>();
+    // Column blocks: every destination element is accumulated in i order.
+    Pool().ParallelFor(d, std::max<int64_t>(16, (d + 1) / 2), [&](int64_t c0, int64_t c1) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* sr = ps + i * d;
+        float* dr = pd + static_cast<int64_t>(idx[i]) * d;
+        float w = pw ? pw[i] : 1.0f;
+        for (int64_t c = c0; c < c1; ++c) dr[c] += w * sr[c];
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) {
+  return AsCpu(s).Run([=]() -> absl::Status {
+    int64_t m = index.numel(), n = LeadRows(a), d = Cols(a);
+    const int32_t* idx = index.data<int32_t>();
+    absl::Status st = CheckIndices("GatherRowDot", idx, m, n);
+    if (!st.ok()) return st;
+    const float *pa = a.data<float>(), *pb = b.data<float>();
+    float* po = out.data<float>();
+    Pool().ParallelFor(m, GrainFor(d * 2), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float *ar = pa + static_cast<int64_t>(idx[i]) * d, *br = pb + i * d;
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c) dot += static_cast<double>(ar[c]) * br[c];
+        float g = static_cast<float>(alpha * dot);
+        po[i] = beta == 0.0f ? g : g + beta * po[i];
+      }
+    });
+    return absl::OkStatus();
+  });
+}
+
+std::unique_ptr<Kernels> MakeCpuKernels() { return std::make_unique<CpuKernels>(); }
+
+}  // namespace moe::cpu

@@ -1,0 +1,137 @@
+// PredictPeakMemory: the per-rank peak as a sum of documented terms.
+//
+// Notation (MODEL.md): B micro_batch, S seq_len, T = B*S tokens, d hidden,
+// H heads, Hkv kv heads, hd = d/H, V vocab, L layers, E experts, k top_k,
+// Fe expert ffn, F dense ffn, TP = parallel.tensor, EP = parallel.expert.
+// All tensors f32 (4 bytes), indices i32 (4 bytes).
+//
+// Persistent (allocated once, live during the whole step):
+//   parameters   embed V*d (+ lm_head V*d if untied) + final norm d
+//                + per layer: 2 norms 2d, attention (H*hd*d + 2*Hkv*hd*d + d*H*hd) / TP,
+//                  dense MLP 3*F*d / TP, or MoE router E*d + experts 3*(E/EP)*Fe*d / TP
+//   gradients    one per parameter element
+//   optimizer    AdamW: 2 per parameter element (exp_avg, exp_avg_sq); SGD: 1 with momentum
+//
+// Activations kept from forward for backward, per layer (they are all live at
+// the start of backward, which is where the peak is):
+//   attention block: block input h [T,d], rstd [T], normed a [T,d],
+//     q [T,H*hd], k, v [T,Hkv*hd] (after RoPE), probs [B,H,S,S], attention out o [T,H*hd]
+//   MLP block: block input h [T,d], rstd [T], normed m [T,d], then
+//     dense: gate, up, silu(gate)*up [T,F] each (/TP)
+//     MoE (dispatched rows R = T*k, dropless and balanced in expectation):
+//       router logits z and probs p [T,E], top-k weights (f32) and experts (i32) [T,k],
+//       permutation index [R] (i32) and combine weights [R], permuted tokens [R,d],
+//       gate, up, act [R,Fe] each (/TP), expert outputs [R,d]
+// Head: final-norm input [T,d], rstd [T], normed [T,d], logits [T,V], lse [T],
+//   per-token losses [T], targets [T].
+// Backward working set at its largest point (the last layer's backward, with all
+// activations still live): dlogits [T,V] (separate from logits), the residual
+// gradient dh [T,d] twice (in and out), plus the larger of the MLP backward
+// scratch (MoE: d expert-out [R,d], dact, dgate, dup [R,Fe], d permuted [R,d],
+// dz [T,E]; dense: dact, dgate, dup [T,F]) and the attention backward scratch
+// (do [T,H*hd], dq [T,H*hd], dk, dv [T,Hkv*hd], dnormed [T,d]).
+// The transient forward buffers (e.g. an MLP's output before the residual add)
+// are smaller than this backward set and are not added.
+#include "runtime/core/memory_model.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace moe {
+
+std::string MemoryPrediction::Report() const {
+  std::string out;
+  auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
+  for (const MemoryTerm& t : terms)
+    absl::StrAppendFormat(&out, "%-13s %10.3f MiB  %s\n", MemoryCategoryName(t.category), mib(t.bytes),
+                          t.name);
+  for (int c = 0; c < kNumMemoryCategories; ++c)
+    if (bytes[c] > 0)
+      absl::StrAppendFormat(&out, "total %-13s %10.3f MiB\n",
+                            MemoryCategoryName(static_cast<MemoryCategory>(c)), mib(bytes[c]));
+  absl::StrAppendFormat(&out, "predicted peak %10.3f MiB", mib(peak_bytes));
+  return out;
+}
+
+absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& config) {
+  const auto& m = config.model();
+  const auto& moe = m.moe();
+  const int64_t B = config.train().micro_batch(), S = m.seq_len(), T = B * S;
+  const int64_t d = m.hidden_size(), H = m.num_heads(), Hkv = m.num_kv_heads();
+  const int64_t V = m.vocab_size(), L = m.num_layers(), F = m.ffn_hidden_size();
+  const int64_t E = moe.num_experts(), k = moe.top_k(), Fe = moe.expert_ffn_hidden_size();
+  const int64_t tp = std::max<int64_t>(config.parallel().tensor(), 1);
+  const int64_t ep = std::max<int64_t>(config.parallel().expert(), 1);
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"train.micro_batch", B},
+                         {"model.seq_len", S},
+                         {"model.hidden_size", d},
+                         {"model.num_heads", H},
+                         {"model.num_kv_heads", Hkv},
+                         {"model.vocab_size", V},
+                         {"model.num_layers", L}})
+    if (v <= 0)
+      return absl::InvalidArgumentError(absl::StrCat("PredictPeakMemory: ", name, " = ", v,
+                                                     " must be positive (resolve the "
+                                                     "config with ApplyDefaults first)"));
+  if (E > 0 && E % ep != 0)
+    return absl::InvalidArgumentError(absl::StrCat("PredictPeakMemory: parallel.expert = ", ep,
+                                                   " must divide model.moe.num_experts = ", E));
+  const int64_t hd = d / H, R = T * k, f = 4;
+  int num_moe = 0;
+  for (int l = 0; l < L; ++l) num_moe += IsMoeLayer(m, l) ? 1 : 0;
+  const int64_t num_dense = L - num_moe;
+
+  MemoryPrediction p;
+  auto add = [&](MemoryCategory c, std::string name, int64_t elems) {
+    p.terms.push_back({std::move(name), c, elems * f});
+    p.bytes[static_cast<int>(c)] += elems * f;
+  };
+  using MC = MemoryCategory;
+
+  // Parameters.
+  int64_t embed = V * d * (m.tie_word_embeddings() ? 1 : 2) + d;
+  int64_t attn = 2 * d + (H * hd * d + 2 * Hkv * hd * d + d * H * hd) / tp;
+  int64_t dense_mlp = 3 * F * d / tp;
+  int64_t moe_mlp = E * d + 3 * (E / ep) * Fe * d / tp;
+  int64_t params = embed + L * attn + num_dense * dense_mlp + num_moe * moe_mlp;
+  add(MC::kParameters, "embed (+ untied lm_head) + final norm", embed);
+  add(MC::kParameters, "attention + norms, all layers", L * attn);
+  if (num_dense) add(MC::kParameters, "dense MLPs", num_dense * dense_mlp);
+  if (num_moe) add(MC::kParameters, "MoE router + local experts", num_moe * moe_mlp);
+  add(MC::kGradients, "one gradient per parameter", params);
+  std::string opt = config.optim().type();
+  if (opt == "sgd") {
+    if (config.optim().momentum() > 0) add(MC::kOptimizer, "SGD momentum", params);
+  } else {
+    add(MC::kOptimizer, "AdamW exp_avg + exp_avg_sq", 2 * params);
+  }
+
+  // Activations kept for backward.
+  int64_t attn_act = T * d + T + T * d + T * H * hd + 2 * T * Hkv * hd + B * H * S * S + T * H * hd;
+  add(MC::kActivations, "attention blocks: h, rstd, a, q, k, v, probs [B,H,S,S], o", L * attn_act);
+  int64_t mlp_in = T * d + T + T * d;
+  add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in);
+  if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp);
+  int64_t moe_act = 2 * T * E + 2 * T * k + 2 * R + R * d + 3 * R * Fe / tp + R * d;
+  if (num_moe)
+    add(MC::kActivations,
+        "MoE: logits, probs [T,E], top-k [T,k] x2, perm + weights [R], x_perm [R,d], "
+        "gate, up, act [R,Fe], expert out [R,d]",
+        num_moe * moe_act);
+  add(MC::kActivations, "head: final-norm in, rstd, normed, logits [T,V], lse, losses, targets",
+      T * d + T + T * d + T * V + 3 * T);
+
+  // Backward working set.
+  int64_t moe_bwd = num_moe ? (R * d + 3 * R * Fe / tp + R * d + T * E) : 0;
+  int64_t dense_bwd = num_dense ? 3 * T * F / tp : 0;
+  int64_t attn_bwd = 2 * T * H * hd + 2 * T * Hkv * hd + T * d;
+  add(MC::kActivations, "backward: dlogits [T,V] + dh [T,d] x2 + max(MLP, attention) scratch",
+      T * V + 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}));
+
+  for (int c = 0; c < kNumMemoryCategories; ++c) p.peak_bytes += p.bytes[c];
+  return p;
+}
+
+}  // namespace moe

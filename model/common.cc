@@ -1,0 +1,163 @@
+#include "model/common.h"
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+parallel::ShardSpec ColumnParallelShard(int64_t out_features, const ShardPlan& plan) {
+  parallel::ShardSpec s;
+  if (plan.tp_size > 1) {
+    s.tp_dim = 0;
+    s.tp_begin = out_features * plan.tp_rank / plan.tp_size;
+    s.tp_end = out_features * (plan.tp_rank + 1) / plan.tp_size;
+  }
+  return s;
+}
+
+parallel::ShardSpec RowParallelShard(int64_t in_features, const ShardPlan& plan) {
+  parallel::ShardSpec s;
+  if (plan.tp_size > 1) {
+    s.tp_dim = 1;
+    s.tp_begin = in_features * plan.tp_rank / plan.tp_size;
+    s.tp_end = in_features * (plan.tp_rank + 1) / plan.tp_size;
+  }
+  return s;
+}
+
+absl::Status CreateParameter(Stream& stream, std::string name, Shape global_shape, parallel::ParamKind kind,
+                             const parallel::ShardSpec& shard, InitSpec init, uint64_t seed,
+                             parallel::Parameter* p) {
+  RETURN_IF_ERROR(parallel::ValidateShard(name, kind, global_shape, shard));
+  p->name = std::move(name);
+  p->global_shape = global_shape;
+  p->kind = kind;
+  p->shard = shard;
+  p->weight_decay = parallel::DefaultWeightDecay(p->name);
+  const Shape local = parallel::LocalShape(global_shape, shard);
+  Backend& backend = stream.backend();
+  ASSIGN_OR_RETURN(p->value, Tensor::Empty(backend, local, DType::kF32, MemoryCategory::kParameters));
+  ASSIGN_OR_RETURN(p->grad, Tensor::Empty(backend, local, DType::kF32, MemoryCategory::kGradients));
+  RETURN_IF_ERROR(ops::Fill(stream, p->grad, 0.0));
+  if (init.kind == InitSpec::kOnes) return ops::Fill(stream, p->value, 1.0);
+  const std::vector<int64_t> offsets = parallel::ShardOffsets(global_shape, shard);
+  return ops::InitNormal(stream, p->value, seed, p->name, global_shape, offsets, init.std);
+}
+
+absl::StatusOr<Tensor> NewActivation(Stream& stream, Shape shape, DType dtype) {
+  return Tensor::Empty(stream.backend(), shape, dtype, MemoryCategory::kActivations);
+}
+
+namespace {
+
+absl::StatusOr<Backend*> HostBackend() { return GetBackend(Device::Cpu()); }
+
+}  // namespace
+
+absl::StatusOr<std::vector<float>> ToHostFloats(Stream& stream, const Tensor& t) {
+  std::vector<float> out(t.numel());
+  if (t.numel() == 0) return out;
+  if (t.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("ToHostFloats: ", t.ToString(), " is not f32"));
+  }
+  ASSIGN_OR_RETURN(Backend * host, HostBackend());
+  ASSIGN_OR_RETURN(Tensor staging, Tensor::Empty(*host, t.shape(), DType::kF32, MemoryCategory::kOther));
+  RETURN_IF_ERROR(ops::Copy(stream, t, staging));
+  RETURN_IF_ERROR(stream.Synchronize());
+  std::memcpy(out.data(), staging.data<float>(), out.size() * sizeof(float));
+  return out;
+}
+
+absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> values, Shape shape,
+                                      MemoryCategory category) {
+  return Tensor::FromHost(stream.backend(), shape, DType::kF32, values.data(), values.size() * sizeof(float),
+                          category);
+}
+
+absl::StatusOr<Tensor> FromHostInts(Stream& stream, absl::Span<const int32_t> values, Shape shape,
+                                    MemoryCategory category) {
+  return Tensor::FromHost(stream.backend(), shape, DType::kI32, values.data(),
+                          values.size() * sizeof(int32_t), category);
+}
+
+absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t) {
+  ASSIGN_OR_RETURN(std::vector<float> v, ToHostFloats(stream, t));
+  if (v.size() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ReadScalar: ", t.ToString(), " does not have one element"));
+  }
+  return v[0];
+}
+
+absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan& plan) {
+  auto positive = [](const char* field, int64_t v) -> absl::Status {
+    if (v > 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("model.", field, " = ", v, " must be positive"));
+  };
+  RETURN_IF_ERROR(positive("vocab_size", cfg.vocab_size()));
+  RETURN_IF_ERROR(positive("hidden_size", cfg.hidden_size()));
+  RETURN_IF_ERROR(positive("num_layers", cfg.num_layers()));
+  RETURN_IF_ERROR(positive("num_heads", cfg.num_heads()));
+  RETURN_IF_ERROR(positive("num_kv_heads", cfg.num_kv_heads()));
+  RETURN_IF_ERROR(positive("ffn_hidden_size", cfg.ffn_hidden_size()));
+  RETURN_IF_ERROR(positive("seq_len", cfg.seq_len()));
+  RETURN_IF_ERROR(positive("moe.num_experts", cfg.moe().num_experts()));
+  RETURN_IF_ERROR(positive("moe.top_k", cfg.moe().top_k()));
+  RETURN_IF_ERROR(positive("moe.expert_ffn_hidden_size", cfg.moe().expert_ffn_hidden_size()));
+  RETURN_IF_ERROR(positive("moe.moe_layer_freq", cfg.moe().moe_layer_freq()));
+  if (cfg.hidden_size() % cfg.num_heads() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model.num_heads = ", cfg.num_heads(),
+                                                   " must divide model.hidden_size = ", cfg.hidden_size()));
+  }
+  if ((cfg.hidden_size() / cfg.num_heads()) % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim = model.hidden_size / model.num_heads = ", cfg.hidden_size() / cfg.num_heads(),
+                     " must be even for RoPE; change hidden_size or num_heads"));
+  }
+  if (cfg.num_heads() % cfg.num_kv_heads() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model.num_kv_heads = ", cfg.num_kv_heads(),
+                                                   " must divide model.num_heads = ", cfg.num_heads()));
+  }
+  if (cfg.moe().top_k() > cfg.moe().num_experts()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.moe.top_k = ", cfg.moe().top_k(),
+                     " must be at most model.moe.num_experts = ", cfg.moe().num_experts()));
+  }
+  const std::string& policy = cfg.moe().drop_policy();
+  if (!policy.empty() && policy != "probs" && policy != "position") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.moe.drop_policy = \"", policy, "\" must be \"probs\" or \"position\""));
+  }
+  const std::string& impl = cfg.moe().experts_impl();
+  if (!impl.empty() && impl != "grouped" && impl != "sequential") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.moe.experts_impl = \"", impl, "\" must be \"grouped\" or \"sequential\""));
+  }
+  if (plan.tp_size < 1 || plan.tp_rank < 0 || plan.tp_rank >= plan.tp_size || plan.ep_size < 1 ||
+      plan.ep_rank < 0 || plan.ep_rank >= plan.ep_size) {
+    return absl::InvalidArgumentError(absl::StrCat("shard plan tp ", plan.tp_rank, "/", plan.tp_size, " ep ",
+                                                   plan.ep_rank, "/", plan.ep_size,
+                                                   " is not a valid rank/size"));
+  }
+  if (cfg.num_kv_heads() % plan.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("parallel.tensor = ", plan.tp_size,
+                                                   " must divide model.num_kv_heads = ", cfg.num_kv_heads()));
+  }
+  if (cfg.ffn_hidden_size() % plan.tp_size != 0 || cfg.moe().expert_ffn_hidden_size() % plan.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "parallel.tensor = ", plan.tp_size, " must divide model.ffn_hidden_size = ", cfg.ffn_hidden_size(),
+        " and model.moe.expert_ffn_hidden_size = ", cfg.moe().expert_ffn_hidden_size()));
+  }
+  if (cfg.moe().num_experts() % plan.ep_size != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parallel.expert = ", plan.ep_size,
+                     " must divide model.moe.num_experts = ", cfg.moe().num_experts()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

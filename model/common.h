@@ -1,0 +1,84 @@
+// Small pieces every layer of model/ shares: how a rank's part of the model is
+// cut (ShardPlan), parameter creation with the MODEL.md initialisation, and
+// host <-> device staging of small arrays.
+//
+// Conventions of model/ (llm.c style, no autograd):
+//   - Activations are [T, d] row-major (T = B * S tokens, token t = b * S + s).
+//   - Forward(stream, x) returns a new output tensor and keeps, in the layer,
+//     what its Backward needs; Backward(stream, dy) consumes that (releasing
+//     it), ACCUMULATES (+=) into every parameter's grad and returns dx. One
+//     Forward is followed by at most one Backward.
+//   - Everything runs on the stream passed in, through runtime/core/ops.h; no
+//     layer touches device memory directly.
+#ifndef MOE_MODEL_COMMON_H_
+#define MOE_MODEL_COMMON_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "parallel/parameter.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/config.pb.h"
+#include "runtime/core/tensor.h"
+
+namespace moe::model {
+
+// Which part of the model this rank holds. Single rank: the defaults.
+// Tensor parallelism (tp_size > 1) shards attention heads and FFN columns;
+// expert parallelism gives EP rank r the experts [r * E / ep_size, (r + 1) * E / ep_size).
+struct ShardPlan {
+  int tp_size = 1, tp_rank = 0;
+  int ep_size = 1, ep_rank = 0;
+  // Experts [begin, end) held by this rank for num_experts E.
+  int64_t expert_begin(int64_t num_experts) const { return num_experts * ep_rank / ep_size; }
+  int64_t expert_end(int64_t num_experts) const { return num_experts * (ep_rank + 1) / ep_size; }
+};
+
+// Tensor-parallel shards of a Linear weight [out, in] (tp_dim -1 when tp_size 1):
+// column-parallel splits the output rows, row-parallel the input columns.
+parallel::ShardSpec ColumnParallelShard(int64_t out_features, const ShardPlan& plan);
+parallel::ShardSpec RowParallelShard(int64_t in_features, const ShardPlan& plan);
+
+// How a parameter is initialised (MODEL.md): Normal(0, std) by Philox over the
+// global element index, or the constant 1 (norm gains).
+struct InitSpec {
+  enum Kind { kNormal, kOnes } kind = kNormal;
+  float std = 0.02f;
+  static InitSpec Normal(float std) { return {kNormal, std}; }
+  static InitSpec Ones() { return {kOnes, 0.0f}; }
+};
+
+// Fills `p` (name, global shape, kind, shard, weight decay default), allocates
+// its local value (MemoryCategory::kParameters) and zeroed grad (kGradients) on
+// stream's backend, and initialises the value: element i of the global tensor
+// depends only on (seed, name, i), whatever shard this rank holds.
+absl::Status CreateParameter(Stream& stream, std::string name, Shape global_shape, parallel::ParamKind kind,
+                             const parallel::ShardSpec& shard, InitSpec init, uint64_t seed,
+                             parallel::Parameter* p);
+
+// A new f32 activation tensor (MemoryCategory::kActivations), uninitialised.
+absl::StatusOr<Tensor> NewActivation(Stream& stream, Shape shape, DType dtype = DType::kF32);
+
+// Host staging of small arrays (routing tables, indices, scalars). ToHost
+// synchronizes the stream.
+absl::StatusOr<std::vector<float>> ToHostFloats(Stream& stream, const Tensor& t);
+absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> values, Shape shape,
+                                      MemoryCategory category = MemoryCategory::kActivations);
+absl::StatusOr<Tensor> FromHostInts(Stream& stream, absl::Span<const int32_t> values, Shape shape,
+                                    MemoryCategory category = MemoryCategory::kActivations);
+// The single f32 value of a 1-element tensor (synchronizes).
+absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t);
+
+// Checks the parts of a ModelConfig that model/ relies on (after ApplyDefaults):
+// positive sizes, num_heads divisible by num_kv_heads, even head_dim, hidden_size
+// divisible by num_heads, 1 <= top_k <= num_experts, drop_policy known, and that
+// `plan` divides heads, FFN sizes and experts. Messages name field and value.
+absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan& plan);
+
+}  // namespace moe::model
+
+#endif  // MOE_MODEL_COMMON_H_

@@ -1,0 +1,132 @@
+#include "model/experts.h"
+
+#include "absl/strings/str_cat.h"
+#include "model/swiglu.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+absl::Status Experts::Init(Stream& stream, const std::string& prefix, int64_t hidden_size,
+                           int64_t expert_ffn_hidden_size, int64_t num_experts, int64_t expert_begin,
+                           int64_t expert_end, float init_std, float down_std, uint64_t seed) {
+  using parallel::ParamKind;
+  expert_begin_ = expert_begin;
+  expert_end_ = expert_end;
+  ffn_ = expert_ffn_hidden_size;
+  parallel::ShardSpec shard;
+  shard.expert_begin = expert_begin;
+  shard.expert_end = expert_end;
+  const Shape w_in{num_experts, ffn_, hidden_size}, w_out{num_experts, hidden_size, ffn_};
+  RETURN_IF_ERROR(CreateParameter(stream, prefix + "gate_proj", w_in, ParamKind::kExpert, shard,
+                                  InitSpec::Normal(init_std), seed, &gate_));
+  RETURN_IF_ERROR(CreateParameter(stream, prefix + "up_proj", w_in, ParamKind::kExpert, shard,
+                                  InitSpec::Normal(init_std), seed, &up_));
+  return CreateParameter(stream, prefix + "down_proj", w_out, ParamKind::kExpert, shard,
+                         InitSpec::Normal(down_std), seed, &down_);
+}
+
+absl::Status Experts::CheckInput(const Tensor& x, absl::Span<const int64_t> offsets) const {
+  const int64_t e_local = num_local_experts();
+  if (static_cast<int64_t>(offsets.size()) != e_local + 1 || offsets[0] != 0 ||
+      offsets[e_local] != x.size(0)) {
+    return absl::InvalidArgumentError(absl::StrCat("Experts::Forward: offsets must be ", e_local + 1,
+                                                   " values from 0 to the ", x.size(0), " rows of x; got ",
+                                                   offsets.size(), " values"));
+  }
+  for (int64_t i = 0; i < e_local; ++i) {
+    if (offsets[i + 1] < offsets[i]) {
+      return absl::InvalidArgumentError(absl::StrCat("Experts::Forward: offsets decrease at expert ", i));
+    }
+  }
+  if (x.rank() != 2 || x.size(1) != gate_.value.size(2)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Experts::Forward: x ", x.ToString(), " is not [N, ", gate_.value.size(2), "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Experts::Keep(Stream& stream, const Tensor& x, absl::Span<const int64_t> offsets) {
+  RETURN_IF_ERROR(CheckInput(x, offsets));
+  const int64_t n = x.size(0);
+  x_ = x;
+  offsets_.assign(offsets.begin(), offsets.end());
+  ASSIGN_OR_RETURN(g_, NewActivation(stream, Shape{n, ffn_}));
+  ASSIGN_OR_RETURN(u_, NewActivation(stream, Shape{n, ffn_}));
+  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, ffn_}));
+  return absl::OkStatus();
+}
+
+void Experts::Release() { x_ = g_ = u_ = act_ = Tensor(); }
+
+absl::StatusOr<std::unique_ptr<Experts>> MakeExperts(const std::string& impl) {
+  if (impl.empty() || impl == "grouped") return std::make_unique<GroupedExperts>();
+  if (impl == "sequential") return std::make_unique<SequentialExperts>();
+  return absl::InvalidArgumentError(
+      absl::StrCat("model.moe.experts_impl = \"", impl, "\" must be \"grouped\" or \"sequential\""));
+}
+
+// ---- SequentialExperts: one SwiGLU per expert on its rows ----------------------
+
+absl::StatusOr<Tensor> SequentialExperts::Forward(Stream& stream, const Tensor& x,
+                                                  absl::Span<const int64_t> offsets) {
+  RETURN_IF_ERROR(Keep(stream, x, offsets));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
+  for (int64_t i = 0; i < num_local_experts(); ++i) {
+    const int64_t b = offsets_[i], e = offsets_[i + 1];
+    if (b == e) continue;
+    RETURN_IF_ERROR(SwiGLUForward(stream, x.Slice(b, e), gate_.value.Select(i), up_.value.Select(i),
+                                  down_.value.Select(i), g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e),
+                                  y.Slice(b, e)));
+  }
+  return y;
+}
+
+absl::StatusOr<Tensor> SequentialExperts::Backward(Stream& stream, const Tensor& dy) {
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
+  for (int64_t i = 0; i < num_local_experts(); ++i) {
+    const int64_t b = offsets_[i], e = offsets_[i + 1];
+    if (b == e) continue;
+    RETURN_IF_ERROR(SwiGLUBackward(stream, x_.Slice(b, e), gate_.value.Select(i), up_.value.Select(i),
+                                   down_.value.Select(i), g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e),
+                                   dact.Slice(b, e), dy.Slice(b, e), gate_.grad.Select(i), up_.grad.Select(i),
+                                   down_.grad.Select(i), dx.Slice(b, e)));
+  }
+  Release();
+  return dx;
+}
+
+// ---- GroupedExperts: one grouped GEMM per projection ----------------------------
+
+absl::StatusOr<Tensor> GroupedExperts::Forward(Stream& stream, const Tensor& x,
+                                               absl::Span<const int64_t> offsets) {
+  RETURN_IF_ERROR(Keep(stream, x, offsets));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
+  if (x.size(0) == 0) return y;
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, gate_.value, true, g_, offsets_));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, up_.value, true, u_, offsets_));
+  RETURN_IF_ERROR(ops::SwiGLU(stream, g_, u_, act_));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, act_, down_.value, true, y, offsets_));
+  return y;
+}
+
+absl::StatusOr<Tensor> GroupedExperts::Backward(Stream& stream, const Tensor& dy) {
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
+  if (x_.size(0) == 0) {
+    Release();
+    return dx;
+  }
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy, act_, down_.grad, offsets_, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, dy, down_.value, false, dact, offsets_));
+  RETURN_IF_ERROR(ops::SwiGLUBackward(stream, g_, u_, dact, g_, u_));  // in place
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, g_, x_, gate_.grad, offsets_, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, u_, x_, up_.grad, offsets_, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, g_, gate_.value, false, dx, offsets_));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, u_, up_.value, false, dx, offsets_, 1.0f, 1.0f));
+  Release();
+  return dx;
+}
+
+}  // namespace moe::model

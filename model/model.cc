@@ -1,0 +1,135 @@
+#include "model/model.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/config.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const config::ModelConfig& cfg, Stream& stream,
+                                                     uint64_t seed, const ShardPlan& plan,
+                                                     DispatcherFactory dispatchers) {
+  RETURN_IF_ERROR(ValidateModelConfig(cfg, plan));
+  if (plan.tp_size != 1) {
+    return absl::UnimplementedError(
+        absl::StrCat("parallel.tensor = ", plan.tp_size,
+                     ": model/ builds tensor-parallel shards but the TP all-reduces are not wired yet; "
+                     "use parallel.tensor = 1"));
+  }
+  if (plan.ep_size > 1 && !dispatchers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parallel.expert = ", plan.ep_size,
+                     " needs an all-to-all token dispatcher (DispatcherFactory); none was given"));
+  }
+  std::unique_ptr<Model> model(new Model());
+  model->cfg_ = cfg;
+  RETURN_IF_ERROR(model->Init(stream, seed, plan, dispatchers));
+  return model;
+}
+
+absl::Status Model::Init(Stream& stream, uint64_t seed, const ShardPlan& plan,
+                         const DispatcherFactory& dispatchers) {
+  const int64_t V = cfg_.vocab_size(), d = cfg_.hidden_size();
+  const float std = static_cast<float>(cfg_.init_std());
+  RETURN_IF_ERROR(embed_.Init(stream, V, d, std, seed));
+  RETURN_IF_ERROR(params_.Add(&embed_.weight()));
+  for (int l = 0; l < cfg_.num_layers(); ++l) {
+    auto block = std::make_unique<TransformerBlock>();
+    std::unique_ptr<TokenDispatcher> dispatcher;
+    if (dispatchers && IsMoeLayer(cfg_, l)) dispatcher = dispatchers(l);
+    RETURN_IF_ERROR(block->Init(stream, cfg_, l, plan, seed, std::move(dispatcher)));
+    RETURN_IF_ERROR(block->CollectParameters(&params_));
+    blocks_.push_back(std::move(block));
+  }
+  RETURN_IF_ERROR(
+      final_norm_.Init(stream, "model.norm.weight", d, static_cast<float>(cfg_.norm_eps()), seed));
+  RETURN_IF_ERROR(params_.Add(&final_norm_.weight()));
+  if (!cfg_.tie_word_embeddings()) {
+    RETURN_IF_ERROR(CreateParameter(stream, "lm_head.weight", Shape{V, d}, parallel::ParamKind::kDense,
+                                    parallel::ShardSpec{}, InitSpec::Normal(std), seed, &lm_head_));
+    RETURN_IF_ERROR(params_.Add(&lm_head_));
+  }
+  return stream.Synchronize();
+}
+
+absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs) {
+  if (num_seqs <= 0 || tokens.size() % num_seqs != 0 || static_cast<int64_t>(tokens.size()) / num_seqs < 2) {
+    return absl::InvalidArgumentError(absl::StrCat("Model::Forward: ", tokens.size(), " tokens are not ",
+                                                   num_seqs, " sequences of S + 1 >= 2 tokens"));
+  }
+  const int64_t S = static_cast<int64_t>(tokens.size()) / num_seqs - 1;
+  if (S > cfg_.seq_len()) {
+    return absl::InvalidArgumentError(absl::StrCat("Model::Forward: sequences of ", S,
+                                                   " positions exceed model.seq_len = ", cfg_.seq_len()));
+  }
+  const int64_t T = num_seqs * S, V = cfg_.vocab_size();
+  std::vector<int32_t> input(T), target(T);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    for (int64_t s = 0; s < S; ++s) {
+      input[b * S + s] = tokens[b * (S + 1) + s];
+      target[b * S + s] = tokens[b * (S + 1) + s + 1];
+    }
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(tokens.size()); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= V) {
+      return absl::InvalidArgumentError(absl::StrCat("Model::Forward: token ", i, " = ", tokens[i],
+                                                     " is outside the vocabulary [0, ", V, ")"));
+    }
+  }
+  num_tokens_ = T;
+  ASSIGN_OR_RETURN(Tensor ids, FromHostInts(stream, input, Shape{T}));
+  ASSIGN_OR_RETURN(targets_, FromHostInts(stream, target, Shape{T}));
+  ASSIGN_OR_RETURN(Tensor h, embed_.Forward(stream, ids));
+  LossParts loss;
+  for (auto& block : blocks_) {
+    ASSIGN_OR_RETURN(h, block->Forward(stream, h, num_seqs, S));
+    loss.aux += block->aux_loss();
+    loss.z += block->z_loss();
+  }
+  ASSIGN_OR_RETURN(hn_, final_norm_.Forward(stream, h));
+  const Tensor& head = cfg_.tie_word_embeddings() ? embed_.weight().value : lm_head_.value;
+  ASSIGN_OR_RETURN(logits_, NewActivation(stream, Shape{T, V}));
+  RETURN_IF_ERROR(ops::Gemm(stream, hn_, false, head, true, logits_));
+  ASSIGN_OR_RETURN(Tensor losses, NewActivation(stream, Shape{T}));
+  ASSIGN_OR_RETURN(lse_, NewActivation(stream, Shape{T}));
+  RETURN_IF_ERROR(ops::CrossEntropy(stream, logits_, targets_, losses, lse_));
+  ASSIGN_OR_RETURN(Tensor sum, NewActivation(stream, Shape{1}));
+  RETURN_IF_ERROR(ops::ReduceSum(stream, losses, sum, static_cast<float>(1.0 / T)));
+  ASSIGN_OR_RETURN(loss.ce, ReadScalar(stream, sum));
+  return loss;
+}
+
+absl::Status Model::Backward(Stream& stream, float loss_scale) {
+  if (!logits_.defined()) {
+    return absl::FailedPreconditionError("Model::Backward called without a Forward");
+  }
+  const int64_t T = num_tokens_;
+  const bool tied = cfg_.tie_word_embeddings();
+  parallel::Parameter& head = tied ? embed_.weight() : lm_head_;
+  // dlogits overwrite the logits.
+  RETURN_IF_ERROR(ops::CrossEntropyBackward(stream, logits_, targets_, lse_, Tensor(),
+                                            static_cast<float>(loss_scale / T), logits_));
+  RETURN_IF_ERROR(ops::Gemm(stream, logits_, true, hn_, false, head.grad, 1.0f, 1.0f));
+  ASSIGN_OR_RETURN(Tensor dhn, NewActivation(stream, hn_.shape()));
+  RETURN_IF_ERROR(ops::Gemm(stream, logits_, false, head.value, false, dhn));
+  logits_ = hn_ = lse_ = Tensor();
+  ASSIGN_OR_RETURN(Tensor dh, NewActivation(stream, dhn.shape()));
+  RETURN_IF_ERROR(final_norm_.Backward(stream, dhn, dh, /*accumulate_dx=*/false));
+  dhn = Tensor();
+  for (int l = num_layers() - 1; l >= 0; --l) {
+    RETURN_IF_ERROR(blocks_[l]->Backward(stream, dh, loss_scale, loss_scale));
+  }
+  RETURN_IF_ERROR(embed_.Backward(stream, dh));
+  targets_ = Tensor();
+  return absl::OkStatus();
+}
+
+absl::Status Model::ZeroGrads(Stream& stream) {
+  for (parallel::Parameter* p : params_) RETURN_IF_ERROR(ops::Fill(stream, p->grad, 0.0));
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

@@ -1,0 +1,90 @@
+// Model: the decoder-only MoE transformer of ../shared/MODEL.md with its loss,
+// explicit forward and backward (no autograd), on one rank's shard.
+//
+//   JobConfig job = ...; ApplyDefaults(world, &job);
+//   ASSIGN_OR_RETURN(Backend * backend, GetBackend(Device::Cpu()));
+//   Stream& stream = backend->default_stream();
+//   ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
+//                    Model::Create(job.model(), stream, job.train().seed()));
+//   for (Parameter* p : model->parameters()) ...    // canonical names, global shapes
+//   RETURN_IF_ERROR(model->ZeroGrads(stream));
+//   ASSIGN_OR_RETURN(LossParts loss, model->Forward(stream, tokens, micro_batch));
+//   RETURN_IF_ERROR(model->Backward(stream, 1.0f / grad_accum));   // grads +=
+//
+// tokens: B sequences of S + 1 token ids, row-major (input = [:, :S], target =
+// [:, 1:]); S may be at most model.seq_len. The loss of a micro-batch is
+// ce + sum over MoE layers of (aux + z); Backward(scale) accumulates
+// scale * d loss / d param into every Parameter::grad.
+#ifndef MOE_MODEL_MODEL_H_
+#define MOE_MODEL_MODEL_H_
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "model/common.h"
+#include "model/embedding.h"
+#include "model/rms_norm.h"
+#include "model/token_dispatcher.h"
+#include "model/transformer_block.h"
+
+namespace moe::model {
+
+struct LossParts {
+  double ce = 0;   // mean cross-entropy over the T tokens
+  double aux = 0;  // load-balancing losses, summed over MoE layers
+  double z = 0;    // router z-losses, summed over MoE layers
+  double total() const { return ce + aux + z; }
+};
+
+// Makes the token dispatcher of MoE layer `layer` (the parallel layer's
+// all-to-all one); empty means LocalTokenDispatcher.
+using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(int layer)>;
+
+class Model {
+ public:
+  // Builds the model of `cfg` (after ApplyDefaults) on stream's backend and
+  // initialises it from `seed` (MODEL.md). plan.tp_size must be 1 for now
+  // (the TP all-reduces belong to the parallel issue); with plan.ep_size > 1 a
+  // dispatcher factory is required.
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const config::ModelConfig& cfg, Stream& stream,
+                                                       uint64_t seed, const ShardPlan& plan = {},
+                                                       DispatcherFactory dispatchers = {});
+
+  // Forward of one micro-batch; keeps what Backward needs. Synchronizes the
+  // stream (the losses are read on the host).
+  absl::StatusOr<LossParts> Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs);
+  // Accumulates loss_scale * d(ce + aux + z)/d param into every grad.
+  absl::Status Backward(Stream& stream, float loss_scale = 1.0f);
+  // Every grad = 0.
+  absl::Status ZeroGrads(Stream& stream);
+
+  // The parameters in MODEL.md's order (no lm_head when tied).
+  const parallel::ParameterList& parameters() const { return params_; }
+  // Logits [T, V] of the last Forward (overwritten by Backward).
+  const Tensor& logits() const { return logits_; }
+  const config::ModelConfig& config() const { return cfg_; }
+  int num_layers() const { return static_cast<int>(blocks_.size()); }
+  TransformerBlock& block(int l) { return *blocks_[l]; }
+
+ private:
+  Model() = default;
+  absl::Status Init(Stream& stream, uint64_t seed, const ShardPlan& plan,
+                    const DispatcherFactory& dispatchers);
+
+  config::ModelConfig cfg_;
+  Embedding embed_;
+  std::vector<std::unique_ptr<TransformerBlock>> blocks_;
+  RMSNorm final_norm_;
+  parallel::Parameter lm_head_;  // unused when tied
+  parallel::ParameterList params_;
+  // Forward state.
+  int64_t num_tokens_ = 0;
+  Tensor targets_, hn_, logits_, lse_;
+};
+
+}  // namespace moe::model
+
+#endif  // MOE_MODEL_MODEL_H_

@@ -1,0 +1,45 @@
+#include "model/moe_layer.h"
+
+#include <vector>
+
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg,
+                            float init_std, float down_std, const ShardPlan& plan, uint64_t seed,
+                            std::unique_ptr<TokenDispatcher> dispatcher) {
+  const int64_t E = cfg.moe().num_experts();
+  const int64_t e0 = plan.expert_begin(E), e1 = plan.expert_end(E);
+  RETURN_IF_ERROR(router_.Init(stream, prefix, cfg, init_std, seed));
+  dispatcher_ = dispatcher ? std::move(dispatcher) : std::make_unique<LocalTokenDispatcher>(e0, e1);
+  if (dispatcher_->expert_begin() != e0 || dispatcher_->expert_end() != e1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MoELayer ", prefix, ": the dispatcher serves experts [", dispatcher_->expert_begin(),
+                     ", ", dispatcher_->expert_end(), ") but this rank holds [", e0, ", ", e1, ")"));
+  }
+  ASSIGN_OR_RETURN(experts_, MakeExperts(cfg.moe().experts_impl()));
+  return experts_->Init(stream, prefix + "experts.", cfg.hidden_size(), cfg.moe().expert_ffn_hidden_size(), E,
+                        e0, e1, init_std, down_std, seed);
+}
+
+absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
+  ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x));
+  ASSIGN_OR_RETURN(ExpertInput in, dispatcher_->Dispatch(stream, x, *plan));
+  ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, in.tokens, in.offsets));
+  x_ = x;
+  return dispatcher_->Combine(stream, out);
+}
+
+absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
+  std::vector<float> dweights;
+  ASSIGN_OR_RETURN(Tensor d_out, dispatcher_->CombineBackward(stream, dy, &dweights));
+  ASSIGN_OR_RETURN(Tensor d_in, experts_->Backward(stream, d_out));
+  ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
+  RETURN_IF_ERROR(dispatcher_->DispatchBackward(stream, d_in, dx));
+  x_ = Tensor();
+  return dx;
+}
+
+}  // namespace moe::model

@@ -1,0 +1,47 @@
+// MoELayer: router -> token dispatcher -> experts -> combine (MODEL.md's MoE(x)).
+//
+//   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t), plus the layer's aux and z
+//   losses (read after Forward; their gradient scales are Backward arguments).
+#ifndef MOE_MODEL_MOE_LAYER_H_
+#define MOE_MODEL_MOE_LAYER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/common.h"
+#include "model/experts.h"
+#include "model/router.h"
+#include "model/token_dispatcher.h"
+
+namespace moe::model {
+
+class MoELayer {
+ public:
+  // `prefix` is "model.layers.{l}.mlp."; the experts are model.moe.experts_impl
+  // over this rank's experts (plan); `dispatcher` null means a LocalTokenDispatcher.
+  absl::Status Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg, float init_std,
+                    float down_std, const ShardPlan& plan, uint64_t seed,
+                    std::unique_ptr<TokenDispatcher> dispatcher = nullptr);
+  // x [T, d] -> y [T, d].
+  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x);
+  // dy [T, d]; aux_scale, z_scale = d loss / d (this layer's aux, z). Returns dx.
+  absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
+
+  double aux_loss() const { return router_.aux_loss(); }
+  double z_loss() const { return router_.z_loss(); }
+  const RoutingPlan& routing() const { return router_.plan(); }
+  Router& router() { return router_; }
+  Experts& experts() { return *experts_; }
+  TokenDispatcher& dispatcher() { return *dispatcher_; }
+
+ private:
+  Router router_;
+  std::unique_ptr<TokenDispatcher> dispatcher_;
+  std::unique_ptr<Experts> experts_;
+  Tensor x_;
+};
+
+}  // namespace moe::model
+
+#endif  // MOE_MODEL_MOE_LAYER_H_

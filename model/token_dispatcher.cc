@@ -1,0 +1,92 @@
+#include "model/token_dispatcher.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const Tensor& x,
+                                                           const RoutingPlan& plan) {
+  const int64_t T = plan.num_tokens, E = plan.num_experts;
+  const int k = plan.top_k;
+  if (x.rank() != 2 || x.size(0) != T) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LocalTokenDispatcher::Dispatch: x ", x.ToString(), " is not [T = ", T, ", d]"));
+  }
+  if (expert_begin_ < 0 || expert_end_ > E || expert_begin_ >= expert_end_) {
+    return absl::InvalidArgumentError(absl::StrCat("LocalTokenDispatcher: experts [", expert_begin_, ", ",
+                                                   expert_end_, ") are not a range of the ", E, " experts"));
+  }
+  num_tokens_ = T;
+  hidden_ = x.size(1);
+  num_assignments_ = T * k;
+  const int64_t num_local = expert_end_ - expert_begin_;
+  ExpertInput in;
+  in.offsets.assign(num_local + 1, 0);
+  for (int64_t i = 0; i < num_local; ++i) {
+    in.offsets[i + 1] = in.offsets[i] + plan.tokens_per_expert[expert_begin_ + i];
+  }
+  const int64_t n = in.offsets[num_local];
+  // Rows in expert order, tokens ascending within an expert (a counting sort).
+  std::vector<int64_t> fill(in.offsets.begin(), in.offsets.end() - 1);
+  assignment_of_row_.assign(n, 0);
+  std::vector<int32_t> tok(n), rows(n);
+  std::vector<float> w(n);
+  for (int64_t a = 0; a < T * k; ++a) {
+    const int64_t e = plan.experts[a];
+    if (!plan.kept[a] || e < expert_begin_ || e >= expert_end_) continue;
+    const int64_t r = fill[e - expert_begin_]++;
+    assignment_of_row_[r] = a;
+    tok[r] = static_cast<int32_t>(a / k);
+    w[r] = plan.weights[a];
+  }
+  for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
+  ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
+  ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
+  ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
+  ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}));
+  if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
+  return in;
+}
+
+absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}));
+  RETURN_IF_ERROR(ops::Fill(stream, y, 0.0));
+  if (expert_out.size(0) > 0) {
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_));
+  }
+  expert_out_ = expert_out;
+  return y;
+}
+
+absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, const Tensor& dy,
+                                                             std::vector<float>* dweights) {
+  const int64_t n = expert_out_.size(0);
+  dweights->assign(num_assignments_, 0.0f);
+  ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}));
+  if (n == 0) return d_out;
+  // d w of row r = dy[t_r] . out_r.
+  ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
+  RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
+  ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
+  for (int64_t r = 0; r < n; ++r) (*dweights)[assignment_of_row_[r]] = dw_host[r];
+  // d out_r = w_r dy[t_r]: gather, then scale rows through a weighted identity scatter.
+  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
+  RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, gathered));
+  RETURN_IF_ERROR(ops::Fill(stream, d_out, 0.0));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, row_index_, d_out, weights_));
+  expert_out_ = Tensor();
+  return d_out;
+}
+
+absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor& d_expert_in,
+                                                    const Tensor& dx) {
+  if (d_expert_in.size(0) > 0) {
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx));
+  }
+  token_index_ = row_index_ = weights_ = Tensor();
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

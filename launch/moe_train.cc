@@ -12,10 +12,14 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/core/status.h"
+#include "comm/communicator.h"
 #include "comm/mpi_env.h"
 #include "parallel/layout.h"
+#include "parallel/process_groups.h"
 #include "runtime/core/logging.h"
 #include "runtime/job_config.h"
+#include "runtime/trainer.h"
 
 namespace {
 
@@ -61,6 +65,18 @@ Args ParseArgs(int argc, char** argv) {
 int Finish(int code) {
   moe::comm::MpiEnv::Finalize();
   return code;
+}
+
+// Builds the process groups and the trainer and trains. Any error here is a
+// runtime failure of this rank; the caller stops the whole job.
+absl::Status Train(const moe::JobConfig& config) {
+  ASSIGN_OR_RETURN(moe::comm::CommOptions options, moe::comm::CommOptionsFromConfig(config.comm()));
+  ASSIGN_OR_RETURN(auto world, moe::comm::CreateWorldCommunicator(options));
+  ASSIGN_OR_RETURN(moe::parallel::ProcessGroups groups,
+                   moe::parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
+                                                      config.parallel().expert()));
+  ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer, moe::Trainer::Create(config, &groups));
+  return trainer->Run();
 }
 
 }  // namespace
@@ -118,6 +134,12 @@ int main(int argc, char** argv) {
     }
     std::filesystem::rename(tmp, path, ec);
     MOE_LOG_RANK0(INFO) << "resolved config written to " << path;
+  }
+  absl::Status status = Train(*config);
+  if (!status.ok()) {
+    // The other ranks may be waiting in a collective: stop them all.
+    MOE_LOG(ERROR) << "moe-train failed: " << status.message();
+    moe::comm::MpiEnv::Abort(kExitRuntimeError);
   }
   return Finish(0);
 }

@@ -117,6 +117,13 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(o.lr_schedule() == "cosine" || o.lr_schedule() == "linear" || o.lr_schedule() == "constant",
        absl::StrCat("optim.lr_schedule = \"", o.lr_schedule(), "\" must be \"cosine\", \"linear\" or \"constant\""));
 
+  if (o.lr_schedule() != "constant") {
+    need(o.decay_steps() > o.warmup_steps(),
+         absl::StrCat("optim.decay_steps = ", o.decay_steps(), " must exceed optim.warmup_steps = ", o.warmup_steps(),
+                      " for the ", o.lr_schedule(), " schedule; raise optim.decay_steps (default train.steps) or "
+                      "lower the warmup"));
+  }
+
   // Train, data, checkpoint, comm.
   need(t.device() == "cpu" || t.device() == "cuda",
        absl::StrCat("train.device = \"", t.device(), "\" must be \"cpu\" or \"cuda\""));

@@ -1,0 +1,254 @@
+#include "runtime/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "optim/clip.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/status.h"
+
+namespace moe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MaxOverMean(const std::vector<int64_t>& counts) {
+  int64_t total = 0, max = 0;
+  for (int64_t c : counts) {
+    total += c;
+    max = std::max(max, c);
+  }
+  if (total == 0) return 1.0;
+  return static_cast<double>(max) * static_cast<double>(counts.size()) / static_cast<double>(total);
+}
+
+std::string Bytes(int64_t bytes) {
+  if (bytes >= (int64_t{1} << 30)) return absl::StrFormat("%.2f GiB", bytes / double(int64_t{1} << 30));
+  return absl::StrFormat("%.1f MiB", bytes / double(1 << 20));
+}
+
+}  // namespace
+
+Trainer::Trainer(const JobConfig& config, parallel::ProcessGroups* groups) : config_(config), groups_(groups) {}
+Trainer::~Trainer() = default;
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config, parallel::ProcessGroups* groups) {
+  std::unique_ptr<Trainer> t(new Trainer(config, groups));
+  const parallel::RankLayout& layout = groups->layout;
+  const auto& train = config.train();
+  if (train.device() != "cpu") {
+    return absl::UnimplementedError(absl::StrCat("train.device = \"", train.device(),
+                                                 "\": this build trains on \"cpu\" only"));
+  }
+  ASSIGN_OR_RETURN(t->backend_, GetBackend(Device::Cpu()));
+  t->stream_ = &t->backend_->default_stream();
+
+  // Data first: every data problem is reported before the model is allocated.
+  ASSIGN_OR_RETURN(t->data_, data::OpenTrainingData(config, layout.dp));
+  MOE_LOG_RANK0(INFO) << t->data_->Summary();
+
+  model::ShardPlan plan;
+  plan.tp_size = layout.tp;
+  plan.tp_rank = layout.tp_rank;
+  plan.ep_size = layout.ep;
+  plan.ep_rank = layout.ep_rank;
+  ASSIGN_OR_RETURN(t->model_, model::Model::Create(config.model(), *t->stream_, train.seed(), plan));
+  ASSIGN_OR_RETURN(t->optimizer_,
+                   optim::CreateOptimizer(config.optim(), const_cast<parallel::ParameterList&>(
+                                                              t->model_->parameters()),
+                                          *groups));
+  ASSIGN_OR_RETURN(optim::LrSchedule schedule, optim::LrSchedule::FromConfig(config.optim()));
+  t->schedule_ = schedule;
+  t->tokens_.resize(static_cast<size_t>(train.micro_batch()) * (config.model().seq_len() + 1));
+
+  if (layout.rank == 0) {
+    std::error_code ec;
+    std::filesystem::create_directories(train.run_dir(), ec);
+    if (ec) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot create train.run_dir '", train.run_dir(), "': ", ec.message()));
+    }
+    ASSIGN_OR_RETURN(MetricsWriter w, MetricsWriter::Open(train.run_dir() + "/metrics.jsonl", /*append=*/false));
+    t->metrics_.emplace(std::move(w));
+  }
+  MOE_LOG_RANK0(INFO) << "model: " << t->model_->parameters().GlobalNumel() << " parameters ("
+                      << t->model_->parameters().LocalNumel() << " on this rank), optimizer "
+                      << t->optimizer_->type_name() << ", " << schedule.ToString();
+  return t;
+}
+
+absl::Status Trainer::SyncGradients() {
+  // Dense gradients are summed over DP, expert gradients over EDP: all
+  // operations are enqueued first, then waited for, so they overlap each other.
+  std::vector<comm::Work> works;
+  for (parallel::Parameter* p : model_->parameters()) {
+    comm::Communicator& group = groups_->ReduceGroup(p->kind == parallel::ParamKind::kExpert);
+    if (group.size() == 1) continue;
+    void* grad = p->grad.raw_data();
+    ASSIGN_OR_RETURN(comm::Work w, group.AllReduce(grad, grad, p->grad.numel(), DType::kF32, comm::ReduceOp::kSum));
+    works.push_back(std::move(w));
+  }
+  for (const comm::Work& w : works) RETURN_IF_ERROR(w.Wait());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<double>> Trainer::SumOverDataParallel(std::vector<double> values) {
+  if (groups_->dp->size() > 1) {
+    ASSIGN_OR_RETURN(comm::Work w, groups_->dp->AllReduce(values.data(), values.data(), values.size(),
+                                                          DType::kF64, comm::ReduceOp::kSum));
+    RETURN_IF_ERROR(w.Wait());
+  }
+  return values;
+}
+
+absl::StatusOr<StepStats> Trainer::TrainStep() {
+  const auto start = Clock::now();
+  const parallel::RankLayout& layout = groups_->layout;
+  const int grad_accum = config_.train().grad_accum();
+  const int64_t micro_batch = config_.train().micro_batch();
+  const double num_micro_batches = static_cast<double>(layout.dp) * grad_accum;
+  const float loss_scale = static_cast<float>(1.0 / num_micro_batches);
+
+  RETURN_IF_ERROR(model_->ZeroGrads(*stream_));
+  std::vector<int> moe_layers;
+  for (int l = 0; l < model_->num_layers(); ++l)
+    if (model_->block(l).is_moe()) moe_layers.push_back(l);
+  const int64_t E = config_.model().moe().num_experts();
+  // Loss parts, then per MoE layer E kept counts and the dropped count.
+  std::vector<double> sums(3 + moe_layers.size() * (E + 1), 0.0);
+
+  for (int a = 0; a < grad_accum; ++a) {
+    RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
+    ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
+    RETURN_IF_ERROR(model_->Backward(*stream_, loss_scale));
+    sums[0] += parts.ce;
+    sums[1] += parts.aux;
+    sums[2] += parts.z;
+    for (size_t i = 0; i < moe_layers.size(); ++i) {
+      const model::RoutingPlan& routing = model_->block(moe_layers[i]).moe()->routing();
+      double* out = &sums[3 + i * (E + 1)];
+      for (int64_t e = 0; e < E; ++e) out[e] += static_cast<double>(routing.tokens_per_expert[e]);
+      out[E] += static_cast<double>(routing.num_dropped());
+    }
+  }
+  // TP ranks see the same tokens: sum over DP only.
+  ASSIGN_OR_RETURN(sums, SumOverDataParallel(std::move(sums)));
+
+  StepStats s;
+  s.ce = sums[0] / num_micro_batches;
+  s.aux = sums[1] / num_micro_batches;
+  s.z = sums[2] / num_micro_batches;
+  s.loss = s.ce + s.aux + s.z;
+  const int64_t next_step = step_ + 1;
+  if (!std::isfinite(s.loss)) {
+    return absl::DataLossError(absl::StrFormat(
+        "step %d: the loss is not finite (ce %g, aux %g, z %g); stopping before the update. Lower optim.lr "
+        "or set optim.clip_grad",
+        next_step, s.ce, s.aux, s.z));
+  }
+  for (size_t i = 0; i < moe_layers.size(); ++i) {
+    MoeLayerStats m;
+    m.layer = moe_layers[i];
+    const double* in = &sums[3 + i * (E + 1)];
+    for (int64_t e = 0; e < E; ++e) m.tokens_per_expert.push_back(static_cast<int64_t>(std::llround(in[e])));
+    m.dropped = static_cast<int64_t>(std::llround(in[E]));
+    m.max_over_mean = MaxOverMean(m.tokens_per_expert);
+    s.expert_load_max_over_mean = std::max(s.expert_load_max_over_mean, m.max_over_mean);
+    s.moe_layers.push_back(std::move(m));
+  }
+
+  RETURN_IF_ERROR(SyncGradients());
+  ASSIGN_OR_RETURN(std::optional<std::string> bad, optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
+  if (bad.has_value()) {
+    return absl::DataLossError(absl::StrCat("step ", next_step, ": the gradient of ", *bad,
+                                            " is not finite; stopping before the update. Lower optim.lr or set "
+                                            "optim.clip_grad"));
+  }
+  ASSIGN_OR_RETURN(s.grad_norm, optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
+  s.lr = schedule_->At(optimizer_->step() + 1);
+  RETURN_IF_ERROR(optimizer_->Step(s.lr));
+  data_->train->Advance();
+  step_ = next_step;
+
+  s.step = step_;
+  s.step_time_s = std::chrono::duration<double>(Clock::now() - start).count();
+  const double tokens = num_micro_batches * micro_batch * config_.model().seq_len();
+  s.tokens_per_s = tokens / std::max(s.step_time_s, 1e-9);
+  s.mem_peak_bytes = backend_->memory().Total().peak_bytes;
+  history_.push_back(s);
+  return s;
+}
+
+absl::StatusOr<std::optional<double>> Trainer::Evaluate() {
+  if (data_->valid == nullptr) return std::optional<double>();
+  const int64_t batches = std::max<int64_t>(1, config_.train().eval_batches());
+  const int64_t micro_batch = config_.train().micro_batch();
+  double ce = 0;
+  for (int64_t b = 0; b < batches; ++b) {
+    RETURN_IF_ERROR(data_->valid->EvalMicroBatch(b, groups_->layout.dp_rank, tokens_.data()));
+    ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
+    ce += parts.ce;
+  }
+  ASSIGN_OR_RETURN(std::vector<double> sum, SumOverDataParallel({ce}));
+  return sum[0] / (static_cast<double>(batches) * groups_->layout.dp);
+}
+
+void Trainer::Log(const StepStats& s) const {
+  MOE_LOG_RANK0(INFO) << absl::StrFormat(
+      "step %d/%d | loss %.4f (ce %.4f aux %.4f z %.4f) | lr %.3e | grad norm %.3f | %.0f tok/s | %.3f s | "
+      "mem peak %s | expert load max/mean %.2f",
+      s.step, config_.train().steps(), s.loss, s.ce, s.aux, s.z, s.lr, s.grad_norm, s.tokens_per_s,
+      s.step_time_s, Bytes(s.mem_peak_bytes), s.expert_load_max_over_mean);
+}
+
+absl::Status Trainer::WriteMetrics(const StepStats& s) {
+  if (!metrics_.has_value()) return absl::OkStatus();
+  std::string layers = "[";
+  for (size_t i = 0; i < s.moe_layers.size(); ++i) {
+    const MoeLayerStats& m = s.moe_layers[i];
+    JsonLine l;
+    l.Add("layer", m.layer).Add("tokens_per_expert", m.tokens_per_expert).Add("dropped", m.dropped);
+    l.Add("max_over_mean", m.max_over_mean);
+    absl::StrAppend(&layers, i ? "," : "", l.str());
+  }
+  layers += "]";
+  JsonLine line;
+  line.Add("event", "train").Add("step", s.step).Add("loss", s.loss).Add("ce", s.ce).Add("aux", s.aux);
+  line.Add("z", s.z).Add("lr", s.lr).Add("grad_norm", s.grad_norm).Add("tokens_per_s", s.tokens_per_s);
+  line.Add("step_time_s", s.step_time_s).Add("mem_peak_bytes", s.mem_peak_bytes);
+  line.Add("expert_load_max_over_mean", s.expert_load_max_over_mean).AddRaw("moe_layers", layers);
+  return metrics_->Write(line);
+}
+
+absl::Status Trainer::Run() {
+  const auto& train = config_.train();
+  const auto start = Clock::now();
+  auto evaluate = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(std::optional<double> valid, Evaluate());
+    if (!valid.has_value()) return absl::OkStatus();
+    MOE_LOG_RANK0(INFO) << absl::StrFormat("step %d | validation loss %.4f (ppl %.2f)", step_, *valid,
+                                           std::exp(*valid));
+    if (metrics_.has_value()) {
+      RETURN_IF_ERROR(metrics_->Write(JsonLine().Add("event", "eval").Add("step", step_).Add("valid_loss", *valid)));
+    }
+    return absl::OkStatus();
+  };
+  while (step_ < train.steps()) {
+    ASSIGN_OR_RETURN(StepStats s, TrainStep());
+    if (s.step % train.log_every() == 0 || s.step == 1 || s.step == train.steps()) Log(s);
+    RETURN_IF_ERROR(WriteMetrics(s));
+    if (train.eval_every() > 0 && s.step % train.eval_every() == 0 && s.step != train.steps()) {
+      RETURN_IF_ERROR(evaluate());
+    }
+  }
+  RETURN_IF_ERROR(evaluate());
+  MOE_LOG_RANK0(INFO) << absl::StrFormat("done: %d steps in %.1f s", step_,
+                                         std::chrono::duration<double>(Clock::now() - start).count());
+  return absl::OkStatus();
+}
+
+}  // namespace moe

@@ -1,0 +1,102 @@
+// Trainer: the pretraining loop of one rank (collective: every rank of the
+// world runs the same Trainer in lock step).
+//
+//   ASSIGN_OR_RETURN(auto groups, parallel::CreateProcessGroups(std::move(world), tp, ep));
+//   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(config, &groups));
+//   RETURN_IF_ERROR(trainer->Run());
+//
+// One optimizer step: for each of train.grad_accum micro-batches (MODEL.md's
+// global batch rule: micro-batch a * dp + dp_rank of the global batch),
+// forward and backward with the loss scaled by 1 / (dp * grad_accum), so that
+// summing gradients over the data-parallel groups (dense: DP, experts: EDP)
+// gives the gradient of the step's mean loss; then a non-finite check,
+// global-norm clipping, the learning rate of the schedule, the optimizer
+// update. Rank 0 logs every train.log_every steps and writes one JSON line
+// per step to <run_dir>/metrics.jsonl (metrics.h).
+#ifndef MOE_RUNTIME_TRAINER_H_
+#define MOE_RUNTIME_TRAINER_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "data/dataset.h"
+#include "model/model.h"
+#include "optim/lr_schedule.h"
+#include "optim/optimizer.h"
+#include "parallel/process_groups.h"
+#include "runtime/core/config.h"
+#include "runtime/metrics.h"
+
+namespace moe {
+
+struct MoeLayerStats {
+  int layer = 0;
+  std::vector<int64_t> tokens_per_expert;  // kept assignments, summed over the global batch
+  int64_t dropped = 0;                     // assignments dropped by capacity
+  double max_over_mean = 1.0;              // expert load imbalance
+};
+
+struct StepStats {
+  int64_t step = 0;  // optimizer steps taken after this one
+  double loss = 0, ce = 0, aux = 0, z = 0;  // means over the global batch
+  double lr = 0, grad_norm = 0;
+  double step_time_s = 0, tokens_per_s = 0;
+  int64_t mem_peak_bytes = 0;  // this rank's device memory peak so far
+  double expert_load_max_over_mean = 1.0;  // worst MoE layer
+  std::vector<MoeLayerStats> moe_layers;
+};
+
+class Trainer {
+ public:
+  // Opens the data (every data error before anything else), builds the model
+  // of this rank's shard, the optimizer and the schedule, and (rank 0) the
+  // metrics file. `groups` must outlive the trainer.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobConfig& config,
+                                                         parallel::ProcessGroups* groups);
+  ~Trainer();
+
+  // Trains to train.steps with evaluation every train.eval_every steps and at
+  // the end. Returns the first error of any step (non-finite loss or gradient
+  // named with the step and parameter).
+  absl::Status Run();
+  // One optimizer step.
+  absl::StatusOr<StepStats> TrainStep();
+  // Mean validation cross-entropy over train.eval_batches batches of every DP
+  // rank; nullopt without a validation split.
+  absl::StatusOr<std::optional<double>> Evaluate();
+
+  int64_t step() const { return step_; }
+  model::Model& model() { return *model_; }
+  optim::Optimizer& optimizer() { return *optimizer_; }
+  const parallel::ParameterList& parameters() const { return model_->parameters(); }
+  data::TrainingData& data() { return *data_; }
+  const std::vector<StepStats>& history() const { return history_; }
+
+ private:
+  Trainer(const JobConfig& config, parallel::ProcessGroups* groups);
+  absl::Status SyncGradients();
+  absl::StatusOr<std::vector<double>> SumOverDataParallel(std::vector<double> values);
+  void Log(const StepStats& s) const;
+  absl::Status WriteMetrics(const StepStats& s);
+
+  JobConfig config_;
+  parallel::ProcessGroups* groups_;
+  Backend* backend_ = nullptr;
+  Stream* stream_ = nullptr;
+  std::unique_ptr<data::TrainingData> data_;
+  std::unique_ptr<model::Model> model_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  std::optional<optim::LrSchedule> schedule_;
+  std::optional<MetricsWriter> metrics_;  // rank 0
+  std::vector<int32_t> tokens_;           // one micro-batch, [micro_batch, seq_len + 1]
+  std::vector<StepStats> history_;
+  int64_t step_ = 0;
+};
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_TRAINER_H_

@@ -19,6 +19,8 @@ struct GradSync::Bucket {
   comm::Work work;
 };
 
+GradSync::GradSync(Stream& stream) : stream_(stream) {}
+
 GradSync::~GradSync() {
   // Never leave an all-reduce writing into grads that may be freed.
   for (auto& b : buckets_) {

@@ -79,7 +79,7 @@ class GradSync {
 
  private:
   struct Bucket;
-  GradSync(Stream& stream) : stream_(stream) {}
+  explicit GradSync(Stream& stream);
   comm::Communicator* GroupFor(const Parameter& p) const;
   absl::Status Launch(Bucket& b);
 

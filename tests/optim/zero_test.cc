@@ -7,6 +7,8 @@
 
 #include "mpi_test_util.h"
 #include "optim/optimizer.h"
+#include "runtime/core/config.h"
+#include "runtime/core/config.pb.h"
 
 namespace moe::optim {
 namespace {
@@ -154,6 +156,41 @@ TEST_CASE("ZeRO-1 state save and load round trip") {
       CHECK(ToVector(a.owned[i]->value) == ToVector(b.owned[i]->value));
     }
   }
+}
+
+}  // namespace
+}  // namespace moe::optim
+
+namespace moe::optim {
+namespace {
+
+TEST_CASE("CreateOptimizer from the job config") {
+  parallel::ProcessGroups groups = MakeGroups(1, 1);
+  TestModel m;
+  BuildModel(m, groups.layout);
+  config::JobConfig job;
+  job.mutable_optim()->set_type("sgd");
+  job.mutable_optim()->set_momentum(0.8);
+  job.mutable_optim()->set_shard_state(true);
+  job.mutable_optim()->set_weight_decay(0.25);
+  ApplyDefaults(groups.layout.world, &job);
+  auto opt = CreateOptimizer(job.optim(), m.list, groups);
+  REQUIRE(opt.ok());
+  CHECK(std::string((*opt)->type_name()) == "sgd");
+  CHECK((*opt)->sharded());
+  CHECK((*opt)->state_names() == std::vector<std::string>{"momentum_buffer"});
+  CHECK((*opt)->WeightDecayOf(*m.list.Find("norm")) == 0.0);
+  CHECK((*opt)->WeightDecayOf(*m.list.Find("col")) == 0.25);
+  job.mutable_optim()->set_decay_norms_and_embeddings(true);
+  opt = CreateOptimizer(job.optim(), m.list, groups);
+  REQUIRE(opt.ok());
+  CHECK((*opt)->WeightDecayOf(*m.list.Find("norm")) == 0.25);
+  CHECK((*opt)->WeightDecayOf(*m.list.Find("embed")) == 0.25);
+  job.mutable_optim()->set_beta1(1.0);
+  job.mutable_optim()->set_type("adamw");
+  auto bad = CreateOptimizer(job.optim(), m.list, groups);
+  REQUIRE_FALSE(bad.ok());
+  CHECK_THAT(std::string(bad.status().message()), Catch::Contains("optim.beta1 = 1"));
 }
 
 }  // namespace

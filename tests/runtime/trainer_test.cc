@@ -1,0 +1,143 @@
+// The trainer on real MPI ranks: a short run whose loss falls, the metrics
+// file, evaluation, and the non-finite stop.
+#include "runtime/trainer.h"
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "comm/mpi_env.h"
+#include "data/indexed_dataset.h"
+#include "runtime/core/json.h"
+
+namespace moe {
+namespace {
+
+// A learnable corpus: a few sentences repeated with variations, byte tokens.
+std::string WriteCorpus(const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  std::string prefix = dir + "/corpus";
+  auto writer = data::IndexedDatasetWriter::Create(prefix, 257).value();
+  const char* sentences[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
+                             "we like to read good books. ", "the sun is warm today. "};
+  for (int doc = 0; doc < 400; ++doc) {
+    std::string text;
+    for (int i = 0; i < 3; ++i) text += sentences[(doc + i) % 4];
+    std::vector<int32_t> tokens(text.begin(), text.end());
+    tokens.push_back(256);
+    REQUIRE(writer->AddDocument(tokens.data(), tokens.size()).ok());
+  }
+  REQUIRE(writer->Finish().ok());
+  return prefix;
+}
+
+JobConfig TinyConfig(const std::string& data_prefix, const std::string& run_dir, int world) {
+  JobConfig c = ParseConfigText(R"pb(
+    model { hidden_size: 32 num_layers: 2 num_heads: 4 num_kv_heads: 2 ffn_hidden_size: 64 seq_len: 32
+            moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 moe_layer_freq: 2 } }
+    optim { lr: 1e-2 min_lr: 1e-3 warmup_steps: 2 weight_decay: 0.0 }
+    train { steps: 30 micro_batch: 4 grad_accum: 2 eval_batches: 2 log_every: 10 }
+    data { valid_fraction: 0.1 }
+  )pb", "tiny").value();
+  c.mutable_data()->set_train_path(data_prefix);
+  c.mutable_train()->set_run_dir(run_dir);
+  ApplyDefaults(world, &c);
+  return c;
+}
+
+parallel::ProcessGroups Groups(int tp, int ep) {
+  comm::CommOptions options;
+  options.timeout_s = 120;
+  auto world = comm::CreateWorldCommunicator(options).value();
+  return parallel::CreateProcessGroups(std::move(world), tp, ep).value();
+}
+
+std::string TestDir() {
+  return (std::filesystem::temp_directory_path() /
+          ("moe_trainer_test_" + std::to_string(comm::MpiEnv::world_rank())))
+      .string();
+}
+
+TEST_CASE("a short data-parallel run: loss falls, metrics and evaluation are written") {
+  const std::string dir = TestDir();
+  std::filesystem::remove_all(dir);
+  const std::string prefix = WriteCorpus(dir);
+  JobConfig config = TinyConfig(prefix, dir + "/run", comm::MpiEnv::world_size());
+  parallel::ProcessGroups groups = Groups(1, 1);
+  auto trainer = Trainer::Create(config, &groups);
+  REQUIRE(trainer.ok());
+  auto first_valid = (*trainer)->Evaluate();
+  REQUIRE(first_valid.ok());
+  REQUIRE((*trainer)->Run().ok());
+  const auto& history = (*trainer)->history();
+  REQUIRE(history.size() == 30);
+  double first = history.front().loss;
+  double last = 0;
+  for (size_t i = history.size() - 5; i < history.size(); ++i) last += history[i].loss / 5;
+  CAPTURE(first, last);
+  CHECK(last < 0.6 * first);
+  for (const StepStats& s : history) {
+    CHECK(std::isfinite(s.grad_norm));
+    CHECK(s.tokens_per_s > 0);
+    REQUIRE(s.moe_layers.size() == 1);  // moe_layer_freq 2 of 2 layers
+    int64_t kept = 0;
+    for (int64_t c : s.moe_layers[0].tokens_per_expert) kept += c;
+    // dropless: every (token, slot) of the global batch is kept.
+    CHECK(kept == int64_t{2} * 4 * 2 * comm::MpiEnv::world_size() * 32);
+  }
+  auto valid = (*trainer)->Evaluate();
+  REQUIRE(valid.ok());
+  REQUIRE(valid->has_value());
+  CHECK(**valid < **first_valid);
+
+  if (comm::MpiEnv::world_rank() == 0) {
+    std::ifstream in(dir + "/run/metrics.jsonl");
+    std::string line;
+    int train_lines = 0, eval_lines = 0;
+    while (std::getline(in, line)) {
+      JsonValue v = ParseJson(line).value();
+      if (v.Find("event")->string == "train") {
+        ++train_lines;
+        for (const char* key : {"step", "loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+                                "mem_peak_bytes", "expert_load_max_over_mean", "moe_layers"}) {
+          CHECK(v.Find(key) != nullptr);
+        }
+        CHECK(v.Find("moe_layers")->array[0].Find("tokens_per_expert")->array.size() == 4);
+      } else {
+        ++eval_lines;
+        CHECK(v.Find("valid_loss") != nullptr);
+      }
+    }
+    CHECK(train_lines == 30);
+    CHECK(eval_lines == 1);
+  }
+}
+
+TEST_CASE("a non-finite loss or gradient stops the run naming the step") {
+  const std::string dir = TestDir();
+  const std::string prefix = dir + "/corpus";
+  JobConfig config = TinyConfig(prefix, dir + "/run_nan", comm::MpiEnv::world_size());
+  config.mutable_optim()->set_lr(1e30);
+  config.mutable_optim()->set_min_lr(1e29);
+  config.mutable_optim()->set_warmup_steps(0);
+  config.mutable_optim()->set_clip_grad(0);
+  parallel::ProcessGroups groups = Groups(1, 1);
+  auto trainer = Trainer::Create(config, &groups).value();
+  absl::Status status = trainer->Run();
+  REQUIRE_FALSE(status.ok());
+  std::string message(status.message());
+  CAPTURE(message);
+  CHECK(message.find("step ") != std::string::npos);
+  CHECK(message.find("not finite") != std::string::npos);
+  CHECK(trainer->step() < 30);
+  // Every rank stopped at the same step.
+  int64_t step = trainer->step(), max_step = 0;
+  auto w = groups.world->AllReduce(&step, &max_step, 1, DType::kI64, comm::ReduceOp::kMax).value();
+  REQUIRE(w.Wait().ok());
+  CHECK(max_step == step);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,433 @@
+// Every forward op against a naive double-precision reference loop.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "runtime/core/status.h"
+#include "tests/core/test_util.h"
+
+namespace moe {
+namespace {
+using namespace moe::testing;
+
+std::vector<double> RefGemm(const std::vector<float>& a, bool ta, const std::vector<float>& b, bool tb,
+                            int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                            const std::vector<float>& c) {
+  std::vector<double> out(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t p = 0; p < k; ++p)
+        acc += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
+      out[i * n + j] = alpha * acc + (beta == 0 ? 0.0 : beta * c[i * n + j]);
+    }
+  return out;
+}
+
+TEST_CASE("Gemm: every transpose, odd shapes, accumulate, matrix views") {
+  struct Case {
+    int64_t m, n, k;
+  };
+  for (Case cs :
+       {Case{7, 5, 3}, Case{1, 1, 1}, Case{13, 17, 11}, Case{0, 4, 3}, Case{4, 3, 0}, Case{33, 65, 129}}) {
+    for (int t = 0; t < 4; ++t) {
+      bool ta = t & 1, tb = t & 2;
+      Tensor a = Random(ta ? Shape{cs.k, cs.m} : Shape{cs.m, cs.k}, 1 + t);
+      Tensor b = Random(tb ? Shape{cs.n, cs.k} : Shape{cs.k, cs.n}, 11 + t);
+      Tensor c = Random({cs.m, cs.n}, 21 + t);
+      std::vector<float> c0 = Vec(c);
+      REQUIRE(ops::Gemm(S(), a, ta, b, tb, c, 0.5f, 1.0f).ok());
+      ExpectClose(c, RefGemm(Vec(a), ta, Vec(b), tb, cs.m, cs.n, cs.k, 0.5f, 1.0f, c0), 1e-5, 1e-5,
+                  "gemm accumulate");
+      // beta = 0 ignores NaNs in c.
+      REQUIRE(ops::Fill(S(), c, std::nan("")).ok());
+      REQUIRE(ops::Gemm(S(), a, ta, b, tb, c).ok());
+      ExpectClose(c, RefGemm(Vec(a), ta, Vec(b), tb, cs.m, cs.n, cs.k, 1.0f, 0.0f, c0), 1e-5, 1e-5, "gemm");
+    }
+  }
+  // [B, S, d] x W^T: leading dimensions merged.
+  Tensor x = Random({2, 3, 5}, 3), w = Random({4, 5}, 4), y = NewF32({2, 3, 4});
+  REQUIRE(ops::Gemm(S(), x, false, w, true, y).ok());
+  ExpectClose(y, RefGemm(Vec(x), false, Vec(w), true, 6, 4, 5, 1, 0, {}), 1e-5, 1e-6, "3-D");
+  // Shape errors name the arguments.
+  absl::Status bad = ops::Gemm(S(), x, false, w, false, y);
+  CHECK(bad.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad.message()).find("does not fit c") != std::string::npos);
+  Tensor xi = FromVecI32({2, 2}, {1, 2, 3, 4});
+  CHECK(!ops::Gemm(S(), xi, false, xi, false, xi).ok());
+  CHECK(!ops::Gemm(S(), x, false, w, true, x.Slice(0, 1).Reshape({3, 5})).ok());
+}
+
+TEST_CASE("BatchedGemm with GQA broadcast") {
+  int64_t batch = 6, r = 3, m = 5, n = 4, k = 7;
+  Tensor a = Random({batch, m, k}, 1), b = Random({batch / r, n, k}, 2), c = NewF32({batch, m, n});
+  REQUIRE(ops::BatchedGemm(S(), a, false, b, true, c).ok());
+  std::vector<float> va = Vec(a), vb = Vec(b);
+  std::vector<double> want;
+  for (int64_t i = 0; i < batch; ++i) {
+    std::vector<float> ai(va.begin() + i * m * k, va.begin() + (i + 1) * m * k);
+    std::vector<float> bi(vb.begin() + (i / r) * n * k, vb.begin() + (i / r + 1) * n * k);
+    auto ci = RefGemm(ai, false, bi, true, m, n, k, 1, 0, {});
+    want.insert(want.end(), ci.begin(), ci.end());
+  }
+  ExpectClose(c, want, 1e-5, 1e-6, "batched");
+  CHECK(!ops::BatchedGemm(S(), a, false, Random({4, n, k}, 3), true, c).ok());
+}
+
+// Offsets with a zero-token expert and uneven counts.
+std::vector<int64_t> Offsets(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> off(1, 0);
+  for (int64_t c : counts) off.push_back(off.back() + c);
+  return off;
+}
+
+TEST_CASE("GroupedGemm forward, dX and dW equal per-expert loops") {
+  for (auto counts : {std::vector<int64_t>{5, 0, 13, 1, 7}, std::vector<int64_t>{0, 0, 0, 0, 0},
+                      std::vector<int64_t>{31, 0, 0, 0, 2}}) {
+    int64_t E = counts.size(), in = 9, out = 6;
+    std::vector<int64_t> off = Offsets(counts);
+    int64_t rows = off.back();
+    Tensor x = Random({rows, in}, 1), w = Random({E, out, in}, 2), y = Random({rows, out}, 3);
+    Tensor y_ref = Clone(y);
+    REQUIRE(ops::GroupedGemm(S(), x, w, true, y, off, 0.75f, 0.5f).ok());
+    for (int64_t e = 0; e < E; ++e)
+      REQUIRE(ops::Gemm(S(), x.Slice(off[e], off[e + 1]), false, w.Select(e), true,
+                        y_ref.Slice(off[e], off[e + 1]), 0.75f, 0.5f)
+                  .ok());
+    ExpectClose(Vec(y), Vd(y_ref), 1e-6, 1e-6, "grouped fwd");
+    // Naive reference for expert 0 too.
+    if (counts[0] > 0) {
+      Tensor y2 = NewF32({rows, out});
+      REQUIRE(ops::GroupedGemm(S(), x, w, true, y2, off).ok());
+      std::vector<float> vx = Vec(x), vw = Vec(w);
+      auto want =
+          RefGemm(std::vector<float>(vx.begin(), vx.begin() + counts[0] * in), false,
+                  std::vector<float>(vw.begin(), vw.begin() + out * in), true, counts[0], out, in, 1, 0, {});
+      std::vector<float> got = Vec(y2.Slice(0, counts[0]));
+      ExpectClose(got, want, 1e-5, 1e-6, "grouped vs naive");
+    }
+    // dX = dy W (trans_w = false).
+    Tensor dy = Random({rows, out}, 4), dx = NewF32({rows, in}), dx_ref = NewF32({rows, in});
+    REQUIRE(ops::GroupedGemm(S(), dy, w, false, dx, off).ok());
+    for (int64_t e = 0; e < E; ++e)
+      REQUIRE(ops::Gemm(S(), dy.Slice(off[e], off[e + 1]), false, w.Select(e), false,
+                        dx_ref.Slice(off[e], off[e + 1]))
+                  .ok());
+    ExpectClose(Vec(dx), Vd(dx_ref), 1e-6, 1e-6, "grouped dX");
+    // dW += dy^T x; zero-token experts keep beta * dw.
+    Tensor dw = Random({E, out, in}, 5), dw_ref = Clone(dw);
+    REQUIRE(ops::GroupedGemmWeightGrad(S(), dy, x, dw, off, 1.0f, 1.0f).ok());
+    for (int64_t e = 0; e < E; ++e)
+      REQUIRE(ops::Gemm(S(), dy.Slice(off[e], off[e + 1]), true, x.Slice(off[e], off[e + 1]), false,
+                        dw_ref.Select(e), 1.0f, 1.0f)
+                  .ok());
+    ExpectClose(Vec(dw), Vd(dw_ref), 1e-6, 1e-6, "grouped dW");
+  }
+  Tensor x = Random({4, 3}, 1), w = Random({2, 5, 3}, 2), y = NewF32({4, 5});
+  CHECK(!ops::GroupedGemm(S(), x, w, true, y, std::vector<int64_t>{0, 3, 5}).ok());
+  CHECK(!ops::GroupedGemm(S(), x, w, true, y, std::vector<int64_t>{0, 3}).ok());
+  CHECK(!ops::GroupedGemm(S(), x, w, true, y, std::vector<int64_t>{0, 3, 2}).ok());
+}
+
+TEST_CASE("Element-wise ops") {
+  Tensor a = Random({7, 13}, 1, -4, 4), b = Random({7, 13}, 2, -4, 4), out = NewF32({7, 13});
+  std::vector<float> va = Vec(a), vb = Vec(b);
+  auto ref = [&](auto f) {
+    std::vector<double> r(va.size());
+    for (size_t i = 0; i < va.size(); ++i) r[i] = f(static_cast<double>(va[i]), static_cast<double>(vb[i]));
+    return r;
+  };
+  auto silu = [](double z) { return z / (1 + std::exp(-z)); };
+  REQUIRE(ops::Add(S(), a, b, out).ok());
+  ExpectClose(out, ref([](double x, double y) { return x + y; }), 1e-6, 1e-6, "add");
+  REQUIRE(ops::Mul(S(), a, b, out).ok());
+  ExpectClose(out, ref([](double x, double y) { return x * y; }), 1e-6, 1e-6, "mul");
+  REQUIRE(ops::Scale(S(), a, -0.5f, out).ok());
+  ExpectClose(out, ref([](double x, double) { return -0.5 * x; }), 1e-6, 1e-6, "scale");
+  REQUIRE(ops::Silu(S(), a, out).ok());
+  ExpectClose(out, ref([&](double x, double) { return silu(x); }), 1e-5, 1e-6, "silu");
+  REQUIRE(ops::SwiGLU(S(), a, b, out).ok());
+  ExpectClose(out, ref([&](double x, double y) { return silu(x) * y; }), 1e-5, 1e-6, "swiglu");
+  Tensor y = Clone(b);
+  REQUIRE(ops::Axpby(S(), 2.0f, a, 0.5f, y).ok());
+  ExpectClose(y, ref([](double x, double yy) { return 2 * x + 0.5 * yy; }), 1e-6, 1e-6, "axpby");
+  // In place.
+  Tensor c = Clone(a);
+  REQUIRE(ops::Add(S(), c, b, c).ok());
+  ExpectClose(c, ref([](double x, double yy) { return x + yy; }), 1e-6, 1e-6, "add in place");
+  CHECK(!ops::Add(S(), a, Random({13, 7}, 3), out).ok());
+}
+
+TEST_CASE("Reductions") {
+  Tensor x = Random({37, 29}, 7, -2, 3);
+  std::vector<float> v = Vec(x);
+  double sum = 0, sq = 0, mx = -1e30;
+  std::vector<double> cols(29, 0.0);
+  for (size_t i = 0; i < v.size(); ++i) {
+    sum += v[i];
+    sq += double(v[i]) * v[i];
+    mx = std::max<double>(mx, v[i]);
+    cols[i % 29] += v[i];
+  }
+  Tensor out = NewF32({1});
+  REQUIRE(ops::ReduceSum(S(), x, out).ok());
+  ExpectClose(out, {sum}, 1e-6, 1e-5, "sum");
+  REQUIRE(ops::ReduceSum(S(), x, out, 2.0f, 1.0f).ok());
+  ExpectClose(out, {3 * sum}, 1e-6, 1e-5, "sum accumulate");
+  REQUIRE(ops::ReduceSumSquares(S(), x, out).ok());
+  ExpectClose(out, {sq}, 1e-6, 1e-5, "sumsq");
+  REQUIRE(ops::ReduceMax(S(), x, out).ok());
+  ExpectClose(out, {mx}, 0, 0, "max");
+  Tensor cs = NewF32({29});
+  REQUIRE(ops::SumRows(S(), x, cs).ok());
+  ExpectClose(cs, cols, 1e-6, 1e-5, "sum rows");
+  // Large: chunked double sums.
+  Tensor big = Random({100003}, 9);
+  std::vector<float> vb = Vec(big);
+  double bs = 0;
+  for (float f : vb) bs += f;
+  REQUIRE(ops::ReduceSum(S(), big, out).ok());
+  ExpectClose(out, {bs}, 1e-6, 1e-4, "big sum");
+}
+
+TEST_CASE("RmsNorm forward") {
+  int64_t rows = 11, d = 19;
+  float eps = 1e-5f;
+  Tensor x = Random({rows, d}, 1, -3, 3), w = Random({d}, 2, 0.5, 1.5);
+  Tensor out = NewF32({rows, d}), rstd = NewF32({rows});
+  REQUIRE(ops::RmsNorm(S(), x, w, eps, out, rstd).ok());
+  std::vector<float> vx = Vec(x), vw = Vec(w);
+  std::vector<double> want(rows * d), want_r(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(vx[r * d + i]) * vx[r * d + i];
+    want_r[r] = 1 / std::sqrt(ss / d + eps);
+    for (int64_t i = 0; i < d; ++i) want[r * d + i] = vx[r * d + i] * want_r[r] * vw[i];
+  }
+  ExpectClose(out, want, 1e-5, 1e-6, "rmsnorm");
+  ExpectClose(rstd, want_r, 1e-5, 1e-6, "rstd");
+}
+
+TEST_CASE("RoPE forward (rotate-half) and in place") {
+  int64_t B = 2, L = 5, nh = 3, hd = 6;
+  double theta = 10000;
+  Tensor x = Random({B, L, nh, hd}, 3), out = NewF32({B, L, nh, hd});
+  REQUIRE(ops::Rope(S(), x, out, theta, 2).ok());
+  std::vector<float> vx = Vec(x);
+  std::vector<double> want(vx.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < L; ++s)
+      for (int64_t h = 0; h < nh; ++h)
+        for (int64_t i = 0; i < hd; ++i) {
+          int64_t j = i % (hd / 2);
+          double ang = (s + 2) * std::pow(theta, -2.0 * j / hd);
+          const float* row = vx.data() + ((b * L + s) * nh + h) * hd;
+          double rot = i < hd / 2 ? -row[i + hd / 2] : row[i - hd / 2];
+          want[((b * L + s) * nh + h) * hd + i] = row[i] * std::cos(ang) + rot * std::sin(ang);
+        }
+  ExpectClose(out, want, 1e-5, 1e-6, "rope");
+  Tensor y = Clone(x);
+  REQUIRE(ops::Rope(S(), y, y, theta, 2).ok());
+  ExpectEqual(y, out, "rope in place");
+  // RopeBackward is the inverse rotation.
+  REQUIRE(ops::RopeBackward(S(), y, y, theta, 2).ok());
+  ExpectClose(y, std::vector<double>(vx.begin(), vx.end()), 1e-5, 1e-6, "rope inverse");
+  CHECK(!ops::Rope(S(), Random({1, 2, 3, 5}, 1), NewF32({1, 2, 3, 5}), theta).ok());
+}
+
+// Naive causal attention with GQA, in double.
+void RefAttention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                  int64_t B, int64_t L, int64_t H, int64_t Hkv, int64_t hd, double scale,
+                  std::vector<double>* out, std::vector<double>* probs) {
+  out->assign(B * L * H * hd, 0.0);
+  probs->assign(B * H * L * L, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t g = h / (H / Hkv);
+      for (int64_t i = 0; i < L; ++i) {
+        std::vector<double> sc(i + 1);
+        double mx = -1e300;
+        for (int64_t j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < hd; ++c)
+            dot += double(q[((b * L + i) * H + h) * hd + c]) * k[((b * L + j) * Hkv + g) * hd + c];
+          sc[j] = dot * scale;
+          mx = std::max(mx, sc[j]);
+        }
+        double sum = 0;
+        for (auto& s : sc) sum += (s = std::exp(s - mx));
+        for (int64_t j = 0; j <= i; ++j) {
+          double p = sc[j] / sum;
+          (*probs)[((b * H + h) * L + i) * L + j] = p;
+          for (int64_t c = 0; c < hd; ++c)
+            (*out)[((b * L + i) * H + h) * hd + c] += p * v[((b * L + j) * Hkv + g) * hd + c];
+        }
+      }
+    }
+}
+
+TEST_CASE("CausalAttention forward with GQA") {
+  for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{4, 2}, {3, 3}, {4, 1}}) {
+    int64_t B = 2, L = 7, hd = 5;
+    Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3);
+    Tensor out = NewF32({B, L, H, hd}), probs = NewF32({B, H, L, L});
+    float scale = 1.0f / std::sqrt(float(hd));
+    REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, probs).ok());
+    std::vector<double> want_out, want_probs;
+    RefAttention(Vec(q), Vec(k), Vec(v), B, L, H, Hkv, hd, scale, &want_out, &want_probs);
+    ExpectClose(out, want_out, 1e-5, 1e-6, "attention out");
+    ExpectClose(probs, want_probs, 1e-5, 1e-7, "attention probs");
+  }
+  CHECK(!ops::CausalAttention(S(), Random({1, 2, 3, 4}, 1), Random({1, 2, 2, 4}, 1), Random({1, 2, 2, 4}, 1),
+                              1.0f, NewF32({1, 2, 3, 4}), NewF32({1, 3, 2, 2}))
+             .ok());
+}
+
+TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {
+  int64_t T = 9, V = 23;
+  Tensor x = Random({T, V}, 4, -5, 5);
+  std::vector<float> vx = Vec(x);
+  std::vector<double> sm(T * V), lse(T);
+  for (int64_t t = 0; t < T; ++t) {
+    double mx = -1e300, sum = 0;
+    for (int64_t c = 0; c < V; ++c) mx = std::max<double>(mx, vx[t * V + c]);
+    for (int64_t c = 0; c < V; ++c) sum += std::exp(vx[t * V + c] - mx);
+    lse[t] = mx + std::log(sum);
+    for (int64_t c = 0; c < V; ++c) sm[t * V + c] = std::exp(vx[t * V + c] - lse[t]);
+  }
+  Tensor y = NewF32({T, V}), l = NewF32({T});
+  REQUIRE(ops::Softmax(S(), x, y).ok());
+  ExpectClose(y, sm, 1e-5, 1e-7, "softmax");
+  REQUIRE(ops::LogSumExp(S(), x, l).ok());
+  ExpectClose(l, lse, 1e-6, 1e-6, "lse");
+  std::vector<int32_t> tg = {0, 22, 5, -1, 7, 7, 3, 1, 11};
+  Tensor targets = FromVecI32({T}, tg), losses = NewF32({T}), lse2 = NewF32({T});
+  REQUIRE(ops::CrossEntropy(S(), x, targets, losses, lse2).ok());
+  std::vector<double> want(T);
+  for (int64_t t = 0; t < T; ++t) want[t] = tg[t] < 0 ? 0.0 : lse[t] - vx[t * V + tg[t]];
+  ExpectClose(losses, want, 1e-5, 1e-6, "cross-entropy");
+  Tensor bad_t = FromVecI32({T}, {0, 23, 5, -1, 7, 7, 3, 1, 11});
+  absl::Status st = ops::CrossEntropy(S(), x, bad_t, losses, lse2);
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()).find("targets[1] = 23") != std::string::npos);
+}
+
+TEST_CASE("TopK: order, ties to the lower index, k = E") {
+  std::vector<float> v = {0.1f,  0.5f,  0.5f,  0.2f,  0.5f,   // ties
+                          3.0f,  2.0f,  1.0f,  0.0f,  -1.0f,  // descending
+                          -1.0f, -1.0f, -1.0f, -1.0f, -1.0f};
+  Tensor x = FromVec({3, 5}, v);
+  Tensor vals = NewF32({3, 2});
+  auto idx_t = Tensor::Zeros(Cpu(), {3, 2}, DType::kI32, MemoryCategory::kActivations);
+  REQUIRE(ops::TopK(S(), x, 2, vals, *idx_t).ok());
+  const int32_t* idx = idx_t->data<int32_t>();
+  CHECK(std::vector<int32_t>(idx, idx + 6) == std::vector<int32_t>{1, 2, 0, 1, 0, 1});
+  CHECK(Vec(vals) == std::vector<float>{0.5f, 0.5f, 3.0f, 2.0f, -1.0f, -1.0f});
+  // k = E: a full stable descending sort.
+  Tensor all_v = NewF32({3, 5});
+  auto all_i = Tensor::Zeros(Cpu(), {3, 5}, DType::kI32, MemoryCategory::kActivations);
+  REQUIRE(ops::TopK(S(), x, 5, all_v, *all_i).ok());
+  const int32_t* ai = all_i->data<int32_t>();
+  CHECK(std::vector<int32_t>(ai, ai + 5) == std::vector<int32_t>{1, 2, 4, 3, 0});
+  CHECK(std::vector<int32_t>(ai + 10, ai + 15) == std::vector<int32_t>{0, 1, 2, 3, 4});
+  // Random rows against a reference sort.
+  Tensor r = Random({101, 8}, 12);
+  Tensor rv = NewF32({101, 3});
+  auto ri = Tensor::Zeros(Cpu(), {101, 3}, DType::kI32, MemoryCategory::kActivations);
+  REQUIRE(ops::TopK(S(), r, 3, rv, *ri).ok());
+  std::vector<float> vr = Vec(r);
+  for (int t = 0; t < 101; ++t) {
+    std::vector<int> order(8);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return vr[t * 8 + a] > vr[t * 8 + b]; });
+    for (int j = 0; j < 3; ++j) CHECK(ri->data<int32_t>()[t * 3 + j] == order[j]);
+  }
+  CHECK(!ops::TopK(S(), x, 6, all_v, *all_i).ok());
+  CHECK(!ops::TopK(S(), x, 0, all_v, *all_i).ok());
+}
+
+TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
+  int64_t N = 6, M = 9, d = 7;
+  Tensor src = Random({N, d}, 1);
+  std::vector<int32_t> index = {5, 0, 0, 3, 2, 5, 1, 4, 0};  // repeats
+  Tensor idx = FromVecI32({M}, index), dst = NewF32({M, d});
+  REQUIRE(ops::GatherRows(S(), src, idx, dst).ok());
+  std::vector<float> vs = Vec(src);
+  std::vector<double> want(M * d);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < d; ++c) want[i * d + c] = vs[index[i] * d + c];
+  ExpectClose(dst, want, 0, 0, "gather");
+
+  Tensor rows = Random({M, d}, 2), w = Random({M}, 3), acc = Random({N, d}, 4);
+  std::vector<float> vr = Vec(rows), vw = Vec(w), va = Vec(acc);
+  std::vector<double> want_acc(va.begin(), va.end());
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < d; ++c) want_acc[index[i] * d + c] += double(vw[i]) * vr[i * d + c];
+  REQUIRE(ops::ScatterAddRows(S(), rows, idx, acc, w).ok());
+  ExpectClose(acc, want_acc, 1e-5, 1e-6, "scatter-add weighted");
+  Tensor acc2 = NewF32({N, d});
+  REQUIRE(ops::ScatterAddRows(S(), rows, idx, acc2).ok());
+  std::vector<double> want2(N * d, 0.0);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < d; ++c) want2[index[i] * d + c] += vr[i * d + c];
+  ExpectClose(acc2, want2, 1e-5, 1e-6, "scatter-add");
+
+  Tensor dots = NewF32({M});
+  REQUIRE(ops::GatherRowDot(S(), src, idx, rows, dots).ok());
+  std::vector<double> want_dot(M, 0.0);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < d; ++c) want_dot[i] += double(vs[index[i] * d + c]) * vr[i * d + c];
+  ExpectClose(dots, want_dot, 1e-5, 1e-6, "gather row dot");
+
+  // Embedding-style gather of i32 rows and out-of-range indices.
+  Tensor bad = FromVecI32({2}, {0, 6});
+  CHECK(ops::GatherRows(S(), src, bad, NewF32({2, d})).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), bad, acc2).ok());
+  CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), FromVecI32({2}, {-1, 0}), acc2).ok());
+}
+
+TEST_CASE("Copy, Cast, Fill") {
+  Tensor a = Random({5, 3}, 1), b = NewF32({15});
+  REQUIRE(ops::Copy(S(), a, b).ok());
+  ExpectEqual(a.Reshape({15}), b, "copy");
+  auto h = Tensor::Empty(Cpu(), {15}, DType::kBF16, MemoryCategory::kParameters);
+  REQUIRE(h.ok());
+  REQUIRE(ops::Cast(S(), a, *h).ok());
+  Tensor back = NewF32({5, 3});
+  REQUIRE(ops::Cast(S(), *h, back).ok());
+  std::vector<double> va = Vd(a);
+  ExpectClose(back, va, 1.0 / 256, 0, "bf16 round trip");
+  // Round to nearest even: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 -> 1.
+  Tensor tie = FromVec({2}, {1.0f + 1.0f / 256, 1.0f + 3.0f / 256});
+  auto th = Tensor::Empty(Cpu(), {2}, DType::kBF16, MemoryCategory::kOther);
+  REQUIRE(ops::Cast(S(), tie, *th).ok());
+  CHECK(th->data<uint16_t>()[0] == 0x3f80);
+  CHECK(th->data<uint16_t>()[1] == 0x3f82);
+  auto i64 = Tensor::Empty(Cpu(), {4}, DType::kI64, MemoryCategory::kOther);
+  REQUIRE(ops::Fill(S(), *i64, 7).ok());
+  CHECK(i64->data<int64_t>()[3] == 7);
+  CHECK(!ops::Cast(S(), *i64, b.Slice(0, 4)).ok());
+  CHECK(!ops::Copy(S(), a, NewF32({14})).ok());
+}
+
+TEST_CASE("AdamW step") {
+  Tensor p = Random({13}, 1), g = Random({13}, 2), m = Random({13}, 3, 0, 0.1f), v = Random({13}, 4, 0, 0.1f);
+  std::vector<float> vp = Vec(p), vg = Vec(g), vm = Vec(m), vv = Vec(v);
+  float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+  REQUIRE(ops::AdamW(S(), p, g, m, v, lr, b1, b2, eps, wd, 3).ok());
+  std::vector<double> want(13), want_m(13), want_v(13);
+  for (int i = 0; i < 13; ++i) {
+    want_m[i] = b1 * double(vm[i]) + (1 - b1) * vg[i];
+    want_v[i] = b2 * double(vv[i]) + (1 - b2) * double(vg[i]) * vg[i];
+    double mh = want_m[i] / (1 - std::pow(double(b1), 3)), vh = want_v[i] / (1 - std::pow(double(b2), 3));
+    want[i] = vp[i] - lr * (mh / (std::sqrt(vh) + eps) + wd * vp[i]);
+  }
+  ExpectClose(m, want_m, 1e-5, 1e-7, "exp_avg");
+  ExpectClose(v, want_v, 1e-5, 1e-7, "exp_avg_sq");
+  ExpectClose(p, want, 1e-5, 1e-6, "param");
+  CHECK(!ops::AdamW(S(), p, g, m, v, lr, b1, b2, eps, wd, 0).ok());
+}
+
+}  // namespace
+}  // namespace moe

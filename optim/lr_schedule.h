@@ -1,7 +1,7 @@
 // Learning-rate schedule: linear warmup, then cosine, linear or constant decay
 // to min_lr (Megatron-LM's OptimizerParamScheduler.get_lr).
 //
-// Steps are counted from 1: LearningRate(s) is the rate of the s-th optimizer
+// Steps are counted from 1: At(s) is the rate of the s-th optimizer
 // step (the trainer passes optimizer.step() + 1 before calling Step). With
 // W = warmup_steps, D = decay_steps, lr = max_lr, m = min_lr:
 //

@@ -43,6 +43,18 @@ std::string JoinPath(const std::string& dir, const std::string& name) {
   return absl::StrCat(dir, "/", name);
 }
 
+absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> ListCheckpoints(const std::string& dir) {
+  CheckpointFs* fs = CheckpointFs::Default();
+  std::vector<std::pair<int64_t, std::string>> out;
+  if (!fs->Exists(dir)) return out;
+  ASSIGN_OR_RETURN(std::vector<std::string> names, fs->ListDir(dir));
+  for (const std::string& n : names) {
+    if (std::optional<int64_t> step = ParseStepDirName(n)) out.emplace_back(*step, JoinPath(dir, n));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return out;
+}
+
 // ---- Boxes ---------------------------------------------------------------------
 
 int64_t Box::numel() const {

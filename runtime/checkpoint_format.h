@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -34,7 +35,11 @@ inline constexpr char kLatestFileName[] = "latest";
 std::string StepDirName(int64_t step);  // "step_00000100"
 // Parses a complete checkpoint's directory name; temporaries ("step_…tmp-…") are not.
 std::optional<int64_t> ParseStepDirName(const std::string& name);
-std::string RankFileName(int rank);  // "rank_00003.h5"
+std::string RankFileName(int rank);
+// Complete checkpoints under `dir` as (step, path), newest first (by name; no
+// verification). Empty when `dir` does not exist.
+absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> ListCheckpoints(
+    const std::string& dir);  // "rank_00003.h5"
 std::string JoinPath(const std::string& dir, const std::string& name);
 
 // A region of a tensor: [offset[i], offset[i] + count[i]) along each dimension.

@@ -1,0 +1,190 @@
+// moe-ckpt: look into and check checkpoints (runtime/checkpoint.h) without MPI.
+//
+//   moe-ckpt inspect runs/x/ckpt/step_00000100     # step, layout, train state, files, tensors
+//   moe-ckpt inspect runs/x/ckpt                   # the checkpoint `latest` points to
+//   moe-ckpt verify runs/x/ckpt/step_00000100      # every shard's checksum, the master file
+//   moe-ckpt verify runs/x/ckpt                    # every checkpoint under it
+//
+// Exit codes: 0 ok, 1 corrupt, invalid or not found, 2 bad command line.
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "runtime/checkpoint_format.h"
+#include "runtime/checkpoint_fs.h"
+#include "runtime/checkpoint_hash.h"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitBad = 1;
+constexpr int kExitUsage = 2;
+
+constexpr char kUsage[] =
+    "usage: moe-ckpt inspect [--config] DIR\n"
+    "       moe-ckpt verify DIR\n"
+    "  DIR      a checkpoint (step_NNNNNNNN/), or a checkpoint.dir: inspect then reads the one\n"
+    "           `latest` names (else the newest), verify checks every checkpoint under it\n"
+    "  inspect  step, layout, train state, files and tensors (global shapes, shards, bytes)\n"
+    "  --config also print the resolved config the run saved\n"
+    "  verify   read every shard and check its checksum, and the master file's tensors\n"
+    "exit codes: 0 ok, 1 corrupt/invalid/not found, 2 usage\n";
+
+bool IsCheckpoint(const std::string& dir) {
+  return moe::CheckpointFs::Default()->Exists(moe::JoinPath(dir, moe::kManifestFileName));
+}
+
+std::string Shape(const google::protobuf::RepeatedField<int64_t>& dims) {
+  return absl::StrCat("[", absl::StrJoin(dims, ", "), "]");
+}
+
+std::string HumanBytes(int64_t n) {
+  if (n >= (int64_t{1} << 30)) return absl::StrFormat("%.2f GiB", n / double(int64_t{1} << 30));
+  if (n >= (int64_t{1} << 20)) return absl::StrFormat("%.2f MiB", n / double(int64_t{1} << 20));
+  if (n >= 1024) return absl::StrFormat("%.2f KiB", n / 1024.0);
+  return absl::StrCat(n, " B");
+}
+
+int64_t FileSize(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+}
+
+// The checkpoint `inspect` shows for DIR.
+bool ResolveOne(const std::string& dir, std::string* out) {
+  if (IsCheckpoint(dir)) {
+    *out = dir;
+    return true;
+  }
+  moe::CheckpointFs* fs = moe::CheckpointFs::Default();
+  const std::string latest = moe::JoinPath(dir, moe::kLatestFileName);
+  if (fs->Exists(latest)) {
+    absl::StatusOr<std::string> name = fs->ReadFile(latest);
+    if (name.ok()) {
+      std::string n(absl::StripAsciiWhitespace(*name));
+      if (IsCheckpoint(moe::JoinPath(dir, n))) {
+        *out = moe::JoinPath(dir, n);
+        return true;
+      }
+    }
+  }
+  absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> list = moe::ListCheckpoints(dir);
+  if (list.ok() && !list->empty()) {
+    *out = list->front().second;
+    return true;
+  }
+  return false;
+}
+
+int Inspect(const std::string& arg, bool show_config) {
+  std::string dir;
+  if (!ResolveOne(arg, &dir)) {
+    std::fprintf(stderr, "moe-ckpt: %s is neither a checkpoint nor a directory of checkpoints\n",
+                 arg.c_str());
+    return kExitBad;
+  }
+  absl::StatusOr<moe::ckpt::Manifest> m = moe::ReadManifest(dir);
+  if (!m.ok()) {
+    std::fprintf(stderr, "moe-ckpt: %s\n", std::string(m.status().message()).c_str());
+    return kExitBad;
+  }
+  const moe::ckpt::TrainState& t = m->train();
+  const moe::ckpt::Layout& l = m->layout();
+  std::printf("checkpoint   %s\n", dir.c_str());
+  std::printf("format       %s (checksums %s)\n", m->created_by().c_str(), m->checksum_algorithm().c_str());
+  std::printf("step         %lld\n", static_cast<long long>(m->step()));
+  std::printf("layout       world %d  tp %d  dp %d  ep %d  edp %d\n", l.world(), l.tp(), l.dp(), l.ep(),
+              l.edp());
+  std::printf("train        consumed_samples %lld  lr_step %lld  sampler_state [%s]\n",
+              static_cast<long long>(t.consumed_samples()), static_cast<long long>(t.lr_step()),
+              absl::StrJoin(t.sampler_state(), ", ").c_str());
+  for (const moe::ckpt::RngState& r : t.rng()) {
+    std::printf("rng          %s seed %llu counter %llu\n", r.name().c_str(),
+                static_cast<unsigned long long>(r.seed()), static_cast<unsigned long long>(r.counter()));
+  }
+  for (const auto& [k, v] : t.int_values())
+    std::printf("value        %s = %lld\n", k.c_str(), static_cast<long long>(v));
+  for (const auto& [k, v] : t.double_values()) std::printf("value        %s = %.17g\n", k.c_str(), v);
+  int64_t on_disk = 0;
+  std::printf("files        %d\n", m->files_size() + 1);
+  for (const std::string& f : m->files()) {
+    const int64_t n = FileSize(moe::JoinPath(dir, f));
+    on_disk += std::max<int64_t>(n, 0);
+    std::printf("  %-20s %s\n", f.c_str(), n < 0 ? "MISSING" : HumanBytes(n).c_str());
+  }
+  std::printf("tensors      %d (%s of f32 data, %s on disk)\n", m->tensors_size(),
+              HumanBytes(m->total_bytes()).c_str(), HumanBytes(on_disk).c_str());
+  for (const moe::ckpt::TensorEntry& e : m->tensors()) {
+    int64_t bytes = 0;
+    for (const moe::ckpt::Shard& s : e.shards()) bytes += s.nbytes();
+    std::printf("  %-60s %-4s %-20s %3d shard(s) %s\n", e.name().c_str(), e.dtype().c_str(),
+                Shape(e.global_shape()).c_str(), e.shards_size(), HumanBytes(bytes).c_str());
+  }
+  if (show_config) std::printf("config\n%s\n", m->config_text().c_str());
+  return kExitOk;
+}
+
+int VerifyOne(const std::string& dir) {
+  moe::VerifyReport report;
+  absl::Status s = moe::VerifyCheckpoint(dir, &report);
+  if (s.ok()) {
+    std::printf("OK       %s: %lld tensors, %lld shards, %s, checksums match\n", dir.c_str(),
+                static_cast<long long>(report.tensors), static_cast<long long>(report.shards),
+                HumanBytes(report.bytes).c_str());
+    return kExitOk;
+  }
+  if (report.errors.empty()) report.errors.push_back(std::string(s.message()));
+  std::printf("CORRUPT  %s: %zu problem(s)\n", dir.c_str(), report.errors.size());
+  for (const std::string& e : report.errors) std::printf("  %s\n", e.c_str());
+  return kExitBad;
+}
+
+int Verify(const std::string& arg) {
+  if (IsCheckpoint(arg)) return VerifyOne(arg);
+  absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> list = moe::ListCheckpoints(arg);
+  if (!list.ok() || list->empty()) {
+    if (moe::CheckpointFs::Default()->Exists(arg)) return VerifyOne(arg);  // says what is missing
+    std::fprintf(stderr, "moe-ckpt: %s is neither a checkpoint nor a directory of checkpoints\n",
+                 arg.c_str());
+    return kExitBad;
+  }
+  int rc = kExitOk;
+  for (const auto& [step, path] : *list) {
+    if (VerifyOne(path) != kExitOk) rc = kExitBad;
+  }
+  return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? kExitUsage : kExitOk;
+  }
+  const std::string command = args[0];
+  bool show_config = false;
+  std::vector<std::string> rest;
+  for (size_t i = 1; i < args.size(); ++i) {
+    if (args[i] == "--config" && command == "inspect") {
+      show_config = true;
+    } else if (!args[i].empty() && args[i][0] == '-') {
+      std::fprintf(stderr, "moe-ckpt: unknown option %s\n%s", args[i].c_str(), kUsage);
+      return kExitUsage;
+    } else {
+      rest.push_back(args[i]);
+    }
+  }
+  if ((command != "inspect" && command != "verify") || rest.size() != 1) {
+    std::fprintf(stderr, "%s", kUsage);
+    return kExitUsage;
+  }
+  return command == "inspect" ? Inspect(rest[0], show_config) : Verify(rest[0]);
+}

@@ -1,0 +1,870 @@
+#include "runtime/checkpoint.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "optim/optimizer.h"
+#include "runtime/checkpoint.pb.h"
+#include "runtime/checkpoint_format.h"
+#include "runtime/checkpoint_hash.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/config.pb.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe {
+namespace {
+
+constexpr int kPieceInts = 1 + 2 * kMaxTensorDims;  // tensor index, offsets, counts
+constexpr size_t kMessageBytes = 4096;
+constexpr size_t kWriteChunk = size_t{8} << 20;  // hash then write 8 MiB at a time (stays in cache)
+
+absl::Status Await(absl::StatusOr<comm::Work> work) {
+  if (!work.ok()) return work.status();
+  return work->Wait();
+}
+
+Box LocalBox(const ShardedTensor& t) {
+  Box box;
+  box.offset = parallel::ShardOffsets(t.global_shape, t.shard);
+  const Shape local = parallel::LocalShape(t.global_shape, t.shard);
+  box.count.assign(local.begin(), local.end());
+  return box;
+}
+
+std::vector<int64_t> GlobalDims(const Shape& s) { return std::vector<int64_t>(s.begin(), s.end()); }
+
+// A box of one tensor held here, and where its elements start in the tensor.
+struct LocalPiece {
+  int tensor = 0;
+  Box box;
+  int64_t elem_offset = 0;
+};
+
+// Checks the tensors of a Save or Load and lists the boxes this rank holds.
+absl::Status LocalPieces(absl::Span<const ShardedTensor> tensors, std::vector<LocalPiece>* pieces) {
+  std::set<std::string> names;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const ShardedTensor& t = tensors[i];
+    const std::string what = absl::StrCat("checkpoint tensor ", t.name.empty() ? "(no name)" : t.name);
+    if (t.name.empty() || !names.insert(t.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": names must be non-empty and unique"));
+    }
+    if (t.global_shape.rank() < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": global shape ", t.global_shape.ToString(),
+                                                     " must have rank 1..", kMaxTensorDims));
+    }
+    const Box box = LocalBox(t);
+    for (int d = 0; d < box.rank(); ++d) {
+      if (box.offset[d] < 0 || box.count[d] < 0 || box.offset[d] + box.count[d] > t.global_shape[d]) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": shard box ", box.ToString(),
+                                                       " is outside the global shape ",
+                                                       t.global_shape.ToString()));
+      }
+    }
+    int64_t held = box.numel();
+    if (t.flat_end >= 0) {
+      if (t.flat_begin < 0 || t.flat_begin > t.flat_end || t.flat_end > held) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": flat range [", t.flat_begin, ", ", t.flat_end,
+                                                       ") is not inside the box's ", held, " elements"));
+      }
+      held = t.flat_end - t.flat_begin;
+    }
+    if (held == 0) continue;
+    if (!t.tensor.defined() || t.tensor.dtype() != DType::kF32 || t.tensor.numel() != held) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ",
+                                                     t.tensor.defined() ? t.tensor.ToString() : "undefined",
+                                                     " must be f32 with ", held, " elements"));
+    }
+    if (t.flat_end >= 0) {
+      int64_t offset = 0;
+      for (Box& b : DecomposeFlatRange(box, t.flat_begin, t.flat_end)) {
+        const int64_t n = b.numel();
+        pieces->push_back({static_cast<int>(i), std::move(b), offset});
+        offset += n;
+      }
+    } else {
+      pieces->push_back({static_cast<int>(i), box, 0});
+    }
+  }
+  return absl::OkStatus();
+}
+
+// One distinct shard of the checkpoint and the ranks that hold it.
+struct GlobalShard {
+  int tensor = 0;
+  Box box;
+  std::vector<int> holders;  // world ranks, ascending
+  int writer = -1;
+  std::string dataset;
+};
+
+// The world's shards, computed identically on every rank from the gathered boxes.
+struct Plan {
+  std::vector<GlobalShard> shards;              // sorted by (tensor, box)
+  std::vector<std::vector<int>> tensor_shards;  // per tensor: indices into shards
+};
+
+std::vector<int64_t> PieceKey(int tensor, const Box& box) {
+  std::vector<int64_t> key(kPieceInts, 0);
+  key[0] = tensor;
+  for (int d = 0; d < box.rank(); ++d) {
+    key[1 + d] = box.offset[d];
+    key[1 + kMaxTensorDims + d] = box.count[d];
+  }
+  return key;
+}
+
+uint64_t TensorListHash(absl::Span<const ShardedTensor> tensors) {
+  Xxh64 h;
+  for (const ShardedTensor& t : tensors) {
+    h.Update(t.name.data(), t.name.size() + 1);
+    const std::vector<int64_t> dims = GlobalDims(t.global_shape);
+    const int64_t rank = static_cast<int64_t>(dims.size());
+    h.Update(&rank, sizeof(rank));
+    h.Update(dims.data(), dims.size() * sizeof(int64_t));
+  }
+  return h.Digest();
+}
+
+absl::StatusOr<std::vector<int64_t>> AllGatherInts(comm::Communicator& comm,
+                                                   const std::vector<int64_t>& mine) {
+  const int size = comm.size();
+  int64_t n = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> counts(size);
+  RETURN_IF_ERROR(Await(comm.AllGather(&n, counts.data(), 1, DType::kI64)));
+  std::vector<size_t> recv_counts(size), displs(size);
+  size_t total = 0;
+  for (int r = 0; r < size; ++r) {
+    recv_counts[r] = static_cast<size_t>(counts[r]);
+    displs[r] = total;
+    total += recv_counts[r];
+  }
+  std::vector<int64_t> all(std::max<size_t>(total, 1));
+  std::vector<int64_t> send(mine);
+  send.resize(std::max<size_t>(send.size(), 1));
+  RETURN_IF_ERROR(
+      Await(comm.AllGatherV(send.data(), mine.size(), all.data(), recv_counts, displs, DType::kI64)));
+  all.resize(total);
+  // Prefix each rank's part with its count so callers can split it.
+  std::vector<int64_t> out;
+  out.reserve(total + size);
+  size_t at = 0;
+  for (int r = 0; r < size; ++r) {
+    out.push_back(counts[r]);
+    out.insert(out.end(), all.begin() + at, all.begin() + at + recv_counts[r]);
+    at += recv_counts[r];
+  }
+  return out;
+}
+
+absl::StatusOr<Plan> BuildPlan(comm::Communicator& comm, absl::Span<const ShardedTensor> tensors,
+                               const std::vector<LocalPiece>& pieces) {
+  const int size = comm.size();
+  // Every rank must describe the same tensors.
+  int64_t hash = static_cast<int64_t>(TensorListHash(tensors));
+  std::vector<int64_t> hashes(size);
+  RETURN_IF_ERROR(Await(comm.AllGather(&hash, hashes.data(), 1, DType::kI64)));
+  for (int r = 1; r < size; ++r) {
+    if (hashes[r] != hashes[0]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint: rank ", r,
+                       " passed a different list of tensors (names, global shapes or "
+                       "order) than rank 0; every rank must pass the same list"));
+    }
+  }
+  std::vector<int64_t> mine;
+  for (const LocalPiece& p : pieces) {
+    const std::vector<int64_t> key = PieceKey(p.tensor, p.box);
+    mine.insert(mine.end(), key.begin(), key.end());
+  }
+  ASSIGN_OR_RETURN(std::vector<int64_t> all, AllGatherInts(comm, mine));
+  std::map<std::vector<int64_t>, std::vector<int>> holders;
+  size_t at = 0;
+  for (int r = 0; r < size; ++r) {
+    const int64_t n = all[at++];
+    for (int64_t k = 0; k < n; k += kPieceInts) {
+      holders[std::vector<int64_t>(all.begin() + at + k, all.begin() + at + k + kPieceInts)].push_back(r);
+    }
+    at += static_cast<size_t>(n);
+  }
+  Plan plan;
+  plan.tensor_shards.resize(tensors.size());
+  for (auto& [key, ranks] : holders) {
+    GlobalShard s;
+    s.tensor = static_cast<int>(key[0]);
+    const int rank = tensors[s.tensor].global_shape.rank();
+    s.box.offset.assign(key.begin() + 1, key.begin() + 1 + rank);
+    s.box.count.assign(key.begin() + 1 + kMaxTensorDims, key.begin() + 1 + kMaxTensorDims + rank);
+    s.holders = ranks;
+    plan.tensor_shards[s.tensor].push_back(static_cast<int>(plan.shards.size()));
+    plan.shards.push_back(std::move(s));
+  }
+  // The distinct boxes must tile each global tensor exactly.
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    int64_t covered = 0;
+    const std::vector<int>& idx = plan.tensor_shards[t];
+    for (size_t a = 0; a < idx.size(); ++a) {
+      const Box& ba = plan.shards[idx[a]].box;
+      covered += ba.numel();
+      for (size_t b = a + 1; b < idx.size(); ++b) {
+        if (Intersect(ba, plan.shards[idx[b]].box)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("checkpoint tensor ", tensors[t].name,
+                           ": ranks hold overlapping but different boxes ", ba.ToString(), " and ",
+                           plan.shards[idx[b]].box.ToString(), "; replicas must hold identical boxes"));
+        }
+      }
+    }
+    if (covered != tensors[t].global_shape.numel()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint tensor ", tensors[t].name, ": the ranks hold ", covered, " of its ",
+                       tensors[t].global_shape.numel(), " elements; together they must hold all of it"));
+    }
+  }
+  // Writers: largest shards first, each to the holder with the fewest bytes so far.
+  std::vector<int> order(plan.shards.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return plan.shards[a].box.numel() > plan.shards[b].box.numel(); });
+  std::vector<int64_t> load(size, 0);
+  for (int i : order) {
+    GlobalShard& s = plan.shards[i];
+    int best = s.holders.front();
+    for (int r : s.holders) {
+      if (load[r] < load[best]) best = r;
+    }
+    s.writer = best;
+    load[best] += s.box.numel();
+  }
+  // Dataset names in the rank files: the tensor's name, "@k" when one file
+  // holds several shards of it.
+  std::map<std::pair<int, int>, int> per_file;  // (writer, tensor) -> shards
+  for (const GlobalShard& s : plan.shards) ++per_file[{s.writer, s.tensor}];
+  std::map<std::pair<int, int>, int> seen;
+  for (GlobalShard& s : plan.shards) {
+    const std::string& name = tensors[s.tensor].name;
+    const int k = seen[{s.writer, s.tensor}]++;
+    s.dataset = per_file[{s.writer, s.tensor}] == 1 ? name : absl::StrCat(name, "@", k);
+  }
+  return plan;
+}
+
+std::string RandomSuffix() {
+  std::random_device rd;
+  const uint64_t x = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^
+                     static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                     static_cast<uint64_t>(::getpid());
+  return absl::StrFormat("%08x", static_cast<uint32_t>(x ^ (x >> 32)));
+}
+
+ckpt::TrainState TrainStateToProto(const TrainState& s) {
+  ckpt::TrainState p;
+  p.set_step(s.step);
+  p.set_consumed_samples(s.consumed_samples);
+  for (int64_t v : s.sampler_state) p.add_sampler_state(v);
+  for (const RngStreamState& r : s.rng) {
+    ckpt::RngState* q = p.add_rng();
+    q->set_name(r.name);
+    q->set_seed(r.seed);
+    q->set_counter(r.counter);
+  }
+  p.set_lr_step(s.lr_step);
+  for (const auto& [k, v] : s.int_values) (*p.mutable_int_values())[k] = v;
+  for (const auto& [k, v] : s.double_values) (*p.mutable_double_values())[k] = v;
+  return p;
+}
+
+TrainState TrainStateFromProto(const ckpt::TrainState& p) {
+  TrainState s;
+  s.step = p.step();
+  s.consumed_samples = p.consumed_samples();
+  s.sampler_state.assign(p.sampler_state().begin(), p.sampler_state().end());
+  for (const ckpt::RngState& r : p.rng()) s.rng.push_back({r.name(), r.seed(), r.counter()});
+  s.lr_step = p.lr_step();
+  for (const auto& [k, v] : p.int_values()) s.int_values[k] = v;
+  for (const auto& [k, v] : p.double_values()) s.double_values[k] = v;
+  return s;
+}
+
+bool IsHostVisible(const Tensor& t) { return t.buffer() != nullptr && t.buffer()->host_visible(); }
+
+// A host copy of a device tensor (synchronously).
+absl::StatusOr<Tensor> CopyToHost(const Tensor& t) {
+  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, t.shape(), t.dtype(), MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Backend * dev, GetBackend(t.device()));
+  RETURN_IF_ERROR(ops::Copy(dev->default_stream(), t, host));
+  RETURN_IF_ERROR(dev->default_stream().Synchronize());
+  return host;
+}
+
+absl::Status CopyFromHost(const void* data, const Tensor& t) {
+  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+  ASSIGN_OR_RETURN(Tensor host,
+                   Tensor::FromHost(*cpu, t.shape(), t.dtype(), data, t.nbytes(), MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Backend * dev, GetBackend(t.device()));
+  RETURN_IF_ERROR(ops::Copy(dev->default_stream(), host, t));
+  return dev->default_stream().Synchronize();
+}
+
+}  // namespace
+
+// ---- Public helpers ----------------------------------------------------------------
+
+std::string OptimizerStateName(absl::string_view state_name, absl::string_view canonical_name) {
+  return absl::StrCat("optimizer/", state_name, "/", canonical_name);
+}
+
+std::vector<ShardedTensor> ModelTensors(const parallel::ParameterList& params) {
+  std::vector<ShardedTensor> out;
+  for (const parallel::Parameter* p : params) {
+    ShardedTensor t;
+    t.name = p->name;
+    t.global_shape = p->global_shape;
+    t.shard = p->shard;
+    t.tensor = p->value;
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+void AppendOptimizerTensors(const optim::Optimizer& optimizer, const parallel::ParameterList& params,
+                            std::vector<ShardedTensor>& tensors) {
+  std::map<const parallel::Parameter*, const optim::ParamState*> held;
+  for (const optim::ParamState& s : optimizer.states()) held[s.param] = &s;
+  for (const std::string& state : optimizer.state_names()) {
+    for (const parallel::Parameter* p : params) {
+      ShardedTensor t;
+      t.name = OptimizerStateName(state, p->name);
+      t.global_shape = p->global_shape;
+      t.shard = p->shard;
+      auto it = held.find(p);
+      if (it == held.end()) {  // ZeRO-1: none of it here; listed so all ranks list the same
+        t.flat_begin = t.flat_end = 0;
+      } else {
+        const optim::ParamState& s = *it->second;
+        if (!s.whole()) {
+          t.flat_begin = s.begin;
+          t.flat_end = s.end;
+        }
+        if (const Tensor* value = s.Find(state)) t.tensor = *value;
+      }
+      tensors.push_back(std::move(t));
+    }
+  }
+}
+
+bool TrainState::operator==(const TrainState& o) const {
+  auto rng_eq = [](const RngStreamState& a, const RngStreamState& b) {
+    return a.name == b.name && a.seed == b.seed && a.counter == b.counter;
+  };
+  return step == o.step && consumed_samples == o.consumed_samples && sampler_state == o.sampler_state &&
+         rng.size() == o.rng.size() && std::equal(rng.begin(), rng.end(), o.rng.begin(), rng_eq) &&
+         lr_step == o.lr_step && int_values == o.int_values && double_values == o.double_values;
+}
+
+CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& config) {
+  CheckpointOptions o;
+  o.dir = config.dir();
+  o.keep_last = config.keep_last();
+  o.async = config.async();
+  return o;
+}
+
+// ---- Checkpointer ------------------------------------------------------------------
+
+struct Checkpointer::SaveTask {
+  int64_t step = 0;
+  std::string root, tmp_dir, final_name, suffix;
+  ckpt::Manifest manifest;  // rank 0: everything but the checksums until written
+  Plan plan;
+  struct Write {
+    int shard = 0;
+    uint64_t file_offset = 0;
+    const char* data = nullptr;
+    int64_t nbytes = 0;
+    uint64_t checksum = 0;
+  };
+  std::vector<Write> writes;
+  std::string rank_file;                 // empty when this rank writes nothing
+  std::vector<std::vector<char>> owned;  // async: host copies of the shards
+  std::vector<Tensor> staged;            // host copies of device tensors
+  absl::Status status;
+};
+
+Checkpointer::Checkpointer(std::unique_ptr<comm::Communicator> comm, const parallel::RankLayout& layout,
+                           CheckpointOptions options)
+    : comm_(std::move(comm)), layout_(layout), options_(std::move(options)) {
+  fs_ = options_.fs != nullptr ? options_.fs : CheckpointFs::Default();
+}
+
+absl::StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(comm::Communicator& world,
+                                                                   const parallel::RankLayout& layout,
+                                                                   CheckpointOptions options) {
+  if (options.keep_last < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint.keep_last = ", options.keep_last, " must be >= 0 (0: keep all)"));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> comm, world.Split(0, world.rank(), "checkpoint"));
+  RETURN_IF_ERROR(comm->set_timeout_s(options.timeout_s));
+  return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(comm), layout, std::move(options)));
+}
+
+Checkpointer::~Checkpointer() {
+  absl::Status s = WaitForPendingSave();
+  if (!s.ok()) MOE_LOG(ERROR) << "checkpoint: the last async save failed: " << s.message();
+}
+
+absl::Status Checkpointer::Agree(const absl::Status& local) {
+  int32_t first = local.ok() ? comm_->size() : comm_->rank();
+  RETURN_IF_ERROR(Await(comm_->AllReduce(&first, &first, 1, DType::kI32, comm::ReduceOp::kMin)));
+  if (first == comm_->size()) return absl::OkStatus();
+  std::vector<char> message(kMessageBytes, 0);
+  int32_t code = 0;
+  if (comm_->rank() == first) {
+    const std::string m = std::string(local.message()).substr(0, kMessageBytes - 1);
+    std::memcpy(message.data(), m.data(), m.size());
+    code = static_cast<int32_t>(local.code());
+  }
+  RETURN_IF_ERROR(Await(comm_->Broadcast(message.data(), message.data(), kMessageBytes, DType::kU8, first)));
+  RETURN_IF_ERROR(Await(comm_->Broadcast(&code, &code, 1, DType::kI32, first)));
+  const std::string text =
+      comm_->size() > 1 ? absl::StrCat("rank ", first, ": ", message.data()) : message.data();
+  return absl::Status(static_cast<absl::StatusCode>(code), text);
+}
+
+absl::Status Checkpointer::WaitForPendingSave() {
+  if (!worker_.joinable()) return absl::OkStatus();
+  worker_.join();
+  absl::Status s = pending_->status;
+  pending_.reset();
+  return s;
+}
+
+absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const ShardedTensor> tensors,
+                                const std::string& config_text) {
+  RETURN_IF_ERROR(WaitForPendingSave());
+  if (options_.dir.empty()) {
+    return absl::FailedPreconditionError("checkpoint: no checkpoint.dir is set; set it to save checkpoints");
+  }
+  if (state.step < 0)
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint: step ", state.step, " < 0"));
+  const bool root_rank = comm_->rank() == 0;
+  std::vector<LocalPiece> pieces;
+  RETURN_IF_ERROR(Agree(LocalPieces(tensors, &pieces)));
+  auto task = std::make_shared<SaveTask>();
+  task->step = state.step;
+  task->root = options_.dir;
+  task->final_name = StepDirName(state.step);
+  ASSIGN_OR_RETURN(task->plan, BuildPlan(*comm_, tensors, pieces));
+
+  // Rank 0: a fresh temporary directory (and away with crashed saves' ones).
+  std::vector<char> name(256, 0);
+  absl::Status local;
+  if (root_rank) {
+    local = fs_->CreateDir(task->root);
+    if (local.ok()) {
+      absl::StatusOr<std::vector<std::string>> entries = fs_->ListDir(task->root);
+      if (entries.ok()) {
+        for (const std::string& e : *entries) {
+          if (absl::StrContains(e, ".tmp-")) {
+            MOE_LOG(INFO) << "checkpoint: removing " << JoinPath(task->root, e)
+                          << " (left by an unfinished save)";
+            fs_->RemoveAll(JoinPath(task->root, e)).IgnoreError();
+          }
+        }
+      }
+      const std::string tmp = absl::StrCat(task->final_name, ".tmp-", RandomSuffix());
+      std::memcpy(name.data(), tmp.data(), tmp.size());
+      local = fs_->CreateDir(JoinPath(task->root, tmp));
+    }
+  }
+  RETURN_IF_ERROR(Agree(local));
+  RETURN_IF_ERROR(Await(comm_->Broadcast(name.data(), name.data(), name.size(), DType::kU8, 0)));
+  const std::string tmp_name = name.data();
+  task->tmp_dir = JoinPath(task->root, tmp_name);
+  task->suffix = tmp_name.substr(tmp_name.find(".tmp-") + 5);
+
+  // The files' HDF5 structure (calling thread): this rank's file, and on rank
+  // 0 the master file. The manifest is complete but for the checksums.
+  const int me = comm_->rank();
+  std::vector<RankDataset> datasets;
+  for (size_t i = 0; i < task->plan.shards.size(); ++i) {
+    const GlobalShard& s = task->plan.shards[i];
+    if (s.writer != me) continue;
+    RankDataset d;
+    d.dataset = s.dataset;
+    d.shape = s.box.count;
+    d.global_offset = s.box.offset;
+    d.global_shape = GlobalDims(tensors[s.tensor].global_shape);
+    datasets.push_back(std::move(d));
+    task->writes.push_back({static_cast<int>(i), 0, nullptr, s.box.numel() * 4, 0});
+  }
+  if (!datasets.empty()) {
+    task->rank_file = JoinPath(task->tmp_dir, RankFileName(me));
+    local = CreateRankFileLayout(task->rank_file, datasets);
+    for (size_t k = 0; k < datasets.size(); ++k) task->writes[k].file_offset = datasets[k].file_offset;
+  }
+  if (local.ok() && root_rank) {
+    ckpt::Manifest& m = task->manifest;
+    m.set_step(state.step);
+    m.set_created_by(absl::StrCat("moe-runtime checkpoint v", kCheckpointFormatVersion));
+    m.set_config_text(config_text);
+    m.mutable_layout()->set_world(layout_.world);
+    m.mutable_layout()->set_tp(layout_.tp);
+    m.mutable_layout()->set_dp(layout_.dp);
+    m.mutable_layout()->set_ep(layout_.ep);
+    m.mutable_layout()->set_edp(layout_.edp);
+    *m.mutable_train() = TrainStateToProto(state);
+    m.set_checksum_algorithm("xxh64");
+    std::set<int> writers;
+    int64_t total = 0;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      ckpt::TensorEntry* e = m.add_tensors();
+      e->set_name(tensors[t].name);
+      e->set_dtype("f32");
+      for (int64_t d : GlobalDims(tensors[t].global_shape)) e->add_global_shape(d);
+      for (int i : task->plan.tensor_shards[t]) {
+        const GlobalShard& s = task->plan.shards[i];
+        ckpt::Shard* sh = e->add_shards();
+        for (int64_t v : s.box.offset) sh->add_offset(v);
+        for (int64_t v : s.box.count) sh->add_count(v);
+        sh->set_writer_rank(s.writer);
+        sh->set_file(RankFileName(s.writer));
+        sh->set_dataset(s.dataset);
+        sh->set_nbytes(s.box.numel() * 4);
+        total += s.box.numel() * 4;
+        writers.insert(s.writer);
+      }
+    }
+    m.add_files(kMasterFileName);
+    for (int w : writers) m.add_files(RankFileName(w));
+    m.set_total_bytes(total);
+    local = WriteMasterFile(JoinPath(task->tmp_dir, kMasterFileName), m);
+  }
+  // Where each write's bytes are now (and, async, a private copy of them).
+  if (local.ok()) {
+    std::map<int, Tensor> host;  // tensor index -> host-visible tensor
+    for (SaveTask::Write& w : task->writes) {
+      const GlobalShard& s = task->plan.shards[w.shard];
+      const LocalPiece* piece = nullptr;
+      for (const LocalPiece& p : pieces) {
+        if (p.tensor == s.tensor && p.box == s.box) piece = &p;
+      }
+      if (piece == nullptr) {
+        local =
+            absl::InternalError(absl::StrCat("checkpoint: rank ", me, " writes a shard it does not hold"));
+        break;
+      }
+      auto it = host.find(s.tensor);
+      if (it == host.end()) {
+        const Tensor& t = tensors[s.tensor].tensor;
+        if (IsHostVisible(t)) {
+          it = host.emplace(s.tensor, t).first;
+        } else {
+          absl::StatusOr<Tensor> copy = CopyToHost(t);
+          if (!copy.ok()) {
+            local = Annotate(copy.status(), absl::StrCat("checkpoint tensor ", tensors[s.tensor].name));
+            break;
+          }
+          task->staged.push_back(*copy);
+          it = host.emplace(s.tensor, *copy).first;
+        }
+      }
+      const char* data = static_cast<const char*>(it->second.raw_data()) + piece->elem_offset * 4;
+      if (options_.async && IsHostVisible(tensors[s.tensor].tensor)) {
+        task->owned.emplace_back(data, data + w.nbytes);
+        data = task->owned.back().data();
+      }
+      w.data = data;
+    }
+  }
+  if (absl::Status agreed = Agree(local); !agreed.ok()) {
+    if (root_rank) fs_->RemoveAll(task->tmp_dir).IgnoreError();
+    return agreed;
+  }
+  if (!options_.async) return RunSaveTask(*task);
+  pending_ = task;
+  worker_ = std::thread([this, task] { task->status = RunSaveTask(*task); });
+  return absl::OkStatus();
+}
+
+absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
+  const bool root_rank = comm_->rank() == 0;
+  auto fail = [&](absl::Status s) {
+    if (root_rank) {
+      absl::Status r = fs_->RemoveAll(task.tmp_dir);
+      if (!r.ok()) MOE_LOG(WARNING) << "checkpoint: could not remove " << task.tmp_dir << ": " << r.message();
+    }
+    return s;
+  };
+  // 1. This rank's shards: hash and write in chunks, then fsync.
+  absl::Status local;
+  if (!task.writes.empty()) {
+    absl::StatusOr<std::unique_ptr<CheckpointFile>> file = fs_->OpenForWrite(task.rank_file);
+    local = file.status();
+    for (SaveTask::Write& w : task.writes) {
+      if (!local.ok()) break;
+      Xxh64 hash;
+      for (int64_t done = 0; done < w.nbytes && local.ok();) {
+        const size_t n = static_cast<size_t>(std::min<int64_t>(kWriteChunk, w.nbytes - done));
+        hash.Update(w.data + done, n);
+        local = (*file)->WriteAt(w.file_offset + static_cast<uint64_t>(done), w.data + done, n);
+        done += static_cast<int64_t>(n);
+      }
+      w.checksum = hash.Digest();
+    }
+    if (local.ok()) local = (*file)->Sync();
+    if (file.ok()) {
+      absl::Status c = (*file)->Close();
+      if (local.ok()) local = c;
+    }
+    if (!local.ok()) local = Annotate(local, absl::StrCat("checkpoint: writing ", task.rank_file));
+  }
+  if (absl::Status s = Agree(local); !s.ok()) return fail(s);
+  // 2. Checksums to every rank (rank 0 needs them); rank 0 writes the manifest.
+  std::vector<int64_t> mine;
+  for (const SaveTask::Write& w : task.writes) {
+    mine.push_back(w.shard);
+    mine.push_back(static_cast<int64_t>(w.checksum));
+  }
+  absl::StatusOr<std::vector<int64_t>> all = AllGatherInts(*comm_, mine);
+  if (!all.ok()) return all.status();
+  if (root_rank) {
+    std::map<int, uint64_t> sums;
+    for (size_t at = 0; at < all->size();) {
+      const int64_t n = (*all)[at++];
+      for (int64_t k = 0; k < n; k += 2)
+        sums[static_cast<int>((*all)[at + k])] = static_cast<uint64_t>((*all)[at + k + 1]);
+      at += static_cast<size_t>(n);
+    }
+    // Shards appear in the manifest in plan order (tensor, then box).
+    int next = 0;
+    for (ckpt::TensorEntry& e : *task.manifest.mutable_tensors()) {
+      for (ckpt::Shard& sh : *e.mutable_shards()) sh.set_checksum(sums[next++]);
+    }
+    local = fs_->WriteFile(JoinPath(task.tmp_dir, kManifestFileName), SerializeManifestFile(task.manifest));
+    if (local.ok()) local = fs_->SyncDir(task.tmp_dir);
+  }
+  if (absl::Status s = Agree(local); !s.ok()) return fail(s);
+  // 3. Rank 0 publishes it.
+  if (root_rank) local = Commit(task);
+  return Agree(local);
+}
+
+absl::Status Checkpointer::Commit(SaveTask& task) {
+  const std::string final_dir = JoinPath(task.root, task.final_name);
+  std::string displaced;
+  if (fs_->Exists(final_dir)) {  // the same step saved again: replace it
+    displaced = absl::StrCat(final_dir, ".tmp-old-", task.suffix);
+    RETURN_IF_ERROR(fs_->Rename(final_dir, displaced));
+  }
+  if (absl::Status s = fs_->Rename(task.tmp_dir, final_dir); !s.ok()) {
+    fs_->RemoveAll(task.tmp_dir).IgnoreError();
+    return s;
+  }
+  RETURN_IF_ERROR(fs_->SyncDir(task.root));
+  const std::string latest_tmp = JoinPath(task.root, absl::StrCat(kLatestFileName, ".tmp-", task.suffix));
+  RETURN_IF_ERROR(fs_->WriteFile(latest_tmp, task.final_name + "\n"));
+  RETURN_IF_ERROR(fs_->Rename(latest_tmp, JoinPath(task.root, kLatestFileName)));
+  RETURN_IF_ERROR(fs_->SyncDir(task.root));
+  MOE_LOG(INFO) << "checkpoint: saved " << final_dir << " (" << task.manifest.total_bytes() << " bytes, "
+                << task.manifest.files_size() - 1 << " rank files)";
+  if (!displaced.empty()) {
+    if (absl::Status s = fs_->RemoveAll(displaced); !s.ok()) {
+      MOE_LOG(WARNING) << "checkpoint: could not remove the replaced " << displaced << ": " << s.message();
+    }
+  }
+  if (options_.keep_last > 0) {
+    absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> all = List(task.root);
+    if (!all.ok()) {
+      MOE_LOG(WARNING) << "checkpoint: keep_last: " << all.status().message();
+      return absl::OkStatus();
+    }
+    int kept = 0;
+    for (const auto& [step, path] : *all) {
+      if (path == final_dir || kept < options_.keep_last - 1) {
+        if (path != final_dir) ++kept;
+        continue;
+      }
+      // Out of sight first (atomic), then removed.
+      const std::string trash = absl::StrCat(path, ".tmp-del-", task.suffix);
+      absl::Status s = fs_->Rename(path, trash);
+      if (s.ok()) s = fs_->RemoveAll(trash);
+      if (s.ok()) {
+        MOE_LOG(INFO) << "checkpoint: removed " << path << " (checkpoint.keep_last = " << options_.keep_last
+                      << ")";
+      } else {
+        MOE_LOG(WARNING) << "checkpoint: keep_last could not remove " << path << ": " << s.message();
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> Checkpointer::List(const std::string& dir) {
+  return ListCheckpoints(dir);
+}
+
+absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
+                                                    absl::Span<const ShardedTensor> tensors) {
+  RETURN_IF_ERROR(WaitForPendingSave());
+  // 1. Manifest and the tensors' names and shapes (every rank reads it).
+  std::vector<LocalPiece> pieces;
+  absl::Status local = LocalPieces(tensors, &pieces);
+  absl::StatusOr<ckpt::Manifest> manifest = absl::UnknownError("");
+  std::vector<const ckpt::TensorEntry*> entries(tensors.size(), nullptr);
+  if (local.ok()) {
+    manifest = ReadManifest(path);
+    local = manifest.status();
+  }
+  if (local.ok()) local = ValidateManifest(*manifest, path);
+  if (local.ok()) {
+    std::map<std::string, const ckpt::TensorEntry*> by_name;
+    for (const ckpt::TensorEntry& e : manifest->tensors()) by_name[e.name()] = &e;
+    for (size_t i = 0; i < tensors.size() && local.ok(); ++i) {
+      auto it = by_name.find(tensors[i].name);
+      if (it == by_name.end()) {
+        local = absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no tensor ", tensors[i].name));
+        break;
+      }
+      const std::vector<int64_t> dims(it->second->global_shape().begin(), it->second->global_shape().end());
+      if (dims != GlobalDims(tensors[i].global_shape)) {
+        local = absl::FailedPreconditionError(
+            absl::StrCat("checkpoint ", path, ": tensor ", tensors[i].name, " has global shape ",
+                         Shape(absl::MakeConstSpan(dims)).ToString(), ", the model's is ",
+                         tensors[i].global_shape.ToString(), " (a different model configuration?)"));
+      }
+      entries[i] = it->second;
+    }
+  }
+  RETURN_IF_ERROR(Agree(local));
+
+  // 2. Each box held here from the shards overlapping it.
+  {
+    ShardReader reader(path);
+    std::vector<char> staging;
+    for (size_t i = 0; i < tensors.size() && local.ok(); ++i) {
+      const ShardedTensor& t = tensors[i];
+      if (!t.tensor.defined() || t.tensor.numel() == 0) continue;
+      const bool direct = IsHostVisible(t.tensor);
+      char* base;
+      if (direct) {
+        base = static_cast<char*>(t.tensor.raw_data());
+      } else {
+        staging.resize(t.tensor.nbytes());
+        base = staging.data();
+      }
+      std::map<int, std::vector<char>> cache;  // shard index -> bytes (this tensor only)
+      const ckpt::TensorEntry& e = *entries[i];
+      for (const LocalPiece& p : pieces) {
+        if (p.tensor != static_cast<int>(i) || !local.ok()) continue;
+        char* dst = base + p.elem_offset * 4;
+        for (int k = 0; k < e.shards_size() && local.ok(); ++k) {
+          const ckpt::Shard& sh = e.shards(k);
+          const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
+          std::optional<Box> region = Intersect(p.box, sbox);
+          if (!region) continue;
+          if (sbox == p.box) {  // the same layout: straight into the tensor
+            local = reader.Read(e, sh, dst);
+            continue;
+          }
+          auto it = cache.find(k);
+          if (it == cache.end()) {
+            it = cache.emplace(k, std::vector<char>(static_cast<size_t>(sh.nbytes()))).first;
+            local = reader.Read(e, sh, it->second.data());
+            if (!local.ok()) break;
+          }
+          CopyRegion(it->second.data(), sbox, dst, p.box, *region, 4);
+        }
+      }
+      if (local.ok() && !direct) local = CopyFromHost(staging.data(), t.tensor);
+    }
+  }
+  RETURN_IF_ERROR(Agree(local));
+
+  LoadedCheckpoint out;
+  out.path = path;
+  out.state = TrainStateFromProto(manifest->train());
+  out.config_text = manifest->config_text();
+  const ckpt::Layout& l = manifest->layout();
+  out.layout = {l.world(), l.tp(), l.dp(), l.ep(), l.edp()};
+  MOE_LOG_RANK0(INFO) << "checkpoint: loaded " << path << " (step " << out.state.step << ", saved at world "
+                      << l.world() << " tp " << l.tp() << " ep " << l.ep() << " dp " << l.dp() << ")";
+  return out;
+}
+
+absl::StatusOr<std::optional<LoadedCheckpoint>> Checkpointer::Resume(
+    const std::string& resume, absl::Span<const ShardedTensor> tensors) {
+  if (resume == "none") return std::optional<LoadedCheckpoint>();
+  std::string root;
+  if (resume == "auto") {
+    root = options_.dir;
+    if (root.empty()) {
+      MOE_LOG_RANK0(INFO) << "resume: auto, but no checkpoint.dir is set: starting from scratch";
+      return std::optional<LoadedCheckpoint>();
+    }
+  } else if (resume.empty()) {
+    return absl::InvalidArgumentError("train.resume is empty; use auto, none or a checkpoint directory");
+  } else if (CheckpointFs::Default()->Exists(JoinPath(resume, kManifestFileName))) {
+    ASSIGN_OR_RETURN(LoadedCheckpoint loaded, Load(resume, tensors));
+    return std::optional<LoadedCheckpoint>(std::move(loaded));
+  } else {
+    root = resume;
+  }
+  // Rank 0's listing, so that every rank tries the same candidates in order.
+  std::vector<int64_t> steps;
+  absl::Status local;
+  if (comm_->rank() == 0) {
+    absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> list = List(root);
+    local = list.status();
+    if (list.ok()) {
+      for (const auto& [step, path] : *list) steps.push_back(step);
+    }
+  }
+  RETURN_IF_ERROR(Agree(local));
+  int64_t n = static_cast<int64_t>(steps.size());
+  RETURN_IF_ERROR(Await(comm_->Broadcast(&n, &n, 1, DType::kI64, 0)));
+  steps.resize(std::max<int64_t>(n, 1));
+  RETURN_IF_ERROR(Await(comm_->Broadcast(steps.data(), steps.data(), steps.size(), DType::kI64, 0)));
+  steps.resize(n);
+  if (steps.empty()) {
+    if (resume != "auto") {
+      return absl::NotFoundError(absl::StrCat(
+          "train.resume = ", resume, ": neither a checkpoint (no manifest.pb) nor a directory of them"));
+    }
+    MOE_LOG_RANK0(INFO) << "resume: no checkpoint under " << root << ": starting from scratch";
+    return std::optional<LoadedCheckpoint>();
+  }
+  std::vector<std::string> skipped;
+  for (int64_t step : steps) {
+    const std::string path = JoinPath(root, StepDirName(step));
+    absl::StatusOr<LoadedCheckpoint> loaded = Load(path, tensors);
+    if (loaded.ok()) {
+      loaded->skipped = skipped;
+      if (!skipped.empty()) {
+        MOE_LOG_RANK0(WARNING) << "resume: took " << path << " after skipping " << skipped.size()
+                               << " newer checkpoint(s)";
+      }
+      return std::optional<LoadedCheckpoint>(std::move(*loaded));
+    }
+    const std::string why = absl::StrCat(StepDirName(step), ": ", loaded.status().message());
+    MOE_LOG_RANK0(WARNING) << "resume: skipping " << why;
+    skipped.push_back(why);
+  }
+  return absl::DataLossError(
+      absl::StrCat("resume: no valid checkpoint under ", root, "; skipped ", absl::StrJoin(skipped, "; ")));
+}
+
+}  // namespace moe

@@ -1,0 +1,210 @@
+// Sharded checkpoints: every rank writes only the shards it owns, in parallel,
+// to its own HDF5 file; a master file stitches them into whole tensors under
+// their canonical names (HDF5 virtual datasets), and a protobuf manifest keeps
+// the training state and a checksum per shard. A checkpoint loads into any
+// (tp, ep, dp) layout: each rank reads just the shards that overlap its part.
+//
+//   ASSIGN_OR_RETURN(auto ckpt, Checkpointer::Create(*groups.world, groups.layout,
+//                                                    CheckpointOptionsFromConfig(config.checkpoint())));
+//   std::vector<ShardedTensor> tensors = ModelTensors(params);
+//   AppendOptimizerTensors(*optimizer, params, tensors);
+//   ASSIGN_OR_RETURN(std::optional<LoadedCheckpoint> resumed,
+//                    ckpt->Resume(config.train().resume(), tensors));   // auto | none | PATH
+//   if (resumed) { optimizer->set_step(...); sampler.Restore(...); ... resumed->state ... }
+//   ...
+//   RETURN_IF_ERROR(ckpt->Save(train_state, tensors, resolved_config_text));
+//   ...
+//   RETURN_IF_ERROR(ckpt->WaitForPendingSave());   // before exiting (async saves)
+//
+// Directory layout (checkpoint.dir):
+//   step_00000100/            a complete checkpoint (see checkpoint_format.h for its files)
+//   step_00000200.tmp-1a2b3c  a save in progress or a crashed one: never read, removed by the next save
+//   latest                    "step_00000200\n", replaced atomically after each save
+//
+// Guarantees
+// - No gather: each distinct shard is written once, by one of the ranks that
+//   hold it (replicas over DP/EDP/TP: the holder with the fewest bytes to
+//   write so far, so the write load spreads over all ranks).
+// - A checkpoint directory appears (rename) only after every rank's files and
+//   the manifest are fsynced; then the parent directory is fsynced and `latest`
+//   updated (temp + rename). keep_last prunes only after that. A crash at any
+//   moment leaves the previous checkpoints intact and loadable.
+// - Load checks every shard it reads against its checksum, and refuses a
+//   manifest of a newer format version. Errors name the file and the tensor.
+// - Every collective method returns the same status on every rank.
+//
+// Threads: the methods are called from one thread. With options.async, Save
+// returns once the state is copied to host memory; a background thread writes
+// it (plain pwrite/fsync: HDF5 calls stay on the calling thread) and runs the
+// final collectives on the checkpointer's own communicator (split from `world`
+// at Create), so the caller's communicators are never used concurrently.
+#ifndef MOE_RUNTIME_CHECKPOINT_H_
+#define MOE_RUNTIME_CHECKPOINT_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "comm/communicator.h"
+#include "parallel/layout.h"
+#include "parallel/parameter.h"
+#include "runtime/checkpoint_fs.h"
+#include "runtime/core/tensor.h"
+
+namespace moe::config {
+class CheckpointConfig;
+}
+namespace moe::optim {
+class Optimizer;
+}
+
+namespace moe {
+
+// One tensor of the checkpoint as this rank holds it.
+struct ShardedTensor {
+  // Path in model.h5: a canonical name (MODEL.md), or OptimizerStateName(...).
+  std::string name;
+  Shape global_shape;  // rank 1..5
+  // The box of the global tensor this rank's data belongs to
+  // (parallel::ShardOffsets / LocalShape).
+  parallel::ShardSpec shard;
+  // ZeRO-1: only the elements [flat_begin, flat_end) of that box, in its
+  // row-major order, are held here. flat_end < 0: the whole box.
+  int64_t flat_begin = 0, flat_end = -1;
+  // f32, contiguous, numel = the held elements; any device. Save reads it, Load
+  // writes it (the handle shares storage with the model or optimizer).
+  Tensor tensor;
+};
+
+// "optimizer/exp_avg/model.layers.0.mlp.router.weight".
+std::string OptimizerStateName(absl::string_view state_name, absl::string_view canonical_name);
+
+// One entry per parameter (name, global shape, shard, value).
+std::vector<ShardedTensor> ModelTensors(const parallel::ParameterList& params);
+// Appends one entry per (state name, parameter of `params`), named
+// OptimizerStateName(state, parameter): the optimizer's state tensor (ZeRO-1:
+// the flat range this rank owns, possibly empty). `params` is the list the
+// optimizer was built on.
+void AppendOptimizerTensors(const optim::Optimizer& optimizer, const parallel::ParameterList& params,
+                            std::vector<ShardedTensor>& tensors);
+
+struct RngStreamState {
+  std::string name;
+  uint64_t seed = 0;
+  uint64_t counter = 0;
+};
+
+// What the trainer needs besides tensors to continue exactly. Global: rank 0's
+// copy is written.
+struct TrainState {
+  int64_t step = 0;  // optimizer steps completed; names the directory
+  int64_t consumed_samples = 0;
+  std::vector<int64_t> sampler_state;  // data::SamplerState::ToInts()
+  std::vector<RngStreamState> rng;
+  int64_t lr_step = 0;
+  std::map<std::string, int64_t> int_values;  // anything else (e.g. "optimizer.step")
+  std::map<std::string, double> double_values;
+  bool operator==(const TrainState& o) const;
+};
+
+struct CheckpointOptions {
+  std::string dir;     // checkpoint.dir; "" = no checkpoints (Save fails, Resume auto finds none)
+  int keep_last = 0;   // checkpoint.keep_last; 0 = keep all
+  bool async = false;  // checkpoint.async
+  // Deadline of the checkpointer's collectives (they wait for the slowest
+  // rank's writes, so longer than comm.timeout_s).
+  double timeout_s = 3600;
+  // File system for data, syncs, renames; nullptr = POSIX. Tests pass a
+  // FaultInjectionFs (it must outlive the checkpointer).
+  CheckpointFs* fs = nullptr;
+};
+
+CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& config);
+
+struct SavedLayout {
+  int world = 0, tp = 0, dp = 0, ep = 0, edp = 0;
+};
+
+struct LoadedCheckpoint {
+  std::string path;  // the directory loaded
+  TrainState state;
+  std::string config_text;  // the resolved config that saved it
+  SavedLayout layout;       // the layout that saved it
+  // Newer checkpoints that resume=auto passed over: "step_00000300: <why>".
+  std::vector<std::string> skipped;
+};
+
+class Checkpointer {
+ public:
+  // Collective over `world`: splits the checkpointer's own communicator.
+  static absl::StatusOr<std::unique_ptr<Checkpointer>> Create(comm::Communicator& world,
+                                                              const parallel::RankLayout& layout,
+                                                              CheckpointOptions options);
+  // Waits for a pending async save (its error, if any, is logged).
+  ~Checkpointer();
+  Checkpointer(const Checkpointer&) = delete;
+  Checkpointer& operator=(const Checkpointer&) = delete;
+
+  // Collective over the world: saves `tensors` (the same names and global
+  // shapes in the same order on every rank; their boxes must tile each global
+  // tensor) as dir/step_<state.step>. Waits for the previous async save first
+  // and returns its error if it failed. Sync: returns when the checkpoint is
+  // complete. Async: returns once the tensors are copied to host memory.
+  // An existing checkpoint of the same step is replaced.
+  absl::Status Save(const TrainState& state, absl::Span<const ShardedTensor> tensors,
+                    const std::string& config_text);
+  // Waits for the async save in flight (if any) and returns its status (the
+  // same on every rank). Not a collective call itself.
+  absl::Status WaitForPendingSave();
+
+  // Collective: fills every tensor of `tensors` from the checkpoint directory
+  // `path` (a step_… directory), whatever layout saved it. Each rank reads the
+  // shards overlapping its boxes and checks their checksums. Fails (same status
+  // on every rank) when a tensor is missing or has another global shape, or a
+  // shard is corrupt; tensors may then be partly overwritten.
+  absl::StatusOr<LoadedCheckpoint> Load(const std::string& path, absl::Span<const ShardedTensor> tensors);
+
+  // Collective: train.resume semantics.
+  //   "none": nullopt.
+  //   "auto": the newest checkpoint under options.dir that loads; passes over
+  //           (and logs, and lists in `skipped`) the ones that do not; nullopt
+  //           when there is none; an error when all fail.
+  //   PATH:   a checkpoint directory (step_…), or a directory of them (then as auto).
+  absl::StatusOr<std::optional<LoadedCheckpoint>> Resume(const std::string& resume,
+                                                         absl::Span<const ShardedTensor> tensors);
+
+  // Complete checkpoints under `dir` as (step, path), newest first (by name; no
+  // verification). Empty when `dir` does not exist.
+  static absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> List(const std::string& dir);
+
+  const CheckpointOptions& options() const { return options_; }
+
+ private:
+  struct SaveTask;
+  Checkpointer(std::unique_ptr<comm::Communicator> comm, const parallel::RankLayout& layout,
+               CheckpointOptions options);
+  // Every rank gets the status of the lowest failing rank (or OK).
+  absl::Status Agree(const absl::Status& local);
+  absl::Status RunSaveTask(SaveTask& task);
+  absl::Status Commit(SaveTask& task);
+
+  std::unique_ptr<comm::Communicator> comm_;
+  parallel::RankLayout layout_;
+  CheckpointOptions options_;
+  CheckpointFs* fs_;
+  std::thread worker_;
+  std::shared_ptr<SaveTask> pending_;
+  absl::Status pending_status_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_CHECKPOINT_H_

@@ -15,8 +15,6 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-int64_t Bytes(const Tensor& t) { return static_cast<int64_t>(t.nbytes()); }
-
 }  // namespace
 
 AllToAllTokenDispatcher::AllToAllTokenDispatcher(comm::Communicator* ep, comm::Communicator* tp,
@@ -29,6 +27,16 @@ AllToAllTokenDispatcher::AllToAllTokenDispatcher(comm::Communicator* ep, comm::C
   for (int p = 0; p < P; ++p) {
     for (int64_t e = num_experts * p / P; e < num_experts * (p + 1) / P; ++e) owner_[e] = p;
   }
+}
+
+int64_t AllToAllTokenDispatcher::WireBytes(int chunk, bool toward_experts) const {
+  const std::vector<int64_t> rows =
+      toward_experts ? plan_.SendRowsPerRank(chunk) : plan_.RecvRowsPerRank(chunk);
+  int64_t n = 0;
+  for (int p = 0; p < static_cast<int>(rows.size()); ++p) {
+    if (p != ep_->rank()) n += rows[p];
+  }
+  return n * hidden_ * static_cast<int64_t>(sizeof(float));
 }
 
 absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan,
@@ -170,7 +178,7 @@ absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::Dispatch(Stream& stream, co
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, send));
   stats_.dispatch_s += Since(t0);
-  stats_.dispatch_bytes += Bytes(send);
+  stats_.dispatch_bytes += WireBytes(0, true);
   return LocalRows(0, grouped);
 }
 
@@ -180,7 +188,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(chunks_[0].combined, parallel::Combine(*ep_, stream, plan_, 0, expert_out));
   stats_.combine_s += Since(t0);
-  stats_.combine_bytes += Bytes(expert_out);
+  stats_.combine_bytes += WireBytes(0, false);
   const auto t1 = Clock::now();
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
@@ -206,7 +214,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, 
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, d_rows));
   stats_.combine_s += Since(t0);
-  stats_.combine_bytes += Bytes(d_rows);
+  stats_.combine_bytes += WireBytes(0, true);
   ASSIGN_OR_RETURN(ExpertInput in, LocalRows(0, grouped));
   return in.tokens;
 }
@@ -218,7 +226,7 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(Tensor d_send, parallel::Combine(*ep_, stream, plan_, 0, d_expert_in));
   stats_.dispatch_s += Since(t0);
-  stats_.dispatch_bytes += Bytes(d_expert_in);
+  stats_.dispatch_bytes += WireBytes(0, false);
   const Chunk& ch = chunks_[0];
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);
@@ -250,7 +258,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   t0 = Clock::now();
   ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
   stats_.dispatch_s += Since(t0);
-  stats_.dispatch_bytes += Bytes(send0);
+  stats_.dispatch_bytes += WireBytes(0, true);
   std::vector<parallel::InFlight> back(C);
   for (int c = 0; c < C; ++c) {
     parallel::InFlight cur = std::move(next);
@@ -262,7 +270,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
       t0 = Clock::now();
       ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, send));
       stats_.dispatch_s += Since(t0);
-      stats_.dispatch_bytes += Bytes(send);
+      stats_.dispatch_bytes += WireBytes(c + 1, true);
     }
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
@@ -275,7 +283,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     t0 = Clock::now();
     ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, out));
     stats_.combine_s += Since(t0);
-    stats_.combine_bytes += Bytes(out);
+    stats_.combine_bytes += WireBytes(c, false);
   }
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
@@ -313,7 +321,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   t0 = Clock::now();
   ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
   stats_.combine_s += Since(t0);
-  stats_.combine_bytes += Bytes(d0);
+  stats_.combine_bytes += WireBytes(0, true);
   std::vector<parallel::InFlight> back(C);
   for (int c = 0; c < C; ++c) {
     parallel::InFlight cur = std::move(next);
@@ -324,7 +332,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
       t0 = Clock::now();
       ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, d));
       stats_.combine_s += Since(t0);
-      stats_.combine_bytes += Bytes(d);
+      stats_.combine_bytes += WireBytes(c + 1, true);
     }
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
@@ -337,7 +345,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     t0 = Clock::now();
     ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, d_in));
     stats_.dispatch_s += Since(t0);
-    stats_.dispatch_bytes += Bytes(d_in);
+    stats_.dispatch_bytes += WireBytes(c, false);
   }
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);

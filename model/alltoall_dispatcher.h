@@ -50,8 +50,12 @@
 namespace moe::model {
 
 // Per-phase counters of one dispatcher (accumulated until Reset), for the
-// benchmark and the metrics: seconds spent on the host in each phase and
-// payload bytes sent to other ranks.
+// benchmark and the metrics: host seconds per phase and payload bytes this
+// rank sent to other EP ranks (self excluded). A backward transfer counts in
+// the phase it mirrors: "dispatch" is the forward token all-to-all plus the
+// backward return of the experts' input grads; "combine" is the forward return
+// of expert outputs plus the backward send of output grads. "counts" is the
+// count exchange (once per layer and micro-batch).
 struct DispatchStats {
   double permute_s = 0, dispatch_s = 0, expert_s = 0, combine_s = 0, unpermute_s = 0, counts_s = 0;
   int64_t dispatch_bytes = 0, combine_bytes = 0, counts_bytes = 0;
@@ -104,6 +108,9 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   // Local expert rows of a grouped chunk and their offsets (checks that only
   // local experts received rows).
   absl::StatusOr<ExpertInput> LocalRows(int chunk, const Tensor& grouped) const;
+  // Payload bytes this rank sends to other EP ranks in `chunk`, toward the
+  // experts (the dispatch direction) or back from them.
+  int64_t WireBytes(int chunk, bool toward_experts) const;
   absl::StatusOr<Tensor> SendRows(Stream& stream, int chunk, const Tensor& src_slice) const;
   absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice,
                                           std::vector<float>* dweights);

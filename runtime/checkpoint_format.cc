@@ -435,6 +435,7 @@ absl::Status ShardReader::Read(const ckpt::TensorEntry& tensor, const ckpt::Shar
 // ---- Verify ----------------------------------------------------------------------
 
 absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report) {
+  *report = VerifyReport();
   ASSIGN_OR_RETURN(ckpt::Manifest manifest, ReadManifest(dir));
   RETURN_IF_ERROR(ValidateManifest(manifest, dir));
   std::vector<char> buffer, through_master;

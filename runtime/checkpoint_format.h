@@ -128,8 +128,8 @@ struct VerifyReport {
   std::vector<std::string> errors;  // one line per problem: file, tensor, what
 };
 // Reads the manifest, every shard (checksums), and checks that model.h5 has
-// every tensor with its global shape and f32. OK only when `report->errors` is
-// empty; the status then carries the first error.
+// every tensor with its global shape and f32. `report` is reset first. OK only
+// when `report->errors` is empty; the status otherwise carries the first error.
 absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report);
 
 }  // namespace moe

@@ -1,0 +1,221 @@
+// Router decisions on hand-made probabilities, the local dispatcher's
+// permutation, and GroupedExperts against SequentialExperts.
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <random>
+
+#include "model/experts.h"
+#include "model/router.h"
+#include "model/token_dispatcher.h"
+#include "runtime/core/ops.h"
+#include "tests/model/model_test_util.h"
+
+namespace moe::model {
+namespace {
+
+using testing::CpuStream;
+using testing::RandomTensor;
+using testing::ToVec;
+
+TEST_CASE("Top-k ties go to the lower expert index") {
+  // Token 0: all equal. Token 1: experts 1 and 3 tie for first.
+  std::vector<double> p = {0.25, 0.25, 0.25, 0.25, 0.1, 0.35, 0.2, 0.35};
+  RoutingPlan plan = ComputeRoutingPlan(p, 2, 4, 2, true, 0.0, false);
+  CHECK(plan.experts == std::vector<int32_t>{0, 1, 1, 3});
+  CHECK(plan.weights[0] == Approx(0.5));
+  CHECK(plan.weights[2] == Approx(0.5));
+  CHECK(plan.capacity == -1);
+  CHECK(plan.num_dropped() == 0);
+  CHECK(plan.tokens_per_expert == std::vector<int64_t>{1, 2, 0, 1});
+  // norm_topk_prob false keeps p.
+  RoutingPlan raw = ComputeRoutingPlan(p, 2, 4, 2, false, 0.0, false);
+  CHECK(raw.weights[3] == Approx(0.35));
+}
+
+TEST_CASE("k = E selects every expert in descending order") {
+  std::vector<double> p = {0.2, 0.5, 0.3};
+  RoutingPlan plan = ComputeRoutingPlan(p, 1, 3, 3, true, 0.0, false);
+  CHECK(plan.experts == std::vector<int32_t>{1, 2, 0});
+  CHECK(plan.weights[0] == Approx(0.5));
+}
+
+TEST_CASE("Capacity: probs policy keeps the highest weights, ties to the lower token") {
+  // 5 tokens, E = 2, k = 1, c = 1.0 -> cap = ceil(5 / 2) = 3. All pick expert 0.
+  std::vector<double> p = {0.6, 0.4, 0.9, 0.1, 0.6, 0.4, 0.7, 0.3, 0.6, 0.4};
+  RoutingPlan probs = ComputeRoutingPlan(p, 5, 2, 1, false, 1.0, false);
+  CHECK(probs.capacity == 3);
+  // Weights 0.6, 0.9, 0.6, 0.7, 0.6: keep t1 (0.9), t3 (0.7), then t0 (0.6, lowest t of the tie).
+  CHECK(probs.kept == std::vector<uint8_t>{1, 1, 0, 1, 0});
+  CHECK(probs.selected_per_expert == std::vector<int64_t>{5, 0});
+  CHECK(probs.tokens_per_expert == std::vector<int64_t>{3, 0});
+  RoutingPlan pos = ComputeRoutingPlan(p, 5, 2, 1, false, 1.0, true);
+  CHECK(pos.kept == std::vector<uint8_t>{1, 1, 1, 0, 0});
+  // Normalised top-1 weights are all 1: a pure tie, so the lowest tokens win.
+  RoutingPlan tie = ComputeRoutingPlan(p, 5, 2, 1, true, 1.0, false);
+  CHECK(tie.kept == std::vector<uint8_t>{1, 1, 1, 0, 0});
+}
+
+TEST_CASE("Capacity uses ceil(c T k / E) and T not divisible by E") {
+  std::mt19937 rng(3);
+  const int64_t T = 7, E = 3;
+  std::vector<double> p(T * E);
+  for (double& v : p) v = std::uniform_real_distribution<double>(0.01, 1.0)(rng);
+  RoutingPlan plan = ComputeRoutingPlan(p, T, E, 2, true, 0.5, false);
+  CHECK(plan.capacity == 3);  // ceil(0.5 * 7 * 2 / 3) = ceil(2.33)
+  for (int64_t e = 0; e < E; ++e) {
+    CHECK(plan.tokens_per_expert[e] == std::min<int64_t>(plan.selected_per_expert[e], 3));
+  }
+}
+
+TEST_CASE("Local dispatch groups tokens by expert and combine is the weighted sum") {
+  Stream& s = CpuStream();
+  std::mt19937 rng(5);
+  const int64_t T = 6, E = 4, d = 3;
+  std::vector<double> p(T * E);
+  for (double& v : p) v = std::uniform_real_distribution<double>(0.01, 1.0)(rng);
+  // Expert 2 gets no token: make it the smallest everywhere.
+  for (int64_t t = 0; t < T; ++t) p[t * E + 2] = 0.001;
+  RoutingPlan plan = ComputeRoutingPlan(p, T, E, 2, true, 1.0, false);
+  Tensor x = RandomTensor(Shape{T, d}, rng);
+  const std::vector<float> xv = ToVec(x);
+  LocalTokenDispatcher disp(0, E);
+  auto in = disp.Dispatch(s, x, plan);
+  REQUIRE(in.ok());
+  REQUIRE(in->offsets.size() == E + 1);
+  CHECK(in->offsets[3] - in->offsets[2] == 0);
+  const std::vector<float> rows = ToVec(in->tokens);
+  // Each row of expert e is a kept token of e, ascending t.
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t r = in->offsets[e];
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < 2; ++j)
+        if (plan.experts[t * 2 + j] == e && plan.kept[t * 2 + j]) {
+          for (int c = 0; c < d; ++c) CHECK(rows[r * d + c] == xv[t * d + c]);
+          ++r;
+        }
+    CHECK(r == in->offsets[e + 1]);
+  }
+  // Identity experts: combine(dispatch(x)) = sum over kept of w * x_t.
+  auto y = disp.Combine(s, in->tokens);
+  REQUIRE(y.ok());
+  const std::vector<float> yv = ToVec(*y);
+  for (int64_t t = 0; t < T; ++t) {
+    double w = 0;
+    for (int j = 0; j < 2; ++j) w += plan.kept[t * 2 + j] ? plan.weights[t * 2 + j] : 0.0;
+    for (int c = 0; c < d; ++c) CHECK(yv[t * d + c] == Approx(w * xv[t * d + c]).margin(1e-6));
+  }
+  // Backward: d out = w dy[t]; d w = dy[t] . out; dx accumulates the rows.
+  Tensor dy = RandomTensor(Shape{T, d}, rng);
+  std::vector<float> dyv = ToVec(dy), dweights;
+  auto dout = disp.CombineBackward(s, dy, &dweights);
+  REQUIRE(dout.ok());
+  const std::vector<float> doutv = ToVec(*dout);
+  std::vector<float> dx_expect(T * d, 1.0f);
+  std::vector<int64_t> next(in->offsets.begin(), in->offsets.end() - 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t a = t * 2 + j;
+      if (!plan.kept[a]) {
+        CHECK(dweights[a] == 0.0f);
+        continue;
+      }
+      const int64_t r = next[plan.experts[a]]++;
+      double dot = 0;
+      for (int c = 0; c < d; ++c) {
+        CHECK(doutv[r * d + c] == Approx(plan.weights[a] * dyv[t * d + c]).margin(1e-6));
+        dot += static_cast<double>(dyv[t * d + c]) * xv[t * d + c];
+        dx_expect[t * d + c] += doutv[r * d + c];
+      }
+      CHECK(dweights[a] == Approx(dot).margin(1e-5));
+    }
+  Tensor dx = testing::NewTensor(Shape{T, d}, std::vector<float>(T * d, 1.0f));
+  REQUIRE(disp.DispatchBackward(s, *dout, dx).ok());
+  const std::vector<float> dxv = ToVec(dx);
+  for (int64_t i = 0; i < T * d; ++i) CHECK(dxv[i] == Approx(dx_expect[i]).margin(1e-6));
+}
+
+// Runs forward and backward of `ex` on (x, offsets, dy) after setting its weights.
+struct ExpertsRun {
+  std::vector<float> y, dx, dg, du, dd;
+};
+
+ExpertsRun RunExperts(Experts& ex, const Tensor& x, const std::vector<int64_t>& offsets, const Tensor& dy) {
+  Stream& s = CpuStream();
+  auto y = ex.Forward(s, x, offsets);
+  REQUIRE(y.ok());
+  ExpertsRun r;
+  r.y = ToVec(*y);
+  auto dx = ex.Backward(s, dy);
+  REQUIRE(dx.ok());
+  r.dx = ToVec(*dx);
+  r.dg = ToVec(ex.gate_proj().grad);
+  r.du = ToVec(ex.up_proj().grad);
+  r.dd = ToVec(ex.down_proj().grad);
+  return r;
+}
+
+void ExpectClose(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0, scale = 1;
+  int64_t at = -1;
+  for (size_t i = 0; i < a.size(); ++i) scale = std::max(scale, std::fabs((double)b[i]));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs((double)a[i] - b[i]);
+    if (d > worst) worst = d, at = i;
+  }
+  INFO(what << ": worst |grouped - sequential| = " << worst << " at " << at << " (scale " << scale << ")");
+  CHECK(worst <= 1e-6 * scale);
+}
+
+TEST_CASE("GroupedExperts equals SequentialExperts to 1e-6") {
+  Stream& s = CpuStream();
+  struct Case {
+    int64_t E, e0, e1;
+    std::vector<int64_t> counts;  // rows per local expert
+  };
+  for (const Case& c : {Case{4, 0, 4, {5, 0, 9, 3}}, Case{6, 2, 5, {7, 1, 0}}, Case{3, 0, 3, {0, 0, 0}},
+                        Case{8, 0, 8, {40, 3, 0, 17, 1, 0, 64, 9}}}) {
+    DYNAMIC_SECTION("E " << c.E << " experts [" << c.e0 << ", " << c.e1 << ")") {
+      std::mt19937 rng(9);
+      const int64_t d = 16, fe = 12;
+      SequentialExperts seq;
+      GroupedExperts grp;
+      REQUIRE(seq.Init(s, "model.layers.0.mlp.experts.", d, fe, c.E, c.e0, c.e1, 0.3f, 0.2f, 4).ok());
+      REQUIRE(grp.Init(s, "model.layers.0.mlp.experts.", d, fe, c.E, c.e0, c.e1, 0.3f, 0.2f, 4).ok());
+      CHECK(ToVec(seq.gate_proj().value) == ToVec(grp.gate_proj().value));
+      std::vector<int64_t> offsets = {0};
+      for (int64_t n : c.counts) offsets.push_back(offsets.back() + n);
+      const int64_t n = offsets.back();
+      Tensor x = RandomTensor(Shape{n, d}, rng);
+      Tensor dy = RandomTensor(Shape{n, d}, rng);
+      ExpertsRun a = RunExperts(seq, x, offsets, dy);
+      ExpertsRun b = RunExperts(grp, x, offsets, dy);
+      ExpectClose(b.y, a.y, "y");
+      ExpectClose(b.dx, a.dx, "dx");
+      ExpectClose(b.dg, a.dg, "d gate_proj");
+      ExpectClose(b.du, a.du, "d up_proj");
+      ExpectClose(b.dd, a.dd, "d down_proj");
+      // An expert without tokens has a zero gradient.
+      for (size_t i = 0; i < c.counts.size(); ++i) {
+        if (c.counts[i] != 0) continue;
+        const int64_t per = fe * d;
+        for (int64_t j = 0; j < per; ++j) CHECK(b.dg[i * per + j] == 0.0f);
+      }
+    }
+  }
+}
+
+TEST_CASE("Experts reject offsets that do not match the rows") {
+  Stream& s = CpuStream();
+  GroupedExperts grp;
+  REQUIRE(grp.Init(s, "model.layers.0.mlp.experts.", 4, 4, 2, 0, 2, 0.1f, 0.1f, 1).ok());
+  std::mt19937 rng(1);
+  Tensor x = RandomTensor(Shape{5, 4}, rng);
+  auto y = grp.Forward(s, x, std::vector<int64_t>{0, 2, 4});
+  REQUIRE(!y.ok());
+  CHECK(std::string(y.status().message()).find("offsets") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace moe::model

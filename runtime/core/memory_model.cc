@@ -18,20 +18,20 @@
 //     q [T,H*hd], k, v [T,Hkv*hd] (after RoPE), probs [B,H,S,S], attention out o [T,H*hd]
 //   MLP block: block input h [T,d], rstd [T], normed m [T,d], then
 //     dense: gate, up, silu(gate)*up [T,F] each (/TP)
-//     MoE (dispatched rows R = T*k, dropless and balanced in expectation):
-//       router logits z and probs p [T,E], top-k weights (f32) and experts (i32) [T,k],
-//       permutation index [R] (i32) and combine weights [R], permuted tokens [R,d],
-//       gate, up, act [R,Fe] each (/TP), expert outputs [R,d]
+//     MoE (dispatched rows R = T*k, dropless and balanced in expectation; the
+//       router's probabilities and the routing plan live on the host):
+//       token index, row index and combine weights [R] (i32, i32, f32),
+//       permuted tokens [R,d], gate, up, act [R,Fe] each (/TP), expert outputs [R,d]
 // Head: final-norm input [T,d], rstd [T], normed [T,d], logits [T,V], lse [T],
-//   per-token losses [T], targets [T].
-// Backward working set at its largest point (the last layer's backward, with all
-// activations still live): dlogits [T,V] (separate from logits), the residual
-// gradient dh [T,d] twice (in and out), plus the larger of the MLP backward
-// scratch (MoE: d expert-out [R,d], dact, dgate, dup [R,Fe], d permuted [R,d],
-// dz [T,E]; dense: dact, dgate, dup [T,F]) and the attention backward scratch
-// (do [T,H*hd], dq [T,H*hd], dk, dv [T,Hkv*hd], dnormed [T,d]).
-// The transient forward buffers (e.g. an MLP's output before the residual add)
-// are smaller than this backward set and are not added.
+//   targets [T]. dlogits overwrite the logits.
+// Backward working set: the head needs dhn and dh [T,d]; then logits, normed
+// and lse are released, and each layer needs dh [T,d] in and out plus the
+// larger of the MLP scratch (MoE: d expert-out [R,d], expert dx [R,d], dact
+// [R,Fe] (SwiGLU backward in place over gate/up), the token gradient [T,d];
+// dense: dact [T,F], dx [T,d]) and the attention scratch (do, dq [T,H*hd],
+// dk, dv [T,Hkv*hd], da [T,d]). Predicted peak = persistent + kept activations
+// + max(head working set, layer working set - released head tensors).
+// Transient forward buffers are smaller than that and are not added.
 #include "runtime/core/memory_model.h"
 
 #include <algorithm>
@@ -114,21 +114,23 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t mlp_in = T * d + T + T * d;
   add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in);
   if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp);
-  int64_t moe_act = 2 * T * E + 2 * T * k + 2 * R + R * d + 3 * R * Fe / tp + R * d;
+  int64_t moe_act = 3 * R + R * d + 3 * R * Fe / tp + R * d;
   if (num_moe)
     add(MC::kActivations,
-        "MoE: logits, probs [T,E], top-k [T,k] x2, perm + weights [R], x_perm [R,d], "
-        "gate, up, act [R,Fe], expert out [R,d]",
+        "MoE: token/row index + weights [R], x_perm [R,d], gate, up, act [R,Fe], expert out [R,d]",
         num_moe * moe_act);
-  add(MC::kActivations, "head: final-norm in, rstd, normed, logits [T,V], lse, losses, targets",
-      T * d + T + T * d + T * V + 3 * T);
+  const int64_t head_released = T * V + T * d + T;
+  add(MC::kActivations, "head: final-norm in, rstd, normed, logits [T,V], lse, targets",
+      T * d + T + head_released + T);
 
   // Backward working set.
-  int64_t moe_bwd = num_moe ? (R * d + 3 * R * Fe / tp + R * d + T * E) : 0;
-  int64_t dense_bwd = num_dense ? 3 * T * F / tp : 0;
+  int64_t moe_bwd = num_moe ? (2 * R * d + R * Fe / tp + T * d) : 0;
+  int64_t dense_bwd = num_dense ? (T * F / tp + T * d) : 0;
   int64_t attn_bwd = 2 * T * H * hd + 2 * T * Hkv * hd + T * d;
-  add(MC::kActivations, "backward: dlogits [T,V] + dh [T,d] x2 + max(MLP, attention) scratch",
-      T * V + 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}));
+  int64_t head_bwd = 2 * T * d;
+  int64_t layer_bwd = 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
+  add(MC::kActivations, "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
+      std::max(head_bwd, layer_bwd));
 
   for (int c = 0; c < kNumMemoryCategories; ++c) p.peak_bytes += p.bytes[c];
   return p;

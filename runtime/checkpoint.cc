@@ -751,46 +751,120 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   }
   RETURN_IF_ERROR(Agree(local));
 
-  // 2. Each box held here from the shards overlapping it.
+  // 2. Who reads what: a box held by several ranks (DP/EDP/TP replicas) is
+  //    read from disk by one of them (balanced by bytes) and sent to the others,
+  //    so the checkpoint is read about once, whatever the replication.
+  std::vector<int64_t> mine;
+  for (const LocalPiece& p : pieces) {
+    const std::vector<int64_t> key = PieceKey(p.tensor, p.box);
+    mine.insert(mine.end(), key.begin(), key.end());
+  }
+  ASSIGN_OR_RETURN(std::vector<int64_t> all, AllGatherInts(*comm_, mine));
+  std::map<std::vector<int64_t>, std::vector<int>> holders;
+  for (size_t at = 0, r = 0; at < all.size(); ++r) {
+    const int64_t n = all[at++];
+    for (int64_t k = 0; k < n; k += kPieceInts) {
+      holders[std::vector<int64_t>(all.begin() + at + k, all.begin() + at + k + kPieceInts)].push_back(
+          static_cast<int>(r));
+    }
+    at += static_cast<size_t>(n);
+  }
+  std::map<std::vector<int64_t>, int> reader_of;
+  {
+    std::vector<std::pair<int64_t, const std::vector<int64_t>*>> by_size;
+    for (const auto& [key, ranks] : holders) {
+      int64_t numel = 1;
+      for (int d = 0; d < kMaxTensorDims; ++d) numel *= std::max<int64_t>(key[1 + kMaxTensorDims + d], 1);
+      by_size.emplace_back(numel, &key);
+    }
+    std::stable_sort(by_size.begin(), by_size.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::vector<int64_t> load(comm_->size(), 0);
+    for (const auto& [numel, key] : by_size) {
+      const std::vector<int>& ranks = holders[*key];
+      int best = ranks.front();
+      for (int r : ranks) {
+        if (load[r] < load[best]) best = r;
+      }
+      reader_of[*key] = best;
+      load[best] += numel;
+    }
+  }
+  // Host memory of each tensor (device tensors: a staging copy).
+  std::map<int, std::vector<char>> staging;
+  auto host_base = [&](int i) -> char* {
+    const Tensor& t = tensors[i].tensor;
+    if (IsHostVisible(t)) return static_cast<char*>(t.raw_data());
+    std::vector<char>& v = staging[i];
+    v.resize(t.nbytes());
+    return v.data();
+  };
+  // 3. Read the boxes assigned here from the shards overlapping them.
+  const int me = comm_->rank();
+  const auto read_start = std::chrono::steady_clock::now();
+  int64_t bytes_read = 0;
   {
     ShardReader reader(path);
-    std::vector<char> staging;
-    for (size_t i = 0; i < tensors.size() && local.ok(); ++i) {
-      const ShardedTensor& t = tensors[i];
-      if (!t.tensor.defined() || t.tensor.numel() == 0) continue;
-      const bool direct = IsHostVisible(t.tensor);
-      char* base;
-      if (direct) {
-        base = static_cast<char*>(t.tensor.raw_data());
-      } else {
-        staging.resize(t.tensor.nbytes());
-        base = staging.data();
-      }
-      std::map<int, std::vector<char>> cache;  // shard index -> bytes (this tensor only)
-      const ckpt::TensorEntry& e = *entries[i];
-      for (const LocalPiece& p : pieces) {
-        if (p.tensor != static_cast<int>(i) || !local.ok()) continue;
-        char* dst = base + p.elem_offset * 4;
-        for (int k = 0; k < e.shards_size() && local.ok(); ++k) {
-          const ckpt::Shard& sh = e.shards(k);
-          const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
-          std::optional<Box> region = Intersect(p.box, sbox);
-          if (!region) continue;
-          if (sbox == p.box) {  // the same layout: straight into the tensor
-            local = reader.Read(e, sh, dst);
-            continue;
-          }
-          auto it = cache.find(k);
-          if (it == cache.end()) {
-            it = cache.emplace(k, std::vector<char>(static_cast<size_t>(sh.nbytes()))).first;
-            local = reader.Read(e, sh, it->second.data());
-            if (!local.ok()) break;
-          }
-          CopyRegion(it->second.data(), sbox, dst, p.box, *region, 4);
+    std::map<std::pair<int, int>, std::vector<char>> cache;  // (tensor, shard) -> bytes
+    int cached_tensor = -1;
+    for (const LocalPiece& p : pieces) {
+      if (!local.ok()) break;
+      if (reader_of[PieceKey(p.tensor, p.box)] != me) continue;
+      if (p.tensor != cached_tensor) cache.clear(), cached_tensor = p.tensor;
+      char* dst = host_base(p.tensor) + p.elem_offset * 4;
+      const ckpt::TensorEntry& e = *entries[p.tensor];
+      for (int k = 0; k < e.shards_size() && local.ok(); ++k) {
+        const ckpt::Shard& sh = e.shards(k);
+        const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
+        std::optional<Box> region = Intersect(p.box, sbox);
+        if (!region) continue;
+        if (sbox == p.box) {  // the saving layout held this box too: straight in
+          local = reader.Read(e, sh, dst);
+          bytes_read += sh.nbytes();
+          continue;
         }
+        auto it = cache.find({p.tensor, k});
+        if (it == cache.end()) {
+          it = cache.emplace(std::make_pair(p.tensor, k), std::vector<char>(static_cast<size_t>(sh.nbytes())))
+                   .first;
+          local = reader.Read(e, sh, it->second.data());
+          bytes_read += sh.nbytes();
+          if (!local.ok()) break;
+        }
+        CopyRegion(it->second.data(), sbox, dst, p.box, *region, 4);
       }
-      if (local.ok() && !direct) local = CopyFromHost(staging.data(), t.tensor);
     }
+  }
+  const double read_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - read_start).count();
+  RETURN_IF_ERROR(Agree(local));
+  // 4. Replicas: each reader sends its boxes to the other holders.
+  const auto exchange_start = std::chrono::steady_clock::now();
+  // In key order on every rank, so that sends and receives between two ranks pair up in order.
+  std::map<std::vector<int64_t>, const LocalPiece*> my_pieces;
+  for (const LocalPiece& p : pieces) my_pieces[PieceKey(p.tensor, p.box)] = &p;
+  std::vector<comm::P2POp> ops;
+  for (const auto& [key, p] : my_pieces) {
+    const std::vector<int>& ranks = holders[key];
+    if (ranks.size() < 2) continue;
+    const int reader = reader_of[key];
+    char* data = host_base(p->tensor) + p->elem_offset * 4;
+    const size_t count = static_cast<size_t>(p->box.numel());
+    if (reader == me) {
+      for (int r : ranks) {
+        if (r != me) ops.push_back(comm::P2POp::Send(data, count, DType::kF32, r));
+      }
+    } else {
+      ops.push_back(comm::P2POp::Recv(data, count, DType::kF32, reader));
+    }
+  }
+  if (!ops.empty()) RETURN_IF_ERROR(Await(comm_->GroupP2P(ops)));
+  MOE_LOG(DEBUG) << "checkpoint: load read " << bytes_read << " bytes in " << read_s << " s, exchanged "
+                 << ops.size() << " boxes with replicas in "
+                 << std::chrono::duration<double>(std::chrono::steady_clock::now() - exchange_start).count()
+                 << " s";
+  for (auto& [i, bytes] : staging) {
+    if (!local.ok()) break;
+    local = CopyFromHost(bytes.data(), tensors[i].tensor);
   }
   RETURN_IF_ERROR(Agree(local));
 

@@ -340,15 +340,19 @@ TEST_CASE("corruption, truncation and a newer format are refused with names") {
              Catch::StartsWith("step_00000020: ") && Catch::Contains("checksum mismatch"));
   CHECK(CountMismatches(m, 10) == 0);
 
-  // A truncated rank file.
+  // A truncated rank file (of a checkpoint that is otherwise intact).
+  REQUIRE(ckpt->Save(testing::SampleTrainState(25), m.Tensors(), "").ok());
+  const std::string truncated = JoinPath(root, StepDirName(25));
   if (World().rank() == 0) {
-    const std::string victim = JoinPath(newest, RankFileName(n - 1));
+    const std::string victim = JoinPath(truncated, RankFileName(n - 1));
     std::filesystem::resize_file(victim, std::filesystem::file_size(victim) / 2);
   }
   WorldBarrier();
-  bad = ckpt->Load(newest, m.Tensors());
+  bad = ckpt->Load(truncated, m.Tensors());
   REQUIRE(!bad.ok());
-  CHECK_THAT(std::string(bad.status().message()), Catch::Contains(RankFileName(n - 1)));
+  CHECK(bad.status().code() == absl::StatusCode::kDataLoss);
+  CHECK_THAT(std::string(bad.status().message()),
+             Catch::Contains(RankFileName(n - 1)) && Catch::Contains("truncated"));
 
   // A manifest of a newer format version.
   const std::string older = JoinPath(root, StepDirName(10));
@@ -367,8 +371,9 @@ TEST_CASE("corruption, truncation and a newer format are refused with names") {
   // Nothing valid is left: resume=auto fails and lists both.
   auto none = ckpt->Resume("auto", m.Tensors());
   REQUIRE(!none.ok());
-  CHECK_THAT(std::string(none.status().message()),
-             Catch::Contains("step_00000020") && Catch::Contains("step_00000010"));
+  CHECK_THAT(std::string(none.status().message()), Catch::Contains("step_00000025") &&
+                                                       Catch::Contains("step_00000020") &&
+                                                       Catch::Contains("step_00000010"));
   // A model that does not match the checkpoint.
   SynthModel other;
   BuildModel(other, g, false, /*scale=*/2);

@@ -166,10 +166,13 @@ class Checkpointer {
   absl::Status WaitForPendingSave();
 
   // Collective: fills every tensor of `tensors` from the checkpoint directory
-  // `path` (a step_… directory), whatever layout saved it. Each rank reads the
-  // shards overlapping its boxes and checks their checksums. Fails (same status
-  // on every rank) when a tensor is missing or has another global shape, or a
-  // shard is corrupt; tensors may then be partly overwritten.
+  // `path` (a step_… directory), whatever layout saved it. A box held by one
+  // rank is read by it from the shards overlapping it; a box held by several
+  // (DP/EDP/TP replicas) is read by one of them (balanced by bytes) and sent to
+  // the others, so the files are read about once. Every shard read is checked
+  // against its checksum. Fails (same status on every rank) when a tensor is
+  // missing or has another global shape, or a shard is corrupt or truncated;
+  // tensors may then be partly overwritten.
   absl::StatusOr<LoadedCheckpoint> Load(const std::string& path, absl::Span<const ShardedTensor> tensors);
 
   // Collective: train.resume semantics.

@@ -1,6 +1,7 @@
 #include "runtime/trainer.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "optim/clip.h"
+#include "runtime/checkpoint_signal.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 
@@ -65,6 +67,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   t->schedule_ = schedule;
   t->tokens_.resize(static_cast<size_t>(train.micro_batch()) * (config.model().seq_len() + 1));
 
+  ASSIGN_OR_RETURN(t->checkpointer_, Checkpointer::Create(*groups->world, layout,
+                                                          CheckpointOptionsFromConfig(config.checkpoint())));
+  t->checkpoint_tensors_ = ModelTensors(t->model_->parameters());
+  AppendOptimizerTensors(*t->optimizer_, t->model_->parameters(), t->checkpoint_tensors_);
+  RETURN_IF_ERROR(t->Resume());
+
   if (layout.rank == 0) {
     std::error_code ec;
     std::filesystem::create_directories(train.run_dir(), ec);
@@ -72,13 +80,46 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
       return absl::UnavailableError(
           absl::StrCat("cannot create train.run_dir '", train.run_dir(), "': ", ec.message()));
     }
-    ASSIGN_OR_RETURN(MetricsWriter w, MetricsWriter::Open(train.run_dir() + "/metrics.jsonl", /*append=*/false));
+    // A resumed run continues the metrics of the run it resumes.
+    ASSIGN_OR_RETURN(MetricsWriter w, MetricsWriter::Open(train.run_dir() + "/metrics.jsonl", t->resumed_));
     t->metrics_.emplace(std::move(w));
   }
   MOE_LOG_RANK0(INFO) << "model: " << t->model_->parameters().GlobalNumel() << " parameters ("
                       << t->model_->parameters().LocalNumel() << " on this rank), optimizer "
                       << t->optimizer_->type_name() << ", " << schedule.ToString();
   return t;
+}
+
+absl::Status Trainer::Resume() {
+  ASSIGN_OR_RETURN(std::optional<LoadedCheckpoint> loaded,
+                   checkpointer_->Resume(config_.train().resume(), checkpoint_tensors_));
+  if (!loaded.has_value()) return absl::OkStatus();
+  for (const std::string& why : loaded->skipped) MOE_LOG_RANK0(WARNING) << "resume skipped " << why;
+  const TrainState& state = loaded->state;
+  if (state.sampler_state.size() != 2) {
+    return absl::DataLossError(absl::StrCat("checkpoint ", loaded->path, ": the sampler state has ",
+                                            state.sampler_state.size(), " values, expected 2"));
+  }
+  RETURN_IF_ERROR(data_->train->Restore(data::SamplerState::FromInts({state.sampler_state[0], state.sampler_state[1]})));
+  auto opt_step = state.int_values.find("optimizer.step");
+  optimizer_->set_step(opt_step != state.int_values.end() ? opt_step->second : state.step);
+  step_ = state.step;
+  resumed_ = true;
+  MOE_LOG_RANK0(INFO) << "resumed from " << loaded->path << " at step " << step_;
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::SaveCheckpoint() {
+  TrainState state;
+  state.step = step_;
+  state.consumed_samples = step_ * data_->train->global_batch();
+  std::array<int64_t, 2> sampler = data_->train->state().ToInts();
+  state.sampler_state.assign(sampler.begin(), sampler.end());
+  // The model draws no random numbers after initialisation: the seed is its RNG state.
+  state.rng.push_back({"init", config_.train().seed(), 0});
+  state.lr_step = optimizer_->step();
+  state.int_values["optimizer.step"] = optimizer_->step();
+  return checkpointer_->Save(state, checkpoint_tensors_, ConfigToText(config_));
 }
 
 absl::Status Trainer::SyncGradients() {
@@ -237,6 +278,13 @@ absl::Status Trainer::Run() {
     }
     return absl::OkStatus();
   };
+  const bool checkpoints = !config_.checkpoint().dir().empty();
+  const int save_every = config_.checkpoint().save_every();
+  RETURN_IF_ERROR(InstallStopSignalHandlers());
+  if (checkpoints && train.steps() == 0) {
+    RETURN_IF_ERROR(SaveCheckpoint());  // the initial model, to keep, share and inspect
+    MOE_LOG_RANK0(INFO) << "saved the initial model as step 0 under " << config_.checkpoint().dir();
+  }
   while (step_ < train.steps()) {
     ASSIGN_OR_RETURN(StepStats s, TrainStep());
     if (s.step % train.log_every() == 0 || s.step == 1 || s.step == train.steps()) Log(s);
@@ -244,8 +292,23 @@ absl::Status Trainer::Run() {
     if (train.eval_every() > 0 && s.step % train.eval_every() == 0 && s.step != train.steps()) {
       RETURN_IF_ERROR(evaluate());
     }
+    // Every rank stops at the same step when any rank got SIGTERM/SIGUSR1.
+    ASSIGN_OR_RETURN(bool stop, AgreeOnStop(*groups_->world));
+    if (stop) {
+      stopped_by_signal_ = true;
+      if (checkpoints) RETURN_IF_ERROR(SaveCheckpoint());
+      RETURN_IF_ERROR(checkpointer_->WaitForPendingSave());
+      MOE_LOG_RANK0(WARNING) << "stop requested: stopped after step " << step_
+                             << (checkpoints ? " and saved a checkpoint" : " (no checkpoint.dir: nothing saved)");
+      return absl::OkStatus();
+    }
+    if (checkpoints && save_every > 0 && step_ % save_every == 0 && step_ != train.steps()) {
+      RETURN_IF_ERROR(SaveCheckpoint());
+    }
   }
   RETURN_IF_ERROR(evaluate());
+  if (checkpoints && train.steps() > 0) RETURN_IF_ERROR(SaveCheckpoint());
+  RETURN_IF_ERROR(checkpointer_->WaitForPendingSave());
   MOE_LOG_RANK0(INFO) << absl::StrFormat("done: %d steps in %.1f s", step_,
                                          std::chrono::duration<double>(Clock::now() - start).count());
   return absl::OkStatus();

@@ -13,6 +13,11 @@
 // global-norm clipping, the learning rate of the schedule, the optimizer
 // update. Rank 0 logs every train.log_every steps and writes one JSON line
 // per step to <run_dir>/metrics.jsonl (metrics.h).
+//
+// Checkpoints (checkpoint.h): Create resumes per train.resume (auto: the newest
+// valid checkpoint under checkpoint.dir); Run saves every checkpoint.save_every
+// steps and at the end (train.steps = 0 saves the initial model as step 0),
+// and on SIGTERM/SIGUSR1 finishes the current step, saves and returns OK.
 #ifndef MOE_RUNTIME_TRAINER_H_
 #define MOE_RUNTIME_TRAINER_H_
 
@@ -28,6 +33,7 @@
 #include "optim/lr_schedule.h"
 #include "optim/optimizer.h"
 #include "parallel/process_groups.h"
+#include "runtime/checkpoint.h"
 #include "runtime/core/config.h"
 #include "runtime/metrics.h"
 
@@ -63,6 +69,10 @@ class Trainer {
   // the end. Returns the first error of any step (non-finite loss or gradient
   // named with the step and parameter).
   absl::Status Run();
+  // Saves a checkpoint of the current step (collective; checkpoint.dir set).
+  absl::Status SaveCheckpoint();
+  // True when Run stopped early on a signal.
+  bool stopped_by_signal() const { return stopped_by_signal_; }
   // One optimizer step.
   absl::StatusOr<StepStats> TrainStep();
   // Mean validation cross-entropy over train.eval_batches batches of every DP
@@ -78,6 +88,7 @@ class Trainer {
 
  private:
   Trainer(const JobConfig& config, parallel::ProcessGroups* groups);
+  absl::Status Resume();
   absl::Status SyncGradients();
   absl::StatusOr<std::vector<double>> SumOverDataParallel(std::vector<double> values);
   void Log(const StepStats& s) const;
@@ -94,7 +105,11 @@ class Trainer {
   std::optional<MetricsWriter> metrics_;  // rank 0
   std::vector<int32_t> tokens_;           // one micro-batch, [micro_batch, seq_len + 1]
   std::vector<StepStats> history_;
+  std::unique_ptr<Checkpointer> checkpointer_;
+  std::vector<ShardedTensor> checkpoint_tensors_;  // model and optimizer state
   int64_t step_ = 0;
+  bool resumed_ = false;
+  bool stopped_by_signal_ = false;
 };
 
 }  // namespace moe

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -13,6 +14,7 @@ absl::Status Attention::Init(Stream& stream, const std::string& prefix, const co
   const int64_t d = cfg.hidden_size(), h = cfg.num_heads(), hkv = cfg.num_kv_heads();
   head_dim_ = d / h;
   heads_ = h / plan.tp_size;
+  tp_ = plan.tp_size > 1 ? plan.tp_group : nullptr;
   kv_heads_ = hkv / plan.tp_size;
   theta_ = cfg.rope_theta();
   const int64_t qdim = h * head_dim_, kvdim = hkv * head_dim_;
@@ -49,6 +51,7 @@ absl::StatusOr<Tensor> Attention::Forward(Stream& stream, const Tensor& a, int64
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   RETURN_IF_ERROR(ops::CausalAttention(stream, q_, k_, v_, scale, o_, probs_));
   RETURN_IF_ERROR(ops::Gemm(stream, o_.Reshape(Shape{b * s, heads_ * hd}), false, wo_.value, true, out));
+  if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, out));  // row-parallel o_proj
   a_ = a;
   return out;
 }
@@ -77,6 +80,7 @@ absl::StatusOr<Tensor> Attention::Backward(Stream& stream, const Tensor& dout) {
   RETURN_IF_ERROR(ops::Gemm(stream, dk2, false, wk_.value, false, da, 1.0f, 1.0f));
   RETURN_IF_ERROR(ops::Gemm(stream, dv2, false, wv_.value, false, da, 1.0f, 1.0f));
   a_ = q_ = k_ = v_ = probs_ = o_ = Tensor();
+  if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, da));  // column-parallel q/k/v
   return da;
 }
 

@@ -2,9 +2,10 @@
 //   q = a Wq^T [T, H*hd], k = a Wk^T, v = a Wv^T [T, Hkv*hd]; RoPE on q and k;
 //   o = softmax(q k^T / sqrt(hd) + causal) v (query head j reads kv head j / (H/Hkv));
 //   out = o Wo^T [T, d].
-// Parameters model.layers.{l}.self_attn.{q,k,v,o}_proj.weight. Tensor-parallel
-// ready: q/k/v column-parallel by heads, o row-parallel (with tp_size > 1 the
-// output is a partial sum for the TP all-reduce, see DenseMLP).
+// Parameters model.layers.{l}.self_attn.{q,k,v,o}_proj.weight. Tensor
+// parallel: q/k/v column-parallel by heads, o row-parallel; with tp_size > 1
+// Forward all-reduces the output and Backward the input grad over
+// plan.tp_group (collective over the TP group).
 #ifndef MOE_MODEL_ATTENTION_H_
 #define MOE_MODEL_ATTENTION_H_
 
@@ -35,6 +36,7 @@ class Attention {
  private:
   parallel::Parameter wq_, wk_, wv_, wo_;
   int64_t heads_ = 0, kv_heads_ = 0, head_dim_ = 0;  // local heads
+  comm::Communicator* tp_ = nullptr;                 // TP group when tp_size > 1
   double theta_ = 10000.0;
   int64_t num_seqs_ = 0, seq_len_ = 0;
   Tensor a_, q_, k_, v_, probs_, o_;

@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "comm/communicator.h"
 #include "parallel/parameter.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.pb.h"
@@ -33,6 +34,10 @@ namespace moe::model {
 struct ShardPlan {
   int tp_size = 1, tp_rank = 0;
   int ep_size = 1, ep_rank = 0;
+  // The TP group (tp_size ranks; required when tp_size > 1): attention and the
+  // dense MLP all-reduce their row-parallel outputs and their inputs' grads on
+  // it (Megatron's f/g). Borrowed; must outlive the model.
+  comm::Communicator* tp_group = nullptr;
   // Experts [begin, end) held by this rank for num_experts E.
   int64_t expert_begin(int64_t num_experts) const { return num_experts * ep_rank / ep_size; }
   int64_t expert_end(int64_t num_experts) const { return num_experts * (ep_rank + 1) / ep_size; }

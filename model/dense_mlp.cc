@@ -1,6 +1,7 @@
 #include "model/dense_mlp.h"
 
 #include "model/swiglu.h"
+#include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -10,6 +11,7 @@ absl::Status DenseMLP::Init(Stream& stream, const std::string& prefix, int64_t h
                             int64_t ffn_hidden_size, float init_std, float down_std, const ShardPlan& plan,
                             uint64_t seed) {
   using parallel::ParamKind;
+  tp_ = plan.tp_size > 1 ? plan.tp_group : nullptr;
   const Shape w_in{ffn_hidden_size, hidden_size}, w_out{hidden_size, ffn_hidden_size};
   RETURN_IF_ERROR(CreateParameter(stream, prefix + "gate_proj.weight", w_in, ParamKind::kDense,
                                   ColumnParallelShard(ffn_hidden_size, plan), InitSpec::Normal(init_std),
@@ -28,6 +30,7 @@ absl::StatusOr<Tensor> DenseMLP::Forward(Stream& stream, const Tensor& x) {
   ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, f}));
   ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
   RETURN_IF_ERROR(SwiGLUForward(stream, x, gate_.value, up_.value, down_.value, g_, u_, act_, y));
+  if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, y));  // row-parallel down_proj
   x_ = x;
   return y;
 }
@@ -38,6 +41,7 @@ absl::StatusOr<Tensor> DenseMLP::Backward(Stream& stream, const Tensor& dy) {
   RETURN_IF_ERROR(SwiGLUBackward(stream, x_, gate_.value, up_.value, down_.value, g_, u_, act_, dact, dy,
                                  gate_.grad, up_.grad, down_.grad, dx));
   x_ = g_ = u_ = act_ = Tensor();
+  if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dx));  // column-parallel gate/up
   return dx;
 }
 

@@ -1,8 +1,8 @@
 // DenseMLP: the SwiGLU feed-forward of a dense layer (MODEL.md),
 //   model.layers.{l}.mlp.{gate,up}_proj.weight [F, d], down_proj.weight [d, F].
-// Tensor-parallel ready: gate/up are column-parallel, down row-parallel; with
-// tp_size > 1 the output is this rank's partial sum (the TP all-reduce belongs
-// to the parallel layer that wraps it; Model rejects tp > 1 until it exists).
+// Tensor-parallel: gate/up are column-parallel, down row-parallel; with
+// tp_size > 1 Forward all-reduces the output and Backward the input grad over
+// plan.tp_group (collective over the TP group).
 #ifndef MOE_MODEL_DENSE_MLP_H_
 #define MOE_MODEL_DENSE_MLP_H_
 
@@ -30,6 +30,7 @@ class DenseMLP {
  private:
   parallel::Parameter gate_, up_, down_;
   Tensor x_, g_, u_, act_;
+  comm::Communicator* tp_ = nullptr;  // TP group when tp_size > 1
 };
 
 }  // namespace moe::model

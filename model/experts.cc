@@ -59,6 +59,21 @@ absl::Status Experts::Keep(Stream& stream, const Tensor& x, absl::Span<const int
 
 void Experts::Release() { x_ = g_ = u_ = act_ = Tensor(); }
 
+Experts::Saved Experts::TakeSaved() {
+  Saved s{x_, g_, u_, act_, std::move(offsets_)};
+  Release();
+  offsets_.clear();
+  return s;
+}
+
+void Experts::RestoreSaved(Saved saved) {
+  x_ = saved.x;
+  g_ = saved.g;
+  u_ = saved.u;
+  act_ = saved.act;
+  offsets_ = std::move(saved.offsets);
+}
+
 absl::StatusOr<std::unique_ptr<Experts>> MakeExperts(const std::string& impl) {
   if (impl.empty() || impl == "grouped") return std::make_unique<GroupedExperts>();
   if (impl == "sequential") return std::make_unique<SequentialExperts>();

@@ -37,6 +37,16 @@ class Experts {
   // Accumulates the three weight grads; returns dx [N, d].
   virtual absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dy) = 0;
 
+  // What Forward keeps for Backward. With overlapped chunks several forwards
+  // are pending: take the state after each Forward and restore it before the
+  // matching Backward.
+  struct Saved {
+    Tensor x, g, u, act;
+    std::vector<int64_t> offsets;
+  };
+  Saved TakeSaved();
+  void RestoreSaved(Saved saved);
+
   int64_t expert_begin() const { return expert_begin_; }
   int64_t expert_end() const { return expert_end_; }
   int64_t num_local_experts() const { return expert_end_ - expert_begin_; }

@@ -13,11 +13,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const config::ModelConfig& 
                                                      uint64_t seed, const ShardPlan& plan,
                                                      DispatcherFactory dispatchers) {
   RETURN_IF_ERROR(ValidateModelConfig(cfg, plan));
-  if (plan.tp_size != 1) {
-    return absl::UnimplementedError(
-        absl::StrCat("parallel.tensor = ", plan.tp_size,
-                     ": model/ builds tensor-parallel shards but the TP all-reduces are not wired yet; "
-                     "use parallel.tensor = 1"));
+  if (plan.tp_size > 1 && (plan.tp_group == nullptr || plan.tp_group->size() != plan.tp_size ||
+                           plan.tp_group->rank() != plan.tp_rank)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parallel.tensor = ", plan.tp_size, " needs the TP group in ShardPlan::tp_group (of ",
+                     plan.tp_size, " ranks, this one at tp_rank ", plan.tp_rank, ")"));
   }
   if (plan.ep_size > 1 && !dispatchers) {
     return absl::InvalidArgumentError(
@@ -102,7 +102,7 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
   return loss;
 }
 
-absl::Status Model::Backward(Stream& stream, float loss_scale) {
+absl::Status Model::Backward(Stream& stream, float loss_scale, const BlockDoneFn& on_block_done) {
   if (!logits_.defined()) {
     return absl::FailedPreconditionError("Model::Backward called without a Forward");
   }
@@ -121,6 +121,7 @@ absl::Status Model::Backward(Stream& stream, float loss_scale) {
   dhn = Tensor();
   for (int l = num_layers() - 1; l >= 0; --l) {
     RETURN_IF_ERROR(blocks_[l]->Backward(stream, dh, loss_scale, loss_scale));
+    if (on_block_done) RETURN_IF_ERROR(on_block_done(l));
   }
   RETURN_IF_ERROR(embed_.Backward(stream, dh));
   targets_ = Tensor();

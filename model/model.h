@@ -43,12 +43,17 @@ struct LossParts {
 // all-to-all one); empty means LocalTokenDispatcher.
 using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(int layer)>;
 
+// Called by Backward after block `layer`'s backward, when that block's
+// parameter grads are final for this micro-batch (gradient sync marks them
+// ready); blocks come in reverse order. The embedding, final norm and lm_head
+// grads are final when Backward returns.
+using BlockDoneFn = std::function<absl::Status(int layer)>;
+
 class Model {
  public:
   // Builds the model of `cfg` (after ApplyDefaults) on stream's backend and
-  // initialises it from `seed` (MODEL.md). plan.tp_size must be 1 for now
-  // (the TP all-reduces belong to the parallel issue); with plan.ep_size > 1 a
-  // dispatcher factory is required.
+  // initialises it from `seed` (MODEL.md). With plan.tp_size > 1,
+  // plan.tp_group is required; with plan.ep_size > 1 a dispatcher factory.
   static absl::StatusOr<std::unique_ptr<Model>> Create(const config::ModelConfig& cfg, Stream& stream,
                                                        uint64_t seed, const ShardPlan& plan = {},
                                                        DispatcherFactory dispatchers = {});
@@ -57,7 +62,7 @@ class Model {
   // stream (the losses are read on the host).
   absl::StatusOr<LossParts> Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs);
   // Accumulates loss_scale * d(ce + aux + z)/d param into every grad.
-  absl::Status Backward(Stream& stream, float loss_scale = 1.0f);
+  absl::Status Backward(Stream& stream, float loss_scale = 1.0f, const BlockDoneFn& on_block_done = {});
   // Every grad = 0.
   absl::Status ZeroGrads(Stream& stream);
 

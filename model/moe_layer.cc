@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "model/alltoall_dispatcher.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -26,6 +27,17 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
 
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
   ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x));
+  if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
+    saved_.assign(a2a->num_chunks(), Experts::Saved());
+    auto forward = [&](int chunk, const Tensor& rows,
+                       absl::Span<const int64_t> offsets) -> absl::StatusOr<Tensor> {
+      ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets));
+      saved_[chunk] = experts_->TakeSaved();
+      return out;
+    };
+    x_ = x;
+    return a2a->ForwardPipelined(stream, x, *plan, forward);
+  }
   ASSIGN_OR_RETURN(ExpertInput in, dispatcher_->Dispatch(stream, x, *plan));
   ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, in.tokens, in.offsets));
   x_ = x;
@@ -34,6 +46,20 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
 
 absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
   std::vector<float> dweights;
+  if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
+    ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
+    RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
+    auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
+      experts_->RestoreSaved(std::move(saved_[chunk]));
+      return experts_->Backward(stream, rows);
+    };
+    RETURN_IF_ERROR(a2a->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
+    saved_.clear();
+    ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
+    RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
+    x_ = Tensor();
+    return dx;
+  }
   ASSIGN_OR_RETURN(Tensor d_out, dispatcher_->CombineBackward(stream, dy, &dweights));
   ASSIGN_OR_RETURN(Tensor d_in, experts_->Backward(stream, d_out));
   ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));

@@ -1,4 +1,7 @@
 // MoELayer: router -> token dispatcher -> experts -> combine (MODEL.md's MoE(x)).
+// With the all-to-all dispatcher (model/alltoall_dispatcher.h) the layer runs
+// its pipelined path: parallel.overlap_chunks chunks, the exchange of chunk
+// c + 1 in flight while chunk c's experts compute, in forward and backward.
 //
 //   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t), plus the layer's aux and z
 //   losses (read after Forward; their gradient scales are Backward arguments).
@@ -7,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/common.h"
@@ -40,6 +44,7 @@ class MoELayer {
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
   Tensor x_;
+  std::vector<Experts::Saved> saved_;  // per chunk (all-to-all dispatcher)
 };
 
 }  // namespace moe::model

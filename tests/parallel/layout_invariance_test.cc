@@ -1,0 +1,212 @@
+// DESIGN.md invariant 1 under mpirun -np 4: three SGD steps of a tiny MoE
+// model give the same losses and the same updated parameters (1e-5 relative)
+// for every (tp, ep, dp, grad_accum) with dp x grad_accum = 4, overlap chunks
+// 1 and 3, dropless and capacity routing.
+//
+// Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
+// the job (split off the world), so one 4-rank job runs every layout. The
+// harness is MODEL.md's global batch rule: micro-batch a * dp + dp_rank of the
+// step's global batch, loss scaled by 1 / (dp * grad_accum), GradSync (sum;
+// buckets marked ready per block during the last micro-batch's backward),
+// then p -= lr * g.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/mpi_env.h"
+#include "model/alltoall_dispatcher.h"
+#include "model/model.h"
+#include "parallel/grad_sync.h"
+#include "runtime/core/config.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+#include "tests/parallel/parallel_test_util.h"
+
+namespace moe::model {
+namespace {
+
+using parallel::ProcessGroups;
+using parallel::testing::Cpu;
+using parallel::testing::ValueOrDie;
+
+constexpr int kSteps = 3;
+constexpr int kMicroBatch = 2;  // sequences
+constexpr int kGlobalMicroBatches = 4;
+constexpr int kSeqLen = 8;
+constexpr double kLr = 0.5;
+constexpr uint64_t kSeed = 1234;
+
+config::ModelConfig TinyConfig(double capacity_factor) {
+  JobConfig job;
+  auto* m = job.mutable_model();
+  m->set_vocab_size(32);
+  m->set_hidden_size(16);
+  m->set_num_layers(2);
+  m->set_num_heads(4);
+  m->set_num_kv_heads(2);
+  m->set_ffn_hidden_size(24);
+  m->set_seq_len(kSeqLen);
+  m->set_init_std(0.2);  // large enough for routing to matter
+  auto* moe = m->mutable_moe();
+  moe->set_num_experts(4);
+  moe->set_top_k(2);
+  moe->set_expert_ffn_hidden_size(8);
+  moe->set_moe_layer_freq(2);  // layer 0 dense, layer 1 MoE
+  moe->set_capacity_factor(capacity_factor);
+  moe->set_aux_loss_coeff(0.01);
+  moe->set_z_loss_coeff(0.001);
+  ApplyDefaults(1, &job);
+  return job.model();
+}
+
+// Sequence `seq` of step `step`'s global batch: S + 1 tokens.
+std::vector<int32_t> Sequence(int step, int seq, int vocab) {
+  std::vector<int32_t> t(kSeqLen + 1);
+  for (int i = 0; i <= kSeqLen; ++i) {
+    uint32_t h = static_cast<uint32_t>(step * 7919 + seq * 104729 + i * 31 + 17) * 2654435761u;
+    t[i] = static_cast<int32_t>((h >> 8) % vocab);
+  }
+  return t;
+}
+
+struct Result {
+  std::vector<double> losses;                        // per step, the mean over the global batch
+  int64_t dropped = 0;                               // assignments dropped by capacity on this rank
+  std::map<std::string, std::vector<float>> params;  // local shards
+  std::map<std::string, parallel::ShardSpec> shards;
+  std::map<std::string, Shape> global_shapes;
+};
+
+Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int chunks,
+             double capacity_factor) {
+  const int world = job_world.size();
+  const int sub = tp * (kGlobalMicroBatches / grad_accum);  // the layout's world = tp * dp
+  REQUIRE(world % sub == 0);
+  auto sub_world = ValueOrDie(job_world.Split(job_world.rank() / sub, job_world.rank(), "layout"));
+  ProcessGroups groups = ValueOrDie(parallel::CreateProcessGroups(std::move(sub_world), tp, ep));
+  const parallel::RankLayout& l = groups.layout;
+  REQUIRE(l.dp * grad_accum == kGlobalMicroBatches);
+  Stream& stream = Cpu().default_stream();
+  const config::ModelConfig cfg = TinyConfig(capacity_factor);
+  ShardPlan plan;
+  plan.tp_size = tp;
+  plan.tp_rank = l.tp_rank;
+  plan.ep_size = ep;
+  plan.ep_rank = l.ep_rank;
+  plan.tp_group = tp > 1 ? groups.tp.get() : nullptr;
+  DispatcherFactory factory = [&](int) -> std::unique_ptr<TokenDispatcher> {
+    return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), tp > 1 ? groups.tp.get() : nullptr,
+                                                     cfg.moe().num_experts(), chunks);
+  };
+  auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory));
+  parallel::GradSyncOptions gopt;
+  gopt.bucket_mb = 0.002;  // a few buckets
+  auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, gopt));
+  // Parameters of each block, for MarkReady as the blocks' backward finish.
+  std::vector<std::vector<parallel::Parameter*>> block_params(model->num_layers());
+  for (int b = 0; b < model->num_layers(); ++b) {
+    parallel::ParameterList list;
+    MOE_REQUIRE_OK(model->block(b).CollectParameters(&list));
+    block_params[b] = list.all();
+  }
+
+  Result r;
+  for (int step = 0; step < kSteps; ++step) {
+    MOE_REQUIRE_OK(model->ZeroGrads(stream));
+    double loss_sum = 0;
+    for (int a = 0; a < grad_accum; ++a) {
+      const int m = a * l.dp + l.dp_rank;
+      std::vector<int32_t> tokens;
+      for (int s = 0; s < kMicroBatch; ++s) {
+        std::vector<int32_t> seq = Sequence(step, m * kMicroBatch + s, cfg.vocab_size());
+        tokens.insert(tokens.end(), seq.begin(), seq.end());
+      }
+      LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
+      loss_sum += loss.total();
+      for (int b = 0; b < model->num_layers(); ++b) {
+        if (model->block(b).is_moe()) r.dropped += model->block(b).moe()->routing().num_dropped();
+      }
+      const bool last = a + 1 == grad_accum;
+      BlockDoneFn on_block_done;
+      if (last) {
+        on_block_done = [&](int b) -> absl::Status {
+          for (parallel::Parameter* p : block_params[b]) RETURN_IF_ERROR(sync->MarkReady(p));
+          return absl::OkStatus();
+        };
+      }
+      MOE_REQUIRE_OK(model->Backward(stream, 1.0f / (l.dp * grad_accum), on_block_done));
+    }
+    MOE_REQUIRE_OK(sync->Finish());
+    // Mean loss over the global batch: sum over DP of the local sums.
+    double total = loss_sum;
+    comm::Work w = ValueOrDie(groups.dp->AllReduce(&total, &total, 1, DType::kF64, comm::ReduceOp::kSum));
+    MOE_REQUIRE_OK(w.Wait());
+    r.losses.push_back(total / kGlobalMicroBatches);
+    for (parallel::Parameter* p : model->parameters()) {
+      MOE_REQUIRE_OK(ops::Axpby(stream, static_cast<float>(-kLr), p->grad, 1.0f, p->value));
+    }
+  }
+  for (parallel::Parameter* p : model->parameters()) {
+    r.params[p->name] = parallel::testing::ToVector(p->value);
+    r.shards[p->name] = p->shard;
+    r.global_shapes[p->name] = p->global_shape;
+  }
+  return r;
+}
+
+void Compare(const Result& ref, const Result& got) {
+  REQUIRE(got.losses.size() == ref.losses.size());
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    INFO("step " << s << " loss " << got.losses[s] << " reference " << ref.losses[s]);
+    REQUIRE(std::abs(got.losses[s] - ref.losses[s]) <= 1e-5 * std::abs(ref.losses[s]));
+  }
+  REQUIRE(got.params.size() == ref.params.size());
+  for (const auto& [name, local] : got.params) {
+    const std::vector<float>& full = ref.params.at(name);
+    double worst = 0, scale = 0;
+    for (float v : full) scale = std::max(scale, static_cast<double>(std::abs(v)));
+    parallel::ForEachLocalRun(
+        got.global_shapes.at(name), got.shards.at(name), [&](int64_t g, int64_t lo, int64_t n) {
+          for (int64_t j = 0; j < n; ++j)
+            worst = std::max(worst, std::abs(static_cast<double>(local[lo + j]) - full[g + j]));
+        });
+    INFO(name << ": worst difference " << worst << " (max |p| " << scale << ")");
+    REQUIRE(worst <= 1e-5 * scale);
+  }
+}
+
+struct Layout {
+  int tp, ep, dp, grad_accum;
+};
+
+void RunAll(double capacity_factor) {
+  auto world = parallel::testing::World();
+  REQUIRE(world->size() == 4);
+  const Result ref = Train(*world, 1, 1, 4, 1, capacity_factor);
+  // Training moves the loss, and the capacity runs do drop assignments.
+  REQUIRE(std::abs(ref.losses[kSteps - 1] - ref.losses[0]) > 1e-3 * std::abs(ref.losses[0]));
+  if (capacity_factor > 0) {
+    REQUIRE(ref.dropped > 0);
+  } else {
+    REQUIRE(ref.dropped == 0);
+  }
+  const std::vector<Layout> layouts = {{1, 1, 1, 4}, {1, 2, 2, 2}, {1, 4, 4, 1}, {2, 1, 1, 4}, {2, 2, 2, 2}};
+  for (const Layout& lay : layouts) {
+    for (int chunks : {1, 3}) {
+      INFO("tp " << lay.tp << " ep " << lay.ep << " dp " << lay.dp << " grad_accum " << lay.grad_accum
+                 << " overlap_chunks " << chunks << " capacity_factor " << capacity_factor);
+      Compare(ref, Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor));
+    }
+  }
+}
+
+TEST_CASE("layout invariance, dropless", "[layout_invariance]") { RunAll(0.0); }
+
+TEST_CASE("layout invariance, capacity", "[layout_invariance]") { RunAll(1.0); }
+
+}  // namespace
+}  // namespace moe::model

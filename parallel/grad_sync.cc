@@ -149,6 +149,12 @@ absl::Status GradSync::Finish() {
   return first;
 }
 
+int GradSync::launched_buckets() const {
+  int n = 0;
+  for (const auto& b : buckets_) n += b->launched ? 1 : 0;
+  return n;
+}
+
 std::vector<GradSync::BucketInfo> GradSync::buckets() const {
   std::vector<BucketInfo> out;
   for (const auto& b : buckets_) {

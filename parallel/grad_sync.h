@@ -74,6 +74,9 @@ class GradSync {
   std::vector<BucketInfo> buckets() const;
   // The group `p`'s gradient is summed over.
   const comm::Communicator& GroupOf(const Parameter& p) const;
+  // Buckets launched so far in this step (before Finish: those whose grads
+  // were all marked ready).
+  int launched_buckets() const;
   // Payload bytes all-reduced by the last Finish (0 for groups of one rank).
   int64_t last_step_bytes() const { return last_step_bytes_; }
 

@@ -119,7 +119,12 @@ void Run(int tp, int ep, double bucket_mb, bool mark_all) {
     }
     // Backward order: last layer first; optionally leave the first layer unmarked.
     const size_t stop = mark_all ? 0 : 3;
-    for (size_t i = m.list.size(); i > stop; --i) MOE_REQUIRE_OK(sync->MarkReady(m.list[i - 1]));
+    for (size_t i = m.list.size(); i > stop; --i) {
+      MOE_REQUIRE_OK(sync->MarkReady(m.list[i - 1]));
+      // With one parameter per bucket each is launched as soon as it is marked.
+      if (bucket_mb <= 0) REQUIRE(sync->launched_buckets() == static_cast<int>(m.list.size() - i + 1));
+    }
+    if (!mark_all) REQUIRE(sync->launched_buckets() < static_cast<int>(sync->buckets().size()));
     MOE_REQUIRE_OK(sync->Finish());
     CheckSums(m, world, tp, ep, groups.layout);
   }

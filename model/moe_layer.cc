@@ -27,6 +27,14 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
 
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
   ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x));
+  llep_active_ = false;
+  if (llep_ != nullptr) {
+    ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
+    if (llep_active_) {
+      x_ = x;
+      return llep_->Forward(stream, x, *plan, *experts_);
+    }
+  }
   if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
     saved_.assign(a2a->num_chunks(), Experts::Saved());
     auto forward = [&](int chunk, const Tensor& rows,
@@ -46,6 +54,16 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
 
 absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
   std::vector<float> dweights;
+  if (llep_active_) {
+    llep_active_ = false;
+    ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
+    RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
+    RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, &dweights, dx_experts));
+    ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
+    RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
+    x_ = Tensor();
+    return dx;
+  }
   if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
     ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
     RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));

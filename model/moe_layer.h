@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "model/common.h"
 #include "model/experts.h"
+#include "model/llep.h"
 #include "model/router.h"
 #include "model/token_dispatcher.h"
 
@@ -38,6 +39,11 @@ class MoELayer {
   Router& router() { return router_; }
   Experts& experts() { return *experts_; }
   TokenDispatcher& dispatcher() { return *dispatcher_; }
+  // LLEP (model/llep.h): when set, each Forward plans over the EP group and,
+  // when the plan fires, runs the layer through the runner instead of the
+  // dispatcher (same results). Null: standard EP.
+  void SetLlep(std::unique_ptr<LlepRunner> llep) { llep_ = std::move(llep); }
+  LlepRunner* llep() { return llep_.get(); }
 
  private:
   Router router_;
@@ -45,6 +51,8 @@ class MoELayer {
   std::unique_ptr<Experts> experts_;
   Tensor x_;
   std::vector<Experts::Saved> saved_;  // per chunk (all-to-all dispatcher)
+  std::unique_ptr<LlepRunner> llep_;
+  bool llep_active_ = false;  // this micro-batch runs through llep_
 };
 
 }  // namespace moe::model

@@ -1,0 +1,460 @@
+#include "model/llep.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "model/model.h"
+#include "parallel/tensor_parallel.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+absl::StatusOr<Tensor> NewTensor(Stream& stream, Shape shape, MemoryCategory category) {
+  return Tensor::Empty(stream.backend(), shape, DType::kF32, category);
+}
+
+}  // namespace
+
+// ---- Start-up rates and options ---------------------------------------------------
+
+absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& ep,
+                                           comm::Communicator& ep_p2p) {
+  LlepRates rates;
+  {
+    const int64_t n = 512;
+    ASSIGN_OR_RETURN(Tensor a, NewTensor(stream, Shape{n, n}, MemoryCategory::kOther));
+    ASSIGN_OR_RETURN(Tensor b, NewTensor(stream, Shape{n, n}, MemoryCategory::kOther));
+    ASSIGN_OR_RETURN(Tensor c, NewTensor(stream, Shape{n, n}, MemoryCategory::kOther));
+    RETURN_IF_ERROR(ops::Fill(stream, a, 0.5));
+    RETURN_IF_ERROR(ops::Fill(stream, b, 0.25));
+    RETURN_IF_ERROR(ops::Gemm(stream, a, false, b, true, c));  // warm-up
+    RETURN_IF_ERROR(stream.Synchronize());
+    double best = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = Clock::now();
+      RETURN_IF_ERROR(ops::Gemm(stream, a, false, b, true, c));
+      RETURN_IF_ERROR(stream.Synchronize());
+      best = std::min(best, Since(t0));
+    }
+    rates.gemm_flops_per_s = 2.0 * n * n * n / std::max(best, 1e-9);
+  }
+  const int P = ep_p2p.size();
+  if (P > 1) {
+    const size_t count = 2 << 20;  // 8 MiB of f32
+    std::vector<float> send(count, 1.0f), recv(count);
+    const int r = ep_p2p.rank();
+    const std::vector<comm::P2POp> ops = {
+        comm::P2POp::Send(send.data(), count, DType::kF32, (r + 1) % P),
+        comm::P2POp::Recv(recv.data(), count, DType::kF32, (r + P - 1) % P)};
+    double best = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = Clock::now();
+      ASSIGN_OR_RETURN(comm::Work w, ep_p2p.GroupP2P(ops));
+      RETURN_IF_ERROR(w.Wait());
+      best = std::min(best, Since(t0));
+    }
+    rates.p2p_bytes_per_s = count * sizeof(float) / std::max(best, 1e-9);
+  } else {
+    rates.p2p_bytes_per_s = 1e12;
+  }
+  double v[2] = {rates.gemm_flops_per_s, rates.p2p_bytes_per_s};
+  ASSIGN_OR_RETURN(comm::Work w, ep.AllReduce(v, v, 2, DType::kF64, comm::ReduceOp::kMin));
+  RETURN_IF_ERROR(w.Wait());
+  rates.gemm_flops_per_s = v[0];
+  rates.p2p_bytes_per_s = v[1];
+  return rates;
+}
+
+parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const LlepRates& measured,
+                                            int64_t hidden_size, int64_t expert_ffn_hidden_size) {
+  parallel::LlepOptions o;
+  o.trigger_ratio = cfg.trigger_ratio();
+  o.capacity_factor = cfg.capacity_factor();
+  o.min_tokens_per_gemm = cfg.min_tokens_per_gemm();
+  o.max_borrowed_experts = cfg.max_borrowed_experts();
+  if (cfg.cost_model()) {
+    const double d = static_cast<double>(hidden_size), f = static_cast<double>(expert_ffn_hidden_size);
+    o.flops_per_token = 18.0 * d * f;  // 3 GEMMs of 2 d Fe forward, twice that backward
+    o.weight_bytes = 3.0 * d * f * sizeof(float);
+    o.gemm_flops_per_s = cfg.gemm_gflops() > 0 ? cfg.gemm_gflops() * 1e9 : measured.gemm_flops_per_s;
+    o.p2p_bytes_per_s = cfg.p2p_gbps() > 0 ? cfg.p2p_gbps() * 1e9 : measured.p2p_bytes_per_s;
+  }
+  return o;
+}
+
+// ---- LlepRunner -----------------------------------------------------------------------
+
+LlepRunner::LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
+                       int64_t num_experts, parallel::LlepOptions options)
+    : ep_(ep), ep_p2p_(ep_p2p), tp_(tp), num_experts_(num_experts), options_(options) {
+  const int P = ep_->size(), r = ep_->rank();
+  expert_begin_ = num_experts * r / P;
+  expert_end_ = num_experts * (r + 1) / P;
+}
+
+void LlepRunner::Clear() {
+  borrowed_ = Borrowed();
+  token_index_ = row_index_ = weights_ = combined_ = Tensor();
+  assignment_.clear();
+  weight_work_ = comm::Work();
+}
+
+absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan) {
+  (void)stream;
+  const int64_t T = plan.num_tokens, E = num_experts_;
+  const int k = plan.top_k;
+  if (plan.num_experts != E || x.rank() != 2 || x.size(0) != T) {
+    return absl::InvalidArgumentError(absl::StrCat("LlepRunner: x ", x.ToString(), " and a plan of ",
+                                                   plan.num_experts, " experts over ", T,
+                                                   " tokens do not match E = ", E));
+  }
+  num_tokens_ = T;
+  hidden_ = x.size(1);
+  num_assignments_ = T * k;
+  const int tp_size = tp_ != nullptr ? tp_->size() : 1, tp_rank = tp_ != nullptr ? tp_->rank() : 0;
+  std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
+  my_counts_.assign(E, 0);
+  for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
+    if (plan.kept[a]) ++my_counts_[plan.experts[a]];
+  const int P = ep_->size();
+  // Host buffers: the count table is tiny and the planner runs on the host.
+  std::vector<int64_t> table(static_cast<size_t>(P) * E);
+  ASSIGN_OR_RETURN(comm::Work w, ep_->AllGather(my_counts_.data(), table.data(), E, DType::kI64));
+  RETURN_IF_ERROR(w.Wait());
+  counts_.assign(P, std::vector<int64_t>(E));
+  for (int p = 0; p < P; ++p) std::copy_n(table.begin() + static_cast<size_t>(p) * E, E, counts_[p].begin());
+  ASSIGN_OR_RETURN(plan_, parallel::PlanLlep(counts_, options_));
+  stats_ = LlepStats();
+  stats_.fired = plan_.active;
+  stats_.imbalance_before = plan_.imbalance_before;
+  stats_.imbalance_after = plan_.active ? plan_.imbalance_after : plan_.imbalance_before;
+  if (plan_.active) {
+    stats_.tokens_moved = plan_.tokens_moved;
+    for (const auto& m : plan_.weight_moves)
+      if (m.dst == ep_->rank()) ++stats_.borrowed_experts;
+  }
+  return plan_.active;
+}
+
+absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local, comm::Work* work) {
+  const int me = ep_->rank();
+  const Tensor& gate = local.gate_proj().value;
+  const int64_t ffn = gate.size(1), d = gate.size(2);
+  const int64_t in_numel = ffn * d;
+  borrowed_ = Borrowed();
+  for (const auto& m : plan_.weight_moves)
+    if (m.dst == me) borrowed_.experts.push_back(m.expert);
+  std::sort(borrowed_.experts.begin(), borrowed_.experts.end());
+  const int64_t B = static_cast<int64_t>(borrowed_.experts.size());
+  stats_.weight_bytes_moved =
+      static_cast<int64_t>(plan_.weight_moves.size()) * 3 * in_numel * static_cast<int64_t>(sizeof(float));
+  if (B > 0) {
+    ASSIGN_OR_RETURN(borrowed_.gate, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
+    ASSIGN_OR_RETURN(borrowed_.up, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
+    ASSIGN_OR_RETURN(borrowed_.down, NewTensor(stream, Shape{B, d, ffn}, MemoryCategory::kParameters));
+  }
+  std::vector<comm::P2POp> ops;
+  for (const auto& m : plan_.weight_moves) {
+    if (m.src == me) {
+      const int64_t i = m.expert - expert_begin_;
+      for (const parallel::Parameter* p : {&local.gate_proj(), &local.up_proj(), &local.down_proj()})
+        ops.push_back(comm::P2POp::Send(p->value.Select(i).raw_data(), in_numel, DType::kF32, m.dst));
+    } else if (m.dst == me) {
+      const int64_t b = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), m.expert) -
+                        borrowed_.experts.begin();
+      for (const Tensor* t : {&borrowed_.gate, &borrowed_.up, &borrowed_.down})
+        ops.push_back(comm::P2POp::Recv(t->Select(b).raw_data(), in_numel, DType::kF32, m.src));
+    }
+  }
+  if (ops.empty()) {
+    *work = comm::Work();
+    return absl::OkStatus();
+  }
+  // The weights were written on `stream`; the communicator reads host memory.
+  RETURN_IF_ERROR(stream.Synchronize());
+  ASSIGN_OR_RETURN(*work, ep_p2p_->GroupP2P(ops));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> LlepRunner::BorrowedForward(Stream& stream, const Tensor& x) {
+  Borrowed& b = borrowed_;
+  const int64_t n = x.size(0), ffn = b.gate.size(1);
+  b.x = x;
+  ASSIGN_OR_RETURN(b.g, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(b.u, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(b.act, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
+  if (n == 0) return y;
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, b.gate, true, b.g, b.offsets));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, b.up, true, b.u, b.offsets));
+  RETURN_IF_ERROR(ops::SwiGLU(stream, b.g, b.u, b.act));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, b.act, b.down, true, y, b.offsets));
+  return y;
+}
+
+absl::StatusOr<Tensor> LlepRunner::BorrowedBackward(Stream& stream, const Tensor& dy) {
+  Borrowed& b = borrowed_;
+  ASSIGN_OR_RETURN(b.gate_grad,
+                   Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32, MemoryCategory::kGradients));
+  ASSIGN_OR_RETURN(b.up_grad,
+                   Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
+  ASSIGN_OR_RETURN(b.down_grad,
+                   Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32, MemoryCategory::kGradients));
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, b.x.shape()));
+  if (b.x.size(0) > 0) {
+    ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, b.act.shape()));
+    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy, b.act, b.down_grad, b.offsets, 1.0f, 1.0f));
+    RETURN_IF_ERROR(ops::GroupedGemm(stream, dy, b.down, false, dact, b.offsets));
+    RETURN_IF_ERROR(ops::SwiGLUBackward(stream, b.g, b.u, dact, b.g, b.u));  // in place
+    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, b.g, b.x, b.gate_grad, b.offsets, 1.0f, 1.0f));
+    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, b.u, b.x, b.up_grad, b.offsets, 1.0f, 1.0f));
+    RETURN_IF_ERROR(ops::GroupedGemm(stream, b.g, b.gate, false, dx, b.offsets));
+    RETURN_IF_ERROR(ops::GroupedGemm(stream, b.u, b.up, false, dx, b.offsets, 1.0f, 1.0f));
+  }
+  b.x = b.g = b.u = b.act = Tensor();
+  return dx;
+}
+
+absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, const Tensor& grouped, bool forward,
+                                              Experts& local) {
+  const std::vector<int64_t>& off = grouped_offsets_;
+  const int64_t N = grouped.size(0), lb = off[expert_begin_], le = off[expert_end_];
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden_}));
+  // Local experts on their contiguous rows.
+  Tensor local_out;
+  if (forward) {
+    std::vector<int64_t> lo(off.begin() + expert_begin_, off.begin() + expert_end_ + 1);
+    for (int64_t& v : lo) v -= lb;
+    ASSIGN_OR_RETURN(local_out, local.Forward(stream, grouped.Slice(lb, le), lo));
+  } else {
+    ASSIGN_OR_RETURN(local_out, local.Backward(stream, grouped.Slice(lb, le)));
+  }
+  if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
+  if (borrowed_.experts.empty()) return out;
+  // Borrowed experts: the rows before and after the local block, in expert order.
+  const int64_t nb = lb + (N - le);
+  ASSIGN_OR_RETURN(Tensor in_b, NewActivation(stream, Shape{nb, hidden_}));
+  if (lb > 0) RETURN_IF_ERROR(ops::Copy(stream, grouped.Slice(0, lb), in_b.Slice(0, lb)));
+  if (N > le) RETURN_IF_ERROR(ops::Copy(stream, grouped.Slice(le, N), in_b.Slice(lb, nb)));
+  Tensor out_b;
+  if (forward) {
+    RETURN_IF_ERROR(weight_work_.Wait());
+    ASSIGN_OR_RETURN(out_b, BorrowedForward(stream, in_b));
+  } else {
+    ASSIGN_OR_RETURN(out_b, BorrowedBackward(stream, in_b));
+  }
+  if (lb > 0) RETURN_IF_ERROR(ops::Copy(stream, out_b.Slice(0, lb), out.Slice(0, lb)));
+  if (N > le) RETURN_IF_ERROR(ops::Copy(stream, out_b.Slice(lb, nb), out.Slice(le, N)));
+  return out;
+}
+
+absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                           Experts& local) {
+  if (!plan_.active) return absl::FailedPreconditionError("LlepRunner::Forward without a firing Plan");
+  const int64_t E = num_experts_;
+  const int k = plan.top_k, P = ep_->size(), me = ep_->rank();
+  // 2. Weights first, so they travel with the tokens.
+  RETURN_IF_ERROR(PostWeightMoves(stream, local, &weight_work_));
+  // 3. Send order (dst, e, token) from this rank's splits; receive counts from
+  // every source's splits (the same plan and table on every rank).
+  std::vector<std::vector<int64_t>> per_expert(E);
+  for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
+    if (plan.kept[a]) per_expert[plan.experts[a]].push_back(a);
+  std::vector<std::vector<int64_t>> lists(static_cast<size_t>(P) * E);
+  const auto mine = parallel::SourceSplits(plan_, counts_, me);
+  for (int64_t e = 0; e < E; ++e) {
+    size_t next = 0;
+    for (const auto& [dst, n] : mine[e]) {
+      auto& l = lists[static_cast<size_t>(dst) * E + e];
+      for (int64_t i = 0; i < n; ++i) l.push_back(per_expert[e][next++]);
+    }
+    if (next != per_expert[e].size()) {
+      return absl::InternalError(absl::StrCat("LlepRunner: the plan splits ", next, " of EP rank ", me, "'s ",
+                                              per_expert[e].size(), " rows for expert ", e));
+    }
+  }
+  std::vector<int64_t> send(static_cast<size_t>(P) * E), recv(static_cast<size_t>(P) * E, 0);
+  std::vector<int32_t> tok, rows;
+  std::vector<float> w;
+  assignment_.clear();
+  for (int p = 0; p < P; ++p) {
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& l = lists[static_cast<size_t>(p) * E + e];
+      send[static_cast<size_t>(p) * E + e] = static_cast<int64_t>(l.size());
+      for (int64_t a : l) {
+        assignment_.push_back(a);
+        tok.push_back(static_cast<int32_t>(a / k - slice_begin_));
+        w.push_back(plan.weights[a]);
+      }
+    }
+  }
+  for (int src = 0; src < P; ++src) {
+    const auto splits = src == me ? mine : parallel::SourceSplits(plan_, counts_, src);
+    for (int64_t e = 0; e < E; ++e)
+      for (const auto& [dst, n] : splits[e])
+        if (dst == me) recv[static_cast<size_t>(src) * E + e] += n;
+  }
+  ASSIGN_OR_RETURN(xplan_, parallel::ExchangePlan::FromCounts(P, 1, E, send, recv));
+  const int64_t n = static_cast<int64_t>(tok.size());
+  rows.resize(n);
+  for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
+  ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
+  ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
+  ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
+  const Tensor x_slice = x.Slice(slice_begin_, slice_end_);
+  ASSIGN_OR_RETURN(Tensor send_rows, NewActivation(stream, Shape{n, hidden_}));
+  if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x_slice, token_index_, send_rows));
+  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, xplan_, 0, send_rows));
+  send_rows = Tensor();
+  grouped_offsets_ = xplan_.ExpertOffsets(0);
+  // Every foreign expert with rows here must be borrowed.
+  const int64_t N = grouped.size(0);
+  int64_t borrowed_rows = 0;
+  for (int64_t e : borrowed_.experts) borrowed_rows += grouped_offsets_[e + 1] - grouped_offsets_[e];
+  if (borrowed_rows != N - (grouped_offsets_[expert_end_] - grouped_offsets_[expert_begin_])) {
+    return absl::InternalError(
+        absl::StrCat("LlepRunner: EP rank ", me, " received rows for a foreign expert it did not borrow"));
+  }
+  borrowed_.offsets.assign(1, 0);
+  for (int64_t e : borrowed_.experts)
+    borrowed_.offsets.push_back(borrowed_.offsets.back() + grouped_offsets_[e + 1] - grouped_offsets_[e]);
+  // 4. Experts.
+  ASSIGN_OR_RETURN(Tensor out, RunExperts(stream, grouped, /*forward=*/true, local));
+  grouped = Tensor();
+  // 5. Combine.
+  ASSIGN_OR_RETURN(combined_, parallel::Combine(*ep_, stream, xplan_, 0, out));
+  out = Tensor();
+  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
+  if (n > 0) RETURN_IF_ERROR(ops::ScatterAddRows(stream, combined_, token_index_, y_slice, weights_));
+  if (tp_ == nullptr || tp_->size() == 1) return y_slice;
+  return parallel::AllGatherRows(*tp_, stream, y_slice, num_tokens_);
+}
+
+absl::Status LlepRunner::ReturnGradients(Stream& stream, Experts& local) {
+  const int me = ep_->rank();
+  std::vector<comm::P2POp> ops;
+  struct Incoming {
+    int64_t local_expert;
+    Tensor gate, up, down;
+  };
+  std::vector<Incoming> incoming;
+  const Tensor& g0 = local.gate_proj().value;
+  const int64_t ffn = g0.size(1), d = g0.size(2), numel = ffn * d;
+  for (const auto& m : plan_.weight_moves) {
+    if (m.src == me) {
+      Incoming in;
+      in.local_expert = m.expert - expert_begin_;
+      ASSIGN_OR_RETURN(in.gate, NewTensor(stream, Shape{ffn, d}, MemoryCategory::kGradients));
+      ASSIGN_OR_RETURN(in.up, NewTensor(stream, Shape{ffn, d}, MemoryCategory::kGradients));
+      ASSIGN_OR_RETURN(in.down, NewTensor(stream, Shape{d, ffn}, MemoryCategory::kGradients));
+      incoming.push_back(std::move(in));
+    }
+  }
+  size_t next = 0;
+  for (const auto& m : plan_.weight_moves) {
+    if (m.src == me) {
+      const Incoming& in = incoming[next++];
+      for (const Tensor* t : {&in.gate, &in.up, &in.down})
+        ops.push_back(comm::P2POp::Recv(t->raw_data(), numel, DType::kF32, m.dst));
+    } else if (m.dst == me) {
+      const int64_t b = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), m.expert) -
+                        borrowed_.experts.begin();
+      for (const Tensor* t : {&borrowed_.gate_grad, &borrowed_.up_grad, &borrowed_.down_grad})
+        ops.push_back(comm::P2POp::Send(t->Select(b).raw_data(), numel, DType::kF32, m.src));
+    }
+  }
+  if (ops.empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(stream.Synchronize());
+  ASSIGN_OR_RETURN(comm::Work w, ep_p2p_->GroupP2P(ops));
+  RETURN_IF_ERROR(w.Wait());
+  // In plan order (expert, helper): the owner's sum is deterministic.
+  for (const Incoming& in : incoming) {
+    const int64_t i = in.local_expert;
+    RETURN_IF_ERROR(
+        ops::Add(stream, local.gate_proj().grad.Select(i), in.gate, local.gate_proj().grad.Select(i)));
+    RETURN_IF_ERROR(ops::Add(stream, local.up_proj().grad.Select(i), in.up, local.up_proj().grad.Select(i)));
+    RETURN_IF_ERROR(
+        ops::Add(stream, local.down_proj().grad.Select(i), in.down, local.down_proj().grad.Select(i)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& local,
+                                  std::vector<float>* dweights, const Tensor& dx) {
+  if (!plan_.active || !combined_.defined())
+    return absl::FailedPreconditionError("LlepRunner::Backward without a firing Forward");
+  dweights->assign(num_assignments_, 0.0f);
+  const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
+  const int64_t n = token_index_.numel();
+  ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}));
+  if (n > 0) {
+    ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
+    RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, token_index_, combined_, dw));
+    ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
+    for (int64_t r = 0; r < n; ++r) (*dweights)[assignment_[r]] = dw_host[r];
+    ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
+    RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, token_index_, gathered));
+    RETURN_IF_ERROR(ops::Fill(stream, d_rows, 0.0));
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, row_index_, d_rows, weights_));
+  }
+  combined_ = Tensor();
+  const bool ted = tp_ != nullptr && tp_->size() > 1;
+  if (ted) {
+    ASSIGN_OR_RETURN(Tensor dw, FromHostFloats(stream, *dweights, Shape{num_assignments_}));
+    RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dw));
+    ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dw));
+  }
+  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, xplan_, 0, d_rows));
+  d_rows = Tensor();
+  ASSIGN_OR_RETURN(Tensor d_in, RunExperts(stream, grouped, /*forward=*/false, local));
+  grouped = Tensor();
+  RETURN_IF_ERROR(ReturnGradients(stream, local));
+  ASSIGN_OR_RETURN(Tensor d_send, parallel::Combine(*ep_, stream, xplan_, 0, d_in));
+  d_in = Tensor();
+  Tensor target = dx.Slice(slice_begin_, slice_end_);
+  if (ted) {
+    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
+  }
+  if (n > 0) RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, token_index_, target));
+  if (ted) {
+    ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
+    RETURN_IF_ERROR(ops::Add(stream, dx, full, dx));
+  }
+  Clear();  // borrowed weights and grads freed here
+  return absl::OkStatus();
+}
+
+// ---- Model hook ---------------------------------------------------------------------------
+
+absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
+                        const config::LlepConfig& llep_cfg, comm::Communicator* ep,
+                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream) {
+  if (!llep_cfg.enabled() || ep == nullptr || ep->size() < 2) return absl::OkStatus();
+  if (ep_p2p == nullptr || ep_p2p->size() != ep->size()) {
+    return absl::InvalidArgumentError("EnableLlep: ep_p2p must be a second communicator over the EP group");
+  }
+  LlepRates rates;
+  const bool need_rates = llep_cfg.cost_model() && (llep_cfg.gemm_gflops() <= 0 || llep_cfg.p2p_gbps() <= 0);
+  if (need_rates) {
+    ASSIGN_OR_RETURN(rates, MeasureLlepRates(stream, *ep, *ep_p2p));
+  }
+  const parallel::LlepOptions options = LlepOptionsFromConfig(llep_cfg, rates, model_cfg.hidden_size(),
+                                                              model_cfg.moe().expert_ffn_hidden_size());
+  for (int l = 0; l < model.num_layers(); ++l) {
+    MoELayer* moe = model.block(l).moe();
+    if (moe == nullptr) continue;
+    moe->SetLlep(std::make_unique<LlepRunner>(ep, ep_p2p, tp, model_cfg.moe().num_experts(), options));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

@@ -1,0 +1,149 @@
+// LLEP at run time (Least-Loaded Expert Parallelism, arXiv 2601.17111): per
+// MoE layer and micro-batch, the EP group agrees on a plan
+// (parallel/llep_planner.h) and, when it fires, some (token, expert) pairs are
+// computed by a helper rank with a borrowed copy of the expert's weights.
+// Routing never changes, so the layer's outputs and gradients equal standard
+// EP's up to float summation order.
+//
+// One layer, forward (LlepRunner::Plan, then Forward when Plan returned true):
+//   1. counts: this rank's kept assignments per expert (its TED slice of the
+//      micro-batch), AllGather over the EP group -> the table [P][E] on every
+//      rank; PlanLlep on it (every rank computes the same plan).
+//   2. weights: for every move (e, owner, helper) of the plan, the owner sends
+//      gate/up/down of e to the helper (GroupP2P on ep_p2p), enqueued before
+//      the token all-to-all so both are on the wire together.
+//   3. tokens: this rank's rows for expert e are split over computing ranks by
+//      SourceSplits (in token order) and sent with one AllToAllV (the send and
+//      receive tables are both derived from the plan: no count exchange).
+//   4. experts: the local experts run on their rows (Experts::Forward); the
+//      borrowed ones run a grouped SwiGLU on theirs after the weights landed.
+//   5. combine: rows go back; y_t += w_t,e out (on the token's rank); TED
+//      all-gather over TP.
+// Backward mirrors it; the helpers' gradients of borrowed weights go back to
+// the owner (GroupP2P on ep_p2p) and are added to its expert grads; the
+// borrowed weights and grads are freed at the end of the layer's backward.
+// P2P pairs match because every rank derives them from the same plan; a rank
+// with nothing to send or receive posts nothing.
+//
+// Collective: every rank of the EP group (and the TP group) calls Plan,
+// Forward and Backward in the same order. Communicators are borrowed.
+#ifndef MOE_MODEL_LLEP_H_
+#define MOE_MODEL_LLEP_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "comm/communicator.h"
+#include "model/common.h"
+#include "model/experts.h"
+#include "model/router.h"
+#include "parallel/llep_planner.h"
+#include "parallel/token_exchange.h"
+
+namespace moe::model {
+
+class Model;
+
+// What LLEP did in the last micro-batch of a layer (for metrics.jsonl).
+struct LlepStats {
+  bool fired = false;
+  double imbalance_before = 1.0, imbalance_after = 1.0;  // max / mean of per-rank loads
+  int64_t tokens_moved = 0;        // (token, expert) pairs computed off their native rank (whole EP group)
+  int64_t weight_bytes_moved = 0;  // expert weight bytes sent P2P in the forward (whole EP group)
+  int borrowed_experts = 0;        // experts borrowed by this rank
+};
+
+// Measured start-up rates for the cost model.
+struct LlepRates {
+  double gemm_flops_per_s = 0;
+  double p2p_bytes_per_s = 0;
+};
+
+// Collective over `ep` and `ep_p2p` (the same ranks): times a [512 x 512 x
+// 512] GEMM on `stream` and a ring exchange of 8 MiB on ep_p2p; both rates are
+// agreed by AllReduce min over `ep`, so every rank plans with the same numbers.
+absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& ep,
+                                           comm::Communicator& ep_p2p);
+
+// Planner options from the job's llep config; rates (GFLOP/s, GB/s) come from
+// the config when > 0, else from `measured`. The cost model uses the SwiGLU
+// expert's forward+backward FLOPs per token (18 d Fe) and its weight bytes.
+parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const LlepRates& measured,
+                                            int64_t hidden_size, int64_t expert_ffn_hidden_size);
+
+class LlepRunner {
+ public:
+  // ep: the EP group (rank r owns the experts [E r / P, E (r + 1) / P));
+  // ep_p2p: a second communicator over the same ranks for weight moves;
+  // tp: the TP group or nullptr (TED: TP rank r handles RowSlice(T, tp, r)).
+  LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm::Communicator* tp, int64_t num_experts,
+             parallel::LlepOptions options);
+
+  // Collective over ep: gathers the count table and plans. Returns true when
+  // LLEP fires for this micro-batch (then call Forward/Backward); false means
+  // standard EP (the caller uses its usual dispatcher).
+  absl::StatusOr<bool> Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan);
+  // x [T, d] (unchanged until Backward) -> y [T, d].
+  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local);
+  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights [T k]
+  // = d loss / d w_t,e; local expert grads += this rank's part plus the
+  // helpers' returned gradients.
+  absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, std::vector<float>* dweights,
+                        const Tensor& dx);
+
+  const LlepStats& stats() const { return stats_; }
+  const parallel::LlepPlan& plan() const { return plan_; }
+  const std::vector<std::vector<int64_t>>& counts() const { return counts_; }
+  // Borrowed expert weights currently held (0 outside a layer's forward..backward).
+  int num_borrowed_held() const { return static_cast<int>(borrowed_.experts.size()); }
+
+ private:
+  struct Borrowed {
+    std::vector<int64_t> experts;  // sorted global indices
+    Tensor gate, up, down;         // [B, Fe, d], [B, Fe, d], [B, d, Fe]
+    Tensor gate_grad, up_grad, down_grad;
+    Tensor x, g, u, act;           // saved for backward
+    std::vector<int64_t> offsets;  // B + 1
+  };
+  absl::Status PostWeightMoves(Stream& stream, Experts& local, comm::Work* work);
+  absl::Status ReturnGradients(Stream& stream, Experts& local);
+  // Local rows [off[e0], off[e1]) and borrowed rows (the rest) of a grouped
+  // [N, d] tensor through f_local / f_borrowed, assembled in grouped order.
+  absl::StatusOr<Tensor> RunExperts(Stream& stream, const Tensor& grouped, bool forward, Experts& local);
+  absl::StatusOr<Tensor> BorrowedForward(Stream& stream, const Tensor& x);
+  absl::StatusOr<Tensor> BorrowedBackward(Stream& stream, const Tensor& dy);
+  void Clear();
+
+  comm::Communicator* ep_;
+  comm::Communicator* ep_p2p_;
+  comm::Communicator* tp_;
+  int64_t num_experts_, expert_begin_, expert_end_;
+  parallel::LlepOptions options_;
+
+  std::vector<std::vector<int64_t>> counts_;  // [P][E]
+  parallel::LlepPlan plan_;
+  LlepStats stats_;
+
+  // State of the current micro-batch.
+  int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0, slice_begin_ = 0, slice_end_ = 0;
+  std::vector<int64_t> my_counts_;  // [E] kept assignments of this rank's slice
+  parallel::ExchangePlan xplan_;
+  std::vector<int64_t> assignment_;  // host: a = t k + j of each send row
+  Tensor token_index_, row_index_, weights_, combined_;
+  std::vector<int64_t> grouped_offsets_;  // E + 1 over the received rows
+  comm::Work weight_work_;
+  Borrowed borrowed_;
+};
+
+// Gives every MoE layer of `model` an LlepRunner (llep.enabled). Rates are
+// measured once here (collective over ep) when the config leaves them at 0.
+absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
+                        const config::LlepConfig& llep_cfg, comm::Communicator* ep,
+                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream);
+
+}  // namespace moe::model
+
+#endif  // MOE_MODEL_LLEP_H_

@@ -1,0 +1,211 @@
+// LLEP exactness (issue 7): with 95% of the assignments forced into expert 0,
+// LLEP on and off give the same losses, MoE layer outputs and updated
+// parameters (1e-5 relative) over 3 SGD steps, dropless, for every layout of
+// the job that fits: (tp 1, ep 2), (tp 1, ep 4), (tp 2, ep 2). LLEP must fire
+// and move tokens and weights in every step, and free the borrowed weights
+// after each layer's backward.
+//
+// A layout of w = tp x dp ranks runs on the world / w disjoint sub-worlds of
+// the job, so one mpirun covers 2 and 4 ranks (RANKS 4); RANKS 2 runs the
+// 2-rank layout alone. Harness as in layout_invariance_test.cc.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/mpi_env.h"
+#include "model/alltoall_dispatcher.h"
+#include "model/llep.h"
+#include "model/model.h"
+#include "parallel/grad_sync.h"
+#include "runtime/core/config.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+#include "tests/parallel/parallel_test_util.h"
+
+namespace moe::model {
+namespace {
+
+using parallel::ProcessGroups;
+using parallel::testing::Cpu;
+using parallel::testing::ValueOrDie;
+
+constexpr int kSteps = 3;
+constexpr int kMicroBatch = 2;  // sequences
+constexpr int kGlobalMicroBatches = 4;
+constexpr int kSeqLen = 16;
+constexpr double kLr = 0.5;
+constexpr uint64_t kSeed = 4321;
+
+config::ModelConfig SkewedConfig() {
+  JobConfig job;
+  auto* m = job.mutable_model();
+  m->set_vocab_size(32);
+  m->set_hidden_size(16);
+  m->set_num_layers(2);
+  m->set_num_heads(4);
+  m->set_num_kv_heads(2);
+  m->set_ffn_hidden_size(24);
+  m->set_seq_len(kSeqLen);
+  m->set_init_std(0.2);
+  auto* moe = m->mutable_moe();
+  moe->set_num_experts(8);
+  moe->set_top_k(2);
+  moe->set_expert_ffn_hidden_size(12);
+  moe->set_moe_layer_freq(1);     // both layers MoE
+  moe->set_capacity_factor(0.0);  // dropless
+  moe->mutable_forced_routing()->set_fraction(0.95);
+  moe->mutable_forced_routing()->set_hot_experts(1);
+  ApplyDefaults(1, &job);
+  return job.model();
+}
+
+config::LlepConfig AlwaysLlep() {
+  config::LlepConfig c;
+  c.set_enabled(true);
+  c.set_trigger_ratio(1.0);  // fire on any imbalance
+  c.set_capacity_factor(1.0);
+  c.set_min_tokens_per_gemm(1);
+  c.set_max_borrowed_experts(0);
+  c.set_cost_model(false);
+  c.set_gemm_gflops(0);
+  c.set_p2p_gbps(0);
+  return c;
+}
+
+std::vector<int32_t> Sequence(int step, int seq, int vocab) {
+  std::vector<int32_t> t(kSeqLen + 1);
+  for (int i = 0; i <= kSeqLen; ++i) {
+    uint32_t h = static_cast<uint32_t>(step * 7919 + seq * 104729 + i * 31 + 17) * 2654435761u;
+    t[i] = static_cast<int32_t>((h >> 8) % vocab);
+  }
+  return t;
+}
+
+struct Result {
+  std::vector<double> losses;
+  std::map<std::string, std::vector<float>> params;
+  int fired = 0;             // MoE layer micro-batches where LLEP fired (this rank)
+  int64_t tokens_moved = 0;  // summed over those
+  int64_t weight_bytes = 0;
+  bool freed = true;  // no borrowed weights held after a backward
+};
+
+Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_borrowed = 0) {
+  const int sub = tp * dp, ep = dp, grad_accum = kGlobalMicroBatches / dp;
+  auto sub_world = ValueOrDie(job_world.Split(job_world.rank() / sub, job_world.rank(), "llep_layout"));
+  ProcessGroups groups = ValueOrDie(parallel::CreateProcessGroups(std::move(sub_world), tp, ep));
+  const parallel::RankLayout& l = groups.layout;
+  Stream& stream = Cpu().default_stream();
+  const config::ModelConfig cfg = SkewedConfig();
+  ShardPlan plan;
+  plan.tp_size = tp;
+  plan.tp_rank = l.tp_rank;
+  plan.ep_size = ep;
+  plan.ep_rank = l.ep_rank;
+  plan.tp_group = tp > 1 ? groups.tp.get() : nullptr;
+  comm::Communicator* tp_group = tp > 1 ? groups.tp.get() : nullptr;
+  DispatcherFactory factory = [&](int) -> std::unique_ptr<TokenDispatcher> {
+    return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), tp_group, cfg.moe().num_experts(), 1);
+  };
+  auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory));
+  if (llep) {
+    config::LlepConfig lc = AlwaysLlep();
+    lc.set_max_borrowed_experts(max_borrowed);
+    MOE_REQUIRE_OK(EnableLlep(*model, cfg, lc, groups.ep.get(), groups.ep_p2p.get(), tp_group, stream));
+  }
+  auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, {}));
+  Result r;
+  for (int step = 0; step < kSteps; ++step) {
+    MOE_REQUIRE_OK(model->ZeroGrads(stream));
+    double loss_sum = 0;
+    for (int a = 0; a < grad_accum; ++a) {
+      const int m = a * l.dp + l.dp_rank;
+      std::vector<int32_t> tokens;
+      for (int s = 0; s < kMicroBatch; ++s) {
+        std::vector<int32_t> seq = Sequence(step, m * kMicroBatch + s, cfg.vocab_size());
+        tokens.insert(tokens.end(), seq.begin(), seq.end());
+      }
+      LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
+      loss_sum += loss.total();
+      for (int b = 0; b < model->num_layers(); ++b) {
+        LlepRunner* runner = model->block(b).moe()->llep();
+        if (runner == nullptr) continue;
+        if (runner->stats().fired) {
+          ++r.fired;
+          r.tokens_moved += runner->stats().tokens_moved;
+          r.weight_bytes += runner->stats().weight_bytes_moved;
+        }
+      }
+      MOE_REQUIRE_OK(model->Backward(stream, 1.0f / (l.dp * grad_accum)));
+      for (int b = 0; b < model->num_layers(); ++b) {
+        LlepRunner* runner = model->block(b).moe()->llep();
+        if (runner != nullptr && runner->num_borrowed_held() != 0) r.freed = false;
+      }
+    }
+    for (parallel::Parameter* p : model->parameters()) MOE_REQUIRE_OK(sync->MarkReady(p));
+    MOE_REQUIRE_OK(sync->Finish());
+    double total = loss_sum;
+    comm::Work w = ValueOrDie(groups.dp->AllReduce(&total, &total, 1, DType::kF64, comm::ReduceOp::kSum));
+    MOE_REQUIRE_OK(w.Wait());
+    r.losses.push_back(total / kGlobalMicroBatches);
+    for (parallel::Parameter* p : model->parameters()) {
+      MOE_REQUIRE_OK(ops::Axpby(stream, static_cast<float>(-kLr), p->grad, 1.0f, p->value));
+    }
+  }
+  for (parallel::Parameter* p : model->parameters())
+    r.params[p->name] = parallel::testing::ToVector(p->value);
+  return r;
+}
+
+void Compare(const Result& ref, const Result& got) {
+  REQUIRE(got.losses.size() == ref.losses.size());
+  for (size_t s = 0; s < ref.losses.size(); ++s) {
+    INFO("step " << s << " loss " << got.losses[s] << " reference " << ref.losses[s]);
+    REQUIRE(std::abs(got.losses[s] - ref.losses[s]) <= 1e-5 * std::abs(ref.losses[s]));
+  }
+  REQUIRE(got.params.size() == ref.params.size());
+  for (const auto& [name, ref_values] : ref.params) {
+    const std::vector<float>& v = got.params.at(name);
+    REQUIRE(v.size() == ref_values.size());
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < v.size(); ++i) {
+      scale = std::max(scale, static_cast<double>(std::abs(ref_values[i])));
+      worst = std::max(worst, std::abs(static_cast<double>(v[i]) - ref_values[i]));
+    }
+    INFO(name << ": worst difference " << worst << " (max |p| " << scale << ")");
+    REQUIRE(worst <= 1e-5 * scale);
+  }
+}
+
+int64_t SumOverWorld(comm::Communicator& world, int64_t v) {
+  comm::Work w = ValueOrDie(world.AllReduce(&v, &v, 1, DType::kI64, comm::ReduceOp::kSum));
+  MOE_REQUIRE_OK(w.Wait());
+  return v;
+}
+
+void RunLayout(int tp, int dp, int max_borrowed = 0) {
+  auto world = parallel::testing::World();
+  if (world->size() % (tp * dp) != 0) return;
+  INFO("tp " << tp << " ep " << dp << " dp " << dp << " max_borrowed_experts " << max_borrowed);
+  const Result off = Train(*world, tp, dp, false);
+  const Result on = Train(*world, tp, dp, true, max_borrowed);
+  // Training moves the loss; LLEP fired in every MoE layer micro-batch and moved work.
+  REQUIRE(std::abs(off.losses[kSteps - 1] - off.losses[0]) > 1e-3 * std::abs(off.losses[0]));
+  REQUIRE(on.fired == kSteps * (kGlobalMicroBatches / dp) * 2);
+  REQUIRE(SumOverWorld(*world, on.tokens_moved) > 0);
+  REQUIRE(SumOverWorld(*world, on.weight_bytes) > 0);
+  REQUIRE(on.freed);
+  Compare(off, on);
+}
+
+TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 2", "[llep]") { RunLayout(1, 2); }
+TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 4", "[llep]") { RunLayout(1, 4); }
+TEST_CASE("LLEP on == off under 95% skew, tp 2 ep 2", "[llep]") { RunLayout(2, 2); }
+TEST_CASE("LLEP on == off, max_borrowed_experts 1, tp 1 ep 4", "[llep]") { RunLayout(1, 4, 1); }
+
+}  // namespace
+}  // namespace moe::model

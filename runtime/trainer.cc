@@ -6,8 +6,10 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/alltoall_dispatcher.h"
 #include "optim/clip.h"
 #include "runtime/checkpoint_signal.h"
 #include "runtime/core/logging.h"
@@ -58,7 +60,29 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   plan.tp_rank = layout.tp_rank;
   plan.ep_size = layout.ep;
   plan.ep_rank = layout.ep_rank;
-  ASSIGN_OR_RETURN(t->model_, model::Model::Create(config.model(), *t->stream_, train.seed(), plan));
+  plan.tp_group = groups->tp.get();
+  // Expert parallelism (and TED's duplicate-token dropping under TP) goes
+  // through the all-to-all dispatcher; a single rank permutes locally.
+  model::DispatcherFactory dispatchers;
+  if (layout.ep > 1 || layout.tp > 1) {
+    const int64_t num_experts = config.model().moe().num_experts();
+    const int chunks = config.parallel().overlap_chunks();
+    dispatchers = [groups, num_experts, chunks](int) -> std::unique_ptr<model::TokenDispatcher> {
+      return std::make_unique<model::AllToAllTokenDispatcher>(
+          groups->ep.get(), groups->layout.tp > 1 ? groups->tp.get() : nullptr, num_experts, chunks);
+    };
+  }
+  ASSIGN_OR_RETURN(t->model_, model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
+  parallel::GradSyncOptions sync_options;
+  sync_options.bucket_mb = config.parallel().grad_bucket_mb();
+  ASSIGN_OR_RETURN(t->grad_sync_,
+                   parallel::GradSync::Create(*groups, t->model_->parameters(), *t->stream_, sync_options));
+  t->block_params_.resize(t->model_->num_layers());
+  for (const parallel::Parameter* p : t->model_->parameters()) {
+    for (int l = 0; l < t->model_->num_layers(); ++l) {
+      if (absl::StartsWith(p->name, absl::StrCat("model.layers.", l, "."))) t->block_params_[l].push_back(p);
+    }
+  }
   ASSIGN_OR_RETURN(t->optimizer_,
                    optim::CreateOptimizer(config.optim(), const_cast<parallel::ParameterList&>(
                                                               t->model_->parameters()),
@@ -122,21 +146,6 @@ absl::Status Trainer::SaveCheckpoint() {
   return checkpointer_->Save(state, checkpoint_tensors_, ConfigToText(config_));
 }
 
-absl::Status Trainer::SyncGradients() {
-  // Dense gradients are summed over DP, expert gradients over EDP: all
-  // operations are enqueued first, then waited for, so they overlap each other.
-  std::vector<comm::Work> works;
-  for (parallel::Parameter* p : model_->parameters()) {
-    comm::Communicator& group = groups_->ReduceGroup(p->kind == parallel::ParamKind::kExpert);
-    if (group.size() == 1) continue;
-    void* grad = p->grad.raw_data();
-    ASSIGN_OR_RETURN(comm::Work w, group.AllReduce(grad, grad, p->grad.numel(), DType::kF32, comm::ReduceOp::kSum));
-    works.push_back(std::move(w));
-  }
-  for (const comm::Work& w : works) RETURN_IF_ERROR(w.Wait());
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<double>> Trainer::SumOverDataParallel(std::vector<double> values) {
   if (groups_->dp->size() > 1) {
     ASSIGN_OR_RETURN(comm::Work w, groups_->dp->AllReduce(values.data(), values.data(), values.size(),
@@ -165,7 +174,16 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   for (int a = 0; a < grad_accum; ++a) {
     RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
     ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
-    RETURN_IF_ERROR(model_->Backward(*stream_, loss_scale));
+    // On the last micro-batch a block's gradients are final once its backward
+    // ran: its buckets start reducing while earlier blocks still compute.
+    model::BlockDoneFn on_block_done;
+    if (a == grad_accum - 1) {
+      on_block_done = [this](int layer) -> absl::Status {
+        for (const parallel::Parameter* p : block_params_[layer]) RETURN_IF_ERROR(grad_sync_->MarkReady(p));
+        return absl::OkStatus();
+      };
+    }
+    RETURN_IF_ERROR(model_->Backward(*stream_, loss_scale, on_block_done));
     sums[0] += parts.ce;
     sums[1] += parts.aux;
     sums[2] += parts.z;
@@ -202,7 +220,9 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     s.moe_layers.push_back(std::move(m));
   }
 
-  RETURN_IF_ERROR(SyncGradients());
+  // Dense gradients summed over DP, expert gradients over EDP (and TP, whose
+  // ranks computed different tokens with the same experts).
+  RETURN_IF_ERROR(grad_sync_->Finish());
   ASSIGN_OR_RETURN(std::optional<std::string> bad, optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
   if (bad.has_value()) {
     return absl::DataLossError(absl::StrCat("step ", next_step, ": the gradient of ", *bad,

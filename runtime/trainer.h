@@ -32,6 +32,7 @@
 #include "model/model.h"
 #include "optim/lr_schedule.h"
 #include "optim/optimizer.h"
+#include "parallel/grad_sync.h"
 #include "parallel/process_groups.h"
 #include "runtime/checkpoint.h"
 #include "runtime/core/config.h"
@@ -89,7 +90,6 @@ class Trainer {
  private:
   Trainer(const JobConfig& config, parallel::ProcessGroups* groups);
   absl::Status Resume();
-  absl::Status SyncGradients();
   absl::StatusOr<std::vector<double>> SumOverDataParallel(std::vector<double> values);
   void Log(const StepStats& s) const;
   absl::Status WriteMetrics(const StepStats& s);
@@ -101,6 +101,8 @@ class Trainer {
   std::unique_ptr<data::TrainingData> data_;
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<optim::Optimizer> optimizer_;
+  std::unique_ptr<parallel::GradSync> grad_sync_;
+  std::vector<std::vector<const parallel::Parameter*>> block_params_;  // per layer, for grad sync
   std::optional<optim::LrSchedule> schedule_;
   std::optional<MetricsWriter> metrics_;  // rank 0
   std::vector<int32_t> tokens_;           // one micro-batch, [micro_batch, seq_len + 1]

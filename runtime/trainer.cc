@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/alltoall_dispatcher.h"
+#include "model/llep.h"
 #include "optim/clip.h"
 #include "runtime/checkpoint_signal.h"
 #include "runtime/core/logging.h"
@@ -73,6 +74,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
     };
   }
   ASSIGN_OR_RETURN(t->model_, model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
+  // LLEP (issue 7): no-op unless llep.enabled and EP > 1.
+  RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->ep.get(),
+                                    groups->ep_p2p.get(), layout.tp > 1 ? groups->tp.get() : nullptr,
+                                    *t->stream_));
   parallel::GradSyncOptions sync_options;
   sync_options.bucket_mb = config.parallel().grad_bucket_mb();
   ASSIGN_OR_RETURN(t->grad_sync_,
@@ -168,8 +173,12 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   for (int l = 0; l < model_->num_layers(); ++l)
     if (model_->block(l).is_moe()) moe_layers.push_back(l);
   const int64_t E = config_.model().moe().num_experts();
-  // Loss parts, then per MoE layer E kept counts and the dropped count.
-  std::vector<double> sums(3 + moe_layers.size() * (E + 1), 0.0);
+  // Loss parts, then per MoE layer E kept counts and the dropped count, then
+  // per MoE layer the LLEP figures (fired, imbalance before/after, tokens and
+  // weight bytes moved).
+  constexpr int kLlepFields = 5;
+  const size_t llep_base = 3 + moe_layers.size() * (E + 1);
+  std::vector<double> sums(llep_base + moe_layers.size() * kLlepFields, 0.0);
 
   for (int a = 0; a < grad_accum; ++a) {
     RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
@@ -192,6 +201,18 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
       double* out = &sums[3 + i * (E + 1)];
       for (int64_t e = 0; e < E; ++e) out[e] += static_cast<double>(routing.tokens_per_expert[e]);
       out[E] += static_cast<double>(routing.num_dropped());
+      double* llep = &sums[llep_base + i * kLlepFields];
+      if (const model::LlepRunner* runner = model_->block(moe_layers[i]).moe()->llep()) {
+        const model::LlepStats& ls = runner->stats();
+        llep[0] += ls.fired ? 1.0 : 0.0;
+        llep[1] += ls.imbalance_before;
+        llep[2] += ls.imbalance_after;
+        llep[3] += static_cast<double>(ls.tokens_moved);
+        llep[4] += static_cast<double>(ls.weight_bytes_moved);
+      } else {
+        llep[1] += 1.0;
+        llep[2] += 1.0;
+      }
     }
   }
   // TP ranks see the same tokens: sum over DP only.
@@ -216,6 +237,14 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     for (int64_t e = 0; e < E; ++e) m.tokens_per_expert.push_back(static_cast<int64_t>(std::llround(in[e])));
     m.dropped = static_cast<int64_t>(std::llround(in[E]));
     m.max_over_mean = MaxOverMean(m.tokens_per_expert);
+    // Every rank reports its EP group's figures: means over ranks, and the
+    // group totals counted once per group (ep ranks each).
+    const double* llep = &sums[llep_base + i * kLlepFields];
+    m.llep_fired = llep[0] / num_micro_batches;
+    m.llep_imbalance_before = llep[1] / num_micro_batches;
+    m.llep_imbalance_after = llep[2] / num_micro_batches;
+    m.llep_tokens_moved = static_cast<int64_t>(std::llround(llep[3] / layout.ep));
+    m.llep_weight_bytes_moved = static_cast<int64_t>(std::llround(llep[4] / layout.ep));
     s.expert_load_max_over_mean = std::max(s.expert_load_max_over_mean, m.max_over_mean);
     s.moe_layers.push_back(std::move(m));
   }
@@ -274,6 +303,9 @@ absl::Status Trainer::WriteMetrics(const StepStats& s) {
     JsonLine l;
     l.Add("layer", m.layer).Add("tokens_per_expert", m.tokens_per_expert).Add("dropped", m.dropped);
     l.Add("max_over_mean", m.max_over_mean);
+    l.Add("llep_fired", m.llep_fired).Add("llep_imbalance_before", m.llep_imbalance_before);
+    l.Add("llep_imbalance_after", m.llep_imbalance_after).Add("llep_tokens_moved", m.llep_tokens_moved);
+    l.Add("llep_weight_bytes_moved", m.llep_weight_bytes_moved);
     absl::StrAppend(&layers, i ? "," : "", l.str());
   }
   layers += "]";

@@ -45,6 +45,12 @@ struct MoeLayerStats {
   std::vector<int64_t> tokens_per_expert;  // kept assignments, summed over the global batch
   int64_t dropped = 0;                     // assignments dropped by capacity
   double max_over_mean = 1.0;              // expert load imbalance
+  // LLEP (llep.enabled), over the step's micro-batches and EP groups:
+  double llep_fired = 0;                   // fraction of (micro-batch, EP group) where it fired
+  double llep_imbalance_before = 1.0;      // mean per-rank load max/mean before the plan
+  double llep_imbalance_after = 1.0;       // ... and after (= before when it did not fire)
+  int64_t llep_tokens_moved = 0;           // (token, expert) pairs computed off their native rank
+  int64_t llep_weight_bytes_moved = 0;     // expert weight bytes sent to helpers
 };
 
 struct StepStats {

@@ -115,6 +115,7 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
                                                    plan.num_experts, " experts over ", T,
                                                    " tokens do not match E = ", E));
   }
+  Clear();  // a forward without backward (evaluation) leaves state behind
   num_tokens_ = T;
   hidden_ = x.size(1);
   num_assignments_ = T * k;

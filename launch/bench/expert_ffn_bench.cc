@@ -1,6 +1,6 @@
-// moe-bench expert-ffn: the SwiGLU expert FFN, forward + backward, through the
-// grouped GEMM ops, against one large sgemm of the same total FLOPs run in the
-// same process.
+// moe-bench expert-ffn: the SwiGLU expert FFN, forward + backward, through
+// model::GroupedExperts (the grouped GEMM path the MoE layer runs), against one
+// large sgemm of the same total FLOPs run in the same process.
 //
 //   build/bin/moe-bench expert-ffn [experts=8] [top_k=2] [hidden=512]
 //       [expert_ffn=1024] [tokens=4096] [skew=0.4] [iters=3] [--json]
@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "launch/bench/bench.h"
+#include "model/experts.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
@@ -48,52 +49,24 @@ double Median(std::vector<double> t) {
   return t[t.size() / 2];
 }
 
+// Inputs of the FFN and the experts (their activations and grads are the
+// layer's own, allocated by Forward/Backward as in training).
 struct Ffn {
-  Tensor x, wg, wu, wd, gate, up, act, y, dy, dact, dgate, dup, dx, dwg, dwu, dwd;
+  Tensor x, dy;
+  model::GroupedExperts experts;
 };
 
-absl::StatusOr<Ffn> MakeFfn(Backend& cpu, Stream& s, int64_t E, int64_t R, int64_t d, int64_t f) {
-  Ffn n;
-  auto act = [&](Shape shape) {
-    return Tensor::Empty(cpu, shape, DType::kF32, MemoryCategory::kActivations);
-  };
-  auto param = [&](Shape shape, MemoryCategory c) { return Tensor::Empty(cpu, shape, DType::kF32, c); };
-  ASSIGN_OR_RETURN(n.x, act({R, d}));
-  ASSIGN_OR_RETURN(n.dy, act({R, d}));
-  ASSIGN_OR_RETURN(n.wg, param({E, f, d}, MemoryCategory::kParameters));
-  ASSIGN_OR_RETURN(n.wu, param({E, f, d}, MemoryCategory::kParameters));
-  ASSIGN_OR_RETURN(n.wd, param({E, d, f}, MemoryCategory::kParameters));
-  ASSIGN_OR_RETURN(n.dwg, param({E, f, d}, MemoryCategory::kGradients));
-  ASSIGN_OR_RETURN(n.dwu, param({E, f, d}, MemoryCategory::kGradients));
-  ASSIGN_OR_RETURN(n.dwd, param({E, d, f}, MemoryCategory::kGradients));
-  for (Tensor* t : {&n.gate, &n.up, &n.act, &n.dact, &n.dgate, &n.dup}) {
-    ASSIGN_OR_RETURN(*t, act({R, f}));
-  }
-  ASSIGN_OR_RETURN(n.y, act({R, d}));
-  ASSIGN_OR_RETURN(n.dx, act({R, d}));
+absl::Status MakeFfn(Backend& cpu, Stream& s, int64_t E, int64_t R, int64_t d, int64_t f, Ffn& n) {
+  ASSIGN_OR_RETURN(n.x, Tensor::Empty(cpu, {R, d}, DType::kF32, MemoryCategory::kActivations));
+  ASSIGN_OR_RETURN(n.dy, Tensor::Empty(cpu, {R, d}, DType::kF32, MemoryCategory::kActivations));
   RETURN_IF_ERROR(ops::InitNormal(s, n.x, 1, "bench.x", 1.0f));
   RETURN_IF_ERROR(ops::InitNormal(s, n.dy, 1, "bench.dy", 1.0f));
-  RETURN_IF_ERROR(ops::InitNormal(s, n.wg, 1, "bench.wg", 0.02f));
-  RETURN_IF_ERROR(ops::InitNormal(s, n.wu, 1, "bench.wu", 0.02f));
-  RETURN_IF_ERROR(ops::InitNormal(s, n.wd, 1, "bench.wd", 0.02f));
-  for (Tensor* t : {&n.dwg, &n.dwu, &n.dwd}) RETURN_IF_ERROR(ops::Fill(s, *t, 0.0));
-  return n;
+  return n.experts.Init(s, "bench.experts.", d, f, E, 0, E, 0.02f, 0.02f, 1);
 }
 
 absl::Status FfnStep(Stream& s, Ffn& n, const std::vector<int64_t>& off) {
-  // Forward.
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.x, n.wg, true, n.gate, off));
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.x, n.wu, true, n.up, off));
-  RETURN_IF_ERROR(ops::SwiGLU(s, n.gate, n.up, n.act));
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.act, n.wd, true, n.y, off));
-  // Backward.
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.dy, n.wd, false, n.dact, off));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(s, n.dy, n.act, n.dwd, off, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::SwiGLUBackward(s, n.gate, n.up, n.dact, n.dgate, n.dup));
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.dgate, n.wg, false, n.dx, off));
-  RETURN_IF_ERROR(ops::GroupedGemm(s, n.dup, n.wu, false, n.dx, off, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(s, n.dgate, n.x, n.dwg, off, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(s, n.dup, n.x, n.dwu, off, 1.0f, 1.0f));
+  ASSIGN_OR_RETURN(Tensor y, n.experts.Forward(s, n.x, off));
+  ASSIGN_OR_RETURN(Tensor dx, n.experts.Backward(s, n.dy));
   return s.Synchronize();
 }
 
@@ -126,7 +99,8 @@ absl::Status RunExpertFfn(const Args& args, Reporter& reporter) {
     return s.Synchronize();
   };
 
-  ASSIGN_OR_RETURN(Ffn ffn, MakeFfn(*cpu, s, E, R, d, f));
+  Ffn ffn;
+  RETURN_IF_ERROR(MakeFfn(*cpu, s, E, R, d, f, ffn));
   for (const char* routing : {"balanced", "skewed"}) {
     std::vector<int64_t> counts(E);
     if (std::string(routing) == "balanced") {

@@ -2,8 +2,11 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -253,12 +256,57 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
+// Freed blocks are kept by size and handed out again (a caching allocator, as
+// GPU runtimes have): a training step allocates the same activation sizes
+// every micro-batch, and fresh large allocations would come back from the
+// kernel as new zero pages each time (page faults and zeroing cost as much as
+// the element-wise work). The cache holds at most kMaxCachedBytes; memory
+// accounting counts live buffers only.
+class BlockCache {
+ public:
+  static constexpr size_t kMaxCachedBytes = size_t{1} << 30;
+
+  void* Take(size_t rounded) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(rounded);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    cached_bytes_ -= rounded;
+    return p;
+  }
+  void Give(void* p, size_t rounded) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_bytes_ + rounded <= kMaxCachedBytes) {
+        free_.emplace(rounded, p);
+        cached_bytes_ += rounded;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  // Returns every cached block to the system (an allocation that failed).
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [size, p] : free_) std::free(p);
+    free_.clear();
+    cached_bytes_ = 0;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_bytes_ = 0;
+};
+
 class CpuBuffer : public Buffer {
  public:
-  CpuBuffer(void* data, size_t size, MemoryCategory category, MemoryTracker* tracker)
-      : data_(data), size_(size), category_(category), tracker_(tracker) {}
+  CpuBuffer(void* data, size_t size, size_t rounded, MemoryCategory category, MemoryTracker* tracker,
+            BlockCache* cache)
+      : data_(data), size_(size), rounded_(rounded), category_(category), tracker_(tracker), cache_(cache) {}
   ~CpuBuffer() override {
-    std::free(data_);
+    cache_->Give(data_, rounded_);
     tracker_->OnFree(category_, static_cast<int64_t>(size_));
   }
   void* data() const override { return data_; }
@@ -269,9 +317,10 @@ class CpuBuffer : public Buffer {
 
  private:
   void* data_;
-  size_t size_;
+  size_t size_, rounded_;
   MemoryCategory category_;
   MemoryTracker* tracker_;
+  BlockCache* cache_;
 };
 
 class CpuBufferType : public BufferType {
@@ -282,17 +331,23 @@ class CpuBufferType : public BufferType {
   Device device() const override { return Device::Cpu(); }
   absl::StatusOr<std::shared_ptr<Buffer>> Allocate(size_t bytes, MemoryCategory category) override {
     size_t rounded = std::max(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
-    void* p = std::aligned_alloc(kAlignment, rounded);
+    void* p = cache_.Take(rounded);
+    if (p == nullptr) p = std::aligned_alloc(kAlignment, rounded);
+    if (p == nullptr) {
+      cache_.Release();
+      p = std::aligned_alloc(kAlignment, rounded);
+    }
     if (p == nullptr)
       return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes for ",
                                                        MemoryCategoryName(category), " (",
                                                        tracker_->Total().live_bytes, " bytes live)"));
     tracker_->OnAllocate(category, static_cast<int64_t>(bytes));
-    return std::shared_ptr<Buffer>(std::make_shared<CpuBuffer>(p, bytes, category, tracker_));
+    return std::shared_ptr<Buffer>(std::make_shared<CpuBuffer>(p, bytes, rounded, category, tracker_, &cache_));
   }
 
  private:
   MemoryTracker* tracker_;
+  BlockCache cache_;
 };
 
 class CpuBackend : public Backend {

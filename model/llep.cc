@@ -328,6 +328,8 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
     borrowed_.offsets.push_back(borrowed_.offsets.back() + grouped_offsets_[e + 1] - grouped_offsets_[e]);
   // 4. Experts.
   ASSIGN_OR_RETURN(Tensor out, RunExperts(stream, grouped, /*forward=*/true, local));
+  // Owners too: their weights must not change (optimizer) while a send is open.
+  RETURN_IF_ERROR(weight_work_.Wait());
   grouped = Tensor();
   // 5. Combine.
   ASSIGN_OR_RETURN(combined_, parallel::Combine(*ep_, stream, xplan_, 0, out));

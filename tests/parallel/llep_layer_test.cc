@@ -175,3 +175,38 @@ TEST_CASE("LLEP layer: moves pair up, borrowed weights freed, results equal stan
 
 }  // namespace
 }  // namespace moe::model
+
+namespace moe::model {
+namespace {
+
+TEST_CASE("LLEP start-up rates: positive and the same on every EP rank", "[llep]") {
+  parallel::ProcessGroups groups = parallel::testing::Groups(1, parallel::testing::World()->size());
+  const LlepRates rates = ValueOrDie(MeasureLlepRates(Cpu().default_stream(), *groups.ep, *groups.ep_p2p));
+  REQUIRE(rates.gemm_flops_per_s > 0);
+  REQUIRE(rates.p2p_bytes_per_s > 0);
+  double v[2] = {rates.gemm_flops_per_s, rates.p2p_bytes_per_s}, mx[2];
+  comm::Work w = ValueOrDie(groups.ep->AllReduce(v, mx, 2, DType::kF64, comm::ReduceOp::kMax));
+  MOE_REQUIRE_OK(w.Wait());
+  REQUIRE(mx[0] == v[0]);
+  REQUIRE(mx[1] == v[1]);
+  // Config rates win over measured ones; the cost model uses the SwiGLU expert's figures.
+  config::LlepConfig cfg;
+  cfg.set_trigger_ratio(1.3);
+  cfg.set_capacity_factor(1.0);
+  cfg.set_min_tokens_per_gemm(1024);
+  cfg.set_max_borrowed_experts(2);
+  cfg.set_cost_model(true);
+  cfg.set_gemm_gflops(100);
+  cfg.set_p2p_gbps(0);
+  const parallel::LlepOptions o = LlepOptionsFromConfig(cfg, rates, 512, 1024);
+  REQUIRE(o.gemm_flops_per_s == 100e9);
+  REQUIRE(o.p2p_bytes_per_s == rates.p2p_bytes_per_s);
+  REQUIRE(o.weight_bytes == 3.0 * 512 * 1024 * 4);
+  REQUIRE(o.flops_per_token == 18.0 * 512 * 1024);
+  REQUIRE(o.max_borrowed_experts == 2);
+  cfg.set_cost_model(false);
+  REQUIRE(LlepOptionsFromConfig(cfg, rates, 512, 1024).gemm_flops_per_s == 0);
+}
+
+}  // namespace
+}  // namespace moe::model

@@ -12,12 +12,12 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "runtime/core/status.h"
 #include "comm/communicator.h"
 #include "comm/mpi_env.h"
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/status.h"
 #include "runtime/job_config.h"
 #include "runtime/trainer.h"
 

@@ -19,8 +19,8 @@ absl::StatusOr<RankLayout> ComputeLayout(int world, int tp, int ep, int rank) {
   const int dp = world / tp;
   if (dp % ep != 0) {
     return absl::InvalidArgumentError(absl::StrCat("parallel.expert = ", ep,
-                                                   " must divide the data-parallel size ", dp,
-                                                   " (world ", world, " / tensor ", tp, ")"));
+                                                   " must divide the data-parallel size ", dp, " (world ",
+                                                   world, " / tensor ", tp, ")"));
   }
   if (rank < 0 || rank >= world) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is outside a world of ", world));
@@ -58,8 +58,9 @@ absl::StatusOr<std::string> FormatLayoutTable(int world, int tp, int ep) {
     all.push_back(std::move(l));
   }
   const RankLayout& f = all.front();
-  std::string out = absl::StrFormat("rank layout: world %d = tensor %d x data %d; expert %d, expert-data %d\n",
-                                    world, f.tp, f.dp, f.ep, f.edp);
+  std::string out =
+      absl::StrFormat("rank layout: world %d = tensor %d x data %d; expert %d, expert-data %d\n", world, f.tp,
+                      f.dp, f.ep, f.edp);
   absl::StrAppendFormat(&out, "  %-9s", "rank");
   for (const auto& l : all) absl::StrAppendFormat(&out, "%4d", l.rank);
   auto row = [&](const char* name, auto get) {
@@ -83,10 +84,18 @@ absl::StatusOr<std::string> FormatLayoutTable(int world, int tp, int ep) {
     absl::StrAppendFormat(&out, "\n  %-11s", absl::StrCat(name, " groups"));
     for (int i = 0; i < count; ++i) absl::StrAppend(&out, " ", seen[i]);
   };
-  groups("TP", [](const RankLayout& l) { return l.tp_group; }, [](const RankLayout& l) { return l.tp_group_id; });
-  groups("DP", [](const RankLayout& l) { return l.dp_group; }, [](const RankLayout& l) { return l.dp_group_id; });
-  groups("EP", [](const RankLayout& l) { return l.ep_group; }, [](const RankLayout& l) { return l.ep_group_id; });
-  groups("EDP", [](const RankLayout& l) { return l.edp_group; }, [](const RankLayout& l) { return l.edp_group_id; });
+  groups(
+      "TP", [](const RankLayout& l) { return l.tp_group; },
+      [](const RankLayout& l) { return l.tp_group_id; });
+  groups(
+      "DP", [](const RankLayout& l) { return l.dp_group; },
+      [](const RankLayout& l) { return l.dp_group_id; });
+  groups(
+      "EP", [](const RankLayout& l) { return l.ep_group; },
+      [](const RankLayout& l) { return l.ep_group_id; });
+  groups(
+      "EDP", [](const RankLayout& l) { return l.edp_group; },
+      [](const RankLayout& l) { return l.edp_group_id; });
   out.push_back('\n');
   return out;
 }

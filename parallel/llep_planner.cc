@@ -57,7 +57,8 @@ LlepPlan StandardPlan(const std::vector<std::vector<int64_t>>& counts) {
   return plan;
 }
 
-absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts, const LlepOptions& options) {
+absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts,
+                                  const LlepOptions& options) {
   const int P = static_cast<int>(counts.size());
   if (P == 0) return absl::InvalidArgumentError("LLEP plan: the count table has no ranks");
   const int E = static_cast<int>(counts[0].size());
@@ -67,8 +68,8 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
   }
   for (int r = 0; r < P; ++r) {
     if (static_cast<int>(counts[r].size()) != E) {
-      return absl::InvalidArgumentError(absl::StrCat("LLEP plan: rank ", r, " has ", counts[r].size(),
-                                                     " expert counts, rank 0 has ", E));
+      return absl::InvalidArgumentError(
+          absl::StrCat("LLEP plan: rank ", r, " has ", counts[r].size(), " expert counts, rank 0 has ", E));
     }
     for (int e = 0; e < E; ++e) {
       if (counts[r][e] < 0) {
@@ -102,7 +103,8 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
   plan.ranges.resize(E);
   plan.load_before = standard.load_before;
   plan.imbalance_before = standard.imbalance_before;
-  const int64_t cap = static_cast<int64_t>(std::ceil(options.capacity_factor * static_cast<double>(total) / P));
+  const int64_t cap =
+      static_cast<int64_t>(std::ceil(options.capacity_factor * static_cast<double>(total) / P));
   const bool cost_model = options.flops_per_token > 0 && options.weight_bytes > 0 &&
                           options.gemm_flops_per_s > 0 && options.p2p_bytes_per_s > 0;
   // Tokens worth moving to a helper that does not hold the expert yet: the
@@ -167,7 +169,7 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
         if (effective(chosen) + chunk >= assigned[native] + remaining) chosen = -1;
       }
       if (chosen >= 0 && chunk < min_worthwhile) chosen = -1;  // not worth the weight transfer
-      if (chosen < 0) {  // the native rank computes the rest
+      if (chosen < 0) {                                        // the native rank computes the rest
         plan.ranges[e].push_back({native, next, next + remaining});
         assigned[native] += remaining;
         break;
@@ -206,14 +208,13 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
     return standard;
   }
   plan.active = true;
-  plan.reason = absl::StrFormat("imbalance %.3f >= trigger_ratio %.3f", plan.imbalance_before,
-                                options.trigger_ratio);
+  plan.reason =
+      absl::StrFormat("imbalance %.3f >= trigger_ratio %.3f", plan.imbalance_before, options.trigger_ratio);
   return plan;
 }
 
-std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(const LlepPlan& plan,
-                                                              const std::vector<std::vector<int64_t>>& counts,
-                                                              int src) {
+std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(
+    const LlepPlan& plan, const std::vector<std::vector<int64_t>>& counts, int src) {
   std::vector<std::vector<std::pair<int, int64_t>>> out(plan.num_experts);
   for (int e = 0; e < plan.num_experts; ++e) {
     int64_t begin = 0;
@@ -232,20 +233,23 @@ std::string PlanToJson(const LlepPlan& plan) {
   std::string out = absl::StrFormat(
       "{\"active\":%s,\"reason\":\"%s\",\"num_ranks\":%d,\"num_experts\":%d,\"imbalance_before\":%.4f,"
       "\"imbalance_after\":%.4f,\"tokens_moved\":%d,\"load_before\":%s,\"load_after\":%s,\"ranges\":[",
-      plan.active ? "true" : "false", JsonEscape(plan.reason), plan.num_ranks, plan.num_experts, plan.imbalance_before,
-      plan.imbalance_after, plan.tokens_moved, ints(plan.load_before), ints(plan.load_after));
+      plan.active ? "true" : "false", JsonEscape(plan.reason), plan.num_ranks, plan.num_experts,
+      plan.imbalance_before, plan.imbalance_after, plan.tokens_moved, ints(plan.load_before),
+      ints(plan.load_after));
   for (int e = 0; e < plan.num_experts; ++e) {
     absl::StrAppend(&out, e ? "," : "", "[");
     for (size_t i = 0; i < plan.ranges[e].size(); ++i) {
       const LlepRange& r = plan.ranges[e][i];
-      absl::StrAppendFormat(&out, "%s{\"rank\":%d,\"begin\":%d,\"end\":%d}", i ? "," : "", r.rank, r.begin, r.end);
+      absl::StrAppendFormat(&out, "%s{\"rank\":%d,\"begin\":%d,\"end\":%d}", i ? "," : "", r.rank, r.begin,
+                            r.end);
     }
     absl::StrAppend(&out, "]");
   }
   absl::StrAppend(&out, "],\"weight_moves\":[");
   for (size_t i = 0; i < plan.weight_moves.size(); ++i) {
     const LlepWeightMove& m = plan.weight_moves[i];
-    absl::StrAppendFormat(&out, "%s{\"expert\":%d,\"src\":%d,\"dst\":%d}", i ? "," : "", m.expert, m.src, m.dst);
+    absl::StrAppendFormat(&out, "%s{\"expert\":%d,\"src\":%d,\"dst\":%d}", i ? "," : "", m.expert, m.src,
+                          m.dst);
   }
   absl::StrAppend(&out, "]}");
   return out;

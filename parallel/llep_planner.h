@@ -40,20 +40,20 @@
 namespace moe::parallel {
 
 struct LlepOptions {
-  double trigger_ratio = 1.3;     // lambda
-  double capacity_factor = 1.0;   // alpha
+  double trigger_ratio = 1.3;          // lambda
+  double capacity_factor = 1.0;        // alpha
   int64_t min_tokens_per_gemm = 1024;  // m
-  int max_borrowed_experts = 0;   // 0: no limit
+  int max_borrowed_experts = 0;        // 0: no limit
   // Cost model; off when any of these is <= 0.
-  double flops_per_token = 0;     // forward+backward FLOPs one token costs one expert
-  double weight_bytes = 0;        // bytes of one expert's weights
+  double flops_per_token = 0;  // forward+backward FLOPs one token costs one expert
+  double weight_bytes = 0;     // bytes of one expert's weights
   double gemm_flops_per_s = 0;
   double p2p_bytes_per_s = 0;
 };
 
 struct LlepRange {
-  int rank = 0;         // EP rank computing the range
-  int64_t begin = 0;    // [begin, end) over the expert's tokens in global order
+  int rank = 0;       // EP rank computing the range
+  int64_t begin = 0;  // [begin, end) over the expert's tokens in global order
   int64_t end = 0;
 };
 
@@ -65,29 +65,29 @@ struct LlepWeightMove {
 
 struct LlepPlan {
   int num_ranks = 0, num_experts = 0;
-  bool active = false;                      // false: standard EP
-  std::string reason;                       // why it fired or not
-  std::vector<std::vector<LlepRange>> ranges;  // [E] ranges, native first
-  std::vector<LlepWeightMove> weight_moves;    // sorted by (expert, dst)
-  std::vector<int64_t> load_before, load_after;  // per rank tokens computed
+  bool active = false;                                   // false: standard EP
+  std::string reason;                                    // why it fired or not
+  std::vector<std::vector<LlepRange>> ranges;            // [E] ranges, native first
+  std::vector<LlepWeightMove> weight_moves;              // sorted by (expert, dst)
+  std::vector<int64_t> load_before, load_after;          // per rank tokens computed
   double imbalance_before = 1.0, imbalance_after = 1.0;  // max / mean
-  int64_t tokens_moved = 0;                 // tokens computed away from their native rank
+  int64_t tokens_moved = 0;                              // tokens computed away from their native rank
 
   int native_rank(int expert) const { return expert / (num_experts / num_ranks); }
 };
 
 // Plans one MoE layer. Errors for malformed tables (ragged, negative counts,
 // E not divisible by P), naming what is wrong.
-absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts, const LlepOptions& options);
+absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts,
+                                  const LlepOptions& options);
 
 // A standard-EP plan (every expert on its native rank).
 LlepPlan StandardPlan(const std::vector<std::vector<int64_t>>& counts);
 
 // For source rank `src`: how its tokens for expert e split over computing ranks,
 // in order: {dst rank, token count} pairs whose counts sum to counts[src][e].
-std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(const LlepPlan& plan,
-                                                              const std::vector<std::vector<int64_t>>& counts,
-                                                              int src);
+std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(
+    const LlepPlan& plan, const std::vector<std::vector<int64_t>>& counts, int src);
 
 // The plan as JSON (ranges, moves, loads), for moe-bench llep-plan and logs.
 std::string PlanToJson(const LlepPlan& plan);

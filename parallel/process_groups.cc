@@ -18,7 +18,8 @@ absl::StatusOr<ProcessGroups> CreateProcessGroups(std::unique_ptr<comm::Communic
   g.world = std::move(world);
   if (g.tp->rank() != l.tp_rank || g.dp->rank() != l.dp_rank || g.ep->rank() != l.ep_rank ||
       g.edp->rank() != l.edp_rank) {
-    return absl::InternalError(absl::StrCat("process groups disagree with the layout on world rank ", l.rank));
+    return absl::InternalError(
+        absl::StrCat("process groups disagree with the layout on world rank ", l.rank));
   }
   return g;
 }

@@ -37,24 +37,27 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   positive("parallel.overlap_chunks", p.overlap_chunks(), "1 disables pipelining");
   need(t.steps() >= 0, absl::StrCat("train.steps = ", t.steps(), " must be >= 0"));
   need(t.log_every() > 0, absl::StrCat("train.log_every = ", t.log_every(), " must be positive"));
-  need(t.eval_every() >= 0, absl::StrCat("train.eval_every = ", t.eval_every(), " must be >= 0 (0: only at the end)"));
+  need(t.eval_every() >= 0,
+       absl::StrCat("train.eval_every = ", t.eval_every(), " must be >= 0 (0: only at the end)"));
   need(m.norm_eps() > 0, absl::StrCat("model.norm_eps = ", m.norm_eps(), " must be positive, e.g. 1e-5"));
-  need(m.rope_theta() > 0, absl::StrCat("model.rope_theta = ", m.rope_theta(), " must be positive, e.g. 10000"));
+  need(m.rope_theta() > 0,
+       absl::StrCat("model.rope_theta = ", m.rope_theta(), " must be positive, e.g. 10000"));
   need(m.init_std() > 0, absl::StrCat("model.init_std = ", m.init_std(), " must be positive, e.g. 0.02"));
   need(moe.moe_layer_freq() >= 0,
        absl::StrCat("model.moe.moe_layer_freq = ", moe.moe_layer_freq(), " must be >= 0 (0: no MoE layers)"));
   if (!e.empty()) return e;  // the divisibility checks below need positive sizes
 
   need(m.hidden_size() % m.num_heads() == 0,
-       absl::StrCat("model.num_heads = ", m.num_heads(), " must divide model.hidden_size = ", m.hidden_size()));
+       absl::StrCat("model.num_heads = ", m.num_heads(),
+                    " must divide model.hidden_size = ", m.hidden_size()));
   need((m.hidden_size() / m.num_heads()) % 2 == 0,
        absl::StrCat("head size model.hidden_size / model.num_heads = ", m.hidden_size() / m.num_heads(),
                     " must be even for RoPE"));
-  need(m.num_heads() % m.num_kv_heads() == 0,
-       absl::StrCat("model.num_kv_heads = ", m.num_kv_heads(), " must divide model.num_heads = ", m.num_heads()));
+  need(m.num_heads() % m.num_kv_heads() == 0, absl::StrCat("model.num_kv_heads = ", m.num_kv_heads(),
+                                                           " must divide model.num_heads = ", m.num_heads()));
   need(moe.top_k() <= moe.num_experts(),
-       absl::StrCat("model.moe.top_k = ", moe.top_k(), " must be at most model.moe.num_experts = ",
-                    moe.num_experts()));
+       absl::StrCat("model.moe.top_k = ", moe.top_k(),
+                    " must be at most model.moe.num_experts = ", moe.num_experts()));
   need(moe.drop_policy() == "probs" || moe.drop_policy() == "position",
        absl::StrCat("model.moe.drop_policy = \"", moe.drop_policy(), "\" must be \"probs\" or \"position\""));
   need(moe.experts_impl() == "grouped" || moe.experts_impl() == "sequential",
@@ -71,19 +74,21 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(p.tensor() <= world_size && world_size % p.tensor() == 0,
        absl::StrCat("parallel.tensor = ", p.tensor(), " must divide the world size ", world_size,
                     " (ranks given to mpirun -np)"));
-  need(p.data() == 0 || p.tensor() * p.data() == world_size,
-       absl::StrCat("world size ", world_size, " is not parallel.tensor x parallel.data = ", p.tensor(), " x ",
-                    p.data(), "; launch ", p.tensor() * p.data(), " ranks or leave parallel.data unset"));
+  need(
+      p.data() == 0 || p.tensor() * p.data() == world_size,
+      absl::StrCat("world size ", world_size, " is not parallel.tensor x parallel.data = ", p.tensor(), " x ",
+                   p.data(), "; launch ", p.tensor() * p.data(), " ranks or leave parallel.data unset"));
   need(m.num_heads() % p.tensor() == 0,
        absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.num_heads = ", m.num_heads()));
-  need(m.num_kv_heads() % p.tensor() == 0,
-       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.num_kv_heads = ", m.num_kv_heads()));
+  need(
+      m.num_kv_heads() % p.tensor() == 0,
+      absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.num_kv_heads = ", m.num_kv_heads()));
   need(m.ffn_hidden_size() % p.tensor() == 0,
-       absl::StrCat("parallel.tensor = ", p.tensor(), " must divide model.ffn_hidden_size = ",
-                    m.ffn_hidden_size()));
+       absl::StrCat("parallel.tensor = ", p.tensor(),
+                    " must divide model.ffn_hidden_size = ", m.ffn_hidden_size()));
   need(moe.num_experts() % p.expert() == 0,
-       absl::StrCat("parallel.expert = ", p.expert(), " must divide model.moe.num_experts = ",
-                    moe.num_experts()));
+       absl::StrCat("parallel.expert = ", p.expert(),
+                    " must divide model.moe.num_experts = ", moe.num_experts()));
   if (p.data() > 0) {
     need(p.data() % p.expert() == 0,
          absl::StrCat("parallel.expert = ", p.expert(), " must divide parallel.data = ", p.data(),
@@ -115,18 +120,23 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(o.weight_decay() >= 0, absl::StrCat("optim.weight_decay = ", o.weight_decay(), " must be >= 0"));
   need(o.warmup_steps() >= 0, absl::StrCat("optim.warmup_steps = ", o.warmup_steps(), " must be >= 0"));
   need(o.lr_schedule() == "cosine" || o.lr_schedule() == "linear" || o.lr_schedule() == "constant",
-       absl::StrCat("optim.lr_schedule = \"", o.lr_schedule(), "\" must be \"cosine\", \"linear\" or \"constant\""));
+       absl::StrCat("optim.lr_schedule = \"", o.lr_schedule(),
+                    "\" must be \"cosine\", \"linear\" or \"constant\""));
 
   if (o.lr_schedule() != "constant") {
     need(o.decay_steps() > o.warmup_steps(),
-         absl::StrCat("optim.decay_steps = ", o.decay_steps(), " must exceed optim.warmup_steps = ", o.warmup_steps(),
-                      " for the ", o.lr_schedule(), " schedule; raise optim.decay_steps (default train.steps) or "
+         absl::StrCat("optim.decay_steps = ", o.decay_steps(),
+                      " must exceed optim.warmup_steps = ", o.warmup_steps(), " for the ", o.lr_schedule(),
+                      " schedule; raise optim.decay_steps (default train.steps) or "
                       "lower the warmup"));
   }
 
   // Train, data, checkpoint, comm.
-  need(t.device() == "cpu" || t.device() == "cuda",
-       absl::StrCat("train.device = \"", t.device(), "\" must be \"cpu\" or \"cuda\""));
+  // The CUDA compute backend is not built yet (only the NCCL communicator is):
+  // refuse "cuda" here, before any work, rather than in the trainer.
+  need(t.device() == "cpu", absl::StrCat("train.device = \"", t.device(),
+                                         "\": this build trains on \"cpu\" only (the CUDA compute "
+                                         "backend is not part of it yet); set train.device = \"cpu\""));
   need(!t.run_dir().empty(), "train.run_dir is empty; name a directory for metrics, e.g. runs/demo");
   const auto& d = c.data();
   need(d.format() == "megatron" || d.format() == "hdf5",
@@ -137,7 +147,8 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
        absl::StrCat("checkpoint.save_every = ", c.checkpoint().save_every(), " must be >= 0"));
   need(c.checkpoint().keep_last() >= 0,
        absl::StrCat("checkpoint.keep_last = ", c.checkpoint().keep_last(), " must be >= 0 (0: keep all)"));
-  need(c.comm().timeout_s() > 0, absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
+  need(c.comm().timeout_s() > 0,
+       absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
   need(c.comm().backend() == "auto" || c.comm().backend() == "mpi" || c.comm().backend() == "nccl",
        absl::StrCat("comm.backend = \"", c.comm().backend(), "\" must be \"auto\", \"mpi\" or \"nccl\""));
   return e;
@@ -150,8 +161,8 @@ absl::StatusOr<JobConfig> ResolveJobConfig(const std::string& path, const std::v
   ApplyDefaults(world_size, &config);
   std::vector<std::string> problems = ValidateJobConfig(config, world_size);
   if (!problems.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("invalid config ", path, ":\n  ",
-                                                   absl::StrJoin(problems, "\n  ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid config ", path, ":\n  ", absl::StrJoin(problems, "\n  ")));
   }
   return config;
 }

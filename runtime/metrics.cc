@@ -62,13 +62,14 @@ JsonLine& JsonLine::AddRaw(absl::string_view key, absl::string_view json) {
 absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, bool append) {
   std::FILE* f = std::fopen(path.c_str(), append ? "a" : "w");
   if (f == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot open metrics file '", path, "': ", std::strerror(errno),
-                                               "; check train.run_dir"));
+    return absl::UnavailableError(absl::StrCat("cannot open metrics file '", path,
+                                               "': ", std::strerror(errno), "; check train.run_dir"));
   }
   return MetricsWriter(f, path);
 }
 
-MetricsWriter::MetricsWriter(MetricsWriter&& other) noexcept : file_(other.file_), path_(std::move(other.path_)) {
+MetricsWriter::MetricsWriter(MetricsWriter&& other) noexcept
+    : file_(other.file_), path_(std::move(other.path_)) {
   other.file_ = nullptr;
 }
 MetricsWriter& MetricsWriter::operator=(MetricsWriter&& other) noexcept {
@@ -88,7 +89,8 @@ absl::Status MetricsWriter::Write(const JsonLine& line) {
   std::string text = line.str();
   text.push_back('\n');
   if (std::fwrite(text.data(), 1, text.size(), file_) != text.size() || std::fflush(file_) != 0) {
-    return absl::DataLossError(absl::StrCat("writing metrics to '", path_, "' failed: ", std::strerror(errno)));
+    return absl::DataLossError(
+        absl::StrCat("writing metrics to '", path_, "' failed: ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }

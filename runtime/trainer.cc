@@ -38,17 +38,15 @@ std::string Bytes(int64_t bytes) {
 
 }  // namespace
 
-Trainer::Trainer(const JobConfig& config, parallel::ProcessGroups* groups) : config_(config), groups_(groups) {}
+Trainer::Trainer(const JobConfig& config, parallel::ProcessGroups* groups)
+    : config_(config), groups_(groups) {}
 Trainer::~Trainer() = default;
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config, parallel::ProcessGroups* groups) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config,
+                                                         parallel::ProcessGroups* groups) {
   std::unique_ptr<Trainer> t(new Trainer(config, groups));
   const parallel::RankLayout& layout = groups->layout;
   const auto& train = config.train();
-  if (train.device() != "cpu") {
-    return absl::UnimplementedError(absl::StrCat("train.device = \"", train.device(),
-                                                 "\": this build trains on \"cpu\" only"));
-  }
   ASSIGN_OR_RETURN(t->backend_, GetBackend(Device::Cpu()));
   t->stream_ = &t->backend_->default_stream();
 
@@ -73,7 +71,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
           groups->ep.get(), groups->layout.tp > 1 ? groups->tp.get() : nullptr, num_experts, chunks);
     };
   }
-  ASSIGN_OR_RETURN(t->model_, model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
+  ASSIGN_OR_RETURN(t->model_,
+                   model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
   // LLEP (issue 7): no-op unless llep.enabled and EP > 1.
   RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->ep.get(),
                                     groups->ep_p2p.get(), layout.tp > 1 ? groups->tp.get() : nullptr,
@@ -88,10 +87,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
       if (absl::StartsWith(p->name, absl::StrCat("model.layers.", l, "."))) t->block_params_[l].push_back(p);
     }
   }
-  ASSIGN_OR_RETURN(t->optimizer_,
-                   optim::CreateOptimizer(config.optim(), const_cast<parallel::ParameterList&>(
-                                                              t->model_->parameters()),
-                                          *groups));
+  ASSIGN_OR_RETURN(
+      t->optimizer_,
+      optim::CreateOptimizer(config.optim(), const_cast<parallel::ParameterList&>(t->model_->parameters()),
+                             *groups));
   ASSIGN_OR_RETURN(optim::LrSchedule schedule, optim::LrSchedule::FromConfig(config.optim()));
   t->schedule_ = schedule;
   t->tokens_.resize(static_cast<size_t>(train.micro_batch()) * (config.model().seq_len() + 1));
@@ -129,7 +128,8 @@ absl::Status Trainer::Resume() {
     return absl::DataLossError(absl::StrCat("checkpoint ", loaded->path, ": the sampler state has ",
                                             state.sampler_state.size(), " values, expected 2"));
   }
-  RETURN_IF_ERROR(data_->train->Restore(data::SamplerState::FromInts({state.sampler_state[0], state.sampler_state[1]})));
+  RETURN_IF_ERROR(
+      data_->train->Restore(data::SamplerState::FromInts({state.sampler_state[0], state.sampler_state[1]})));
   auto opt_step = state.int_values.find("optimizer.step");
   optimizer_->set_step(opt_step != state.int_values.end() ? opt_step->second : state.step);
   step_ = state.step;
@@ -254,11 +254,13 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   RETURN_IF_ERROR(grad_sync_->Finish());
   ASSIGN_OR_RETURN(std::optional<std::string> bad, optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
   if (bad.has_value()) {
-    return absl::DataLossError(absl::StrCat("step ", next_step, ": the gradient of ", *bad,
-                                            " is not finite; stopping before the update. Lower optim.lr or set "
-                                            "optim.clip_grad"));
+    return absl::DataLossError(
+        absl::StrCat("step ", next_step, ": the gradient of ", *bad,
+                     " is not finite; stopping before the update. Lower optim.lr or set "
+                     "optim.clip_grad"));
   }
-  ASSIGN_OR_RETURN(s.grad_norm, optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
+  ASSIGN_OR_RETURN(s.grad_norm,
+                   optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
   s.lr = schedule_->At(optimizer_->step() + 1);
   RETURN_IF_ERROR(optimizer_->Step(s.lr));
   data_->train->Advance();
@@ -326,7 +328,8 @@ absl::Status Trainer::Run() {
     MOE_LOG_RANK0(INFO) << absl::StrFormat("step %d | validation loss %.4f (ppl %.2f)", step_, *valid,
                                            std::exp(*valid));
     if (metrics_.has_value()) {
-      RETURN_IF_ERROR(metrics_->Write(JsonLine().Add("event", "eval").Add("step", step_).Add("valid_loss", *valid)));
+      RETURN_IF_ERROR(
+          metrics_->Write(JsonLine().Add("event", "eval").Add("step", step_).Add("valid_loss", *valid)));
     }
     return absl::OkStatus();
   };
@@ -351,7 +354,8 @@ absl::Status Trainer::Run() {
       if (checkpoints) RETURN_IF_ERROR(SaveCheckpoint());
       RETURN_IF_ERROR(checkpointer_->WaitForPendingSave());
       MOE_LOG_RANK0(WARNING) << "stop requested: stopped after step " << step_
-                             << (checkpoints ? " and saved a checkpoint" : " (no checkpoint.dir: nothing saved)");
+                             << (checkpoints ? " and saved a checkpoint"
+                                             : " (no checkpoint.dir: nothing saved)");
       return absl::OkStatus();
     }
     if (checkpoints && save_every > 0 && step_ % save_every == 0 && step_ != train.steps()) {

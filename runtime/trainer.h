@@ -46,19 +46,19 @@ struct MoeLayerStats {
   int64_t dropped = 0;                     // assignments dropped by capacity
   double max_over_mean = 1.0;              // expert load imbalance
   // LLEP (llep.enabled), over the step's micro-batches and EP groups:
-  double llep_fired = 0;                   // fraction of (micro-batch, EP group) where it fired
-  double llep_imbalance_before = 1.0;      // mean per-rank load max/mean before the plan
-  double llep_imbalance_after = 1.0;       // ... and after (= before when it did not fire)
-  int64_t llep_tokens_moved = 0;           // (token, expert) pairs computed off their native rank
-  int64_t llep_weight_bytes_moved = 0;     // expert weight bytes sent to helpers
+  double llep_fired = 0;                // fraction of (micro-batch, EP group) where it fired
+  double llep_imbalance_before = 1.0;   // mean per-rank load max/mean before the plan
+  double llep_imbalance_after = 1.0;    // ... and after (= before when it did not fire)
+  int64_t llep_tokens_moved = 0;        // (token, expert) pairs computed off their native rank
+  int64_t llep_weight_bytes_moved = 0;  // expert weight bytes sent to helpers
 };
 
 struct StepStats {
-  int64_t step = 0;  // optimizer steps taken after this one
+  int64_t step = 0;                         // optimizer steps taken after this one
   double loss = 0, ce = 0, aux = 0, z = 0;  // means over the global batch
   double lr = 0, grad_norm = 0;
   double step_time_s = 0, tokens_per_s = 0;
-  int64_t mem_peak_bytes = 0;  // this rank's device memory peak so far
+  int64_t mem_peak_bytes = 0;              // this rank's device memory peak so far
   double expert_load_max_over_mean = 1.0;  // worst MoE layer
   std::vector<MoeLayerStats> moe_layers;
 };

@@ -1,5 +1,5 @@
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -60,13 +60,14 @@ void Reporter::Add(Measurement m) {
     }
     absl::StrAppend(&line, "},\"figures\":{");
     for (size_t i = 0; i < m.figures.size(); ++i) {
-      absl::StrAppend(&line, i ? "," : "", "\"", JsonEscape(m.figures[i].name), "\":{\"value\":",
-                      JsonNumber(m.figures[i].value), ",\"unit\":\"", JsonEscape(m.figures[i].unit), "\"}");
+      absl::StrAppend(&line, i ? "," : "", "\"", JsonEscape(m.figures[i].name),
+                      "\":{\"value\":", JsonNumber(m.figures[i].value), ",\"unit\":\"",
+                      JsonEscape(m.figures[i].unit), "\"}");
     }
     absl::StrAppend(&line, "}");
     if (!m.ratio_name.empty()) {
-      absl::StrAppend(&line, ",\"ratio\":{\"name\":\"", JsonEscape(m.ratio_name), "\",\"value\":",
-                      JsonNumber(m.ratio), "}");
+      absl::StrAppend(&line, ",\"ratio\":{\"name\":\"", JsonEscape(m.ratio_name),
+                      "\",\"value\":", JsonNumber(m.ratio), "}");
     }
     absl::StrAppend(&line, "}\n");
     std::fputs(line.c_str(), stdout);
@@ -98,7 +99,8 @@ void Reporter::Flush() {
   std::vector<size_t> width(header.size());
   for (size_t c = 0; c < header.size(); ++c) {
     width[c] = header[c].size();
-    for (auto& row : cells) if (c < row.size()) width[c] = std::max(width[c], row[c].size());
+    for (auto& row : cells)
+      if (c < row.size()) width[c] = std::max(width[c], row[c].size());
   }
   std::printf("== moe-bench %s\n", suite_.c_str());
   auto print_row = [&](const std::vector<std::string>& row) {
@@ -145,7 +147,8 @@ int main(int argc, char** argv) {
   }
   std::sort(Suites().begin(), Suites().end(), [](auto& a, auto& b) { return a.name < b.name; });
   const moe::bench::Suite* suite = nullptr;
-  for (auto& s : Suites()) if (s.name == suite_name) suite = &s;
+  for (auto& s : Suites())
+    if (s.name == suite_name) suite = &s;
   if (suite == nullptr) {
     if (args.rank == 0) {
       if (!suite_name.empty()) std::fprintf(stderr, "moe-bench: no suite '%s'\n", suite_name.c_str());

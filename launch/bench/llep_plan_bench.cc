@@ -44,7 +44,8 @@ absl::Status RunLlepPlan(const Args& args, Reporter&) {
     counts.emplace_back();
     for (const JsonValue& v : row.array) {
       if (v.kind != JsonValue::Kind::kNumber) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": counts[", counts.size() - 1, "] has a non-number"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": counts[", counts.size() - 1, "] has a non-number"));
       }
       counts.back().push_back(static_cast<int64_t>(v.number));
     }
@@ -70,7 +71,8 @@ absl::Status RunLlepPlan(const Args& args, Reporter&) {
   return absl::OkStatus();
 }
 
-Registrar reg("llep-plan", "plan one MoE layer from a JSON count table (tune LLEP knobs offline)", RunLlepPlan);
+Registrar reg("llep-plan", "plan one MoE layer from a JSON count table (tune LLEP knobs offline)",
+              RunLlepPlan);
 
 }  // namespace
 }  // namespace moe::bench

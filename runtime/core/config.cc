@@ -42,9 +42,8 @@ absl::StatusOr<JobConfig> ParseConfigText(absl::string_view text, absl::string_v
   pb::TextFormat::Parser parser;
   parser.RecordErrorsTo(&errors);
   if (!parser.ParseFromString(std::string(text), &config)) {
-    std::string message = errors.errors().empty()
-                              ? absl::StrCat(source, ": cannot parse the config")
-                              : absl::StrJoin(errors.errors(), "\n");
+    std::string message = errors.errors().empty() ? absl::StrCat(source, ": cannot parse the config")
+                                                  : absl::StrJoin(errors.errors(), "\n");
     return absl::InvalidArgumentError(message);
   }
   return config;
@@ -53,8 +52,8 @@ absl::StatusOr<JobConfig> ParseConfigText(absl::string_view text, absl::string_v
 absl::StatusOr<JobConfig> LoadConfigFile(const std::string& path) {
   std::ifstream in(path);
   if (!in) {
-    return absl::NotFoundError(absl::StrCat("cannot open config file '", path,
-                                            "': check the path given to --config"));
+    return absl::NotFoundError(
+        absl::StrCat("cannot open config file '", path, "': check the path given to --config"));
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
@@ -80,29 +79,29 @@ absl::Status ApplyOverride(absl::string_view assignment, JobConfig* config) {
     if (field == nullptr) {
       std::vector<std::string> names;
       for (int f = 0; f < desc->field_count(); ++f) names.push_back(desc->field(f)->name());
-      return absl::InvalidArgumentError(absl::StrCat(
-          "override '", assignment, "': ", walked.empty() ? "the config" : walked,
-          " has no field '", parts[i], "' (fields: ", absl::StrJoin(names, ", "), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("override '", assignment, "': ", walked.empty() ? "the config" : walked,
+                       " has no field '", parts[i], "' (fields: ", absl::StrJoin(names, ", "), ")"));
     }
     const pb::Reflection* refl = message->GetReflection();
     bool last = i + 1 == parts.size();
     if (field->type() == pb::FieldDescriptor::TYPE_MESSAGE) {
       if (last) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "override '", assignment, "': ", here,
-            " is a message, not a scalar; set one of its fields (", here, ".NAME=value)"));
+        return absl::InvalidArgumentError(absl::StrCat("override '", assignment, "': ", here,
+                                                       " is a message, not a scalar; set one of its fields (",
+                                                       here, ".NAME=value)"));
       }
       message = refl->MutableMessage(message, field);
       walked = here;
       continue;
     }
     if (!last) {
-      return absl::InvalidArgumentError(absl::StrCat("override '", assignment, "': ", here,
-                                                     " is a scalar and has no fields"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("override '", assignment, "': ", here, " is a scalar and has no fields"));
     }
     auto bad_value = [&](absl::string_view type) {
-      return absl::InvalidArgumentError(absl::StrCat("override '", assignment, "': ", here,
-                                                     " takes ", type, ", not '", value, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("override '", assignment, "': ", here, " takes ", type, ", not '", value, "'"));
     };
     switch (field->cpp_type()) {
       case pb::FieldDescriptor::CPPTYPE_INT32: {

@@ -3,10 +3,10 @@
 #define MOE_RUNTIME_CORE_CONFIG_H_
 
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "runtime/core/config.pb.h"
 
 namespace moe {

@@ -24,13 +24,13 @@ class Parser {
 
  private:
   absl::Status Error(absl::string_view expected) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("JSON: expected ", expected, " at byte ", pos_,
-                     pos_ < text_.size() ? absl::StrCat(" (found '", text_.substr(pos_, 1), "')") : " (end)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "JSON: expected ", expected, " at byte ", pos_,
+        pos_ < text_.size() ? absl::StrCat(" (found '", text_.substr(pos_, 1), "')") : " (end)"));
   }
   void SkipSpace() {
-    while (pos_ < text_.size() && (text_[pos_] == ' ' || text_[pos_] == '\n' || text_[pos_] == '\t' ||
-                                   text_[pos_] == '\r'))
+    while (pos_ < text_.size() &&
+           (text_[pos_] == ' ' || text_[pos_] == '\n' || text_[pos_] == '\t' || text_[pos_] == '\r'))
       ++pos_;
   }
   bool Consume(absl::string_view word) {
@@ -66,9 +66,9 @@ class Parser {
   absl::Status Number(JsonValue* v) {
     std::string buf;
     size_t start = pos_;
-    while (pos_ < text_.size() && (std::isdigit(static_cast<unsigned char>(text_[pos_])) || text_[pos_] == '-' ||
-                                   text_[pos_] == '+' || text_[pos_] == '.' || text_[pos_] == 'e' ||
-                                   text_[pos_] == 'E'))
+    while (pos_ < text_.size() &&
+           (std::isdigit(static_cast<unsigned char>(text_[pos_])) || text_[pos_] == '-' ||
+            text_[pos_] == '+' || text_[pos_] == '.' || text_[pos_] == 'e' || text_[pos_] == 'E'))
       ++pos_;
     buf = std::string(text_.substr(start, pos_ - start));
     char* end = nullptr;
@@ -91,11 +91,21 @@ class Parser {
       if (pos_ >= text_.size()) return Error("an escape");
       char e = text_[pos_++];
       switch (e) {
-        case 'n': out->push_back('\n'); break;
-        case 't': out->push_back('\t'); break;
-        case 'r': out->push_back('\r'); break;
-        case 'b': out->push_back('\b'); break;
-        case 'f': out->push_back('\f'); break;
+        case 'n':
+          out->push_back('\n');
+          break;
+        case 't':
+          out->push_back('\t');
+          break;
+        case 'r':
+          out->push_back('\r');
+          break;
+        case 'b':
+          out->push_back('\b');
+          break;
+        case 'f':
+          out->push_back('\f');
+          break;
         case 'u': {
           if (pos_ + 4 > text_.size()) return Error("4 hex digits");
           unsigned code = std::strtoul(std::string(text_.substr(pos_, 4)).c_str(), nullptr, 16);
@@ -112,7 +122,8 @@ class Parser {
           }
           break;
         }
-        default: out->push_back(e);
+        default:
+          out->push_back(e);
       }
     }
     if (pos_ >= text_.size()) return Error("a closing quote");
@@ -173,11 +184,21 @@ std::string JsonEscape(absl::string_view s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
         if (static_cast<unsigned char>(c) < 0x20) {
           out += absl::StrFormat("\\u%04x", c);

@@ -119,6 +119,10 @@ TEST_CASE("every validation message names field, value and fix") {
     CHECK(Contains(p, "optim.type = \"lion\" must be \"adamw\" or \"sgd\""));
     CHECK(Contains(p, "model.moe.drop_policy = \"random\" must be \"probs\" or \"position\""));
   }
+  SECTION("a device this build cannot train on") {
+    auto p = Problems(Resolved("train { device: \"cuda\" }", 1), 1);
+    CHECK(Contains(p, "train.device = \"cuda\": this build trains on \"cpu\" only"));
+  }
   SECTION("every problem is reported at once") {
     auto problems = ValidateJobConfig(Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);
     CHECK(problems.size() >= 3);

@@ -342,7 +342,8 @@ class CpuBufferType : public BufferType {
                                                        MemoryCategoryName(category), " (",
                                                        tracker_->Total().live_bytes, " bytes live)"));
     tracker_->OnAllocate(category, static_cast<int64_t>(bytes));
-    return std::shared_ptr<Buffer>(std::make_shared<CpuBuffer>(p, bytes, rounded, category, tracker_, &cache_));
+    return std::shared_ptr<Buffer>(
+        std::make_shared<CpuBuffer>(p, bytes, rounded, category, tracker_, &cache_));
   }
 
  private:

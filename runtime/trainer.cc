@@ -6,7 +6,6 @@
 #include <cmath>
 #include <filesystem>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/alltoall_dispatcher.h"
@@ -81,11 +80,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   sync_options.bucket_mb = config.parallel().grad_bucket_mb();
   ASSIGN_OR_RETURN(t->grad_sync_,
                    parallel::GradSync::Create(*groups, t->model_->parameters(), *t->stream_, sync_options));
+  // Each block's parameters, marked ready for gradient sync as its backward ends.
   t->block_params_.resize(t->model_->num_layers());
-  for (const parallel::Parameter* p : t->model_->parameters()) {
-    for (int l = 0; l < t->model_->num_layers(); ++l) {
-      if (absl::StartsWith(p->name, absl::StrCat("model.layers.", l, "."))) t->block_params_[l].push_back(p);
-    }
+  for (int l = 0; l < t->model_->num_layers(); ++l) {
+    parallel::ParameterList list;
+    RETURN_IF_ERROR(t->model_->block(l).CollectParameters(&list));
+    t->block_params_[l].assign(list.all().begin(), list.all().end());
   }
   ASSIGN_OR_RETURN(
       t->optimizer_,

@@ -1,7 +1,7 @@
 #include "parallel/llep_planner.h"
 
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -108,8 +108,10 @@ TEST_CASE("hand-made 4-rank table: caps respected, native keeps the first range"
 }
 
 TEST_CASE("min_tokens_per_gemm avoids small ranges while more remains") {
-  Table counts = {{3000, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0},
-                  {0, 0, 0, 0, 0, 0, 0, 0},    {0, 0, 0, 0, 0, 0, 0, 0}};
+  Table counts = {{3000, 0, 0, 0, 0, 0, 0, 0},
+                  {0, 0, 0, 0, 0, 0, 0, 0},
+                  {0, 0, 0, 0, 0, 0, 0, 0},
+                  {0, 0, 0, 0, 0, 0, 0, 0}};
   LlepOptions o;
   o.min_tokens_per_gemm = 1024;
   LlepPlan plan = PlanLlep(counts, o).value();

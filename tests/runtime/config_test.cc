@@ -1,13 +1,16 @@
+#include "runtime/core/config.h"
+
 #include <catch2/catch.hpp>
 #include <string>
 
-#include "runtime/core/config.h"
 #include "runtime/job_config.h"
 
 namespace moe {
 namespace {
 
-bool Contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+bool Contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
 
 JobConfig Resolved(const std::string& text, int world, std::vector<std::string> overrides = {}) {
   JobConfig c = ParseConfigText(text, "test.textproto").value();
@@ -69,7 +72,8 @@ TEST_CASE("overrides set scalars with type checks") {
   CHECK(c.train().seed() == 42u);
 
   auto bad_int = ApplyOverride("model.hidden_size=big", &c);
-  CHECK(bad_int.message() == "override 'model.hidden_size=big': model.hidden_size takes an integer, not 'big'");
+  CHECK(bad_int.message() ==
+        "override 'model.hidden_size=big': model.hidden_size takes an integer, not 'big'");
   auto bad_field = ApplyOverride("model.hiden_size=3", &c);
   CHECK(Contains(std::string(bad_field.message()), "model has no field 'hiden_size'"));
   auto message = ApplyOverride("model.moe=3", &c);
@@ -96,7 +100,8 @@ TEST_CASE("every validation message names field, value and fix") {
     CHECK(Contains(p, "parallel.tensor = 4 must divide model.num_heads = 6"));
   }
   SECTION("the issue's example: tensor 2 and 6 heads") {
-    auto p = Problems(Resolved("model { num_heads: 6 hidden_size: 120 num_kv_heads: 3 } parallel { tensor: 2 }", 2), 2);
+    auto p = Problems(
+        Resolved("model { num_heads: 6 hidden_size: 120 num_kv_heads: 3 } parallel { tensor: 2 }", 2), 2);
     CHECK(Contains(p, "parallel.tensor = 2 must divide model.num_kv_heads = 3"));
     auto q = Problems(Resolved("model { num_heads: 3 hidden_size: 96 } parallel { tensor: 2 }", 2), 2);
     CHECK(Contains(q, "parallel.tensor = 2 must divide model.num_heads = 3"));
@@ -124,7 +129,8 @@ TEST_CASE("every validation message names field, value and fix") {
     CHECK(Contains(p, "train.device = \"cuda\": this build trains on \"cpu\" only"));
   }
   SECTION("every problem is reported at once") {
-    auto problems = ValidateJobConfig(Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);
+    auto problems = ValidateJobConfig(
+        Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);
     CHECK(problems.size() >= 3);
   }
   SECTION("non-positive sizes") {
@@ -137,14 +143,16 @@ TEST_CASE("every validation message names field, value and fix") {
 TEST_CASE("ResolveJobConfig reports file, overrides and validation") {
   auto r = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"parallel.expert=3"}, 4);
   REQUIRE_FALSE(r.ok());
-  CHECK(Contains(std::string(r.status().message()), "parallel.expert = 3 must divide model.moe.num_experts = 8"));
+  CHECK(Contains(std::string(r.status().message()),
+                 "parallel.expert = 3 must divide model.moe.num_experts = 8"));
   auto ok = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"train.steps=30"}, 4);
   REQUIRE(ok.ok());
   CHECK(ok->train().steps() == 30);
   CHECK(ok->optim().decay_steps() == 30);
   auto short_run = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"train.steps=7"}, 4);
   REQUIRE_FALSE(short_run.ok());
-  CHECK(Contains(std::string(short_run.status().message()), "optim.decay_steps = 7 must exceed optim.warmup_steps = 20"));
+  CHECK(Contains(std::string(short_run.status().message()),
+                 "optim.decay_steps = 7 must exceed optim.warmup_steps = 20"));
 }
 
 TEST_CASE("IsMoeLayer follows l % n == n - 1") {

@@ -15,9 +15,7 @@
 namespace moe {
 namespace {
 
-std::string Dir() {
-  return (std::filesystem::temp_directory_path() / "moe_resume_test").string();
-}
+std::string Dir() { return (std::filesystem::temp_directory_path() / "moe_resume_test").string(); }
 
 // Rank 0 writes the corpus; the others wait at the barrier in Groups().
 std::string CorpusPrefix() { return Dir() + "/corpus"; }
@@ -37,14 +35,24 @@ struct Layout {
   int tp = 1, ep = 1, grad_accum = 1;
 };
 
-JobConfig Config(const Layout& layout, int world, int steps, const std::string& ckpt_dir, const std::string& optim) {
+JobConfig Config(const Layout& layout, int world, int steps, const std::string& ckpt_dir,
+                 const std::string& optim) {
   JobConfig c = ParseConfigText(R"pb(
-    model { hidden_size: 32 num_layers: 2 num_heads: 4 num_kv_heads: 2 ffn_hidden_size: 64 seq_len: 16
-            moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 } }
-    optim { lr: 5e-3 min_lr: 5e-4 warmup_steps: 1 decay_steps: 12 }
-    train { micro_batch: 2 eval_batches: 1 log_every: 100 }
-    data { valid_fraction: 0.1 }
-  )pb", "resume").value();
+                                  model {
+                                    hidden_size: 32
+                                    num_layers: 2
+                                    num_heads: 4
+                                    num_kv_heads: 2
+                                    ffn_hidden_size: 64
+                                    seq_len: 16
+                                    moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 }
+                                  }
+                                  optim { lr: 5e-3 min_lr: 5e-4 warmup_steps: 1 decay_steps: 12 }
+                                  train { micro_batch: 2 eval_batches: 1 log_every: 100 }
+                                  data { valid_fraction: 0.1 }
+                                )pb",
+                                "resume")
+                    .value();
   c.mutable_data()->set_train_path(CorpusPrefix());
   c.mutable_train()->set_steps(steps);
   c.mutable_train()->set_run_dir(Dir() + "/run");
@@ -60,7 +68,7 @@ JobConfig Config(const Layout& layout, int world, int steps, const std::string& 
 }
 
 struct Outcome {
-  std::vector<double> losses;              // per step
+  std::vector<double> losses;                        // per step
   std::map<std::string, std::vector<float>> params;  // local values
 };
 
@@ -68,9 +76,9 @@ Outcome Train(const JobConfig& config) {
   comm::CommOptions options;
   options.timeout_s = 120;
   auto world = comm::CreateWorldCommunicator(options).value();
-  auto groups = parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
-                                              config.parallel().expert())
-                    .value();
+  auto groups =
+      parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
+          .value();
   auto trainer = Trainer::Create(config, &groups);
   REQUIRE(trainer.ok());
   absl::Status run = (*trainer)->Run();
@@ -108,8 +116,8 @@ TEST_CASE("same layout: a resumed run continues bit-identically") {
     for (const std::string optim : {"adamw", "sgd"}) {
       for (bool shard : {false, true}) {
         CAPTURE(layout.tp, layout.ep, optim, shard);
-        const std::string ckpt = Dir() + "/ckpt_" + std::to_string(layout.tp) + std::to_string(layout.ep) + optim +
-                                 (shard ? "_zero" : "");
+        const std::string ckpt = Dir() + "/ckpt_" + std::to_string(layout.tp) + std::to_string(layout.ep) +
+                                 optim + (shard ? "_zero" : "");
         JobConfig full = Config(layout, world, 6, "", optim);
         full.mutable_optim()->set_shard_state(shard);
         Outcome reference = Train(full);

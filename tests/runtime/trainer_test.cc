@@ -33,13 +33,23 @@ std::string WriteCorpus(const std::string& dir) {
 }
 
 JobConfig TinyConfig(const std::string& data_prefix, const std::string& run_dir, int world) {
-  JobConfig c = ParseConfigText(R"pb(
-    model { hidden_size: 32 num_layers: 2 num_heads: 4 num_kv_heads: 2 ffn_hidden_size: 64 seq_len: 32
-            moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 moe_layer_freq: 2 } }
-    optim { lr: 1e-2 min_lr: 1e-3 warmup_steps: 2 weight_decay: 0.0 }
-    train { steps: 30 micro_batch: 4 grad_accum: 2 eval_batches: 2 log_every: 10 }
-    data { valid_fraction: 0.1 }
-  )pb", "tiny").value();
+  JobConfig c =
+      ParseConfigText(R"pb(
+                        model {
+                          hidden_size: 32
+                          num_layers: 2
+                          num_heads: 4
+                          num_kv_heads: 2
+                          ffn_hidden_size: 64
+                          seq_len: 32
+                          moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 moe_layer_freq: 2 }
+                        }
+                        optim { lr: 1e-2 min_lr: 1e-3 warmup_steps: 2 weight_decay: 0.0 }
+                        train { steps: 30 micro_batch: 4 grad_accum: 2 eval_batches: 2 log_every: 10 }
+                        data { valid_fraction: 0.1 }
+                      )pb",
+                      "tiny")
+          .value();
   c.mutable_data()->set_train_path(data_prefix);
   c.mutable_train()->set_run_dir(run_dir);
   ApplyDefaults(world, &c);
@@ -99,8 +109,8 @@ TEST_CASE("a short data-parallel run: loss falls, metrics and evaluation are wri
       JsonValue v = ParseJson(line).value();
       if (v.Find("event")->string == "train") {
         ++train_lines;
-        for (const char* key : {"step", "loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-                                "mem_peak_bytes", "expert_load_max_over_mean", "moe_layers"}) {
+        for (const char* key : {"step", "loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s",
+                                "step_time_s", "mem_peak_bytes", "expert_load_max_over_mean", "moe_layers"}) {
           CHECK(v.Find(key) != nullptr);
         }
         CHECK(v.Find("moe_layers")->array[0].Find("tokens_per_expert")->array.size() == 4);

@@ -83,15 +83,25 @@ absl::Status Router::Init(Stream& stream, const std::string& prefix, const confi
 namespace {
 
 // Forced routing: slot j of token t goes to a hot expert with probability
-// `fraction`, else to a uniform expert; a repeat within the token is redrawn.
+// `fraction`, else to a uniform expert. A draw the token already holds is
+// redrawn, except a hot draw once the token holds every hot expert (possible
+// only when hot_experts < top_k): that slot repeats the hot expert, as the LLEP
+// paper's benchmark routing does, so that the fraction of all assignments asked
+// for really lands in the hot experts (95% into 1 expert with top_k = 2 needs
+// most tokens to send both slots there).
 std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std::string& name, int64_t T,
                                      int64_t E, int k) {
   std::vector<int32_t> sel(T * k);
   const PhiloxKey key = PhiloxKeyFromName(name);
   const uint64_t seed = fr.seed();
   const int64_t hot = std::clamp<int64_t>(fr.hot_experts(), 1, E);
+  const int32_t first_hot = static_cast<int32_t>(std::clamp<int64_t>(fr.first_hot_expert(), 0, E - hot));
   for (int64_t t = 0; t < T; ++t) {
+    const auto first = sel.begin() + t * k;
     for (int j = 0; j < k; ++j) {
+      const auto held = [&](int32_t e) { return std::find(first, first + j, e) != first + j; };
+      int64_t hot_held = 0;
+      for (int32_t h = 0; h < hot; ++h) hot_held += held(first_hot + h) ? 1 : 0;
       int32_t e = -1;
       for (uint32_t attempt = 0; attempt < 64 && e < 0; ++attempt) {
         const PhiloxCounter c =
@@ -99,14 +109,12 @@ std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std:
                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
                           key);
         const double u = (c[0] + 0.5) / 4294967296.0;
-        const int32_t cand = static_cast<int32_t>(u < fr.fraction() ? c[1] % hot : c[1] % E);
-        if (std::find(sel.begin() + t * k, sel.begin() + t * k + j, cand) == sel.begin() + t * k + j)
-          e = cand;
+        const bool hot_draw = u < fr.fraction();
+        const int32_t cand = static_cast<int32_t>(hot_draw ? first_hot + c[1] % hot : c[1] % E);
+        if (!held(cand) || (hot_draw && hot_held == hot)) e = cand;
       }
-      if (e < 0) {  // pathological draws: the lowest unused expert
-        for (int32_t cand = 0; cand < E && e < 0; ++cand)
-          if (std::find(sel.begin() + t * k, sel.begin() + t * k + j, cand) == sel.begin() + t * k + j)
-            e = cand;
+      for (int32_t cand = 0; cand < E && e < 0; ++cand) {  // pathological draws: the lowest unused expert
+        if (!held(cand)) e = cand;
       }
       sel[t * k + j] = e;
     }

@@ -12,9 +12,13 @@
 // are host values), and T x E is small next to the GEMMs.
 //
 // Forced routing (benchmarks, config ForcedRouting): a fraction of all
-// (token, slot) assignments go to the first hot_experts experts, the rest
-// uniformly over all experts, drawn by Philox from (seed, router name, t, slot);
-// weights still come from p so gradients flow as usual.
+// (token, slot) assignments go to the hot_experts experts from first_hot_expert
+// on, the rest
+// uniformly over all experts, drawn by Philox from (seed, router name, t, slot).
+// When hot_experts < top_k a token that already holds every hot expert may list
+// one in a second slot (the paper's benchmark routing; without it "95% into 1
+// expert" could not exceed 1 / top_k). Weights still come from p, summed over
+// the slots (a repeated expert counts once per slot), so gradients flow as usual.
 #ifndef MOE_MODEL_ROUTER_H_
 #define MOE_MODEL_ROUTER_H_
 

@@ -69,6 +69,10 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(fr.hot_experts() >= 1 && fr.hot_experts() <= moe.num_experts(),
        absl::StrCat("model.moe.forced_routing.hot_experts = ", fr.hot_experts(), " must be in [1, ",
                     moe.num_experts(), "]"));
+  need(fr.first_hot_expert() >= 0 && fr.first_hot_expert() + fr.hot_experts() <= moe.num_experts(),
+       absl::StrCat("model.moe.forced_routing.first_hot_expert = ", fr.first_hot_expert(),
+                    " with hot_experts = ", fr.hot_experts(), " must keep the hot experts within [0, ",
+                    moe.num_experts(), "): lower first_hot_expert or hot_experts"));
 
   // Parallel layout.
   need(p.tensor() <= world_size && world_size % p.tensor() == 0,

@@ -204,6 +204,7 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(fr, fraction, 0.0);
   MOE_DEFAULT(fr, hot_experts, 1);
   MOE_DEFAULT(fr, seed, 1234);
+  MOE_DEFAULT(fr, first_hot_expert, 0);
 
   config::ParallelConfig* p = c->mutable_parallel();
   MOE_DEFAULT(p, tensor, 1);

@@ -221,7 +221,10 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
          {Case{"dropless", "top_k: 2 capacity_factor: 0", false},
           Case{"capacity probs", "top_k: 2 capacity_factor: 1.0 drop_policy: \"probs\"", true},
           Case{"capacity position k=E",
-               "top_k: 3 capacity_factor: 0.7 drop_policy: \"position\" norm_topk_prob: false", true}}) {
+               "top_k: 3 capacity_factor: 0.7 drop_policy: \"position\" norm_topk_prob: false", true},
+          // Forced routing with one hot expert: most tokens list expert 0 in both slots.
+          Case{"forced, repeated expert in a token",
+               "top_k: 2 capacity_factor: 0 forced_routing { fraction: 0.9 hot_experts: 1 }", false}}) {
       DYNAMIC_SECTION(impl << " " << c.name) {
         std::mt19937 rng(7);
         config::ModelConfig cfg = TinyConfig(
@@ -244,6 +247,12 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
         };
         loss();
         CHECK((layer.routing().num_dropped() > 0) == c.drops);
+        if (c.name.rfind("forced", 0) == 0) {
+          int repeats = 0;
+          for (int64_t t = 0; t < T; ++t)
+            repeats += layer.routing().experts[t * 2] == layer.routing().experts[t * 2 + 1] ? 1 : 0;
+          CHECK(repeats >= 3);
+        }
         auto dx = layer.Backward(s, testing::NewTensor(Shape{T, 8}, r), 0.9f, 1.1f);
         REQUIRE(dx.ok());
         Experts& ex = layer.experts();

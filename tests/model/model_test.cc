@@ -272,5 +272,36 @@ TEST_CASE("Forced routing sends the configured fraction to the hot experts") {
   for (int64_t t = 0; t < plan.num_tokens; ++t) CHECK(plan.experts[t * 2] != plan.experts[t * 2 + 1]);
 }
 
+TEST_CASE("Forced routing into fewer hot experts than top_k meets the fraction by repeating a hot expert") {
+  Stream& s = CpuStream();
+  for (const double fraction : {0.5, 0.95}) {
+    DYNAMIC_SECTION("fraction " << fraction) {
+      config::ModelConfig cfg = TinyConfig(
+          "vocab_size: 31 hidden_size: 16 num_layers: 1 num_heads: 2 seq_len: 256 "
+          "moe { num_experts: 8 top_k: 2 forced_routing { fraction: " +
+          std::to_string(fraction) + " hot_experts: 1 } }");
+      auto model = Build(cfg, 5);
+      REQUIRE(model->Forward(s, RandomTokens(8, 256, 31, 1), 8).ok());
+      const RoutingPlan& plan = model->block(0).moe()->routing();
+      const int64_t total = plan.num_tokens * plan.top_k;
+      // Hot draws with probability `fraction`, plus the uniform draws that land on expert 0.
+      const double expected = fraction + (1 - fraction) / 8;
+      const double hot = static_cast<double>(plan.selected_per_expert[0]) / total;
+      INFO("hot fraction " << hot << " expected " << expected);
+      CHECK(std::abs(hot - expected) < 0.02);
+      int64_t repeats = 0;
+      for (int64_t t = 0; t < plan.num_tokens; ++t) {
+        const int32_t a = plan.experts[t * 2], b = plan.experts[t * 2 + 1];
+        if (a == b) {
+          ++repeats;
+          CHECK(a == 0);  // only the hot expert ever repeats
+          CHECK(plan.weights[t * 2] == Approx(0.5f));
+        }
+      }
+      CHECK(repeats > 0);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moe::model

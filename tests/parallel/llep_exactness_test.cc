@@ -40,7 +40,7 @@ constexpr int kSeqLen = 16;
 constexpr double kLr = 0.5;
 constexpr uint64_t kSeed = 4321;
 
-config::ModelConfig SkewedConfig() {
+config::ModelConfig SkewedConfig(int first_hot) {
   JobConfig job;
   auto* m = job.mutable_model();
   m->set_vocab_size(32);
@@ -59,6 +59,7 @@ config::ModelConfig SkewedConfig() {
   moe->set_capacity_factor(0.0);  // dropless
   moe->mutable_forced_routing()->set_fraction(0.95);
   moe->mutable_forced_routing()->set_hot_experts(1);
+  moe->mutable_forced_routing()->set_first_hot_expert(first_hot);
   ApplyDefaults(1, &job);
   return job.model();
 }
@@ -94,13 +95,13 @@ struct Result {
   bool freed = true;  // no borrowed weights held after a backward
 };
 
-Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_borrowed = 0) {
+Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_borrowed, int first_hot) {
   const int sub = tp * dp, ep = dp, grad_accum = kGlobalMicroBatches / dp;
   auto sub_world = ValueOrDie(job_world.Split(job_world.rank() / sub, job_world.rank(), "llep_layout"));
   ProcessGroups groups = ValueOrDie(parallel::CreateProcessGroups(std::move(sub_world), tp, ep));
   const parallel::RankLayout& l = groups.layout;
   Stream& stream = Cpu().default_stream();
-  const config::ModelConfig cfg = SkewedConfig();
+  const config::ModelConfig cfg = SkewedConfig(first_hot);
   ShardPlan plan;
   plan.tp_size = tp;
   plan.tp_rank = l.tp_rank;
@@ -187,12 +188,15 @@ int64_t SumOverWorld(comm::Communicator& world, int64_t v) {
   return v;
 }
 
-void RunLayout(int tp, int dp, int max_borrowed = 0) {
+// first_hot: the hot expert (8 experts: on EP rank first_hot * ep / 8); helpers
+// below it borrow from above their own experts, helpers above it from below.
+void RunLayout(int tp, int dp, int max_borrowed = 0, int first_hot = 0) {
   auto world = parallel::testing::World();
   if (world->size() % (tp * dp) != 0) return;
-  INFO("tp " << tp << " ep " << dp << " dp " << dp << " max_borrowed_experts " << max_borrowed);
-  const Result off = Train(*world, tp, dp, false);
-  const Result on = Train(*world, tp, dp, true, max_borrowed);
+  INFO("tp " << tp << " ep " << dp << " dp " << dp << " max_borrowed_experts " << max_borrowed
+             << " hot expert " << first_hot);
+  const Result off = Train(*world, tp, dp, false, 0, first_hot);
+  const Result on = Train(*world, tp, dp, true, max_borrowed, first_hot);
   // Training moves the loss; LLEP fired in every MoE layer micro-batch and moved work.
   REQUIRE(std::abs(off.losses[kSteps - 1] - off.losses[0]) > 1e-3 * std::abs(off.losses[0]));
   REQUIRE(on.fired == kSteps * (kGlobalMicroBatches / dp) * 2);
@@ -206,6 +210,10 @@ TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 2", "[llep]") { RunLayout(1, 2
 TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 4", "[llep]") { RunLayout(1, 4); }
 TEST_CASE("LLEP on == off under 95% skew, tp 2 ep 2", "[llep]") { RunLayout(2, 2); }
 TEST_CASE("LLEP on == off, max_borrowed_experts 1, tp 1 ep 4", "[llep]") { RunLayout(1, 4, 1); }
+TEST_CASE("LLEP on == off, hot expert on the last EP rank, tp 1 ep 2", "[llep]") { RunLayout(1, 2, 0, 7); }
+TEST_CASE("LLEP on == off, hot expert on EP rank 1 of 4 (borrowed from above and below)", "[llep]") {
+  RunLayout(1, 4, 0, 2);
+}
 
 }  // namespace
 }  // namespace moe::model

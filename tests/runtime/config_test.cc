@@ -119,6 +119,16 @@ TEST_CASE("every validation message names field, value and fix") {
     CHECK(Contains(p, "model.num_kv_heads = 3 must divide model.num_heads = 4"));
     CHECK(Contains(p, "model.moe.top_k = 9 must be at most model.moe.num_experts = 8"));
   }
+  SECTION("forced routing hot experts outside the expert range") {
+    auto p = Problems(
+        Resolved("model { moe { forced_routing { fraction: 0.5 hot_experts: 2 first_hot_expert: 7 } } }", 1),
+        1);
+    CHECK(Contains(p,
+                   "model.moe.forced_routing.first_hot_expert = 7 with hot_experts = 2 must keep the hot "
+                   "experts within [0, 8)"));
+    CHECK(Problems(Resolved("model { moe { forced_routing { fraction: 0.5 first_hot_expert: 7 } } }", 1), 1)
+              .empty());
+  }
   SECTION("enumerations") {
     auto p = Problems(Resolved("optim { type: \"lion\" } model { moe { drop_policy: \"random\" } }", 1), 1);
     CHECK(Contains(p, "optim.type = \"lion\" must be \"adamw\" or \"sgd\""));

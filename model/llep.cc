@@ -184,51 +184,50 @@ absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local, comm::W
   return absl::OkStatus();
 }
 
-absl::StatusOr<Tensor> LlepRunner::BorrowedForward(Stream& stream, const Tensor& x) {
-  Borrowed& b = borrowed_;
-  const int64_t n = x.size(0), ffn = b.gate.size(1);
-  b.x = x;
-  ASSIGN_OR_RETURN(b.g, NewActivation(stream, Shape{n, ffn}));
-  ASSIGN_OR_RETURN(b.u, NewActivation(stream, Shape{n, ffn}));
-  ASSIGN_OR_RETURN(b.act, NewActivation(stream, Shape{n, ffn}));
-  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
-  if (n == 0) return y;
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, b.gate, true, b.g, b.offsets));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, b.up, true, b.u, b.offsets));
-  RETURN_IF_ERROR(ops::SwiGLU(stream, b.g, b.u, b.act));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, b.act, b.down, true, y, b.offsets));
-  return y;
+absl::Status LlepRunner::BorrowedForward(Stream& stream, Segment& seg, const Tensor& grouped,
+                                         const Tensor& out) {
+  const int64_t n = seg.row_end - seg.row_begin, ffn = borrowed_.gate.size(1);
+  if (n == 0) return absl::OkStatus();
+  seg.x = grouped.Slice(seg.row_begin, seg.row_end);
+  ASSIGN_OR_RETURN(seg.g, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(seg.u, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(seg.act, NewActivation(stream, Shape{n, ffn}));
+  const Tensor gate = borrowed_.gate.Slice(seg.first, seg.last), up = borrowed_.up.Slice(seg.first, seg.last);
+  const Tensor down = borrowed_.down.Slice(seg.first, seg.last);
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, gate, true, seg.g, seg.offsets));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, up, true, seg.u, seg.offsets));
+  RETURN_IF_ERROR(ops::SwiGLU(stream, seg.g, seg.u, seg.act));
+  return ops::GroupedGemm(stream, seg.act, down, true, out.Slice(seg.row_begin, seg.row_end), seg.offsets);
 }
 
-absl::StatusOr<Tensor> LlepRunner::BorrowedBackward(Stream& stream, const Tensor& dy) {
+absl::Status LlepRunner::BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx) {
+  const int64_t n = seg.row_end - seg.row_begin;
+  if (n == 0) return absl::OkStatus();
   Borrowed& b = borrowed_;
-  ASSIGN_OR_RETURN(b.gate_grad,
-                   Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32, MemoryCategory::kGradients));
-  ASSIGN_OR_RETURN(b.up_grad,
-                   Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
-  ASSIGN_OR_RETURN(b.down_grad,
-                   Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32, MemoryCategory::kGradients));
-  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, b.x.shape()));
-  if (b.x.size(0) > 0) {
-    ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, b.act.shape()));
-    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy, b.act, b.down_grad, b.offsets, 1.0f, 1.0f));
-    RETURN_IF_ERROR(ops::GroupedGemm(stream, dy, b.down, false, dact, b.offsets));
-    RETURN_IF_ERROR(ops::SwiGLUBackward(stream, b.g, b.u, dact, b.g, b.u));  // in place
-    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, b.g, b.x, b.gate_grad, b.offsets, 1.0f, 1.0f));
-    RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, b.u, b.x, b.up_grad, b.offsets, 1.0f, 1.0f));
-    RETURN_IF_ERROR(ops::GroupedGemm(stream, b.g, b.gate, false, dx, b.offsets));
-    RETURN_IF_ERROR(ops::GroupedGemm(stream, b.u, b.up, false, dx, b.offsets, 1.0f, 1.0f));
-  }
-  b.x = b.g = b.u = b.act = Tensor();
-  return dx;
+  const Tensor gate = b.gate.Slice(seg.first, seg.last), up = b.up.Slice(seg.first, seg.last);
+  const Tensor down = b.down.Slice(seg.first, seg.last);
+  const Tensor dy_seg = dy.Slice(seg.row_begin, seg.row_end), dx_seg = dx.Slice(seg.row_begin, seg.row_end);
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, seg.act.shape()));
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy_seg, seg.act, b.down_grad.Slice(seg.first, seg.last),
+                                             seg.offsets, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, dy_seg, down, false, dact, seg.offsets));
+  seg.act = Tensor();
+  RETURN_IF_ERROR(ops::SwiGLUBackward(stream, seg.g, seg.u, dact, seg.g, seg.u));  // in place
+  dact = Tensor();
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.g, seg.x, b.gate_grad.Slice(seg.first, seg.last),
+                                             seg.offsets, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.u, seg.x, b.up_grad.Slice(seg.first, seg.last),
+                                             seg.offsets, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.g, gate, false, dx_seg, seg.offsets));
+  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.u, up, false, dx_seg, seg.offsets, 1.0f, 1.0f));
+  seg.x = seg.g = seg.u = Tensor();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, const Tensor& grouped, bool forward,
                                               Experts& local) {
   const std::vector<int64_t>& off = grouped_offsets_;
   const int64_t N = grouped.size(0), lb = off[expert_begin_], le = off[expert_end_];
-  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden_}));
-  // Local experts on their contiguous rows.
   Tensor local_out;
   if (forward) {
     std::vector<int64_t> lo(off.begin() + expert_begin_, off.begin() + expert_end_ + 1);
@@ -237,22 +236,23 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, const Tensor& grou
   } else {
     ASSIGN_OR_RETURN(local_out, local.Backward(stream, grouped.Slice(lb, le)));
   }
+  if (lb == 0 && le == N) return local_out;  // no borrowed rows here
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden_}));
   if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
-  if (borrowed_.experts.empty()) return out;
-  // Borrowed experts: the rows before and after the local block, in expert order.
-  const int64_t nb = lb + (N - le);
-  ASSIGN_OR_RETURN(Tensor in_b, NewActivation(stream, Shape{nb, hidden_}));
-  if (lb > 0) RETURN_IF_ERROR(ops::Copy(stream, grouped.Slice(0, lb), in_b.Slice(0, lb)));
-  if (N > le) RETURN_IF_ERROR(ops::Copy(stream, grouped.Slice(le, N), in_b.Slice(lb, nb)));
-  Tensor out_b;
+  local_out = Tensor();
   if (forward) {
     RETURN_IF_ERROR(weight_work_.Wait());
-    ASSIGN_OR_RETURN(out_b, BorrowedForward(stream, in_b));
+    for (Segment& seg : borrowed_.segments) RETURN_IF_ERROR(BorrowedForward(stream, seg, grouped, out));
   } else {
-    ASSIGN_OR_RETURN(out_b, BorrowedBackward(stream, in_b));
+    Borrowed& b = borrowed_;
+    ASSIGN_OR_RETURN(b.gate_grad, Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32,
+                                                MemoryCategory::kGradients));
+    ASSIGN_OR_RETURN(b.up_grad,
+                     Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
+    ASSIGN_OR_RETURN(b.down_grad, Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32,
+                                                MemoryCategory::kGradients));
+    for (Segment& seg : b.segments) RETURN_IF_ERROR(BorrowedBackward(stream, seg, grouped, out));
   }
-  if (lb > 0) RETURN_IF_ERROR(ops::Copy(stream, out_b.Slice(0, lb), out.Slice(0, lb)));
-  if (N > le) RETURN_IF_ERROR(ops::Copy(stream, out_b.Slice(lb, nb), out.Slice(le, N)));
   return out;
 }
 
@@ -323,9 +323,22 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
     return absl::InternalError(
         absl::StrCat("LlepRunner: EP rank ", me, " received rows for a foreign expert it did not borrow"));
   }
-  borrowed_.offsets.assign(1, 0);
-  for (int64_t e : borrowed_.experts)
-    borrowed_.offsets.push_back(borrowed_.offsets.back() + grouped_offsets_[e + 1] - grouped_offsets_[e]);
+  const int64_t B = static_cast<int64_t>(borrowed_.experts.size());
+  const int64_t split = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), expert_begin_) -
+                        borrowed_.experts.begin();
+  for (int s = 0; s < 2; ++s) {
+    Segment& seg = borrowed_.segments[s];
+    seg = Segment();
+    seg.first = s == 0 ? 0 : split;
+    seg.last = s == 0 ? split : B;
+    seg.row_begin = s == 0 ? 0 : grouped_offsets_[expert_end_];
+    seg.offsets.assign(1, 0);
+    for (int64_t i = seg.first; i < seg.last; ++i) {
+      const int64_t e = borrowed_.experts[i];
+      seg.offsets.push_back(seg.offsets.back() + grouped_offsets_[e + 1] - grouped_offsets_[e]);
+    }
+    seg.row_end = seg.row_begin + seg.offsets.back();
+  }
   // 4. Experts.
   ASSIGN_OR_RETURN(Tensor out, RunExperts(stream, grouped, /*forward=*/true, local));
   // Owners too: their weights must not change (optimizer) while a send is open.

@@ -101,20 +101,31 @@ class LlepRunner {
   int num_borrowed_held() const { return static_cast<int>(borrowed_.experts.size()); }
 
  private:
+  // The received rows are grouped in global expert order, so the borrowed
+  // experts below this rank's range own the rows before the local block and
+  // those above own the rows after it: two segments, each run in place on a
+  // view of the grouped rows (no copies of the borrowed rows).
+  struct Segment {
+    int64_t row_begin = 0, row_end = 0;  // rows of the grouped tensor
+    int64_t first = 0, last = 0;         // borrowed experts [first, last) (indices into experts)
+    std::vector<int64_t> offsets;        // last - first + 1, relative to row_begin
+    Tensor x, g, u, act;                 // saved for backward (x is a view)
+  };
   struct Borrowed {
     std::vector<int64_t> experts;  // sorted global indices
     Tensor gate, up, down;         // [B, Fe, d], [B, Fe, d], [B, d, Fe]
     Tensor gate_grad, up_grad, down_grad;
-    Tensor x, g, u, act;           // saved for backward
-    std::vector<int64_t> offsets;  // B + 1
+    Segment segments[2];  // below and above the local experts
   };
   absl::Status PostWeightMoves(Stream& stream, Experts& local, comm::Work* work);
   absl::Status ReturnGradients(Stream& stream, Experts& local);
-  // Local rows [off[e0], off[e1]) and borrowed rows (the rest) of a grouped
-  // [N, d] tensor through f_local / f_borrowed, assembled in grouped order.
+  // Local rows [off[e0], off[e1]) of a grouped [N, d] tensor through the local
+  // experts and the borrowed segments through the borrowed weights, written
+  // into one [N, d] output in grouped order.
   absl::StatusOr<Tensor> RunExperts(Stream& stream, const Tensor& grouped, bool forward, Experts& local);
-  absl::StatusOr<Tensor> BorrowedForward(Stream& stream, const Tensor& x);
-  absl::StatusOr<Tensor> BorrowedBackward(Stream& stream, const Tensor& dy);
+  // One segment: x rows [row_begin, row_end) of `grouped` -> out's same rows.
+  absl::Status BorrowedForward(Stream& stream, Segment& seg, const Tensor& grouped, const Tensor& out);
+  absl::Status BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx);
   void Clear();
 
   comm::Communicator* ep_;

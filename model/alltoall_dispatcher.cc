@@ -40,7 +40,7 @@ int64_t AllToAllTokenDispatcher::WireBytes(int chunk, bool toward_experts) const
 }
 
 absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan,
-                                              int num_chunks) {
+                                              int num_chunks, const Reroute* reroute) {
   const auto t0 = Clock::now();
   const int64_t T = plan.num_tokens, E = num_experts_;
   const int k = plan.top_k;
@@ -60,6 +60,12 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
   const int64_t slice_len = slice_end_ - slice_begin_;
   const int P = ep_->size();
+  rerouted_ = reroute != nullptr;
+  if (rerouted_ && static_cast<int64_t>(reroute->dst.size()) != T * k) {
+    return absl::InvalidArgumentError(absl::StrCat("AllToAllTokenDispatcher: the reroute has ",
+                                                   reroute->dst.size(), " destinations for T * k = ", T * k,
+                                                   " assignments"));
+  }
   std::vector<int64_t> counts(static_cast<size_t>(num_chunks) * P * E, 0);
   chunks_.assign(num_chunks, Chunk());
   std::vector<std::vector<int64_t>> lists(static_cast<size_t>(P) * E);
@@ -71,7 +77,12 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
         const int64_t a = t * k + j;
         if (!plan.kept[a]) continue;
         const int64_t e = plan.experts[a];
-        lists[static_cast<size_t>(owner_[e]) * E + e].push_back(a);
+        const int dst = rerouted_ ? reroute->dst[a] : owner_[e];
+        if (dst < 0 || dst >= P) {
+          return absl::InvalidArgumentError(absl::StrCat("AllToAllTokenDispatcher: assignment ", a,
+                                                         " is rerouted to EP rank ", dst, " of ", P));
+        }
+        lists[static_cast<size_t>(dst) * E + e].push_back(a);
       }
     }
     Chunk& ch = chunks_[c];
@@ -97,6 +108,12 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();
+  if (rerouted_ && num_chunks == 1 && !reroute->recv_counts.empty()) {
+    // Every rank derived its receive counts from the same plan: no exchange.
+    ASSIGN_OR_RETURN(plan_,
+                     parallel::ExchangePlan::FromCounts(P, 1, E, std::move(counts), reroute->recv_counts));
+    return absl::OkStatus();
+  }
   // The one host copy point of counts in this layer.
   ASSIGN_OR_RETURN(plan_, parallel::ExchangePlan::Create(*ep_, stream, num_chunks, E, counts));
   stats_.counts_s += Since(t1);
@@ -113,7 +130,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::SendRows(Stream& stream, int chu
   return rows;
 }
 
-absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::LocalRows(int chunk, const Tensor& grouped) const {
+absl::Status AllToAllTokenDispatcher::CheckLocalRows(int chunk, const Tensor& grouped) const {
+  if (rerouted_) return absl::OkStatus();
   const std::vector<int64_t> all = plan_.ExpertOffsets(chunk);
   if (all[expert_begin_] != 0 || all[expert_end_] != grouped.size(0)) {
     return absl::InternalError(absl::StrCat("AllToAllTokenDispatcher: EP rank ", ep_->rank(), " received ",
@@ -121,10 +139,7 @@ absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::LocalRows(int chunk, const 
                                             " rows for experts outside its [", expert_begin_, ", ",
                                             expert_end_, ")"));
   }
-  ExpertInput in;
-  in.tokens = grouped;
-  in.offsets.assign(all.begin() + expert_begin_, all.begin() + expert_end_ + 1);
-  return in;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream, int chunk,
@@ -173,13 +188,18 @@ absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tenso
 
 absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::Dispatch(Stream& stream, const Tensor& x,
                                                               const RoutingPlan& plan) {
-  RETURN_IF_ERROR(Prepare(stream, x, plan, 1));
+  RETURN_IF_ERROR(Prepare(stream, x, plan, 1, nullptr));
   ASSIGN_OR_RETURN(Tensor send, SendRows(stream, 0, x.Slice(slice_begin_, slice_end_)));
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, send));
   stats_.dispatch_s += Since(t0);
   stats_.dispatch_bytes += WireBytes(0, true);
-  return LocalRows(0, grouped);
+  RETURN_IF_ERROR(CheckLocalRows(0, grouped));
+  const std::vector<int64_t> all = plan_.ExpertOffsets(0);
+  ExpertInput in;
+  in.tokens = grouped;
+  in.offsets.assign(all.begin() + expert_begin_, all.begin() + expert_end_ + 1);
+  return in;
 }
 
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
@@ -215,8 +235,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, 
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, d_rows));
   stats_.combine_s += Since(t0);
   stats_.combine_bytes += WireBytes(0, true);
-  ASSIGN_OR_RETURN(ExpertInput in, LocalRows(0, grouped));
-  return in.tokens;
+  RETURN_IF_ERROR(CheckLocalRows(0, grouped));
+  return grouped;
 }
 
 absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Tensor& d_expert_in,
@@ -248,15 +268,19 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
 
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream, const Tensor& x,
                                                                  const RoutingPlan& plan,
-                                                                 const ExpertFn& expert_forward) {
+                                                                 const ExpertFn& expert_forward,
+                                                                 const Reroute* reroute) {
   const int C = num_chunks_;
-  RETURN_IF_ERROR(Prepare(stream, x, plan, C));
+  RETURN_IF_ERROR(Prepare(stream, x, plan, C, reroute));
   const Tensor x_slice = x.Slice(slice_begin_, slice_end_);
   auto t0 = Clock::now();
-  ASSIGN_OR_RETURN(Tensor send0, SendRows(stream, 0, x_slice));
-  stats_.permute_s += Since(t0);
-  t0 = Clock::now();
-  ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+  parallel::InFlight next;
+  {  // the in-flight transfer holds the send rows until FinishDispatch frees them
+    ASSIGN_OR_RETURN(Tensor send0, SendRows(stream, 0, x_slice));
+    stats_.permute_s += Since(t0);
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+  }
   stats_.dispatch_s += Since(t0);
   stats_.dispatch_bytes += WireBytes(0, true);
   std::vector<parallel::InFlight> back(C);
@@ -275,9 +299,9 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
     stats_.dispatch_s += Since(t0);
-    ASSIGN_OR_RETURN(ExpertInput in, LocalRows(c, grouped));
+    RETURN_IF_ERROR(CheckLocalRows(c, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, in.tokens, in.offsets));
+    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, grouped, plan_.ExpertOffsets(c)));
     RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
@@ -316,10 +340,13 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   dweights->assign(num_assignments_, 0.0f);
   const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
   auto t0 = Clock::now();
-  ASSIGN_OR_RETURN(Tensor d0, WeightedGradRows(stream, 0, dy_slice, dweights));
-  stats_.unpermute_s += Since(t0);
-  t0 = Clock::now();
-  ASSIGN_OR_RETURN(parallel::InFlight next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+  parallel::InFlight next;
+  {  // as in the forward: the first chunk's rows live only while in flight
+    ASSIGN_OR_RETURN(Tensor d0, WeightedGradRows(stream, 0, dy_slice, dweights));
+    stats_.unpermute_s += Since(t0);
+    t0 = Clock::now();
+    ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+  }
   stats_.combine_s += Since(t0);
   stats_.combine_bytes += WireBytes(0, true);
   std::vector<parallel::InFlight> back(C);
@@ -337,9 +364,9 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
     stats_.combine_s += Since(t0);
-    ASSIGN_OR_RETURN(ExpertInput in, LocalRows(c, grouped));
+    RETURN_IF_ERROR(CheckLocalRows(c, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, in.tokens, in.offsets));
+    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, grouped, plan_.ExpertOffsets(c)));
     RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();

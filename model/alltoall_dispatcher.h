@@ -31,6 +31,11 @@
 //     (parallel.overlap_chunks); the caller's `expert_fn` computes one chunk.
 // Both give the same results up to float summation order, for any chunk count.
 //
+// LLEP (model/llep.h) drives the pipelined path with a Reroute: the EP rank
+// that computes each assignment instead of the expert's owner, so a helper
+// receives rows of experts it borrowed. Everything else (chunks, TED slices,
+// combine weights, d w) is the same code.
+//
 // Collective: every rank of the EP group (and of the TP group) runs the same
 // calls in the same order. Communicators are borrowed and must outlive the
 // dispatcher.
@@ -62,6 +67,18 @@ struct DispatchStats {
   void Reset() { *this = DispatchStats(); }
 };
 
+// Where each assignment is computed when it is not the expert's owner (LLEP).
+struct Reroute {
+  // [T * k]: the EP rank that computes assignment a = t * k + j; read for the
+  // kept assignments of this rank's TED slice only.
+  std::vector<int32_t> dst;
+  // [P * E], index src * E + e: rows this rank receives from EP rank src for
+  // expert e, when the caller knows them (every rank planned from the same
+  // count table). With one chunk the count exchange is then skipped; empty
+  // (or several chunks): the counts are exchanged as usual.
+  std::vector<int64_t> recv_counts;
+};
+
 class AllToAllTokenDispatcher : public TokenDispatcher {
  public:
   // ep: the EP group (EP rank r owns the experts [E r / P, E (r + 1) / P));
@@ -80,14 +97,17 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
                                          std::vector<float>* dweights) override;
   absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx) override;
 
-  // Computes one chunk's experts: rows [N, d] grouped by local expert (offsets:
-  // E_local + 1 values) -> [N, d] (forward: outputs; backward: input grads
-  // from output grads).
+  // Computes one chunk's experts: rows [N, d] grouped by expert, expert e
+  // (global index) at [offsets[e], offsets[e + 1]) (E + 1 values; without a
+  // Reroute only this rank's experts have rows) -> [N, d] (forward: outputs;
+  // backward: input grads from output grads).
   using ExpertFn =
       std::function<absl::StatusOr<Tensor>(int chunk, const Tensor& rows, absl::Span<const int64_t> offsets)>;
   // x [T, d] -> y [T, d], with expert_fn called once per chunk in chunk order.
+  // `reroute` (null: every assignment goes to its expert's owner) must stay
+  // valid during the call only; the backward reuses the forward's exchange.
   absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
-                                          const ExpertFn& expert_forward);
+                                          const ExpertFn& expert_forward, const Reroute* reroute = nullptr);
   // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights
   // [T * k] = d loss / d w_t,e for all T tokens (0 for dropped assignments).
   absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
@@ -104,10 +124,10 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
     Tensor combined;                  // [n, d] expert outputs back on this rank (for d w)
   };
   // Steps 1-3: slices, orders and counts the plan's assignments into `chunks`.
-  absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks);
-  // Local expert rows of a grouped chunk and their offsets (checks that only
-  // local experts received rows).
-  absl::StatusOr<ExpertInput> LocalRows(int chunk, const Tensor& grouped) const;
+  absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks,
+                       const Reroute* reroute);
+  // Checks that only local experts received rows in `chunk` (unless rerouted).
+  absl::Status CheckLocalRows(int chunk, const Tensor& grouped) const;
   // Payload bytes this rank sends to other EP ranks in `chunk`, toward the
   // experts (the dispatch direction) or back from them.
   int64_t WireBytes(int chunk, bool toward_experts) const;
@@ -128,6 +148,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0;
   int64_t slice_begin_ = 0, slice_end_ = 0;
   parallel::ExchangePlan plan_;
+  bool rerouted_ = false;
   std::vector<Chunk> chunks_;
   DispatchStats stats_;
 };

@@ -101,9 +101,9 @@ LlepRunner::LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm:
 
 void LlepRunner::Clear() {
   borrowed_ = Borrowed();
-  token_index_ = row_index_ = weights_ = combined_ = Tensor();
-  assignment_.clear();
+  chunks_.clear();
   weight_work_ = comm::Work();
+  forward_done_ = false;
 }
 
 absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan) {
@@ -116,18 +116,15 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
                                                    " tokens do not match E = ", E));
   }
   Clear();  // a forward without backward (evaluation) leaves state behind
-  num_tokens_ = T;
-  hidden_ = x.size(1);
-  num_assignments_ = T * k;
   const int tp_size = tp_ != nullptr ? tp_->size() : 1, tp_rank = tp_ != nullptr ? tp_->rank() : 0;
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
-  my_counts_.assign(E, 0);
+  std::vector<int64_t> my_counts(E, 0);
   for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
-    if (plan.kept[a]) ++my_counts_[plan.experts[a]];
-  const int P = ep_->size();
+    if (plan.kept[a]) ++my_counts[plan.experts[a]];
+  const int P = ep_->size(), me = ep_->rank();
   // Host buffers: the count table is tiny and the planner runs on the host.
   std::vector<int64_t> table(static_cast<size_t>(P) * E);
-  ASSIGN_OR_RETURN(comm::Work w, ep_->AllGather(my_counts_.data(), table.data(), E, DType::kI64));
+  ASSIGN_OR_RETURN(comm::Work w, ep_->AllGather(my_counts.data(), table.data(), E, DType::kI64));
   RETURN_IF_ERROR(w.Wait());
   counts_.assign(P, std::vector<int64_t>(E));
   for (int p = 0; p < P; ++p) std::copy_n(table.begin() + static_cast<size_t>(p) * E, E, counts_[p].begin());
@@ -136,12 +133,35 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
   stats_.fired = plan_.active;
   stats_.imbalance_before = plan_.imbalance_before;
   stats_.imbalance_after = plan_.active ? plan_.imbalance_after : plan_.imbalance_before;
-  if (plan_.active) {
-    stats_.tokens_moved = plan_.tokens_moved;
-    for (const auto& m : plan_.weight_moves)
-      if (m.dst == ep_->rank()) ++stats_.borrowed_experts;
+  if (!plan_.active) return false;
+  stats_.tokens_moved = plan_.tokens_moved;
+  for (const auto& m : plan_.weight_moves)
+    if (m.dst == me) ++stats_.borrowed_experts;
+  // This rank's rows of expert e split over computing ranks in token order.
+  const auto mine = parallel::SourceSplits(plan_, counts_, me);
+  reroute_.dst.assign(T * k, -1);
+  std::vector<size_t> range(E, 0);
+  std::vector<int64_t> left(E, 0);
+  for (int64_t e = 0; e < E; ++e) left[e] = mine[e].empty() ? 0 : mine[e][0].second;
+  for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a) {
+    if (!plan.kept[a]) continue;
+    const int64_t e = plan.experts[a];
+    while (left[e] == 0 && range[e] + 1 < mine[e].size()) left[e] = mine[e][++range[e]].second;
+    if (left[e] == 0) {
+      return absl::InternalError(absl::StrCat("LlepRunner: the plan splits fewer rows of expert ", e,
+                                              " than EP rank ", me, " holds (", my_counts[e], ")"));
+    }
+    reroute_.dst[a] = mine[e][range[e]].first;
+    --left[e];
   }
-  return plan_.active;
+  reroute_.recv_counts.assign(static_cast<size_t>(P) * E, 0);
+  for (int src = 0; src < P; ++src) {
+    const auto splits = src == me ? mine : parallel::SourceSplits(plan_, counts_, src);
+    for (int64_t e = 0; e < E; ++e)
+      for (const auto& [dst, n] : splits[e])
+        if (dst == me) reroute_.recv_counts[static_cast<size_t>(src) * E + e] += n;
+  }
+  return true;
 }
 
 absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local, comm::Work* work) {
@@ -181,6 +201,33 @@ absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local, comm::W
   // The weights were written on `stream`; the communicator reads host memory.
   RETURN_IF_ERROR(stream.Synchronize());
   ASSIGN_OR_RETURN(*work, ep_p2p_->GroupP2P(ops));
+  return absl::OkStatus();
+}
+
+absl::Status LlepRunner::MakeSegments(absl::Span<const int64_t> offsets, int64_t num_rows,
+                                      ChunkState* chunk) const {
+  const std::vector<int64_t>& experts = borrowed_.experts;
+  int64_t borrowed_rows = 0;
+  for (int64_t e : experts) borrowed_rows += offsets[e + 1] - offsets[e];
+  if (borrowed_rows != num_rows - (offsets[expert_end_] - offsets[expert_begin_])) {
+    return absl::InternalError(absl::StrCat("LlepRunner: EP rank ", ep_->rank(),
+                                            " received rows for a foreign expert it did not borrow"));
+  }
+  const int64_t B = static_cast<int64_t>(experts.size());
+  const int64_t split = std::lower_bound(experts.begin(), experts.end(), expert_begin_) - experts.begin();
+  for (int s = 0; s < 2; ++s) {
+    Segment& seg = chunk->segments[s];
+    seg = Segment();
+    seg.first = s == 0 ? 0 : split;
+    seg.last = s == 0 ? split : B;
+    seg.row_begin = s == 0 ? 0 : offsets[expert_end_];
+    seg.offsets.assign(1, 0);
+    for (int64_t i = seg.first; i < seg.last; ++i) {
+      const int64_t e = experts[i];
+      seg.offsets.push_back(seg.offsets.back() + offsets[e + 1] - offsets[e]);
+    }
+    seg.row_end = seg.row_begin + seg.offsets.back();
+  }
   return absl::OkStatus();
 }
 
@@ -224,134 +271,56 @@ absl::Status LlepRunner::BorrowedBackward(Stream& stream, Segment& seg, const Te
   return absl::OkStatus();
 }
 
-absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, const Tensor& grouped, bool forward,
+absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const Tensor& grouped,
+                                              absl::Span<const int64_t> offsets, bool forward,
                                               Experts& local) {
-  const std::vector<int64_t>& off = grouped_offsets_;
-  const int64_t N = grouped.size(0), lb = off[expert_begin_], le = off[expert_end_];
+  ChunkState& state = chunks_[chunk];
+  const int64_t N = grouped.size(0), lb = offsets[expert_begin_], le = offsets[expert_end_];
+  const int64_t hidden = grouped.size(1);
   Tensor local_out;
   if (forward) {
-    std::vector<int64_t> lo(off.begin() + expert_begin_, off.begin() + expert_end_ + 1);
+    RETURN_IF_ERROR(MakeSegments(offsets, N, &state));
+    std::vector<int64_t> lo(offsets.begin() + expert_begin_, offsets.begin() + expert_end_ + 1);
     for (int64_t& v : lo) v -= lb;
     ASSIGN_OR_RETURN(local_out, local.Forward(stream, grouped.Slice(lb, le), lo));
+    state.local = local.TakeSaved();
   } else {
+    local.RestoreSaved(std::move(state.local));
     ASSIGN_OR_RETURN(local_out, local.Backward(stream, grouped.Slice(lb, le)));
   }
-  if (lb == 0 && le == N) return local_out;  // no borrowed rows here
-  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden_}));
+  if (lb == 0 && le == N) return local_out;  // no borrowed rows in this chunk
+  if (forward) stats_.borrowed_rows += N - (le - lb);
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden}));
   if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
   local_out = Tensor();
-  if (forward) {
-    RETURN_IF_ERROR(weight_work_.Wait());
-    for (Segment& seg : borrowed_.segments) RETURN_IF_ERROR(BorrowedForward(stream, seg, grouped, out));
-  } else {
-    Borrowed& b = borrowed_;
-    ASSIGN_OR_RETURN(b.gate_grad, Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32,
-                                                MemoryCategory::kGradients));
-    ASSIGN_OR_RETURN(b.up_grad,
-                     Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
-    ASSIGN_OR_RETURN(b.down_grad, Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32,
-                                                MemoryCategory::kGradients));
-    for (Segment& seg : b.segments) RETURN_IF_ERROR(BorrowedBackward(stream, seg, grouped, out));
+  if (forward) RETURN_IF_ERROR(weight_work_.Wait());
+  for (Segment& seg : state.segments) {
+    if (forward) {
+      RETURN_IF_ERROR(BorrowedForward(stream, seg, grouped, out));
+    } else {
+      RETURN_IF_ERROR(BorrowedBackward(stream, seg, grouped, out));
+    }
   }
   return out;
 }
 
 absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan,
-                                           Experts& local) {
+                                           Experts& local, AllToAllTokenDispatcher& dispatcher) {
   if (!plan_.active) return absl::FailedPreconditionError("LlepRunner::Forward without a firing Plan");
-  const int64_t E = num_experts_;
-  const int k = plan.top_k, P = ep_->size(), me = ep_->rank();
-  // 2. Weights first, so they travel with the tokens.
+  if (dispatcher.expert_begin() != expert_begin_ || dispatcher.expert_end() != expert_end_) {
+    return absl::InvalidArgumentError("LlepRunner::Forward: the dispatcher serves other experts");
+  }
+  // Weights first, so they travel with the tokens.
   RETURN_IF_ERROR(PostWeightMoves(stream, local, &weight_work_));
-  // 3. Send order (dst, e, token) from this rank's splits; receive counts from
-  // every source's splits (the same plan and table on every rank).
-  std::vector<std::vector<int64_t>> per_expert(E);
-  for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
-    if (plan.kept[a]) per_expert[plan.experts[a]].push_back(a);
-  std::vector<std::vector<int64_t>> lists(static_cast<size_t>(P) * E);
-  const auto mine = parallel::SourceSplits(plan_, counts_, me);
-  for (int64_t e = 0; e < E; ++e) {
-    size_t next = 0;
-    for (const auto& [dst, n] : mine[e]) {
-      auto& l = lists[static_cast<size_t>(dst) * E + e];
-      for (int64_t i = 0; i < n; ++i) l.push_back(per_expert[e][next++]);
-    }
-    if (next != per_expert[e].size()) {
-      return absl::InternalError(absl::StrCat("LlepRunner: the plan splits ", next, " of EP rank ", me, "'s ",
-                                              per_expert[e].size(), " rows for expert ", e));
-    }
-  }
-  std::vector<int64_t> send(static_cast<size_t>(P) * E), recv(static_cast<size_t>(P) * E, 0);
-  std::vector<int32_t> tok, rows;
-  std::vector<float> w;
-  assignment_.clear();
-  for (int p = 0; p < P; ++p) {
-    for (int64_t e = 0; e < E; ++e) {
-      const auto& l = lists[static_cast<size_t>(p) * E + e];
-      send[static_cast<size_t>(p) * E + e] = static_cast<int64_t>(l.size());
-      for (int64_t a : l) {
-        assignment_.push_back(a);
-        tok.push_back(static_cast<int32_t>(a / k - slice_begin_));
-        w.push_back(plan.weights[a]);
-      }
-    }
-  }
-  for (int src = 0; src < P; ++src) {
-    const auto splits = src == me ? mine : parallel::SourceSplits(plan_, counts_, src);
-    for (int64_t e = 0; e < E; ++e)
-      for (const auto& [dst, n] : splits[e])
-        if (dst == me) recv[static_cast<size_t>(src) * E + e] += n;
-  }
-  ASSIGN_OR_RETURN(xplan_, parallel::ExchangePlan::FromCounts(P, 1, E, send, recv));
-  const int64_t n = static_cast<int64_t>(tok.size());
-  rows.resize(n);
-  for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
-  ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
-  ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
-  ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
-  const Tensor x_slice = x.Slice(slice_begin_, slice_end_);
-  ASSIGN_OR_RETURN(Tensor send_rows, NewActivation(stream, Shape{n, hidden_}));
-  if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x_slice, token_index_, send_rows));
-  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, xplan_, 0, send_rows));
-  send_rows = Tensor();
-  grouped_offsets_ = xplan_.ExpertOffsets(0);
-  // Every foreign expert with rows here must be borrowed.
-  const int64_t N = grouped.size(0);
-  int64_t borrowed_rows = 0;
-  for (int64_t e : borrowed_.experts) borrowed_rows += grouped_offsets_[e + 1] - grouped_offsets_[e];
-  if (borrowed_rows != N - (grouped_offsets_[expert_end_] - grouped_offsets_[expert_begin_])) {
-    return absl::InternalError(
-        absl::StrCat("LlepRunner: EP rank ", me, " received rows for a foreign expert it did not borrow"));
-  }
-  const int64_t B = static_cast<int64_t>(borrowed_.experts.size());
-  const int64_t split = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), expert_begin_) -
-                        borrowed_.experts.begin();
-  for (int s = 0; s < 2; ++s) {
-    Segment& seg = borrowed_.segments[s];
-    seg = Segment();
-    seg.first = s == 0 ? 0 : split;
-    seg.last = s == 0 ? split : B;
-    seg.row_begin = s == 0 ? 0 : grouped_offsets_[expert_end_];
-    seg.offsets.assign(1, 0);
-    for (int64_t i = seg.first; i < seg.last; ++i) {
-      const int64_t e = borrowed_.experts[i];
-      seg.offsets.push_back(seg.offsets.back() + grouped_offsets_[e + 1] - grouped_offsets_[e]);
-    }
-    seg.row_end = seg.row_begin + seg.offsets.back();
-  }
-  // 4. Experts.
-  ASSIGN_OR_RETURN(Tensor out, RunExperts(stream, grouped, /*forward=*/true, local));
+  chunks_.assign(dispatcher.num_chunks(), ChunkState());
+  auto forward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {
+    return RunExperts(stream, chunk, rows, offsets, /*forward=*/true, local);
+  };
+  ASSIGN_OR_RETURN(Tensor y, dispatcher.ForwardPipelined(stream, x, plan, forward, &reroute_));
   // Owners too: their weights must not change (optimizer) while a send is open.
   RETURN_IF_ERROR(weight_work_.Wait());
-  grouped = Tensor();
-  // 5. Combine.
-  ASSIGN_OR_RETURN(combined_, parallel::Combine(*ep_, stream, xplan_, 0, out));
-  out = Tensor();
-  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
-  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
-  if (n > 0) RETURN_IF_ERROR(ops::ScatterAddRows(stream, combined_, token_index_, y_slice, weights_));
-  if (tp_ == nullptr || tp_->size() == 1) return y_slice;
-  return parallel::AllGatherRows(*tp_, stream, y_slice, num_tokens_);
+  forward_done_ = true;
+  return y;
 }
 
 absl::Status LlepRunner::ReturnGradients(Stream& stream, Experts& local) {
@@ -404,47 +373,24 @@ absl::Status LlepRunner::ReturnGradients(Stream& stream, Experts& local) {
 }
 
 absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& local,
-                                  std::vector<float>* dweights, const Tensor& dx) {
-  if (!plan_.active || !combined_.defined())
+                                  AllToAllTokenDispatcher& dispatcher, std::vector<float>* dweights,
+                                  const Tensor& dx) {
+  if (!plan_.active || !forward_done_)
     return absl::FailedPreconditionError("LlepRunner::Backward without a firing Forward");
-  dweights->assign(num_assignments_, 0.0f);
-  const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
-  const int64_t n = token_index_.numel();
-  ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}));
-  if (n > 0) {
-    ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
-    RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, token_index_, combined_, dw));
-    ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
-    for (int64_t r = 0; r < n; ++r) (*dweights)[assignment_[r]] = dw_host[r];
-    ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
-    RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, token_index_, gathered));
-    RETURN_IF_ERROR(ops::Fill(stream, d_rows, 0.0));
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, row_index_, d_rows, weights_));
+  Borrowed& b = borrowed_;
+  if (!b.experts.empty()) {
+    ASSIGN_OR_RETURN(b.gate_grad, Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32,
+                                                MemoryCategory::kGradients));
+    ASSIGN_OR_RETURN(b.up_grad,
+                     Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
+    ASSIGN_OR_RETURN(b.down_grad, Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32,
+                                                MemoryCategory::kGradients));
   }
-  combined_ = Tensor();
-  const bool ted = tp_ != nullptr && tp_->size() > 1;
-  if (ted) {
-    ASSIGN_OR_RETURN(Tensor dw, FromHostFloats(stream, *dweights, Shape{num_assignments_}));
-    RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dw));
-    ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dw));
-  }
-  ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, xplan_, 0, d_rows));
-  d_rows = Tensor();
-  ASSIGN_OR_RETURN(Tensor d_in, RunExperts(stream, grouped, /*forward=*/false, local));
-  grouped = Tensor();
+  auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {
+    return RunExperts(stream, chunk, rows, offsets, /*forward=*/false, local);
+  };
+  RETURN_IF_ERROR(dispatcher.BackwardPipelined(stream, dy, backward, dweights, dx));
   RETURN_IF_ERROR(ReturnGradients(stream, local));
-  ASSIGN_OR_RETURN(Tensor d_send, parallel::Combine(*ep_, stream, xplan_, 0, d_in));
-  d_in = Tensor();
-  Tensor target = dx.Slice(slice_begin_, slice_end_);
-  if (ted) {
-    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
-    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
-  }
-  if (n > 0) RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, token_index_, target));
-  if (ted) {
-    ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
-    RETURN_IF_ERROR(ops::Add(stream, dx, full, dx));
-  }
   Clear();  // borrowed weights and grads freed here
   return absl::OkStatus();
 }

@@ -8,22 +8,25 @@
 // One layer, forward (LlepRunner::Plan, then Forward when Plan returned true):
 //   1. counts: this rank's kept assignments per expert (its TED slice of the
 //      micro-batch), AllGather over the EP group -> the table [P][E] on every
-//      rank; PlanLlep on it (every rank computes the same plan).
+//      rank; PlanLlep on it (every rank computes the same plan), and from it
+//      the computing rank of each of this rank's assignments (SourceSplits, in
+//      token order) and the rows this rank will receive.
 //   2. weights: for every move (e, owner, helper) of the plan, the owner sends
 //      gate/up/down of e to the helper (GroupP2P on ep_p2p), enqueued before
 //      the token all-to-all so both are on the wire together.
-//   3. tokens: this rank's rows for expert e are split over computing ranks by
-//      SourceSplits (in token order) and sent with one AllToAllV (the send and
-//      receive tables are both derived from the plan: no count exchange).
-//   4. experts: the local experts run on their rows (Experts::Forward); the
-//      borrowed ones run a grouped SwiGLU on theirs after the weights landed.
-//   5. combine: rows go back; y_t += w_t,e out (on the token's rank); TED
-//      all-gather over TP.
-// Backward mirrors it; the helpers' gradients of borrowed weights go back to
-// the owner (GroupP2P on ep_p2p) and are added to its expert grads; the
-// borrowed weights and grads are freed at the end of the layer's backward.
-// P2P pairs match because every rank derives them from the same plan; a rank
-// with nothing to send or receive posts nothing.
+//   3. tokens: the all-to-all dispatcher's pipelined path with that Reroute
+//      (model/alltoall_dispatcher.h): parallel.overlap_chunks chunks, each
+//      chunk's exchange in flight while the previous chunk computes; with one
+//      chunk the receive counts come from the plan (no count exchange).
+//   4. experts, per chunk: the local experts on their rows, the borrowed ones
+//      (a grouped SwiGLU over each contiguous run of borrowed rows, in place)
+//      once the weights have landed.
+//   5. combine, weighted sum and TED all-gather: the dispatcher's.
+// Backward mirrors it through the dispatcher; then the helpers' gradients of
+// borrowed weights go back to the owner (GroupP2P on ep_p2p) and are added to
+// its expert grads; the borrowed weights and grads are freed at the end of the
+// layer's backward. P2P pairs match because every rank derives them from the
+// same plan; a rank with nothing to send or receive posts nothing.
 //
 // Collective: every rank of the EP group (and the TP group) calls Plan,
 // Forward and Backward in the same order. Communicators are borrowed.
@@ -37,6 +40,7 @@
 
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
+#include "model/alltoall_dispatcher.h"
 #include "model/common.h"
 #include "model/experts.h"
 #include "model/router.h"
@@ -54,6 +58,7 @@ struct LlepStats {
   int64_t tokens_moved = 0;        // (token, expert) pairs computed off their native rank (whole EP group)
   int64_t weight_bytes_moved = 0;  // expert weight bytes sent P2P in the forward (whole EP group)
   int borrowed_experts = 0;        // experts borrowed by this rank
+  int64_t borrowed_rows = 0;       // rows this rank computed with borrowed weights (forward)
 };
 
 // Measured start-up rates for the cost model.
@@ -86,13 +91,15 @@ class LlepRunner {
   // LLEP fires for this micro-batch (then call Forward/Backward); false means
   // standard EP (the caller uses its usual dispatcher).
   absl::StatusOr<bool> Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan);
-  // x [T, d] (unchanged until Backward) -> y [T, d].
-  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local);
+  // x [T, d] (unchanged until Backward) -> y [T, d], through `dispatcher`
+  // (over the same EP and TP groups) with this plan's reroute.
+  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local,
+                                 AllToAllTokenDispatcher& dispatcher);
   // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights [T k]
   // = d loss / d w_t,e; local expert grads += this rank's part plus the
   // helpers' returned gradients.
-  absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, std::vector<float>* dweights,
-                        const Tensor& dx);
+  absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, AllToAllTokenDispatcher& dispatcher,
+                        std::vector<float>* dweights, const Tensor& dx);
 
   const LlepStats& stats() const { return stats_; }
   const parallel::LlepPlan& plan() const { return plan_; }
@@ -101,28 +108,36 @@ class LlepRunner {
   int num_borrowed_held() const { return static_cast<int>(borrowed_.experts.size()); }
 
  private:
-  // The received rows are grouped in global expert order, so the borrowed
-  // experts below this rank's range own the rows before the local block and
-  // those above own the rows after it: two segments, each run in place on a
-  // view of the grouped rows (no copies of the borrowed rows).
+  // A chunk's received rows are grouped in global expert order, so the
+  // borrowed experts below this rank's range own the rows before the local
+  // block and those above own the rows after it: two segments, each run in
+  // place on a view of the grouped rows.
   struct Segment {
-    int64_t row_begin = 0, row_end = 0;  // rows of the grouped tensor
+    int64_t row_begin = 0, row_end = 0;  // rows of the chunk's grouped tensor
     int64_t first = 0, last = 0;         // borrowed experts [first, last) (indices into experts)
     std::vector<int64_t> offsets;        // last - first + 1, relative to row_begin
     Tensor x, g, u, act;                 // saved for backward (x is a view)
+  };
+  // What one chunk's forward keeps for its backward.
+  struct ChunkState {
+    Experts::Saved local;
+    Segment segments[2];  // below and above the local experts
   };
   struct Borrowed {
     std::vector<int64_t> experts;  // sorted global indices
     Tensor gate, up, down;         // [B, Fe, d], [B, Fe, d], [B, d, Fe]
     Tensor gate_grad, up_grad, down_grad;
-    Segment segments[2];  // below and above the local experts
   };
   absl::Status PostWeightMoves(Stream& stream, Experts& local, comm::Work* work);
   absl::Status ReturnGradients(Stream& stream, Experts& local);
-  // Local rows [off[e0], off[e1]) of a grouped [N, d] tensor through the local
-  // experts and the borrowed segments through the borrowed weights, written
-  // into one [N, d] output in grouped order.
-  absl::StatusOr<Tensor> RunExperts(Stream& stream, const Tensor& grouped, bool forward, Experts& local);
+  // The dispatcher's ExpertFn: local rows [off[e0], off[e1]) through the local
+  // experts, the borrowed segments through the borrowed weights, written into
+  // one [N, d] output in grouped order.
+  absl::StatusOr<Tensor> RunExperts(Stream& stream, int chunk, const Tensor& grouped,
+                                    absl::Span<const int64_t> offsets, bool forward, Experts& local);
+  // The borrowed segments of a chunk from its offsets (E + 1); checks that
+  // every foreign expert with rows here is borrowed.
+  absl::Status MakeSegments(absl::Span<const int64_t> offsets, int64_t num_rows, ChunkState* chunk) const;
   // One segment: x rows [row_begin, row_end) of `grouped` -> out's same rows.
   absl::Status BorrowedForward(Stream& stream, Segment& seg, const Tensor& grouped, const Tensor& out);
   absl::Status BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx);
@@ -139,14 +154,12 @@ class LlepRunner {
   LlepStats stats_;
 
   // State of the current micro-batch.
-  int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0, slice_begin_ = 0, slice_end_ = 0;
-  std::vector<int64_t> my_counts_;  // [E] kept assignments of this rank's slice
-  parallel::ExchangePlan xplan_;
-  std::vector<int64_t> assignment_;  // host: a = t k + j of each send row
-  Tensor token_index_, row_index_, weights_, combined_;
-  std::vector<int64_t> grouped_offsets_;  // E + 1 over the received rows
+  int64_t slice_begin_ = 0, slice_end_ = 0;
+  Reroute reroute_;
   comm::Work weight_work_;
   Borrowed borrowed_;
+  std::vector<ChunkState> chunks_;
+  bool forward_done_ = false;
 };
 
 // Gives every MoE layer of `model` an LlepRunner (llep.enabled). Rates are

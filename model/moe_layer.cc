@@ -27,52 +27,50 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
 
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
   ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x));
+  auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
   llep_active_ = false;
   if (llep_ != nullptr) {
-    ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
-    if (llep_active_) {
-      x_ = x;
-      return llep_->Forward(stream, x, *plan, *experts_);
+    if (a2a == nullptr) {
+      return absl::FailedPreconditionError(
+          "MoELayer: LLEP needs the all-to-all dispatcher (expert parallel > 1)");
     }
+    ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
   }
-  if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
+  x_ = x;
+  if (llep_active_) return llep_->Forward(stream, x, *plan, *experts_, *a2a);
+  if (a2a != nullptr) {
     saved_.assign(a2a->num_chunks(), Experts::Saved());
+    const int64_t e0 = a2a->expert_begin(), num_local = a2a->expert_end() - e0;
     auto forward = [&](int chunk, const Tensor& rows,
                        absl::Span<const int64_t> offsets) -> absl::StatusOr<Tensor> {
-      ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets));
+      ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets.subspan(e0, num_local + 1)));
       saved_[chunk] = experts_->TakeSaved();
       return out;
     };
-    x_ = x;
     return a2a->ForwardPipelined(stream, x, *plan, forward);
   }
   ASSIGN_OR_RETURN(ExpertInput in, dispatcher_->Dispatch(stream, x, *plan));
   ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, in.tokens, in.offsets));
-  x_ = x;
   return dispatcher_->Combine(stream, out);
 }
 
 absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
   std::vector<float> dweights;
-  if (llep_active_) {
-    llep_active_ = false;
-    ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
-    RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
-    RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, &dweights, dx_experts));
-    ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
-    RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
-    x_ = Tensor();
-    return dx;
-  }
   if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
     ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
     RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
-    auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
-      experts_->RestoreSaved(std::move(saved_[chunk]));
-      return experts_->Backward(stream, rows);
-    };
-    RETURN_IF_ERROR(a2a->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
-    saved_.clear();
+    if (llep_active_) {
+      llep_active_ = false;
+      RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, *a2a, &dweights, dx_experts));
+    } else {
+      auto backward = [&](int chunk, const Tensor& rows,
+                          absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
+        experts_->RestoreSaved(std::move(saved_[chunk]));
+        return experts_->Backward(stream, rows);
+      };
+      RETURN_IF_ERROR(a2a->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
+      saved_.clear();
+    }
     ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
     RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
     x_ = Tensor();

@@ -40,8 +40,8 @@ class MoELayer {
   Experts& experts() { return *experts_; }
   TokenDispatcher& dispatcher() { return *dispatcher_; }
   // LLEP (model/llep.h): when set, each Forward plans over the EP group and,
-  // when the plan fires, runs the layer through the runner instead of the
-  // dispatcher (same results). Null: standard EP.
+  // when the plan fires, runs the all-to-all dispatcher's pipelined path with
+  // the runner's reroute and experts (same results). Null: standard EP.
   void SetLlep(std::unique_ptr<LlepRunner> llep) { llep_ = std::move(llep); }
   LlepRunner* llep() { return llep_.get(); }
 

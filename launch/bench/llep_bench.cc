@@ -2,7 +2,7 @@
 // standard EP versus LLEP (issue 7), on 2 ranks (one EP group).
 //
 //   mpirun -np 2 build/bin/moe-bench llep [tokens=4096] [hidden=512] [ffn=1024]
-//       [experts=8] [top_k=2] [hot=1,2] [iters=5] [fractions=0,0.5,0.8,0.95] [--json]
+//       [experts=8] [top_k=2] [hot=1,2] [iters=5] [fractions=0,0.5,0.8,0.95] [chunks=1] [--json]
 //
 // Rows: model.moe.forced_routing.fraction of the assignments drawn into the
 // first `hot` experts (the rest uniform), for each hot count. As in the paper's
@@ -69,6 +69,9 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
     hots.push_back(v);
   }
   const int iters = static_cast<int>(args.Int("iters", 5));
+  // parallel.overlap_chunks of the dispatcher, for both standard EP and LLEP.
+  const int chunks = static_cast<int>(args.Int("chunks", 1));
+  if (chunks < 1) return absl::InvalidArgumentError(absl::StrCat("chunks = ", chunks, " must be at least 1"));
   std::vector<double> fractions;
   for (absl::string_view f : absl::StrSplit(args.Str("fractions", "0,0.5,0.8,0.95"), ',')) {
     double v = 0;
@@ -121,7 +124,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
       plan.ep_rank = ep.rank();
       model::MoELayer layer;
       RETURN_IF_ERROR(layer.Init(stream, "model.layers.0.mlp.", cfg, 0.02f, 0.02f, plan, 1234,
-                                 std::make_unique<model::AllToAllTokenDispatcher>(&ep, nullptr, experts, 1)));
+                                 std::make_unique<model::AllToAllTokenDispatcher>(&ep, nullptr, experts, chunks)));
       Side sides[2];
       model::LlepStats llep_stats;
       double hot_share = 0;
@@ -173,6 +176,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
       meas.params = {{"ranks", absl::StrCat(P)},
                      {"forced", absl::StrCat(fraction)},
                      {"hot", absl::StrCat(hot)},
+                     {"chunks", absl::StrCat(chunks)},
                      {"tokens/rank", absl::StrCat(tokens)}};
       meas.figures = {{"hot_share", hot_share, ""},
                       {"imb_before", llep_stats.imbalance_before, "x"},

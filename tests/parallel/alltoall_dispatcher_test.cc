@@ -151,8 +151,17 @@ void Run(int tp, int ep, double capacity_factor, bool identity) {
       Tensor d_in = ValueOrDie(backward(0, d_out, in.offsets));
       MOE_REQUIRE_OK(d.DispatchBackward(stream, d_in, dx));
     } else {
-      y = ValueOrDie(d.ForwardPipelined(stream, x, batch.plan, forward));
-      MOE_REQUIRE_OK(d.BackwardPipelined(stream, dy, backward, &dweights, dx));
+      // The pipelined path passes offsets over all experts; only the local ones have rows.
+      auto local = [&](const auto& fn) {
+        return [&, fn](int c, const Tensor& rows, absl::Span<const int64_t> all) -> absl::StatusOr<Tensor> {
+          REQUIRE(static_cast<int64_t>(all.size()) == kExperts + 1);
+          REQUIRE(all[eb] == 0);
+          REQUIRE(all[ee] == rows.size(0));
+          return fn(c, rows, all.subspan(eb, ee - eb + 1));
+        };
+      };
+      y = ValueOrDie(d.ForwardPipelined(stream, x, batch.plan, local(forward)));
+      MOE_REQUIRE_OK(d.BackwardPipelined(stream, dy, local(backward), &dweights, dx));
     }
     ExpectClose(ToVector(y), ref.y, "y");
     ExpectClose(ToVector(dx), ref.dx, "dx");

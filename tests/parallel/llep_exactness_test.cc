@@ -1,9 +1,11 @@
 // LLEP exactness (issue 7): with 95% of the assignments forced into expert 0,
 // LLEP on and off give the same losses, MoE layer outputs and updated
 // parameters (1e-5 relative) over 3 SGD steps, dropless, for every layout of
-// the job that fits: (tp 1, ep 2), (tp 1, ep 4), (tp 2, ep 2). LLEP must fire
-// and move tokens and weights in every step, and free the borrowed weights
-// after each layer's backward.
+// the job that fits: (tp 1, ep 2), (tp 1, ep 4), (tp 2, ep 2), with the hot
+// expert on the first, a middle or the last EP rank, max_borrowed_experts 1,
+// and 3 overlap chunks against standard EP's 1. LLEP must fire and move tokens
+// and weights in every step, and free the borrowed weights after each layer's
+// backward.
 //
 // A layout of w = tp x dp ranks runs on the world / w disjoint sub-worlds of
 // the job, so one mpirun covers 2 and 4 ranks (RANKS 4); RANKS 2 runs the
@@ -89,19 +91,30 @@ std::vector<int32_t> Sequence(int step, int seq, int vocab) {
 struct Result {
   std::vector<double> losses;
   std::map<std::string, std::vector<float>> params;
-  int fired = 0;             // MoE layer micro-batches where LLEP fired (this rank)
-  int64_t tokens_moved = 0;  // summed over those
+  int fired = 0;              // MoE layer micro-batches where LLEP fired (this rank)
+  int64_t tokens_moved = 0;   // summed over those
+  int64_t borrowed_rows = 0;  // rows this rank computed with borrowed weights
   int64_t weight_bytes = 0;
   bool freed = true;  // no borrowed weights held after a backward
 };
 
-Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_borrowed, int first_hot) {
+// One training run: layout (tp, dp = ep), LLEP on or off, and the knobs.
+struct RunSpec {
+  int tp = 1, dp = 2;
+  bool llep = false;
+  int max_borrowed = 0;  // llep.max_borrowed_experts
+  int first_hot = 0;     // the hot expert (8 experts: on EP rank first_hot * ep / 8)
+  int chunks = 1;        // parallel.overlap_chunks
+};
+
+Result Train(comm::Communicator& job_world, const RunSpec& spec) {
+  const int tp = spec.tp, dp = spec.dp;
   const int sub = tp * dp, ep = dp, grad_accum = kGlobalMicroBatches / dp;
   auto sub_world = ValueOrDie(job_world.Split(job_world.rank() / sub, job_world.rank(), "llep_layout"));
   ProcessGroups groups = ValueOrDie(parallel::CreateProcessGroups(std::move(sub_world), tp, ep));
   const parallel::RankLayout& l = groups.layout;
   Stream& stream = Cpu().default_stream();
-  const config::ModelConfig cfg = SkewedConfig(first_hot);
+  const config::ModelConfig cfg = SkewedConfig(spec.first_hot);
   ShardPlan plan;
   plan.tp_size = tp;
   plan.tp_rank = l.tp_rank;
@@ -110,12 +123,13 @@ Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_b
   plan.tp_group = tp > 1 ? groups.tp.get() : nullptr;
   comm::Communicator* tp_group = tp > 1 ? groups.tp.get() : nullptr;
   DispatcherFactory factory = [&](int) -> std::unique_ptr<TokenDispatcher> {
-    return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), tp_group, cfg.moe().num_experts(), 1);
+    return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), tp_group, cfg.moe().num_experts(),
+                                                     spec.chunks);
   };
   auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory));
-  if (llep) {
+  if (spec.llep) {
     config::LlepConfig lc = AlwaysLlep();
-    lc.set_max_borrowed_experts(max_borrowed);
+    lc.set_max_borrowed_experts(spec.max_borrowed);
     MOE_REQUIRE_OK(EnableLlep(*model, cfg, lc, groups.ep.get(), groups.ep_p2p.get(), tp_group, stream));
   }
   auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, {}));
@@ -138,6 +152,7 @@ Result Train(comm::Communicator& job_world, int tp, int dp, bool llep, int max_b
         if (runner->stats().fired) {
           ++r.fired;
           r.tokens_moved += runner->stats().tokens_moved;
+          r.borrowed_rows += runner->stats().borrowed_rows;
           r.weight_bytes += runner->stats().weight_bytes_moved;
         }
       }
@@ -188,31 +203,49 @@ int64_t SumOverWorld(comm::Communicator& world, int64_t v) {
   return v;
 }
 
-// first_hot: the hot expert (8 experts: on EP rank first_hot * ep / 8); helpers
-// below it borrow from above their own experts, helpers above it from below.
-void RunLayout(int tp, int dp, int max_borrowed = 0, int first_hot = 0) {
+// Standard EP (one chunk) against LLEP with `spec`'s knobs. Helpers below the
+// hot expert borrow from above their own experts, helpers above it from below.
+void RunLayout(RunSpec spec) {
   auto world = parallel::testing::World();
+  const int tp = spec.tp, dp = spec.dp;
   if (world->size() % (tp * dp) != 0) return;
-  INFO("tp " << tp << " ep " << dp << " dp " << dp << " max_borrowed_experts " << max_borrowed
-             << " hot expert " << first_hot);
-  const Result off = Train(*world, tp, dp, false, 0, first_hot);
-  const Result on = Train(*world, tp, dp, true, max_borrowed, first_hot);
+  INFO("tp " << tp << " ep " << dp << " dp " << dp << " max_borrowed_experts " << spec.max_borrowed
+             << " hot expert " << spec.first_hot << " overlap chunks " << spec.chunks);
+  RunSpec reference = spec;
+  reference.llep = false;
+  reference.max_borrowed = 0;
+  reference.chunks = 1;
+  spec.llep = true;
+  const Result off = Train(*world, reference);
+  const Result on = Train(*world, spec);
   // Training moves the loss; LLEP fired in every MoE layer micro-batch and moved work.
   REQUIRE(std::abs(off.losses[kSteps - 1] - off.losses[0]) > 1e-3 * std::abs(off.losses[0]));
   REQUIRE(on.fired == kSteps * (kGlobalMicroBatches / dp) * 2);
   REQUIRE(SumOverWorld(*world, on.tokens_moved) > 0);
+  // The moved pairs really ran on the helpers: tokens_moved is the EP group's
+  // total (the same on each of its ranks), borrowed_rows each rank's own.
+  REQUIRE(SumOverWorld(*world, on.borrowed_rows) * dp == SumOverWorld(*world, on.tokens_moved));
   REQUIRE(SumOverWorld(*world, on.weight_bytes) > 0);
   REQUIRE(on.freed);
   Compare(off, on);
 }
 
-TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 2", "[llep]") { RunLayout(1, 2); }
-TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 4", "[llep]") { RunLayout(1, 4); }
-TEST_CASE("LLEP on == off under 95% skew, tp 2 ep 2", "[llep]") { RunLayout(2, 2); }
-TEST_CASE("LLEP on == off, max_borrowed_experts 1, tp 1 ep 4", "[llep]") { RunLayout(1, 4, 1); }
-TEST_CASE("LLEP on == off, hot expert on the last EP rank, tp 1 ep 2", "[llep]") { RunLayout(1, 2, 0, 7); }
+TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 2", "[llep]") { RunLayout({.tp = 1, .dp = 2}); }
+TEST_CASE("LLEP on == off under 95% skew, tp 1 ep 4", "[llep]") { RunLayout({.tp = 1, .dp = 4}); }
+TEST_CASE("LLEP on == off under 95% skew, tp 2 ep 2", "[llep]") { RunLayout({.tp = 2, .dp = 2}); }
+TEST_CASE("LLEP on == off, max_borrowed_experts 1, tp 1 ep 4", "[llep]") {
+  RunLayout({.tp = 1, .dp = 4, .max_borrowed = 1});
+}
+TEST_CASE("LLEP on == off, hot expert on the last EP rank, tp 1 ep 2", "[llep]") {
+  RunLayout({.tp = 1, .dp = 2, .first_hot = 7});
+}
 TEST_CASE("LLEP on == off, hot expert on EP rank 1 of 4 (borrowed from above and below)", "[llep]") {
-  RunLayout(1, 4, 0, 2);
+  RunLayout({.tp = 1, .dp = 4, .first_hot = 2});
+}
+TEST_CASE("LLEP with 3 overlap chunks == standard EP with 1, tp 1 ep 2 and ep 4, tp 2 ep 2", "[llep]") {
+  RunLayout({.tp = 1, .dp = 2, .chunks = 3});
+  RunLayout({.tp = 1, .dp = 4, .first_hot = 2, .chunks = 3});
+  RunLayout({.tp = 2, .dp = 2, .chunks = 3});
 }
 
 }  // namespace

@@ -123,8 +123,9 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
       plan.ep_size = P;
       plan.ep_rank = ep.rank();
       model::MoELayer layer;
-      RETURN_IF_ERROR(layer.Init(stream, "model.layers.0.mlp.", cfg, 0.02f, 0.02f, plan, 1234,
-                                 std::make_unique<model::AllToAllTokenDispatcher>(&ep, nullptr, experts, chunks)));
+      RETURN_IF_ERROR(
+          layer.Init(stream, "model.layers.0.mlp.", cfg, 0.02f, 0.02f, plan, 1234,
+                     std::make_unique<model::AllToAllTokenDispatcher>(&ep, nullptr, experts, chunks)));
       Side sides[2];
       model::LlepStats llep_stats;
       double hot_share = 0;

@@ -45,7 +45,6 @@
 #include "model/experts.h"
 #include "model/router.h"
 #include "parallel/llep_planner.h"
-#include "parallel/token_exchange.h"
 
 namespace moe::model {
 

@@ -130,9 +130,9 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::SendRows(Stream& stream, int chu
   return rows;
 }
 
-absl::Status AllToAllTokenDispatcher::CheckLocalRows(int chunk, const Tensor& grouped) const {
+absl::Status AllToAllTokenDispatcher::CheckLocalRows(absl::Span<const int64_t> all,
+                                                     const Tensor& grouped) const {
   if (rerouted_) return absl::OkStatus();
-  const std::vector<int64_t> all = plan_.ExpertOffsets(chunk);
   if (all[expert_begin_] != 0 || all[expert_end_] != grouped.size(0)) {
     return absl::InternalError(absl::StrCat("AllToAllTokenDispatcher: EP rank ", ep_->rank(), " received ",
                                             grouped.size(0) - (all[expert_end_] - all[expert_begin_]),
@@ -194,8 +194,8 @@ absl::StatusOr<ExpertInput> AllToAllTokenDispatcher::Dispatch(Stream& stream, co
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, send));
   stats_.dispatch_s += Since(t0);
   stats_.dispatch_bytes += WireBytes(0, true);
-  RETURN_IF_ERROR(CheckLocalRows(0, grouped));
   const std::vector<int64_t> all = plan_.ExpertOffsets(0);
+  RETURN_IF_ERROR(CheckLocalRows(all, grouped));
   ExpertInput in;
   in.tokens = grouped;
   in.offsets.assign(all.begin() + expert_begin_, all.begin() + expert_end_ + 1);
@@ -235,7 +235,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, 
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, d_rows));
   stats_.combine_s += Since(t0);
   stats_.combine_bytes += WireBytes(0, true);
-  RETURN_IF_ERROR(CheckLocalRows(0, grouped));
+  RETURN_IF_ERROR(CheckLocalRows(plan_.ExpertOffsets(0), grouped));
   return grouped;
 }
 
@@ -299,9 +299,10 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
     stats_.dispatch_s += Since(t0);
-    RETURN_IF_ERROR(CheckLocalRows(c, grouped));
+    const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
+    RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, grouped, plan_.ExpertOffsets(c)));
+    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, grouped, offsets));
     RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
@@ -364,9 +365,10 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
     stats_.combine_s += Since(t0);
-    RETURN_IF_ERROR(CheckLocalRows(c, grouped));
+    const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
+    RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, grouped, plan_.ExpertOffsets(c)));
+    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, grouped, offsets));
     RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();

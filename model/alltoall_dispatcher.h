@@ -126,8 +126,9 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   // Steps 1-3: slices, orders and counts the plan's assignments into `chunks`.
   absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks,
                        const Reroute* reroute);
-  // Checks that only local experts received rows in `chunk` (unless rerouted).
-  absl::Status CheckLocalRows(int chunk, const Tensor& grouped) const;
+  // Checks that only local experts received rows (unless rerouted); offsets:
+  // the chunk's ExpertOffsets (E + 1).
+  absl::Status CheckLocalRows(absl::Span<const int64_t> offsets, const Tensor& grouped) const;
   // Payload bytes this rank sends to other EP ranks in `chunk`, toward the
   // experts (the dispatch direction) or back from them.
   int64_t WireBytes(int chunk, bool toward_experts) const;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "comm/mpi_env.h"
@@ -30,12 +31,15 @@ constexpr char kUsage[] =
     "usage: moe-train --config=FILE [field.path=value ...]\n"
     "  --config=FILE     job config in protobuf text format (configs/demo.textproto)\n"
     "  field.path=value  override any scalar field, e.g. train.steps=20 parallel.expert=2\n"
-    "  --print-config    print the resolved config and layout, then exit\n";
+    "  --print-config    print the resolved config and layout, then exit\n"
+    "  --world-size=N    with --print-config: resolve for N ranks without starting\n"
+    "                    them (moe-launch plans a restart's layout this way)\n";
 
 struct Args {
   std::string config;
   std::vector<std::string> overrides;
   bool print_only = false;
+  int world_size = 0;  // --world-size; 0 = the MPI world
   bool help = false;
   std::vector<std::string> errors;
 };
@@ -50,6 +54,10 @@ Args ParseArgs(int argc, char** argv) {
       a.config = argv[++i];
     } else if (arg == "--print-config") {
       a.print_only = true;
+    } else if (absl::StartsWith(arg, "--world-size=")) {
+      if (!absl::SimpleAtoi(arg.substr(13), &a.world_size) || a.world_size < 1) {
+        a.errors.push_back(absl::StrCat("--world-size='", arg.substr(13), "' must be a positive integer"));
+      }
     } else if (arg == "--help" || arg == "-h") {
       a.help = true;
     } else if (absl::StartsWith(arg, "-")) {
@@ -59,6 +67,7 @@ Args ParseArgs(int argc, char** argv) {
     }
   }
   if (a.config.empty() && !a.help) a.errors.push_back("--config=FILE is required");
+  if (a.world_size > 0 && !a.print_only) a.errors.push_back("--world-size=N needs --print-config");
   return a;
 }
 
@@ -88,9 +97,8 @@ int main(int argc, char** argv) {
     return kExitRuntimeError;
   }
   const int rank = moe::comm::MpiEnv::world_rank();
-  const int world = moe::comm::MpiEnv::world_size();
-
   Args args = ParseArgs(argc, argv);
+  const int world = args.world_size > 0 ? args.world_size : moe::comm::MpiEnv::world_size();
   if (args.help || !args.errors.empty()) {
     if (rank == 0) {
       for (const auto& e : args.errors) std::fprintf(stderr, "moe-train: %s\n", e.c_str());

@@ -13,7 +13,8 @@ MOE_BUILD_DIR="${MOE_BUILD_DIR:-$MOE_ROOT/build}"
 MOE_PACKAGES=(build-essential cmake pkg-config git
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools
   libprotobuf-dev protobuf-compiler libabsl-dev catch2 libopenblas-dev
-  python3 python3-numpy python3-h5py fortunes)
+  python3 python3-numpy python3-h5py fortunes
+  iproute2 util-linux)  # the cluster tests: ip netns, unshare
 
 moe_install_packages() {
   local missing=()

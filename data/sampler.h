@@ -8,7 +8,7 @@
 // Epoch order. With shuffle, epoch e visits the samples in the order of
 // ShufflePermutation(num_samples, seed, e); without, in stream order.
 //
-// Global batches (MODEL.md, "Global batch"). global_batch = dp * micro_batch *
+// Global batches (docs/model.md, "Loss, micro-batches and the global batch"). global_batch = dp * micro_batch *
 // grad_accum samples, taken in epoch order: the batch at state (epoch, position)
 // is order positions [position, position + global_batch). Micro-batch m = a*dp + r
 // (accumulation step a, data-parallel rank r) holds the batch's samples

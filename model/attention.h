@@ -1,4 +1,4 @@
-// Attention: grouped-query causal self-attention with rotate-half RoPE (MODEL.md).
+// Attention: grouped-query causal self-attention with rotate-half RoPE (docs/model.md).
 //   q = a Wq^T [T, H*hd], k = a Wk^T, v = a Wv^T [T, Hkv*hd]; RoPE on q and k;
 //   o = softmax(q k^T / sqrt(hd) + causal) v (query head j reads kv head j / (H/Hkv));
 //   out = o Wo^T [T, d].

@@ -1,5 +1,5 @@
 // Small pieces every layer of model/ shares: how a rank's part of the model is
-// cut (ShardPlan), parameter creation with the MODEL.md initialisation, and
+// cut (ShardPlan), parameter creation with the docs/model.md initialisation, and
 // host <-> device staging of small arrays.
 //
 // Conventions of model/ (llm.c style, no autograd):
@@ -48,7 +48,7 @@ struct ShardPlan {
 parallel::ShardSpec ColumnParallelShard(int64_t out_features, const ShardPlan& plan);
 parallel::ShardSpec RowParallelShard(int64_t in_features, const ShardPlan& plan);
 
-// How a parameter is initialised (MODEL.md): Normal(0, std) by Philox over the
+// How a parameter is initialised (docs/model.md): Normal(0, std) by Philox over the
 // global element index, or the constant 1 (norm gains).
 struct InitSpec {
   enum Kind { kNormal, kOnes } kind = kNormal;

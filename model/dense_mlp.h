@@ -1,4 +1,4 @@
-// DenseMLP: the SwiGLU feed-forward of a dense layer (MODEL.md),
+// DenseMLP: the SwiGLU feed-forward of a dense layer (docs/model.md),
 //   model.layers.{l}.mlp.{gate,up}_proj.weight [F, d], down_proj.weight [d, F].
 // Tensor-parallel: gate/up are column-parallel, down row-parallel; with
 // tp_size > 1 Forward all-reduces the output and Backward the input grad over

@@ -1,7 +1,7 @@
 // Experts: the E_local SwiGLU experts of a MoE layer on tokens grouped by
 // expert (TokenDispatcher's ExpertInput).
 //
-// Parameters (global shapes, MODEL.md): model.layers.{l}.mlp.experts.gate_proj
+// Parameters (global shapes, docs/model.md): model.layers.{l}.mlp.experts.gate_proj
 // [E, Fe, d], up_proj [E, Fe, d], down_proj [E, d, Fe]; this rank holds the
 // experts [expert_begin, expert_end) (dim 0), so locally [E_local, ., .].
 //

@@ -1,4 +1,4 @@
-// Model: the decoder-only MoE transformer of ../shared/MODEL.md with its loss,
+// Model: the decoder-only MoE transformer of docs/model.md with its loss,
 // explicit forward and backward (no autograd), on one rank's shard.
 //
 //   JobConfig job = ...; ApplyDefaults(world, &job);
@@ -52,7 +52,7 @@ using BlockDoneFn = std::function<absl::Status(int layer)>;
 class Model {
  public:
   // Builds the model of `cfg` (after ApplyDefaults) on stream's backend and
-  // initialises it from `seed` (MODEL.md). With plan.tp_size > 1,
+  // initialises it from `seed` (docs/model.md). With plan.tp_size > 1,
   // plan.tp_group is required; with plan.ep_size > 1 a dispatcher factory.
   static absl::StatusOr<std::unique_ptr<Model>> Create(const config::ModelConfig& cfg, Stream& stream,
                                                        uint64_t seed, const ShardPlan& plan = {},
@@ -66,7 +66,7 @@ class Model {
   // Every grad = 0.
   absl::Status ZeroGrads(Stream& stream);
 
-  // The parameters in MODEL.md's order (no lm_head when tied).
+  // The parameters in docs/model.md's order (no lm_head when tied).
   const parallel::ParameterList& parameters() const { return params_; }
   // Logits [T, V] of the last Forward (overwritten by Backward).
   const Tensor& logits() const { return logits_; }

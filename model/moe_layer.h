@@ -1,4 +1,4 @@
-// MoELayer: router -> token dispatcher -> experts -> combine (MODEL.md's MoE(x)).
+// MoELayer: router -> token dispatcher -> experts -> combine (docs/model.md's MoE(x)).
 // With the all-to-all dispatcher (model/alltoall_dispatcher.h) the layer runs
 // its pipelined path: parallel.overlap_chunks chunks, the exchange of chunk
 // c + 1 in flight while chunk c's experts compute, in forward and backward.

@@ -1,4 +1,4 @@
-// RMSNorm (MODEL.md): out = x / sqrt(mean_i(x_i^2) + eps) * weight, per row.
+// RMSNorm (docs/model.md): out = x / sqrt(mean_i(x_i^2) + eps) * weight, per row.
 #ifndef MOE_MODEL_RMS_NORM_H_
 #define MOE_MODEL_RMS_NORM_H_
 

@@ -1,4 +1,4 @@
-// Router: the top-k softmax router of a MoE layer (MODEL.md), with capacity,
+// Router: the top-k softmax router of a MoE layer (docs/model.md), with capacity,
 // the load-balancing (Switch) loss and the router z-loss.
 //
 //   z = x Wr^T [T, E] (device GEMM), p = softmax(z), S_t = top-k of p_t (ties to

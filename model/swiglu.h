@@ -1,4 +1,4 @@
-// The SwiGLU feed-forward of MODEL.md on a block of rows, shared by DenseMLP
+// The SwiGLU feed-forward of docs/model.md on a block of rows, shared by DenseMLP
 // and the per-expert loop of SequentialExperts:
 //   y = (silu(x Wg^T) * (x Wu^T)) Wd^T,  Wg, Wu [F, d], Wd [d, F].
 #ifndef MOE_MODEL_SWIGLU_H_

@@ -1,4 +1,4 @@
-// TransformerBlock: one decoder layer of MODEL.md,
+// TransformerBlock: one decoder layer of docs/model.md,
 //   h = h + Attention(RMSNorm(h, input_layernorm))
 //   h = h + (MoE or SwiGLU)(RMSNorm(h, post_attention_layernorm)).
 // Layer l is MoE when l % moe_layer_freq == moe_layer_freq - 1.
@@ -27,7 +27,7 @@ class TransformerBlock {
   // aux_scale, z_scale: d loss / d (aux, z) of this layer (unused when dense).
   absl::Status Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale);
 
-  // Appends the parameters in MODEL.md's order.
+  // Appends the parameters in docs/model.md's order.
   absl::Status CollectParameters(parallel::ParameterList* list);
 
   bool is_moe() const { return moe_ != nullptr; }

@@ -2,7 +2,7 @@
 //
 // Gradients are SUMMED (not averaged): the trainer scales each micro-batch's
 // loss by 1 / (dp * grad_accum), so the sum over the group is the gradient of
-// the step's mean loss (MODEL.md's global batch rule).
+// the step's mean loss (docs/model.md's global batch rule).
 //
 //   dense parameters   summed over the DP group (groups.dp)
 //   expert parameters  summed over the ranks that hold the same experts: the

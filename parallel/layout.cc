@@ -45,7 +45,7 @@ absl::StatusOr<RankLayout> ComputeLayout(int world, int tp, int ep, int rank) {
 
   l.tp_group_id = l.dp_rank;
   l.dp_group_id = l.tp_rank;
-  // EP groups ordered as in DESIGN.md: by tp_rank, then by slice.
+  // EP groups ordered as in docs/design.md: by tp_rank, then by slice.
   l.ep_group_id = l.tp_rank * l.edp + ep_slice;
   l.edp_group_id = l.tp_rank * ep + l.ep_rank;
   return l;

@@ -2,7 +2,7 @@
 // gradient synchronisation all iterate.
 //
 // Each entry carries the canonical name and the global (unsharded) shape of
-// ../shared/MODEL.md, the local tensor this rank holds with its gradient, and
+// docs/model.md, the local tensor this rank holds with its gradient, and
 // a description of which part of the global tensor that is:
 //
 //   - tensor parallelism splits at most one dimension (`tp_dim`) of a parameter
@@ -16,7 +16,7 @@
 // Element (e, i, j) of the local tensor is element (e + 4, i, j) of the global one.
 //
 // Gradients of dense parameters are reduced over the data-parallel group, those
-// of expert parameters over the expert-data-parallel group (DESIGN.md).
+// of expert parameters over the expert-data-parallel group (docs/design.md).
 //
 // Plain data: no MPI, no allocation. The tensors are handles (runtime/core/tensor.h)
 // that share storage with the layer that owns the parameter, so copying a
@@ -53,7 +53,7 @@ struct ShardSpec {
 };
 
 struct Parameter {
-  std::string name;    // canonical (MODEL.md), unique in the model
+  std::string name;    // canonical (docs/model.md), unique in the model
   Shape global_shape;  // unsharded
   ParamKind kind = ParamKind::kDense;
   ShardSpec shard;
@@ -99,7 +99,7 @@ void ForEachLocalRun(
 bool DefaultWeightDecay(absl::string_view canonical_name);
 
 // An ordered list of a model's parameters (the order the model registers them,
-// which is MODEL.md's order). Holds pointers into the layers that own the
+// which is docs/model.md's order). Holds pointers into the layers that own the
 // Parameter structs; those layers must outlive it.
 class ParameterList {
  public:

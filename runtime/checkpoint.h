@@ -70,7 +70,7 @@ namespace moe {
 
 // One tensor of the checkpoint as this rank holds it.
 struct ShardedTensor {
-  // Path in model.h5: a canonical name (MODEL.md), or OptimizerStateName(...).
+  // Path in model.h5: a canonical name (docs/model.md), or OptimizerStateName(...).
   std::string name;
   Shape global_shape;  // rank 1..5
   // The box of the global tensor this rank's data belongs to

@@ -5,7 +5,7 @@
 //   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(config, &groups));
 //   RETURN_IF_ERROR(trainer->Run());
 //
-// One optimizer step: for each of train.grad_accum micro-batches (MODEL.md's
+// One optimizer step: for each of train.grad_accum micro-batches (docs/model.md's
 // global batch rule: micro-batch a * dp + dp_rank of the global batch),
 // forward and backward with the loss scaled by 1 / (dp * grad_accum), so that
 // summing gradients over the data-parallel groups (dense: DP, experts: EDP)

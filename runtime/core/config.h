@@ -34,7 +34,7 @@ void ApplyDefaults(int world_size, JobConfig* config);
 // The text format of `config`, every field that is set, one per line.
 std::string ConfigToText(const JobConfig& config);
 
-// Is layer `layer` a MoE layer (MODEL.md: l % n == n - 1)?
+// Is layer `layer` a MoE layer (docs/model.md: l % n == n - 1)?
 bool IsMoeLayer(const config::ModelConfig& model, int layer);
 
 }  // namespace moe

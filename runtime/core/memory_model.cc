@@ -1,6 +1,6 @@
 // PredictPeakMemory: the per-rank peak as a sum of documented terms.
 //
-// Notation (MODEL.md): B micro_batch, S seq_len, T = B*S tokens, d hidden,
+// Notation (docs/model.md): B micro_batch, S seq_len, T = B*S tokens, d hidden,
 // H heads, Hkv kv heads, hd = d/H, V vocab, L layers, E experts, k top_k,
 // Fe expert ffn, F dense ffn, TP = parallel.tensor, EP = parallel.expert.
 // All tensors f32 (4 bytes), indices i32 (4 bytes).

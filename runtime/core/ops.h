@@ -117,7 +117,7 @@ absl::Status RmsNormBackward(Stream& stream, const Tensor& x, const Tensor& weig
                              const Tensor& dout, const Tensor& dx, const Tensor& dweight,
                              bool accumulate_dx = false);
 
-// RoPE, rotate-half convention (MODEL.md), on x [B, S, num_heads, head_dim]
+// RoPE, rotate-half convention (docs/model.md), on x [B, S, num_heads, head_dim]
 // (head_dim even), position of row s = position_offset + s. out may alias x.
 absl::Status Rope(Stream& stream, const Tensor& x, const Tensor& out, double theta,
                   int64_t position_offset = 0);
@@ -181,7 +181,7 @@ absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, 
 // ---- Initialisation ----------------------------------------------------------
 
 // Fills `t`, a box of a larger (global) tensor, with Normal(0, std) values that
-// depend only on (seed, name, global index) (DESIGN.md invariant 2): the global
+// depend only on (seed, name, global index) (docs/design.md invariant 2): the global
 // tensor has shape `global_shape`; t covers [offsets[d], offsets[d] + t.size(d))
 // in every dimension d (t.rank() == global_shape.rank()); the global index of
 // an element is its row-major index in global_shape. Generator: Philox4x32-10

@@ -2,7 +2,7 @@
 // numbers: as easy as 1, 2, 3", SC'11), as in Random123.
 //
 // Initialisation uses it so that element i of parameter P depends only on
-// (seed, P's canonical name, i) (DESIGN.md invariant 2); ops::InitNormal is the
+// (seed, P's canonical name, i) (docs/design.md invariant 2); ops::InitNormal is the
 // device entry point, these are the host building blocks (and tests' KATs).
 #ifndef MOE_RUNTIME_CORE_RNG_H_
 #define MOE_RUNTIME_CORE_RNG_H_

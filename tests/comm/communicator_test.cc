@@ -343,7 +343,7 @@ TEST_CASE("Send/Recv ring and grouped P2P exchange including self") {
   Done(world->GroupP2P({}));  // an empty group is a no-op
 }
 
-TEST_CASE("Split into DESIGN.md's groups (via parallel::ComputeLayout)") {
+TEST_CASE("Split into docs/design.md's groups (via parallel::ComputeLayout)") {
   auto world = World();
   const int n = world->size(), me = world->rank();
   for (int tp = 1; tp <= n; ++tp) {

@@ -131,7 +131,7 @@ TEST_CASE("no sample lost or repeated within an epoch, for every dp x grad_accum
   }
 }
 
-TEST_CASE("dp x grad_accum fixed: the same micro-batches in the same order (MODEL.md global batch rule)") {
+TEST_CASE("dp x grad_accum fixed: the same micro-batches in the same order (docs/model.md global batch rule)") {
   TempDir tmp;
   auto source = OpenPositions(tmp, 16 * 100 + 1);
   // micro-batch m of the global batch, for dp*ga = 4 split four ways.

@@ -38,7 +38,7 @@ const char* kUntied =
     "moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 6 moe_layer_freq: 2 "
     "aux_loss_coeff: 0.2 z_loss_coeff: 0.05 }";
 
-TEST_CASE("Parameters have MODEL.md's names, global shapes and order") {
+TEST_CASE("Parameters have docs/model.md's names, global shapes and order") {
   config::ModelConfig cfg = TinyConfig(kUntied);
   auto model = Build(cfg, 1);
   std::vector<std::string> names;
@@ -87,7 +87,7 @@ TEST_CASE("Parameters have MODEL.md's names, global shapes and order") {
   CHECK(tied_model->parameters().size() == expected.size() - 1);
 }
 
-TEST_CASE("Initialisation follows MODEL.md and depends only on (seed, name, index)") {
+TEST_CASE("Initialisation follows docs/model.md and depends only on (seed, name, index)") {
   config::ModelConfig cfg = TinyConfig(
       "vocab_size: 50 hidden_size: 64 num_layers: 2 num_heads: 4 ffn_hidden_size: 128 "
       "init_std: 0.02 moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 32 "

@@ -1,5 +1,5 @@
 // The all-to-all token dispatcher under mpirun, for several (tp, ep) layouts:
-// dispatch -> experts -> combine against a host reference of MODEL.md's MoE
+// dispatch -> experts -> combine against a host reference of docs/model.md's MoE
 // sum (values, input gradients, combine-weight gradients), with an identity
 // expert (dispatch then combine is the identity), skewed routing, a zero-token
 // expert, capacity drops, uneven TP slices, empty chunks, and both drivers

@@ -1,11 +1,11 @@
-// DESIGN.md invariant 1 under mpirun -np 4: three SGD steps of a tiny MoE
+// docs/design.md invariant 1 under mpirun -np 4: three SGD steps of a tiny MoE
 // model give the same losses and the same updated parameters (1e-5 relative)
 // for every (tp, ep, dp, grad_accum) with dp x grad_accum = 4, overlap chunks
 // 1 and 3, dropless and capacity routing.
 //
 // Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
 // the job (split off the world), so one 4-rank job runs every layout. The
-// harness is MODEL.md's global batch rule: micro-batch a * dp + dp_rank of the
+// harness is docs/model.md's global batch rule: micro-batch a * dp + dp_rank of the
 // step's global batch, loss scaled by 1 / (dp * grad_accum), GradSync (sum;
 // buckets marked ready per block during the last micro-batch's backward),
 // then p -= lr * g.

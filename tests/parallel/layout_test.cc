@@ -16,7 +16,7 @@ Groups AllGroups(int world, int tp, int ep, Get get) {
   return g;
 }
 
-TEST_CASE("DESIGN.md's 8-rank example: world 8, TP 2, EP 2") {
+TEST_CASE("docs/design.md's 8-rank example: world 8, TP 2, EP 2") {
   auto tp = AllGroups(8, 2, 2, [](const RankLayout& l) { return l.tp_group; });
   auto dp = AllGroups(8, 2, 2, [](const RankLayout& l) { return l.dp_group; });
   auto ep = AllGroups(8, 2, 2, [](const RankLayout& l) { return l.ep_group; });

@@ -1,5 +1,5 @@
 // Process groups built by Split agree with the pure layout function, and a
-// collective over each group reaches exactly the ranks DESIGN.md names.
+// collective over each group reaches exactly the ranks docs/design.md names.
 #include "parallel/process_groups.h"
 
 #include <catch2/catch.hpp>

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Independent float64 NumPy reference of the model in ../../../shared/MODEL.md.
+"""Independent float64 NumPy reference of the model in docs/model.md.
 
 Written from the math alone (no code shared with the C++ runtime): forward of the
 Mixtral-family decoder (embedding, RMSNorm, GQA attention with rotate-half RoPE and a
@@ -11,10 +11,10 @@ mean cross-entropy) and its backward derived by hand (NumPy has no autograd).
   model_ref.py --check            finite-difference check of every gradient (float64)
   model_ref.py --write DIR        writes DIR/model_ref_<name>.h5 for each tiny config
 
-Fixture layout (HDF5), read by tests/model/model_reference_test.cc:
+Fixture layout (HDF5), read by tests/model/reference_test.cc:
   root attributes      the config, under config.proto's field names
   tokens               int32 [B, S+1]
-  param/<name>         every parameter, canonical MODEL.md name and global shape (float32;
+  param/<name>         every parameter, canonical docs/model.md name and global shape (float32;
                        the values are float32-exact, so the C++ run uses the same numbers)
   grad/<name>          d loss / d param, float32 (computed in float64)
   logits               float32 [B, S, V]
@@ -64,7 +64,7 @@ def is_moe(cfg, l):
 
 
 def param_shapes(cfg):
-    """Canonical names and global shapes, in MODEL.md order."""
+    """Canonical names and global shapes, in docs/model.md order."""
     V, d, L = cfg["vocab_size"], cfg["hidden_size"], cfg["num_layers"]
     H, Hkv = cfg["num_heads"], cfg["num_kv_heads"]
     hd = d // H

@@ -1,5 +1,5 @@
 // Helpers of the multi-rank checkpoint tests: a synthetic sharded model (every
-// kind of parameter of MODEL.md's MoE layer) with an AdamW optimizer, plain or
+// kind of parameter of docs/model.md's MoE layer) with an AdamW optimizer, plain or
 // ZeRO-1, whose values are a deterministic function of (name, global index,
 // salt), so any layout can check what it loaded exactly.
 #ifndef MOE_TESTS_RUNTIME_CHECKPOINT_TEST_UTIL_H_

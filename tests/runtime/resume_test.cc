@@ -1,5 +1,5 @@
 // Resume through the trainer: a run stopped and resumed from its checkpoint
-// continues bit-identically on the same layout (DESIGN.md invariant 4), and
+// continues bit-identically on the same layout (docs/design.md invariant 4), and
 // within 1e-5 on another layout with the same global batch.
 #include <catch2/catch.hpp>
 #include <cmath>

@@ -44,7 +44,7 @@ moe_require(Catch2_FOUND "Catch2" "catch2")
 
 find_package(Threads REQUIRED)
 
-# CUDA toolkit, cuBLAS and NCCL.
+# CUDA toolkit and NCCL (for the NCCL communicator in comm/cuda).
 set(MOE_CUDA_ENABLED OFF)
 if(NOT MOE_WITH_CUDA STREQUAL "OFF")
   if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
@@ -59,7 +59,7 @@ if(NOT MOE_WITH_CUDA STREQUAL "OFF")
     set(MOE_CUDA_ENABLED ON)
   elseif(MOE_WITH_CUDA STREQUAL "ON")
     message(FATAL_ERROR
-      "MOE_WITH_CUDA=ON but the CUDA toolkit with cuBLAS and NCCL was not found "
+      "MOE_WITH_CUDA=ON but the CUDA toolkit with NCCL was not found "
       "(looked in /usr/local/cuda). Install the CUDA toolkit and NCCL, or configure "
       "with -DMOE_WITH_CUDA=OFF.")
   endif()
@@ -73,7 +73,7 @@ if(MOE_CUDA_ENABLED)
   add_library(moe_nccl INTERFACE)
   target_include_directories(moe_nccl INTERFACE ${MOE_NCCL_INCLUDE})
   target_link_libraries(moe_nccl INTERFACE ${MOE_NCCL_LIBRARY} CUDA::cudart)
-  message(STATUS "moe-runtime: CUDA backend and NCCL communicator ON (${CUDAToolkit_VERSION})")
+  message(STATUS "moe-runtime: NCCL communicator ON (CUDA ${CUDAToolkit_VERSION}; no CUDA compute backend yet)")
 else()
-  message(STATUS "moe-runtime: CUDA backend and NCCL communicator OFF")
+  message(STATUS "moe-runtime: NCCL communicator OFF")
 endif()

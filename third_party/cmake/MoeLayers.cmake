@@ -1,4 +1,4 @@
-# One static library per layer of DESIGN.md, linked only downward.
+# One static library per layer of docs/design.md, linked only downward.
 #
 #   moe_add_layer(<target> DIR <folder> [DEPS <targets>...] [LIBS <external>...]
 #                 [SOURCES <extra sources>...] [CUDA_SOURCES <.cu files>...])

@@ -1,5 +1,6 @@
 #include "model/common.h"
 
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -137,6 +138,9 @@ absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan
     return absl::InvalidArgumentError(
         absl::StrCat("model.moe.experts_impl = \"", impl, "\" must be \"grouped\" or \"sequential\""));
   }
+  if (std::vector<std::string> problems = MoeRoutingProblems(cfg.moe()); !problems.empty()) {
+    return absl::InvalidArgumentError(problems.front());
+  }
   if (plan.tp_size < 1 || plan.tp_rank < 0 || plan.tp_rank >= plan.tp_size || plan.ep_size < 1 ||
       plan.ep_rank < 0 || plan.ep_rank >= plan.ep_size) {
     return absl::InvalidArgumentError(absl::StrCat("shard plan tp ", plan.tp_rank, "/", plan.tp_size, " ep ",
@@ -158,6 +162,44 @@ absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan
                      " must divide model.moe.num_experts = ", cfg.moe().num_experts()));
   }
   return absl::OkStatus();
+}
+
+std::vector<std::string> MoeRoutingProblems(const config::MoeConfig& moe) {
+  std::vector<std::string> e;
+  const std::string& score = moe.score_function();
+  if (!score.empty() && score != "softmax" && score != "sigmoid") {
+    e.push_back(
+        absl::StrCat("model.moe.score_function = \"", score, "\" must be \"softmax\" or \"sigmoid\""));
+  }
+  const std::string& aux = moe.aux_loss_type();
+  if (!aux.empty() && aux != "batch" && aux != "sequence") {
+    e.push_back(absl::StrCat("model.moe.aux_loss_type = \"", aux, "\" must be \"batch\" or \"sequence\""));
+  }
+  const double rate = moe.expert_bias_update_rate();
+  if (!(rate >= 0) || !std::isfinite(rate)) {
+    e.push_back(absl::StrCat("model.moe.expert_bias_update_rate = ", rate,
+                             " must be a finite value >= 0 (0: no bias; DeepSeek-V3 used 0.001)"));
+  }
+  const int64_t E = moe.num_experts(), k = moe.top_k();
+  const int64_t groups = moe.num_expert_groups() > 0 ? moe.num_expert_groups() : 1;
+  if (moe.group_topk() < 0) {
+    e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(),
+                             " must be >= 0 (0: no group-limited routing)"));
+  } else if (moe.group_topk() > 0) {
+    if (moe.num_expert_groups() < 1 || E % groups != 0) {
+      e.push_back(absl::StrCat("model.moe.num_expert_groups = ", moe.num_expert_groups(),
+                               " must be positive and divide model.moe.num_experts = ", E,
+                               " (default: parallel.expert)"));
+    } else if (moe.group_topk() > groups) {
+      e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(),
+                               " must be at most model.moe.num_expert_groups = ", groups));
+    } else if (moe.group_topk() * (E / groups) < k) {
+      e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(), " groups of ", E / groups,
+                               " experts hold fewer than model.moe.top_k = ", k,
+                               " experts; raise group_topk or lower num_expert_groups"));
+    }
+  }
+  return e;
 }
 
 }  // namespace moe::model

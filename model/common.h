@@ -84,6 +84,12 @@ absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t);
 // `plan` divides heads, FFN sizes and experts. Messages name field and value.
 absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan& plan);
 
+// The routing options of model.moe beyond the Mixtral shape (score_function,
+// aux_loss_type, expert_bias_update_rate, num_expert_groups, group_topk): one
+// message per problem, naming the field, its value and the fix. Empty = valid.
+// Needs num_experts and top_k positive.
+std::vector<std::string> MoeRoutingProblems(const config::MoeConfig& moe);
+
 }  // namespace moe::model
 
 #endif  // MOE_MODEL_COMMON_H_

@@ -42,6 +42,9 @@ absl::Status Model::Init(Stream& stream, uint64_t seed, const ShardPlan& plan,
     if (dispatchers && IsMoeLayer(cfg_, l)) dispatcher = dispatchers(l);
     RETURN_IF_ERROR(block->Init(stream, cfg_, l, plan, seed, std::move(dispatcher)));
     RETURN_IF_ERROR(block->CollectParameters(&params_));
+    if (block->is_moe() && block->moe()->router().has_expert_bias()) {
+      RETURN_IF_ERROR(buffers_.Add(&block->moe()->router().expert_bias()));
+    }
     blocks_.push_back(std::move(block));
   }
   RETURN_IF_ERROR(
@@ -125,6 +128,24 @@ absl::Status Model::Backward(Stream& stream, float loss_scale, const BlockDoneFn
   }
   RETURN_IF_ERROR(embed_.Backward(stream, dh));
   targets_ = Tensor();
+  return absl::OkStatus();
+}
+
+absl::Status Model::UpdateExpertBiases(
+    Stream& stream, const std::function<absl::Status(std::vector<double>&)>& sum_over_data_parallel) {
+  std::vector<Router*> routers;
+  for (auto& block : blocks_) {
+    if (block->is_moe() && block->moe()->router().has_expert_bias())
+      routers.push_back(&block->moe()->router());
+  }
+  if (routers.empty()) return absl::OkStatus();
+  const int64_t E = cfg_.moe().num_experts();
+  std::vector<double> load;
+  for (Router* r : routers) load.insert(load.end(), r->pending_load().begin(), r->pending_load().end());
+  RETURN_IF_ERROR(sum_over_data_parallel(load));
+  for (size_t i = 0; i < routers.size(); ++i) {
+    RETURN_IF_ERROR(routers[i]->UpdateExpertBias(stream, absl::MakeConstSpan(load).subspan(i * E, E)));
+  }
   return absl::OkStatus();
 }
 

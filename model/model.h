@@ -68,6 +68,17 @@ class Model {
 
   // The parameters in docs/model.md's order (no lm_head when tied).
   const parallel::ParameterList& parameters() const { return params_; }
+  // State that is not trained by the optimizer but belongs to the model and is
+  // checkpointed under its canonical name (value only, no grad): the routers'
+  // expert biases (model.moe.expert_bias_update_rate > 0). Empty otherwise.
+  const parallel::ParameterList& buffers() const { return buffers_; }
+  // Auxiliary-loss-free balancing, once per optimizer step after the update:
+  // gathers every biased router's pending load (its training micro-batches
+  // since the last update) into one vector, calls sum_over_data_parallel on it
+  // (collective over the DP group: the load of the whole global batch), and
+  // updates each bias from its slice. No-op (and no call) without biases.
+  absl::Status UpdateExpertBiases(
+      Stream& stream, const std::function<absl::Status(std::vector<double>&)>& sum_over_data_parallel);
   // Logits [T, V] of the last Forward (overwritten by Backward).
   const Tensor& logits() const { return logits_; }
   const config::ModelConfig& config() const { return cfg_; }
@@ -84,7 +95,7 @@ class Model {
   std::vector<std::unique_ptr<TransformerBlock>> blocks_;
   RMSNorm final_norm_;
   parallel::Parameter lm_head_;  // unused when tied
-  parallel::ParameterList params_;
+  parallel::ParameterList params_, buffers_;
   // Forward state.
   int64_t num_tokens_ = 0;
   Tensor targets_, hn_, logits_, lse_;

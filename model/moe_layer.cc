@@ -25,8 +25,8 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
                         e0, e1, init_std, down_std, seed);
 }
 
-absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x) {
-  ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x));
+absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
+  ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x, seq_len));
   auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
   llep_active_ = false;
   if (llep_ != nullptr) {

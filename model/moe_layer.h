@@ -28,8 +28,8 @@ class MoELayer {
   absl::Status Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg, float init_std,
                     float down_std, const ShardPlan& plan, uint64_t seed,
                     std::unique_ptr<TokenDispatcher> dispatcher = nullptr);
-  // x [T, d] -> y [T, d].
-  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x);
+  // x [T, d] -> y [T, d]; seq_len: tokens per sequence (Router::Forward).
+  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, int64_t seq_len = 0);
   // dy [T, d]; aux_scale, z_scale = d loss / d (this layer's aux, z). Returns dx.
   absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "runtime/core/ops.h"
@@ -19,8 +20,21 @@ int64_t RoutingPlan::num_dropped() const {
 RoutingPlan ComputeRoutingPlan(absl::Span<const double> probs, int64_t num_tokens, int64_t num_experts,
                                int top_k, bool norm_topk_prob, double capacity_factor, bool drop_by_position,
                                absl::Span<const int32_t> selection) {
+  RoutingOptions options;
+  options.top_k = top_k;
+  options.norm_topk_prob = norm_topk_prob;
+  options.capacity_factor = capacity_factor;
+  options.drop_by_position = drop_by_position;
+  return ComputeRoutingPlan(probs, {}, num_tokens, num_experts, options, selection);
+}
+
+RoutingPlan ComputeRoutingPlan(absl::Span<const double> scores, absl::Span<const float> bias,
+                               int64_t num_tokens, int64_t num_experts, const RoutingOptions& options,
+                               absl::Span<const int32_t> selection) {
   const int64_t T = num_tokens, E = num_experts;
-  const int k = top_k;
+  const int k = options.top_k;
+  const double capacity_factor = options.capacity_factor;
+  const bool drop_by_position = options.drop_by_position;
   RoutingPlan plan;
   plan.num_tokens = T;
   plan.num_experts = E;
@@ -30,23 +44,59 @@ RoutingPlan ComputeRoutingPlan(absl::Span<const double> probs, int64_t num_token
   plan.kept.assign(T * k, 1);
   plan.selected_per_expert.assign(E, 0);
   plan.tokens_per_expert.assign(E, 0);
-  std::vector<int32_t> order(E);
+  const int64_t G = options.num_groups;
+  const bool grouped = options.group_topk > 0 && options.group_topk < G;
+  const int64_t per_group = grouped ? E / G : E;
+  // A group's score: the sum of its top_k / group_topk best selection scores.
+  const int64_t group_best = grouped ? std::clamp<int64_t>(k / options.group_topk, 1, per_group) : 0;
+  std::vector<int32_t> order(E), group_order(G);
+  std::vector<double> biased(bias.empty() ? 0 : E), group_score(G), in_group(per_group);
   for (int64_t t = 0; t < T; ++t) {
-    const double* p = probs.data() + t * E;
+    const double* p = scores.data() + t * E;
     int32_t* sel = plan.experts.data() + t * k;
     if (!selection.empty()) {
       std::copy_n(selection.data() + t * k, k, sel);
     } else {
-      std::iota(order.begin(), order.end(), 0);
-      // Descending p, ties to the lower expert index.
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      // Selection scores u = s + b (b only steers the choice).
+      const double* u = p;
+      if (!bias.empty()) {
+        for (int64_t e = 0; e < E; ++e) biased[e] = p[e] + static_cast<double>(bias[e]);
+        u = biased.data();
+      }
+      const auto higher = [u](int32_t a, int32_t b) { return u[a] > u[b] || (u[a] == u[b] && a < b); };
+      int64_t candidates = E;
+      if (grouped) {
+        for (int64_t g = 0; g < G; ++g) {
+          std::copy_n(u + g * per_group, per_group, in_group.begin());
+          std::partial_sort(in_group.begin(), in_group.begin() + group_best, in_group.end(),
+                            std::greater<>());
+          double sum = 0;
+          for (int64_t i = 0; i < group_best; ++i) sum += in_group[i];
+          group_score[g] = sum;
+        }
+        std::iota(group_order.begin(), group_order.end(), 0);
+        std::partial_sort(group_order.begin(), group_order.begin() + options.group_topk, group_order.end(),
+                          [&](int32_t a, int32_t b) {
+                            return group_score[a] > group_score[b] ||
+                                   (group_score[a] == group_score[b] && a < b);
+                          });
+        std::sort(group_order.begin(), group_order.begin() + options.group_topk);
+        candidates = 0;
+        for (int g = 0; g < options.group_topk; ++g) {
+          for (int64_t i = 0; i < per_group; ++i)
+            order[candidates++] = static_cast<int32_t>(group_order[g] * per_group + i);
+        }
+      } else {
+        std::iota(order.begin(), order.end(), 0);
+      }
+      // Descending u, ties to the lower expert index.
+      std::partial_sort(order.begin(), order.begin() + k, order.begin() + candidates, higher);
       std::copy_n(order.data(), k, sel);
     }
     double sum = 0;
     for (int j = 0; j < k; ++j) sum += p[sel[j]];
     for (int j = 0; j < k; ++j) {
-      plan.weights[t * k + j] = static_cast<float>(norm_topk_prob ? p[sel[j]] / sum : p[sel[j]]);
+      plan.weights[t * k + j] = static_cast<float>(options.norm_topk_prob ? p[sel[j]] / sum : p[sel[j]]);
       ++plan.selected_per_expert[sel[j]];
     }
   }
@@ -75,9 +125,59 @@ absl::Status Router::Init(Stream& stream, const std::string& prefix, const confi
                           float init_std, uint64_t seed) {
   moe_ = cfg.moe();
   num_experts_ = moe_.num_experts();
+  sigmoid_ = moe_.score_function() == "sigmoid";
+  pending_load_.assign(num_experts_, 0);
+  if (moe_.expert_bias_update_rate() > 0) {
+    expert_bias_.name = prefix + "router.expert_bias";
+    expert_bias_.global_shape = Shape{num_experts_};
+    expert_bias_.kind = parallel::ParamKind::kDense;
+    expert_bias_.weight_decay = false;
+    ASSIGN_OR_RETURN(expert_bias_.value, Tensor::Empty(stream.backend(), expert_bias_.global_shape,
+                                                       DType::kF32, MemoryCategory::kParameters));
+    RETURN_IF_ERROR(ops::Fill(stream, expert_bias_.value, 0.0));
+  }
   return CreateParameter(stream, prefix + "router.weight", Shape{num_experts_, cfg.hidden_size()},
                          parallel::ParamKind::kDense, parallel::ShardSpec{}, InitSpec::Normal(init_std), seed,
                          &weight_);
+}
+
+absl::Status Router::UpdateExpertBias(Stream& stream, absl::Span<const double> load) {
+  const int64_t E = num_experts_;
+  if (!has_expert_bias()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("Router::UpdateExpertBias: ", weight_.name,
+                     " has no expert bias (model.moe.expert_bias_update_rate = 0)"));
+  }
+  if (static_cast<int64_t>(load.size()) != E) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Router::UpdateExpertBias: ", load.size(), " loads for ", E, " experts"));
+  }
+  double mean = 0;
+  for (double l : load) mean += l;
+  mean /= static_cast<double>(E);
+  ASSIGN_OR_RETURN(std::vector<float> b, ToHostFloats(stream, expert_bias_.value));
+  const float rate = static_cast<float>(moe_.expert_bias_update_rate());
+  for (int64_t e = 0; e < E; ++e) {
+    const float sign = load[e] < mean ? 1.0f : (load[e] > mean ? -1.0f : 0.0f);
+    b[e] += rate * sign;
+  }
+  ASSIGN_OR_RETURN(Tensor staged, FromHostFloats(stream, b, expert_bias_.global_shape));
+  RETURN_IF_ERROR(ops::Copy(stream, staged, expert_bias_.value));
+  std::fill(pending_load_.begin(), pending_load_.end(), 0);
+  return stream.Synchronize();
+}
+
+double Router::Scores(const float* zt, double* s) const {
+  const int64_t E = num_experts_;
+  const double m = *std::max_element(zt, zt + E);
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += std::exp(zt[e] - m);
+  if (sigmoid_) {
+    for (int64_t e = 0; e < E; ++e) s[e] = 1.0 / (1.0 + std::exp(-static_cast<double>(zt[e])));
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = std::exp(zt[e] - m) / sum;
+  }
+  return m + std::log(sum);
 }
 
 namespace {
@@ -124,42 +224,92 @@ std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std:
 
 }  // namespace
 
-absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor& x) {
+absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
   const int64_t T = x.size(0), E = num_experts_;
   const int k = moe_.top_k();
+  if (seq_len < 0 || (seq_len > 0 && T % seq_len != 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Router::Forward: ", T, " tokens are not whole sequences of seq_len = ", seq_len));
+  }
+  seq_len_ = seq_len > 0 ? seq_len : T;
   ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, E}));
   RETURN_IF_ERROR(ops::Gemm(stream, x, false, weight_.value, true, logits));
-  ASSIGN_OR_RETURN(std::vector<float> z, ToHostFloats(stream, logits));
+  ASSIGN_OR_RETURN(z_, ToHostFloats(stream, logits));
   probs_.assign(T * E, 0.0);
   lse_.assign(T, 0.0);
   double z_sum = 0;
   for (int64_t t = 0; t < T; ++t) {
-    const float* zt = z.data() + t * E;
-    const double m = *std::max_element(zt, zt + E);
-    double s = 0;
-    for (int64_t e = 0; e < E; ++e) s += std::exp(zt[e] - m);
-    for (int64_t e = 0; e < E; ++e) probs_[t * E + e] = std::exp(zt[e] - m) / s;
-    lse_[t] = m + std::log(s);
+    lse_[t] = Scores(z_.data() + t * E, probs_.data() + t * E);
     z_sum += lse_[t] * lse_[t];
   }
   std::vector<int32_t> forced;
   if (moe_.forced_routing().fraction() > 0) {
     forced = ForcedSelection(moe_.forced_routing(), weight_.name, T, E, k);
   }
-  plan_ = ComputeRoutingPlan(probs_, T, E, k, moe_.norm_topk_prob(), moe_.capacity_factor(),
-                             moe_.drop_policy() == "position", forced);
-  double aux = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    double p_mean = 0;
-    for (int64_t t = 0; t < T; ++t) p_mean += probs_[t * E + e];
-    p_mean /= T;
-    const double f = static_cast<double>(plan_.selected_per_expert[e]) / (T * k);
-    aux += f * p_mean;
+  std::vector<float> bias;
+  if (has_expert_bias()) {
+    ASSIGN_OR_RETURN(bias, ToHostFloats(stream, expert_bias_.value));
   }
-  aux_loss_ = moe_.aux_loss_coeff() * E * aux;
+  RoutingOptions options;
+  options.top_k = k;
+  options.norm_topk_prob = moe_.norm_topk_prob();
+  options.capacity_factor = moe_.capacity_factor();
+  options.drop_by_position = moe_.drop_policy() == "position";
+  options.num_groups = std::max(1, moe_.num_expert_groups());
+  options.group_topk = moe_.group_topk();
+  plan_ = ComputeRoutingPlan(probs_, bias, T, E, options, forced);
+  ComputeAuxLoss(seq_len_);
   z_loss_ = moe_.z_loss_coeff() * z_sum / T;
   x_ = x;
   return &plan_;
+}
+
+namespace {
+
+// The scores the aux loss averages: s itself (softmax) or s / sum_e s (sigmoid).
+void AuxScores(const double* s, int64_t E, bool sigmoid, double* q) {
+  if (!sigmoid) {
+    std::copy_n(s, E, q);
+    return;
+  }
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += s[e];
+  for (int64_t e = 0; e < E; ++e) q[e] = s[e] / sum;
+}
+
+}  // namespace
+
+void Router::ComputeAuxLoss(int64_t seq_len) {
+  const int64_t T = plan_.num_tokens, E = num_experts_;
+  const int k = plan_.top_k;
+  if (moe_.aux_loss_type() != "sequence" && !sigmoid_) {
+    double aux = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      double p_mean = 0;
+      for (int64_t t = 0; t < T; ++t) p_mean += probs_[t * E + e];
+      p_mean /= T;
+      const double f = static_cast<double>(plan_.selected_per_expert[e]) / (T * k);
+      aux += f * p_mean;
+    }
+    aux_loss_ = moe_.aux_loss_coeff() * E * aux;
+    return;
+  }
+  // Sequences of seq_len tokens ("batch": one sequence of T tokens).
+  const int64_t S = moe_.aux_loss_type() == "sequence" ? seq_len : T;
+  const int64_t B = T / S;
+  std::vector<double> q(E), p_sum(E), count(E);
+  double aux = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(p_sum.begin(), p_sum.end(), 0.0);
+    std::fill(count.begin(), count.end(), 0.0);
+    for (int64_t t = b * S; t < (b + 1) * S; ++t) {
+      AuxScores(probs_.data() + t * E, E, sigmoid_, q.data());
+      for (int64_t e = 0; e < E; ++e) p_sum[e] += q[e];
+      for (int j = 0; j < k; ++j) count[plan_.experts[t * k + j]] += 1.0;
+    }
+    for (int64_t e = 0; e < E; ++e) aux += (count[e] / (S * k)) * (p_sum[e] / S);
+  }
+  aux_loss_ = moe_.aux_loss_coeff() * E * aux / B;
 }
 
 absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> dweights, float aux_scale,
@@ -170,14 +320,33 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> 
     return absl::InvalidArgumentError(absl::StrCat("Router::Backward: dweights has ", dweights.size(),
                                                    " values, expected T * k = ", T * k));
   }
-  const double aux_col = aux_scale * moe_.aux_loss_coeff() * E / T;  // times f_e
-  const double z_row = z_scale * moe_.z_loss_coeff() * 2.0 / T;      // times lse_t p_t,e
+  const bool by_sequence = moe_.aux_loss_type() == "sequence";
+  const int64_t S = by_sequence ? seq_len_ : T, B = T / S;
+  // d loss / d q_t,e of the aux loss is aux_col * (count of e in t's sequence):
+  // aux = coeff E / B sum_b sum_e (count_b,e / (S k)) (sum_{t in b} q_t,e / S).
+  const double aux_col = aux_scale * moe_.aux_loss_coeff() * E / (static_cast<double>(B) * S * S * k);
+  const double z_row = z_scale * moe_.z_loss_coeff() * 2.0 / T;  // times lse_t softmax(z_t)_e
   std::vector<float> dz(T * E);
-  std::vector<double> dp(E);
+  std::vector<double> dp(E), count(E), q(E);
   for (int64_t t = 0; t < T; ++t) {
     const double* p = probs_.data() + t * E;
-    for (int64_t e = 0; e < E; ++e) {
-      dp[e] = aux_col * static_cast<double>(plan_.selected_per_expert[e]) / (T * k);
+    if (!by_sequence && !sigmoid_) {
+      const double aux_f = aux_scale * moe_.aux_loss_coeff() * E / T;  // times f_e
+      for (int64_t e = 0; e < E; ++e) {
+        dp[e] = aux_f * static_cast<double>(plan_.selected_per_expert[e]) / (T * k);
+      }
+    } else {
+      if (t % S == 0) {  // a new sequence: its selection counts
+        std::fill(count.begin(), count.end(), 0.0);
+        for (int64_t a = t * k; a < (t + S) * k; ++a) count[plan_.experts[a]] += 1.0;
+      }
+      for (int64_t e = 0; e < E; ++e) dp[e] = aux_col * count[e];
+      if (sigmoid_) {  // q = s / sum s: d s_e = (d q_e - sum d q q) / sum s
+        double sum = 0, dot = 0;
+        for (int64_t e = 0; e < E; ++e) sum += p[e];
+        for (int64_t e = 0; e < E; ++e) dot += dp[e] * p[e] / sum;
+        for (int64_t e = 0; e < E; ++e) dp[e] = (dp[e] - dot) / sum;
+      }
     }
     const int32_t* sel = plan_.experts.data() + t * k;
     const float* dw = dweights.data() + t * k;
@@ -190,12 +359,21 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> 
     } else {
       for (int j = 0; j < k; ++j) dp[sel[j]] += dw[j];
     }
+    if (sigmoid_) {
+      const float* zt = z_.data() + t * E;
+      for (int64_t e = 0; e < E; ++e) {
+        const double softmax = std::exp(zt[e] - lse_[t]);
+        dz[t * E + e] = static_cast<float>(dp[e] * p[e] * (1.0 - p[e]) + z_row * lse_[t] * softmax);
+      }
+      continue;
+    }
     double dot = 0;
     for (int64_t e = 0; e < E; ++e) dot += dp[e] * p[e];
     for (int64_t e = 0; e < E; ++e) {
       dz[t * E + e] = static_cast<float>(p[e] * (dp[e] - dot) + z_row * lse_[t] * p[e]);
     }
   }
+  for (int64_t e = 0; e < E; ++e) pending_load_[e] += plan_.selected_per_expert[e];
   ASSIGN_OR_RETURN(Tensor dz_dev, FromHostFloats(stream, dz, Shape{T, E}));
   RETURN_IF_ERROR(ops::Gemm(stream, dz_dev, true, x_, false, weight_.grad, 1.0f, 1.0f));
   ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));

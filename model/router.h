@@ -1,11 +1,18 @@
-// Router: the top-k softmax router of a MoE layer (docs/model.md), with capacity,
-// the load-balancing (Switch) loss and the router z-loss.
+// Router: the top-k router of a MoE layer (docs/model.md), with capacity, the
+// load-balancing (Switch) loss and the router z-loss, and the DeepSeek-V3
+// options (each off by default):
 //
-//   z = x Wr^T [T, E] (device GEMM), p = softmax(z), S_t = top-k of p_t (ties to
-//   the lower expert index), w_t,e = p_t,e / sum_{S_t} p (norm_topk_prob) or p_t,e;
-//   capacity cap = ceil(c T k / E) per expert when c > 0, keeping the highest
-//   w (ties: lower t; drop_policy "probs") or the lowest t ("position").
-//   aux = aux_loss_coeff * E * sum_e f_e P_e, zl = z_loss_coeff * mean_t lse(z_t)^2.
+//   z = x Wr^T [T, E] (device GEMM); scores s = softmax(z) (score_function
+//   "softmax") or sigmoid(z) ("sigmoid"); selection scores u = s + b with the
+//   expert bias b (expert_bias_update_rate > 0, else b = 0); with group_topk > 0
+//   only the group_topk best of num_expert_groups groups (by the sum of each
+//   group's top_k / group_topk best u) are eligible; S_t = top-k of u_t (ties
+//   to the lower expert index); w_t,e = s_t,e / sum_{S_t} s (norm_topk_prob)
+//   or s_t,e; capacity cap = ceil(c T k / E) per expert when c > 0, keeping
+//   the highest w (ties: lower t; drop_policy "probs") or the lowest t
+//   ("position"). aux = aux_loss_coeff * E * sum_e f_e P_e over the micro-batch
+//   ("batch") or averaged over its sequences ("sequence"), with P from s
+//   (softmax) or s / sum_e s (sigmoid); zl = z_loss_coeff * mean_t lse(z_t)^2.
 //
 // The [T, E] tail after the GEMM runs on the host: the routing decisions have to
 // reach the host anyway (the dispatcher's counts and the grouped GEMM's offsets
@@ -45,9 +52,25 @@ struct RoutingPlan {
   int64_t num_dropped() const;
 };
 
+struct RoutingOptions {
+  int top_k = 1;
+  bool norm_topk_prob = true;
+  double capacity_factor = 0;  // <= 0: dropless
+  bool drop_by_position = false;
+  // Group-limited routing when group_topk > 0: num_groups groups of E /
+  // num_groups consecutive experts, of which each token may use group_topk.
+  int64_t num_groups = 1;
+  int group_topk = 0;
+};
+
 // Pure host routing (exposed for tests): top-k, weights and capacity from the
-// probabilities p [T, E] (row-major). `selection` [T * k], when not empty,
-// replaces the top-k choice (forced routing).
+// scores s [T, E] (row-major). `bias` [E], when not empty, is added to the
+// scores for the choice of groups and experts only (the weights come from s).
+// `selection` [T * k], when not empty, replaces the choice (forced routing).
+RoutingPlan ComputeRoutingPlan(absl::Span<const double> scores, absl::Span<const float> bias,
+                               int64_t num_tokens, int64_t num_experts, const RoutingOptions& options,
+                               absl::Span<const int32_t> selection = {});
+// The softmax router's plan without bias or groups.
 RoutingPlan ComputeRoutingPlan(absl::Span<const double> probs, int64_t num_tokens, int64_t num_experts,
                                int top_k, bool norm_topk_prob, double capacity_factor, bool drop_by_position,
                                absl::Span<const int32_t> selection = {});
@@ -55,12 +78,16 @@ RoutingPlan ComputeRoutingPlan(absl::Span<const double> probs, int64_t num_token
 class Router {
  public:
   // Creates `prefix` + "router.weight" [E, d] ~ Normal(0, init_std), replicated
-  // on every rank (a dense parameter).
+  // on every rank (a dense parameter), and with expert_bias_update_rate > 0 the
+  // state `prefix` + "router.expert_bias" [E] (zeros; not trained by the
+  // optimizer, kept by checkpoints).
   absl::Status Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg, float init_std,
                     uint64_t seed);
   // x [T, d] -> the routing plan (valid until the next Forward); computes the
-  // aux and z losses. Keeps x and host copies of p and lse.
-  absl::StatusOr<const RoutingPlan*> Forward(Stream& stream, const Tensor& x);
+  // aux and z losses. Keeps x and host copies of z, s and lse. `seq_len`: the
+  // tokens of one sequence (x holds T / seq_len whole sequences), used by the
+  // sequence-level aux loss; 0 = the micro-batch is one sequence.
+  absl::StatusOr<const RoutingPlan*> Forward(Stream& stream, const Tensor& x, int64_t seq_len = 0);
   double aux_loss() const { return aux_loss_; }
   double z_loss() const { return z_loss_; }
   const RoutingPlan& plan() const { return plan_; }
@@ -73,12 +100,34 @@ class Router {
 
   parallel::Parameter& weight() { return weight_; }
 
+  // Auxiliary-loss-free balancing. has_expert_bias(): expert_bias_update_rate > 0.
+  // expert_bias(): the bias as a state tensor (value [E] f32; no grad).
+  // Every Backward adds its plan's selected_per_expert to pending_load() (the
+  // training micro-batches of the step; forward-only evaluation adds nothing).
+  // UpdateExpertBias(load): load [E] = the pending loads summed over the whole
+  // global batch (the caller sums pending_load() over the data-parallel group);
+  // b_e += rate * sign(mean_e load - load_e) in f32, then pending_load() = 0.
+  // Same load on every rank => same bias on every rank.
+  bool has_expert_bias() const { return expert_bias_.value.defined(); }
+  parallel::Parameter& expert_bias() { return expert_bias_; }
+  const std::vector<int64_t>& pending_load() const { return pending_load_; }
+  absl::Status UpdateExpertBias(Stream& stream, absl::Span<const double> load);
+
  private:
+  // Scores s from the logits z (one token's row); returns lse(z).
+  double Scores(const float* z, double* s) const;
+  void ComputeAuxLoss(int64_t seq_len);
+
   parallel::Parameter weight_;
+  parallel::Parameter expert_bias_;  // value only, when has_expert_bias()
   config::MoeConfig moe_;
+  bool sigmoid_ = false;
   int64_t num_experts_ = 0;
+  int64_t seq_len_ = 0;  // tokens per sequence of the last Forward (sequence aux)
   Tensor x_;
-  std::vector<double> probs_, lse_;  // [T, E], [T]
+  std::vector<float> z_;             // [T, E] logits
+  std::vector<double> probs_, lse_;  // [T, E] scores s, [T]
+  std::vector<int64_t> pending_load_;
   RoutingPlan plan_;
   double aux_loss_ = 0, z_loss_ = 0;
 };

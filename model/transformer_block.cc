@@ -37,7 +37,7 @@ absl::StatusOr<Tensor> TransformerBlock::Forward(Stream& stream, const Tensor& h
   ASSIGN_OR_RETURN(Tensor m, post_norm_.Forward(stream, h1));
   Tensor y;
   if (moe_) {
-    ASSIGN_OR_RETURN(y, moe_->Forward(stream, m));
+    ASSIGN_OR_RETURN(y, moe_->Forward(stream, m, seq_len));
   } else {
     ASSIGN_OR_RETURN(y, mlp_->Forward(stream, m));
   }

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "model/common.h"
 #include "runtime/core/status.h"
 
 namespace moe {
@@ -63,6 +64,7 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(moe.experts_impl() == "grouped" || moe.experts_impl() == "sequential",
        absl::StrCat("model.moe.experts_impl = \"", moe.experts_impl(),
                     "\" must be \"grouped\" or \"sequential\""));
+  for (std::string& problem : model::MoeRoutingProblems(moe)) e.push_back(std::move(problem));
   const auto& fr = moe.forced_routing();
   need(fr.fraction() <= 1.0,
        absl::StrCat("model.moe.forced_routing.fraction = ", fr.fraction(), " must be at most 1"));

@@ -98,6 +98,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   ASSIGN_OR_RETURN(t->checkpointer_, Checkpointer::Create(*groups->world, layout,
                                                           CheckpointOptionsFromConfig(config.checkpoint())));
   t->checkpoint_tensors_ = ModelTensors(t->model_->parameters());
+  for (ShardedTensor& b : ModelTensors(t->model_->buffers())) t->checkpoint_tensors_.push_back(std::move(b));
   AppendOptimizerTensors(*t->optimizer_, t->model_->parameters(), t->checkpoint_tensors_);
   RETURN_IF_ERROR(t->Resume());
 
@@ -263,6 +264,11 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
                    optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
   s.lr = schedule_->At(optimizer_->step() + 1);
   RETURN_IF_ERROR(optimizer_->Step(s.lr));
+  // Auxiliary-loss-free balancing: every rank applies the same global load.
+  RETURN_IF_ERROR(model_->UpdateExpertBiases(*stream_, [this](std::vector<double>& load) -> absl::Status {
+    ASSIGN_OR_RETURN(load, SumOverDataParallel(std::move(load)));
+    return absl::OkStatus();
+  }));
   data_->train->Advance();
   step_ = next_step;
 

@@ -200,6 +200,10 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(moe, aux_loss_coeff, 0.01);
   MOE_DEFAULT(moe, z_loss_coeff, 0.001);
   MOE_DEFAULT(moe, experts_impl, "grouped");
+  MOE_DEFAULT(moe, score_function, "softmax");
+  MOE_DEFAULT(moe, expert_bias_update_rate, 0.0);
+  MOE_DEFAULT(moe, group_topk, 0);
+  MOE_DEFAULT(moe, aux_loss_type, "batch");
   config::ForcedRouting* fr = moe->mutable_forced_routing();
   MOE_DEFAULT(fr, fraction, 0.0);
   MOE_DEFAULT(fr, hot_experts, 1);
@@ -213,6 +217,10 @@ void ApplyDefaults(int world_size, JobConfig* c) {
     p->set_data(p->tensor() > 0 && world_size % p->tensor() == 0 ? world_size / p->tensor() : 0);
   }
   MOE_DEFAULT(p, overlap_chunks, 1);
+  // One expert group per EP rank unless set (only group-limited routing reads it).
+  if (!moe->has_num_expert_groups() || moe->num_expert_groups() == 0) {
+    moe->set_num_expert_groups(moe->group_topk() > 0 ? p->expert() : 1);
+  }
   MOE_DEFAULT(p, grad_bucket_mb, 25.0);
 
   config::LlepConfig* l = c->mutable_llep();

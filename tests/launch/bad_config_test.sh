@@ -29,6 +29,8 @@ expect "parallel.tensor = 3 must divide model.num_heads = 4" "$D" parallel.tenso
 expect "world size 4 is not parallel.tensor x parallel.data = 2 x 4" "$D" parallel.tensor=2 parallel.data=4
 expect "model.moe.top_k = 9 must be at most model.moe.num_experts = 8" "$D" model.moe.top_k=9
 expect "model has no field 'hiden_size'" "$D" model.hiden_size=3
+expect 'model.moe.score_function = "tanh" must be "softmax" or "sigmoid"' "$D" model.moe.score_function=tanh
+expect "model.moe.group_topk = 3 must be at most model.moe.num_expert_groups = 2" "$D" model.moe.group_topk=3 parallel.expert=2
 expect "cannot open config file" --config=/nonexistent.textproto
 printf 'model {\n  hidden_size: 12\n  bogus: 1\n}\n' > bad.textproto
 expect "bad.textproto:3:" --config=bad.textproto

@@ -35,7 +35,7 @@ void Randomize(parallel::Parameter& p, std::mt19937& rng, float std, float mean 
   std::vector<float> v(p.value.numel());
   for (float& x : v) x = n(rng);
   testing::FromVec(p.value, v);
-  REQUIRE(ops::Fill(CpuStream(), p.grad, 0.0).ok());
+  if (p.grad.defined()) REQUIRE(ops::Fill(CpuStream(), p.grad, 0.0).ok());  // state has no grad
 }
 
 TEST_CASE("RMSNorm gradients") {
@@ -179,7 +179,16 @@ TEST_CASE("Router gradients: combine weights, aux and z losses") {
                         Case{"capacity probs", "top_k: 2 capacity_factor: 1.0 drop_policy: \"probs\""},
                         Case{"capacity position, no renormalisation",
                              "top_k: 2 capacity_factor: 0.6 drop_policy: \"position\" norm_topk_prob: false"},
-                        Case{"k = E", "top_k: 4 capacity_factor: 0.8"}}) {
+                        Case{"k = E", "top_k: 4 capacity_factor: 0.8"},
+                        Case{"sigmoid, bias, groups, capacity",
+                             "top_k: 2 capacity_factor: 1.0 score_function: \"sigmoid\" "
+                             "expert_bias_update_rate: 0.1 num_expert_groups: 2 group_topk: 1"},
+                        Case{"sigmoid, sequence aux, no renormalisation",
+                             "top_k: 2 score_function: \"sigmoid\" aux_loss_type: \"sequence\" "
+                             "norm_topk_prob: false"},
+                        Case{"softmax, sequence aux, bias",
+                             "top_k: 2 aux_loss_type: \"sequence\" "
+                             "expert_bias_update_rate: 0.1"}}) {
     DYNAMIC_SECTION(c.name) {
       std::mt19937 rng(6);
       config::ModelConfig cfg = TinyConfig(
@@ -187,12 +196,14 @@ TEST_CASE("Router gradients: combine weights, aux and z losses") {
       Router router;
       REQUIRE(router.Init(s, "model.layers.0.mlp.", cfg, 0.02f, 1).ok());
       Randomize(router.weight(), rng, 0.6f);
-      const int64_t T = 11;
+      if (router.has_expert_bias()) Randomize(router.expert_bias(), rng, 0.1f);
+      // Sequences of 4 tokens for the sequence-level aux loss (12 tokens: 3 sequences).
+      const int64_t T = cfg.moe().aux_loss_type() == "sequence" ? 12 : 11;
       const int k = cfg.moe().top_k();
       Tensor x = RandomTensor(Shape{T, 8}, rng);
       std::vector<float> cw = ToVec(RandomTensor(Shape{T * k}, rng));
       auto loss = [&] {
-        auto plan = router.Forward(s, x);
+        auto plan = router.Forward(s, x, cfg.moe().aux_loss_type() == "sequence" ? 4 : 0);
         REQUIRE(plan.ok());
         double l = 0.7 * router.aux_loss() + 1.3 * router.z_loss();
         for (int64_t a = 0; a < T * k; ++a)
@@ -224,7 +235,11 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
                "top_k: 3 capacity_factor: 0.7 drop_policy: \"position\" norm_topk_prob: false", true},
           // Forced routing with one hot expert: most tokens list expert 0 in both slots.
           Case{"forced, repeated expert in a token",
-               "top_k: 2 capacity_factor: 0 forced_routing { fraction: 0.9 hot_experts: 1 }", false}}) {
+               "top_k: 2 capacity_factor: 0 forced_routing { fraction: 0.9 hot_experts: 1 }", false},
+          Case{"sigmoid, bias, 3 groups (2 kept), capacity",
+               "top_k: 2 capacity_factor: 1.0 score_function: \"sigmoid\" expert_bias_update_rate: 0.1 "
+               "num_expert_groups: 3 group_topk: 2",
+               true}}) {
       DYNAMIC_SECTION(impl << " " << c.name) {
         std::mt19937 rng(7);
         config::ModelConfig cfg = TinyConfig(
@@ -234,6 +249,7 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
         MoELayer layer;
         REQUIRE(layer.Init(s, "model.layers.1.mlp.", cfg, 0.02f, 0.01f, {}, 11).ok());
         Randomize(layer.router().weight(), rng, 0.6f);
+        if (layer.router().has_expert_bias()) Randomize(layer.router().expert_bias(), rng, 0.1f);
         for (auto* p :
              {&layer.experts().gate_proj(), &layer.experts().up_proj(), &layer.experts().down_proj()})
           Randomize(*p, rng, 0.5f);

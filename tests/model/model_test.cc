@@ -183,6 +183,10 @@ TEST_CASE("Whole-model gradients match finite differences") {
         Case{"untied, capacity position, no renormalisation, k = E",
              "moe { moe_layer_freq: 1 top_k: 4 capacity_factor: 0.8 drop_policy: \"position\" "
              "norm_topk_prob: false }",
+             true},
+        Case{"untied, sigmoid scores, expert bias, 2 groups (1 kept), sequence aux, capacity",
+             "moe { moe_layer_freq: 1 capacity_factor: 1.0 score_function: \"sigmoid\" "
+             "expert_bias_update_rate: 0.01 num_expert_groups: 2 group_topk: 1 aux_loss_type: \"sequence\" }",
              true}}) {
     DYNAMIC_SECTION(c.name) {
       config::ModelConfig cfg = TinyConfig(std::string(kUntied));
@@ -191,6 +195,11 @@ TEST_CASE("Whole-model gradients match finite differences") {
       REQUIRE(job_extra.ok());
       cfg.MergeFrom(job_extra->model());
       auto model = Build(cfg, 5);
+      for (parallel::Parameter* b : model->buffers()) {  // a bias that changes choices
+        std::vector<float> v(b->value.numel());
+        for (size_t i = 0; i < v.size(); ++i) v[i] = 0.05f * (static_cast<float>(i) - 1.5f);
+        testing::FromVec(b->value, v);
+      }
       const std::vector<int32_t> tokens = RandomTokens(2, 6, cfg.vocab_size(), 3);
       auto loss = [&] {
         auto l = model->Forward(s, tokens, 2);
@@ -248,6 +257,26 @@ TEST_CASE("Bad tokens and configs are rejected with the value and the field") {
   bad = cfg;
   bad.mutable_moe()->set_top_k(5);
   CHECK(!Model::Create(bad, s, 1).ok());
+  // The DeepSeek-V3 routing options name the field, the value and the fix.
+  struct Bad {
+    std::string text, message;
+  };
+  for (const Bad& b : {Bad{"score_function: \"relu\"", "model.moe.score_function = \"relu\""},
+                       Bad{"aux_loss_type: \"token\"", "model.moe.aux_loss_type = \"token\""},
+                       Bad{"expert_bias_update_rate: -1", "model.moe.expert_bias_update_rate = -1"},
+                       Bad{"group_topk: -1", "model.moe.group_topk = -1"},
+                       Bad{"num_expert_groups: 3 group_topk: 1", "model.moe.num_expert_groups = 3 must"},
+                       Bad{"num_expert_groups: 2 group_topk: 3", "at most model.moe.num_expert_groups = 2"},
+                       Bad{"num_expert_groups: 4 group_topk: 1", "hold fewer than model.moe.top_k = 2"}}) {
+    bad = cfg;
+    auto extra = ParseConfigText("model { moe { " + b.text + " } }", "case");
+    REQUIRE(extra.ok());
+    bad.MergeFrom(extra->model());
+    auto created = Model::Create(bad, s, 1);
+    INFO(b.text << " -> " << created.status().ToString());
+    REQUIRE(!created.ok());
+    CHECK(std::string(created.status().message()).find(b.message) != std::string::npos);
+  }
   bad = cfg;
   bad.mutable_moe()->set_drop_policy("random");
   CHECK(!Model::Create(bad, s, 1).ok());

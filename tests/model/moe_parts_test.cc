@@ -33,6 +33,61 @@ TEST_CASE("Top-k ties go to the lower expert index") {
   CHECK(raw.weights[3] == Approx(0.35));
 }
 
+TEST_CASE("Expert bias steers the choice only; groups limit it to the best groups") {
+  const std::vector<double> s = {0.5, 0.4, 0.3, 0.2};
+  RoutingOptions opt;
+  opt.top_k = 2;
+  // u = s + b = [0.5, 0.4, 0.6, 0.2]: experts 2 and 0; weights from s.
+  const std::vector<float> bias = {0, 0, 0.3f, 0};
+  RoutingPlan biased = ComputeRoutingPlan(s, bias, 1, 4, opt);
+  CHECK(biased.experts == std::vector<int32_t>{2, 0});
+  CHECK(biased.weights[0] == Approx(0.3 / 0.8));
+  CHECK(biased.weights[1] == Approx(0.5 / 0.8));
+  // Two groups {0, 1} {2, 3}, one kept; a group's score is its top k / 1 = 2 scores.
+  opt.num_groups = 2;
+  opt.group_topk = 1;
+  // Unbiased: 0.9 vs 0.5 -> group 0. Biased as above: 0.9 vs 0.8 -> group 0 still.
+  CHECK(ComputeRoutingPlan(s, {}, 1, 4, opt).experts == std::vector<int32_t>{0, 1});
+  CHECK(ComputeRoutingPlan(s, bias, 1, 4, opt).experts == std::vector<int32_t>{0, 1});
+  // b = [0, 0, 0.3, 0.2]: group 1 scores 1.0 > 0.9, its experts are taken, weights from s.
+  RoutingPlan g = ComputeRoutingPlan(s, std::vector<float>{0, 0, 0.3f, 0.2f}, 1, 4, opt);
+  CHECK(g.experts == std::vector<int32_t>{2, 3});
+  CHECK(g.weights[0] == Approx(0.3 / 0.5));
+  CHECK(g.selected_per_expert == std::vector<int64_t>{0, 0, 1, 1});
+  // Equal group scores: the lower group.
+  CHECK(ComputeRoutingPlan(std::vector<double>{0.1, 0.2, 0.2, 0.1}, {}, 1, 4, opt).experts ==
+        std::vector<int32_t>{1, 0});
+}
+
+TEST_CASE("Expert bias update: rate x sign(mean load - load) from the summed load, then the load resets") {
+  Stream& st = CpuStream();
+  config::ModelConfig cfg =
+      testing::TinyConfig("hidden_size: 8 moe { num_experts: 4 top_k: 1 expert_bias_update_rate: 0.25 }");
+  Router router;
+  REQUIRE(router.Init(st, "model.layers.0.mlp.", cfg, 0.5f, 3).ok());
+  REQUIRE(router.has_expert_bias());
+  CHECK(router.expert_bias().name == "model.layers.0.mlp.router.expert_bias");
+  CHECK(ToVec(router.expert_bias().value) == std::vector<float>{0, 0, 0, 0});
+  std::mt19937 rng(1);
+  Tensor x = RandomTensor(Shape{6, 8}, rng);
+  auto plan = router.Forward(st, x);
+  REQUIRE(plan.ok());
+  const std::vector<int64_t> selected = (*plan)->selected_per_expert;
+  // Forward alone (evaluation) records no load; Backward does.
+  CHECK(router.pending_load() == std::vector<int64_t>(4, 0));
+  REQUIRE(router.Backward(st, std::vector<float>(6, 0.0f), 1.0f, 1.0f).ok());
+  CHECK(router.pending_load() == selected);
+  // Mean 2.5: loads 4, 1, 2.5, 2.5 -> -0.25, +0.25, 0, 0.
+  REQUIRE(router.UpdateExpertBias(st, std::vector<double>{4, 1, 2.5, 2.5}).ok());
+  CHECK(ToVec(router.expert_bias().value) == std::vector<float>{-0.25f, 0.25f, 0, 0});
+  CHECK(router.pending_load() == std::vector<int64_t>(4, 0));
+  CHECK(!router.UpdateExpertBias(st, std::vector<double>{1, 2}).ok());
+  Router plain;
+  REQUIRE(plain.Init(st, "model.layers.0.mlp.", testing::TinyConfig("moe { num_experts: 4 }"), 0.5f, 3).ok());
+  CHECK(!plain.has_expert_bias());
+  CHECK(!plain.UpdateExpertBias(st, std::vector<double>{1, 2, 3, 4}).ok());
+}
+
 TEST_CASE("k = E selects every expert in descending order") {
   std::vector<double> p = {0.2, 0.5, 0.3};
   RoutingPlan plan = ComputeRoutingPlan(p, 1, 3, 3, true, 0.0, false);

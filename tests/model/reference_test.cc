@@ -60,6 +60,7 @@ class Fixture {
     REQUIRE(H5Dread(ds.get(), H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) >= 0);
     return out;
   }
+  bool HasAttr(const char* name) const { return H5Aexists(file_.get(), name) > 0; }
   double AttrDouble(const char* name) const {
     H5Id a(H5Aopen(file_.get(), name, H5P_DEFAULT));
     INFO("attribute " << name);
@@ -110,6 +111,13 @@ config::ModelConfig ConfigFrom(const Fixture& f) {
   moe->set_norm_topk_prob(f.AttrInt("norm_topk_prob") != 0);
   moe->set_aux_loss_coeff(f.AttrDouble("aux_loss_coeff"));
   moe->set_z_loss_coeff(f.AttrDouble("z_loss_coeff"));
+  // DeepSeek-V3 routing options, written only by the fixtures that use them.
+  if (f.HasAttr("score_function")) moe->set_score_function(f.AttrString("score_function"));
+  if (f.HasAttr("aux_loss_type")) moe->set_aux_loss_type(f.AttrString("aux_loss_type"));
+  if (f.HasAttr("num_expert_groups")) moe->set_num_expert_groups(f.AttrInt("num_expert_groups"));
+  if (f.HasAttr("group_topk")) moe->set_group_topk(f.AttrInt("group_topk"));
+  // The bias's value comes from the fixture; any positive rate creates it.
+  if (f.HasAttr("expert_bias") && f.AttrInt("expert_bias") != 0) moe->set_expert_bias_update_rate(1e-3);
   return cfg;
 }
 
@@ -165,6 +173,13 @@ void RunFixture(const std::string& name, bool grouped) {
   }
   // Every parameter of the fixture is one of the model's.
   CHECK(loaded == static_cast<int>(model.parameters().size()));
+  // Model state (expert biases): each buffer is in the fixture under state/.
+  for (parallel::Parameter* b : model.buffers()) {
+    std::vector<double> v = f.Read("state/" + b->name);
+    std::vector<float> fv(v.begin(), v.end());
+    testing::FromVec(b->value, fv);
+  }
+  CHECK(f.Has("state") == (model.buffers().size() > 0));
   std::vector<int64_t> tshape;
   std::vector<double> tok = f.Read("tokens", &tshape);
   REQUIRE(tshape.size() == 2);
@@ -217,6 +232,19 @@ TEST_CASE("Model equals the NumPy reference: tied head, capacity 1.0, probs poli
 
 TEST_CASE("Model equals the NumPy reference: position policy, k = E, no renormalisation") {
   RunFixture("position_k_eq_e", true);
+}
+
+TEST_CASE("Model equals the NumPy reference: sigmoid scores, expert bias, 2 groups (1 kept), capacity") {
+  RunFixture("sigmoid_bias_groups", true);
+  RunFixture("sigmoid_bias_groups", false);
+}
+
+TEST_CASE("Model equals the NumPy reference: softmax, sequence aux, bias, 3 groups (2 kept), k = 3") {
+  RunFixture("softmax_sequence_aux_groups", true);
+}
+
+TEST_CASE("Model equals the NumPy reference: sigmoid, sequence aux, no renormalisation") {
+  RunFixture("sigmoid_sequence_raw", true);
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 // docs/design.md invariant 1 under mpirun -np 4: three SGD steps of a tiny MoE
 // model give the same losses and the same updated parameters (1e-5 relative)
 // for every (tp, ep, dp, grad_accum) with dp x grad_accum = 4, overlap chunks
-// 1 and 3, dropless and capacity routing.
+// 1 and 3, dropless and capacity routing, and DeepSeek-V3 routing (sigmoid
+// scores, group-limited, sequence aux loss, the expert bias updated after each
+// step from the global load: the biases must come out equal on every layout).
 //
 // Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
 // the job (split off the world), so one 4-rank job runs every layout. The
@@ -9,6 +11,7 @@
 // step's global batch, loss scaled by 1 / (dp * grad_accum), GradSync (sum;
 // buckets marked ready per block during the last micro-batch's backward),
 // then p -= lr * g.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -40,7 +43,10 @@ constexpr int kSeqLen = 8;
 constexpr double kLr = 0.5;
 constexpr uint64_t kSeed = 1234;
 
-config::ModelConfig TinyConfig(double capacity_factor) {
+// DeepSeek-V3-style routing on top of the tiny config (docs/model.md).
+constexpr char kDeepSeekRouting[] = "deepseek";
+
+config::ModelConfig TinyConfig(double capacity_factor, const std::string& variant = "") {
   JobConfig job;
   auto* m = job.mutable_model();
   m->set_vocab_size(32);
@@ -59,6 +65,13 @@ config::ModelConfig TinyConfig(double capacity_factor) {
   moe->set_capacity_factor(capacity_factor);
   moe->set_aux_loss_coeff(0.01);
   moe->set_z_loss_coeff(0.001);
+  if (variant == kDeepSeekRouting) {
+    moe->set_score_function("sigmoid");
+    moe->set_expert_bias_update_rate(0.05);
+    moe->set_num_expert_groups(2);  // explicit: the same model on every EP size
+    moe->set_group_topk(1);
+    moe->set_aux_loss_type("sequence");
+  }
   ApplyDefaults(1, &job);
   return job.model();
 }
@@ -82,7 +95,7 @@ struct Result {
 };
 
 Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int chunks,
-             double capacity_factor) {
+             double capacity_factor, const std::string& variant) {
   const int world = job_world.size();
   const int sub = tp * (kGlobalMicroBatches / grad_accum);  // the layout's world = tp * dp
   REQUIRE(world % sub == 0);
@@ -91,7 +104,7 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
   const parallel::RankLayout& l = groups.layout;
   REQUIRE(l.dp * grad_accum == kGlobalMicroBatches);
   Stream& stream = Cpu().default_stream();
-  const config::ModelConfig cfg = TinyConfig(capacity_factor);
+  const config::ModelConfig cfg = TinyConfig(capacity_factor, variant);
   ShardPlan plan;
   plan.tp_size = tp;
   plan.tp_rank = l.tp_rank;
@@ -152,6 +165,17 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
     for (parallel::Parameter* p : model->parameters()) {
       MOE_REQUIRE_OK(ops::Axpby(stream, static_cast<float>(-kLr), p->grad, 1.0f, p->value));
     }
+    // Auxiliary-loss-free balancing: the load of the whole global batch.
+    MOE_REQUIRE_OK(model->UpdateExpertBiases(stream, [&](std::vector<double>& load) -> absl::Status {
+      ASSIGN_OR_RETURN(comm::Work w, groups.dp->AllReduce(load.data(), load.data(), load.size(), DType::kF64,
+                                                          comm::ReduceOp::kSum));
+      return w.Wait();
+    }));
+  }
+  for (parallel::Parameter* p : model->buffers()) {
+    r.params[p->name] = parallel::testing::ToVector(p->value);
+    r.shards[p->name] = p->shard;
+    r.global_shapes[p->name] = p->global_shape;
   }
   for (parallel::Parameter* p : model->parameters()) {
     r.params[p->name] = parallel::testing::ToVector(p->value);
@@ -186,11 +210,11 @@ struct Layout {
   int tp, ep, dp, grad_accum;
 };
 
-void RunAll(double capacity_factor) {
+void RunAll(double capacity_factor, const std::string& variant = "") {
   auto world = parallel::testing::World();
   REQUIRE(world->size() == 4);
   // The reference: one rank, the model's own LocalTokenDispatcher.
-  const Result ref = Train(*world, 1, 1, 4, 0, capacity_factor);
+  const Result ref = Train(*world, 1, 1, 4, 0, capacity_factor, variant);
   // Training moves the loss, and the capacity runs do drop assignments.
   REQUIRE(std::abs(ref.losses[kSteps - 1] - ref.losses[0]) > 1e-3 * std::abs(ref.losses[0]));
   if (capacity_factor > 0) {
@@ -198,12 +222,16 @@ void RunAll(double capacity_factor) {
   } else {
     REQUIRE(ref.dropped == 0);
   }
+  if (variant == kDeepSeekRouting) {  // the biases moved (and must match on every layout)
+    const std::vector<float>& bias = ref.params.at("model.layers.1.mlp.router.expert_bias");
+    REQUIRE(*std::max_element(bias.begin(), bias.end()) > 0.04f);
+  }
   const std::vector<Layout> layouts = {{1, 1, 1, 4}, {1, 2, 2, 2}, {1, 4, 4, 1}, {2, 1, 1, 4}, {2, 2, 2, 2}};
   for (const Layout& lay : layouts) {
     for (int chunks : {1, 3}) {
       INFO("tp " << lay.tp << " ep " << lay.ep << " dp " << lay.dp << " grad_accum " << lay.grad_accum
                  << " overlap_chunks " << chunks << " capacity_factor " << capacity_factor);
-      Compare(ref, Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor));
+      Compare(ref, Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor, variant));
     }
   }
 }
@@ -211,6 +239,11 @@ void RunAll(double capacity_factor) {
 TEST_CASE("layout invariance, dropless", "[layout_invariance]") { RunAll(0.0); }
 
 TEST_CASE("layout invariance, capacity", "[layout_invariance]") { RunAll(1.0); }
+
+TEST_CASE("layout invariance, sigmoid scores, expert bias updates, groups, sequence aux, capacity",
+          "[layout_invariance]") {
+  RunAll(1.0, kDeepSeekRouting);
+}
 
 }  // namespace
 }  // namespace moe::model

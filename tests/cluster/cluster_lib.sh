@@ -33,6 +33,7 @@ cluster_init() {
   CLUSTER_T0=$(date +%s)
   CLUSTER_DIR="$(mktemp -d /tmp/moe-cluster.XXXXXX)"
   trap cluster_teardown EXIT
+  trap "exit 143" TERM INT
   export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
   if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
   local probe="${CLUSTER_TAG}-probe" why
@@ -86,7 +87,7 @@ while True: s.accept()[0].close()" >/dev/null 2>&1 &
 while [ \$# -gt 0 ]; do case "\$1" in -*) shift ;; *) break ;; esac; done
 host="\$1"; shift
 ns=\$(awk -v h="\$host" '\$1 == h { print \$2 }' "$CLUSTER_DIR/hosts.map")
-if [ -z "\$ns" ] || ! timeout 3 bash -c "exec 3<>/dev/tcp/\$host/22" 2>/dev/null; then
+if [ -z "\$ns" ] || ! timeout 2 bash -c "exec 3<>/dev/tcp/\$host/22" 2>/dev/null; then
   echo "netns-rsh: \$host: connect to port 22: host unreachable" >&2
   exit 255
 fi

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstring>
 #include <random>
-#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -25,116 +24,12 @@
 namespace moe {
 namespace {
 
-constexpr int kPieceInts = 1 + 2 * kMaxTensorDims;  // tensor index, offsets, counts
 constexpr size_t kMessageBytes = 4096;
 constexpr size_t kWriteChunk = size_t{8} << 20;  // hash then write 8 MiB at a time (stays in cache)
 
 absl::Status Await(absl::StatusOr<comm::Work> work) {
   if (!work.ok()) return work.status();
   return work->Wait();
-}
-
-Box LocalBox(const ShardedTensor& t) {
-  Box box;
-  box.offset = parallel::ShardOffsets(t.global_shape, t.shard);
-  const Shape local = parallel::LocalShape(t.global_shape, t.shard);
-  box.count.assign(local.begin(), local.end());
-  return box;
-}
-
-std::vector<int64_t> GlobalDims(const Shape& s) { return std::vector<int64_t>(s.begin(), s.end()); }
-
-// A box of one tensor held here, and where its elements start in the tensor.
-struct LocalPiece {
-  int tensor = 0;
-  Box box;
-  int64_t elem_offset = 0;
-};
-
-// Checks the tensors of a Save or Load and lists the boxes this rank holds.
-absl::Status LocalPieces(absl::Span<const ShardedTensor> tensors, std::vector<LocalPiece>* pieces) {
-  std::set<std::string> names;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const ShardedTensor& t = tensors[i];
-    const std::string what = absl::StrCat("checkpoint tensor ", t.name.empty() ? "(no name)" : t.name);
-    if (t.name.empty() || !names.insert(t.name).second) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": names must be non-empty and unique"));
-    }
-    if (t.global_shape.rank() < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": global shape ", t.global_shape.ToString(),
-                                                     " must have rank 1..", kMaxTensorDims));
-    }
-    const Box box = LocalBox(t);
-    for (int d = 0; d < box.rank(); ++d) {
-      if (box.offset[d] < 0 || box.count[d] < 0 || box.offset[d] + box.count[d] > t.global_shape[d]) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": shard box ", box.ToString(),
-                                                       " is outside the global shape ",
-                                                       t.global_shape.ToString()));
-      }
-    }
-    int64_t held = box.numel();
-    if (t.flat_end >= 0) {
-      if (t.flat_begin < 0 || t.flat_begin > t.flat_end || t.flat_end > held) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": flat range [", t.flat_begin, ", ", t.flat_end,
-                                                       ") is not inside the box's ", held, " elements"));
-      }
-      held = t.flat_end - t.flat_begin;
-    }
-    if (held == 0) continue;
-    if (!t.tensor.defined() || t.tensor.dtype() != DType::kF32 || t.tensor.numel() != held) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ",
-                                                     t.tensor.defined() ? t.tensor.ToString() : "undefined",
-                                                     " must be f32 with ", held, " elements"));
-    }
-    if (t.flat_end >= 0) {
-      int64_t offset = 0;
-      for (Box& b : DecomposeFlatRange(box, t.flat_begin, t.flat_end)) {
-        const int64_t n = b.numel();
-        pieces->push_back({static_cast<int>(i), std::move(b), offset});
-        offset += n;
-      }
-    } else {
-      pieces->push_back({static_cast<int>(i), box, 0});
-    }
-  }
-  return absl::OkStatus();
-}
-
-// One distinct shard of the checkpoint and the ranks that hold it.
-struct GlobalShard {
-  int tensor = 0;
-  Box box;
-  std::vector<int> holders;  // world ranks, ascending
-  int writer = -1;
-  std::string dataset;
-};
-
-// The world's shards, computed identically on every rank from the gathered boxes.
-struct Plan {
-  std::vector<GlobalShard> shards;              // sorted by (tensor, box)
-  std::vector<std::vector<int>> tensor_shards;  // per tensor: indices into shards
-};
-
-std::vector<int64_t> PieceKey(int tensor, const Box& box) {
-  std::vector<int64_t> key(kPieceInts, 0);
-  key[0] = tensor;
-  for (int d = 0; d < box.rank(); ++d) {
-    key[1 + d] = box.offset[d];
-    key[1 + kMaxTensorDims + d] = box.count[d];
-  }
-  return key;
-}
-
-uint64_t TensorListHash(absl::Span<const ShardedTensor> tensors) {
-  Xxh64 h;
-  for (const ShardedTensor& t : tensors) {
-    h.Update(t.name.data(), t.name.size() + 1);
-    const std::vector<int64_t> dims = GlobalDims(t.global_shape);
-    const int64_t rank = static_cast<int64_t>(dims.size());
-    h.Update(&rank, sizeof(rank));
-    h.Update(dims.data(), dims.size() * sizeof(int64_t));
-  }
-  return h.Digest();
 }
 
 absl::StatusOr<std::vector<int64_t>> AllGatherInts(comm::Communicator& comm,
@@ -168,10 +63,13 @@ absl::StatusOr<std::vector<int64_t>> AllGatherInts(comm::Communicator& comm,
   return out;
 }
 
-absl::StatusOr<Plan> BuildPlan(comm::Communicator& comm, absl::Span<const ShardedTensor> tensors,
-                               const std::vector<LocalPiece>& pieces) {
+// Every rank's pieces, for the plan: held[r] = rank r's (boxes only), and
+// held[me] = `mine` itself (with its element offsets). Fails on every rank
+// when the ranks passed different tensor lists.
+absl::StatusOr<std::vector<std::vector<LocalPiece>>> GatherHeld(comm::Communicator& comm,
+                                                                absl::Span<const TensorInfo> tensors,
+                                                                const std::vector<LocalPiece>& mine) {
   const int size = comm.size();
-  // Every rank must describe the same tensors.
   int64_t hash = static_cast<int64_t>(TensorListHash(tensors));
   std::vector<int64_t> hashes(size);
   RETURN_IF_ERROR(Await(comm.AllGather(&hash, hashes.data(), 1, DType::kI64)));
@@ -183,81 +81,16 @@ absl::StatusOr<Plan> BuildPlan(comm::Communicator& comm, absl::Span<const Sharde
                        "order) than rank 0; every rank must pass the same list"));
     }
   }
-  std::vector<int64_t> mine;
-  for (const LocalPiece& p : pieces) {
-    const std::vector<int64_t> key = PieceKey(p.tensor, p.box);
-    mine.insert(mine.end(), key.begin(), key.end());
-  }
-  ASSIGN_OR_RETURN(std::vector<int64_t> all, AllGatherInts(comm, mine));
-  std::map<std::vector<int64_t>, std::vector<int>> holders;
+  ASSIGN_OR_RETURN(std::vector<int64_t> all, AllGatherInts(comm, EncodePieces(mine)));
+  std::vector<std::vector<LocalPiece>> held(size);
   size_t at = 0;
   for (int r = 0; r < size; ++r) {
-    const int64_t n = all[at++];
-    for (int64_t k = 0; k < n; k += kPieceInts) {
-      holders[std::vector<int64_t>(all.begin() + at + k, all.begin() + at + k + kPieceInts)].push_back(r);
-    }
-    at += static_cast<size_t>(n);
+    const size_t n = static_cast<size_t>(all[at++]);
+    ASSIGN_OR_RETURN(held[r], DecodePieces(absl::MakeConstSpan(all).subspan(at, n), tensors));
+    at += n;
   }
-  Plan plan;
-  plan.tensor_shards.resize(tensors.size());
-  for (auto& [key, ranks] : holders) {
-    GlobalShard s;
-    s.tensor = static_cast<int>(key[0]);
-    const int rank = tensors[s.tensor].global_shape.rank();
-    s.box.offset.assign(key.begin() + 1, key.begin() + 1 + rank);
-    s.box.count.assign(key.begin() + 1 + kMaxTensorDims, key.begin() + 1 + kMaxTensorDims + rank);
-    s.holders = ranks;
-    plan.tensor_shards[s.tensor].push_back(static_cast<int>(plan.shards.size()));
-    plan.shards.push_back(std::move(s));
-  }
-  // The distinct boxes must tile each global tensor exactly.
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    int64_t covered = 0;
-    const std::vector<int>& idx = plan.tensor_shards[t];
-    for (size_t a = 0; a < idx.size(); ++a) {
-      const Box& ba = plan.shards[idx[a]].box;
-      covered += ba.numel();
-      for (size_t b = a + 1; b < idx.size(); ++b) {
-        if (Intersect(ba, plan.shards[idx[b]].box)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("checkpoint tensor ", tensors[t].name,
-                           ": ranks hold overlapping but different boxes ", ba.ToString(), " and ",
-                           plan.shards[idx[b]].box.ToString(), "; replicas must hold identical boxes"));
-        }
-      }
-    }
-    if (covered != tensors[t].global_shape.numel()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("checkpoint tensor ", tensors[t].name, ": the ranks hold ", covered, " of its ",
-                       tensors[t].global_shape.numel(), " elements; together they must hold all of it"));
-    }
-  }
-  // Writers: largest shards first, each to the holder with the fewest bytes so far.
-  std::vector<int> order(plan.shards.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return plan.shards[a].box.numel() > plan.shards[b].box.numel(); });
-  std::vector<int64_t> load(size, 0);
-  for (int i : order) {
-    GlobalShard& s = plan.shards[i];
-    int best = s.holders.front();
-    for (int r : s.holders) {
-      if (load[r] < load[best]) best = r;
-    }
-    s.writer = best;
-    load[best] += s.box.numel();
-  }
-  // Dataset names in the rank files: the tensor's name, "@k" when one file
-  // holds several shards of it.
-  std::map<std::pair<int, int>, int> per_file;  // (writer, tensor) -> shards
-  for (const GlobalShard& s : plan.shards) ++per_file[{s.writer, s.tensor}];
-  std::map<std::pair<int, int>, int> seen;
-  for (GlobalShard& s : plan.shards) {
-    const std::string& name = tensors[s.tensor].name;
-    const int k = seen[{s.writer, s.tensor}]++;
-    s.dataset = per_file[{s.writer, s.tensor}] == 1 ? name : absl::StrCat(name, "@", k);
-  }
-  return plan;
+  held[comm.rank()] = mine;
+  return held;
 }
 
 std::string RandomSuffix() {
@@ -266,35 +99,6 @@ std::string RandomSuffix() {
                      static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
                      static_cast<uint64_t>(::getpid());
   return absl::StrFormat("%08x", static_cast<uint32_t>(x ^ (x >> 32)));
-}
-
-ckpt::TrainState TrainStateToProto(const TrainState& s) {
-  ckpt::TrainState p;
-  p.set_step(s.step);
-  p.set_consumed_samples(s.consumed_samples);
-  for (int64_t v : s.sampler_state) p.add_sampler_state(v);
-  for (const RngStreamState& r : s.rng) {
-    ckpt::RngState* q = p.add_rng();
-    q->set_name(r.name);
-    q->set_seed(r.seed);
-    q->set_counter(r.counter);
-  }
-  p.set_lr_step(s.lr_step);
-  for (const auto& [k, v] : s.int_values) (*p.mutable_int_values())[k] = v;
-  for (const auto& [k, v] : s.double_values) (*p.mutable_double_values())[k] = v;
-  return p;
-}
-
-TrainState TrainStateFromProto(const ckpt::TrainState& p) {
-  TrainState s;
-  s.step = p.step();
-  s.consumed_samples = p.consumed_samples();
-  s.sampler_state.assign(p.sampler_state().begin(), p.sampler_state().end());
-  for (const ckpt::RngState& r : p.rng()) s.rng.push_back({r.name(), r.seed(), r.counter()});
-  s.lr_step = p.lr_step();
-  for (const auto& [k, v] : p.int_values()) s.int_values[k] = v;
-  for (const auto& [k, v] : p.double_values()) s.double_values[k] = v;
-  return s;
 }
 
 bool IsHostVisible(const Tensor& t) { return t.buffer() != nullptr && t.buffer()->host_visible(); }
@@ -365,15 +169,6 @@ void AppendOptimizerTensors(const optim::Optimizer& optimizer, const parallel::P
   }
 }
 
-bool TrainState::operator==(const TrainState& o) const {
-  auto rng_eq = [](const RngStreamState& a, const RngStreamState& b) {
-    return a.name == b.name && a.seed == b.seed && a.counter == b.counter;
-  };
-  return step == o.step && consumed_samples == o.consumed_samples && sampler_state == o.sampler_state &&
-         rng.size() == o.rng.size() && std::equal(rng.begin(), rng.end(), o.rng.begin(), rng_eq) &&
-         lr_step == o.lr_step && int_values == o.int_values && double_values == o.double_values;
-}
-
 CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& config) {
   CheckpointOptions o;
   o.dir = config.dir();
@@ -388,7 +183,7 @@ struct Checkpointer::SaveTask {
   int64_t step = 0;
   std::string root, tmp_dir, final_name, suffix;
   ckpt::Manifest manifest;  // rank 0: everything but the checksums until written
-  Plan plan;
+  SavePlan plan;
   struct Write {
     int shard = 0;
     uint64_t file_offset = 0;
@@ -461,13 +256,18 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
   if (state.step < 0)
     return absl::InvalidArgumentError(absl::StrCat("checkpoint: step ", state.step, " < 0"));
   const bool root_rank = comm_->rank() == 0;
-  std::vector<LocalPiece> pieces;
-  RETURN_IF_ERROR(Agree(LocalPieces(tensors, &pieces)));
+  absl::StatusOr<std::vector<LocalPiece>> local_pieces = LocalPieces(tensors);
+  RETURN_IF_ERROR(Agree(local_pieces.status()));
+  const std::vector<LocalPiece>& pieces = *local_pieces;
+  const std::vector<TensorInfo> infos = TensorInfos(tensors);
   auto task = std::make_shared<SaveTask>();
   task->step = state.step;
   task->root = options_.dir;
   task->final_name = StepDirName(state.step);
-  ASSIGN_OR_RETURN(task->plan, BuildPlan(*comm_, tensors, pieces));
+  ASSIGN_OR_RETURN(std::vector<std::vector<LocalPiece>> held, GatherHeld(*comm_, infos, pieces));
+  absl::StatusOr<SavePlan> plan = PlanSave(infos, held);
+  RETURN_IF_ERROR(Agree(plan.status()));
+  task->plan = std::move(*plan);
 
   // Rank 0: a fresh temporary directory (and away with crashed saves' ones).
   std::vector<char> name(256, 0);
@@ -499,17 +299,9 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
   // The files' HDF5 structure (calling thread): this rank's file, and on rank
   // 0 the master file. The manifest is complete but for the checksums.
   const int me = comm_->rank();
-  std::vector<RankDataset> datasets;
-  for (size_t i = 0; i < task->plan.shards.size(); ++i) {
-    const GlobalShard& s = task->plan.shards[i];
-    if (s.writer != me) continue;
-    RankDataset d;
-    d.dataset = s.dataset;
-    d.shape = s.box.count;
-    d.global_offset = s.box.offset;
-    d.global_shape = GlobalDims(tensors[s.tensor].global_shape);
-    datasets.push_back(std::move(d));
-    task->writes.push_back({static_cast<int>(i), 0, nullptr, s.box.numel() * 4, 0});
+  std::vector<RankDataset> datasets = RankFileDatasets(task->plan, infos, me);
+  for (int i : task->plan.ShardsWrittenBy(me)) {
+    task->writes.push_back({i, 0, nullptr, task->plan.shards[i].box.numel() * 4, 0});
   }
   if (!datasets.empty()) {
     task->rank_file = JoinPath(task->tmp_dir, RankFileName(me));
@@ -517,73 +309,35 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
     for (size_t k = 0; k < datasets.size(); ++k) task->writes[k].file_offset = datasets[k].file_offset;
   }
   if (local.ok() && root_rank) {
-    ckpt::Manifest& m = task->manifest;
-    m.set_step(state.step);
-    m.set_created_by(absl::StrCat("moe-runtime checkpoint v", kCheckpointFormatVersion));
-    m.set_config_text(config_text);
-    m.mutable_layout()->set_world(layout_.world);
-    m.mutable_layout()->set_tp(layout_.tp);
-    m.mutable_layout()->set_dp(layout_.dp);
-    m.mutable_layout()->set_ep(layout_.ep);
-    m.mutable_layout()->set_edp(layout_.edp);
-    *m.mutable_train() = TrainStateToProto(state);
-    m.set_checksum_algorithm("xxh64");
-    std::set<int> writers;
-    int64_t total = 0;
-    for (size_t t = 0; t < tensors.size(); ++t) {
-      ckpt::TensorEntry* e = m.add_tensors();
-      e->set_name(tensors[t].name);
-      e->set_dtype("f32");
-      for (int64_t d : GlobalDims(tensors[t].global_shape)) e->add_global_shape(d);
-      for (int i : task->plan.tensor_shards[t]) {
-        const GlobalShard& s = task->plan.shards[i];
-        ckpt::Shard* sh = e->add_shards();
-        for (int64_t v : s.box.offset) sh->add_offset(v);
-        for (int64_t v : s.box.count) sh->add_count(v);
-        sh->set_writer_rank(s.writer);
-        sh->set_file(RankFileName(s.writer));
-        sh->set_dataset(s.dataset);
-        sh->set_nbytes(s.box.numel() * 4);
-        total += s.box.numel() * 4;
-        writers.insert(s.writer);
-      }
-    }
-    m.add_files(kMasterFileName);
-    for (int w : writers) m.add_files(RankFileName(w));
-    m.set_total_bytes(total);
-    local = WriteMasterFile(JoinPath(task->tmp_dir, kMasterFileName), m);
+    task->manifest = ManifestForSave(task->plan, infos, state, config_text, layout_);
+    local = WriteMasterFile(JoinPath(task->tmp_dir, kMasterFileName), task->manifest);
   }
   // Where each write's bytes are now (and, async, a private copy of them).
+  absl::StatusOr<std::vector<int>> write_pieces = WriterPieces(task->plan, pieces, me);
+  if (local.ok()) local = write_pieces.status();
   if (local.ok()) {
     std::map<int, Tensor> host;  // tensor index -> host-visible tensor
-    for (SaveTask::Write& w : task->writes) {
-      const GlobalShard& s = task->plan.shards[w.shard];
-      const LocalPiece* piece = nullptr;
-      for (const LocalPiece& p : pieces) {
-        if (p.tensor == s.tensor && p.box == s.box) piece = &p;
-      }
-      if (piece == nullptr) {
-        local =
-            absl::InternalError(absl::StrCat("checkpoint: rank ", me, " writes a shard it does not hold"));
-        break;
-      }
-      auto it = host.find(s.tensor);
+    for (size_t k = 0; k < task->writes.size(); ++k) {
+      SaveTask::Write& w = task->writes[k];
+      const LocalPiece& piece = pieces[(*write_pieces)[k]];
+      const int t = piece.tensor;
+      auto it = host.find(t);
       if (it == host.end()) {
-        const Tensor& t = tensors[s.tensor].tensor;
-        if (IsHostVisible(t)) {
-          it = host.emplace(s.tensor, t).first;
+        const Tensor& tensor = tensors[t].tensor;
+        if (IsHostVisible(tensor)) {
+          it = host.emplace(t, tensor).first;
         } else {
-          absl::StatusOr<Tensor> copy = CopyToHost(t);
+          absl::StatusOr<Tensor> copy = CopyToHost(tensor);
           if (!copy.ok()) {
-            local = Annotate(copy.status(), absl::StrCat("checkpoint tensor ", tensors[s.tensor].name));
+            local = Annotate(copy.status(), absl::StrCat("checkpoint tensor ", tensors[t].name));
             break;
           }
           task->staged.push_back(*copy);
-          it = host.emplace(s.tensor, *copy).first;
+          it = host.emplace(t, *copy).first;
         }
       }
-      const char* data = static_cast<const char*>(it->second.raw_data()) + piece->elem_offset * 4;
-      if (options_.async && IsHostVisible(tensors[s.tensor].tensor)) {
+      const char* data = static_cast<const char*>(it->second.raw_data()) + piece.elem_offset * 4;
+      if (options_.async && IsHostVisible(tensors[t].tensor)) {
         task->owned.emplace_back(data, data + w.nbytes);
         data = task->owned.back().data();
       }
@@ -649,11 +403,7 @@ absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
         sums[static_cast<int>((*all)[at + k])] = static_cast<uint64_t>((*all)[at + k + 1]);
       at += static_cast<size_t>(n);
     }
-    // Shards appear in the manifest in plan order (tensor, then box).
-    int next = 0;
-    for (ckpt::TensorEntry& e : *task.manifest.mutable_tensors()) {
-      for (ckpt::Shard& sh : *e.mutable_shards()) sh.set_checksum(sums[next++]);
-    }
+    SetManifestChecksums(task.plan, sums, &task.manifest);
     local = fs_->WriteFile(JoinPath(task.tmp_dir, kManifestFileName), SerializeManifestFile(task.manifest));
     if (local.ok()) local = fs_->SyncDir(task.tmp_dir);
   }
@@ -721,75 +471,29 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
                                                     absl::Span<const ShardedTensor> tensors) {
   RETURN_IF_ERROR(WaitForPendingSave());
   // 1. Manifest and the tensors' names and shapes (every rank reads it).
-  std::vector<LocalPiece> pieces;
-  absl::Status local = LocalPieces(tensors, &pieces);
+  const std::vector<TensorInfo> infos = TensorInfos(tensors);
+  absl::StatusOr<std::vector<LocalPiece>> local_pieces = LocalPieces(tensors);
+  absl::Status local = local_pieces.status();
   absl::StatusOr<ckpt::Manifest> manifest = absl::UnknownError("");
-  std::vector<const ckpt::TensorEntry*> entries(tensors.size(), nullptr);
+  absl::StatusOr<std::vector<const ckpt::TensorEntry*>> entries = absl::UnknownError("");
   if (local.ok()) {
     manifest = ReadManifest(path);
     local = manifest.status();
   }
   if (local.ok()) local = ValidateManifest(*manifest, path);
   if (local.ok()) {
-    std::map<std::string, const ckpt::TensorEntry*> by_name;
-    for (const ckpt::TensorEntry& e : manifest->tensors()) by_name[e.name()] = &e;
-    for (size_t i = 0; i < tensors.size() && local.ok(); ++i) {
-      auto it = by_name.find(tensors[i].name);
-      if (it == by_name.end()) {
-        local = absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no tensor ", tensors[i].name));
-        break;
-      }
-      const std::vector<int64_t> dims(it->second->global_shape().begin(), it->second->global_shape().end());
-      if (dims != GlobalDims(tensors[i].global_shape)) {
-        local = absl::FailedPreconditionError(
-            absl::StrCat("checkpoint ", path, ": tensor ", tensors[i].name, " has global shape ",
-                         Shape(absl::MakeConstSpan(dims)).ToString(), ", the model's is ",
-                         tensors[i].global_shape.ToString(), " (a different model configuration?)"));
-      }
-      entries[i] = it->second;
-    }
+    entries = MatchManifest(*manifest, infos, path);
+    local = entries.status();
   }
   RETURN_IF_ERROR(Agree(local));
+  const std::vector<LocalPiece>& pieces = *local_pieces;
 
-  // 2. Who reads what: a box held by several ranks (DP/EDP/TP replicas) is
-  //    read from disk by one of them (balanced by bytes) and sent to the others,
-  //    so the checkpoint is read about once, whatever the replication.
-  std::vector<int64_t> mine;
-  for (const LocalPiece& p : pieces) {
-    const std::vector<int64_t> key = PieceKey(p.tensor, p.box);
-    mine.insert(mine.end(), key.begin(), key.end());
-  }
-  ASSIGN_OR_RETURN(std::vector<int64_t> all, AllGatherInts(*comm_, mine));
-  std::map<std::vector<int64_t>, std::vector<int>> holders;
-  for (size_t at = 0, r = 0; at < all.size(); ++r) {
-    const int64_t n = all[at++];
-    for (int64_t k = 0; k < n; k += kPieceInts) {
-      holders[std::vector<int64_t>(all.begin() + at + k, all.begin() + at + k + kPieceInts)].push_back(
-          static_cast<int>(r));
-    }
-    at += static_cast<size_t>(n);
-  }
-  std::map<std::vector<int64_t>, int> reader_of;
-  {
-    std::vector<std::pair<int64_t, const std::vector<int64_t>*>> by_size;
-    for (const auto& [key, ranks] : holders) {
-      int64_t numel = 1;
-      for (int d = 0; d < kMaxTensorDims; ++d) numel *= std::max<int64_t>(key[1 + kMaxTensorDims + d], 1);
-      by_size.emplace_back(numel, &key);
-    }
-    std::stable_sort(by_size.begin(), by_size.end(),
-                     [](const auto& a, const auto& b) { return a.first > b.first; });
-    std::vector<int64_t> load(comm_->size(), 0);
-    for (const auto& [numel, key] : by_size) {
-      const std::vector<int>& ranks = holders[*key];
-      int best = ranks.front();
-      for (int r : ranks) {
-        if (load[r] < load[best]) best = r;
-      }
-      reader_of[*key] = best;
-      load[best] += numel;
-    }
-  }
+  // 2. Who reads what (checkpoint_plan.h): a box held by several ranks
+  //    (DP/EDP/TP replicas) is read from disk by one of them and sent to the
+  //    others, so the checkpoint is read about once, whatever the replication.
+  const int me = comm_->rank();
+  ASSIGN_OR_RETURN(std::vector<std::vector<LocalPiece>> held, GatherHeld(*comm_, infos, pieces));
+  const LoadPlan plan = PlanLoad(held, *entries, me);
   // Host memory of each tensor (device tensors: a staging copy).
   std::map<int, std::vector<char>> staging;
   auto host_base = [&](int i) -> char* {
@@ -800,38 +504,38 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
     return v.data();
   };
   // 3. Read the boxes assigned here from the shards overlapping them.
-  const int me = comm_->rank();
   const auto read_start = std::chrono::steady_clock::now();
   int64_t bytes_read = 0;
   {
     ShardReader reader(path);
     std::map<std::pair<int, int>, std::vector<char>> cache;  // (tensor, shard) -> bytes
     int cached_tensor = -1;
-    for (const LocalPiece& p : pieces) {
+    for (const LoadPlan::PieceRead& pr : plan.reads) {
       if (!local.ok()) break;
-      if (reader_of[PieceKey(p.tensor, p.box)] != me) continue;
+      const LocalPiece& p = pieces[pr.piece];
       if (p.tensor != cached_tensor) cache.clear(), cached_tensor = p.tensor;
       char* dst = host_base(p.tensor) + p.elem_offset * 4;
-      const ckpt::TensorEntry& e = *entries[p.tensor];
-      for (int k = 0; k < e.shards_size() && local.ok(); ++k) {
-        const ckpt::Shard& sh = e.shards(k);
-        const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
-        std::optional<Box> region = Intersect(p.box, sbox);
-        if (!region) continue;
-        if (sbox == p.box) {  // the saving layout held this box too: straight in
+      const ckpt::TensorEntry& e = *(*entries)[p.tensor];
+      for (const LoadPlan::Read& r : pr.reads) {
+        if (!local.ok()) break;
+        const ckpt::Shard& sh = e.shards(r.shard);
+        if (r.whole) {  // the saving layout held this box too: straight in
           local = reader.Read(e, sh, dst);
           bytes_read += sh.nbytes();
           continue;
         }
-        auto it = cache.find({p.tensor, k});
+        auto it = cache.find({p.tensor, r.shard});
         if (it == cache.end()) {
-          it = cache.emplace(std::make_pair(p.tensor, k), std::vector<char>(static_cast<size_t>(sh.nbytes())))
+          it = cache
+                   .emplace(std::make_pair(p.tensor, r.shard),
+                            std::vector<char>(static_cast<size_t>(sh.nbytes())))
                    .first;
           local = reader.Read(e, sh, it->second.data());
           bytes_read += sh.nbytes();
           if (!local.ok()) break;
         }
-        CopyRegion(it->second.data(), sbox, dst, p.box, *region, 4);
+        const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
+        CopyRegion(it->second.data(), sbox, dst, p.box, r.region, 4);
       }
     }
   }
@@ -839,23 +543,13 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   RETURN_IF_ERROR(Agree(local));
   // 4. Replicas: each reader sends its boxes to the other holders.
   const auto exchange_start = std::chrono::steady_clock::now();
-  // In key order on every rank, so that sends and receives between two ranks pair up in order.
-  std::map<std::vector<int64_t>, const LocalPiece*> my_pieces;
-  for (const LocalPiece& p : pieces) my_pieces[PieceKey(p.tensor, p.box)] = &p;
   std::vector<comm::P2POp> ops;
-  for (const auto& [key, p] : my_pieces) {
-    const std::vector<int>& ranks = holders[key];
-    if (ranks.size() < 2) continue;
-    const int reader = reader_of[key];
-    char* data = host_base(p->tensor) + p->elem_offset * 4;
-    const size_t count = static_cast<size_t>(p->box.numel());
-    if (reader == me) {
-      for (int r : ranks) {
-        if (r != me) ops.push_back(comm::P2POp::Send(data, count, DType::kF32, r));
-      }
-    } else {
-      ops.push_back(comm::P2POp::Recv(data, count, DType::kF32, reader));
-    }
+  for (const LoadPlan::Transfer& t : plan.transfers) {
+    const LocalPiece& p = pieces[t.piece];
+    char* data = host_base(p.tensor) + p.elem_offset * 4;
+    const size_t count = static_cast<size_t>(p.box.numel());
+    ops.push_back(t.send ? comm::P2POp::Send(data, count, DType::kF32, t.peer)
+                         : comm::P2POp::Recv(data, count, DType::kF32, t.peer));
   }
   if (!ops.empty()) RETURN_IF_ERROR(Await(comm_->GroupP2P(ops)));
   MOE_LOG(DEBUG) << "checkpoint: load read " << bytes_read << " bytes in " << read_s << " s, exchanged "

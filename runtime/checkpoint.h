@@ -24,7 +24,9 @@
 // Guarantees
 // - No gather: each distinct shard is written once, by one of the ranks that
 //   hold it (replicas over DP/EDP/TP: the holder with the fewest bytes to
-//   write so far, so the write load spreads over all ranks).
+//   write so far, so the write load spreads over all ranks). Who writes and
+//   reads what is decided by the pure plan of runtime/checkpoint_plan.h; this
+//   file gathers its input and executes it.
 // - A checkpoint directory appears (rename) only after every rank's files and
 //   the manifest are fsynced; then the parent directory is fsynced and `latest`
 //   updated (temp + rename). keep_last prunes only after that. A crash at any
@@ -57,6 +59,7 @@
 #include "parallel/layout.h"
 #include "parallel/parameter.h"
 #include "runtime/checkpoint_fs.h"
+#include "runtime/checkpoint_plan.h"
 #include "runtime/core/tensor.h"
 
 namespace moe::config {
@@ -67,22 +70,6 @@ class Optimizer;
 }
 
 namespace moe {
-
-// One tensor of the checkpoint as this rank holds it.
-struct ShardedTensor {
-  // Path in model.h5: a canonical name (docs/model.md), or OptimizerStateName(...).
-  std::string name;
-  Shape global_shape;  // rank 1..5
-  // The box of the global tensor this rank's data belongs to
-  // (parallel::ShardOffsets / LocalShape).
-  parallel::ShardSpec shard;
-  // ZeRO-1: only the elements [flat_begin, flat_end) of that box, in its
-  // row-major order, are held here. flat_end < 0: the whole box.
-  int64_t flat_begin = 0, flat_end = -1;
-  // f32, contiguous, numel = the held elements; any device. Save reads it, Load
-  // writes it (the handle shares storage with the model or optimizer).
-  Tensor tensor;
-};
 
 // "optimizer/exp_avg/model.layers.0.mlp.router.weight".
 std::string OptimizerStateName(absl::string_view state_name, absl::string_view canonical_name);
@@ -95,25 +82,6 @@ std::vector<ShardedTensor> ModelTensors(const parallel::ParameterList& params);
 // optimizer was built on.
 void AppendOptimizerTensors(const optim::Optimizer& optimizer, const parallel::ParameterList& params,
                             std::vector<ShardedTensor>& tensors);
-
-struct RngStreamState {
-  std::string name;
-  uint64_t seed = 0;
-  uint64_t counter = 0;
-};
-
-// What the trainer needs besides tensors to continue exactly. Global: rank 0's
-// copy is written.
-struct TrainState {
-  int64_t step = 0;  // optimizer steps completed; names the directory
-  int64_t consumed_samples = 0;
-  std::vector<int64_t> sampler_state;  // data::SamplerState::ToInts()
-  std::vector<RngStreamState> rng;
-  int64_t lr_step = 0;
-  std::map<std::string, int64_t> int_values;  // anything else (e.g. "optimizer.step")
-  std::map<std::string, double> double_values;
-  bool operator==(const TrainState& o) const;
-};
 
 struct CheckpointOptions {
   std::string dir;     // checkpoint.dir; "" = no checkpoints (Save fails, Resume auto finds none)

@@ -1,5 +1,7 @@
 #include "runtime/metrics.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
@@ -28,7 +30,7 @@ TEST_CASE("a metrics line is valid JSON with every field") {
 }
 
 TEST_CASE("the writer appends lines and reports a bad path") {
-  auto dir = std::filesystem::temp_directory_path() / "moe_metrics_test";
+  auto dir = std::filesystem::temp_directory_path() / ("moe_metrics_test_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   std::string path = (dir / "metrics.jsonl").string();
   {

@@ -1,6 +1,8 @@
 // Resume through the trainer: a run stopped and resumed from its checkpoint
 // continues bit-identically on the same layout (docs/design.md invariant 4), and
 // within 1e-5 on another layout with the same global batch.
+#include <unistd.h>
+
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -16,7 +18,12 @@
 namespace moe {
 namespace {
 
-std::string Dir() { return (std::filesystem::temp_directory_path() / "moe_resume_test").string(); }
+// One folder per job: the ranks of one mpirun share its pid as their parent,
+// so concurrent runs of this test (other build trees) do not collide.
+std::string Dir() {
+  return (std::filesystem::temp_directory_path() / ("moe_resume_test_" + std::to_string(::getppid())))
+      .string();
+}
 
 // Rank 0 writes the corpus; the others wait at the barrier in Groups().
 std::string CorpusPrefix() { return Dir() + "/corpus"; }
@@ -223,6 +230,8 @@ TEST_CASE("train.steps = 0 writes the initial model as step 0") {
   auto list = Checkpointer::List(ckpt).value();
   REQUIRE(list.size() == 1);
   CHECK(list[0].first == 0);
+  Barrier();  // the last test: leave nothing behind in the temporary directory
+  if (comm::MpiEnv::world_rank() == 0) std::filesystem::remove_all(Dir());
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 // file, evaluation, and the non-finite stop.
 #include "runtime/trainer.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -64,8 +66,8 @@ parallel::ProcessGroups Groups(int tp, int ep) {
 }
 
 std::string TestDir() {
-  return (std::filesystem::temp_directory_path() /
-          ("moe_trainer_test_" + std::to_string(comm::MpiEnv::world_rank())))
+  return (std::filesystem::temp_directory_path() / ("moe_trainer_test_" + std::to_string(::getppid()) + "_" +
+                                                    std::to_string(comm::MpiEnv::world_rank())))
       .string();
 }
 

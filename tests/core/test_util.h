@@ -12,6 +12,7 @@
 #include "runtime/core/backend.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/tensor.h"
+#include "tests/compare.h"
 
 namespace moe::testing {
 
@@ -59,24 +60,12 @@ inline std::vector<double> Vd(const Tensor& t) {
 inline Tensor Clone(const Tensor& t) { return FromVec(t.shape(), Vec(t)); }
 
 // |got - want| <= atol + rtol * |want| elementwise; prints the worst element.
+// NaN or Inf on either side fails (tests/compare.h).
 inline void ExpectClose(const std::vector<float>& got, const std::vector<double>& want, double rtol,
                         double atol, const std::string& what) {
-  REQUIRE(got.size() == want.size());
-  double worst = 0;
-  size_t worst_i = 0;
-  bool ok = true;
-  for (size_t i = 0; i < got.size(); ++i) {
-    double err = std::fabs(got[i] - want[i]);
-    double excess = err - (atol + rtol * std::fabs(want[i]));
-    if (excess > 0) ok = false;
-    if (err > worst) {
-      worst = err;
-      worst_i = i;
-    }
-  }
-  INFO(what << ": worst element " << worst_i << " got " << (got.empty() ? 0.0 : got[worst_i]) << " want "
-            << (want.empty() ? 0.0 : want[worst_i]) << " |err| " << worst);
-  CHECK(ok);
+  const Closeness c = Compare(got, want, Tolerance{.rtol = rtol, .atol = atol}, what);
+  INFO(c.message);
+  CHECK(c.ok);
 }
 
 inline void ExpectClose(const Tensor& got, const std::vector<double>& want, double rtol, double atol,

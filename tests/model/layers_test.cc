@@ -5,6 +5,7 @@
 // (~1e-5) and the O(h^2) truncation stay far below, while a wrong term of a
 // backward is off by O(100%)).
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <random>
 
 #include "model/attention.h"
@@ -36,6 +37,37 @@ void Randomize(parallel::Parameter& p, std::mt19937& rng, float std, float mean 
   for (float& x : v) x = n(rng);
   testing::FromVec(p.value, v);
   if (p.grad.defined()) REQUIRE(ops::Fill(CpuStream(), p.grad, 0.0).ok());  // state has no grad
+}
+
+// The checker itself: a correct gradient passes; a NaN or Inf loss, or a NaN
+// or Inf analytic gradient, fails (err > tol would be false for NaN).
+TEST_CASE("Gradient checker fails on NaN and Inf") {
+  std::mt19937 rng(3);
+  Tensor x = RandomTensor({6}, rng), grad = RandomTensor({6}, rng);
+  std::vector<float> dy = ToVec(RandomTensor({6}, rng));
+  testing::FromVec(grad, dy);  // loss = dy . x has gradient dy
+  const std::vector<GradTarget> targets = {{"x", x, grad}};
+  auto dot_loss = [&] { return Dot(x, dy); };
+  const testing::GradCheckResult good = testing::RunGradientCheck(targets, dot_loss, nullptr);
+  INFO(good.report);
+  CHECK(good.ok());
+  CHECK(good.checked == 6);
+  for (double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    INFO("bad value " << bad);
+    const testing::GradCheckResult r = testing::RunGradientCheck(
+        targets, [&] { return bad; }, nullptr);
+    INFO(r.report);
+    CHECK_FALSE(r.ok());
+    CHECK(r.bad == 6);
+    std::vector<float> g = dy;
+    g[2] = static_cast<float>(bad);
+    testing::FromVec(grad, g);
+    const testing::GradCheckResult rg = testing::RunGradientCheck(targets, dot_loss, nullptr);
+    INFO(rg.report);
+    CHECK_FALSE(rg.ok());
+    CHECK(rg.bad >= 1);
+    testing::FromVec(grad, dy);
+  }
 }
 
 TEST_CASE("RMSNorm gradients") {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
+#include "tests/compare.h"
 
 namespace moe::model::testing {
 
@@ -61,8 +62,8 @@ double Dot(const Tensor& a, const std::vector<float>& b) {
   return s;
 }
 
-int CheckGradients(const std::vector<GradTarget>& targets, const std::function<double()>& loss,
-                   const std::function<std::string()>& routing_key, const FdOptions& opt) {
+GradCheckResult RunGradientCheck(const std::vector<GradTarget>& targets, const std::function<double()>& loss,
+                                 const std::function<std::string()>& routing_key, const FdOptions& opt) {
   std::mt19937 rng(opt.seed);
   const std::string base_key = routing_key ? routing_key() : "";
   int checked = 0, skipped = 0;
@@ -101,29 +102,41 @@ int CheckGradients(const std::vector<GradTarget>& targets, const std::function<d
       const double fd = (lp - lm) / (static_cast<double>(xp) - static_cast<double>(xm));
       const double g = grad[i];
       const double tol = opt.rel_tol * std::fabs(g) + opt.abs_tol * gmax + opt.floor;
-      const double err = std::fabs(fd - g);
+      const double err = moe::testing::AbsDiff(fd, g);  // +inf when either is not finite
       std::ostringstream text;
       text << target.name << "[" << i << "]: analytic " << g << " finite-difference " << fd << " |diff| "
            << err << " tol " << tol;
-      if (err / tol > worst_ratio) {
-        worst_ratio = err / tol;
+      const double ratio = std::isfinite(err / tol) ? err / tol : HUGE_VAL;  // never NaN
+      if (ratio > worst_ratio || worst_text.empty()) {
+        worst_ratio = ratio;
         worst_text = text.str();
       }
-      if (err > tol) bad.push_back({err / tol, text.str()});
+      if (!moe::testing::Within(err, tol)) bad.push_back({ratio, text.str()});
       ++checked;
     }
   }
   loss();  // leave the layers' forward state at the unperturbed values
-  std::sort(bad.begin(), bad.end(), [](const Bad& a, const Bad& b) { return a.excess > b.excess; });
+  std::stable_sort(bad.begin(), bad.end(), [](const Bad& a, const Bad& b) { return a.excess > b.excess; });
   std::ostringstream report;
-  report << checked << " elements checked, " << skipped
-         << " skipped (perturbation changed routing); worst: " << worst_text;
+  report << checked << " elements checked, " << skipped << " skipped (perturbation changed routing), "
+         << bad.size() << " bad; worst: " << worst_text;
   for (size_t i = 0; i < std::min<size_t>(bad.size(), 10); ++i) report << "\n  BAD " << bad[i].text;
-  INFO(report.str());
-  CHECK(bad.empty());
-  CHECK(skipped <= checked / 4);
-  CHECK(checked > 0);
-  return checked;
+  GradCheckResult result;
+  result.checked = checked;
+  result.skipped = skipped;
+  result.bad = static_cast<int>(bad.size());
+  result.report = report.str();
+  return result;
+}
+
+int CheckGradients(const std::vector<GradTarget>& targets, const std::function<double()>& loss,
+                   const std::function<std::string()>& routing_key, const FdOptions& opt) {
+  const GradCheckResult r = RunGradientCheck(targets, loss, routing_key, opt);
+  INFO(r.report);
+  CHECK(r.bad == 0);
+  CHECK(r.skipped <= r.checked / 4);
+  CHECK(r.checked > 0);
+  return r.checked;
 }
 
 }  // namespace moe::model::testing

@@ -45,11 +45,24 @@ struct FdOptions {
   uint32_t seed = 7;
 };
 
+struct GradCheckResult {
+  int checked = 0;
+  int skipped = 0;     // perturbation changed routing
+  int bad = 0;         // out of tolerance, or a non-finite loss or gradient
+  std::string report;  // counts, the worst element and up to 10 bad ones
+  bool ok() const { return bad == 0 && checked > 0 && skipped <= checked / 4; }
+};
+
 // Central differences of loss() against the gradients. loss() must rerun the
 // forward from the current values; routing_key() (may be empty) returns a
 // fingerprint of all routing decisions: an element whose +/- perturbation
-// changes it is skipped (counted). Fails the Catch2 test on a mismatch,
-// printing the worst elements; returns the number of checked elements.
+// changes it is skipped (counted). A NaN or Inf loss, difference or gradient
+// counts as a mismatch.
+GradCheckResult RunGradientCheck(const std::vector<GradTarget>& targets, const std::function<double()>& loss,
+                                 const std::function<std::string()>& routing_key, const FdOptions& opt = {});
+
+// RunGradientCheck, failing the Catch2 test (with its report) unless ok();
+// returns the number of checked elements.
 int CheckGradients(const std::vector<GradTarget>& targets, const std::function<double()>& loss,
                    const std::function<std::string()>& routing_key, const FdOptions& opt = {});
 

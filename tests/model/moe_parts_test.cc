@@ -9,6 +9,7 @@
 #include "model/router.h"
 #include "model/token_dispatcher.h"
 #include "runtime/core/ops.h"
+#include "tests/compare.h"
 #include "tests/model/model_test_util.h"
 
 namespace moe::model {
@@ -210,17 +211,14 @@ ExpertsRun RunExperts(Experts& ex, const Tensor& x, const std::vector<int64_t>& 
   return r;
 }
 
+// |grouped - sequential| <= 1e-6 * max(1, max |sequential|); NaN/Inf fail.
 void ExpectClose(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0, scale = 1;
-  int64_t at = -1;
-  for (size_t i = 0; i < a.size(); ++i) scale = std::max(scale, std::fabs((double)b[i]));
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs((double)a[i] - b[i]);
-    if (d > worst) worst = d, at = i;
-  }
-  INFO(what << ": worst |grouped - sequential| = " << worst << " at " << at << " (scale " << scale << ")");
-  CHECK(worst <= 1e-6 * scale);
+  double scale = 1;
+  for (float v : b)
+    if (std::isfinite(v)) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+  const moe::testing::Closeness c = moe::testing::Compare(a, b, {.atol = 1e-6 * scale}, what);
+  INFO(c.message);
+  CHECK(c.ok);
 }
 
 TEST_CASE("GroupedExperts equals SequentialExperts to 1e-6") {

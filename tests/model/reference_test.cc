@@ -20,6 +20,7 @@
 
 #include "data/h5_status.h"
 #include "model/model.h"
+#include "tests/compare.h"
 #include "tests/model/model_test_util.h"
 
 namespace moe::model {
@@ -61,6 +62,20 @@ class Fixture {
     return out;
   }
   bool HasAttr(const char* name) const { return H5Aexists(file_.get(), name) > 0; }
+  // Names of the datasets directly under `group` (e.g. "param"), sorted.
+  std::vector<std::string> Names(const std::string& group) const {
+    H5Id g(H5Gopen2(file_.get(), group.c_str(), H5P_DEFAULT));
+    INFO(path_ << ": group " << group);
+    REQUIRE(g.valid());
+    std::vector<std::string> names;
+    auto collect = [](hid_t, const char* name, const H5L_info_t*, void* out) -> herr_t {
+      static_cast<std::vector<std::string>*>(out)->push_back(name);
+      return 0;
+    };
+    REQUIRE(H5Literate(g.get(), H5_INDEX_NAME, H5_ITER_INC, nullptr, collect, &names) >= 0);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
   double AttrDouble(const char* name) const {
     H5Id a(H5Aopen(file_.get(), name, H5P_DEFAULT));
     INFO("attribute " << name);
@@ -121,34 +136,13 @@ config::ModelConfig ConfigFrom(const Fixture& f) {
   return cfg;
 }
 
-struct Compare {
-  double worst = 0, scale = 0, ratio = 0;
-};
-
-// Checks max |got - ref| <= rel * max |ref| + 1e-7; prints the worst elements.
-Compare CompareTensor(const std::string& what, const std::vector<float>& got, const std::vector<double>& ref,
-                      double rel) {
-  REQUIRE(got.size() == ref.size());
-  Compare c;
-  std::vector<std::pair<double, size_t>> diffs;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    c.scale = std::max(c.scale, std::fabs(ref[i]));
-    diffs.push_back({std::fabs(got[i] - ref[i]), i});
-  }
-  std::partial_sort(diffs.begin(), diffs.begin() + std::min<size_t>(5, diffs.size()), diffs.end(),
-                    [](auto& a, auto& b) { return a.first > b.first; });
-  c.worst = diffs.empty() ? 0 : diffs[0].first;
-  const double tol = rel * c.scale + 1e-7;
-  c.ratio = c.worst / tol;
-  std::ostringstream msg;
-  msg << what << ": max |model - reference| = " << c.worst << " (tolerance " << tol << ", reference scale "
-      << c.scale << "); worst elements:";
-  for (size_t i = 0; i < std::min<size_t>(5, diffs.size()); ++i) {
-    const size_t j = diffs[i].second;
-    msg << "\n  [" << j << "] model " << got[j] << " reference " << ref[j];
-  }
-  INFO(msg.str());
-  CHECK(c.worst <= tol);
+// Checks max |got - ref| <= rel * max |ref| + 1e-7 (NaN/Inf fail); prints the worst elements.
+moe::testing::Closeness CompareTensor(const std::string& what, const std::vector<float>& got,
+                                      const std::vector<double>& ref, double rel) {
+  const moe::testing::Closeness c =
+      moe::testing::Compare(got, ref, moe::testing::Tolerance{.scale_rtol = rel, .atol = 1e-7}, what);
+  INFO(c.message);
+  CHECK(c.ok);
   return c;
 }
 
@@ -162,17 +156,20 @@ void RunFixture(const std::string& name, bool grouped) {
   REQUIRE(model_or.ok());
   Model& model = **model_or;
   // The fixture's parameters replace the initialisation.
-  int loaded = 0;
+  std::vector<std::string> model_names;
   for (parallel::Parameter* p : model.parameters()) {
     std::vector<int64_t> shape;
     std::vector<double> v = f.Read("param/" + p->name, &shape);
     CHECK(Shape(absl::MakeConstSpan(shape)) == p->global_shape);
     std::vector<float> fv(v.begin(), v.end());
     testing::FromVec(p->value, fv);
-    ++loaded;
+    model_names.push_back(p->name);
   }
-  // Every parameter of the fixture is one of the model's.
-  CHECK(loaded == static_cast<int>(model.parameters().size()));
+  // The fixture's parameters and gradients are exactly the model's: none of
+  // the fixture's is left unloaded (a parameter the model lacks) or unchecked.
+  std::sort(model_names.begin(), model_names.end());
+  CHECK(f.Names("param") == model_names);
+  CHECK(f.Names("grad") == model_names);
   // Model state (expert biases): each buffer is in the fixture under state/.
   for (parallel::Parameter* b : model.buffers()) {
     std::vector<double> v = f.Read("state/" + b->name);
@@ -197,7 +194,7 @@ void RunFixture(const std::string& name, bool grouped) {
               L{"loss/total", loss->total()}}) {
     const double ref = f.Read(l.name)[0];
     INFO(l.name << ": model " << l.got << " reference " << ref);
-    CHECK(std::fabs(l.got - ref) <= 2e-5 * std::fabs(ref) + 1e-6);
+    CHECK(moe::testing::ScalarClose(l.got, ref, 2e-5, 1e-6));
   }
   for (int l = 0; l < model.num_layers(); ++l) {
     const std::string key = "moe/" + std::to_string(l) + "/tokens_per_expert";
@@ -213,8 +210,9 @@ void RunFixture(const std::string& name, bool grouped) {
   double worst_ratio = 0;
   std::string worst_name;
   for (parallel::Parameter* p : model.parameters()) {
-    Compare c = CompareTensor("grad of " + p->name, ToVec(p->grad), f.Read("grad/" + p->name), 2e-4);
-    if (c.ratio > worst_ratio) worst_ratio = c.ratio, worst_name = p->name;
+    moe::testing::Closeness c =
+        CompareTensor("grad of " + p->name, ToVec(p->grad), f.Read("grad/" + p->name), 2e-4);
+    if (c.worst_ratio > worst_ratio) worst_ratio = c.worst_ratio, worst_name = p->name;
   }
   WARN(name << (grouped ? " (grouped)" : " (sequential)") << ": loss " << loss->total()
             << ", worst gradient at " << worst_ratio << " of its tolerance (" << worst_name << ")");

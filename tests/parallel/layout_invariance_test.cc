@@ -27,6 +27,7 @@
 #include "runtime/core/config.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "tests/compare.h"
 #include "tests/parallel/parallel_test_util.h"
 
 namespace moe::model {
@@ -189,20 +190,23 @@ void Compare(const Result& ref, const Result& got) {
   REQUIRE(got.losses.size() == ref.losses.size());
   for (size_t s = 0; s < ref.losses.size(); ++s) {
     INFO("step " << s << " loss " << got.losses[s] << " reference " << ref.losses[s]);
-    REQUIRE(std::abs(got.losses[s] - ref.losses[s]) <= 1e-5 * std::abs(ref.losses[s]));
+    REQUIRE(moe::testing::ScalarClose(got.losses[s], ref.losses[s], 1e-5, 0));
   }
   REQUIRE(got.params.size() == ref.params.size());
   for (const auto& [name, local] : got.params) {
     const std::vector<float>& full = ref.params.at(name);
-    double worst = 0, scale = 0;
-    for (float v : full) scale = std::max(scale, static_cast<double>(std::abs(v)));
-    parallel::ForEachLocalRun(
-        got.global_shapes.at(name), got.shards.at(name), [&](int64_t g, int64_t lo, int64_t n) {
-          for (int64_t j = 0; j < n; ++j)
-            worst = std::max(worst, std::abs(static_cast<double>(local[lo + j]) - full[g + j]));
-        });
-    INFO(name << ": worst difference " << worst << " (max |p| " << scale << ")");
-    REQUIRE(worst <= 1e-5 * scale);
+    // The full tensor's entries that this rank holds, in local order.
+    std::vector<float> want(local.size());
+    parallel::ForEachLocalRun(got.global_shapes.at(name), got.shards.at(name),
+                              [&](int64_t g, int64_t lo, int64_t n) {
+                                for (int64_t j = 0; j < n; ++j) want[lo + j] = full[g + j];
+                              });
+    double scale = 0;  // of the whole tensor, not only this rank's part
+    for (float v : full)
+      if (std::isfinite(v)) scale = std::max(scale, static_cast<double>(std::abs(v)));
+    const moe::testing::Closeness c = moe::testing::Compare(local, want, {.atol = 1e-5 * scale}, name);
+    INFO(c.message);
+    REQUIRE(c.ok);
   }
 }
 

@@ -28,6 +28,7 @@
 #include "runtime/core/config.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "tests/compare.h"
 #include "tests/parallel/parallel_test_util.h"
 
 namespace moe::model {
@@ -198,19 +199,14 @@ void Compare(const Result& ref, const Result& got) {
   REQUIRE(got.losses.size() == ref.losses.size());
   for (size_t s = 0; s < ref.losses.size(); ++s) {
     INFO("step " << s << " loss " << got.losses[s] << " reference " << ref.losses[s]);
-    REQUIRE(std::abs(got.losses[s] - ref.losses[s]) <= 1e-5 * std::abs(ref.losses[s]));
+    REQUIRE(moe::testing::ScalarClose(got.losses[s], ref.losses[s], 1e-5, 0));
   }
   REQUIRE(got.params.size() == ref.params.size());
   for (const auto& [name, ref_values] : ref.params) {
     const std::vector<float>& v = got.params.at(name);
-    REQUIRE(v.size() == ref_values.size());
-    double worst = 0, scale = 0;
-    for (size_t i = 0; i < v.size(); ++i) {
-      scale = std::max(scale, static_cast<double>(std::abs(ref_values[i])));
-      worst = std::max(worst, std::abs(static_cast<double>(v[i]) - ref_values[i]));
-    }
-    INFO(name << ": worst difference " << worst << " (max |p| " << scale << ")");
-    REQUIRE(worst <= 1e-5 * scale);
+    const moe::testing::Closeness c = moe::testing::Compare(v, ref_values, {.scale_rtol = 1e-5}, name);
+    INFO(c.message);
+    REQUIRE(c.ok);
   }
 }
 

@@ -25,6 +25,7 @@
 #include "runtime/core/config.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "tests/compare.h"
 #include "tests/parallel/parallel_test_util.h"
 
 namespace moe::model {
@@ -141,14 +142,10 @@ LayerRun RunLayer(comm::Communicator& ep, comm::Communicator& ep_p2p, bool llep,
 
 void RequireClose(const std::vector<float>& got, const std::vector<float>& want, const char* what) {
   REQUIRE(got.size() == want.size());
-  double worst = 0, scale = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    scale = std::max(scale, static_cast<double>(std::abs(want[i])));
-    worst = std::max(worst, std::abs(static_cast<double>(got[i]) - want[i]));
-  }
-  INFO(what << ": worst difference " << worst << " (max " << scale << ")");
-  REQUIRE(scale > 0);
-  REQUIRE(worst <= 1e-5 * scale);
+  const moe::testing::Closeness c = moe::testing::Compare(got, want, {.scale_rtol = 1e-5}, what);
+  INFO(c.message);
+  REQUIRE(c.scale > 0);
+  REQUIRE(c.ok);
 }
 
 TEST_CASE("LLEP layer: moves pair up, borrowed weights freed, results equal standard EP", "[llep]") {

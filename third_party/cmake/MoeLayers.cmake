@@ -4,9 +4,12 @@
 #                 [SOURCES <extra sources>...] [CUDA_SOURCES <.cu files>...])
 #
 # Sources are the folder's *.cc files (not its subfolders, which are their own
-# layers or optional backends). Each layer's #include "<layer>/..." lines are
-# checked at build time against the layers it may see (itself and its DEPS,
-# transitively); an include that points upward fails the build.
+# layers or optional backends). Before the library compiles, its files (and
+# those of its cpu/ and cuda/ backend subfolders) are checked
+# (check_layer_includes.cmake): an #include "<layer>/..." must name the layer
+# itself or one of its DEPS (transitively), and <mpi.h>, <nccl.h>, <cuda*.h>,
+# <cublas*.h> and <cblas.h> may appear only in the layer that owns them. A
+# violation fails the build, naming the file, the include and the rule.
 
 set(MOE_LAYER_CHECK_SCRIPT ${CMAKE_CURRENT_LIST_DIR}/check_layer_includes.cmake)
 
@@ -41,7 +44,7 @@ function(moe_add_layer target)
 
   string(REPLACE ";" "," allowed_arg "${allowed}")
   add_custom_target(${target}_layer_check
-    COMMAND ${CMAKE_COMMAND} -DLAYER_DIR=${CMAKE_SOURCE_DIR}/${L_DIR} -DLAYER=${L_DIR}
+    COMMAND ${CMAKE_COMMAND} -DROOT=${CMAKE_SOURCE_DIR} -DLAYER=${L_DIR}
             -DALLOWED=${allowed_arg} -P ${MOE_LAYER_CHECK_SCRIPT}
     COMMENT "Checking that ${L_DIR}/ includes only ${allowed_arg}"
     VERBATIM)

@@ -156,6 +156,11 @@ absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan
         "parallel.tensor = ", plan.tp_size, " must divide model.ffn_hidden_size = ", cfg.ffn_hidden_size(),
         " and model.moe.expert_ffn_hidden_size = ", cfg.moe().expert_ffn_hidden_size()));
   }
+  if (cfg.moe().shared_expert_ffn_hidden_size() % plan.tp_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("parallel.tensor = ", plan.tp_size,
+                                                   " must divide model.moe.shared_expert_ffn_hidden_size = ",
+                                                   cfg.moe().shared_expert_ffn_hidden_size()));
+  }
   if (cfg.moe().num_experts() % plan.ep_size != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("parallel.expert = ", plan.ep_size,
@@ -179,6 +184,15 @@ std::vector<std::string> MoeRoutingProblems(const config::MoeConfig& moe) {
   if (!(rate >= 0) || !std::isfinite(rate)) {
     e.push_back(absl::StrCat("model.moe.expert_bias_update_rate = ", rate,
                              " must be a finite value >= 0 (0: no bias; DeepSeek-V3 used 0.001)"));
+  }
+  if (moe.shared_expert_ffn_hidden_size() < 0) {
+    e.push_back(absl::StrCat("model.moe.shared_expert_ffn_hidden_size = ",
+                             moe.shared_expert_ffn_hidden_size(), " must be >= 0 (0: no shared expert)"));
+  }
+  if (moe.shared_expert_gate() && moe.shared_expert_ffn_hidden_size() <= 0) {
+    e.push_back(
+        "model.moe.shared_expert_gate = true needs a shared expert: set "
+        "model.moe.shared_expert_ffn_hidden_size > 0");
   }
   const int64_t E = moe.num_experts(), k = moe.top_k();
   const int64_t groups = moe.num_expert_groups() > 0 ? moe.num_expert_groups() : 1;

@@ -1,5 +1,7 @@
 #include "model/moe_layer.h"
 
+#include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "model/alltoall_dispatcher.h"
@@ -20,12 +22,102 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
         absl::StrCat("MoELayer ", prefix, ": the dispatcher serves experts [", dispatcher_->expert_begin(),
                      ", ", dispatcher_->expert_end(), ") but this rank holds [", e0, ", ", e1, ")"));
   }
+  if (cfg.moe().shared_expert_ffn_hidden_size() > 0) {
+    shared_ = std::make_unique<DenseMLP>();
+    RETURN_IF_ERROR(shared_->Init(stream, prefix + "shared_expert.", cfg.hidden_size(),
+                                  cfg.moe().shared_expert_ffn_hidden_size(), init_std, down_std, plan, seed));
+    gated_ = cfg.moe().shared_expert_gate();
+    if (gated_) {
+      RETURN_IF_ERROR(CreateParameter(stream, prefix + "shared_expert_gate.weight",
+                                      Shape{1, cfg.hidden_size()}, parallel::ParamKind::kDense,
+                                      parallel::ShardSpec{}, InitSpec::Normal(init_std), seed,
+                                      &shared_gate_));
+    }
+  }
   ASSIGN_OR_RETURN(experts_, MakeExperts(cfg.moe().experts_impl()));
   return experts_->Init(stream, prefix + "experts.", cfg.hidden_size(), cfg.moe().expert_ffn_hidden_size(), E,
                         e0, e1, init_std, down_std, seed);
 }
 
+absl::Status MoELayer::CollectParameters(parallel::ParameterList* list) {
+  RETURN_IF_ERROR(list->Add(&router_.weight()));
+  RETURN_IF_ERROR(list->Add(&experts_->gate_proj()));
+  RETURN_IF_ERROR(list->Add(&experts_->up_proj()));
+  RETURN_IF_ERROR(list->Add(&experts_->down_proj()));
+  if (shared_ != nullptr) {
+    RETURN_IF_ERROR(list->Add(&shared_->gate_proj()));
+    RETURN_IF_ERROR(list->Add(&shared_->up_proj()));
+    RETURN_IF_ERROR(list->Add(&shared_->down_proj()));
+  }
+  if (gated_) RETURN_IF_ERROR(list->Add(&shared_gate_));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
+  ASSIGN_OR_RETURN(Tensor y, RoutedForward(stream, x, seq_len));
+  if (shared_ != nullptr) RETURN_IF_ERROR(SharedForward(stream, x, y));
+  return y;
+}
+
+absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
+  // The shared expert first: RoutedBackward releases x.
+  Tensor dx_shared;
+  if (shared_ != nullptr) {
+    ASSIGN_OR_RETURN(dx_shared, NewActivation(stream, dy.shape()));
+    RETURN_IF_ERROR(ops::Fill(stream, dx_shared, 0.0));
+    RETURN_IF_ERROR(SharedBackward(stream, dy, dx_shared));
+  }
+  ASSIGN_OR_RETURN(Tensor dx, RoutedBackward(stream, dy, aux_scale, z_scale));
+  if (shared_ != nullptr) RETURN_IF_ERROR(ops::Add(stream, dx, dx_shared, dx));
+  return dx;
+}
+
+absl::Status MoELayer::SharedForward(Stream& stream, const Tensor& x, const Tensor& y) {
+  ASSIGN_OR_RETURN(Tensor s, shared_->Forward(stream, x));
+  if (!gated_) return ops::Add(stream, y, s, y);
+  const int64_t T = x.size(0);
+  ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, 1}));
+  RETURN_IF_ERROR(ops::Gemm(stream, x, false, shared_gate_.value, true, logits));
+  ASSIGN_OR_RETURN(gate_host_, ToHostFloats(stream, logits));
+  for (float& g : gate_host_) g = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g))));
+  std::vector<int32_t> rows(T);
+  std::iota(rows.begin(), rows.end(), 0);
+  ASSIGN_OR_RETURN(rows_, FromHostInts(stream, rows, Shape{T}));
+  ASSIGN_OR_RETURN(gate_, FromHostFloats(stream, gate_host_, Shape{T}));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_));  // y_t += g_t s_t
+  shared_out_ = s;
+  shared_x_ = x;
+  return absl::OkStatus();
+}
+
+absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Tensor& dx) {
+  if (!gated_) {
+    ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dy));
+    return ops::Add(stream, dx, d, dx);
+  }
+  const int64_t T = dy.size(0);
+  // d g_t = dy_t . s_t; d logit_t = d g_t g_t (1 - g_t).
+  ASSIGN_OR_RETURN(Tensor dg, NewActivation(stream, Shape{T}));
+  RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, rows_, shared_out_, dg));
+  ASSIGN_OR_RETURN(std::vector<float> dgh, ToHostFloats(stream, dg));
+  for (int64_t t = 0; t < T; ++t) {
+    const double g = gate_host_[t];
+    dgh[t] = static_cast<float>(dgh[t] * g * (1.0 - g));
+  }
+  ASSIGN_OR_RETURN(Tensor dlogit, FromHostFloats(stream, dgh, Shape{T, 1}));
+  RETURN_IF_ERROR(ops::Gemm(stream, dlogit, true, shared_x_, false, shared_gate_.grad, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.value, false, dx, 1.0f, 1.0f));
+  // The shared expert sees g_t dy_t.
+  ASSIGN_OR_RETURN(Tensor dys, NewActivation(stream, dy.shape()));
+  RETURN_IF_ERROR(ops::Fill(stream, dys, 0.0));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dy, rows_, dys, gate_));
+  ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dys));
+  RETURN_IF_ERROR(ops::Add(stream, dx, d, dx));
+  shared_out_ = shared_x_ = rows_ = gate_ = Tensor();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len) {
   ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x, seq_len));
   auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
   llep_active_ = false;
@@ -54,7 +146,8 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_
   return dispatcher_->Combine(stream, out);
 }
 
-absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
+absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,
+                                                float z_scale) {
   std::vector<float> dweights;
   if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
     ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));

@@ -3,8 +3,12 @@
 // its pipelined path: parallel.overlap_chunks chunks, the exchange of chunk
 // c + 1 in flight while chunk c's experts compute, in forward and backward.
 //
-//   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t), plus the layer's aux and z
-//   losses (read after Forward; their gradient scales are Backward arguments).
+//   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t) [+ g_t SwiGLU_shared(x_t)],
+//   plus the layer's aux and z losses (read after Forward; their gradient
+//   scales are Backward arguments). The shared expert
+//   (model.moe.shared_expert_ffn_hidden_size > 0) is a DenseMLP named
+//   "mlp.shared_expert.", sharded over TP like the dense MLP; g_t = 1, or
+//   sigmoid(x_t . w) with model.moe.shared_expert_gate (w: "mlp.shared_expert_gate.weight" [1, d]).
 #ifndef MOE_MODEL_MOE_LAYER_H_
 #define MOE_MODEL_MOE_LAYER_H_
 
@@ -14,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/common.h"
+#include "model/dense_mlp.h"
 #include "model/experts.h"
 #include "model/llep.h"
 #include "model/router.h"
@@ -39,6 +44,10 @@ class MoELayer {
   Router& router() { return router_; }
   Experts& experts() { return *experts_; }
   TokenDispatcher& dispatcher() { return *dispatcher_; }
+  DenseMLP* shared_expert() { return shared_.get(); }                                     // null when absent
+  parallel::Parameter* shared_expert_gate() { return gated_ ? &shared_gate_ : nullptr; }  // null when ungated
+  // Appends the parameters in docs/model.md's order (router, experts, shared expert, its gate).
+  absl::Status CollectParameters(parallel::ParameterList* list);
   // LLEP (model/llep.h): when set, each Forward plans over the EP group and,
   // when the plan fires, runs the all-to-all dispatcher's pipelined path with
   // the runner's reroute and experts (same results). Null: standard EP.
@@ -46,7 +55,18 @@ class MoELayer {
   LlepRunner* llep() { return llep_.get(); }
 
  private:
+  absl::StatusOr<Tensor> RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len);
+  absl::StatusOr<Tensor> RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
+  // y += g * shared(x) / its backward (dx += ...).
+  absl::Status SharedForward(Stream& stream, const Tensor& x, const Tensor& y);
+  absl::Status SharedBackward(Stream& stream, const Tensor& dy, const Tensor& dx);
+
   Router router_;
+  std::unique_ptr<DenseMLP> shared_;
+  bool gated_ = false;
+  parallel::Parameter shared_gate_;
+  Tensor shared_out_, shared_x_, rows_, gate_;  // gated: shared(x) [T, d], x, 0..T-1, g [T]
+  std::vector<float> gate_host_;
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
   Tensor x_;

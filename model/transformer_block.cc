@@ -64,12 +64,7 @@ absl::Status TransformerBlock::CollectParameters(parallel::ParameterList* list) 
   RETURN_IF_ERROR(list->Add(&attn_.v_proj()));
   RETURN_IF_ERROR(list->Add(&attn_.o_proj()));
   RETURN_IF_ERROR(list->Add(&post_norm_.weight()));
-  if (moe_) {
-    RETURN_IF_ERROR(list->Add(&moe_->router().weight()));
-    RETURN_IF_ERROR(list->Add(&moe_->experts().gate_proj()));
-    RETURN_IF_ERROR(list->Add(&moe_->experts().up_proj()));
-    return list->Add(&moe_->experts().down_proj());
-  }
+  if (moe_) return moe_->CollectParameters(list);
   RETURN_IF_ERROR(list->Add(&mlp_->gate_proj()));
   RETURN_IF_ERROR(list->Add(&mlp_->up_proj()));
   return list->Add(&mlp_->down_proj());

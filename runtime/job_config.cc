@@ -92,6 +92,10 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(m.ffn_hidden_size() % p.tensor() == 0,
        absl::StrCat("parallel.tensor = ", p.tensor(),
                     " must divide model.ffn_hidden_size = ", m.ffn_hidden_size()));
+  need(moe.shared_expert_ffn_hidden_size() % p.tensor() == 0,
+       absl::StrCat(
+           "parallel.tensor = ", p.tensor(),
+           " must divide model.moe.shared_expert_ffn_hidden_size = ", moe.shared_expert_ffn_hidden_size()));
   need(moe.num_experts() % p.expert() == 0,
        absl::StrCat("parallel.expert = ", p.expert(),
                     " must divide model.moe.num_experts = ", moe.num_experts()));

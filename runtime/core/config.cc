@@ -204,6 +204,8 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(moe, expert_bias_update_rate, 0.0);
   MOE_DEFAULT(moe, group_topk, 0);
   MOE_DEFAULT(moe, aux_loss_type, "batch");
+  MOE_DEFAULT(moe, shared_expert_ffn_hidden_size, 0);
+  MOE_DEFAULT(moe, shared_expert_gate, false);
   config::ForcedRouting* fr = moe->mutable_forced_routing();
   MOE_DEFAULT(fr, fraction, 0.0);
   MOE_DEFAULT(fr, hot_experts, 1);

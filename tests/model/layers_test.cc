@@ -271,6 +271,10 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
           Case{"sigmoid, bias, 3 groups (2 kept), capacity",
                "top_k: 2 capacity_factor: 1.0 score_function: \"sigmoid\" expert_bias_update_rate: 0.1 "
                "num_expert_groups: 3 group_topk: 2",
+               true},
+          Case{"shared expert", "top_k: 2 capacity_factor: 0 shared_expert_ffn_hidden_size: 5", false},
+          Case{"gated shared expert, capacity",
+               "top_k: 2 capacity_factor: 1.0 shared_expert_ffn_hidden_size: 4 shared_expert_gate: true",
                true}}) {
       DYNAMIC_SECTION(impl << " " << c.name) {
         std::mt19937 rng(7);
@@ -285,6 +289,10 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
         for (auto* p :
              {&layer.experts().gate_proj(), &layer.experts().up_proj(), &layer.experts().down_proj()})
           Randomize(*p, rng, 0.5f);
+        if (DenseMLP* sh = layer.shared_expert()) {
+          for (auto* p : {&sh->gate_proj(), &sh->up_proj(), &sh->down_proj()}) Randomize(*p, rng, 0.5f);
+        }
+        if (parallel::Parameter* g = layer.shared_expert_gate()) Randomize(*g, rng, 0.5f);
         const int64_t T = 10;
         Tensor x = RandomTensor(Shape{T, 8}, rng);
         std::vector<float> r = ToVec(RandomTensor(Shape{T, 8}, rng));
@@ -303,13 +311,14 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
         }
         auto dx = layer.Backward(s, testing::NewTensor(Shape{T, 8}, r), 0.9f, 1.1f);
         REQUIRE(dx.ok());
-        Experts& ex = layer.experts();
-        CheckGradients({{"router", layer.router().weight().value, layer.router().weight().grad},
-                        {"gate_proj", ex.gate_proj().value, ex.gate_proj().grad},
-                        {"up_proj", ex.up_proj().value, ex.up_proj().grad},
-                        {"down_proj", ex.down_proj().value, ex.down_proj().grad},
-                        {"x", x, *dx}},
-                       loss, [&] { return RoutingKey(layer.routing()); }, {.step = 3e-3});
+        // Every parameter of the layer (router, experts, shared expert and its gate) and x.
+        parallel::ParameterList params;
+        REQUIRE(layer.CollectParameters(&params).ok());
+        CHECK(params.size() ==
+              4u + (layer.shared_expert() ? 3u : 0u) + (layer.shared_expert_gate() ? 1u : 0u));
+        std::vector<testing::GradTarget> targets = {{"x", x, *dx}};
+        for (parallel::Parameter* p : params) targets.push_back({p->name, p->value, p->grad});
+        CheckGradients(targets, loss, [&] { return RoutingKey(layer.routing()); }, {.step = 3e-3});
       }
     }
   }

@@ -187,7 +187,11 @@ TEST_CASE("Whole-model gradients match finite differences") {
         Case{"untied, sigmoid scores, expert bias, 2 groups (1 kept), sequence aux, capacity",
              "moe { moe_layer_freq: 1 capacity_factor: 1.0 score_function: \"sigmoid\" "
              "expert_bias_update_rate: 0.01 num_expert_groups: 2 group_topk: 1 aux_loss_type: \"sequence\" }",
-             true}}) {
+             true},
+        Case{"tied, gated shared expert (Qwen2-MoE), every layer MoE",
+             "tie_word_embeddings: true moe { moe_layer_freq: 1 shared_expert_ffn_hidden_size: 6 "
+             "shared_expert_gate: true }",
+             false}}) {
     DYNAMIC_SECTION(c.name) {
       config::ModelConfig cfg = TinyConfig(std::string(kUntied));
       // Overlay only the fields the case sets.
@@ -261,13 +265,16 @@ TEST_CASE("Bad tokens and configs are rejected with the value and the field") {
   struct Bad {
     std::string text, message;
   };
-  for (const Bad& b : {Bad{"score_function: \"relu\"", "model.moe.score_function = \"relu\""},
-                       Bad{"aux_loss_type: \"token\"", "model.moe.aux_loss_type = \"token\""},
-                       Bad{"expert_bias_update_rate: -1", "model.moe.expert_bias_update_rate = -1"},
-                       Bad{"group_topk: -1", "model.moe.group_topk = -1"},
-                       Bad{"num_expert_groups: 3 group_topk: 1", "model.moe.num_expert_groups = 3 must"},
-                       Bad{"num_expert_groups: 2 group_topk: 3", "at most model.moe.num_expert_groups = 2"},
-                       Bad{"num_expert_groups: 4 group_topk: 1", "hold fewer than model.moe.top_k = 2"}}) {
+  for (const Bad& b :
+       {Bad{"score_function: \"relu\"", "model.moe.score_function = \"relu\""},
+        Bad{"aux_loss_type: \"token\"", "model.moe.aux_loss_type = \"token\""},
+        Bad{"expert_bias_update_rate: -1", "model.moe.expert_bias_update_rate = -1"},
+        Bad{"group_topk: -1", "model.moe.group_topk = -1"},
+        Bad{"num_expert_groups: 3 group_topk: 1", "model.moe.num_expert_groups = 3 must"},
+        Bad{"num_expert_groups: 2 group_topk: 3", "at most model.moe.num_expert_groups = 2"},
+        Bad{"num_expert_groups: 4 group_topk: 1", "hold fewer than model.moe.top_k = 2"},
+        Bad{"shared_expert_ffn_hidden_size: -2", "model.moe.shared_expert_ffn_hidden_size = -2"},
+        Bad{"shared_expert_gate: true", "model.moe.shared_expert_gate = true needs a shared expert"}}) {
     bad = cfg;
     auto extra = ParseConfigText("model { moe { " + b.text + " } }", "case");
     REQUIRE(extra.ok());

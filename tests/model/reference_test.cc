@@ -131,6 +131,10 @@ config::ModelConfig ConfigFrom(const Fixture& f) {
   if (f.HasAttr("aux_loss_type")) moe->set_aux_loss_type(f.AttrString("aux_loss_type"));
   if (f.HasAttr("num_expert_groups")) moe->set_num_expert_groups(f.AttrInt("num_expert_groups"));
   if (f.HasAttr("group_topk")) moe->set_group_topk(f.AttrInt("group_topk"));
+  if (f.HasAttr("shared_expert_ffn_hidden_size")) {
+    moe->set_shared_expert_ffn_hidden_size(f.AttrInt("shared_expert_ffn_hidden_size"));
+  }
+  if (f.HasAttr("shared_expert_gate")) moe->set_shared_expert_gate(f.AttrInt("shared_expert_gate") != 0);
   // The bias's value comes from the fixture; any positive rate creates it.
   if (f.HasAttr("expert_bias") && f.AttrInt("expert_bias") != 0) moe->set_expert_bias_update_rate(1e-3);
   return cfg;
@@ -239,6 +243,15 @@ TEST_CASE("Model equals the NumPy reference: sigmoid scores, expert bias, 2 grou
 
 TEST_CASE("Model equals the NumPy reference: softmax, sequence aux, bias, 3 groups (2 kept), k = 3") {
   RunFixture("softmax_sequence_aux_groups", true);
+}
+
+TEST_CASE("Model equals the NumPy reference: Qwen2-MoE shape, gated shared expert") {
+  RunFixture("qwen_shared_gated", true);
+  RunFixture("qwen_shared_gated", false);
+}
+
+TEST_CASE("Model equals the NumPy reference: DeepSeek-V3 shape, shared expert, bias, groups, capacity") {
+  RunFixture("deepseek_shared", true);
 }
 
 TEST_CASE("Model equals the NumPy reference: sigmoid, sequence aux, no renormalisation") {

@@ -3,7 +3,8 @@
 // for every (tp, ep, dp, grad_accum) with dp x grad_accum = 4, overlap chunks
 // 1 and 3, dropless and capacity routing, and DeepSeek-V3 routing (sigmoid
 // scores, group-limited, sequence aux loss, the expert bias updated after each
-// step from the global load: the biases must come out equal on every layout).
+// step from the global load: the biases must come out equal on every layout),
+// and shared experts (sharded over TP), gated or not.
 //
 // Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
 // the job (split off the world), so one 4-rank job runs every layout. The
@@ -44,8 +45,10 @@ constexpr int kSeqLen = 8;
 constexpr double kLr = 0.5;
 constexpr uint64_t kSeed = 1234;
 
-// DeepSeek-V3-style routing on top of the tiny config (docs/model.md).
+// DeepSeek-V3-style routing with a shared expert, and the Qwen2-MoE shape (a
+// gated shared expert), on top of the tiny config (docs/model.md).
 constexpr char kDeepSeekRouting[] = "deepseek";
+constexpr char kQwenShared[] = "qwen";
 
 config::ModelConfig TinyConfig(double capacity_factor, const std::string& variant = "") {
   JobConfig job;
@@ -72,6 +75,12 @@ config::ModelConfig TinyConfig(double capacity_factor, const std::string& varian
     moe->set_num_expert_groups(2);  // explicit: the same model on every EP size
     moe->set_group_topk(1);
     moe->set_aux_loss_type("sequence");
+    moe->set_shared_expert_ffn_hidden_size(8);  // sharded over TP like the dense MLP
+  }
+  if (variant == kQwenShared) {
+    moe->set_norm_topk_prob(false);
+    moe->set_shared_expert_ffn_hidden_size(12);
+    moe->set_shared_expert_gate(true);
   }
   ApplyDefaults(1, &job);
   return job.model();
@@ -244,9 +253,14 @@ TEST_CASE("layout invariance, dropless", "[layout_invariance]") { RunAll(0.0); }
 
 TEST_CASE("layout invariance, capacity", "[layout_invariance]") { RunAll(1.0); }
 
-TEST_CASE("layout invariance, sigmoid scores, expert bias updates, groups, sequence aux, capacity",
-          "[layout_invariance]") {
+TEST_CASE(
+    "layout invariance, sigmoid scores, expert bias updates, groups, sequence aux, shared expert, capacity",
+    "[layout_invariance]") {
   RunAll(1.0, kDeepSeekRouting);
+}
+
+TEST_CASE("layout invariance, gated shared expert, no renormalisation, dropless", "[layout_invariance]") {
+  RunAll(0.0, kQwenShared);
 }
 
 }  // namespace

@@ -7,7 +7,7 @@
 // and weights in every step, and free the borrowed weights after each layer's
 // backward. Also with DeepSeek-V3 routing (learned, no forcing: sigmoid
 // scores, 4 expert groups of which 2 are kept, sequence aux loss, the expert
-// bias updated after every step from the global load).
+// bias updated after every step from the global load, a gated shared expert).
 //
 // A layout of w = tp x dp ranks runs on the world / w disjoint sub-worlds of
 // the job, so one mpirun covers 2 and 4 ranks (RANKS 4); RANKS 2 runs the
@@ -72,6 +72,8 @@ config::ModelConfig SkewedConfig(int first_hot, bool deepseek) {
     moe->set_num_expert_groups(4);
     moe->set_group_topk(2);
     moe->set_aux_loss_type("sequence");
+    moe->set_shared_expert_ffn_hidden_size(12);
+    moe->set_shared_expert_gate(true);
   }
   ApplyDefaults(1, &job);
   return job.model();
@@ -266,8 +268,10 @@ TEST_CASE("LLEP with 3 overlap chunks == standard EP with 1, tp 1 ep 2 and ep 4,
   RunLayout({.tp = 1, .dp = 4, .first_hot = 2, .chunks = 3});
   RunLayout({.tp = 2, .dp = 2, .chunks = 3});
 }
-TEST_CASE("LLEP on == off with sigmoid scores, expert bias, groups, sequence aux: ep 2, ep 4, tp 2 ep 2",
-          "[llep]") {
+TEST_CASE(
+    "LLEP on == off with sigmoid scores, expert bias, groups, sequence aux, gated shared expert: ep 2, "
+    "ep 4, tp 2 ep 2",
+    "[llep]") {
   RunLayout({.tp = 1, .dp = 2, .deepseek = true});
   RunLayout({.tp = 1, .dp = 4, .chunks = 3, .deepseek = true});
   RunLayout({.tp = 2, .dp = 2, .deepseek = true});

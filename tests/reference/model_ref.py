@@ -8,7 +8,8 @@ router, norm_topk_prob, capacity with the "probs" and "position" drop policies o
 dropless, Switch load-balancing loss and router z-loss, tied or untied LM head,
 mean cross-entropy) and its backward derived by hand (NumPy has no autograd).
 DeepSeek-V3 routing options: sigmoid scores, an expert bias added for the choice
-only, group-limited routing, the sequence-level aux loss.
+only, group-limited routing, the sequence-level aux loss; shared experts, ungated
+(DeepSeek) or gated by a sigmoid (Qwen2-MoE).
 
   model_ref.py --check            finite-difference check of every gradient (float64)
   model_ref.py --write DIR        writes DIR/model_ref_<name>.h5 for each tiny config
@@ -41,11 +42,13 @@ import numpy as np
 BASE = dict(norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
             capacity_factor=0.0, drop_policy="probs", tie_word_embeddings=False,
             aux_loss_coeff=0.1, z_loss_coeff=0.01, score_function="softmax",
-            aux_loss_type="batch", expert_bias=False, num_expert_groups=1, group_topk=0)
+            aux_loss_type="batch", expert_bias=False, num_expert_groups=1, group_topk=0,
+            shared_expert_ffn_hidden_size=0, shared_expert_gate=False)
 
 # Config keys written as fixture attributes only when they differ from BASE (the older
 # fixtures predate them; the C++ test reads each when present).
-NEW_ATTRS = ("score_function", "aux_loss_type", "expert_bias", "num_expert_groups", "group_topk")
+NEW_ATTRS = ("score_function", "aux_loss_type", "expert_bias", "num_expert_groups", "group_topk",
+             "shared_expert_ffn_hidden_size", "shared_expert_gate")
 
 CONFIGS = {
     # Untied head, dropless, MoE every second layer (layer 1 is MoE, layer 0 dense).
@@ -76,6 +79,19 @@ CONFIGS = {
                                 capacity_factor=1.25, drop_policy="probs",
                                 score_function="sigmoid", expert_bias=True,
                                 num_expert_groups=2, group_topk=1, seed=44),
+    # Qwen2-MoE shape: softmax, no renormalisation, a shared expert gated by a sigmoid.
+    "qwen_shared_gated": dict(BASE, vocab_size=21, hidden_size=8, num_layers=2, num_heads=2,
+                              num_kv_heads=2, ffn_hidden_size=12, num_experts=4, top_k=2,
+                              expert_ffn_hidden_size=6, moe_layer_freq=1, seq_len=5,
+                              micro_batch=2, norm_topk_prob=False,
+                              shared_expert_ffn_hidden_size=10, shared_expert_gate=True, seed=77),
+    # DeepSeek-V3 shape: sigmoid, bias, groups, an ungated shared expert, capacity.
+    "deepseek_shared": dict(BASE, vocab_size=19, hidden_size=8, num_layers=2, num_heads=2,
+                            num_kv_heads=1, ffn_hidden_size=12, num_experts=6, top_k=2,
+                            expert_ffn_hidden_size=4, moe_layer_freq=2, seq_len=6, micro_batch=2,
+                            capacity_factor=1.0, score_function="sigmoid", expert_bias=True,
+                            num_expert_groups=3, group_topk=2,
+                            shared_expert_ffn_hidden_size=8, seed=88),
     # Softmax with the sequence-level aux loss, bias and 3 groups of 2 (2 kept per token, k = 3).
     "softmax_sequence_aux_groups": dict(BASE, vocab_size=17, hidden_size=8, num_layers=2,
                                         num_heads=2, num_kv_heads=1, ffn_hidden_size=12,
@@ -118,6 +134,13 @@ def param_shapes(cfg):
                     (p + "mlp.experts.gate_proj", (E, Fe, d)),
                     (p + "mlp.experts.up_proj", (E, Fe, d)),
                     (p + "mlp.experts.down_proj", (E, d, Fe))]
+            Fs = cfg["shared_expert_ffn_hidden_size"]
+            if Fs > 0:
+                out += [(p + "mlp.shared_expert.gate_proj.weight", (Fs, d)),
+                        (p + "mlp.shared_expert.up_proj.weight", (Fs, d)),
+                        (p + "mlp.shared_expert.down_proj.weight", (d, Fs))]
+                if cfg["shared_expert_gate"]:
+                    out.append((p + "mlp.shared_expert_gate.weight", (1, d)))
         else:
             out += [(p + "mlp.gate_proj.weight", (F, d)),
                     (p + "mlp.up_proj.weight", (F, d)),
@@ -428,6 +451,15 @@ def forward(params, tokens, cfg):
             z_total += zl
             moe_stats[l] = dict(c4[-1], aux=aux, z=zl, p=c4[3], w=c4[6], sel=c4[5],
                                 bias=params.get(pre + "mlp.router.expert_bias"))
+            if cfg["shared_expert_ffn_hidden_size"] > 0:
+                ys, cs = swiglu_fwd(m, params[pre + "mlp.shared_expert.gate_proj.weight"],
+                                    params[pre + "mlp.shared_expert.up_proj.weight"],
+                                    params[pre + "mlp.shared_expert.down_proj.weight"])
+                g = np.ones((m.shape[0], 1))
+                if cfg["shared_expert_gate"]:
+                    g = sigmoid(m @ params[pre + "mlp.shared_expert_gate.weight"].T)  # [T, 1]
+                y = y + g * ys
+                c4 = c4 + ((cs, ys, g, m),)
         else:
             y, c4 = swiglu_fwd(m, params[pre + "mlp.gate_proj.weight"],
                                params[pre + "mlp.up_proj.weight"],
@@ -461,7 +493,19 @@ def backward(params, cache, cfg, w_ce=1.0, w_aux=1.0, w_z=1.0):
         pre = f"model.layers.{l}."
         c1, c2, c3, c4 = layers[l]
         if is_moe(cfg, l):
+            if cfg["shared_expert_ffn_hidden_size"] > 0:
+                (cs, ys, g, m), c4 = c4[-1], c4[:-1]
+                dms, g1, g2, g3 = swiglu_bwd(dh * g, cs)
+                grads[pre + "mlp.shared_expert.gate_proj.weight"] = g1
+                grads[pre + "mlp.shared_expert.up_proj.weight"] = g2
+                grads[pre + "mlp.shared_expert.down_proj.weight"] = g3
+                if cfg["shared_expert_gate"]:
+                    dlogit = np.sum(dh * ys, axis=1, keepdims=True) * g * (1.0 - g)  # [T, 1]
+                    grads[pre + "mlp.shared_expert_gate.weight"] = dlogit.T @ m
+                    dms = dms + dlogit @ params[pre + "mlp.shared_expert_gate.weight"]
             dm, dWr, dWg, dWu, dWd = moe_bwd(dh, w_aux, w_z, c4, cfg)
+            if cfg["shared_expert_ffn_hidden_size"] > 0:
+                dm = dm + dms
             grads[pre + "mlp.router.weight"] = dWr
             grads[pre + "mlp.experts.gate_proj"] = dWg
             grads[pre + "mlp.experts.up_proj"] = dWu

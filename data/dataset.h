@@ -8,7 +8,7 @@
 //     data->train->Advance();
 //   }
 //   checkpoint: data->train->state().ToInts(); resume: data->train->Restore(...)
-//   eval: for (b < train.eval_batches) data->valid->EvalMicroBatch(b, dp_rank, tokens)
+//   eval: for (b < train.eval_batches, a < grad_accum) data->valid->EvalMicroBatch(b, a, dp_rank, tokens)
 //
 // dp_rank is layout.dp_rank: the TP ranks of one data-parallel replica read the
 // same micro-batch. Every rank opens the files itself (they are memory-mapped, so the page cache

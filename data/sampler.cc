@@ -154,24 +154,25 @@ absl::Status Sampler::MicroBatch(int64_t accum_step, int64_t dp_rank, int32_t* o
   return ReadSamples(MicroBatchSamples(accum_step, dp_rank), out);
 }
 
-int64_t Sampler::num_eval_batches() const {
-  const int64_t per_batch = options_.dp * options_.micro_batch;
-  return std::max<int64_t>(1, num_samples_ / per_batch);
-}
+int64_t Sampler::num_eval_batches() const { return std::max<int64_t>(1, num_samples_ / global_batch()); }
 
-std::vector<int64_t> Sampler::EvalMicroBatchSamples(int64_t batch, int64_t dp_rank) const {
+std::vector<int64_t> Sampler::EvalMicroBatchSamples(int64_t batch, int64_t accum_step,
+                                                    int64_t dp_rank) const {
   const int64_t mb = options_.micro_batch;
+  const int64_t first = batch * global_batch() + (accum_step * options_.dp + dp_rank) * mb;
   std::vector<int64_t> samples(static_cast<size_t>(mb));
-  for (int64_t i = 0; i < mb; ++i) samples[i] = ((batch * options_.dp + dp_rank) * mb + i) % num_samples_;
+  for (int64_t i = 0; i < mb; ++i) samples[i] = (first + i) % num_samples_;
   return samples;
 }
 
-absl::Status Sampler::EvalMicroBatch(int64_t batch, int64_t dp_rank, int32_t* out) const {
-  if (batch < 0 || dp_rank < 0 || dp_rank >= options_.dp) {
-    return absl::InvalidArgumentError(absl::StrCat(options_.name, " sampler: eval batch ", batch,
-                                                   ", dp_rank ", dp_rank, " (dp = ", options_.dp, ")"));
+absl::Status Sampler::EvalMicroBatch(int64_t batch, int64_t accum_step, int64_t dp_rank, int32_t* out) const {
+  if (batch < 0 || accum_step < 0 || accum_step >= options_.grad_accum || dp_rank < 0 ||
+      dp_rank >= options_.dp) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options_.name, " sampler: eval micro-batch (batch ", batch, ", accum_step ", accum_step, ", dp_rank ",
+        dp_rank, ") outside grad_accum ", options_.grad_accum, " x dp ", options_.dp));
   }
-  return ReadSamples(EvalMicroBatchSamples(batch, dp_rank), out);
+  return ReadSamples(EvalMicroBatchSamples(batch, accum_step, dp_rank), out);
 }
 
 }  // namespace moe::data

@@ -8,11 +8,10 @@
 // Epoch order. With shuffle, epoch e visits the samples in the order of
 // ShufflePermutation(num_samples, seed, e); without, in stream order.
 //
-// Global batches (docs/model.md, "Loss, micro-batches and the global batch"). global_batch = dp * micro_batch *
-// grad_accum samples, taken in epoch order: the batch at state (epoch, position)
-// is order positions [position, position + global_batch). Micro-batch m = a*dp + r
-// (accumulation step a, data-parallel rank r) holds the batch's samples
-// [m*micro_batch, (m+1)*micro_batch). So (dp = 2, grad_accum = 1) and (dp = 1,
+// Global batches (docs/model.md, "Loss, micro-batches and the global batch"). global_batch = dp * micro_batch
+// * grad_accum samples, taken in epoch order: the batch at state (epoch, position) is order positions
+// [position, position + global_batch). Micro-batch m = a*dp + r (accumulation step a, data-parallel rank r)
+// holds the batch's samples [m*micro_batch, (m+1)*micro_batch). So (dp = 2, grad_accum = 1) and (dp = 1,
 // grad_accum = 2) see the same micro-batches. When fewer than global_batch samples
 // are left in an epoch, they are skipped and the next epoch starts (position 0).
 //
@@ -100,12 +99,17 @@ class Sampler {
   // when the source's Read is (Megatron: yes; HDF5: no).
   absl::Status MicroBatch(int64_t accum_step, int64_t dp_rank, int32_t* out) const;
 
-  // Evaluation (stream order, no shuffle, no state): eval batch b gives dp rank r
-  // the samples ((b*dp + r)*micro_batch + i) mod num_samples, i < micro_batch.
-  // Batches [0, num_eval_batches()) are disjoint; later ones wrap around.
+  // Evaluation (stream order, no shuffle, no state). Eval batch b is the
+  // global_batch() samples [b * global_batch, (b + 1) * global_batch) mod
+  // num_samples, split like a training batch: micro-batch (accum_step a,
+  // dp rank r) gets positions (a*dp + r)*micro_batch + i, i < micro_batch. So
+  // eval batches [0, n) are the first n * global_batch samples of the split on
+  // every layout with that global batch (validation loss is layout-invariant,
+  // like the training loss). Batches [0, num_eval_batches()) are disjoint;
+  // later ones wrap around.
   int64_t num_eval_batches() const;
-  std::vector<int64_t> EvalMicroBatchSamples(int64_t batch, int64_t dp_rank) const;
-  absl::Status EvalMicroBatch(int64_t batch, int64_t dp_rank, int32_t* out) const;
+  std::vector<int64_t> EvalMicroBatchSamples(int64_t batch, int64_t accum_step, int64_t dp_rank) const;
+  absl::Status EvalMicroBatch(int64_t batch, int64_t accum_step, int64_t dp_rank, int32_t* out) const;
 
   // Reads sample `sample` (seq_len + 1 tokens) into out.
   absl::Status ReadSample(int64_t sample, int32_t* out) const;

@@ -283,16 +283,22 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
 
 absl::StatusOr<std::optional<double>> Trainer::Evaluate() {
   if (data_->valid == nullptr) return std::optional<double>();
+  // train.eval_batches global batches of the validation split, each split into
+  // grad_accum x dp micro-batches like a training batch: the same sequences on
+  // every layout with the same global batch (data/sampler.h).
   const int64_t batches = std::max<int64_t>(1, config_.train().eval_batches());
+  const int64_t grad_accum = config_.train().grad_accum();
   const int64_t micro_batch = config_.train().micro_batch();
   double ce = 0;
   for (int64_t b = 0; b < batches; ++b) {
-    RETURN_IF_ERROR(data_->valid->EvalMicroBatch(b, groups_->layout.dp_rank, tokens_.data()));
-    ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
-    ce += parts.ce;
+    for (int64_t a = 0; a < grad_accum; ++a) {
+      RETURN_IF_ERROR(data_->valid->EvalMicroBatch(b, a, groups_->layout.dp_rank, tokens_.data()));
+      ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
+      ce += parts.ce;
+    }
   }
   ASSIGN_OR_RETURN(std::vector<double> sum, SumOverDataParallel({ce}));
-  return sum[0] / (static_cast<double>(batches) * groups_->layout.dp);
+  return sum[0] / (static_cast<double>(batches) * grad_accum * groups_->layout.dp);
 }
 
 void Trainer::Log(const StepStats& s) const {

@@ -82,8 +82,9 @@ class Trainer {
   bool stopped_by_signal() const { return stopped_by_signal_; }
   // One optimizer step.
   absl::StatusOr<StepStats> TrainStep();
-  // Mean validation cross-entropy over train.eval_batches batches of every DP
-  // rank; nullopt without a validation split.
+  // Mean validation cross-entropy over the first train.eval_batches global
+  // batches of the validation split (the same sequences on every layout with
+  // the same global batch); nullopt without a validation split.
   absl::StatusOr<std::optional<double>> Evaluate();
 
   int64_t step() const { return step_; }

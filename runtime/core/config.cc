@@ -261,7 +261,9 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(o, clip_grad, 1.0);
   MOE_DEFAULT(o, warmup_steps, 0);
   MOE_DEFAULT(o, lr_schedule, "cosine");
-  MOE_DEFAULT(o, decay_steps, t->steps());
+  // train.steps = 0 trains nothing (it saves the initial model): the schedule
+  // is never evaluated, so its default only has to be valid.
+  MOE_DEFAULT(o, decay_steps, t->steps() > 0 ? t->steps() : o->warmup_steps() + 1);
   MOE_DEFAULT(o, shard_state, false);
 
   config::DataConfig* d = c->mutable_data();

@@ -104,7 +104,7 @@ TEST_CASE("OpenTrainingData with data.format = hdf5") {
   CHECK((*d)->train->num_samples() == 38);
   CHECK((*d)->valid->num_samples() == 2);  // ceil(0.05 * 40)
   std::vector<int32_t> row(10);
-  REQUIRE((*d)->valid->EvalMicroBatch(0, 0, row.data()).ok());
+  REQUIRE((*d)->valid->EvalMicroBatch(0, 0, 0, row.data()).ok());
   CHECK(row[0] == 38 * 4);
   CHECK(row[9] == 39 * 4 + 4);
   REQUIRE((*d)->train->MicroBatch(0, 0, row.data()).ok());

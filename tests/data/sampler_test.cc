@@ -131,7 +131,8 @@ TEST_CASE("no sample lost or repeated within an epoch, for every dp x grad_accum
   }
 }
 
-TEST_CASE("dp x grad_accum fixed: the same micro-batches in the same order (docs/model.md global batch rule)") {
+TEST_CASE(
+    "dp x grad_accum fixed: the same micro-batches in the same order (docs/model.md global batch rule)") {
   TempDir tmp;
   auto source = OpenPositions(tmp, 16 * 100 + 1);
   // micro-batch m of the global batch, for dp*ga = 4 split four ways.
@@ -148,6 +149,39 @@ TEST_CASE("dp x grad_accum fixed: the same micro-batches in the same order (docs
   }
   CHECK(runs[0] == runs[1]);
   CHECK(runs[0] == runs[2]);
+}
+
+// The evaluation set is a fixed set of sequences: the first eval_batches *
+// global_batch samples of the split in stream order, whatever dp, grad_accum
+// and micro_batch make up that global batch (so validation loss is
+// layout-invariant). A sampler that gave each dp rank eval_batches
+// micro-batches would grow the set with dp and fail here.
+TEST_CASE("eval batches: the same sequences on every layout with the same global batch") {
+  TempDir tmp;
+  auto source = OpenPositions(tmp, 16 * 30 + 1);
+  const int64_t batches = 3;  // 36 positions over 30 samples: the last 6 wrap around
+  std::vector<int64_t> want;
+  for (int64_t p = 0; p < batches * 12; ++p) want.push_back(p % 30);
+  std::sort(want.begin(), want.end());
+  for (auto [dp, ga, mb] : std::vector<std::array<int64_t, 3>>{
+           {1, 1, 12}, {4, 1, 3}, {2, 2, 3}, {1, 4, 3}, {2, 1, 6}, {12, 1, 1}, {3, 2, 2}}) {
+    CAPTURE(dp, ga, mb);
+    auto s = Sampler::Create(source, 0, 30, Opts(16, mb, dp, ga, true, 99));
+    REQUIRE(s.ok());
+    CHECK((*s)->num_eval_batches() == 2);
+    std::vector<int64_t> seen;
+    std::vector<int32_t> tokens(mb * 17);
+    for (int64_t b = 0; b < batches; ++b) {
+      for (int64_t a = 0; a < ga; ++a) {
+        for (int64_t r = 0; r < dp; ++r) {
+          REQUIRE((*s)->EvalMicroBatch(b, a, r, tokens.data()).ok());
+          for (int64_t i = 0; i < mb; ++i) seen.push_back(tokens[i * 17] / 16);
+        }
+      }
+    }
+    std::sort(seen.begin(), seen.end());
+    CHECK(seen == want);
+  }
 }
 
 TEST_CASE("shuffle: deterministic from (seed, epoch); shuffle = false keeps file order") {
@@ -250,25 +284,29 @@ TEST_CASE("OpenTrainingData: fraction split holds out the last samples; eval bat
   }
   CHECK(*train_seen.rbegin() < 180);
   CHECK(train_seen.size() == 180);
-  // Eval: dp rank r of batch b gets samples ((b*dp + r)*mb + i) mod 20 of the valid split,
-  // which are stream samples 180..199.
-  CHECK(d.valid->num_eval_batches() == 5);
+  // Eval: batch b is the global batch of 8 valid samples [8b, 8b + 8) mod 20,
+  // micro-batch (a, r) holding positions (a*2 + r)*2 + i: stream samples 180..199.
+  CHECK(d.valid->num_eval_batches() == 2);
   const int64_t row = 17;
   std::vector<int32_t> t(2 * row);
   std::set<int64_t> eval_seen;
-  for (int64_t b = 0; b < 5; ++b) {
-    for (int64_t r = 0; r < 2; ++r) {
-      REQUIRE(d.valid->EvalMicroBatch(b, r, t.data()).ok());
-      for (int i = 0; i < 2; ++i) {
-        const int64_t sample = t[i * row] / 16;
-        CHECK(sample == 180 + (b * 2 + r) * 2 + i);
-        eval_seen.insert(sample);
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t a = 0; a < 2; ++a) {
+      for (int64_t r = 0; r < 2; ++r) {
+        REQUIRE(d.valid->EvalMicroBatch(b, a, r, t.data()).ok());
+        for (int i = 0; i < 2; ++i) {
+          const int64_t sample = t[i * row] / 16;
+          CHECK(sample == 180 + b * 8 + (a * 2 + r) * 2 + i);
+          eval_seen.insert(sample);
+        }
       }
     }
   }
-  CHECK(eval_seen.size() == 20);
-  REQUIRE(d.valid->EvalMicroBatch(5, 0, t.data()).ok());  // wraps around
-  CHECK(t[0] == 180 * 16);
+  CHECK(eval_seen.size() == 16);
+  REQUIRE(d.valid->EvalMicroBatch(2, 1, 1, t.data()).ok());  // positions 22, 23 wrap to 2, 3
+  CHECK(t[0] == 182 * 16);
+  CHECK(!d.valid->EvalMicroBatch(0, 2, 0, t.data()).ok());  // accum_step outside grad_accum
+  CHECK(!d.valid->EvalMicroBatch(0, 0, 2, t.data()).ok());  // dp rank outside dp
 
   // With data.valid_path, all of train_path trains.
   config.mutable_data()->set_valid_path(prefix);

@@ -11,9 +11,12 @@
 #include <map>
 #include <string>
 
+#include "absl/strings/str_join.h"
 #include "comm/mpi_env.h"
 #include "data/indexed_dataset.h"
+#include "runtime/job_config.h"
 #include "runtime/trainer.h"
+#include "tests/compare.h"
 
 namespace moe {
 namespace {
@@ -225,14 +228,106 @@ TEST_CASE("DeepSeek-V3 routing with expert bias: bit-identical resume, and withi
   }
 }
 
-TEST_CASE("train.steps = 0 writes the initial model as step 0") {
+// Parameters (and buffers) of a trainer built from `config` without running
+// it: the initial model, or the checkpoint's when train.resume finds one.
+std::map<std::string, std::vector<float>> CreatedParams(const JobConfig& config) {
+  comm::CommOptions options;
+  options.timeout_s = 120;
+  auto world = comm::CreateWorldCommunicator(options).value();
+  auto groups =
+      parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
+          .value();
+  auto trainer = Trainer::Create(config, &groups);
+  INFO(trainer.status().ToString());
+  REQUIRE(trainer.ok());
+  std::map<std::string, std::vector<float>> params;
+  for (parallel::Parameter* p : (*trainer)->parameters()) {
+    const float* v = p->value.data<float>();
+    params[p->name].assign(v, v + p->value.numel());
+  }
+  return params;
+}
+
+// The validation loss of the initial model on `layout` (micro_batch sequences per rank).
+double InitialValidLoss(const Layout& layout, int world, int micro_batch) {
+  JobConfig config = Config(layout, world, 1, "", "adamw");
+  config.mutable_train()->set_micro_batch(micro_batch);
+  config.mutable_train()->set_eval_batches(2);
+  comm::CommOptions options;
+  options.timeout_s = 120;
+  auto comm_world = comm::CreateWorldCommunicator(options).value();
+  auto groups = parallel::CreateProcessGroups(std::move(comm_world), layout.tp, layout.ep).value();
+  auto trainer = Trainer::Create(config, &groups);
+  INFO(trainer.status().ToString());
+  REQUIRE(trainer.ok());
+  auto loss = (*trainer)->Evaluate();
+  INFO(loss.status().ToString());
+  REQUIRE(loss.ok());
+  REQUIRE(loss->has_value());
+  return **loss;
+}
+
+// The evaluation set is the first eval_batches x global_batch validation
+// sequences on every layout (README), so the validation loss of the same model
+// does not depend on dp, grad_accum or how the global batch is split.
+TEST_CASE("validation loss is the same on every layout with the same global batch") {
+  const int world = comm::MpiEnv::world_size();
+  struct Case {
+    Layout layout;
+    int micro_batch;
+  };
+  // Global batch 8: dp * grad_accum * micro_batch, dp = world / (tp * ep) ... ep divides dp.
+  std::vector<Case> cases;
+  if (world == 2) {
+    cases = {{{1, 1, 1}, 4}, {{1, 2, 2}, 2}, {{2, 1, 2}, 4}, {{2, 1, 4}, 2}, {{1, 1, 4}, 1}};
+  } else {
+    cases = {{{1, 1, 1}, 2}, {{1, 4, 2}, 1}, {{2, 1, 1}, 4}, {{2, 2, 2}, 2}, {{2, 1, 4}, 1}};
+  }
+  if (comm::MpiEnv::world_rank() == 0 && !std::filesystem::exists(CorpusPrefix() + ".idx")) WriteCorpus();
+  Barrier();
+  const double reference = InitialValidLoss(cases[0].layout, world, cases[0].micro_batch);
+  for (const Case& c : cases) {
+    const double loss = InitialValidLoss(c.layout, world, c.micro_batch);
+    CAPTURE(c.layout.tp, c.layout.ep, c.layout.grad_accum, c.micro_batch, loss, reference);
+    CHECK(moe::testing::ScalarClose(loss, reference, 1e-6, 0));
+  }
+}
+
+// README: "train.steps: 0 saves the initial model as step 0", with every
+// optim field at its default (cosine schedule, decay_steps from train.steps).
+TEST_CASE("train.steps = 0 with default optim settings writes the initial model as step 0") {
   const int world = comm::MpiEnv::world_size();
   const std::string ckpt = Dir() + "/ckpt_init";
   JobConfig init = Config({}, world, 0, ckpt, "adamw");
-  Train(init);
+  init.clear_optim();  // every optimizer and schedule default
+  ApplyDefaults(world, &init);
+  CHECK(init.optim().lr_schedule() == "cosine");
+  const std::vector<std::string> problems = ValidateJobConfig(init, world);
+  INFO(absl::StrJoin(problems, "\n"));
+  REQUIRE(problems.empty());
+  Outcome initial = Train(init);
+  CHECK(initial.losses.empty());
   auto list = Checkpointer::List(ckpt).value();
   REQUIRE(list.size() == 1);
   CHECK(list[0].first == 0);
+
+  // What step 0 holds: a job with another seed that resumes from it has the
+  // first job's initial parameters, bit for bit; without resuming it differs.
+  JobConfig other = init;
+  other.mutable_train()->set_seed(init.train().seed() + 1);
+  other.mutable_train()->set_resume("none");
+  const std::map<std::string, std::vector<float>> fresh = CreatedParams(other);
+  other.mutable_train()->set_resume("auto");
+  const std::map<std::string, std::vector<float>> resumed = CreatedParams(other);
+  REQUIRE(!resumed.empty());
+  int differs = 0;
+  for (const auto& [name, values] : resumed) {
+    CAPTURE(name);
+    REQUIRE(initial.params.count(name) == 1);
+    CHECK(values == initial.params.at(name));
+    if (fresh.at(name) != values) ++differs;
+  }
+  CHECK(differs > 0);
   Barrier();  // the last test: leave nothing behind in the temporary directory
   if (comm::MpiEnv::world_rank() == 0) std::filesystem::remove_all(Dir());
 }

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
@@ -12,6 +13,58 @@ namespace moe::comm {
 namespace {
 int g_local_rank = 0;
 int g_local_size = 1;
+int g_node_id = 0;
+int g_num_nodes = 1;
+const char* g_placement_source = "mpi";
+
+// A launcher variable as a non-negative int; -1 when absent or malformed.
+int EnvInt(const char* name) {
+  const char* v = std::getenv(name);
+  int out = -1;
+  if (v == nullptr || !absl::SimpleAtoi(v, &out) || out < 0) return -1;
+  return out;
+}
+
+// Local rank and node: the shared-memory split of the world, then the
+// launcher's variables where it sets them.
+absl::Status FindPlacement() {
+  MPI_Comm local;
+  MPI_RETURN_IF_ERROR(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local));
+  MPI_Comm_rank(local, &g_local_rank);
+  MPI_Comm_size(local, &g_local_size);
+  // Node index: the rank of each node's first rank among the first ranks.
+  MPI_Comm leaders;
+  MPI_RETURN_IF_ERROR(MPI_Comm_split(MPI_COMM_WORLD, g_local_rank == 0 ? 0 : MPI_UNDEFINED, 0, &leaders));
+  int node[2] = {0, 1};
+  if (leaders != MPI_COMM_NULL) {
+    MPI_Comm_rank(leaders, &node[0]);
+    MPI_Comm_size(leaders, &node[1]);
+    MPI_Comm_free(&leaders);
+  }
+  MPI_RETURN_IF_ERROR(MPI_Bcast(node, 2, MPI_INT, 0, local));
+  MPI_Comm_free(&local);
+  g_node_id = node[0];
+  g_num_nodes = node[1];
+  int local_rank = EnvInt("SLURM_LOCALID"), node_id = EnvInt("SLURM_NODEID");
+  g_placement_source = "slurm";
+  if (local_rank < 0) {
+    local_rank = EnvInt("OMPI_COMM_WORLD_LOCAL_RANK");
+    node_id = -1;
+    g_placement_source = "openmpi";
+  }
+  if (local_rank < 0) {
+    g_placement_source = "mpi";
+    return absl::OkStatus();
+  }
+  if (local_rank != g_local_rank || (node_id >= 0 && node_id != g_node_id)) {
+    MOE_LOG(WARNING) << "the launcher places this rank on node " << node_id << " as local rank " << local_rank
+                     << " (" << g_placement_source << "), shared memory on node " << g_node_id
+                     << " as local rank " << g_local_rank << ": using the launcher's";
+  }
+  g_local_rank = local_rank;
+  if (node_id >= 0) g_node_id = node_id;
+  return absl::OkStatus();
+}
 }  // namespace
 
 absl::Status MpiEnv::Init(int* argc, char*** argv) {
@@ -29,11 +82,8 @@ absl::Status MpiEnv::Init(int* argc, char*** argv) {
                        ") for its communication threads; use an Open MPI built with thread support "
                        "(Debian's openmpi-bin is)"));
     }
-    MPI_Comm local;
-    MPI_RETURN_IF_ERROR(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local));
-    MPI_Comm_rank(local, &g_local_rank);
-    MPI_Comm_size(local, &g_local_size);
-    MPI_Comm_free(&local);
+    SetLogRank(world_rank(), world_size());
+    RETURN_IF_ERROR(FindPlacement());
   }
   SetLogRank(world_rank(), world_size());
   return absl::OkStatus();
@@ -60,6 +110,9 @@ int MpiEnv::world_size() {
 
 int MpiEnv::local_rank() { return g_local_rank; }
 int MpiEnv::local_size() { return g_local_size; }
+int MpiEnv::node_id() { return g_node_id; }
+int MpiEnv::num_nodes() { return g_num_nodes; }
+const char* MpiEnv::placement_source() { return g_placement_source; }
 
 void MpiEnv::Abort(int code) {
   if (initialized()) MPI_Abort(MPI_COMM_WORLD, code);

@@ -20,8 +20,17 @@ class MpiEnv {
   static int world_rank();
   static int world_size();
   // Ranks of this job on the same node, and this rank's index among them.
+  // The launcher's variables name the local rank and the node when present
+  // (srun: SLURM_LOCALID, SLURM_NODEID; mpirun: OMPI_COMM_WORLD_LOCAL_RANK);
+  // otherwise they come from splitting the world by shared memory. A launcher
+  // value that disagrees with the split is logged.
   static int local_size();
   static int local_rank();
+  // This rank's node, 0 .. num_nodes() - 1.
+  static int node_id();
+  static int num_nodes();
+  // Where local rank and node came from: "slurm", "openmpi" or "mpi".
+  static const char* placement_source();
   // Stops every rank of the job with `code`; never returns.
   [[noreturn]] static void Abort(int code);
   // Collective over the world: finalizes MPI (a no-op when not initialised).

@@ -17,6 +17,7 @@
 #include "comm/mpi_env.h"
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
+#include "runtime/checkpoint_signal.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 #include "runtime/job_config.h"
@@ -91,6 +92,12 @@ absl::Status Train(const moe::JobConfig& config) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A scheduler's stop notice (SIGTERM/SIGUSR1) that comes during start-up is
+  // kept, not fatal: the trainer stops after its first step and saves.
+  if (absl::Status s = moe::InstallStopSignalHandlers(); !s.ok()) {
+    std::fprintf(stderr, "moe-train: %s\n", std::string(s.message()).c_str());
+    return kExitRuntimeError;
+  }
   absl::Status init = moe::comm::MpiEnv::Init(&argc, &argv);
   if (!init.ok()) {
     std::fprintf(stderr, "moe-train: %s\n", std::string(init.message()).c_str());
@@ -126,6 +133,12 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   if (args.print_only) return Finish(0);
+  // One line per node: where the launcher placed its ranks.
+  if (moe::comm::MpiEnv::local_rank() == 0)
+    MOE_LOG(INFO) << "node " << moe::comm::MpiEnv::node_id() << " of " << moe::comm::MpiEnv::num_nodes()
+                  << ", local rank " << moe::comm::MpiEnv::local_rank() << " of "
+                  << moe::comm::MpiEnv::local_size() << " (from " << moe::comm::MpiEnv::placement_source()
+                  << ")";
 
   if (rank == 0) {
     std::error_code ec;

@@ -16,15 +16,20 @@ MOE_PACKAGES=(build-essential cmake pkg-config git
   python3 python3-numpy python3-h5py fortunes
   iproute2 util-linux)  # the cluster tests: ip netns, unshare
 
+# What only the tests need: a Slurm controller, node daemon and munge for the
+# slurm tests (they configure and start their own, on loopback).
+MOE_TEST_PACKAGES=(slurm-wlm munge)
+
+# moe_install_packages [EXTRA_PACKAGE...]: installs MOE_PACKAGES and the extras.
 moe_install_packages() {
-  local missing=()
+  local missing=() wanted=("${MOE_PACKAGES[@]}" "$@")
   if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     echo "moe-runtime: this setup needs Debian 12 (apt-get and dpkg). On another system install:" >&2
-    echo "  ${MOE_PACKAGES[*]}" >&2
+    echo "  ${wanted[*]}" >&2
     echo "(Open MPI, HDF5 built with Open MPI, protobuf, Abseil, Catch2 v2, OpenBLAS, CMake >= 3.25)" >&2
     return 1
   fi
-  for p in "${MOE_PACKAGES[@]}"; do
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0

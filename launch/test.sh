@@ -4,7 +4,7 @@
 #   bash launch/test.sh [extra ctest args, e.g. -L mpi or -R layout]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-moe_install_packages
+moe_install_packages "${MOE_TEST_PACKAGES[@]}"
 moe_build
 moe_mpi_env
 cd "$MOE_BUILD_DIR"

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Slurm on this one machine: munged, slurmctld and slurmd with their own
+# config, key, sockets, ports and spool in a temporary directory (loopback
+# only), started and stopped by this test. A 4-rank job runs through the
+# example batch script (launch/moe-train.sbatch -> moe-launch -> srun); ranks
+# take their local rank and node from Slurm. A preemption notice (SIGUSR1 to
+# the batch script, as --signal=B:USR1@N sends it) makes moe-train save and
+# exit 0, the script requeues the job, the requeued job resumes and finishes
+# with the same losses as an uninterrupted run.
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"  # for cluster_compare_losses
+T0=$(date +%s)
+BIN="$(cd "$1" && pwd)"; SRC="$(cd "$2" && pwd)"
+for tool in munged slurmctld slurmd sbatch srun scontrol; do
+  command -v "$tool" >/dev/null 2>&1 ||
+    { echo "SKIP: $tool is not installed (apt-get install slurm-wlm munge; launch/setup.sh does)"; exit 77; }
+done
+[ "$(id -u)" -eq 0 ] || { echo "SKIP: the Slurm test starts slurmd, which needs root"; exit 77; }
+D="$(mktemp -d /tmp/moe-slurm.XXXXXX)"
+chmod 755 "$D"
+pids=()
+cleanup() {
+  local code=$? p
+  scancel --quiet --full $(squeue -h -o %i 2>/dev/null) 2>/dev/null
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  # Ranks a killed slurmd left behind (they run under slurmstepd).
+  for p in $(pgrep -f "^$BIN/moe-train .*$D" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+  rm -rf "$D"
+  echo "slurm test took $(( $(date +%s) - T0 )) s"
+  exit $code
+}
+trap cleanup EXIT
+trap "exit 143" TERM INT
+fail=0
+
+# Two free TCP ports on loopback for slurmctld and slurmd.
+read -r ctld_port slurmd_port < <(/usr/bin/python3 -c '
+import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*[x.getsockname()[1] for x in s])')
+
+mkdir -m 700 "$D/munge" "$D/state" "$D/spool"
+dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 2>/dev/null && chmod 400 "$D/munge/munge.key"
+munged -F -f --socket="$D/munge/sock" --key-file="$D/munge/munge.key" --log-file="$D/munge/log" \
+  --pid-file="$D/munge/pid" --seed-file="$D/munge/seed" > "$D/munged.out" 2>&1 &
+pids+=($!)
+node=$(hostname -s)
+cat > "$D/slurm.conf" <<CONF
+ClusterName=moetest
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$D/munge/sock
+CredType=cred/munge
+StateSaveLocation=$D/state
+SlurmdSpoolDir=$D/spool
+SlurmctldPidFile=$D/slurmctld.pid
+SlurmdPidFile=$D/slurmd.pid
+SlurmctldLogFile=$D/slurmctld.log
+SlurmdLogFile=$D/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+SlurmdParameters=config_overrides
+MailProg=/bin/true
+NodeName=$node NodeAddr=127.0.0.1 CPUs=4 Sockets=1 CoresPerSocket=4 ThreadsPerCore=1 State=UNKNOWN
+PartitionName=moe Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+export SLURM_CONF="$D/slurm.conf"
+for i in $(seq 1 50); do [ -S "$D/munge/sock" ] && break; sleep 0.1; done
+slurmctld -D -i -f "$SLURM_CONF" > "$D/slurmctld.out" 2>&1 &
+pids+=($!)
+slurmd -D -f "$SLURM_CONF" > "$D/slurmd.out" 2>&1 &
+pids+=($!)
+up=0
+for i in $(seq 1 100); do
+  sinfo -h -o %t 2>/dev/null | grep -q idle && { up=1; break; }
+  sleep 0.2
+done
+[ $up = 1 ] || { echo "FAIL: Slurm did not come up"; cat "$D"/*.out "$D"/*.log; exit 1; }
+
+cd "$D"
+mkdir text data
+for i in $(seq 1 80); do
+  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' \
+    "$i" "$i" >> text/a.txt
+done
+"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: moe-preprocess"; exit 1; }
+common=(--config="$SRC/configs/demo.textproto" data.train_path="$D/data/corpus" parallel.tensor=2
+        parallel.expert=2 model.num_layers=1 model.seq_len=64 train.log_every=1 train.eval_every=0
+        train.eval_batches=1 optim.warmup_steps=1 train.steps=40)
+export MOE_BIN="$BIN"
+state() { scontrol show job "$1" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p'; }
+wait_state() {  # JOB STATE SECONDS
+  local i
+  for i in $(seq 1 $(( $3 * 5 ))); do [ "$(state "$1")" = "$2" ] && return 0; sleep 0.2; done
+  return 1
+}
+
+# The uninterrupted run.
+job=$(sbatch --parsable -n 4 -o "$D/plain.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=plain \
+      checkpoint.dir=plain/ckpt)
+wait_state "$job" COMPLETED 120 || { echo "FAIL: the plain job is $(state "$job")"; cat plain.log; fail=1; }
+grep -q "node 0 of 1, local rank 0 of 4 (from slurm)" plain.log ||
+  { echo "FAIL: ranks did not take their placement from Slurm"; cat plain.log; fail=1; }
+grep -F "moe-launch: srun -n 4 --mpi=pmix" plain.log | head -1 | cut -c1-120
+
+# The preempted run: SIGUSR1 to the batch script after step 3 (what
+# --signal=B:USR1@N does N seconds before the time limit; the test sends it
+# itself because Slurm checks time limits only every 30 s or so).
+job=$(sbatch --parsable -n 4 -o "$D/pre.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=pre \
+      checkpoint.dir=pre/ckpt)
+# (rank 0 writes metrics.jsonl line by line; srun may hold the ranks' output back)
+for i in $(seq 1 600); do grep -q '"step":3,' pre/metrics.jsonl 2>/dev/null && break; sleep 0.05; done
+scancel --batch --signal=USR1 "$job" || { echo "FAIL: scancel --signal"; fail=1; }
+# The script requeues the job; Slurm holds a requeued job back for a while: let it start now.
+for i in $(seq 1 300); do grep -q "requeueing job" pre.log 2>/dev/null && break; sleep 0.1; done
+for i in $(seq 1 100); do
+  s=$(state "$job")
+  [ "$s" = PENDING ] && scontrol update JobId="$job" StartTime=now 2>/dev/null
+  [ "$s" = RUNNING ] || [ "$s" = COMPLETED ] && break
+  sleep 0.2
+done
+wait_state "$job" COMPLETED 120 || { echo "FAIL: the preempted job is $(state "$job")"; cat pre.log; fail=1; }
+grep -q "SIGUSR1 (preemption notice)" pre.log || { echo "FAIL: no preemption notice"; cat pre.log; fail=1; }
+grep -q "stop requested: stopped after step" pre.log || { echo "FAIL: moe-train did not stop"; cat pre.log; fail=1; }
+grep -q "restart 1)" pre.log || { echo "FAIL: the job was not requeued"; cat pre.log; fail=1; }
+grep -q "resumed from pre/ckpt/step_" pre.log || { echo "FAIL: the requeued job did not resume"; cat pre.log; fail=1; }
+grep -E "SIGUSR1|stop requested|requeueing|resumed from|restart 1\)" pre.log | sed 's/^\[rank 0\/4\] //'
+stopped=$(sed -n 's/.*stopped after step \([0-9]*\).*/\1/p' pre.log | head -1)
+[ -n "$stopped" ] && [ "$stopped" -lt 40 ] || { echo "FAIL: stopped at step '${stopped}', not before the end"; fail=1; }
+# Every step of each run is in the other, with the same loss.
+cluster_compare_losses pre/metrics.jsonl plain/metrics.jsonl 1e-5 &&
+  cluster_compare_losses plain/metrics.jsonl pre/metrics.jsonl 1e-5 >/dev/null || fail=1
+[ $fail = 0 ] && echo "slurm test passed"
+exit $fail

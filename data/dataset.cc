@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "data/hdf5_dataset.h"
 #include "data/indexed_dataset.h"
+#include "data/spm_tokenizer.h"
 #include "runtime/core/status.h"
 
 namespace moe::data {
@@ -45,6 +46,14 @@ absl::StatusOr<std::unique_ptr<TrainingData>> OpenTrainingData(const config::Job
   const config::DataConfig& d = config.data();
   const int64_t vocab = config.model().vocab_size();
   auto out = std::make_unique<TrainingData>();
+  // A dataset made by moe-preprocess with another tokenizer names its vocabulary
+  // (PREFIX.tokenizer): check model.vocab_size against it before reading tokens.
+  if (d.format() == "megatron") {
+    RETURN_IF_ERROR(CheckVocabAgainstTokenizer(IndexedDatasetPrefix(d.train_path()), vocab));
+    if (!d.valid_path().empty()) {
+      RETURN_IF_ERROR(CheckVocabAgainstTokenizer(IndexedDatasetPrefix(d.valid_path()), vocab));
+    }
+  }
   ASSIGN_OR_RETURN(out->train_source, OpenTokenSource(d.format(), d.train_path(), d.hdf5_dataset()));
   RETURN_IF_ERROR(out->train_source->Validate(vocab));
 

@@ -100,10 +100,17 @@ absl::StatusOr<TokenizedFile> TokenizeFile(const std::string& path, const Tokeni
   TokenizedFile out;
   out.bytes_read = static_cast<int64_t>(text.size());
   out.tokens.reserve(text.size() + text.size() / 64);
+  absl::Status error;
   auto add_doc = [&](absl::string_view doc) {
     const size_t before = out.tokens.size();
-    ByteTokenizer::Encode(doc, &out.tokens);
-    if (options.append_eod) out.tokens.push_back(ByteTokenizer::kEndOfDocument);
+    if (options.spm != nullptr) {
+      absl::Status s = options.spm->Encode(doc, &out.tokens);
+      if (!s.ok() && error.ok()) error = absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+      if (options.append_eod) out.tokens.push_back(options.spm->eod_id());
+    } else {
+      ByteTokenizer::Encode(doc, &out.tokens);
+      if (options.append_eod) out.tokens.push_back(ByteTokenizer::kEndOfDocument);
+    }
     out.document_lengths.push_back(static_cast<int64_t>(out.tokens.size() - before));
   };
 
@@ -115,10 +122,10 @@ absl::StatusOr<TokenizedFile> TokenizeFile(const std::string& path, const Tokeni
   if (absl::StartsWith(view, "\xEF\xBB\xBF")) view.remove_prefix(3);  // UTF-8 byte order mark
   if (!jsonl) {
     for (absl::string_view doc : SplitDocuments(view, options.split)) add_doc(doc);
+    if (!error.ok()) return error;
     return out;
   }
   int64_t line_no = 0;
-  absl::Status error;
   ForEachLine(view, [&](absl::string_view, absl::string_view bare) {
     ++line_no;
     if (!error.ok() || IsBlank(bare)) return;

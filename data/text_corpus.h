@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "data/spm_tokenizer.h"
 
 namespace moe::data {
 
@@ -36,7 +37,10 @@ struct TokenizeOptions {
   // kAuto: files ending in .jsonl or .json are JSON lines, all others text.
   InputFormat format = InputFormat::kAuto;
   std::string json_key = "text";  // the field holding each JSON line's document
-  bool append_eod = true;         // end every document with ByteTokenizer::kEndOfDocument
+  bool append_eod = true;         // end every document with the tokenizer's end of document
+  // The tokenizer: null = bytes (ByteTokenizer, end of document 256); else a
+  // SentencePiece model (its eos_id ends documents). Borrowed; thread-safe.
+  const SentencePieceTokenizer* spm = nullptr;
 };
 
 // One input file, tokenized: documents back to back in `tokens`, the length of
@@ -47,7 +51,7 @@ struct TokenizedFile {
   int64_t bytes_read = 0;
 };
 
-// Reads and tokenizes `path` with the byte tokenizer. JSON lines: every non-empty
+// Reads and tokenizes `path` with the byte tokenizer or options.spm. JSON lines: every non-empty
 // line must be an object with a string `json_key`; an error names the file, the
 // line and the column.
 absl::StatusOr<TokenizedFile> TokenizeFile(const std::string& path, const TokenizeOptions& options);

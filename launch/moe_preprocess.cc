@@ -1,8 +1,12 @@
 // moe-preprocess: text files or JSON lines -> a Megatron indexed dataset
-// (PREFIX.bin / PREFIX.idx) of byte tokens (bytes 0..255, end of document 256).
+// (PREFIX.bin / PREFIX.idx) of byte tokens (bytes 0..255, end of document 256)
+// or of SentencePiece ids (--tokenizer spm:MODEL.model; the model's eos ends
+// documents), plus PREFIX.tokenizer naming the tokenizer and its vocabulary so
+// that training checks model.vocab_size before any work.
 //
 //   moe-preprocess --output-prefix data/fortunes --split=percent /usr/share/games/fortunes
-//   moe-preprocess --output-prefix data/web corpus/*.jsonl --workers=8
+//   moe-preprocess --output-prefix data/f_spm --tokenizer spm:fortunes.model --split=percent
+//   /usr/share/games/fortunes moe-preprocess --output-prefix data/web corpus/*.jsonl --workers=8
 //   moe-preprocess --check=data/fortunes --vocab-size=257      # validate and print stats
 //
 // Input files are tokenized in parallel (--workers threads) and written in input
@@ -30,6 +34,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "data/indexed_dataset.h"
+#include "data/spm_tokenizer.h"
 #include "data/text_corpus.h"
 #include "data/tokenizer.h"
 
@@ -52,10 +57,12 @@ constexpr char kUsage[] =
     "  --format F          auto (default: *.jsonl and *.json are JSON lines), text, jsonl\n"
     "  --json-key K        JSON lines: the string field holding each document (default text)\n"
     "  --workers N         tokenizing threads (default: hardware threads)\n"
-    "  --append-eod B      end every document with token 256 (default true)\n"
+    "  --tokenizer T       byte (default: bytes 0..255, end of document 256) or spm:MODEL.model\n"
+    "                      (SentencePiece; vocabulary and end of document (eos_id) from the model)\n"
+    "  --append-eod B      end every document with the end-of-document token (default true)\n"
     "  --check PREFIX      validate an existing PREFIX.bin/.idx against --vocab-size and print its\n"
     "                      statistics (tokens, documents, unigram entropy)\n"
-    "  --vocab-size N      vocabulary to check tokens against (default 257, the byte tokenizer's)\n"
+    "  --vocab-size N      vocabulary to check tokens against (default: the tokenizer's; 257 for bytes)\n"
     "  --quiet             no progress line\n";
 
 struct Args {
@@ -65,9 +72,10 @@ struct Args {
   std::string split = "file";
   std::string format = "auto";
   std::string json_key = "text";
+  std::string tokenizer = "byte";
   int workers = 0;
   bool append_eod = true;
-  int64_t vocab_size = ByteTokenizer::kVocabSize;
+  int64_t vocab_size = 0;  // 0 = the tokenizer's
   bool quiet = false;
   bool help = false;
   std::vector<std::string> errors;
@@ -114,6 +122,11 @@ Args ParseArgs(int argc, char** argv) {
       a.split = value;
     } else if (name == "--format") {
       a.format = value;
+    } else if (name == "--tokenizer") {
+      a.tokenizer = value;
+      if (value != "byte" && (!absl::StartsWith(value, "spm:") || value.size() == 4)) {
+        a.errors.push_back(absl::StrCat("--tokenizer=", value, " must be byte or spm:MODEL.model"));
+      }
     } else if (name == "--json-key") {
       a.json_key = value;
     } else if (name == "--workers") {
@@ -205,7 +218,8 @@ int Check(const Args& args) {
     std::fprintf(stderr, "moe-preprocess: %s\n", std::string(ds.status().message()).c_str());
     return kExitFailure;
   }
-  absl::Status valid = (*ds)->Validate(args.vocab_size);
+  const int64_t vocab_size = args.vocab_size > 0 ? args.vocab_size : ByteTokenizer::kVocabSize;
+  absl::Status valid = (*ds)->Validate(vocab_size);
   if (!valid.ok()) {
     std::fprintf(stderr, "moe-preprocess: %s\n", std::string(valid.message()).c_str());
     return kExitFailure;
@@ -227,18 +241,33 @@ int Check(const Args& args) {
   std::printf("%s: dtype %s, %lld sequences, %lld documents, %lld tokens, all < vocab_size %lld\n%s\n",
               (*ds)->Describe().c_str(), moe::data::MegatronDTypeName((*ds)->dtype()),
               static_cast<long long>((*ds)->num_sequences()), static_cast<long long>((*ds)->num_documents()),
-              static_cast<long long>(n), static_cast<long long>(args.vocab_size), EntropyLine(u).c_str());
+              static_cast<long long>(n), static_cast<long long>(vocab_size), EntropyLine(u).c_str());
   return 0;
 }
 
 int Run(const Args& args) {
-  if (args.vocab_size < ByteTokenizer::kVocabSize) {
+  std::unique_ptr<moe::data::SentencePieceTokenizer> spm;
+  moe::data::TokenizerInfo info{"byte", ByteTokenizer::kVocabSize, ByteTokenizer::kEndOfDocument};
+  if (absl::StartsWith(args.tokenizer, "spm:")) {
+    auto loaded = moe::data::SentencePieceTokenizer::Load(args.tokenizer.substr(4));
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "moe-preprocess: --tokenizer=%s: %s\n", args.tokenizer.c_str(),
+                   std::string(loaded.status().message()).c_str());
+      return kExitUsage;
+    }
+    spm = std::move(*loaded);
+    info = {args.tokenizer, spm->vocab_size(), spm->eod_id()};
+  }
+  if (args.vocab_size > 0 && args.vocab_size < info.vocab_size) {
     std::fprintf(stderr,
-                 "moe-preprocess: --vocab-size=%lld is smaller than the byte tokenizer's vocabulary %d\n",
-                 static_cast<long long>(args.vocab_size), ByteTokenizer::kVocabSize);
+                 "moe-preprocess: --vocab-size=%lld is smaller than the %s tokenizer's vocabulary %lld\n",
+                 static_cast<long long>(args.vocab_size), info.tokenizer.c_str(),
+                 static_cast<long long>(info.vocab_size));
     return kExitUsage;
   }
+  const int64_t vocab_size = args.vocab_size > 0 ? args.vocab_size : info.vocab_size;
   moe::data::TokenizeOptions options;
+  options.spm = spm.get();
   options.json_key = args.json_key;
   options.append_eod = args.append_eod;
   auto split = moe::data::ParseSplitMode(args.split);
@@ -260,7 +289,7 @@ int Run(const Args& args) {
   if (!skipped.empty() && !args.quiet) {
     std::fprintf(stderr, "moe-preprocess: skipped %zu files, e.g. %s\n", skipped.size(), skipped[0].c_str());
   }
-  auto writer = moe::data::IndexedDatasetWriter::Create(args.output_prefix, args.vocab_size);
+  auto writer = moe::data::IndexedDatasetWriter::Create(args.output_prefix, vocab_size);
   if (!writer.ok()) {
     std::fprintf(stderr, "moe-preprocess: %s\n", std::string(writer.status().message()).c_str());
     return kExitFailure;
@@ -337,6 +366,9 @@ int Run(const Args& args) {
   }
   for (auto& t : threads) t.join();
   if (status.ok()) status = (*writer)->Finish();
+  if (status.ok()) {
+    status = moe::data::WriteTokenizerInfo(moe::data::IndexedDatasetPrefix(args.output_prefix), info);
+  }
   if (!status.ok()) {
     std::fprintf(stderr, "\nmoe-preprocess: %s\n", std::string(status.message()).c_str());
     return kExitFailure;  // the writer removes its temporary files
@@ -345,11 +377,13 @@ int Run(const Args& args) {
   const double secs = progress.Seconds();
   std::printf(
       "wrote %s.bin/.idx: %zu files, %lld documents, %lld tokens (%s), %.2f MB read in %.2f s "
-      "(%.1f MB/s, %d workers)\n%s\n",
+      "(%.1f MB/s, %d workers)\ntokenizer %s: vocabulary %lld, end of document %lld (set model.vocab_size >= "
+      "%lld)\n%s\n",
       moe::data::IndexedDatasetPrefix(args.output_prefix).c_str(), num_files,
       static_cast<long long>((*writer)->num_documents()), static_cast<long long>((*writer)->num_tokens()),
       moe::data::MegatronDTypeName((*writer)->dtype()), bytes / 1e6, secs, bytes / 1e6 / std::max(secs, 1e-9),
-      workers, EntropyLine(unigram).c_str());
+      workers, info.tokenizer.c_str(), static_cast<long long>(info.vocab_size),
+      static_cast<long long>(info.eod_id), static_cast<long long>(vocab_size), EntropyLine(unigram).c_str());
   return 0;
 }
 

@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "comm/mpi_env.h"
+#include "data/indexed_dataset.h"
+#include "data/spm_tokenizer.h"
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
 #include "runtime/checkpoint_signal.h"
@@ -120,6 +122,19 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(config.status().message()).c_str());
     return Finish(kExitUsage);
+  }
+  // A dataset's tokenizer (PREFIX.tokenizer from moe-preprocess) must fit in
+  // model.vocab_size: a config error, so exit 2 on every rank.
+  if (config->data().format() == "megatron" && !config->data().train_path().empty()) {
+    for (const std::string& path : {config->data().train_path(), config->data().valid_path()}) {
+      if (path.empty()) continue;
+      absl::Status vocab = moe::data::CheckVocabAgainstTokenizer(moe::data::IndexedDatasetPrefix(path),
+                                                                 config->model().vocab_size());
+      if (!vocab.ok()) {
+        if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(vocab.message()).c_str());
+        return Finish(kExitUsage);
+      }
+    }
   }
   const auto& p = config->parallel();
   absl::StatusOr<std::string> table = moe::parallel::FormatLayoutTable(world, p.tensor(), p.expert());

@@ -13,6 +13,7 @@ MOE_BUILD_DIR="${MOE_BUILD_DIR:-$MOE_ROOT/build}"
 MOE_PACKAGES=(build-essential cmake pkg-config git
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools
   libprotobuf-dev protobuf-compiler libabsl-dev catch2 libopenblas-dev
+  libsentencepiece-dev sentencepiece python3-sentencepiece  # --tokenizer spm:, spm_train, tests
   python3 python3-numpy python3-h5py fortunes
   iproute2 util-linux)  # the cluster tests: ip netns, unshare
 

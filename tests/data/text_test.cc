@@ -2,10 +2,12 @@
 // input-file listing (what moe-preprocess runs per file).
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "data/json_text.h"
+#include "data/spm_tokenizer.h"
 #include "data/text_corpus.h"
 #include "data/tokenizer.h"
 #include "tests/data/data_test_util.h"
@@ -157,6 +159,38 @@ TEST_CASE("ListInputFiles: sorted regular files; .dat, binary and duplicate syml
   CHECK_THAT(std::string(missing.status().message()), Contains("nope: no such file"));
   fs::create_directories(tmp / "empty");
   CHECK_FALSE(ListInputFiles({tmp / "empty"}, &skipped).ok());
+}
+
+TEST_CASE("SentencePiece: a missing or broken model is refused, naming the file") {
+  auto missing = SentencePieceTokenizer::Load("/nonexistent/model.model");
+  REQUIRE(!missing.ok());
+  CHECK(std::string(missing.status().message()).find("/nonexistent/model.model") != std::string::npos);
+  const std::string junk = (std::filesystem::temp_directory_path() / "moe_not_a_model.model").string();
+  { std::ofstream(junk) << "not a sentencepiece model"; }
+  auto broken = SentencePieceTokenizer::Load(junk);
+  REQUIRE(!broken.ok());
+  CHECK(std::string(broken.status().message()).find("cannot load the SentencePiece model") !=
+        std::string::npos);
+  std::filesystem::remove(junk);
+}
+
+TEST_CASE("PREFIX.tokenizer: written by moe-preprocess, model.vocab_size checked against it") {
+  const std::string prefix = (std::filesystem::temp_directory_path() / "moe_tokinfo_test").string();
+  std::filesystem::remove(prefix + ".tokenizer");
+  CHECK(CheckVocabAgainstTokenizer(prefix, 10).ok());  // no file: nothing to check
+  REQUIRE(WriteTokenizerInfo(prefix, {"spm:x.model", 1000, 2}).ok());
+  auto info = ReadTokenizerInfo(prefix);
+  REQUIRE(info.ok());
+  CHECK(info->tokenizer == "spm:x.model");
+  CHECK(info->vocab_size == 1000);
+  CHECK(info->eod_id == 2);
+  CHECK(CheckVocabAgainstTokenizer(prefix, 1000).ok());
+  CHECK(CheckVocabAgainstTokenizer(prefix, 1024).ok());  // a padded vocabulary is fine
+  absl::Status small = CheckVocabAgainstTokenizer(prefix, 257);
+  REQUIRE(!small.ok());
+  CHECK(std::string(small.message()).find("model.vocab_size = 257 is smaller") != std::string::npos);
+  CHECK(std::string(small.message()).find("set model.vocab_size = 1000") != std::string::npos);
+  std::filesystem::remove(prefix + ".tokenizer");
 }
 
 }  // namespace

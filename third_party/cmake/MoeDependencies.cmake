@@ -34,6 +34,10 @@ endif()
 pkg_check_modules(HDF5 QUIET IMPORTED_TARGET hdf5-openmpi)
 moe_require(HDF5_FOUND "HDF5 (Open MPI build)" "libhdf5-openmpi-dev hdf5-tools")
 
+# SentencePiece (moe-preprocess --tokenizer spm:MODEL.model).
+pkg_check_modules(SENTENCEPIECE QUIET IMPORTED_TARGET sentencepiece)
+moe_require(SENTENCEPIECE_FOUND "SentencePiece (libsentencepiece)" "libsentencepiece-dev")
+
 # CPU BLAS.
 pkg_check_modules(OPENBLAS QUIET IMPORTED_TARGET openblas)
 moe_require(OPENBLAS_FOUND "OpenBLAS" "libopenblas-dev")

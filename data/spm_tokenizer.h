@@ -44,8 +44,8 @@ class SentencePieceTokenizer {
   int32_t vocab_size_ = 0, eod_id_ = -1;
 };
 
-// The tokenizer a dataset was made with, written by moe-preprocess next to the
-// data as PREFIX.tokenizer ("key value" lines: tokenizer, vocab_size, eod_id) so
+// The tokenizer a SentencePiece dataset was made with, written by moe-preprocess
+// next to the data as PREFIX.tokenizer ("key value" lines: tokenizer, vocab_size, eod_id) so
 // that training checks model.vocab_size against it before any work.
 struct TokenizerInfo {
   std::string tokenizer;  // "byte" or "spm:PATH"

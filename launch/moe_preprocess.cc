@@ -1,8 +1,8 @@
 // moe-preprocess: text files or JSON lines -> a Megatron indexed dataset
 // (PREFIX.bin / PREFIX.idx) of byte tokens (bytes 0..255, end of document 256)
 // or of SentencePiece ids (--tokenizer spm:MODEL.model; the model's eos ends
-// documents), plus PREFIX.tokenizer naming the tokenizer and its vocabulary so
-// that training checks model.vocab_size before any work.
+// documents), plus (SentencePiece) PREFIX.tokenizer naming the tokenizer and its
+// vocabulary so that training checks model.vocab_size before any work.
 //
 //   moe-preprocess --output-prefix data/fortunes --split=percent /usr/share/games/fortunes
 //   moe-preprocess --output-prefix data/f_spm --tokenizer spm:fortunes.model --split=percent
@@ -366,9 +366,12 @@ int Run(const Args& args) {
   }
   for (auto& t : threads) t.join();
   if (status.ok()) status = (*writer)->Finish();
-  if (status.ok()) {
-    status = moe::data::WriteTokenizerInfo(moe::data::IndexedDatasetPrefix(args.output_prefix), info);
-  }
+  // PREFIX.tokenizer only for a SentencePiece dataset (byte datasets keep
+  // today's behaviour: any model.vocab_size above their largest token); a stale
+  // one from an earlier run on the same prefix goes.
+  const std::string prefix = moe::data::IndexedDatasetPrefix(args.output_prefix);
+  if (status.ok() && spm != nullptr) status = moe::data::WriteTokenizerInfo(prefix, info);
+  if (status.ok() && spm == nullptr) std::remove((prefix + ".tokenizer").c_str());
   if (!status.ok()) {
     std::fprintf(stderr, "\nmoe-preprocess: %s\n", std::string(status.message()).c_str());
     return kExitFailure;  // the writer removes its temporary files

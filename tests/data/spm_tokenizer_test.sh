@@ -75,3 +75,8 @@ set -e
 grep -q "model.vocab_size = 257 is smaller than the vocabulary of the tokenizer spm:" "$T/train.out" \
   || fail "no vocabulary message: $(tail -5 "$T/train.out")"
 echo "ok: moe-train refuses model.vocab_size 257 (exit $code)"
+
+# A byte dataset written over the same prefix drops the SentencePiece record.
+"$BIN/moe-preprocess" --output-prefix "$T/spm" --split=percent --quiet "$F/fortunes" > /dev/null
+[ ! -e "$T/spm.tokenizer" ] || fail "a stale spm.tokenizer survived a byte-tokenizer run"
+echo "ok: the byte tokenizer leaves no PREFIX.tokenizer"

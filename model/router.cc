@@ -5,6 +5,7 @@
 #include <functional>
 #include <numeric>
 
+#include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/rng.h"
 #include "runtime/core/status.h"
@@ -225,6 +226,7 @@ std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std:
 }  // namespace
 
 absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
+  ProfileScope profile(ProfileCategory::kRouter);
   const int64_t T = x.size(0), E = num_experts_;
   const int k = moe_.top_k();
   if (seq_len < 0 || (seq_len > 0 && T % seq_len != 0)) {
@@ -314,6 +316,7 @@ void Router::ComputeAuxLoss(int64_t seq_len) {
 
 absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> dweights, float aux_scale,
                                         float z_scale) {
+  ProfileScope profile(ProfileCategory::kRouter);
   const int64_t T = plan_.num_tokens, E = num_experts_;
   const int k = plan_.top_k;
   if (static_cast<int64_t>(dweights.size()) != T * k) {

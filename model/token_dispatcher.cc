@@ -1,6 +1,7 @@
 #include "model/token_dispatcher.h"
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -8,6 +9,7 @@ namespace moe::model {
 
 absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const Tensor& x,
                                                            const RoutingPlan& plan) {
+  ProfileScope profile(ProfileCategory::kPermute);
   const int64_t T = plan.num_tokens, E = plan.num_experts;
   const int k = plan.top_k;
   if (x.rank() != 2 || x.size(0) != T) {
@@ -51,6 +53,7 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
 }
 
 absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
+  ProfileScope profile(ProfileCategory::kPermute);
   ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}));
   RETURN_IF_ERROR(ops::Fill(stream, y, 0.0));
   if (expert_out.size(0) > 0) {
@@ -62,6 +65,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tenso
 
 absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, const Tensor& dy,
                                                              std::vector<float>* dweights) {
+  ProfileScope profile(ProfileCategory::kPermute);
   const int64_t n = expert_out_.size(0);
   dweights->assign(num_assignments_, 0.0f);
   ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}));
@@ -82,6 +86,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
 
 absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor& d_expert_in,
                                                     const Tensor& dx) {
+  ProfileScope profile(ProfileCategory::kPermute);
   if (d_expert_in.size(0) > 0) {
     RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx));
   }

@@ -2,15 +2,30 @@
 //
 //   moe-bench model [config=configs/demo.textproto] [steps=5] [warmup=1]
 //                   [micro_batch=<train.micro_batch>] [threads=0] [experts_impl=grouped]
-//                   [verbose=1: print the predictor's terms]
+//                   [sgemm=2048] [verbose=1: per-op time breakdown and the predictor's terms]
+//                   [FIELD.PATH=VALUE ...: config overrides, e.g. model.seq_len=256]
 //
 // Builds the model of the config on the CPU backend (parallel sizes forced to
 // 1), allocates AdamW state, and times full steps: zero grads, forward,
 // backward, AdamW update of every parameter. Reports tokens/s and the
 // forward/backward split, and the measured peak memory of a step (the device
 // MemoryTracker, all categories) against runtime/core/memory_model.h's
-// PredictPeakMemory for the same config: ratio "measured_vs_predicted"
-// (target: within 15%, i.e. 0.85 .. 1.15).
+// PredictPeakMemory for the same config: "measured_vs_predicted" (target:
+// within 15%, i.e. 0.85 .. 1.15).
+//
+// Model-FLOPs utilisation ("mfu"): model FLOPs of forward + backward per step
+// divided by the mean step time (zero grads + forward + backward + AdamW),
+// over the GFLOP/s of one sgemm of sgemm x sgemm x sgemm through the same
+// backend and threads, timed before every step (interleaved, so both sides see
+// the same machine load). Target: mfu >= 0.40. Model FLOPs, for T = B * S
+// tokens, per layer (forward):
+//   attention projections  2 T d (2 H hd + 2 Hkv hd)
+//   attention core         2 B H hd S (S + 1)    (q k^T and p v over the causal half only)
+//   MoE layer              2 T d E (router) + 6 T k d Fe (experts; every routed assignment)
+//   dense layer            6 T d F
+// plus the LM head 2 T d V; backward counts twice the forward (dX and dW), so a
+// step is 3 x forward. Norms, softmax, RoPE and the optimizer count no FLOPs,
+// and nothing recomputed in backward is counted.
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -24,6 +39,7 @@
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
 #include "runtime/core/memory_model.h"
+#include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -38,9 +54,32 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 double MiB(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
+// Model FLOPs of one forward + backward of B sequences of S tokens (the header's formula).
+double TrainingFlops(const config::ModelConfig& cfg, int64_t B, int64_t S) {
+  const double T = static_cast<double>(B * S), d = cfg.hidden_size(), H = cfg.num_heads(),
+               Hkv = cfg.num_kv_heads(), hd = d / H, V = cfg.vocab_size();
+  double fwd = 2 * T * d * V;
+  for (int l = 0; l < cfg.num_layers(); ++l) {
+    fwd += 2 * T * d * (2 * H * hd + 2 * Hkv * hd);
+    fwd += 2.0 * B * H * hd * S * (S + 1);
+    if (IsMoeLayer(cfg, l)) {
+      const double E = cfg.moe().num_experts(), k = cfg.moe().top_k(),
+                   Fe = cfg.moe().expert_ffn_hidden_size();
+      fwd += 2 * T * d * E + 6 * T * k * d * Fe;
+    } else {
+      fwd += 6 * T * d * cfg.ffn_hidden_size();
+    }
+  }
+  return 3 * fwd;
+}
+
 absl::Status RunModel(const Args& args, Reporter& reporter) {
   const std::string path = args.Str("config", "configs/demo.textproto");
   ASSIGN_OR_RETURN(config::JobConfig job, LoadConfigFile(path));
+  for (const auto& [key, value] : args.kv) {  // config fields: model.hidden_size=256
+    if (key.find('.') != std::string::npos)
+      RETURN_IF_ERROR(ApplyOverride(absl::StrCat(key, "=", value), &job));
+  }
   job.mutable_parallel()->set_tensor(1);
   job.mutable_parallel()->set_expert(1);
   job.mutable_parallel()->set_data(1);
@@ -71,6 +110,26 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     exp_avg.push_back(a);
     exp_avg_sq.push_back(b);
   }
+  // The sgemm the step is compared with: c = a b, square, through the backend.
+  // Its buffers live only while it runs, so they are not in the step's peak.
+  const int64_t n = args.Int("sgemm", 2048);
+  auto time_sgemm = [&]() -> absl::StatusOr<double> {
+    std::vector<Tensor> abc;
+    for (double v : {0.5, 0.25, 0.0}) {
+      ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(*backend, Shape{n, n}, DType::kF32, MemoryCategory::kOther));
+      RETURN_IF_ERROR(ops::Fill(stream, t, v));
+      abc.push_back(t);
+    }
+    RETURN_IF_ERROR(stream.Synchronize());
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(ops::Gemm(stream, abc[0], false, abc[1], false, abc[2]));
+    RETURN_IF_ERROR(stream.Synchronize());
+    return Seconds(t0, Clock::now());
+  };
+  RETURN_IF_ERROR(time_sgemm().status());  // warm-up: threads, pages
+  double sgemm_s = 0;
+  const bool verbose = args.Int("verbose", 0) != 0;
+  OpProfile profile;
   std::mt19937 rng(1);
   std::vector<int32_t> tokens(B * (S + 1));
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % cfg.vocab_size());
@@ -79,7 +138,9 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   int64_t measured_peak = 0;
   MemoryStats peak_by_cat[kNumMemoryCategories];
   for (int step = 0; step < warmup + steps; ++step) {
+    ASSIGN_OR_RETURN(const double one_sgemm_s, time_sgemm());
     mem.ResetPeak();
+    OpProfiler::Enable(verbose && step >= warmup);
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(m->ZeroGrads(stream));
     ASSIGN_OR_RETURN(model::LossParts loss, m->Forward(stream, tokens, B));
@@ -94,6 +155,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     }
     RETURN_IF_ERROR(stream.Synchronize());
     const auto t3 = Clock::now();
+    OpProfiler::Enable(false);
     measured_peak = std::max(measured_peak, mem.Total().peak_bytes);
     for (int c = 0; c < kNumMemoryCategories; ++c) {
       MemoryStats st = mem.Stats(static_cast<MemoryCategory>(c));
@@ -103,10 +165,13 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     fwd_s += Seconds(t0, t1);
     bwd_s += Seconds(t1, t2);
     opt_s += Seconds(t2, t3);
+    sgemm_s += one_sgemm_s;
     loss_value = loss.total();
   }
   ASSIGN_OR_RETURN(MemoryPrediction pred, PredictPeakMemory(job));
   const double step_s = (fwd_s + bwd_s + opt_s) / steps;
+  const double sgemm_gflops = 2.0 * n * n * n / (sgemm_s / steps) * 1e-9;
+  const double model_gflops = TrainingFlops(cfg, B, S) / step_s * 1e-9;
   const double tokens_per_s = static_cast<double>(B * S) / ((fwd_s + bwd_s) / steps);
 
   Measurement row;
@@ -120,6 +185,9 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
                  {"backward_ms", 1e3 * bwd_s / steps, "ms"},
                  {"adamw_ms", 1e3 * opt_s / steps, "ms"},
                  {"step_ms", 1e3 * step_s, "ms"},
+                 {"model_gflops", model_gflops, "GFLOP/s"},
+                 {"sgemm_gflops", sgemm_gflops, "GFLOP/s"},
+                 {"mfu", model_gflops / sgemm_gflops, ""},
                  {"loss", loss_value, ""},
                  {"peak_measured", MiB(measured_peak), "MiB"},
                  {"peak_predicted", MiB(pred.peak_bytes), "MiB"}};
@@ -132,12 +200,22 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
                     absl::StrFormat("%.2f/%.2f", MiB(peak_by_cat[c].peak_bytes), MiB(pred.bytes[c])));
   }
   reporter.Note(cats);
-  if (args.Int("verbose", 0) != 0) {
+  if (verbose) {
+    profile = OpProfiler::Take();
+    for (int c = 0; c < kNumProfileCategories; ++c) profile.seconds[c] /= steps;
+    for (int c = 0; c < kNumProfileCategories; ++c) profile.calls[c] /= steps;
+    reporter.Note(absl::StrCat("time per step by kind of work (host-timed ops and regions, ",
+                               absl::StrFormat("%.2f", 1e3 * step_s), " ms step):\n",
+                               profile.Report(step_s)));
     reporter.Note(absl::StrCat("predicted terms:\n", pred.Report()));
     reporter.Note(absl::StrCat("measured (last step):\n", mem.Report()));
   }
   reporter.Note(absl::StrCat("tokens/s counts forward + backward of ", B, " x ", S,
-                             " tokens; the step adds AdamW. Target: measured_vs_predicted "
+                             " tokens; the step adds AdamW. mfu = model FLOPs (",
+                             absl::StrFormat("%.3f", TrainingFlops(cfg, B, S) * 1e-9),
+                             " GFLOP per step, formula in model_bench.cc) / step time / the GFLOP/s of a ", n,
+                             "^3 sgemm "
+                             "timed before each step. Targets: mfu >= 0.40; measured_vs_predicted "
                              "within 0.85 .. 1.15."));
   return absl::OkStatus();
 }

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/core/kernels.h"
+#include "runtime/core/op_profile.h"
 #include "runtime/core/status.h"
 
 namespace moe::ops {
@@ -87,6 +88,7 @@ absl::Status Copy(Stream& s, const Tensor& src, const Tensor& dst) {
   if (src.dtype() != dst.dtype() || src.numel() != dst.numel())
     return Bad("Copy", absl::StrCat("src ", src.ToString(), " and dst ", dst.ToString(),
                                     " must have the same dtype and element count"));
+  ProfileScope scope(s, OpKind::kCopy);
   return s.backend().kernels().Copy(s, src, dst);
 }
 
@@ -104,6 +106,7 @@ absl::Status Cast(Stream& s, const Tensor& src, const Tensor& dst) {
   if (!ok_pair(src.dtype(), dst.dtype()))
     return Bad("Cast",
                absl::StrCat("no conversion from ", DTypeName(src.dtype()), " to ", DTypeName(dst.dtype())));
+  ProfileScope scope(s, OpKind::kCast);
   return s.backend().kernels().Cast(s, src, dst);
 }
 
@@ -111,6 +114,7 @@ absl::Status Fill(Stream& s, const Tensor& t, double value) {
   RETURN_IF_ERROR(Supported("Fill", s, OpKind::kFill));
   RETURN_IF_ERROR(Arg("Fill", s, "t", t, t.dtype()));
   if (t.dtype() == DType::kU8) return Bad("Fill", "u8 tensors are not supported");
+  ProfileScope scope(s, OpKind::kFill);
   return s.backend().kernels().Fill(s, t, value);
 }
 
@@ -132,6 +136,7 @@ absl::Status Gemm(Stream& s, const Tensor& a, bool trans_a, const Tensor& b, boo
                                 ") does not fit c ", c.ToString()));
   RETURN_IF_ERROR(NoOverlap(op, "a", a, "c", c));
   RETURN_IF_ERROR(NoOverlap(op, "b", b, "c", c));
+  ProfileScope scope(s, OpKind::kGemm);
   return s.backend().kernels().Gemm(s, a, trans_a, b, trans_b, c, alpha, beta);
 }
 
@@ -156,6 +161,7 @@ absl::Status BatchedGemm(Stream& s, const Tensor& a, bool trans_a, const Tensor&
         op, absl::StrCat("op(a) [", m, ",", k, "] x op(b) [", kb, ",", n, "] does not fit c ", c.ToString()));
   RETURN_IF_ERROR(NoOverlap(op, "a", a, "c", c));
   RETURN_IF_ERROR(NoOverlap(op, "b", b, "c", c));
+  ProfileScope scope(s, OpKind::kBatchedGemm);
   return s.backend().kernels().BatchedGemm(s, a, trans_a, b, trans_b, c, alpha, beta);
 }
 
@@ -176,6 +182,7 @@ absl::Status GroupedGemm(Stream& s, const Tensor& x, const Tensor& w, bool trans
   RETURN_IF_ERROR(Offsets(op, offsets, w.size(0), x.size(0)));
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "y", y));
   RETURN_IF_ERROR(NoOverlap(op, "w", w, "y", y));
+  ProfileScope scope(s, OpKind::kGroupedGemm);
   return s.backend().kernels().GroupedGemm(s, x, w, trans_w, y, offsets, alpha, beta);
 }
 
@@ -193,6 +200,7 @@ absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x,
   RETURN_IF_ERROR(Offsets(op, offsets, dw.size(0), x.size(0)));
   RETURN_IF_ERROR(NoOverlap(op, "dy", dy, "dw", dw));
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "dw", dw));
+  ProfileScope scope(s, OpKind::kGroupedGemmWeightGrad);
   return s.backend().kernels().GroupedGemmWeightGrad(s, dy, x, dw, offsets, alpha, beta);
 }
 
@@ -204,6 +212,7 @@ absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x,
     RETURN_IF_ERROR(F32(#Name, s, "out", out));                                       \
     RETURN_IF_ERROR(SameShape(#Name, "a", a, "b", b));                                \
     RETURN_IF_ERROR(SameShape(#Name, "a", a, "out", out));                            \
+    ProfileScope scope(s, OpKind::Kind);                                              \
     return s.backend().kernels().Name(s, a, b, out);                                  \
   }
 MOE_BINARY_OP(Add, kAdd)
@@ -216,6 +225,7 @@ absl::Status Axpby(Stream& s, float alpha, const Tensor& x, float beta, const Te
   RETURN_IF_ERROR(F32("Axpby", s, "x", x));
   RETURN_IF_ERROR(F32("Axpby", s, "y", y));
   RETURN_IF_ERROR(SameShape("Axpby", "x", x, "y", y));
+  ProfileScope scope(s, OpKind::kAxpby);
   return s.backend().kernels().Axpby(s, alpha, x, beta, y);
 }
 
@@ -224,6 +234,7 @@ absl::Status Scale(Stream& s, const Tensor& x, float alpha, const Tensor& out) {
   RETURN_IF_ERROR(F32("Scale", s, "x", x));
   RETURN_IF_ERROR(F32("Scale", s, "out", out));
   RETURN_IF_ERROR(SameShape("Scale", "x", x, "out", out));
+  ProfileScope scope(s, OpKind::kScale);
   return s.backend().kernels().Scale(s, x, alpha, out);
 }
 
@@ -232,6 +243,7 @@ absl::Status Silu(Stream& s, const Tensor& x, const Tensor& out) {
   RETURN_IF_ERROR(F32("Silu", s, "x", x));
   RETURN_IF_ERROR(F32("Silu", s, "out", out));
   RETURN_IF_ERROR(SameShape("Silu", "x", x, "out", out));
+  ProfileScope scope(s, OpKind::kSilu);
   return s.backend().kernels().Silu(s, x, out);
 }
 
@@ -244,6 +256,7 @@ absl::Status SiluBackward(Stream& s, const Tensor& x, const Tensor& dout, const 
   RETURN_IF_ERROR(F32(op, s, "dx", dx));
   RETURN_IF_ERROR(SameShape(op, "x", x, "dout", dout));
   RETURN_IF_ERROR(SameShape(op, "x", x, "dx", dx));
+  ProfileScope scope(s, OpKind::kSiluBackward);
   return s.backend().kernels().SiluBackward(s, x, dout, dx, alpha, beta);
 }
 
@@ -260,6 +273,7 @@ absl::Status SwiGLUBackward(Stream& s, const Tensor& gate, const Tensor& up, con
     RETURN_IF_ERROR(SameShape(op, "gate", gate, name, *t));
   }
   if (dgate.Overlaps(dup)) return Bad(op, "dgate and dup overlap");
+  ProfileScope scope(s, OpKind::kSwiGLUBackward);
   return s.backend().kernels().SwiGLUBackward(s, gate, up, dout, dgate, dup);
 }
 
@@ -268,6 +282,7 @@ absl::Status ReduceSum(Stream& s, const Tensor& x, const Tensor& out, float alph
   RETURN_IF_ERROR(F32("ReduceSum", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceSum", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceSum", "out", out, 1));
+  ProfileScope scope(s, OpKind::kReduceSum);
   return s.backend().kernels().ReduceSum(s, x, out, alpha, beta);
 }
 
@@ -276,6 +291,7 @@ absl::Status ReduceSumSquares(Stream& s, const Tensor& x, const Tensor& out, flo
   RETURN_IF_ERROR(F32("ReduceSumSquares", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceSumSquares", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceSumSquares", "out", out, 1));
+  ProfileScope scope(s, OpKind::kReduceSumSquares);
   return s.backend().kernels().ReduceSumSquares(s, x, out, alpha, beta);
 }
 
@@ -284,6 +300,7 @@ absl::Status ReduceMax(Stream& s, const Tensor& x, const Tensor& out) {
   RETURN_IF_ERROR(F32("ReduceMax", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceMax", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceMax", "out", out, 1));
+  ProfileScope scope(s, OpKind::kReduceMax);
   return s.backend().kernels().ReduceMax(s, x, out);
 }
 
@@ -294,6 +311,7 @@ absl::Status SumRows(Stream& s, const Tensor& x, const Tensor& out, float alpha,
   if (x.rank() < 1) return Bad("SumRows", "x must have rank >= 1");
   RETURN_IF_ERROR(Numel("SumRows", "out", out, Cols(x)));
   RETURN_IF_ERROR(NoOverlap("SumRows", "x", x, "out", out));
+  ProfileScope scope(s, OpKind::kSumRows);
   return s.backend().kernels().SumRows(s, x, out, alpha, beta);
 }
 
@@ -311,6 +329,7 @@ absl::Status RmsNorm(Stream& s, const Tensor& x, const Tensor& weight, float eps
   RETURN_IF_ERROR(Numel(op, "rstd", rstd, LeadRows(x)));
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "rstd", rstd));
   RETURN_IF_ERROR(NoOverlap(op, "out", out, "rstd", rstd));
+  ProfileScope scope(s, OpKind::kRmsNorm);
   return s.backend().kernels().RmsNorm(s, x, weight, eps, out, rstd);
 }
 
@@ -334,6 +353,7 @@ absl::Status RmsNormBackward(Stream& s, const Tensor& x, const Tensor& weight, c
   RETURN_IF_ERROR(SameShape(op, "x", x, "dx", dx));
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "dx", dx));
   RETURN_IF_ERROR(NoOverlap(op, "dout", dout, "dx", dx));
+  ProfileScope scope(s, OpKind::kRmsNormBackward);
   return s.backend().kernels().RmsNormBackward(s, x, weight, rstd, dout, dx, dweight, accumulate_dx);
 }
 
@@ -353,6 +373,7 @@ absl::Status RopeArgs(const char* op, Stream& s, const Tensor& in, const Tensor&
 absl::Status Rope(Stream& s, const Tensor& x, const Tensor& out, double theta, int64_t position_offset) {
   RETURN_IF_ERROR(Supported("Rope", s, OpKind::kRope));
   RETURN_IF_ERROR(RopeArgs("Rope", s, x, out));
+  ProfileScope scope(s, OpKind::kRope);
   return s.backend().kernels().Rope(s, x, out, theta, position_offset);
 }
 
@@ -360,6 +381,7 @@ absl::Status RopeBackward(Stream& s, const Tensor& dout, const Tensor& dx, doubl
                           int64_t position_offset) {
   RETURN_IF_ERROR(Supported("RopeBackward", s, OpKind::kRopeBackward));
   RETURN_IF_ERROR(RopeArgs("RopeBackward", s, dout, dx));
+  ProfileScope scope(s, OpKind::kRopeBackward);
   return s.backend().kernels().RopeBackward(s, dout, dx, theta, position_offset);
 }
 
@@ -397,6 +419,7 @@ absl::Status CausalAttention(Stream& s, const Tensor& q, const Tensor& k, const 
     RETURN_IF_ERROR(NoOverlap(op, name, *t, "out", out));
     RETURN_IF_ERROR(NoOverlap(op, name, *t, "probs", probs));
   }
+  ProfileScope scope(s, OpKind::kCausalAttention);
   return s.backend().kernels().CausalAttention(s, q, k, v, scale, out, probs);
 }
 
@@ -422,6 +445,7 @@ absl::Status CausalAttentionBackward(Stream& s, const Tensor& q, const Tensor& k
                            {"dout", &dout}})
       RETURN_IF_ERROR(NoOverlap(op, name, *t, oname, *o));
   if (dq.Overlaps(dk) || dq.Overlaps(dv) || dk.Overlaps(dv)) return Bad(op, "dq, dk, dv overlap");
+  ProfileScope scope(s, OpKind::kCausalAttentionBackward);
   return s.backend().kernels().CausalAttentionBackward(s, q, k, v, probs, scale, dout, dq, dk, dv);
 }
 
@@ -431,6 +455,7 @@ absl::Status Softmax(Stream& s, const Tensor& x, const Tensor& out) {
   RETURN_IF_ERROR(F32("Softmax", s, "out", out));
   RETURN_IF_ERROR(SameShape("Softmax", "x", x, "out", out));
   if (x.rank() < 1) return Bad("Softmax", "x must have rank >= 1");
+  ProfileScope scope(s, OpKind::kSoftmax);
   return s.backend().kernels().Softmax(s, x, out);
 }
 
@@ -446,6 +471,7 @@ absl::Status SoftmaxBackward(Stream& s, const Tensor& y, const Tensor& dy, const
   RETURN_IF_ERROR(SameShape(op, "y", y, "dx", dx));
   RETURN_IF_ERROR(NoOverlap(op, "y", y, "dx", dx));
   RETURN_IF_ERROR(NoOverlap(op, "dy", dy, "dx", dx));
+  ProfileScope scope(s, OpKind::kSoftmaxBackward);
   return s.backend().kernels().SoftmaxBackward(s, y, dy, dx, alpha, beta);
 }
 
@@ -456,6 +482,7 @@ absl::Status LogSumExp(Stream& s, const Tensor& x, const Tensor& out) {
   if (x.rank() < 1) return Bad("LogSumExp", "x must have rank >= 1");
   RETURN_IF_ERROR(Numel("LogSumExp", "out", out, LeadRows(x)));
   RETURN_IF_ERROR(NoOverlap("LogSumExp", "x", x, "out", out));
+  ProfileScope scope(s, OpKind::kLogSumExp);
   return s.backend().kernels().LogSumExp(s, x, out);
 }
 
@@ -475,6 +502,7 @@ absl::Status CrossEntropy(Stream& s, const Tensor& logits, const Tensor& targets
   RETURN_IF_ERROR(NoOverlap(op, "logits", logits, "losses", losses));
   RETURN_IF_ERROR(NoOverlap(op, "logits", logits, "lse", lse));
   if (losses.Overlaps(lse)) return Bad(op, "losses and lse overlap");
+  ProfileScope scope(s, OpKind::kCrossEntropy);
   return s.backend().kernels().CrossEntropy(s, logits, targets, losses, lse);
 }
 
@@ -497,6 +525,7 @@ absl::Status CrossEntropyBackward(Stream& s, const Tensor& logits, const Tensor&
   RETURN_IF_ERROR(SameShape(op, "logits", logits, "dlogits", dlogits));
   if (logits.Overlaps(dlogits) && logits.raw_data() != dlogits.raw_data())
     return Bad(op, "dlogits partially overlaps logits");
+  ProfileScope scope(s, OpKind::kCrossEntropyBackward);
   return s.backend().kernels().CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
 }
 
@@ -513,6 +542,7 @@ absl::Status TopK(Stream& s, const Tensor& x, int k, const Tensor& values, const
   RETURN_IF_ERROR(Numel(op, "values", values, LeadRows(x) * k));
   RETURN_IF_ERROR(Numel(op, "indices", indices, LeadRows(x) * k));
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "values", values));
+  ProfileScope scope(s, OpKind::kTopK);
   return s.backend().kernels().TopK(s, x, k, values, indices);
 }
 
@@ -526,6 +556,7 @@ absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const
     return Bad(op, absl::StrCat("src ", src.ToString(), " [N, d], index ", index.ToString(), " [M] and dst ",
                                 dst.ToString(), " [M, d] do not fit"));
   RETURN_IF_ERROR(NoOverlap(op, "src", src, "dst", dst));
+  ProfileScope scope(s, OpKind::kGatherRows);
   return s.backend().kernels().GatherRows(s, src, index, dst);
 }
 
@@ -545,6 +576,7 @@ absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, c
     RETURN_IF_ERROR(NoOverlap(op, "weight", weight, "dst", dst));
   }
   RETURN_IF_ERROR(NoOverlap(op, "src", src, "dst", dst));
+  ProfileScope scope(s, OpKind::kScatterAddRows);
   return s.backend().kernels().ScatterAddRows(s, src, index, dst, weight);
 }
 
@@ -562,6 +594,7 @@ absl::Status GatherRowDot(Stream& s, const Tensor& a, const Tensor& index, const
   RETURN_IF_ERROR(Numel(op, "out", out, index.numel()));
   RETURN_IF_ERROR(NoOverlap(op, "a", a, "out", out));
   RETURN_IF_ERROR(NoOverlap(op, "b", b, "out", out));
+  ProfileScope scope(s, OpKind::kGatherRowDot);
   return s.backend().kernels().GatherRowDot(s, a, index, b, out, alpha, beta);
 }
 
@@ -579,6 +612,7 @@ absl::Status InitNormal(Stream& s, const Tensor& t, uint64_t seed, absl::string_
       return Bad(op, absl::StrCat("parameter ", std::string(name), ": box at offsets [",
                                   absl::StrJoin(offsets, ","), "] of shape ", t.shape().ToString(),
                                   " exceeds the global shape ", global_shape.ToString()));
+  ProfileScope scope(s, OpKind::kInitNormal);
   return s.backend().kernels().InitNormal(s, t, seed, name, global_shape, offsets, std);
 }
 
@@ -601,6 +635,7 @@ absl::Status AdamW(Stream& s, const Tensor& param, const Tensor& grad, const Ten
     RETURN_IF_ERROR(Numel(op, name, *t, param.numel()));
   }
   if (step < 1) return Bad(op, absl::StrCat("step = ", step, " must be >= 1"));
+  ProfileScope scope(s, OpKind::kAdamW);
   return s.backend().kernels().AdamW(s, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
                                      step);
 }

@@ -36,7 +36,7 @@ absl::StatusOr<Tensor> Attention::Forward(Stream& stream, const Tensor& a, int64
   ASSIGN_OR_RETURN(q_, NewActivation(stream, Shape{b, s, heads_, hd}));
   ASSIGN_OR_RETURN(k_, NewActivation(stream, Shape{b, s, kv_heads_, hd}));
   ASSIGN_OR_RETURN(v_, NewActivation(stream, Shape{b, s, kv_heads_, hd}));
-  ASSIGN_OR_RETURN(probs_, NewActivation(stream, Shape{b, heads_, s, s}));
+  ASSIGN_OR_RETURN(lse_, NewActivation(stream, Shape{b, heads_, s}));
   ASSIGN_OR_RETURN(o_, NewActivation(stream, Shape{b, s, heads_, hd}));
   ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{b * s, wo_.value.size(0)}));
   // The matrix view of [B, S, heads, hd] is [B * S * heads, hd]: GEMMs need [T, heads * hd].
@@ -49,7 +49,7 @@ absl::StatusOr<Tensor> Attention::Forward(Stream& stream, const Tensor& a, int64
   RETURN_IF_ERROR(ops::Rope(stream, q_, q_, theta_));
   RETURN_IF_ERROR(ops::Rope(stream, k_, k_, theta_));
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  RETURN_IF_ERROR(ops::CausalAttention(stream, q_, k_, v_, scale, o_, probs_));
+  RETURN_IF_ERROR(ops::CausalAttention(stream, q_, k_, v_, scale, o_, lse_));
   RETURN_IF_ERROR(ops::Gemm(stream, o_.Reshape(Shape{b * s, heads_ * hd}), false, wo_.value, true, out));
   if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, out));  // row-parallel o_proj
   a_ = a;
@@ -66,7 +66,7 @@ absl::StatusOr<Tensor> Attention::Backward(Stream& stream, const Tensor& dout) {
   ASSIGN_OR_RETURN(Tensor dk, NewActivation(stream, k_.shape()));
   ASSIGN_OR_RETURN(Tensor dv, NewActivation(stream, v_.shape()));
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  RETURN_IF_ERROR(ops::CausalAttentionBackward(stream, q_, k_, v_, probs_, scale, d_o, dq, dk, dv));
+  RETURN_IF_ERROR(ops::CausalAttentionBackward(stream, q_, k_, v_, o_, lse_, scale, d_o, dq, dk, dv));
   RETURN_IF_ERROR(ops::RopeBackward(stream, dq, dq, theta_));
   RETURN_IF_ERROR(ops::RopeBackward(stream, dk, dk, theta_));
   const Tensor dq2 = dq.Reshape(Shape{b * s, heads_ * hd});
@@ -79,7 +79,7 @@ absl::StatusOr<Tensor> Attention::Backward(Stream& stream, const Tensor& dout) {
   RETURN_IF_ERROR(ops::Gemm(stream, dq2, false, wq_.value, false, da));
   RETURN_IF_ERROR(ops::Gemm(stream, dk2, false, wk_.value, false, da, 1.0f, 1.0f));
   RETURN_IF_ERROR(ops::Gemm(stream, dv2, false, wv_.value, false, da, 1.0f, 1.0f));
-  a_ = q_ = k_ = v_ = probs_ = o_ = Tensor();
+  a_ = q_ = k_ = v_ = lse_ = o_ = Tensor();
   if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, da));  // column-parallel q/k/v
   return da;
 }

@@ -22,8 +22,8 @@ class Attention {
   absl::Status Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg, float init_std,
                     float o_std, const ShardPlan& plan, uint64_t seed);
   // a [B * S, d] (rows of sequence b at [b * S, (b + 1) * S)) -> out [B * S, d].
-  // Keeps a, the rotated q and k, v, the attention probabilities [B, H, S, S]
-  // and o.
+  // Keeps a, the rotated q and k, v, o and the attention row log-sum-exp
+  // [B, H, S] (not the probabilities: backward recomputes them).
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& a, int64_t num_seqs, int64_t seq_len);
   // Accumulates the four weight grads; returns da [B * S, d].
   absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dout);
@@ -39,7 +39,7 @@ class Attention {
   comm::Communicator* tp_ = nullptr;                 // TP group when tp_size > 1
   double theta_ = 10000.0;
   int64_t num_seqs_ = 0, seq_len_ = 0;
-  Tensor a_, q_, k_, v_, probs_, o_;
+  Tensor a_, q_, k_, v_, lse_, o_;
 };
 
 }  // namespace moe::model

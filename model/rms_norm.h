@@ -17,6 +17,9 @@ class RMSNorm {
   // x [R, dim] -> out [R, dim]. Keeps x (which must stay unchanged until
   // Backward) and the per-row 1/rms.
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x);
+  // The residual add before the norm, fused (ops::AddRmsNorm): residual += x in
+  // place, then Forward(residual) without a second pass over memory.
+  absl::StatusOr<Tensor> AddForward(Stream& stream, const Tensor& x, const Tensor& residual);
   // dx = d out / d x applied to dy, written to `dx` (or added to it when
   // accumulate_dx: the residual stream's gradient); weight.grad += d/dweight.
   absl::Status Backward(Stream& stream, const Tensor& dy, const Tensor& dx, bool accumulate_dx);

@@ -33,8 +33,7 @@ absl::StatusOr<Tensor> TransformerBlock::Forward(Stream& stream, const Tensor& h
                                                  int64_t seq_len) {
   ASSIGN_OR_RETURN(Tensor a, input_norm_.Forward(stream, h));
   ASSIGN_OR_RETURN(Tensor h1, attn_.Forward(stream, a, num_seqs, seq_len));
-  RETURN_IF_ERROR(ops::Add(stream, h, h1, h1));  // h1 = h + attention
-  ASSIGN_OR_RETURN(Tensor m, post_norm_.Forward(stream, h1));
+  ASSIGN_OR_RETURN(Tensor m, post_norm_.AddForward(stream, h, h1));  // h1 = h + attention, normed
   Tensor y;
   if (moe_) {
     ASSIGN_OR_RETURN(y, moe_->Forward(stream, m, seq_len));

@@ -31,6 +31,7 @@ const char* OpKindName(OpKind op) {
                                        "SumRows",
                                        "RmsNorm",
                                        "RmsNormBackward",
+                                       "AddRmsNorm",
                                        "Rope",
                                        "RopeBackward",
                                        "CausalAttention",

@@ -136,6 +136,7 @@ enum class OpKind : uint8_t {
   kSumRows,
   kRmsNorm,
   kRmsNormBackward,
+  kAddRmsNorm,
   kRope,
   kRopeBackward,
   kCausalAttention,

@@ -50,11 +50,12 @@ class Kernels {
   virtual absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) = 0;
   virtual absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
                                        bool accumulate_dx) = 0;
+  virtual absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) = 0;
   virtual absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) = 0;
   virtual absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) = 0;
-  virtual absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T probs) = 0;
-  virtual absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T probs, float scale, T dout, T dq, T dk,
-                                               T dv) = 0;
+  virtual absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) = 0;
+  virtual absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq,
+                                               T dk, T dv) = 0;
   virtual absl::Status Softmax(S& s, T x, T out) = 0;
   virtual absl::Status SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, float beta) = 0;
   virtual absl::Status LogSumExp(S& s, T x, T out) = 0;

@@ -15,7 +15,9 @@
 // Activations kept from forward for backward, per layer (they are all live at
 // the start of backward, which is where the peak is):
 //   attention block: block input h [T,d], rstd [T], normed a [T,d],
-//     q [T,H*hd], k, v [T,Hkv*hd] (after RoPE), probs [B,H,S,S], attention out o [T,H*hd]
+//     q [T,H*hd], k, v [T,Hkv*hd] (after RoPE), the row log-sum-exp lse [B,H,S] (the
+//     [S,S] probabilities are never stored: backward recomputes them tile by tile),
+//     attention out o [T,H*hd]
 //   MLP block: block input h [T,d], rstd [T], normed m [T,d], then
 //     dense: gate, up, silu(gate)*up [T,F] each (/TP)
 //     MoE (dispatched rows R = T*k, dropless and balanced in expectation; the
@@ -109,8 +111,8 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   }
 
   // Activations kept for backward.
-  int64_t attn_act = T * d + T + T * d + T * H * hd + 2 * T * Hkv * hd + B * H * S * S + T * H * hd;
-  add(MC::kActivations, "attention blocks: h, rstd, a, q, k, v, probs [B,H,S,S], o", L * attn_act);
+  int64_t attn_act = T * d + T + T * d + T * H * hd + 2 * T * Hkv * hd + B * H * S + T * H * hd;
+  add(MC::kActivations, "attention blocks: h, rstd, a, q, k, v, lse [B,H,S], o", L * attn_act);
   int64_t mlp_in = T * d + T + T * d;
   add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in);
   if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp);

@@ -15,7 +15,7 @@
 namespace moe {
 
 struct MemoryTerm {
-  std::string name;  // "layer activations: attention probs [B,H,S,S]"
+  std::string name;  // "layer activations: attention lse [B,H,S]"
   MemoryCategory category;
   int64_t bytes = 0;
 };

@@ -55,6 +55,7 @@ ProfileCategory CategoryOfOp(OpKind op) {
       return ProfileCategory::kAttention;
     case OpKind::kRmsNorm:
     case OpKind::kRmsNormBackward:
+    case OpKind::kAddRmsNorm:
       return ProfileCategory::kNorm;
     case OpKind::kSoftmax:
     case OpKind::kSoftmaxBackward:

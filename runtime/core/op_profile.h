@@ -26,7 +26,7 @@ namespace moe {
 enum class ProfileCategory : uint8_t {
   kGemm = 0,     // Gemm, BatchedGemm, GroupedGemm(+WeightGrad): every matrix product, router's too
   kAttention,    // CausalAttention(+Backward), Rope(+Backward)
-  kNorm,         // RmsNorm(+Backward)
+  kNorm,         // RmsNorm(+Backward), AddRmsNorm
   kRouter,       // Softmax(+Backward), TopK; router host work (softmax, top-k, capacity, losses)
   kPermute,      // GatherRows, ScatterAddRows, GatherRowDot; dispatcher index building
   kElementwise,  // Add, Axpby, Mul, Scale, Silu, SwiGLU(+Backward), Copy, Cast, Fill, reductions

@@ -333,6 +333,32 @@ absl::Status RmsNorm(Stream& s, const Tensor& x, const Tensor& weight, float eps
   return s.backend().kernels().RmsNorm(s, x, weight, eps, out, rstd);
 }
 
+absl::Status AddRmsNorm(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& weight, float eps,
+                        const Tensor& sum, const Tensor& out, const Tensor& rstd) {
+  const char* op = "AddRmsNorm";
+  RETURN_IF_ERROR(Supported(op, s, OpKind::kAddRmsNorm));
+  RETURN_IF_ERROR(F32(op, s, "x", x));
+  RETURN_IF_ERROR(F32(op, s, "residual", residual));
+  RETURN_IF_ERROR(F32(op, s, "weight", weight));
+  RETURN_IF_ERROR(F32(op, s, "sum", sum));
+  RETURN_IF_ERROR(F32(op, s, "out", out));
+  RETURN_IF_ERROR(F32(op, s, "rstd", rstd));
+  if (x.rank() < 1) return Bad(op, "x must have rank >= 1");
+  RETURN_IF_ERROR(SameShape(op, "x", x, "residual", residual));
+  RETURN_IF_ERROR(SameShape(op, "x", x, "sum", sum));
+  RETURN_IF_ERROR(SameShape(op, "x", x, "out", out));
+  RETURN_IF_ERROR(Numel(op, "weight", weight, Cols(x)));
+  RETURN_IF_ERROR(Numel(op, "rstd", rstd, LeadRows(x)));
+  for (auto [name, t] :
+       {std::pair<const char*, const Tensor*>{"x", &x}, {"residual", &residual}, {"sum", &sum}}) {
+    RETURN_IF_ERROR(NoOverlap(op, name, *t, "out", out));
+    RETURN_IF_ERROR(NoOverlap(op, name, *t, "rstd", rstd));
+  }
+  RETURN_IF_ERROR(NoOverlap(op, "out", out, "rstd", rstd));
+  ProfileScope scope(s, OpKind::kAddRmsNorm);
+  return s.backend().kernels().AddRmsNorm(s, x, residual, weight, eps, sum, out, rstd);
+}
+
 absl::Status RmsNormBackward(Stream& s, const Tensor& x, const Tensor& weight, const Tensor& rstd,
                              const Tensor& dout, const Tensor& dx, const Tensor& dweight,
                              bool accumulate_dx) {
@@ -387,11 +413,11 @@ absl::Status RopeBackward(Stream& s, const Tensor& dout, const Tensor& dx, doubl
 
 namespace {
 absl::Status AttentionArgs(const char* op, Stream& s, const Tensor& q, const Tensor& k, const Tensor& v,
-                           const Tensor& probs) {
+                           const Tensor& lse) {
   RETURN_IF_ERROR(F32(op, s, "q", q));
   RETURN_IF_ERROR(F32(op, s, "k", k));
   RETURN_IF_ERROR(F32(op, s, "v", v));
-  RETURN_IF_ERROR(F32(op, s, "probs", probs));
+  RETURN_IF_ERROR(F32(op, s, "lse", lse));
   if (q.rank() != 4 || k.rank() != 4)
     return Bad(op,
                absl::StrCat("q ", q.ToString(), " and k ", k.ToString(), " must be [B, S, heads, head_dim]"));
@@ -402,37 +428,40 @@ absl::Status AttentionArgs(const char* op, Stream& s, const Tensor& q, const Ten
                                 " must be [B, S, Hkv, hd] with Hkv dividing H;"
                                 " q is ",
                                 q.ToString()));
-  if (probs.shape() != Shape({b, h, sl, sl}))
-    return Bad(op, absl::StrCat("probs ", probs.ToString(), " must be [", b, ",", h, ",", sl, ",", sl, "]"));
+  if (lse.shape() != Shape({b, h, sl}))
+    return Bad(op, absl::StrCat("lse ", lse.ToString(), " must be [", b, ",", h, ",", sl, "] (B, H, S)"));
   return absl::OkStatus();
 }
 }  // namespace
 
 absl::Status CausalAttention(Stream& s, const Tensor& q, const Tensor& k, const Tensor& v, float scale,
-                             const Tensor& out, const Tensor& probs) {
+                             const Tensor& out, const Tensor& lse) {
   const char* op = "CausalAttention";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCausalAttention));
-  RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, probs));
+  RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, lse));
   RETURN_IF_ERROR(F32(op, s, "out", out));
   RETURN_IF_ERROR(SameShape(op, "q", q, "out", out));
   for (auto [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     RETURN_IF_ERROR(NoOverlap(op, name, *t, "out", out));
-    RETURN_IF_ERROR(NoOverlap(op, name, *t, "probs", probs));
+    RETURN_IF_ERROR(NoOverlap(op, name, *t, "lse", lse));
   }
+  if (out.Overlaps(lse)) return Bad(op, "out overlaps lse");
   ProfileScope scope(s, OpKind::kCausalAttention);
-  return s.backend().kernels().CausalAttention(s, q, k, v, scale, out, probs);
+  return s.backend().kernels().CausalAttention(s, q, k, v, scale, out, lse);
 }
 
 absl::Status CausalAttentionBackward(Stream& s, const Tensor& q, const Tensor& k, const Tensor& v,
-                                     const Tensor& probs, float scale, const Tensor& dout, const Tensor& dq,
-                                     const Tensor& dk, const Tensor& dv) {
+                                     const Tensor& out, const Tensor& lse, float scale, const Tensor& dout,
+                                     const Tensor& dq, const Tensor& dk, const Tensor& dv) {
   const char* op = "CausalAttentionBackward";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCausalAttentionBackward));
-  RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, probs));
+  RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, lse));
+  RETURN_IF_ERROR(F32(op, s, "out", out));
   RETURN_IF_ERROR(F32(op, s, "dout", dout));
   RETURN_IF_ERROR(F32(op, s, "dq", dq));
   RETURN_IF_ERROR(F32(op, s, "dk", dk));
   RETURN_IF_ERROR(F32(op, s, "dv", dv));
+  RETURN_IF_ERROR(SameShape(op, "q", q, "out", out));
   RETURN_IF_ERROR(SameShape(op, "q", q, "dout", dout));
   RETURN_IF_ERROR(SameShape(op, "q", q, "dq", dq));
   RETURN_IF_ERROR(SameShape(op, "k", k, "dk", dk));
@@ -441,12 +470,13 @@ absl::Status CausalAttentionBackward(Stream& s, const Tensor& q, const Tensor& k
     for (auto [name, t] : {std::pair<const char*, const Tensor*>{"q", &q},
                            {"k", &k},
                            {"v", &v},
-                           {"probs", &probs},
+                           {"out", &out},
+                           {"lse", &lse},
                            {"dout", &dout}})
       RETURN_IF_ERROR(NoOverlap(op, name, *t, oname, *o));
   if (dq.Overlaps(dk) || dq.Overlaps(dv) || dk.Overlaps(dv)) return Bad(op, "dq, dk, dv overlap");
   ProfileScope scope(s, OpKind::kCausalAttentionBackward);
-  return s.backend().kernels().CausalAttentionBackward(s, q, k, v, probs, scale, dout, dq, dk, dv);
+  return s.backend().kernels().CausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
 }
 
 absl::Status Softmax(Stream& s, const Tensor& x, const Tensor& out) {

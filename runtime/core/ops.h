@@ -116,6 +116,12 @@ absl::Status RmsNorm(Stream& stream, const Tensor& x, const Tensor& weight, floa
 absl::Status RmsNormBackward(Stream& stream, const Tensor& x, const Tensor& weight, const Tensor& rstd,
                              const Tensor& dout, const Tensor& dx, const Tensor& dweight,
                              bool accumulate_dx = false);
+// The residual add fused with the RMSNorm after it, in one pass over memory:
+// sum = x + residual, then out, rstd = RmsNorm(sum) as above. sum may alias x or
+// residual (the residual stream updated in place); out and rstd overlap nothing.
+// Backward is RmsNormBackward on sum (the add passes gradients through).
+absl::Status AddRmsNorm(Stream& stream, const Tensor& x, const Tensor& residual, const Tensor& weight,
+                        float eps, const Tensor& sum, const Tensor& out, const Tensor& rstd);
 
 // RoPE, rotate-half convention (docs/model.md), on x [B, S, num_heads, head_dim]
 // (head_dim even), position of row s = position_offset + s. out may alias x.
@@ -127,16 +133,19 @@ absl::Status RopeBackward(Stream& stream, const Tensor& dout, const Tensor& dx, 
 
 // Causal softmax attention with GQA, heads in place (no transposes):
 //   q [B, S, H, hd], k, v [B, S, Hkv, hd] (Hkv divides H; query head j uses kv
-//   head j / (H / Hkv)), out [B, S, H, hd], probs [B, H, S, S] (kept for
-//   backward; entries above the diagonal are 0), scale usually 1 / sqrt(hd).
-//   probs[b,h,i,:] = softmax_{j <= i}(scale * q[b,i,h] . k[b,j,h/r]),
-//   out[b,i,h] = sum_j probs[b,h,i,j] v[b,j,h/r].
+//   head j / (H / Hkv)), out [B, S, H, hd], lse [B, H, S] (the row log-sum-exp,
+//   all backward keeps: memory O(S) per row, the [S, S] probabilities are never
+//   stored), scale usually 1 / sqrt(hd). With s_ij = scale * q[b,i,h] . k[b,j,h/r]:
+//   lse[b,h,i] = log sum_{j <= i} exp(s_ij),
+//   out[b,i,h] = sum_{j <= i} exp(s_ij - lse[b,h,i]) v[b,j,h/r].
+// Only the causal half is computed (blocked, online softmax: FlashAttention-2).
 absl::Status CausalAttention(Stream& stream, const Tensor& q, const Tensor& k, const Tensor& v, float scale,
-                             const Tensor& out, const Tensor& probs);
-// Gradients of CausalAttention given dout [B, S, H, hd]; dq, dk, dv overwritten.
+                             const Tensor& out, const Tensor& lse);
+// Gradients of CausalAttention given its out and lse and dout [B, S, H, hd]
+// (the probabilities are recomputed); dq, dk, dv overwritten.
 absl::Status CausalAttentionBackward(Stream& stream, const Tensor& q, const Tensor& k, const Tensor& v,
-                                     const Tensor& probs, float scale, const Tensor& dout, const Tensor& dq,
-                                     const Tensor& dk, const Tensor& dv);
+                                     const Tensor& out, const Tensor& lse, float scale, const Tensor& dout,
+                                     const Tensor& dq, const Tensor& dk, const Tensor& dv);
 
 // ---- Softmax, losses, routing ------------------------------------------------
 

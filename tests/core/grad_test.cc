@@ -144,19 +144,25 @@ TEST_CASE("RopeBackward") {
 }
 
 TEST_CASE("CausalAttentionBackward with GQA") {
-  for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{4, 2}, {2, 2}, {3, 1}}) {
-    int64_t B = 2, L = 6, hd = 4;
+  // One tile, then several 64 x 64 tiles with partial last ones.
+  struct Case {
+    int64_t B, L, H, Hkv, hd;
+  };
+  for (Case c : {Case{2, 6, 4, 2, 4}, Case{2, 6, 2, 2, 4}, Case{2, 6, 3, 1, 4}, Case{1, 70, 2, 1, 6},
+                 Case{1, 140, 2, 2, 5}}) {
+    const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
+    INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd);
     Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
            dy = Random({B, L, H, hd}, 4);
-    Tensor out = NewF32({B, L, H, hd}), probs = NewF32({B, H, L, L});
+    Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
     float scale = 0.5f;
     auto loss = [&] {
-      REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, probs).ok());
+      REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, lse).ok());
       return Dot(dy, out);
     };
     loss();
     Tensor dq = NewF32({B, L, H, hd}), dk = NewF32({B, L, Hkv, hd}), dv = NewF32({B, L, Hkv, hd});
-    REQUIRE(ops::CausalAttentionBackward(S(), q, k, v, probs, scale, dy, dq, dk, dv).ok());
+    REQUIRE(ops::CausalAttentionBackward(S(), q, k, v, out, lse, scale, dy, dq, dk, dv).ok());
     CheckGrad(q, dq, loss, "attention dq");
     CheckGrad(k, dk, loss, "attention dk");
     CheckGrad(v, dv, loss, "attention dv");

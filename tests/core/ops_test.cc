@@ -25,6 +25,12 @@ std::vector<double> RefGemm(const std::vector<float>& a, bool ta, const std::vec
   return out;
 }
 
+bool AllFinite(const Tensor& t) {
+  for (float x : Vec(t))
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
 TEST_CASE("Gemm: every transpose, odd shapes, accumulate, matrix views") {
   struct Case {
     int64_t m, n, k;
@@ -209,6 +215,24 @@ TEST_CASE("RmsNorm forward") {
   ExpectClose(rstd, want_r, 1e-5, 1e-6, "rstd");
 }
 
+TEST_CASE("AddRmsNorm equals Add then RmsNorm, in place on the residual") {
+  int64_t rows = 13, d = 37;
+  float eps = 1e-5f;
+  Tensor x = Random({rows, d}, 1, -3, 3), res = Random({rows, d}, 5, -3, 3), w = Random({d}, 2, 0.5, 1.5);
+  Tensor sum = NewF32({rows, d}), out = NewF32({rows, d}), rstd = NewF32({rows});
+  REQUIRE(ops::Add(S(), x, res, sum).ok());
+  REQUIRE(ops::RmsNorm(S(), sum, w, eps, out, rstd).ok());
+  Tensor res2 = Clone(res), out2 = NewF32({rows, d}), rstd2 = NewF32({rows});
+  REQUIRE(ops::AddRmsNorm(S(), x, res2, w, eps, res2, out2, rstd2).ok());  // residual += x in place
+  CHECK(Vec(res2) == Vec(sum));
+  CHECK(Vec(out2) == Vec(out));
+  CHECK(Vec(rstd2) == Vec(rstd));
+  CHECK(AllFinite(out2));
+  // out may not alias the sum; shapes must match.
+  CHECK(!ops::AddRmsNorm(S(), x, res2, w, eps, res2, res2, rstd2).ok());
+  CHECK(!ops::AddRmsNorm(S(), x, NewF32({rows, d + 1}), w, eps, res2, out2, rstd2).ok());
+}
+
 TEST_CASE("RoPE forward (rotate-half) and in place") {
   int64_t B = 2, L = 5, nh = 3, hd = 6;
   double theta = 10000;
@@ -236,12 +260,12 @@ TEST_CASE("RoPE forward (rotate-half) and in place") {
   CHECK(!ops::Rope(S(), Random({1, 2, 3, 5}, 1), NewF32({1, 2, 3, 5}), theta).ok());
 }
 
-// Naive causal attention with GQA, in double.
+// Naive causal attention with GQA, in double: out and the row log-sum-exp.
 void RefAttention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                   int64_t B, int64_t L, int64_t H, int64_t Hkv, int64_t hd, double scale,
-                  std::vector<double>* out, std::vector<double>* probs) {
+                  std::vector<double>* out, std::vector<double>* lse) {
   out->assign(B * L * H * hd, 0.0);
-  probs->assign(B * H * L * L, 0.0);
+  lse->assign(B * H * L, 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       int64_t g = h / (H / Hkv);
@@ -257,9 +281,9 @@ void RefAttention(const std::vector<float>& q, const std::vector<float>& k, cons
         }
         double sum = 0;
         for (auto& s : sc) sum += (s = std::exp(s - mx));
+        (*lse)[(b * H + h) * L + i] = mx + std::log(sum);
         for (int64_t j = 0; j <= i; ++j) {
           double p = sc[j] / sum;
-          (*probs)[((b * H + h) * L + i) * L + j] = p;
           for (int64_t c = 0; c < hd; ++c)
             (*out)[((b * L + i) * H + h) * hd + c] += p * v[((b * L + j) * Hkv + g) * hd + c];
         }
@@ -268,20 +292,60 @@ void RefAttention(const std::vector<float>& q, const std::vector<float>& k, cons
 }
 
 TEST_CASE("CausalAttention forward with GQA") {
-  for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{4, 2}, {3, 3}, {4, 1}}) {
-    int64_t B = 2, L = 7, hd = 5;
-    Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3);
-    Tensor out = NewF32({B, L, H, hd}), probs = NewF32({B, H, L, L});
+  // Small shapes, one tile; then shapes that cross the 64 x 64 tiles (partial last
+  // tiles, odd head_dim, a single position).
+  struct Case {
+    int64_t B, L, H, Hkv, hd;
+  };
+  for (Case c : {Case{2, 7, 4, 2, 5}, Case{2, 7, 3, 3, 5}, Case{2, 7, 4, 1, 5}, Case{2, 150, 4, 2, 12},
+                 Case{1, 64, 2, 1, 32}, Case{1, 129, 1, 1, 3}, Case{3, 1, 2, 2, 4}}) {
+    const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
+    INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd);
+    Tensor q = Random({B, L, H, hd}, 1, -2, 2), k = Random({B, L, Hkv, hd}, 2, -2, 2),
+           v = Random({B, L, Hkv, hd}, 3);
+    Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
     float scale = 1.0f / std::sqrt(float(hd));
-    REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, probs).ok());
-    std::vector<double> want_out, want_probs;
-    RefAttention(Vec(q), Vec(k), Vec(v), B, L, H, Hkv, hd, scale, &want_out, &want_probs);
-    ExpectClose(out, want_out, 1e-5, 1e-6, "attention out");
-    ExpectClose(probs, want_probs, 1e-5, 1e-7, "attention probs");
+    REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, lse).ok());
+    std::vector<double> want_out, want_lse;
+    RefAttention(Vec(q), Vec(k), Vec(v), B, L, H, Hkv, hd, scale, &want_out, &want_lse);
+    CHECK(AllFinite(out));
+    CHECK(AllFinite(lse));
+    ExpectClose(out, want_out, 1e-5, 2e-6, "attention out");
+    ExpectClose(lse, want_lse, 1e-5, 2e-6, "attention lse");
   }
   CHECK(!ops::CausalAttention(S(), Random({1, 2, 3, 4}, 1), Random({1, 2, 2, 4}, 1), Random({1, 2, 2, 4}, 1),
-                              1.0f, NewF32({1, 2, 3, 4}), NewF32({1, 3, 2, 2}))
+                              1.0f, NewF32({1, 2, 3, 4}), NewF32({1, 3, 2}))
              .ok());
+  // lse must be [B, H, S] (the old [B, H, S, S] probabilities are refused).
+  CHECK(!ops::CausalAttention(S(), Random({1, 2, 2, 4}, 1), Random({1, 2, 2, 4}, 1), Random({1, 2, 2, 4}, 1),
+                              1.0f, NewF32({1, 2, 2, 4}), NewF32({1, 2, 2, 2}))
+             .ok());
+}
+
+TEST_CASE("CausalAttention and its backward do not depend on the thread count") {
+  const int64_t B = 2, L = 130, H = 4, Hkv = 2, hd = 16;
+  Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
+         dy = Random({B, L, H, hd}, 4);
+  auto run = [&](int threads) {
+    Cpu().SetNumThreads(threads);
+    Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
+    Tensor dq = NewF32({B, L, H, hd}), dk = NewF32({B, L, Hkv, hd}), dv = NewF32({B, L, Hkv, hd});
+    REQUIRE(ops::CausalAttention(S(), q, k, v, 0.25f, out, lse).ok());
+    REQUIRE(ops::CausalAttentionBackward(S(), q, k, v, out, lse, 0.25f, dy, dq, dk, dv).ok());
+    std::vector<float> all;
+    for (const Tensor* t : {&out, &lse, &dq, &dk, &dv}) {
+      std::vector<float> x = Vec(*t);
+      all.insert(all.end(), x.begin(), x.end());
+    }
+    return all;
+  };
+  const int before = Cpu().num_threads();
+  std::vector<float> one = run(1), three = run(3);
+  Cpu().SetNumThreads(before);
+  REQUIRE(one.size() == three.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &three[i], 4) != 0 ? 1 : 0;
+  CHECK(differ == 0);
 }
 
 TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {

@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "runtime/core/ops.h"
@@ -239,6 +240,40 @@ TEST_CASE("Backward accumulates, and loss_scale scales the gradients") {
       CHECK(g[j] == Approx(1.5f * once[i][j]).margin(1e-6));
     }
   }
+}
+
+TEST_CASE("Loss and gradients do not depend on the thread count (bit for bit)") {
+  // Large enough that the element-wise and row ops split into several chunks and
+  // attention into several 64-row tiles.
+  Backend& cpu = CpuStream().backend();
+  const int before = cpu.num_threads();
+  config::ModelConfig cfg = TinyConfig(
+      "vocab_size: 61 hidden_size: 96 num_layers: 2 num_heads: 4 num_kv_heads: 2 "
+      "ffn_hidden_size: 128 seq_len: 80 "
+      "moe { num_experts: 4 top_k: 2 expert_ffn_hidden_size: 96 moe_layer_freq: 2 "
+      "aux_loss_coeff: 0.01 z_loss_coeff: 0.001 }");
+  const std::vector<int32_t> tokens = RandomTokens(3, 80, cfg.vocab_size(), 9);
+  auto run = [&](int threads) {
+    cpu.SetNumThreads(threads);
+    auto model = Build(cfg, 3);
+    auto loss = model->Forward(CpuStream(), tokens, 3);
+    REQUIRE(loss.ok());
+    REQUIRE(model->Backward(CpuStream(), 1.0f).ok());
+    std::vector<float> all = {static_cast<float>(loss->total())};
+    for (auto* p : model->parameters()) {
+      const std::vector<float> g = ToVec(p->grad);
+      all.insert(all.end(), g.begin(), g.end());
+    }
+    return all;
+  };
+  const std::vector<float> one = run(1), three = run(3);
+  cpu.SetNumThreads(before);
+  REQUIRE(one.size() == three.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &three[i], 4) != 0 ? 1 : 0;
+  INFO("loss " << one[0] << " vs " << three[0]);
+  CHECK(std::isfinite(one[0]));
+  CHECK(differ == 0);
 }
 
 TEST_CASE("Bad tokens and configs are rejected with the value and the field") {

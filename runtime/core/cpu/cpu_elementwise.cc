@@ -1,7 +1,9 @@
 // Element-wise kernels, reductions, initialisation and the optimizer step.
-// Loops run on the backend's ThreadPool; reductions sum fixed-size chunks in
-// double and then the chunk sums in order, so results do not depend on the
-// thread count.
+// Loops run on the backend's ThreadPool in fixed chunks of kElemGrain elements;
+// reductions sum each chunk in double over 8 fixed lanes and then the chunk sums
+// in order, so results do not depend on the thread count. The per-element math
+// is kernel_math.h's (shared with a CUDA backend); loops that evaluate exp
+// (SiLU, SwiGLU) and AdamW are built per ISA (MOE_CPU_CLONES).
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -10,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/core/cpu/cpu_kernels.h"
+#include "runtime/core/kernel_math.h"
 #include "runtime/core/rng.h"
 
 namespace moe::cpu {
@@ -17,43 +20,75 @@ namespace {
 
 constexpr int64_t kElemGrain = 1 << 14;
 
+// fn(i) for i in [0, n). Iterations are independent (an output may be the same
+// element as an input, never another one), which ivdep tells the vectoriser.
 template <typename Fn>
 void ForEach(int64_t n, Fn fn) {
   Pool().ParallelFor(n, kElemGrain, [&](int64_t b, int64_t e) {
+#pragma GCC ivdep
     for (int64_t i = b; i < e; ++i) fn(i);
   });
 }
 
-inline float Sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+using kmath::BF16ToF32;
+using kmath::F32ToBF16;
 
-uint16_t F32ToBF16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float BF16ToF32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Sum over fixed chunks of f(i) in double.
+// Sum over fixed chunks of f(i) in double, each chunk over 8 lanes (i mod 8).
 template <typename Fn>
 double ChunkedSum(int64_t n, Fn f) {
   int64_t num_chunks = (n + kElemGrain - 1) / kElemGrain;
   std::vector<double> partial(num_chunks, 0.0);
   Pool().ParallelFor(n, kElemGrain, [&](int64_t b, int64_t e) {
+    double lane[8] = {};
+    int64_t i = b;
+    for (; i + 8 <= e; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += f(i + l);
+    for (int l = 0; i < e; ++i, ++l) lane[l] += f(i);
     double acc = 0;
-    for (int64_t i = b; i < e; ++i) acc += f(i);
+    for (double x : lane) acc += x;
     partial[b / kElemGrain] = acc;
   });
   double total = 0;
   for (double p : partial) total += p;
   return total;
+}
+
+MOE_CPU_CLONES void SiluRange(const float* __restrict x, float* out, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) out[i] = kmath::Silu(x[i]);
+}
+
+MOE_CPU_CLONES void SiluBackwardRange(const float* __restrict x, const float* __restrict dout, float* dx,
+                                      float alpha, float beta, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) {
+    const float g = alpha * dout[i] * kmath::SiluGrad(x[i]);
+    dx[i] = beta == 0.0f ? g : g + beta * dx[i];
+  }
+}
+
+MOE_CPU_CLONES void SwiGLURange(const float* gate, const float* up, float* out, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) out[i] = kmath::SwiGLU(gate[i], up[i]);
+}
+
+MOE_CPU_CLONES void SwiGLUBackwardRange(const float* gate, const float* up, const float* dout, float* dgate,
+                                        float* dup, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) {
+    float dg, du;
+    kmath::SwiGLUBackward(gate[i], up[i], dout[i], &dg, &du);
+    dgate[i] = dg;
+    dup[i] = du;
+  }
+}
+
+MOE_CPU_CLONES void AdamWRange(float* __restrict p, const float* __restrict g, float* __restrict m,
+                               float* __restrict v, float lr, float beta1, float beta2, float eps,
+                               float weight_decay, float bc1, float bc2, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i)
+    kmath::AdamWElement(g[i], lr, beta1, beta2, eps, weight_decay, bc1, bc2, &p[i], &m[i], &v[i]);
 }
 
 }  // namespace
@@ -187,7 +222,7 @@ absl::Status CpuKernels::Silu(S& s, T x, T out) {
   return AsCpu(s).Run([=]() {
     const float* px = x.data<float>();
     float* po = out.data<float>();
-    ForEach(x.numel(), [&](int64_t i) { po[i] = px[i] * Sigmoid(px[i]); });
+    Pool().ParallelFor(x.numel(), kElemGrain, [&](int64_t b, int64_t e) { SiluRange(px, po, b, e); });
     return absl::OkStatus();
   });
 }
@@ -196,11 +231,8 @@ absl::Status CpuKernels::SiluBackward(S& s, T x, T dout, T dx, float alpha, floa
   return AsCpu(s).Run([=]() {
     const float *px = x.data<float>(), *pd = dout.data<float>();
     float* pdx = dx.data<float>();
-    ForEach(x.numel(), [&](int64_t i) {
-      float sg = Sigmoid(px[i]);
-      float g = alpha * pd[i] * sg * (1.0f + px[i] * (1.0f - sg));
-      pdx[i] = beta == 0.0f ? g : g + beta * pdx[i];
-    });
+    Pool().ParallelFor(x.numel(), kElemGrain,
+                       [&](int64_t b, int64_t e) { SiluBackwardRange(px, pd, pdx, alpha, beta, b, e); });
     return absl::OkStatus();
   });
 }
@@ -209,7 +241,8 @@ absl::Status CpuKernels::SwiGLU(S& s, T gate, T up, T out) {
   return AsCpu(s).Run([=]() {
     const float *pg = gate.data<float>(), *pu = up.data<float>();
     float* po = out.data<float>();
-    ForEach(gate.numel(), [&](int64_t i) { po[i] = pg[i] * Sigmoid(pg[i]) * pu[i]; });
+    Pool().ParallelFor(gate.numel(), kElemGrain,
+                       [&](int64_t b, int64_t e) { SwiGLURange(pg, pu, po, b, e); });
     return absl::OkStatus();
   });
 }
@@ -218,13 +251,8 @@ absl::Status CpuKernels::SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T d
   return AsCpu(s).Run([=]() {
     const float *pg = gate.data<float>(), *pu = up.data<float>(), *pd = dout.data<float>();
     float *pdg = dgate.data<float>(), *pdu = dup.data<float>();
-    ForEach(gate.numel(), [&](int64_t i) {
-      float g = pg[i], u = pu[i], d = pd[i];
-      float sg = Sigmoid(g);
-      float silu = g * sg;
-      pdg[i] = d * u * sg * (1.0f + g * (1.0f - sg));
-      pdu[i] = d * silu;
-    });
+    Pool().ParallelFor(gate.numel(), kElemGrain,
+                       [&](int64_t b, int64_t e) { SwiGLUBackwardRange(pg, pu, pd, pdg, pdu, b, e); });
     return absl::OkStatus();
   });
 }
@@ -322,11 +350,8 @@ absl::Status CpuKernels::AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, f
     float* v = exp_avg_sq.data<float>();
     float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
     float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step));
-    ForEach(param.numel(), [&](int64_t i) {
-      m[i] = beta1 * m[i] + (1.0f - beta1) * g[i];
-      v[i] = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
-      float update = (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
-      p[i] -= lr * (update + weight_decay * p[i]);
+    Pool().ParallelFor(param.numel(), kElemGrain, [&](int64_t b, int64_t e) {
+      AdamWRange(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, b, e);
     });
     return absl::OkStatus();
   });

@@ -13,6 +13,14 @@
 
 namespace moe::cpu {
 
+// Hot loops are built for AVX-512, AVX2+FMA and baseline x86-64 and chosen at load
+// time (GCC function multi-versioning); elsewhere they build once for the target.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOE_CPU_CLONES
+#endif
+
 // Matrix view helpers (ops.h "matrix view").
 inline int64_t Cols(const Tensor& t) { return t.rank() == 0 ? 1 : t.size(-1); }
 inline int64_t LeadRows(const Tensor& t) {
@@ -58,10 +66,11 @@ class CpuKernels : public Kernels {
   absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override;
   absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
                                bool accumulate_dx) override;
+  absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override;
   absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override;
   absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override;
-  absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T probs) override;
-  absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T probs, float scale, T dout, T dq, T dk,
+  absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override;
+  absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override;
   absl::Status Softmax(S& s, T x, T out) override;
   absl::Status SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, float beta) override;

@@ -1,6 +1,6 @@
-// Row-wise neural-network kernels: normalisation, RoPE, attention, softmax,
+// Row-wise neural-network kernels: normalisation, RoPE, softmax,
 // losses, top-k, row gather/scatter. Rows are independent and run on the
-// ThreadPool; accumulations that cross rows (dweight, dk/dv, scatter-add) are
+// ThreadPool; accumulations that cross rows (dweight, scatter-add) are
 // done in a fixed order so results are deterministic.
 #include <algorithm>
 #include <atomic>
@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/core/cpu/cpu_kernels.h"
+#include "runtime/core/kernel_math.h"
 
 namespace moe::cpu {
 namespace {
@@ -47,33 +48,74 @@ void RopeRows(const float* in, float* out, int64_t batch, int64_t seq, int64_t h
       for (int64_t h = 0; h < heads; ++h) {
         const float* x = in + r * row + h * head_dim;
         float* y = out + r * row + h * head_dim;
-        for (int64_t j = 0; j < half; ++j) {
-          float x1 = x[j], x2 = x[j + half];
-          y[j] = x1 * c[j] - x2 * sn[j];
-          y[j + half] = x2 * c[j] + x1 * sn[j];
-        }
+#pragma GCC ivdep
+        for (int64_t j = 0; j < half; ++j)
+          kmath::RopePair(x[j], x[j + half], c[j], sn[j], &y[j], &y[j + half]);
       }
     }
   });
 }
 
+// sum_i a[i] b[i] c[i] in double over 8 fixed lanes (vectorises; the same order
+// on every ISA and thread count). c may be null (then 1).
+inline double LaneDot3(const float* a, const float* b, const float* c, int64_t n) {
+  double lane[8] = {};
+  int64_t i = 0;
+  if (c == nullptr) {
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(a[i + l]) * b[i + l];
+    for (int l = 0; i < n; ++i, ++l) lane[l] += static_cast<double>(a[i]) * b[i];
+  } else {
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(a[i + l]) * b[i + l] * c[i + l];
+    for (int l = 0; i < n; ++i, ++l) lane[l] += static_cast<double>(a[i]) * b[i] * c[i];
+  }
+  double s = 0;
+  for (double x : lane) s += x;
+  return s;
+}
+
+}  // namespace
+
+namespace {
+// RMSNorm of rows [r0, r1) of x [rows, d] (after sum = x + residual when residual is given).
+void RmsNormRows(const float* px, const float* pres, float* psum, const float* pw, float eps, float* po,
+                 float* pr, int64_t d, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = px + r * d;
+    if (pres != nullptr) {
+      const float* rr = pres + r * d;
+      float* sr = psum + r * d;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < d; ++i) sr[i] = xr[i] + rr[i];
+      xr = sr;
+    }
+    const float rs = kmath::RmsNormRstd(LaneDot3(xr, xr, nullptr, d), d, eps);
+    pr[r] = rs;
+    float* orow = po + r * d;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < d; ++i) orow[i] = xr[i] * rs * pw[i];
+  }
+}
 }  // namespace
 
 absl::Status CpuKernels::RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) {
   return AsCpu(s).Run([=]() {
-    int64_t rows = LeadRows(x), d = Cols(x);
-    const float *px = x.data<float>(), *pw = weight.data<float>();
-    float *po = out.data<float>(), *pr = rstd.data<float>();
+    const int64_t rows = LeadRows(x), d = Cols(x);
     Pool().ParallelFor(rows, GrainFor(d * 3), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* xr = px + r * d;
-        double ss = 0;
-        for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-        float rs = static_cast<float>(1.0 / std::sqrt(ss / std::max<int64_t>(d, 1) + eps));
-        pr[r] = rs;
-        float* orow = po + r * d;
-        for (int64_t i = 0; i < d; ++i) orow[i] = xr[i] * rs * pw[i];
-      }
+      RmsNormRows(x.data<float>(), nullptr, nullptr, weight.data<float>(), eps, out.data<float>(),
+                  rstd.data<float>(), d, r0, r1);
+    });
+    return absl::OkStatus();
+  });
+}
+
+absl::Status CpuKernels::AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) {
+  return AsCpu(s).Run([=]() {
+    const int64_t rows = LeadRows(x), d = Cols(x);
+    Pool().ParallelFor(rows, GrainFor(d * 4), [&](int64_t r0, int64_t r1) {
+      RmsNormRows(x.data<float>(), residual.data<float>(), sum.data<float>(), weight.data<float>(), eps,
+                  out.data<float>(), rstd.data<float>(), d, r0, r1);
     });
     return absl::OkStatus();
   });
@@ -89,14 +131,15 @@ absl::Status CpuKernels::RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T 
     Pool().ParallelFor(rows, GrainFor(d * 4), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float *xr = px + r * d, *dr = pd + r * d;
-        float rs = pr[r];
-        double dot = 0;
-        for (int64_t i = 0; i < d; ++i) dot += static_cast<double>(pw[i]) * dr[i] * xr[i];
-        float coef = static_cast<float>(dot / d) * rs * rs;
+        const float rs = pr[r];
+        const float coef = kmath::RmsNormBackwardCoef(LaneDot3(pw, dr, xr, d), d, rs);
         float* dxr = pdx + r * d;
-        for (int64_t i = 0; i < d; ++i) {
-          float g = rs * (pw[i] * dr[i] - xr[i] * coef);
-          dxr[i] = accumulate_dx ? dxr[i] + g : g;
+        if (accumulate_dx) {
+#pragma GCC ivdep
+          for (int64_t i = 0; i < d; ++i) dxr[i] += kmath::RmsNormDx(xr[i], pw[i], dr[i], rs, coef);
+        } else {
+#pragma GCC ivdep
+          for (int64_t i = 0; i < d; ++i) dxr[i] = kmath::RmsNormDx(xr[i], pw[i], dr[i], rs, coef);
         }
       }
     });
@@ -125,108 +168,6 @@ absl::Status CpuKernels::RopeBackward(S& s, T dout, T dx, double theta, int64_t 
   return AsCpu(s).Run([=]() {
     RopeRows(dout.data<float>(), dx.data<float>(), dout.size(0), dout.size(1), dout.size(2), dout.size(3),
              theta, position_offset, /*inverse=*/true);
-    return absl::OkStatus();
-  });
-}
-
-absl::Status CpuKernels::CausalAttention(S& s, T q, T k, T v, float scale, T out, T probs) {
-  return AsCpu(s).Run([=]() {
-    int64_t B = q.size(0), L = q.size(1), H = q.size(2), hd = q.size(3), Hkv = k.size(2);
-    int64_t group = H / Hkv;
-    const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>();
-    float *po = out.data<float>(), *pp = probs.data<float>();
-    int64_t qrow = H * hd, kvrow = Hkv * hd;
-    Pool().ParallelFor(B * H, GrainFor(L * L * hd), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t b = t / H, h = t % H, g = h / group;
-        const float* kb = pk + b * L * kvrow + g * hd;
-        const float* vb = pv + b * L * kvrow + g * hd;
-        for (int64_t i = 0; i < L; ++i) {
-          const float* qi = pq + (b * L + i) * qrow + h * hd;
-          float* p = pp + ((b * H + h) * L + i) * L;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j <= i; ++j) {
-            const float* kj = kb + j * kvrow;
-            float dot = 0;
-            for (int64_t c = 0; c < hd; ++c) dot += qi[c] * kj[c];
-            p[j] = dot * scale;
-            mx = std::max(mx, p[j]);
-          }
-          double sum = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            p[j] = std::exp(p[j] - mx);
-            sum += p[j];
-          }
-          float inv = static_cast<float>(1.0 / sum);
-          for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
-          for (int64_t j = i + 1; j < L; ++j) p[j] = 0.0f;
-          float* oi = po + (b * L + i) * qrow + h * hd;
-          for (int64_t c = 0; c < hd; ++c) oi[c] = 0.0f;
-          for (int64_t j = 0; j <= i; ++j) {
-            const float* vj = vb + j * kvrow;
-            float pj = p[j];
-            for (int64_t c = 0; c < hd; ++c) oi[c] += pj * vj[c];
-          }
-        }
-      }
-    });
-    return absl::OkStatus();
-  });
-}
-
-absl::Status CpuKernels::CausalAttentionBackward(S& s, T q, T k, T v, T probs, float scale, T dout, T dq,
-                                                 T dk, T dv) {
-  return AsCpu(s).Run([=]() {
-    int64_t B = q.size(0), L = q.size(1), H = q.size(2), hd = q.size(3), Hkv = k.size(2);
-    int64_t group = H / Hkv;
-    const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>(),
-                *pp = probs.data<float>(), *pdo = dout.data<float>();
-    float *pdq = dq.data<float>(), *pdk = dk.data<float>(), *pdv = dv.data<float>();
-    int64_t qrow = H * hd, kvrow = Hkv * hd;
-    // One task per (batch, kv head): it owns dk/dv of that kv head and dq of its query heads.
-    Pool().ParallelFor(B * Hkv, GrainFor(group * L * L * hd * 2), [&](int64_t t0, int64_t t1) {
-      std::vector<float> ds(L);
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t b = t / Hkv, g = t % Hkv;
-        const float* kb = pk + b * L * kvrow + g * hd;
-        const float* vb = pv + b * L * kvrow + g * hd;
-        float* dkb = pdk + b * L * kvrow + g * hd;
-        float* dvb = pdv + b * L * kvrow + g * hd;
-        for (int64_t j = 0; j < L; ++j)
-          for (int64_t c = 0; c < hd; ++c) dkb[j * kvrow + c] = dvb[j * kvrow + c] = 0.0f;
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          for (int64_t i = 0; i < L; ++i) {
-            const float* p = pp + ((b * H + h) * L + i) * L;
-            const float* doi = pdo + (b * L + i) * qrow + h * hd;
-            const float* qi = pq + (b * L + i) * qrow + h * hd;
-            float* dqi = pdq + (b * L + i) * qrow + h * hd;
-            // dP_ij = dout_i . v_j; dS_ij = P_ij (dP_ij - sum_j P_ij dP_ij).
-            double row_dot = 0;
-            for (int64_t j = 0; j <= i; ++j) {
-              const float* vj = vb + j * kvrow;
-              float dp = 0;
-              for (int64_t c = 0; c < hd; ++c) dp += doi[c] * vj[c];
-              ds[j] = dp;
-              row_dot += static_cast<double>(p[j]) * dp;
-            }
-            float rd = static_cast<float>(row_dot);
-            for (int64_t c = 0; c < hd; ++c) dqi[c] = 0.0f;
-            for (int64_t j = 0; j <= i; ++j) {
-              float pj = p[j];
-              float dsj = pj * (ds[j] - rd) * scale;
-              const float* kj = kb + j * kvrow;
-              float* dkj = dkb + j * kvrow;
-              float* dvj = dvb + j * kvrow;
-              for (int64_t c = 0; c < hd; ++c) {
-                dqi[c] += dsj * kj[c];
-                dkj[c] += dsj * qi[c];
-                dvj[c] += pj * doi[c];
-              }
-            }
-          }
-        }
-      }
-    });
     return absl::OkStatus();
   });
 }
@@ -349,10 +290,10 @@ absl::Status CpuKernels::CrossEntropyBackward(S& s, T logits, T targets, T lse, 
           continue;
         }
         if (tgt >= cols) bad.Report(r, tgt);
-        float f = scale * (pdl ? pdl[r] : 1.0f);
-        float l = pe[r];
-        for (int64_t c = 0; c < cols; ++c) gr[c] = f * std::exp(xr[c] - l);
-        if (tgt < cols) gr[tgt] -= f;
+        const float f = scale * (pdl ? pdl[r] : 1.0f);
+        const float l = pe[r];
+#pragma GCC ivdep
+        for (int64_t c = 0; c < cols; ++c) gr[c] = kmath::CrossEntropyGrad(xr[c], l, f, c == tgt);
       }
     });
     if (bad.bad)

@@ -1,0 +1,131 @@
+// The arithmetic of the kernels, per element and per row: small inline
+// functions that the CPU backend's loops call and that a CUDA backend compiles
+// as __host__ __device__ (MOE_HOST_DEVICE), so both backends run the same math.
+// Nothing here allocates, branches on data in ways a vector unit cannot follow,
+// or touches memory beyond its arguments: the CPU loops that call these
+// functions vectorise.
+#ifndef MOE_RUNTIME_CORE_KERNEL_MATH_H_
+#define MOE_RUNTIME_CORE_KERNEL_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MOE_HOST_DEVICE inline
+#endif
+
+namespace moe::kmath {
+
+MOE_HOST_DEVICE uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+MOE_HOST_DEVICE float BitsFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// exp(x) for f32, branch-free so that loops calling it vectorise (Cephes expf):
+// x = n ln2 + r with |r| <= ln2 / 2 (n rounded with the 1.5 * 2^23 trick, exact
+// without -ffast-math; ln2 split in two so n * C1 is exact), e^r = 1 + r + r^2 P(r)
+// with Cephes' degree-5 minimax P, times 2^n assembled in exponent bits (as
+// 2^(n/2) 2^(n - n/2), so n = -126 .. 128 all fit). About 1 ulp from the correctly
+// rounded exp; x < ln(FLT_MIN) gives 0 (no subnormals), x > ln(FLT_MAX) +inf, NaN stays NaN.
+MOE_HOST_DEVICE float Exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  constexpr float kMin = -87.3365447f, kMax = 88.7228391f;
+  const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
+  const float nf = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - nf * kC1) - nf * kC2;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(nf);
+  const int32_t n1 = n >> 1, n2 = n - n1;
+  float y =
+      p * BitsFloat(static_cast<uint32_t>(n1 + 127) << 23) * BitsFloat(static_cast<uint32_t>(n2 + 127) << 23);
+  y = x < kMin ? 0.0f : y;
+  y = x > kMax ? INFINITY : y;
+  return x != x ? x : y;
+}
+
+MOE_HOST_DEVICE float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
+MOE_HOST_DEVICE float Silu(float z) { return z * Sigmoid(z); }
+// d silu(z) / dz.
+MOE_HOST_DEVICE float SiluGrad(float z) {
+  const float s = Sigmoid(z);
+  return s * (1.0f + z * (1.0f - s));
+}
+
+// SwiGLU: out = silu(gate) * up; backward: dgate = dout * up * silu'(gate), dup = dout * silu(gate).
+MOE_HOST_DEVICE float SwiGLU(float gate, float up) { return Silu(gate) * up; }
+MOE_HOST_DEVICE void SwiGLUBackward(float gate, float up, float dout, float* dgate, float* dup) {
+  const float s = Sigmoid(gate);
+  *dgate = dout * up * (s * (1.0f + gate * (1.0f - s)));
+  *dup = dout * gate * s;
+}
+
+// RMSNorm, per row of d values: rstd = 1 / sqrt(sum_sq / d + eps); out_i = x_i rstd w_i.
+MOE_HOST_DEVICE float RmsNormRstd(double sum_sq, int64_t d, float eps) {
+  return static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(d > 0 ? d : 1) + eps));
+}
+// Backward, per row: coef = (sum_i w_i dy_i x_i) / d * rstd^2; dx_i = rstd (w_i dy_i - x_i coef).
+MOE_HOST_DEVICE float RmsNormBackwardCoef(double dot_wdyx, int64_t d, float rstd) {
+  return static_cast<float>(dot_wdyx / static_cast<double>(d > 0 ? d : 1)) * rstd * rstd;
+}
+MOE_HOST_DEVICE float RmsNormDx(float x, float w, float dy, float rstd, float coef) {
+  return rstd * (w * dy - x * coef);
+}
+
+// RoPE rotate-half on the pair (x1, x2) = (x[j], x[j + hd/2]) with c = cos, s = sin of the angle
+// (s negated for the inverse rotation).
+MOE_HOST_DEVICE void RopePair(float x1, float x2, float c, float s, float* y1, float* y2) {
+  *y1 = x1 * c - x2 * s;
+  *y2 = x2 * c + x1 * s;
+}
+
+// Online softmax (attention): the running sum of exp(x - max) is multiplied by this
+// when the row max grows from old_max to new_max (0 when old_max is -inf: nothing seen).
+MOE_HOST_DEVICE float OnlineSoftmaxRescale(float old_max, float new_max) { return Exp(old_max - new_max); }
+// log-sum-exp from a row's (max, sum); -inf for an empty or all -inf row.
+MOE_HOST_DEVICE float LogSumExpFrom(float max, float sum) {
+  return sum > 0.0f ? max + std::log(sum) : -INFINITY;
+}
+// Cross-entropy gradient of one logit: f (softmax - onehot), f = scale * dloss.
+MOE_HOST_DEVICE float CrossEntropyGrad(float logit, float lse, float f, bool is_target) {
+  return f * Exp(logit - lse) - (is_target ? f : 0.0f);
+}
+
+// One AdamW element (decoupled weight decay). bc1 = 1 - beta1^step, bc2 = 1 - beta2^step.
+MOE_HOST_DEVICE void AdamWElement(float g, float lr, float beta1, float beta2, float eps, float weight_decay,
+                                  float bc1, float bc2, float* p, float* m, float* v) {
+  const float mn = beta1 * *m + (1.0f - beta1) * g;
+  const float vn = beta2 * *v + (1.0f - beta2) * g * g;
+  *m = mn;
+  *v = vn;
+  *p -= lr * ((mn / bc1) / (std::sqrt(vn / bc2) + eps) + weight_decay * *p);
+}
+
+// bf16 <-> f32, round to nearest even; NaN stays NaN (quiet).
+MOE_HOST_DEVICE uint16_t F32ToBF16(float f) {
+  uint32_t bits = FloatBits(f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+MOE_HOST_DEVICE float BF16ToF32(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
+
+}  // namespace moe::kmath
+
+#endif  // MOE_RUNTIME_CORE_KERNEL_MATH_H_

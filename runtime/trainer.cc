@@ -269,6 +269,12 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     ASSIGN_OR_RETURN(load, SumOverDataParallel(std::move(load)));
     return absl::OkStatus();
   }));
+  for (MoeLayerStats& m : s.moe_layers) {
+    model::Router& router = model_->block(m.layer).moe()->router();
+    if (!router.has_expert_bias()) continue;
+    ASSIGN_OR_RETURN(std::vector<float> bias, model::ToHostFloats(*stream_, router.expert_bias().value));
+    m.expert_bias.assign(bias.begin(), bias.end());
+  }
   data_->train->Advance();
   step_ = next_step;
 
@@ -320,6 +326,7 @@ absl::Status Trainer::WriteMetrics(const StepStats& s) {
     l.Add("llep_fired", m.llep_fired).Add("llep_imbalance_before", m.llep_imbalance_before);
     l.Add("llep_imbalance_after", m.llep_imbalance_after).Add("llep_tokens_moved", m.llep_tokens_moved);
     l.Add("llep_weight_bytes_moved", m.llep_weight_bytes_moved);
+    if (!m.expert_bias.empty()) l.Add("expert_bias", m.expert_bias);
     absl::StrAppend(&layers, i ? "," : "", l.str());
   }
   layers += "]";

@@ -51,6 +51,9 @@ struct MoeLayerStats {
   double llep_imbalance_after = 1.0;    // ... and after (= before when it did not fire)
   int64_t llep_tokens_moved = 0;        // (token, expert) pairs computed off their native rank
   int64_t llep_weight_bytes_moved = 0;  // expert weight bytes sent to helpers
+  // Auxiliary-loss-free balancing (model.moe.expert_bias_update_rate > 0): the
+  // layer's expert bias after this step's update; empty without one.
+  std::vector<double> expert_bias;
 };
 
 struct StepStats {

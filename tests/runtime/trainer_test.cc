@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -123,6 +124,43 @@ TEST_CASE("a short data-parallel run: loss falls, metrics and evaluation are wri
     }
     CHECK(train_lines == 30);
     CHECK(eval_lines == 1);
+  }
+}
+
+TEST_CASE("auxiliary-loss-free balancing: metrics.jsonl records each MoE layer's expert bias") {
+  const std::string dir = TestDir();
+  std::filesystem::remove_all(dir);
+  const std::string prefix = WriteCorpus(dir);
+  JobConfig config = TinyConfig(prefix, dir + "/run", comm::MpiEnv::world_size());
+  config.mutable_train()->set_steps(4);
+  config.mutable_model()->mutable_moe()->set_expert_bias_update_rate(0.01);
+  parallel::ProcessGroups groups = Groups(1, 1);
+  auto trainer = Trainer::Create(config, &groups);
+  REQUIRE(trainer.ok());
+  REQUIRE((*trainer)->Run().ok());
+  const std::vector<double>& last = (*trainer)->history().back().moe_layers[0].expert_bias;
+  REQUIRE(last.size() == 4);
+  // Each step moves each bias by -0.01, 0 or +0.01: after 4 steps a multiple of 0.01 within 0.04.
+  double moved = 0;
+  for (double b : last) {
+    CHECK(std::abs(b) <= 0.04 + 1e-6);
+    CHECK(std::abs(b * 100 - std::round(b * 100)) < 1e-3);
+    moved += std::abs(b);
+  }
+  CHECK(moved > 0);
+  if (comm::MpiEnv::world_rank() == 0) {
+    std::ifstream in(dir + "/run/metrics.jsonl");
+    std::string line;
+    int with_bias = 0;
+    while (std::getline(in, line)) {
+      JsonValue v = ParseJson(line).value();
+      if (v.Find("event")->string != "train") continue;
+      const JsonValue* bias = v.Find("moe_layers")->array[0].Find("expert_bias");
+      REQUIRE(bias != nullptr);
+      CHECK(bias->array.size() == 4);
+      ++with_bias;
+    }
+    CHECK(with_bias == 4);
   }
 }
 

@@ -4,8 +4,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/args_check.h"
+#include "comm/comm_wrapper.h"
 #include "comm/mpi_communicator.h"
 #include "comm/mpi_env.h"
+#include "runtime/core/backend.h"
 #include "runtime/core/config.h"
 #include "runtime/core/status.h"
 #ifdef MOE_WITH_CUDA
@@ -54,6 +56,41 @@ absl::StatusOr<Work> Communicator::CheckAndSubmit(OpDesc op) {
   return work;
 }
 
+absl::Status Work::Wait() const {
+  if (!state_) return absl::OkStatus();
+  CountHostSync();
+  return state_->Wait();
+}
+
+absl::Status Communicator::CheckAndEnqueue(OpDesc op, Stream& stream) {
+  RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, device(), backend_name()));
+  if (!(stream.backend().device() == device())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(OpKindName(op.kind), " on communicator '", name(), "' (", backend_name(),
+                     ", buffers on ", device().ToString(), "): the stream is on ",
+                     stream.backend().device().ToString(), "; pass a stream of ", device().ToString()));
+  }
+  op.sequence = next_sequence_++;
+  op.timeout_s = timeout_s_.load();
+  op.enqueued = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(Work work, SubmitOnStream(std::move(op), stream));
+  last_ = work;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Work> Communicator::SubmitOnStream(OpDesc op, Stream& stream) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> marker, stream.backend().CreateEvent());
+  RETURN_IF_ERROR(stream.Record(*marker));
+  op.after = std::shared_ptr<const Event>(std::move(marker));
+  ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
+  // The stream's later work waits for the operation; on a worker stream the
+  // worker waits, on an inline stream the calling thread is its device.
+  std::shared_ptr<WorkState> state = work.shared_state();
+  if (state == nullptr) return work;
+  RETURN_IF_ERROR(stream.LaunchHostFunc([state] { return state->Wait(); }));
+  return work;
+}
+
 absl::Status Communicator::Synchronize() {
   Work last = last_;
   return last.Wait();
@@ -74,120 +111,105 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Split(int color, int
   return SplitImpl(std::move(op), std::move(child));
 }
 
-absl::StatusOr<Work> Communicator::AllReduce(const void* send, void* recv, size_t count, DType dtype,
-                                             ReduceOp op) {
+namespace {
+
+// The descriptions of the operations, shared by the host and stream forms.
+OpDesc Typed(OpKind kind, const void* send, void* recv, size_t count, DType dtype) {
   OpDesc d;
-  d.kind = OpKind::kAllReduce;
+  d.kind = kind;
   d.send = send;
   d.recv = recv;
   d.count = count;
   d.dtype = dtype;
+  return d;
+}
+OpDesc Reduce(OpKind kind, const void* send, void* recv, size_t count, DType dtype, ReduceOp op) {
+  OpDesc d = Typed(kind, send, recv, count, dtype);
   d.op = op;
-  return CheckAndSubmit(std::move(d));
+  return d;
+}
+OpDesc Bcast(const void* send, void* recv, size_t count, DType dtype, int root) {
+  OpDesc d = Typed(OpKind::kBroadcast, send, recv, count, dtype);
+  d.root = root;
+  return d;
+}
+OpDesc GatherV(const void* send, size_t send_count, void* recv, absl::Span<const size_t> recv_counts,
+               absl::Span<const size_t> recv_displs, DType dtype) {
+  OpDesc d = Typed(OpKind::kAllGatherV, send, recv, send_count, dtype);
+  d.recv_counts.assign(recv_counts.begin(), recv_counts.end());
+  d.recv_displs.assign(recv_displs.begin(), recv_displs.end());
+  return d;
+}
+OpDesc ToAllV(const void* send, absl::Span<const size_t> send_counts, absl::Span<const size_t> send_displs,
+              void* recv, absl::Span<const size_t> recv_counts, absl::Span<const size_t> recv_displs,
+              DType dtype) {
+  OpDesc d = Typed(OpKind::kAllToAllV, send, recv, 0, dtype);
+  d.send_counts.assign(send_counts.begin(), send_counts.end());
+  d.send_displs.assign(send_displs.begin(), send_displs.end());
+  d.recv_counts.assign(recv_counts.begin(), recv_counts.end());
+  d.recv_displs.assign(recv_displs.begin(), recv_displs.end());
+  return d;
+}
+OpDesc P2P(absl::Span<const P2POp> ops) {
+  OpDesc d;
+  d.kind = OpKind::kGroupP2P;
+  d.p2p.assign(ops.begin(), ops.end());
+  return d;
+}
+
+}  // namespace
+
+absl::StatusOr<Work> Communicator::AllReduce(const void* send, void* recv, size_t count, DType dtype,
+                                             ReduceOp op) {
+  return CheckAndSubmit(Reduce(OpKind::kAllReduce, send, recv, count, dtype, op));
 }
 
 absl::StatusOr<Work> Communicator::Broadcast(const void* send, void* recv, size_t count, DType dtype,
                                              int root) {
-  OpDesc d;
-  d.kind = OpKind::kBroadcast;
-  d.send = send;
-  d.recv = recv;
-  d.count = count;
-  d.dtype = dtype;
-  d.root = root;
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(Bcast(send, recv, count, dtype, root));
 }
 
 absl::StatusOr<Work> Communicator::AllGather(const void* send, void* recv, size_t count, DType dtype) {
-  OpDesc d;
-  d.kind = OpKind::kAllGather;
-  d.send = send;
-  d.recv = recv;
-  d.count = count;
-  d.dtype = dtype;
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(Typed(OpKind::kAllGather, send, recv, count, dtype));
 }
 
 absl::StatusOr<Work> Communicator::AllGatherV(const void* send, size_t send_count, void* recv,
                                               absl::Span<const size_t> recv_counts,
                                               absl::Span<const size_t> recv_displs, DType dtype) {
-  OpDesc d;
-  d.kind = OpKind::kAllGatherV;
-  d.send = send;
-  d.recv = recv;
-  d.count = send_count;
-  d.dtype = dtype;
-  d.recv_counts.assign(recv_counts.begin(), recv_counts.end());
-  d.recv_displs.assign(recv_displs.begin(), recv_displs.end());
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(GatherV(send, send_count, recv, recv_counts, recv_displs, dtype));
 }
 
 absl::StatusOr<Work> Communicator::ReduceScatter(const void* send, void* recv, size_t count, DType dtype,
                                                  ReduceOp op) {
-  OpDesc d;
-  d.kind = OpKind::kReduceScatter;
-  d.send = send;
-  d.recv = recv;
-  d.count = count;
-  d.dtype = dtype;
-  d.op = op;
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(Reduce(OpKind::kReduceScatter, send, recv, count, dtype, op));
 }
 
 absl::StatusOr<Work> Communicator::AllToAll(const void* send, void* recv, size_t count, DType dtype) {
-  OpDesc d;
-  d.kind = OpKind::kAllToAll;
-  d.send = send;
-  d.recv = recv;
-  d.count = count;
-  d.dtype = dtype;
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(Typed(OpKind::kAllToAll, send, recv, count, dtype));
 }
 
 absl::StatusOr<Work> Communicator::AllToAllV(const void* send, absl::Span<const size_t> send_counts,
                                              absl::Span<const size_t> send_displs, void* recv,
                                              absl::Span<const size_t> recv_counts,
                                              absl::Span<const size_t> recv_displs, DType dtype) {
-  OpDesc d;
-  d.kind = OpKind::kAllToAllV;
-  d.send = send;
-  d.recv = recv;
-  d.dtype = dtype;
-  d.send_counts.assign(send_counts.begin(), send_counts.end());
-  d.send_displs.assign(send_displs.begin(), send_displs.end());
-  d.recv_counts.assign(recv_counts.begin(), recv_counts.end());
-  d.recv_displs.assign(recv_displs.begin(), recv_displs.end());
-  return CheckAndSubmit(std::move(d));
+  return CheckAndSubmit(ToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype));
 }
 
 absl::StatusOr<Work> Communicator::Send(const void* buf, size_t count, DType dtype, int peer) {
-  OpDesc d;
-  d.kind = OpKind::kSend;
-  d.send = buf;
-  d.count = count;
-  d.dtype = dtype;
+  OpDesc d = Typed(OpKind::kSend, buf, nullptr, count, dtype);
   d.root = peer;
   d.p2p.push_back(P2POp::Send(buf, count, dtype, peer));
   return CheckAndSubmit(std::move(d));
 }
 
 absl::StatusOr<Work> Communicator::Recv(void* buf, size_t count, DType dtype, int peer) {
-  OpDesc d;
-  d.kind = OpKind::kRecv;
-  d.recv = buf;
-  d.count = count;
-  d.dtype = dtype;
+  OpDesc d = Typed(OpKind::kRecv, nullptr, buf, count, dtype);
   d.root = peer;
   d.p2p.push_back(P2POp::Recv(buf, count, dtype, peer));
   return CheckAndSubmit(std::move(d));
 }
 
-absl::StatusOr<Work> Communicator::GroupP2P(absl::Span<const P2POp> ops) {
-  OpDesc d;
-  d.kind = OpKind::kGroupP2P;
-  d.p2p.assign(ops.begin(), ops.end());
-  return CheckAndSubmit(std::move(d));
-}
+absl::StatusOr<Work> Communicator::GroupP2P(absl::Span<const P2POp> ops) { return CheckAndSubmit(P2P(ops)); }
 
 absl::StatusOr<Work> Communicator::Barrier() {
   OpDesc d;
@@ -195,8 +217,58 @@ absl::StatusOr<Work> Communicator::Barrier() {
   return CheckAndSubmit(std::move(d));
 }
 
-absl::StatusOr<CommOptions> CommOptionsFromConfig(const config::CommConfig& config) {
+absl::Status Communicator::AllReduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                                     Stream& stream) {
+  return CheckAndEnqueue(Reduce(OpKind::kAllReduce, send, recv, count, dtype, op), stream);
+}
+
+absl::Status Communicator::Broadcast(const void* send, void* recv, size_t count, DType dtype, int root,
+                                     Stream& stream) {
+  return CheckAndEnqueue(Bcast(send, recv, count, dtype, root), stream);
+}
+
+absl::Status Communicator::AllGather(const void* send, void* recv, size_t count, DType dtype,
+                                     Stream& stream) {
+  return CheckAndEnqueue(Typed(OpKind::kAllGather, send, recv, count, dtype), stream);
+}
+
+absl::Status Communicator::AllGatherV(const void* send, size_t send_count, void* recv,
+                                      absl::Span<const size_t> recv_counts,
+                                      absl::Span<const size_t> recv_displs, DType dtype, Stream& stream) {
+  return CheckAndEnqueue(GatherV(send, send_count, recv, recv_counts, recv_displs, dtype), stream);
+}
+
+absl::Status Communicator::ReduceScatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                                         Stream& stream) {
+  return CheckAndEnqueue(Reduce(OpKind::kReduceScatter, send, recv, count, dtype, op), stream);
+}
+
+absl::Status Communicator::AllToAll(const void* send, void* recv, size_t count, DType dtype, Stream& stream) {
+  return CheckAndEnqueue(Typed(OpKind::kAllToAll, send, recv, count, dtype), stream);
+}
+
+absl::Status Communicator::AllToAllV(const void* send, absl::Span<const size_t> send_counts,
+                                     absl::Span<const size_t> send_displs, void* recv,
+                                     absl::Span<const size_t> recv_counts,
+                                     absl::Span<const size_t> recv_displs, DType dtype, Stream& stream) {
+  return CheckAndEnqueue(ToAllV(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype),
+                         stream);
+}
+
+absl::Status Communicator::GroupP2P(absl::Span<const P2POp> ops, Stream& stream) {
+  return CheckAndEnqueue(P2P(ops), stream);
+}
+
+std::string NcclNeedsCudaMessage(const std::string& device) {
+  return absl::StrCat("comm.backend = \"nccl\" moves device buffers, but train.device = \"", device,
+                      "\" keeps tensors on the host; set comm.backend = \"mpi\" or \"auto\" (auto = nccl for "
+                      "cuda, mpi for cpu), or train.device = \"cuda\"");
+}
+
+absl::StatusOr<CommOptions> CommOptionsFromConfig(const config::CommConfig& config,
+                                                  const std::string& device) {
   CommOptions options;
+  ASSIGN_OR_RETURN(options.device, ParseDevice(device));
   if (config.has_timeout_s()) options.timeout_s = config.timeout_s();
   if (config.has_backend()) options.backend = config.backend();
   if (!(options.timeout_s > 0)) {
@@ -206,6 +278,9 @@ absl::StatusOr<CommOptions> CommOptionsFromConfig(const config::CommConfig& conf
   if (options.backend != "auto" && options.backend != "mpi" && options.backend != "nccl") {
     return absl::InvalidArgumentError(
         absl::StrCat("comm.backend = '", options.backend, "' must be one of auto, mpi, nccl"));
+  }
+  if (options.backend == "nccl" && options.device.is_cpu()) {
+    return absl::InvalidArgumentError(NcclNeedsCudaMessage(device));
   }
   return options;
 }
@@ -220,14 +295,17 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateWorldCommunicator(const Comm
         absl::StrCat("CreateWorldCommunicator: timeout_s = ", options.timeout_s, " must be > 0 seconds"));
   }
   std::string backend = options.backend;
-  if (backend == "auto") {
-#ifdef MOE_WITH_CUDA
-    backend = NcclAvailable() ? "nccl" : "mpi";
-#else
-    backend = "mpi";
-#endif
+  if (backend == "auto") backend = options.device.is_cpu() ? "mpi" : "nccl";
+  if (backend == "nccl" && options.device.is_cpu()) {
+    return absl::InvalidArgumentError(NcclNeedsCudaMessage(options.device.ToString()));
   }
-  if (backend == "mpi") return CreateMpiWorldCommunicator(options);
+  if (backend == "mpi") {
+    // MOE_COMM_LINK / MOE_COMM_FAULT wrap the world (comm_wrapper.h); its splits inherit it.
+    ASSIGN_OR_RETURN(WrapperOptions wrap, WrapperOptionsFromEnv());
+    ASSIGN_OR_RETURN(std::unique_ptr<Communicator> world, CreateMpiWorldCommunicator(options));
+    if (!wrap.active()) return world;
+    return WrapCommunicator(std::move(world), std::move(wrap));
+  }
   if (backend == "nccl") {
 #ifdef MOE_WITH_CUDA
     return CreateNcclWorldCommunicator(options);

@@ -1,19 +1,41 @@
 // Communicator: the one interface the layers above use to move data between
 // ranks, shaped like NCCL.
 //
+// Data plane (stream-ordered, as ncclAllReduce(send, recv, count, dtype, op,
+// comm, stream)): every call names the backend Stream whose earlier work
+// produced its input. The operation starts after that work, work enqueued on
+// the stream after the call starts after the operation, and the call returns
+// at once (OK = enqueued). Its completion is a point of that stream: record
+// an Event there and make the compute stream Wait on it; no host thread waits.
+//
 //   ASSIGN_OR_RETURN(auto world, CreateWorldCommunicator(options));
 //   ASSIGN_OR_RETURN(auto ep, world->Split(layout.ep_group_id, layout.ep_rank, "ep"));
-//   ASSIGN_OR_RETURN(Work w, ep->AllToAllV(send, send_counts, send_displs,
-//                                           recv, recv_counts, recv_displs, DType::kBF16));
-//   ... compute while the exchange runs ...
-//   RETURN_IF_ERROR(w.Wait());
+//   RETURN_IF_ERROR(comm_stream.Wait(produced));            // event recorded after the producer
+//   RETURN_IF_ERROR(ep->AllToAllV(send, send_counts, send_displs, recv, recv_counts,
+//                                 recv_displs, DType::kBF16, comm_stream));
+//   RETURN_IF_ERROR(comm_stream.Record(exchanged));
+//   ... enqueue compute that does not need recv on `compute` ...
+//   RETURN_IF_ERROR(compute.Wait(exchanged));               // later compute reads recv
+//
+// Control plane (host form): the same calls without a stream return a Work
+// whose Wait() blocks the host until the operation finished (a counted host
+// wait, backend.h). They take host buffers and are for small host-side
+// agreements (counts, rates, stop and config agreement, checkpoint
+// metadata); ProcessGroups gives each group a host communicator for them.
 //
 // Contract
 // - Every call is asynchronous: it validates its arguments (args_check.h),
-//   enqueues the operation on the communicator's stream and returns. An OK
-//   status means "enqueued"; Work::Wait() returns the operation's own status.
-//   A bad argument returns an error naming the operation and the argument, and
-//   nothing is enqueued or sent.
+//   enqueues the operation and returns. An OK status means "enqueued";
+//   Work::Wait() returns the operation's own status; a failed stream-ordered
+//   operation's status is kept by its stream (Stream::Synchronize reports it)
+//   and makes the communicator unusable. A bad argument returns an error
+//   naming the operation and the argument, and nothing is enqueued or sent.
+// - Backends: MPI runs each operation on its progress thread; a
+//   stream-ordered operation first waits there for the stream's marker (an
+//   Event recorded at the call), and the stream gets a work item that waits
+//   for the operation, so both the CPU worker stream and the inline stream see
+//   the GPU order. NCCL enqueues on its own CUDA stream bracketed by
+//   cudaStreamWaitEvent in both directions with the given stream.
 // - Operations of one communicator run one after another in enqueue order (a
 //   stream): an operation may read what an earlier one wrote. Operations of
 //   different communicators run concurrently.
@@ -52,6 +74,10 @@
 #include "comm/op.h"
 #include "runtime/core/dtype.h"
 
+namespace moe {
+class Stream;
+}
+
 namespace moe::config {
 class CommConfig;
 }
@@ -72,13 +98,15 @@ class Work {
  public:
   Work() = default;
   Work(std::shared_ptr<WorkState> state, uint64_t sequence) : state_(std::move(state)), sequence_(sequence) {}
-  // Blocks until the operation finished; returns its final status. The
-  // watchdog bounds the wait (the job aborts past the deadline).
-  absl::Status Wait() const { return state_ ? state_->Wait() : absl::OkStatus(); }
+  // Blocks the host until the operation finished; returns its final status.
+  // The watchdog bounds the wait (the job aborts past the deadline). Counted
+  // as a host wait (HostSyncCount, backend.h).
+  absl::Status Wait() const;
   // Non-blocking: true once the operation finished (then Wait returns at once).
   bool Test() const { return state_ ? state_->Test() : true; }
   uint64_t sequence() const { return sequence_; }
   WorkState* state() const { return state_.get(); }
+  const std::shared_ptr<WorkState>& shared_state() const { return state_; }
 
  private:
   std::shared_ptr<WorkState> state_;
@@ -88,13 +116,20 @@ class Work {
 struct CommOptions {
   double timeout_s = 600;          // comm.timeout_s: deadline of every operation
   std::string backend = "auto";    // comm.backend: "auto" | "mpi" | "nccl"
+  Device device = Device::Cpu();   // train.device: where tensors live; "auto" = nccl for cuda, mpi for cpu
   std::string name = "world";      // the group's name in records and watchdog messages
   std::shared_ptr<CommSink> sink;  // optional; inherited by Split
   int cuda_device = -1;            // NCCL: device index, -1 = local rank mod device count
 };
 
-// comm.timeout_s and comm.backend of the job config (after ApplyDefaults).
-absl::StatusOr<CommOptions> CommOptionsFromConfig(const config::CommConfig& config);
+// comm.timeout_s and comm.backend of the job config (after ApplyDefaults),
+// for tensors on `device` (train.device). comm.backend = "nccl" with a CPU
+// device is an error naming the fix (job_config.cc refuses it first).
+absl::StatusOr<CommOptions> CommOptionsFromConfig(const config::CommConfig& config,
+                                                  const std::string& device);
+
+// The error for comm.backend = "nccl" with tensors on `device` (the CPU).
+std::string NcclNeedsCudaMessage(const std::string& device);
 
 // Split color for ranks that join no group (Split returns nullptr for them).
 inline constexpr int kNoColor = -1;
@@ -155,6 +190,24 @@ class Communicator {
   absl::StatusOr<Work> GroupP2P(absl::Span<const P2POp> ops);
   absl::StatusOr<Work> Barrier();
 
+  // ---- Data plane: the same operations ordered on `stream` (see the top of
+  // this file). Buffers live on device(); `stream` belongs to that device.
+  absl::Status AllReduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                         Stream& stream);
+  absl::Status Broadcast(const void* send, void* recv, size_t count, DType dtype, int root, Stream& stream);
+  absl::Status AllGather(const void* send, void* recv, size_t count, DType dtype, Stream& stream);
+  absl::Status AllGatherV(const void* send, size_t send_count, void* recv,
+                          absl::Span<const size_t> recv_counts, absl::Span<const size_t> recv_displs,
+                          DType dtype, Stream& stream);
+  absl::Status ReduceScatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                             Stream& stream);
+  absl::Status AllToAll(const void* send, void* recv, size_t count, DType dtype, Stream& stream);
+  absl::Status AllToAllV(const void* send, absl::Span<const size_t> send_counts,
+                         absl::Span<const size_t> send_displs, void* recv,
+                         absl::Span<const size_t> recv_counts, absl::Span<const size_t> recv_displs,
+                         DType dtype, Stream& stream);
+  absl::Status GroupP2P(absl::Span<const P2POp> ops, Stream& stream);
+
   // Waits for every operation enqueued so far; returns the first error.
   absl::Status Synchronize();
 
@@ -162,11 +215,21 @@ class Communicator {
   Communicator(int rank, int size, std::vector<int> group_ranks, CommOptions options);
   // Enqueues a validated operation (sequence, timeout, bytes filled in).
   virtual absl::StatusOr<Work> Submit(OpDesc op) = 0;
+  // Enqueues a validated operation in `stream`'s order. The default, for
+  // backends that run operations on a host thread (MPI): records a marker on
+  // `stream` that op.after makes the backend wait for before it starts, and
+  // enqueues on `stream` a wait for the operation's Work.
+  virtual absl::StatusOr<Work> SubmitOnStream(OpDesc op, Stream& stream);
+  // Wraps another communicator (CommWrapper) and forwards to its Submit.
+  static absl::StatusOr<Work> SubmitTo(Communicator& target, OpDesc op) {
+    return target.Submit(std::move(op));
+  }
   // Runs a validated split (after the enqueued operations) and builds the child.
   virtual absl::StatusOr<std::unique_ptr<Communicator>> SplitImpl(OpDesc op, CommOptions child_options) = 0;
 
  private:
   absl::StatusOr<Work> CheckAndSubmit(OpDesc op);
+  absl::Status CheckAndEnqueue(OpDesc op, Stream& stream);
 
   int rank_, size_;
   std::vector<int> group_ranks_;
@@ -177,8 +240,10 @@ class Communicator {
 };
 
 // The world communicator of the configured backend: "mpi" (host buffers),
-// "nccl" (device buffers; only when built with CUDA), "auto" = nccl when built
-// with CUDA and a device is visible, mpi otherwise. Collective over the world.
+// "nccl" (device buffers; only when built with CUDA), "auto" = nccl when
+// options.device is a CUDA device, mpi when it is the CPU (the tensors'
+// device decides, never which devices happen to be visible). Collective over
+// the world.
 // MpiEnv::Init must have run.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateWorldCommunicator(const CommOptions& options);
 

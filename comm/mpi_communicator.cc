@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "comm/mpi_env.h"
 #include "comm/watchdog.h"
+#include "runtime/core/backend.h"
 #include "runtime/core/status.h"
 
 namespace moe::comm {
@@ -287,6 +288,7 @@ class MpiCommunicator : public Communicator, public Watched {
   }
 
   void Run() {
+    MarkDeviceThread();  // its waits (stream markers, requests) are device-side
     for (;;) {
       Pending p;
       {
@@ -302,6 +304,9 @@ class MpiCommunicator : public Communicator, public Watched {
 
   void Execute(Pending& p) {
     const OpDesc& op = p.op;
+    // A stream-ordered operation starts once its stream reached the marker
+    // (the producer's work is done); its deadline runs from then.
+    absl::Status producer = op.after != nullptr ? op.after->Synchronize() : absl::OkStatus();
     CommRecord record;
     record.started = Clock::now();
     in_flight_.Begin(op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s, record.started);
@@ -311,7 +316,12 @@ class MpiCommunicator : public Communicator, public Watched {
       status = error_;
     }
     if (status.ok()) {
-      status = Run(op, p.work.get());
+      if (!producer.ok()) {
+        status = Annotate(producer, "the stream that produced its input failed");
+      } else if (op.inject) {
+        status = op.inject(op);
+      }
+      if (status.ok()) status = Run(op, p.work.get());
       if (!status.ok()) {
         status = Annotate(status,
                           absl::StrCat(OpKindName(op.kind), " #", op.sequence, " on group '", name(), "'"));

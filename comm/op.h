@@ -7,10 +7,17 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "comm/instrumentation.h"
 #include "runtime/core/dtype.h"
+
+namespace moe {
+class Event;
+}
 
 namespace moe::comm {
 
@@ -59,6 +66,13 @@ struct OpDesc {
   uint64_t sequence = 0;
   double timeout_s = 0;
   std::chrono::steady_clock::time_point enqueued;
+  // Stream-ordered operations: the marker of the caller's stream the backend
+  // waits for (without counting a host wait) before it starts the operation.
+  std::shared_ptr<const Event> after;
+  // Set by CommWrapper: run by a host-executing backend (MPI) on its progress
+  // thread once the operation has started (inside its deadline) and before
+  // it moves data; a non-OK status fails the operation.
+  std::function<absl::Status(const OpDesc&)> inject;
 };
 
 }  // namespace moe::comm

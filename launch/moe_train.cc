@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "comm/comm_wrapper.h"
 #include "comm/communicator.h"
 #include "comm/mpi_env.h"
 #include "data/indexed_dataset.h"
@@ -82,7 +83,8 @@ int Finish(int code) {
 // Builds the process groups and the trainer and trains. Any error here is a
 // runtime failure of this rank; the caller stops the whole job.
 absl::Status Train(const moe::JobConfig& config) {
-  ASSIGN_OR_RETURN(moe::comm::CommOptions options, moe::comm::CommOptionsFromConfig(config.comm()));
+  ASSIGN_OR_RETURN(moe::comm::CommOptions options,
+                   moe::comm::CommOptionsFromConfig(config.comm(), config.train().device()));
   ASSIGN_OR_RETURN(auto world, moe::comm::CreateWorldCommunicator(options));
   ASSIGN_OR_RETURN(moe::parallel::ProcessGroups groups,
                    moe::parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
@@ -135,6 +137,11 @@ int main(int argc, char** argv) {
         return Finish(kExitUsage);
       }
     }
+  }
+  // The communicator wrapper's variables (comm/comm_wrapper.h) are usage too.
+  if (absl::Status wrap = moe::comm::WrapperOptionsFromEnv().status(); !wrap.ok()) {
+    if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(wrap.message()).c_str());
+    return Finish(kExitUsage);
   }
   const auto& p = config->parallel();
   absl::StatusOr<std::string> table = moe::parallel::FormatLayoutTable(world, p.tensor(), p.expert());

@@ -129,7 +129,7 @@ absl::StatusOr<std::optional<std::string>> FirstNonFiniteGrad(const parallel::Pa
       break;
     }
   }
-  absl::Status st = AllReduceDoubles(*groups.world, first, comm::ReduceOp::kMin);
+  absl::Status st = AllReduceDoubles(*groups.host.world, first, comm::ReduceOp::kMin);
   if (!st.ok()) return Annotate(st, "non-finite gradient check all-reduce");
   const size_t index = static_cast<size_t>(first[0]);
   if (index >= params.size()) return std::optional<std::string>();

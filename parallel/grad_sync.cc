@@ -16,16 +16,16 @@ struct GradSync::Bucket {
   Tensor flat;  // only for buckets of several parameters
   int pending = 0;
   bool launched = false;
-  comm::Work work;
+  Stream* comm_stream = nullptr;    // the group's
+  std::unique_ptr<Event> produced;  // on the compute stream: the grads are written
+  std::unique_ptr<Event> reduced;   // on comm_stream: the all-reduce is done
 };
 
 GradSync::GradSync(Stream& stream) : stream_(stream) {}
 
 GradSync::~GradSync() {
   // Never leave an all-reduce writing into grads that may be freed.
-  for (auto& b : buckets_) {
-    if (b->launched) (void)b->work.Wait();
-  }
+  for (auto& [group, s] : comm_streams_) (void)s->Synchronize();
 }
 
 comm::Communicator* GradSync::GroupFor(const Parameter& p) const {
@@ -79,6 +79,13 @@ absl::StatusOr<std::unique_ptr<GradSync>> GradSync::Create(ProcessGroups& groups
   }
   for (auto& b : sync->buckets_) {
     b->pending = static_cast<int>(b->params.size());
+    std::unique_ptr<Stream>& cs = sync->comm_streams_[b->group];
+    if (cs == nullptr) {
+      ASSIGN_OR_RETURN(cs, stream.backend().CreateStream(StreamMode::kWorker));
+    }
+    b->comm_stream = cs.get();
+    ASSIGN_OR_RETURN(b->produced, stream.backend().CreateEvent());
+    ASSIGN_OR_RETURN(b->reduced, stream.backend().CreateEvent());
     if (b->params.size() > 1 && b->group->size() > 1) {
       ASSIGN_OR_RETURN(b->flat, Tensor::Empty(stream.backend(), Shape{b->numel}, DType::kF32,
                                               MemoryCategory::kCommunication));
@@ -101,9 +108,11 @@ absl::Status GradSync::Launch(Bucket& b) {
     data = b.flat.raw_data();
   }
   // The grads (and the copies) were written on the compute stream.
-  RETURN_IF_ERROR(stream_.Synchronize());
-  ASSIGN_OR_RETURN(b.work, b.group->AllReduce(data, data, static_cast<size_t>(b.numel), DType::kF32,
-                                              comm::ReduceOp::kSum));
+  RETURN_IF_ERROR(stream_.Record(*b.produced));
+  RETURN_IF_ERROR(b.comm_stream->Wait(*b.produced));
+  RETURN_IF_ERROR(b.group->AllReduce(data, data, static_cast<size_t>(b.numel), DType::kF32,
+                                     comm::ReduceOp::kSum, *b.comm_stream));
+  RETURN_IF_ERROR(b.comm_stream->Record(*b.reduced));
   step_bytes_ += b.numel * static_cast<int64_t>(sizeof(float));
   return absl::OkStatus();
 }
@@ -132,14 +141,14 @@ absl::Status GradSync::Finish() {
     if (!b->launched) first.Update(Launch(*b));
   }
   for (auto& b : buckets_) {
-    first.Update(b->work.Wait());
+    // The compute stream (not the host) waits for the reduction.
+    first.Update(stream_.Wait(*b->reduced));
     if (b->flat.defined() && first.ok()) {
       for (size_t i = 0; i < b->params.size(); ++i) {
         const Tensor& g = b->params[i]->grad;
         first.Update(ops::Copy(stream_, b->flat.Slice(b->offsets[i], b->offsets[i] + g.numel()), g));
       }
     }
-    b->work = comm::Work();
     b->launched = false;
     b->pending = static_cast<int>(b->params.size());
   }

@@ -21,6 +21,13 @@
 // back into the grads. A bucket of one parameter is reduced in place; larger
 // ones are copied into a flat buffer (allocated once).
 //
+// Stream order, no host waits: a bucket's all-reduce is enqueued on its
+// group's communication stream (a worker stream per reduction group, so
+// groups reduce concurrently) after an event recorded on the compute stream
+// where the grads were written; Finish() makes the compute stream wait on
+// each bucket's completion event and enqueues the copies back there. The
+// host never blocks on a bucket (the destructor, only, drains the streams).
+//
 //   ASSIGN_OR_RETURN(auto sync, GradSync::Create(groups, params, stream, {.bucket_mb = 25}));
 //   for each micro-batch: forward; backward (on the last micro-batch, after a
 //     layer's backward accumulated its grads: sync->MarkReady(p) for each of its params)
@@ -87,6 +94,8 @@ class GradSync {
   absl::Status Launch(Bucket& b);
 
   Stream& stream_;
+  // One communication stream per reduction group.
+  std::unordered_map<comm::Communicator*, std::unique_ptr<Stream>> comm_streams_;
   ProcessGroups* groups_ = nullptr;
   std::unique_ptr<comm::Communicator> expert_replicas_;  // EDP x TP, when tp > 1
   std::vector<std::unique_ptr<Bucket>> buckets_;

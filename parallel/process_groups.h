@@ -6,6 +6,8 @@
 //   groups.ep->AllToAllV(...);      // token exchange among the EP group
 //   groups.edp->AllReduce(...);     // expert gradients
 //
+//   groups.host.world->AllReduce(&stop, &stop, 1, DType::kI32, ReduceOp::kMax);  // control plane
+//
 // Collective: every rank of the world calls CreateProcessGroups with the same
 // (tp, ep). Group ranks follow parallel/layout.h: groups.tp->rank() ==
 // layout.tp_rank, and so on.
@@ -30,6 +32,16 @@ struct ProcessGroups {
   // A second communicator over the EP group, so that expert weights move
   // peer-to-peer (LLEP) concurrently with the token all-to-all.
   std::unique_ptr<comm::Communicator> ep_p2p;
+
+  // The control plane: MPI communicators on host buffers over the same
+  // groups, for small host-side agreements (metrics sums, stop agreement,
+  // checkpoint metadata, error agreement). Apart from the data plane (the
+  // device's communicator above: NCCL for cuda, MPI for cpu), so host
+  // collectives never queue behind, or wait on, device transfers, and work
+  // where NCCL takes device buffers only.
+  struct Host {
+    std::unique_ptr<comm::Communicator> world, dp, ep;
+  } host;
 
   // The group that reduces gradients of `kind` parameters (DP or EDP).
   comm::Communicator& ReduceGroup(bool expert) const { return expert ? *edp : *dp; }

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/communicator.h"
 #include "model/common.h"
 #include "runtime/core/status.h"
 
@@ -161,6 +162,10 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
        absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
   need(c.comm().backend() == "auto" || c.comm().backend() == "mpi" || c.comm().backend() == "nccl",
        absl::StrCat("comm.backend = \"", c.comm().backend(), "\" must be \"auto\", \"mpi\" or \"nccl\""));
+  // The data plane's communicator follows the tensors' device: auto = nccl for
+  // cuda, mpi for cpu; nccl cannot move host tensors. mpi with cuda is allowed
+  // (config.proto, CommConfig.backend).
+  need(!(c.comm().backend() == "nccl" && t.device() == "cpu"), comm::NcclNeedsCudaMessage(t.device()));
   return e;
 }
 

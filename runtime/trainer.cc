@@ -95,7 +95,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   t->schedule_ = schedule;
   t->tokens_.resize(static_cast<size_t>(train.micro_batch()) * (config.model().seq_len() + 1));
 
-  ASSIGN_OR_RETURN(t->checkpointer_, Checkpointer::Create(*groups->world, layout,
+  ASSIGN_OR_RETURN(t->checkpointer_, Checkpointer::Create(*groups->host.world, layout,
                                                           CheckpointOptionsFromConfig(config.checkpoint())));
   t->checkpoint_tensors_ = ModelTensors(t->model_->parameters());
   for (ShardedTensor& b : ModelTensors(t->model_->buffers())) t->checkpoint_tensors_.push_back(std::move(b));
@@ -153,9 +153,9 @@ absl::Status Trainer::SaveCheckpoint() {
 }
 
 absl::StatusOr<std::vector<double>> Trainer::SumOverDataParallel(std::vector<double> values) {
-  if (groups_->dp->size() > 1) {
-    ASSIGN_OR_RETURN(comm::Work w, groups_->dp->AllReduce(values.data(), values.data(), values.size(),
-                                                          DType::kF64, comm::ReduceOp::kSum));
+  if (groups_->host.dp->size() > 1) {
+    ASSIGN_OR_RETURN(comm::Work w, groups_->host.dp->AllReduce(values.data(), values.data(), values.size(),
+                                                               DType::kF64, comm::ReduceOp::kSum));
     RETURN_IF_ERROR(w.Wait());
   }
   return values;
@@ -367,7 +367,7 @@ absl::Status Trainer::Run() {
       RETURN_IF_ERROR(evaluate());
     }
     // Every rank stops at the same step when any rank got SIGTERM/SIGUSR1.
-    ASSIGN_OR_RETURN(bool stop, AgreeOnStop(*groups_->world));
+    ASSIGN_OR_RETURN(bool stop, AgreeOnStop(*groups_->host.world));
     if (stop) {
       stopped_by_signal_ = true;
       if (checkpoints) RETURN_IF_ERROR(SaveCheckpoint());

@@ -16,6 +16,7 @@
 #include "comm/cuda/cuda_handles.h"
 #include "comm/mpi_env.h"
 #include "comm/watchdog.h"
+#include "runtime/core/backend.h"
 #include "runtime/core/status.h"
 
 namespace moe::comm {
@@ -164,7 +165,28 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
   }
 
  protected:
+  // The stream-ordered form: the communicator's stream waits for `stream`'s
+  // work so far, runs the operation, and `stream` waits for it (both
+  // cudaStreamWaitEvent: no host wait). Buffers are device memory.
+  absl::StatusOr<Work> SubmitOnStream(OpDesc op, Stream& stream) override {
+    cudaStream_t s = static_cast<cudaStream_t>(stream.native_handle());
+    if (s == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(OpKindName(op.kind), " on communicator '", name(),
+                                                     "' (nccl): the stream has no CUDA stream; pass a stream "
+                                                     "of the CUDA backend of ",
+                                                     device().ToString()));
+    }
+    RETURN_IF_ERROR(WaitForStream(s));
+    ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
+    RETURN_IF_ERROR(MakeStreamWait(s));
+    return work;
+  }
+
   absl::StatusOr<Work> Submit(OpDesc op) override {
+    if (op.inject) {
+      return absl::InvalidArgumentError(
+          "CommWrapper link shaping and faults wrap host-executing backends (mpi), not nccl");
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_.ok()) return error_;

@@ -1,5 +1,6 @@
 #include "runtime/core/backend.h"
 
+#include <atomic>
 #include <cstdlib>
 
 #include "absl/strings/match.h"
@@ -51,6 +52,18 @@ const char* OpKindName(OpKind op) {
   int i = static_cast<int>(op);
   return i < static_cast<int>(OpKind::kNumOpKinds) ? kNames[i] : "?";
 }
+
+namespace {
+std::atomic<uint64_t> g_host_syncs{0};
+thread_local bool t_device_thread = false;
+}  // namespace
+
+uint64_t HostSyncCount() { return g_host_syncs.load(std::memory_order_relaxed); }
+void CountHostSync() {
+  if (!t_device_thread) g_host_syncs.fetch_add(1, std::memory_order_relaxed);
+}
+void MarkDeviceThread() { t_device_thread = true; }
+bool IsDeviceThread() { return t_device_thread; }
 
 absl::StatusOr<Backend*> GetBackend(Device device) {
   if (device.is_cpu()) return &cpu::CpuBackendInstance();

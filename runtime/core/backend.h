@@ -25,6 +25,15 @@
 // Error model: a call returning OK means "enqueued"; an error raised by work
 // that already ran asynchronously is kept by the stream and returned by its
 // next Synchronize() (and by the Synchronize() of events recorded after it).
+//
+// Host waits. Stream::Synchronize, Event::Synchronize and comm::Work::Wait
+// block the host on device work; on a GPU each one stalls the launch queue.
+// Every such call made from a host thread is counted (HostSyncCount), so
+// tests can pin the number a training step makes. Stream::Wait(Event) is not
+// a host wait: on CUDA the device waits; on a CPU inline stream the calling
+// thread is that stream's device and waits as the GPU would. Waits made on a
+// device-side thread (a CPU stream's worker, a communicator's progress
+// thread; see MarkDeviceThread) are not counted either.
 #ifndef MOE_RUNTIME_CORE_BACKEND_H_
 #define MOE_RUNTIME_CORE_BACKEND_H_
 
@@ -94,12 +103,17 @@ class Stream {
   // Marks the current end of this stream's queue in `event`.
   virtual absl::Status Record(Event& event) = 0;
   // Work enqueued on this stream after Wait() runs only after `event`'s work.
-  // Waiting on an event never recorded returns at once (as CUDA does).
+  // Waiting on an event never recorded returns at once (as CUDA does). An
+  // asynchronous error of the event's stream up to the event reaches this
+  // stream too (CUDA errors are sticky), so a failed transfer is reported by
+  // the Synchronize of the compute stream that consumed it.
   virtual absl::Status Wait(const Event& event) = 0;
   // Enqueues a host function (cudaLaunchHostFunc on CUDA). A non-OK status it
   // returns is kept and reported by Synchronize(). Communicators use this to
   // run MPI calls in stream order.
   virtual absl::Status LaunchHostFunc(std::function<absl::Status()> fn) = 0;
+  // The native queue (cudaStream_t on CUDA); nullptr on CPU.
+  virtual void* native_handle() const { return nullptr; }
 };
 
 // A marker in a stream. Record it again to move it; Synchronize() waits on the host.
@@ -111,7 +125,26 @@ class Event {
   virtual absl::Status Synchronize() const = 0;
   // True when the recorded work has run (or the event was never recorded).
   virtual bool Query() const = 0;
+  // Milliseconds from `start`'s completion to this event's completion, as
+  // cudaEventElapsedTime: both must be recorded and complete (Query() true),
+  // else FailedPrecondition; negative when `start` completed later. On CPU
+  // each event holds the steady_clock time at which its stream reached the
+  // marker: a worker stream enqueues the marker as a work item, so the time
+  // is read when every item enqueued before Record() has finished; an inline
+  // stream reads it inside Record() (everything before has already run).
+  // Resolution is steady_clock's (nanoseconds), with no device clock skew, so
+  // events of different streams of one process are comparable.
+  virtual absl::StatusOr<double> ElapsedMsSince(const Event& start) const = 0;
 };
+
+// Host-wait accounting (see "Host waits" above). Counts are process-wide.
+uint64_t HostSyncCount();
+// Called by a backend or communicator at each host wait; a no-op on threads
+// marked with MarkDeviceThread.
+void CountHostSync();
+// Marks the calling thread as device-side for the rest of its life.
+void MarkDeviceThread();
+bool IsDeviceThread();
 
 // Op kinds, for SupportsOp (one per entry point of ops.h).
 enum class OpKind : uint8_t {

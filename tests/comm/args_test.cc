@@ -95,21 +95,34 @@ TEST_CASE("bad arguments are rejected with messages and send nothing") {
 
 TEST_CASE("comm config: defaults and bad values") {
   config::CommConfig cfg;
-  auto o = CommOptionsFromConfig(cfg);
+  auto o = CommOptionsFromConfig(cfg, "cpu");
   REQUIRE(o.ok());
   CHECK(o->timeout_s == 600);
   CHECK(o->backend == "auto");
+  CHECK(o->device == Device::Cpu());
   cfg.set_backend("gloo");
-  auto bad = CommOptionsFromConfig(cfg);
+  auto bad = CommOptionsFromConfig(cfg, "cpu");
   REQUIRE_FALSE(bad.ok());
   CHECK(std::string(bad.status().message()).find("comm.backend = 'gloo'") != std::string::npos);
+  // nccl cannot move host tensors: refused with the fix, from the config and at creation.
+  cfg.set_backend("nccl");
+  auto host_nccl = CommOptionsFromConfig(cfg, "cpu");
+  REQUIRE_FALSE(host_nccl.ok());
+  CHECK(std::string(host_nccl.status().message()).find("set comm.backend = \"mpi\" or \"auto\"") !=
+        std::string::npos);
+  CHECK(CommOptionsFromConfig(cfg, "cuda").ok());
   cfg.set_backend("mpi");
+  CHECK(CommOptionsFromConfig(cfg, "cuda").ok());  // allowed: staged through host memory
   cfg.set_timeout_s(-1);
-  CHECK_FALSE(CommOptionsFromConfig(cfg).ok());
-#ifndef MOE_WITH_CUDA
+  CHECK_FALSE(CommOptionsFromConfig(cfg, "cpu").ok());
   CommOptions nccl;
   nccl.backend = "nccl";
-  auto made = CreateWorldCommunicator(nccl);
+  auto made = CreateWorldCommunicator(nccl);  // device cpu
+  REQUIRE_FALSE(made.ok());
+  CHECK(std::string(made.status().message()).find("train.device = \"cpu\"") != std::string::npos);
+#ifndef MOE_WITH_CUDA
+  nccl.device = Device::Cuda(0);
+  made = CreateWorldCommunicator(nccl);
   REQUIRE_FALSE(made.ok());
   CHECK(std::string(made.status().message()).find("no CUDA") != std::string::npos);
 #endif

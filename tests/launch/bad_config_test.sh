@@ -31,6 +31,9 @@ expect "model.moe.top_k = 9 must be at most model.moe.num_experts = 8" "$D" mode
 expect "model has no field 'hiden_size'" "$D" model.hiden_size=3
 expect 'model.moe.score_function = "tanh" must be "softmax" or "sigmoid"' "$D" model.moe.score_function=tanh
 expect "model.moe.group_topk = 3 must be at most model.moe.num_expert_groups = 2" "$D" model.moe.group_topk=3 parallel.expert=2
+expect 'comm.backend = "nccl" moves device buffers, but train.device = "cpu" keeps tensors on the host; set comm.backend = "mpi" or "auto"' "$D" comm.backend=nccl
+MOE_COMM_FAULT="rank=1,kind=Gather,seq=0,action=hang" \
+  expect 'MOE_COMM_FAULT="rank=1,kind=Gather,seq=0,action=hang": kind=Gather is not an operation' "$D"
 expect "cannot open config file" --config=/nonexistent.textproto
 printf 'model {\n  hidden_size: 12\n  bogus: 1\n}\n' > bad.textproto
 expect "bad.textproto:3:" --config=bad.textproto

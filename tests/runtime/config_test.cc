@@ -138,6 +138,17 @@ TEST_CASE("every validation message names field, value and fix") {
     auto p = Problems(Resolved("train { device: \"cuda\" }", 1), 1);
     CHECK(Contains(p, "train.device = \"cuda\": this build trains on \"cpu\" only"));
   }
+  SECTION("comm.backend follows train.device") {
+    auto p = Problems(Resolved("comm { backend: \"nccl\" }", 1), 1);
+    CHECK(Contains(p, "comm.backend = \"nccl\" moves device buffers, but train.device = \"cpu\""));
+    CHECK(Contains(p, "set comm.backend = \"mpi\" or \"auto\""));
+    CHECK(Problems(Resolved("comm { backend: \"mpi\" }", 1), 1).empty());
+    CHECK(Problems(Resolved("comm { backend: \"auto\" }", 1), 1).empty());
+    // mpi with cuda is allowed: the only problem is the device this build lacks.
+    JobConfig cuda_mpi = Resolved("train { device: \"cuda\" } comm { backend: \"mpi\" }", 1);
+    CHECK(ValidateJobConfig(cuda_mpi, 1).size() == 1);
+    CHECK(!Contains(Problems(cuda_mpi, 1), "comm.backend"));
+  }
   SECTION("every problem is reported at once") {
     auto problems = ValidateJobConfig(
         Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/core/check.h"
+#include "runtime/core/status.h"
 
 namespace moe::cpu {
 
@@ -133,6 +134,7 @@ CpuStream::~CpuStream() {
 }
 
 void CpuStream::WorkerLoop() {
+  MarkDeviceThread();
   for (;;) {
     std::function<absl::Status()> fn;
     {
@@ -150,11 +152,12 @@ void CpuStream::WorkerLoop() {
   }
 }
 
-absl::Status CpuStream::Run(std::function<absl::Status()> fn) {
+absl::Status CpuStream::Run(std::function<absl::Status()> fn, uint64_t* seq) {
   if (mode_ == StreamMode::kInline) {
     {
       std::lock_guard<std::mutex> lock(state_->mu);
       ++state_->enqueued;
+      if (seq != nullptr) *seq = state_->enqueued;
     }
     absl::Status status = fn();
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -166,6 +169,7 @@ absl::Status CpuStream::Run(std::function<absl::Status()> fn) {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     ++state_->enqueued;
+    if (seq != nullptr) *seq = state_->enqueued;
   }
   queue_.push_back(std::move(fn));
   queue_cv_.notify_one();
@@ -173,6 +177,7 @@ absl::Status CpuStream::Run(std::function<absl::Status()> fn) {
 }
 
 absl::Status CpuStream::Synchronize() {
+  CountHostSync();
   uint64_t seq;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -188,9 +193,18 @@ absl::Status CpuStream::Synchronize() {
 absl::Status CpuStream::Record(Event& event) {
   auto* e = dynamic_cast<CpuEvent*>(&event);
   if (e == nullptr) return absl::InvalidArgumentError("Stream::Record: event is not a CPU event");
-  std::lock_guard<std::mutex> qlock(queue_mu_);  // orders against concurrent Run()
-  std::lock_guard<std::mutex> lock(state_->mu);
-  e->Set(state_, state_->enqueued);
+  auto stamp = std::make_shared<EventStamp>();
+  uint64_t seq = 0;
+  // The marker: its time is taken when every earlier item has finished. The
+  // stream counts it complete after it returns, under StreamState::mu, so a
+  // reader that sees it complete sees the time.
+  RETURN_IF_ERROR(Run(
+      [stamp] {
+        stamp->time = std::chrono::steady_clock::now();
+        return absl::OkStatus();
+      },
+      &seq));
+  e->Set(state_, seq, std::move(stamp));
   return absl::OkStatus();
 }
 
@@ -201,22 +215,25 @@ absl::Status CpuStream::Wait(const Event& event) {
   uint64_t seq;
   e->Get(&st, &seq);
   if (st == nullptr || st == state_) return absl::OkStatus();  // own stream: already ordered
-  if (mode_ == StreamMode::kInline) {
+  // An asynchronous error of the waited-for stream reaches this one (as a
+  // CUDA error is sticky for every stream of the context): it is reported by
+  // this stream's next Synchronize (inline: returned here).
+  auto wait = [st, seq] {
     st->WaitFor(seq);
-    return absl::OkStatus();
-  }
-  return Run([st, seq] {
-    st->WaitFor(seq);
-    return absl::OkStatus();
-  });
+    std::lock_guard<std::mutex> lock(st->mu);
+    return st->error;
+  };
+  if (mode_ == StreamMode::kInline) return wait();  // this thread is the inline stream's device
+  return Run(std::move(wait));
 }
 
 absl::Status CpuStream::LaunchHostFunc(std::function<absl::Status()> fn) { return Run(std::move(fn)); }
 
-void CpuEvent::Set(std::shared_ptr<StreamState> state, uint64_t seq) {
+void CpuEvent::Set(std::shared_ptr<StreamState> state, uint64_t seq, std::shared_ptr<EventStamp> stamp) {
   std::lock_guard<std::mutex> lock(mu_);
   state_ = std::move(state);
   seq_ = seq;
+  stamp_ = std::move(stamp);
 }
 
 void CpuEvent::Get(std::shared_ptr<StreamState>* state, uint64_t* seq) const {
@@ -225,7 +242,15 @@ void CpuEvent::Get(std::shared_ptr<StreamState>* state, uint64_t* seq) const {
   *seq = seq_;
 }
 
+void CpuEvent::WaitDevice() const {
+  std::shared_ptr<StreamState> st;
+  uint64_t seq;
+  Get(&st, &seq);
+  if (st != nullptr) st->WaitFor(seq);
+}
+
 absl::Status CpuEvent::Synchronize() const {
+  CountHostSync();
   std::shared_ptr<StreamState> st;
   uint64_t seq;
   Get(&st, &seq);
@@ -242,6 +267,32 @@ bool CpuEvent::Query() const {
   if (st == nullptr) return true;
   std::lock_guard<std::mutex> lock(st->mu);
   return st->completed >= seq;
+}
+
+std::shared_ptr<EventStamp> CpuEvent::ReachedStamp() const {
+  std::shared_ptr<StreamState> st;
+  std::shared_ptr<EventStamp> stamp;
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    st = state_;
+    seq = seq_;
+    stamp = stamp_;
+  }
+  if (st == nullptr || stamp == nullptr) return nullptr;
+  std::lock_guard<std::mutex> lock(st->mu);  // pairs with the worker's count
+  return st->completed >= seq ? stamp : nullptr;
+}
+
+absl::StatusOr<double> CpuEvent::ElapsedMsSince(const Event& start) const {
+  auto* s = dynamic_cast<const CpuEvent*>(&start);
+  if (s == nullptr) return absl::InvalidArgumentError("Event::ElapsedMsSince: start is not a CPU event");
+  std::shared_ptr<EventStamp> a = s->ReachedStamp(), b = ReachedStamp();
+  if (a == nullptr || b == nullptr) {
+    return absl::FailedPreconditionError(
+        "Event::ElapsedMsSince: both events must be recorded and complete (Query() true) first");
+  }
+  return std::chrono::duration<double, std::milli>(b->time - a->time).count();
 }
 
 CpuStream& AsCpu(Stream& s) {

@@ -3,8 +3,10 @@
 //
 // Streams: an inline stream runs each piece of work when it is enqueued; a
 // worker stream runs them in order on its own thread. Events are (stream
-// state, sequence number) pairs: work item n of a stream is done when the
-// stream's completed count reaches n.
+// state, sequence number, time stamp) triples: work item n of a stream is
+// done when the stream's completed count reaches n. Record() on a worker
+// stream enqueues a marker item that stamps steady_clock when the worker
+// reaches it; on an inline stream it stamps at the call.
 //
 // Threads: GEMMs use OpenBLAS threads; element-wise and row-wise kernels use
 // ThreadPool (num_threads - 1 helper threads plus the caller). Both default to
@@ -14,6 +16,7 @@
 #define MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -85,8 +88,9 @@ class CpuStream : public Stream {
   absl::Status Record(Event& event) override;
   absl::Status Wait(const Event& event) override;
   absl::Status LaunchHostFunc(std::function<absl::Status()> fn) override;
-  // Runs `fn` in stream order: now (inline; its status is returned) or on the worker.
-  absl::Status Run(std::function<absl::Status()> fn);
+  // Runs `fn` in stream order: now (inline; its status is returned) or on the
+  // worker. `*seq` (when given) receives the item's position in the stream.
+  absl::Status Run(std::function<absl::Status()> fn, uint64_t* seq = nullptr);
 
  private:
   void WorkerLoop();
@@ -100,17 +104,29 @@ class CpuStream : public Stream {
   std::thread worker_;
 };
 
+// When a recorded marker was reached; written by the stream before it counts
+// the marker complete (under StreamState::mu), read after.
+struct EventStamp {
+  std::chrono::steady_clock::time_point time;
+};
+
 class CpuEvent : public Event {
  public:
   absl::Status Synchronize() const override;
   bool Query() const override;
-  void Set(std::shared_ptr<StreamState> state, uint64_t seq);
+  absl::StatusOr<double> ElapsedMsSince(const Event& start) const override;
+  void Set(std::shared_ptr<StreamState> state, uint64_t seq, std::shared_ptr<EventStamp> stamp);
   void Get(std::shared_ptr<StreamState>* state, uint64_t* seq) const;
+  // Waits without counting a host sync (device-side waits).
+  void WaitDevice() const;
 
  private:
+  // The stamp when the marker was reached, or null when not recorded / not yet reached.
+  std::shared_ptr<EventStamp> ReachedStamp() const;
   mutable std::mutex mu_;
   std::shared_ptr<StreamState> state_;
   uint64_t seq_ = 0;
+  std::shared_ptr<EventStamp> stamp_;
 };
 
 // The stream of a kernel call, known to be a CpuStream (ops.cc checks the device).

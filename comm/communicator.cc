@@ -37,6 +37,18 @@ Communicator::Communicator(int rank, int size, std::vector<int> group_ranks, Com
       options_(std::move(options)),
       timeout_s_(options_.timeout_s) {}
 
+// The side stream dies here, after the backend's destructor ran every
+// enqueued operation (their stream items wait only for those).
+Communicator::~Communicator() = default;
+
+absl::StatusOr<Stream*> Communicator::side_stream() {
+  if (side_stream_ == nullptr) {
+    ASSIGN_OR_RETURN(Backend * backend, GetBackend(device()));
+    ASSIGN_OR_RETURN(side_stream_, backend->CreateStream(StreamMode::kWorker));
+  }
+  return side_stream_.get();
+}
+
 absl::Status Communicator::set_timeout_s(double seconds) {
   if (!(seconds > 0)) {
     return absl::InvalidArgumentError(

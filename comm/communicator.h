@@ -136,7 +136,7 @@ inline constexpr int kNoColor = -1;
 
 class Communicator {
  public:
-  virtual ~Communicator() = default;
+  virtual ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
 
@@ -211,6 +211,12 @@ class Communicator {
   // Waits for every operation enqueued so far; returns the first error.
   absl::Status Synchronize();
 
+  // A worker stream of device() for callers that overlap this communicator's
+  // data-plane operations with compute, as an NCCL user keeps a comm stream:
+  // wait on the producer's event there, enqueue the operation, record the
+  // completion event. Created on first use; lives as long as the communicator.
+  absl::StatusOr<Stream*> side_stream();
+
  protected:
   Communicator(int rank, int size, std::vector<int> group_ranks, CommOptions options);
   // Enqueues a validated operation (sequence, timeout, bytes filled in).
@@ -237,6 +243,7 @@ class Communicator {
   std::atomic<double> timeout_s_;
   uint64_t next_sequence_ = 0;
   Work last_;
+  std::unique_ptr<Stream> side_stream_;
 };
 
 // The world communicator of the configured backend: "mpi" (host buffers),

@@ -303,7 +303,6 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor out, expert_forward(c, grouped, offsets));
-    RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
     ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, out));
@@ -369,7 +368,6 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
     ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, grouped, offsets));
-    RETURN_IF_ERROR(stream.Synchronize());
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
     ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, d_in));

@@ -56,7 +56,11 @@ namespace moe::model {
 
 // Per-phase counters of one dispatcher (accumulated until Reset), for the
 // benchmark and the metrics: host seconds per phase and payload bytes this
-// rank sent to other EP ranks (self excluded). A backward transfer counts in
+// rank sent to other EP ranks (self excluded). Nothing synchronizes to take
+// them: on the CPU's inline compute stream a phase's seconds are its work
+// (including the wait for its transfer, in dispatch/combine); on an
+// asynchronous stream they are enqueue times (Event::ElapsedMsSince gives
+// device times). A backward transfer counts in
 // the phase it mirrors: "dispatch" is the forward token all-to-all plus the
 // backward return of the experts' input grads; "combine" is the forward return
 // of expert outputs plus the backward send of output grads. "counts" is the

@@ -35,10 +35,9 @@ std::pair<int64_t, int64_t> RowSlice(int64_t num_rows, int size, int rank) {
 absl::Status AllReduceSum(comm::Communicator& tp, Stream& stream, const Tensor& t) {
   RETURN_IF_ERROR(CheckF32("AllReduceSum", t));
   if (tp.size() == 1 || t.numel() == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(stream.Synchronize());
-  ASSIGN_OR_RETURN(comm::Work w, tp.AllReduce(t.raw_data(), t.raw_data(), static_cast<size_t>(t.numel()),
-                                              DType::kF32, comm::ReduceOp::kSum));
-  return w.Wait();
+  // Ordered on the compute stream (its later work needs the sum): no host wait.
+  return tp.AllReduce(t.raw_data(), t.raw_data(), static_cast<size_t>(t.numel()), DType::kF32,
+                      comm::ReduceOp::kSum, stream);
 }
 
 absl::StatusOr<Tensor> AllGatherRows(comm::Communicator& tp, Stream& stream, const Tensor& local,
@@ -65,10 +64,8 @@ absl::StatusOr<Tensor> AllGatherRows(comm::Communicator& tp, Stream& stream, con
     counts[r] = static_cast<size_t>((e - b) * row_elems);
     displs[r] = static_cast<size_t>(b * row_elems);
   }
-  RETURN_IF_ERROR(stream.Synchronize());
-  ASSIGN_OR_RETURN(comm::Work w, tp.AllGatherV(local.raw_data(), counts[tp.rank()], full.raw_data(), counts,
-                                               displs, DType::kF32));
-  RETURN_IF_ERROR(w.Wait());
+  RETURN_IF_ERROR(tp.AllGatherV(local.raw_data(), counts[tp.rank()], full.raw_data(), counts, displs,
+                                DType::kF32, stream));
   return full;
 }
 
@@ -88,11 +85,8 @@ absl::StatusOr<Tensor> ReduceScatterRows(comm::Communicator& tp, Stream& stream,
   if (P == 1) return out;
   if (num_rows % P == 0) {
     // Equal slices: one ReduceScatter.
-    RETURN_IF_ERROR(stream.Synchronize());
-    ASSIGN_OR_RETURN(comm::Work w,
-                     tp.ReduceScatter(full.raw_data(), out.raw_data(), static_cast<size_t>(out.numel()),
-                                      DType::kF32, comm::ReduceOp::kSum));
-    RETURN_IF_ERROR(w.Wait());
+    RETURN_IF_ERROR(tp.ReduceScatter(full.raw_data(), out.raw_data(), static_cast<size_t>(out.numel()),
+                                     DType::kF32, comm::ReduceOp::kSum, stream));
     return out;
   }
   // Uneven slices: sum everything, keep this rank's rows (T x d is small next

@@ -10,10 +10,11 @@
 //   rank (the residual stream's gradient is), ReduceScatterRows when each
 //   rank holds a partial sum of it.
 //
-// All calls are blocking and collective over `tp` (every rank of the group
-// calls them in the same order with matching shapes). They synchronize
-// `stream` before touching the data (the communicator has no stream-wait API).
-// With a group of one rank they are copies or no-ops.
+// All calls are collective over `tp` (every rank of the group calls them in
+// the same order with matching shapes) and stream-ordered on `stream`: the
+// collective runs after the stream's earlier work and before its later work,
+// with no host wait (communicator.h). With a group of one rank they are
+// copies or no-ops.
 #ifndef MOE_PARALLEL_TENSOR_PARALLEL_H_
 #define MOE_PARALLEL_TENSOR_PARALLEL_H_
 

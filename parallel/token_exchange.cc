@@ -75,11 +75,20 @@ absl::StatusOr<InFlight> StartTransfer(comm::Communicator& ep, Stream& stream, E
   f.send = send;
   ASSIGN_OR_RETURN(f.recv, Tensor::Empty(stream.backend(), Shape{total_recv, hidden}, DType::kF32,
                                          MemoryCategory::kCommunication));
-  // The rows were produced on `stream`; the communicator reads them on its own.
-  RETURN_IF_ERROR(stream.Synchronize());
+  // The rows were produced on `stream`: the side stream waits for them there.
+  ASSIGN_OR_RETURN(Stream * side, ep.side_stream());
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> produced, stream.backend().CreateEvent());
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> done, stream.backend().CreateEvent());
+  RETURN_IF_ERROR(stream.Record(*produced));
+  RETURN_IF_ERROR(side->Wait(*produced));
   const std::vector<size_t> sc = Elements(send_rows, hidden), rc = Elements(recv_rows, hidden);
-  ASSIGN_OR_RETURN(
-      f.work, ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), DType::kF32));
+  RETURN_IF_ERROR(
+      ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), DType::kF32, *side));
+  // The buffers stay alive until the side stream has passed the transfer,
+  // whatever the caller frees meanwhile (a caching allocator's recordStream).
+  RETURN_IF_ERROR(side->LaunchHostFunc([keep_send = send, keep_recv = f.recv] { return absl::OkStatus(); }));
+  RETURN_IF_ERROR(side->Record(*done));
+  f.done = std::move(done);
   return f;
 }
 
@@ -148,21 +157,19 @@ absl::StatusOr<ExchangePlan> ExchangePlan::Create(comm::Communicator& ep, Stream
                                       n * sizeof(int64_t), MemoryCategory::kCommunication));
     ASSIGN_OR_RETURN(Tensor recv_t, Tensor::Empty(backend, Shape{static_cast<int64_t>(n)}, DType::kI64,
                                                   MemoryCategory::kCommunication));
-    RETURN_IF_ERROR(stream.Synchronize());
-    ASSIGN_OR_RETURN(comm::Work w, ep.AllToAll(send_t.raw_data(), recv_t.raw_data(), block, DType::kI64));
-    RETURN_IF_ERROR(w.Wait());
-    if (recv_t.device().is_cpu()) {
-      const int64_t* r = recv_t.data<int64_t>();
-      arrived.assign(r, r + n);
-    } else {
+    // Stream-ordered exchange, copy to host memory on the stream, then the
+    // layer's one host wait.
+    RETURN_IF_ERROR(ep.AllToAll(send_t.raw_data(), recv_t.raw_data(), block, DType::kI64, stream));
+    Tensor host = recv_t;
+    if (!recv_t.device().is_cpu()) {
       ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-      ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, Shape{static_cast<int64_t>(n)}, DType::kI64,
-                                                  MemoryCategory::kCommunication));
+      ASSIGN_OR_RETURN(host, Tensor::Empty(*cpu, Shape{static_cast<int64_t>(n)}, DType::kI64,
+                                           MemoryCategory::kCommunication));
       RETURN_IF_ERROR(ops::Copy(stream, recv_t, host));
-      RETURN_IF_ERROR(stream.Synchronize());
-      const int64_t* r = host.data<int64_t>();
-      arrived.assign(r, r + n);
     }
+    RETURN_IF_ERROR(stream.Synchronize());
+    const int64_t* r = host.data<int64_t>();
+    arrived.assign(r, r + n);
   }
   std::vector<int64_t> recv(n);
   for (int p = 0; p < P; ++p) {
@@ -257,7 +264,7 @@ absl::StatusOr<Tensor> FinishDispatch(Stream& stream, const ExchangePlan& plan, 
   if (!in_flight.started() || in_flight.direction != ExchangeDirection::kDispatch) {
     return absl::FailedPreconditionError("FinishDispatch: no dispatch in flight (call StartDispatch first)");
   }
-  RETURN_IF_ERROR(in_flight.work.Wait());
+  RETURN_IF_ERROR(stream.Wait(*in_flight.done));
   const std::vector<int32_t> index = GroupedFromArrival(plan, in_flight.chunk);
   Tensor out;
   if (IsIdentity(index)) {
@@ -292,12 +299,11 @@ absl::StatusOr<InFlight> StartCombine(comm::Communicator& ep, Stream& stream, co
 }
 
 absl::StatusOr<Tensor> FinishCombine(Stream& stream, const ExchangePlan& plan, InFlight& in_flight) {
-  (void)stream;
   (void)plan;
   if (!in_flight.started() || in_flight.direction != ExchangeDirection::kCombine) {
     return absl::FailedPreconditionError("FinishCombine: no combine in flight (call StartCombine first)");
   }
-  RETURN_IF_ERROR(in_flight.work.Wait());
+  RETURN_IF_ERROR(stream.Wait(*in_flight.done));
   Tensor out = in_flight.recv;
   in_flight = InFlight();
   return out;

@@ -35,15 +35,21 @@
 //     ... experts on chunk c while chunk c + 1 is on the wire ...
 //   }
 //
-// Streams: the communicator has no stream-wait API, so Start* synchronizes
-// `stream` (the rows it sends were written there) before enqueuing; Finish*
-// waits for the transfer on the host and enqueues the reorder on `stream`.
+// Streams, no host waits: Start* records an event on `stream` (where the rows
+// were written), and the EP communicator's side stream waits on it and runs
+// the AllToAllV; Finish* makes `stream` wait on the transfer's completion
+// event and enqueues the reorder there. The host never blocks on rows.
+// Host reads: ExchangePlan::Create reads the exchanged counts on the host
+// (one Stream::Synchronize): they size every chunk's transfer and buffers,
+// so it is the one host wait of a MoE layer per micro-batch (the backward
+// reuses the forward's plan).
 // Collective: every rank of the EP group calls Create, and Start*/Finish* for
 // every chunk, in the same order.
 #ifndef MOE_PARALLEL_TOKEN_EXCHANGE_H_
 #define MOE_PARALLEL_TOKEN_EXCHANGE_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -103,9 +109,9 @@ struct InFlight {
   ExchangeDirection direction = ExchangeDirection::kDispatch;
   int chunk = -1;
   int64_t hidden = 0;
-  comm::Work work;
-  Tensor send;  // what goes on the wire (kept alive until done)
-  Tensor recv;  // where it lands
+  std::shared_ptr<Event> done;  // recorded on the EP side stream after the AllToAllV
+  Tensor send;                  // what goes on the wire (kept alive until done)
+  Tensor recv;                  // where it lands
   bool started() const { return chunk >= 0; }
 };
 

@@ -12,6 +12,7 @@
 
 #include "comm/mpi_env.h"
 #include "parallel/process_groups.h"
+#include "runtime/core/backend.h"
 #include "tests/parallel/parallel_test_util.h"
 
 namespace moe::parallel {
@@ -64,7 +65,18 @@ int64_t BlockStart(int s, int c, int dst, int64_t e, int P) {
 void CheckRoundTrip(comm::Communicator& ep, int C) {
   Stream& stream = Cpu().default_stream();
   const int P = ep.size(), me = ep.rank();
+  // Host waits: the plan's count read is the only one (token_exchange.h);
+  // the row transfers and their reorders add none, for any number of chunks.
+  const uint64_t syncs_before_plan = HostSyncCount();
   ExchangePlan plan = ValueOrDie(ExchangePlan::Create(ep, stream, C, kExperts, SendTable(me, P, C)));
+  REQUIRE(HostSyncCount() - syncs_before_plan == (P > 1 ? 1u : 0u));
+  uint64_t exchange_syncs = 0;
+  auto counted = [&](auto call) {
+    const uint64_t before = HostSyncCount();
+    auto result = call();
+    exchange_syncs += HostSyncCount() - before;
+    return result;
+  };
   for (int c = 0; c < C; ++c)
     for (int p = 0; p < P; ++p)
       for (int64_t e = 0; e < kExperts; ++e) {
@@ -87,11 +99,12 @@ void CheckRoundTrip(comm::Communicator& ep, int C) {
 
   // Pipelined dispatch: chunk c + 1 is on the wire while chunk c is "computed".
   std::vector<InFlight> back(C);
-  InFlight next = ValueOrDie(StartDispatch(ep, stream, plan, 0, send[0]));
+  InFlight next = ValueOrDie(counted([&] { return StartDispatch(ep, stream, plan, 0, send[0]); }));
   for (int c = 0; c < C; ++c) {
     InFlight cur = std::move(next);
-    if (c + 1 < C) next = ValueOrDie(StartDispatch(ep, stream, plan, c + 1, send[c + 1]));
-    Tensor grouped = ValueOrDie(FinishDispatch(stream, plan, cur));
+    if (c + 1 < C)
+      next = ValueOrDie(counted([&] { return StartDispatch(ep, stream, plan, c + 1, send[c + 1]); }));
+    Tensor grouped = ValueOrDie(counted([&] { return FinishDispatch(stream, plan, cur); }));
     REQUIRE(grouped.size(0) == plan.num_recv_rows(c));
     const std::vector<int64_t> offsets = plan.ExpertOffsets(c);
     std::vector<float> g = ToVector(grouped);
@@ -112,10 +125,11 @@ void CheckRoundTrip(comm::Communicator& ep, int C) {
     for (int64_t e = 0; e < kExperts; ++e)
       for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
         for (int64_t j = 0; j < kHidden; ++j) g[r * kHidden + j] = 2 * g[r * kHidden + j] + e;
-    back[c] = ValueOrDie(StartCombine(ep, stream, plan, c, HostTensor(g, Shape{grouped.size(0), kHidden})));
+    const Tensor expert_out = HostTensor(g, Shape{grouped.size(0), kHidden});
+    back[c] = ValueOrDie(counted([&] { return StartCombine(ep, stream, plan, c, expert_out); }));
   }
   for (int c = 0; c < C; ++c) {
-    Tensor out = ValueOrDie(FinishCombine(stream, plan, back[c]));
+    Tensor out = ValueOrDie(counted([&] { return FinishCombine(stream, plan, back[c]); }));
     REQUIRE(out.size(0) == plan.num_send_rows(c));
     std::vector<float> o = ToVector(out);
     for (int64_t i = 0; i < out.size(0); ++i)
@@ -124,6 +138,7 @@ void CheckRoundTrip(comm::Communicator& ep, int C) {
         REQUIRE(o[i * kHidden + j] == 2 * RowValue(me, c, i, j) + expert_of_row[c][i]);
       }
   }
+  REQUIRE(exchange_syncs == 0);
 }
 
 // sum over ranks <Dispatch(x), g> == sum over ranks <x, Combine(g)>: Combine

@@ -2,6 +2,7 @@
 
 #include <mpi.h>
 
+#include <cstdint>
 #include <cstdlib>
 
 #include "absl/strings/numbers.h"
@@ -113,6 +114,29 @@ int MpiEnv::local_size() { return g_local_size; }
 int MpiEnv::node_id() { return g_node_id; }
 int MpiEnv::num_nodes() { return g_num_nodes; }
 const char* MpiEnv::placement_source() { return g_placement_source; }
+
+absl::StatusOr<std::vector<std::string>> MpiEnv::AllGatherBytes(const std::string& mine) {
+  if (!initialized()) return std::vector<std::string>{mine};
+  const int size = world_size();
+  int my_len = static_cast<int>(mine.size());
+  std::vector<int> lens(size), displs(size);
+  MPI_RETURN_IF_ERROR(MPI_Allgather(&my_len, 1, MPI_INT, lens.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  int64_t total = 0;
+  for (int r = 0; r < size; ++r) {
+    if (lens[r] < 0 || total + lens[r] > (int64_t{1} << 30)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("AllGatherBytes: rank ", r, " announced ", lens[r], " bytes (at most 1 GiB in all)"));
+    }
+    displs[r] = static_cast<int>(total);
+    total += lens[r];
+  }
+  std::string all(static_cast<size_t>(total), '\0');
+  MPI_RETURN_IF_ERROR(MPI_Allgatherv(mine.data(), my_len, MPI_CHAR, all.data(), lens.data(), displs.data(),
+                                     MPI_CHAR, MPI_COMM_WORLD));
+  std::vector<std::string> out(size);
+  for (int r = 0; r < size; ++r) out[r] = all.substr(displs[r], lens[r]);
+  return out;
+}
 
 void MpiEnv::Abort(int code) {
   if (initialized()) MPI_Abort(MPI_COMM_WORLD, code);

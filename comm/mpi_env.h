@@ -6,7 +6,11 @@
 #ifndef MOE_COMM_MPI_ENV_H_
 #define MOE_COMM_MPI_ENV_H_
 
+#include <string>
+#include <vector>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace moe::comm {
 
@@ -31,6 +35,10 @@ class MpiEnv {
   static int num_nodes();
   // Where local rank and node came from: "slurm", "openmpi" or "mpi".
   static const char* placement_source();
+  // Collective over the world, on the host (the control plane; works before
+  // any Communicator exists): every rank's `mine`, indexed by world rank.
+  // For small start-up messages (config hashes), not for data.
+  static absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine);
   // Stops every rank of the job with `code`; never returns.
   [[noreturn]] static void Abort(int code);
   // Collective over the world: finalizes MPI (a no-op when not initialised).

@@ -1,12 +1,138 @@
 #include "runtime/job_config.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "comm/communicator.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/text_format.h"
 #include "model/common.h"
 #include "runtime/core/status.h"
 
 namespace moe {
+namespace {
+
+namespace pb = google::protobuf;
+
+// Every set floating-point field of `message` (recursively) that is NaN or
+// infinite: no setting of this config means anything when it is not finite,
+// and a NaN slips through every range check (NaN > 0 and NaN <= 0 are false).
+void NonFiniteFields(const pb::Message& message, const std::string& prefix, std::vector<std::string>* e) {
+  const pb::Descriptor* desc = message.GetDescriptor();
+  const pb::Reflection* refl = message.GetReflection();
+  for (int i = 0; i < desc->field_count(); ++i) {
+    const pb::FieldDescriptor* f = desc->field(i);
+    if (f->is_repeated() || !refl->HasField(message, f)) continue;
+    const std::string name = prefix.empty() ? f->name() : absl::StrCat(prefix, ".", f->name());
+    double v = 0;
+    switch (f->cpp_type()) {
+      case pb::FieldDescriptor::CPPTYPE_MESSAGE:
+        NonFiniteFields(refl->GetMessage(message, f), name, e);
+        continue;
+      case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+        v = refl->GetDouble(message, f);
+        break;
+      case pb::FieldDescriptor::CPPTYPE_FLOAT:
+        v = refl->GetFloat(message, f);
+        break;
+      default:
+        continue;
+    }
+    if (!std::isfinite(v)) {
+      e->push_back(absl::StrCat(name, " = ", v, " must be a finite number; remove it to get the default"));
+    }
+  }
+}
+
+void Flatten(const pb::Message& message, const std::string& prefix, std::vector<std::string>* out) {
+  const pb::Descriptor* desc = message.GetDescriptor();
+  const pb::Reflection* refl = message.GetReflection();
+  for (int i = 0; i < desc->field_count(); ++i) {
+    const pb::FieldDescriptor* f = desc->field(i);
+    const std::string name = prefix.empty() ? f->name() : absl::StrCat(prefix, ".", f->name());
+    if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE && !f->is_repeated()) {
+      Flatten(refl->GetMessage(message, f), name, out);
+      continue;
+    }
+    std::string value;
+    if (f->is_repeated()) {
+      const int n = refl->FieldSize(message, f);
+      for (int j = 0; j < n; ++j) {
+        std::string one;
+        pb::TextFormat::PrintFieldValueToString(message, f, j, &one);
+        absl::StrAppend(&value, j > 0 ? ", " : "", one);
+      }
+      value = absl::StrCat("[", value, "]");
+    } else if (refl->HasField(message, f)) {
+      pb::TextFormat::PrintFieldValueToString(message, f, -1, &value);
+    } else {
+      value = "(unset)";
+    }
+    out->push_back(absl::StrCat(name, ": ", value));
+  }
+}
+
+// "rank 3", "ranks 0-2", "ranks 0, 2, 5-7".
+std::string FormatRanks(const std::vector<int>& ranks) {
+  std::vector<std::string> parts;
+  for (size_t i = 0; i < ranks.size();) {
+    size_t j = i;
+    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+    parts.push_back(j == i ? absl::StrCat(ranks[i]) : absl::StrCat(ranks[i], "-", ranks[j]));
+    i = j + 1;
+  }
+  return absl::StrCat(ranks.size() == 1 ? "rank " : "ranks ", absl::StrJoin(parts, ", "));
+}
+
+}  // namespace
+
+std::vector<std::string> FlattenConfig(const JobConfig& config) {
+  std::vector<std::string> out;
+  Flatten(config, "", &out);
+  return out;
+}
+
+uint64_t ConfigHash(const std::vector<std::string>& flat) {
+  uint64_t h = 14695981039346656037ull;
+  for (const std::string& line : flat) {
+    for (unsigned char ch : line) h = (h ^ ch) * 1099511628211ull;
+    h = (h ^ '\n') * 1099511628211ull;
+  }
+  return h;
+}
+
+std::string DescribeConfigDisagreement(const std::vector<std::vector<std::string>>& per_rank) {
+  if (per_rank.empty()) return "";
+  size_t lines = 0;
+  for (const auto& r : per_rank) lines = std::max(lines, r.size());
+  for (size_t i = 0; i < lines; ++i) {
+    // Values of line i in order of the first rank holding each.
+    std::vector<std::pair<std::string, std::vector<int>>> values;
+    for (size_t rank = 0; rank < per_rank.size(); ++rank) {
+      const std::string line = i < per_rank[rank].size() ? per_rank[rank][i] : "(missing)";
+      auto it = std::find_if(values.begin(), values.end(), [&](const auto& v) { return v.first == line; });
+      if (it == values.end()) {
+        values.push_back({line, {static_cast<int>(rank)}});
+      } else {
+        it->second.push_back(static_cast<int>(rank));
+      }
+    }
+    if (values.size() == 1) continue;
+    const std::string& first = values.front().first;
+    const size_t colon = first.find(": ");
+    const std::string field = colon == std::string::npos ? first : first.substr(0, colon);
+    std::vector<std::string> held;
+    for (const auto& [line, ranks] : values) {
+      const size_t c = line.find(": ");
+      held.push_back(
+          absl::StrCat(c == std::string::npos ? line : line.substr(c + 2), " on ", FormatRanks(ranks)));
+    }
+    return absl::StrCat(field, " is ", absl::StrJoin(held, " but "));
+  }
+  return "";
+}
 
 std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   std::vector<std::string> e;
@@ -18,6 +144,9 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   const auto& p = c.parallel();
   const auto& t = c.train();
   const auto& o = c.optim();
+
+  NonFiniteFields(c, "", &e);
+  if (!e.empty()) return e;  // every comparison below is false for NaN
 
   auto positive = [&](const char* name, long long v, const char* fix) {
     need(v > 0, absl::StrCat(name, " = ", v, " must be positive; ", fix));
@@ -45,8 +174,15 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(m.rope_theta() > 0,
        absl::StrCat("model.rope_theta = ", m.rope_theta(), " must be positive, e.g. 10000"));
   need(m.init_std() > 0, absl::StrCat("model.init_std = ", m.init_std(), " must be positive, e.g. 0.02"));
-  need(moe.moe_layer_freq() >= 0,
-       absl::StrCat("model.moe.moe_layer_freq = ", moe.moe_layer_freq(), " must be >= 0 (0: no MoE layers)"));
+  positive("model.moe.moe_layer_freq", moe.moe_layer_freq(),
+           "1 makes every layer MoE, n every n-th (a model without MoE layers is not an MoE model)");
+  positive("train.eval_batches", t.eval_batches(), "validation micro-batches per evaluation, e.g. 4");
+  need(t.threads_per_rank() >= 0, absl::StrCat("train.threads_per_rank = ", t.threads_per_rank(),
+                                               " must be >= 0 (0: cores / ranks per node)"));
+  need(moe.aux_loss_coeff() >= 0, absl::StrCat("model.moe.aux_loss_coeff = ", moe.aux_loss_coeff(),
+                                               " must be >= 0 (0: off), e.g. 0.01"));
+  need(moe.z_loss_coeff() >= 0,
+       absl::StrCat("model.moe.z_loss_coeff = ", moe.z_loss_coeff(), " must be >= 0 (0: off), e.g. 0.001"));
   if (!e.empty()) return e;  // the divisibility checks below need positive sizes
 
   need(m.hidden_size() % m.num_heads() == 0,
@@ -67,8 +203,8 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
                     "\" must be \"grouped\" or \"sequential\""));
   for (std::string& problem : model::MoeRoutingProblems(moe)) e.push_back(std::move(problem));
   const auto& fr = moe.forced_routing();
-  need(fr.fraction() <= 1.0,
-       absl::StrCat("model.moe.forced_routing.fraction = ", fr.fraction(), " must be at most 1"));
+  need(fr.fraction() >= 0.0 && fr.fraction() <= 1.0,
+       absl::StrCat("model.moe.forced_routing.fraction = ", fr.fraction(), " must be in [0, 1] (0: off)"));
   need(fr.hot_experts() >= 1 && fr.hot_experts() <= moe.num_experts(),
        absl::StrCat("model.moe.forced_routing.hot_experts = ", fr.hot_experts(), " must be in [1, ",
                     moe.num_experts(), "]"));
@@ -128,6 +264,8 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(o.beta1() >= 0 && o.beta1() < 1, absl::StrCat("optim.beta1 = ", o.beta1(), " must be in [0, 1)"));
   need(o.beta2() >= 0 && o.beta2() < 1, absl::StrCat("optim.beta2 = ", o.beta2(), " must be in [0, 1)"));
   need(o.eps() > 0, absl::StrCat("optim.eps = ", o.eps(), " must be positive"));
+  need(o.momentum() >= 0 && o.momentum() < 1,
+       absl::StrCat("optim.momentum = ", o.momentum(), " must be in [0, 1)"));
   need(o.weight_decay() >= 0, absl::StrCat("optim.weight_decay = ", o.weight_decay(), " must be >= 0"));
   need(o.warmup_steps() >= 0, absl::StrCat("optim.warmup_steps = ", o.warmup_steps(), " must be >= 0"));
   need(o.lr_schedule() == "cosine" || o.lr_schedule() == "linear" || o.lr_schedule() == "constant",
@@ -150,6 +288,9 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
                                          "backend is not part of it yet); set train.device = \"cpu\""));
   need(!t.run_dir().empty(), "train.run_dir is empty; name a directory for metrics, e.g. runs/demo");
   const auto& d = c.data();
+  need(!d.train_path().empty(),
+       "data.train_path is empty; set it to a Megatron prefix (PREFIX.bin/.idx, e.g. written by "
+       "moe-preprocess) or an .h5 file with data.format = \"hdf5\"");
   need(d.format() == "megatron" || d.format() == "hdf5",
        absl::StrCat("data.format = \"", d.format(), "\" must be \"megatron\" or \"hdf5\""));
   need(d.valid_fraction() >= 0 && d.valid_fraction() < 1,

@@ -1,5 +1,6 @@
 #include "runtime/core/config.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -50,6 +51,12 @@ absl::StatusOr<JobConfig> ParseConfigText(absl::string_view text, absl::string_v
 }
 
 absl::StatusOr<JobConfig> LoadConfigFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--config='", path,
+                     "' is a directory; give the job's .textproto file (e.g. configs/demo.textproto)"));
+  }
   std::ifstream in(path);
   if (!in) {
     return absl::NotFoundError(
@@ -57,7 +64,16 @@ absl::StatusOr<JobConfig> LoadConfigFile(const std::string& path) {
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
-  return ParseConfigText(buffer.str(), path);
+  if (in.bad()) {
+    return absl::DataLossError(absl::StrCat("cannot read config file '", path, "'"));
+  }
+  const std::string text = buffer.str();
+  if (absl::StripAsciiWhitespace(text).empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config file '", path,
+                     "' is empty; a job needs at least data.train_path (see configs/demo.textproto)"));
+  }
+  return ParseConfigText(text, path);
 }
 
 absl::Status ApplyOverride(absl::string_view assignment, JobConfig* config) {

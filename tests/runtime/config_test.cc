@@ -15,6 +15,7 @@ bool Contains(const std::string& text, const std::string& part) {
 JobConfig Resolved(const std::string& text, int world, std::vector<std::string> overrides = {}) {
   JobConfig c = ParseConfigText(text, "test.textproto").value();
   REQUIRE(ApplyOverrides(overrides, &c).ok());
+  if (!c.data().has_train_path()) c.mutable_data()->set_train_path("corpus");  // required by validation
   ApplyDefaults(world, &c);
   return c;
 }

@@ -1,0 +1,36 @@
+// Checks a job makes before any work, each returning the problem as a message
+// that names the field, the value and the fix (empty / OK when there is none).
+// moe-train runs them after the config resolves and before the communicator
+// exists, gathers every rank's verdict over the control plane and stops every
+// rank with exit code 2 when any rank has a problem.
+#ifndef MOE_RUNTIME_STARTUP_CHECKS_H_
+#define MOE_RUNTIME_STARTUP_CHECKS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "runtime/core/config.h"
+
+namespace moe {
+
+// Bytes this process may still allocate: the smaller of /proc/meminfo's
+// MemAvailable and the cgroup's memory.max - memory.current (when limited).
+// -1 when neither can be read.
+int64_t AvailableMemoryBytes();
+
+// Compares PredictPeakMemory (runtime/core/memory_model.h) of one rank times
+// `ranks_on_node` with `available_bytes` (AvailableMemoryBytes when < 0 is not
+// passed). ResourceExhausted with the estimate, the memory available and the
+// largest terms when the job cannot fit.
+absl::Status CheckMemoryFits(const JobConfig& config, int ranks_on_node, int64_t available_bytes);
+
+// Creates `dir` (and parents) when missing, then creates, writes and removes a
+// probe file in it: a directory that is not writable, not a directory or has
+// a name too long is found now instead of at the first save.
+// `field` names the config field in the message ("checkpoint.dir").
+absl::Status ProbeWritableDirectory(const std::string& dir, const char* field);
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_STARTUP_CHECKS_H_

@@ -10,6 +10,7 @@
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 #ifdef MOE_WITH_CUDA
 #include "comm/cuda/nccl_communicator.h"
 #endif
@@ -63,6 +64,9 @@ absl::StatusOr<Work> Communicator::CheckAndSubmit(OpDesc op) {
   op.sequence = next_sequence_++;
   op.timeout_s = timeout_s_.load();
   op.enqueued = std::chrono::steady_clock::now();
+  const trace::Label label = trace::CurrentLabel();
+  op.phase = label.phase;
+  op.layer = label.layer;
   ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
   last_ = work;
   return work;

@@ -1,6 +1,7 @@
 #include "comm/instrumentation.h"
 
 #include "absl/strings/str_format.h"
+#include "comm/op.h"
 
 namespace moe::comm {
 
@@ -59,6 +60,44 @@ std::string TotalsSink::Format() const {
         t.seconds, t.seconds > 0 ? moved / t.seconds / 1e9 : 0.0);
   }
   return out;
+}
+
+void DescribeOp(const OpDesc& op, int rank, int size, CommRecord* record) {
+  record->kind = op.kind;
+  record->sequence = op.sequence;
+  record->bytes_sent = op.bytes_sent;
+  record->bytes_received = op.bytes_received;
+  record->enqueued = op.enqueued;
+  record->phase = op.phase;
+  record->layer = op.layer;
+  auto& sent = record->peer_bytes_sent;
+  auto& received = record->peer_bytes_received;
+  const size_t es = DTypeSize(op.dtype);
+  switch (op.kind) {
+    case OpKind::kAllToAll:
+    case OpKind::kAllToAllV:
+      sent.assign(size, 0);
+      received.assign(size, 0);
+      for (int r = 0; r < size; ++r) {
+        if (r == rank) continue;
+        const bool v = op.kind == OpKind::kAllToAllV;
+        sent[r] = (v ? op.send_counts[r] : op.count) * es;
+        received[r] = (v ? op.recv_counts[r] : op.count) * es;
+      }
+      break;
+    case OpKind::kSend:
+    case OpKind::kRecv:
+    case OpKind::kGroupP2P:
+      sent.assign(size, 0);
+      received.assign(size, 0);
+      for (const P2POp& p : op.p2p) {
+        if (p.peer == rank || p.peer < 0 || p.peer >= size) continue;
+        (p.type == P2PType::kSend ? sent : received)[p.peer] += p.count * DTypeSize(p.dtype);
+      }
+      break;
+    default:
+      break;
+  }
 }
 
 }  // namespace moe::comm

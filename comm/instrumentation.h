@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -49,6 +50,16 @@ struct CommRecord {
   size_t bytes_received = 0;
   std::chrono::steady_clock::time_point enqueued, started, finished;
   bool ok = true;
+  // The world ranks of the group's members (group rank i is world rank group_ranks[i]).
+  std::vector<int> group_ranks;
+  // Payload bytes to and from each group rank (size group_size, self 0) for
+  // AllToAll(V), Send, Recv and GroupP2P; empty for the other collectives,
+  // whose per-peer traffic is the algorithm's choice.
+  std::vector<uint64_t> peer_bytes_sent, peer_bytes_received;
+  // The innermost trace span of the thread that enqueued the op (trace.h):
+  // its phase ("dispatch a2a", "grad sync", ...) or nullptr, and its layer or -1.
+  const char* phase = nullptr;
+  int layer = -1;
   double seconds() const { return std::chrono::duration<double>(finished - started).count(); }
 };
 

@@ -337,11 +337,8 @@ class MpiCommunicator : public Communicator, public Watched {
       record.group = name();
       record.group_size = size();
       record.rank = rank();
-      record.kind = op.kind;
-      record.sequence = op.sequence;
-      record.bytes_sent = op.bytes_sent;
-      record.bytes_received = op.bytes_received;
-      record.enqueued = op.enqueued;
+      record.group_ranks = group_ranks();
+      DescribeOp(op, rank(), size(), &record);
       record.ok = status.ok();
       options().sink->Record(record);
     }

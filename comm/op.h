@@ -73,7 +73,13 @@ struct OpDesc {
   // thread once the operation has started (inside its deadline) and before
   // it moves data; a non-OK status fails the operation.
   std::function<absl::Status(const OpDesc&)> inject;
+  const char* phase = nullptr;  // trace::CurrentLabel() of the enqueuing thread
+  int layer = -1;
 };
+
+// Fills a record's op fields (kind, sequence, bytes, per-peer bytes, enqueue
+// time, phase) from a validated op of a group of `size` where this is `rank`.
+void DescribeOp(const OpDesc& op, int rank, int size, CommRecord* record);
 
 }  // namespace moe::comm
 

@@ -229,14 +229,13 @@ absl::Status WriteResolvedConfig(const moe::JobConfig& config) {
 absl::Status Train(const moe::JobConfig& config) {
   ASSIGN_OR_RETURN(moe::comm::CommOptions options,
                    moe::comm::CommOptionsFromConfig(config.comm(), config.train().device()));
+  // Every communicator reports its ops to the profiler (the groups inherit the sink).
+  auto profiler = std::make_shared<moe::Profiler>();
+  options.sink = profiler;
   ASSIGN_OR_RETURN(auto world, moe::comm::CreateWorldCommunicator(options));
   ASSIGN_OR_RETURN(moe::parallel::ProcessGroups groups,
                    moe::parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
                                                       config.parallel().expert()));
-  ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer, moe::Trainer::Create(config, &groups));
-  // Written only once every start-up step passed: a run that fails to start
-  // leaves the previous run's copy as it was.
-  if (groups.layout.rank == 0) RETURN_IF_ERROR(WriteResolvedConfig(config));
   return trainer->Run();
 }
 

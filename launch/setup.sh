@@ -15,6 +15,7 @@ MOE_PACKAGES=(build-essential cmake pkg-config git
   libprotobuf-dev protobuf-compiler libabsl-dev catch2 libopenblas-dev
   libsentencepiece-dev sentencepiece python3-sentencepiece  # --tokenizer spm:, spm_train, tests
   python3 python3-numpy python3-h5py fortunes
+  chromium  # tests/launch/profile_report_test: the report opened in a headless browser
   iproute2 util-linux)  # the cluster tests: ip netns, unshare
 
 # What only the tests need: a Slurm controller, node daemon and munge for the

@@ -7,6 +7,7 @@
 #include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe::model {
 namespace {
@@ -115,7 +116,10 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
     return absl::OkStatus();
   }
   // The one host copy point of counts in this layer.
-  ASSIGN_OR_RETURN(plan_, parallel::ExchangePlan::Create(*ep_, stream, num_chunks, E, counts));
+  {
+    trace::Span span(stream, "count exchange", trace::Kind::kComm);
+    ASSIGN_OR_RETURN(plan_, parallel::ExchangePlan::Create(*ep_, stream, num_chunks, E, counts));
+  }
   stats_.counts_s += Since(t1);
   stats_.counts_bytes += static_cast<int64_t>(counts.size() / P * (P - 1) * sizeof(int64_t));
   return absl::OkStatus();
@@ -276,10 +280,17 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   auto t0 = Clock::now();
   parallel::InFlight next;
   {  // the in-flight transfer holds the send rows until FinishDispatch frees them
-    ASSIGN_OR_RETURN(Tensor send0, SendRows(stream, 0, x_slice));
+    Tensor send0;
+    {
+      trace::Span span(stream, "permute", trace::Kind::kCompute);
+      ASSIGN_OR_RETURN(send0, SendRows(stream, 0, x_slice));
+    }
     stats_.permute_s += Since(t0);
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+    {
+      trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+    }
   }
   stats_.dispatch_s += Since(t0);
   stats_.dispatch_bytes += WireBytes(0, true);
@@ -289,23 +300,41 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     if (c + 1 < C) {
       // Enqueue chunk c + 1's exchange before computing chunk c.
       t0 = Clock::now();
-      ASSIGN_OR_RETURN(Tensor send, SendRows(stream, c + 1, x_slice));
+      Tensor send;
+      {
+        trace::Span span(stream, "permute", trace::Kind::kCompute);
+        ASSIGN_OR_RETURN(send, SendRows(stream, c + 1, x_slice));
+      }
       stats_.permute_s += Since(t0);
       t0 = Clock::now();
-      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, send));
+      {
+        trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
+        ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, send));
+      }
       stats_.dispatch_s += Since(t0);
       stats_.dispatch_bytes += WireBytes(c + 1, true);
     }
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
+    Tensor grouped;
+    {
+      trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur));
+    }
     stats_.dispatch_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
     RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor out, expert_forward(c, grouped, offsets));
+    Tensor out;
+    {
+      trace::Span span(stream, "experts");
+      ASSIGN_OR_RETURN(out, expert_forward(c, grouped, offsets));
+    }
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, out));
+    {
+      trace::Span span(stream, "combine a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, out));
+    }
     stats_.combine_s += Since(t0);
     stats_.combine_bytes += WireBytes(c, false);
   }
@@ -313,18 +342,27 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
   for (int c = 0; c < C; ++c) {
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c]));
+    {
+      trace::Span span(stream, "combine a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c]));
+    }
     stats_.combine_s += Since(t0);
     t0 = Clock::now();
     const Chunk& ch = chunks_[c];
     if (ch.token_index.numel() > 0) {
-      RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
+      {
+        trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+        RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
+      }
     }
     stats_.unpermute_s += Since(t0);
   }
   t0 = Clock::now();
   Tensor y;
-  RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
+  {
+    trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+    RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
+  }
   stats_.unpermute_s += Since(t0);
   return y;
 }
@@ -342,10 +380,17 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   auto t0 = Clock::now();
   parallel::InFlight next;
   {  // as in the forward: the first chunk's rows live only while in flight
-    ASSIGN_OR_RETURN(Tensor d0, WeightedGradRows(stream, 0, dy_slice, dweights));
+    Tensor d0;
+    {
+      trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+      ASSIGN_OR_RETURN(d0, WeightedGradRows(stream, 0, dy_slice, dweights));
+    }
     stats_.unpermute_s += Since(t0);
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+    {
+      trace::Span span(stream, "combine a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+    }
   }
   stats_.combine_s += Since(t0);
   stats_.combine_bytes += WireBytes(0, true);
@@ -354,23 +399,41 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     parallel::InFlight cur = std::move(next);
     if (c + 1 < C) {
       t0 = Clock::now();
-      ASSIGN_OR_RETURN(Tensor d, WeightedGradRows(stream, c + 1, dy_slice, dweights));
+      Tensor d;
+      {
+        trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+        ASSIGN_OR_RETURN(d, WeightedGradRows(stream, c + 1, dy_slice, dweights));
+      }
       stats_.unpermute_s += Since(t0);
       t0 = Clock::now();
-      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, d));
+      {
+        trace::Span span(stream, "combine a2a", trace::Kind::kComm);
+        ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, d));
+      }
       stats_.combine_s += Since(t0);
       stats_.combine_bytes += WireBytes(c + 1, true);
     }
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor grouped, parallel::FinishDispatch(stream, plan_, cur));
+    Tensor grouped;
+    {
+      trace::Span span(stream, "combine a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur));
+    }
     stats_.combine_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
     RETURN_IF_ERROR(CheckLocalRows(offsets, grouped));
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor d_in, expert_backward(c, grouped, offsets));
+    Tensor d_in;
+    {
+      trace::Span span(stream, "experts");
+      ASSIGN_OR_RETURN(d_in, expert_backward(c, grouped, offsets));
+    }
     stats_.expert_s += Since(t0);
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, d_in));
+    {
+      trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(back[c], parallel::StartCombine(*ep_, stream, plan_, c, d_in));
+    }
     stats_.dispatch_s += Since(t0);
     stats_.dispatch_bytes += WireBytes(c, false);
   }
@@ -382,14 +445,23 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   }
   for (int c = 0; c < C; ++c) {
     t0 = Clock::now();
-    ASSIGN_OR_RETURN(Tensor d_send, parallel::FinishCombine(stream, plan_, back[c]));
+    Tensor d_send;
+    {
+      trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
+      ASSIGN_OR_RETURN(d_send, parallel::FinishCombine(stream, plan_, back[c]));
+    }
     stats_.dispatch_s += Since(t0);
     const Chunk& ch = chunks_[c];
-    if (ch.token_index.numel() > 0)
+    if (ch.token_index.numel() > 0) {
+      trace::Span span(stream, "permute", trace::Kind::kCompute);
       RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
+    }
   }
   t0 = Clock::now();
-  RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));
+  {
+    trace::Span span(stream, "permute", trace::Kind::kCompute);
+    RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));
+  }
   stats_.unpermute_s += Since(t0);
   chunks_.clear();
   return absl::OkStatus();

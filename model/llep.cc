@@ -9,6 +9,7 @@
 #include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe::model {
 namespace {
@@ -311,14 +312,20 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
     return absl::InvalidArgumentError("LlepRunner::Forward: the dispatcher serves other experts");
   }
   // Weights first, so they travel with the tokens.
-  RETURN_IF_ERROR(PostWeightMoves(stream, local, &weight_work_));
+  {
+    trace::Span span(stream, "weight send", trace::Kind::kComm);
+    RETURN_IF_ERROR(PostWeightMoves(stream, local, &weight_work_));
+  }
   chunks_.assign(dispatcher.num_chunks(), ChunkState());
   auto forward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {
     return RunExperts(stream, chunk, rows, offsets, /*forward=*/true, local);
   };
   ASSIGN_OR_RETURN(Tensor y, dispatcher.ForwardPipelined(stream, x, plan, forward, &reroute_));
   // Owners too: their weights must not change (optimizer) while a send is open.
-  RETURN_IF_ERROR(weight_work_.Wait());
+  {
+    trace::Span span(stream, "weight send", trace::Kind::kComm);
+    RETURN_IF_ERROR(weight_work_.Wait());
+  }
   forward_done_ = true;
   return y;
 }
@@ -390,7 +397,10 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
     return RunExperts(stream, chunk, rows, offsets, /*forward=*/false, local);
   };
   RETURN_IF_ERROR(dispatcher.BackwardPipelined(stream, dy, backward, dweights, dx));
-  RETURN_IF_ERROR(ReturnGradients(stream, local));
+  {
+    trace::Span span(stream, "weight grad return", trace::Kind::kComm);
+    RETURN_IF_ERROR(ReturnGradients(stream, local));
+  }
   Clear();  // borrowed weights and grads freed here
   return absl::OkStatus();
 }

@@ -6,6 +6,7 @@
 #include "runtime/core/config.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe::model {
 
@@ -87,7 +88,9 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
   ASSIGN_OR_RETURN(targets_, FromHostInts(stream, target, Shape{T}));
   ASSIGN_OR_RETURN(Tensor h, embed_.Forward(stream, ids));
   LossParts loss;
-  for (auto& block : blocks_) {
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    auto& block = blocks_[l];
+    trace::Span span(stream, "forward", trace::Kind::kCompute, static_cast<int>(l));
     ASSIGN_OR_RETURN(h, block->Forward(stream, h, num_seqs, S));
     loss.aux += block->aux_loss();
     loss.z += block->z_loss();
@@ -123,8 +126,12 @@ absl::Status Model::Backward(Stream& stream, float loss_scale, const BlockDoneFn
   RETURN_IF_ERROR(final_norm_.Backward(stream, dhn, dh, /*accumulate_dx=*/false));
   dhn = Tensor();
   for (int l = num_layers() - 1; l >= 0; --l) {
+    trace::Span span(stream, "backward", trace::Kind::kCompute, l);
     RETURN_IF_ERROR(blocks_[l]->Backward(stream, dh, loss_scale, loss_scale));
-    if (on_block_done) RETURN_IF_ERROR(on_block_done(l));
+    if (on_block_done) {
+      trace::Span sync(stream, "grad sync bucket", trace::Kind::kComm);
+      RETURN_IF_ERROR(on_block_done(l));
+    }
   }
   RETURN_IF_ERROR(embed_.Backward(stream, dh));
   targets_ = Tensor();

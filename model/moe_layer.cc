@@ -7,6 +7,7 @@
 #include "model/alltoall_dispatcher.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe::model {
 
@@ -118,7 +119,11 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
 }
 
 absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len) {
-  ASSIGN_OR_RETURN(const RoutingPlan* plan, router_.Forward(stream, x, seq_len));
+  const RoutingPlan* plan = nullptr;
+  {
+    trace::Span span(stream, "route");
+    ASSIGN_OR_RETURN(plan, router_.Forward(stream, x, seq_len));
+  }
   auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
   llep_active_ = false;
   if (llep_ != nullptr) {
@@ -126,6 +131,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
       return absl::FailedPreconditionError(
           "MoELayer: LLEP needs the all-to-all dispatcher (expert parallel > 1)");
     }
+    trace::Span span(stream, "LLEP plan", trace::Kind::kComm);
     ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
   }
   x_ = x;
@@ -164,6 +170,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy
       RETURN_IF_ERROR(a2a->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
       saved_.clear();
     }
+    trace::Span span(stream, "route");
     ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
     RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
     x_ = Tensor();

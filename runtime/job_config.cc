@@ -168,6 +168,9 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   positive("parallel.overlap_chunks", p.overlap_chunks(), "1 disables pipelining");
   need(t.steps() >= 0, absl::StrCat("train.steps = ", t.steps(), " must be >= 0"));
   need(t.log_every() > 0, absl::StrCat("train.log_every = ", t.log_every(), " must be positive"));
+  positive("profile.trace_steps", c.profile().trace_steps(), "e.g. 5");
+  need(c.profile().trace_start() >= 0, absl::StrCat("profile.trace_start = ", c.profile().trace_start(),
+                                                    " must be >= 0 (steps before the traced ones, e.g. 1)"));
   need(t.eval_every() >= 0,
        absl::StrCat("train.eval_every = ", t.eval_every(), " must be >= 0 (0: only at the end)"));
   need(m.norm_eps() > 0, absl::StrCat("model.norm_eps = ", m.norm_eps(), " must be positive, e.g. 1e-5"));

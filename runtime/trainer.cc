@@ -8,12 +8,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "model/alltoall_dispatcher.h"
 #include "model/llep.h"
 #include "optim/clip.h"
 #include "runtime/checkpoint_signal.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe {
 namespace {
@@ -39,12 +41,16 @@ std::string Bytes(int64_t bytes) {
 
 Trainer::Trainer(const JobConfig& config, parallel::ProcessGroups* groups)
     : config_(config), groups_(groups) {}
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (profiler_) (void)profiler_->Stop();
+}
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config,
-                                                         parallel::ProcessGroups* groups) {
+                                                         parallel::ProcessGroups* groups,
+                                                         std::shared_ptr<Profiler> profiler) {
   std::unique_ptr<Trainer> t(new Trainer(config, groups));
   const parallel::RankLayout& layout = groups->layout;
+  t->profiler_ = profiler ? std::move(profiler) : std::make_shared<Profiler>();
   const auto& train = config.train();
   ASSIGN_OR_RETURN(t->backend_, GetBackend(Device::Cpu()));
   t->stream_ = &t->backend_->default_stream();
@@ -113,6 +119,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
     ASSIGN_OR_RETURN(MetricsWriter w, MetricsWriter::Open(train.run_dir() + "/metrics.jsonl", t->resumed_));
     t->metrics_.emplace(std::move(w));
   }
+  ProfileOptions profile;
+  profile.trace = config.profile().trace();
+  profile.trace_dir = config.profile().trace_dir();
+  profile.trace_start = config.profile().trace_start();
+  profile.trace_steps = config.profile().trace_steps();
+  if (profile.trace) {
+    RETURN_IF_ERROR(t->profiler_->AlignClocks(*groups->host.world));
+    MOE_LOG_RANK0(INFO) << "profile: tracing steps " << profile.trace_start + 1 << ".."
+                        << profile.trace_start + profile.trace_steps << " into " << profile.trace_dir
+                        << "/rank_<r>.json";
+  }
+  t->profiler_->Start(profile, layout.rank, layout.world,
+                      absl::StrFormat("rank %d (tp %d, ep %d, dp %d)", layout.rank, layout.tp_rank,
+                                      layout.ep_rank, layout.dp_rank));
   MOE_LOG_RANK0(INFO) << "model: " << t->model_->parameters().GlobalNumel() << " parameters ("
                       << t->model_->parameters().LocalNumel() << " on this rank), optimizer "
                       << t->optimizer_->type_name() << ", " << schedule.ToString();
@@ -140,6 +160,7 @@ absl::Status Trainer::Resume() {
 }
 
 absl::Status Trainer::SaveCheckpoint() {
+  trace::Span span("checkpoint save");
   TrainState state;
   state.step = step_;
   state.consumed_samples = step_ * data_->train->global_batch();
@@ -154,6 +175,7 @@ absl::Status Trainer::SaveCheckpoint() {
 
 absl::StatusOr<std::vector<double>> Trainer::SumOverDataParallel(std::vector<double> values) {
   if (groups_->host.dp->size() > 1) {
+    trace::Span span(*stream_, "metrics all-reduce", trace::Kind::kComm);
     ASSIGN_OR_RETURN(comm::Work w, groups_->host.dp->AllReduce(values.data(), values.data(), values.size(),
                                                                DType::kF64, comm::ReduceOp::kSum));
     RETURN_IF_ERROR(w.Wait());
@@ -169,10 +191,13 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   const double num_micro_batches = static_cast<double>(layout.dp) * grad_accum;
   const float loss_scale = static_cast<float>(1.0 / num_micro_batches);
 
-  RETURN_IF_ERROR(model_->ZeroGrads(*stream_));
   std::vector<int> moe_layers;
   for (int l = 0; l < model_->num_layers(); ++l)
     if (model_->block(l).is_moe()) moe_layers.push_back(l);
+  profiler_->BeginStep(step_ + 1, moe_layers);
+  std::optional<trace::Span> step_span;
+  step_span.emplace(*stream_, "step");
+  RETURN_IF_ERROR(model_->ZeroGrads(*stream_));
   const int64_t E = config_.model().moe().num_experts();
   // Loss parts, then per MoE layer E kept counts and the dropped count, then
   // per MoE layer the LLEP figures (fired, imbalance before/after, tokens and
@@ -182,7 +207,10 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   std::vector<double> sums(llep_base + moe_layers.size() * kLlepFields, 0.0);
 
   for (int a = 0; a < grad_accum; ++a) {
-    RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
+    {
+      trace::Span span("data");
+      RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
+    }
     ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
     // On the last micro-batch a block's gradients are final once its backward
     // ran: its buckets start reducing while earlier blocks still compute.
@@ -252,7 +280,10 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
 
   // Dense gradients summed over DP, expert gradients over EDP (and TP, whose
   // ranks computed different tokens with the same experts).
-  RETURN_IF_ERROR(grad_sync_->Finish());
+  {
+    trace::Span span(*stream_, "grad sync", trace::Kind::kComm);
+    RETURN_IF_ERROR(grad_sync_->Finish());
+  }
   ASSIGN_OR_RETURN(std::optional<std::string> bad, optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
   if (bad.has_value()) {
     return absl::DataLossError(
@@ -260,10 +291,13 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
                      " is not finite; stopping before the update. Lower optim.lr or set "
                      "optim.clip_grad"));
   }
-  ASSIGN_OR_RETURN(s.grad_norm,
-                   optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
-  s.lr = schedule_->At(optimizer_->step() + 1);
-  RETURN_IF_ERROR(optimizer_->Step(s.lr));
+  {
+    trace::Span span(*stream_, "optimizer");
+    ASSIGN_OR_RETURN(s.grad_norm,
+                     optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
+    s.lr = schedule_->At(optimizer_->step() + 1);
+    RETURN_IF_ERROR(optimizer_->Step(s.lr));
+  }
   // Auxiliary-loss-free balancing: every rank applies the same global load.
   RETURN_IF_ERROR(model_->UpdateExpertBiases(*stream_, [this](std::vector<double>& load) -> absl::Status {
     ASSIGN_OR_RETURN(load, SumOverDataParallel(std::move(load)));
@@ -279,7 +313,10 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   step_ = next_step;
 
   s.step = step_;
+  step_span.reset();
+  RETURN_IF_ERROR(stream_->Synchronize());
   s.step_time_s = std::chrono::duration<double>(Clock::now() - start).count();
+  RETURN_IF_ERROR(ProfileStep(&s));
   const double tokens = num_micro_batches * micro_batch * config_.model().seq_len();
   s.tokens_per_s = tokens / std::max(s.step_time_s, 1e-9);
   s.mem_peak_bytes = backend_->memory().Total().peak_bytes;
@@ -287,11 +324,56 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   return s;
 }
 
+// Every rank's profile of the step, gathered on world (one small collective
+// per step) so that rank 0 writes the whole job's breakdown.
+absl::Status Trainer::ProfileStep(StepStats* s) {
+  RankStepProfile mine;
+  profiler_->EndStep(s->step_time_s, backend_->memory(), &mine);
+  for (const MoeLayerStats& m : s->moe_layers) profiler_->AddExpertLoad(m.layer, m.tokens_per_expert);
+  RETURN_IF_ERROR(profiler_->MaybeWriteTrace());
+  const int W = groups_->layout.world;
+  const size_t L = mine.a2a_bytes.size();
+  std::vector<double> row = {mine.step_time_s, mine.compute_s, mine.exposed_comm_s};
+  for (int64_t b : mine.mem_peak_bytes) row.push_back(static_cast<double>(b));
+  for (size_t i = 0; i < L; ++i) {
+    row.push_back(static_cast<double>(mine.a2a_bytes[i]));
+    row.push_back(mine.a2a_time_s[i]);
+    for (int64_t b : mine.a2a_peer_bytes[i]) row.push_back(static_cast<double>(b));
+  }
+  std::vector<double> all(row.size() * W);
+  if (W > 1) {
+    ASSIGN_OR_RETURN(comm::Work w,
+                     groups_->host.world->AllGather(row.data(), all.data(), row.size(), DType::kF64));
+    RETURN_IF_ERROR(w.Wait());
+  } else {
+    all = row;
+  }
+  if (groups_->layout.rank != 0) return absl::OkStatus();
+  for (int r = 0; r < W; ++r) {
+    const double* v = &all[static_cast<size_t>(r) * row.size()];
+    RankStepProfile p;
+    p.step_time_s = *v++;
+    p.compute_s = *v++;
+    p.exposed_comm_s = *v++;
+    for (int c = 0; c < kNumMemoryCategories; ++c) p.mem_peak_bytes.push_back(static_cast<int64_t>(*v++));
+    p.a2a_peer_bytes.resize(L);
+    for (size_t i = 0; i < L; ++i) {
+      p.a2a_bytes.push_back(static_cast<int64_t>(*v++));
+      p.a2a_time_s.push_back(*v++);
+      for (int q = 0; q < W; ++q) p.a2a_peer_bytes[i].push_back(static_cast<int64_t>(*v++));
+    }
+    s->ranks.push_back(std::move(p));
+  }
+  Profiler::StepSummary(s->ranks);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::optional<double>> Trainer::Evaluate() {
   if (data_->valid == nullptr) return std::optional<double>();
   // train.eval_batches global batches of the validation split, each split into
   // grad_accum x dp micro-batches like a training batch: the same sequences on
   // every layout with the same global batch (data/sampler.h).
+  trace::Span span(*stream_, "eval");
   const int64_t batches = std::max<int64_t>(1, config_.train().eval_batches());
   const int64_t grad_accum = config_.train().grad_accum();
   const int64_t micro_batch = config_.train().micro_batch();
@@ -327,6 +409,20 @@ absl::Status Trainer::WriteMetrics(const StepStats& s) {
     l.Add("llep_imbalance_after", m.llep_imbalance_after).Add("llep_tokens_moved", m.llep_tokens_moved);
     l.Add("llep_weight_bytes_moved", m.llep_weight_bytes_moved);
     if (!m.expert_bias.empty()) l.Add("expert_bias", m.expert_bias);
+    if (!s.ranks.empty()) {
+      // Summed over every rank: bytes sent by dispatch and combine
+      // all-to-alls (forward and backward); time: the slowest rank's sum of
+      // op durations; the matrix: bytes from world rank (row) to world rank.
+      int64_t bytes = 0;
+      double time = 0;
+      std::string matrix = "[";
+      for (size_t r = 0; r < s.ranks.size(); ++r) {
+        bytes += s.ranks[r].a2a_bytes[i];
+        time = std::max(time, s.ranks[r].a2a_time_s[i]);
+        absl::StrAppend(&matrix, r ? "," : "", "[", absl::StrJoin(s.ranks[r].a2a_peer_bytes[i], ","), "]");
+      }
+      l.Add("a2a_bytes", bytes).Add("a2a_time_s", time).AddRaw("a2a_matrix", matrix + "]");
+    }
     absl::StrAppend(&layers, i ? "," : "", l.str());
   }
   layers += "]";
@@ -335,6 +431,26 @@ absl::Status Trainer::WriteMetrics(const StepStats& s) {
   line.Add("z", s.z).Add("lr", s.lr).Add("grad_norm", s.grad_norm).Add("tokens_per_s", s.tokens_per_s);
   line.Add("step_time_s", s.step_time_s).Add("mem_peak_bytes", s.mem_peak_bytes);
   line.Add("expert_load_max_over_mean", s.expert_load_max_over_mean).AddRaw("moe_layers", layers);
+  if (!s.ranks.empty()) {
+    double exposed = 0;
+    std::string ranks = "[";
+    for (size_t r = 0; r < s.ranks.size(); ++r) {
+      const RankStepProfile& p = s.ranks[r];
+      exposed = std::max(exposed, p.exposed_comm_s);
+      std::string mem = "{";
+      for (int c = 0; c < kNumMemoryCategories; ++c) {
+        absl::StrAppend(&mem, c ? "," : "", "\"", MemoryCategoryName(static_cast<MemoryCategory>(c)),
+                        "\":", p.mem_peak_bytes[c]);
+      }
+      JsonLine j;
+      j.Add("rank", static_cast<int>(r)).Add("step_time_s", p.step_time_s).Add("compute_s", p.compute_s);
+      j.Add("exposed_comm_s", p.exposed_comm_s)
+          .Add("waiting_s", p.waiting_s)
+          .AddRaw("mem_peak_bytes", mem + "}");
+      absl::StrAppend(&ranks, r ? "," : "", j.str());
+    }
+    line.Add("exposed_comm_s", exposed).AddRaw("ranks", ranks + "]");
+  }
   return metrics_->Write(line);
 }
 
@@ -358,6 +474,10 @@ absl::Status Trainer::Run() {
   if (checkpoints && train.steps() == 0) {
     RETURN_IF_ERROR(SaveCheckpoint());  // the initial model, to keep, share and inspect
     MOE_LOG_RANK0(INFO) << "saved the initial model as step 0 under " << config_.checkpoint().dir();
+  }
+  if (train.steps() > 0 && config_.profile().trace() && config_.profile().trace_start() >= train.steps()) {
+    MOE_LOG_RANK0(WARNING) << "profile.trace_start = " << config_.profile().trace_start()
+                           << " is not below train.steps = " << train.steps() << ": nothing will be traced";
   }
   while (step_ < train.steps()) {
     ASSIGN_OR_RETURN(StepStats s, TrainStep());
@@ -384,6 +504,7 @@ absl::Status Trainer::Run() {
   RETURN_IF_ERROR(evaluate());
   if (checkpoints && train.steps() > 0) RETURN_IF_ERROR(SaveCheckpoint());
   RETURN_IF_ERROR(checkpointer_->WaitForPendingSave());
+  RETURN_IF_ERROR(profiler_->Stop());
   MOE_LOG_RANK0(INFO) << absl::StrFormat("done: %d steps in %.1f s", step_,
                                          std::chrono::duration<double>(Clock::now() - start).count());
   return absl::OkStatus();

@@ -37,6 +37,7 @@
 #include "runtime/checkpoint.h"
 #include "runtime/core/config.h"
 #include "runtime/metrics.h"
+#include "runtime/profiler.h"
 
 namespace moe {
 
@@ -64,6 +65,9 @@ struct StepStats {
   int64_t mem_peak_bytes = 0;              // this rank's device memory peak so far
   double expert_load_max_over_mean = 1.0;  // worst MoE layer
   std::vector<MoeLayerStats> moe_layers;
+  // Every rank's breakdown of this step (profiler.h), in world rank order;
+  // filled on rank 0 only (empty elsewhere).
+  std::vector<RankStepProfile> ranks;
 };
 
 class Trainer {
@@ -71,8 +75,12 @@ class Trainer {
   // Opens the data (every data error before anything else), builds the model
   // of this rank's shard, the optimizer and the schedule, and (rank 0) the
   // metrics file. `groups` must outlive the trainer.
+  // `profiler` should be the CommSink of `groups`' world communicator (then
+  // metrics and traces hold every op); without one the trainer makes its own,
+  // which sees spans but no communicator ops.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobConfig& config,
-                                                         parallel::ProcessGroups* groups);
+                                                         parallel::ProcessGroups* groups,
+                                                         std::shared_ptr<Profiler> profiler = nullptr);
   ~Trainer();
 
   // Trains to train.steps with evaluation every train.eval_every steps and at
@@ -117,7 +125,9 @@ class Trainer {
   std::optional<MetricsWriter> metrics_;  // rank 0
   std::vector<int32_t> tokens_;           // one micro-batch, [micro_batch, seq_len + 1]
   std::vector<StepStats> history_;
+  absl::Status ProfileStep(StepStats* s);
   std::unique_ptr<Checkpointer> checkpointer_;
+  std::shared_ptr<Profiler> profiler_;
   std::vector<ShardedTensor> checkpoint_tensors_;  // model and optimizer state
   int64_t step_ = 0;
   bool resumed_ = false;

@@ -393,11 +393,8 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
       r.group = name();
       r.group_size = size();
       r.rank = rank();
-      r.kind = issued.op.kind;
-      r.sequence = issued.op.sequence;
-      r.bytes_sent = issued.op.bytes_sent;
-      r.bytes_received = issued.op.bytes_received;
-      r.enqueued = issued.op.enqueued;
+      r.group_ranks = group_ranks();
+      DescribeOp(issued.op, rank(), size(), &r);
       r.started = issued.started ? issued.started_at : issued.op.enqueued;
       r.finished = Clock::now();
       r.ok = status.ok();

@@ -304,6 +304,7 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(pr, trace, false);
   MOE_DEFAULT(pr, trace_dir, t->run_dir() + "/trace");
   MOE_DEFAULT(pr, trace_steps, 5);
+  MOE_DEFAULT(pr, trace_start, 1);
 }
 
 #undef MOE_DEFAULT

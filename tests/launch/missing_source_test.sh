@@ -17,6 +17,7 @@ make_tree() {
     echo 'int main() { return 0; }' >"$tmp/tree/launch/$f"
   done
   printf '#!/bin/sh\n' >"$tmp/tree/launch/moe-launch"
+  printf '#!/bin/sh\n' >"$tmp/tree/launch/moe-profile"
   cat >"$tmp/tree/CMakeLists.txt" <<'CMAKE'
 cmake_minimum_required(VERSION 3.25)
 project(launch_fixture CXX)
@@ -31,7 +32,7 @@ make_tree
 if configure; then echo "ok   (every source present: configures)"; else
   echo "FAIL: the complete fixture does not configure:"; cat "$tmp/out"; failures=$((failures + 1)); fi
 
-for missing in moe_ckpt.cc moe-launch bench/bench_main.cc; do
+for missing in moe_ckpt.cc moe-launch moe-profile bench/bench_main.cc; do
   make_tree
   rm "$tmp/tree/launch/$missing"
   if configure; then

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -157,6 +158,20 @@ void Profiler::EndStep(double step_time_s, const MemoryTracker& memory, RankStep
   out->a2a_bytes.assign(L, 0);
   out->a2a_time_s.assign(L, 0.0);
   out->a2a_peer_bytes.assign(L, std::vector<int64_t>(world_size_, 0));
+  // Ops enqueued from a stream's thread carry no label: attribute them to the
+  // layer span (forward/backward) that was running when they were enqueued.
+  std::vector<std::tuple<int64_t, int64_t, int>> layer_spans;
+  for (const trace::SpanRecord& s : spans) {
+    if (s.layer >= 0 && s.lane == trace::Lane::kCompute &&
+        (std::strcmp(s.name, "forward") == 0 || std::strcmp(s.name, "backward") == 0))
+      layer_spans.emplace_back(s.begin_ns, s.end_ns, s.layer);
+  }
+  for (comm::CommRecord& r : records) {
+    if (r.layer >= 0) continue;
+    const int64_t t = Ns(r.enqueued);
+    for (const auto& [b, e, l] : layer_spans)
+      if (b <= t && t <= e) r.layer = l;
+  }
   for (const comm::CommRecord& r : records) {
     if (!IsAllToAll(r.kind)) continue;
     auto it = std::find(moe_layers_.begin(), moe_layers_.end(), r.layer);

@@ -236,6 +236,10 @@ absl::Status Train(const moe::JobConfig& config) {
   ASSIGN_OR_RETURN(moe::parallel::ProcessGroups groups,
                    moe::parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
                                                       config.parallel().expert()));
+  ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer, moe::Trainer::Create(config, &groups, profiler));
+  // Written only once every start-up step passed: a run that fails to start
+  // leaves the previous run's copy as it was.
+  if (groups.layout.rank == 0) RETURN_IF_ERROR(WriteResolvedConfig(config));
   return trainer->Run();
 }
 

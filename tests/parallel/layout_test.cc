@@ -105,7 +105,8 @@ TEST_CASE("bad layouts name the numbers") {
   CHECK(a.status().message() == "parallel.tensor = 4 must divide the world size 6");
   auto b = ComputeLayout(8, 2, 3, 0);
   REQUIRE_FALSE(b.ok());
-  CHECK(b.status().message() == "parallel.expert = 3 must divide the data-parallel size 4 (world 8 / tensor 2)");
+  CHECK(b.status().message() ==
+        "parallel.expert = 3 must divide the data-parallel size 4 (world 8 / tensor 2)");
   CHECK_FALSE(ComputeLayout(4, 1, 1, 4).ok());
 }
 

@@ -332,6 +332,12 @@ int main(int argc, char** argv) {
   deadline.Disarm();
 
   absl::Status status = Train(*config);
+  if (moe::IsJobWideError(status)) {
+    // Every rank has this error (a data problem, before the model is built):
+    // each exits 1 by itself, with its message.
+    MOE_LOG(ERROR) << "moe-train failed: " << status.message();
+    return Finish(kExitRuntimeError);
+  }
   if (!status.ok()) {
     // The other ranks may be waiting in a collective: stop them all.
     MOE_LOG(ERROR) << "moe-train failed: " << status.message();

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -37,7 +38,18 @@ std::string Bytes(int64_t bytes) {
   return absl::StrFormat("%.1f MiB", bytes / double(1 << 20));
 }
 
+constexpr char kJobWidePayload[] = "moe.job_wide_error";
+
+absl::Status JobWideError(absl::Status status) {
+  status.SetPayload(kJobWidePayload, absl::Cord("every rank"));
+  return status;
+}
+
 }  // namespace
+
+bool IsJobWideError(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kJobWidePayload).has_value();
+}
 
 Trainer::Trainer(const JobConfig& config, parallel::ProcessGroups* groups)
     : config_(config), groups_(groups) {}
@@ -56,7 +68,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   t->stream_ = &t->backend_->default_stream();
 
   // Data first: every data problem is reported before the model is allocated.
-  ASSIGN_OR_RETURN(t->data_, data::OpenTrainingData(config, layout.dp));
+  // The ranks agree on the outcome (the only collective before the model), so
+  // on a data error every rank returns a job-wide error and can exit 1 by
+  // itself instead of one rank aborting the others.
+  absl::StatusOr<std::unique_ptr<data::TrainingData>> opened = data::OpenTrainingData(config, layout.dp);
+  int32_t failed = opened.ok() ? 0 : 1;
+  ASSIGN_OR_RETURN(comm::Work agree,
+                   groups->world->AllReduce(&failed, &failed, 1, DType::kI32, comm::ReduceOp::kMax));
+  RETURN_IF_ERROR(agree.Wait());
+  if (!opened.ok()) return JobWideError(opened.status());
+  if (failed != 0) {
+    return JobWideError(absl::FailedPreconditionError(
+        "another rank could not open the training data (its message names the problem)"));
+  }
+  t->data_ = std::move(*opened);
   MOE_LOG_RANK0(INFO) << t->data_->Summary();
 
   model::ShardPlan plan;

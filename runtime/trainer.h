@@ -70,6 +70,11 @@ struct StepStats {
   std::vector<RankStepProfile> ranks;
 };
 
+// True for an error that every rank of the job returned together (Trainer::Create
+// agrees on data errors over the world before building the model), so each
+// rank may exit on its own instead of aborting the others.
+bool IsJobWideError(const absl::Status& status);
+
 class Trainer {
  public:
   // Opens the data (every data error before anything else), builds the model

@@ -412,10 +412,11 @@ TEST_CASE("1000 queued async operations complete in enqueue order") {
     REQUIRE(w.ok());
     works.push_back(*w);
   }
-  for (int j = kOps - 1; j >= 0; j -= 37) {  // a later operation done implies every earlier one
-    if (works[j].Test()) {
-      for (int i = 0; i < j; ++i) REQUIRE(works[i].Test());
-    }
+  // A later operation done implies every earlier one: wait for a few (so the
+  // check always runs) and poll all before each.
+  for (int j : {kOps / 3, kOps / 2, kOps - 1}) {
+    REQUIRE(works[j].Wait().ok());
+    for (int i = 0; i < j; ++i) REQUIRE(works[i].Test());
   }
   REQUIRE(world->Synchronize().ok());
   for (int k = 0; k < kOps; ++k) REQUIRE(works[k].Test());
@@ -567,7 +568,9 @@ TEST_CASE("instrumentation: totals per kind with bytes and times") {
   REQUIRE(totals[OpKind::kAllReduce].bytes_sent == 2 * 256 * 4);
   REQUIRE(totals[OpKind::kAllToAll].count == 1);
   REQUIRE(totals[OpKind::kAllToAll].bytes_received == 16 * 4 * (n - 1));
-  REQUIRE(totals[OpKind::kAllToAll].seconds >= 0);
+  // Measured, not left at zero (the wall-clock of a real all-to-all is > 0).
+  REQUIRE(totals[OpKind::kAllToAll].seconds > 0);
+  REQUIRE(totals[OpKind::kAllReduce].seconds > 0);
   REQUIRE(sink->Format().find("AllToAll") != std::string::npos);
 }
 

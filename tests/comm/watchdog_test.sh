@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
 # Never hang: a rank that skips a collective makes the watchdog abort the job
-# within timeout + 10 s, printing rank, group, operation, sequence, bytes and
-# the wait; a rank that calls abort() or exits without finalising takes the
-# job down too, non-zero.
+# with exit code 124 (comm/watchdog.h kWatchdogExitCode) within timeout + 10 s,
+# printing rank, group, operation, sequence, bytes and the wait; a rank that
+# calls abort() or exits without finalising takes the job down too, non-zero.
 set -uo pipefail
 BIN="$1"
 fail=0
-run() {  # run NAME RANKS LIMIT_S ARGS...: sets out, code, took
-  local name=$1 ranks=$2 limit=$3; shift 3
+run() {  # run NAME RANKS LIMIT_S WANT_CODE ARGS...: sets out, code, took (WANT_CODE "nonzero": any but 0)
+  local name=$1 ranks=$2 limit=$3 want=$4; shift 4
   local start=$(date +%s.%N)
-  out=$(timeout 120 mpirun -np "$ranks" --oversubscribe "$BIN/comm_fault_job" "$@" 2>&1); code=$?
+  # SIGKILL on the test's own deadline (exit 137), so 124 can only be the watchdog's.
+  out=$(timeout -s KILL 120 mpirun -np "$ranks" --oversubscribe "$BIN/comm_fault_job" "$@" 2>&1); code=$?
   took=$(echo "$(date +%s.%N) - $start" | bc)
   echo "== $name: exit $code after ${took}s (limit ${limit}s)"
   if [ "$code" -eq 0 ]; then echo "FAIL: $name exited 0"; echo "$out"; fail=1; fi
-  if [ "$code" -eq 124 ] && ! grep -q "watchdog" <<<"$out"; then echo "FAIL: $name hit the test's own timeout"; fail=1; fi
+  if [ "$code" -eq 137 ]; then echo "FAIL: $name hit the test's own timeout"; fail=1; fi
+  if [ "$want" != nonzero ] && [ "$code" -ne "$want" ]; then echo "FAIL: $name exited $code, want $want"; echo "$out"; fail=1; fi
   if (( $(echo "$took > $limit" | bc) )); then echo "FAIL: $name took ${took}s > ${limit}s"; echo "$out"; fail=1; fi
   if ! grep -q "^ready" <<<"$out"; then echo "FAIL: $name never got ready"; echo "$out"; fail=1; fi
 }
 check() { if ! grep -qF -- "$2" <<<"$1"; then echo "FAIL: expected '$2' in:"; echo "$1"; fail=1; else echo "ok: $2"; fi; }
 
-run skip 2 13 skip 3
+run skip 2 13 124 skip 3
 check "$out" "[moe comm watchdog] world rank 0, rank 0 of group 'world' (2 ranks; world ranks 0,1), backend mpi"
 check "$out" "operation AllReduce (sequence 1, 4096 bytes sent, 4096 bytes received) has waited"
 check "$out" "past its deadline of 3.0 s"
 
-run skip3 3 13 skip 3
+run skip3 3 13 124 skip 3
 check "$out" "world ranks 0,1,2"
 check "$out" "operation AllReduce (sequence 1"
 
 # abort() and exit without finalize: mpirun ends the job; 30 s is the deadline here.
-run abort 3 40 abort 30
-run exit 3 40 exit 30
+run abort 3 40 nonzero abort 30
+run exit 3 40 nonzero exit 30
 exit $fail

@@ -118,10 +118,13 @@ TEST_CASE("min_tokens_per_gemm avoids small ranges while more remains") {
   CheckPlanCovers(plan, counts);
   // cap 750: native 750, the 2250 left cannot be cut in ranges >= 1024 under
   // the caps of 750, so the last one takes the rest rather than three small ones.
-  for (size_t i = 0; i + 1 < plan.ranges[0].size(); ++i) {
-    const auto& r = plan.ranges[0][i];
-    if (i > 0) CHECK(r.end - r.begin >= 1024);
-  }
+  // Exactly: the native 750 on rank 0 and one helper range of the 2250 left
+  // (three ranges of 750 would each be under 1024).
+  REQUIRE(plan.ranges[0].size() == 2);
+  CHECK(plan.ranges[0][0].rank == 0);
+  CHECK(plan.ranges[0][0].end - plan.ranges[0][0].begin == 750);
+  CHECK(plan.ranges[0][1].rank != 0);
+  CHECK(plan.ranges[0][1].end - plan.ranges[0][1].begin == 2250);
   int64_t max_after = *std::max_element(plan.load_after.begin(), plan.load_after.end());
   CHECK(max_after < 3000);
 }

@@ -4,7 +4,11 @@
 // 1 and 3, dropless and capacity routing, and DeepSeek-V3 routing (sigmoid
 // scores, group-limited, sequence aux loss, the expert bias updated after each
 // step from the global load: the biases must come out equal on every layout),
-// and shared experts (sharded over TP), gated or not.
+// and shared experts (sharded over TP), gated or not. And LLEP against the
+// single-rank model (not only LLEP on against off): 95% of the assignments
+// forced into one expert with top_k 2, so most tokens list it twice, LLEP on
+// (firing on any imbalance) in every layout with EP > 1, dropless and with
+// capacity drops; LLEP must fire and move tokens there.
 //
 // Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
 // the job (split off the world), so one 4-rank job runs every layout. The
@@ -23,6 +27,7 @@
 
 #include "comm/mpi_env.h"
 #include "model/alltoall_dispatcher.h"
+#include "model/llep.h"
 #include "model/model.h"
 #include "parallel/grad_sync.h"
 #include "runtime/core/config.h"
@@ -49,6 +54,9 @@ constexpr uint64_t kSeed = 1234;
 // gated shared expert), on top of the tiny config (docs/model.md).
 constexpr char kDeepSeekRouting[] = "deepseek";
 constexpr char kQwenShared[] = "qwen";
+// Forced skew (95% of the assignments into the last expert, so a token sends
+// both its slots there) with LLEP on wherever EP > 1.
+constexpr char kForcedLlep[] = "forced_llep";
 
 config::ModelConfig TinyConfig(double capacity_factor, const std::string& variant = "") {
   JobConfig job;
@@ -82,8 +90,25 @@ config::ModelConfig TinyConfig(double capacity_factor, const std::string& varian
     moe->set_shared_expert_ffn_hidden_size(12);
     moe->set_shared_expert_gate(true);
   }
+  if (variant == kForcedLlep) {
+    moe->mutable_forced_routing()->set_fraction(0.95);
+    moe->mutable_forced_routing()->set_hot_experts(1);
+    moe->mutable_forced_routing()->set_first_hot_expert(3);  // on the last EP rank
+  }
   ApplyDefaults(1, &job);
   return job.model();
+}
+
+// LLEP firing on any imbalance, planned from the counts alone (no cost model).
+config::LlepConfig AlwaysLlep() {
+  config::LlepConfig c;
+  c.set_enabled(true);
+  c.set_trigger_ratio(1.0);
+  c.set_capacity_factor(1.0);
+  c.set_min_tokens_per_gemm(1);
+  c.set_max_borrowed_experts(0);
+  c.set_cost_model(false);
+  return c;
 }
 
 // Sequence `seq` of step `step`'s global batch: S + 1 tokens.
@@ -99,6 +124,9 @@ std::vector<int32_t> Sequence(int step, int seq, int vocab) {
 struct Result {
   std::vector<double> losses;                        // per step, the mean over the global batch
   int64_t dropped = 0;                               // assignments dropped by capacity on this rank
+  int64_t repeated = 0;                              // tokens listing one expert in two slots (this rank)
+  int llep_fired = 0;                                // MoE layer micro-batches where LLEP fired
+  int64_t llep_moved = 0;                            // (token, expert) pairs LLEP moved, summed over those
   std::map<std::string, std::vector<float>> params;  // local shards
   std::map<std::string, parallel::ShardSpec> shards;
   std::map<std::string, Shape> global_shapes;
@@ -129,6 +157,10 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
     };
   }
   auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory));
+  if (variant == kForcedLlep && chunks > 0) {  // a no-op at EP 1
+    MOE_REQUIRE_OK(EnableLlep(*model, cfg, AlwaysLlep(), groups.ep.get(), groups.ep_p2p.get(),
+                              tp > 1 ? groups.tp.get() : nullptr, stream));
+  }
   parallel::GradSyncOptions gopt;
   gopt.bucket_mb = 0.002;  // a few buckets
   auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, gopt));
@@ -154,7 +186,17 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
       LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
       loss_sum += loss.total();
       for (int b = 0; b < model->num_layers(); ++b) {
-        if (model->block(b).is_moe()) r.dropped += model->block(b).moe()->routing().num_dropped();
+        if (!model->block(b).is_moe()) continue;
+        const RoutingPlan& routing = model->block(b).moe()->routing();
+        r.dropped += routing.num_dropped();
+        for (int64_t t = 0; t < routing.num_tokens; ++t) {
+          const int32_t* e = &routing.experts[t * routing.top_k];
+          r.repeated += std::find(e + 1, e + routing.top_k, e[0]) != e + routing.top_k ? 1 : 0;
+        }
+        if (const LlepRunner* llep = model->block(b).moe()->llep(); llep != nullptr && llep->stats().fired) {
+          ++r.llep_fired;
+          r.llep_moved += llep->stats().tokens_moved;
+        }
       }
       const bool last = a + 1 == grad_accum;
       BlockDoneFn on_block_done;
@@ -235,6 +277,10 @@ void RunAll(double capacity_factor, const std::string& variant = "") {
   } else {
     REQUIRE(ref.dropped == 0);
   }
+  if (variant == kForcedLlep) {  // most tokens list the hot expert twice
+    REQUIRE(ref.repeated > kSteps * kGlobalMicroBatches * kMicroBatch * kSeqLen / 2);
+    REQUIRE(ref.llep_fired == 0);
+  }
   if (variant == kDeepSeekRouting) {  // the biases moved (and must match on every layout)
     const std::vector<float>& bias = ref.params.at("model.layers.1.mlp.router.expert_bias");
     REQUIRE(*std::max_element(bias.begin(), bias.end()) > 0.04f);
@@ -244,7 +290,12 @@ void RunAll(double capacity_factor, const std::string& variant = "") {
     for (int chunks : {1, 3}) {
       INFO("tp " << lay.tp << " ep " << lay.ep << " dp " << lay.dp << " grad_accum " << lay.grad_accum
                  << " overlap_chunks " << chunks << " capacity_factor " << capacity_factor);
-      Compare(ref, Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor, variant));
+      const Result got = Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor, variant);
+      Compare(ref, got);
+      if (variant == kForcedLlep && lay.ep > 1) {  // LLEP fired in every micro-batch and moved tokens
+        REQUIRE(got.llep_fired == kSteps * lay.grad_accum);
+        REQUIRE(got.llep_moved > 0);
+      }
     }
   }
 }
@@ -261,6 +312,16 @@ TEST_CASE(
 
 TEST_CASE("layout invariance, gated shared expert, no renormalisation, dropless", "[layout_invariance]") {
   RunAll(0.0, kQwenShared);
+}
+
+TEST_CASE("layout invariance, LLEP on, 95% forced into one expert, repeated experts, dropless",
+          "[layout_invariance]") {
+  RunAll(0.0, kForcedLlep);
+}
+
+TEST_CASE("layout invariance, LLEP on, 95% forced into one expert, repeated experts, capacity",
+          "[layout_invariance]") {
+  RunAll(1.0, kForcedLlep);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/model.h"
+#include "parallel/llep_exchange.h"
 #include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
@@ -21,11 +22,18 @@ absl::StatusOr<Tensor> NewTensor(Stream& stream, Shape shape, MemoryCategory cat
   return Tensor::Empty(stream.backend(), shape, DType::kF32, category);
 }
 
+parallel::ExpertTensors ExpertValues(Experts& e) {
+  return {e.gate_proj().value, e.up_proj().value, e.down_proj().value};
+}
+parallel::ExpertTensors ExpertGrads(Experts& e) {
+  return {e.gate_proj().grad, e.up_proj().grad, e.down_proj().grad};
+}
+
 }  // namespace
 
 // ---- Start-up rates and options ---------------------------------------------------
 
-absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& ep,
+absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& host_ep,
                                            comm::Communicator& ep_p2p) {
   LlepRates rates;
   {
@@ -48,25 +56,31 @@ absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& e
   }
   const int P = ep_p2p.size();
   if (P > 1) {
-    const size_t count = 2 << 20;  // 8 MiB of f32
-    std::vector<float> send(count, 1.0f), recv(count);
+    // The data plane's link: device buffers, stream-ordered, timed from the host
+    // around a Synchronize (start-up only).
+    const int64_t count = 2 << 20;  // 8 MiB of f32
+    ASSIGN_OR_RETURN(Tensor send, NewTensor(stream, Shape{count}, MemoryCategory::kCommunication));
+    ASSIGN_OR_RETURN(Tensor recv, NewTensor(stream, Shape{count}, MemoryCategory::kCommunication));
+    RETURN_IF_ERROR(ops::Fill(stream, send, 1.0));
     const int r = ep_p2p.rank();
-    const std::vector<comm::P2POp> ops = {
-        comm::P2POp::Send(send.data(), count, DType::kF32, (r + 1) % P),
-        comm::P2POp::Recv(recv.data(), count, DType::kF32, (r + P - 1) % P)};
+    const std::vector<comm::P2POp> ring = {
+        comm::P2POp::Send(send.raw_data(), count, DType::kF32, (r + 1) % P),
+        comm::P2POp::Recv(recv.raw_data(), count, DType::kF32, (r + P - 1) % P)};
+    RETURN_IF_ERROR(stream.Synchronize());
     double best = 1e30;
     for (int i = 0; i < 3; ++i) {
       const auto t0 = Clock::now();
-      ASSIGN_OR_RETURN(comm::Work w, ep_p2p.GroupP2P(ops));
-      RETURN_IF_ERROR(w.Wait());
+      RETURN_IF_ERROR(ep_p2p.GroupP2P(ring, stream));
+      RETURN_IF_ERROR(stream.Synchronize());
       best = std::min(best, Since(t0));
     }
     rates.p2p_bytes_per_s = count * sizeof(float) / std::max(best, 1e-9);
   } else {
     rates.p2p_bytes_per_s = 1e12;
   }
+  // Control plane: host doubles over the EP group's host communicator.
   double v[2] = {rates.gemm_flops_per_s, rates.p2p_bytes_per_s};
-  ASSIGN_OR_RETURN(comm::Work w, ep.AllReduce(v, v, 2, DType::kF64, comm::ReduceOp::kMin));
+  ASSIGN_OR_RETURN(comm::Work w, host_ep.AllReduce(v, v, 2, DType::kF64, comm::ReduceOp::kMin));
   RETURN_IF_ERROR(w.Wait());
   rates.gemm_flops_per_s = v[0];
   rates.p2p_bytes_per_s = v[1];
@@ -92,9 +106,9 @@ parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const
 
 // ---- LlepRunner -----------------------------------------------------------------------
 
-LlepRunner::LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
+LlepRunner::LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
                        int64_t num_experts, parallel::LlepOptions options)
-    : ep_(ep), ep_p2p_(ep_p2p), tp_(tp), num_experts_(num_experts), options_(options) {
+    : ep_(host_ep), ep_p2p_(ep_p2p), tp_(tp), num_experts_(num_experts), options_(options) {
   const int P = ep_->size(), r = ep_->rank();
   expert_begin_ = num_experts * r / P;
   expert_end_ = num_experts * (r + 1) / P;
@@ -103,7 +117,7 @@ LlepRunner::LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm:
 void LlepRunner::Clear() {
   borrowed_ = Borrowed();
   chunks_.clear();
-  weight_work_ = comm::Work();
+  weights_landed_.reset();
   forward_done_ = false;
 }
 
@@ -123,12 +137,8 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
   for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
     if (plan.kept[a]) ++my_counts[plan.experts[a]];
   const int P = ep_->size(), me = ep_->rank();
-  // Host buffers: the count table is tiny and the planner runs on the host.
-  std::vector<int64_t> table(static_cast<size_t>(P) * E);
-  ASSIGN_OR_RETURN(comm::Work w, ep_->AllGather(my_counts.data(), table.data(), E, DType::kI64));
-  RETURN_IF_ERROR(w.Wait());
-  counts_.assign(P, std::vector<int64_t>(E));
-  for (int p = 0; p < P; ++p) std::copy_n(table.begin() + static_cast<size_t>(p) * E, E, counts_[p].begin());
+  // Control plane: the count table is tiny and the planner runs on the host.
+  ASSIGN_OR_RETURN(counts_, parallel::GatherExpertCounts(*ep_, my_counts));
   ASSIGN_OR_RETURN(plan_, parallel::PlanLlep(counts_, options_));
   stats_ = LlepStats();
   stats_.fired = plan_.active;
@@ -165,43 +175,24 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
   return true;
 }
 
-absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local, comm::Work* work) {
+absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local) {
   const int me = ep_->rank();
   const Tensor& gate = local.gate_proj().value;
   const int64_t ffn = gate.size(1), d = gate.size(2);
-  const int64_t in_numel = ffn * d;
   borrowed_ = Borrowed();
-  for (const auto& m : plan_.weight_moves)
-    if (m.dst == me) borrowed_.experts.push_back(m.expert);
-  std::sort(borrowed_.experts.begin(), borrowed_.experts.end());
+  borrowed_.experts = parallel::BorrowedExperts(plan_, me);
   const int64_t B = static_cast<int64_t>(borrowed_.experts.size());
   stats_.weight_bytes_moved =
-      static_cast<int64_t>(plan_.weight_moves.size()) * 3 * in_numel * static_cast<int64_t>(sizeof(float));
+      static_cast<int64_t>(plan_.weight_moves.size()) * 3 * ffn * d * static_cast<int64_t>(sizeof(float));
   if (B > 0) {
-    ASSIGN_OR_RETURN(borrowed_.gate, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
-    ASSIGN_OR_RETURN(borrowed_.up, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
-    ASSIGN_OR_RETURN(borrowed_.down, NewTensor(stream, Shape{B, d, ffn}, MemoryCategory::kParameters));
+    ASSIGN_OR_RETURN(borrowed_.weights.gate,
+                     NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
+    ASSIGN_OR_RETURN(borrowed_.weights.up, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
+    ASSIGN_OR_RETURN(borrowed_.weights.down,
+                     NewTensor(stream, Shape{B, d, ffn}, MemoryCategory::kParameters));
   }
-  std::vector<comm::P2POp> ops;
-  for (const auto& m : plan_.weight_moves) {
-    if (m.src == me) {
-      const int64_t i = m.expert - expert_begin_;
-      for (const parallel::Parameter* p : {&local.gate_proj(), &local.up_proj(), &local.down_proj()})
-        ops.push_back(comm::P2POp::Send(p->value.Select(i).raw_data(), in_numel, DType::kF32, m.dst));
-    } else if (m.dst == me) {
-      const int64_t b = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), m.expert) -
-                        borrowed_.experts.begin();
-      for (const Tensor* t : {&borrowed_.gate, &borrowed_.up, &borrowed_.down})
-        ops.push_back(comm::P2POp::Recv(t->Select(b).raw_data(), in_numel, DType::kF32, m.src));
-    }
-  }
-  if (ops.empty()) {
-    *work = comm::Work();
-    return absl::OkStatus();
-  }
-  // The weights were written on `stream`; the communicator reads host memory.
-  RETURN_IF_ERROR(stream.Synchronize());
-  ASSIGN_OR_RETURN(*work, ep_p2p_->GroupP2P(ops));
+  ASSIGN_OR_RETURN(weights_landed_, parallel::StartWeightMoves(*ep_p2p_, stream, plan_, expert_begin_,
+                                                               ExpertValues(local), borrowed_.weights));
   return absl::OkStatus();
 }
 
@@ -234,14 +225,15 @@ absl::Status LlepRunner::MakeSegments(absl::Span<const int64_t> offsets, int64_t
 
 absl::Status LlepRunner::BorrowedForward(Stream& stream, Segment& seg, const Tensor& grouped,
                                          const Tensor& out) {
-  const int64_t n = seg.row_end - seg.row_begin, ffn = borrowed_.gate.size(1);
+  const int64_t n = seg.row_end - seg.row_begin, ffn = borrowed_.weights.gate.size(1);
   if (n == 0) return absl::OkStatus();
   seg.x = grouped.Slice(seg.row_begin, seg.row_end);
   ASSIGN_OR_RETURN(seg.g, NewActivation(stream, Shape{n, ffn}));
   ASSIGN_OR_RETURN(seg.u, NewActivation(stream, Shape{n, ffn}));
   ASSIGN_OR_RETURN(seg.act, NewActivation(stream, Shape{n, ffn}));
-  const Tensor gate = borrowed_.gate.Slice(seg.first, seg.last), up = borrowed_.up.Slice(seg.first, seg.last);
-  const Tensor down = borrowed_.down.Slice(seg.first, seg.last);
+  const parallel::ExpertTensors& w = borrowed_.weights;
+  const Tensor gate = w.gate.Slice(seg.first, seg.last), up = w.up.Slice(seg.first, seg.last);
+  const Tensor down = w.down.Slice(seg.first, seg.last);
   RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, gate, true, seg.g, seg.offsets));
   RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, up, true, seg.u, seg.offsets));
   RETURN_IF_ERROR(ops::SwiGLU(stream, seg.g, seg.u, seg.act));
@@ -251,20 +243,20 @@ absl::Status LlepRunner::BorrowedForward(Stream& stream, Segment& seg, const Ten
 absl::Status LlepRunner::BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx) {
   const int64_t n = seg.row_end - seg.row_begin;
   if (n == 0) return absl::OkStatus();
-  Borrowed& b = borrowed_;
-  const Tensor gate = b.gate.Slice(seg.first, seg.last), up = b.up.Slice(seg.first, seg.last);
-  const Tensor down = b.down.Slice(seg.first, seg.last);
+  const parallel::ExpertTensors &w = borrowed_.weights, &dw = borrowed_.grads;
+  const Tensor gate = w.gate.Slice(seg.first, seg.last), up = w.up.Slice(seg.first, seg.last);
+  const Tensor down = w.down.Slice(seg.first, seg.last);
   const Tensor dy_seg = dy.Slice(seg.row_begin, seg.row_end), dx_seg = dx.Slice(seg.row_begin, seg.row_end);
   ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, seg.act.shape()));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy_seg, seg.act, b.down_grad.Slice(seg.first, seg.last),
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy_seg, seg.act, dw.down.Slice(seg.first, seg.last),
                                              seg.offsets, 1.0f, 1.0f));
   RETURN_IF_ERROR(ops::GroupedGemm(stream, dy_seg, down, false, dact, seg.offsets));
   seg.act = Tensor();
   RETURN_IF_ERROR(ops::SwiGLUBackward(stream, seg.g, seg.u, dact, seg.g, seg.u));  // in place
   dact = Tensor();
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.g, seg.x, b.gate_grad.Slice(seg.first, seg.last),
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.g, seg.x, dw.gate.Slice(seg.first, seg.last),
                                              seg.offsets, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.u, seg.x, b.up_grad.Slice(seg.first, seg.last),
+  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.u, seg.x, dw.up.Slice(seg.first, seg.last),
                                              seg.offsets, 1.0f, 1.0f));
   RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.g, gate, false, dx_seg, seg.offsets));
   RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.u, up, false, dx_seg, seg.offsets, 1.0f, 1.0f));
@@ -294,7 +286,8 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const T
   ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden}));
   if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
   local_out = Tensor();
-  if (forward) RETURN_IF_ERROR(weight_work_.Wait());
+  // Borrowed weights are read after they landed (a device-side wait).
+  if (forward && weights_landed_ != nullptr) RETURN_IF_ERROR(stream.Wait(*weights_landed_));
   for (Segment& seg : state.segments) {
     if (forward) {
       RETURN_IF_ERROR(BorrowedForward(stream, seg, grouped, out));
@@ -314,69 +307,21 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
   // Weights first, so they travel with the tokens.
   {
     trace::Span span(stream, "weight send", trace::Kind::kComm);
-    RETURN_IF_ERROR(PostWeightMoves(stream, local, &weight_work_));
+    RETURN_IF_ERROR(PostWeightMoves(stream, local));
   }
   chunks_.assign(dispatcher.num_chunks(), ChunkState());
   auto forward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {
     return RunExperts(stream, chunk, rows, offsets, /*forward=*/true, local);
   };
   ASSIGN_OR_RETURN(Tensor y, dispatcher.ForwardPipelined(stream, x, plan, forward, &reroute_));
-  // Owners too: their weights must not change (optimizer) while a send is open.
-  {
+  // Owners too: their weights must not change (optimizer) while a send is
+  // open; the compute stream waits for the moves, the host does not.
+  if (weights_landed_ != nullptr) {
     trace::Span span(stream, "weight send", trace::Kind::kComm);
-    RETURN_IF_ERROR(weight_work_.Wait());
+    RETURN_IF_ERROR(stream.Wait(*weights_landed_));
   }
   forward_done_ = true;
   return y;
-}
-
-absl::Status LlepRunner::ReturnGradients(Stream& stream, Experts& local) {
-  const int me = ep_->rank();
-  std::vector<comm::P2POp> ops;
-  struct Incoming {
-    int64_t local_expert;
-    Tensor gate, up, down;
-  };
-  std::vector<Incoming> incoming;
-  const Tensor& g0 = local.gate_proj().value;
-  const int64_t ffn = g0.size(1), d = g0.size(2), numel = ffn * d;
-  for (const auto& m : plan_.weight_moves) {
-    if (m.src == me) {
-      Incoming in;
-      in.local_expert = m.expert - expert_begin_;
-      ASSIGN_OR_RETURN(in.gate, NewTensor(stream, Shape{ffn, d}, MemoryCategory::kGradients));
-      ASSIGN_OR_RETURN(in.up, NewTensor(stream, Shape{ffn, d}, MemoryCategory::kGradients));
-      ASSIGN_OR_RETURN(in.down, NewTensor(stream, Shape{d, ffn}, MemoryCategory::kGradients));
-      incoming.push_back(std::move(in));
-    }
-  }
-  size_t next = 0;
-  for (const auto& m : plan_.weight_moves) {
-    if (m.src == me) {
-      const Incoming& in = incoming[next++];
-      for (const Tensor* t : {&in.gate, &in.up, &in.down})
-        ops.push_back(comm::P2POp::Recv(t->raw_data(), numel, DType::kF32, m.dst));
-    } else if (m.dst == me) {
-      const int64_t b = std::lower_bound(borrowed_.experts.begin(), borrowed_.experts.end(), m.expert) -
-                        borrowed_.experts.begin();
-      for (const Tensor* t : {&borrowed_.gate_grad, &borrowed_.up_grad, &borrowed_.down_grad})
-        ops.push_back(comm::P2POp::Send(t->Select(b).raw_data(), numel, DType::kF32, m.src));
-    }
-  }
-  if (ops.empty()) return absl::OkStatus();
-  RETURN_IF_ERROR(stream.Synchronize());
-  ASSIGN_OR_RETURN(comm::Work w, ep_p2p_->GroupP2P(ops));
-  RETURN_IF_ERROR(w.Wait());
-  // In plan order (expert, helper): the owner's sum is deterministic.
-  for (const Incoming& in : incoming) {
-    const int64_t i = in.local_expert;
-    RETURN_IF_ERROR(
-        ops::Add(stream, local.gate_proj().grad.Select(i), in.gate, local.gate_proj().grad.Select(i)));
-    RETURN_IF_ERROR(ops::Add(stream, local.up_proj().grad.Select(i), in.up, local.up_proj().grad.Select(i)));
-    RETURN_IF_ERROR(
-        ops::Add(stream, local.down_proj().grad.Select(i), in.down, local.down_proj().grad.Select(i)));
-  }
-  return absl::OkStatus();
 }
 
 absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& local,
@@ -386,12 +331,11 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
     return absl::FailedPreconditionError("LlepRunner::Backward without a firing Forward");
   Borrowed& b = borrowed_;
   if (!b.experts.empty()) {
-    ASSIGN_OR_RETURN(b.gate_grad, Tensor::Zeros(stream.backend(), b.gate.shape(), DType::kF32,
-                                                MemoryCategory::kGradients));
-    ASSIGN_OR_RETURN(b.up_grad,
-                     Tensor::Zeros(stream.backend(), b.up.shape(), DType::kF32, MemoryCategory::kGradients));
-    ASSIGN_OR_RETURN(b.down_grad, Tensor::Zeros(stream.backend(), b.down.shape(), DType::kF32,
-                                                MemoryCategory::kGradients));
+    for (auto [w, g] : {std::pair{&b.weights.gate, &b.grads.gate}, std::pair{&b.weights.up, &b.grads.up},
+                        std::pair{&b.weights.down, &b.grads.down}}) {
+      ASSIGN_OR_RETURN(*g,
+                       Tensor::Zeros(stream.backend(), w->shape(), DType::kF32, MemoryCategory::kGradients));
+    }
   }
   auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {
     return RunExperts(stream, chunk, rows, offsets, /*forward=*/false, local);
@@ -399,7 +343,8 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
   RETURN_IF_ERROR(dispatcher.BackwardPipelined(stream, dy, backward, dweights, dx));
   {
     trace::Span span(stream, "weight grad return", trace::Kind::kComm);
-    RETURN_IF_ERROR(ReturnGradients(stream, local));
+    RETURN_IF_ERROR(
+        parallel::ReturnExpertGradients(*ep_p2p_, stream, plan_, expert_begin_, b.grads, ExpertGrads(local)));
   }
   Clear();  // borrowed weights and grads freed here
   return absl::OkStatus();
@@ -408,8 +353,9 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
 // ---- Model hook ---------------------------------------------------------------------------
 
 absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
-                        const config::LlepConfig& llep_cfg, comm::Communicator* ep,
+                        const config::LlepConfig& llep_cfg, comm::Communicator* host_ep,
                         comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream) {
+  comm::Communicator* ep = host_ep;
   if (!llep_cfg.enabled() || ep == nullptr || ep->size() < 2) return absl::OkStatus();
   if (ep_p2p == nullptr || ep_p2p->size() != ep->size()) {
     return absl::InvalidArgumentError("EnableLlep: ep_p2p must be a second communicator over the EP group");

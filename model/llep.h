@@ -3,30 +3,35 @@
 // (parallel/llep_planner.h) and, when it fires, some (token, expert) pairs are
 // computed by a helper rank with a borrowed copy of the expert's weights.
 // Routing never changes, so the layer's outputs and gradients equal standard
-// EP's up to float summation order.
+// EP's up to float summation order. The wire protocol (count gather, weight
+// moves, gradient return) is parallel/llep_exchange.h's.
 //
 // One layer, forward (LlepRunner::Plan, then Forward when Plan returned true):
 //   1. counts: this rank's kept assignments per expert (its TED slice of the
-//      micro-batch), AllGather over the EP group -> the table [P][E] on every
-//      rank; PlanLlep on it (every rank computes the same plan), and from it
-//      the computing rank of each of this rank's assignments (SourceSplits, in
-//      token order) and the rows this rank will receive.
+//      micro-batch), gathered over the EP group's host communicator (control
+//      plane) -> the table [P][E] on every rank; PlanLlep on it (every rank
+//      computes the same plan), and from it the computing rank of each of this
+//      rank's assignments (SourceSplits, in token order) and the rows this rank
+//      will receive.
 //   2. weights: for every move (e, owner, helper) of the plan, the owner sends
-//      gate/up/down of e to the helper (GroupP2P on ep_p2p), enqueued before
-//      the token all-to-all so both are on the wire together.
+//      gate/up/down of e to the helper (GroupP2P on ep_p2p's side stream),
+//      enqueued before the token all-to-all so both are on the wire together.
 //   3. tokens: the all-to-all dispatcher's pipelined path with that Reroute
 //      (model/alltoall_dispatcher.h): parallel.overlap_chunks chunks, each
 //      chunk's exchange in flight while the previous chunk computes; with one
 //      chunk the receive counts come from the plan (no count exchange).
 //   4. experts, per chunk: the local experts on their rows, the borrowed ones
 //      (a grouped SwiGLU over each contiguous run of borrowed rows, in place)
-//      once the weights have landed.
+//      after the compute stream waited for the weights' arrival event.
 //   5. combine, weighted sum and TED all-gather: the dispatcher's.
 // Backward mirrors it through the dispatcher; then the helpers' gradients of
-// borrowed weights go back to the owner (GroupP2P on ep_p2p) and are added to
-// its expert grads; the borrowed weights and grads are freed at the end of the
-// layer's backward. P2P pairs match because every rank derives them from the
-// same plan; a rank with nothing to send or receive posts nothing.
+// borrowed weights go back to the owner (GroupP2P on ep_p2p's side stream) and
+// are added to its expert grads on the compute stream after the transfer; the
+// borrowed weights and grads are freed at the end of the layer's backward.
+//
+// Host waits: one per layer and micro-batch, the count gather (the planner
+// runs on the host); weights and gradients move without any (the compute
+// stream waits on their events).
 //
 // Collective: every rank of the EP group (and the TP group) calls Plan,
 // Forward and Backward in the same order. Communicators are borrowed.
@@ -44,6 +49,7 @@
 #include "model/common.h"
 #include "model/experts.h"
 #include "model/router.h"
+#include "parallel/llep_exchange.h"
 #include "parallel/llep_planner.h"
 
 namespace moe::model {
@@ -66,10 +72,12 @@ struct LlepRates {
   double p2p_bytes_per_s = 0;
 };
 
-// Collective over `ep` and `ep_p2p` (the same ranks): times a [512 x 512 x
-// 512] GEMM on `stream` and a ring exchange of 8 MiB on ep_p2p; both rates are
-// agreed by AllReduce min over `ep`, so every rank plans with the same numbers.
-absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& ep,
+// Collective over `host_ep` (the EP group's host communicator) and `ep_p2p`
+// (the same ranks): times a [512 x 512 x 512] GEMM on `stream` and a ring
+// exchange of 8 MiB of device buffers on ep_p2p (stream-ordered); both rates
+// are agreed by AllReduce min over host_ep (control plane), so every rank
+// plans with the same numbers.
+absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& host_ep,
                                            comm::Communicator& ep_p2p);
 
 // Planner options from the job's llep config; rates (GFLOP/s, GB/s) come from
@@ -80,13 +88,14 @@ parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const
 
 class LlepRunner {
  public:
-  // ep: the EP group (rank r owns the experts [E r / P, E (r + 1) / P));
-  // ep_p2p: a second communicator over the same ranks for weight moves;
+  // host_ep: the EP group's host communicator (ProcessGroups::host.ep; rank
+  // r owns the experts [E r / P, E (r + 1) / P)) for the count gather;
+  // ep_p2p: a data-plane communicator over the same ranks for weight moves;
   // tp: the TP group or nullptr (TED: TP rank r handles RowSlice(T, tp, r)).
-  LlepRunner(comm::Communicator* ep, comm::Communicator* ep_p2p, comm::Communicator* tp, int64_t num_experts,
-             parallel::LlepOptions options);
+  LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
+             int64_t num_experts, parallel::LlepOptions options);
 
-  // Collective over ep: gathers the count table and plans. Returns true when
+  // Collective over host_ep: gathers the count table and plans. Returns true when
   // LLEP fires for this micro-batch (then call Forward/Backward); false means
   // standard EP (the caller uses its usual dispatcher).
   absl::StatusOr<bool> Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan);
@@ -123,12 +132,11 @@ class LlepRunner {
     Segment segments[2];  // below and above the local experts
   };
   struct Borrowed {
-    std::vector<int64_t> experts;  // sorted global indices
-    Tensor gate, up, down;         // [B, Fe, d], [B, Fe, d], [B, d, Fe]
-    Tensor gate_grad, up_grad, down_grad;
+    std::vector<int64_t> experts;            // sorted global indices
+    parallel::ExpertTensors weights, grads;  // [B, Fe, d], [B, Fe, d], [B, d, Fe]
   };
-  absl::Status PostWeightMoves(Stream& stream, Experts& local, comm::Work* work);
-  absl::Status ReturnGradients(Stream& stream, Experts& local);
+  // Allocates the borrowed stacks and enqueues the plan's weight moves.
+  absl::Status PostWeightMoves(Stream& stream, Experts& local);
   // The dispatcher's ExpertFn: local rows [off[e0], off[e1]) through the local
   // experts, the borrowed segments through the borrowed weights, written into
   // one [N, d] output in grouped order.
@@ -142,7 +150,7 @@ class LlepRunner {
   absl::Status BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx);
   void Clear();
 
-  comm::Communicator* ep_;
+  comm::Communicator* ep_;  // the EP group's host communicator
   comm::Communicator* ep_p2p_;
   comm::Communicator* tp_;
   int64_t num_experts_, expert_begin_, expert_end_;
@@ -155,16 +163,17 @@ class LlepRunner {
   // State of the current micro-batch.
   int64_t slice_begin_ = 0, slice_end_ = 0;
   Reroute reroute_;
-  comm::Work weight_work_;
+  std::shared_ptr<Event> weights_landed_;  // null: this rank moves no weights
   Borrowed borrowed_;
   std::vector<ChunkState> chunks_;
   bool forward_done_ = false;
 };
 
 // Gives every MoE layer of `model` an LlepRunner (llep.enabled). Rates are
-// measured once here (collective over ep) when the config leaves them at 0.
+// measured once here (collective over host_ep and ep_p2p) when the config
+// leaves them at 0.
 absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
-                        const config::LlepConfig& llep_cfg, comm::Communicator* ep,
+                        const config::LlepConfig& llep_cfg, comm::Communicator* host_ep,
                         comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream);
 
 }  // namespace moe::model

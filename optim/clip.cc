@@ -1,5 +1,6 @@
 #include "optim/clip.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -48,29 +49,11 @@ absl::StatusOr<bool> AllFinite(const Tensor& t) {
   return std::isfinite(s);
 }
 
-// In-place AllReduce of host doubles over `comm`, through a device buffer when
-// the communicator needs one.
-absl::Status AllReduceDoubles(comm::Communicator& comm, std::vector<double>& values, comm::ReduceOp op) {
-  if (comm.device().is_cpu()) {
-    ASSIGN_OR_RETURN(comm::Work w,
-                     comm.AllReduce(values.data(), values.data(), values.size(), DType::kF64, op));
-    return w.Wait();
-  }
-  ASSIGN_OR_RETURN(Backend * device, GetBackend(comm.device()));
-  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-  const Shape shape{static_cast<int64_t>(values.size())};
-  const size_t nbytes = values.size() * sizeof(double);
-  ASSIGN_OR_RETURN(Tensor dev, Tensor::FromHost(*device, shape, DType::kF64, values.data(), nbytes,
-                                                MemoryCategory::kCommunication));
-  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, shape, DType::kF64, MemoryCategory::kOther));
-  RETURN_IF_ERROR(device->default_stream().Synchronize());
+// In-place AllReduce of host doubles over a host (control-plane) communicator.
+absl::Status AllReduceDoubles(comm::Communicator& host, std::vector<double>& values, comm::ReduceOp op) {
   ASSIGN_OR_RETURN(comm::Work w,
-                   comm.AllReduce(dev.raw_data(), dev.raw_data(), values.size(), DType::kF64, op));
-  RETURN_IF_ERROR(w.Wait());
-  RETURN_IF_ERROR(ops::Copy(device->default_stream(), dev, host));
-  RETURN_IF_ERROR(device->default_stream().Synchronize());
-  std::copy(host.data<double>(), host.data<double>() + values.size(), values.begin());
-  return absl::OkStatus();
+                   host.AllReduce(values.data(), values.data(), values.size(), DType::kF64, op));
+  return w.Wait();
 }
 
 }  // namespace
@@ -84,19 +67,53 @@ bool CountsInGlobalNorm(const parallel::Parameter& p, const parallel::RankLayout
 
 absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
                                       const parallel::ProcessGroups& groups) {
-  std::vector<double> sum{0.0};
+  std::vector<const Tensor*> counted;
   for (const parallel::Parameter* p : params) {
     if (!CountsInGlobalNorm(*p, groups.layout)) continue;
-    if (!p->grad.defined()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gradient norm: parameter ", p->name, " has no gradient"));
+    if (!p->grad.defined() || p->grad.dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient norm: parameter ", p->name, " has ",
+                                                     p->grad.defined() ? p->grad.ToString() : "no gradient",
+                                                     "; an f32 gradient is needed"));
     }
-    ASSIGN_OR_RETURN(double s, SumSquares(p->grad));
-    sum[0] += s;
+    counted.push_back(&p->grad);
   }
-  absl::Status st = AllReduceDoubles(*groups.world, sum, comm::ReduceOp::kSum);
+  // Everything on the gradients' device, ordered on its default stream: one
+  // partial sum of squares per counted tensor (each accumulated in double by
+  // the kernel), their sum, the world all-reduce (data plane, stream-ordered),
+  // and then the step's one small host read of the result.
+  const Device device = params.size() > 0 ? params[0]->grad.device() : groups.world->device();
+  ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
+  Stream& stream = backend->default_stream();
+  const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(counted.size()));
+  ASSIGN_OR_RETURN(Tensor parts, Tensor::Zeros(*backend, Shape{n}, DType::kF32, MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Tensor total, Tensor::Empty(*backend, Shape{1}, DType::kF32, MemoryCategory::kOther));
+  for (size_t i = 0; i < counted.size(); ++i) {
+    const int64_t j = static_cast<int64_t>(i);
+    RETURN_IF_ERROR(ops::ReduceSumSquares(stream, *counted[i], parts.Slice(j, j + 1)));
+  }
+  RETURN_IF_ERROR(ops::ReduceSum(stream, parts, total));
+  comm::Communicator& world = *groups.world;
+  const bool on_device = world.device() == device;
+  if (world.size() > 1 && on_device) {
+    absl::Status st =
+        world.AllReduce(total.raw_data(), total.raw_data(), 1, DType::kF32, comm::ReduceOp::kSum, stream);
+    if (!st.ok()) return Annotate(st, "gradient norm all-reduce");
+  }
+  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, Shape{1}, DType::kF32, MemoryCategory::kOther));
+  RETURN_IF_ERROR(ops::Copy(stream, total, host));
+  absl::Status st = stream.Synchronize();  // the one host read of the step's norm
   if (!st.ok()) return Annotate(st, "gradient norm all-reduce");
-  return std::sqrt(sum[0]);
+  double sum = host.data<float>()[0];
+  if (world.size() > 1 && !on_device) {
+    // A communicator on another device than the gradients (comm.backend mpi
+    // with device memory): the scalar is staged through the host.
+    ASSIGN_OR_RETURN(comm::Work w,
+                     groups.host.world->AllReduce(&sum, &sum, 1, DType::kF64, comm::ReduceOp::kSum));
+    st = w.Wait();
+    if (!st.ok()) return Annotate(st, "gradient norm all-reduce");
+  }
+  return std::sqrt(sum);
 }
 
 absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
@@ -105,14 +122,11 @@ absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
   if (max_norm <= 0 || !std::isfinite(norm)) return norm;
   const double coeff = max_norm / (norm + 1e-6);
   if (coeff >= 1.0) return norm;
-  Backend* last = nullptr;
+  // Enqueued on each gradient's stream; the optimizer's update follows there.
   for (const parallel::Parameter* p : params) {
     ASSIGN_OR_RETURN(Backend * backend, GetBackend(p->grad.device()));
     RETURN_IF_ERROR(ops::Scale(backend->default_stream(), p->grad, static_cast<float>(coeff), p->grad));
-    if (last != nullptr && last != backend) RETURN_IF_ERROR(last->default_stream().Synchronize());
-    last = backend;
   }
-  if (last != nullptr) RETURN_IF_ERROR(last->default_stream().Synchronize());
   return norm;
 }
 

@@ -10,7 +10,14 @@
 //   - expert parameters only on edp_rank 0 (replicated over EDP; the EP ranks
 //     hold different experts); TP-sharded ones on every TP rank, TP-replicated
 //     ones on tp_rank 0 only;
-// and one AllReduce(sum, f64) over the world adds the rank sums.
+// and one AllReduce(sum) over the world adds the rank sums.
+//
+// On the device, no host waits but one: the sums of squares (one per counted
+// tensor, each accumulated in double by the kernel and stored in f32), their
+// sum and the world all-reduce are ordered on the gradients' default stream
+// (data plane); the host then reads the one f32 result (the step's one small
+// host read, which also gives the trainer its finiteness check). Clipping
+// enqueues the scaling on the same stream and returns.
 //
 // Collective: every rank of the world calls these with its own ParameterList
 // (the same parameter names in the same order on every rank, as the model
@@ -46,7 +53,9 @@ absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
 
 // The first parameter (in list order) with a NaN or Inf gradient element on
 // any rank, or nullopt when all gradients are finite everywhere. Every rank gets
-// the same answer. On a device whose memory the host cannot read, a tensor is
+// the same answer. It reads every gradient on the host and agrees over the host
+// world group: for error reports (the trainer calls it only when the global
+// norm is not finite), not for every step. On a device whose memory the host cannot read, a tensor is
 // checked through its f32 sum of squares, which also flags finite gradients
 // whose squares overflow f32 (norm above ~1.8e19).
 absl::StatusOr<std::optional<std::string>> FirstNonFiniteGrad(const parallel::ParameterList& params,

@@ -12,8 +12,11 @@
 // - Step reads Parameter::grad (already reduced over DP / EDP and clipped:
 //   gradient synchronisation happens elsewhere) and updates Parameter::value in
 //   place. It does not zero the gradients.
-// - Every parameter's value and grad are f32 on one device; the ops run on that
-//   device's default stream and Step returns after they finished.
+// - Every parameter's value and grad are f32 on one device; Step enqueues its
+//   ops (and, under ZeRO-1, the stream-ordered all-gathers) on that device's
+//   default stream and returns without a host wait: later work on the stream
+//   sees the new values; a host reader synchronizes the stream first. A
+//   failed all-gather is reported by the stream's next Synchronize.
 // - State: f32, allocated (zero) at construction and attributed to
 //   MemoryCategory::kOptimizer. AdamW keeps "exp_avg" and "exp_avg_sq", SGD with
 //   momentum "momentum_buffer", SGD without momentum nothing.
@@ -33,7 +36,8 @@
 // elements per DP group; expert parameters one per EDP group. Group rank r of
 // s owns the elements [N * r / s, N * (r + 1) / s), keeps state only for those,
 // updates only those, and then an AllGatherV over the group (in buckets of at
-// most gather_bucket_elements) gives every rank all updated values. The
+// most gather_bucket_elements, ordered on the default stream) gives every rank
+// all updated values. The
 // per-element math is the same, so the result equals the unsharded optimizer
 // bit for bit. Step is then collective: every rank of every DP and EDP group
 // calls it (every rank of the world, in practice).

@@ -75,24 +75,34 @@ absl::StatusOr<InFlight> StartTransfer(comm::Communicator& ep, Stream& stream, E
   f.send = send;
   ASSIGN_OR_RETURN(f.recv, Tensor::Empty(stream.backend(), Shape{total_recv, hidden}, DType::kF32,
                                          MemoryCategory::kCommunication));
-  // The rows were produced on `stream`: the side stream waits for them there.
-  ASSIGN_OR_RETURN(Stream * side, ep.side_stream());
-  ASSIGN_OR_RETURN(std::unique_ptr<Event> produced, stream.backend().CreateEvent());
-  ASSIGN_OR_RETURN(std::unique_ptr<Event> done, stream.backend().CreateEvent());
-  RETURN_IF_ERROR(stream.Record(*produced));
-  RETURN_IF_ERROR(side->Wait(*produced));
   const std::vector<size_t> sc = Elements(send_rows, hidden), rc = Elements(recv_rows, hidden);
-  RETURN_IF_ERROR(
-      ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), DType::kF32, *side));
-  // The buffers stay alive until the side stream has passed the transfer,
-  // whatever the caller frees meanwhile (a caching allocator's recordStream).
-  RETURN_IF_ERROR(side->LaunchHostFunc([keep_send = send, keep_recv = f.recv] { return absl::OkStatus(); }));
-  RETURN_IF_ERROR(side->Record(*done));
+  auto enqueue = [&](Stream& side) {
+    return ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), DType::kF32,
+                        side);
+  };
+  ASSIGN_OR_RETURN(std::shared_ptr<Event> done, EnqueueOnSideStream(ep, stream, enqueue, {send, f.recv}));
   f.done = std::move(done);
   return f;
 }
 
 }  // namespace
+
+absl::StatusOr<std::shared_ptr<Event>> EnqueueOnSideStream(
+    comm::Communicator& comm, Stream& stream, const std::function<absl::Status(Stream&)>& enqueue,
+    std::vector<Tensor> keep) {
+  // The input was produced on `stream`: the side stream waits for it there.
+  ASSIGN_OR_RETURN(Stream * side, comm.side_stream());
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> produced, stream.backend().CreateEvent());
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> done, stream.backend().CreateEvent());
+  RETURN_IF_ERROR(stream.Record(*produced));
+  RETURN_IF_ERROR(side->Wait(*produced));
+  RETURN_IF_ERROR(enqueue(*side));
+  // The buffers stay alive until the side stream has passed the operation,
+  // whatever the caller frees meanwhile (a caching allocator's recordStream).
+  RETURN_IF_ERROR(side->LaunchHostFunc([keep = std::move(keep)] { return absl::OkStatus(); }));
+  RETURN_IF_ERROR(side->Record(*done));
+  return std::shared_ptr<Event>(std::move(done));
+}
 
 absl::StatusOr<ExchangePlan> ExchangePlan::FromCounts(int num_ranks, int num_chunks, int64_t num_experts,
                                                       std::vector<int64_t> send_counts,

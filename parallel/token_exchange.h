@@ -49,6 +49,7 @@
 #define MOE_PARALLEL_TOKEN_EXCHANGE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -133,6 +134,16 @@ absl::StatusOr<Tensor> Dispatch(comm::Communicator& ep, Stream& stream, const Ex
                                 const Tensor& rows);
 absl::StatusOr<Tensor> Combine(comm::Communicator& ep, Stream& stream, const ExchangePlan& plan, int chunk,
                                const Tensor& rows);
+
+// Runs `enqueue` on `comm`'s side stream after the work already on `stream`
+// (an event recorded there), keeps `keep` alive until the side stream has
+// passed the enqueued operation, and returns the completion event recorded on
+// the side stream after it. `enqueue` gets the side stream and must enqueue
+// stream-ordered communicator calls on it. No host wait: `stream` Waits on the
+// returned event before it reads what the operation wrote.
+absl::StatusOr<std::shared_ptr<Event>> EnqueueOnSideStream(
+    comm::Communicator& comm, Stream& stream, const std::function<absl::Status(Stream&)>& enqueue,
+    std::vector<Tensor> keep);
 
 // For row g of the grouped (e, src) order of `chunk`, the row of the arrival
 // (src, e) order it comes from (exposed for tests and for LLEP's planner).

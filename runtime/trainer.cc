@@ -104,7 +104,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   ASSIGN_OR_RETURN(t->model_,
                    model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
   // LLEP (issue 7): no-op unless llep.enabled and EP > 1.
-  RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->ep.get(),
+  RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->host.ep.get(),
                                     groups->ep_p2p.get(), layout.tp > 1 ? groups->tp.get() : nullptr,
                                     *t->stream_));
   parallel::GradSyncOptions sync_options;
@@ -309,17 +309,23 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     trace::Span span(*stream_, "grad sync", trace::Kind::kComm);
     RETURN_IF_ERROR(grad_sync_->Finish());
   }
-  ASSIGN_OR_RETURN(std::optional<std::string> bad, optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
-  if (bad.has_value()) {
-    return absl::DataLossError(
-        absl::StrCat("step ", next_step, ": the gradient of ", *bad,
-                     " is not finite; stopping before the update. Lower optim.lr or set "
-                     "optim.clip_grad"));
-  }
   {
     trace::Span span(*stream_, "optimizer");
+    // The global norm (reduced on the device, the step's one host read) is
+    // the same on every rank and finite exactly when every gradient is: it
+    // gates the update; only a failing step looks for the parameter to name.
     ASSIGN_OR_RETURN(s.grad_norm,
                      optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
+    if (!std::isfinite(s.grad_norm)) {
+      ASSIGN_OR_RETURN(std::optional<std::string> bad,
+                       optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
+      return absl::DataLossError(absl::StrCat(
+          "step ", next_step, ": ",
+          bad.has_value()
+              ? absl::StrCat("the gradient of ", *bad, " is not finite")
+              : absl::StrCat("the global gradient norm is ", s.grad_norm, " (its square overflows f32)"),
+          "; stopping before the update. Lower optim.lr or set optim.clip_grad"));
+    }
     s.lr = schedule_->At(optimizer_->step() + 1);
     RETURN_IF_ERROR(optimizer_->Step(s.lr));
   }

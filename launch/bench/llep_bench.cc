@@ -86,7 +86,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
   JobConfig job;
   ApplyDefaults(P, &job);
   const config::LlepConfig llep_cfg = job.llep();
-  ASSIGN_OR_RETURN(model::LlepRates rates, model::MeasureLlepRates(stream, ep, *groups.ep_p2p));
+  ASSIGN_OR_RETURN(model::LlepRates rates, model::MeasureLlepRates(stream, *groups.host.ep, *groups.ep_p2p));
   const parallel::LlepOptions llep_options = model::LlepOptionsFromConfig(llep_cfg, rates, hidden, ffn);
 
   std::mt19937 rng(7 + ep.rank());
@@ -132,9 +132,10 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
       for (int it = -1; it < iters; ++it) {  // -1 warms up
         for (int s = 0; s < 2; ++s) {
           const bool use_llep = (s + it) % 2 == 0 ? s == 1 : s == 0;  // alternate the order
-          layer.SetLlep(use_llep ? std::make_unique<model::LlepRunner>(&ep, groups.ep_p2p.get(), nullptr,
-                                                                       experts, llep_options)
-                                 : nullptr);
+          layer.SetLlep(use_llep
+                            ? std::make_unique<model::LlepRunner>(groups.host.ep.get(), groups.ep_p2p.get(),
+                                                                  nullptr, experts, llep_options)
+                            : nullptr);
           ASSIGN_OR_RETURN(auto barrier, ep.Barrier());
           RETURN_IF_ERROR(barrier.Wait());
           backend->memory().ResetPeak();

@@ -144,7 +144,7 @@ Result Train(comm::Communicator& job_world, const RunSpec& spec) {
   if (spec.llep) {
     config::LlepConfig lc = AlwaysLlep();
     lc.set_max_borrowed_experts(spec.max_borrowed);
-    MOE_REQUIRE_OK(EnableLlep(*model, cfg, lc, groups.ep.get(), groups.ep_p2p.get(), tp_group, stream));
+    MOE_REQUIRE_OK(EnableLlep(*model, cfg, lc, groups.host.ep.get(), groups.ep_p2p.get(), tp_group, stream));
   }
   auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, {}));
   Result r;

@@ -88,8 +88,8 @@ struct LayerRun {
   int64_t weight_bytes = 0;
 };
 
-LayerRun RunLayer(comm::Communicator& ep, comm::Communicator& ep_p2p, bool llep, int max_borrowed,
-                  int first_hot) {
+LayerRun RunLayer(comm::Communicator& ep, comm::Communicator& ep_p2p, comm::Communicator& host_ep, bool llep,
+                  int max_borrowed, int first_hot) {
   Stream& stream = Cpu().default_stream();
   const config::ModelConfig cfg = LayerConfig(0.95, 1, first_hot);
   ShardPlan plan;
@@ -103,7 +103,7 @@ LayerRun RunLayer(comm::Communicator& ep, comm::Communicator& ep_p2p, bool llep,
     o.trigger_ratio = 1.0;
     o.min_tokens_per_gemm = 1;
     o.max_borrowed_experts = max_borrowed;
-    layer.SetLlep(std::make_unique<LlepRunner>(&ep, &ep_p2p, nullptr, 8, o));
+    layer.SetLlep(std::make_unique<LlepRunner>(&host_ep, &ep_p2p, nullptr, 8, o));
   }
   const int64_t T = 96, d = cfg.hidden_size();
   std::mt19937 rng(5 + ep.rank());
@@ -154,8 +154,8 @@ TEST_CASE("LLEP layer: moves pair up, borrowed weights freed, results equal stan
   // Hot expert 0 (helpers borrow from below their own experts) or 7 (from above).
   for (auto [max_borrowed, first_hot] : {std::pair{0, 0}, std::pair{1, 0}, std::pair{0, 7}}) {
     INFO("EP " << ep.size() << " max_borrowed_experts " << max_borrowed << " hot expert " << first_hot);
-    const LayerRun off = RunLayer(ep, *groups.ep_p2p, false, 0, first_hot);
-    const LayerRun on = RunLayer(ep, *groups.ep_p2p, true, max_borrowed, first_hot);
+    const LayerRun off = RunLayer(ep, *groups.ep_p2p, *groups.host.ep, false, 0, first_hot);
+    const LayerRun on = RunLayer(ep, *groups.ep_p2p, *groups.host.ep, true, max_borrowed, first_hot);
     REQUIRE(on.fired);
     REQUIRE(on.moves > 0);
     REQUIRE(on.borrowed_after_backward == 0);
@@ -183,7 +183,8 @@ namespace {
 
 TEST_CASE("LLEP start-up rates: positive and the same on every EP rank", "[llep]") {
   parallel::ProcessGroups groups = parallel::testing::Groups(1, parallel::testing::World()->size());
-  const LlepRates rates = ValueOrDie(MeasureLlepRates(Cpu().default_stream(), *groups.ep, *groups.ep_p2p));
+  const LlepRates rates =
+      ValueOrDie(MeasureLlepRates(Cpu().default_stream(), *groups.host.ep, *groups.ep_p2p));
   REQUIRE(rates.gemm_flops_per_s > 0);
   REQUIRE(rates.p2p_bytes_per_s > 0);
   double v[2] = {rates.gemm_flops_per_s, rates.p2p_bytes_per_s}, mx[2];

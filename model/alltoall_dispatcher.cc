@@ -87,14 +87,14 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
       }
     }
     Chunk& ch = chunks_[c];
-    std::vector<int32_t> tok, rows;
+    std::vector<int32_t> tok, rows, assignment;
     std::vector<float> w;
     for (int p = 0; p < P; ++p) {
       for (int64_t e = 0; e < E; ++e) {
         const auto& l = lists[static_cast<size_t>(p) * E + e];
         counts[(static_cast<size_t>(c) * P + p) * E + e] = static_cast<int64_t>(l.size());
         for (int64_t a : l) {
-          ch.assignment.push_back(a);
+          assignment.push_back(static_cast<int32_t>(a));
           tok.push_back(static_cast<int32_t>(a / k - slice_begin_));
           w.push_back(plan.weights[a]);
         }
@@ -106,6 +106,7 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
     ASSIGN_OR_RETURN(ch.token_index, FromHostInts(stream, tok, Shape{n}));
     ASSIGN_OR_RETURN(ch.row_index, FromHostInts(stream, rows, Shape{n}));
     ASSIGN_OR_RETURN(ch.weights, FromHostFloats(stream, w, Shape{n}));
+    ASSIGN_OR_RETURN(ch.assignment, FromHostInts(stream, assignment, Shape{n}));
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();
@@ -146,18 +147,23 @@ absl::Status AllToAllTokenDispatcher::CheckLocalRows(absl::Span<const int64_t> a
   return absl::OkStatus();
 }
 
+absl::Status AllToAllTokenDispatcher::StartWeightGrads(Stream& stream) {
+  ASSIGN_OR_RETURN(dweights_, NewActivation(stream, Shape{num_assignments_}));
+  return ops::Fill(stream, dweights_, 0.0);
+}
+
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream, int chunk,
-                                                                 const Tensor& dy_slice,
-                                                                 std::vector<float>* dweights) {
+                                                                 const Tensor& dy_slice) {
   Chunk& ch = chunks_[chunk];
   const int64_t n = ch.token_index.numel();
   ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}));
   if (n == 0) return d_rows;
-  // d w of row r = dy[t_r] . out_r.
+  // d w of row r = dy[t_r] . out_r, into the device vector of all T * k
+  // assignments (each row is one assignment: the scatter only places it).
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
-  ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
-  for (int64_t r = 0; r < n; ++r) (*dweights)[ch.assignment[r]] = dw_host[r];
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
+                                      dweights_.Reshape(Shape{num_assignments_, 1})));
   // d out_r = w_r dy[t_r].
   ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
   RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, gathered));
@@ -178,12 +184,14 @@ absl::Status AllToAllTokenDispatcher::FinishForward(Stream& stream, const Tensor
 
 absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice,
                                                      std::vector<float>* dweights, const Tensor& dx) {
-  if (tp_ == nullptr || tp_->size() == 1) return absl::OkStatus();  // scattered straight into dx
+  const bool ted = tp_ != nullptr && tp_->size() > 1;
   // Each TP rank filled the weights of its own tokens; the sum is all of them.
-  ASSIGN_OR_RETURN(Tensor dw, FromHostFloats(stream, *dweights, Shape{num_assignments_}));
-  RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dw));
-  ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dw));
-  if (!dx_slice.defined()) return absl::OkStatus();
+  if (ted) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dweights_));
+  // The router's backward runs on the host: the layer's one host read of its
+  // backward (all chunks at once).
+  ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dweights_));
+  dweights_ = Tensor();
+  if (!ted || !dx_slice.defined()) return absl::OkStatus();  // scattered straight into dx
   ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, dx_slice, num_tokens_));
   return ops::Add(stream, dx, full, dx);
 }
@@ -231,10 +239,9 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, 
   if (chunks_.size() != 1) {
     return absl::FailedPreconditionError("AllToAllTokenDispatcher::CombineBackward before Dispatch/Combine");
   }
-  dweights->assign(num_assignments_, 0.0f);
-  ASSIGN_OR_RETURN(Tensor d_rows, WeightedGradRows(stream, 0, dy.Slice(slice_begin_, slice_end_), dweights));
-  if (tp_ != nullptr && tp_->size() > 1)
-    RETURN_IF_ERROR(FinishBackward(stream, Tensor(), dweights, Tensor()));
+  RETURN_IF_ERROR(StartWeightGrads(stream));
+  ASSIGN_OR_RETURN(Tensor d_rows, WeightedGradRows(stream, 0, dy.Slice(slice_begin_, slice_end_)));
+  RETURN_IF_ERROR(FinishBackward(stream, Tensor(), dweights, Tensor()));
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(Tensor grouped, parallel::Dispatch(*ep_, stream, plan_, 0, d_rows));
   stats_.combine_s += Since(t0);
@@ -375,7 +382,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     return absl::FailedPreconditionError(
         "AllToAllTokenDispatcher::BackwardPipelined without ForwardPipelined");
   }
-  dweights->assign(num_assignments_, 0.0f);
+  RETURN_IF_ERROR(StartWeightGrads(stream));
   const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
   auto t0 = Clock::now();
   parallel::InFlight next;
@@ -383,7 +390,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     Tensor d0;
     {
       trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-      ASSIGN_OR_RETURN(d0, WeightedGradRows(stream, 0, dy_slice, dweights));
+      ASSIGN_OR_RETURN(d0, WeightedGradRows(stream, 0, dy_slice));
     }
     stats_.unpermute_s += Since(t0);
     t0 = Clock::now();
@@ -402,7 +409,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
       Tensor d;
       {
         trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-        ASSIGN_OR_RETURN(d, WeightedGradRows(stream, c + 1, dy_slice, dweights));
+        ASSIGN_OR_RETURN(d, WeightedGradRows(stream, c + 1, dy_slice));
       }
       stats_.unpermute_s += Since(t0);
       t0 = Clock::now();

@@ -121,11 +121,11 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
 
  private:
   struct Chunk {
-    std::vector<int64_t> assignment;  // host: assignment a = t * k + j of each send row
-    Tensor token_index;               // i32 [n]: the token of each send row, relative to the slice
-    Tensor row_index;                 // i32 [n]: 0..n-1
-    Tensor weights;                   // f32 [n]: w_t,e
-    Tensor combined;                  // [n, d] expert outputs back on this rank (for d w)
+    Tensor assignment;   // i32 [n]: assignment a = t * k + j of each send row
+    Tensor token_index;  // i32 [n]: the token of each send row, relative to the slice
+    Tensor row_index;    // i32 [n]: 0..n-1
+    Tensor weights;      // f32 [n]: w_t,e
+    Tensor combined;     // [n, d] expert outputs back on this rank (for d w)
   };
   // Steps 1-3: slices, orders and counts the plan's assignments into `chunks`.
   absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks,
@@ -137,8 +137,11 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   // experts (the dispatch direction) or back from them.
   int64_t WireBytes(int chunk, bool toward_experts) const;
   absl::StatusOr<Tensor> SendRows(Stream& stream, int chunk, const Tensor& src_slice) const;
-  absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice,
-                                          std::vector<float>* dweights);
+  // d w of a backward: StartWeightGrads zeroes the device vector [T * k],
+  // each chunk's WeightedGradRows scatters its rows' d w there, and
+  // FinishBackward sums it over TP and reads it on the host once.
+  absl::Status StartWeightGrads(Stream& stream);
+  absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice);
   absl::Status FinishForward(Stream& stream, const Tensor& y_slice, Tensor* y);
   absl::Status FinishBackward(Stream& stream, const Tensor& dx_slice, std::vector<float>* dweights,
                               const Tensor& dx);
@@ -155,6 +158,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   parallel::ExchangePlan plan_;
   bool rerouted_ = false;
   std::vector<Chunk> chunks_;
+  Tensor dweights_;  // f32 [T * k] during a backward
   DispatchStats stats_;
 };
 

@@ -1,0 +1,33 @@
+#include "runtime/host_syncs.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/config.h"
+
+namespace moe {
+
+std::string HostSyncBudget::ToString() const {
+  return absl::StrCat(total(), " host waits per step = ", micro_batches, " micro-batches x (",
+                      per_micro_batch, " + ", moe_layers, " MoE layers x ", per_moe_layer, ") + ", per_step,
+                      " per step");
+}
+
+HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
+  const config::ModelConfig& m = config.model();
+  const int tp = config.parallel().tensor(), ep = config.parallel().expert();
+  const int dp = world / tp;
+  const bool bias = m.moe().expert_bias_update_rate() > 0;
+  HostSyncBudget b;
+  b.micro_batches = config.train().grad_accum();
+  for (int l = 0; l < m.num_layers(); ++l) b.moe_layers += IsMoeLayer(m, l) ? 1 : 0;
+  b.per_micro_batch = 1;                                         // loss
+  b.per_moe_layer = 1 + (bias ? 1 : 0);                          // router, expert bias
+  b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
+  b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
+  b.per_moe_layer += 1;                                          // weight grads
+  b.per_moe_layer += m.moe().shared_expert_ffn_hidden_size() > 0 && m.moe().shared_expert_gate() ? 2 : 0;
+  b.per_step = (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);  // metrics, grad norm, step end, profile
+  if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 3 * b.moe_layers;
+  return b;
+}
+
+}  // namespace moe

@@ -1,0 +1,60 @@
+// Host waits per training step: every place a TrainStep blocks the host on
+// device work or on a control-plane collective (counted by HostSyncCount,
+// runtime/core/backend.h; tests/runtime/host_sync_test.cc pins the demo's
+// number). Everything else on the step's path -- token exchange chunks, TP
+// collectives, grad-sync buckets, LLEP weight moves and gradient returns,
+// clipping, the optimizer and the ZeRO-1 all-gathers -- is ordered on streams
+// and never waits on the host.
+//
+// Per micro-batch:
+//   loss              1   the cross-entropy scalar (model/model.cc, Model::Forward)
+// Per micro-batch and MoE layer:
+//   router            1   the router's logits: softmax, top-k and capacity run on
+//                         the host in double (model/router.h)
+//   expert_bias       1   the bias read by the choice (expert_bias_update_rate > 0)
+//   llep_counts       1   LLEP's per-expert count gather on the host EP group (the
+//                         planner runs on the host; parallel/llep_exchange.h),
+//                         llep.enabled with EP > 1
+//   count_exchange    1   the count table that sizes the all-to-all
+//                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1;
+//                         0 in a micro-batch where LLEP fires with overlap_chunks 1
+//                         (the plan gives the counts), so the total is an upper bound then
+//   weight_grads      1   d loss / d w of the combine weights, read once after all
+//                         chunks for the router's host backward
+//                         (model/alltoall_dispatcher.h, model/token_dispatcher.h)
+//   shared_gate       2   the gated shared expert's gate, forward and backward
+//                         (model/moe_layer.h), with model.moe.shared_expert_gate
+// Per step:
+//   metrics           1   the loss and load sums over the host DP group (DP > 1)
+//   grad_norm         1   the clipping norm, reduced on the device; the one small
+//                         read that also gates the update (optim/clip.h)
+//   bias_update   2L + 1  the global load sum over DP (1, DP > 1) and per MoE layer
+//                         the bias update's read and write-back (2) and the
+//                         metrics read of the new bias (1); expert_bias_update_rate > 0
+//   step_end          1   the step's end (Stream::Synchronize): step time and memory
+//   profile           1   every rank's step profile gathered on the host world (world > 1)
+#ifndef MOE_RUNTIME_HOST_SYNCS_H_
+#define MOE_RUNTIME_HOST_SYNCS_H_
+
+#include <string>
+
+#include "runtime/core/config.h"
+
+namespace moe {
+
+struct HostSyncBudget {
+  int micro_batches = 1, moe_layers = 0;
+  int per_micro_batch = 0;  // loss
+  int per_moe_layer = 0;    // router, bias, LLEP counts, count exchange, weight grads, shared gate
+  int per_step = 0;         // metrics, grad norm, bias update, step end, profile
+  int total() const { return micro_batches * (per_micro_batch + moe_layers * per_moe_layer) + per_step; }
+  std::string ToString() const;
+};
+
+// The host waits of one TrainStep of `config` (after ApplyDefaults) on
+// `world` ranks, per the table above.
+HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world);
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_HOST_SYNCS_H_

@@ -1,0 +1,79 @@
+// The data path adds no host waits: a training step of the demo model
+// (configs/demo.textproto's model, parallel, LLEP and optimizer sections on 2
+// ranks: EP 2, 2 overlap chunks, LLEP on, clipping on) makes exactly the host
+// waits that runtime/trainer.h documents (HostSyncsPerStep), counted by the
+// CPU backend (HostSyncCount, runtime/core/backend.h). A new Synchronize or
+// Work::Wait anywhere on the step's path fails this test.
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <string>
+
+#include "comm/mpi_env.h"
+#include "data/indexed_dataset.h"
+#include "runtime/core/backend.h"
+#include "runtime/host_syncs.h"
+#include "runtime/trainer.h"
+
+namespace moe {
+namespace {
+
+std::string WriteCorpus(const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  const std::string prefix = dir + "/corpus";
+  auto writer = data::IndexedDatasetWriter::Create(prefix, 257).value();
+  const char* sentences[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
+                             "we like to read good books. ", "the sun is warm today. "};
+  for (int doc = 0; doc < 200; ++doc) {
+    std::string text;
+    for (int i = 0; i < 12; ++i) text += sentences[(doc + i * 3) % 4];
+    std::vector<int32_t> tokens(text.begin(), text.end());
+    tokens.push_back(256);
+    REQUIRE(writer->AddDocument(tokens.data(), tokens.size()).ok());
+  }
+  REQUIRE(writer->Finish().ok());
+  return prefix;
+}
+
+TEST_CASE("a demo training step makes exactly the documented host waits") {
+  const int world = comm::MpiEnv::world_size();
+  REQUIRE(world == 2);
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("moe_host_sync_test_" + std::to_string(::getppid()) + "_" +
+                                                 std::to_string(comm::MpiEnv::world_rank())))
+          .string();
+  std::filesystem::remove_all(dir);
+  JobConfig config = LoadConfigFile(std::string(MOE_SOURCE_DIR) + "/configs/demo.textproto").value();
+  config.mutable_data()->set_train_path(WriteCorpus(dir));
+  config.mutable_train()->set_run_dir(dir + "/run");
+  config.mutable_train()->set_eval_every(0);
+  config.mutable_checkpoint()->set_dir("");
+  config.mutable_checkpoint()->set_save_every(0);
+  ApplyDefaults(world, &config);
+  REQUIRE(config.parallel().expert() == 2);
+  REQUIRE(config.parallel().overlap_chunks() == 2);
+  REQUIRE(config.llep().enabled());
+
+  comm::CommOptions options;
+  options.timeout_s = 120;
+  auto groups = parallel::CreateProcessGroups(comm::CreateWorldCommunicator(options).value(), 1, 2).value();
+  auto trainer = Trainer::Create(config, &groups).value();
+
+  const HostSyncBudget budget = HostSyncsPerStep(config, world);
+  INFO(budget.ToString());
+  // The demo's documented figure (docs/design.md, "Host waits per step").
+  CHECK(budget.total() == 21);
+  for (int step = 0; step < 3; ++step) {
+    const uint64_t before = HostSyncCount();
+    auto stats = trainer->TrainStep();
+    REQUIRE(stats.ok());
+    const uint64_t syncs = HostSyncCount() - before;
+    INFO("step " << step + 1);
+    CHECK(syncs == static_cast<uint64_t>(budget.total()));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moe

@@ -158,7 +158,7 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
   }
   auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory));
   if (variant == kForcedLlep && chunks > 0) {  // a no-op at EP 1
-    MOE_REQUIRE_OK(EnableLlep(*model, cfg, AlwaysLlep(), groups.ep.get(), groups.ep_p2p.get(),
+    MOE_REQUIRE_OK(EnableLlep(*model, cfg, AlwaysLlep(), groups.host.ep.get(), groups.ep_p2p.get(),
                               tp > 1 ? groups.tp.get() : nullptr, stream));
   }
   parallel::GradSyncOptions gopt;

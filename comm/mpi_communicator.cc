@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -127,17 +128,58 @@ void DivideBy(void* buf, size_t n, DType t, int d) {
   }
 }
 
+// ---- polling ---------------------------------------------------------------
+
+// Between two polls of a transfer: spinning first, then yielding the core,
+// then pausing briefly, so a long wait does not starve ranks that share cores
+// while a short one keeps its latency. Nonblocking collectives advance one
+// round per test, so sleeping slows long transfers; only a wait of over a
+// second (a straggler, not a transfer) is polled with pauses.
+void PausePoll(int polls, Clock::time_point begin) {
+  if (polls < 256) return;
+  const double waited = std::chrono::duration<double>(Clock::now() - begin).count();
+  if (waited < 50e-6) return;  // a small transfer's round trip: keep spinning
+  if (waited < 1.0) {
+    sched_yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 // ---- work ------------------------------------------------------------------
 
 class MpiWork : public WorkState {
  public:
   absl::Status Wait() override {
     if (done_.load(std::memory_order_acquire)) return status_;
+    if (direct_) {
+      // Started on the enqueuing thread: whoever waits completes it.
+      const Clock::time_point begin = Clock::now();
+      for (int polls = 0; !Poll(); ++polls) PausePoll(polls, begin);
+      return status_;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return done_.load(std::memory_order_relaxed); });
     return status_;
   }
-  bool Test() override { return done_.load(std::memory_order_acquire); }
+  bool Test() override { return direct_ ? Poll() : done_.load(std::memory_order_acquire); }
+
+  // A direct operation (started by Submit on the caller's thread): `poll`
+  // tests its requests once and concludes it when they completed, returning
+  // true then. Set before the Work is handed out.
+  void SetDirect(std::function<bool()> poll) {
+    direct_ = true;
+    poll_ = std::move(poll);
+  }
+  // One test of a direct operation; only one thread tests at a time (MPI
+  // forbids testing one request from two threads). True once done.
+  bool Poll() {
+    if (done_.load(std::memory_order_acquire)) return true;
+    std::unique_lock<std::mutex> lock(poll_mu_, std::try_to_lock);
+    if (!lock.owns_lock()) return done_.load(std::memory_order_acquire);
+    if (poll_ && poll_()) poll_ = nullptr;  // concluded: drop the captures
+    return done_.load(std::memory_order_acquire);
+  }
   void Complete(absl::Status status) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -149,6 +191,9 @@ class MpiWork : public WorkState {
   MPI_Comm split_result = MPI_COMM_NULL;
 
  private:
+  bool direct_ = false;
+  std::mutex poll_mu_;
+  std::function<bool()> poll_;  // guarded by poll_mu_
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> done_{false};
@@ -187,27 +232,24 @@ class Requests {
     }
     return absl::OkStatus();
   }
-  // Polls until every request completed: spinning first, then yielding the
-  // core, then pausing briefly, so a long wait does not starve ranks that
-  // share cores while a short one keeps its latency.
-  absl::Status WaitAll() {
-    if (reqs_.empty()) return absl::OkStatus();
-    const Clock::time_point begin = Clock::now();
-    for (int polls = 0;; ++polls) {
-      int flag = 0;
+  // One MPI_Testall: *done is true once every request completed.
+  absl::Status Test(bool* done) {
+    int flag = 1;
+    if (!reqs_.empty()) {
       MPI_RETURN_IF_ERROR(
           MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, MPI_STATUSES_IGNORE));
-      if (flag) return absl::OkStatus();
-      if (polls < 256) continue;
-      const double waited = std::chrono::duration<double>(Clock::now() - begin).count();
-      // Nonblocking collectives advance one round per test, so sleeping
-      // slows long transfers; only a wait of over a second (a straggler, not
-      // a transfer) is polled with pauses.
-      if (waited < 1.0) {
-        sched_yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
-      }
+    }
+    *done = flag != 0;
+    return absl::OkStatus();
+  }
+  // Polls until every request completed (PausePoll between polls).
+  absl::Status WaitAll() {
+    const Clock::time_point begin = Clock::now();
+    for (int polls = 0;; ++polls) {
+      bool done = false;
+      RETURN_IF_ERROR(Test(&done));
+      if (done) return absl::OkStatus();
+      PausePoll(polls, begin);
     }
   }
 
@@ -216,6 +258,21 @@ class Requests {
   size_t limit_;
   std::vector<MPI_Request> reqs_;
 };
+
+// An operation between its start (nonblocking calls posted) and its end.
+struct Started {
+  explicit Started(MPI_Comm comm) : reqs(comm) {}
+  Requests reqs;
+  std::vector<char> temp;  // in-place ReduceScatter: the result before it is copied into its block
+  CommRecord record;
+};
+
+// Operations up to this many bytes sent or received per rank may start on the
+// enqueuing thread (MpiCommunicator::Submit); larger ones always run on the
+// progress thread, which polls them while the caller computes.
+constexpr size_t kDirectMaxBytes = 64 << 10;
+
+std::atomic<uint64_t> g_direct_ops{0};
 
 // ---- the communicator ------------------------------------------------------
 
@@ -257,16 +314,64 @@ class MpiCommunicator : public Communicator, public Watched {
   std::string Describe() const override { return describe_; }
 
  protected:
+  // An idle communicator starts a small operation here, on the caller's
+  // thread (its nonblocking calls posted, one test), and whoever waits on or
+  // tests its Work polls it to the end: no hand-off to the progress thread
+  // and back, which is most of a small collective's latency. Everything else
+  // is queued for the progress thread. Either way the call returns once the
+  // operation is enqueued or started, never waiting for the peers.
   absl::StatusOr<Work> Submit(OpDesc op) override {
     auto work = std::make_shared<MpiWork>();
     const uint64_t sequence = op.sequence;
+    bool direct = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_.ok()) return error_;
-      queue_.push_back(Pending{std::move(op), work});
+      if (queue_.empty() && !busy_ && MayStartDirect(op)) {
+        busy_ = true;  // later operations queue behind this one
+        direct_ = work;
+        direct = true;
+      } else {
+        queue_.push_back(Pending{std::move(op), work});
+      }
     }
-    cv_.notify_one();
+    if (!direct) {
+      cv_.notify_one();
+      return Work(work, sequence);
+    }
+    g_direct_ops.fetch_add(1, std::memory_order_relaxed);
+    auto pending = std::make_shared<Pending>(Pending{std::move(op), work});
+    auto started = std::make_shared<Started>(comm_);
+    absl::Status status = Start(*pending, absl::OkStatus(), started.get());
+    bool done = false;
+    if (status.ok()) status = started->reqs.Test(&done);
+    if (!status.ok() || done) {
+      if (status.ok()) status = Finish(pending->op, started.get());
+      Conclude(*pending, std::move(status), started.get());
+      return Work(work, sequence);
+    }
+    work->SetDirect([this, pending, started] {
+      bool done = false;
+      absl::Status status = started->reqs.Test(&done);
+      if (status.ok() && !done) return false;
+      if (status.ok()) status = Finish(pending->op, started.get());
+      Conclude(*pending, std::move(status), started.get());
+      return true;
+    });
     return Work(work, sequence);
+  }
+
+  // An inline stream has run everything enqueued on it before this call (and
+  // returned its errors to the caller), so the operation needs no marker: it
+  // is submitted as a host operation, and the stream's next item (run at once,
+  // on this thread, which is the inline stream's device) waits for it.
+  // Worker streams take the marker path of Communicator.
+  absl::StatusOr<Work> SubmitOnStream(OpDesc op, Stream& stream) override {
+    if (stream.mode() != StreamMode::kInline) return Communicator::SubmitOnStream(std::move(op), stream);
+    ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
+    std::shared_ptr<WorkState> state = work.shared_state();
+    RETURN_IF_ERROR(stream.LaunchHostFunc([state] { return state->Wait(); }));
+    return work;
   }
 
   absl::StatusOr<std::unique_ptr<Communicator>> SplitImpl(OpDesc op, CommOptions child) override {
@@ -287,16 +392,32 @@ class MpiCommunicator : public Communicator, public Watched {
     thread_ = std::thread([this] { Run(); });
   }
 
+  static bool MayStartDirect(const OpDesc& op) {
+    return op.after == nullptr && !op.inject && op.kind != OpKind::kSplit &&
+           std::max(op.bytes_sent, op.bytes_received) <= kDirectMaxBytes;
+  }
+
   void Run() {
     MarkDeviceThread();  // its waits (stream markers, requests) are device-side
     for (;;) {
       Pending p;
+      std::shared_ptr<MpiWork> direct;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;
-        p = std::move(queue_.front());
-        queue_.pop_front();
+        if (direct_ != nullptr) {
+          direct = direct_;  // operations queued behind a direct one: finish it first
+        } else if (queue_.empty()) {
+          return;  // stopped and drained
+        } else {
+          p = std::move(queue_.front());
+          queue_.pop_front();
+          busy_ = true;
+        }
+      }
+      if (direct != nullptr) {
+        direct->Wait().IgnoreError();  // its status is its Work's
+        continue;
       }
       Execute(p);
     }
@@ -307,22 +428,42 @@ class MpiCommunicator : public Communicator, public Watched {
     // A stream-ordered operation starts once its stream reached the marker
     // (the producer's work is done); its deadline runs from then.
     absl::Status producer = op.after != nullptr ? op.after->Synchronize() : absl::OkStatus();
-    CommRecord record;
-    record.started = Clock::now();
-    in_flight_.Begin(op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s, record.started);
-    absl::Status status;
+    Started started(comm_);
+    absl::Status status = Start(p, std::move(producer), &started);
+    if (status.ok()) status = started.reqs.WaitAll();
+    if (status.ok()) status = Finish(op, &started);
+    Conclude(p, std::move(status), &started);
+  }
+
+  // The first half of an operation: its deadline starts, earlier failures and
+  // the fault hook are checked, and its nonblocking calls are posted.
+  absl::Status Start(Pending& p, absl::Status producer, Started* started) {
+    const OpDesc& op = p.op;
+    started->record.started = Clock::now();
+    in_flight_.Begin(op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s,
+                     started->record.started);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      status = error_;
+      if (!error_.ok()) return error_;
     }
-    if (status.ok()) {
-      if (!producer.ok()) {
-        status = Annotate(producer, "the stream that produced its input failed");
-      } else if (op.inject) {
-        status = op.inject(op);
+    if (!producer.ok()) return Annotate(producer, "the stream that produced its input failed");
+    if (op.inject) RETURN_IF_ERROR(op.inject(op));
+    return Post(op, p.work.get(), started);
+  }
+
+  // The end of an operation: a failure makes the communicator unusable; the
+  // record goes to the sink; the communicator is free for the next operation
+  // (so one submitted once this Work is done may start directly); then the
+  // Work completes.
+  void Conclude(Pending& p, absl::Status status, Started* started) {
+    const OpDesc& op = p.op;
+    if (!status.ok()) {
+      bool earlier = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        earlier = !error_.ok();
       }
-      if (status.ok()) status = Run(op, p.work.get());
-      if (!status.ok()) {
+      if (!earlier) {
         status = Annotate(status,
                           absl::StrCat(OpKindName(op.kind), " #", op.sequence, " on group '", name(), "'"));
         std::lock_guard<std::mutex> lock(mu_);
@@ -332,6 +473,7 @@ class MpiCommunicator : public Communicator, public Watched {
       }
     }
     in_flight_.End();
+    CommRecord& record = started->record;
     record.finished = Clock::now();
     if (options().sink) {
       record.group = name();
@@ -342,6 +484,16 @@ class MpiCommunicator : public Communicator, public Watched {
       record.ok = status.ok();
       options().sink->Record(record);
     }
+    bool notify = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (direct_ == p.work) {
+        direct_ = nullptr;
+        notify = !queue_.empty() || stop_;  // the progress thread may be waiting for it
+      }
+      busy_ = false;
+    }
+    if (notify) cv_.notify_one();
     p.work->Complete(std::move(status));
   }
 
@@ -371,11 +523,13 @@ class MpiCommunicator : public Communicator, public Watched {
       std::memmove(recv + recv_displs[me] * es, send + send_displs[me] * es,
                    std::min(send_counts[me], recv_counts[me]) * es);
     }
-    return reqs.WaitAll();
+    return absl::OkStatus();
   }
 
-  absl::Status Run(const OpDesc& op, MpiWork* work) {
-    Requests reqs(comm_);
+  // Posts the operation's nonblocking calls into started->reqs (a split runs
+  // whole here); Finish completes it once they are done.
+  absl::Status Post(const OpDesc& op, MpiWork* work, Started* started) {
+    Requests& reqs = started->reqs;
     const size_t limit = reqs.limit();
     const size_t es = typed(op) ? DTypeSize(op.dtype) : 0;
     const MPI_Datatype type = typed(op) ? MpiType(op.dtype) : MPI_DATATYPE_NULL;
@@ -390,8 +544,6 @@ class MpiCommunicator : public Communicator, public Watched {
           MPI_RETURN_IF_ERROR(MPI_Iallreduce(op.in_place ? MPI_IN_PLACE : send + off * es, recv + off * es, c,
                                              type, mop, comm_, reqs.Add()));
         }
-        RETURN_IF_ERROR(reqs.WaitAll());
-        if (op.op == ReduceOp::kAvg) DivideBy(recv, op.count, op.dtype, n);
         return absl::OkStatus();
       }
       case OpKind::kBroadcast: {
@@ -400,14 +552,14 @@ class MpiCommunicator : public Communicator, public Watched {
           int c = static_cast<int>(std::min(limit, op.count - off));
           MPI_RETURN_IF_ERROR(MPI_Ibcast(recv + off * es, c, type, op.root, comm_, reqs.Add()));
         }
-        return reqs.WaitAll();
+        return absl::OkStatus();
       }
       case OpKind::kAllGather: {
         if (op.count * n <= limit) {
           MPI_RETURN_IF_ERROR(MPI_Iallgather(op.in_place ? MPI_IN_PLACE : send, static_cast<int>(op.count),
                                              type, recv, static_cast<int>(op.count), type, comm_,
                                              reqs.Add()));
-          return reqs.WaitAll();
+          return absl::OkStatus();
         }
         std::vector<size_t> counts(n, op.count), displs(n);
         for (int r = 0; r < n; ++r) displs[r] = r * op.count;
@@ -423,8 +575,8 @@ class MpiCommunicator : public Communicator, public Watched {
         const MPI_Op mop = MpiOp(op.op, op.dtype);
         // MPI's in-place reduce-scatter puts the result at the start of the
         // buffer; ours keeps it in its block, so reduce into a temporary.
-        std::vector<char> temp(op.in_place ? op.count * es : 0);
-        char* target = op.in_place ? temp.data() : recv;
+        started->temp.resize(op.in_place ? op.count * es : 0);
+        char* target = op.in_place ? started->temp.data() : recv;
         if (op.count * n <= limit) {
           MPI_RETURN_IF_ERROR(MPI_Ireduce_scatter_block(send, target, static_cast<int>(op.count), type, mop,
                                                         comm_, reqs.Add()));
@@ -438,9 +590,6 @@ class MpiCommunicator : public Communicator, public Watched {
             }
           }
         }
-        RETURN_IF_ERROR(reqs.WaitAll());
-        if (op.in_place && op.count > 0) std::memcpy(recv, temp.data(), op.count * es);
-        if (op.op == ReduceOp::kAvg) DivideBy(recv, op.count, op.dtype, n);
         return absl::OkStatus();
       }
       case OpKind::kAllToAll: {
@@ -464,11 +613,11 @@ class MpiCommunicator : public Communicator, public Watched {
             RETURN_IF_ERROR(reqs.Isend(p.buf, p.count, p.dtype, p.peer, kP2PTag));
           }
         }
-        return reqs.WaitAll();
+        return absl::OkStatus();
       }
       case OpKind::kBarrier:
         MPI_RETURN_IF_ERROR(MPI_Ibarrier(comm_, reqs.Add()));
-        return reqs.WaitAll();
+        return absl::OkStatus();
       case OpKind::kSplit: {
         MPI_RETURN_IF_ERROR(MPI_Comm_split(comm_, op.split_color == kNoColor ? MPI_UNDEFINED : op.split_color,
                                            op.split_key, &work->split_result));
@@ -476,6 +625,19 @@ class MpiCommunicator : public Communicator, public Watched {
       }
     }
     return absl::InternalError("unknown operation kind");
+  }
+
+  // After the posted calls completed: what the operation does on this rank's
+  // memory at the end (the average's division, the in-place result's copy).
+  absl::Status Finish(const OpDesc& op, Started* started) {
+    char* recv = static_cast<char*>(op.recv);
+    if (op.kind == OpKind::kReduceScatter && op.in_place && op.count > 0) {
+      std::memcpy(recv, started->temp.data(), op.count * DTypeSize(op.dtype));
+    }
+    if ((op.kind == OpKind::kAllReduce || op.kind == OpKind::kReduceScatter) && op.op == ReduceOp::kAvg) {
+      DivideBy(recv, op.count, op.dtype, size());
+    }
+    return absl::OkStatus();
   }
 
   static bool typed(const OpDesc& op) {
@@ -488,6 +650,10 @@ class MpiCommunicator : public Communicator, public Watched {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Pending> queue_;
+  // True while an operation runs (on the progress thread or started directly);
+  // Submit starts one directly only when false and the queue is empty.
+  bool busy_ = false;
+  std::shared_ptr<MpiWork> direct_;  // the operation started directly, until it concludes
   bool stop_ = false;
   absl::Status error_;
   std::thread thread_;
@@ -496,6 +662,8 @@ class MpiCommunicator : public Communicator, public Watched {
 }  // namespace
 
 size_t MpiCountLimit() { return g_count_limit.load(); }
+
+uint64_t MpiDirectOpCount() { return g_direct_ops.load(std::memory_order_relaxed); }
 
 void SetMpiCountLimitForTesting(size_t limit) {
   g_count_limit = limit == 0 || limit > static_cast<size_t>(INT_MAX) ? static_cast<size_t>(INT_MAX) : limit;

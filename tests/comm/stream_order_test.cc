@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/mpi_communicator.h"
 #include "comm/mpi_env.h"
 #include "runtime/core/backend.h"
 
@@ -181,6 +182,120 @@ TEST_CASE("1000 ops over two streams and two communicators complete in order") {
     Ok(ms.status());
     REQUIRE(*ms >= 0.0);
   }
+}
+
+// The direct path (mpi_communicator.h): small operations on an idle
+// communicator start on the caller's thread. Order must hold across it:
+// every operation below reads what the one before it wrote, so running any of
+// them early gives wrong values. Rank 0 arrives late at some of them, so the
+// direct ones are still in flight when the next is enqueued.
+TEST_CASE("small operations started on the caller's thread keep the communicator's and the stream's order") {
+  auto world = World();
+  auto worker = Worker();
+  Stream& inline_stream = Cpu().default_stream();
+  const int n = world->size(), me = world->rank();
+  const auto late = [&] {
+    if (me == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  };
+  constexpr size_t kSmall = 256;        // 1 KiB of floats: direct when idle
+  constexpr size_t kLarge = 64 * 1024;  // 256 KiB: always the progress thread
+  std::vector<float> a(kSmall, 0.0f), b(kSmall), c(kSmall), d(kSmall * n), e(kLarge), f(kSmall);
+  const uint64_t direct_before = MpiDirectOpCount();
+
+  // 1. Stream-ordered on a worker stream behind a slow producer (queued, marker).
+  Ok(worker->LaunchHostFunc([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    for (size_t i = 0; i < kSmall; ++i) a[i] = static_cast<float>(me + i % 5);
+    return absl::OkStatus();
+  }));
+  Ok(world->AllReduce(a.data(), a.data(), kSmall, DType::kF32, ReduceOp::kSum, *worker));
+  // 2. Host form while 1 waits: small but the communicator is busy, so it
+  // queues, and reads a after 1 reduced it.
+  auto w2 = world->AllReduce(a.data(), b.data(), kSmall, DType::kF32, ReduceOp::kSum);
+  Ok(w2.status());
+  CHECK(MpiDirectOpCount() == direct_before);
+  // 3. Inline stream: direct once 2 is done (the inline stream waits for it).
+  Ok(w2->Wait());
+  late();
+  Ok(world->AllReduce(b.data(), c.data(), kSmall, DType::kF32, ReduceOp::kAvg, inline_stream));
+  CHECK(MpiDirectOpCount() == direct_before + 1);
+  for (size_t i = 0; i < kSmall; ++i) {
+    const float reduced = static_cast<float>(n * (n - 1) / 2 + n * static_cast<int>(i % 5));
+    REQUIRE(b[i] == n * reduced);
+    REQUIRE(c[i] == n * reduced);  // the average of n equal values
+  }
+  // 4. Host form, direct, not waited on; 5. a large one queued behind it
+  // reads its output (the progress thread finishes 4 first); 6. a worker
+  // stream op behind 5 reads 5's output through the stream's order.
+  late();
+  std::vector<size_t> counts(n, kSmall), displs(n);
+  for (int r = 0; r < n; ++r) displs[r] = r * kSmall;
+  std::vector<float> d_send(kSmall * n);
+  for (int r = 0; r < n; ++r) {
+    for (size_t i = 0; i < kSmall; ++i) d_send[r * kSmall + i] = c[i] + static_cast<float>(100 * me + r);
+  }
+  auto w4 = world->AllToAllV(d_send.data(), counts, displs, d.data(), counts, displs, DType::kF32);
+  Ok(w4.status());
+  CHECK(MpiDirectOpCount() == direct_before + 2);
+  for (size_t i = 0; i < kLarge; ++i) e[i] = 0.0f;
+  // e[i] = sum over ranks of d[(i % n) * kSmall + i % kSmall]: valid only after 4.
+  auto fill_e = [&] {
+    for (size_t i = 0; i < kLarge; ++i) e[i] = d[(i % n) * kSmall + i % kSmall];
+    return absl::OkStatus();
+  };
+  // The producer of 5 runs on the worker stream after 4's Work completed (a
+  // host wait for 4 would hide the ordering under test, so the worker waits).
+  std::shared_ptr<WorkState> w4_state = w4->shared_state();
+  Ok(worker->LaunchHostFunc([w4_state] { return w4_state->Wait(); }));
+  Ok(worker->LaunchHostFunc(fill_e));
+  Ok(world->AllReduce(e.data(), e.data(), kLarge, DType::kF32, ReduceOp::kSum, *worker));
+  Ok(world->AllReduce(e.data(), f.data(), kSmall, DType::kF32, ReduceOp::kMax, *worker));
+  Ok(worker->Synchronize());
+  CHECK(w4->Test());
+  Ok(w4->Wait());
+  for (int r = 0; r < n; ++r) {
+    for (size_t i = 0; i < kSmall; ++i) REQUIRE(d[r * kSmall + i] == c[i] + static_cast<float>(100 * r + me));
+  }
+  for (size_t i = 0; i < kLarge; ++i) {
+    // d on rank q at block (i % n) came from rank i % n with 100 * (i % n) + q.
+    float want = 0.0f;
+    for (int q = 0; q < n; ++q) want += c[i % kSmall] + static_cast<float>(100 * static_cast<int>(i % n) + q);
+    REQUIRE(e[i] == want);
+    if (i < kSmall) REQUIRE(f[i] == want);
+  }
+  // 7. A direct op completed by Test() alone, then an in-place ReduceScatter
+  // (direct; its result moves into its block when it finishes).
+  late();
+  std::vector<float> g(kSmall, static_cast<float>(me + 1));
+  auto w7 = world->AllReduce(g.data(), g.data(), kSmall, DType::kF32, ReduceOp::kSum);
+  Ok(w7.status());
+  while (!w7->Test()) std::this_thread::yield();
+  Ok(w7->Wait());
+  const float total = static_cast<float>(n * (n + 1) / 2);
+  for (size_t i = 0; i < kSmall; ++i) REQUIRE(g[i] == total);
+  std::vector<float> h(static_cast<size_t>(n) * 8);
+  for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<float>(i + me);
+  auto w8 = world->ReduceScatter(h.data(), h.data() + me * 8, 8, DType::kF32, ReduceOp::kSum);
+  Ok(w8.status());
+  Ok(w8->Wait());
+  for (size_t i = 0; i < 8; ++i) {
+    REQUIRE(h[me * 8 + i] == static_cast<float>(n * (me * 8 + i) + n * (n - 1) / 2));
+  }
+  CHECK(MpiDirectOpCount() == direct_before + 4);  // 3, 4, 7 and 8
+  // 9. A direct op still in flight (rank 0 is late) when its communicator is
+  // destroyed, its Work never waited on: the destructor finishes it.
+  auto dup_or = world->Split(0, me, "dup");
+  Ok(dup_or.status());
+  std::unique_ptr<Communicator> dup = std::move(dup_or).value();
+  late();
+  std::vector<float> x(kSmall, 1.0f);
+  auto w9 = dup->AllReduce(x.data(), x.data(), kSmall, DType::kF32, ReduceOp::kSum);
+  Ok(w9.status());
+  const Work kept = *w9;
+  dup.reset();
+  CHECK(kept.Test());
+  Ok(kept.Wait());
+  for (size_t i = 0; i < kSmall; ++i) REQUIRE(x[i] == static_cast<float>(n));
 }
 
 TEST_CASE("a bad stream-ordered call is refused at the call") {

@@ -312,6 +312,8 @@ class MpiCommunicator : public Communicator, public Watched {
 
   void Collect(std::vector<InFlight::Snapshot>* running) override { running->push_back(in_flight_.Get()); }
   std::string Describe() const override { return describe_; }
+  std::string GroupName() const override { return name(); }
+  std::vector<int> PeerWorldRanks() const override { return group_ranks(); }
 
  protected:
   // An idle communicator starts a small operation here, on the caller's

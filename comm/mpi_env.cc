@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "comm/peer_probe.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 
@@ -85,6 +86,7 @@ absl::Status MpiEnv::Init(int* argc, char*** argv) {
     }
     SetLogRank(world_rank(), world_size());
     RETURN_IF_ERROR(FindPlacement());
+    PeerProbeInit();
   }
   SetLogRank(world_rank(), world_size());
   return absl::OkStatus();
@@ -144,6 +146,7 @@ void MpiEnv::Abort(int code) {
 }
 
 void MpiEnv::Finalize() {
+  PeerProbeShutdown();
   if (initialized()) MPI_Finalize();
 }
 

@@ -5,8 +5,10 @@
 #include <cstdio>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "comm/mpi_env.h"
+#include "comm/peer_probe.h"
 
 namespace moe::comm {
 
@@ -26,14 +28,16 @@ InFlight::Snapshot InFlight::Get() const {
   return s_;
 }
 
-std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op, double waited_s) {
+std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op, double waited_s,
+                           const std::string& peers) {
   return absl::StrFormat(
       "[moe comm watchdog] %s: operation %s (sequence %u, %u bytes sent, %u bytes received) has waited %.1f "
-      "s, "
-      "past its deadline of %.1f s (comm.timeout_s); a rank of the group is missing or called a different "
-      "operation. Aborting the job.",
-      who, OpKindName(op.kind), op.sequence, op.bytes_sent, op.bytes_received, waited_s, op.timeout_s);
+      "s, past its deadline of %.1f s (comm.timeout_s); %s. Aborting the job.",
+      who, OpKindName(op.kind), op.sequence, op.bytes_sent, op.bytes_received, waited_s, op.timeout_s,
+      peers.empty() ? "a rank of the group is missing or called a different operation" : peers);
 }
+
+double ProbeWaitSeconds(double timeout_s) { return std::min(1.0, timeout_s / 2); }
 
 namespace {
 
@@ -58,15 +62,23 @@ class Watchdog {
     for (;;) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       std::lock_guard<std::mutex> lock(mu_);  // held while checking: Unregister waits for us
+      PeerProbeServe(StateLocked());
       const auto now = std::chrono::steady_clock::now();
       for (Watched* w : watched_) {
         running.clear();
         w->Collect(&running);
         for (const InFlight::Snapshot& op : running) {
           if (!op.active) continue;
-          double waited = std::chrono::duration<double>(now - op.started).count();
-          if (waited <= op.timeout_s) continue;
-          std::string message = OverdueMessage(w->Describe(), op, waited);
+          const double probe_s = ProbeWaitSeconds(op.timeout_s);
+          if (Waited(op, now) <= op.timeout_s - probe_s) continue;
+          // Close to the deadline: ask the group's other ranks whether they
+          // are alive and what they run, so the message can name the peer
+          // (the probe takes up to probe_s, so the abort stays on time).
+          std::string peers =
+              DescribePeerAnswers(PeerProbeAsk(w->PeerWorldRanks(), probe_s, StateLocked()), probe_s);
+          if (!StillOverdue(w, op)) continue;  // it finished meanwhile
+          std::string message =
+              OverdueMessage(w->Describe(), op, Waited(op, std::chrono::steady_clock::now()), peers);
           std::fprintf(stderr, "%s\n", message.c_str());
           std::fflush(stderr);
           w->AbortBackend();
@@ -74,6 +86,38 @@ class Watchdog {
         }
       }
     }
+  }
+
+  static double Waited(const InFlight::Snapshot& op, std::chrono::steady_clock::time_point now) {
+    return std::chrono::duration<double>(now - op.started).count();
+  }
+
+  // Whether `op` of `w` is still running (not finished while we probed).
+  static bool StillOverdue(Watched* w, const InFlight::Snapshot& op) {
+    std::vector<InFlight::Snapshot> now;
+    w->Collect(&now);
+    for (const InFlight::Snapshot& s : now) {
+      if (s.active && s.kind == op.kind && s.sequence == op.sequence && s.started == op.started) return true;
+    }
+    return false;
+  }
+
+  // What this rank runs, as its answer to other ranks' probes.
+  std::string StateLocked() {
+    const auto now = std::chrono::steady_clock::now();
+    std::string out;
+    std::vector<InFlight::Snapshot> running;
+    for (Watched* w : watched_) {
+      running.clear();
+      w->Collect(&running);
+      for (const InFlight::Snapshot& op : running) {
+        if (!op.active) continue;
+        absl::StrAppend(&out, out.empty() ? "" : ", ",
+                        absl::StrFormat("%s (sequence %u) on group '%s' for %.1f s", OpKindName(op.kind),
+                                        op.sequence, w->GroupName(), Waited(op, now)));
+      }
+    }
+    return out.empty() ? "no communicator operation" : out;
   }
 
   std::mutex mu_;

@@ -2,7 +2,9 @@
 // communicator's running operation a few times a second and, when one is past
 // its deadline, prints from this rank what it was waiting for and aborts the
 // whole job. This is what makes a missing rank or a mismatched collective end
-// the job instead of hanging it.
+// the job instead of hanging it. Shortly before the deadline it probes the
+// group's other ranks (peer_probe.h), and the message names the peers that
+// did not answer (unreachable or stopped) and what the others were running.
 #ifndef MOE_COMM_WATCHDOG_H_
 #define MOE_COMM_WATCHDOG_H_
 
@@ -47,7 +49,11 @@ class Watched {
   virtual ~Watched() = default;
   // The operations to check, with who is waiting (for the message).
   virtual void Collect(std::vector<InFlight::Snapshot>* running) = 0;
-  virtual std::string Describe() const = 0;  // "rank 1 of group 'ep' (world ranks 1,3), backend mpi"
+  virtual std::string Describe() const = 0;   // "rank 1 of group 'ep' (world ranks 1,3), backend mpi"
+  virtual std::string GroupName() const = 0;  // "ep0"
+  // The world ranks of the group: the peers the watchdog probes (peer_probe.h)
+  // before naming the ones that do not answer.
+  virtual std::vector<int> PeerWorldRanks() const = 0;
   // Called before the job is aborted (ncclCommAbort); must not block.
   virtual void AbortBackend() {}
 };
@@ -57,8 +63,11 @@ void WatchdogRegister(Watched* w);
 // Unregisters; after it returns the watchdog no longer touches `w`.
 void WatchdogUnregister(Watched* w);
 
-// The message printed for an overdue operation (exposed for tests).
-std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op, double waited_s);
+// The message printed for an overdue operation (exposed for tests). `peers`
+// is what the probe of the group's other ranks found (DescribePeerAnswers),
+// empty when it found nothing to say.
+std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op, double waited_s,
+                           const std::string& peers);
 
 }  // namespace moe::comm
 

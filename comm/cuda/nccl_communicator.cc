@@ -160,6 +160,8 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
                         issued_.front()->started_at});
   }
   std::string Describe() const override { return describe_; }
+  std::string GroupName() const override { return name(); }
+  std::vector<int> PeerWorldRanks() const override { return group_ranks(); }
   void AbortBackend() override {
     if (!aborted_.exchange(true)) ncclCommAbort(nccl_);
   }

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Faults across hosts on a 2-host x 2-rank namespace cluster (comm.timeout_s=5):
 # 1. host 2's link goes down mid-step: the job ends within timeout + 10 s, the
-#    output names the operation, the group and the unreachable host;
+#    watchdog names the operation, the group and the unreachable peers (host
+#    2's ranks did not answer its probe), the launcher the unreachable host;
 # 2. kill -9 of host 2's ranks mid-step, 3. mid-checkpoint-save: every rank
 #    exits within the timeout, the job fails (the launcher, after its health
 #    probe, within timeout + 10 s), the previous checkpoint verifies and a new
 #    run resumes from it and finishes;
 # 4. SIGSTOP of host 2's ranks: the watchdog ends the job naming the
-#    operation and the group.
+#    operation, the group and the stopped peers.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 cluster_init "$1" "$2"
 fail=0
@@ -53,6 +54,17 @@ ranks_exit() {
   [ -z "$left" ] || { echo "FAIL: $1: ranks still alive $2 s after the fault"; fail=1; }
   echo "$1: every rank exited $(( $(date +%s) - t0 )) s after the fault"
 }
+# names_peer NAME: a watchdog message names host 2's ranks (2, 3), and only
+# them, as the peers that did not answer its probe (unreachable or stopped).
+names_peer() {
+  local silent
+  silent=$(grep -oE "world ranks? [0-9, ]+ did not answer the watchdog's probe" "$1.out" | head -1)
+  if [ -z "$silent" ] || grep -qE "[^0-9][01][, ]" <<<"${silent% did not*} "; then
+    echo "FAIL: $1: the watchdog does not name host 2's ranks as silent: '${silent}'"; cat "$1.out"; fail=1
+  else
+    echo "$1: the watchdog names the peer: $silent"
+  fi
+}
 # resume NAME: the newest checkpoint verifies and a new run resumes from it and finishes.
 resume_check() {
   local newest
@@ -78,7 +90,8 @@ grep -q "moe comm watchdog.*of group '.*operation [A-Za-z]" linkdown.out ||
   { echo "FAIL: linkdown: no watchdog message naming the operation and group"; cat linkdown.out; fail=1; }
 grep -q "host $(cluster_ip 2) (ranks 2-3) did not answer within 3 s: unreachable" linkdown.out ||
   { echo "FAIL: linkdown: the unreachable host is not named"; cat linkdown.out; fail=1; }
-grep -m1 "moe comm watchdog" linkdown.out; grep "did not answer" linkdown.out
+names_peer linkdown
+grep -m1 "moe comm watchdog" linkdown.out; grep "did not answer within" linkdown.out
 ip -n "$(cluster_ns 2)" link set moe0 up
 for k in 1 2; do for p in $(cluster_rank_pids $k); do kill -9 "$p"; done; done  # the cut-off host's leftovers
 
@@ -131,6 +144,7 @@ finish stop $((timeout_s + 10))
 [ "$took" -le $((timeout_s + 10)) ] || { echo "FAIL: stop: took $took s > timeout + 10"; fail=1; }
 grep -q "moe comm watchdog.*of group '.*operation [A-Za-z]" stop.out ||
   { echo "FAIL: stop: no watchdog message naming the operation and group"; cat stop.out; fail=1; }
+names_peer stop
 grep -m1 "moe comm watchdog" stop.out
 kill -9 $stopped 2>/dev/null
 

@@ -4,7 +4,10 @@
 //                                   the others' watchdog must abort the job
 //   comm_fault_job abort TIMEOUT_S  rank 1 calls abort() while the others wait
 //   comm_fault_job exit TIMEOUT_S   rank 1 exits 0 without MPI_Finalize
+//   comm_fault_job stop TIMEOUT_S   rank 1 stops itself (SIGSTOP); the others'
+//                                   watchdog must name it as not answering
 // Each prints "ready" after one good collective.
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -23,7 +26,7 @@ using namespace moe::comm;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s skip|abort|exit TIMEOUT_S\n", argv[0]);
+    std::fprintf(stderr, "usage: %s skip|abort|exit|stop TIMEOUT_S\n", argv[0]);
     return 2;
   }
   absl::Status s = MpiEnv::Init(&argc, &argv);
@@ -49,6 +52,7 @@ int main(int argc, char** argv) {
   if (c.rank() == 1) {
     if (mode == "abort") std::abort();
     if (mode == "exit") _exit(0);
+    if (mode == "stop") raise(SIGSTOP);
     // skip: never join the next collective.
     std::this_thread::sleep_for(std::chrono::seconds(300));
     return 0;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Never hang: a rank that skips a collective makes the watchdog abort the job
 # with exit code 124 (comm/watchdog.h kWatchdogExitCode) within timeout + 10 s,
-# printing rank, group, operation, sequence, bytes and the wait; a rank that
-# calls abort() or exits without finalising takes the job down too, non-zero.
+# printing rank, group, operation, sequence, bytes and the wait, and the peers
+# its probe found silent (a stopped rank) or running something else (the one
+# that skipped); a rank that calls abort() or exits without finalising takes
+# the job down too, non-zero.
 set -uo pipefail
 BIN="$1"
 fail=0
@@ -25,10 +27,19 @@ run skip 2 13 124 skip 3
 check "$out" "[moe comm watchdog] world rank 0, rank 0 of group 'world' (2 ranks; world ranks 0,1), backend mpi"
 check "$out" "operation AllReduce (sequence 1, 4096 bytes sent, 4096 bytes received) has waited"
 check "$out" "past its deadline of 3.0 s"
+# The watchdog probed rank 1: alive, in no operation (it skipped the collective).
+check "$out" "world rank 1 runs no communicator operation. Aborting the job."
 
 run skip3 3 13 124 skip 3
 check "$out" "world ranks 0,1,2"
 check "$out" "operation AllReduce (sequence 1"
+check "$out" "world rank 1 runs no communicator operation"
+# Rank 0 and 2 probe each other while both wait in the same collective.
+check "$out" "runs AllReduce (sequence 1) on group 'world' for"
+
+# A stopped rank does not answer the probe: the message names it.
+run stop 3 13 124 stop 3
+check "$out" "world rank 1 did not answer the watchdog's probe within 1.0 s (unreachable or stopped)"
 
 # abort() and exit without finalize: mpirun ends the job; 30 s is the deadline here.
 run abort 3 40 nonzero abort 30

@@ -6,7 +6,8 @@
 # take their local rank and node from Slurm. A preemption notice (SIGUSR1 to
 # the batch script, as --signal=B:USR1@N sends it) makes moe-train save and
 # exit 0, the script requeues the job, the requeued job resumes and finishes
-# with the same losses as an uninterrupted run.
+# with the same losses as an uninterrupted run. A third job is stopped by
+# Slurm's own time-based notice (--time=1 --signal=B:USR1@40) and resumes.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"  # for cluster_compare_losses
 T0=$(date +%s)
 BIN="$(cd "$1" && pwd)"; SRC="$(cd "$2" && pwd)"
@@ -107,6 +108,38 @@ wait_state() {  # JOB STATE SECONDS
   for i in $(seq 1 $(( $3 * 5 ))); do [ "$(state "$1")" = "$2" ] && return 0; sleep 0.2; done
   return 1
 }
+# What slurmctld and slurmd logged about JOB (printed when a check fails).
+slurm_job_log() {
+  echo "--- slurmctld and slurmd on job $1:"
+  grep -h -E "JobId=$1[^0-9]|job $1[^0-9]|\\[$1\\." "$D/slurmctld.log" "$D/slurmd.log" | tail -40
+}
+# release_requeued JOB LOG: once the batch script requeued JOB, starts it now
+# instead of after Slurm's requeue delay, but not before every step of its
+# previous run has ended and the clock has passed the second in which it did.
+# slurmd revokes a killed job's credential as of the second of the kill and
+# refuses a launch whose credential is from that second or earlier ("Killing
+# non-startable batch JobId=2: Job credential revoked"): the job then ends
+# FAILED instead of running again. Releasing it at once, as this test did,
+# raced with that and flaked under load, where the teardown is slow.
+release_requeued() {
+  local job=$1 log=$2 i s clean_at=""
+  cluster_wait_for "requeueing job" 90 "$log" || { echo "FAIL: job $job did not requeue itself"; cat "$log"; return 1; }
+  for i in $(seq 1 300); do
+    s=$(state "$job")
+    [ "$s" = RUNNING ] || [ "$s" = COMPLETED ] && return 0
+    # (each running step of the job has a socket <node>_<job>.<step> in our slurmd's spool)
+    if ls "$D/spool" | grep -q "_$job\\."; then
+      clean_at=""
+    elif [ -z "$clean_at" ]; then
+      clean_at=$(date +%s)
+    elif [ "$s" = PENDING ] && [ "$(date +%s)" -ge $((clean_at + 2)) ]; then
+      scontrol update JobId="$job" StartTime=now 2>/dev/null
+    fi
+    sleep 0.2
+  done
+  echo "FAIL: the requeued job $job did not start again (state $(state "$job"))"; slurm_job_log "$job"
+  return 1
+}
 
 # The uninterrupted run.
 job=$(sbatch --parsable -n 4 -o "$D/plain.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=plain \
@@ -122,17 +155,12 @@ grep -F "moe-launch: srun -n 4 --mpi=pmix" plain.log | head -1 | cut -c1-120
 job=$(sbatch --parsable -n 4 -o "$D/pre.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=pre \
       checkpoint.dir=pre/ckpt)
 # (rank 0 writes metrics.jsonl line by line; srun may hold the ranks' output back)
-for i in $(seq 1 600); do grep -q '"step":3,' pre/metrics.jsonl 2>/dev/null && break; sleep 0.05; done
+cluster_wait_for '"step":3,' 120 pre/metrics.jsonl ||
+  { echo "FAIL: the job to preempt did not reach step 3 in 120 s"; cat pre.log; slurm_job_log "$job"; exit 1; }
 scancel --batch --signal=USR1 "$job" || { echo "FAIL: scancel --signal"; fail=1; }
-# The script requeues the job; Slurm holds a requeued job back for a while: let it start now.
-for i in $(seq 1 300); do grep -q "requeueing job" pre.log 2>/dev/null && break; sleep 0.1; done
-for i in $(seq 1 100); do
-  s=$(state "$job")
-  [ "$s" = PENDING ] && scontrol update JobId="$job" StartTime=now 2>/dev/null
-  [ "$s" = RUNNING ] || [ "$s" = COMPLETED ] && break
-  sleep 0.2
-done
-wait_state "$job" COMPLETED 120 || { echo "FAIL: the preempted job is $(state "$job")"; cat pre.log; fail=1; }
+release_requeued "$job" pre.log
+wait_state "$job" COMPLETED 120 ||
+  { echo "FAIL: the preempted job is $(state "$job")"; cat pre.log; slurm_job_log "$job"; fail=1; }
 grep -q "SIGUSR1 (preemption notice)" pre.log || { echo "FAIL: no preemption notice"; cat pre.log; fail=1; }
 grep -q "stop requested: stopped after step" pre.log || { echo "FAIL: moe-train did not stop"; cat pre.log; fail=1; }
 grep -q "restart 1)" pre.log || { echo "FAIL: the job was not requeued"; cat pre.log; fail=1; }
@@ -143,5 +171,26 @@ stopped=$(sed -n 's/.*stopped after step \([0-9]*\).*/\1/p' pre.log | head -1)
 # Every step of each run is in the other, with the same loss.
 cluster_compare_losses pre/metrics.jsonl plain/metrics.jsonl 1e-5 &&
   cluster_compare_losses plain/metrics.jsonl pre/metrics.jsonl 1e-5 >/dev/null || fail=1
+
+# The time-based notice, as a real allocation gets it: a 1-minute limit with
+# --signal=B:USR1@40 makes slurmctld send SIGUSR1 once 40 s remain (it checks
+# time limits about every 30 s, so 20-50 s after the start). Nothing here
+# signals the job: it stops, saves and requeues itself; the requeued job
+# resumes from that checkpoint (then the test cancels it).
+job=$(sbatch --parsable -n 4 --time=1 --signal=B:USR1@40 -o "$D/timed.log" "$SRC/launch/moe-train.sbatch" \
+      "${common[@]}" train.steps=100000 train.run_dir=timed checkpoint.dir=timed/ckpt)
+t_start=$(date +%s)
+if release_requeued "$job" timed.log; then
+  cluster_wait_for "resumed from timed/ckpt/step_" 60 timed.log ||
+    { echo "FAIL: the requeued time-limited job did not resume"; cat timed.log; slurm_job_log "$job"; fail=1; }
+else
+  cat timed.log; fail=1
+fi
+scancel "$job"
+grep -q "SIGUSR1 (preemption notice)" timed.log || { echo "FAIL: no time-based notice"; cat timed.log; fail=1; }
+grep -q "stop requested: stopped after step" timed.log || { echo "FAIL: the time-limited run did not stop"; fail=1; }
+grep -E "SIGUSR1|stop requested|resumed from" timed.log | sed 's/^\[rank 0\/4\] //'
+echo "the time-based notice (--time=1 --signal=B:USR1@40) stopped the job, which resumed $(( $(date +%s) - t_start )) s after its submission"
+
 [ $fail = 0 ] && echo "slurm test passed"
 exit $fail

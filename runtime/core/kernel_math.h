@@ -125,6 +125,16 @@ MOE_HOST_DEVICE uint16_t F32ToBF16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 MOE_HOST_DEVICE float BF16ToF32(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
+// v as a bf16 store and load give it back.
+MOE_HOST_DEVICE float RoundToBF16(float v) { return BF16ToF32(F32ToBF16(v)); }
+
+// Element access for kernels templated on their storage type (f32, or bf16 as
+// uint16_t bits): load as f32, compute in f32, round once on store (ops.h
+// "Precision"). The CPU backend's Cast uses the same conversions.
+MOE_HOST_DEVICE float LoadF32(const float* p, int64_t i) { return p[i]; }
+MOE_HOST_DEVICE float LoadF32(const uint16_t* p, int64_t i) { return BF16ToF32(p[i]); }
+MOE_HOST_DEVICE void StoreF32(float* p, int64_t i, float v) { p[i] = v; }
+MOE_HOST_DEVICE void StoreF32(uint16_t* p, int64_t i, float v) { p[i] = F32ToBF16(v); }
 
 }  // namespace moe::kmath
 

@@ -30,6 +30,34 @@ absl::Status F32(const char* op, Stream& s, const char* name, const Tensor& t) {
   return Arg(op, s, name, t, DType::kF32);
 }
 
+// Defined, on the stream's device, f32 or bf16 (ops.h "[any]").
+absl::Status Flt(const char* op, Stream& s, const char* name, const Tensor& t) {
+  RETURN_IF_ERROR(Arg(op, s, name, t, t.dtype()));
+  if (t.dtype() != DType::kF32 && t.dtype() != DType::kBF16)
+    return Bad(op, absl::StrCat(name, " ", t.ToString(), " must be f32 or bf16"));
+  return absl::OkStatus();
+}
+
+// ops.h "[same]": both f32 or bf16 and of one dtype.
+absl::Status Same(const char* op, Stream& s, const char* a_name, const Tensor& a, const char* b_name,
+                  const Tensor& b) {
+  RETURN_IF_ERROR(Flt(op, s, a_name, a));
+  RETURN_IF_ERROR(Flt(op, s, b_name, b));
+  if (a.dtype() != b.dtype())
+    return Bad(
+        op, absl::StrCat(b_name, " ", b.ToString(), " must have the dtype of ", a_name, " ", a.ToString()));
+  return absl::OkStatus();
+}
+
+// An output that overlaps an input must be that very tensor (in place), of its dtype.
+absl::Status AliasOk(const char* op, const char* in_name, const Tensor& in, const char* out_name,
+                     const Tensor& out) {
+  if (in.Overlaps(out) && (in.raw_data() != out.raw_data() || in.dtype() != out.dtype()))
+    return Bad(op, absl::StrCat(out_name, " ", out.ToString(), " overlaps ", in_name, " ", in.ToString(),
+                                " without being the same tensor"));
+  return absl::OkStatus();
+}
+
 absl::Status SameShape(const char* op, const char* a_name, const Tensor& a, const char* b_name,
                        const Tensor& b) {
   if (a.shape() != b.shape())
@@ -122,9 +150,8 @@ absl::Status Gemm(Stream& s, const Tensor& a, bool trans_a, const Tensor& b, boo
                   float alpha, float beta) {
   const char* op = "Gemm";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kGemm));
-  RETURN_IF_ERROR(F32(op, s, "a", a));
-  RETURN_IF_ERROR(F32(op, s, "b", b));
-  RETURN_IF_ERROR(F32(op, s, "c", c));
+  RETURN_IF_ERROR(Same(op, s, "a", a, "b", b));
+  RETURN_IF_ERROR(Flt(op, s, "c", c));
   if (a.rank() < 2 || b.rank() < 2 || c.rank() < 2)
     return Bad(op, absl::StrCat("a ", a.ToString(), ", b ", b.ToString(), ", c ", c.ToString(),
                                 " must have rank >= 2"));
@@ -144,9 +171,8 @@ absl::Status BatchedGemm(Stream& s, const Tensor& a, bool trans_a, const Tensor&
                          const Tensor& c, float alpha, float beta) {
   const char* op = "BatchedGemm";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kBatchedGemm));
-  RETURN_IF_ERROR(F32(op, s, "a", a));
-  RETURN_IF_ERROR(F32(op, s, "b", b));
-  RETURN_IF_ERROR(F32(op, s, "c", c));
+  RETURN_IF_ERROR(Same(op, s, "a", a, "b", b));
+  RETURN_IF_ERROR(Flt(op, s, "c", c));
   for (const Tensor* t : {&a, &b, &c})
     if (t->rank() < 3 || t->rank() > 4) return Bad(op, absl::StrCat(t->ToString(), " must have rank 3 or 4"));
   auto batch = [](const Tensor& t) { return t.rank() == 4 ? t.size(0) * t.size(1) : t.size(0); };
@@ -169,9 +195,8 @@ absl::Status GroupedGemm(Stream& s, const Tensor& x, const Tensor& w, bool trans
                          absl::Span<const int64_t> offsets, float alpha, float beta) {
   const char* op = "GroupedGemm";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kGroupedGemm));
-  RETURN_IF_ERROR(F32(op, s, "x", x));
-  RETURN_IF_ERROR(F32(op, s, "w", w));
-  RETURN_IF_ERROR(F32(op, s, "y", y));
+  RETURN_IF_ERROR(Same(op, s, "x", x, "w", w));
+  RETURN_IF_ERROR(Flt(op, s, "y", y));
   if (x.rank() != 2 || w.rank() != 3 || y.rank() != 2)
     return Bad(op, absl::StrCat("x ", x.ToString(), " and y ", y.ToString(), " must be 2-D and w ",
                                 w.ToString(), " 3-D [E, P, Q]"));
@@ -190,9 +215,8 @@ absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x,
                                    absl::Span<const int64_t> offsets, float alpha, float beta) {
   const char* op = "GroupedGemmWeightGrad";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kGroupedGemmWeightGrad));
-  RETURN_IF_ERROR(F32(op, s, "dy", dy));
-  RETURN_IF_ERROR(F32(op, s, "x", x));
-  RETURN_IF_ERROR(F32(op, s, "dw", dw));
+  RETURN_IF_ERROR(Same(op, s, "dy", dy, "x", x));
+  RETURN_IF_ERROR(Flt(op, s, "dw", dw));
   if (dy.rank() != 2 || x.rank() != 2 || dw.rank() != 3 || dy.size(0) != x.size(0) ||
       dw.size(1) != dy.size(1) || dw.size(2) != x.size(1))
     return Bad(op, absl::StrCat("dy ", dy.ToString(), " [rows, P], x ", x.ToString(), " [rows, Q] and dw ",
@@ -207,11 +231,13 @@ absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x,
 #define MOE_BINARY_OP(Name, Kind)                                                     \
   absl::Status Name(Stream& s, const Tensor& a, const Tensor& b, const Tensor& out) { \
     RETURN_IF_ERROR(Supported(#Name, s, OpKind::Kind));                               \
-    RETURN_IF_ERROR(F32(#Name, s, "a", a));                                           \
-    RETURN_IF_ERROR(F32(#Name, s, "b", b));                                           \
-    RETURN_IF_ERROR(F32(#Name, s, "out", out));                                       \
+    RETURN_IF_ERROR(Flt(#Name, s, "a", a));                                           \
+    RETURN_IF_ERROR(Flt(#Name, s, "b", b));                                           \
+    RETURN_IF_ERROR(Flt(#Name, s, "out", out));                                       \
     RETURN_IF_ERROR(SameShape(#Name, "a", a, "b", b));                                \
     RETURN_IF_ERROR(SameShape(#Name, "a", a, "out", out));                            \
+    RETURN_IF_ERROR(AliasOk(#Name, "a", a, "out", out));                              \
+    RETURN_IF_ERROR(AliasOk(#Name, "b", b, "out", out));                              \
     ProfileScope scope(s, OpKind::Kind);                                              \
     return s.backend().kernels().Name(s, a, b, out);                                  \
   }
@@ -222,8 +248,9 @@ MOE_BINARY_OP(SwiGLU, kSwiGLU)
 
 absl::Status Axpby(Stream& s, float alpha, const Tensor& x, float beta, const Tensor& y) {
   RETURN_IF_ERROR(Supported("Axpby", s, OpKind::kAxpby));
-  RETURN_IF_ERROR(F32("Axpby", s, "x", x));
-  RETURN_IF_ERROR(F32("Axpby", s, "y", y));
+  RETURN_IF_ERROR(Flt("Axpby", s, "x", x));
+  RETURN_IF_ERROR(Flt("Axpby", s, "y", y));
+  RETURN_IF_ERROR(AliasOk("Axpby", "x", x, "y", y));
   RETURN_IF_ERROR(SameShape("Axpby", "x", x, "y", y));
   ProfileScope scope(s, OpKind::kAxpby);
   return s.backend().kernels().Axpby(s, alpha, x, beta, y);
@@ -231,8 +258,9 @@ absl::Status Axpby(Stream& s, float alpha, const Tensor& x, float beta, const Te
 
 absl::Status Scale(Stream& s, const Tensor& x, float alpha, const Tensor& out) {
   RETURN_IF_ERROR(Supported("Scale", s, OpKind::kScale));
-  RETURN_IF_ERROR(F32("Scale", s, "x", x));
-  RETURN_IF_ERROR(F32("Scale", s, "out", out));
+  RETURN_IF_ERROR(Flt("Scale", s, "x", x));
+  RETURN_IF_ERROR(Flt("Scale", s, "out", out));
+  RETURN_IF_ERROR(AliasOk("Scale", "x", x, "out", out));
   RETURN_IF_ERROR(SameShape("Scale", "x", x, "out", out));
   ProfileScope scope(s, OpKind::kScale);
   return s.backend().kernels().Scale(s, x, alpha, out);
@@ -240,8 +268,9 @@ absl::Status Scale(Stream& s, const Tensor& x, float alpha, const Tensor& out) {
 
 absl::Status Silu(Stream& s, const Tensor& x, const Tensor& out) {
   RETURN_IF_ERROR(Supported("Silu", s, OpKind::kSilu));
-  RETURN_IF_ERROR(F32("Silu", s, "x", x));
-  RETURN_IF_ERROR(F32("Silu", s, "out", out));
+  RETURN_IF_ERROR(Flt("Silu", s, "x", x));
+  RETURN_IF_ERROR(Flt("Silu", s, "out", out));
+  RETURN_IF_ERROR(AliasOk("Silu", "x", x, "out", out));
   RETURN_IF_ERROR(SameShape("Silu", "x", x, "out", out));
   ProfileScope scope(s, OpKind::kSilu);
   return s.backend().kernels().Silu(s, x, out);
@@ -251,9 +280,11 @@ absl::Status SiluBackward(Stream& s, const Tensor& x, const Tensor& dout, const 
                           float beta) {
   const char* op = "SiluBackward";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kSiluBackward));
-  RETURN_IF_ERROR(F32(op, s, "x", x));
-  RETURN_IF_ERROR(F32(op, s, "dout", dout));
-  RETURN_IF_ERROR(F32(op, s, "dx", dx));
+  RETURN_IF_ERROR(Flt(op, s, "x", x));
+  RETURN_IF_ERROR(Flt(op, s, "dout", dout));
+  RETURN_IF_ERROR(Flt(op, s, "dx", dx));
+  RETURN_IF_ERROR(AliasOk(op, "x", x, "dx", dx));
+  RETURN_IF_ERROR(AliasOk(op, "dout", dout, "dx", dx));
   RETURN_IF_ERROR(SameShape(op, "x", x, "dout", dout));
   RETURN_IF_ERROR(SameShape(op, "x", x, "dx", dx));
   ProfileScope scope(s, OpKind::kSiluBackward);
@@ -269,17 +300,21 @@ absl::Status SwiGLUBackward(Stream& s, const Tensor& gate, const Tensor& up, con
                          {"dout", &dout},
                          {"dgate", &dgate},
                          {"dup", &dup}}) {
-    RETURN_IF_ERROR(F32(op, s, name, *t));
+    RETURN_IF_ERROR(Flt(op, s, name, *t));
     RETURN_IF_ERROR(SameShape(op, "gate", gate, name, *t));
   }
   if (dgate.Overlaps(dup)) return Bad(op, "dgate and dup overlap");
+  for (auto [oname, o] : {std::pair<const char*, const Tensor*>{"dgate", &dgate}, {"dup", &dup}})
+    for (auto [name, t] :
+         {std::pair<const char*, const Tensor*>{"gate", &gate}, {"up", &up}, {"dout", &dout}})
+      RETURN_IF_ERROR(AliasOk(op, name, *t, oname, *o));
   ProfileScope scope(s, OpKind::kSwiGLUBackward);
   return s.backend().kernels().SwiGLUBackward(s, gate, up, dout, dgate, dup);
 }
 
 absl::Status ReduceSum(Stream& s, const Tensor& x, const Tensor& out, float alpha, float beta) {
   RETURN_IF_ERROR(Supported("ReduceSum", s, OpKind::kReduceSum));
-  RETURN_IF_ERROR(F32("ReduceSum", s, "x", x));
+  RETURN_IF_ERROR(Flt("ReduceSum", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceSum", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceSum", "out", out, 1));
   ProfileScope scope(s, OpKind::kReduceSum);
@@ -288,7 +323,7 @@ absl::Status ReduceSum(Stream& s, const Tensor& x, const Tensor& out, float alph
 
 absl::Status ReduceSumSquares(Stream& s, const Tensor& x, const Tensor& out, float alpha, float beta) {
   RETURN_IF_ERROR(Supported("ReduceSumSquares", s, OpKind::kReduceSumSquares));
-  RETURN_IF_ERROR(F32("ReduceSumSquares", s, "x", x));
+  RETURN_IF_ERROR(Flt("ReduceSumSquares", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceSumSquares", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceSumSquares", "out", out, 1));
   ProfileScope scope(s, OpKind::kReduceSumSquares);
@@ -297,7 +332,7 @@ absl::Status ReduceSumSquares(Stream& s, const Tensor& x, const Tensor& out, flo
 
 absl::Status ReduceMax(Stream& s, const Tensor& x, const Tensor& out) {
   RETURN_IF_ERROR(Supported("ReduceMax", s, OpKind::kReduceMax));
-  RETURN_IF_ERROR(F32("ReduceMax", s, "x", x));
+  RETURN_IF_ERROR(Flt("ReduceMax", s, "x", x));
   RETURN_IF_ERROR(F32("ReduceMax", s, "out", out));
   RETURN_IF_ERROR(Numel("ReduceMax", "out", out, 1));
   ProfileScope scope(s, OpKind::kReduceMax);
@@ -306,7 +341,7 @@ absl::Status ReduceMax(Stream& s, const Tensor& x, const Tensor& out) {
 
 absl::Status SumRows(Stream& s, const Tensor& x, const Tensor& out, float alpha, float beta) {
   RETURN_IF_ERROR(Supported("SumRows", s, OpKind::kSumRows));
-  RETURN_IF_ERROR(F32("SumRows", s, "x", x));
+  RETURN_IF_ERROR(Flt("SumRows", s, "x", x));
   RETURN_IF_ERROR(F32("SumRows", s, "out", out));
   if (x.rank() < 1) return Bad("SumRows", "x must have rank >= 1");
   RETURN_IF_ERROR(Numel("SumRows", "out", out, Cols(x)));
@@ -319,9 +354,10 @@ absl::Status RmsNorm(Stream& s, const Tensor& x, const Tensor& weight, float eps
                      const Tensor& rstd) {
   const char* op = "RmsNorm";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kRmsNorm));
-  RETURN_IF_ERROR(F32(op, s, "x", x));
-  RETURN_IF_ERROR(F32(op, s, "weight", weight));
-  RETURN_IF_ERROR(F32(op, s, "out", out));
+  RETURN_IF_ERROR(Flt(op, s, "x", x));
+  RETURN_IF_ERROR(Flt(op, s, "weight", weight));
+  RETURN_IF_ERROR(Flt(op, s, "out", out));
+  RETURN_IF_ERROR(AliasOk(op, "x", x, "out", out));
   RETURN_IF_ERROR(F32(op, s, "rstd", rstd));
   if (x.rank() < 1) return Bad(op, "x must have rank >= 1");
   RETURN_IF_ERROR(Numel(op, "weight", weight, Cols(x)));
@@ -337,11 +373,13 @@ absl::Status AddRmsNorm(Stream& s, const Tensor& x, const Tensor& residual, cons
                         const Tensor& sum, const Tensor& out, const Tensor& rstd) {
   const char* op = "AddRmsNorm";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kAddRmsNorm));
-  RETURN_IF_ERROR(F32(op, s, "x", x));
-  RETURN_IF_ERROR(F32(op, s, "residual", residual));
-  RETURN_IF_ERROR(F32(op, s, "weight", weight));
-  RETURN_IF_ERROR(F32(op, s, "sum", sum));
-  RETURN_IF_ERROR(F32(op, s, "out", out));
+  RETURN_IF_ERROR(Flt(op, s, "x", x));
+  RETURN_IF_ERROR(Flt(op, s, "residual", residual));
+  RETURN_IF_ERROR(Flt(op, s, "weight", weight));
+  RETURN_IF_ERROR(Flt(op, s, "sum", sum));
+  RETURN_IF_ERROR(Flt(op, s, "out", out));
+  RETURN_IF_ERROR(AliasOk(op, "x", x, "sum", sum));
+  RETURN_IF_ERROR(AliasOk(op, "residual", residual, "sum", sum));
   RETURN_IF_ERROR(F32(op, s, "rstd", rstd));
   if (x.rank() < 1) return Bad(op, "x must have rank >= 1");
   RETURN_IF_ERROR(SameShape(op, "x", x, "residual", residual));
@@ -370,7 +408,7 @@ absl::Status RmsNormBackward(Stream& s, const Tensor& x, const Tensor& weight, c
                          {"dout", &dout},
                          {"dx", &dx},
                          {"dweight", &dweight}})
-    RETURN_IF_ERROR(F32(op, s, name, *t));
+    RETURN_IF_ERROR(t == &rstd ? F32(op, s, name, *t) : Flt(op, s, name, *t));
   if (x.rank() < 1) return Bad(op, "x must have rank >= 1");
   RETURN_IF_ERROR(Numel(op, "weight", weight, Cols(x)));
   RETURN_IF_ERROR(Numel(op, "dweight", dweight, Cols(x)));
@@ -385,8 +423,7 @@ absl::Status RmsNormBackward(Stream& s, const Tensor& x, const Tensor& weight, c
 
 namespace {
 absl::Status RopeArgs(const char* op, Stream& s, const Tensor& in, const Tensor& out) {
-  RETURN_IF_ERROR(F32(op, s, "input", in));
-  RETURN_IF_ERROR(F32(op, s, "output", out));
+  RETURN_IF_ERROR(Same(op, s, "input", in, "output", out));
   if (in.rank() != 4 || in.size(3) % 2 != 0)
     return Bad(op, absl::StrCat("input ", in.ToString(),
                                 " must be [B, S, num_heads, head_dim] with an even head_dim"));
@@ -414,9 +451,8 @@ absl::Status RopeBackward(Stream& s, const Tensor& dout, const Tensor& dx, doubl
 namespace {
 absl::Status AttentionArgs(const char* op, Stream& s, const Tensor& q, const Tensor& k, const Tensor& v,
                            const Tensor& lse) {
-  RETURN_IF_ERROR(F32(op, s, "q", q));
-  RETURN_IF_ERROR(F32(op, s, "k", k));
-  RETURN_IF_ERROR(F32(op, s, "v", v));
+  RETURN_IF_ERROR(Same(op, s, "q", q, "k", k));
+  RETURN_IF_ERROR(Same(op, s, "q", q, "v", v));
   RETURN_IF_ERROR(F32(op, s, "lse", lse));
   if (q.rank() != 4 || k.rank() != 4)
     return Bad(op,
@@ -439,7 +475,7 @@ absl::Status CausalAttention(Stream& s, const Tensor& q, const Tensor& k, const 
   const char* op = "CausalAttention";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCausalAttention));
   RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, lse));
-  RETURN_IF_ERROR(F32(op, s, "out", out));
+  RETURN_IF_ERROR(Same(op, s, "q", q, "out", out));
   RETURN_IF_ERROR(SameShape(op, "q", q, "out", out));
   for (auto [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     RETURN_IF_ERROR(NoOverlap(op, name, *t, "out", out));
@@ -456,11 +492,12 @@ absl::Status CausalAttentionBackward(Stream& s, const Tensor& q, const Tensor& k
   const char* op = "CausalAttentionBackward";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCausalAttentionBackward));
   RETURN_IF_ERROR(AttentionArgs(op, s, q, k, v, lse));
-  RETURN_IF_ERROR(F32(op, s, "out", out));
-  RETURN_IF_ERROR(F32(op, s, "dout", dout));
-  RETURN_IF_ERROR(F32(op, s, "dq", dq));
-  RETURN_IF_ERROR(F32(op, s, "dk", dk));
-  RETURN_IF_ERROR(F32(op, s, "dv", dv));
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"out", &out},
+                         {"dout", &dout},
+                         {"dq", &dq},
+                         {"dk", &dk},
+                         {"dv", &dv}})
+    RETURN_IF_ERROR(Same(op, s, "q", q, name, *t));
   RETURN_IF_ERROR(SameShape(op, "q", q, "out", out));
   RETURN_IF_ERROR(SameShape(op, "q", q, "dout", dout));
   RETURN_IF_ERROR(SameShape(op, "q", q, "dq", dq));
@@ -520,7 +557,7 @@ absl::Status CrossEntropy(Stream& s, const Tensor& logits, const Tensor& targets
                           const Tensor& lse) {
   const char* op = "CrossEntropy";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCrossEntropy));
-  RETURN_IF_ERROR(F32(op, s, "logits", logits));
+  RETURN_IF_ERROR(Flt(op, s, "logits", logits));
   RETURN_IF_ERROR(Arg(op, s, "targets", targets, DType::kI32));
   RETURN_IF_ERROR(F32(op, s, "losses", losses));
   RETURN_IF_ERROR(F32(op, s, "lse", lse));
@@ -540,10 +577,10 @@ absl::Status CrossEntropyBackward(Stream& s, const Tensor& logits, const Tensor&
                                   const Tensor& dloss, float scale, const Tensor& dlogits) {
   const char* op = "CrossEntropyBackward";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kCrossEntropyBackward));
-  RETURN_IF_ERROR(F32(op, s, "logits", logits));
+  RETURN_IF_ERROR(Flt(op, s, "logits", logits));
   RETURN_IF_ERROR(Arg(op, s, "targets", targets, DType::kI32));
   RETURN_IF_ERROR(F32(op, s, "lse", lse));
-  RETURN_IF_ERROR(F32(op, s, "dlogits", dlogits));
+  RETURN_IF_ERROR(Flt(op, s, "dlogits", dlogits));
   if (logits.rank() < 2) return Bad(op, "logits must have rank >= 2");
   int64_t t = LeadRows(logits);
   RETURN_IF_ERROR(Numel(op, "targets", targets, t));
@@ -553,8 +590,7 @@ absl::Status CrossEntropyBackward(Stream& s, const Tensor& logits, const Tensor&
     RETURN_IF_ERROR(Numel(op, "dloss", dloss, t));
   }
   RETURN_IF_ERROR(SameShape(op, "logits", logits, "dlogits", dlogits));
-  if (logits.Overlaps(dlogits) && logits.raw_data() != dlogits.raw_data())
-    return Bad(op, "dlogits partially overlaps logits");
+  RETURN_IF_ERROR(AliasOk(op, "logits", logits, "dlogits", dlogits));
   ProfileScope scope(s, OpKind::kCrossEntropyBackward);
   return s.backend().kernels().CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
 }
@@ -594,9 +630,9 @@ absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, c
                             const Tensor& weight) {
   const char* op = "ScatterAddRows";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kScatterAddRows));
-  RETURN_IF_ERROR(F32(op, s, "src", src));
+  RETURN_IF_ERROR(Flt(op, s, "src", src));
   RETURN_IF_ERROR(Arg(op, s, "index", index, DType::kI32));
-  RETURN_IF_ERROR(F32(op, s, "dst", dst));
+  RETURN_IF_ERROR(Flt(op, s, "dst", dst));
   if (src.rank() < 1 || dst.rank() < 1 || Cols(src) != Cols(dst) || LeadRows(src) != index.numel())
     return Bad(op, absl::StrCat("src ", src.ToString(), " [M, d], index ", index.ToString(), " [M] and dst ",
                                 dst.ToString(), " [N, d] do not fit"));
@@ -614,9 +650,9 @@ absl::Status GatherRowDot(Stream& s, const Tensor& a, const Tensor& index, const
                           float alpha, float beta) {
   const char* op = "GatherRowDot";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kGatherRowDot));
-  RETURN_IF_ERROR(F32(op, s, "a", a));
+  RETURN_IF_ERROR(Flt(op, s, "a", a));
   RETURN_IF_ERROR(Arg(op, s, "index", index, DType::kI32));
-  RETURN_IF_ERROR(F32(op, s, "b", b));
+  RETURN_IF_ERROR(Flt(op, s, "b", b));
   RETURN_IF_ERROR(F32(op, s, "out", out));
   if (a.rank() < 1 || b.rank() < 1 || Cols(a) != Cols(b) || LeadRows(b) != index.numel())
     return Bad(op, absl::StrCat("a ", a.ToString(), " [N, d], index ", index.ToString(), " [M], b ",

@@ -8,13 +8,36 @@
 //   `const Tensor&` handles and written in place (tensor.h explains why).
 // - OK means enqueued; on an inline (CPU default) stream it also means done.
 //   Read results on the host only after the stream is synchronized.
-// - f32 compute and storage unless stated; index tensors are i32.
+// - Index tensors are i32. Floating tensors are f32 or bf16 (precision below).
 // - "Matrix view": a tensor of rank >= 2 used as a matrix is [numel / last, last]
 //   (leading dimensions merged), so [B, S, d] activations go straight into GEMMs.
 // - alpha/beta follow BLAS: out = alpha * f(inputs) + beta * out, so backward
 //   passes accumulate gradients with beta = 1. With beta = 0, `out` is never
 //   read (NaNs in it do not propagate).
 // - Outputs must not overlap inputs unless a function says in-place is allowed.
+//
+//
+// Precision (train.precision, docs/design.md "Precision"). Floating tensors are
+// f32 or bf16; every kernel computes in f32: it loads bf16 as f32
+// (kmath::BF16ToF32), computes and accumulates in f32 (the CPU reductions in
+// double), and rounds each output element ONCE, when it is stored, to the
+// output's dtype (kmath::F32ToBF16, round to nearest even). So an output never
+// depends on how a backend tiles its loop, and a bf16 result is the f32 result
+// rounded. Which dtypes each op accepts is marked at the op:
+//   [any]   each floating tensor argument may be f32 or bf16, independently;
+//   [same]  the named tensors share one dtype, f32 or bf16;
+//   [f32]   the named tensors are f32 only.
+// f32-only tensors are the numerically sensitive ones: statistics kept for
+// backward (rstd, attention lse, cross-entropy lse), losses, routing (router
+// softmax, top-k, combine weights and their gradients), reduction results,
+// initialisation targets (master weights) and the optimizer (AdamW: master
+// weight, f32 gradient, moments). GEMM outputs may be f32 from bf16 inputs:
+// that is how weight gradients accumulate into the f32 gradients (beta = 1, as
+// Megatron's main_grad), and how router and LM-head logits come out in f32.
+// The model's use (docs/design.md): bf16 weight copies and activations, f32
+// master weights, gradients, optimizer moments, routing and losses.
+// A backend without native bf16 kernels may stage bf16 operands through f32
+// copies (the CPU backend does: cpu/cpu_bf16.cc); results are the same.
 //
 // Threads (CPU): GEMMs use OpenBLAS threads, the other ops a small pool of the
 // same size; Backend::SetNumThreads / OPENBLAS_NUM_THREADS set it. Keep
@@ -35,7 +58,7 @@ namespace moe::ops {
 
 // ---- Data movement ---------------------------------------------------------
 
-// dst = src (same dtype and numel; shapes may differ). Either may be on another
+// dst = src (same dtype and numel; shapes may differ; any dtype). Either may be on another
 // device than the stream (host <-> device copies); in-place is a no-op.
 absl::Status Copy(Stream& stream, const Tensor& src, const Tensor& dst);
 // dst = src converted (f32 <-> bf16 round-to-nearest-even, f32 <-> f64,
@@ -46,7 +69,8 @@ absl::Status Fill(Stream& stream, const Tensor& t, double value);
 
 // ---- Matrix products -------------------------------------------------------
 
-// c = alpha * op(a) op(b) + beta * c, op(x) = x^T when trans_x. Matrix views:
+// c = alpha * op(a) op(b) + beta * c, op(x) = x^T when trans_x. [same] a, b;
+// [any] c (bf16 a, b with an f32 c: f32 output of the f32 accumulation). Matrix views:
 // op(a) [M, K], op(b) [K, N], c [M, N]. Transposes cost no copy.
 //   Linear forward   y[T, out] = x[T, in] W[out, in]^T:  Gemm(s, x, false, w, true, y)
 //   dx[T, in]        = dy W:                              Gemm(s, dy, false, w, false, dx)
@@ -57,24 +81,27 @@ absl::Status Gemm(Stream& stream, const Tensor& a, bool trans_a, const Tensor& b
 // For each batch index i: c[i] = alpha * op(a[i]) op(b[i / r]) + beta * c[i], with
 // a [batch, ., .], b [batch / r, ., .] (r = a.batch / b.batch, an integer: GQA
 // broadcast), c [batch, M, N]. Rank-3 tensors (or rank 4 [B, H, ., .] = batch B*H).
+// Dtypes as Gemm: [same] a, b; [any] c.
 absl::Status BatchedGemm(Stream& stream, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
                          const Tensor& c, float alpha = 1.0f, float beta = 0.0f);
 
 // Grouped GEMM over E experts in ONE call. Rows of x and y are grouped by
 // expert: expert e owns rows [offsets[e], offsets[e+1]) (offsets: E + 1
 // non-decreasing host values, offsets[0] = 0, offsets[E] = x rows; an expert
-// may own zero rows). w is [E, P, Q].
+// may own zero rows). w is [E, P, Q]. [same] x, w; [any] y.
 //   trans_w = true : y_e[n_e, P] = alpha * x_e[n_e, Q] w_e^T + beta * y_e   (forward, x W^T)
 //   trans_w = false: y_e[n_e, Q] = alpha * x_e[n_e, P] w_e   + beta * y_e   (backward dX)
 absl::Status GroupedGemm(Stream& stream, const Tensor& x, const Tensor& w, bool trans_w, const Tensor& y,
                          absl::Span<const int64_t> offsets, float alpha = 1.0f, float beta = 0.0f);
 // Weight gradient of the grouped GEMM: dw_e[P, Q] = alpha * dy_e^T x_e + beta * dw_e
 // with dy [rows, P], x [rows, Q], dw [E, P, Q], same offsets. An expert with
-// zero rows gets dw_e = beta * dw_e.
+// zero rows gets dw_e = beta * dw_e. [same] dy, x; [any] dw (f32 expert gradients
+// accumulate from bf16 activations).
 absl::Status GroupedGemmWeightGrad(Stream& stream, const Tensor& dy, const Tensor& x, const Tensor& dw,
                                    absl::Span<const int64_t> offsets, float alpha = 1.0f, float beta = 0.0f);
 
-// ---- Element-wise (same shapes; out may alias an input) ---------------------
+// ---- Element-wise (same shapes; out may alias an input of its dtype) ---------
+// [any] for every tensor: each is loaded as f32 and the result rounded once.
 
 absl::Status Add(Stream& stream, const Tensor& a, const Tensor& b, const Tensor& out);
 // y = alpha * x + beta * y (axpy when beta = 1).
@@ -93,6 +120,7 @@ absl::Status SwiGLUBackward(Stream& stream, const Tensor& gate, const Tensor& up
                             const Tensor& dgate, const Tensor& dup);
 
 // ---- Reductions (double accumulation on CPU) ---------------------------------
+// [any] x; [f32] out.
 
 // out (f32, 1 element) = alpha * sum(x) + beta * out.
 absl::Status ReduceSum(Stream& stream, const Tensor& x, const Tensor& out, float alpha = 1.0f,
@@ -110,9 +138,11 @@ absl::Status SumRows(Stream& stream, const Tensor& x, const Tensor& out, float a
 
 // Rows of the matrix view x [R, d]: rstd[r] = 1 / sqrt(mean(x[r]^2) + eps),
 // out[r] = x[r] * rstd[r] * weight. rstd is f32 [R] (kept for backward).
+// [any] x, weight, out; [f32] rstd.
 absl::Status RmsNorm(Stream& stream, const Tensor& x, const Tensor& weight, float eps, const Tensor& out,
                      const Tensor& rstd);
 // dx = d/dx (overwritten unless accumulate_dx, then +=), dweight += d/dweight.
+// [any] x, weight, dout, dx, dweight (f32 for a gradient); [f32] rstd.
 absl::Status RmsNormBackward(Stream& stream, const Tensor& x, const Tensor& weight, const Tensor& rstd,
                              const Tensor& dout, const Tensor& dx, const Tensor& dweight,
                              bool accumulate_dx = false);
@@ -120,11 +150,14 @@ absl::Status RmsNormBackward(Stream& stream, const Tensor& x, const Tensor& weig
 // sum = x + residual, then out, rstd = RmsNorm(sum) as above. sum may alias x or
 // residual (the residual stream updated in place); out and rstd overlap nothing.
 // Backward is RmsNormBackward on sum (the add passes gradients through).
+// [any] x, residual, weight, sum, out; [f32] rstd. out and rstd come from the
+// f32 sum before it is rounded to sum's dtype (a fused kernel has it in registers).
 absl::Status AddRmsNorm(Stream& stream, const Tensor& x, const Tensor& residual, const Tensor& weight,
                         float eps, const Tensor& sum, const Tensor& out, const Tensor& rstd);
 
 // RoPE, rotate-half convention (docs/model.md), on x [B, S, num_heads, head_dim]
 // (head_dim even), position of row s = position_offset + s. out may alias x.
+// [same] x, out (and dout, dx below).
 absl::Status Rope(Stream& stream, const Tensor& x, const Tensor& out, double theta,
                   int64_t position_offset = 0);
 // dx = R^T dout (the inverse rotation); dx may alias dout.
@@ -139,6 +172,8 @@ absl::Status RopeBackward(Stream& stream, const Tensor& dout, const Tensor& dx, 
 //   lse[b,h,i] = log sum_{j <= i} exp(s_ij),
 //   out[b,i,h] = sum_{j <= i} exp(s_ij - lse[b,h,i]) v[b,j,h/r].
 // Only the causal half is computed (blocked, online softmax: FlashAttention-2).
+// [same] q, k, v, out (and dout, dq, dk, dv in backward); [f32] lse. Scores,
+// the online softmax and the P.V sums are f32 whatever the dtype.
 absl::Status CausalAttention(Stream& stream, const Tensor& q, const Tensor& k, const Tensor& v, float scale,
                              const Tensor& out, const Tensor& lse);
 // Gradients of CausalAttention given its out and lse and dout [B, S, H, hd]
@@ -148,6 +183,8 @@ absl::Status CausalAttentionBackward(Stream& stream, const Tensor& q, const Tens
                                      const Tensor& dq, const Tensor& dk, const Tensor& dv);
 
 // ---- Softmax, losses, routing ------------------------------------------------
+// Routing and losses stay f32 in every precision: [f32] for every floating tensor
+// of Softmax, SoftmaxBackward, LogSumExp and TopK; cross-entropy as marked.
 
 // Row softmax of the matrix view; out may alias x.
 absl::Status Softmax(Stream& stream, const Tensor& x, const Tensor& out);
@@ -159,13 +196,15 @@ absl::Status LogSumExp(Stream& stream, const Tensor& x, const Tensor& out);
 
 // Per-row cross-entropy: logits [T, V] (matrix view), targets i32 [T].
 // losses[t] = lse[t] - logits[t, targets[t]], lse [T] kept for backward.
-// A target < 0 (ignore) gives loss 0. A target >= V fails the kernel with
+// [any] logits; [f32] losses, lse. A target < 0 (ignore) gives loss 0. A target >= V fails the kernel with
 // InvalidArgument (returned by this call on an inline stream, else by the
 // stream's Synchronize()); the same holds for out-of-range row indices below.
 absl::Status CrossEntropy(Stream& stream, const Tensor& logits, const Tensor& targets, const Tensor& losses,
                           const Tensor& lse);
 // dlogits[t] = scale * dloss[t] * (softmax(logits[t]) - onehot(targets[t])), with
-// dloss f32 [T] or undefined (= all ones). dlogits may alias logits.
+// dloss f32 [T] or undefined (= all ones). dlogits may alias logits (same dtype).
+// [any] logits, dlogits (bf16 dlogits from f32 logits: the gradient enters the
+// bf16 backward); [f32] lse, dloss.
 absl::Status CrossEntropyBackward(Stream& stream, const Tensor& logits, const Tensor& targets,
                                   const Tensor& lse, const Tensor& dloss, float scale, const Tensor& dlogits);
 
@@ -175,15 +214,18 @@ absl::Status CrossEntropyBackward(Stream& stream, const Tensor& logits, const Te
 absl::Status TopK(Stream& stream, const Tensor& x, int k, const Tensor& values, const Tensor& indices);
 
 // dst[i, :] = src[index[i], :] for i < M: src [N, d], index i32 [M] (0 <= index < N),
-// dst [M, d]. Permuting tokens into expert order; embedding lookup.
+// dst [M, d]. Permuting tokens into expert order; embedding lookup. src and dst
+// share one dtype (any dtype: rows are copied).
 absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst);
 // dst[index[i], :] += weight[i] * src[i, :] for i < M (weight f32 [M], or an
 // undefined Tensor for 1): src [M, d], dst [N, d]. Repeated indices accumulate
 // (deterministically, in i order). Un-permute + weighted combine; embedding backward.
+// [any] src, dst; [f32] weight. A bf16 dst element is loaded once, gets all of
+// this call's contributions in f32 (in i order) and is rounded once.
 absl::Status ScatterAddRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
                             const Tensor& weight = Tensor());
 // out[i] = alpha * dot(a[index[i], :], b[i, :]) + beta * out[i]: a [N, d], b [M, d],
-// out f32 [M]. The gradient of the combine weights.
+// out f32 [M]. The gradient of the combine weights. [any] a, b; [f32] out.
 absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, const Tensor& b,
                           const Tensor& out, float alpha = 1.0f, float beta = 0.0f);
 
@@ -195,7 +237,8 @@ absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, 
 // in every dimension d (t.rank() == global_shape.rank()); the global index of
 // an element is its row-major index in global_shape. Generator: Philox4x32-10
 // (rng.h): key = PhiloxKeyFromName(name), counter = {index lo, index hi,
-// seed lo, seed hi}; the first two words give a Box-Muller normal.
+// seed lo, seed hi}; the first two words give a Box-Muller normal. [f32] t
+// (master weights; bf16 copies are made with Cast).
 absl::Status InitNormal(Stream& stream, const Tensor& t, uint64_t seed, absl::string_view name,
                         const Shape& global_shape, absl::Span<const int64_t> offsets, float std);
 // The whole tensor is the global tensor (offsets all 0).
@@ -204,7 +247,8 @@ absl::Status InitNormal(Stream& stream, const Tensor& t, uint64_t seed, absl::st
 // ---- Optimizer ----------------------------------------------------------------
 
 // One AdamW step (decoupled weight decay), element-wise over same-shape f32
-// tensors, step >= 1 (bias correction uses it):
+// tensors ([f32]: master weight, f32 gradient, moments), step >= 1 (bias
+// correction uses it):
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^step) / (sqrt(v / (1 - b2^step)) + eps) + weight_decay * p)
 absl::Status AdamW(Stream& stream, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,

@@ -396,6 +396,7 @@ absl::Status CpuKernels::GatherRowDot(S& s, T a, T index, T b, T out, float alph
   });
 }
 
-std::unique_ptr<Kernels> MakeCpuKernels() { return std::make_unique<CpuKernels>(); }
+// The f32 kernels behind the bf16 staging layer (cpu_bf16.cc).
+std::unique_ptr<Kernels> MakeCpuKernels() { return MakeBf16StagingKernels(std::make_unique<CpuKernels>()); }
 
 }  // namespace moe::cpu

@@ -1,0 +1,312 @@
+// bf16 on the CPU backend: a Kernels decorator that stages every bf16 operand
+// through an f32 copy and calls the f32 kernels (cpu_gemm.cc, cpu_nn.cc, ...).
+//
+// Why staging and not bf16 loops: the CPU has no bf16 arithmetic worth the
+// name, OpenBLAS's sgemm is the fast path for the GEMMs (the issue's "convert
+// tiles to fp32 and call cblas_sgemm", with the whole operand as the tile), and
+// one f32 implementation per op keeps the kernels in one place. The result is
+// exactly ops.h's precision contract: bf16 inputs are widened exactly
+// (kmath::BF16ToF32), the op computes and accumulates in f32, and each bf16
+// output element is rounded once (kmath::F32ToBF16, nearest even) when the
+// staged result is cast back. A CUDA kernel that loads bf16, computes in f32
+// and rounds on store gives the same numbers up to its summation order.
+//
+// Per call, for every bf16 tensor argument:
+//   read  (an input, or an output the op also reads: beta != 0, accumulate,
+//          in place): Cast bf16 -> f32 into a temporary before the kernel;
+//   write (an output): the kernel writes the f32 temporary; Cast f32 -> bf16
+//          after it.
+// A tensor passed twice (in place: SwiGLUBackward's dgate = gate) maps to one
+// temporary. Everything is enqueued on the op's stream in order; temporaries
+// are tensor handles captured by the enqueued work, so they live until it ran.
+// They are counted as activations (scratch) by the memory tracker.
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "runtime/core/cpu/cpu_kernels.h"
+#include "runtime/core/status.h"
+
+namespace moe::cpu {
+namespace {
+
+bool IsBf16(const Tensor& t) { return t.defined() && t.dtype() == DType::kBF16; }
+
+// The f32 stand-ins of one call.
+class Staging {
+ public:
+  Staging(Kernels& f32, Stream& s) : f32_(f32), s_(s) {}
+
+  // The tensor the f32 kernel reads in place of `t`.
+  Tensor In(const Tensor& t) { return Stage(t, /*read=*/true, /*write=*/false); }
+  // The tensor the f32 kernel writes in place of `t`; `read`: it reads it too.
+  Tensor Out(const Tensor& t, bool read) { return Stage(t, read, /*write=*/true); }
+  // In and out (in-place ops).
+  Tensor InOut(const Tensor& t) { return Stage(t, true, true); }
+
+  // The first allocation or cast error, checked before the kernel runs.
+  const absl::Status& status() const { return status_; }
+
+  // After the kernel was enqueued with `kernel_status`: casts the written
+  // temporaries back to their bf16 tensors.
+  absl::Status Finish(absl::Status kernel_status) {
+    RETURN_IF_ERROR(kernel_status);
+    for (const Entry& e : entries_)
+      if (e.written) RETURN_IF_ERROR(f32_.Cast(s_, e.f32, e.bf16));
+    return absl::OkStatus();
+  }
+
+ private:
+  struct Entry {
+    Tensor bf16, f32;
+    bool written = false;
+  };
+
+  Tensor Stage(const Tensor& t, bool read, bool write) {
+    if (!IsBf16(t) || !status_.ok()) return t;
+    for (Entry& e : entries_) {
+      if (e.bf16.raw_data() == t.raw_data() && e.bf16.numel() == t.numel()) {
+        e.written = e.written || write;
+        return e.f32.Reshape(t.shape());
+      }
+    }
+    absl::StatusOr<Tensor> tmp =
+        Tensor::Empty(s_.backend(), t.shape(), DType::kF32, MemoryCategory::kActivations);
+    if (!tmp.ok()) {
+      status_ = tmp.status();
+      return t;
+    }
+    if (read) {
+      absl::Status st = f32_.Cast(s_, t, *tmp);
+      if (!st.ok()) status_ = st;
+    }
+    entries_.push_back({t, *tmp, write});
+    return *tmp;
+  }
+
+  Kernels& f32_;
+  Stream& s_;
+  std::vector<Entry> entries_;
+  absl::Status status_;
+};
+
+class Bf16StagingKernels : public Kernels {
+ public:
+  explicit Bf16StagingKernels(std::unique_ptr<Kernels> f32) : f32_(std::move(f32)) {}
+
+  // Dtype-agnostic already (bytes, or conversions).
+  absl::Status Copy(S& s, T src, T dst) override { return f32_->Copy(s, src, dst); }
+  absl::Status Cast(S& s, T src, T dst) override { return f32_->Cast(s, src, dst); }
+  absl::Status Fill(S& s, T t, double value) override { return f32_->Fill(s, t, value); }
+  absl::Status GatherRows(S& s, T src, T index, T dst) override {
+    return f32_->GatherRows(s, src, index, dst);
+  }
+
+  absl::Status Gemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Gemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta));
+  }
+  absl::Status BatchedGemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha,
+                           float beta) override {
+    Staging g(*f32_, s);
+    Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->BatchedGemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta));
+  }
+  absl::Status GroupedGemm(S& s, T x, T w, bool trans_w, T y, absl::Span<const int64_t> offsets, float alpha,
+                           float beta) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), w2 = g.In(w), y2 = g.Out(y, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->GroupedGemm(s, x2, w2, trans_w, y2, offsets, alpha, beta));
+  }
+  absl::Status GroupedGemmWeightGrad(S& s, T dy, T x, T dw, absl::Span<const int64_t> offsets, float alpha,
+                                     float beta) override {
+    Staging g(*f32_, s);
+    Tensor dy2 = g.In(dy), x2 = g.In(x), dw2 = g.Out(dw, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->GroupedGemmWeightGrad(s, dy2, x2, dw2, offsets, alpha, beta));
+  }
+
+  absl::Status Add(S& s, T a, T b, T out) override {
+    Staging g(*f32_, s);
+    Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Add(s, a2, b2, o2));
+  }
+  absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), y2 = g.Out(y, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Axpby(s, alpha, x2, beta, y2));
+  }
+  absl::Status Mul(S& s, T a, T b, T out) override {
+    Staging g(*f32_, s);
+    Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Mul(s, a2, b2, o2));
+  }
+  absl::Status Scale(S& s, T x, float alpha, T out) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Scale(s, x2, alpha, o2));
+  }
+  absl::Status Silu(S& s, T x, T out) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Silu(s, x2, o2));
+  }
+  absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), d2 = g.In(dout), dx2 = g.Out(dx, beta != 0.0f);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->SiluBackward(s, x2, d2, dx2, alpha, beta));
+  }
+  absl::Status SwiGLU(S& s, T gate, T up, T out) override {
+    Staging g(*f32_, s);
+    Tensor g2 = g.In(gate), u2 = g.In(up), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->SwiGLU(s, g2, u2, o2));
+  }
+  absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
+    Staging g(*f32_, s);
+    Tensor g2 = g.In(gate), u2 = g.In(up), d2 = g.In(dout), dg2 = g.Out(dgate, false),
+           du2 = g.Out(dup, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->SwiGLUBackward(s, g2, u2, d2, dg2, du2));
+  }
+
+  absl::Status ReduceSum(S& s, T x, T out, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->ReduceSum(s, x2, out, alpha, beta));
+  }
+  absl::Status ReduceSumSquares(S& s, T x, T out, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->ReduceSumSquares(s, x2, out, alpha, beta));
+  }
+  absl::Status ReduceMax(S& s, T x, T out) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->ReduceMax(s, x2, out));
+  }
+  absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->SumRows(s, x2, out, alpha, beta));
+  }
+
+  absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), w2 = g.In(weight), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->RmsNorm(s, x2, w2, eps, o2, rstd));
+  }
+  absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
+                               bool accumulate_dx) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), w2 = g.In(weight), d2 = g.In(dout), dx2 = g.Out(dx, accumulate_dx),
+           dw2 = g.Out(dweight, true);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->RmsNormBackward(s, x2, w2, rstd, d2, dx2, dw2, accumulate_dx));
+  }
+  absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), r2 = g.In(residual), w2 = g.In(weight), s2 = g.Out(sum, false),
+           o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->AddRmsNorm(s, x2, r2, w2, eps, s2, o2, rstd));
+  }
+  absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
+    Staging g(*f32_, s);
+    Tensor x2 = g.In(x), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->Rope(s, x2, o2, theta, position_offset));
+  }
+  absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
+    Staging g(*f32_, s);
+    Tensor d2 = g.In(dout), dx2 = g.Out(dx, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->RopeBackward(s, d2, dx2, theta, position_offset));
+  }
+  absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
+    Staging g(*f32_, s);
+    Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.Out(out, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->CausalAttention(s, q2, k2, v2, scale, o2, lse));
+  }
+  absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
+                                       T dv) override {
+    Staging g(*f32_, s);
+    Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.In(out), d2 = g.In(dout), dq2 = g.Out(dq, false),
+           dk2 = g.Out(dk, false), dv2 = g.Out(dv, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->CausalAttentionBackward(s, q2, k2, v2, o2, lse, scale, d2, dq2, dk2, dv2));
+  }
+
+  // Routing: f32 only (ops.h), nothing to stage.
+  absl::Status Softmax(S& s, T x, T out) override { return f32_->Softmax(s, x, out); }
+  absl::Status SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, float beta) override {
+    return f32_->SoftmaxBackward(s, y, dy, dx, alpha, beta);
+  }
+  absl::Status LogSumExp(S& s, T x, T out) override { return f32_->LogSumExp(s, x, out); }
+  absl::Status TopK(S& s, T x, int k, T values, T indices) override {
+    return f32_->TopK(s, x, k, values, indices);
+  }
+
+  absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
+    Staging g(*f32_, s);
+    Tensor l2 = g.In(logits);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->CrossEntropy(s, l2, targets, losses, lse));
+  }
+  absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
+                                    T dlogits) override {
+    Staging g(*f32_, s);
+    Tensor l2 = g.In(logits), d2 = g.Out(dlogits, false);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2));
+  }
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
+    Staging g(*f32_, s);
+    Tensor s2 = g.In(src), d2 = g.Out(dst, true);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->ScatterAddRows(s, s2, index, d2, weight));
+  }
+  absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
+    Staging g(*f32_, s);
+    Tensor a2 = g.In(a), b2 = g.In(b);
+    RETURN_IF_ERROR(g.status());
+    return g.Finish(f32_->GatherRowDot(s, a2, index, b2, out, alpha, beta));
+  }
+
+  // Master weights and optimizer state: f32 only.
+  absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
+                          absl::Span<const int64_t> offsets, float std) override {
+    return f32_->InitNormal(s, t, seed, name, global_shape, offsets, std);
+  }
+  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, int64_t step) override {
+    return f32_->AdamW(s, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step);
+  }
+
+ private:
+  std::unique_ptr<Kernels> f32_;
+};
+
+}  // namespace
+
+std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32) {
+  return std::make_unique<Bf16StagingKernels>(std::move(f32));
+}
+
+}  // namespace moe::cpu

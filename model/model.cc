@@ -86,7 +86,8 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
   num_tokens_ = T;
   ASSIGN_OR_RETURN(Tensor ids, FromHostInts(stream, input, Shape{T}));
   ASSIGN_OR_RETURN(targets_, FromHostInts(stream, target, Shape{T}));
-  ASSIGN_OR_RETURN(Tensor h, embed_.Forward(stream, ids));
+  Residual h;
+  ASSIGN_OR_RETURN(h.h, embed_.Forward(stream, ids));
   LossParts loss;
   for (size_t l = 0; l < blocks_.size(); ++l) {
     auto& block = blocks_[l];
@@ -95,7 +96,11 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
     loss.aux += block->aux_loss();
     loss.z += block->z_loss();
   }
-  ASSIGN_OR_RETURN(hn_, final_norm_.Forward(stream, h));
+  if (h.branch.defined()) {
+    ASSIGN_OR_RETURN(hn_, final_norm_.AddForward(stream, h.h, h.branch));  // the last block's add, fused
+  } else {
+    ASSIGN_OR_RETURN(hn_, final_norm_.Forward(stream, h.h));
+  }
   const Tensor& head = cfg_.tie_word_embeddings() ? embed_.weight().value : lm_head_.value;
   ASSIGN_OR_RETURN(logits_, NewActivation(stream, Shape{T, V}));
   RETURN_IF_ERROR(ops::Gemm(stream, hn_, false, head, true, logits_));

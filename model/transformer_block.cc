@@ -29,9 +29,15 @@ absl::Status TransformerBlock::Init(Stream& stream, const config::ModelConfig& c
                     seed);
 }
 
-absl::StatusOr<Tensor> TransformerBlock::Forward(Stream& stream, const Tensor& h, int64_t num_seqs,
-                                                 int64_t seq_len) {
-  ASSIGN_OR_RETURN(Tensor a, input_norm_.Forward(stream, h));
+absl::StatusOr<Residual> TransformerBlock::Forward(Stream& stream, const Residual& in, int64_t num_seqs,
+                                                   int64_t seq_len) {
+  Tensor h = in.h, a;
+  if (in.branch.defined()) {
+    ASSIGN_OR_RETURN(a, input_norm_.AddForward(stream, in.h, in.branch));  // h = in.h + branch, normed
+    h = in.branch;
+  } else {
+    ASSIGN_OR_RETURN(a, input_norm_.Forward(stream, in.h));
+  }
   ASSIGN_OR_RETURN(Tensor h1, attn_.Forward(stream, a, num_seqs, seq_len));
   ASSIGN_OR_RETURN(Tensor m, post_norm_.AddForward(stream, h, h1));  // h1 = h + attention, normed
   Tensor y;
@@ -40,8 +46,7 @@ absl::StatusOr<Tensor> TransformerBlock::Forward(Stream& stream, const Tensor& h
   } else {
     ASSIGN_OR_RETURN(y, mlp_->Forward(stream, m));
   }
-  RETURN_IF_ERROR(ops::Add(stream, h1, y, y));  // h2 = h1 + mlp
-  return y;
+  return Residual{h1, y};  // h2 = h1 + y, added by the next norm
 }
 
 absl::Status TransformerBlock::Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale) {

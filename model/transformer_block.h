@@ -16,13 +16,24 @@
 
 namespace moe::model {
 
+// The residual stream between blocks with the last branch not yet added: its
+// value is h + branch (h alone when branch is undefined). The next RMSNorm
+// adds the branch in its own pass (ops::AddRmsNorm, writing the sum into
+// branch), so the add at a block boundary costs no pass over memory of its own.
+struct Residual {
+  Tensor h;
+  Tensor branch;
+};
+
 class TransformerBlock {
  public:
   // `dispatcher` is used when the layer is MoE (null: LocalTokenDispatcher).
   absl::Status Init(Stream& stream, const config::ModelConfig& cfg, int layer, const ShardPlan& plan,
                     uint64_t seed, std::unique_ptr<TokenDispatcher> dispatcher = nullptr);
-  // h [B * S, d] (kept until Backward) -> the block's output [B * S, d].
-  absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& h, int64_t num_seqs, int64_t seq_len);
+  // in = h [B * S, d] (+ branch, added here into branch) -> the block's output
+  // h1 + (MoE or MLP output), unsummed. in.h and the sum are kept until
+  // Backward; in.branch is overwritten with the sum.
+  absl::StatusOr<Residual> Forward(Stream& stream, const Residual& in, int64_t num_seqs, int64_t seq_len);
   // dh [B * S, d]: on entry d loss / d output, on return d loss / d h (in place).
   // aux_scale, z_scale: d loss / d (aux, z) of this layer (unused when dense).
   absl::Status Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale);

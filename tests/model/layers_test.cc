@@ -346,9 +346,9 @@ TEST_CASE("TransformerBlock gradients (dense and MoE)") {
       Tensor h = RandomTensor(Shape{B * S, 8}, rng);
       std::vector<float> r = ToVec(RandomTensor(Shape{B * S, 8}, rng));
       auto loss = [&] {
-        auto y = block.Forward(s, h, B, S);
+        auto y = block.Forward(s, Residual{h, Tensor()}, B, S);  // output = y->h + y->branch
         REQUIRE(y.ok());
-        return Dot(*y, r) + 0.9 * block.aux_loss() + 1.1 * block.z_loss();
+        return Dot(y->h, r) + Dot(y->branch, r) + 0.9 * block.aux_loss() + 1.1 * block.z_loss();
       };
       loss();
       Tensor dh = testing::NewTensor(Shape{B * S, 8}, r);

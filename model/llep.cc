@@ -354,7 +354,8 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
 
 absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
                         const config::LlepConfig& llep_cfg, comm::Communicator* host_ep,
-                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream) {
+                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream,
+                        LlepRates* known) {
   comm::Communicator* ep = host_ep;
   if (!llep_cfg.enabled() || ep == nullptr || ep->size() < 2) return absl::OkStatus();
   if (ep_p2p == nullptr || ep_p2p->size() != ep->size()) {
@@ -362,8 +363,11 @@ absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
   }
   LlepRates rates;
   const bool need_rates = llep_cfg.cost_model() && (llep_cfg.gemm_gflops() <= 0 || llep_cfg.p2p_gbps() <= 0);
-  if (need_rates) {
+  if (need_rates && known != nullptr && known->gemm_flops_per_s > 0 && known->p2p_bytes_per_s > 0) {
+    rates = *known;
+  } else if (need_rates) {
     ASSIGN_OR_RETURN(rates, MeasureLlepRates(stream, *ep, *ep_p2p));
+    if (known != nullptr) *known = rates;
   }
   const parallel::LlepOptions options = LlepOptionsFromConfig(llep_cfg, rates, model_cfg.hidden_size(),
                                                               model_cfg.moe().expert_ffn_hidden_size());

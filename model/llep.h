@@ -171,10 +171,13 @@ class LlepRunner {
 
 // Gives every MoE layer of `model` an LlepRunner (llep.enabled). Rates are
 // measured once here (collective over host_ep and ep_p2p) when the config
-// leaves them at 0.
+// leaves them at 0, unless `rates` is given with both rates > 0: then those are
+// used (a resumed run passes the rates its checkpoint kept, so it plans as the
+// run it continues). A measurement is stored in `*rates` when `rates` is not null.
 absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
                         const config::LlepConfig& llep_cfg, comm::Communicator* host_ep,
-                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream);
+                        comm::Communicator* ep_p2p, comm::Communicator* tp, Stream& stream,
+                        LlepRates* rates = nullptr);
 
 }  // namespace moe::model
 

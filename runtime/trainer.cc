@@ -103,10 +103,22 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   }
   ASSIGN_OR_RETURN(t->model_,
                    model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
-  // LLEP (issue 7): no-op unless llep.enabled and EP > 1.
+  // LLEP (issue 7): no-op unless llep.enabled and EP > 1. Measured rates are
+  // agreed over the whole job (every EP group plans with the same numbers, as
+  // a resumed run will from its checkpoint) and the runners rebuilt with them.
+  comm::Communicator* ep_tp = layout.tp > 1 ? groups->tp.get() : nullptr;
   RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->host.ep.get(),
-                                    groups->ep_p2p.get(), layout.tp > 1 ? groups->tp.get() : nullptr,
-                                    *t->stream_));
+                                    groups->ep_p2p.get(), ep_tp, *t->stream_, &t->llep_rates_));
+  if (t->MeasuresLlepRates()) {
+    double v[2] = {t->llep_rates_.gemm_flops_per_s, t->llep_rates_.p2p_bytes_per_s};
+    ASSIGN_OR_RETURN(comm::Work w, groups->host.world->AllReduce(v, v, 2, DType::kF64, comm::ReduceOp::kMin));
+    RETURN_IF_ERROR(w.Wait());
+    t->llep_rates_ = {v[0], v[1]};
+    RETURN_IF_ERROR(model::EnableLlep(*t->model_, config.model(), config.llep(), groups->host.ep.get(),
+                                      groups->ep_p2p.get(), ep_tp, *t->stream_, &t->llep_rates_));
+    MOE_LOG_RANK0(INFO) << "llep: measured " << v[0] / 1e9 << " GFLOP/s, " << v[1] / 1e9
+                        << " GB/s (kept in checkpoints)";
+  }
   parallel::GradSyncOptions sync_options;
   sync_options.bucket_mb = config.parallel().grad_bucket_mb();
   ASSIGN_OR_RETURN(t->grad_sync_,
@@ -164,6 +176,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   return t;
 }
 
+bool Trainer::MeasuresLlepRates() const {
+  const config::LlepConfig& l = config_.llep();
+  return l.enabled() && groups_->layout.ep > 1 && l.cost_model() &&
+         (l.gemm_gflops() <= 0 || l.p2p_gbps() <= 0);
+}
+
 absl::Status Trainer::Resume() {
   ASSIGN_OR_RETURN(std::optional<LoadedCheckpoint> loaded,
                    checkpointer_->Resume(config_.train().resume(), checkpoint_tensors_));
@@ -180,6 +198,17 @@ absl::Status Trainer::Resume() {
   optimizer_->set_step(opt_step != state.int_values.end() ? opt_step->second : state.step);
   step_ = state.step;
   resumed_ = true;
+  // Plan LLEP with the rates the saved run measured, not new ones.
+  auto gemm = state.double_values.find("llep.gemm_flops_per_s");
+  auto p2p = state.double_values.find("llep.p2p_bytes_per_s");
+  if (MeasuresLlepRates() && gemm != state.double_values.end() && p2p != state.double_values.end()) {
+    llep_rates_ = {gemm->second, p2p->second};
+    RETURN_IF_ERROR(model::EnableLlep(
+        *model_, config_.model(), config_.llep(), groups_->host.ep.get(), groups_->ep_p2p.get(),
+        groups_->layout.tp > 1 ? groups_->tp.get() : nullptr, *stream_, &llep_rates_));
+    MOE_LOG_RANK0(INFO) << "llep: rates from the checkpoint, " << llep_rates_.gemm_flops_per_s / 1e9
+                        << " GFLOP/s, " << llep_rates_.p2p_bytes_per_s / 1e9 << " GB/s";
+  }
   MOE_LOG_RANK0(INFO) << "resumed from " << loaded->path << " at step " << step_;
   return absl::OkStatus();
 }
@@ -195,6 +224,10 @@ absl::Status Trainer::SaveCheckpoint() {
   state.rng.push_back({"init", config_.train().seed(), 0});
   state.lr_step = optimizer_->step();
   state.int_values["optimizer.step"] = optimizer_->step();
+  if (MeasuresLlepRates()) {
+    state.double_values["llep.gemm_flops_per_s"] = llep_rates_.gemm_flops_per_s;
+    state.double_values["llep.p2p_bytes_per_s"] = llep_rates_.p2p_bytes_per_s;
+  }
   return checkpointer_->Save(state, checkpoint_tensors_, ConfigToText(config_));
 }
 

@@ -29,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "data/dataset.h"
+#include "model/llep.h"
 #include "model/model.h"
 #include "optim/lr_schedule.h"
 #include "optim/optimizer.h"
@@ -109,10 +110,18 @@ class Trainer {
   const parallel::ParameterList& parameters() const { return model_->parameters(); }
   data::TrainingData& data() { return *data_; }
   const std::vector<StepStats>& history() const { return history_; }
+  // The LLEP cost model's measured rates (zero when nothing is measured: LLEP
+  // off, EP 1, cost model off or both rates in the config). Measured at
+  // start-up, agreed over the whole job (minimum), kept in checkpoints, and
+  // taken from the checkpoint on resume, so the LLEP plans (and the float
+  // summation order they imply) are a function of the checkpointed state.
+  const model::LlepRates& llep_rates() const { return llep_rates_; }
 
  private:
   Trainer(const JobConfig& config, parallel::ProcessGroups* groups);
   absl::Status Resume();
+  // True when this job measures LLEP rates (the same answer on every rank).
+  bool MeasuresLlepRates() const;
   absl::StatusOr<std::vector<double>> SumOverDataParallel(std::vector<double> values);
   void Log(const StepStats& s) const;
   absl::Status WriteMetrics(const StepStats& s);
@@ -136,6 +145,7 @@ class Trainer {
   std::vector<ShardedTensor> checkpoint_tensors_;  // model and optimizer state
   int64_t step_ = 0;
   bool resumed_ = false;
+  model::LlepRates llep_rates_;
   bool stopped_by_signal_ = false;
 };
 

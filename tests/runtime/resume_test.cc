@@ -81,6 +81,9 @@ JobConfig Config(const Layout& layout, int world, int steps, const std::string& 
 struct Outcome {
   std::vector<double> losses;                        // per step
   std::map<std::string, std::vector<float>> params;  // local values
+  model::LlepRates llep_rates;                       // the rates LLEP planned with (0: none measured)
+  double llep_fired = 0;                             // summed over steps and MoE layers
+  int64_t dropped = 0;                               // assignments dropped by capacity, all steps
 };
 
 Outcome Train(const JobConfig& config) {
@@ -91,12 +94,20 @@ Outcome Train(const JobConfig& config) {
       parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
           .value();
   auto trainer = Trainer::Create(config, &groups);
+  INFO(trainer.status().ToString());
   REQUIRE(trainer.ok());
   absl::Status run = (*trainer)->Run();
   INFO(run.message());
   REQUIRE(run.ok());
   Outcome o;
-  for (const StepStats& s : (*trainer)->history()) o.losses.push_back(s.loss);
+  for (const StepStats& s : (*trainer)->history()) {
+    o.losses.push_back(s.loss);
+    for (const MoeLayerStats& m : s.moe_layers) {
+      o.llep_fired += m.llep_fired;
+      o.dropped += m.dropped;
+    }
+  }
+  o.llep_rates = (*trainer)->llep_rates();
   for (parallel::Parameter* p : (*trainer)->parameters()) {
     const float* v = p->value.data<float>();
     o.params[p->name].assign(v, v + p->value.numel());
@@ -225,6 +236,67 @@ TEST_CASE("DeepSeek-V3 routing with expert bias: bit-identical resume, and withi
   for (int i = 0; i < 3; ++i) {
     CAPTURE(i, c.losses[i], reference.losses[3 + i]);
     CHECK(std::abs(c.losses[i] - reference.losses[3 + i]) <= 1e-5 * std::abs(reference.losses[3 + i]));
+  }
+}
+
+// LLEP as the demo runs it: the cost model on with a rate measured at start-up,
+// overlap chunks, and here capacity drops as well, with 95% of the assignments
+// forced into one expert so that LLEP has work to move. Re-measured rates could
+// change the plans (and so the summation order), so the rates are checkpointed
+// and a resumed run plans with them. Every run starts from one step-0
+// checkpoint so that the uninterrupted run and the resumed one plan with the
+// same rates; each run must report exactly those rates, bit for bit.
+JobConfig LlepConfig(const Layout& layout, int world, int steps, const std::string& ckpt_dir,
+                     const std::string& resume) {
+  JobConfig c = Config(layout, world, steps, ckpt_dir, "adamw");
+  auto* moe = c.mutable_model()->mutable_moe();
+  moe->set_capacity_factor(2.0);
+  moe->mutable_forced_routing()->set_fraction(0.95);
+  moe->mutable_forced_routing()->set_hot_experts(1);
+  c.mutable_parallel()->set_overlap_chunks(2);
+  c.mutable_train()->set_micro_batch(4);
+  c.mutable_train()->set_resume(resume);
+  auto* llep = c.mutable_llep();
+  llep->set_enabled(true);
+  // The cost model on with the link rate measured (p2p_gbps 0). The GEMM rate is
+  // set low so that moving work pays at any measured link speed (the plan moves
+  // ~60 tokens; the cost model lets a range move when tokens > 1.33 GEMM rate /
+  // link rate, 27 tokens at 0.05 GB/s); measured, it made LLEP fire or not from
+  // one run to the next (14 to 96 GFLOP/s on a loaded machine).
+  llep->set_cost_model(true);
+  llep->set_gemm_gflops(1.0);
+  llep->set_min_tokens_per_gemm(1);
+  ApplyDefaults(world, &c);
+  return c;
+}
+
+TEST_CASE("LLEP with measured rates, overlap chunks and capacity drops: bit-identical resume") {
+  const int world = comm::MpiEnv::world_size();
+  const Layout layout = SameLayouts(world).back();  // EP 2
+  const std::string init = Dir() + "/ckpt_llep_init", ckpt = Dir() + "/ckpt_llep";
+  if (comm::MpiEnv::world_rank() == 0 && !std::filesystem::exists(CorpusPrefix() + ".idx")) WriteCorpus();
+  Barrier();
+  Outcome zero = Train(LlepConfig(layout, world, 0, init, "none"));
+  const model::LlepRates rates = zero.llep_rates;
+  REQUIRE(rates.gemm_flops_per_s > 0);
+  REQUIRE(rates.p2p_bytes_per_s > 0);
+  const std::string step0 = init + "/step_00000000";
+  Outcome reference = Train(LlepConfig(layout, world, 6, "", step0));
+  Train(LlepConfig(layout, world, 3, ckpt, step0));
+  Outcome b = Train(LlepConfig(layout, world, 6, ckpt, "auto"));
+  // Every run planned with the step-0 run's rates (not ones measured again).
+  for (const Outcome* o : {&reference, &b}) {
+    CHECK(o->llep_rates.gemm_flops_per_s == rates.gemm_flops_per_s);
+    CHECK(o->llep_rates.p2p_bytes_per_s == rates.p2p_bytes_per_s);
+  }
+  CHECK(reference.llep_fired > 0);  // LLEP moved work (the cost model let it)
+  CHECK(reference.dropped > 0);     // and capacity dropped assignments
+  REQUIRE(b.losses.size() == 3);
+  for (int i = 0; i < 3; ++i) CHECK(b.losses[i] == reference.losses[3 + i]);
+  for (const auto& [name, values] : reference.params) {
+    CAPTURE(name);
+    REQUIRE(b.params.at(name).size() == values.size());
+    CHECK(std::memcmp(b.params.at(name).data(), values.data(), values.size() * sizeof(float)) == 0);
   }
 }
 

@@ -153,12 +153,65 @@ TEST_CASE("every validation message names field, value and fix") {
   SECTION("every problem is reported at once") {
     auto problems = ValidateJobConfig(
         Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);
-    CHECK(problems.size() >= 3);
+    const std::string p =
+        Problems(Resolved("parallel { expert: 3 } optim { lr: -1 } train { device: \"tpu\" }", 6), 6);
+    CHECK(Contains(p, "parallel.expert = 3 must divide model.moe.num_experts = 8"));
+    CHECK(Contains(p, "optim.lr = -1 must be positive"));
+    CHECK(Contains(p, "train.device = \"tpu\": this build trains on \"cpu\" only"));
+    CHECK(problems.size() == 4);  // and optim.min_lr, now above optim.lr
+    CHECK(Contains(p, "optim.min_lr = "));
   }
   SECTION("non-positive sizes") {
     auto p = Problems(Resolved("model { hidden_size: 0 } train { micro_batch: -2 }", 1), 1);
     CHECK(Contains(p, "model.hidden_size = 0 must be positive"));
     CHECK(Contains(p, "train.micro_batch = -2 must be positive"));
+  }
+}
+
+// One rule per case: the message names the field, the value and the rule, and
+// it is the only problem of a config that is valid without the change.
+TEST_CASE("each rule's message, alone: llep, comm, checkpoint, optim, experts_impl, layout") {
+  struct Case {
+    const char* text;
+    int world;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"llep { trigger_ratio: 0.5 }", 1, "llep.trigger_ratio = 0.5 must be >= 1 (max/mean load; paper: 1.3)"},
+      {"llep { capacity_factor: 0.9 }", 1, "llep.capacity_factor = 0.9 must be >= 1 (paper: 1.0)"},
+      {"llep { min_tokens_per_gemm: 0 }", 1, "llep.min_tokens_per_gemm = 0 must be >= 1 (paper: 1024)"},
+      {"llep { max_borrowed_experts: -1 }", 1, "llep.max_borrowed_experts = -1 must be >= 0 (0: no limit)"},
+      {"comm { timeout_s: -1 }", 1, "comm.timeout_s = -1 must be positive"},
+      {"comm { backend: \"gloo\" }", 1, "comm.backend = \"gloo\" must be \"auto\", \"mpi\" or \"nccl\""},
+      {"checkpoint { save_every: -5 }", 1, "checkpoint.save_every = -5 must be >= 0"},
+      {"checkpoint { keep_last: -1 }", 1, "checkpoint.keep_last = -1 must be >= 0 (0: keep all)"},
+      {"optim { beta1: 1 }", 1, "optim.beta1 = 1 must be in [0, 1)"},
+      {"optim { beta2: -0.5 }", 1, "optim.beta2 = -0.5 must be in [0, 1)"},
+      {"optim { eps: 0 }", 1, "optim.eps = 0 must be positive"},
+      {"optim { lr: 0.001 min_lr: 0.01 }", 1, "optim.min_lr = 0.01 must be in [0, optim.lr = 0.001]"},
+      {"optim { min_lr: -1 }", 1, "optim.min_lr = -1 must be in [0, optim.lr = "},
+      {"optim { lr_schedule: \"step\" }", 1,
+       "optim.lr_schedule = \"step\" must be \"cosine\", \"linear\" or \"constant\""},
+      {"optim { lr_schedule: \"linear\" warmup_steps: 50 decay_steps: 40 }", 1,
+       "optim.decay_steps = 40 must exceed optim.warmup_steps = 50 for the linear schedule"},
+      {"model { moe { experts_impl: \"fast\" } }", 1,
+       "model.moe.experts_impl = \"fast\" must be \"grouped\" or \"sequential\""},
+      {"model { hidden_size: 12 num_heads: 4 num_kv_heads: 2 }", 1,
+       "head size model.hidden_size / model.num_heads = 3 must be even for RoPE"},
+      {"parallel { expert: 4 data: 6 }", 6,
+       "parallel.expert = 4 must divide parallel.data = 6 (expert groups are slices of the data-parallel "
+       "dimension)"},
+      {"model { ffn_hidden_size: 66 } parallel { tensor: 4 }", 4,
+       "parallel.tensor = 4 must divide model.ffn_hidden_size = 66"},
+  };
+  // The base config is valid at each world size used.
+  for (int world : {1, 4, 6}) CHECK(Problems(Resolved("", world), world).empty());
+  for (const Case& c : cases) {
+    CAPTURE(c.text, c.world);
+    const std::vector<std::string> problems = ValidateJobConfig(Resolved(c.text, c.world), c.world);
+    REQUIRE(problems.size() == 1);
+    CAPTURE(problems[0]);
+    CHECK(Contains(problems[0], c.message));
   }
 }
 

@@ -404,7 +404,18 @@ absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
       at += static_cast<size_t>(n);
     }
     SetManifestChecksums(task.plan, sums, &task.manifest);
-    local = fs_->WriteFile(JoinPath(task.tmp_dir, kManifestFileName), SerializeManifestFile(task.manifest));
+    // model.h5 was written through HDF5 (closed, not synced): fsync it too.
+    absl::StatusOr<std::unique_ptr<CheckpointFile>> master =
+        fs_->OpenForWrite(JoinPath(task.tmp_dir, kMasterFileName));
+    local = master.status();
+    if (local.ok()) local = (*master)->Sync();
+    if (master.ok()) {
+      absl::Status c = (*master)->Close();
+      if (local.ok()) local = c;
+    }
+    if (local.ok()) {
+      local = fs_->WriteFile(JoinPath(task.tmp_dir, kManifestFileName), SerializeManifestFile(task.manifest));
+    }
     if (local.ok()) local = fs_->SyncDir(task.tmp_dir);
   }
   if (absl::Status s = Agree(local); !s.ok()) return fail(s);

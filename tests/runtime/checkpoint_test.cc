@@ -10,12 +10,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <set>
 
 #include "checkpoint_test_util.h"
 #include "parallel/layout.h"
 #include "runtime/checkpoint_format.h"
 #include "runtime/checkpoint_signal.h"
+#include "runtime/core/status.h"
 
 namespace moe {
 namespace {
@@ -486,6 +488,156 @@ TEST_CASE("moe-ckpt inspect and verify, with exit codes") {
     std::filesystem::remove_all(root);
   }
   WorldBarrier();
+}
+
+// Forwards every call to the POSIX file system and records, in order, each
+// fsync (a file's Sync, WriteFile, which fsyncs, and SyncDir) and rename.
+class SyncRecordingFs : public CheckpointFs {
+ public:
+  struct Event {
+    std::string what;  // "sync", "syncdir", "rename"
+    std::string path;  // the file or directory (rename: the target)
+  };
+  std::vector<Event> events() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return events_;
+  }
+  void Record(const std::string& what, const std::string& path) {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back({what, path});
+  }
+
+  absl::Status CreateDir(const std::string& path) override { return base_->CreateDir(path); }
+  absl::StatusOr<std::unique_ptr<CheckpointFile>> OpenForWrite(const std::string& path) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<CheckpointFile> file, base_->OpenForWrite(path));
+    return std::unique_ptr<CheckpointFile>(new File(this, path, std::move(file)));
+  }
+  absl::Status WriteFile(const std::string& path, const std::string& contents) override {
+    RETURN_IF_ERROR(base_->WriteFile(path, contents));
+    Record("sync", path);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> ReadFile(const std::string& path) override { return base_->ReadFile(path); }
+  absl::Status SyncDir(const std::string& path) override {
+    RETURN_IF_ERROR(base_->SyncDir(path));
+    Record("syncdir", path);
+    return absl::OkStatus();
+  }
+  absl::Status Rename(const std::string& from, const std::string& to) override {
+    RETURN_IF_ERROR(base_->Rename(from, to));
+    Record("rename", to);
+    return absl::OkStatus();
+  }
+  absl::Status RemoveAll(const std::string& path) override { return base_->RemoveAll(path); }
+  absl::StatusOr<std::vector<std::string>> ListDir(const std::string& path) override {
+    return base_->ListDir(path);
+  }
+  bool Exists(const std::string& path) override { return base_->Exists(path); }
+
+ private:
+  class File : public CheckpointFile {
+   public:
+    File(SyncRecordingFs* fs, std::string path, std::unique_ptr<CheckpointFile> base)
+        : fs_(fs), path_(std::move(path)), base_(std::move(base)) {}
+    absl::Status WriteAt(uint64_t offset, const void* data, size_t nbytes) override {
+      return base_->WriteAt(offset, data, nbytes);
+    }
+    absl::Status Sync() override {
+      RETURN_IF_ERROR(base_->Sync());
+      fs_->Record("sync", path_);
+      return absl::OkStatus();
+    }
+    absl::Status Close() override { return base_->Close(); }
+
+   private:
+    SyncRecordingFs* fs_;
+    std::string path_;
+    std::unique_ptr<CheckpointFile> base_;
+  };
+  CheckpointFs* base_ = CheckpointFs::Default();
+  mutable std::mutex mu_;
+  std::vector<Event> events_;
+};
+
+// Position of the first event (what, path) at or after `from`; -1 when none.
+int Find(const std::vector<SyncRecordingFs::Event>& events, const std::string& what, const std::string& path,
+         int from = 0) {
+  for (int i = from; i < static_cast<int>(events.size()); ++i) {
+    if (events[i].what == what && events[i].path == path) return i;
+  }
+  return -1;
+}
+
+// docs/design.md: a checkpoint appears (rename) only after every file in it and
+// its directory are on disk, then the parent directory and `latest` are synced.
+// Counted through the file-system wrapper on every rank, sync and async.
+TEST_CASE(
+    "every file of a checkpoint, its directory and the parent are fsynced before and after it appears") {
+  const std::string root = SharedTempDir("fsync");
+  const int n = World().size();
+  parallel::ProcessGroups g = GroupsOver(n, 1, n >= 2 ? 2 : 1);
+  SynthModel m;
+  BuildModel(m, g, /*zero=*/true);
+  FillModel(m, 1);
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    SyncRecordingFs fs;
+    auto ckpt = MakeCheckpointer(g, root, &fs, /*keep_last=*/0, async);
+    const int64_t step = async ? 8 : 7;
+    REQUIRE(ckpt->Save(testing::SampleTrainState(step), m.Tensors(), "").ok());
+    REQUIRE(ckpt->WaitForPendingSave().ok());
+    const std::string final_dir = JoinPath(root, absl::StrCat("step_0000000", step));
+    const std::vector<SyncRecordingFs::Event> events = fs.events();
+    // This rank's file, when it has one, was fsynced exactly once, in the
+    // temporary directory (before the rename).
+    const std::string mine = RankFileName(g.layout.rank);
+    int synced_mine = 0;
+    std::string tmp_dir;
+    for (const auto& e : events) {
+      if (e.what == "sync" && std::filesystem::path(e.path).filename() == mine) {
+        ++synced_mine;
+        tmp_dir = std::filesystem::path(e.path).parent_path().string();
+      }
+    }
+    const bool have_file = std::filesystem::exists(JoinPath(final_dir, mine));
+    CHECK(synced_mine == (have_file ? 1 : 0));
+    if (have_file) CHECK(tmp_dir.find(".tmp-") != std::string::npos);
+    // Every rank wrote its file (n ranks, ZeRO-1: every rank owns shards).
+    CHECK(have_file);
+    if (g.layout.rank == 0) {
+      tmp_dir.clear();
+      for (const auto& e : events) {
+        if (e.what == "rename" && e.path == final_dir) break;
+        if (e.what == "syncdir" && e.path.find(".tmp-") != std::string::npos) tmp_dir = e.path;
+      }
+      REQUIRE(!tmp_dir.empty());
+      // Every file in the checkpoint was synced in the temporary directory
+      // (the rank files by their ranks, the others here), then the directory,
+      // then it was renamed, then the parent synced, then `latest` written,
+      // renamed and the parent synced again.
+      const int dir_synced = Find(events, "syncdir", tmp_dir);
+      int files = 0;
+      for (const auto& entry : std::filesystem::directory_iterator(final_dir)) {
+        const std::string name = entry.path().filename().string();
+        ++files;
+        if (name.rfind("rank_", 0) == 0) continue;  // synced by its rank (checked there)
+        CAPTURE(name);
+        const int at = Find(events, "sync", JoinPath(tmp_dir, name));
+        CHECK(at >= 0);
+        CHECK(at < dir_synced);
+      }
+      CHECK(files == n + 2);  // manifest.pb, model.h5, one file per rank
+      const int renamed = Find(events, "rename", final_dir, dir_synced);
+      CHECK(renamed > dir_synced);
+      const int parent = Find(events, "syncdir", root, renamed);
+      CHECK(parent > renamed);
+      const int latest = Find(events, "rename", JoinPath(root, kLatestFileName), parent);
+      CHECK(latest > parent);
+      CHECK(Find(events, "syncdir", root, latest) > latest);
+    }
+    WorldBarrier();
+  }
+  if (World().rank() == 0) std::filesystem::remove_all(root);
 }
 
 TEST_CASE("a stop signal on one rank stops every rank at the same step") {

@@ -66,6 +66,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   const auto& train = config.train();
   ASSIGN_OR_RETURN(t->backend_, GetBackend(Device::Cpu()));
   t->stream_ = &t->backend_->default_stream();
+  // train.threads_per_rank > 0 sets this rank's compute threads; 0 keeps the
+  // backend's (OPENBLAS_NUM_THREADS, which moe-launch sets, or all cores).
+  if (train.threads_per_rank() > 0) t->backend_->SetNumThreads(train.threads_per_rank());
 
   // Data first: every data problem is reported before the model is allocated.
   // The ranks agree on the outcome (the only collective before the model), so

@@ -150,7 +150,8 @@ moe::testing::Closeness CompareTensor(const std::string& what, const std::vector
   return c;
 }
 
-void RunFixture(const std::string& name, bool grouped) {
+// `all`, when given, receives the logits, the losses and every gradient.
+void RunFixture(const std::string& name, bool grouped, std::vector<float>* all = nullptr) {
   Stream& s = CpuStream();
   Fixture f(std::string(MOE_TEST_DATA_DIR) + "/model_ref_" + name + ".h5");
   config::ModelConfig cfg = ConfigFrom(f);
@@ -190,6 +191,10 @@ void RunFixture(const std::string& name, bool grouped) {
   REQUIRE(loss.ok());
 
   CompareTensor("logits", ToVec(model.logits()), f.Read("logits"), 2e-4);
+  if (all != nullptr) {
+    *all = ToVec(model.logits());
+    all->push_back(static_cast<float>(loss->total()));
+  }
   struct L {
     const char* name;
     double got;
@@ -217,6 +222,10 @@ void RunFixture(const std::string& name, bool grouped) {
     moe::testing::Closeness c =
         CompareTensor("grad of " + p->name, ToVec(p->grad), f.Read("grad/" + p->name), 2e-4);
     if (c.worst_ratio > worst_ratio) worst_ratio = c.worst_ratio, worst_name = p->name;
+    if (all != nullptr) {
+      const std::vector<float> g = ToVec(p->grad);
+      all->insert(all->end(), g.begin(), g.end());
+    }
   }
   WARN(name << (grouped ? " (grouped)" : " (sequential)") << ": loss " << loss->total()
             << ", worst gradient at " << worst_ratio << " of its tolerance (" << worst_name << ")");
@@ -256,6 +265,30 @@ TEST_CASE("Model equals the NumPy reference: DeepSeek-V3 shape, shared expert, b
 
 TEST_CASE("Model equals the NumPy reference: sigmoid, sequence aux, no renormalisation") {
   RunFixture("sigmoid_sequence_raw", true);
+}
+
+// README: results do not depend on the thread count. The whole model at 1 and
+// 2 threads (attention splits its tiles over the threads even at these
+// sizes): both equal the reference, and each other bit for bit.
+TEST_CASE("Model equals the NumPy reference at 1 and 2 threads, bit-identically") {
+  Backend& cpu = CpuStream().backend();
+  const int before = cpu.num_threads();
+  for (const char* name : {"deepseek_shared", "tied_capacity_probs"}) {
+    for (bool grouped : {true, false}) {
+      CAPTURE(name, grouped);
+      std::vector<float> one, two;
+      cpu.SetNumThreads(1);
+      RunFixture(name, grouped, &one);
+      cpu.SetNumThreads(2);
+      RunFixture(name, grouped, &two);
+      REQUIRE(!one.empty());
+      REQUIRE(one.size() == two.size());
+      size_t differ = 0;
+      for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &two[i], sizeof(float)) != 0;
+      CHECK(differ == 0);
+    }
+  }
+  cpu.SetNumThreads(before);
 }
 
 }  // namespace

@@ -117,10 +117,20 @@ TEST_CASE("a short data-parallel run: loss falls, metrics and evaluation are wri
                                 "step_time_s", "mem_peak_bytes", "expert_load_max_over_mean", "moe_layers"}) {
           CHECK(v.Find(key) != nullptr);
         }
-        CHECK(v.Find("moe_layers")->array[0].Find("tokens_per_expert")->array.size() == 4);
+        const JsonValue& layer = v.Find("moe_layers")->array[0];
+        CHECK(layer.Find("tokens_per_expert")->array.size() == 4);
+        // Dropless: the counts cover every (token, slot) of the global batch.
+        double kept = 0;
+        for (const JsonValue& c : layer.Find("tokens_per_expert")->array) kept += c.number;
+        CHECK(kept == 2.0 * 4 * 2 * comm::MpiEnv::world_size() * 32);
+        CHECK(layer.Find("dropped")->number == 0);
+        CHECK(v.Find("step")->number == train_lines);
+        CHECK(std::isfinite(v.Find("loss")->number));
       } else {
         ++eval_lines;
-        CHECK(v.Find("valid_loss") != nullptr);
+        CHECK(v.Find("event")->string == "eval");
+        CHECK(v.Find("step")->number == 30);  // the evaluation at the end
+        CHECK(std::isfinite(v.Find("valid_loss")->number));
       }
     }
     CHECK(train_lines == 30);
@@ -163,6 +173,66 @@ TEST_CASE("auxiliary-loss-free balancing: metrics.jsonl records each MoE layer's
     }
     CHECK(with_bias == 4);
   }
+}
+
+// metrics.jsonl values, not only keys (2 ranks, EP 2, capacity 1.0, 90% of the
+// assignments forced into expert 0, LLEP firing on any imbalance): per step and
+// MoE layer, the kept counts plus the dropped ones are the global batch's
+// tokens x top_k and some are dropped; LLEP fired, moved tokens, lowered the
+// imbalance and moved whole experts' weights; the eval lines carry the step
+// they ran after.
+TEST_CASE("metrics.jsonl values: expert counts, drops, LLEP fields, the eval step") {
+  const std::string dir = TestDir();
+  std::filesystem::remove_all(dir);
+  const std::string prefix = WriteCorpus(dir);
+  const int world = comm::MpiEnv::world_size();
+  JobConfig config = TinyConfig(prefix, dir + "/run_values", world);
+  config.mutable_train()->set_steps(4);
+  config.mutable_train()->set_eval_every(2);
+  config.mutable_parallel()->set_expert(world);
+  auto* moe = config.mutable_model()->mutable_moe();
+  moe->set_capacity_factor(1.0);
+  moe->mutable_forced_routing()->set_fraction(0.9);
+  auto* llep = config.mutable_llep();
+  llep->set_enabled(true);
+  llep->set_trigger_ratio(1.0);
+  llep->set_min_tokens_per_gemm(1);
+  llep->set_cost_model(false);
+  parallel::ProcessGroups groups = Groups(1, world);
+  auto trainer = Trainer::Create(config, &groups);
+  INFO(trainer.status().ToString());
+  REQUIRE(trainer.ok());
+  REQUIRE((*trainer)->Run().ok());
+  if (comm::MpiEnv::world_rank() != 0) return;
+  const double assignments = 2.0 * 4 * 2 * world * 32;  // top_k x micro_batch x grad_accum x dp x seq_len
+  const double expert_bytes = 3.0 * 32 * 32 * sizeof(float);  // gate, up, down of d 32, Fe 32
+  std::ifstream in(dir + "/run_values/metrics.jsonl");
+  std::string line;
+  std::vector<double> train_steps, eval_steps;
+  while (std::getline(in, line)) {
+    JsonValue v = ParseJson(line).value();
+    CAPTURE(line);
+    if (v.Find("event")->string == "eval") {
+      eval_steps.push_back(v.Find("step")->number);
+      continue;
+    }
+    train_steps.push_back(v.Find("step")->number);
+    const JsonValue& layer = v.Find("moe_layers")->array.at(0);
+    double kept = 0;
+    for (const JsonValue& c : layer.Find("tokens_per_expert")->array) kept += c.number;
+    const double dropped = layer.Find("dropped")->number;
+    CHECK(kept + dropped == assignments);
+    CHECK(dropped > 0);
+    CHECK(layer.Find("llep_fired")->number > 0);
+    CHECK(layer.Find("llep_fired")->number <= 1);
+    CHECK(layer.Find("llep_tokens_moved")->number > 0);
+    CHECK(layer.Find("llep_imbalance_after")->number < layer.Find("llep_imbalance_before")->number);
+    const double bytes = layer.Find("llep_weight_bytes_moved")->number;
+    CHECK(bytes > 0);
+    CHECK(std::fmod(bytes, expert_bytes) == 0);
+  }
+  CHECK(train_steps == std::vector<double>{1, 2, 3, 4});
+  CHECK(eval_steps == std::vector<double>{2, 4});
 }
 
 // README: results do not depend on the thread count. Three steps of a model

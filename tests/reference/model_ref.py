@@ -612,7 +612,8 @@ def check(cfg, name, max_per_tensor, rng):
                 err = abs(fd - g[i]) / scale
                 if scale > 1e-6:
                     worst = max(worst, err)
-                if abs(fd - g[i]) > 1e-5 * scale + 1e-9:
+                # Written as "not within": a NaN or Inf on either side fails.
+                if not abs(fd - g[i]) <= 1e-5 * scale + 1e-9:
                     print(f"[{name}] weights={weights} {pname}[{i}]: analytic {g[i]:.10g} "
                           f"fd {fd:.10g} rel err {err:.3g}")
                     return False

@@ -74,9 +74,12 @@ set +e
 set -e
 [ "$rc1" = 2 ] && [ "$rc2" = 2 ] || fail "usage errors: exit $rc1 / $rc2, want 2"
 
-# The real corpus of the demo, when the fortunes package is installed.
-if [ -d /usr/share/games/fortunes ]; then
-  "$PRE" --output-prefix "$T/fortunes_corpus" --split=percent --quiet /usr/share/games/fortunes > "$T/real.out"
-  "$PRE" --check "$T/fortunes_corpus" | tee -a "$T/real.out"
-fi
+# The real corpus of the demo (the fortunes package is one of launch/setup.sh's):
+# thousands of documents, every token a byte or the end-of-document token.
+[ -d /usr/share/games/fortunes ] || fail "/usr/share/games/fortunes is missing: install the fortunes package (launch/setup.sh)"
+"$PRE" --output-prefix "$T/fortunes_corpus" --split=percent --quiet /usr/share/games/fortunes > "$T/real.out" ||
+  fail "moe-preprocess of the fortunes corpus"
+"$PRE" --check "$T/fortunes_corpus" --vocab-size 257 > "$T/real.check" || fail "--check of the fortunes corpus"
+docs=$(sed -n 's/.* \([0-9]*\) documents, .*all < vocab_size 257.*/\1/p' "$T/real.check")
+[ -n "$docs" ] && [ "$docs" -gt 1000 ] || fail "fortunes corpus: '$(cat "$T/real.check")', want > 1000 documents all < 257"
 echo "preprocess_test: OK"

@@ -2,7 +2,8 @@
 # End to end as a user runs it: moe-preprocess a text corpus, moe-launch the
 # demo config on 4 ranks (EP 2, DP 4) for a few steps with checkpoints,
 # check the metrics and the checkpoint with moe-ckpt, resume to more steps,
-# and stop a run with SIGTERM (it saves and exits 0).
+# and stop a run with SIGTERM (it saves and exits 0; the checkpoint verifies and
+# resumes).
 set -uo pipefail
 BIN="$1"; SRC="$2"
 TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
@@ -42,6 +43,17 @@ if [ -n "$pid" ]; then kill -TERM "$pid"; else echo "FAIL: no rank to signal"; c
 wait $launcher; code=$?
 [ $code = 0 ] || { echo "FAIL: SIGTERM run exit $code"; cat out3; fail=1; }
 grep -q "stop requested" out3 || { echo "FAIL: no stop message"; cat out3; fail=1; }
-ls run3/ckpt | grep -q step_ || { echo "FAIL: nothing saved on SIGTERM"; fail=1; }
+k=$(sed -n 's/.*stopped after step \([0-9]*\).*/\1/p' out3 | head -1)
+name=$(printf 'step_%08d' "${k:-0}")
+if [ -z "$k" ] || [ ! -d "run3/ckpt/$name" ]; then
+  echo "FAIL: SIGTERM: step '${k}' not saved ($(ls run3/ckpt 2>&1))"; fail=1
+else
+  "$BIN/moe-ckpt" verify "run3/ckpt/$name" > verify3.out 2>&1 || { echo "FAIL: verify of the SIGTERM checkpoint"; cat verify3.out; fail=1; }
+  # It resumes: two more steps from step k.
+  "$BIN/moe-launch" -n 2 -- "${common[@]}" parallel.expert=1 train.run_dir=run3 checkpoint.dir=run3/ckpt \
+    train.steps=$((k + 2)) > out4 2>&1 || { echo "FAIL: resume after SIGTERM"; cat out4; fail=1; }
+  grep -q "resumed from run3/ckpt/$name at step $k" out4 || { echo "FAIL: no resume from $name"; cat out4; fail=1; }
+  grep -q "step $((k + 2))/$((k + 2))" out4 || { echo "FAIL: the resumed run did not reach step $((k + 2))"; cat out4; fail=1; }
+fi
 [ $fail = 0 ] && echo "demo smoke test passed"
 exit $fail

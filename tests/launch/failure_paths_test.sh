@@ -13,18 +13,13 @@ BIN="$1"; SRC="$2"
 TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 cd "$TMP"
 fail=0
-cat > rank.sh <<'EOS'
-"$@"; c=$?
-echo "$c" > "$EXITS/rank.$OMPI_COMM_WORLD_RANK"
-exit $c
-EOS
 export EXITS="$TMP/exits"
 # run_counted WANT ARGS...: every one of the 4 ranks must exit WANT by itself.
 run_counted() {
   local want=$1; shift
   rm -rf "$EXITS" runs; mkdir "$EXITS"
   timeout -s KILL 120 mpirun -np 4 --oversubscribe --mca orte_abort_on_non_zero_status 0 \
-    bash rank.sh "$BIN/moe-train" "$@" > out 2>&1
+    bash "$SRC/tests/launch/record_exit.sh" "$BIN/moe-train" "$@" > out 2>&1
   local codes; codes=$(cat "$EXITS"/rank.* 2>/dev/null | sort | tr '\n' ' ')
   if [ "$codes" != "$want $want $want $want " ]; then
     echo "FAIL: rank exit codes '$codes', want $want on each of 4 ranks for: $*"; cat out; fail=1; return 1

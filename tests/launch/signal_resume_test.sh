@@ -24,11 +24,6 @@ for i in $(seq 1 60); do
   printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
 done
 "$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
-cat > rank.sh <<'EOS'
-"$@"; c=$?
-echo "$c" > "$EXITS/rank.$OMPI_COMM_WORLD_RANK"
-exit $c
-EOS
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus
         model.num_layers=2 model.seq_len=32 model.hidden_size=64 model.ffn_hidden_size=128
         model.moe.expert_ffn_hidden_size=64 model.moe.capacity_factor=2
@@ -41,7 +36,7 @@ train() {
   export EXITS="$TMP/exits_$name"
   rm -rf "$EXITS"; mkdir "$EXITS"
   timeout -s KILL 300 mpirun -np 2 --oversubscribe --mca orte_abort_on_non_zero_status 0 \
-    bash rank.sh "$BIN/moe-train" "${common[@]}" "$@" > "$name.out" 2>&1
+    bash "$SRC/tests/launch/record_exit.sh" "$BIN/moe-train" "${common[@]}" "$@" > "$name.out" 2>&1
 }
 # ok NAME: both ranks exited 0.
 ok() {

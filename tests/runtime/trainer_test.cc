@@ -11,6 +11,7 @@
 #include <fstream>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "comm/mpi_env.h"
 #include "data/indexed_dataset.h"
 #include "runtime/core/json.h"
@@ -304,8 +305,15 @@ TEST_CASE("a non-finite loss or gradient stops the run naming the step") {
   REQUIRE_FALSE(status.ok());
   std::string message(status.message());
   CAPTURE(message);
-  CHECK(message.find("step ") != std::string::npos);
-  CHECK(message.find("not finite") != std::string::npos);
+  // The step that failed (the trainer stopped before counting it), what was not
+  // finite (the loss, or a named parameter's gradient), and that no update ran.
+  const int64_t failed = trainer->step() + 1;
+  CHECK(message.rfind(absl::StrCat("step ", failed, ": "), 0) == 0);
+  const bool loss = message.find("the loss is not finite") != std::string::npos;
+  const bool grad = message.find("the gradient of model.") != std::string::npos &&
+                    message.find(" is not finite") != std::string::npos;
+  CHECK(loss != grad);
+  CHECK(message.find("stopping before the update") != std::string::npos);
   CHECK(trainer->step() < 30);
   // Every rank stopped at the same step.
   int64_t step = trainer->step(), max_step = 0;

@@ -1,9 +1,11 @@
 #include "model/alltoall_dispatcher.h"
 
 #include <chrono>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "parallel/layout.h"
 #include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
@@ -21,13 +23,10 @@ double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 AllToAllTokenDispatcher::AllToAllTokenDispatcher(comm::Communicator* ep, comm::Communicator* tp,
                                                  int64_t num_experts, int num_chunks)
     : ep_(ep), tp_(tp), num_experts_(num_experts), num_chunks_(num_chunks < 1 ? 1 : num_chunks) {
-  const int P = ep_->size(), r = ep_->rank();
-  expert_begin_ = num_experts * r / P;
-  expert_end_ = num_experts * (r + 1) / P;
-  owner_.assign(num_experts, 0);
-  for (int p = 0; p < P; ++p) {
-    for (int64_t e = num_experts * p / P; e < num_experts * (p + 1) / P; ++e) owner_[e] = p;
-  }
+  const int P = ep_->size();
+  std::tie(expert_begin_, expert_end_) = parallel::OwnedExperts(num_experts, P, ep_->rank());
+  owner_.resize(num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) owner_[e] = parallel::ExpertOwner(e, num_experts, P);
 }
 
 int64_t AllToAllTokenDispatcher::WireBytes(int chunk, bool toward_experts) const {
@@ -325,7 +324,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     Tensor grouped;
     {
       trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur));
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur, &exposed_));
     }
     stats_.dispatch_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
@@ -351,7 +350,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     t0 = Clock::now();
     {
       trace::Span span(stream, "combine a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c]));
+      ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c], &exposed_));
     }
     stats_.combine_s += Since(t0);
     t0 = Clock::now();
@@ -424,7 +423,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     Tensor grouped;
     {
       trace::Span span(stream, "combine a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur));
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur, &exposed_));
     }
     stats_.combine_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
@@ -455,7 +454,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     Tensor d_send;
     {
       trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(d_send, parallel::FinishCombine(stream, plan_, back[c]));
+      ASSIGN_OR_RETURN(d_send, parallel::FinishCombine(stream, plan_, back[c], &exposed_));
     }
     stats_.dispatch_s += Since(t0);
     const Chunk& ch = chunks_[c];
@@ -471,6 +470,12 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   }
   stats_.unpermute_s += Since(t0);
   chunks_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status AllToAllTokenDispatcher::CollectEventTimes() {
+  ASSIGN_OR_RETURN(double s, exposed_.Collect());
+  stats_.exposed_comm_s += s;
   return absl::OkStatus();
 }
 

@@ -22,14 +22,13 @@
 // summed over TP (each TP rank fills its own tokens) so that the router's
 // backward sees all T tokens; dx is all-gathered over TP.
 //
-// Two ways to drive it:
-//   - the TokenDispatcher interface (Dispatch / Combine / CombineBackward /
-//     DispatchBackward): one exchange for all tokens, the experts run once
-//     between the calls (no overlap);
-//   - ForwardPipelined / BackwardPipelined: num_chunks exchanges, the
-//     exchange of chunk c + 1 enqueued before chunk c's experts run
-//     (parallel.overlap_chunks); the caller's `expert_fn` computes one chunk.
-// Both give the same results up to float summation order, for any chunk count.
+// Driven through the TokenDispatcher interface (ForwardPipelined /
+// BackwardPipelined): num_chunks exchanges, the exchange of chunk c + 1
+// enqueued before chunk c's experts run (parallel.overlap_chunks); the
+// caller's `expert_fn` computes one chunk. Dispatch / Combine /
+// CombineBackward / DispatchBackward do the same with one exchange and no
+// overlap (tests compare the two); the results agree up to float summation
+// order, for any chunk count.
 //
 // LLEP (model/llep.h) drives the pipelined path with a Reroute: the EP rank
 // that computes each assignment instead of the expert's owner, so a helper
@@ -67,20 +66,11 @@ namespace moe::model {
 // count exchange (once per layer and micro-batch).
 struct DispatchStats {
   double permute_s = 0, dispatch_s = 0, expert_s = 0, combine_s = 0, unpermute_s = 0, counts_s = 0;
+  // The compute stream's waits for pipelined transfers, timed by events
+  // (parallel::ExposedCommTimer); added by CollectEventTimes.
+  double exposed_comm_s = 0;
   int64_t dispatch_bytes = 0, combine_bytes = 0, counts_bytes = 0;
   void Reset() { *this = DispatchStats(); }
-};
-
-// Where each assignment is computed when it is not the expert's owner (LLEP).
-struct Reroute {
-  // [T * k]: the EP rank that computes assignment a = t * k + j; read for the
-  // kept assignments of this rank's TED slice only.
-  std::vector<int32_t> dst;
-  // [P * E], index src * E + e: rows this rank receives from EP rank src for
-  // expert e, when the caller knows them (every rank planned from the same
-  // count table). With one chunk the count exchange is then skipped; empty
-  // (or several chunks): the counts are exchanged as usual.
-  std::vector<int64_t> recv_counts;
 };
 
 class AllToAllTokenDispatcher : public TokenDispatcher {
@@ -92,32 +82,28 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
 
   int64_t expert_begin() const override { return expert_begin_; }
   int64_t expert_end() const override { return expert_end_; }
-  int num_chunks() const { return num_chunks_; }
+  int num_chunks() const override { return num_chunks_; }
 
-  // TokenDispatcher: one chunk, no overlap.
-  absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan) override;
-  absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out) override;
-  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy,
-                                         std::vector<float>* dweights) override;
-  absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx) override;
+  // One exchange for all tokens, the experts run once between the calls (no
+  // overlap): the same results as the pipelined path, which tests compare
+  // against (Dispatch, Combine, CombineBackward, DispatchBackward).
+  absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan);
+  absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out);
+  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, std::vector<float>* dweights);
+  absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx);
 
-  // Computes one chunk's experts: rows [N, d] grouped by expert, expert e
-  // (global index) at [offsets[e], offsets[e + 1]) (E + 1 values; without a
-  // Reroute only this rank's experts have rows) -> [N, d] (forward: outputs;
-  // backward: input grads from output grads).
-  using ExpertFn =
-      std::function<absl::StatusOr<Tensor>(int chunk, const Tensor& rows, absl::Span<const int64_t> offsets)>;
-  // x [T, d] -> y [T, d], with expert_fn called once per chunk in chunk order.
-  // `reroute` (null: every assignment goes to its expert's owner) must stay
-  // valid during the call only; the backward reuses the forward's exchange.
+  // TokenDispatcher: parallel.overlap_chunks exchanges, the exchange of
+  // chunk c + 1 enqueued before chunk c's experts run; `reroute` sends
+  // assignments to the EP rank it names (LLEP).
   absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
-                                          const ExpertFn& expert_forward, const Reroute* reroute = nullptr);
-  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights
-  // [T * k] = d loss / d w_t,e for all T tokens (0 for dropped assignments).
+                                          const ExpertFn& expert_forward, const Reroute* reroute) override;
   absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
-                                 std::vector<float>* dweights, const Tensor& dx);
+                                 std::vector<float>* dweights, const Tensor& dx) override;
 
   DispatchStats& stats() { return stats_; }
+  // Adds the event-timed waits of the passes run so far to stats().exposed_comm_s;
+  // the compute stream must have been synchronized since.
+  absl::Status CollectEventTimes();
 
  private:
   struct Chunk {
@@ -159,6 +145,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   bool rerouted_ = false;
   std::vector<Chunk> chunks_;
   Tensor dweights_;  // f32 [T * k] during a backward
+  parallel::ExposedCommTimer exposed_;
   DispatchStats stats_;
 };
 

@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "comm/communicator.h"
+#include "parallel/layout.h"
 #include "parallel/parameter.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.pb.h"
@@ -39,8 +40,12 @@ struct ShardPlan {
   // it (Megatron's f/g). Borrowed; must outlive the model.
   comm::Communicator* tp_group = nullptr;
   // Experts [begin, end) held by this rank for num_experts E.
-  int64_t expert_begin(int64_t num_experts) const { return num_experts * ep_rank / ep_size; }
-  int64_t expert_end(int64_t num_experts) const { return num_experts * (ep_rank + 1) / ep_size; }
+  int64_t expert_begin(int64_t num_experts) const {
+    return parallel::OwnedExperts(num_experts, ep_size, ep_rank).first;
+  }
+  int64_t expert_end(int64_t num_experts) const {
+    return parallel::OwnedExperts(num_experts, ep_size, ep_rank).second;
+  }
 };
 
 // Tensor-parallel shards of a Linear weight [out, in] (tp_dim -1 when tp_size 1):

@@ -118,28 +118,16 @@ absl::StatusOr<Tensor> GroupedExperts::Forward(Stream& stream, const Tensor& x,
                                                absl::Span<const int64_t> offsets) {
   RETURN_IF_ERROR(Keep(stream, x, offsets));
   ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
-  if (x.size(0) == 0) return y;
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, gate_.value, true, g_, offsets_));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, x, up_.value, true, u_, offsets_));
-  RETURN_IF_ERROR(ops::SwiGLU(stream, g_, u_, act_));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, act_, down_.value, true, y, offsets_));
+  RETURN_IF_ERROR(
+      GroupedSwiGLUForward(stream, x, gate_.value, up_.value, down_.value, offsets_, g_, u_, act_, y));
   return y;
 }
 
 absl::StatusOr<Tensor> GroupedExperts::Backward(Stream& stream, const Tensor& dy) {
   ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
-  if (x_.size(0) == 0) {
-    Release();
-    return dx;
-  }
   ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy, act_, down_.grad, offsets_, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, dy, down_.value, false, dact, offsets_));
-  RETURN_IF_ERROR(ops::SwiGLUBackward(stream, g_, u_, dact, g_, u_));  // in place
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, g_, x_, gate_.grad, offsets_, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, u_, x_, up_.grad, offsets_, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, g_, gate_.value, false, dx, offsets_));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, u_, up_.value, false, dx, offsets_, 1.0f, 1.0f));
+  RETURN_IF_ERROR(GroupedSwiGLUBackward(stream, x_, gate_.value, up_.value, down_.value, offsets_, g_, u_,
+                                        act_, dact, dy, gate_.grad, up_.grad, down_.grad, dx));
   Release();
   return dx;
 }

@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "model/model.h"
+#include "model/swiglu.h"
+#include "parallel/layout.h"
 #include "parallel/llep_exchange.h"
 #include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
@@ -109,9 +112,7 @@ parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const
 LlepRunner::LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
                        int64_t num_experts, parallel::LlepOptions options)
     : ep_(host_ep), ep_p2p_(ep_p2p), tp_(tp), num_experts_(num_experts), options_(options) {
-  const int P = ep_->size(), r = ep_->rank();
-  expert_begin_ = num_experts * r / P;
-  expert_end_ = num_experts * (r + 1) / P;
+  std::tie(expert_begin_, expert_end_) = parallel::OwnedExperts(num_experts, ep_->size(), ep_->rank());
 }
 
 void LlepRunner::Clear() {
@@ -232,35 +233,22 @@ absl::Status LlepRunner::BorrowedForward(Stream& stream, Segment& seg, const Ten
   ASSIGN_OR_RETURN(seg.u, NewActivation(stream, Shape{n, ffn}));
   ASSIGN_OR_RETURN(seg.act, NewActivation(stream, Shape{n, ffn}));
   const parallel::ExpertTensors& w = borrowed_.weights;
-  const Tensor gate = w.gate.Slice(seg.first, seg.last), up = w.up.Slice(seg.first, seg.last);
-  const Tensor down = w.down.Slice(seg.first, seg.last);
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, gate, true, seg.g, seg.offsets));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.x, up, true, seg.u, seg.offsets));
-  RETURN_IF_ERROR(ops::SwiGLU(stream, seg.g, seg.u, seg.act));
-  return ops::GroupedGemm(stream, seg.act, down, true, out.Slice(seg.row_begin, seg.row_end), seg.offsets);
+  return GroupedSwiGLUForward(stream, seg.x, w.gate.Slice(seg.first, seg.last),
+                              w.up.Slice(seg.first, seg.last), w.down.Slice(seg.first, seg.last), seg.offsets,
+                              seg.g, seg.u, seg.act, out.Slice(seg.row_begin, seg.row_end));
 }
 
 absl::Status LlepRunner::BorrowedBackward(Stream& stream, Segment& seg, const Tensor& dy, const Tensor& dx) {
   const int64_t n = seg.row_end - seg.row_begin;
   if (n == 0) return absl::OkStatus();
   const parallel::ExpertTensors &w = borrowed_.weights, &dw = borrowed_.grads;
-  const Tensor gate = w.gate.Slice(seg.first, seg.last), up = w.up.Slice(seg.first, seg.last);
-  const Tensor down = w.down.Slice(seg.first, seg.last);
-  const Tensor dy_seg = dy.Slice(seg.row_begin, seg.row_end), dx_seg = dx.Slice(seg.row_begin, seg.row_end);
+  const int64_t a = seg.first, b = seg.last;
   ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, seg.act.shape()));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, dy_seg, seg.act, dw.down.Slice(seg.first, seg.last),
-                                             seg.offsets, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, dy_seg, down, false, dact, seg.offsets));
-  seg.act = Tensor();
-  RETURN_IF_ERROR(ops::SwiGLUBackward(stream, seg.g, seg.u, dact, seg.g, seg.u));  // in place
-  dact = Tensor();
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.g, seg.x, dw.gate.Slice(seg.first, seg.last),
-                                             seg.offsets, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemmWeightGrad(stream, seg.u, seg.x, dw.up.Slice(seg.first, seg.last),
-                                             seg.offsets, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.g, gate, false, dx_seg, seg.offsets));
-  RETURN_IF_ERROR(ops::GroupedGemm(stream, seg.u, up, false, dx_seg, seg.offsets, 1.0f, 1.0f));
-  seg.x = seg.g = seg.u = Tensor();
+  RETURN_IF_ERROR(GroupedSwiGLUBackward(
+      stream, seg.x, w.gate.Slice(a, b), w.up.Slice(a, b), w.down.Slice(a, b), seg.offsets, seg.g, seg.u,
+      seg.act, dact, dy.Slice(seg.row_begin, seg.row_end), dw.gate.Slice(a, b), dw.up.Slice(a, b),
+      dw.down.Slice(a, b), dx.Slice(seg.row_begin, seg.row_end)));
+  seg.x = seg.g = seg.u = seg.act = Tensor();
   return absl::OkStatus();
 }
 
@@ -299,7 +287,7 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const T
 }
 
 absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan,
-                                           Experts& local, AllToAllTokenDispatcher& dispatcher) {
+                                           Experts& local, TokenDispatcher& dispatcher) {
   if (!plan_.active) return absl::FailedPreconditionError("LlepRunner::Forward without a firing Plan");
   if (dispatcher.expert_begin() != expert_begin_ || dispatcher.expert_end() != expert_end_) {
     return absl::InvalidArgumentError("LlepRunner::Forward: the dispatcher serves other experts");
@@ -325,7 +313,7 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
 }
 
 absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& local,
-                                  AllToAllTokenDispatcher& dispatcher, std::vector<float>* dweights,
+                                  TokenDispatcher& dispatcher, std::vector<float>* dweights,
                                   const Tensor& dx) {
   if (!plan_.active || !forward_done_)
     return absl::FailedPreconditionError("LlepRunner::Backward without a firing Forward");

@@ -45,10 +45,10 @@
 
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
-#include "model/alltoall_dispatcher.h"
 #include "model/common.h"
 #include "model/experts.h"
 #include "model/router.h"
+#include "model/token_dispatcher.h"
 #include "parallel/llep_exchange.h"
 #include "parallel/llep_planner.h"
 
@@ -102,11 +102,11 @@ class LlepRunner {
   // x [T, d] (unchanged until Backward) -> y [T, d], through `dispatcher`
   // (over the same EP and TP groups) with this plan's reroute.
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local,
-                                 AllToAllTokenDispatcher& dispatcher);
+                                 TokenDispatcher& dispatcher);
   // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights [T k]
   // = d loss / d w_t,e; local expert grads += this rank's part plus the
   // helpers' returned gradients.
-  absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, AllToAllTokenDispatcher& dispatcher,
+  absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, TokenDispatcher& dispatcher,
                         std::vector<float>* dweights, const Tensor& dx);
 
   const LlepStats& stats() const { return stats_; }

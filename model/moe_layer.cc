@@ -4,7 +4,6 @@
 #include <numeric>
 #include <vector>
 
-#include "model/alltoall_dispatcher.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 #include "runtime/core/trace.h"
@@ -124,62 +123,43 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
     trace::Span span(stream, "route");
     ASSIGN_OR_RETURN(plan, router_.Forward(stream, x, seq_len));
   }
-  auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
   llep_active_ = false;
   if (llep_ != nullptr) {
-    if (a2a == nullptr) {
-      return absl::FailedPreconditionError(
-          "MoELayer: LLEP needs the all-to-all dispatcher (expert parallel > 1)");
-    }
     trace::Span span(stream, "LLEP plan", trace::Kind::kComm);
     ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
   }
   x_ = x;
-  if (llep_active_) return llep_->Forward(stream, x, *plan, *experts_, *a2a);
-  if (a2a != nullptr) {
-    saved_.assign(a2a->num_chunks(), Experts::Saved());
-    const int64_t e0 = a2a->expert_begin(), num_local = a2a->expert_end() - e0;
-    auto forward = [&](int chunk, const Tensor& rows,
-                       absl::Span<const int64_t> offsets) -> absl::StatusOr<Tensor> {
-      ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets.subspan(e0, num_local + 1)));
-      saved_[chunk] = experts_->TakeSaved();
-      return out;
-    };
-    return a2a->ForwardPipelined(stream, x, *plan, forward);
-  }
-  ASSIGN_OR_RETURN(ExpertInput in, dispatcher_->Dispatch(stream, x, *plan));
-  ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, in.tokens, in.offsets));
-  return dispatcher_->Combine(stream, out);
+  if (llep_active_) return llep_->Forward(stream, x, *plan, *experts_, *dispatcher_);
+  saved_.assign(dispatcher_->num_chunks(), Experts::Saved());
+  const int64_t e0 = dispatcher_->expert_begin(), num_local = dispatcher_->expert_end() - e0;
+  auto forward = [&](int chunk, const Tensor& rows,
+                     absl::Span<const int64_t> offsets) -> absl::StatusOr<Tensor> {
+    ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets.subspan(e0, num_local + 1)));
+    saved_[chunk] = experts_->TakeSaved();
+    return out;
+  };
+  return dispatcher_->ForwardPipelined(stream, x, *plan, forward, /*reroute=*/nullptr);
 }
 
 absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,
                                                 float z_scale) {
   std::vector<float> dweights;
-  if (auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get())) {
-    ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
-    RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
-    if (llep_active_) {
-      llep_active_ = false;
-      RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, *a2a, &dweights, dx_experts));
-    } else {
-      auto backward = [&](int chunk, const Tensor& rows,
-                          absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
-        experts_->RestoreSaved(std::move(saved_[chunk]));
-        return experts_->Backward(stream, rows);
-      };
-      RETURN_IF_ERROR(a2a->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
-      saved_.clear();
-    }
-    trace::Span span(stream, "route");
-    ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
-    RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
-    x_ = Tensor();
-    return dx;
+  ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
+  RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
+  if (llep_active_) {
+    llep_active_ = false;
+    RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, *dispatcher_, &dweights, dx_experts));
+  } else {
+    auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
+      experts_->RestoreSaved(std::move(saved_[chunk]));
+      return experts_->Backward(stream, rows);
+    };
+    RETURN_IF_ERROR(dispatcher_->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
+    saved_.clear();
   }
-  ASSIGN_OR_RETURN(Tensor d_out, dispatcher_->CombineBackward(stream, dy, &dweights));
-  ASSIGN_OR_RETURN(Tensor d_in, experts_->Backward(stream, d_out));
+  trace::Span span(stream, "route");
   ASSIGN_OR_RETURN(Tensor dx, router_.Backward(stream, dweights, aux_scale, z_scale));
-  RETURN_IF_ERROR(dispatcher_->DispatchBackward(stream, d_in, dx));
+  RETURN_IF_ERROR(ops::Add(stream, dx, dx_experts, dx));
   x_ = Tensor();
   return dx;
 }

@@ -1,7 +1,8 @@
 // MoELayer: router -> token dispatcher -> experts -> combine (docs/model.md's MoE(x)).
-// With the all-to-all dispatcher (model/alltoall_dispatcher.h) the layer runs
-// its pipelined path: parallel.overlap_chunks chunks, the exchange of chunk
-// c + 1 in flight while chunk c's experts compute, in forward and backward.
+// The layer drives its TokenDispatcher's one (pipelined) interface: with the
+// all-to-all dispatcher (model/alltoall_dispatcher.h) parallel.overlap_chunks
+// chunks, the exchange of chunk c + 1 in flight while chunk c's experts
+// compute, in forward and backward; with the local one, its one chunk.
 //
 //   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t) [+ g_t SwiGLU_shared(x_t)],
 //   plus the layer's aux and z losses (read after Forward; their gradient
@@ -70,7 +71,7 @@ class MoELayer {
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
   Tensor x_;
-  std::vector<Experts::Saved> saved_;  // per chunk (all-to-all dispatcher)
+  std::vector<Experts::Saved> saved_;  // per chunk
   std::unique_ptr<LlepRunner> llep_;
   bool llep_active_ = false;  // this micro-batch runs through llep_
 };

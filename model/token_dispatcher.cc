@@ -94,4 +94,36 @@ absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor
   return absl::OkStatus();
 }
 
+absl::StatusOr<Tensor> LocalTokenDispatcher::ForwardPipelined(Stream& stream, const Tensor& x,
+                                                              const RoutingPlan& plan,
+                                                              const ExpertFn& expert_forward,
+                                                              const Reroute* reroute) {
+  if (reroute != nullptr) {
+    return absl::FailedPreconditionError(
+        "LocalTokenDispatcher: LLEP reroutes rows to other EP ranks; it needs the all-to-all dispatcher "
+        "(parallel.expert > 1)");
+  }
+  ASSIGN_OR_RETURN(ExpertInput in, Dispatch(stream, x, plan));
+  // Global offsets: no rows for the experts of other ranks.
+  const int64_t E = plan.num_experts, n = in.tokens.size(0);
+  offsets_.assign(E + 1, 0);
+  for (int64_t e = 0; e <= E; ++e) {
+    offsets_[e] = e <= expert_begin_ ? 0 : e >= expert_end_ ? n : in.offsets[e - expert_begin_];
+  }
+  ASSIGN_OR_RETURN(Tensor out, expert_forward(0, in.tokens, offsets_));
+  return Combine(stream, out);
+}
+
+absl::Status LocalTokenDispatcher::BackwardPipelined(Stream& stream, const Tensor& dy,
+                                                     const ExpertFn& expert_backward,
+                                                     std::vector<float>* dweights, const Tensor& dx) {
+  if (offsets_.empty()) {
+    return absl::FailedPreconditionError("LocalTokenDispatcher::BackwardPipelined without ForwardPipelined");
+  }
+  ASSIGN_OR_RETURN(Tensor d_out, CombineBackward(stream, dy, dweights));
+  ASSIGN_OR_RETURN(Tensor d_in, expert_backward(0, d_out, offsets_));
+  offsets_.clear();
+  return DispatchBackward(stream, d_in, dx);
+}
+
 }  // namespace moe::model

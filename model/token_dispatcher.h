@@ -1,27 +1,31 @@
 // TokenDispatcher: moves token copies from the tokens' order to the experts'
-// order and back (Megatron's moe/token_dispatcher).
+// order and back (Megatron's moe/token_dispatcher), in chunks whose transfers
+// overlap the experts' compute. One interface, the pipelined one:
 //
-//   Dispatch   x [T, d] + plan  ->  ExpertInput: the kept (token, expert)
-//              assignments whose expert is LOCAL ([expert_begin, expert_end)),
-//              grouped by local expert with per-expert row offsets
-//   Combine    expert outputs [N, d] (Dispatch's row order)  ->  y [T, d],
-//              y_t = sum over kept assignments (t, e) of w_t,e * out_e(x_t)
+//   ForwardPipelined   x [T, d] + plan -> y [T, d],
+//                      y_t = sum over kept assignments (t, e) of w_t,e * out_e(x_t),
+//                      calling expert_fn once per chunk, in chunk order, with
+//                      the chunk's rows grouped by expert;
+//   BackwardPipelined  dy -> dx += the expert path's input gradient, and the
+//                      combine weights' gradients (the router's input).
 //
-// and their backwards. The local dispatcher (one rank holds every expert)
-// permutes within the rank; the all-to-all dispatcher of the parallel layer
-// implements the same interface: Dispatch exchanges counts and rows with the
-// EP group (so N counts rows received from every EP rank) and Combine sends
-// them back before the weighted sum on the tokens' rank.
+// Implementations: AllToAllTokenDispatcher (model/alltoall_dispatcher.h;
+// expert parallelism, parallel.overlap_chunks chunks, each chunk's exchange in
+// flight while the previous one computes; LLEP's reroute) and
+// LocalTokenDispatcher (one rank holds its experts: the one-chunk case,
+// permuting within the rank). The MoE layer sees only this interface.
 //
-// Call order per micro-batch: Dispatch, Combine, CombineBackward,
-// DispatchBackward. A dispatcher keeps the state that ties them together.
+// Call order per micro-batch: ForwardPipelined, BackwardPipelined. A
+// dispatcher keeps the state that ties them together.
 #ifndef MOE_MODEL_TOKEN_DISPATCHER_H_
 #define MOE_MODEL_TOKEN_DISPATCHER_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "model/common.h"
 #include "model/router.h"
 
@@ -35,40 +39,69 @@ struct ExpertInput {
   std::vector<int64_t> offsets;
 };
 
+// Where each assignment is computed when it is not the expert's owner (LLEP).
+struct Reroute {
+  // [T * k]: the EP rank that computes assignment a = t * k + j; read for the
+  // kept assignments of this rank's TED slice only.
+  std::vector<int32_t> dst;
+  // [P * E], index src * E + e: rows this rank receives from EP rank src for
+  // expert e, when the caller knows them (every rank planned from the same
+  // count table). With one chunk the count exchange is then skipped; empty
+  // (or several chunks): the counts are exchanged as usual.
+  std::vector<int64_t> recv_counts;
+};
+
 class TokenDispatcher {
  public:
   virtual ~TokenDispatcher() = default;
-  // The experts this rank computes: [expert_begin, expert_end) of E.
+  // The experts this rank owns: [expert_begin, expert_end) of E.
   virtual int64_t expert_begin() const = 0;
   virtual int64_t expert_end() const = 0;
+  // Chunks per micro-batch (expert_fn calls per pass).
+  virtual int num_chunks() const = 0;
 
-  // x [T, d] must stay unchanged until DispatchBackward; `plan` must outlive
-  // the four calls.
-  virtual absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan) = 0;
-  // expert_out [N, d] (kept until CombineBackward) -> y [T, d].
-  virtual absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out) = 0;
-  // dy [T, d] -> d expert_out [N, d]; fills dweights [T * k] with d loss / d w_t,e
-  // (0 for dropped assignments), the router's input.
-  virtual absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy,
-                                                 std::vector<float>* dweights) = 0;
-  // d expert_in [N, d] -> dx [T, d] += the scattered rows.
-  virtual absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx) = 0;
+  // Computes one chunk's experts: rows [N, d] grouped by expert, expert e
+  // (global index) at [offsets[e], offsets[e + 1]) (E + 1 values; without a
+  // Reroute only this rank's experts have rows) -> [N, d] (forward: outputs;
+  // backward: input grads from output grads).
+  using ExpertFn =
+      std::function<absl::StatusOr<Tensor>(int chunk, const Tensor& rows, absl::Span<const int64_t> offsets)>;
+  // x [T, d] (unchanged until BackwardPipelined) -> y [T, d]; `plan` must
+  // outlive the backward. `reroute` (null: every assignment goes to its
+  // expert's owner) must stay valid during the call only; a dispatcher that
+  // cannot reroute (local) refuses one.
+  virtual absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                                  const ExpertFn& expert_forward, const Reroute* reroute) = 0;
+  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights
+  // [T * k] = d loss / d w_t,e for all T tokens (0 for dropped assignments).
+  virtual absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
+                                         std::vector<float>* dweights, const Tensor& dx) = 0;
 };
 
 // One rank holds the experts [expert_begin, expert_end) (all E when EP = 1):
-// assignments to other experts are not computed here (with EP = 1 there are none).
+// assignments to other experts are not computed here (with EP = 1 there are
+// none). The pipelined interface is its one-chunk case: Dispatch, the experts,
+// Combine; CombineBackward, the experts' backward, DispatchBackward.
 class LocalTokenDispatcher : public TokenDispatcher {
  public:
   LocalTokenDispatcher(int64_t expert_begin, int64_t expert_end)
       : expert_begin_(expert_begin), expert_end_(expert_end) {}
   int64_t expert_begin() const override { return expert_begin_; }
   int64_t expert_end() const override { return expert_end_; }
+  int num_chunks() const override { return 1; }
 
-  absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan) override;
-  absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out) override;
-  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy,
-                                         std::vector<float>* dweights) override;
-  absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx) override;
+  absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                          const ExpertFn& expert_forward, const Reroute* reroute) override;
+  absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
+                                 std::vector<float>* dweights, const Tensor& dx) override;
+
+  // The steps: x [T, d] -> the local experts' rows (ExpertInput); their
+  // outputs [N, d] -> y [T, d]; dy -> d outputs [N, d] and dweights [T * k];
+  // d inputs [N, d] -> dx += the scattered rows.
+  absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan);
+  absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out);
+  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, std::vector<float>* dweights);
+  absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx);
 
  private:
   int64_t expert_begin_, expert_end_;
@@ -78,6 +111,7 @@ class LocalTokenDispatcher : public TokenDispatcher {
   Tensor row_index_;                        // i32 [N]: 0..N-1
   Tensor weights_;                          // f32 [N]: w_t,e of each row
   Tensor expert_out_;
+  std::vector<int64_t> offsets_;  // E + 1 global offsets of the forward's rows
 };
 
 }  // namespace moe::model

@@ -100,4 +100,13 @@ absl::StatusOr<std::string> FormatLayoutTable(int world, int tp, int ep) {
   return out;
 }
 
+std::pair<int64_t, int64_t> OwnedExperts(int64_t num_experts, int ep_size, int ep_rank) {
+  return {num_experts * ep_rank / ep_size, num_experts * (ep_rank + 1) / ep_size};
+}
+
+int ExpertOwner(int64_t expert, int64_t num_experts, int ep_size) {
+  // The largest r with E r / P <= expert, i.e. E r < (expert + 1) P.
+  return static_cast<int>(((expert + 1) * ep_size - 1) / num_experts);
+}
+
 }  // namespace moe::parallel

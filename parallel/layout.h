@@ -22,7 +22,9 @@
 #ifndef MOE_PARALLEL_LAYOUT_H_
 #define MOE_PARALLEL_LAYOUT_H_
 
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -43,6 +45,13 @@ struct RankLayout {
 // expert size `ep`. Errors when tp does not divide world or ep does not divide
 // dp = world / tp, naming the numbers.
 absl::StatusOr<RankLayout> ComputeLayout(int world, int tp, int ep, int rank);
+
+// The experts EP rank `ep_rank` of `ep_size` owns: the contiguous block
+// [E r / P, E (r + 1) / P) of num_experts E. The one definition of expert
+// ownership: expert shards, the token dispatcher, LLEP and checkpoints use it.
+std::pair<int64_t, int64_t> OwnedExperts(int64_t num_experts, int ep_size, int ep_rank);
+// The EP rank whose OwnedExperts block holds `expert`.
+int ExpertOwner(int64_t expert, int64_t num_experts, int ep_size);
 
 // A table of every rank's coordinates and the groups, as printed at start-up.
 absl::StatusOr<std::string> FormatLayoutTable(int world, int tp, int ep);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "parallel/layout.h"
 
 namespace moe::parallel {
 
@@ -73,7 +74,7 @@ struct LlepPlan {
   double imbalance_before = 1.0, imbalance_after = 1.0;  // max / mean
   int64_t tokens_moved = 0;                              // tokens computed away from their native rank
 
-  int native_rank(int expert) const { return expert / (num_experts / num_ranks); }
+  int native_rank(int expert) const { return ExpertOwner(expert, num_experts, num_ranks); }
 };
 
 // Plans one MoE layer. Errors for malformed tables (ragged, negative counts,

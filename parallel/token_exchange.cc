@@ -270,11 +270,32 @@ absl::StatusOr<InFlight> StartDispatch(comm::Communicator& ep, Stream& stream, c
                        plan.RecvRowsPerRank(chunk));
 }
 
-absl::StatusOr<Tensor> FinishDispatch(Stream& stream, const ExchangePlan& plan, InFlight& in_flight) {
+absl::Status ExposedCommTimer::Wait(Stream& stream, const Event& done) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> before, stream.backend().CreateEvent());
+  ASSIGN_OR_RETURN(std::unique_ptr<Event> after, stream.backend().CreateEvent());
+  RETURN_IF_ERROR(stream.Record(*before));
+  RETURN_IF_ERROR(stream.Wait(done));
+  RETURN_IF_ERROR(stream.Record(*after));
+  waits_.emplace_back(std::move(before), std::move(after));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> ExposedCommTimer::Collect() {
+  double ms = 0;
+  for (const auto& [before, after] : waits_) {
+    ASSIGN_OR_RETURN(double d, after->ElapsedMsSince(*before));
+    ms += d;
+  }
+  waits_.clear();
+  return ms * 1e-3;
+}
+
+absl::StatusOr<Tensor> FinishDispatch(Stream& stream, const ExchangePlan& plan, InFlight& in_flight,
+                                      ExposedCommTimer* timer) {
   if (!in_flight.started() || in_flight.direction != ExchangeDirection::kDispatch) {
     return absl::FailedPreconditionError("FinishDispatch: no dispatch in flight (call StartDispatch first)");
   }
-  RETURN_IF_ERROR(stream.Wait(*in_flight.done));
+  RETURN_IF_ERROR(timer != nullptr ? timer->Wait(stream, *in_flight.done) : stream.Wait(*in_flight.done));
   const std::vector<int32_t> index = GroupedFromArrival(plan, in_flight.chunk);
   Tensor out;
   if (IsIdentity(index)) {
@@ -308,12 +329,13 @@ absl::StatusOr<InFlight> StartCombine(comm::Communicator& ep, Stream& stream, co
                        plan.SendRowsPerRank(chunk));
 }
 
-absl::StatusOr<Tensor> FinishCombine(Stream& stream, const ExchangePlan& plan, InFlight& in_flight) {
+absl::StatusOr<Tensor> FinishCombine(Stream& stream, const ExchangePlan& plan, InFlight& in_flight,
+                                     ExposedCommTimer* timer) {
   (void)plan;
   if (!in_flight.started() || in_flight.direction != ExchangeDirection::kCombine) {
     return absl::FailedPreconditionError("FinishCombine: no combine in flight (call StartCombine first)");
   }
-  RETURN_IF_ERROR(stream.Wait(*in_flight.done));
+  RETURN_IF_ERROR(timer != nullptr ? timer->Wait(stream, *in_flight.done) : stream.Wait(*in_flight.done));
   Tensor out = in_flight.recv;
   in_flight = InFlight();
   return out;

@@ -51,6 +51,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -116,18 +117,37 @@ struct InFlight {
   bool started() const { return chunk >= 0; }
 };
 
+// Exposed communication, timed by events: each Wait records an event on the
+// compute stream before and after its wait for a transfer's completion event,
+// so the elapsed time between them is how long the stream stood still for the
+// transfer (on a GPU, the device's idle gap; on the CPU's inline stream, the
+// calling thread's wait). Collect reads the pairs once they completed.
+class ExposedCommTimer {
+ public:
+  absl::Status Wait(Stream& stream, const Event& done);
+  // Seconds summed over the recorded waits; the events must have completed
+  // (synchronize the stream first), else FailedPrecondition. Clears them.
+  absl::StatusOr<double> Collect();
+
+ private:
+  std::vector<std::pair<std::unique_ptr<Event>, std::unique_ptr<Event>>> waits_;
+};
+
 // Sends `rows` [plan.num_send_rows(chunk), d] (order (dst, e)); the receiver's
 // FinishDispatch returns [plan.num_recv_rows(chunk), d] grouped (e, src).
+// Finish* time the compute stream's wait with `timer` when given.
 absl::StatusOr<InFlight> StartDispatch(comm::Communicator& ep, Stream& stream, const ExchangePlan& plan,
                                        int chunk, const Tensor& rows);
-absl::StatusOr<Tensor> FinishDispatch(Stream& stream, const ExchangePlan& plan, InFlight& in_flight);
+absl::StatusOr<Tensor> FinishDispatch(Stream& stream, const ExchangePlan& plan, InFlight& in_flight,
+                                      ExposedCommTimer* timer = nullptr);
 
 // Sends `rows` [plan.num_recv_rows(chunk), d] grouped (e, src) back to their
 // senders; FinishCombine returns [plan.num_send_rows(chunk), d] in this rank's
 // dispatch order (dst, e).
 absl::StatusOr<InFlight> StartCombine(comm::Communicator& ep, Stream& stream, const ExchangePlan& plan,
                                       int chunk, const Tensor& rows);
-absl::StatusOr<Tensor> FinishCombine(Stream& stream, const ExchangePlan& plan, InFlight& in_flight);
+absl::StatusOr<Tensor> FinishCombine(Stream& stream, const ExchangePlan& plan, InFlight& in_flight,
+                                     ExposedCommTimer* timer = nullptr);
 
 // Convenience: Start + Finish of one chunk (no overlap).
 absl::StatusOr<Tensor> Dispatch(comm::Communicator& ep, Stream& stream, const ExchangePlan& plan, int chunk,

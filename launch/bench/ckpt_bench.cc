@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -117,8 +118,7 @@ absl::Status RunCkpt(const Args& args, Reporter& reporter) {
                     : absl::StrCat("model.layers.", i / 2, ".self_attn.q_proj.weight");
     if (expert) {
       t.global_shape = Shape{experts, rows / experts, cols};
-      t.shard.expert_begin = l.ep_rank * (experts / l.ep);
-      t.shard.expert_end = (l.ep_rank + 1) * (experts / l.ep);
+      std::tie(t.shard.expert_begin, t.shard.expert_end) = parallel::OwnedExperts(experts, l.ep, l.ep_rank);
       t.shard.tp_dim = 1;
       t.shard.tp_begin = l.tp_rank * (rows / experts / tp);
       t.shard.tp_end = (l.tp_rank + 1) * (rows / experts / tp);

@@ -160,7 +160,7 @@ void Run(int tp, int ep, double capacity_factor, bool identity) {
           return fn(c, rows, all.subspan(eb, ee - eb + 1));
         };
       };
-      y = ValueOrDie(d.ForwardPipelined(stream, x, batch.plan, local(forward)));
+      y = ValueOrDie(d.ForwardPipelined(stream, x, batch.plan, local(forward), nullptr));
       MOE_REQUIRE_OK(d.BackwardPipelined(stream, dy, local(backward), &dweights, dx));
     }
     ExpectClose(ToVector(y), ref.y, "y");

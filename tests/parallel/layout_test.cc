@@ -117,5 +117,25 @@ TEST_CASE("the start-up table lists groups") {
   CHECK(t.find("DP groups   {0,2,4,6} {1,3,5,7}") != std::string::npos);
 }
 
+TEST_CASE("expert ownership: contiguous blocks that cover every expert once, and each expert's owner") {
+  for (int64_t E : {1, 4, 5, 8, 12, 64}) {
+    for (int P : {1, 2, 3, 4, 8}) {
+      if (P > E) continue;
+      INFO("E " << E << " P " << P);
+      int64_t next = 0;
+      for (int r = 0; r < P; ++r) {
+        const auto [b, e] = OwnedExperts(E, P, r);
+        CHECK(b == next);
+        CHECK(e > b);
+        for (int64_t x = b; x < e; ++x) CHECK(ExpertOwner(x, E, P) == r);
+        next = e;
+      }
+      CHECK(next == E);
+    }
+  }
+  // docs/design.md: 8 experts over EP 2 -> [0, 4) and [4, 8).
+  CHECK(OwnedExperts(8, 2, 1) == std::pair<int64_t, int64_t>{4, 8});
+}
+
 }  // namespace
 }  // namespace moe::parallel

@@ -195,6 +195,17 @@ std::vector<std::string> MoeRoutingProblems(const config::MoeConfig& moe) {
         "model.moe.shared_expert_ffn_hidden_size > 0");
   }
   const int64_t E = moe.num_experts(), k = moe.top_k();
+  const double erc = moe.erc_loss_coeff(), alpha = moe.erc_alpha();
+  if (!(erc >= 0) || !std::isfinite(erc)) {
+    e.push_back(absl::StrCat("model.moe.erc_loss_coeff = ", erc,
+                             " must be a finite value >= 0 (0: no expert-router coupling loss)"));
+  } else if (erc > 0 && E < 2) {
+    e.push_back(absl::StrCat("model.moe.erc_loss_coeff = ", erc, " needs model.moe.num_experts >= 2 (it is ",
+                             E, "): the coupling loss compares experts; set erc_loss_coeff to 0"));
+  }
+  if (!(alpha >= 0 && alpha <= 1)) {
+    e.push_back(absl::StrCat("model.moe.erc_alpha = ", alpha, " must be in [0, 1] (default 1)"));
+  }
   const int64_t groups = moe.num_expert_groups() > 0 ? moe.num_expert_groups() : 1;
   if (moe.group_topk() < 0) {
     e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(),

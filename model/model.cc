@@ -95,6 +95,7 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
     ASSIGN_OR_RETURN(h, block->Forward(stream, h, num_seqs, S));
     loss.aux += block->aux_loss();
     loss.z += block->z_loss();
+    loss.erc += block->erc_loss();
   }
   if (h.branch.defined()) {
     ASSIGN_OR_RETURN(hn_, final_norm_.AddForward(stream, h.h, h.branch));  // the last block's add, fused
@@ -132,7 +133,7 @@ absl::Status Model::Backward(Stream& stream, float loss_scale, const BlockDoneFn
   dhn = Tensor();
   for (int l = num_layers() - 1; l >= 0; --l) {
     trace::Span span(stream, "backward", trace::Kind::kCompute, l);
-    RETURN_IF_ERROR(blocks_[l]->Backward(stream, dh, loss_scale, loss_scale));
+    RETURN_IF_ERROR(blocks_[l]->Backward(stream, dh, loss_scale, loss_scale, loss_scale));
     if (on_block_done) {
       trace::Span sync(stream, "grad sync bucket", trace::Kind::kComm);
       RETURN_IF_ERROR(on_block_done(l));
@@ -159,6 +160,11 @@ absl::Status Model::UpdateExpertBiases(
     RETURN_IF_ERROR(routers[i]->UpdateExpertBias(stream, absl::MakeConstSpan(load).subspan(i * E, E)));
   }
   return absl::OkStatus();
+}
+
+void Model::SetStep(int64_t step) {
+  for (auto& block : blocks_)
+    if (block->is_moe()) block->moe()->set_step(step);
 }
 
 absl::Status Model::ZeroGrads(Stream& stream) {

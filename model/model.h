@@ -13,7 +13,7 @@
 //
 // tokens: B sequences of S + 1 token ids, row-major (input = [:, :S], target =
 // [:, 1:]); S may be at most model.seq_len. The loss of a micro-batch is
-// ce + sum over MoE layers of (aux + z); Backward(scale) accumulates
+// ce + sum over MoE layers of (aux + z + erc); Backward(scale) accumulates
 // scale * d loss / d param into every Parameter::grad.
 #ifndef MOE_MODEL_MODEL_H_
 #define MOE_MODEL_MODEL_H_
@@ -36,7 +36,8 @@ struct LossParts {
   double ce = 0;   // mean cross-entropy over the T tokens
   double aux = 0;  // load-balancing losses, summed over MoE layers
   double z = 0;    // router z-losses, summed over MoE layers
-  double total() const { return ce + aux + z; }
+  double erc = 0;  // expert-router coupling losses, summed over MoE layers (0 when off)
+  double total() const { return ce + aux + z + erc; }
 };
 
 // Makes the token dispatcher of MoE layer `layer` (the parallel layer's
@@ -61,10 +62,14 @@ class Model {
   // Forward of one micro-batch; keeps what Backward needs. Synchronizes the
   // stream (the losses are read on the host).
   absl::StatusOr<LossParts> Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs);
-  // Accumulates loss_scale * d(ce + aux + z)/d param into every grad.
+  // Accumulates loss_scale * d(ce + aux + z + erc)/d param into every grad.
   absl::Status Backward(Stream& stream, float loss_scale = 1.0f, const BlockDoneFn& on_block_done = {});
   // Every grad = 0.
   absl::Status ZeroGrads(Stream& stream);
+  // The training step (1-based) whose micro-batches the next Forwards run: it
+  // seeds the per-step noise of the expert-router coupling loss, so every
+  // micro-batch and every layout of a step draws the same proxies.
+  void SetStep(int64_t step);
 
   // The parameters in docs/model.md's order (no lm_head when tied).
   const parallel::ParameterList& parameters() const { return params_; }

@@ -16,6 +16,7 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
   const int64_t E = cfg.moe().num_experts();
   const int64_t e0 = plan.expert_begin(E), e1 = plan.expert_end(E);
   RETURN_IF_ERROR(router_.Init(stream, prefix, cfg, init_std, seed));
+  erc_.Init(prefix, cfg.moe(), seed, plan);
   dispatcher_ = dispatcher ? std::move(dispatcher) : std::make_unique<LocalTokenDispatcher>(e0, e1);
   if (dispatcher_->expert_begin() != e0 || dispatcher_->expert_end() != e1) {
     return absl::InvalidArgumentError(
@@ -56,10 +57,23 @@ absl::Status MoELayer::CollectParameters(parallel::ParameterList* list) {
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
   ASSIGN_OR_RETURN(Tensor y, RoutedForward(stream, x, seq_len));
   if (shared_ != nullptr) RETURN_IF_ERROR(SharedForward(stream, x, y));
+  if (erc_.enabled()) {
+    auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
+    trace::Span span(stream, "ERC loss");
+    RETURN_IF_ERROR(erc_.Forward(stream, router_.weight().value, experts_->gate_proj().value,
+                                 experts_->expert_begin(), a2a != nullptr ? a2a->ep_group() : nullptr)
+                        .status());
+  }
   return y;
 }
 
-absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale) {
+absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale,
+                                          float erc_scale) {
+  if (erc_.enabled()) {
+    trace::Span span(stream, "ERC loss");
+    RETURN_IF_ERROR(erc_.Backward(stream, erc_scale, experts_->gate_proj().value, router_.weight().grad,
+                                  experts_->gate_proj().grad));
+  }
   // The shared expert first: RoutedBackward releases x.
   Tensor dx_shared;
   if (shared_ != nullptr) {

@@ -10,6 +10,8 @@
 //   (model.moe.shared_expert_ffn_hidden_size > 0) is a DenseMLP named
 //   "mlp.shared_expert.", sharded over TP like the dense MLP; g_t = 1, or
 //   sigmoid(x_t . w) with model.moe.shared_expert_gate (w: "mlp.shared_expert_gate.weight" [1, d]).
+//   With model.moe.erc_loss_coeff > 0 Forward also computes the expert-router
+//   coupling loss (model/erc_loss.h; collective over the EP group).
 #ifndef MOE_MODEL_MOE_LAYER_H_
 #define MOE_MODEL_MOE_LAYER_H_
 
@@ -20,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "model/common.h"
 #include "model/dense_mlp.h"
+#include "model/erc_loss.h"
 #include "model/experts.h"
 #include "model/llep.h"
 #include "model/router.h"
@@ -36,11 +39,18 @@ class MoELayer {
                     std::unique_ptr<TokenDispatcher> dispatcher = nullptr);
   // x [T, d] -> y [T, d]; seq_len: tokens per sequence (Router::Forward).
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, int64_t seq_len = 0);
-  // dy [T, d]; aux_scale, z_scale = d loss / d (this layer's aux, z). Returns dx.
-  absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
+  // dy [T, d]; aux_scale, z_scale, erc_scale = d loss / d (this layer's aux,
+  // z, erc). Returns dx.
+  absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale,
+                                  float erc_scale);
 
   double aux_loss() const { return router_.aux_loss(); }
   double z_loss() const { return router_.z_loss(); }
+  // The expert-router coupling loss of the last Forward (0 when
+  // model.moe.erc_loss_coeff = 0); its noise follows set_step.
+  double erc_loss() const { return erc_.enabled() ? erc_.loss() : 0.0; }
+  void set_step(int64_t step) { erc_.set_step(step); }
+  ErcLoss& erc() { return erc_; }
   const RoutingPlan& routing() const { return router_.plan(); }
   Router& router() { return router_; }
   Experts& experts() { return *experts_; }
@@ -63,6 +73,7 @@ class MoELayer {
   absl::Status SharedBackward(Stream& stream, const Tensor& dy, const Tensor& dx);
 
   Router router_;
+  ErcLoss erc_;
   std::unique_ptr<DenseMLP> shared_;
   bool gated_ = false;
   parallel::Parameter shared_gate_;

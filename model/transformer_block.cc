@@ -49,10 +49,11 @@ absl::StatusOr<Residual> TransformerBlock::Forward(Stream& stream, const Residua
   return Residual{h1, y};  // h2 = h1 + y, added by the next norm
 }
 
-absl::Status TransformerBlock::Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale) {
+absl::Status TransformerBlock::Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale,
+                                        float erc_scale) {
   Tensor dm;
   if (moe_) {
-    ASSIGN_OR_RETURN(dm, moe_->Backward(stream, dh, aux_scale, z_scale));
+    ASSIGN_OR_RETURN(dm, moe_->Backward(stream, dh, aux_scale, z_scale, erc_scale));
   } else {
     ASSIGN_OR_RETURN(dm, mlp_->Backward(stream, dh));
   }

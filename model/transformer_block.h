@@ -35,8 +35,9 @@ class TransformerBlock {
   // Backward; in.branch is overwritten with the sum.
   absl::StatusOr<Residual> Forward(Stream& stream, const Residual& in, int64_t num_seqs, int64_t seq_len);
   // dh [B * S, d]: on entry d loss / d output, on return d loss / d h (in place).
-  // aux_scale, z_scale: d loss / d (aux, z) of this layer (unused when dense).
-  absl::Status Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale);
+  // aux_scale, z_scale, erc_scale: d loss / d (aux, z, erc) of this layer
+  // (unused when dense).
+  absl::Status Backward(Stream& stream, const Tensor& dh, float aux_scale, float z_scale, float erc_scale);
 
   // Appends the parameters in docs/model.md's order.
   absl::Status CollectParameters(parallel::ParameterList* list);
@@ -45,6 +46,7 @@ class TransformerBlock {
   MoELayer* moe() { return moe_.get(); }  // null for a dense layer
   double aux_loss() const { return moe_ ? moe_->aux_loss() : 0.0; }
   double z_loss() const { return moe_ ? moe_->z_loss() : 0.0; }
+  double erc_loss() const { return moe_ ? moe_->erc_loss() : 0.0; }
 
  private:
   RMSNorm input_norm_, post_norm_;

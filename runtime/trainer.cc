@@ -259,12 +259,14 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   std::optional<trace::Span> step_span;
   step_span.emplace(*stream_, "step");
   RETURN_IF_ERROR(model_->ZeroGrads(*stream_));
+  model_->SetStep(step_ + 1);  // the coupling loss's noise of this step
   const int64_t E = config_.model().moe().num_experts();
   // Loss parts, then per MoE layer E kept counts and the dropped count, then
   // per MoE layer the LLEP figures (fired, imbalance before/after, tokens and
   // weight bytes moved).
   constexpr int kLlepFields = 5;
-  const size_t llep_base = 3 + moe_layers.size() * (E + 1);
+  constexpr size_t kParts = 4;  // ce, aux, z, erc
+  const size_t llep_base = kParts + moe_layers.size() * (E + 1);
   std::vector<double> sums(llep_base + moe_layers.size() * kLlepFields, 0.0);
 
   for (int a = 0; a < grad_accum; ++a) {
@@ -286,9 +288,10 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     sums[0] += parts.ce;
     sums[1] += parts.aux;
     sums[2] += parts.z;
+    sums[3] += parts.erc;
     for (size_t i = 0; i < moe_layers.size(); ++i) {
       const model::RoutingPlan& routing = model_->block(moe_layers[i]).moe()->routing();
-      double* out = &sums[3 + i * (E + 1)];
+      double* out = &sums[kParts + i * (E + 1)];
       for (int64_t e = 0; e < E; ++e) out[e] += static_cast<double>(routing.tokens_per_expert[e]);
       out[E] += static_cast<double>(routing.num_dropped());
       double* llep = &sums[llep_base + i * kLlepFields];
@@ -312,7 +315,8 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   s.ce = sums[0] / num_micro_batches;
   s.aux = sums[1] / num_micro_batches;
   s.z = sums[2] / num_micro_batches;
-  s.loss = s.ce + s.aux + s.z;
+  s.erc = sums[3] / num_micro_batches;
+  s.loss = s.ce + s.aux + s.z + s.erc;
   const int64_t next_step = step_ + 1;
   if (!std::isfinite(s.loss)) {
     return absl::DataLossError(absl::StrFormat(
@@ -323,7 +327,7 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   for (size_t i = 0; i < moe_layers.size(); ++i) {
     MoeLayerStats m;
     m.layer = moe_layers[i];
-    const double* in = &sums[3 + i * (E + 1)];
+    const double* in = &sums[kParts + i * (E + 1)];
     for (int64_t e = 0; e < E; ++e) m.tokens_per_expert.push_back(static_cast<int64_t>(std::llround(in[e])));
     m.dropped = static_cast<int64_t>(std::llround(in[E]));
     m.max_over_mean = MaxOverMean(m.tokens_per_expert);
@@ -495,7 +499,9 @@ absl::Status Trainer::WriteMetrics(const StepStats& s) {
   layers += "]";
   JsonLine line;
   line.Add("event", "train").Add("step", s.step).Add("loss", s.loss).Add("ce", s.ce).Add("aux", s.aux);
-  line.Add("z", s.z).Add("lr", s.lr).Add("grad_norm", s.grad_norm).Add("tokens_per_s", s.tokens_per_s);
+  line.Add("z", s.z);
+  if (config_.model().moe().erc_loss_coeff() > 0) line.Add("erc", s.erc);
+  line.Add("lr", s.lr).Add("grad_norm", s.grad_norm).Add("tokens_per_s", s.tokens_per_s);
   line.Add("step_time_s", s.step_time_s).Add("mem_peak_bytes", s.mem_peak_bytes);
   line.Add("expert_load_max_over_mean", s.expert_load_max_over_mean).AddRaw("moe_layers", layers);
   if (!s.ranks.empty()) {

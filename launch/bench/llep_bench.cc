@@ -144,7 +144,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
           const auto t0 = Clock::now();
           RETURN_IF_ERROR(layer.Forward(stream, x).status());
           if (use_llep) llep_stats = layer.llep()->stats();
-          RETURN_IF_ERROR(layer.Backward(stream, dy, 1.0f, 1.0f).status());
+          RETURN_IF_ERROR(layer.Backward(stream, dy, 1.0f, 1.0f, 1.0f).status());
           RETURN_IF_ERROR(stream.Synchronize());
           ASSIGN_OR_RETURN(const double step, MaxOver(ep, Since(t0)));  // the slowest rank's
           if (it < 0) continue;

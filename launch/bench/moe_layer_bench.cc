@@ -113,7 +113,7 @@ absl::StatusOr<Result> RunOne(comm::Communicator& world, int ep, int chunks, con
     RETURN_IF_ERROR(barrier.Wait());
     t0 = Clock::now();
     RETURN_IF_ERROR(layer.Forward(stream, x).status());
-    RETURN_IF_ERROR(layer.Backward(stream, dy, 1.0f, 1.0f).status());
+    RETURN_IF_ERROR(layer.Backward(stream, dy, 1.0f, 1.0f, 1.0f).status());
     auto t1 = Clock::now();
     for (auto it2 = params.all().rbegin(); it2 != params.all().rend(); ++it2)
       RETURN_IF_ERROR(sync->MarkReady(*it2));

@@ -222,6 +222,8 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(moe, aux_loss_type, "batch");
   MOE_DEFAULT(moe, shared_expert_ffn_hidden_size, 0);
   MOE_DEFAULT(moe, shared_expert_gate, false);
+  MOE_DEFAULT(moe, erc_loss_coeff, 0.0);
+  MOE_DEFAULT(moe, erc_alpha, 1.0);
   config::ForcedRouting* fr = moe->mutable_forced_routing();
   MOE_DEFAULT(fr, fraction, 0.0);
   MOE_DEFAULT(fr, hot_experts, 1);

@@ -202,6 +202,21 @@ std::string RoutingKey(const RoutingPlan& plan) {
   return key;
 }
 
+// Which hinges of the coupling loss are active (M_ij > alpha M_ii, M_ji > alpha M_ii):
+// a perturbation that flips one is skipped like a routing change.
+std::string ErcKey(const ErcLoss& erc) {
+  const std::vector<float>& m = erc.activation_norms();
+  const size_t E = static_cast<size_t>(std::sqrt(static_cast<double>(m.size())) + 0.5);
+  std::string key = "|";
+  for (size_t i = 0; i < E; ++i) {
+    for (size_t j = 0; j < E; ++j) {
+      key += m[i * E + j] > erc.alpha() * m[i * E + i] ? '1' : '0';
+      key += m[j * E + i] > erc.alpha() * m[i * E + i] ? '1' : '0';
+    }
+  }
+  return key;
+}
+
 TEST_CASE("Router gradients: combine weights, aux and z losses") {
   Stream& s = CpuStream();
   struct Case {
@@ -275,7 +290,9 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
           Case{"shared expert", "top_k: 2 capacity_factor: 0 shared_expert_ffn_hidden_size: 5", false},
           Case{"gated shared expert, capacity",
                "top_k: 2 capacity_factor: 1.0 shared_expert_ffn_hidden_size: 4 shared_expert_gate: true",
-               true}}) {
+               true},
+          Case{"expert-router coupling loss, alpha 0.8",
+               "top_k: 2 capacity_factor: 0 erc_loss_coeff: 0.6 erc_alpha: 0.8", false}}) {
       DYNAMIC_SECTION(impl << " " << c.name) {
         std::mt19937 rng(7);
         config::ModelConfig cfg = TinyConfig(
@@ -299,17 +316,18 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
         auto loss = [&] {
           auto y = layer.Forward(s, x);
           REQUIRE(y.ok());
-          return Dot(*y, r) + 0.9 * layer.aux_loss() + 1.1 * layer.z_loss();
+          return Dot(*y, r) + 0.9 * layer.aux_loss() + 1.1 * layer.z_loss() + 0.7 * layer.erc_loss();
         };
         loss();
         CHECK((layer.routing().num_dropped() > 0) == c.drops);
+        CHECK((layer.erc_loss() > 0) == (cfg.moe().erc_loss_coeff() > 0));
         if (c.name.rfind("forced", 0) == 0) {
           int repeats = 0;
           for (int64_t t = 0; t < T; ++t)
             repeats += layer.routing().experts[t * 2] == layer.routing().experts[t * 2 + 1] ? 1 : 0;
           CHECK(repeats >= 3);
         }
-        auto dx = layer.Backward(s, testing::NewTensor(Shape{T, 8}, r), 0.9f, 1.1f);
+        auto dx = layer.Backward(s, testing::NewTensor(Shape{T, 8}, r), 0.9f, 1.1f, 0.7f);
         REQUIRE(dx.ok());
         // Every parameter of the layer (router, experts, shared expert and its gate) and x.
         parallel::ParameterList params;
@@ -318,7 +336,8 @@ TEST_CASE("MoELayer gradients (grouped and sequential experts, drops, aux, z)") 
               4u + (layer.shared_expert() ? 3u : 0u) + (layer.shared_expert_gate() ? 1u : 0u));
         std::vector<testing::GradTarget> targets = {{"x", x, *dx}};
         for (parallel::Parameter* p : params) targets.push_back({p->name, p->value, p->grad});
-        CheckGradients(targets, loss, [&] { return RoutingKey(layer.routing()); }, {.step = 3e-3});
+        CheckGradients(targets, loss, [&] { return RoutingKey(layer.routing()) + ErcKey(layer.erc()); },
+                       {.step = 3e-3});
       }
     }
   }
@@ -352,7 +371,7 @@ TEST_CASE("TransformerBlock gradients (dense and MoE)") {
       };
       loss();
       Tensor dh = testing::NewTensor(Shape{B * S, 8}, r);
-      REQUIRE(block.Backward(s, dh, 0.9f, 1.1f).ok());
+      REQUIRE(block.Backward(s, dh, 0.9f, 1.1f, 0.7f).ok());
       std::vector<GradTarget> targets;
       for (parallel::Parameter* p : params) targets.push_back({p->name, p->value, p->grad});
       targets.push_back({"h", h, dh});

@@ -309,7 +309,10 @@ TEST_CASE("Bad tokens and configs are rejected with the value and the field") {
         Bad{"num_expert_groups: 2 group_topk: 3", "at most model.moe.num_expert_groups = 2"},
         Bad{"num_expert_groups: 4 group_topk: 1", "hold fewer than model.moe.top_k = 2"},
         Bad{"shared_expert_ffn_hidden_size: -2", "model.moe.shared_expert_ffn_hidden_size = -2"},
-        Bad{"shared_expert_gate: true", "model.moe.shared_expert_gate = true needs a shared expert"}}) {
+        Bad{"shared_expert_gate: true", "model.moe.shared_expert_gate = true needs a shared expert"},
+        Bad{"erc_loss_coeff: -0.5", "model.moe.erc_loss_coeff = -0.5 must be a finite value >= 0"},
+        Bad{"erc_loss_coeff: 0.1 num_experts: 1 top_k: 1", "needs model.moe.num_experts >= 2"},
+        Bad{"erc_alpha: 1.5", "model.moe.erc_alpha = 1.5 must be in [0, 1]"}}) {
     bad = cfg;
     auto extra = ParseConfigText("model { moe { " + b.text + " } }", "case");
     REQUIRE(extra.ok());

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "model/erc_loss.h"
 #include "model/experts.h"
 #include "model/router.h"
 #include "model/token_dispatcher.h"
@@ -268,6 +269,79 @@ TEST_CASE("Experts reject offsets that do not match the rows") {
   auto y = grp.Forward(s, x, std::vector<int64_t>{0, 2, 4});
   REQUIRE(!y.ok());
   CHECK(std::string(y.status().message()).find("offsets") != std::string::npos);
+}
+
+TEST_CASE(
+    "Coupling loss: proxies within half the nearest-row distance, noise per (seed, layer, step), the "
+    "hinges") {
+  Stream& s = CpuStream();
+  std::mt19937 rng(3);
+  const int64_t E = 4, d = 6, Fe = 5;
+  Tensor router = RandomTensor(Shape{E, d}, rng), gate = RandomTensor(Shape{E, Fe, d}, rng);
+  std::vector<float> r = ToVec(router), g = ToVec(gate);
+  config::MoeConfig moe;
+  moe.set_erc_loss_coeff(0.5);
+  moe.set_erc_alpha(0.7);
+  auto run = [&](const std::string& prefix, uint64_t seed, int64_t step) {
+    ErcLoss erc;
+    erc.Init(prefix, moe, seed, {});
+    erc.set_step(step);
+    REQUIRE(erc.enabled());
+    auto l = erc.Forward(s, router, gate, 0, nullptr);
+    REQUIRE(l.ok());
+    return erc;
+  };
+  ErcLoss a = run("model.layers.1.mlp.", 7, 3);
+  // |delta - 1| <= eps_i = min_j ||R_i - R_j|| / (2 ||R_i||), and the noise is not constant.
+  double spread = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    double norm = 0, nearest = INFINITY;
+    for (int64_t c = 0; c < d; ++c) norm += double(r[i * d + c]) * r[i * d + c];
+    for (int64_t j = 0; j < E; ++j) {
+      if (j == i) continue;
+      double s2 = 0;
+      for (int64_t c = 0; c < d; ++c) s2 += std::pow(double(r[i * d + c]) - r[j * d + c], 2);
+      nearest = std::min(nearest, std::sqrt(s2));
+    }
+    const double eps = nearest / (2 * std::sqrt(norm));
+    for (int64_t c = 0; c < d; ++c) {
+      CHECK(std::abs(a.noise()[i * d + c] - 1.0) <= eps);
+      spread = std::max(spread, std::abs(a.noise()[i * d + c] - 1.0) / eps);
+    }
+  }
+  CHECK(spread > 0.5);
+  // M_ij = ||P_i Wg_j^T|| and L = coeff / E^2 sum_{i != j} hinges, recomputed here.
+  double want = 0;
+  std::vector<double> m(E * E);
+  for (int64_t i = 0; i < E; ++i) {
+    for (int64_t j = 0; j < E; ++j) {
+      double s2 = 0;
+      for (int64_t f = 0; f < Fe; ++f) {
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c) dot += r[i * d + c] * a.noise()[i * d + c] * g[(j * Fe + f) * d + c];
+        s2 += dot * dot;
+      }
+      m[i * E + j] = std::sqrt(s2);
+      CHECK(std::abs(a.activation_norms()[i * E + j] - m[i * E + j]) <= 1e-5 * m[i * E + j]);
+    }
+  }
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = 0; j < E; ++j)
+      if (j != i)
+        want += std::max(0.0, m[i * E + j] - 0.7 * m[i * E + i]) +
+                std::max(0.0, m[j * E + i] - 0.7 * m[i * E + i]);
+  want *= 0.5 / (E * E);
+  CHECK(want > 0);
+  CHECK(std::abs(a.loss() - want) <= 1e-5 * want);
+  // Same (seed, layer, step): the same noise; another step, seed or layer: another.
+  CHECK(run("model.layers.1.mlp.", 7, 3).noise() == a.noise());
+  CHECK(run("model.layers.1.mlp.", 7, 4).noise() != a.noise());
+  CHECK(run("model.layers.1.mlp.", 8, 3).noise() != a.noise());
+  CHECK(run("model.layers.3.mlp.", 7, 3).noise() != a.noise());
+  // Off by default.
+  ErcLoss off;
+  off.Init("model.layers.1.mlp.", config::MoeConfig(), 7, {});
+  CHECK(!off.enabled());
 }
 
 }  // namespace

@@ -137,6 +137,8 @@ config::ModelConfig ConfigFrom(const Fixture& f) {
   if (f.HasAttr("shared_expert_gate")) moe->set_shared_expert_gate(f.AttrInt("shared_expert_gate") != 0);
   // The bias's value comes from the fixture; any positive rate creates it.
   if (f.HasAttr("expert_bias") && f.AttrInt("expert_bias") != 0) moe->set_expert_bias_update_rate(1e-3);
+  if (f.HasAttr("erc_loss_coeff")) moe->set_erc_loss_coeff(f.AttrDouble("erc_loss_coeff"));
+  moe->set_erc_alpha(f.HasAttr("erc_alpha") ? f.AttrDouble("erc_alpha") : 1.0);
   return cfg;
 }
 
@@ -156,7 +158,9 @@ void RunFixture(const std::string& name, bool grouped, std::vector<float>* all =
   Fixture f(std::string(MOE_TEST_DATA_DIR) + "/model_ref_" + name + ".h5");
   config::ModelConfig cfg = ConfigFrom(f);
   cfg.mutable_moe()->set_experts_impl(grouped ? "grouped" : "sequential");
-  auto model_or = Model::Create(cfg, s, 1);
+  // train.seed keys the coupling loss's noise (ERC fixtures); elsewhere unused.
+  const uint64_t seed = f.HasAttr("seed") ? f.AttrInt("seed") : 1;
+  auto model_or = Model::Create(cfg, s, seed);
   INFO(model_or.status().ToString());
   REQUIRE(model_or.ok());
   Model& model = **model_or;
@@ -187,6 +191,7 @@ void RunFixture(const std::string& name, bool grouped, std::vector<float>* all =
   REQUIRE(tshape.size() == 2);
   std::vector<int32_t> tokens(tok.begin(), tok.end());
   REQUIRE(model.ZeroGrads(s).ok());
+  if (f.HasAttr("erc_step")) model.SetStep(f.AttrInt("erc_step"));
   auto loss = model.Forward(s, tokens, tshape[0]);
   REQUIRE(loss.ok());
 
@@ -199,8 +204,13 @@ void RunFixture(const std::string& name, bool grouped, std::vector<float>* all =
     const char* name;
     double got;
   };
+  CHECK(f.Has("loss/erc") == (cfg.moe().erc_loss_coeff() > 0));
   for (L l : {L{"loss/ce", loss->ce}, L{"loss/aux", loss->aux}, L{"loss/z", loss->z},
-              L{"loss/total", loss->total()}}) {
+              L{"loss/erc", loss->erc}, L{"loss/total", loss->total()}}) {
+    if (std::string(l.name) == "loss/erc" && !f.Has(l.name)) {
+      CHECK(l.got == 0.0);  // off: no coupling loss
+      continue;
+    }
     const double ref = f.Read(l.name)[0];
     INFO(l.name << ": model " << l.got << " reference " << ref);
     CHECK(moe::testing::ScalarClose(l.got, ref, 2e-5, 1e-6));
@@ -289,6 +299,12 @@ TEST_CASE("Model equals the NumPy reference at 1 and 2 threads, bit-identically"
     }
   }
   cpu.SetNumThreads(before);
+}
+
+TEST_CASE(
+    "Model equals the NumPy reference: expert-router coupling loss, alpha 0.9, sigmoid, shared expert") {
+  RunFixture("erc_sigmoid_shared", true);
+  RunFixture("erc_sigmoid_shared", false);
 }
 
 }  // namespace

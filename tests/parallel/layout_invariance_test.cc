@@ -4,7 +4,9 @@
 // 1 and 3, dropless and capacity routing, and DeepSeek-V3 routing (sigmoid
 // scores, group-limited, sequence aux loss, the expert bias updated after each
 // step from the global load: the biases must come out equal on every layout),
-// and shared experts (sharded over TP), gated or not. And LLEP against the
+// and shared experts (sharded over TP), gated or not, and the expert-router
+// coupling loss (its per-step noise, its M gathered over EP, its gradient
+// scaled for the EP and TP sums). And LLEP against the
 // single-rank model (not only LLEP on against off): 95% of the assignments
 // forced into one expert with top_k 2, so most tokens list it twice, LLEP on
 // (firing on any imbalance) in every layout with EP > 1, dropless and with
@@ -57,6 +59,7 @@ constexpr char kQwenShared[] = "qwen";
 // Forced skew (95% of the assignments into the last expert, so a token sends
 // both its slots there) with LLEP on wherever EP > 1.
 constexpr char kForcedLlep[] = "forced_llep";
+constexpr char kCoupling[] = "erc";  // the expert-router coupling loss
 
 config::ModelConfig TinyConfig(double capacity_factor, const std::string& variant = "") {
   JobConfig job;
@@ -95,6 +98,10 @@ config::ModelConfig TinyConfig(double capacity_factor, const std::string& varian
     moe->mutable_forced_routing()->set_hot_experts(1);
     moe->mutable_forced_routing()->set_first_hot_expert(3);  // on the last EP rank
   }
+  if (variant == kCoupling) {
+    moe->set_erc_loss_coeff(0.5);
+    moe->set_erc_alpha(0.8);
+  }
   ApplyDefaults(1, &job);
   return job.model();
 }
@@ -127,6 +134,7 @@ struct Result {
   int64_t repeated = 0;                              // tokens listing one expert in two slots (this rank)
   int llep_fired = 0;                                // MoE layer micro-batches where LLEP fired
   int64_t llep_moved = 0;                            // (token, expert) pairs LLEP moved, summed over those
+  double erc = 0;                                    // the coupling loss summed over steps and micro-batches
   std::map<std::string, std::vector<float>> params;  // local shards
   std::map<std::string, parallel::ShardSpec> shards;
   std::map<std::string, Shape> global_shapes;
@@ -175,6 +183,7 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
   Result r;
   for (int step = 0; step < kSteps; ++step) {
     MOE_REQUIRE_OK(model->ZeroGrads(stream));
+    model->SetStep(step + 1);
     double loss_sum = 0;
     for (int a = 0; a < grad_accum; ++a) {
       const int m = a * l.dp + l.dp_rank;
@@ -185,6 +194,7 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
       }
       LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
       loss_sum += loss.total();
+      r.erc += loss.erc;
       for (int b = 0; b < model->num_layers(); ++b) {
         if (!model->block(b).is_moe()) continue;
         const RoutingPlan& routing = model->block(b).moe()->routing();
@@ -285,6 +295,7 @@ void RunAll(double capacity_factor, const std::string& variant = "") {
     const std::vector<float>& bias = ref.params.at("model.layers.1.mlp.router.expert_bias");
     REQUIRE(*std::max_element(bias.begin(), bias.end()) > 0.04f);
   }
+  REQUIRE((ref.erc > 0) == (variant == kCoupling));
   const std::vector<Layout> layouts = {{1, 1, 1, 4}, {1, 2, 2, 2}, {1, 4, 4, 1}, {2, 1, 1, 4}, {2, 2, 2, 2}};
   for (const Layout& lay : layouts) {
     for (int chunks : {1, 3}) {
@@ -322,6 +333,10 @@ TEST_CASE("layout invariance, LLEP on, 95% forced into one expert, repeated expe
 TEST_CASE("layout invariance, LLEP on, 95% forced into one expert, repeated experts, capacity",
           "[layout_invariance]") {
   RunAll(1.0, kForcedLlep);
+}
+
+TEST_CASE("layout invariance, expert-router coupling loss, dropless", "[layout_invariance]") {
+  RunAll(0.0, kCoupling);
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 // and weights in every step, and free the borrowed weights after each layer's
 // backward. Also with DeepSeek-V3 routing (learned, no forcing: sigmoid
 // scores, 4 expert groups of which 2 are kept, sequence aux loss, the expert
-// bias updated after every step from the global load, a gated shared expert).
+// bias updated after every step from the global load, a gated shared expert,
+// the expert-router coupling loss).
 //
 // A layout of w = tp x dp ranks runs on the world / w disjoint sub-worlds of
 // the job, so one mpirun covers 2 and 4 ranks (RANKS 4); RANKS 2 runs the
@@ -74,6 +75,7 @@ config::ModelConfig SkewedConfig(int first_hot, bool deepseek) {
     moe->set_aux_loss_type("sequence");
     moe->set_shared_expert_ffn_hidden_size(12);
     moe->set_shared_expert_gate(true);
+    moe->set_erc_loss_coeff(0.3);
   }
   ApplyDefaults(1, &job);
   return job.model();
@@ -150,6 +152,7 @@ Result Train(comm::Communicator& job_world, const RunSpec& spec) {
   Result r;
   for (int step = 0; step < kSteps; ++step) {
     MOE_REQUIRE_OK(model->ZeroGrads(stream));
+    model->SetStep(step + 1);
     double loss_sum = 0;
     for (int a = 0; a < grad_accum; ++a) {
       const int m = a * l.dp + l.dp_rank;

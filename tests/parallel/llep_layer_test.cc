@@ -129,7 +129,7 @@ LayerRun RunLayer(comm::Communicator& ep, comm::Communicator& ep_p2p, comm::Comm
     REQUIRE(r.borrowed_after_forward == expected);
     REQUIRE(runner.stats().borrowed_experts == expected);
   }
-  Tensor dx = ValueOrDie(layer.Backward(stream, dy, 1.0f, 1.0f));
+  Tensor dx = ValueOrDie(layer.Backward(stream, dy, 1.0f, 1.0f, 1.0f));
   if (llep) r.borrowed_after_backward = layer.llep()->num_borrowed_held();
   r.y = ToVector(y);
   r.dx = ToVector(dx);

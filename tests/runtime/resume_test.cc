@@ -195,7 +195,8 @@ TEST_CASE("another layout: losses continue within 1e-5") {
 // DeepSeek-V3 routing: sigmoid scores, groups, sequence aux, and the expert
 // bias, which is state the checkpoint must carry (a resume that restarted it
 // from zero would route differently and diverge at once), and a gated shared
-// expert. 6 steps of adamw.
+// expert, and the expert-router coupling loss (its noise is keyed by the step
+// number, which a resume must continue). 6 steps of adamw.
 Outcome TrainDeepSeek(const Layout& layout, int world, int steps, const std::string& ckpt_dir) {
   JobConfig c = Config(layout, world, steps, ckpt_dir, "adamw");
   auto* moe = c.mutable_model()->mutable_moe();
@@ -207,6 +208,7 @@ Outcome TrainDeepSeek(const Layout& layout, int world, int steps, const std::str
   moe->set_aux_loss_type("sequence");
   moe->set_shared_expert_ffn_hidden_size(16);
   moe->set_shared_expert_gate(true);
+  moe->set_erc_loss_coeff(0.2);
   return Train(c);
 }
 

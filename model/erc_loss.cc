@@ -1,0 +1,170 @@
+#include "model/erc_loss.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "parallel/tensor_parallel.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/rng.h"
+#include "runtime/core/status.h"
+
+namespace moe::model {
+
+void ErcLoss::Init(const std::string& prefix, const config::MoeConfig& moe, uint64_t seed,
+                   const ShardPlan& plan) {
+  noise_name_ = prefix + "router.erc_noise";
+  coeff_ = moe.erc_loss_coeff();
+  alpha_ = moe.erc_alpha();
+  seed_ = seed;
+  ep_size_ = plan.ep_size;
+  tp_size_ = plan.tp_size;
+}
+
+void ErcLoss::DrawNoise(const std::vector<float>& r, int64_t E, int64_t d) {
+  std::vector<double> norm(E);
+  for (int64_t i = 0; i < E; ++i) {
+    double s = 0;
+    for (int64_t c = 0; c < d; ++c) s += static_cast<double>(r[i * d + c]) * r[i * d + c];
+    norm[i] = std::sqrt(s);
+  }
+  const PhiloxKey key = PhiloxKeyFromName(noise_name_);
+  constexpr double kInv32 = 1.0 / 4294967296.0;
+  delta_.assign(E * d, 1.0);
+  for (int64_t i = 0; i < E; ++i) {
+    double nearest = INFINITY;
+    for (int64_t j = 0; j < E; ++j) {
+      if (j == i) continue;
+      double s = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const double diff = static_cast<double>(r[i * d + c]) - r[j * d + c];
+        s += diff * diff;
+      }
+      nearest = std::min(nearest, std::sqrt(s));
+    }
+    const double eps = norm[i] > 0 ? nearest / (2.0 * norm[i]) : 0.0;
+    for (int64_t c = 0; c < d; ++c) {
+      const uint64_t index = static_cast<uint64_t>(i * d + c);
+      const PhiloxCounter out =
+          Philox4x32_10({static_cast<uint32_t>(index), static_cast<uint32_t>(step_),
+                         static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32)},
+                        key);
+      const double u = (static_cast<double>(out[0]) + 0.5) * kInv32;
+      delta_[i * d + c] = 1.0 + eps * (2.0 * u - 1.0);
+    }
+  }
+  noise_step_ = step_;
+}
+
+absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, const Tensor& gate_w,
+                                        int64_t expert_begin, comm::Communicator* ep) {
+  const int64_t E = router_w.size(0), d = router_w.size(1);
+  if (gate_w.rank() != 3 || gate_w.size(2) != d || expert_begin < 0 || expert_begin + gate_w.size(0) > E) {
+    return absl::InvalidArgumentError(absl::StrCat("ErcLoss::Forward: router ", router_w.ToString(),
+                                                   " and gate_proj ", gate_w.ToString(), " from expert ",
+                                                   expert_begin, " do not match"));
+  }
+  num_experts_ = E;
+  hidden_ = d;
+  local_ = gate_w.size(0);
+  ffn_ = gate_w.size(1);
+  expert_begin_ = expert_begin;
+  if ((ep == nullptr ? 1 : ep->size()) * local_ != E) {
+    return absl::InvalidArgumentError(absl::StrCat("ErcLoss::Forward: ", local_, " local experts of ", E,
+                                                   " need an EP group of ", E / std::max<int64_t>(local_, 1),
+                                                   " ranks"));
+  }
+  // Proxies on the host (E x d is small). The noise (eps_i from the rows'
+  // distances, u from Philox) is drawn at the first Forward of a step and kept
+  // for the step's other micro-batches: a constant of the step.
+  ASSIGN_OR_RETURN(std::vector<float> r, ToHostFloats(stream, router_w));
+  if (noise_step_ != step_ || static_cast<int64_t>(delta_.size()) != E * d) DrawNoise(r, E, d);
+  std::vector<float> proxies(E * d);
+  for (int64_t i = 0; i < E * d; ++i) proxies[i] = static_cast<float>(r[i] * delta_[i]);
+  ASSIGN_OR_RETURN(proxies_, FromHostFloats(stream, proxies, Shape{E, d}));
+  // act [E, E_local * Fe] = P Wg_local^T: proxy i through every local expert's gate.
+  const Tensor gate2d = gate_w.Reshape(Shape{local_ * ffn_, d});
+  ASSIGN_OR_RETURN(Tensor act, NewActivation(stream, Shape{E, local_ * ffn_}));
+  RETURN_IF_ERROR(ops::Gemm(stream, proxies_, false, gate2d, true, act));
+  ASSIGN_OR_RETURN(act_, ToHostFloats(stream, act));
+  // This rank's columns, as rows j of M^T [E_local, E]; gathered into M^T [E, E].
+  std::vector<float> mt(local_ * E);
+  for (int64_t i = 0; i < E; ++i) {
+    for (int64_t j = 0; j < local_; ++j) {
+      const float* a = &act_[i * local_ * ffn_ + j * ffn_];
+      double s = 0;
+      for (int64_t f = 0; f < ffn_; ++f) s += static_cast<double>(a[f]) * a[f];
+      mt[j * E + i] = static_cast<float>(std::sqrt(s));
+    }
+  }
+  if (ep != nullptr && ep->size() > 1) {
+    ASSIGN_OR_RETURN(Tensor local, FromHostFloats(stream, mt, Shape{local_, E}));
+    ASSIGN_OR_RETURN(Tensor all, parallel::AllGatherRows(*ep, stream, local, E));
+    ASSIGN_OR_RETURN(mt, ToHostFloats(stream, all));
+  }
+  m_.assign(E * E, 0.0f);
+  for (int64_t j = 0; j < E; ++j)
+    for (int64_t i = 0; i < E; ++i) m_[i * E + j] = mt[j * E + i];
+  double sum = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    const double own = alpha_ * m_[i * E + i];
+    for (int64_t j = 0; j < E; ++j) {
+      if (j == i) continue;
+      sum += std::max(0.0, m_[i * E + j] - own) + std::max(0.0, m_[j * E + i] - own);
+    }
+  }
+  loss_ = coeff_ / static_cast<double>(E * E) * sum;
+  return loss_;
+}
+
+absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w, const Tensor& router_grad,
+                               const Tensor& gate_grad) {
+  if (!proxies_.defined()) return absl::FailedPreconditionError("ErcLoss::Backward called without a Forward");
+  const int64_t E = num_experts_, d = hidden_;
+  // G = dL / dM (only the local columns are used below).
+  const double c = coeff_ / static_cast<double>(E * E);
+  std::vector<double> g(E * E, 0.0);
+  for (int64_t i = 0; i < E; ++i) {
+    const double own = alpha_ * m_[i * E + i];
+    for (int64_t j = 0; j < E; ++j) {
+      if (j == i) continue;
+      if (m_[i * E + j] - own > 0) {  // expert j answers proxy i more than alpha x expert i does
+        g[i * E + j] += c;
+        g[i * E + i] -= c * alpha_;
+      }
+      if (m_[j * E + i] - own > 0) {  // proxy j excites expert i more than alpha x proxy i does
+        g[j * E + i] += c;
+        g[i * E + i] -= c * alpha_;
+      }
+    }
+  }
+  // dact = G_i,j act / M_i,j (d||a|| / da = a / ||a||; 0 when M = 0).
+  std::vector<float> dact(act_.size(), 0.0f);
+  for (int64_t i = 0; i < E; ++i) {
+    for (int64_t j = 0; j < local_; ++j) {
+      const int64_t col = expert_begin_ + j;
+      const double m = m_[i * E + col], gij = g[i * E + col];
+      if (gij == 0 || m <= 0) continue;
+      const float* a = &act_[i * local_ * ffn_ + j * ffn_];
+      float* da = &dact[i * local_ * ffn_ + j * ffn_];
+      for (int64_t f = 0; f < ffn_; ++f) da[f] = static_cast<float>(gij * a[f] / m);
+    }
+  }
+  ASSIGN_OR_RETURN(Tensor dact_t, FromHostFloats(stream, dact, Shape{E, local_ * ffn_}));
+  const Tensor gate2d = gate_w.Reshape(Shape{local_ * ffn_, d});
+  const Tensor dgate2d = gate_grad.Reshape(Shape{local_ * ffn_, d});
+  const float expert_factor = static_cast<float>(ep_size_) / static_cast<float>(tp_size_);
+  RETURN_IF_ERROR(ops::Gemm(stream, dact_t, true, proxies_, false, dgate2d, scale * expert_factor, 1.0f));
+  // dP = dact Wg_local; dR = delta * dP (the noise and eps are constants).
+  ASSIGN_OR_RETURN(Tensor dproxy, NewActivation(stream, Shape{E, d}));
+  RETURN_IF_ERROR(ops::Gemm(stream, dact_t, false, gate2d, false, dproxy));
+  ASSIGN_OR_RETURN(std::vector<float> dp, ToHostFloats(stream, dproxy));
+  for (int64_t i = 0; i < E * d; ++i) dp[i] = static_cast<float>(dp[i] * delta_[i]);
+  ASSIGN_OR_RETURN(Tensor dr, FromHostFloats(stream, dp, Shape{E, d}));
+  RETURN_IF_ERROR(ops::Axpby(stream, scale * static_cast<float>(ep_size_), dr, 1.0f, router_grad));
+  proxies_ = Tensor();
+  act_.clear();
+  return absl::OkStatus();
+}
+
+}  // namespace moe::model

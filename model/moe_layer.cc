@@ -4,6 +4,7 @@
 #include <numeric>
 #include <vector>
 
+#include "model/alltoall_dispatcher.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 #include "runtime/core/trace.h"

@@ -151,8 +151,11 @@ grep -F "moe-launch: srun -n 4 --mpi=pmix" plain.log | head -1 | cut -c1-120
 
 # The preempted run: SIGUSR1 to the batch script after step 3 (what
 # --signal=B:USR1@N does N seconds before the time limit; the test sends it
-# itself because Slurm checks time limits only every 30 s or so).
-job=$(sbatch --parsable -n 4 -o "$D/pre.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=pre \
+# itself because Slurm checks time limits only every 30 s or so). Every
+# communicator op of this run waits 5 ms more (MOE_COMM_LINK, passed on by
+# sbatch and srun), so its 40 steps take seconds: on a loaded machine the
+# unthrottled run finished before the signal arrived. Losses do not change.
+job=$(MOE_COMM_LINK=latency_us=5000 sbatch --parsable -n 4 -o "$D/pre.log" "$SRC/launch/moe-train.sbatch" "${common[@]}" train.run_dir=pre \
       checkpoint.dir=pre/ckpt)
 # (rank 0 writes metrics.jsonl line by line; srun may hold the ranks' output back)
 cluster_wait_for '"step":3,' 120 pre/metrics.jsonl ||

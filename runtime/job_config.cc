@@ -9,6 +9,8 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/text_format.h"
 #include "model/common.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/device_select.h"
 #include "runtime/core/status.h"
 
 namespace moe {
@@ -284,11 +286,16 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   }
 
   // Train, data, checkpoint, comm.
-  // The CUDA compute backend is not built yet (only the NCCL communicator is):
-  // refuse "cuda" here, before any work, rather than in the trainer.
-  need(t.device() == "cpu", absl::StrCat("train.device = \"", t.device(),
-                                         "\": this build trains on \"cpu\" only (the CUDA compute "
-                                         "backend is not part of it yet); set train.device = \"cpu\""));
+  // "cuda" needs a build with the CUDA backend: refused here, before any work,
+  // rather than in the trainer. (Whether this machine has a usable GPU is
+  // checked when the trainer picks its device.)
+  need(t.device() == "cpu" || (BuiltWithCuda() && ParseDevice(t.device()).ok()),
+       BuiltWithCuda()
+           ? absl::StrCat("train.device = \"", t.device(), "\" is not one of \"cpu\", \"cuda\", \"cuda:N\"")
+           : absl::StrCat("train.device = \"", t.device(),
+                          "\": this build trains on \"cpu\" only (configure with "
+                          "-DMOE_WITH_CUDA=ON where the CUDA toolkit and NCCL are installed); "
+                          "set train.device = \"cpu\""));
   need(!t.run_dir().empty(), "train.run_dir is empty; name a directory for metrics, e.g. runs/demo");
   const auto& d = c.data();
   need(!d.train_path().empty(),

@@ -14,6 +14,7 @@
 #include "model/llep.h"
 #include "optim/clip.h"
 #include "runtime/checkpoint_signal.h"
+#include "runtime/core/device_select.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 #include "runtime/core/trace.h"
@@ -64,7 +65,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   const parallel::RankLayout& layout = groups->layout;
   t->profiler_ = profiler ? std::move(profiler) : std::make_shared<Profiler>();
   const auto& train = config.train();
-  ASSIGN_OR_RETURN(t->backend_, GetBackend(Device::Cpu()));
+  std::string placement;
+  ASSIGN_OR_RETURN(Device device, ResolveDevice(train.device(), &placement));
+  ASSIGN_OR_RETURN(t->backend_, GetBackend(device));
+  if (device.is_cpu()) {
+    MOE_LOG_RANK0(INFO) << "ranks compute on cpu";
+  } else {
+    MOE_LOG(INFO) << "rank " << layout.rank << " computes on " << placement;  // one GPU per rank
+  }
   t->stream_ = &t->backend_->default_stream();
   // train.threads_per_rank > 0 sets this rank's compute threads; 0 keeps the
   // backend's (OPENBLAS_NUM_THREADS, which moe-launch sets, or all cores).

@@ -12,15 +12,20 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/cuda/cuda_check.h"
-#include "comm/cuda/cuda_handles.h"
+#include "comm/cuda/nccl_check.h"
 #include "comm/mpi_env.h"
 #include "comm/watchdog.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/cuda/cuda_check.h"
+#include "runtime/core/cuda/cuda_handles.h"
 #include "runtime/core/status.h"
 
 namespace moe::comm {
 namespace {
+
+using cuda::CudaDeviceGuard;
+using cuda::CudaEvent;
+using cuda::CudaStream;
 
 using Clock = std::chrono::steady_clock;
 
@@ -90,6 +95,34 @@ struct Issued {
   std::shared_ptr<NcclWork> work;
 };
 
+// Communicators are non-blocking (ncclConfig_t.blocking = 0): NCCL calls
+// return ncclInProgress while their host-side work goes on, and this waits
+// for the communicator to be ready by polling ncclCommGetAsyncError, so a
+// stuck initialisation, split or enqueue returns an error naming the call
+// after `timeout_s` (the caller then aborts the communicator with
+// ncclCommAbort) instead of hanging the rank.
+absl::Status WaitNcclReady(ncclComm_t comm, double timeout_s, const char* what) {
+  const auto deadline =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  for (;;) {
+    ncclResult_t state = ncclSuccess;
+    NCCL_RETURN_IF_ERROR(ncclCommGetAsyncError(comm, &state));
+    if (state == ncclSuccess) return absl::OkStatus();
+    if (state != ncclInProgress) return NcclStatus(state, what, __FILE__, __LINE__);
+    if (Clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          what, " did not complete within comm.timeout_s = ", timeout_s, " s; communicator aborted"));
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+ncclConfig_t NonBlockingConfig() {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return config;
+}
+
 class NcclCommunicator : public Communicator, public Watched, public CudaStreamOrdering {
  public:
   static absl::StatusOr<std::unique_ptr<Communicator>> Create(ncclComm_t nccl, MPI_Comm mpi, int device,
@@ -127,7 +160,14 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     poller_.join();
     WatchdogUnregister(this);
     CudaDeviceGuard guard(device_);
-    if (!aborted_.load()) ncclCommDestroy(nccl_);
+    if (!aborted_.load()) {
+      // Non-blocking: finalize (flushes NCCL's outstanding work), wait, destroy.
+      ncclCommFinalize(nccl_);
+      if (WaitNcclReady(nccl_, timeout_s(), "ncclCommFinalize").ok())
+        ncclCommDestroy(nccl_);
+      else
+        ncclCommAbort(nccl_);
+    }
     cudaFree(scratch_);
     if (MpiEnv::initialized()) MPI_Comm_free(&mpi_);
   }
@@ -199,6 +239,10 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     ASSIGN_OR_RETURN(issued->end, CudaEvent::Create(device_));
     RETURN_IF_ERROR(issued->start.Record(stream_.get()));
     RETURN_IF_ERROR(Launch(op));
+    if (absl::Status ready = WaitNcclReady(nccl_, timeout_s(), OpKindName(op.kind)); !ready.ok()) {
+      AbortBackend();  // the enqueue (not the transfer) failed or hung
+      return ready;
+    }
     RETURN_IF_ERROR(issued->end.Record(stream_.get()));
     issued->work = std::make_shared<NcclWork>();
     issued->op = std::move(op);
@@ -219,7 +263,16 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     ncclComm_t nccl_child = nullptr;
     {
       CudaDeviceGuard guard(device_);
-      NCCL_RETURN_IF_ERROR(ncclCommSplit(nccl_, color, op.split_key, &nccl_child, nullptr));
+      ncclConfig_t config = NonBlockingConfig();
+      NCCL_RETURN_IF_ERROR(ncclCommSplit(nccl_, color, op.split_key, &nccl_child, &config));
+      absl::Status ready = WaitNcclReady(nccl_, timeout_s(), "ncclCommSplit");
+      if (ready.ok() && nccl_child != nullptr)
+        ready = WaitNcclReady(nccl_child, timeout_s(), "ncclCommSplit (child)");
+      if (!ready.ok()) {
+        if (nccl_child != nullptr) ncclCommAbort(nccl_child);
+        AbortBackend();
+        return ready;
+      }
     }
     if (mpi_child == MPI_COMM_NULL) return std::unique_ptr<Communicator>();
     return Create(nccl_child, mpi_child, device_, std::move(child));
@@ -449,7 +502,13 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclWorldCommunicator(const 
   ncclComm_t nccl = nullptr;
   {
     CudaDeviceGuard guard(device);
-    NCCL_RETURN_IF_ERROR(ncclCommInitRank(&nccl, MpiEnv::world_size(), id, MpiEnv::world_rank()));
+    ncclConfig_t config = NonBlockingConfig();
+    NCCL_RETURN_IF_ERROR(
+        ncclCommInitRankConfig(&nccl, MpiEnv::world_size(), id, MpiEnv::world_rank(), &config));
+    if (absl::Status ready = WaitNcclReady(nccl, options.timeout_s, "ncclCommInitRankConfig"); !ready.ok()) {
+      ncclCommAbort(nccl);
+      return ready;
+    }
   }
   MPI_Comm mpi;
   MPI_RETURN_IF_ERROR(MPI_Comm_dup(MPI_COMM_WORLD, &mpi));

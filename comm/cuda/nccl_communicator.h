@@ -10,6 +10,9 @@
 // checks ncclCommGetAsyncError, aborting the communicator (ncclCommAbort) on
 // an error; the watchdog aborts it and the job on a timeout. Split is
 // ncclCommSplit, mirrored on an MPI communicator for the members' world ranks.
+// Communicators are non-blocking (ncclConfig_t.blocking = 0): initialisation,
+// split and every enqueue are polled with ncclCommGetAsyncError against
+// comm.timeout_s, so a stuck NCCL call is aborted rather than hanging.
 //
 // Compiled only with MOE_WITH_CUDA.
 #ifndef MOE_COMM_CUDA_NCCL_COMMUNICATOR_H_

@@ -3,9 +3,10 @@
 //   moe-bench model [config=configs/demo.textproto] [steps=5] [warmup=1]
 //                   [micro_batch=<train.micro_batch>] [threads=0] [experts_impl=grouped]
 //                   [sgemm=2048] [verbose=1: per-op time breakdown and the predictor's terms]
+//                   [device=cpu|cuda|cuda:N] [peak_tflops=989: the GPU's dense peak, for mfu_vs_peak]
 //                   [FIELD.PATH=VALUE ...: config overrides, e.g. model.seq_len=256]
 //
-// Builds the model of the config on the CPU backend (parallel sizes forced to
+// Builds the model of the config on the device= backend (parallel sizes forced to
 // 1), allocates AdamW state, and times full steps: zero grads, forward,
 // backward, AdamW update of every parameter. Reports tokens/s and the
 // forward/backward split, and the measured peak memory of a step (the device
@@ -38,6 +39,7 @@
 #include "model/model.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
+#include "runtime/core/device_select.h"
 #include "runtime/core/memory_model.h"
 #include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
@@ -95,7 +97,9 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   const int steps = static_cast<int>(args.Int("steps", 5));
   const int warmup = static_cast<int>(args.Int("warmup", 1));
 
-  ASSIGN_OR_RETURN(Backend * backend, GetBackend(Device::Cpu()));
+  std::string placement;
+  ASSIGN_OR_RETURN(Device device, ResolveDevice(args.Str("device", "cpu"), &placement));
+  ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
   if (args.kv.count("threads")) backend->SetNumThreads(static_cast<int>(args.Int("threads", 0)));
   Stream& stream = backend->default_stream();
   MemoryTracker& mem = backend->memory();
@@ -144,6 +148,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(m->ZeroGrads(stream));
     ASSIGN_OR_RETURN(model::LossParts loss, m->Forward(stream, tokens, B));
+    if (!device.is_cpu()) RETURN_IF_ERROR(stream.Synchronize());  // a GPU runs ahead of the host
     const auto t1 = Clock::now();
     RETURN_IF_ERROR(m->Backward(stream, 1.0f));
     RETURN_IF_ERROR(stream.Synchronize());
@@ -179,7 +184,8 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
                 {"micro_batch", absl::StrCat(B)},
                 {"seq_len", absl::StrCat(S)},
                 {"experts", cfg.moe().experts_impl()},
-                {"threads", absl::StrCat(backend->num_threads())}};
+                {"threads", absl::StrCat(backend->num_threads())},
+                {"device", placement}};
   row.figures = {{"tokens_per_s", tokens_per_s, "tok/s"},
                  {"forward_ms", 1e3 * fwd_s / steps, "ms"},
                  {"backward_ms", 1e3 * bwd_s / steps, "ms"},
@@ -191,6 +197,11 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
                  {"loss", loss_value, ""},
                  {"peak_measured", MiB(measured_peak), "MiB"},
                  {"peak_predicted", MiB(pred.peak_bytes), "MiB"}};
+  if (!device.is_cpu()) {
+    // On a GPU also against the device's dense peak (peak_tflops=, default 989: H100/H200 SXM bf16).
+    const double peak = args.Double("peak_tflops", 989.0);
+    row.figures.push_back({"mfu_vs_peak", model_gflops / (peak * 1e3), ""});
+  }
   row.ratio_name = "measured_vs_predicted";
   row.ratio = static_cast<double>(measured_peak) / static_cast<double>(pred.peak_bytes);
   reporter.Add(row);

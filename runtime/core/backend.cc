@@ -7,6 +7,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/core/cpu/cpu_backend.h"
+#if MOE_WITH_CUDA
+#include "runtime/core/cuda/cuda_backend.h"
+#endif
 
 namespace moe {
 
@@ -67,10 +70,14 @@ bool IsDeviceThread() { return t_device_thread; }
 
 absl::StatusOr<Backend*> GetBackend(Device device) {
   if (device.is_cpu()) return &cpu::CpuBackendInstance();
+#if MOE_WITH_CUDA
+  return cuda::GetCudaBackend(device.index);
+#else
   return absl::FailedPreconditionError(
       absl::StrCat("device ", device.ToString(),
                    ": this build has no CUDA backend (use train.device = \"cpu\", or build on a machine "
                    "with the CUDA toolkit and -DMOE_WITH_CUDA=ON)"));
+#endif
 }
 
 absl::StatusOr<Device> ParseDevice(const std::string& text) {

@@ -136,6 +136,54 @@ MOE_HOST_DEVICE float LoadF32(const uint16_t* p, int64_t i) { return BF16ToF32(p
 MOE_HOST_DEVICE void StoreF32(float* p, int64_t i, float v) { p[i] = v; }
 MOE_HOST_DEVICE void StoreF32(uint16_t* p, int64_t i, float v) { p[i] = F32ToBF16(v); }
 
+// ---- Shared with the CUDA backend's row and routing kernels -------------------
+
+// RoPE inverse frequency of pair j of a head of head_dim: theta^(-2j / head_dim), in double.
+MOE_HOST_DEVICE double RopeInvFreq(int64_t j, int64_t head_dim, double theta) {
+  return std::pow(theta, -2.0 * static_cast<double>(j) / static_cast<double>(head_dim));
+}
+
+// Softmax backward of one element: y (dy - sum_c y_c dy_c).
+MOE_HOST_DEVICE float SoftmaxGrad(float y, float dy, float dot_y_dy) { return y * (dy - dot_y_dy); }
+
+// Top-k order: value a (column ia) goes before value b (column ib) when larger,
+// ties to the lower column.
+MOE_HOST_DEVICE bool TopKBefore(float a, int32_t ia, float b, int32_t ib) {
+  return a > b || (a == b && ia < ib);
+}
+
+// Philox4x32-10 (rng.h): ten rounds on the counter c[4] with key (k0, k1), in place.
+MOE_HOST_DEVICE void Philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kM0) * c[0];
+    const uint64_t p1 = static_cast<uint64_t>(kM1) * c[2];
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+}
+
+// The Normal(0, 1) value of element `index` under (seed, key): counter = {index lo,
+// index hi, seed lo, seed hi}, Box-Muller on the first two words, in double.
+MOE_HOST_DEVICE float PhiloxNormal(uint64_t seed, uint32_t k0, uint32_t k1, uint64_t index) {
+  uint32_t c[4] = {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  Philox4x32_10(c, k0, k1);
+  constexpr double kInv32 = 1.0 / 4294967296.0;
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  const double u1 = (static_cast<double>(c[0]) + 1.0) * kInv32;
+  const double u2 = (static_cast<double>(c[1]) + 1.0) * kInv32;
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2));
+}
+
 }  // namespace moe::kmath
 
 #endif  // MOE_RUNTIME_CORE_KERNEL_MATH_H_

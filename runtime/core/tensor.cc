@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
 namespace moe {
@@ -58,8 +59,10 @@ absl::StatusOr<Tensor> Tensor::Zeros(Backend& backend, Shape shape, DType dtype,
     std::memset(t.raw_data(), 0, t.nbytes());
     return t;
   }
-  return absl::UnimplementedError(
-      absl::StrCat("Tensor::Zeros on ", backend.name(), ": device memset not available"));
+  // Device memory: a fill on the device's default stream, waited for here.
+  RETURN_IF_ERROR(ops::Fill(backend.default_stream(), t, 0.0));
+  RETURN_IF_ERROR(backend.default_stream().Synchronize());
+  return t;
 }
 
 absl::StatusOr<Tensor> Tensor::FromHost(Backend& backend, Shape shape, DType dtype, const void* host_data,
@@ -68,10 +71,16 @@ absl::StatusOr<Tensor> Tensor::FromHost(Backend& backend, Shape shape, DType dty
   if (nbytes != t.nbytes())
     return absl::InvalidArgumentError(
         absl::StrCat("Tensor::FromHost: nbytes = ", nbytes, " but ", t.ToString(), " needs ", t.nbytes()));
-  if (!t.buffer()->host_visible())
-    return absl::UnimplementedError(
-        absl::StrCat("Tensor::FromHost on ", backend.name(), ": host-to-device copy not available"));
-  if (nbytes > 0) std::memcpy(t.raw_data(), host_data, nbytes);
+  if (nbytes == 0) return t;
+  if (!t.buffer()->host_visible()) {
+    // Device memory: a host-to-device copy on the device's default stream, waited for here.
+    ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+    ASSIGN_OR_RETURN(Tensor host, FromHost(*cpu, shape, dtype, host_data, nbytes, MemoryCategory::kOther));
+    RETURN_IF_ERROR(ops::Copy(backend.default_stream(), host, t));
+    RETURN_IF_ERROR(backend.default_stream().Synchronize());
+    return t;
+  }
+  std::memcpy(t.raw_data(), host_data, nbytes);
   return t;
 }
 

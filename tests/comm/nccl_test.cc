@@ -147,7 +147,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+  std::string why;
+  if (cudaError_t e = cudaGetDeviceCount(&devices); e != cudaSuccess) {
+    devices = 0;
+    why = std::string(" (") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e) + ")";
+  }
   int32_t enough = devices >= moe::comm::MpiEnv::local_size() ? 1 : 0, all = 0;
   {
     moe::comm::CommOptions options;
@@ -159,8 +163,8 @@ int main(int argc, char** argv) {
   }
   if (!all) {
     if (moe::comm::MpiEnv::world_rank() == 0) {
-      std::fprintf(stderr, "skipped: %d CUDA devices for %d ranks on this node\n", devices,
-                   moe::comm::MpiEnv::local_size());
+      std::fprintf(stderr, "skipped: %d CUDA devices for %d ranks on this node%s\n", devices,
+                   moe::comm::MpiEnv::local_size(), why.c_str());
     }
     moe::comm::MpiEnv::Finalize();
     return 77;

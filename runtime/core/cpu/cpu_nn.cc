@@ -34,8 +34,7 @@ void RopeRows(const float* in, float* out, int64_t batch, int64_t seq, int64_t h
               double theta, int64_t position_offset, bool inverse) {
   int64_t half = head_dim / 2;
   std::vector<double> inv_freq(half);
-  for (int64_t j = 0; j < half; ++j)
-    inv_freq[j] = std::pow(theta, -2.0 * static_cast<double>(j) / static_cast<double>(head_dim));
+  for (int64_t j = 0; j < half; ++j) inv_freq[j] = kmath::RopeInvFreq(j, head_dim, theta);
   int64_t row = heads * head_dim;
   Pool().ParallelFor(batch * seq, GrainFor(row * 4), [&](int64_t r0, int64_t r1) {
     std::vector<float> c(half), sn(half);
@@ -209,7 +208,7 @@ absl::Status CpuKernels::SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, flo
         for (int64_t c = 0; c < cols; ++c) dot += static_cast<double>(yr[c]) * dyr[c];
         float fd = static_cast<float>(dot);
         for (int64_t c = 0; c < cols; ++c) {
-          float g = alpha * yr[c] * (dyr[c] - fd);
+          float g = kmath::SoftmaxGrad(alpha * yr[c], dyr[c], fd);
           dxr[c] = beta == 0.0f ? g : g + beta * dxr[c];
         }
       }
@@ -316,7 +315,7 @@ absl::Status CpuKernels::TopK(S& s, T x, int k, T values, T indices) {
         const float* xr = px + r * cols;
         std::iota(idx.begin(), idx.end(), 0);
         std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                          [xr](int32_t a, int32_t b) { return xr[a] > xr[b] || (xr[a] == xr[b] && a < b); });
+                          [xr](int32_t a, int32_t b) { return kmath::TopKBefore(xr[a], a, xr[b], b); });
         for (int j = 0; j < k; ++j) {
           pi[r * k + j] = idx[j];
           pv[r * k + j] = xr[idx[j]];

@@ -1,12 +1,13 @@
-// RAII, move-only handles for a CUDA stream and a CUDA event of one device.
-#ifndef MOE_COMM_CUDA_CUDA_HANDLES_H_
-#define MOE_COMM_CUDA_CUDA_HANDLES_H_
+// RAII, move-only handles for a CUDA stream and a CUDA event of one device
+// (the CUDA plumbing of runtime/core; the backend and comm/cuda use them).
+#ifndef MOE_RUNTIME_CORE_CUDA_CUDA_HANDLES_H_
+#define MOE_RUNTIME_CORE_CUDA_CUDA_HANDLES_H_
 
 #include <cuda_runtime_api.h>
 
 #include "absl/status/statusor.h"
 
-namespace moe::comm {
+namespace moe::cuda {
 
 // Makes `device` current for the scope and restores the previous one.
 class CudaDeviceGuard {
@@ -41,8 +42,9 @@ class CudaStream {
 class CudaEvent {
  public:
   CudaEvent() = default;
-  // Timing disabled: the events order streams and mark completion.
-  static absl::StatusOr<CudaEvent> Create(int device);
+  // Timing disabled by default: the events order streams and mark completion;
+  // `timing` enables cudaEventElapsedTime (the backend's Event).
+  static absl::StatusOr<CudaEvent> Create(int device, bool timing = false);
   ~CudaEvent();
   CudaEvent(CudaEvent&& o) noexcept : event_(o.event_) { o.event_ = nullptr; }
   CudaEvent& operator=(CudaEvent&& o) noexcept;
@@ -57,6 +59,6 @@ class CudaEvent {
   cudaEvent_t event_ = nullptr;
 };
 
-}  // namespace moe::comm
+}  // namespace moe::cuda
 
-#endif  // MOE_COMM_CUDA_CUDA_HANDLES_H_
+#endif  // MOE_RUNTIME_CORE_CUDA_CUDA_HANDLES_H_

@@ -1,10 +1,10 @@
-#include "comm/cuda/cuda_handles.h"
+#include "runtime/core/cuda/cuda_handles.h"
 
 #include <utility>
 
-#include "comm/cuda/cuda_check.h"
+#include "runtime/core/cuda/cuda_check.h"
 
-namespace moe::comm {
+namespace moe::cuda {
 
 CudaDeviceGuard::CudaDeviceGuard(int device) {
   if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
@@ -36,10 +36,11 @@ CudaStream& CudaStream::operator=(CudaStream&& o) noexcept {
   return *this;
 }
 
-absl::StatusOr<CudaEvent> CudaEvent::Create(int device) {
+absl::StatusOr<CudaEvent> CudaEvent::Create(int device, bool timing) {
   CudaDeviceGuard guard(device);
   CudaEvent e;
-  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e.event_, cudaEventDisableTiming));
+  CUDA_RETURN_IF_ERROR(
+      cudaEventCreateWithFlags(&e.event_, timing ? cudaEventDefault : cudaEventDisableTiming));
   return e;
 }
 
@@ -70,4 +71,4 @@ absl::StatusOr<bool> CudaEvent::Query() const {
   return CudaStatus(e, "cudaEventQuery", __FILE__, __LINE__);
 }
 
-}  // namespace moe::comm
+}  // namespace moe::cuda

@@ -1,17 +1,11 @@
-#include "comm/cuda/cuda_check.h"
+#include "comm/cuda/nccl_check.h"
+
+#include <cuda_runtime_api.h>
 
 #include "absl/strings/str_cat.h"
 #include "comm/args_check.h"
 
 namespace moe::comm {
-
-absl::Status CudaStatus(cudaError_t code, const char* call, const char* file, int line) {
-  if (code == cudaSuccess) return absl::OkStatus();
-  cudaGetLastError();  // clear the sticky-until-read error of this thread
-  return absl::InternalError(absl::StrCat("CUDA error ", static_cast<int>(code), " (", cudaGetErrorName(code),
-                                          ": ", cudaGetErrorString(code), ") in ", call, " at ",
-                                          SourceLocation(file, line)));
-}
 
 absl::Status NcclStatus(ncclResult_t code, const char* call, const char* file, int line) {
   if (code == ncclSuccess || code == ncclInProgress) return absl::OkStatus();

@@ -1,0 +1,173 @@
+// Causal attention keeping only the row log-sum-exp (the CPU contract of
+// ops::CausalAttention). One block per query row and head: the row's scores
+// live in shared memory (O(S) per row), p = exp(s - lse) is recomputed in
+// backward. Backward is two deterministic passes: dQ per query row (which
+// also writes delta = rowsum(dout * out)), then dK, dV per key row summing
+// the query rows of every head of its KV group in order.
+#include <cfloat>
+
+#include "runtime/core/cuda/cuda_launch.cuh"
+
+namespace moe::cuda {
+namespace {
+
+constexpr int kAttnThreads = 128;
+constexpr int64_t kMaxSeq = 16384;  // backward keeps 2 * seq floats of shared memory per block
+
+__device__ inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// Row (b, i, h): offsets of q/out/dout rows [B, S, H, hd] and k/v rows [B, S, Hkv, hd].
+__device__ inline int64_t QRow(const AttentionShape& sh, int64_t b, int64_t i, int64_t h) {
+  return ((b * sh.seq + i) * sh.heads + h) * sh.head_dim;
+}
+__device__ inline int64_t KRow(const AttentionShape& sh, int64_t b, int64_t j, int64_t hk) {
+  return ((b * sh.seq + j) * sh.kv_heads + hk) * sh.head_dim;
+}
+
+__global__ void ForwardKernel(const float* q, const float* k, const float* v, float scale, float* out,
+                              float* lse, AttentionShape sh) {
+  extern __shared__ float scores[];  // [seq]
+  __shared__ double red[32];
+  const int64_t h = blockIdx.x % sh.heads, i = (blockIdx.x / sh.heads) % sh.seq,
+                b = blockIdx.x / (sh.heads * sh.seq);
+  const int64_t hk = h / (sh.heads / sh.kv_heads), hd = sh.head_dim;
+  const float* qi = q + QRow(sh, b, i, h);
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
+    const float s = scale * Dot(qi, k + KRow(sh, b, j, hk), hd);
+    scores[j] = s;
+    mx = s > mx ? s : mx;
+  }
+  const float m = static_cast<float>(BlockMax(static_cast<double>(mx), red));
+  double sum = 0;
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
+    const float p = kmath::Exp(scores[j] - m);
+    scores[j] = p;
+    sum += p;
+  }
+  const double total = BlockSum(sum, red);  // ends with __syncthreads: every p is visible
+  const float l = kmath::LogSumExpFrom(m, static_cast<float>(total));
+  if (threadIdx.x == 0) lse[(b * sh.heads + h) * sh.seq + i] = l;
+  const float inv = static_cast<float>(1.0 / total);
+  float* oi = out + QRow(sh, b, i, h);
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j <= i; ++j) acc += scores[j] * v[KRow(sh, b, j, hk) + d];
+    oi[d] = acc * inv;
+  }
+}
+
+// dQ of row (b, i, h) and delta[b, h, i] = dout_i . out_i.
+__global__ void DqKernel(const float* q, const float* k, const float* v, const float* out, const float* lse,
+                         float scale, const float* dout, float* dq, float* delta, AttentionShape sh) {
+  extern __shared__ float ds[];  // [seq]
+  __shared__ double red[32];
+  const int64_t h = blockIdx.x % sh.heads, i = (blockIdx.x / sh.heads) % sh.seq,
+                b = blockIdx.x / (sh.heads * sh.seq);
+  const int64_t hk = h / (sh.heads / sh.kv_heads), hd = sh.head_dim;
+  const int64_t qrow = QRow(sh, b, i, h);
+  const float *qi = q + qrow, *doi = dout + qrow;
+  double acc = 0;
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) acc += static_cast<double>(doi[d]) * out[qrow + d];
+  const float D = static_cast<float>(BlockSum(acc, red));
+  const int64_t li = (b * sh.heads + h) * sh.seq + i;
+  if (threadIdx.x == 0) delta[li] = D;
+  const float l = lse[li];
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
+    const int64_t kr = KRow(sh, b, j, hk);
+    const float p = kmath::Exp(scale * Dot(qi, k + kr, hd) - l);
+    ds[j] = p * (Dot(doi, v + kr, hd) - D);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    float g = 0.0f;
+    for (int64_t j = 0; j <= i; ++j) g += ds[j] * k[KRow(sh, b, j, hk) + d];
+    dq[qrow + d] = scale * g;
+  }
+}
+
+// dK, dV of key row (b, j, hk): sums over the group's heads and the query rows i >= j.
+__global__ void DkvKernel(const float* q, const float* k, const float* v, const float* lse, float scale,
+                          const float* dout, const float* delta, float* dk, float* dv, AttentionShape sh) {
+  extern __shared__ float smem[];  // p [seq], ds [seq]
+  float* ps = smem;
+  float* ds = smem + sh.seq;
+  const int64_t hk = blockIdx.x % sh.kv_heads, j = (blockIdx.x / sh.kv_heads) % sh.seq,
+                b = blockIdx.x / (sh.kv_heads * sh.seq);
+  const int64_t group = sh.heads / sh.kv_heads, hd = sh.head_dim;
+  const int64_t kr = KRow(sh, b, j, hk);
+  const float *kj = k + kr, *vj = v + kr;
+  // Each thread owns a few d; the accumulators live in registers across heads.
+  constexpr int kMaxPerThread = 4;  // head_dim <= 4 * kAttnThreads
+  float gk[kMaxPerThread] = {}, gv[kMaxPerThread] = {};
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    for (int64_t i = j + threadIdx.x; i < sh.seq; i += blockDim.x) {
+      const int64_t qrow = QRow(sh, b, i, h), li = (b * sh.heads + h) * sh.seq + i;
+      const float p = kmath::Exp(scale * Dot(q + qrow, kj, hd) - lse[li]);
+      ps[i] = p;
+      ds[i] = p * (Dot(dout + qrow, vj, hd) - delta[li]);
+    }
+    __syncthreads();
+    for (int t = 0; t < kMaxPerThread; ++t) {
+      const int64_t d = threadIdx.x + static_cast<int64_t>(t) * blockDim.x;
+      if (d >= hd) break;
+      float ak = 0.0f, av = 0.0f;
+      for (int64_t i = j; i < sh.seq; ++i) {
+        const int64_t qrow = QRow(sh, b, i, h);
+        av += ps[i] * dout[qrow + d];
+        ak += ds[i] * q[qrow + d];
+      }
+      gk[t] += ak;
+      gv[t] += av;
+    }
+    __syncthreads();
+  }
+  for (int t = 0; t < kMaxPerThread; ++t) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(t) * blockDim.x;
+    if (d >= hd) break;
+    dk[kr + d] = scale * gk[t];
+    dv[kr + d] = gv[t];
+  }
+}
+
+cudaError_t AllowSharedMemory(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace
+
+int64_t MaxAttentionSeq() { return kMaxSeq; }
+
+cudaError_t LaunchAttentionForward(const float* q, const float* k, const float* v, float scale, float* out,
+                                   float* lse, AttentionShape sh, cudaStream_t s) {
+  const int64_t blocks = sh.batch * sh.seq * sh.heads;
+  if (blocks == 0) return cudaGetLastError();
+  const size_t smem = static_cast<size_t>(sh.seq) * sizeof(float);
+  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(ForwardKernel), smem); e != cudaSuccess)
+    return e;
+  ForwardKernel<<<blocks, kAttnThreads, smem, s>>>(q, k, v, scale, out, lse, sh);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float* v, const float* out,
+                                    const float* lse, float scale, const float* dout, float* dq, float* dk,
+                                    float* dv, float* delta, AttentionShape sh, cudaStream_t s) {
+  const int64_t qblocks = sh.batch * sh.seq * sh.heads, kblocks = sh.batch * sh.seq * sh.kv_heads;
+  if (qblocks == 0) return cudaGetLastError();
+  const size_t smem = static_cast<size_t>(sh.seq) * sizeof(float);
+  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(DqKernel), smem); e != cudaSuccess)
+    return e;
+  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(DkvKernel), 2 * smem); e != cudaSuccess)
+    return e;
+  DqKernel<<<qblocks, kAttnThreads, smem, s>>>(q, k, v, out, lse, scale, dout, dq, delta, sh);
+  DkvKernel<<<kblocks, kAttnThreads, 2 * smem, s>>>(q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  return cudaGetLastError();
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,516 @@
+#include "runtime/core/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/check.h"
+#include "runtime/core/cuda/cuda_check.h"
+#include "runtime/core/cuda/cuda_handles.h"
+#include "runtime/core/kernels.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/status.h"
+
+namespace moe::cuda {
+namespace {
+
+constexpr size_t kAlignment = 256;
+
+class CudaBackend;
+
+// Errors of host functions and of kernels (DeviceError), per stream. Shared by
+// the stream, its events and the streams that waited on them.
+struct StreamErrors {
+  std::mutex mu;
+  absl::Status host_error;        // first failed LaunchHostFunc
+  DeviceError* record = nullptr;  // mapped host memory; device pointer == host pointer (UVA)
+  std::vector<std::weak_ptr<StreamErrors>> upstream;  // streams this one waited on
+
+  // This stream's own first error (cleared when `clear`).
+  absl::Status Own(bool clear) {
+    std::lock_guard<std::mutex> lock(mu);
+    absl::Status st = host_error;
+    if (st.ok() && record != nullptr && record->code == 1) {
+      st = absl::InvalidArgumentError(absl::StrCat("ops::", OpKindName(static_cast<OpKind>(record->op)),
+                                                   ": index[", record->position, "] = ", record->value,
+                                                   " is outside [0, ", record->limit, ")"));
+      if (clear) record->code = 0;
+    }
+    if (clear) host_error = absl::OkStatus();
+    return st;
+  }
+  // The first error of this stream, else of a stream it waited on (one level:
+  // streams wait on each other in both directions, so no recursion and no
+  // two locks held at once).
+  absl::Status Take(bool clear) {
+    absl::Status st = Own(clear);
+    if (!st.ok()) return st;
+    std::vector<std::shared_ptr<StreamErrors>> ups;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& w : upstream)
+        if (auto up = w.lock(); up != nullptr && up.get() != this) ups.push_back(std::move(up));
+    }
+    for (auto& up : ups) {
+      st = up->Own(false);
+      if (!st.ok()) return st;
+    }
+    return absl::OkStatus();
+  }
+};
+
+class CudaStreamImpl;
+
+class CudaEventImpl : public Event {
+ public:
+  CudaEventImpl(CudaEvent event) : event_(std::move(event)) {}
+  absl::Status Synchronize() const override {
+    CountHostSync();
+    std::shared_ptr<StreamErrors> errors;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!recorded_) return absl::OkStatus();
+      errors = errors_;
+    }
+    CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_.get()));
+    return errors != nullptr ? errors->Take(false) : absl::OkStatus();
+  }
+  bool Query() const override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!recorded_) return true;
+    }
+    absl::StatusOr<bool> done = event_.Query();
+    return !done.ok() || *done;  // a device error counts as done: Synchronize reports it
+  }
+  absl::StatusOr<double> ElapsedMsSince(const Event& start) const override {
+    auto* s = dynamic_cast<const CudaEventImpl*>(&start);
+    if (s == nullptr) return absl::InvalidArgumentError("Event::ElapsedMsSince: start is not a CUDA event");
+    if (!s->recorded() || !recorded() || !s->Query() || !Query())
+      return absl::FailedPreconditionError(
+          "Event::ElapsedMsSince: both events must be recorded and complete (Query() true) first");
+    float ms = 0;
+    CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, s->event_.get(), event_.get()));
+    return static_cast<double>(ms);
+  }
+  absl::Status RecordOn(cudaStream_t stream, std::shared_ptr<StreamErrors> errors) {
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(event_.get(), stream));
+    std::lock_guard<std::mutex> lock(mu_);
+    recorded_ = true;
+    errors_ = std::move(errors);
+    return absl::OkStatus();
+  }
+  bool recorded() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return recorded_;
+  }
+  std::shared_ptr<StreamErrors> errors() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return errors_;
+  }
+  cudaEvent_t get() const { return event_.get(); }
+
+ private:
+  CudaEvent event_;
+  mutable std::mutex mu_;
+  bool recorded_ = false;
+  std::shared_ptr<StreamErrors> errors_;
+};
+
+// ---- Caching allocator ------------------------------------------------------------
+
+// Freed blocks wait in `pending_` until a fence (one event per live stream,
+// recorded after the free) completes, then go to `free_` by size. Sizes are
+// rounded to 512 bytes (small) or 2 MiB (from 1 MiB), so activations of a
+// repeated step reuse their blocks.
+class DeviceAllocator {
+ public:
+  DeviceAllocator(int device, CudaBackend* backend) : device_(device), backend_(backend) {}
+
+  static size_t Round(size_t bytes) {
+    if (bytes < (size_t{1} << 20)) return std::max<size_t>(512, (bytes + 511) / 512 * 512);
+    constexpr size_t k2M = size_t{2} << 20;
+    return (bytes + k2M - 1) / k2M * k2M;
+  }
+
+  absl::StatusOr<void*> Take(size_t rounded);
+  void Give(void* p, size_t rounded) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back({p, rounded});
+  }
+  size_t cached_bytes() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t size;
+  };
+  struct Fenced {
+    std::vector<Block> blocks;
+    std::vector<CudaEvent> events;
+  };
+  // Moves completed fences' blocks to free_; fences the pending blocks. Holds mu_.
+  void Advance();
+  void ReleaseAll();  // waits for every fence, returns every cached block to CUDA. Holds mu_.
+
+  int device_;
+  CudaBackend* backend_;
+  mutable std::mutex mu_;
+  std::vector<Block> pending_;
+  std::deque<Fenced> fenced_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+class CudaBuffer : public Buffer {
+ public:
+  CudaBuffer(void* data, size_t size, size_t rounded, MemoryCategory category, int device,
+             MemoryTracker* tracker, DeviceAllocator* allocator)
+      : data_(data),
+        size_(size),
+        rounded_(rounded),
+        category_(category),
+        device_(device),
+        tracker_(tracker),
+        allocator_(allocator) {}
+  ~CudaBuffer() override {
+    allocator_->Give(data_, rounded_);
+    tracker_->OnFree(category_, static_cast<int64_t>(size_));
+  }
+  void* data() const override { return data_; }
+  size_t size() const override { return size_; }
+  MemoryCategory category() const override { return category_; }
+  Device device() const override { return Device::Cuda(device_); }
+  bool host_visible() const override { return false; }
+
+ private:
+  void* data_;
+  size_t size_, rounded_;
+  MemoryCategory category_;
+  int device_;
+  MemoryTracker* tracker_;
+  DeviceAllocator* allocator_;
+};
+
+class CudaBufferType : public BufferType {
+ public:
+  CudaBufferType(int device, MemoryTracker* tracker, DeviceAllocator* allocator)
+      : device_(device), tracker_(tracker), allocator_(allocator) {}
+  std::string name() const override { return absl::StrCat("cuda:", device_); }
+  size_t alignment() const override { return kAlignment; }
+  Device device() const override { return Device::Cuda(device_); }
+  absl::StatusOr<std::shared_ptr<Buffer>> Allocate(size_t bytes, MemoryCategory category) override {
+    const size_t rounded = DeviceAllocator::Round(bytes);
+    absl::StatusOr<void*> p = allocator_->Take(rounded);
+    if (!p.ok())
+      return absl::ResourceExhaustedError(
+          absl::StrCat(name(), ": cannot allocate ", bytes, " bytes for ", MemoryCategoryName(category), " (",
+                       tracker_->Total().live_bytes, " bytes live): ", p.status().message()));
+    tracker_->OnAllocate(category, static_cast<int64_t>(bytes));
+    return std::shared_ptr<Buffer>(
+        std::make_shared<CudaBuffer>(*p, bytes, rounded, category, device_, tracker_, allocator_));
+  }
+
+ private:
+  int device_;
+  MemoryTracker* tracker_;
+  DeviceAllocator* allocator_;
+};
+
+// ---- Streams --------------------------------------------------------------------
+
+class CudaStreamImpl : public Stream {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaStreamImpl>> Create(CudaBackend& backend, int device,
+                                                                StreamMode mode);
+  ~CudaStreamImpl() override;
+  Backend& backend() const override;
+  StreamMode mode() const override { return mode_; }
+  absl::Status Synchronize() override {
+    CountHostSync();
+    CudaDeviceGuard guard(device_);
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+    return errors_->Take(true);
+  }
+  absl::Status Record(Event& event) override {
+    auto* e = dynamic_cast<CudaEventImpl*>(&event);
+    if (e == nullptr) return absl::InvalidArgumentError("Stream::Record: event is not a CUDA event");
+    return e->RecordOn(stream_.get(), errors_);
+  }
+  absl::Status Wait(const Event& event) override {
+    auto* e = dynamic_cast<const CudaEventImpl*>(&event);
+    if (e == nullptr) return absl::InvalidArgumentError("Stream::Wait: event is not a CUDA event");
+    if (!e->recorded()) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), e->get(), 0));
+    if (auto up = e->errors(); up != nullptr && up != errors_) {
+      std::lock_guard<std::mutex> lock(errors_->mu);
+      auto& ups = errors_->upstream;
+      ups.erase(std::remove_if(ups.begin(), ups.end(), [](const auto& w) { return w.expired(); }), ups.end());
+      bool known = false;
+      for (auto& w : ups) known = known || w.lock() == up;
+      if (!known) ups.push_back(up);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status LaunchHostFunc(std::function<absl::Status()> fn) override {
+    auto* payload = new HostFunc{std::move(fn), errors_};
+    cudaError_t e = cudaLaunchHostFunc(stream_.get(), &RunHostFunc, payload);
+    if (e != cudaSuccess) {
+      delete payload;
+      return CudaStatus(e, "cudaLaunchHostFunc", __FILE__, __LINE__);
+    }
+    return absl::OkStatus();
+  }
+  void* native_handle() const override { return stream_.get(); }
+
+  cudaStream_t get() const { return stream_.get(); }
+  int device() const { return device_; }
+  DeviceError* record() const { return errors_->record; }
+  absl::StatusOr<cublasHandle_t> cublas() {
+    if (cublas_ == nullptr) {
+      CudaDeviceGuard guard(device_);
+      CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
+      CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_.get()));
+      // fp32 GEMMs stay fp32 (no TF32): results match the CPU backend to 1e-5.
+      CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+    }
+    return cublas_;
+  }
+
+ private:
+  struct HostFunc {
+    std::function<absl::Status()> fn;
+    std::shared_ptr<StreamErrors> errors;
+  };
+  static void CUDART_CB RunHostFunc(void* arg) {
+    std::unique_ptr<HostFunc> f(static_cast<HostFunc*>(arg));
+    MarkDeviceThread();
+    absl::Status st = f->fn();
+    if (!st.ok()) {
+      std::lock_guard<std::mutex> lock(f->errors->mu);
+      if (f->errors->host_error.ok()) f->errors->host_error = st;
+    }
+  }
+
+  CudaStreamImpl(CudaBackend& backend, int device, StreamMode mode, CudaStream stream)
+      : backend_(backend), device_(device), mode_(mode), stream_(std::move(stream)) {}
+
+  CudaBackend& backend_;
+  int device_;
+  StreamMode mode_;
+  CudaStream stream_;
+  std::shared_ptr<StreamErrors> errors_ = std::make_shared<StreamErrors>();
+  cublasHandle_t cublas_ = nullptr;
+};
+
+class CudaBackend : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device) {
+    auto b = std::unique_ptr<CudaBackend>(new CudaBackend(device));
+    CudaDeviceGuard guard(device);
+    CUDA_RETURN_IF_ERROR(cudaFree(nullptr));  // creates the context now, errors here
+    ASSIGN_OR_RETURN(b->default_stream_, CudaStreamImpl::Create(*b, device, StreamMode::kWorker));
+    return b;
+  }
+  Device device() const override { return Device::Cuda(device_); }
+  std::string name() const override { return absl::StrCat("cuda:", device_); }
+  BufferType& default_buffer_type() override { return buffer_type_; }
+  Stream& default_stream() override { return *default_stream_; }
+  absl::StatusOr<std::unique_ptr<Stream>> CreateStream(StreamMode mode) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaStreamImpl> s, CudaStreamImpl::Create(*this, device_, mode));
+    return std::unique_ptr<Stream>(std::move(s));
+  }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override {
+    ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(device_, /*timing=*/true));
+    return std::unique_ptr<Event>(std::make_unique<CudaEventImpl>(std::move(e)));
+  }
+  MemoryTracker& memory() override { return memory_; }
+  bool SupportsOp(OpKind op) const override { return op < OpKind::kNumOpKinds; }
+  // Kernels use the whole device; host threads are not this backend's to set.
+  void SetNumThreads(int n) override {}
+  int num_threads() const override { return 1; }
+  Kernels& kernels() override { return *kernels_; }
+
+  // The live streams (the allocator fences on each).
+  void AddStream(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    streams_.insert(s);
+  }
+  void RemoveStream(cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    streams_.erase(s);
+  }
+  std::vector<cudaStream_t> Streams() {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    return {streams_.begin(), streams_.end()};
+  }
+
+ private:
+  explicit CudaBackend(int device)
+      : device_(device),
+        allocator_(device, this),
+        buffer_type_(device, &memory_, &allocator_),
+        kernels_(MakeCudaKernels()) {}
+
+  int device_;
+  MemoryTracker memory_;
+  DeviceAllocator allocator_;
+  CudaBufferType buffer_type_;
+  std::unique_ptr<Kernels> kernels_;
+  std::mutex streams_mu_;
+  std::set<cudaStream_t> streams_;
+  std::unique_ptr<CudaStreamImpl> default_stream_;
+};
+
+absl::StatusOr<std::unique_ptr<CudaStreamImpl>> CudaStreamImpl::Create(CudaBackend& backend, int device,
+                                                                       StreamMode mode) {
+  ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(device));
+  // Every CUDA stream is asynchronous: kInline is treated as kWorker (backend.h).
+  auto s = std::unique_ptr<CudaStreamImpl>(new CudaStreamImpl(backend, device, mode, std::move(stream)));
+  void* record = nullptr;
+  CudaDeviceGuard guard(device);
+  CUDA_RETURN_IF_ERROR(cudaHostAlloc(&record, sizeof(DeviceError), cudaHostAllocMapped));
+  std::memset(record, 0, sizeof(DeviceError));
+  s->errors_->record = static_cast<DeviceError*>(record);
+  backend.AddStream(s->get());
+  return s;
+}
+
+CudaStreamImpl::~CudaStreamImpl() {
+  CudaDeviceGuard guard(device_);
+  cudaStreamSynchronize(stream_.get());  // destroying a stream waits for its work (backend.h)
+  backend_.RemoveStream(stream_.get());
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  std::lock_guard<std::mutex> lock(errors_->mu);
+  cudaFreeHost(errors_->record);
+  errors_->record = nullptr;
+}
+
+Backend& CudaStreamImpl::backend() const { return backend_; }
+
+void DeviceAllocator::Advance() {
+  while (!fenced_.empty()) {
+    bool done = true;
+    for (auto& e : fenced_.front().events) {
+      absl::StatusOr<bool> q = e.Query();
+      done = done && (!q.ok() || *q);
+    }
+    if (!done) break;
+    for (auto& b : fenced_.front().blocks) {
+      free_.emplace(b.size, b.p);
+      cached_ += b.size;
+    }
+    fenced_.pop_front();
+  }
+  if (pending_.empty()) return;
+  Fenced f;
+  f.blocks = std::move(pending_);
+  pending_.clear();
+  for (cudaStream_t s : backend_->Streams()) {
+    absl::StatusOr<CudaEvent> e = CudaEvent::Create(device_);
+    if (!e.ok() || !e->Record(s).ok()) continue;  // a broken context fails every later call anyway
+    f.events.push_back(std::move(*e));
+  }
+  fenced_.push_back(std::move(f));
+}
+
+void DeviceAllocator::ReleaseAll() {
+  for (auto& f : fenced_) {
+    for (auto& e : f.events) cudaEventSynchronize(e.get());
+    for (auto& b : f.blocks) cudaFree(b.p);
+  }
+  fenced_.clear();
+  for (auto& [size, p] : free_) cudaFree(p);
+  free_.clear();
+  cached_ = 0;
+}
+
+absl::StatusOr<void*> DeviceAllocator::Take(size_t rounded) {
+  std::lock_guard<std::mutex> lock(mu_);
+  CudaDeviceGuard guard(device_);
+  Advance();
+  if (auto it = free_.find(rounded); it != free_.end()) {
+    void* p = it->second;
+    free_.erase(it);
+    cached_ -= rounded;
+    return p;
+  }
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, rounded);
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    ReleaseAll();
+    e = cudaMalloc(&p, rounded);
+  }
+  if (e != cudaSuccess) return CudaStatus(e, "cudaMalloc", __FILE__, __LINE__);
+  return p;
+}
+
+std::mutex g_backends_mu;
+std::map<int, std::unique_ptr<CudaBackend>>& Backends() {
+  static auto* backends = new std::map<int, std::unique_ptr<CudaBackend>>();  // never destroyed
+  return *backends;
+}
+
+CudaStreamImpl& AsCuda(Stream& s) {
+  auto* c = dynamic_cast<CudaStreamImpl*>(&s);
+  MOE_CHECK(c != nullptr) << "a CUDA kernel was given a non-CUDA stream";
+  return *c;
+}
+
+}  // namespace
+
+absl::StatusOr<Backend*> GetCudaBackend(int index) {
+  ASSIGN_OR_RETURN(int count, DeviceCount());
+  if (index < 0 || index >= count)
+    return absl::FailedPreconditionError(
+        absl::StrCat("device cuda:", index, " does not exist (", count, " CUDA device(s) visible)"));
+  std::lock_guard<std::mutex> lock(g_backends_mu);
+  auto& slot = Backends()[index];
+  if (slot == nullptr) {
+    ASSIGN_OR_RETURN(slot, CudaBackend::Create(index));
+  }
+  return slot.get();
+}
+
+DevicePlacement LocalRankDevice(int device_count) {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
+    const char* v = std::getenv(var);
+    if (v == nullptr || *v == '\0') continue;
+    const int local = std::atoi(v);
+    const int n = std::max(device_count, 1);
+    return {local % n, absl::StrCat(var, "=", v, " -> cuda:", local % n, " of ", device_count)};
+  }
+  return {0, absl::StrCat("no local rank variable (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID) -> cuda:0 of ",
+                          device_count)};
+}
+
+cudaStream_t NativeStream(Stream& s) { return AsCuda(s).get(); }
+absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s) { return AsCuda(s).cublas(); }
+DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }
+int DeviceIndex(Stream& s) { return AsCuda(s).device(); }
+
+absl::StatusOr<void*> ScratchAlloc(Stream& s, size_t bytes) {
+  void* p = nullptr;
+  CudaDeviceGuard guard(DeviceIndex(s));
+  CUDA_RETURN_IF_ERROR(cudaMallocAsync(&p, std::max<size_t>(bytes, 1), NativeStream(s)));
+  return p;
+}
+
+void ScratchFree(Stream& s, void* p) {
+  CudaDeviceGuard guard(DeviceIndex(s));
+  cudaFreeAsync(p, NativeStream(s));
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,69 @@
+// The CUDA backend (internal to runtime/core: model code reaches it only
+// through backend.h and ops.h; GetBackend(Device::Cuda(i)) creates it).
+//
+// Streams are non-blocking cudaStream_t's (the backend's default stream too:
+// never the legacy stream 0, which would serialise with every other stream).
+// Each stream owns a cuBLAS handle (handles are not shared between host
+// threads). LaunchHostFunc is cudaLaunchHostFunc; its function runs on CUDA's
+// callback thread (marked as a device thread, so its waits are not counted)
+// and must not call CUDA; a non-OK status it returns is kept by the stream
+// and returned by the next Synchronize, as are index errors that kernels
+// found (a DeviceErrorRecord in mapped host memory, written by the first
+// failing thread). Events are timed cudaEvent_t's.
+//
+// Buffers come from a caching allocator: a freed block is reused only after
+// every stream of the device has passed the point where it was freed (a fence
+// of events recorded on all live streams), so a kernel still queued on any
+// stream never sees its memory handed out again. Memory accounting is by
+// MemoryCategory, as on CPU (live bytes of live buffers; the cache is not
+// counted). An allocation that fails empties the cache (after the fences
+// complete) and retries before returning ResourceExhausted.
+//
+// Rank to GPU: LocalRankDevice() maps the launcher's local rank (Open MPI
+// OMPI_COMM_WORLD_LOCAL_RANK, Slurm SLURM_LOCALID, MPICH MPI_LOCALRANKID) to
+// a device (local rank mod device count) and says which variable it used.
+//
+// Compiled only with MOE_WITH_CUDA.
+#ifndef MOE_RUNTIME_CORE_CUDA_CUDA_BACKEND_H_
+#define MOE_RUNTIME_CORE_CUDA_CUDA_BACKEND_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/cuda/cuda_kernels.h"
+
+namespace moe::cuda {
+
+// The backend of device `index`, created on first use (FailedPrecondition
+// naming the reason when there is no such device, e.g. the driver is too old).
+absl::StatusOr<Backend*> GetCudaBackend(int index);
+
+struct DevicePlacement {
+  int device = 0;
+  std::string source;  // "OMPI_COMM_WORLD_LOCAL_RANK=3", or "no local rank variable: device 0"
+};
+// The device for this process: local rank mod `device_count`.
+DevicePlacement LocalRankDevice(int device_count);
+
+// For kernels: the native stream, its cuBLAS handle (bound to the stream) and
+// the device error record kernels write to (device-visible pointer).
+cudaStream_t NativeStream(Stream& s);
+absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s);
+DeviceError* DeviceErrorRecord(Stream& s);
+int DeviceIndex(Stream& s);
+
+// Stream-ordered scratch memory (cudaMallocAsync / cudaFreeAsync on the stream):
+// valid for work enqueued on `s` between the two calls.
+absl::StatusOr<void*> ScratchAlloc(Stream& s, size_t bytes);
+void ScratchFree(Stream& s, void* p);
+
+// The kernels table (cuda_kernels.cc).
+std::unique_ptr<Kernels> MakeCudaKernels();
+
+}  // namespace moe::cuda
+
+#endif  // MOE_RUNTIME_CORE_CUDA_CUDA_BACKEND_H_

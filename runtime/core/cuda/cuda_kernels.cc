@@ -1,0 +1,263 @@
+// The CUDA Kernels table: unpacks Tensors and the Stream, then calls the host
+// launchers of cuda_kernels.h (one .cu per op family) or cuBLAS (cuda_gemm.cc).
+// ops.cc has validated shapes, dtypes and devices; limits of these kernels
+// that the CPU backend does not have (attention sequence length and head
+// size) are checked here and named in the error.
+#include "runtime/core/cuda/cuda_kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/cuda/cuda_backend.h"
+#include "runtime/core/cuda/cuda_check.h"
+#include "runtime/core/cuda/cuda_gemm.h"
+#include "runtime/core/kernels.h"
+#include "runtime/core/rng.h"
+
+namespace moe::cuda {
+namespace {
+
+int64_t LeadRows(const Tensor& t) { return t.rank() <= 1 ? 1 : t.numel() / std::max<int64_t>(t.size(-1), 1); }
+int64_t Cols(const Tensor& t) { return t.rank() == 0 ? 1 : t.size(-1); }
+
+template <typename P = float>
+P* Ptr(const Tensor& t) {
+  return static_cast<P*>(t.raw_data());
+}
+
+absl::StatusOr<ElemType> Elem(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return ElemType::kF32;
+    case DType::kBF16:
+      return ElemType::kBF16;
+    case DType::kI32:
+      return ElemType::kI32;
+    case DType::kI64:
+      return ElemType::kI64;
+    case DType::kF64:
+      return ElemType::kF64;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("cuda: no element kernel for dtype ", DTypeName(t)));
+  }
+}
+
+#define LAUNCH(call) CUDA_RETURN_IF_ERROR(call)
+
+class CudaKernels : public Kernels {
+ public:
+  absl::Status Copy(S& s, T src, T dst) override {
+    if (src.raw_data() == dst.raw_data() || src.nbytes() == 0) return absl::OkStatus();
+    // Host <-> device or device <-> device; a pageable host destination makes the call wait.
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst.raw_data(), src.raw_data(), src.nbytes(), cudaMemcpyDefault, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Cast(S& s, T src, T dst) override {
+    ASSIGN_OR_RETURN(ElemType a, Elem(src.dtype()));
+    ASSIGN_OR_RETURN(ElemType b, Elem(dst.dtype()));
+    LAUNCH(LaunchCast(src.raw_data(), a, dst.raw_data(), b, src.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Fill(S& s, T t, double value) override {
+    ASSIGN_OR_RETURN(ElemType e, Elem(t.dtype()));
+    LAUNCH(LaunchFill(t.raw_data(), e, t.numel(), value, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Gemm(S& s, T a, bool ta, T b, bool tb, T c, float alpha, float beta) override {
+    return cuda::Gemm(s, a, ta, b, tb, c, alpha, beta);
+  }
+  absl::Status BatchedGemm(S& s, T a, bool ta, T b, bool tb, T c, float alpha, float beta) override {
+    return cuda::BatchedGemm(s, a, ta, b, tb, c, alpha, beta);
+  }
+  absl::Status GroupedGemm(S& s, T x, T w, bool trans_w, T y, absl::Span<const int64_t> offsets, float alpha,
+                           float beta) override {
+    return cuda::GroupedGemm(s, x, w, trans_w, y, offsets, alpha, beta);
+  }
+  absl::Status GroupedGemmWeightGrad(S& s, T dy, T x, T dw, absl::Span<const int64_t> offsets, float alpha,
+                                     float beta) override {
+    return cuda::GroupedGemmWeightGrad(s, dy, x, dw, offsets, alpha, beta);
+  }
+  absl::Status Add(S& s, T a, T b, T out) override {
+    LAUNCH(LaunchAdd(Ptr(a), Ptr(b), Ptr(out), out.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
+    LAUNCH(LaunchAxpby(alpha, Ptr(x), beta, Ptr(y), y.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Mul(S& s, T a, T b, T out) override {
+    LAUNCH(LaunchMul(Ptr(a), Ptr(b), Ptr(out), out.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Scale(S& s, T x, float alpha, T out) override {
+    LAUNCH(LaunchScale(Ptr(x), alpha, Ptr(out), out.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Silu(S& s, T x, T out) override {
+    LAUNCH(LaunchSilu(Ptr(x), Ptr(out), out.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
+    LAUNCH(LaunchSiluBackward(Ptr(x), Ptr(dout), Ptr(dx), alpha, beta, dx.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status SwiGLU(S& s, T gate, T up, T out) override {
+    LAUNCH(LaunchSwiGLU(Ptr(gate), Ptr(up), Ptr(out), out.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
+    LAUNCH(LaunchSwiGLUBackward(Ptr(gate), Ptr(up), Ptr(dout), Ptr(dgate), Ptr(dup), gate.numel(),
+                                NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status ReduceSum(S& s, T x, T out, float alpha, float beta) override {
+    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSum, Ptr(out), alpha, beta, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status ReduceSumSquares(S& s, T x, T out, float alpha, float beta) override {
+    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSumSquares, Ptr(out), alpha, beta, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status ReduceMax(S& s, T x, T out) override {
+    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kMax, Ptr(out), 1.0f, 0.0f, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
+    LAUNCH(LaunchSumRows(Ptr(x), LeadRows(x), Cols(x), Ptr(out), alpha, beta, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
+    LAUNCH(LaunchRmsNorm(Ptr(x), nullptr, nullptr, Ptr(weight), eps, Ptr(out), Ptr(rstd), LeadRows(x),
+                         Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
+                               bool accumulate_dx) override {
+    LAUNCH(LaunchRmsNormBackward(Ptr(x), Ptr(weight), Ptr(rstd), Ptr(dout), Ptr(dx), Ptr(dweight),
+                                 accumulate_dx, LeadRows(x), Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
+    LAUNCH(LaunchRmsNorm(Ptr(x), Ptr(residual), Ptr(sum), Ptr(weight), eps, Ptr(out), Ptr(rstd), LeadRows(x),
+                         Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
+    LAUNCH(LaunchRope(Ptr(x), Ptr(out), x.size(0), x.size(1), x.size(2), x.size(3), theta, position_offset,
+                      /*inverse=*/false, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
+    LAUNCH(LaunchRope(Ptr(dout), Ptr(dx), dout.size(0), dout.size(1), dout.size(2), dout.size(3), theta,
+                      position_offset, /*inverse=*/true, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
+    ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttention"));
+    LAUNCH(LaunchAttentionForward(Ptr(q), Ptr(k), Ptr(v), scale, Ptr(out), Ptr(lse), sh, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
+                                       T dv) override {
+    ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttentionBackward"));
+    ASSIGN_OR_RETURN(void* delta, ScratchAlloc(s, static_cast<size_t>(lse.numel()) * sizeof(float)));
+    cudaError_t e =
+        LaunchAttentionBackward(Ptr(q), Ptr(k), Ptr(v), Ptr(out), Ptr(lse), scale, Ptr(dout), Ptr(dq),
+                                Ptr(dk), Ptr(dv), static_cast<float*>(delta), sh, NativeStream(s));
+    ScratchFree(s, delta);
+    LAUNCH(e);
+    return absl::OkStatus();
+  }
+  absl::Status Softmax(S& s, T x, T out) override {
+    LAUNCH(LaunchSoftmax(Ptr(x), Ptr(out), LeadRows(x), Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, float beta) override {
+    LAUNCH(
+        LaunchSoftmaxBackward(Ptr(y), Ptr(dy), Ptr(dx), alpha, beta, LeadRows(y), Cols(y), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status LogSumExp(S& s, T x, T out) override {
+    LAUNCH(LaunchLogSumExp(Ptr(x), Ptr(out), LeadRows(x), Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
+    LAUNCH(LaunchCrossEntropy(Ptr(logits), Ptr<int32_t>(targets), Ptr(losses), Ptr(lse), LeadRows(logits),
+                              Cols(logits), DeviceErrorRecord(s), static_cast<int>(OpKind::kCrossEntropy),
+                              NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
+                                    T dlogits) override {
+    LAUNCH(LaunchCrossEntropyBackward(Ptr(logits), Ptr<int32_t>(targets), Ptr(lse),
+                                      dloss.defined() ? Ptr(dloss) : nullptr, scale, Ptr(dlogits),
+                                      LeadRows(logits), Cols(logits), DeviceErrorRecord(s),
+                                      static_cast<int>(OpKind::kCrossEntropyBackward), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status TopK(S& s, T x, int k, T values, T indices) override {
+    LAUNCH(LaunchTopK(Ptr(x), k, Ptr(values), Ptr<int32_t>(indices), LeadRows(x), Cols(x), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status GatherRows(S& s, T src, T index, T dst) override {
+    const int64_t row_bytes = Cols(src) * static_cast<int64_t>(DTypeSize(src.dtype()));
+    LAUNCH(LaunchGatherRows(src.raw_data(), Ptr<int32_t>(index), dst.raw_data(), index.numel(), LeadRows(src),
+                            row_bytes, DeviceErrorRecord(s), static_cast<int>(OpKind::kGatherRows),
+                            NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
+    LAUNCH(LaunchScatterAddRows(Ptr(src), Ptr<int32_t>(index), Ptr(dst),
+                                weight.defined() ? Ptr(weight) : nullptr, index.numel(), LeadRows(dst),
+                                Cols(src), DeviceErrorRecord(s), static_cast<int>(OpKind::kScatterAddRows),
+                                NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
+    LAUNCH(LaunchGatherRowDot(Ptr(a), Ptr<int32_t>(index), Ptr(b), Ptr(out), alpha, beta, index.numel(),
+                              LeadRows(a), Cols(a), DeviceErrorRecord(s),
+                              static_cast<int>(OpKind::kGatherRowDot), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const moe::Shape& global_shape,
+                          absl::Span<const int64_t> offsets, float std) override {
+    InitBox box{};
+    box.rank = t.rank();
+    for (int d = 0; d < t.rank(); ++d) {
+      box.local[d] = t.size(d);
+      box.offset[d] = offsets[d];
+      box.global[d] = global_shape[d];
+    }
+    const PhiloxKey key = PhiloxKeyFromName(name);
+    LAUNCH(LaunchInitNormal(Ptr(t), t.numel(), seed, key[0], key[1], std, box, NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, int64_t step) override {
+    // Bias corrections in double, as on CPU.
+    const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
+    const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step));
+    LAUNCH(LaunchAdamW(Ptr(param), Ptr(grad), Ptr(exp_avg), Ptr(exp_avg_sq), lr, beta1, beta2, eps,
+                       weight_decay, bc1, bc2, param.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+
+ private:
+  static absl::StatusOr<AttentionShape> Shape(const Tensor& q, const Tensor& k, const char* op) {
+    AttentionShape sh{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+    if (sh.seq > MaxAttentionSeq() || sh.head_dim > 512)
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda ", op, ": sequence length ", sh.seq, " / head_dim ", sh.head_dim,
+                       " exceed this kernel's limits (", MaxAttentionSeq(), " / 512)"));
+    return sh;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Kernels> MakeCudaKernels() { return std::make_unique<CudaKernels>(); }
+
+}  // namespace moe::cuda

@@ -1,0 +1,119 @@
+// Host launchers of the CUDA kernels, one op family per .cu file. Each takes
+// device pointers, sizes and the cudaStream_t of the backend Stream the op was
+// called on (cuda_kernels.cc unpacks Tensors and Streams), enqueues its
+// kernels and returns cudaGetLastError(). The per-element and per-row
+// arithmetic is kernel_math.h's, the same functions the CPU backend calls, so
+// the CPU test suite tests it. This header is plain C++ (no absl) so nvcc
+// compiles only what the kernels need.
+//
+// Compiled only with MOE_WITH_CUDA.
+#ifndef MOE_RUNTIME_CORE_CUDA_CUDA_KERNELS_H_
+#define MOE_RUNTIME_CORE_CUDA_CUDA_KERNELS_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moe::cuda {
+
+// Written by the first kernel thread that finds a bad index (mapped host
+// memory, one per stream); the stream's Synchronize turns it into
+// InvalidArgument naming the op, the position and the value, and clears it.
+struct DeviceError {
+  int code;  // 0 = none, 1 = index out of range
+  int op;    // OpKind
+  long long position;
+  long long value;
+  long long limit;
+};
+
+// Element types the element-wise launchers take (runtime/core/dtype.h order is not assumed).
+enum class ElemType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kI64 = 3, kF64 = 4 };
+
+// ---- cuda_elementwise.cu ----
+cudaError_t LaunchFill(void* p, ElemType t, int64_t n, double value, cudaStream_t s);
+cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int64_t n, cudaStream_t s);
+cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
+cudaError_t LaunchMul(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
+cudaError_t LaunchAxpby(float alpha, const float* x, float beta, float* y, int64_t n, cudaStream_t s);
+cudaError_t LaunchScale(const float* x, float alpha, float* out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSilu(const float* x, float* out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSiluBackward(const float* x, const float* dout, float* dx, float alpha, float beta,
+                               int64_t n, cudaStream_t s);
+cudaError_t LaunchSwiGLU(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSwiGLUBackward(const float* gate, const float* up, const float* dout, float* dgate,
+                                 float* dup, int64_t n, cudaStream_t s);
+
+// ---- cuda_reduce.cu ----
+enum class ReduceKind : int { kSum = 0, kSumSquares = 1, kMax = 2 };
+// out[0] = alpha * reduce(x) + beta * out[0] (max: out[0] = max); one block, double accumulation in a
+// fixed order (deterministic).
+cudaError_t LaunchReduce(const float* x, int64_t n, ReduceKind kind, float* out, float alpha, float beta,
+                         cudaStream_t s);
+cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out, float alpha, float beta,
+                          cudaStream_t s);
+
+// ---- cuda_norm.cu ----
+// residual and sum null: RmsNorm; else AddRmsNorm (sum = x + residual, normalised).
+cudaError_t LaunchRmsNorm(const float* x, const float* residual, float* sum, const float* weight, float eps,
+                          float* out, float* rstd, int64_t rows, int64_t d, cudaStream_t s);
+cudaError_t LaunchRmsNormBackward(const float* x, const float* weight, const float* rstd, const float* dout,
+                                  float* dx, float* dweight, bool accumulate_dx, int64_t rows, int64_t d,
+                                  cudaStream_t s);
+
+// ---- cuda_rope.cu ----
+cudaError_t LaunchRope(const float* in, float* out, int64_t batch, int64_t seq, int64_t heads,
+                       int64_t head_dim, double theta, int64_t position_offset, bool inverse, cudaStream_t s);
+
+// ---- cuda_attention.cu ----
+struct AttentionShape {
+  int64_t batch, seq, heads, kv_heads, head_dim;
+};
+// The largest seq the kernels take (the row of scores lives in shared memory).
+int64_t MaxAttentionSeq();
+cudaError_t LaunchAttentionForward(const float* q, const float* k, const float* v, float scale, float* out,
+                                   float* lse, AttentionShape sh, cudaStream_t s);
+// delta: scratch [batch, heads, seq] floats.
+cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float* v, const float* out,
+                                    const float* lse, float scale, const float* dout, float* dq, float* dk,
+                                    float* dv, float* delta, AttentionShape sh, cudaStream_t s);
+
+// ---- cuda_softmax.cu (softmax, log-sum-exp, cross-entropy, top-k) ----
+cudaError_t LaunchSoftmax(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s);
+cudaError_t LaunchSoftmaxBackward(const float* y, const float* dy, float* dx, float alpha, float beta,
+                                  int64_t rows, int64_t cols, cudaStream_t s);
+cudaError_t LaunchLogSumExp(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s);
+cudaError_t LaunchCrossEntropy(const float* logits, const int32_t* targets, float* losses, float* lse,
+                               int64_t rows, int64_t cols, DeviceError* err, int op, cudaStream_t s);
+cudaError_t LaunchCrossEntropyBackward(const float* logits, const int32_t* targets, const float* lse,
+                                       const float* dloss, float scale, float* dlogits, int64_t rows,
+                                       int64_t cols, DeviceError* err, int op, cudaStream_t s);
+cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, int64_t rows, int64_t cols,
+                       cudaStream_t s);
+
+// ---- cuda_rows.cu (permute / un-permute, embedding) ----
+cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t n,
+                             int64_t row_bytes, DeviceError* err, int op, cudaStream_t s);
+// weight may be null (1). Deterministic: each destination element adds its sources in i order.
+cudaError_t LaunchScatterAddRows(const float* src, const int32_t* index, float* dst, const float* weight,
+                                 int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
+cudaError_t LaunchGatherRowDot(const float* a, const int32_t* index, const float* b, float* out, float alpha,
+                               float beta, int64_t m, int64_t n, int64_t d, DeviceError* err, int op,
+                               cudaStream_t s);
+
+// ---- cuda_optim.cu (AdamW, initialisation) ----
+cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, float lr, float beta1,
+                        float beta2, float eps, float weight_decay, float bc1, float bc2, int64_t n,
+                        cudaStream_t s);
+struct InitBox {
+  int rank;
+  int64_t local[5];   // the box's shape
+  int64_t offset[5];  // its offset in the global tensor
+  int64_t global[5];  // the global shape
+};
+cudaError_t LaunchInitNormal(float* p, int64_t n, uint64_t seed, uint32_t k0, uint32_t k1, float std,
+                             InitBox box, cudaStream_t s);
+
+}  // namespace moe::cuda
+
+#endif  // MOE_RUNTIME_CORE_CUDA_CUDA_KERNELS_H_

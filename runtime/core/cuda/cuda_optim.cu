@@ -1,0 +1,52 @@
+// The AdamW step and Philox initialisation (the same element values as the
+// CPU backend: kernel_math.h's AdamWElement and PhiloxNormal).
+#include "runtime/core/cuda/cuda_launch.cuh"
+
+namespace moe::cuda {
+namespace {
+
+__global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float lr, float beta1, float beta2,
+                            float eps, float weight_decay, float bc1, float bc2, int64_t n) {
+  MOE_GRID_STRIDE(i, n) {
+    float pi = p[i], mi = m[i], vi = v[i];
+    kmath::AdamWElement(g[i], lr, beta1, beta2, eps, weight_decay, bc1, bc2, &pi, &mi, &vi);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+// Element t of the box (row-major in the box's shape) has global row-major
+// index sum_d (offset[d] + idx_d) * stride_d of the global shape.
+__global__ void InitNormalKernel(float* p, int64_t n, uint64_t seed, uint32_t k0, uint32_t k1, float std,
+                                 InitBox box) {
+  MOE_GRID_STRIDE(t, n) {
+    int64_t rest = t, global = 0, stride = 1;
+    for (int d = box.rank - 1; d >= 0; --d) {
+      const int64_t idx = rest % box.local[d];
+      rest /= box.local[d];
+      global += (box.offset[d] + idx) * stride;
+      stride *= box.global[d];
+    }
+    p[t] = std * kmath::PhiloxNormal(seed, k0, k1, static_cast<uint64_t>(global));
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, float lr, float beta1,
+                        float beta2, float eps, float weight_decay, float bc1, float bc2, int64_t n,
+                        cudaStream_t s) {
+  if (n > 0)
+    AdamWKernel<<<GridFor(n), kThreads, 0, s>>>(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, bc1,
+                                                bc2, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchInitNormal(float* p, int64_t n, uint64_t seed, uint32_t k0, uint32_t k1, float std,
+                             InitBox box, cudaStream_t s) {
+  if (n > 0) InitNormalKernel<<<GridFor(n), kThreads, 0, s>>>(p, n, seed, k0, k1, std, box);
+  return cudaGetLastError();
+}
+
+}  // namespace moe::cuda

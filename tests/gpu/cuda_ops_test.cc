@@ -1,0 +1,315 @@
+// Every CUDA op against the CPU backend (label gpu), as ggml's test-backend-ops
+// does: the same inputs on both backends, outputs compared by normalised mean
+// squared error and max-abs thresholds; odd shapes, zero-token experts, skewed
+// expert loads, repeated scatter indices, bad indices. Without a usable GPU
+// (no device, driver too old, or a build without CUDA) it prints one line and
+// exits 77, which ctest reports as skipped.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/core/backend.h"
+#include "runtime/core/ops.h"
+#include "runtime/core/status.h"
+#include "runtime/core/tensor.h"
+
+namespace moe {
+namespace {
+
+Backend* g_gpu = nullptr;
+Backend& Cpu() { return **GetBackend(Device::Cpu()); }
+Stream& G() { return g_gpu->default_stream(); }
+
+Tensor Copy(Backend& to, const Tensor& t) {
+  auto out = Tensor::Empty(to, t.shape(), t.dtype(), MemoryCategory::kActivations);
+  REQUIRE(out.ok());
+  Stream& s = t.device().is_cpu() && to.device().is_cpu() ? Cpu().default_stream() : G();
+  REQUIRE(ops::Copy(s, t, *out).ok());
+  REQUIRE(s.Synchronize().ok());
+  return *out;
+}
+
+Tensor Rand(Shape shape, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(shape.numel());
+  for (float& x : v) x = dist(gen);
+  auto t = Tensor::FromHost(Cpu(), shape, DType::kF32, v.data(), v.size() * 4, MemoryCategory::kActivations);
+  REQUIRE(t.ok());
+  return *t;
+}
+
+Tensor Ints(Shape shape, const std::vector<int32_t>& v) {
+  auto t = Tensor::FromHost(Cpu(), shape, DType::kI32, v.data(), v.size() * 4, MemoryCategory::kActivations);
+  REQUIRE(t.ok());
+  return *t;
+}
+
+struct Tol {
+  double nmse = 1e-9;     // sum (got - want)^2 / sum want^2
+  double max_abs = 1e-4;  // times max(1, max |want|)
+};
+
+void Expect(const std::string& what, const Tensor& want, const Tensor& got_dev, Tol tol) {
+  Tensor got = Copy(Cpu(), got_dev);
+  INFO(what << " " << want.ToString());
+  REQUIRE(got.numel() == want.numel());
+  if (want.dtype() == DType::kI32) {
+    CHECK(std::memcmp(got.raw_data(), want.raw_data(), want.nbytes()) == 0);
+    return;
+  }
+  REQUIRE(want.dtype() == DType::kF32);
+  const float *w = want.data<float>(), *g = got.data<float>();
+  double err2 = 0, ref2 = 0, max_abs = 0, scale = 1;
+  bool finite = true;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    finite = finite && std::isfinite(g[i]) == std::isfinite(w[i]) && (std::isfinite(g[i]) || g[i] == w[i]);
+    if (!std::isfinite(w[i])) continue;
+    const double d = static_cast<double>(g[i]) - w[i];
+    err2 += d * d;
+    ref2 += static_cast<double>(w[i]) * w[i];
+    max_abs = std::max(max_abs, std::fabs(d));
+    scale = std::max(scale, std::fabs(static_cast<double>(w[i])));
+  }
+  const double nmse = ref2 > 0 ? err2 / ref2 : err2;
+  INFO("nmse " << nmse << " max_abs " << max_abs << " scale " << scale);
+  CHECK(finite);
+  CHECK((std::isfinite(nmse) && nmse <= tol.nmse));
+  CHECK((std::isfinite(max_abs) && max_abs <= tol.max_abs * scale));
+}
+
+using Op = std::function<absl::Status(Stream&, const std::vector<Tensor>&)>;
+
+// Runs `op` on the CPU backend over copies of `args` and on the GPU over device
+// copies (outputs start with the same contents: beta and accumulate paths are
+// tested too), then compares the arguments listed in `outputs`.
+void Run(const std::string& name, const std::vector<Tensor>& args, const std::vector<int>& outputs,
+         const Op& op, Tol tol = {}) {
+  std::vector<Tensor> cpu, dev;
+  for (const Tensor& a : args) {
+    cpu.push_back(a.defined() ? Copy(Cpu(), a) : Tensor());
+    dev.push_back(a.defined() ? Copy(*g_gpu, a) : Tensor());
+  }
+  absl::Status cs = op(Cpu().default_stream(), cpu);
+  INFO(name << ": " << cs.message());
+  REQUIRE(cs.ok());
+  absl::Status gs = op(G(), dev);
+  INFO(name << " (cuda): " << gs.message());
+  REQUIRE(gs.ok());
+  absl::Status sync = G().Synchronize();
+  INFO(name << " (cuda sync): " << sync.message());
+  REQUIRE(sync.ok());
+  for (int o : outputs) Expect(absl::StrCat(name, " arg ", o), cpu[o], dev[o], tol);
+}
+
+TEST_CASE("element-wise and reductions match the CPU backend") {
+  for (int64_t n : {1, 31, 1000, 65537}) {
+    Tensor a = Rand({n}, 1, -4, 4), b = Rand({n}, 2), c = Rand({n}, 3), d = Rand({n}, 4);
+    Run("Add", {a, b, c}, {2}, [](Stream& s, auto& t) { return ops::Add(s, t[0], t[1], t[2]); });
+    Run("Mul", {a, b, c}, {2}, [](Stream& s, auto& t) { return ops::Mul(s, t[0], t[1], t[2]); });
+    Run("Axpby", {a, b}, {1}, [](Stream& s, auto& t) { return ops::Axpby(s, 0.5f, t[0], -2.0f, t[1]); });
+    Run("Scale", {a, c}, {1}, [](Stream& s, auto& t) { return ops::Scale(s, t[0], 3.0f, t[1]); });
+    Run("Silu", {a, c}, {1}, [](Stream& s, auto& t) { return ops::Silu(s, t[0], t[1]); });
+    Run("SiluBackward", {a, b, c}, {2},
+        [](Stream& s, auto& t) { return ops::SiluBackward(s, t[0], t[1], t[2], 0.5f, 1.0f); });
+    Run("SwiGLU", {a, b, c}, {2}, [](Stream& s, auto& t) { return ops::SwiGLU(s, t[0], t[1], t[2]); });
+    Run("SwiGLUBackward", {a, b, c, d, Rand({n}, 5)}, {3, 4},
+        [](Stream& s, auto& t) { return ops::SwiGLUBackward(s, t[0], t[1], t[2], t[3], t[4]); });
+    Tensor out = Rand({1}, 6);
+    Run("ReduceSum", {a, out}, {1},
+        [](Stream& s, auto& t) { return ops::ReduceSum(s, t[0], t[1], 2.0f, 1.0f); });
+    Run("ReduceSumSquares", {a, out}, {1},
+        [](Stream& s, auto& t) { return ops::ReduceSumSquares(s, t[0], t[1]); });
+    Run("ReduceMax", {a, out}, {1}, [](Stream& s, auto& t) { return ops::ReduceMax(s, t[0], t[1]); });
+    Run("Fill", {c}, {0}, [](Stream& s, auto& t) { return ops::Fill(s, t[0], -1.25); });
+    Run("Copy", {a, c}, {1}, [](Stream& s, auto& t) { return ops::Copy(s, t[0], t[1]); });
+    auto bf = Tensor::Zeros(Cpu(), {n}, DType::kBF16, MemoryCategory::kOther);
+    REQUIRE(bf.ok());
+    Run("Cast f32->bf16->f32", {a, *bf, c}, {2}, [](Stream& s, auto& t) {
+      RETURN_IF_ERROR(ops::Cast(s, t[0], t[1]));
+      return ops::Cast(s, t[1], t[2]);
+    });
+  }
+  Tensor x = Rand({37, 129}, 7), cols = Rand({129}, 8);
+  Run("SumRows", {x, cols}, {1}, [](Stream& s, auto& t) { return ops::SumRows(s, t[0], t[1], 1.0f, 0.5f); });
+}
+
+TEST_CASE("GEMMs match the CPU backend on odd shapes") {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const int64_t m = 33, n = 17, k = 65;
+      Tensor a = ta ? Rand({k, m}, 1) : Rand({m, k}, 1), b = tb ? Rand({n, k}, 2) : Rand({k, n}, 2);
+      Run(absl::StrCat("Gemm ", ta, tb), {a, b, Rand({m, n}, 3)}, {2},
+          [=](Stream& s, auto& t) { return ops::Gemm(s, t[0], ta, t[1], tb, t[2], 0.75f, 0.5f); });
+    }
+  // GQA broadcast: 6 query heads over 3 kv heads.
+  Run("BatchedGemm", {Rand({2, 6, 9, 16}, 4), Rand({2, 3, 11, 16}, 5), Rand({2, 6, 9, 11}, 6)}, {2},
+      [](Stream& s, auto& t) { return ops::BatchedGemm(s, t[0], false, t[1], true, t[2]); });
+  // Grouped expert GEMM: zero-token experts (0, 3), heavy skew (expert 2).
+  const std::vector<int64_t> offsets = {0, 0, 3, 60, 60, 67};
+  const int64_t rows = 67, p = 24, q = 40, e = 5;
+  Tensor w = Rand({e, p, q}, 7);
+  Run("GroupedGemm x W^T", {Rand({rows, q}, 8), w, Rand({rows, p}, 9)}, {2},
+      [&](Stream& s, auto& t) { return ops::GroupedGemm(s, t[0], t[1], true, t[2], offsets); });
+  Run("GroupedGemm dX", {Rand({rows, p}, 10), w, Rand({rows, q}, 11)}, {2},
+      [&](Stream& s, auto& t) { return ops::GroupedGemm(s, t[0], t[1], false, t[2], offsets, 1.0f, 1.0f); });
+  for (float beta : {0.0f, 1.0f, 0.5f})
+    Run(absl::StrCat("GroupedGemmWeightGrad beta ", beta), {Rand({rows, p}, 12), Rand({rows, q}, 13), w}, {2},
+        [&](Stream& s, auto& t) {
+          return ops::GroupedGemmWeightGrad(s, t[0], t[1], t[2], offsets, 1.0f, beta);
+        });
+}
+
+TEST_CASE("normalisation, RoPE and attention match the CPU backend") {
+  const int64_t rows = 45, d = 200;
+  Tensor x = Rand({rows, d}, 1), w = Rand({d}, 2, 0.5f, 1.5f), out = Rand({rows, d}, 3),
+         rstd = Rand({rows}, 4);
+  Run("RmsNorm", {x, w, out, rstd}, {2, 3},
+      [](Stream& s, auto& t) { return ops::RmsNorm(s, t[0], t[1], 1e-5f, t[2], t[3]); });
+  Run("AddRmsNorm", {x, Rand({rows, d}, 5), w, Rand({rows, d}, 6), out, rstd}, {3, 4, 5},
+      [](Stream& s, auto& t) { return ops::AddRmsNorm(s, t[0], t[1], t[2], 1e-5f, t[3], t[4], t[5]); });
+  Run("RmsNormBackward", {x, w, Rand({rows}, 7, 0.5f, 2.0f), Rand({rows, d}, 8), out, Rand({d}, 9)}, {4, 5},
+      [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], true); });
+  Tensor r = Rand({2, 13, 3, 10}, 10);
+  Run("Rope", {r, Rand({2, 13, 3, 10}, 11)}, {1},
+      [](Stream& s, auto& t) { return ops::Rope(s, t[0], t[1], 10000.0, 5); });
+  Run("RopeBackward", {r, Rand({2, 13, 3, 10}, 12)}, {1},
+      [](Stream& s, auto& t) { return ops::RopeBackward(s, t[0], t[1], 500.0, 0); });
+  // Attention: B 2, S 37 (not a tile multiple), H 4 over Hkv 2, hd 24.
+  const int64_t B = 2, S = 37, H = 4, Hkv = 2, hd = 24;
+  Tensor q = Rand({B, S, H, hd}, 13), k = Rand({B, S, Hkv, hd}, 14), v = Rand({B, S, Hkv, hd}, 15);
+  Tensor o = Rand({B, S, H, hd}, 16), lse = Rand({B, H, S}, 17);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  Run("CausalAttention", {q, k, v, o, lse}, {3, 4},
+      [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); });
+  Tensor fo = Copy(Cpu(), o), fl = Copy(Cpu(), lse);
+  REQUIRE(ops::CausalAttention(Cpu().default_stream(), q, k, v, scale, fo, fl).ok());
+  Run("CausalAttentionBackward",
+      {q, k, v, fo, fl, Rand({B, S, H, hd}, 18), Rand({B, S, H, hd}, 19), Rand({B, S, Hkv, hd}, 20),
+       Rand({B, S, Hkv, hd}, 21)},
+      {6, 7, 8}, [=](Stream& s, auto& t) {
+        return ops::CausalAttentionBackward(s, t[0], t[1], t[2], t[3], t[4], scale, t[5], t[6], t[7], t[8]);
+      });
+}
+
+TEST_CASE("softmax, losses and routing match the CPU backend") {
+  const int64_t rows = 29, cols = 301;
+  Tensor x = Rand({rows, cols}, 1, -8, 8), y = Rand({rows, cols}, 2), o = Rand({rows, cols}, 3);
+  Run("Softmax", {x, o}, {1}, [](Stream& s, auto& t) { return ops::Softmax(s, t[0], t[1]); });
+  Run("SoftmaxBackward", {y, Rand({rows, cols}, 4), o}, {2},
+      [](Stream& s, auto& t) { return ops::SoftmaxBackward(s, t[0], t[1], t[2], 2.0f, 1.0f); });
+  Run("LogSumExp", {x, Rand({rows}, 5)}, {1},
+      [](Stream& s, auto& t) { return ops::LogSumExp(s, t[0], t[1]); });
+  std::vector<int32_t> targets(rows);
+  for (int64_t i = 0; i < rows; ++i) targets[i] = i % 7 == 3 ? -1 : static_cast<int32_t>((i * 37) % cols);
+  Tensor tg = Ints({rows}, targets);
+  Run("CrossEntropy", {x, tg, Rand({rows}, 6), Rand({rows}, 7)}, {2, 3},
+      [](Stream& s, auto& t) { return ops::CrossEntropy(s, t[0], t[1], t[2], t[3]); });
+  Tensor lse = Rand({rows}, 8);
+  REQUIRE(ops::LogSumExp(Cpu().default_stream(), x, lse).ok());
+  Run("CrossEntropyBackward", {x, tg, lse, Rand({rows}, 9), o}, {4},
+      [](Stream& s, auto& t) { return ops::CrossEntropyBackward(s, t[0], t[1], t[2], t[3], 0.25f, t[4]); });
+  // Router top-k with ties (ties go to the lower index).
+  std::vector<float> logits(rows * 8);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = static_cast<float>((i * 7) % 5) * 0.5f;
+  auto lt = Tensor::FromHost(Cpu(), {rows, 8}, DType::kF32, logits.data(), logits.size() * 4,
+                             MemoryCategory::kActivations);
+  REQUIRE(lt.ok());
+  for (int k : {1, 2, 8})
+    Run(absl::StrCat("TopK k ", k),
+        {*lt, Rand({rows, k}, 10), Ints({rows, k}, std::vector<int32_t>(rows * k))}, {1, 2},
+        [k](Stream& s, auto& t) { return ops::TopK(s, t[0], k, t[1], t[2]); });
+}
+
+TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU backend") {
+  const int64_t n = 23, m = 41, d = 67;
+  std::vector<int32_t> idx(m);
+  for (int64_t i = 0; i < m; ++i) idx[i] = static_cast<int32_t>((i * 5) % 7);  // repeated rows: skew
+  Tensor index = Ints({m}, idx), src = Rand({n, d}, 1);
+  Run("GatherRows", {src, index, Rand({m, d}, 2)}, {2},
+      [](Stream& s, auto& t) { return ops::GatherRows(s, t[0], t[1], t[2]); });
+  Run("ScatterAddRows", {Rand({m, d}, 3), index, Rand({n, d}, 4), Rand({m}, 5)}, {2},
+      [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2], t[3]); });
+  Run("ScatterAddRows unweighted", {Rand({m, d}, 3), index, Rand({n, d}, 4)}, {2},
+      [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2]); });
+  Run("GatherRowDot", {src, index, Rand({m, d}, 6), Rand({m}, 7)}, {3},
+      [](Stream& s, auto& t) { return ops::GatherRowDot(s, t[0], t[1], t[2], t[3], 0.5f, 1.0f); });
+  const Shape global{10, 12, 7};
+  const std::vector<int64_t> offsets = {3, 5, 0};
+  Run("InitNormal box", {Rand({4, 6, 7}, 8)}, {0}, [&](Stream& s, auto& t) {
+    return ops::InitNormal(s, t[0], 1234, "layers.0.mlp.w1", global, offsets, 0.02f);
+  });
+  for (int64_t step : {1, 7})
+    Run(absl::StrCat("AdamW step ", step),
+        {Rand({1001}, 9), Rand({1001}, 10), Rand({1001}, 11), Rand({1001}, 12, 0.0f, 1.0f)}, {0, 2, 3},
+        [step](Stream& s, auto& t) {
+          return ops::AdamW(s, t[0], t[1], t[2], t[3], 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
+        });
+}
+
+TEST_CASE("a bad index is reported by the stream's Synchronize") {
+  Tensor src = Copy(*g_gpu, Rand({5, 3}, 1)), dst = Copy(*g_gpu, Rand({2, 3}, 2));
+  Tensor index = Copy(*g_gpu, Ints({2}, {1, 9}));
+  REQUIRE(ops::GatherRows(G(), src, index, dst).ok());  // enqueued
+  absl::Status st = G().Synchronize();
+  INFO(st.message());
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()).find("index[1] = 9") != std::string::npos);
+  CHECK(G().Synchronize().ok());  // reported once
+}
+
+TEST_CASE("streams, events, host functions and memory accounting on the GPU") {
+  auto side = g_gpu->CreateStream(StreamMode::kWorker);
+  REQUIRE(side.ok());
+  auto e0 = g_gpu->CreateEvent(), e1 = g_gpu->CreateEvent();
+  REQUIRE((e0.ok() && e1.ok()));
+  Tensor big = Copy(*g_gpu, Rand({1 << 20}, 1)), sum = Copy(*g_gpu, Rand({1}, 2));
+  REQUIRE((*side)->Record(**e0).ok());
+  REQUIRE(ops::ReduceSumSquares(**side, big, sum).ok());
+  REQUIRE((*side)->Record(**e1).ok());
+  bool ran = false;
+  REQUIRE((*side)
+              ->LaunchHostFunc([&ran] {
+                ran = true;
+                return absl::OkStatus();
+              })
+              .ok());
+  REQUIRE(G().Wait(**e1).ok());
+  Tensor copy = Copy(Cpu(), sum);  // on G: ordered after the side stream's reduction
+  REQUIRE((*side)->Synchronize().ok());
+  CHECK(ran);
+  auto ms = (*e1)->ElapsedMsSince(**e0);
+  REQUIRE(ms.ok());
+  CHECK(*ms >= 0.0);
+  REQUIRE((*side)->LaunchHostFunc([] { return absl::InternalError("host function failed"); }).ok());
+  CHECK((*side)->Synchronize().code() == absl::StatusCode::kInternal);
+  const int64_t live = g_gpu->memory().Stats(MemoryCategory::kOptimizer).live_bytes;
+  {
+    auto t = Tensor::Zeros(*g_gpu, {1000}, DType::kF32, MemoryCategory::kOptimizer);
+    REQUIRE(t.ok());
+    CHECK(g_gpu->memory().Stats(MemoryCategory::kOptimizer).live_bytes == live + 4000);
+    Tensor h = Copy(Cpu(), *t);
+    CHECK(h.data<float>()[999] == 0.0f);
+  }
+  CHECK(g_gpu->memory().Stats(MemoryCategory::kOptimizer).live_bytes == live);
+}
+
+}  // namespace
+}  // namespace moe
+
+int main(int argc, char** argv) {
+  auto gpu = moe::GetBackend(moe::Device::Cuda(0));
+  if (!gpu.ok()) {
+    std::printf("skipped: %s\n", std::string(gpu.status().message()).c_str());
+    return 77;
+  }
+  moe::g_gpu = *gpu;
+  return Catch::Session().run(argc, argv);
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# 20 training steps of the demo model (1 rank) on cuda and on cpu from the same
+# seed and data: the per-step training loss must agree to 1e-4 relative (fp32).
+# Without a usable GPU (a build without CUDA, no device, driver too old) it
+# prints one line and exits 77 (ctest: skipped).
+set -uo pipefail
+BIN="$1"; SRC="$2"
+TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
+cd "$TMP"
+mkdir text data
+for i in $(seq 1 80); do
+  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
+done
+"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus parallel.expert=1 llep.enabled=false
+        optim.warmup_steps=2 train.log_every=1 train.eval_every=0 train.steps=20 checkpoint.save_every=0
+        model.num_layers=2 model.seq_len=64)
+"$BIN/moe-train" "${common[@]}" train.device=cuda comm.backend=mpi train.run_dir=cuda checkpoint.dir=cuda/ckpt \
+  > cuda.out 2>&1
+code=$?
+if [ $code != 0 ] && grep -q -E "no usable CUDA device|no CUDA device|no CUDA backend|trains on \"cpu\" only" cuda.out; then
+  echo "skipped: $(grep -o -E '(no usable CUDA device|no CUDA device|this build has no CUDA backend|this build trains on "cpu" only)[^;]*' cuda.out | head -1)"
+  exit 77
+fi
+[ $code = 0 ] || { echo "FAIL: cuda run exit $code"; cat cuda.out; exit 1; }
+"$BIN/moe-train" "${common[@]}" train.device=cpu train.run_dir=cpu checkpoint.dir=cpu/ckpt > cpu.out 2>&1 \
+  || { echo "FAIL: cpu run"; cat cpu.out; exit 1; }
+python3 - cuda/metrics.jsonl cpu/metrics.jsonl <<'PY'
+import json, math, sys
+def losses(p):
+    return [json.loads(l)["loss"] for l in open(p) if '"event":"train"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+assert len(a) == len(b) == 20, (len(a), len(b))
+worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+ok = all(math.isfinite(x) for x in a) and worst <= 1e-4
+print(("cuda vs cpu: 20 steps, worst relative loss difference %.3g" % worst) + ("" if ok else " > 1e-4: FAIL"))
+sys.exit(0 if ok else 1)
+PY

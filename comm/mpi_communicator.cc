@@ -19,6 +19,7 @@
 #include "comm/mpi_env.h"
 #include "comm/watchdog.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/kernel_math.h"
 #include "runtime/core/status.h"
 
 namespace moe::comm {
@@ -35,29 +36,18 @@ constexpr int kCollectiveTag = 2;
 
 // ---- bf16 ------------------------------------------------------------------
 
-float Bf16ToFloat(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t FloatToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
+// bf16 <-> f32 (round to nearest even), the kernels' conversion (kernel_math.h).
+using kmath::BF16ToF32;
+using kmath::F32ToBF16;
 
 template <int kOp>  // 0 sum, 1 max, 2 min
 void Bf16Reduce(void* in, void* inout, int* len, MPI_Datatype*) {
   auto* a = static_cast<const uint16_t*>(in);
   auto* b = static_cast<uint16_t*>(inout);
   for (int i = 0; i < *len; ++i) {
-    float x = Bf16ToFloat(a[i]), y = Bf16ToFloat(b[i]);
+    float x = BF16ToF32(a[i]), y = BF16ToF32(b[i]);
     float r = kOp == 0 ? x + y : kOp == 1 ? std::max(x, y) : std::min(x, y);
-    b[i] = FloatToBf16(r);
+    b[i] = F32ToBF16(r);
   }
 }
 
@@ -122,7 +112,7 @@ void DivideBy(void* buf, size_t n, DType t, int d) {
       break;
     case DType::kBF16: {
       auto* p = static_cast<uint16_t*>(buf);
-      for (size_t i = 0; i < n; ++i) p[i] = FloatToBf16(Bf16ToFloat(p[i]) / d);
+      for (size_t i = 0; i < n; ++i) p[i] = F32ToBF16(BF16ToF32(p[i]) / d);
       break;
     }
   }

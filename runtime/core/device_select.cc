@@ -1,5 +1,9 @@
 #include "runtime/core/device_select.h"
 
+#include <algorithm>
+#include <cstdlib>
+
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/status.h"
@@ -9,6 +13,18 @@
 #endif
 
 namespace moe {
+
+DevicePlacement LocalRankDevice(int device_count) {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
+    const char* v = std::getenv(var);
+    int local = 0;
+    if (v == nullptr || !absl::SimpleAtoi(v, &local) || local < 0) continue;
+    const int device = local % std::max(device_count, 1);
+    return {device, absl::StrCat(var, "=", v, " -> cuda:", device, " of ", device_count)};
+  }
+  return {0, absl::StrCat("no local rank variable (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID) -> cuda:0 of ",
+                          device_count)};
+}
 
 bool BuiltWithCuda() {
 #if MOE_WITH_CUDA
@@ -27,7 +43,7 @@ absl::StatusOr<Device> ResolveDevice(const std::string& text, std::string* how) 
 #if MOE_WITH_CUDA
   ASSIGN_OR_RETURN(int count, cuda::DeviceCount());
   if (text == "cuda") {
-    cuda::DevicePlacement p = cuda::LocalRankDevice(count);
+    DevicePlacement p = LocalRankDevice(count);
     device = Device::Cuda(p.device);
     if (how != nullptr) *how = absl::StrCat(device.ToString(), " (", p.source, ")");
   } else if (how != nullptr) {

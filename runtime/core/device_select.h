@@ -18,6 +18,15 @@ namespace moe {
 
 absl::StatusOr<Device> ResolveDevice(const std::string& text, std::string* how);
 
+struct DevicePlacement {
+  int device = 0;
+  std::string source;  // "OMPI_COMM_WORLD_LOCAL_RANK=3 -> cuda:3 of 8"
+};
+// This process's GPU among `device_count`: the launcher's local rank (the
+// first set of OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, MPI_LOCALRANKID)
+// modulo device_count; cuda:0 when none is set. Pure: reads only the environment.
+DevicePlacement LocalRankDevice(int device_count);
+
 // Whether this build has the CUDA backend (MOE_WITH_CUDA).
 bool BuiltWithCuda();
 

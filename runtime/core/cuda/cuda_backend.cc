@@ -484,18 +484,6 @@ absl::StatusOr<Backend*> GetCudaBackend(int index) {
   return slot.get();
 }
 
-DevicePlacement LocalRankDevice(int device_count) {
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
-    const char* v = std::getenv(var);
-    if (v == nullptr || *v == '\0') continue;
-    const int local = std::atoi(v);
-    const int n = std::max(device_count, 1);
-    return {local % n, absl::StrCat(var, "=", v, " -> cuda:", local % n, " of ", device_count)};
-  }
-  return {0, absl::StrCat("no local rank variable (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID) -> cuda:0 of ",
-                          device_count)};
-}
-
 cudaStream_t NativeStream(Stream& s) { return AsCuda(s).get(); }
 absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s) { return AsCuda(s).cublas(); }
 DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }

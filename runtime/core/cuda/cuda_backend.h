@@ -19,9 +19,7 @@
 // counted). An allocation that fails empties the cache (after the fences
 // complete) and retries before returning ResourceExhausted.
 //
-// Rank to GPU: LocalRankDevice() maps the launcher's local rank (Open MPI
-// OMPI_COMM_WORLD_LOCAL_RANK, Slurm SLURM_LOCALID, MPICH MPI_LOCALRANKID) to
-// a device (local rank mod device count) and says which variable it used.
+// Rank to GPU: device_select.h (LocalRankDevice).
 //
 // Compiled only with MOE_WITH_CUDA.
 #ifndef MOE_RUNTIME_CORE_CUDA_CUDA_BACKEND_H_
@@ -41,13 +39,6 @@ namespace moe::cuda {
 // The backend of device `index`, created on first use (FailedPrecondition
 // naming the reason when there is no such device, e.g. the driver is too old).
 absl::StatusOr<Backend*> GetCudaBackend(int index);
-
-struct DevicePlacement {
-  int device = 0;
-  std::string source;  // "OMPI_COMM_WORLD_LOCAL_RANK=3", or "no local rank variable: device 0"
-};
-// The device for this process: local rank mod `device_count`.
-DevicePlacement LocalRankDevice(int device_count);
 
 // For kernels: the native stream, its cuBLAS handle (bound to the stream) and
 // the device error record kernels write to (device-visible pointer).

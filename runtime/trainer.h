@@ -59,7 +59,7 @@ struct MoeLayerStats {
 };
 
 struct StepStats {
-  int64_t step = 0;                         // optimizer steps taken after this one
+  int64_t step = 0;                                  // optimizer steps taken after this one
   double loss = 0, ce = 0, aux = 0, z = 0, erc = 0;  // means over the global batch
   double lr = 0, grad_norm = 0;
   double step_time_s = 0, tokens_per_s = 0;

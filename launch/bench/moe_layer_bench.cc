@@ -142,7 +142,7 @@ absl::StatusOr<Result> RunOne(comm::Communicator& world, int ep, int chunks, con
   r.combine_bytes = static_cast<double>(s.combine_bytes) / iters;
   r.exposed = s.exposed_comm_s / iters;
   // Means over ranks; the step is the slowest rank's.
-  double v[11] = {r.route, r.permute,        r.counts,        r.dispatch,   r.expert,  r.combine,
+  double v[11] = {r.route, r.permute,        r.counts,        r.dispatch,   r.expert, r.combine,
                   r.sync,  r.dispatch_bytes, r.combine_bytes, r.sync_bytes, r.exposed};
   ASSIGN_OR_RETURN(auto w, world.AllReduce(v, v, 11, DType::kF64, comm::ReduceOp::kSum));
   RETURN_IF_ERROR(w.Wait());

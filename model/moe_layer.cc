@@ -59,10 +59,9 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_
   ASSIGN_OR_RETURN(Tensor y, RoutedForward(stream, x, seq_len));
   if (shared_ != nullptr) RETURN_IF_ERROR(SharedForward(stream, x, y));
   if (erc_.enabled()) {
-    auto* a2a = dynamic_cast<AllToAllTokenDispatcher*>(dispatcher_.get());
     trace::Span span(stream, "ERC loss");
     RETURN_IF_ERROR(erc_.Forward(stream, router_.weight().value, experts_->gate_proj().value,
-                                 experts_->expert_begin(), a2a != nullptr ? a2a->ep_group() : nullptr)
+                                 experts_->expert_begin(), dispatcher_->ep_group())
                         .status());
   }
   return y;

@@ -29,6 +29,10 @@
 #include "model/common.h"
 #include "model/router.h"
 
+namespace moe::comm {
+class Communicator;
+}
+
 namespace moe::model {
 
 // Tokens grouped by local expert: rows [offsets[i], offsets[i + 1]) of `tokens`
@@ -59,6 +63,10 @@ class TokenDispatcher {
   virtual int64_t expert_end() const = 0;
   // Chunks per micro-batch (expert_fn calls per pass).
   virtual int num_chunks() const = 0;
+  // The expert-parallel group the experts are spread over, or nullptr when
+  // this rank holds all of them (what collectives over the experts, e.g. the
+  // ERC loss's gather of its E x E matrix, run on).
+  virtual comm::Communicator* ep_group() const { return nullptr; }
 
   // Computes one chunk's experts: rows [N, d] grouped by expert, expert e
   // (global index) at [offsets[e], offsets[e + 1]) (E + 1 values; without a

@@ -16,7 +16,8 @@
 #   - a bf16 export holds the fp32 values rounded to nearest even (hf_check.py);
 # and damaged inputs (truncated file, header length past the file, overlapping
 # offsets, a shape that disagrees with config.json, an unknown dtype, a tensor
-# missing from the index) each stop import-hf with exit 2 and the file and
+# missing from the index, a config.json field that disagrees with the runtime's
+# config, an unknown model_type) each stop import-hf with exit 2 and the file and
 # tensor named, leaving no checkpoint behind.
 set -uo pipefail
 BIN="$1"; SRC="$2"
@@ -192,4 +193,8 @@ p = os.path.join(d, fn); h, data = header(p); h.pop("model.norm.weight"); rewrit
 damage not_json "the header is not valid JSON" '
 b = open(f, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
 open(f, "wb").write(b[:8] + b"[" + b[9:])'
+damage config_mismatch "field \"num_local_experts\" is 8 but moe_runtime_config says 4" '
+p = os.path.join(d, "config.json"); c = json.load(open(p)); c["num_local_experts"] = 8; json.dump(c, open(p, "w"))'
+damage model_type "model_type \"llama\" is not one this runtime imports" '
+p = os.path.join(d, "config.json"); c = json.load(open(p)); c["model_type"] = "llama"; json.dump(c, open(p, "w"))'
 exit $fail

@@ -2,8 +2,9 @@
 # Hugging Face export and import, end to end (README "Hugging Face
 # checkpoints", docs/hf_interop.md). For a Mixtral-shaped, a DeepSeek-shaped
 # (sigmoid, expert bias, 2 groups, an ungated shared expert) and a
-# Qwen2-MoE-shaped model (a gated shared expert, MoE every second layer):
-#   - a real 2-rank moe-train run (EP 2) trains 3 steps and saves;
+# Qwen2-MoE-shaped model (a gated shared expert, MoE every second layer), and
+# the Mixtral shape saved by tensor parallelism:
+#   - a real 2-rank moe-train run (EP 2, or TP 2) trains 3 steps and saves;
 #   - export-hf (fp32, sharded by a small --max-shard-size, with the train
 #     state), import-hf, export-hf again: every file equal byte for byte (so
 #     every tensor round-trips bit for bit), moe-ckpt verify passes;
@@ -58,9 +59,11 @@ declare -A shapes=(
   [mixtral]=""
   [deepseek]="model.moe.score_function=sigmoid model.moe.expert_bias_update_rate=0.01 model.moe.num_expert_groups=2 model.moe.group_topk=1 model.moe.shared_expert_ffn_hidden_size=48"
   [qwen]="model.moe.shared_expert_ffn_hidden_size=40 model.moe.shared_expert_gate=true model.moe.moe_layer_freq=2 model.moe.norm_topk_prob=false"
+  [tp2]="parallel.tensor=2 parallel.expert=1"
 )
-declare -A family=([mixtral]=mixtral [deepseek]=deepseek_v3 [qwen]=qwen2_moe)
-for m in mixtral deepseek qwen; do
+declare -A family=([mixtral]=mixtral [deepseek]=deepseek_v3 [qwen]=qwen2_moe [tp2]=mixtral)
+declare -A gbatch=([mixtral]=4 [deepseek]=4 [qwen]=4 [tp2]=2)  # data-parallel size x micro_batch 2
+for m in mixtral deepseek qwen tp2; do
   # shellcheck disable=SC2206
   extra=(${shapes[$m]})
   train "$m.a" "${extra[@]}" train.steps=3 train.run_dir=$m/a checkpoint.dir=$m/a/ckpt || { fail=1; continue; }
@@ -128,7 +131,7 @@ for line in open(sys.argv[1]):
     v = json.loads(line)
     if v["event"] == "eval" and v["step"] == 3: print(repr(v["valid_loss"]))' $m/a/metrics.jsonl | head -1)
   "$PY" "$SRC/tests/launch/hf_check.py" --hf $m/hf --bf16 $m/hf_bf16 --family ${family[$m]} \
-    --valid data/valid --valid-loss "$valid" --global-batch 4 --eval-batches 2 --ref "$SRC/tests/reference" \
+    --valid data/valid --valid-loss "$valid" --global-batch ${gbatch[$m]} --eval-batches 2 --ref "$SRC/tests/reference" \
     > $m.check 2>&1 || { echo "FAIL: $m: hf_check.py"; cat $m.check; fail=1; }
   echo "$m: $(cat $m.export | head -1)"; tail -1 $m.check
 done

@@ -58,6 +58,32 @@ TEST_CASE("a written file reads back: F32 bit for bit, BF16 rounded to nearest e
   std::filesystem::remove(path);
 }
 
+TEST_CASE("F16 tensors widen to f32 exactly: normal, subnormal, largest, infinity") {
+  const std::string path = TempFile("f16");
+  const std::string json = R"({"h":{"dtype":"F16","shape":[6],"data_offsets":[0,12]}})";
+  const uint16_t halves[6] = {0x3C00, 0xC000, 0x0001, 0x7BFF, 0x7C00, 0x8000};
+  FILE* f = std::fopen(path.c_str(), "wb");
+  unsigned char len[8] = {static_cast<unsigned char>(json.size()), 0, 0, 0, 0, 0, 0, 0};
+  std::fwrite(len, 1, 8, f);
+  std::fwrite(json.data(), 1, json.size(), f);
+  for (uint16_t h : halves) {
+    const unsigned char b[2] = {static_cast<unsigned char>(h & 0xff), static_cast<unsigned char>(h >> 8)};
+    std::fwrite(b, 1, 2, f);
+  }
+  std::fclose(f);
+  absl::StatusOr<SafetensorsReader> r = SafetensorsReader::Open(path);
+  REQUIRE(r.ok());
+  absl::StatusOr<std::vector<float>> v = r->ReadF32(r->header().tensors[0]);
+  REQUIRE(v.ok());
+  CHECK((*v)[0] == 1.0f);
+  CHECK((*v)[1] == -2.0f);
+  CHECK((*v)[2] == std::ldexp(1.0f, -24));
+  CHECK((*v)[3] == 65504.0f);
+  CHECK(std::isinf((*v)[4]));
+  CHECK(((*v)[5] == 0.0f && std::signbit((*v)[5])));
+  std::filesystem::remove(path);
+}
+
 TEST_CASE("malformed headers are refused, naming the tensor and the problem") {
   CHECK(HeaderError(R"({"t":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}})") == "OK");
   CHECK(HeaderError("[1]").find("not a JSON object") != std::string::npos);

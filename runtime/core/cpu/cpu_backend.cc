@@ -55,12 +55,16 @@ void ThreadPool::Resize(int num_threads) {
   Start(num_threads);
 }
 
-void ThreadPool::RunChunks() {
+void ThreadPool::RunChunks(Job& job) {
   tls_in_pool_job = true;
   for (;;) {
-    int64_t c = next_chunk_.fetch_add(1);
-    if (c >= num_chunks_) break;
-    (*fn_)(c * chunk_, std::min(n_, (c + 1) * chunk_));
+    const int64_t c = job.next.fetch_add(1);
+    if (c >= job.num_chunks) break;
+    (*job.fn)(c * job.chunk, std::min(job.n, (c + 1) * job.chunk));
+    if (job.done.fetch_add(1) + 1 == job.num_chunks) {
+      std::lock_guard<std::mutex> lock(mu_);  // the caller checks `done` under mu_
+      done_cv_.notify_all();
+    }
   }
   tls_in_pool_job = false;
 }
@@ -68,15 +72,17 @@ void ThreadPool::RunChunks() {
 void ThreadPool::WorkerLoop() {
   int64_t seen = 0;
   for (;;) {
+    std::shared_ptr<Job> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
       seen = generation_;
+      job = job_;
     }
-    RunChunks();
-    std::lock_guard<std::mutex> lock(mu_);
-    if (--active_ == 0) done_cv_.notify_all();
+    // A helper that wakes after the job ended finds no chunk left; it touches
+    // only the counters of the Job it holds, never the finished caller's fn.
+    if (job != nullptr) RunChunks(*job);
   }
 }
 
@@ -91,22 +97,22 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain, const std::function<void(
     serial();
     return;
   }
+  auto job = std::make_shared<Job>();
+  job->fn = &fn;
+  job->n = n;
+  job->chunk = chunk;
+  job->num_chunks = num_chunks;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    n_ = n;
-    chunk_ = chunk;
-    num_chunks_ = num_chunks;
-    next_chunk_.store(0);
-    active_ = static_cast<int>(workers_.size());
+    job_ = job;
     ++generation_;
   }
   cv_.notify_all();
-  RunChunks();
+  RunChunks(*job);
   {
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return active_ == 0; });
-    fn_ = nullptr;
+    done_cv_.wait(lock, [&] { return job->done.load() == num_chunks; });
+    job_.reset();
   }
   job_mutex_.unlock();
 }
@@ -406,6 +412,7 @@ class CpuBackend : public Backend {
  public:
   CpuBackend()
       : buffer_type_(&memory_), default_stream_(*this, StreamMode::kInline), kernels_(MakeCpuKernels()) {
+    openblas_set_num_threads(1);  // one threading layer: the pool's (cpu_backend.h)
     num_threads_ = Pool().num_threads();
   }
   Device device() const override { return Device::Cpu(); }
@@ -422,7 +429,6 @@ class CpuBackend : public Backend {
   bool SupportsOp(OpKind op) const override { return op < OpKind::kNumOpKinds; }
   void SetNumThreads(int n) override {
     if (n <= 0) n = DefaultThreads();
-    openblas_set_num_threads(n);
     Pool().Resize(n);
     num_threads_ = n;
   }

@@ -8,10 +8,12 @@
 // stream enqueues a marker item that stamps steady_clock when the worker
 // reaches it; on an inline stream it stamps at the call.
 //
-// Threads: GEMMs use OpenBLAS threads; element-wise and row-wise kernels use
-// ThreadPool (num_threads - 1 helper threads plus the caller). Both default to
-// OPENBLAS_NUM_THREADS when set, else all cores; with R ranks on a node set
-// OPENBLAS_NUM_THREADS (or train.threads_per_rank) to cores / R.
+// Threads: one threading layer. Every kernel, GEMMs included, runs on
+// ThreadPool (num_threads - 1 helper threads plus the caller); OpenBLAS runs
+// single-threaded inside the pool's chunks (cpu_gemm.cc splits each GEMM into
+// tiles of C, and grouped GEMMs into (expert, tile) tasks). The thread count
+// defaults to OPENBLAS_NUM_THREADS when set, else all cores; with R ranks on a
+// node set OPENBLAS_NUM_THREADS (or train.threads_per_rank) to cores / R.
 #ifndef MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_
 #define MOE_RUNTIME_CORE_CPU_CPU_BACKEND_H_
 
@@ -34,6 +36,11 @@ namespace moe::cpu {
 // A fixed pool running ParallelFor jobs. One job at a time: a caller that finds
 // the pool busy (another stream's thread) runs its job alone, so nesting and
 // concurrent streams never deadlock.
+//
+// Chunks are claimed from a shared counter by the caller and by whichever
+// helpers are awake; the caller waits only for chunks that were claimed, never
+// for a helper that has not woken up yet, so a descheduled helper (a loaded,
+// oversubscribed machine) costs its share of the work, not a stall.
 class ThreadPool {
  public:
   explicit ThreadPool(int num_threads);
@@ -46,21 +53,23 @@ class ThreadPool {
   int num_threads() const { return num_threads_; }
 
  private:
+  struct Job {
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;
+    int64_t n = 0, chunk = 1, num_chunks = 0;
+    std::atomic<int64_t> next{0}, done{0};
+  };
   void Start(int num_threads);
   void Stop();
   void WorkerLoop();
-  void RunChunks();
+  void RunChunks(Job& job);
 
   int num_threads_ = 1;
   std::vector<std::thread> workers_;
   std::mutex job_mutex_;  // held by the caller for the duration of a job
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1, num_chunks_ = 0;
-  std::atomic<int64_t> next_chunk_{0};
+  std::shared_ptr<Job> job_;  // the job being run (a late helper keeps it alive)
   int64_t generation_ = 0;
-  int active_ = 0;
   bool stop_ = false;
 };
 

@@ -36,8 +36,9 @@ inline int64_t GrainFor(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(work_per_item, 1));
 }
 
-// Row-major C[m, n] = alpha * op(A) op(B) + beta * C through cblas_sgemm;
-// handles empty sizes (k = 0 gives C = beta * C, beta = 0 never reads C).
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C through single-threaded
+// cblas_sgemm calls on tiles of C run by the pool (cpu_gemm.cc); handles empty
+// sizes (k = 0 gives C = beta * C, beta = 0 never reads C).
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 #include "runtime/core/status.h"
@@ -29,6 +30,20 @@ bool AllFinite(const Tensor& t) {
   for (float x : Vec(t))
     if (!std::isfinite(x)) return false;
   return true;
+}
+
+// Runs `run` at 1 and at 3 threads: its outputs must be the same bit for bit.
+void CheckSameAtOneAndThreeThreads(const std::function<std::vector<float>()>& run) {
+  const int before = Cpu().num_threads();
+  Cpu().SetNumThreads(1);
+  std::vector<float> one = run();
+  Cpu().SetNumThreads(3);
+  std::vector<float> three = run();
+  Cpu().SetNumThreads(before);
+  REQUIRE(one.size() == three.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &three[i], 4) != 0 ? 1 : 0;
+  CHECK(differ == 0);
 }
 
 TEST_CASE("Gemm: every transpose, odd shapes, accumulate, matrix views") {
@@ -94,8 +109,7 @@ std::vector<int64_t> Offsets(const std::vector<int64_t>& counts) {
 // 1 and 3 threads.
 TEST_CASE("Tiled GEMMs: every transpose against the reference, independent of the thread count") {
   const int64_t m = 600, n = 1100, k = 40;
-  auto run = [&](int threads) {
-    Cpu().SetNumThreads(threads);
+  auto run = [&]() {
     std::vector<float> all;
     for (int t = 0; t < 4; ++t) {
       bool ta = t & 1, tb = t & 2;
@@ -126,13 +140,7 @@ TEST_CASE("Tiled GEMMs: every transpose against the reference, independent of th
     }
     return all;
   };
-  const int before = Cpu().num_threads();
-  std::vector<float> one = run(1), three = run(3);
-  Cpu().SetNumThreads(before);
-  REQUIRE(one.size() == three.size());
-  size_t differ = 0;
-  for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &three[i], 4) != 0 ? 1 : 0;
-  CHECK(differ == 0);
+  CheckSameAtOneAndThreeThreads(run);
 }
 
 TEST_CASE("GroupedGemm forward, dX and dW equal per-expert loops") {
@@ -373,8 +381,7 @@ TEST_CASE("CausalAttention and its backward do not depend on the thread count") 
   const int64_t B = 2, L = 130, H = 4, Hkv = 2, hd = 16;
   Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
          dy = Random({B, L, H, hd}, 4);
-  auto run = [&](int threads) {
-    Cpu().SetNumThreads(threads);
+  auto run = [&]() {
     Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
     Tensor dq = NewF32({B, L, H, hd}), dk = NewF32({B, L, Hkv, hd}), dv = NewF32({B, L, Hkv, hd});
     REQUIRE(ops::CausalAttention(S(), q, k, v, 0.25f, out, lse).ok());
@@ -386,13 +393,7 @@ TEST_CASE("CausalAttention and its backward do not depend on the thread count") 
     }
     return all;
   };
-  const int before = Cpu().num_threads();
-  std::vector<float> one = run(1), three = run(3);
-  Cpu().SetNumThreads(before);
-  REQUIRE(one.size() == three.size());
-  size_t differ = 0;
-  for (size_t i = 0; i < one.size(); ++i) differ += std::memcmp(&one[i], &three[i], 4) != 0 ? 1 : 0;
-  CHECK(differ == 0);
+  CheckSameAtOneAndThreeThreads(run);
 }
 
 TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {

@@ -253,7 +253,10 @@ class Requests {
 struct Started {
   explicit Started(MPI_Comm comm) : reqs(comm) {}
   Requests reqs;
-  std::vector<char> temp;  // in-place ReduceScatter: the result before it is copied into its block
+  // In-place ReduceScatter: the result before it is copied into its block; a
+  // gathered AllReduce: every rank's buffer, in rank order.
+  std::vector<char> temp;
+  bool gathered = false;  // an AllReduce posted as an all-gather (SmallAllReduce)
   CommRecord record;
 };
 
@@ -263,6 +266,15 @@ struct Started {
 constexpr size_t kDirectMaxBytes = 64 << 10;
 
 std::atomic<uint64_t> g_direct_ops{0};
+
+// An AllReduce that sends at most this many bytes per rank as an all-gather
+// (every rank's whole buffer to every peer, one round of sends and receives)
+// is gathered and reduced locally in rank order: one round trip, where
+// MPI_Iallreduce's schedule takes several tested steps (about 2x raw
+// MPI_Allreduce's latency at 1 KiB and 2 ranks, against about 1.4x gathered).
+// Every rank reduces the same buffers in the same order, so all ranks hold the
+// same bits.
+constexpr size_t kGatheredAllReduceMaxBytes = 16 << 10;
 
 // ---- the communicator ------------------------------------------------------
 
@@ -530,6 +542,15 @@ class MpiCommunicator : public Communicator, public Watched {
     char* recv = static_cast<char*>(op.recv);
     switch (op.kind) {
       case OpKind::kAllReduce: {
+        if (n > 1 && op.count <= limit && op.count * es * (n - 1) <= kGatheredAllReduceMaxBytes) {
+          // Small: gather every rank's buffer into temp; Finish reduces it.
+          started->gathered = true;
+          started->temp.resize(op.count * es * n);
+          std::vector<size_t> counts(n, op.count), displs(n), send_displs(n, 0);
+          for (int r = 0; r < n; ++r) displs[r] = r * op.count;
+          return ExchangeV(reqs, op.in_place ? recv : send, counts, send_displs, started->temp.data(), counts,
+                           displs, op.dtype, /*in_place=*/false);
+        }
         const MPI_Op mop = MpiOp(op.op, op.dtype);
         for (size_t off = 0; off < op.count; off += limit) {
           int c = static_cast<int>(std::min(limit, op.count - off));
@@ -623,6 +644,16 @@ class MpiCommunicator : public Communicator, public Watched {
   // memory at the end (the average's division, the in-place result's copy).
   absl::Status Finish(const OpDesc& op, Started* started) {
     char* recv = static_cast<char*>(op.recv);
+    if (started->gathered && op.count > 0) {
+      // recv = x_0 op (x_1 op (... op x_{n-1})), the same order on every rank.
+      const size_t bytes = op.count * DTypeSize(op.dtype);
+      const char* all = started->temp.data();
+      std::memcpy(recv, all + (size() - 1) * bytes, bytes);
+      for (int r = size() - 2; r >= 0; --r) {
+        MPI_RETURN_IF_ERROR(MPI_Reduce_local(all + r * bytes, recv, static_cast<int>(op.count),
+                                             MpiType(op.dtype), MpiOp(op.op, op.dtype)));
+      }
+    }
     if (op.kind == OpKind::kReduceScatter && op.in_place && op.count > 0) {
       std::memcpy(recv, started->temp.data(), op.count * DTypeSize(op.dtype));
     }

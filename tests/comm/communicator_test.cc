@@ -160,6 +160,27 @@ TEST_CASE("AllReduce of every dtype and op equals world-size arithmetic, in and 
   }
 }
 
+// Small AllReduces are gathered and reduced locally in rank order, larger ones
+// run MPI_Iallreduce (mpi_communicator.cc): on both sides of the threshold
+// every rank holds the same bits, and the sum is right to float rounding.
+TEST_CASE("AllReduce of inexact floats: every rank the same bits, small and large") {
+  auto world = World();
+  const int n = world->size();
+  for (size_t count : {size_t{5}, size_t{3000}, size_t{20000}}) {
+    std::vector<float> x(count);
+    for (size_t i = 0; i < count; ++i) x[i] = 0.1f * static_cast<float>(world->rank() + 1) / (i % 7 + 3);
+    Done(world->AllReduce(x.data(), x.data(), count, DType::kF32, ReduceOp::kSum));
+    std::vector<float> all(count * n);
+    Done(world->AllGather(x.data(), all.data(), count, DType::kF32));
+    for (size_t i = 0; i < count; ++i) {
+      const double want = 0.1 * n * (n + 1) / 2.0 / (i % 7 + 3);
+      INFO("count " << count << " i " << i);
+      REQUIRE(std::fabs(x[i] - want) <= 1e-6 * std::fabs(want));
+      for (int r = 1; r < n; ++r) REQUIRE(std::memcmp(&all[i], &all[r * count + i], 4) == 0);
+    }
+  }
+}
+
 TEST_CASE("Broadcast from every root, in and out of place") {
   auto world = World();
   const size_t count = 1000;

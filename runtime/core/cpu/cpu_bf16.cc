@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "runtime/core/cpu/cpu_kernels.h"
 #include "runtime/core/status.h"
 
@@ -44,13 +45,11 @@ class Staging {
   // In and out (in-place ops).
   Tensor InOut(const Tensor& t) { return Stage(t, true, true); }
 
-  // The first allocation or cast error, checked before the kernel runs.
-  const absl::Status& status() const { return status_; }
-
-  // After the kernel was enqueued with `kernel_status`: casts the written
-  // temporaries back to their bf16 tensors.
-  absl::Status Finish(absl::Status kernel_status) {
-    RETURN_IF_ERROR(kernel_status);
+  // Enqueues `kernel` (the f32 op on the staged tensors) unless staging
+  // failed, then casts the written temporaries back to their bf16 tensors.
+  absl::Status Run(absl::FunctionRef<absl::Status()> kernel) {
+    RETURN_IF_ERROR(status_);
+    RETURN_IF_ERROR(kernel());
     for (const Entry& e : entries_)
       if (e.written) RETURN_IF_ERROR(f32_.Cast(s_, e.f32, e.bf16));
     return absl::OkStatus();
@@ -105,152 +104,130 @@ class Bf16StagingKernels : public Kernels {
   absl::Status Gemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Gemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta));
+    return g.Run([&] { return f32_->Gemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta); });
   }
   absl::Status BatchedGemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha,
                            float beta) override {
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->BatchedGemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta));
+    return g.Run([&] { return f32_->BatchedGemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta); });
   }
   absl::Status GroupedGemm(S& s, T x, T w, bool trans_w, T y, absl::Span<const int64_t> offsets, float alpha,
                            float beta) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(w), y2 = g.Out(y, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->GroupedGemm(s, x2, w2, trans_w, y2, offsets, alpha, beta));
+    return g.Run([&] { return f32_->GroupedGemm(s, x2, w2, trans_w, y2, offsets, alpha, beta); });
   }
   absl::Status GroupedGemmWeightGrad(S& s, T dy, T x, T dw, absl::Span<const int64_t> offsets, float alpha,
                                      float beta) override {
     Staging g(*f32_, s);
     Tensor dy2 = g.In(dy), x2 = g.In(x), dw2 = g.Out(dw, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->GroupedGemmWeightGrad(s, dy2, x2, dw2, offsets, alpha, beta));
+    return g.Run([&] { return f32_->GroupedGemmWeightGrad(s, dy2, x2, dw2, offsets, alpha, beta); });
   }
 
   absl::Status Add(S& s, T a, T b, T out) override {
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Add(s, a2, b2, o2));
+    return g.Run([&] { return f32_->Add(s, a2, b2, o2); });
   }
   absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), y2 = g.Out(y, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Axpby(s, alpha, x2, beta, y2));
+    return g.Run([&] { return f32_->Axpby(s, alpha, x2, beta, y2); });
   }
   absl::Status Mul(S& s, T a, T b, T out) override {
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Mul(s, a2, b2, o2));
+    return g.Run([&] { return f32_->Mul(s, a2, b2, o2); });
   }
   absl::Status Scale(S& s, T x, float alpha, T out) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Scale(s, x2, alpha, o2));
+    return g.Run([&] { return f32_->Scale(s, x2, alpha, o2); });
   }
   absl::Status Silu(S& s, T x, T out) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Silu(s, x2, o2));
+    return g.Run([&] { return f32_->Silu(s, x2, o2); });
   }
   absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), d2 = g.In(dout), dx2 = g.Out(dx, beta != 0.0f);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->SiluBackward(s, x2, d2, dx2, alpha, beta));
+    return g.Run([&] { return f32_->SiluBackward(s, x2, d2, dx2, alpha, beta); });
   }
   absl::Status SwiGLU(S& s, T gate, T up, T out) override {
     Staging g(*f32_, s);
     Tensor g2 = g.In(gate), u2 = g.In(up), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->SwiGLU(s, g2, u2, o2));
+    return g.Run([&] { return f32_->SwiGLU(s, g2, u2, o2); });
   }
   absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
     Staging g(*f32_, s);
     Tensor g2 = g.In(gate), u2 = g.In(up), d2 = g.In(dout), dg2 = g.Out(dgate, false),
            du2 = g.Out(dup, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->SwiGLUBackward(s, g2, u2, d2, dg2, du2));
+    return g.Run([&] { return f32_->SwiGLUBackward(s, g2, u2, d2, dg2, du2); });
   }
 
   absl::Status ReduceSum(S& s, T x, T out, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->ReduceSum(s, x2, out, alpha, beta));
+    return g.Run([&] { return f32_->ReduceSum(s, x2, out, alpha, beta); });
   }
   absl::Status ReduceSumSquares(S& s, T x, T out, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->ReduceSumSquares(s, x2, out, alpha, beta));
+    return g.Run([&] { return f32_->ReduceSumSquares(s, x2, out, alpha, beta); });
   }
   absl::Status ReduceMax(S& s, T x, T out) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->ReduceMax(s, x2, out));
+    return g.Run([&] { return f32_->ReduceMax(s, x2, out); });
   }
   absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->SumRows(s, x2, out, alpha, beta));
+    return g.Run([&] { return f32_->SumRows(s, x2, out, alpha, beta); });
   }
 
   absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(weight), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->RmsNorm(s, x2, w2, eps, o2, rstd));
+    return g.Run([&] { return f32_->RmsNorm(s, x2, w2, eps, o2, rstd); });
   }
   absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
                                bool accumulate_dx) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(weight), d2 = g.In(dout), dx2 = g.Out(dx, accumulate_dx),
            dw2 = g.Out(dweight, true);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->RmsNormBackward(s, x2, w2, rstd, d2, dx2, dw2, accumulate_dx));
+    return g.Run([&] { return f32_->RmsNormBackward(s, x2, w2, rstd, d2, dx2, dw2, accumulate_dx); });
   }
   absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), r2 = g.In(residual), w2 = g.In(weight), s2 = g.Out(sum, false),
            o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->AddRmsNorm(s, x2, r2, w2, eps, s2, o2, rstd));
+    return g.Run([&] { return f32_->AddRmsNorm(s, x2, r2, w2, eps, s2, o2, rstd); });
   }
   absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->Rope(s, x2, o2, theta, position_offset));
+    return g.Run([&] { return f32_->Rope(s, x2, o2, theta, position_offset); });
   }
   absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
     Staging g(*f32_, s);
     Tensor d2 = g.In(dout), dx2 = g.Out(dx, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->RopeBackward(s, d2, dx2, theta, position_offset));
+    return g.Run([&] { return f32_->RopeBackward(s, d2, dx2, theta, position_offset); });
   }
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.Out(out, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->CausalAttention(s, q2, k2, v2, scale, o2, lse));
+    return g.Run([&] { return f32_->CausalAttention(s, q2, k2, v2, scale, o2, lse); });
   }
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override {
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.In(out), d2 = g.In(dout), dq2 = g.Out(dq, false),
            dk2 = g.Out(dk, false), dv2 = g.Out(dv, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->CausalAttentionBackward(s, q2, k2, v2, o2, lse, scale, d2, dq2, dk2, dv2));
+    return g.Run(
+        [&] { return f32_->CausalAttentionBackward(s, q2, k2, v2, o2, lse, scale, d2, dq2, dk2, dv2); });
   }
 
   // Routing: f32 only (ops.h), nothing to stage.
@@ -266,27 +243,23 @@ class Bf16StagingKernels : public Kernels {
   absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
     Staging g(*f32_, s);
     Tensor l2 = g.In(logits);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->CrossEntropy(s, l2, targets, losses, lse));
+    return g.Run([&] { return f32_->CrossEntropy(s, l2, targets, losses, lse); });
   }
   absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                     T dlogits) override {
     Staging g(*f32_, s);
     Tensor l2 = g.In(logits), d2 = g.Out(dlogits, false);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2));
+    return g.Run([&] { return f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2); });
   }
   absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
     Staging g(*f32_, s);
     Tensor s2 = g.In(src), d2 = g.Out(dst, true);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->ScatterAddRows(s, s2, index, d2, weight));
+    return g.Run([&] { return f32_->ScatterAddRows(s, s2, index, d2, weight); });
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b);
-    RETURN_IF_ERROR(g.status());
-    return g.Finish(f32_->GatherRowDot(s, a2, index, b2, out, alpha, beta));
+    return g.Run([&] { return f32_->GatherRowDot(s, a2, index, b2, out, alpha, beta); });
   }
 
   // Master weights and optimizer state: f32 only.

@@ -270,10 +270,10 @@ std::atomic<uint64_t> g_direct_ops{0};
 // An AllReduce that sends at most this many bytes per rank as an all-gather
 // (every rank's whole buffer to every peer, one round of sends and receives)
 // is gathered and reduced locally in rank order: one round trip, where
-// MPI_Iallreduce's schedule takes several tested steps (about 2x raw
-// MPI_Allreduce's latency at 1 KiB and 2 ranks, against about 1.4x gathered).
-// Every rank reduces the same buffers in the same order, so all ranks hold the
-// same bits.
+// MPI_Iallreduce's schedule takes several tested steps. At 1 KiB and 2 ranks
+// (load average 13 on 2 cores) that took latency_x from about 2.0 to about
+// 1.5. Every rank reduces the same buffers in the same order, so all ranks
+// hold the same bits.
 constexpr size_t kGatheredAllReduceMaxBytes = 16 << 10;
 
 // ---- the communicator ------------------------------------------------------

@@ -20,6 +20,14 @@ parallel::ShardSpec ColumnParallelShard(int64_t out_features, const ShardPlan& p
   return s;
 }
 
+comm::Communicator* ExpertTpGroup(const ShardPlan& plan) {
+  return plan.expert_tp && plan.tp_size > 1 ? plan.tp_group : nullptr;
+}
+
+comm::Communicator* TedGroup(const ShardPlan& plan) {
+  return !plan.expert_tp && plan.tp_size > 1 ? plan.tp_group : nullptr;
+}
+
 parallel::ShardSpec RowParallelShard(int64_t in_features, const ShardPlan& plan) {
   parallel::ShardSpec s;
   if (plan.tp_size > 1) {
@@ -146,6 +154,12 @@ absl::Status ValidateModelConfig(const config::ModelConfig& cfg, const ShardPlan
     return absl::InvalidArgumentError(absl::StrCat("shard plan tp ", plan.tp_rank, "/", plan.tp_size, " ep ",
                                                    plan.ep_rank, "/", plan.ep_size,
                                                    " is not a valid rank/size"));
+  }
+  if (plan.expert_tp && plan.tp_size < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parallel.expert_tensor_parallel = true needs parallel.tensor > 1 "
+                     "(parallel.tensor = ",
+                     plan.tp_size, ")"));
   }
   if (cfg.num_kv_heads() % plan.tp_size != 0) {
     return absl::InvalidArgumentError(absl::StrCat("parallel.tensor = ", plan.tp_size,

@@ -39,6 +39,11 @@ struct ShardPlan {
   // dense MLP all-reduce their row-parallel outputs and their inputs' grads on
   // it (Megatron's f/g). Borrowed; must outlive the model.
   comm::Communicator* tp_group = nullptr;
+  // parallel.expert_tensor_parallel: each TP rank holds the ffn slice
+  // [Fe r / tp, Fe (r + 1) / tp) of every local expert (gate/up
+  // split on dim 1, down on dim 2) and the experts' output is summed over the
+  // TP group; false: experts are replicated over TP (duplicate-token dropping).
+  bool expert_tp = false;
   // Experts [begin, end) held by this rank for num_experts E.
   int64_t expert_begin(int64_t num_experts) const {
     return parallel::OwnedExperts(num_experts, ep_size, ep_rank).first;
@@ -47,6 +52,15 @@ struct ShardPlan {
     return parallel::OwnedExperts(num_experts, ep_size, ep_rank).second;
   }
 };
+
+// The TP group the experts are sharded over (expert tensor parallelism), or
+// null (experts replicated over TP, or TP = 1).
+comm::Communicator* ExpertTpGroup(const ShardPlan& plan);
+// The TP group the token dispatcher splits the tokens over (DeepSpeed-TED's
+// duplicate-token dropping, for experts replicated over TP), or null (TP = 1,
+// or expert TP: every TP rank then sends all its tokens, since each expert's
+// ffn slices are on every TP rank).
+comm::Communicator* TedGroup(const ShardPlan& plan);
 
 // Tensor-parallel shards of a Linear weight [out, in] (tp_dim -1 when tp_size 1):
 // column-parallel splits the output rows, row-parallel the input columns.

@@ -19,6 +19,7 @@ void ErcLoss::Init(const std::string& prefix, const config::MoeConfig& moe, uint
   seed_ = seed;
   ep_size_ = plan.ep_size;
   tp_size_ = plan.tp_size;
+  expert_tp_ = ExpertTpGroup(plan);
 }
 
 void ErcLoss::DrawNoise(const std::vector<float>& r, int64_t E, int64_t d) {
@@ -88,14 +89,21 @@ absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, 
   RETURN_IF_ERROR(ops::Gemm(stream, proxies_, false, gate2d, true, act));
   ASSIGN_OR_RETURN(act_, ToHostFloats(stream, act));
   // This rank's columns, as rows j of M^T [E_local, E]; gathered into M^T [E, E].
+  // Under expert TP the squared norms of the ffn slices are summed over TP first.
   std::vector<float> mt(local_ * E);
   for (int64_t i = 0; i < E; ++i) {
     for (int64_t j = 0; j < local_; ++j) {
       const float* a = &act_[i * local_ * ffn_ + j * ffn_];
       double s = 0;
       for (int64_t f = 0; f < ffn_; ++f) s += static_cast<double>(a[f]) * a[f];
-      mt[j * E + i] = static_cast<float>(std::sqrt(s));
+      mt[j * E + i] = static_cast<float>(expert_tp_ != nullptr ? s : std::sqrt(s));
     }
+  }
+  if (expert_tp_ != nullptr) {
+    ASSIGN_OR_RETURN(Tensor squares, FromHostFloats(stream, mt, Shape{local_, E}));
+    RETURN_IF_ERROR(parallel::AllReduceSum(*expert_tp_, stream, squares));
+    ASSIGN_OR_RETURN(mt, ToHostFloats(stream, squares));
+    for (float& v : mt) v = static_cast<float>(std::sqrt(static_cast<double>(v)));
   }
   if (ep != nullptr && ep->size() > 1) {
     ASSIGN_OR_RETURN(Tensor local, FromHostFloats(stream, mt, Shape{local_, E}));
@@ -153,11 +161,14 @@ absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w
   ASSIGN_OR_RETURN(Tensor dact_t, FromHostFloats(stream, dact, Shape{E, local_ * ffn_}));
   const Tensor gate2d = gate_w.Reshape(Shape{local_ * ffn_, d});
   const Tensor dgate2d = gate_grad.Reshape(Shape{local_ * ffn_, d});
-  const float expert_factor = static_cast<float>(ep_size_) / static_cast<float>(tp_size_);
+  // Expert grads are summed over EDP x TP when replicated over TP, over EDP only when sharded.
+  const float expert_factor =
+      static_cast<float>(ep_size_) / static_cast<float>(expert_tp_ != nullptr ? 1 : tp_size_);
   RETURN_IF_ERROR(ops::Gemm(stream, dact_t, true, proxies_, false, dgate2d, scale * expert_factor, 1.0f));
   // dP = dact Wg_local; dR = delta * dP (the noise and eps are constants).
   ASSIGN_OR_RETURN(Tensor dproxy, NewActivation(stream, Shape{E, d}));
   RETURN_IF_ERROR(ops::Gemm(stream, dact_t, false, gate2d, false, dproxy));
+  if (expert_tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*expert_tp_, stream, dproxy));
   ASSIGN_OR_RETURN(std::vector<float> dp, ToHostFloats(stream, dproxy));
   for (int64_t i = 0; i < E * d; ++i) dp[i] = static_cast<float>(dp[i] * delta_[i]);
   ASSIGN_OR_RETURN(Tensor dr, FromHostFloats(stream, dp, Shape{E, d}));

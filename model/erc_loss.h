@@ -23,6 +23,13 @@
 // multiplied by ep_size (the DP sum then covers dp / ep_size EP groups); the
 // experts' gradient is summed over the ep_rank's EDP x TP ranks (grad_sync.h),
 // so it is multiplied by ep_size / tp_size.
+//
+// Expert tensor parallelism (ShardPlan::expert_tp): a rank holds the ffn
+// slice Fe / tp of its experts' gate_proj, so its P Wg^T holds a slice of
+// each activation: the squared norms are summed over the TP group before the
+// square root, and the router's gradient (a sum over the ffn dimension) is
+// summed over the TP group too. Each TP rank's gate_proj gradient is its own
+// slice's, reduced over EDP only, so the experts' factor is ep_size.
 #ifndef MOE_MODEL_ERC_LOSS_H_
 #define MOE_MODEL_ERC_LOSS_H_
 
@@ -71,6 +78,7 @@ class ErcLoss {
   uint64_t seed_ = 0;
   int64_t step_ = 0, noise_step_ = -1;  // noise_step_: the step delta_ was drawn for
   int ep_size_ = 1, tp_size_ = 1;
+  comm::Communicator* expert_tp_ = nullptr;  // ExpertTpGroup(plan)
   // Forward state.
   int64_t num_experts_ = 0, hidden_ = 0, local_ = 0, ffn_ = 0, expert_begin_ = 0;
   std::vector<double> delta_;  // [E * d]

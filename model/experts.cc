@@ -2,27 +2,41 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/swiglu.h"
+#include "parallel/tensor_parallel.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/trace.h"
 
 namespace moe::model {
 
 absl::Status Experts::Init(Stream& stream, const std::string& prefix, int64_t hidden_size,
                            int64_t expert_ffn_hidden_size, int64_t num_experts, int64_t expert_begin,
-                           int64_t expert_end, float init_std, float down_std, uint64_t seed) {
+                           int64_t expert_end, float init_std, float down_std, uint64_t seed, int ffn_tp_size,
+                           int ffn_tp_rank) {
   using parallel::ParamKind;
   expert_begin_ = expert_begin;
   expert_end_ = expert_end;
+  parallel::ShardSpec in_shard, out_shard;
+  in_shard.expert_begin = out_shard.expert_begin = expert_begin_;
+  in_shard.expert_end = out_shard.expert_end = expert_end_;
   ffn_ = expert_ffn_hidden_size;
-  parallel::ShardSpec shard;
-  shard.expert_begin = expert_begin;
-  shard.expert_end = expert_end;
-  const Shape w_in{num_experts, ffn_, hidden_size}, w_out{num_experts, hidden_size, ffn_};
-  RETURN_IF_ERROR(CreateParameter(stream, prefix + "gate_proj", w_in, ParamKind::kExpert, shard,
+  if (ffn_tp_size > 1) {
+    // gate/up [E, Fe, d] column-sliced on dim 1, down [E, d, Fe] row-sliced on dim 2.
+    const int64_t b = expert_ffn_hidden_size * ffn_tp_rank / ffn_tp_size;
+    const int64_t e = expert_ffn_hidden_size * (ffn_tp_rank + 1) / ffn_tp_size;
+    in_shard.tp_dim = 1;
+    out_shard.tp_dim = 2;
+    in_shard.tp_begin = out_shard.tp_begin = b;
+    in_shard.tp_end = out_shard.tp_end = e;
+    ffn_ = e - b;
+  }
+  const Shape w_in{num_experts, expert_ffn_hidden_size, hidden_size};
+  const Shape w_out{num_experts, hidden_size, expert_ffn_hidden_size};
+  RETURN_IF_ERROR(CreateParameter(stream, prefix + "gate_proj", w_in, ParamKind::kExpert, in_shard,
                                   InitSpec::Normal(init_std), seed, &gate_));
-  RETURN_IF_ERROR(CreateParameter(stream, prefix + "up_proj", w_in, ParamKind::kExpert, shard,
+  RETURN_IF_ERROR(CreateParameter(stream, prefix + "up_proj", w_in, ParamKind::kExpert, in_shard,
                                   InitSpec::Normal(init_std), seed, &up_));
-  return CreateParameter(stream, prefix + "down_proj", w_out, ParamKind::kExpert, shard,
+  return CreateParameter(stream, prefix + "down_proj", w_out, ParamKind::kExpert, out_shard,
                          InitSpec::Normal(down_std), seed, &down_);
 }
 
@@ -72,6 +86,12 @@ void Experts::RestoreSaved(Saved saved) {
   u_ = saved.u;
   act_ = saved.act;
   offsets_ = std::move(saved.offsets);
+}
+
+absl::Status SumExpertPartials(comm::Communicator* expert_tp, Stream& stream, const Tensor& rows) {
+  if (expert_tp == nullptr || expert_tp->size() == 1) return absl::OkStatus();
+  trace::Span span(stream, "expert TP all-reduce", trace::Kind::kComm);
+  return parallel::AllReduceSum(*expert_tp, stream, rows);
 }
 
 absl::StatusOr<std::unique_ptr<Experts>> MakeExperts(const std::string& impl) {

@@ -110,8 +110,13 @@ parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const
 // ---- LlepRunner -----------------------------------------------------------------------
 
 LlepRunner::LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
-                       int64_t num_experts, parallel::LlepOptions options)
-    : ep_(host_ep), ep_p2p_(ep_p2p), tp_(tp), num_experts_(num_experts), options_(options) {
+                       int64_t num_experts, parallel::LlepOptions options, comm::Communicator* expert_tp)
+    : ep_(host_ep),
+      ep_p2p_(ep_p2p),
+      tp_(tp),
+      expert_tp_(expert_tp),
+      num_experts_(num_experts),
+      options_(options) {
   std::tie(expert_begin_, expert_end_) = parallel::OwnedExperts(num_experts, ep_->size(), ep_->rank());
 }
 
@@ -269,7 +274,10 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const T
     local.RestoreSaved(std::move(state.local));
     ASSIGN_OR_RETURN(local_out, local.Backward(stream, grouped.Slice(lb, le)));
   }
-  if (lb == 0 && le == N) return local_out;  // no borrowed rows in this chunk
+  if (lb == 0 && le == N) {  // no borrowed rows in this chunk
+    RETURN_IF_ERROR(SumExpertPartials(expert_tp_, stream, local_out));
+    return local_out;
+  }
   if (forward) stats_.borrowed_rows += N - (le - lb);
   ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden}));
   if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
@@ -283,6 +291,7 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const T
       RETURN_IF_ERROR(BorrowedBackward(stream, seg, grouped, out));
     }
   }
+  RETURN_IF_ERROR(SumExpertPartials(expert_tp_, stream, out));
   return out;
 }
 
@@ -357,12 +366,16 @@ absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
     ASSIGN_OR_RETURN(rates, MeasureLlepRates(stream, *ep, *ep_p2p));
     if (known != nullptr) *known = rates;
   }
-  const parallel::LlepOptions options = LlepOptionsFromConfig(llep_cfg, rates, model_cfg.hidden_size(),
-                                                              model_cfg.moe().expert_ffn_hidden_size());
   for (int l = 0; l < model.num_layers(); ++l) {
     MoELayer* moe = model.block(l).moe();
     if (moe == nullptr) continue;
-    moe->SetLlep(std::make_unique<LlepRunner>(ep, ep_p2p, tp, model_cfg.moe().num_experts(), options));
+    // Under expert TP a rank computes and moves its ffn slice only: the cost
+    // model's FLOPs and weight bytes are the slice's.
+    comm::Communicator* expert_tp = moe->expert_tp_group();
+    const parallel::LlepOptions options =
+        LlepOptionsFromConfig(llep_cfg, rates, model_cfg.hidden_size(), moe->experts().local_ffn());
+    moe->SetLlep(std::make_unique<LlepRunner>(ep, ep_p2p, expert_tp != nullptr ? nullptr : tp,
+                                              model_cfg.moe().num_experts(), options, expert_tp));
   }
   return absl::OkStatus();
 }

@@ -91,9 +91,14 @@ class LlepRunner {
   // host_ep: the EP group's host communicator (ProcessGroups::host.ep; rank
   // r owns the experts [E r / P, E (r + 1) / P)) for the count gather;
   // ep_p2p: a data-plane communicator over the same ranks for weight moves;
-  // tp: the TP group or nullptr (TED: TP rank r handles RowSlice(T, tp, r)).
+  // tp: the TP group or nullptr (TED: TP rank r handles RowSlice(T, tp, r));
+  // expert_tp: the TP group the experts are sharded over (expert TP; then tp
+  // is null) or nullptr. Under expert TP each TP rank moves its own ffn slice
+  // of a borrowed expert over its EP group (the slices of one expert travel
+  // in parallel, tp times fewer bytes each) and the experts' partial outputs
+  // (input grads), local and borrowed, are summed over expert_tp.
   LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
-             int64_t num_experts, parallel::LlepOptions options);
+             int64_t num_experts, parallel::LlepOptions options, comm::Communicator* expert_tp = nullptr);
 
   // Collective over host_ep: gathers the count table and plans. Returns true when
   // LLEP fires for this micro-batch (then call Forward/Backward); false means
@@ -153,6 +158,7 @@ class LlepRunner {
   comm::Communicator* ep_;  // the EP group's host communicator
   comm::Communicator* ep_p2p_;
   comm::Communicator* tp_;
+  comm::Communicator* expert_tp_;
   int64_t num_experts_, expert_begin_, expert_end_;
   parallel::LlepOptions options_;
 
@@ -169,7 +175,9 @@ class LlepRunner {
   bool forward_done_ = false;
 };
 
-// Gives every MoE layer of `model` an LlepRunner (llep.enabled). Rates are
+// Gives every MoE layer of `model` an LlepRunner (llep.enabled). `tp` is
+// the TP group (or null); a layer with experts sharded over TP
+// (MoELayer::expert_tp_group) gets it as its expert_tp and no TED split. Rates are
 // measured once here (collective over host_ep and ep_p2p) when the config
 // leaves them at 0, unless `rates` is given with both rates > 0: then those are
 // used (a resumed run passes the rates its checkpoint kept, so it plans as the

@@ -37,8 +37,10 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
     }
   }
   ASSIGN_OR_RETURN(experts_, MakeExperts(cfg.moe().experts_impl()));
+  expert_tp_ = ExpertTpGroup(plan);
   return experts_->Init(stream, prefix + "experts.", cfg.hidden_size(), cfg.moe().expert_ffn_hidden_size(), E,
-                        e0, e1, init_std, down_std, seed);
+                        e0, e1, init_std, down_std, seed, expert_tp_ != nullptr ? plan.tp_size : 1,
+                        plan.tp_rank);
 }
 
 absl::Status MoELayer::CollectParameters(parallel::ParameterList* list) {
@@ -150,6 +152,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
                      absl::Span<const int64_t> offsets) -> absl::StatusOr<Tensor> {
     ASSIGN_OR_RETURN(Tensor out, experts_->Forward(stream, rows, offsets.subspan(e0, num_local + 1)));
     saved_[chunk] = experts_->TakeSaved();
+    RETURN_IF_ERROR(SumExpertPartials(expert_tp_, stream, out));
     return out;
   };
   return dispatcher_->ForwardPipelined(stream, x, *plan, forward, /*reroute=*/nullptr);
@@ -166,7 +169,9 @@ absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy
   } else {
     auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t>) -> absl::StatusOr<Tensor> {
       experts_->RestoreSaved(std::move(saved_[chunk]));
-      return experts_->Backward(stream, rows);
+      ASSIGN_OR_RETURN(Tensor dx_rows, experts_->Backward(stream, rows));
+      RETURN_IF_ERROR(SumExpertPartials(expert_tp_, stream, dx_rows));
+      return dx_rows;
     };
     RETURN_IF_ERROR(dispatcher_->BackwardPipelined(stream, dy, backward, &dweights, dx_experts));
     saved_.clear();

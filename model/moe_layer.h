@@ -12,6 +12,17 @@
 //   sigmoid(x_t . w) with model.moe.shared_expert_gate (w: "mlp.shared_expert_gate.weight" [1, d]).
 //   With model.moe.erc_loss_coeff > 0 Forward also computes the expert-router
 //   coupling loss (model/erc_loss.h; collective over the EP group).
+//
+// Expert tensor parallelism (ShardPlan::expert_tp, parallel.expert_tensor_parallel):
+// each TP rank holds a 1/tp slice of every local expert's ffn dimension
+// (model/experts.h), so SwiGLU_e(x) is the sum over the TP ranks of their
+// slices' outputs (Megatron's column-parallel w1/w3, row-parallel w2). The
+// dispatcher must then not split tokens over TP (model::TedGroup(plan) is
+// null): every TP rank receives the same rows for its experts, runs its slice
+// and the partial outputs are all-reduced over the TP group right after the
+// expert GEMMs, before the combine; in backward the experts' input gradients
+// (partial sums through the column-parallel w1/w3) are all-reduced likewise.
+// The weight gradients of the slices stay local (reduced over EDP only).
 #ifndef MOE_MODEL_MOE_LAYER_H_
 #define MOE_MODEL_MOE_LAYER_H_
 
@@ -64,6 +75,8 @@ class MoELayer {
   // the runner's reroute and experts (same results). Null: standard EP.
   void SetLlep(std::unique_ptr<LlepRunner> llep) { llep_ = std::move(llep); }
   LlepRunner* llep() { return llep_.get(); }
+  // The TP group the experts are sharded over, or null (replicated over TP).
+  comm::Communicator* expert_tp_group() const { return expert_tp_; }
 
  private:
   absl::StatusOr<Tensor> RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len);
@@ -81,6 +94,7 @@ class MoELayer {
   std::vector<float> gate_host_;
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
+  comm::Communicator* expert_tp_ = nullptr;  // ExpertTpGroup(plan)
   Tensor x_;
   std::vector<Experts::Saved> saved_;  // per chunk
   std::unique_ptr<LlepRunner> llep_;

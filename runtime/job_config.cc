@@ -238,6 +238,16 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
        absl::StrCat(
            "parallel.tensor = ", p.tensor(),
            " must divide model.moe.shared_expert_ffn_hidden_size = ", moe.shared_expert_ffn_hidden_size()));
+  if (p.expert_tensor_parallel()) {
+    need(p.tensor() > 1,
+         absl::StrCat("parallel.expert_tensor_parallel = true needs parallel.tensor > 1 (it splits each "
+                      "expert's ffn dimension over the TP group; parallel.tensor = ",
+                      p.tensor(), "): raise parallel.tensor or set expert_tensor_parallel = false"));
+    need(moe.expert_ffn_hidden_size() % p.tensor() == 0,
+         absl::StrCat("parallel.expert_tensor_parallel = true: parallel.tensor = ", p.tensor(),
+                      " must divide model.moe.expert_ffn_hidden_size = ", moe.expert_ffn_hidden_size(),
+                      " (each TP rank holds an equal slice of every expert)"));
+  }
   need(moe.num_experts() % p.expert() == 0,
        absl::StrCat("parallel.expert = ", p.expert(),
                     " must divide model.moe.num_experts = ", moe.num_experts()));

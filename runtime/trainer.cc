@@ -101,15 +101,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   plan.ep_size = layout.ep;
   plan.ep_rank = layout.ep_rank;
   plan.tp_group = groups->tp.get();
-  // Expert parallelism (and TED's duplicate-token dropping under TP) goes
-  // through the all-to-all dispatcher; a single rank permutes locally.
+  plan.expert_tp = config.parallel().expert_tensor_parallel();
+  // Expert parallelism (and TED's duplicate-token dropping under TP, when the
+  // experts are replicated over TP) goes through the all-to-all dispatcher; a
+  // single rank permutes locally.
   model::DispatcherFactory dispatchers;
   if (layout.ep > 1 || layout.tp > 1) {
     const int64_t num_experts = config.model().moe().num_experts();
     const int chunks = config.parallel().overlap_chunks();
-    dispatchers = [groups, num_experts, chunks](int) -> std::unique_ptr<model::TokenDispatcher> {
-      return std::make_unique<model::AllToAllTokenDispatcher>(
-          groups->ep.get(), groups->layout.tp > 1 ? groups->tp.get() : nullptr, num_experts, chunks);
+    comm::Communicator* ted = model::TedGroup(plan);
+    dispatchers = [groups, ted, num_experts, chunks](int) -> std::unique_ptr<model::TokenDispatcher> {
+      return std::make_unique<model::AllToAllTokenDispatcher>(groups->ep.get(), ted, num_experts, chunks);
     };
   }
   ASSIGN_OR_RETURN(t->model_,

@@ -8,7 +8,8 @@
 // Persistent (allocated once, live during the whole step):
 //   parameters   embed V*d (+ lm_head V*d if untied) + final norm d
 //                + per layer: 2 norms 2d, attention (H*hd*d + 2*Hkv*hd*d + d*H*hd) / TP,
-//                  dense MLP 3*F*d / TP, or MoE router E*d + experts 3*(E/EP)*Fe*d / TP
+//                  dense MLP 3*F*d / TP, or MoE router E*d + experts 3*(E/EP)*Fe*d / ETP
+//                  (ETP = TP with parallel.expert_tensor_parallel, else 1: replicated over TP)
 //   gradients    one per parameter element
 //   optimizer    AdamW: 2 per parameter element (exp_avg, exp_avg_sq); SGD: 1 with momentum
 //
@@ -96,7 +97,8 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t embed = V * d * (m.tie_word_embeddings() ? 1 : 2) + d;
   int64_t attn = 2 * d + (H * hd * d + 2 * Hkv * hd * d + d * H * hd) / tp;
   int64_t dense_mlp = 3 * F * d / tp;
-  int64_t moe_mlp = E * d + 3 * (E / ep) * Fe * d / tp;
+  const int64_t etp = config.parallel().expert_tensor_parallel() ? tp : 1;
+  int64_t moe_mlp = E * d + 3 * (E / ep) * Fe * d / etp;
   int64_t params = embed + L * attn + num_dense * dense_mlp + num_moe * moe_mlp;
   add(MC::kParameters, "embed (+ untied lm_head) + final norm", embed);
   add(MC::kParameters, "attention + norms, all layers", L * attn);

@@ -32,7 +32,8 @@ struct MemoryPrediction {
 
 // `config` must be resolved (ApplyDefaults). Uses model.*, train.micro_batch,
 // parallel.tensor and parallel.expert (experts per rank = E / EP; dense
-// weights / TP), optim.type (AdamW: 2 states; SGD: 1 if momentum > 0).
+// weights / TP; expert weights / TP with parallel.expert_tensor_parallel,
+// else replicated over TP), optim.type (AdamW: 2 states; SGD: 1 if momentum > 0).
 // InvalidArgument when a size is non-positive or EP does not divide E.
 absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& config);
 

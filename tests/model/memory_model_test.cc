@@ -57,6 +57,17 @@ TEST_CASE("PredictPeakMemory: parameters, gradients, optimizer") {
   CHECK(p->bytes[0] - p2->bytes[0] == 4 * 3 * 2 * 12 * d);
   c.mutable_parallel()->set_expert(3);
   CHECK(!PredictPeakMemory(c).ok());
+
+  // Tensor parallelism: experts replicated over TP keep their bytes; with
+  // parallel.expert_tensor_parallel they are divided by TP (the 4 experts'
+  // 3 * 12 * d elements, halved at TP 2).
+  c.mutable_parallel()->set_expert(1);
+  c.mutable_parallel()->set_tensor(2);
+  auto replicated = PredictPeakMemory(c);
+  c.mutable_parallel()->set_expert_tensor_parallel(true);
+  auto sharded = PredictPeakMemory(c);
+  REQUIRE((replicated.ok() && sharded.ok()));
+  CHECK(replicated->bytes[0] - sharded->bytes[0] == 4 * 3 * 4 * 12 * d / 2);
 }
 
 TEST_CASE("PredictPeakMemory grows with the micro-batch as its activation terms say") {

@@ -10,7 +10,10 @@
 // single-rank model (not only LLEP on against off): 95% of the assignments
 // forced into one expert with top_k 2, so most tokens list it twice, LLEP on
 // (firing on any imbalance) in every layout with EP > 1, dropless and with
-// capacity drops; LLEP must fire and move tokens there.
+// capacity drops; LLEP must fire and move tokens there. Every variant also
+// runs with expert tensor parallelism (parallel.expert_tensor_parallel: each
+// TP rank holds half of every expert's ffn, the outputs all-reduced over TP)
+// at tp 2 x ep 1 and tp 2 x ep 2, against the same single-rank reference.
 //
 // Each layout of world w = tp x dp runs on the 4 / w disjoint sub-worlds of
 // the job (split off the world), so one 4-rank job runs every layout. The
@@ -141,7 +144,7 @@ struct Result {
 };
 
 Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int chunks,
-             double capacity_factor, const std::string& variant) {
+             double capacity_factor, const std::string& variant, bool expert_tp = false) {
   const int world = job_world.size();
   const int sub = tp * (kGlobalMicroBatches / grad_accum);  // the layout's world = tp * dp
   REQUIRE(world % sub == 0);
@@ -157,10 +160,11 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
   plan.ep_size = ep;
   plan.ep_rank = l.ep_rank;
   plan.tp_group = tp > 1 ? groups.tp.get() : nullptr;
+  plan.expert_tp = expert_tp;
   DispatcherFactory factory;
   if (chunks > 0) {
     factory = [&](int) -> std::unique_ptr<TokenDispatcher> {
-      return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), tp > 1 ? groups.tp.get() : nullptr,
+      return std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), TedGroup(plan),
                                                        cfg.moe().num_experts(), chunks);
     };
   }
@@ -273,6 +277,7 @@ void Compare(const Result& ref, const Result& got) {
 
 struct Layout {
   int tp, ep, dp, grad_accum;
+  bool expert_tp = false;
 };
 
 void RunAll(double capacity_factor, const std::string& variant = "") {
@@ -296,12 +301,20 @@ void RunAll(double capacity_factor, const std::string& variant = "") {
     REQUIRE(*std::max_element(bias.begin(), bias.end()) > 0.04f);
   }
   REQUIRE((ref.erc > 0) == (variant == kCoupling));
-  const std::vector<Layout> layouts = {{1, 1, 1, 4}, {1, 2, 2, 2}, {1, 4, 4, 1}, {2, 1, 1, 4}, {2, 2, 2, 2}};
+  const std::vector<Layout> layouts = {{1, 1, 1, 4}, {1, 2, 2, 2},       {1, 4, 4, 1},      {2, 1, 1, 4},
+                                       {2, 2, 2, 2}, {2, 1, 1, 4, true}, {2, 2, 2, 2, true}};
   for (const Layout& lay : layouts) {
     for (int chunks : {1, 3}) {
       INFO("tp " << lay.tp << " ep " << lay.ep << " dp " << lay.dp << " grad_accum " << lay.grad_accum
-                 << " overlap_chunks " << chunks << " capacity_factor " << capacity_factor);
-      const Result got = Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor, variant);
+                 << " expert_tp " << lay.expert_tp << " overlap_chunks " << chunks << " capacity_factor "
+                 << capacity_factor);
+      const Result got =
+          Train(*world, lay.tp, lay.ep, lay.grad_accum, chunks, capacity_factor, variant, lay.expert_tp);
+      if (lay.expert_tp) {  // the experts really are sliced: half of each expert's ffn here
+        const parallel::ShardSpec& down = got.shards.at("model.layers.1.mlp.experts.down_proj");
+        REQUIRE(down.tp_dim == 2);
+        REQUIRE(down.tp_end - down.tp_begin == TinyConfig(0.0).moe().expert_ffn_hidden_size() / 2);
+      }
       Compare(ref, got);
       if (variant == kForcedLlep && lay.ep > 1) {  // LLEP fired in every micro-batch and moved tokens
         REQUIRE(got.llep_fired == kSteps * lay.grad_accum);

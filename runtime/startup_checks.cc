@@ -89,7 +89,8 @@ absl::Status CheckMemoryFits(const JobConfig& config, int ranks_on_node, int64_t
       "the job does not fit in memory: predicted peak ", Gib(p->peak_bytes), " per rank x ", ranks_on_node,
       " ranks on this node = ", Gib(need), ", but ", Gib(available_bytes),
       " is available; lower train.micro_batch, model.seq_len or the model size, or raise parallel.tensor / "
-      "parallel.expert. Largest terms per rank:",
+      "parallel.expert (parallel.expert_tensor_parallel: true also divides the experts by parallel.tensor). "
+      "Largest terms per rank:",
       largest));
 }
 

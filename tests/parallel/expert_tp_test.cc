@@ -11,6 +11,7 @@
 //     over TP (1e-5), the gathered slices equal the replicated grads;
 //   - the parameter bytes: the experts' local bytes, counted and measured by
 //     the memory tracker, are half of the replicated ones;
+//   - GradSync reduces the slices' grads over EDP, not over TP;
 //   - parallel.expert_tensor_parallel validation (tensor = 1, ffn not divisible).
 // (Layout invariance of whole-model training with expert TP, LLEP and capacity
 // is tests/parallel/layout_invariance_test.cc; resume across expert TP on/off
@@ -25,6 +26,7 @@
 
 #include "comm/mpi_env.h"
 #include "model/moe_layer.h"
+#include "parallel/grad_sync.h"
 #include "runtime/core/config.h"
 #include "runtime/core/memory.h"
 #include "runtime/core/status.h"
@@ -125,6 +127,20 @@ TEST_CASE("MoE layer with expert TP: finite differences, replicated equality, pa
   CHECK(rep_bytes - etp_bytes == 4 * expert_elems / 2);
   INFO("expert parameter bytes per rank: replicated " << 4 * expert_elems << ", expert TP "
                                                       << 4 * expert_elems / 2);
+
+  // Gradient sync: the slices' grads are summed over EDP only (here one rank:
+  // nothing), never over the TP group that holds the other slices.
+  {
+    parallel::ParameterList list;
+    MOE_REQUIRE_OK(etp.moe.CollectParameters(&list));
+    auto sync = ValueOrDie(parallel::GradSync::Create(groups, list, s, {}));
+    for (auto get : {&Experts::gate_proj, &Experts::up_proj, &Experts::down_proj}) {
+      const comm::Communicator& g = sync->GroupOf((etp.moe.experts().*get)());
+      CHECK(&g == groups.edp.get());
+      CHECK(g.size() == 1);
+    }
+    CHECK(&sync->GroupOf(etp.moe.router().weight()) == groups.dp.get());
+  }
 
   // The same layer as on one rank: loss, dx, and the gradients (the slices
   // of the single-rank ones).

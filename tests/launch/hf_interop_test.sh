@@ -3,7 +3,7 @@
 # checkpoints", docs/hf_interop.md). For a Mixtral-shaped, a DeepSeek-shaped
 # (sigmoid, expert bias, 2 groups, an ungated shared expert) and a
 # Qwen2-MoE-shaped model (a gated shared expert, MoE every second layer), and
-# the Mixtral shape saved by tensor parallelism:
+# the Mixtral shape saved by tensor parallelism with experts sharded over TP:
 #   - a real 2-rank moe-train run (EP 2, or TP 2) trains 3 steps and saves;
 #   - export-hf (fp32, sharded by a small --max-shard-size, with the train
 #     state), import-hf, export-hf again: every file equal byte for byte (so
@@ -59,7 +59,7 @@ declare -A shapes=(
   [mixtral]=""
   [deepseek]="model.moe.score_function=sigmoid model.moe.expert_bias_update_rate=0.01 model.moe.num_expert_groups=2 model.moe.group_topk=1 model.moe.shared_expert_ffn_hidden_size=48"
   [qwen]="model.moe.shared_expert_ffn_hidden_size=40 model.moe.shared_expert_gate=true model.moe.moe_layer_freq=2 model.moe.norm_topk_prob=false"
-  [tp2]="parallel.tensor=2 parallel.expert=1"
+  [tp2]="parallel.tensor=2 parallel.expert=1 parallel.expert_tensor_parallel=true"
 )
 declare -A family=([mixtral]=mixtral [deepseek]=deepseek_v3 [qwen]=qwen2_moe [tp2]=mixtral)
 declare -A gbatch=([mixtral]=4 [deepseek]=4 [qwen]=4 [tp2]=2)  # data-parallel size x micro_batch 2

@@ -9,7 +9,7 @@
 # TCP between hosts (shared memory inside one host).
 #
 #   source tests/cluster/cluster_lib.sh
-#   cluster_init "$BIN" "$SRC"         # temp dir, EXIT trap, skip (77) without namespaces
+#   cluster_init "$BIN" "$SRC"         # test_init (tests/lib/test_env.sh), skip (77) without namespaces
 #   cluster_up 3 2                     # 3 hosts, 2 slots each -> $CLUSTER_HOSTFILE
 #   cluster_launch -n 6 -- ARGS...     # moe-launch from host 1, ranks on all hosts
 #   cluster_link_down 2                # cut host 2's link (ip link set down inside it)
@@ -17,7 +17,7 @@
 #   (teardown of every namespace and process runs on exit, also on failure)
 #
 # Requires root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
 
 CLUSTER_SUBNET="10.213.0"               # host k (1-based) is $CLUSTER_SUBNET.(k+1)
 CLUSTER_CIDR="$CLUSTER_SUBNET.0/24"
@@ -25,17 +25,10 @@ CLUSTER_TAG="moec$$"                     # namespace name prefix, unique per tes
 CLUSTER_NAMESPACES=()
 CLUSTER_SKIP_CODE=77                     # ctest SKIP_RETURN_CODE
 
-# Seconds since the test began, for its closing line.
-cluster_elapsed() { echo $(( $(date +%s) - CLUSTER_T0 )); }
-
 cluster_init() {
-  BIN="$(cd "$1" && pwd)"; SRC="$(cd "$2" && pwd)"
-  CLUSTER_T0=$(date +%s)
-  CLUSTER_DIR="$(mktemp -d /tmp/moe-cluster.XXXXXX)"
-  trap cluster_teardown EXIT
-  trap "exit 143" TERM INT
-  export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
-  if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+  test_init "$1" "$2"
+  CLUSTER_DIR="$TMP"
+  test_at_exit cluster_teardown
   local probe="${CLUSTER_TAG}-probe" why
   if ! why=$(ip netns add "$probe" 2>&1); then
     echo "SKIP: network namespaces are refused here (ip netns add: ${why:-no iproute2}); the cluster tests need root and CAP_SYS_ADMIN"
@@ -180,24 +173,14 @@ EOF
 }
 
 # A small corpus for the runs, preprocessed once per test.
-cluster_corpus() {
-  mkdir -p "$CLUSTER_DIR/text" "$CLUSTER_DIR/data"
-  local i
-  for i in $(seq 1 80); do
-    printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' \
-      "$i" "$i" >> "$CLUSTER_DIR/text/a.txt"
-  done
-  "$BIN/moe-preprocess" --quiet --output-prefix "$CLUSTER_DIR/data/corpus" --split=percent "$CLUSTER_DIR/text" ||
-    { echo "FAIL: moe-preprocess"; return 1; }
-  CLUSTER_CORPUS="$CLUSTER_DIR/data/corpus"
-}
+cluster_corpus() { test_corpus 80 && CLUSTER_CORPUS="$CORPUS"; }
 
+# Every process of every host killed, every namespace deleted (at exit, also
+# on failure; test_env.sh removes the directory after it).
 cluster_teardown() {
-  local code=$? ns p
+  local ns p
   for ns in "${CLUSTER_NAMESPACES[@]}"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
   done
   for ns in "${CLUSTER_NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null; done
-  [ -n "${CLUSTER_DIR:-}" ] && rm -rf "$CLUSTER_DIR"
-  exit $code
 }

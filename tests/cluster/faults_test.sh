@@ -11,10 +11,8 @@
 #    operation, the group and the stopped peers.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 cluster_init "$1" "$2"
-fail=0
 cluster_corpus || exit 1
 cluster_up 2 2 || exit 1
-cd "$CLUSTER_DIR"
 timeout_s=5
 common=(--config="$SRC/configs/demo.textproto" data.train_path="$CLUSTER_CORPUS" parallel.tensor=2
         parallel.expert=2 model.num_layers=1 model.seq_len=32 model.hidden_size=64 model.ffn_hidden_size=128
@@ -148,6 +146,4 @@ names_peer stop
 grep -m1 "moe comm watchdog" stop.out
 kill -9 $stopped 2>/dev/null
 
-[ $fail = 0 ] && echo "cluster faults test passed"
-echo "cluster faults test took $(cluster_elapsed) s"
-exit $fail
+test_done "cluster faults test"

@@ -5,10 +5,8 @@
 # on one host (1e-5), and moe-launch prints the mpirun command it ran.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 cluster_init "$1" "$2"
-fail=0
 cluster_corpus || exit 1
 cluster_up 2 2 || exit 1
-cd "$CLUSTER_DIR"
 common=(--config="$SRC/configs/demo.textproto" data.train_path="$CLUSTER_CORPUS" parallel.tensor=2
         parallel.expert=2 model.num_layers=2 model.seq_len=32 train.steps=4 train.log_every=1 train.eval_every=0
         train.eval_batches=1 optim.warmup_steps=1 checkpoint.dir=)
@@ -30,6 +28,4 @@ grep -q "TP groups   {0,1} {2,3}" multi.out || { echo "FAIL: layout table"; cat 
 "$BIN/moe-launch" -n 4 -- "${common[@]}" train.run_dir=single > single.out 2>&1 ||
   { echo "FAIL: the one-host run"; cat single.out; fail=1; }
 cluster_compare_losses multi/metrics.jsonl single/metrics.jsonl 1e-5 || fail=1
-[ $fail = 0 ] && echo "cluster multihost test passed"
-echo "cluster multihost test took $(cluster_elapsed) s"
-exit $fail
+test_done "cluster multihost test"

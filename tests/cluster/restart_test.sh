@@ -11,10 +11,8 @@
 #    host counts that would keep it.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 cluster_init "$1" "$2"
-fail=0
 cluster_corpus || exit 1
 cluster_up 3 2 || exit 1
-cd "$CLUSTER_DIR"
 common=(--config="$SRC/configs/demo.textproto" data.train_path="$CLUSTER_CORPUS" parallel.tensor=2
         parallel.expert=3 model.moe.num_experts=6 model.num_layers=1 model.seq_len=32 model.hidden_size=64
         model.ffn_hidden_size=128 model.moe.expert_ffn_hidden_size=128 train.micro_batch=2 train.log_every=1
@@ -61,6 +59,4 @@ expect nobatch.out "host $(cluster_ip 3) (ranks 4-5) did not answer"
 expect nobatch.out "no whole grad_accum keeps the global batch of 6 sequences on data 2 x micro_batch 2; host counts that would: 1 3"
 grep "moe-launch: no whole" nobatch.out
 
-[ $fail = 0 ] && echo "cluster restart test passed"
-echo "cluster restart test took $(cluster_elapsed) s"
-exit $fail
+test_done "cluster restart test"

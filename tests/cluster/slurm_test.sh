@@ -9,31 +9,25 @@
 # with the same losses as an uninterrupted run. A third job is stopped by
 # Slurm's own time-based notice (--time=2 --signal=B:USR1@30) and resumes.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"  # for cluster_compare_losses
-T0=$(date +%s)
-BIN="$(cd "$1" && pwd)"; SRC="$(cd "$2" && pwd)"
 for tool in munged slurmctld slurmd sbatch srun scontrol; do
   command -v "$tool" >/dev/null 2>&1 ||
     { echo "SKIP: $tool is not installed (apt-get install slurm-wlm munge; launch/setup.sh does)"; exit 77; }
 done
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: the Slurm test starts slurmd, which needs root"; exit 77; }
-D="$(mktemp -d /tmp/moe-slurm.XXXXXX)"
+test_init "$1" "$2"
+D="$TMP"
 chmod 755 "$D"
 pids=()
-cleanup() {
-  local code=$? p
+slurm_teardown() {
+  local p
   scancel --quiet --full $(squeue -h -o %i 2>/dev/null) 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   sleep 1
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
   # Ranks a killed slurmd left behind (they run under slurmstepd).
   for p in $(pgrep -f "^$BIN/moe-train .*$D" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-  rm -rf "$D"
-  echo "slurm test took $(( $(date +%s) - T0 )) s"
-  exit $code
 }
-trap cleanup EXIT
-trap "exit 143" TERM INT
-fail=0
+test_at_exit slurm_teardown
 
 # Two free TCP ports on loopback for slurmctld and slurmd.
 read -r ctld_port slurmd_port < <(/usr/bin/python3 -c '
@@ -198,5 +192,4 @@ grep -q "stop requested: stopped after step" timed.log || { echo "FAIL: the time
 grep -E "SIGUSR1|stop requested|resumed from" timed.log | sed 's/^\[rank 0\/4\] //'
 echo "the time-based notice (--time=2 --signal=B:USR1@30) stopped the job, which resumed $(( $(date +%s) - t_start )) s after its submission"
 
-[ $fail = 0 ] && echo "slurm test passed"
-exit $fail
+test_done "slurm test"

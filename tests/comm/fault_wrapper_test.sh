@@ -6,19 +6,14 @@
 # deadline, naming the operation, the group and the sequence number; a
 # bad MOE_COMM_FAULT is a usage error (exit 2) on every rank; an injected
 # failure stops the job non-zero with the op named.
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-mkdir text data
-for i in $(seq 1 40); do printf 'line %d of a small corpus for the fault test.\n%%\n' "$i" >> text/a.txt; done
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+test_corpus 40 || exit 1
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus train.run_dir=run
         checkpoint.dir=run/ckpt checkpoint.save_every=0 optim.warmup_steps=1 train.log_every=1
         train.eval_every=0 model.num_layers=2 model.seq_len=32 parallel.expert=2 train.steps=3 comm.timeout_s=4)
-run() { start=$(date +%s); timeout 120 mpirun -np 2 --oversubscribe "$BIN/moe-train" "${common[@]}" >out 2>&1; code=$?; took=$(( $(date +%s) - start )); }
-check() { if ! grep -qF -- "$1" out; then echo "FAIL: expected '$1' in:"; cat out; fail=1; else echo "ok: $1"; fi; }
+run() { start=$(date +%s); test_mpirun -np 2 "$BIN/moe-train" "${common[@]}" >out 2>&1; code=$?; took=$(( $(date +%s) - start )); }
+check() { expect_in out "$1"; }
 
 MOE_COMM_FAULT="rank=1,kind=AllToAllV,seq=3,action=hang,group=ep" run
 echo "== hang: exit $code after ${took}s"
@@ -38,4 +33,4 @@ MOE_COMM_FAULT="rank=1,kind=AllToAllV,seq=1,action=explode" run
 echo "== bad spec: exit $code"
 [ "$code" = 2 ] || { echo "FAIL: exit $code, want 2"; cat out; fail=1; }
 check "action=explode must be fail, delay or hang"
-exit $fail
+test_done "fault wrapper test"

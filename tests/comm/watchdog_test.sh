@@ -5,14 +5,13 @@
 # its probe found silent (a stopped rank) or running something else (the one
 # that skipped); a rank that calls abort() or exits without finalising takes
 # the job down too, non-zero.
-set -uo pipefail
-BIN="$1"
-fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 run() {  # run NAME RANKS LIMIT_S WANT_CODE ARGS...: sets out, code, took (WANT_CODE "nonzero": any but 0)
   local name=$1 ranks=$2 limit=$3 want=$4; shift 4
   local start=$(date +%s.%N)
   # SIGKILL on the test's own deadline (exit 137), so 124 can only be the watchdog's.
-  out=$(timeout -s KILL 120 mpirun -np "$ranks" --oversubscribe "$BIN/comm_fault_job" "$@" 2>&1); code=$?
+  out=$(test_mpirun -np "$ranks" "$BIN/comm_fault_job" "$@" 2>&1); code=$?
   took=$(echo "$(date +%s.%N) - $start" | bc)
   echo "== $name: exit $code after ${took}s (limit ${limit}s)"
   if [ "$code" -eq 0 ]; then echo "FAIL: $name exited 0"; echo "$out"; fail=1; fi
@@ -21,7 +20,7 @@ run() {  # run NAME RANKS LIMIT_S WANT_CODE ARGS...: sets out, code, took (WANT_
   if (( $(echo "$took > $limit" | bc) )); then echo "FAIL: $name took ${took}s > ${limit}s"; echo "$out"; fail=1; fi
   if ! grep -q "^ready" <<<"$out"; then echo "FAIL: $name never got ready"; echo "$out"; fail=1; fi
 }
-check() { if ! grep -qF -- "$2" <<<"$1"; then echo "FAIL: expected '$2' in:"; echo "$1"; fail=1; else echo "ok: $2"; fi; }
+check() { expect_text "$@"; }
 
 run skip 2 13 124 skip 3
 check "$out" "[moe comm watchdog] world rank 0, rank 0 of group 'world' (2 ranks; world ranks 0,1), backend mpi"
@@ -44,4 +43,4 @@ check "$out" "world rank 1 did not answer the watchdog's probe within 1.0 s (unr
 # abort() and exit without finalize: mpirun ends the job; 30 s is the deadline here.
 run abort 3 40 nonzero abort 30
 run exit 3 40 nonzero exit 30
-exit $fail
+test_done "watchdog test"

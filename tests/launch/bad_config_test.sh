@@ -4,35 +4,19 @@
 # work (no run directory is created). Each rank's own exit code is recorded by a
 # wrapper (mpirun is told not to kill the others when one exits non-zero), so
 # a rank that hangs, is aborted or exits otherwise shows up.
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-export EXITS="$TMP/exits"
-run() {
-  rm -rf "$EXITS"; mkdir "$EXITS"
-  timeout -s KILL 120 mpirun -np 4 --oversubscribe --mca orte_abort_on_non_zero_status 0 \
-    bash "$SRC/tests/launch/record_exit.sh" "$BIN/moe-train" "$@" >"$TMP/out" 2>&1
-  echo $?
-}
-rank_codes() { cat "$EXITS"/rank.* 2>/dev/null | sort | tr '\n' ' '; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+run() { mpirun_counted 4 cfg "$BIN/moe-train" "$@"; }
 
-code=$(run --config="$SRC/configs/demo.textproto" --print-config)
-if [ "$code" != 0 ] || [ "$(rank_codes)" != "0 0 0 0 " ] || ! grep -q "EP groups   {0,1} {2,3}" "$TMP/out"; then
-  echo "FAIL: demo config did not print the layout (exit $code)"; cat "$TMP/out"; fail=1
-fi
+run --config="$SRC/configs/demo.textproto" --print-config
+ranks_exited cfg 0 4 && expect_in cfg.out "EP groups   {0,1} {2,3}"
 
 expect() {  # expect "message" args...
   local message="$1"; shift
-  run "$@" > /dev/null  # (mpirun's own code is 0 when told not to abort: count the ranks')
-  if ! grep -qF -- "$message" "$TMP/out"; then echo "FAIL: no '$message' for: $*"; cat "$TMP/out"; fail=1; return; fi
-  # Every rank exits 2 by itself.
-  if [ "$(rank_codes)" != "2 2 2 2 " ]; then
-    echo "FAIL: rank exit codes '$(rank_codes)', want 2 on each of 4 ranks for: $*"; cat "$TMP/out"; fail=1; return
-  fi
-  if [ -d "$TMP/runs" ]; then echo "FAIL: a run directory was written for: $*"; fail=1; fi
-  echo "ok: $message"
+  run "$@"  # (mpirun's own code is 0 when told not to abort: count the ranks')
+  expect_in cfg.out "$message" || return
+  ranks_exited cfg 2 4 || return  # every rank exits 2 by itself
+  if [ -d runs ]; then test_fail "a run directory was written for: $*"; fi
 }
 D="--config=$SRC/configs/demo.textproto"
 expect "parallel.expert = 3 must divide model.moe.num_experts = 8" "$D" parallel.expert=3
@@ -49,4 +33,4 @@ expect "cannot open config file" --config=/nonexistent.textproto
 printf 'model {\n  hidden_size: 12\n  bogus: 1\n}\n' > bad.textproto
 expect "bad.textproto:3:" --config=bad.textproto
 expect "--config=FILE is required"
-exit $fail
+test_done "bad config test"

@@ -4,17 +4,9 @@
 # check the metrics and the checkpoint with moe-ckpt, resume to more steps,
 # and stop a run with SIGTERM (it saves and exits 0; the checkpoint verifies and
 # resumes).
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-mkdir text
-for i in $(seq 1 60); do
-  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
-done
-mkdir -p data
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+test_corpus 60 || exit 1
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus train.run_dir=run
         checkpoint.dir=run/ckpt optim.warmup_steps=2 train.log_every=2 train.eval_every=0 train.eval_batches=1
         model.num_layers=2 model.seq_len=32)
@@ -55,5 +47,4 @@ else
   grep -q "resumed from run3/ckpt/$name at step $k" out4 || { echo "FAIL: no resume from $name"; cat out4; fail=1; }
   grep -q "step $((k + 2))/$((k + 2))" out4 || { echo "FAIL: the resumed run did not reach step $((k + 2))"; cat out4; fail=1; }
 fi
-[ $fail = 0 ] && echo "demo smoke test passed"
-exit $fail
+test_done "demo smoke test"

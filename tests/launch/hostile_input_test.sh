@@ -3,14 +3,10 @@
 # case must stop every rank with its message and exit code 2 before any work,
 # leave no run directory behind (a bad config) and lose nothing on disk (a
 # previous run's config copy stays as it was).
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 D="--config=$SRC/configs/demo.textproto"
 T="$BIN/moe-train"
-MPI=(mpirun --oversubscribe)
 
 check() {  # check WANT_CODE "message" EXIT_CODE
   local want="$1" message="$2" code="$3"
@@ -20,7 +16,7 @@ check() {  # check WANT_CODE "message" EXIT_CODE
 }
 expect() {  # expect "message" args... (2 ranks, same arguments)
   local message="$1"; shift
-  "${MPI[@]}" -np 2 "$T" "$@" >"$TMP/out" 2>&1
+  test_mpirun -np 2 "$T" "$@" >"$TMP/out" 2>&1
   check 2 "$message" $? || return
   if [ -e "$TMP/runs" ]; then echo "FAIL: a run directory was written for: $*"; fail=1; rm -rf "$TMP/runs"; fi
 }
@@ -46,7 +42,7 @@ expect "--startup-timeout-s='x' must be a positive number of seconds" "$D" --sta
 # Ranks that disagree (an MPMD launch): exit 2 naming the field and the ranks.
 mpmd() {  # mpmd "message" rank1-overrides...
   local message="$1"; shift
-  "${MPI[@]}" -np 1 "$T" "$D" : -np 1 "$T" "$D" "$@" >"$TMP/out" 2>&1
+  test_mpirun -np 1 "$T" "$D" : -np 1 "$T" "$D" "$@" >"$TMP/out" 2>&1
   check 2 "$message" $?
   if [ -e "$TMP/runs" ]; then echo "FAIL: a run directory was written for: $*"; fail=1; rm -rf "$TMP/runs"; fi
 }
@@ -67,7 +63,7 @@ mkdir -p prev && echo "previous run" > prev/config.textproto
 : > afile
 long="$(printf 'x%.0s' $(seq 300))"
 for bad in "checkpoint.dir=afile/ckpt" "checkpoint.dir=$long" "train.run_dir=afile"; do
-  "${MPI[@]}" -np 2 "$T" "$D" train.run_dir=prev "$bad" >"$TMP/out" 2>&1
+  test_mpirun -np 2 "$T" "$D" train.run_dir=prev "$bad" >"$TMP/out" 2>&1
   check 2 "${bad%%=*} = '" $?
   grep -qF "is not usable" "$TMP/out" || { echo "FAIL: no 'is not usable' for $bad"; fail=1; }
   [ "$(cat prev/config.textproto)" = "previous run" ] || { echo "FAIL: $bad overwrote the previous config"; fail=1; }
@@ -75,10 +71,10 @@ done
 
 # A rank stalled before MPI initialisation: the start-up deadline ends the job.
 start=$(date +%s)
-"${MPI[@]}" -np 1 "$T" "$D" --startup-timeout-s=3 : \
+test_mpirun -np 1 "$T" "$D" --startup-timeout-s=3 : \
   -np 1 env MOE_FAULT_STALL_BEFORE_INIT_S=60 "$T" "$D" --startup-timeout-s=3 >"$TMP/out" 2>&1
 code=$?
 took=$(( $(date +%s) - start ))
 check 124 "start-up did not finish within 3 s" "$code"
 [ "$took" -lt 40 ] || { echo "FAIL: the stalled start-up took $took s"; fail=1; }
-exit $fail
+test_done "hostile input test"

@@ -1,24 +1,21 @@
-#!/bin/bash
-# missing_source_test.sh SOURCE_DIR CMAKE: launch/CMakeLists.txt, in a fixture
+#!/usr/bin/env bash
+# missing_source_test.sh BIN_DIR SOURCE_DIR CMAKE: launch/CMakeLists.txt, in a fixture
 # project with stand-in libraries, configures when every tool's source is there
 # and fails naming the file when one is missing (moe_ckpt.cc, then moe-launch).
-set -u
-src=$1
-cmake=$2
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe_launch_sources.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-failures=0
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$1" "$2"
+cmake=$3
 
 make_tree() {
-  rm -rf "$tmp/tree" "$tmp/build"
-  mkdir -p "$tmp/tree/launch/bench"
-  cp "$src/launch/CMakeLists.txt" "$tmp/tree/launch/"
+  rm -rf "$TMP/tree" "$TMP/build"
+  mkdir -p "$TMP/tree/launch/bench"
+  cp "$SRC/launch/CMakeLists.txt" "$TMP/tree/launch/"
   for f in moe_train.cc moe_preprocess.cc moe_ckpt.cc bench/bench_main.cc; do
-    echo 'int main() { return 0; }' >"$tmp/tree/launch/$f"
+    echo 'int main() { return 0; }' >"$TMP/tree/launch/$f"
   done
-  printf '#!/bin/sh\n' >"$tmp/tree/launch/moe-launch"
-  printf '#!/bin/sh\n' >"$tmp/tree/launch/moe-profile"
-  cat >"$tmp/tree/CMakeLists.txt" <<'CMAKE'
+  printf '#!/bin/sh\n' >"$TMP/tree/launch/moe-launch"
+  printf '#!/bin/sh\n' >"$TMP/tree/launch/moe-profile"
+  cat >"$TMP/tree/CMakeLists.txt" <<'CMAKE'
 cmake_minimum_required(VERSION 3.25)
 project(launch_fixture CXX)
 add_library(moe_runtime INTERFACE)
@@ -26,25 +23,21 @@ add_library(moe_data INTERFACE)
 add_subdirectory(launch)
 CMAKE
 }
-configure() { "$cmake" -S "$tmp/tree" -B "$tmp/build" >"$tmp/out" 2>&1; }
+configure() { "$cmake" -S "$TMP/tree" -B "$TMP/build" >"$TMP/out" 2>&1; }
 
 make_tree
 if configure; then echo "ok   (every source present: configures)"; else
-  echo "FAIL: the complete fixture does not configure:"; cat "$tmp/out"; failures=$((failures + 1)); fi
+  test_fail "the complete fixture does not configure:" "$TMP/out"; fi
 
 for missing in moe_ckpt.cc moe-launch moe-profile bench/bench_main.cc; do
   make_tree
-  rm "$tmp/tree/launch/$missing"
+  rm "$TMP/tree/launch/$missing"
   if configure; then
-    echo "FAIL: configured without launch/$missing"
-    failures=$((failures + 1))
-  elif ! grep -qF "launch/$missing, the source of" "$tmp/out"; then
-    echo "FAIL: configure failed without naming launch/$missing:"
-    cat "$tmp/out"
-    failures=$((failures + 1))
+    test_fail "configured without launch/$missing"
+  elif ! grep -qF "launch/$missing, the source of" "$TMP/out"; then
+    test_fail "configure failed without naming launch/$missing:" "$TMP/out"
   else
     echo "ok   (launch/$missing missing: configure fails naming it)"
   fi
 done
-[ "$failures" -eq 0 ] || { echo "$failures case(s) failed"; exit 1; }
-echo "all cases passed"
+test_done "missing source test"

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # moe-launch: the command it prints, oversubscription, thread counts, errors,
 # and a real 2-rank launch of moe-train.
-set -uo pipefail
-BIN="$1"; SRC="$2"
-fail=0
-check() { if ! grep -qF -- "$2" <<<"$1"; then echo "FAIL: expected '$2' in: $1"; fail=1; else echo "ok: $2"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+check() { expect_text "$@"; }
 cores=$(nproc)
 many=$((cores * 2))
 out=$("$BIN/moe-launch" -n "$many" --dry-run -- --config=x 2>&1)
@@ -26,4 +25,4 @@ out=$("$BIN/moe-launch" -n 2 --program no-such-tool -- x 2>&1); code=$?
 out=$("$BIN/moe-launch" -n 2 -- --config="$SRC/configs/demo.textproto" --print-config 2>&1); code=$?
 [ $code -eq 0 ] || { echo "FAIL: real launch exit $code"; echo "$out"; fail=1; }
 check "$out" "EP groups   {0,1}"
-exit $fail
+test_done "moe-launch test"

@@ -3,16 +3,9 @@
 # (tests/launch/profile_check.py), moe-profile merge and report, the report
 # opened in headless Chromium (no console errors, a screenshot, the DOM holds
 # the summary, the heatmap and the matrix), and bad input (exit 2).
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-mkdir text data
-for i in $(seq 1 60); do
-  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
-done
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+test_corpus 60 || exit 1
 "$BIN/moe-launch" -n 4 -- --config="$SRC/configs/demo.textproto" data.train_path=data/corpus train.run_dir=run \
   checkpoint.dir= optim.warmup_steps=2 train.eval_every=3 train.eval_batches=1 model.num_layers=2 \
   model.seq_len=32 train.steps=6 profile.trace=true profile.trace_steps=3 > out 2>&1 || { echo "FAIL: run"; cat out; exit 1; }
@@ -52,5 +45,4 @@ cp -r run trunc && head -c 2000 run/trace/rank_2.json > trunc/trace/rank_2.json
 expect2 "truncated trace" "rank_2.json' is not valid JSON" report trunc
 expect2 "truncated trace (merge)" "rank_2.json' is not valid JSON" merge trunc
 expect2 "no traces" "no per-rank traces" merge nometrics 2>/dev/null || true
-[ $fail = 0 ] && echo "profile test passed"
-exit $fail
+test_done "profile test"

@@ -14,16 +14,9 @@
 #     bit) and the same losses and gradient norms at every step.
 # All runs start from one step-0 checkpoint, so that they plan LLEP with the
 # same measured rates (kept in checkpoints; fresh measurements differ).
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-mkdir text data
-for i in $(seq 1 60); do
-  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
-done
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+test_corpus 60 || exit 1
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus
         model.num_layers=2 model.seq_len=32 model.hidden_size=64 model.ffn_hidden_size=128
         model.moe.expert_ffn_hidden_size=64 model.moe.capacity_factor=2
@@ -31,18 +24,10 @@ common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus
         optim.warmup_steps=2 optim.decay_steps=1000 train.log_every=1 train.eval_every=0 train.eval_batches=1
         checkpoint.save_every=0 checkpoint.keep_last=0)
 # train NAME ARGS...: a 2-rank moe-train, each rank's exit code in exits_NAME/.
-train() {
-  local name=$1; shift
-  export EXITS="$TMP/exits_$name"
-  rm -rf "$EXITS"; mkdir "$EXITS"
-  timeout -s KILL 300 mpirun -np 2 --oversubscribe --mca orte_abort_on_non_zero_status 0 \
-    bash "$SRC/tests/launch/record_exit.sh" "$BIN/moe-train" "${common[@]}" "$@" > "$name.out" 2>&1
-}
+TEST_MPI_LIMIT=300
+train() { local name=$1; shift; mpirun_counted 2 "$name" "$BIN/moe-train" "${common[@]}" "$@"; }
 # ok NAME: both ranks exited 0.
-ok() {
-  local codes; codes=$(cat "$TMP/exits_$1"/rank.* 2>/dev/null | tr '\n' ' ')
-  [ "$codes" = "0 0 " ] || { echo "FAIL: $1: rank exit codes '$codes', want 0 on both ranks"; cat "$1.out"; fail=1; return 1; }
-}
+ok() { ranks_exited "$1" 0 2; }
 # step, loss and grad norm of each train line of a metrics file.
 losses() {
   python3 -c 'import json,sys
@@ -93,5 +78,4 @@ fired = sum(m["llep_fired"] for m in layers); dropped = sum(m["dropped"] for m i
 print("llep_fired", fired, "dropped", dropped)
 sys.exit(0 if fired > 0 and dropped > 0 else 1)' "$d.ref/metrics.jsonl" || { echo "FAIL: SIG$sig: LLEP never fired or nothing dropped"; fail=1; }
 done
-[ $fail = 0 ] && echo "signal resume test passed"
-exit $fail
+test_done "signal resume test"

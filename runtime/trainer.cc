@@ -81,11 +81,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   // Data first: every data problem is reported before the model is allocated.
   // The ranks agree on the outcome (the only collective before the model), so
   // on a data error every rank returns a job-wide error and can exit 1 by
-  // itself instead of one rank aborting the others.
+  // itself instead of one rank aborting the others. A host flag: the control
+  // plane's world, never the data plane's (NCCL takes device buffers only).
   absl::StatusOr<std::unique_ptr<data::TrainingData>> opened = data::OpenTrainingData(config, layout.dp);
   int32_t failed = opened.ok() ? 0 : 1;
   ASSIGN_OR_RETURN(comm::Work agree,
-                   groups->world->AllReduce(&failed, &failed, 1, DType::kI32, comm::ReduceOp::kMax));
+                   groups->host.world->AllReduce(&failed, &failed, 1, DType::kI32, comm::ReduceOp::kMax));
   RETURN_IF_ERROR(agree.Wait());
   if (!opened.ok()) return JobWideError(opened.status());
   if (failed != 0) {

@@ -103,7 +103,7 @@ absl::Status RunCkpt(const Args& args, Reporter& reporter) {
   ASSIGN_OR_RETURN(auto world, comm::CreateWorldCommunicator(options));
   ASSIGN_OR_RETURN(parallel::ProcessGroups groups, parallel::CreateProcessGroups(std::move(world), tp, ep));
   const parallel::RankLayout& l = groups.layout;
-  comm::Communicator& w = *groups.world;
+  comm::Communicator& w = *groups.host.world;  // the control plane: checkpoint metadata, barriers
 
   // 16 tensors of `rows` x 1024 f32 each: 8 dense, 8 expert.
   const int64_t cols = 1024, experts = 8 * l.ep;

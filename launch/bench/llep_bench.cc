@@ -79,14 +79,15 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
     fractions.push_back(v);
   }
   ASSIGN_OR_RETURN(parallel::ProcessGroups groups, parallel::CreateProcessGroups(std::move(world), 1, P));
-  comm::Communicator& ep = *groups.ep;
+  comm::Communicator& ep = *groups.ep;            // the data plane: the token all-to-all
+  comm::Communicator& host_ep = *groups.host.ep;  // the control plane: barriers, maxima
   ASSIGN_OR_RETURN(Backend * backend, GetBackend(Device::Cpu()));
   Stream& stream = backend->default_stream();
 
   JobConfig job;
   ApplyDefaults(P, &job);
   const config::LlepConfig llep_cfg = job.llep();
-  ASSIGN_OR_RETURN(model::LlepRates rates, model::MeasureLlepRates(stream, *groups.host.ep, *groups.ep_p2p));
+  ASSIGN_OR_RETURN(model::LlepRates rates, model::MeasureLlepRates(stream, host_ep, *groups.ep_p2p));
   const parallel::LlepOptions llep_options = model::LlepOptionsFromConfig(llep_cfg, rates, hidden, ffn);
 
   std::mt19937 rng(7 + ep.rank());
@@ -136,7 +137,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
                             ? std::make_unique<model::LlepRunner>(groups.host.ep.get(), groups.ep_p2p.get(),
                                                                   nullptr, experts, llep_options)
                             : nullptr);
-          ASSIGN_OR_RETURN(auto barrier, ep.Barrier());
+          ASSIGN_OR_RETURN(auto barrier, host_ep.Barrier());
           RETURN_IF_ERROR(barrier.Wait());
           backend->memory().ResetPeak();
           const int64_t act0 = backend->memory().Stats(MemoryCategory::kActivations).live_bytes;
@@ -146,7 +147,7 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
           if (use_llep) llep_stats = layer.llep()->stats();
           RETURN_IF_ERROR(layer.Backward(stream, dy, 1.0f, 1.0f, 1.0f).status());
           RETURN_IF_ERROR(stream.Synchronize());
-          ASSIGN_OR_RETURN(const double step, MaxOver(ep, Since(t0)));  // the slowest rank's
+          ASSIGN_OR_RETURN(const double step, MaxOver(host_ep, Since(t0)));  // the slowest rank's
           if (it < 0) continue;
           Side& side = sides[use_llep ? 1 : 0];
           side.steps.push_back(step);
@@ -169,10 +170,10 @@ absl::Status RunLlep(const Args& args, Reporter& reporter) {
       double med[2], best[2], act[2], total[2];
       for (int s = 0; s < 2; ++s) {
         std::sort(sides[s].steps.begin(), sides[s].steps.end());
-        ASSIGN_OR_RETURN(med[s], MaxOver(ep, sides[s].steps[sides[s].steps.size() / 2]));
-        ASSIGN_OR_RETURN(best[s], MaxOver(ep, sides[s].steps.front()));
-        ASSIGN_OR_RETURN(act[s], MaxOver(ep, static_cast<double>(sides[s].peak_act)));
-        ASSIGN_OR_RETURN(total[s], MaxOver(ep, static_cast<double>(sides[s].peak_total)));
+        ASSIGN_OR_RETURN(med[s], MaxOver(host_ep, sides[s].steps[sides[s].steps.size() / 2]));
+        ASSIGN_OR_RETURN(best[s], MaxOver(host_ep, sides[s].steps.front()));
+        ASSIGN_OR_RETURN(act[s], MaxOver(host_ep, static_cast<double>(sides[s].peak_act)));
+        ASSIGN_OR_RETURN(total[s], MaxOver(host_ep, static_cast<double>(sides[s].peak_total)));
       }
       Measurement meas;
       meas.params = {{"ranks", absl::StrCat(P)},

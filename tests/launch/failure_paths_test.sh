@@ -33,6 +33,14 @@ run_counted 1 "$D" data.train_path="$TMP/missing" train.run_dir=runs &&
 [ "$(grep -c 'moe-train failed: .*missing.idx: no such file' run.out)" = 4 ] ||
   { echo "FAIL: not every rank named the missing file"; cat run.out; fail=1; }
 grep -q "model: .* parameters" run.out && { echo "FAIL: the model was built before the data error"; fail=1; }
+# The ranks agree on a data error over the control plane (the host world),
+# not the data plane, which on GPUs is NCCL and takes device buffers only:
+# with every early AllReduce of the data plane's world failing, the data
+# error still reaches every rank.
+faults=$(for s in $(seq 0 31); do printf 'rank=-1,kind=AllReduce,seq=%d,action=fail,group=world;' "$s"; done)
+MOE_COMM_FAULT="${faults%;}" run_counted 1 "$D" data.train_path="$TMP/missing" train.run_dir=runs &&
+  expect_in_out "missing.idx: no such file" && echo "ok: the data error is agreed on the control plane"
+grep -q "injected failure" run.out && { echo "FAIL: the data-error agreement ran on the data plane"; fail=1; }
 test_corpus 40 || exit 1
 cp "$CORPUS.bin" bad.bin; head -c 40 "$CORPUS.idx" > bad.idx  # a truncated index
 run_counted 1 "$D" data.train_path="$TMP/bad" train.run_dir=runs &&

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/peer_probe.h"
+#include "comm/watchdog.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 
@@ -146,6 +147,11 @@ void MpiEnv::Abort(int code) {
 }
 
 void MpiEnv::Finalize() {
+  // In this order: the watchdog thread (which probes peers, answers their
+  // probes and may abort) is stopped and joined, then the probe communicator
+  // is retired, then MPI goes. Nothing of comm/ calls MPI during or after
+  // MPI_Finalize.
+  WatchdogShutdown();
   PeerProbeShutdown();
   if (initialized()) MPI_Finalize();
 }

@@ -41,7 +41,9 @@ class MpiEnv {
   static absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine);
   // Stops every rank of the job with `code`; never returns.
   [[noreturn]] static void Abort(int code);
-  // Collective over the world: finalizes MPI (a no-op when not initialised).
+  // Collective over the world: stops the watchdog thread (comm/watchdog.h)
+  // and the peer probe, then finalizes MPI (a no-op when not initialised).
+  // Every communicator should be destroyed before it.
   static void Finalize();
 };
 

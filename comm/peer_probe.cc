@@ -70,9 +70,15 @@ void PeerProbeInit() {
 
 void PeerProbeShutdown() {
   std::lock_guard<std::mutex> lock(g_mu);
-  // Answers still in flight are dropped with the communicator by MPI_Finalize.
+  // No request may be pending at MPI_Finalize: answers still in flight (to a
+  // peer that stopped waiting) are released; MPI completes them on its own.
+  for (Outgoing& out : g_outgoing) {
+    int done = 0;
+    if (out.request != MPI_REQUEST_NULL) MPI_Test(&out.request, &done, MPI_STATUS_IGNORE);
+    if (!done && out.request != MPI_REQUEST_NULL) MPI_Request_free(&out.request);
+  }
   g_outgoing.clear();
-  g_comm = MPI_COMM_NULL;
+  g_comm = MPI_COMM_NULL;  // freed by MPI_Finalize with the world it duplicates
 }
 
 void PeerProbeServe(const std::string& state) {
@@ -124,7 +130,7 @@ std::vector<PeerAnswer> PeerProbeAsk(const std::vector<int>& world_ranks, double
     lock.unlock();
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
     lock.lock();
-    if (g_comm == MPI_COMM_NULL) return answers;
+    if (g_comm == MPI_COMM_NULL) break;  // shut down meanwhile: withdraw below, before MPI_Finalize
   }
   for (Asked& a : asked) {  // peers that did not answer: withdraw what they would have matched
     if (a.recv != MPI_REQUEST_NULL) {

@@ -23,7 +23,9 @@ namespace moe::comm {
 
 // Called by MpiEnv::Init (collective over the world): the probe communicator.
 void PeerProbeInit();
-// Called by MpiEnv::Finalize before MPI_Finalize: no MPI call after it.
+// Called by MpiEnv::Finalize after the watchdog stopped (WatchdogShutdown,
+// so no probe is running) and before MPI_Finalize: answers in flight are
+// released, and no MPI call is made here after it.
 void PeerProbeShutdown();
 
 // Answers the probes that arrived; `state` describes what this rank runs.

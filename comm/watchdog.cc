@@ -46,22 +46,27 @@ class Watchdog {
   void Register(Watched* w) {
     std::lock_guard<std::mutex> lock(mu_);
     watched_.push_back(w);
-    if (!thread_started_) {
-      thread_started_ = true;
-      std::thread([this] { Run(); }).detach();  // lives as long as the process
-    }
+    if (!thread_.joinable() && !stopped_) thread_ = std::thread([this] { Run(); });
   }
   void Unregister(Watched* w) {
     std::lock_guard<std::mutex> lock(mu_);
     watched_.erase(std::remove(watched_.begin(), watched_.end(), w), watched_.end());
+  }
+  void Shutdown() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopped_ = true;
+    }
+    wake_.notify_all();
+    if (thread_.joinable()) thread_.join();
   }
 
  private:
   void Run() {
     std::vector<InFlight::Snapshot> running;
     for (;;) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      std::lock_guard<std::mutex> lock(mu_);  // held while checking: Unregister waits for us
+      std::unique_lock<std::mutex> lock(mu_);  // held while checking: Unregister waits for us
+      if (wake_.wait_for(lock, std::chrono::milliseconds(100), [this] { return stopped_; })) return;
       PeerProbeServe(StateLocked());
       const auto now = std::chrono::steady_clock::now();
       for (Watched* w : watched_) {
@@ -121,12 +126,14 @@ class Watchdog {
   }
 
   std::mutex mu_;
+  std::condition_variable wake_;
   std::vector<Watched*> watched_;
-  bool thread_started_ = false;
+  bool stopped_ = false;  // by Shutdown, for good
+  std::thread thread_;
 };
 
 Watchdog& TheWatchdog() {
-  static Watchdog* w = new Watchdog;  // never destroyed: its thread may outlive static destructors
+  static Watchdog* w = new Watchdog;  // never destroyed: a process that never finalizes keeps its thread
   return *w;
 }
 
@@ -134,5 +141,6 @@ Watchdog& TheWatchdog() {
 
 void WatchdogRegister(Watched* w) { TheWatchdog().Register(w); }
 void WatchdogUnregister(Watched* w) { TheWatchdog().Unregister(w); }
+void WatchdogShutdown() { TheWatchdog().Shutdown(); }
 
 }  // namespace moe::comm

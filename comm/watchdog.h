@@ -62,6 +62,11 @@ class Watched {
 void WatchdogRegister(Watched* w);
 // Unregisters; after it returns the watchdog no longer touches `w`.
 void WatchdogUnregister(Watched* w);
+// Stops the watchdog's thread and waits for it (a probe it is running ends
+// first, at most a second): no watchdog MPI call, probe answer or abort can
+// happen after it returns. Called by MpiEnv::Finalize before the probe
+// communicator goes and MPI_Finalize runs; the watchdog stays stopped.
+void WatchdogShutdown();
 
 // The message printed for an overdue operation (exposed for tests). `peers`
 // is what the probe of the group's other ranks found (DescribePeerAnswers),

@@ -20,23 +20,16 @@
 # missing from the index, a config.json field that disagrees with the runtime's
 # config, an unknown model_type) each stop import-hf with exit 2 and the file and
 # tensor named, leaving no checkpoint behind.
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 PY=""
 for p in /usr/bin/python3 python3; do
   if "$p" -c "import numpy" 2>/dev/null; then PY="$p"; break; fi
 done
 [ -n "$PY" ] || { echo "FAIL: the check needs python3-numpy (launch/setup.sh installs it)"; exit 1; }
-mkdir text vtext data
-for i in $(seq 1 40); do
-  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
-done
+test_corpus 40 || exit 1
+mkdir vtext
 for i in $(seq 1 6); do printf 'valid %d: look before you leap.\n%%\n' "$i" >> vtext/v.txt; done
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
 "$BIN/moe-preprocess" --quiet --output-prefix data/valid --split=percent vtext || { echo "FAIL: preprocess valid"; exit 1; }
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus data.valid_path=data/valid
         model.num_layers=2 model.seq_len=16 model.hidden_size=32 model.num_heads=4 model.num_kv_heads=2
@@ -45,7 +38,7 @@ common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus data.
         train.eval_batches=2 optim.warmup_steps=1 checkpoint.save_every=0 checkpoint.keep_last=0)
 train() {  # NAME ARGS...: a 2-rank moe-train
   local name=$1; shift
-  timeout -s KILL 300 mpirun -np 2 --oversubscribe "$BIN/moe-train" "${common[@]}" "$@" > "$name.out" 2>&1 ||
+  TEST_MPI_LIMIT=300 test_mpirun -np 2 "$BIN/moe-train" "${common[@]}" "$@" > "$name.out" 2>&1 ||
     { echo "FAIL: $name: moe-train failed"; tail -20 "$name.out"; return 1; }
 }
 losses() {  # step, loss, grad norm of each train line after step $2
@@ -200,4 +193,4 @@ damage config_mismatch "field \"num_local_experts\" is 8 but moe_runtime_config 
 p = os.path.join(d, "config.json"); c = json.load(open(p)); c["num_local_experts"] = 8; json.dump(c, open(p, "w"))'
 damage model_type "model_type \"llama\" is not one this runtime imports" '
 p = os.path.join(d, "config.json"); c = json.load(open(p)); c["model_type"] = "llama"; json.dump(c, open(p, "w"))'
-exit $fail
+test_done "hf interop test"

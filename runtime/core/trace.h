@@ -7,7 +7,9 @@
 // on the stream (Stream::LaunchHostFunc), which read the clock when the stream
 // reaches them, so the times are those of the work, not of the host calls that
 // enqueued it (on the CPU's inline stream the two coincide; on a worker or CUDA
-// stream they differ). In CUDA builds every span is also an NVTX range.
+// stream they differ). In CUDA builds every span is also an NVTX range in the
+// "moe" domain (its name, colour and category by Kind, the layer as payload),
+// recorder or not, so Nsight Systems shows the phases without profile.trace.
 // With no active recorder a span costs one atomic load.
 //
 // Spans also label communicator ops: CurrentLabel() is the innermost span of
@@ -84,7 +86,7 @@ class Span {
   Span& operator=(const Span&) = delete;
 
  private:
-  void Push(const char* name, int layer);
+  void Push(const char* name, Kind kind, int layer);
   Stream* stream_ = nullptr;
   Recorder* recorder_ = nullptr;
   size_t slot_ = 0;

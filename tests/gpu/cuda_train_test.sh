@@ -3,15 +3,9 @@
 # seed and data: the per-step training loss must agree to 1e-4 relative (fp32).
 # Without a usable GPU (a build without CUDA, no device, driver too old) it
 # prints one line and exits 77 (ctest: skipped).
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-mkdir text data
-for i in $(seq 1 80); do
-  printf 'fortune %d: a penny saved is a penny earned.\n%%\nthe early bird catches the worm, number %d.\n%%\n' "$i" "$i" >> text/a.txt
-done
-"$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
+test_corpus 80 || exit 1
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus parallel.expert=1 llep.enabled=false
         optim.warmup_steps=2 train.log_every=1 train.eval_every=0 train.steps=20 checkpoint.save_every=0
         model.num_layers=2 model.seq_len=64)

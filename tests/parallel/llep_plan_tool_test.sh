@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # moe-bench llep-plan: reads a JSON count table, prints the plan as JSON.
-set -uo pipefail
-BIN="$1"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 echo '{"counts": [[3000, 10, 10, 10], [3000, 10, 10, 10]], "min_tokens_per_gemm": 64}' > "$TMP/c.json"
 out=$("$BIN/moe-bench" llep-plan counts="$TMP/c.json" 2>&1) || { echo "FAIL: exit $?"; echo "$out"; fail=1; }
 for want in '"active":true' '"load_before":[6020,40]' '"weight_moves":[{"expert":0,"src":0,"dst":1},{"expert":1,"src":0,"dst":1}]'; do
@@ -18,4 +16,4 @@ out=$("$BIN/moe-bench" llep-plan counts="$TMP/bad.json" 2>&1) && { echo "FAIL: r
 grep -qF "rank 1 has 1 expert counts" <<<"$out" || { echo "FAIL: message: $out"; fail=1; }
 out=$("$BIN/moe-bench" llep-plan counts="$TMP/none.json" 2>&1) && { echo "FAIL: missing file accepted"; fail=1; }
 grep -qF "cannot open counts file" <<<"$out" || { echo "FAIL: message: $out"; fail=1; }
-exit $fail
+test_done "llep-plan tool test"

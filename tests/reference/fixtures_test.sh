@@ -6,15 +6,13 @@
 # tests/data (h5diff: every dataset and attribute, exactly), and no config may
 # lack its committed fixture. Regenerate the fixtures with
 #   python3 tests/reference/model_ref.py --check --write tests/data
-set -uo pipefail
-SRC="$2"
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 PY=""
 for p in /usr/bin/python3 python3; do
   if "$p" -c "import numpy, h5py" 2>/dev/null; then PY=$p; break; fi
 done
 [ -n "$PY" ] || { echo "FAIL: the reference needs python3-numpy and python3-h5py (launch/setup.sh installs them)"; exit 1; }
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-fail=0
 # 20 elements per tensor (the default is 60) keeps the check near a minute on 2 cores.
 "$PY" "$SRC/tests/reference/model_ref.py" --check --max-per-tensor 20 --write "$TMP" || { echo "FAIL: the reference's own check"; fail=1; }
 n=0
@@ -25,5 +23,5 @@ for f in "$TMP"/model_ref_*.h5; do
 done
 committed=$(ls "$SRC"/tests/data/model_ref_*.h5 | wc -l)
 [ "$n" -gt 0 ] && [ "$n" = "$committed" ] || { echo "FAIL: regenerated $n fixtures, $committed committed"; fail=1; }
-[ $fail = 0 ] && echo "reference fixtures test passed ($n fixtures)"
-exit $fail
+echo "$n fixtures"
+test_done "reference fixtures test"

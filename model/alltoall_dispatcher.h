@@ -84,6 +84,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   int64_t expert_end() const override { return expert_end_; }
   int num_chunks() const override { return num_chunks_; }
   comm::Communicator* ep_group() const override { return ep_; }
+  comm::Communicator* ted_group() const override { return tp_ != nullptr && tp_->size() > 1 ? tp_ : nullptr; }
 
   // One exchange for all tokens, the experts run once between the calls (no
   // overlap): the same results as the pipelined path, which tests compare

@@ -24,6 +24,13 @@ absl::Status MoELayer::Init(Stream& stream, const std::string& prefix, const con
         absl::StrCat("MoELayer ", prefix, ": the dispatcher serves experts [", dispatcher_->expert_begin(),
                      ", ", dispatcher_->expert_end(), ") but this rank holds [", e0, ", ", e1, ")"));
   }
+  if (ExpertTpGroup(plan) != nullptr && dispatcher_->ted_group() != nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MoELayer ", prefix,
+        ": the experts are sharded over TP (parallel.expert_tensor_parallel) but the dispatcher splits "
+        "the tokens over TP (TED): every TP rank must dispatch all tokens; build the dispatcher with "
+        "model::TedGroup(plan)"));
+  }
   if (cfg.moe().shared_expert_ffn_hidden_size() > 0) {
     shared_ = std::make_unique<DenseMLP>();
     RETURN_IF_ERROR(shared_->Init(stream, prefix + "shared_expert.", cfg.hidden_size(),

@@ -67,6 +67,10 @@ class TokenDispatcher {
   // this rank holds all of them (what collectives over the experts, e.g. the
   // ERC loss's gather of its E x E matrix, run on).
   virtual comm::Communicator* ep_group() const { return nullptr; }
+  // The TP group whose ranks split the tokens between them (DeepSpeed-TED's
+  // duplicate-token dropping), or nullptr when every rank dispatches all its
+  // tokens (required with experts sharded over TP: model::TedGroup).
+  virtual comm::Communicator* ted_group() const { return nullptr; }
 
   // Computes one chunk's experts: rows [N, d] grouped by expert, expert e
   // (global index) at [offsets[e], offsets[e + 1]) (E + 1 values; without a

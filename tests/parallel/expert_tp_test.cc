@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "comm/mpi_env.h"
+#include "model/alltoall_dispatcher.h"
 #include "model/moe_layer.h"
 #include "parallel/grad_sync.h"
 #include "runtime/core/config.h"
@@ -224,6 +225,21 @@ TEST_CASE("MoE layer with expert TP: finite differences, replicated equality, pa
   CHECK(bad == 0);
   CHECK(checked >= 30);
   CHECK(skipped <= checked / 4);
+}
+
+TEST_CASE("a MoE layer with expert TP refuses a dispatcher that splits tokens over TP") {
+  ProcessGroups groups = parallel::testing::Groups(2, 1);
+  MoELayer layer;
+  const absl::Status st =
+      layer.Init(testing::CpuStream(), "model.layers.0.mlp.", MoeConfig(), 0.3f, 0.2f, Plan(groups, true), 5,
+                 std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), groups.tp.get(), kExperts, 1));
+  INFO(st.ToString());
+  CHECK(absl::IsInvalidArgument(st));
+  CHECK(st.message().find("parallel.expert_tensor_parallel") != std::string::npos);
+  MoELayer ok;
+  MOE_REQUIRE_OK(ok.Init(
+      testing::CpuStream(), "model.layers.0.mlp.", MoeConfig(), 0.3f, 0.2f, Plan(groups, true), 5,
+      std::make_unique<AllToAllTokenDispatcher>(groups.ep.get(), TedGroup(Plan(groups, true)), kExperts, 1)));
 }
 
 TEST_CASE("parallel.expert_tensor_parallel is validated with the field named") {

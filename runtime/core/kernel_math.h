@@ -41,7 +41,9 @@ MOE_HOST_DEVICE float Exp(float x) {
   constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   constexpr float kMin = -87.3365447f, kMax = 88.7228391f;
-  const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
+  // NaN clamps to kMin too (it must not reach the float -> int conversion below,
+  // which is undefined for NaN); the result is x itself, chosen at the end.
+  const float xc = x > kMax ? kMax : (x >= kMin ? x : kMin);
   const float nf = (xc * kLog2e + kRound) - kRound;
   const float r = (xc - nf * kC1) - nf * kC2;
   float p = 1.9875691500e-4f;

@@ -50,12 +50,13 @@ absl::StatusOr<Stream*> Communicator::side_stream() {
   return side_stream_.get();
 }
 
-absl::Status Communicator::set_timeout_s(double seconds) {
+absl::Status Communicator::set_timeout_s(double seconds, const char* field) {
   if (!(seconds > 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("communicator '", name(), "': timeout_s = ", seconds, " must be > 0 seconds"));
   }
   timeout_s_ = seconds;
+  timeout_field_ = field;
   return absl::OkStatus();
 }
 
@@ -63,6 +64,7 @@ absl::StatusOr<Work> Communicator::CheckAndSubmit(OpDesc op) {
   RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, device(), backend_name()));
   op.sequence = next_sequence_++;
   op.timeout_s = timeout_s_.load();
+  op.timeout_field = timeout_field_.load();
   op.enqueued = std::chrono::steady_clock::now();
   const trace::Label label = trace::CurrentLabel();
   op.phase = label.phase;
@@ -88,6 +90,7 @@ absl::Status Communicator::CheckAndEnqueue(OpDesc op, Stream& stream) {
   }
   op.sequence = next_sequence_++;
   op.timeout_s = timeout_s_.load();
+  op.timeout_field = timeout_field_.load();
   op.enqueued = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(Work work, SubmitOnStream(std::move(op), stream));
   last_ = work;
@@ -120,6 +123,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Split(int color, int
   RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, device(), backend_name()));
   op.sequence = next_sequence_++;
   op.timeout_s = timeout_s_.load();
+  op.timeout_field = timeout_field_.load();
   op.enqueued = std::chrono::steady_clock::now();
   CommOptions child = options_;
   child.timeout_s = timeout_s_.load();

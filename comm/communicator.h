@@ -147,8 +147,9 @@ class Communicator {
   const std::string& name() const { return options_.name; }
   const CommOptions& options() const { return options_; }
   double timeout_s() const { return timeout_s_.load(); }
-  // Applies to operations enqueued from now on. Must be > 0.
-  absl::Status set_timeout_s(double seconds);
+  // Applies to operations enqueued from now on. Must be > 0. `field` (a
+  // string literal) names the setting in the watchdog's message.
+  absl::Status set_timeout_s(double seconds, const char* field = "comm.timeout_s");
   // Where buffers must live: cpu (MPI) or cuda:i (NCCL).
   virtual Device device() const = 0;
   virtual const char* backend_name() const = 0;
@@ -241,6 +242,7 @@ class Communicator {
   std::vector<int> group_ranks_;
   CommOptions options_;
   std::atomic<double> timeout_s_;
+  std::atomic<const char*> timeout_field_{"comm.timeout_s"};
   uint64_t next_sequence_ = 0;
   Work last_;
   std::unique_ptr<Stream> side_stream_;

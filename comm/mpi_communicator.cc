@@ -202,6 +202,7 @@ class Requests {
   size_t limit() const { return limit_; }
   MPI_Request* Add() {
     reqs_.push_back(MPI_REQUEST_NULL);
+    receives_.push_back({-1, 0, MPI_BYTE});
     return &reqs_.back();
   }
   absl::Status Isend(const void* buf, size_t count, DType t, int peer, int tag) {
@@ -219,6 +220,7 @@ class Requests {
       int n = static_cast<int>(std::min(limit_, count - off));
       MPI_RETURN_IF_ERROR(
           MPI_Irecv(static_cast<char*>(buf) + off * es, n, MpiType(t), peer, tag, comm_, Add()));
+      receives_.back() = {peer, n, MpiType(t)};
     }
     return absl::OkStatus();
   }
@@ -226,11 +228,11 @@ class Requests {
   absl::Status Test(bool* done) {
     int flag = 1;
     if (!reqs_.empty()) {
-      MPI_RETURN_IF_ERROR(
-          MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, MPI_STATUSES_IGNORE));
+      statuses_.resize(reqs_.size());
+      MPI_RETURN_IF_ERROR(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, statuses_.data()));
     }
     *done = flag != 0;
-    return absl::OkStatus();
+    return *done && !reqs_.empty() ? CheckReceivedCounts() : absl::OkStatus();
   }
   // Polls until every request completed (PausePoll between polls).
   absl::Status WaitAll() {
@@ -244,9 +246,35 @@ class Requests {
   }
 
  private:
+  struct Receive {
+    int peer;  // -1: the request is a send
+    int count;
+    MPI_Datatype type;
+  };
+  // Every receive got exactly the elements its count announced (the peers'
+  // plan): a peer that sends fewer (a rank running another configuration) is
+  // an error here instead of rows of garbage, and one that sends more already
+  // failed in MPI (truncation), which never writes past the posted buffer.
+  absl::Status CheckReceivedCounts() {
+    for (size_t i = 0; i < reqs_.size(); ++i) {
+      const Receive& r = receives_[i];
+      if (r.peer < 0) continue;
+      int got = 0;
+      MPI_RETURN_IF_ERROR(MPI_Get_count(&statuses_[i], r.type, &got));
+      if (got != r.count) {
+        return absl::DataLossError(absl::StrCat("received ", got, " elements from group rank ", r.peer,
+                                                " where ", r.count,
+                                                " were announced; do all ranks run the same configuration?"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   MPI_Comm comm_;
   size_t limit_;
   std::vector<MPI_Request> reqs_;
+  std::vector<Receive> receives_;  // one per request
+  std::vector<MPI_Status> statuses_;
 };
 
 // An operation between its start (nonblocking calls posted) and its end.
@@ -445,7 +473,7 @@ class MpiCommunicator : public Communicator, public Watched {
     const OpDesc& op = p.op;
     started->record.started = Clock::now();
     in_flight_.Begin(op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s,
-                     started->record.started);
+                     started->record.started, op.timeout_field);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_.ok()) return error_;

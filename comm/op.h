@@ -65,6 +65,7 @@ struct OpDesc {
   size_t bytes_sent = 0, bytes_received = 0;
   uint64_t sequence = 0;
   double timeout_s = 0;
+  const char* timeout_field = "comm.timeout_s";  // the setting that chose timeout_s (for the watchdog)
   std::chrono::steady_clock::time_point enqueued;
   // Stream-ordered operations: the marker of the caller's stream the backend
   // waits for (without counting a host wait) before it starts the operation.

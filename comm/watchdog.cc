@@ -13,9 +13,10 @@
 namespace moe::comm {
 
 void InFlight::Begin(OpKind kind, uint64_t sequence, size_t bytes_sent, size_t bytes_received,
-                     double timeout_s, std::chrono::steady_clock::time_point started) {
+                     double timeout_s, std::chrono::steady_clock::time_point started,
+                     const char* timeout_field) {
   std::lock_guard<std::mutex> lock(mu_);
-  s_ = {true, kind, sequence, bytes_sent, bytes_received, timeout_s, started};
+  s_ = {true, kind, sequence, bytes_sent, bytes_received, timeout_s, started, timeout_field};
 }
 
 void InFlight::End() {
@@ -32,8 +33,9 @@ std::string OverdueMessage(const std::string& who, const InFlight::Snapshot& op,
                            const std::string& peers) {
   return absl::StrFormat(
       "[moe comm watchdog] %s: operation %s (sequence %u, %u bytes sent, %u bytes received) has waited %.1f "
-      "s, past its deadline of %.1f s (comm.timeout_s); %s. Aborting the job.",
+      "s, past its deadline of %.1f s (%s); %s. Aborting the job.",
       who, OpKindName(op.kind), op.sequence, op.bytes_sent, op.bytes_received, waited_s, op.timeout_s,
+      op.timeout_field,
       peers.empty() ? "a rank of the group is missing or called a different operation" : peers);
 }
 

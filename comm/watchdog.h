@@ -32,9 +32,10 @@ class InFlight {
     size_t bytes_sent = 0, bytes_received = 0;
     double timeout_s = 0;
     std::chrono::steady_clock::time_point started;
+    const char* timeout_field = "comm.timeout_s";  // the setting that chose timeout_s
   };
   void Begin(OpKind kind, uint64_t sequence, size_t bytes_sent, size_t bytes_received, double timeout_s,
-             std::chrono::steady_clock::time_point started);
+             std::chrono::steady_clock::time_point started, const char* timeout_field = "comm.timeout_s");
   void End();
   Snapshot Get() const;
 

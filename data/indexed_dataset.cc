@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -35,15 +36,18 @@ T LoadAt(const uint8_t* p) {
   return v;
 }
 
-// A read-only mapping of a whole file (or an empty one), unmapped on scope exit.
+// A read-only mapping of a whole file (or an empty one) and the open file
+// (to check its size later), unmapped and closed on scope exit.
 struct Mapping {
   const uint8_t* data = nullptr;
   int64_t size = 0;
+  int fd = -1;
   Mapping() = default;
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   ~Mapping() {
     if (data != nullptr) munmap(const_cast<uint8_t*>(data), static_cast<size_t>(size));
+    if (fd >= 0) ::close(fd);
   }
   const uint8_t* Release() {
     const uint8_t* d = data;
@@ -83,7 +87,7 @@ absl::Status MapFile(const std::string& path, Mapping* m) {
     }
     m->data = static_cast<const uint8_t*>(p);
   }
-  ::close(fd);  // the mapping stays valid
+  m->fd = fd;
   return absl::OkStatus();
 }
 
@@ -283,11 +287,13 @@ absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::
 
   ds->bin_size_ = bin.size;
   ds->bin_ = bin.Release();
+  ds->bin_fd_ = std::exchange(bin.fd, -1);
   return ds;
 }
 
 IndexedDataset::~IndexedDataset() {
   if (bin_ != nullptr) munmap(const_cast<uint8_t*>(bin_), static_cast<size_t>(bin_size_));
+  if (bin_fd_ >= 0) ::close(bin_fd_);
 }
 
 std::string IndexedDataset::Describe() const { return absl::StrCat(prefix_, ".{bin,idx}"); }
@@ -334,6 +340,7 @@ absl::Status IndexedDataset::ReadSequence(int64_t i, std::vector<int64_t>* out) 
     return absl::OutOfRangeError(
         absl::StrCat(Describe(), ": sequence ", i, " outside [0, ", num_sequences(), ")"));
   }
+  RETURN_IF_ERROR(CheckBinSize());
   out->resize(lengths_[i]);
   const int64_t item = static_cast<int64_t>(item_size_);
   for (int64_t j = 0; j < lengths_[i]; ++j) {
@@ -346,12 +353,31 @@ absl::Status IndexedDataset::ReadSequence(int64_t i, std::vector<int64_t>* out) 
   return absl::OkStatus();
 }
 
+absl::Status IndexedDataset::CheckBinSize() const {
+  if (bin_fd_ < 0) return absl::OkStatus();
+  struct stat st;
+  if (fstat(bin_fd_, &st) != 0) {
+    return absl::DataLossError(absl::StrCat(BinPath(prefix_), ": fstat failed: ", ErrnoText()));
+  }
+  if (st.st_size < bin_size_) {
+    return absl::DataLossError(absl::StrCat(
+        BinPath(prefix_), " shrank from ", bin_size_, " to ", static_cast<int64_t>(st.st_size),
+        " bytes while the job was reading it (truncated or rewritten in place); restore the file or "
+        "write new data under another prefix (moe-preprocess writes a new file and renames it)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status IndexedDataset::Read(int64_t begin, int64_t count, int32_t* out) const {
   if (begin < 0 || count < 0 || begin > num_tokens() - count) {
     return absl::OutOfRangeError(absl::StrCat(Describe(), ": token range [", begin, ", ", begin + count,
                                               ") outside the stream of ", num_tokens(), " tokens"));
   }
   if (count == 0) return absl::OkStatus();
+  // A .bin truncated in place after Open would turn the mapped read below into
+  // SIGBUS on every rank; its current size is checked first (one fstat per
+  // read, well under a microsecond).
+  RETURN_IF_ERROR(CheckBinSize());
   // Sequence holding token `begin`: the last s with token_offsets_[s] <= begin.
   int64_t s = static_cast<int64_t>(std::upper_bound(token_offsets_.begin(), token_offsets_.end(), begin) -
                                    token_offsets_.begin()) -

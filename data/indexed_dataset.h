@@ -102,6 +102,8 @@ class IndexedDataset : public TokenSource {
   IndexedDataset() = default;
   // Value of token j of the .bin's element array starting at byte `byte`.
   bool Token(int64_t byte, int64_t* value) const;
+  // DataLoss naming the file when the .bin is now shorter than when mapped.
+  absl::Status CheckBinSize() const;
 
   std::string prefix_;
   MegatronDType dtype_ = MegatronDType::kUint16;
@@ -113,6 +115,7 @@ class IndexedDataset : public TokenSource {
   std::vector<int64_t> token_offsets_;  // N + 1 prefix sums of lengths_
   const uint8_t* bin_ = nullptr;        // mmap of .bin (nullptr when empty)
   int64_t bin_size_ = 0;
+  int bin_fd_ = -1;  // the mapped .bin, kept open for CheckBinSize
 };
 
 // Writes a .bin/.idx pair as Megatron's IndexedDatasetBuilder does, one

@@ -171,6 +171,15 @@ int VerifyOne(const std::string& dir) {
 
 int Verify(const std::string& arg) {
   if (IsCheckpoint(arg)) return VerifyOne(arg);
+  std::error_code ec;
+  if (std::filesystem::exists(arg, ec) && !std::filesystem::is_directory(arg, ec)) {
+    // A usage error (a log or a single file given by mistake), not damage.
+    std::fprintf(stderr,
+                 "moe-ckpt: %s is not a checkpoint directory (a plain file); give a step_NNNNNNNN "
+                 "directory or a checkpoint.dir\n",
+                 arg.c_str());
+    return kExitUsage;
+  }
   absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> list = moe::ListCheckpoints(arg);
   if (!list.ok() || list->empty()) {
     if (moe::CheckpointFs::Default()->Exists(arg)) return VerifyOne(arg);  // says what is missing

@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -188,8 +189,12 @@ std::string MemoryProblem(const moe::JobConfig& config) {
   return mem.ok() ? "" : std::string(mem.message());
 }
 
+// Rank 0's lock on checkpoint.dir, held until the process ends.
+std::optional<moe::DirectoryLock> g_checkpoint_lock;
+
 // Rank 0's directory problems ("" when none): train.run_dir and
-// checkpoint.dir must be writable directories (created when missing).
+// checkpoint.dir must be writable directories (created when missing), and no
+// other job may hold checkpoint.dir (rank 0 locks it for the job's life).
 std::string DirectoryProblems(const moe::JobConfig& config, int rank) {
   std::vector<std::string> problems;
   if (rank == 0) {
@@ -197,6 +202,15 @@ std::string DirectoryProblems(const moe::JobConfig& config, int rank) {
     if (!run.ok()) problems.push_back(std::string(run.message()));
     if (!config.checkpoint().dir().empty()) {
       absl::Status ckpt = moe::ProbeWritableDirectory(config.checkpoint().dir(), "checkpoint.dir");
+      if (ckpt.ok()) {
+        absl::StatusOr<moe::DirectoryLock> lock =
+            moe::DirectoryLock::Acquire(config.checkpoint().dir(), "checkpoint.dir");
+        if (lock.ok()) {
+          g_checkpoint_lock.emplace(*std::move(lock));
+        } else {
+          ckpt = lock.status();
+        }
+      }
       if (!ckpt.ok()) problems.push_back(std::string(ckpt.message()));
     }
   }

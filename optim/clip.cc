@@ -130,24 +130,32 @@ absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
   return norm;
 }
 
-absl::StatusOr<std::optional<std::string>> FirstNonFiniteGrad(const parallel::ParameterList& params,
-                                                              const parallel::ProcessGroups& groups) {
-  // The smallest list index with a non-finite gradient, min-reduced over the
+absl::StatusOr<std::optional<std::string>> FirstNonFiniteTensor(
+    const std::vector<std::pair<std::string, Tensor>>& tensors, comm::Communicator& world) {
+  // The smallest list index with a non-finite element, min-reduced over the
   // world (size() = none). Doubles represent the indices exactly.
-  std::vector<double> first{static_cast<double>(params.size())};
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!params[i]->grad.defined()) continue;
-    ASSIGN_OR_RETURN(bool finite, AllFinite(params[i]->grad));
+  std::vector<double> first{static_cast<double>(tensors.size())};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].second.defined() || tensors[i].second.numel() == 0) continue;
+    ASSIGN_OR_RETURN(bool finite, AllFinite(tensors[i].second));
     if (!finite) {
       first[0] = static_cast<double>(i);
       break;
     }
   }
-  absl::Status st = AllReduceDoubles(*groups.host.world, first, comm::ReduceOp::kMin);
-  if (!st.ok()) return Annotate(st, "non-finite gradient check all-reduce");
+  absl::Status st = AllReduceDoubles(world, first, comm::ReduceOp::kMin);
+  if (!st.ok()) return Annotate(st, "non-finite check all-reduce");
   const size_t index = static_cast<size_t>(first[0]);
-  if (index >= params.size()) return std::optional<std::string>();
-  return std::optional<std::string>(params[index]->name);
+  if (index >= tensors.size()) return std::optional<std::string>();
+  return std::optional<std::string>(tensors[index].first);
+}
+
+absl::StatusOr<std::optional<std::string>> FirstNonFiniteGrad(const parallel::ParameterList& params,
+                                                              const parallel::ProcessGroups& groups) {
+  std::vector<std::pair<std::string, Tensor>> grads;
+  grads.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) grads.emplace_back(params[i]->name, params[i]->grad);
+  return FirstNonFiniteTensor(grads, *groups.host.world);
 }
 
 }  // namespace moe::optim

@@ -28,6 +28,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "parallel/parameter.h"
@@ -60,6 +62,13 @@ absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
 // whose squares overflow f32 (norm above ~1.8e19).
 absl::StatusOr<std::optional<std::string>> FirstNonFiniteGrad(const parallel::ParameterList& params,
                                                               const parallel::ProcessGroups& groups);
+
+// The first of `tensors` (name, tensor; in list order) holding a NaN or Inf
+// element on any rank of `world`, or nullopt when every one is finite
+// everywhere. Collective over `world`; every rank gets the same answer. The
+// checkpoint save refuses non-finite parameters and optimizer state with it.
+absl::StatusOr<std::optional<std::string>> FirstNonFiniteTensor(
+    const std::vector<std::pair<std::string, Tensor>>& tensors, comm::Communicator& world);
 
 }  // namespace moe::optim
 

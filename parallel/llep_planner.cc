@@ -255,4 +255,42 @@ std::string PlanToJson(const LlepPlan& plan) {
   return out;
 }
 
+double LlepCountTable::Knob(const std::string& name, double fallback) const {
+  for (const auto& [key, value] : knobs) {
+    if (key == name) return value;
+  }
+  return fallback;
+}
+
+absl::StatusOr<LlepCountTable> ParseLlepCountTable(const std::string& text, const std::string& source) {
+  absl::StatusOr<JsonValue> doc = ParseJson(text);
+  if (!doc.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", doc.status().message()));
+  const JsonValue* table = doc->Find("counts");
+  if (doc->kind != JsonValue::Kind::kObject || table == nullptr || table->kind != JsonValue::Kind::kArray) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": needs a \"counts\" array of per-rank arrays"));
+  }
+  LlepCountTable out;
+  for (const JsonValue& row : table->array) {
+    const size_t r = out.counts.size();
+    if (row.kind != JsonValue::Kind::kArray) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": counts[", r, "] is not an array"));
+    }
+    out.counts.emplace_back();
+    for (const JsonValue& v : row.array) {
+      // A double holds integers exactly up to 2^53; anything else (fractions,
+      // NaN, huge values) would not convert to a count.
+      if (v.kind != JsonValue::Kind::kNumber || !(v.number >= 0) || v.number > 9007199254740992.0 ||
+          v.number != std::floor(v.number)) {
+        return absl::InvalidArgumentError(absl::StrCat(source, ": counts[", r, "][", out.counts[r].size(),
+                                                       "] is not a token count (an integer in [0, 2^53])"));
+      }
+      out.counts[r].push_back(static_cast<int64_t>(v.number));
+    }
+  }
+  for (const auto& [key, value] : doc->object) {
+    if (value.kind == JsonValue::Kind::kNumber) out.knobs.emplace_back(key, value.number);
+  }
+  return out;
+}
+
 }  // namespace moe::parallel

@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -92,6 +93,20 @@ std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(
 
 // The plan as JSON (ranges, moves, loads), for moe-bench llep-plan and logs.
 std::string PlanToJson(const LlepPlan& plan);
+
+// A count table as moe-bench llep-plan reads it from a file:
+//   {"counts": [[c_00, c_01, ...], ...], "trigger_ratio": 1.3, ...}
+// counts[rank][expert]; every other top-level number is a knob by name.
+// Errors (InvalidArgument, prefixed with `source`) name the entry: a missing
+// or non-array "counts", a row that is not an array, an entry that is not an
+// integer in [0, 2^53].
+struct LlepCountTable {
+  std::vector<std::vector<int64_t>> counts;
+  std::vector<std::pair<std::string, double>> knobs;
+  // The knob `name`, or `fallback` when the table does not set it.
+  double Knob(const std::string& name, double fallback) const;
+};
+absl::StatusOr<LlepCountTable> ParseLlepCountTable(const std::string& text, const std::string& source);
 
 }  // namespace moe::parallel
 

@@ -174,7 +174,13 @@ CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& co
   o.dir = config.dir();
   o.keep_last = config.keep_last();
   o.async = config.async();
+  o.partial_load = config.partial_load();
+  o.timeout_s = config.timeout_s();
   return o;
+}
+
+double CheckpointDeadline(double base_s, int64_t bytes) {
+  return base_s + static_cast<double>(std::max<int64_t>(bytes, 0)) / kCheckpointAssumedBytesPerS;
 }
 
 // ---- Checkpointer ------------------------------------------------------------------
@@ -200,7 +206,10 @@ struct Checkpointer::SaveTask {
 
 Checkpointer::Checkpointer(std::unique_ptr<comm::Communicator> comm, const parallel::RankLayout& layout,
                            CheckpointOptions options)
-    : comm_(std::move(comm)), layout_(layout), options_(std::move(options)) {
+    : comm_(std::move(comm)),
+      base_timeout_s_(comm_->timeout_s()),
+      layout_(layout),
+      options_(std::move(options)) {
   fs_ = options_.fs != nullptr ? options_.fs : CheckpointFs::Default();
 }
 
@@ -212,8 +221,17 @@ absl::StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(comm::Communi
         absl::StrCat("checkpoint.keep_last = ", options.keep_last, " must be >= 0 (0: keep all)"));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> comm, world.Split(0, world.rank(), "checkpoint"));
-  RETURN_IF_ERROR(comm->set_timeout_s(options.timeout_s));
+  if (!(options.timeout_s >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint.timeout_s = ", options.timeout_s,
+                                                   " must be > 0 (or unset: scaled from the bytes)"));
+  }
+  if (options.timeout_s > 0) RETURN_IF_ERROR(comm->set_timeout_s(options.timeout_s, "checkpoint.timeout_s"));
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(comm), layout, std::move(options)));
+}
+
+absl::Status Checkpointer::SetDeadline(int64_t bytes) {
+  if (options_.timeout_s > 0) return absl::OkStatus();
+  return comm_->set_timeout_s(CheckpointDeadline(base_timeout_s_, bytes), "checkpoint.timeout_s");
 }
 
 Checkpointer::~Checkpointer() {
@@ -268,6 +286,9 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
   absl::StatusOr<SavePlan> plan = PlanSave(infos, held);
   RETURN_IF_ERROR(Agree(plan.status()));
   task->plan = std::move(*plan);
+  int64_t save_bytes = 0;
+  for (const PlannedShard& s : task->plan.shards) save_bytes += s.box.numel() * 4;
+  RETURN_IF_ERROR(SetDeadline(save_bytes));
 
   // Rank 0: a fresh temporary directory (and away with crashed saves' ones).
   std::vector<char> name(256, 0);
@@ -413,6 +434,14 @@ absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
       absl::Status c = (*master)->Close();
       if (local.ok()) local = c;
     }
+    // The manifest carries model.h5's checksum, read back after the sync.
+    if (local.ok()) {
+      absl::StatusOr<std::string> master_bytes = fs_->ReadFile(JoinPath(task.tmp_dir, kMasterFileName));
+      if (master_bytes.ok()) {
+        task.manifest.set_master_checksum(Xxh64Hash(master_bytes->data(), master_bytes->size()));
+      }
+      local = master_bytes.status();
+    }
     if (local.ok()) {
       local = fs_->WriteFile(JoinPath(task.tmp_dir, kManifestFileName), SerializeManifestFile(task.manifest));
     }
@@ -487,16 +516,19 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   absl::Status local = local_pieces.status();
   absl::StatusOr<ckpt::Manifest> manifest = absl::UnknownError("");
   absl::StatusOr<std::vector<const ckpt::TensorEntry*>> entries = absl::UnknownError("");
+  std::vector<std::string> tensors_skipped;
   if (local.ok()) {
     manifest = ReadManifest(path);
     local = manifest.status();
   }
   if (local.ok()) local = ValidateManifest(*manifest, path);
+  if (local.ok() && comm_->rank() == 0) local = CheckMasterFile(*manifest, path);
   if (local.ok()) {
-    entries = MatchManifest(*manifest, infos, path);
+    entries = MatchManifest(*manifest, infos, path, options_.partial_load, &tensors_skipped);
     local = entries.status();
   }
   RETURN_IF_ERROR(Agree(local));
+  RETURN_IF_ERROR(SetDeadline(manifest->total_bytes()));
   const std::vector<LocalPiece>& pieces = *local_pieces;
 
   // 2. Who reads what (checkpoint_plan.h): a box held by several ranks
@@ -575,6 +607,10 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
 
   LoadedCheckpoint out;
   out.path = path;
+  for (const std::string& line : tensors_skipped) {
+    MOE_LOG_RANK0(WARNING) << "checkpoint: partial load (checkpoint.partial_load) skipped " << line;
+  }
+  out.tensors_skipped = std::move(tensors_skipped);
   out.state = TrainStateFromProto(manifest->train());
   out.config_text = manifest->config_text();
   const ckpt::Layout& l = manifest->layout();

@@ -87,15 +87,26 @@ struct CheckpointOptions {
   std::string dir;     // checkpoint.dir; "" = no checkpoints (Save fails, Resume auto finds none)
   int keep_last = 0;   // checkpoint.keep_last; 0 = keep all
   bool async = false;  // checkpoint.async
-  // Deadline of the checkpointer's collectives (they wait for the slowest
-  // rank's writes, so longer than comm.timeout_s).
-  double timeout_s = 3600;
+  // checkpoint.partial_load: Load fills the tensors the checkpoint has, leaves
+  // the others as they are and ignores checkpoint tensors the model lacks,
+  // logging every one (a shape change is still an error).
+  bool partial_load = false;
+  // checkpoint.timeout_s: deadline of the checkpointer's collectives (they
+  // wait for the slowest rank's writes). 0 = scaled per save and load:
+  // the world communicator's timeout (comm.timeout_s) + bytes / 50 MB/s
+  // (CheckpointDeadline).
+  double timeout_s = 0;
   // File system for data, syncs, renames; nullptr = POSIX. Tests pass a
   // FaultInjectionFs (it must outlive the checkpointer).
   CheckpointFs* fs = nullptr;
 };
 
 CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& config);
+
+// The default checkpoint.timeout_s for moving `bytes` (all ranks together):
+// `base_s` (comm.timeout_s) + bytes / kCheckpointAssumedBytesPerS.
+inline constexpr double kCheckpointAssumedBytesPerS = 50e6;
+double CheckpointDeadline(double base_s, int64_t bytes);
 
 struct SavedLayout {
   int world = 0, tp = 0, dp = 0, ep = 0, edp = 0;
@@ -108,6 +119,8 @@ struct LoadedCheckpoint {
   SavedLayout layout;       // the layout that saved it
   // Newer checkpoints that resume=auto passed over: "step_00000300: <why>".
   std::vector<std::string> skipped;
+  // checkpoint.partial_load: one line per tensor not loaded (either side).
+  std::vector<std::string> tensors_skipped;
 };
 
 class Checkpointer {
@@ -166,8 +179,12 @@ class Checkpointer {
   absl::Status Agree(const absl::Status& local);
   absl::Status RunSaveTask(SaveTask& task);
   absl::Status Commit(SaveTask& task);
+  // The deadline of the collectives that move `bytes` (checkpoint.timeout_s
+  // when set, else CheckpointDeadline from the world's comm.timeout_s).
+  absl::Status SetDeadline(int64_t bytes);
 
   std::unique_ptr<comm::Communicator> comm_;
+  double base_timeout_s_ = 0;  // the world communicator's timeout (comm.timeout_s)
   parallel::RankLayout layout_;
   CheckpointOptions options_;
   CheckpointFs* fs_;

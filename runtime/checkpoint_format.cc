@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
 
@@ -228,6 +229,12 @@ absl::StatusOr<ckpt::Manifest> ReadManifest(const std::string& dir) {
   CheckpointFs* fs = CheckpointFs::Default();
   if (!fs->Exists(dir))
     return absl::NotFoundError(absl::StrCat("checkpoint directory ", dir, " does not exist"));
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir,
+        " is not a checkpoint directory (a plain file); give a step_NNNNNNNN directory or a checkpoint.dir"));
+  }
   if (!fs->Exists(path)) {
     return absl::DataLossError(
         absl::StrCat(dir, " is not a complete checkpoint: ", kManifestFileName, " is missing"));
@@ -244,10 +251,16 @@ absl::Status ValidateManifest(const ckpt::Manifest& manifest, const std::string&
     if (t.dtype() != "f32") return bad(t.name(), absl::StrCat("dtype \"", t.dtype(), "\", expected f32"));
     const int rank = t.global_shape_size();
     if (rank < 1 || rank > 5) return bad(t.name(), absl::StrCat("rank ", rank, " is not in 1..5"));
+    // Any product of the dimensions is bounded first, so that no count below
+    // (numel, a shard's bytes, offset + count) can overflow int64.
+    constexpr int64_t kMaxElements = int64_t{1} << 60;
     int64_t numel = 1;
     for (int64_t d : t.global_shape()) {
       if (d <= 0) return bad(t.name(), "a dimension of its global shape is <= 0");
-      numel *= d;
+      if (__builtin_mul_overflow(numel, d, &numel) || numel > kMaxElements) {
+        return bad(t.name(), absl::StrCat("its global shape [", absl::StrJoin(t.global_shape(), ","),
+                                          "] holds more than 2^60 elements (a damaged manifest?)"));
+      }
     }
     int64_t covered = 0;
     std::vector<Box> boxes;
@@ -257,7 +270,7 @@ absl::Status ValidateManifest(const ckpt::Manifest& manifest, const std::string&
         return bad(t.name(), "a shard's box has the wrong rank");
       }
       for (int i = 0; i < rank; ++i) {
-        if (b.offset[i] < 0 || b.count[i] <= 0 || b.offset[i] + b.count[i] > t.global_shape(i)) {
+        if (b.offset[i] < 0 || b.count[i] <= 0 || b.offset[i] > t.global_shape(i) - b.count[i]) {
           return bad(t.name(), absl::StrCat("shard ", b.ToString(), " lies outside the global shape"));
         }
       }
@@ -472,6 +485,24 @@ absl::Status ShardReader::Read(const ckpt::TensorEntry& tensor, const ckpt::Shar
 
 // ---- Verify ----------------------------------------------------------------------
 
+absl::Status CheckMasterFile(const ckpt::Manifest& manifest, const std::string& dir) {
+  const std::string path = JoinPath(dir, kMasterFileName);
+  CheckpointFs* fs = CheckpointFs::Default();
+  if (!fs->Exists(path)) {
+    return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": ", kMasterFileName, " is missing"));
+  }
+  if (manifest.master_checksum() == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(std::string bytes, fs->ReadFile(path));
+  const uint64_t sum = Xxh64Hash(bytes.data(), bytes.size());
+  if (sum != manifest.master_checksum()) {
+    return absl::DataLossError(absl::StrCat("checkpoint ", dir, ": ", kMasterFileName, " is damaged (",
+                                            bytes.size(), " bytes, xxh64 ", absl::Hex(sum, absl::kZeroPad16),
+                                            ", the manifest says ",
+                                            absl::Hex(manifest.master_checksum(), absl::kZeroPad16), ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report) {
   *report = VerifyReport();
   ASSIGN_OR_RETURN(ckpt::Manifest manifest, ReadManifest(dir));
@@ -487,6 +518,22 @@ absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report) {
         buffer.resize(static_cast<size_t>(s.nbytes()));
         if (absl::Status st = reader.Read(t, s, buffer.data()); !st.ok()) {
           report->errors.push_back(std::string(st.message()));
+          continue;
+        }
+        // A checkpoint of NaN parameters verifies by checksum but cannot train.
+        const float* x = reinterpret_cast<const float*>(buffer.data());
+        const int64_t n = s.nbytes() / 4;
+        int64_t bad = 0, first = -1;
+        for (int64_t i = 0; i < n; ++i) {
+          if (!std::isfinite(x[i])) {
+            if (bad++ == 0) first = i;
+          }
+        }
+        if (bad > 0) {
+          const Box b{{s.offset().begin(), s.offset().end()}, {s.count().begin(), s.count().end()}};
+          report->errors.push_back(absl::StrCat(
+              "checkpoint ", dir, ": tensor ", t.name(), " region ", b.ToString(), " in ", s.file(),
+              " holds ", bad, " NaN or Inf value(s) (first at element ", first, " of the shard)"));
         }
       }
     }
@@ -494,6 +541,8 @@ absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report) {
   // The master file: every tensor present with its global shape, and each
   // shard's region read through the virtual dataset equal to the shard.
   const std::string master = JoinPath(dir, kMasterFileName);
+  if (absl::Status st = CheckMasterFile(manifest, dir); !st.ok())
+    report->errors.push_back(std::string(st.message()));
   data::ScopedH5Quiet quiet;
   H5Id file(H5Fopen(master.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT));
   if (!file.valid()) {

@@ -123,12 +123,18 @@ class ShardReader {
 
 // ---- Whole-checkpoint checks (moe-ckpt verify) -----------------------------------
 
+// model.h5 of checkpoint `dir`: present, and equal to manifest.master_checksum
+// when the manifest has one. DataLoss naming the file otherwise. Resume and
+// verify both check it.
+absl::Status CheckMasterFile(const ckpt::Manifest& manifest, const std::string& dir);
+
 struct VerifyReport {
   int64_t tensors = 0, shards = 0, bytes = 0;
   std::vector<std::string> errors;  // one line per problem: file, tensor, what
 };
-// Reads the manifest, every shard (checksums), and checks that model.h5 has
-// every tensor with its global shape and f32. `report` is reset first. OK only
+// Reads the manifest, every shard (checksums; and reports shards holding NaN
+// or Inf), and checks model.h5 (its checksum, and every tensor with its global
+// shape, each shard's region read through the virtual dataset). `report` is reset first. OK only
 // when `report->errors` is empty; the status otherwise carries the first error.
 absl::Status VerifyCheckpoint(const std::string& dir, VerifyReport* report);
 

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "runtime/checkpoint_hash.h"
 #include "runtime/core/status.h"
 
@@ -360,14 +361,26 @@ void SetManifestChecksums(const SavePlan& plan, const std::map<int, uint64_t>& c
 
 absl::StatusOr<std::vector<const ckpt::TensorEntry*>> MatchManifest(const ckpt::Manifest& manifest,
                                                                     absl::Span<const TensorInfo> tensors,
-                                                                    const std::string& path) {
+                                                                    const std::string& path, bool partial,
+                                                                    std::vector<std::string>* skipped) {
   std::map<std::string, const ckpt::TensorEntry*> by_name;
   for (const ckpt::TensorEntry& e : manifest.tensors()) by_name[e.name()] = &e;
   std::vector<const ckpt::TensorEntry*> entries(tensors.size(), nullptr);
+  std::vector<std::string> unused;
+  if (skipped == nullptr) skipped = &unused;
   for (size_t i = 0; i < tensors.size(); ++i) {
     auto it = by_name.find(tensors[i].name);
+    if (it == by_name.end() && partial) {
+      skipped->push_back(absl::StrCat(tensors[i].name, " ", tensors[i].global_shape.ToString(),
+                                      ": not in the checkpoint, keeps its initial values"));
+      continue;
+    }
     if (it == by_name.end()) {
-      return absl::NotFoundError(absl::StrCat("checkpoint ", path, " has no tensor ", tensors[i].name));
+      return absl::NotFoundError(absl::StrCat(
+          "checkpoint ", path, " has no tensor ", tensors[i].name,
+          " (a different model or optimizer configuration?); resume with the config the checkpoint was saved "
+          "with (moe-ckpt inspect --config), or set checkpoint.partial_load: true to start it from its "
+          "initial values"));
     }
     const std::vector<int64_t> dims(it->second->global_shape().begin(), it->second->global_shape().end());
     if (dims != GlobalDims(tensors[i].global_shape)) {
@@ -377,6 +390,25 @@ absl::StatusOr<std::vector<const ckpt::TensorEntry*>> MatchManifest(const ckpt::
                        tensors[i].global_shape.ToString(), " (a different model configuration?)"));
     }
     entries[i] = it->second;
+    by_name.erase(it);
+  }
+  if (!by_name.empty() && partial) {
+    for (const auto& [name, e] : by_name) {
+      const std::vector<int64_t> dims(e->global_shape().begin(), e->global_shape().end());
+      skipped->push_back(absl::StrCat(name, " ", Shape(absl::MakeConstSpan(dims)).ToString(),
+                                      ": not in this model, ignored"));
+    }
+  } else if (!by_name.empty()) {
+    // Resuming into a smaller model (fewer layers, tied embeddings, another
+    // optimizer) would drop these silently.
+    std::vector<std::string> extra;
+    for (const auto& [name, e] : by_name) extra.push_back(name);
+    const size_t shown = std::min<size_t>(extra.size(), 8);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint ", path, " has ", extra.size(), " tensor(s) this model does not: ",
+        absl::StrJoin(extra.begin(), extra.begin() + shown, ", "), extra.size() > shown ? ", ..." : "",
+        " (a different model or optimizer configuration?); resume with the config the checkpoint was "
+        "saved with (moe-ckpt inspect --config), or set checkpoint.partial_load: true to load the rest"));
   }
   return entries;
 }
@@ -391,6 +423,7 @@ LoadPlan PlanLoad(const std::vector<std::vector<LocalPiece>>& held,
   // Reads: the pieces this rank owns, from the saved shards overlapping them.
   for (size_t k = 0; k < mine.size(); ++k) {
     const LocalPiece& p = mine[k];
+    if (entries[p.tensor] == nullptr) continue;  // partial load: not in the checkpoint
     if (by_key.at(PieceKey(p.tensor, p.box))->owner != rank) continue;
     LoadPlan::PieceRead pr;
     pr.piece = static_cast<int>(k);
@@ -406,8 +439,10 @@ LoadPlan PlanLoad(const std::vector<std::vector<LocalPiece>>& held,
   }
   // Replicas, in key order on every rank.
   std::map<std::vector<int64_t>, int> my_pieces;
-  for (size_t k = 0; k < mine.size(); ++k)
-    my_pieces[PieceKey(mine[k].tensor, mine[k].box)] = static_cast<int>(k);
+  for (size_t k = 0; k < mine.size(); ++k) {
+    if (entries[mine[k].tensor] != nullptr)
+      my_pieces[PieceKey(mine[k].tensor, mine[k].box)] = static_cast<int>(k);
+  }
   for (const auto& [key, k] : my_pieces) {
     const PlannedShard& s = *by_key.at(key);
     if (s.holders.size() < 2) continue;

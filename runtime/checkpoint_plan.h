@@ -165,11 +165,15 @@ void SetManifestChecksums(const SavePlan& plan, const std::map<int, uint64_t>& c
 // ---- Load ------------------------------------------------------------------------
 
 // The manifest entry of each tensor, in the tensors' order. NotFound for a
-// tensor the checkpoint lacks, FailedPrecondition for a different global
-// shape; `path` names the checkpoint in the message.
-absl::StatusOr<std::vector<const ckpt::TensorEntry*>> MatchManifest(const ckpt::Manifest& manifest,
-                                                                    absl::Span<const TensorInfo> tensors,
-                                                                    const std::string& path);
+// tensor the checkpoint lacks, FailedPrecondition for a checkpoint tensor the
+// model lacks or a different global shape; `path` names the checkpoint in the
+// message. With `partial` (checkpoint.partial_load), a tensor on one side only
+// is no error: the model's gets a null entry (it keeps its values; PlanLoad
+// skips it) and one line per such tensor, either side, goes to `skipped`.
+// A different global shape is an error either way.
+absl::StatusOr<std::vector<const ckpt::TensorEntry*>> MatchManifest(
+    const ckpt::Manifest& manifest, absl::Span<const TensorInfo> tensors, const std::string& path,
+    bool partial = false, std::vector<std::string>* skipped = nullptr);
 
 struct LoadPlan {
   // A piece this rank reads from disk, from the saved shards overlapping it.

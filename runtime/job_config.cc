@@ -319,6 +319,9 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
        absl::StrCat("checkpoint.save_every = ", c.checkpoint().save_every(), " must be >= 0"));
   need(c.checkpoint().keep_last() >= 0,
        absl::StrCat("checkpoint.keep_last = ", c.checkpoint().keep_last(), " must be >= 0 (0: keep all)"));
+  need(!c.checkpoint().has_timeout_s() || c.checkpoint().timeout_s() > 0,
+       absl::StrCat("checkpoint.timeout_s = ", c.checkpoint().timeout_s(),
+                    " must be > 0 seconds (or unset: comm.timeout_s + the checkpoint's bytes / 50 MB/s)"));
   need(c.comm().timeout_s() > 0,
        absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
   need(c.comm().backend() == "auto" || c.comm().backend() == "mpi" || c.comm().backend() == "nccl",

@@ -1,6 +1,7 @@
 #include "runtime/startup_checks.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,10 +12,14 @@
 #include <sstream>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "runtime/core/logging.h"
 #include "runtime/core/memory_model.h"
 
 namespace moe {
@@ -114,6 +119,59 @@ absl::Status ProbeWritableDirectory(const std::string& dir, const char* field) {
   ::unlink(probe.c_str());
   if (!wrote) return fail(absl::StrCat("cannot write a file in it (", std::strerror(write_errno), ")"));
   return absl::OkStatus();
+}
+
+absl::StatusOr<DirectoryLock> DirectoryLock::Acquire(const std::string& dir, const char* field) {
+  const std::string path = dir + "/.lock";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(field, " = '", dir, "': cannot open its lock file ",
+                                                      path, " (", std::strerror(errno), ")"));
+  }
+  DirectoryLock lock(fd);
+  // What the file says: the last holder's "host pid start-time".
+  std::string holder(256, '\0');
+  const ssize_t n = ::pread(fd, holder.data(), holder.size(), 0);
+  holder.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  holder = std::string(absl::StripAsciiWhitespace(holder));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(field, " = '", dir, "': cannot lock ", path, " (", std::strerror(errno), ")"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, " = '", dir, "' is in use by another job (", holder.empty() ? "holder unknown" : holder,
+        "); two jobs must not share a checkpoint directory: give this one another ", field,
+        " or stop the other job"));
+  }
+  if (!holder.empty()) {
+    MOE_LOG(INFO) << field << ": taking over the lock " << path << " left by a job that ended (" << holder
+                  << ")";
+  }
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string mine =
+      absl::StrCat("host ", host, " pid ", ::getpid(), " since ",
+                   absl::FormatTime("%Y-%m-%d %H:%M:%S UTC", absl::Now(), absl::UTCTimeZone()), "\n");
+  if (::ftruncate(fd, 0) != 0 ||
+      ::pwrite(fd, mine.data(), mine.size(), 0) != static_cast<ssize_t>(mine.size())) {
+    return absl::FailedPreconditionError(absl::StrCat(field, " = '", dir, "': cannot write its lock file ",
+                                                      path, " (", std::strerror(errno), ")"));
+  }
+  return lock;
+}
+
+DirectoryLock& DirectoryLock::operator=(DirectoryLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.fd_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+DirectoryLock::~DirectoryLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
 }
 
 }  // namespace moe

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "runtime/core/config.h"
 
 namespace moe {
@@ -30,6 +31,28 @@ absl::Status CheckMemoryFits(const JobConfig& config, int ranks_on_node, int64_t
 // a name too long is found now instead of at the first save.
 // `field` names the config field in the message ("checkpoint.dir").
 absl::Status ProbeWritableDirectory(const std::string& dir, const char* field);
+
+// An exclusive lock on a directory for the life of the job, so that two jobs
+// never share one checkpoint.dir (one would delete the other's in-progress
+// save as "left by an unfinished save"). An flock(2) on DIR/.lock: the kernel
+// drops it when the holder dies however it dies, so a lock left by a dead job
+// is taken over (and logged); the file names the holder's host and pid for the
+// message a second job gets. Move-only; the destructor releases it.
+class DirectoryLock {
+ public:
+  // FailedPrecondition naming `field`, the directory and the holder when
+  // another live process holds it.
+  static absl::StatusOr<DirectoryLock> Acquire(const std::string& dir, const char* field);
+  DirectoryLock(DirectoryLock&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  DirectoryLock& operator=(DirectoryLock&& other) noexcept;
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+  ~DirectoryLock();
+
+ private:
+  explicit DirectoryLock(int fd) : fd_(fd) {}
+  int fd_ = -1;
+};
 
 }  // namespace moe
 

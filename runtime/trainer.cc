@@ -242,6 +242,20 @@ absl::Status Trainer::SaveCheckpoint() {
     state.double_values["llep.gemm_flops_per_s"] = llep_rates_.gemm_flops_per_s;
     state.double_values["llep.p2p_bytes_per_s"] = llep_rates_.p2p_bytes_per_s;
   }
+  // A checkpoint is never written from non-finite numbers: resuming it could
+  // only reproduce the failure, and it would replace a good one under
+  // checkpoint.keep_last.
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  tensors.reserve(checkpoint_tensors_.size());
+  for (const ShardedTensor& t : checkpoint_tensors_) tensors.emplace_back(t.name, t.tensor);
+  ASSIGN_OR_RETURN(std::optional<std::string> bad,
+                   optim::FirstNonFiniteTensor(tensors, *groups_->host.world));
+  if (bad.has_value()) {
+    return absl::DataLossError(absl::StrCat("step ", step_, ": ", *bad,
+                                            " holds NaN or Inf; refusing to save a checkpoint from it (the "
+                                            "checkpoints already in ",
+                                            config_.checkpoint().dir(), " are kept)"));
+  }
   return checkpointer_->Save(state, checkpoint_tensors_, ConfigToText(config_));
 }
 

@@ -197,7 +197,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     if (issued_.empty() || !issued_.front()->started) return;
     const OpDesc& op = issued_.front()->op;
     running->push_back({true, op.kind, op.sequence, op.bytes_sent, op.bytes_received, op.timeout_s,
-                        issued_.front()->started_at});
+                        issued_.front()->started_at, op.timeout_field});
   }
   std::string Describe() const override { return describe_; }
   std::string GroupName() const override { return name(); }

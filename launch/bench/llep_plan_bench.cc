@@ -16,7 +16,6 @@
 #include "absl/strings/str_cat.h"
 #include "launch/bench/bench.h"
 #include "parallel/llep_planner.h"
-#include "runtime/core/json.h"
 #include "runtime/core/status.h"
 
 namespace moe::bench {
@@ -31,28 +30,10 @@ absl::Status RunLlepPlan(const Args& args, Reporter&) {
   if (!in) return absl::NotFoundError(absl::StrCat("llep-plan: cannot open counts file '", path, "'"));
   std::stringstream text;
   text << in.rdbuf();
-  ASSIGN_OR_RETURN(JsonValue doc, ParseJson(text.str()));
-  const JsonValue* table = doc.Find("counts");
-  if (table == nullptr || table->kind != JsonValue::Kind::kArray) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": needs a \"counts\" array of per-rank arrays"));
-  }
-  std::vector<std::vector<int64_t>> counts;
-  for (const JsonValue& row : table->array) {
-    if (row.kind != JsonValue::Kind::kArray) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": counts[", counts.size(), "] is not an array"));
-    }
-    counts.emplace_back();
-    for (const JsonValue& v : row.array) {
-      if (v.kind != JsonValue::Kind::kNumber) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": counts[", counts.size() - 1, "] has a non-number"));
-      }
-      counts.back().push_back(static_cast<int64_t>(v.number));
-    }
-  }
+  ASSIGN_OR_RETURN(parallel::LlepCountTable table, parallel::ParseLlepCountTable(text.str(), path));
+  const std::vector<std::vector<int64_t>>& counts = table.counts;
   auto knob = [&](const char* name, double fallback) {
-    const JsonValue* v = doc.Find(name);
-    return args.Double(name, v && v->kind == JsonValue::Kind::kNumber ? v->number : fallback);
+    return args.Double(name, table.Knob(name, fallback));
   };
   parallel::LlepOptions o;
   o.trigger_ratio = knob("trigger_ratio", 1.3);

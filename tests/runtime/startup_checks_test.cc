@@ -3,6 +3,8 @@
 // directory probe.
 #include "runtime/startup_checks.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -80,6 +82,32 @@ TEST_CASE("the directory probe creates the directory and leaves nothing in it") 
   CHECK(kept == "x");  // nothing lost
   CHECK_FALSE(ProbeWritableDirectory(root + "/" + std::string(300, 'x'), "train.run_dir").ok());
   std::filesystem::remove_all(root);
+}
+
+TEST_CASE("a checkpoint directory is locked for one job; a dead job's lock is taken over") {
+  const std::string dir = std::filesystem::temp_directory_path() / "moe_lock_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  { std::ofstream(dir + "/keep") << "data"; }
+  {
+    absl::StatusOr<DirectoryLock> first = DirectoryLock::Acquire(dir, "checkpoint.dir");
+    REQUIRE(first.ok());
+    // flock(2) locks are per open file: a second Acquire conflicts even here.
+    absl::StatusOr<DirectoryLock> second = DirectoryLock::Acquire(dir, "checkpoint.dir");
+    REQUIRE_FALSE(second.ok());
+    const std::string m(second.status().message());
+    CAPTURE(m);
+    CHECK(m.find("checkpoint.dir = '" + dir + "' is in use by another job (host ") != std::string::npos);
+    CHECK(m.find(" pid " + std::to_string(::getpid()) + " since ") != std::string::npos);
+  }
+  // The holder is gone (its lock went with it); the file still names it.
+  { std::ofstream(dir + "/.lock") << "host elsewhere pid 999999 since 2020-01-01 00:00:00 UTC\n"; }
+  REQUIRE(DirectoryLock::Acquire(dir, "checkpoint.dir").ok());
+  std::ifstream in(dir + "/keep");
+  std::string kept;
+  in >> kept;
+  CHECK(kept == "data");
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -92,6 +92,9 @@ absl::Status Communicator::CheckAndEnqueue(OpDesc op, Stream& stream) {
   op.timeout_s = timeout_s_.load();
   op.timeout_field = timeout_field_.load();
   op.enqueued = std::chrono::steady_clock::now();
+  const trace::Label label = trace::CurrentLabel();
+  op.phase = label.phase;
+  op.layer = label.layer;
   ASSIGN_OR_RETURN(Work work, SubmitOnStream(std::move(op), stream));
   last_ = work;
   return absl::OkStatus();

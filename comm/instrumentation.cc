@@ -100,4 +100,19 @@ void DescribeOp(const OpDesc& op, int rank, int size, CommRecord* record) {
   }
 }
 
+namespace {
+std::mutex g_wire_mu;
+std::map<std::pair<OpKind, int>, uint64_t>* g_wire = new std::map<std::pair<OpKind, int>, uint64_t>;
+}  // namespace
+
+void WireBytesAdd(OpKind kind, int world_peer, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(g_wire_mu);
+  (*g_wire)[{kind, world_peer}] += bytes;
+}
+
+std::map<std::pair<OpKind, int>, uint64_t> WireBytesSnapshot() {
+  std::lock_guard<std::mutex> lock(g_wire_mu);
+  return *g_wire;
+}
+
 }  // namespace moe::comm

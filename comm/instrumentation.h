@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -89,6 +90,16 @@ class TotalsSink : public CommSink {
   mutable std::mutex mu_;
   std::map<OpKind, Totals> totals_;
 };
+
+// Bytes a backend handed to the transport for sending (MPI_Isend), per
+// operation kind and destination world rank, counted where each send is
+// posted. Process-wide, from start-up. It is independent of the CommRecord
+// accounting (computed from an op's arguments): the profiler writes its
+// difference over the trace window next to the trace, so a test can check
+// the trace's bytes per peer against what actually went out. Collectives that
+// MPI runs itself (MPI_Iallreduce, ...) are not counted here.
+void WireBytesAdd(OpKind kind, int world_peer, uint64_t bytes);
+std::map<std::pair<OpKind, int>, uint64_t> WireBytesSnapshot();
 
 }  // namespace moe::comm
 

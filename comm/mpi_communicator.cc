@@ -198,7 +198,10 @@ struct Pending {
 // Requests of one operation, split into calls of at most MpiCountLimit() elements.
 class Requests {
  public:
-  explicit Requests(MPI_Comm comm) : comm_(comm), limit_(g_count_limit.load()) {}
+  // `kind` and `world_ranks` (group rank -> world rank) name the sends for
+  // the wire byte counter (instrumentation.h).
+  Requests(MPI_Comm comm, OpKind kind, const std::vector<int>& world_ranks)
+      : comm_(comm), limit_(g_count_limit.load()), kind_(kind), world_ranks_(world_ranks) {}
   size_t limit() const { return limit_; }
   MPI_Request* Add() {
     reqs_.push_back(MPI_REQUEST_NULL);
@@ -207,6 +210,7 @@ class Requests {
   }
   absl::Status Isend(const void* buf, size_t count, DType t, int peer, int tag) {
     const size_t es = DTypeSize(t);
+    WireBytesAdd(kind_, world_ranks_[peer], count * es);
     for (size_t off = 0; off < count; off += limit_) {
       int n = static_cast<int>(std::min(limit_, count - off));
       MPI_RETURN_IF_ERROR(
@@ -272,6 +276,8 @@ class Requests {
 
   MPI_Comm comm_;
   size_t limit_;
+  OpKind kind_;
+  const std::vector<int>& world_ranks_;
   std::vector<MPI_Request> reqs_;
   std::vector<Receive> receives_;  // one per request
   std::vector<MPI_Status> statuses_;
@@ -279,7 +285,7 @@ class Requests {
 
 // An operation between its start (nonblocking calls posted) and its end.
 struct Started {
-  explicit Started(MPI_Comm comm) : reqs(comm) {}
+  Started(MPI_Comm comm, OpKind kind, const std::vector<int>& world_ranks) : reqs(comm, kind, world_ranks) {}
   Requests reqs;
   // In-place ReduceScatter: the result before it is copied into its block; a
   // gathered AllReduce: every rank's buffer, in rank order.
@@ -373,7 +379,7 @@ class MpiCommunicator : public Communicator, public Watched {
     }
     g_direct_ops.fetch_add(1, std::memory_order_relaxed);
     auto pending = std::make_shared<Pending>(Pending{std::move(op), work});
-    auto started = std::make_shared<Started>(comm_);
+    auto started = std::make_shared<Started>(comm_, pending->op.kind, group_ranks());
     absl::Status status = Start(*pending, absl::OkStatus(), started.get());
     bool done = false;
     if (status.ok()) status = started->reqs.Test(&done);
@@ -460,7 +466,7 @@ class MpiCommunicator : public Communicator, public Watched {
     // A stream-ordered operation starts once its stream reached the marker
     // (the producer's work is done); its deadline runs from then.
     absl::Status producer = op.after != nullptr ? op.after->Synchronize() : absl::OkStatus();
-    Started started(comm_);
+    Started started(comm_, op.kind, group_ranks());
     absl::Status status = Start(p, std::move(producer), &started);
     if (status.ok()) status = started.reqs.WaitAll();
     if (status.ok()) status = Finish(op, &started);

@@ -31,7 +31,8 @@
 //   bias_update   2L + 1  the global load sum over DP (1, DP > 1) and per MoE layer
 //                         the bias update's read and write-back (2) and the
 //                         metrics read of the new bias (1); expert_bias_update_rate > 0
-//   step_end          1   the step's end (Stream::Synchronize): step time and memory
+//   step_end          1   the step's end (Profiler::SyncStepEnd: Stream::Synchronize): step
+//                         time, memory, and the reference time of the spans' events
 //   profile           1   every rank's step profile gathered on the host world (world > 1)
 #ifndef MOE_RUNTIME_HOST_SYNCS_H_
 #define MOE_RUNTIME_HOST_SYNCS_H_

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -21,6 +20,16 @@ int64_t Ns(std::chrono::steady_clock::time_point t) {
 }
 
 bool IsAllToAll(comm::OpKind k) { return k == comm::OpKind::kAllToAll || k == comm::OpKind::kAllToAllV; }
+bool IsPointToPoint(comm::OpKind k) {
+  return k == comm::OpKind::kSend || k == comm::OpKind::kRecv || k == comm::OpKind::kGroupP2P;
+}
+
+// One instance of a group: its name and members ("ep0.1.3").
+std::string GroupKey(const comm::CommRecord& r) {
+  std::string key = r.group;
+  for (int w : r.group_ranks) absl::StrAppend(&key, ".", w);
+  return key;
+}
 
 // Union length of [begin, end) intervals.
 int64_t UnionNs(std::vector<std::pair<int64_t, int64_t>> v) {
@@ -55,7 +64,22 @@ Profiler::~Profiler() {
 
 void Profiler::Record(const comm::CommRecord& record) {
   std::lock_guard<std::mutex> lock(mu_);
-  records_.push_back(record);
+  Op& op = records_.emplace_back();
+  op.r = record;
+  if (IsPointToPoint(record.kind) && record.rank < static_cast<int>(record.group_ranks.size())) {
+    const std::string group = GroupKey(record);
+    const int me = record.group_ranks[record.rank];
+    const size_t n = record.group_ranks.size();
+    op.p2p_sent_n.assign(n, 0);
+    op.p2p_recv_n.assign(n, 0);
+    for (size_t p = 0; p < n && p < record.peer_bytes_sent.size(); ++p) {
+      const int peer = record.group_ranks[p];
+      if (record.peer_bytes_sent[p] > 0)
+        op.p2p_sent_n[p] = p2p_count_[absl::StrCat(group, ":", me, ">", peer)]++;
+      if (record.peer_bytes_received[p] > 0)
+        op.p2p_recv_n[p] = p2p_count_[absl::StrCat(group, ":", peer, ">", me)]++;
+    }
+  }
   if (in_window_) {
     comm::TotalsSink::Totals& t = totals_[record.kind];
     ++t.count;
@@ -133,15 +157,30 @@ void Profiler::BeginStep(int64_t step, const std::vector<int>& moe_layers) {
   if (in_window_) trace_records_.insert(trace_records_.end(), records_.begin(), records_.end());
   records_.clear();
   in_window_ = window && !written_;
+  if (in_window_ && traced_steps_.empty()) wire_start_ = comm::WireBytesSnapshot();
   if (in_window_) traced_steps_.push_back(step);
 }
 
+absl::Status Profiler::SyncStepEnd(Stream& stream) {
+  reference_.reset();
+  reference_ns_ = 0;
+  absl::StatusOr<std::unique_ptr<Event>> e = stream.backend().CreateEvent();
+  const bool recorded = e.ok() && stream.Record(**e).ok();
+  RETURN_IF_ERROR(stream.Synchronize());
+  if (recorded) {
+    reference_ns_ = trace::Recorder::NowNs();
+    reference_ = std::move(*e);
+  }
+  return absl::OkStatus();
+}
+
 void Profiler::EndStep(double step_time_s, const MemoryTracker& memory, RankStepProfile* out) {
-  std::vector<trace::SpanRecord> spans = recorder_.Take();
-  std::vector<comm::CommRecord> records;
+  std::vector<trace::SpanRecord> spans = recorder_.Take(reference_.get(), reference_ns_);
+  std::vector<Op> records;
   {
     std::lock_guard<std::mutex> lock(mu_);
     records.swap(records_);
+    if (in_window_) wire_end_ = comm::WireBytesSnapshot();
   }
   *out = RankStepProfile();
   out->step_time_s = step_time_s;
@@ -158,21 +197,8 @@ void Profiler::EndStep(double step_time_s, const MemoryTracker& memory, RankStep
   out->a2a_bytes.assign(L, 0);
   out->a2a_time_s.assign(L, 0.0);
   out->a2a_peer_bytes.assign(L, std::vector<int64_t>(world_size_, 0));
-  // Ops enqueued from a stream's thread carry no label: attribute them to the
-  // layer span (forward/backward) that was running when they were enqueued.
-  std::vector<std::tuple<int64_t, int64_t, int>> layer_spans;
-  for (const trace::SpanRecord& s : spans) {
-    if (s.layer >= 0 && s.lane == trace::Lane::kCompute &&
-        (std::strcmp(s.name, "forward") == 0 || std::strcmp(s.name, "backward") == 0))
-      layer_spans.emplace_back(s.begin_ns, s.end_ns, s.layer);
-  }
-  for (comm::CommRecord& r : records) {
-    if (r.layer >= 0) continue;
-    const int64_t t = Ns(r.enqueued);
-    for (const auto& [b, e, l] : layer_spans)
-      if (b <= t && t <= e) r.layer = l;
-  }
-  for (const comm::CommRecord& r : records) {
+  for (const Op& op : records) {
+    const comm::CommRecord& r = op.r;
     if (!IsAllToAll(r.kind)) continue;
     auto it = std::find(moe_layers_.begin(), moe_layers_.end(), r.layer);
     if (it == moe_layers_.end()) continue;
@@ -271,7 +297,8 @@ std::string Profiler::TraceJson() const {
                               s.layer, R"(,"phase":")", JsonEscape(s.name), "\"}}"));
   }
   std::map<std::string, int> tids;
-  for (const comm::CommRecord& r : trace_records_) {
+  for (const Op& op : trace_records_) {
+    const comm::CommRecord& r = op.r;
     auto [it, fresh] = tids.emplace(r.group, 10 + static_cast<int>(tids.size()));
     if (fresh) thread(it->second, "comm " + r.group);
     const int tid = it->second;
@@ -293,22 +320,29 @@ std::string Profiler::TraceJson() const {
         R"(,"peer_bytes_sent":{)", sent, R"(},"peer_bytes_received":{)", received, R"(},"phase":")",
         JsonEscape(r.phase ? r.phase : ""), R"(","layer":)", r.layer, R"(,"ok":)", r.ok ? "true" : "false",
         "}}"));
-    // Flow arrows: from this rank's all-to-all to each peer's matching one
-    // (same group instance and sequence), for every peer that gets bytes.
-    if (!IsAllToAll(r.kind)) continue;
-    std::string group_key = r.group;
-    for (int w : r.group_ranks) absl::StrAppend(&group_key, ".", w);
+    // Flow arrows, for every peer that gets bytes: from this rank's
+    // all-to-all to the peer's all-to-all of the same group instance and
+    // sequence; from a point-to-point send to the peer's matching receive
+    // (the n-th transfer between the two on the group).
+    const bool a2a = IsAllToAll(r.kind), p2p = !op.p2p_sent_n.empty();
+    if (!a2a && !p2p) continue;
+    const std::string group_key = GroupKey(r);
+    auto key = [&](size_t p, int src, int dst, bool sent) {
+      if (a2a) return absl::StrCat(group_key, "#", r.sequence, ":", src, ">", dst);
+      return absl::StrCat(group_key, ":", src, ">", dst, "#p2p", sent ? op.p2p_sent_n[p] : op.p2p_recv_n[p]);
+    };
+    const char* flow = a2a ? "a2a" : "p2p";
     for (size_t p = 0; p < r.peer_bytes_sent.size() && p < r.group_ranks.size(); ++p) {
       const int peer = r.group_ranks[p];
       if (r.peer_bytes_sent[p] > 0) {
-        const uint64_t id = FlowId(absl::StrCat(group_key, "#", r.sequence, ":", world_rank_, ">", peer));
-        ev.push_back(absl::StrCat(R"({"ph":"s","name":"a2a","cat":"flow","id":)", id, R"(,"pid":)", pid,
-                                  R"(,"tid":)", tid, R"(,"ts":)", us(b), "}"));
+        ev.push_back(absl::StrCat(R"({"ph":"s","name":")", flow, R"(","cat":"flow","id":)",
+                                  FlowId(key(p, world_rank_, peer, true)), R"(,"pid":)", pid, R"(,"tid":)",
+                                  tid, R"(,"ts":)", us(b), "}"));
       }
       if (r.peer_bytes_received[p] > 0) {
-        const uint64_t id = FlowId(absl::StrCat(group_key, "#", r.sequence, ":", peer, ">", world_rank_));
-        ev.push_back(absl::StrCat(R"({"ph":"f","bp":"e","name":"a2a","cat":"flow","id":)", id, R"(,"pid":)",
-                                  pid, R"(,"tid":)", tid, R"(,"ts":)", us(e), "}"));
+        ev.push_back(absl::StrCat(R"({"ph":"f","bp":"e","name":")", flow, R"(","cat":"flow","id":)",
+                                  FlowId(key(p, peer, world_rank_, false)), R"(,"pid":)", pid, R"(,"tid":)",
+                                  tid, R"(,"ts":)", us(e), "}"));
       }
     }
   }
@@ -325,6 +359,19 @@ std::string Profiler::TraceJson() const {
                     "\":{\"count\":", t.count, ",\"bytes_sent\":", t.bytes_sent,
                     ",\"bytes_received\":", t.bytes_received, "}");
   }
+  // The wire counter's bytes over the window, for the kinds whose events
+  // carry per-peer bytes.
+  std::map<comm::OpKind, std::string> wire;
+  for (const auto& [key, bytes] : wire_end_) {
+    const auto start = wire_start_.find(key);
+    const uint64_t delta = bytes - (start == wire_start_.end() ? 0 : start->second);
+    if (delta == 0 || !(IsAllToAll(key.first) || IsPointToPoint(key.first))) continue;
+    std::string& w = wire[key.first];
+    absl::StrAppend(&w, w.empty() ? "" : ",", "\"", key.second, "\":", delta);
+  }
+  std::string wire_json;
+  for (const auto& [kind, w] : wire)
+    absl::StrAppend(&wire_json, wire_json.empty() ? "" : ",", "\"", comm::OpKindName(kind), "\":{", w, "}");
   std::string steps;
   for (int64_t s : traced_steps_) absl::StrAppend(&steps, steps.empty() ? "" : ",", s);
   std::string out = "{\"traceEvents\":[\n";
@@ -333,7 +380,8 @@ std::string Profiler::TraceJson() const {
                   ",\"world_size\":", world_size_, ",\"name\":\"", JsonEscape(name_),
                   "\",\"clock_offset_ns\":", offset_ns_,
                   ",\"clock_alignment_error_us\":", absl::StrFormat("%.3f", alignment_error_ns_ / 1e3),
-                  ",\"steps\":[", steps, "],\"comm_totals\":{", totals, "}}}\n");
+                  ",\"steps\":[", steps, "],\"comm_totals\":{", totals, "},\"wire_bytes_sent\":{", wire_json,
+                  "}}}\n");
   return out;
 }
 

@@ -16,11 +16,17 @@
 // stream, tid 1 = host work (data, checkpoint), tid 10+ = one per communicator
 // (its progress thread runs ops one at a time). Times are microseconds on rank
 // 0's clock (AlignClocks); metadata holds the offset and its error bound.
+// Flow arrows join an all-to-all's send to each peer with the peer's
+// all-to-all of the same sequence, and a point-to-point send with the peer's
+// matching receive. Metadata "wire_bytes_sent" holds what the transport was
+// handed per kind and destination over the window (an independent count to
+// check the events' per-peer bytes against).
 #ifndef MOE_RUNTIME_PROFILER_H_
 #define MOE_RUNTIME_PROFILER_H_
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -75,6 +81,11 @@ class Profiler : public comm::CommSink {
 
   // Brackets one training step (1-based step numbers); EndStep fills `out`.
   void BeginStep(int64_t step, const std::vector<int>& moe_layers);
+  // The step's end: records a reference event on the compute stream and
+  // waits for the stream (the step's one "step end" host wait, returning its
+  // first asynchronous error); the host clock read right after it dates the
+  // reference, against which EndStep times the spans' events.
+  absl::Status SyncStepEnd(Stream& stream);
   void EndStep(double step_time_s, const MemoryTracker& memory, RankStepProfile* out);
   // Per-expert load counters for the trace (global over the EP group), at step end.
   void AddExpertLoad(int layer, const std::vector<int64_t>& tokens_per_expert);
@@ -106,8 +117,18 @@ class Profiler : public comm::CommSink {
   int64_t alignment_error_ns_ = -1;  // -1: not aligned
   int64_t epoch_ns_ = 0;             // rank 0's clock at alignment: the trace's time 0
 
-  std::mutex mu_;                                            // guards records_ and totals_
-  std::vector<comm::CommRecord> records_;                    // of the current step
+  // A finished op, with the index of each point-to-point transfer among all
+  // transfers between the same two ranks on its group (per group rank; 0
+  // when none): a send's n-th transfer to a peer is the peer's n-th receive
+  // from it (MPI's order), which pairs the trace's flow arrows.
+  struct Op {
+    comm::CommRecord r;
+    std::vector<uint64_t> p2p_sent_n, p2p_recv_n;
+  };
+
+  std::mutex mu_;                                            // guards records_, totals_ and p2p_count_
+  std::vector<Op> records_;                                  // of the current step
+  std::map<std::string, uint64_t> p2p_count_;                // "group:src>dst" -> transfers so far
   std::map<comm::OpKind, comm::TotalsSink::Totals> totals_;  // of the trace window, per kind
 
   int64_t step_ = 0;
@@ -116,8 +137,13 @@ class Profiler : public comm::CommSink {
   bool in_window_ = false, written_ = false;
   std::vector<int64_t> traced_steps_;
   std::vector<trace::SpanRecord> trace_spans_;
-  std::vector<comm::CommRecord> trace_records_;
+  std::vector<Op> trace_records_;
+  // The wire byte counter (comm/instrumentation.h) when the window opened and
+  // at its last step: their difference goes into the trace's metadata.
+  std::map<std::pair<comm::OpKind, int>, uint64_t> wire_start_, wire_end_;
   std::vector<Counter> counters_;
+  std::unique_ptr<Event> reference_;  // SyncStepEnd's event, completed at reference_ns_
+  int64_t reference_ns_ = 0;
 };
 
 }  // namespace moe

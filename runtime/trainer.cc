@@ -410,7 +410,7 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
 
   s.step = step_;
   step_span.reset();
-  RETURN_IF_ERROR(stream_->Synchronize());
+  RETURN_IF_ERROR(profiler_->SyncStepEnd(*stream_));  // the step end's host wait
   s.step_time_s = std::chrono::duration<double>(Clock::now() - start).count();
   RETURN_IF_ERROR(ProfileStep(&s));
   const double tokens = num_micro_batches * micro_batch * config_.model().seq_len();

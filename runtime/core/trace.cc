@@ -73,32 +73,58 @@ int64_t Recorder::NowNs() {
       .count();
 }
 
-size_t Recorder::Open(const char* name, Kind kind, Lane lane, int layer, int depth) {
+uint64_t Recorder::Open(const char* name, Kind kind, Lane lane, int layer, int depth,
+                        std::unique_ptr<Event> begin, int64_t begin_ns) {
   std::lock_guard<std::mutex> lock(mu_);
-  SpanRecord r;
-  r.name = name;
-  r.kind = kind;
-  r.lane = lane;
-  r.layer = layer;
-  r.depth = depth;
-  spans_.push_back(r);
-  return spans_.size() - 1;
+  Entry& e = entries_.emplace_back();
+  e.id = next_id_++;
+  e.record.name = name;
+  e.record.kind = kind;
+  e.record.lane = lane;
+  e.record.layer = layer;
+  e.record.depth = depth;
+  e.record.begin_ns = begin_ns;
+  e.begin = std::move(begin);
+  return e.id;
 }
 
-void Recorder::StampBegin(size_t slot, int64_t ns) {
+void Recorder::Close(uint64_t id, std::unique_ptr<Event> end, int64_t end_ns) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (slot < spans_.size()) spans_[slot].begin_ns = ns;
+  // Spans nest, so the one to close is almost always among the last.
+  for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
+    if (it->id != id) continue;
+    it->closed = true;
+    it->record.end_ns = end_ns;
+    it->end = std::move(end);
+    return;
+  }
 }
 
-void Recorder::StampEnd(size_t slot, int64_t ns) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (slot < spans_.size()) spans_[slot].end_ns = ns;
-}
-
-std::vector<SpanRecord> Recorder::Take() {
-  std::lock_guard<std::mutex> lock(mu_);
+std::vector<SpanRecord> Recorder::Take(const Event* reference, int64_t reference_ns) {
+  std::vector<Entry> taken;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<Entry> open;
+    for (Entry& e : entries_) (e.closed ? taken : open).push_back(std::move(e));
+    entries_.swap(open);
+  }
+  // The time at which `event` completed, on the host clock.
+  auto at = [&](const std::unique_ptr<Event>& event) -> int64_t {
+    if (reference == nullptr || event == nullptr) return 0;
+    absl::StatusOr<double> ms = reference->ElapsedMsSince(*event);
+    if (!ms.ok()) return 0;
+    return reference_ns - static_cast<int64_t>(*ms * 1e6 + (*ms >= 0 ? 0.5 : -0.5));
+  };
   std::vector<SpanRecord> out;
-  out.swap(spans_);
+  out.reserve(taken.size());
+  for (Entry& e : taken) {
+    if (e.record.lane == Lane::kCompute) {
+      e.record.begin_ns = at(e.begin);
+      e.record.end_ns = e.record.begin_ns == 0 ? 0 : at(e.end);
+      if (e.record.end_ns == 0) e.record.begin_ns = 0;
+    }
+    out.push_back(e.record);
+  }
   return out;
 }
 
@@ -115,21 +141,26 @@ void Span::Push(const char* name, Kind kind, int layer) {
 #endif
 }
 
+namespace {
+
+// An event recorded at the current end of `stream`, or nullptr when the
+// backend could not make or record one (the span is then dropped; the
+// stream's own error surfaces from the work around it).
+std::unique_ptr<Event> Mark(Stream& stream) {
+  absl::StatusOr<std::unique_ptr<Event>> event = stream.backend().CreateEvent();
+  if (!event.ok() || !stream.Record(**event).ok()) return nullptr;
+  return std::move(*event);
+}
+
+}  // namespace
+
 Span::Span(Stream& stream, const char* name, Kind kind, int layer) {
   recorder_ = ActiveRecorder();
   Push(name, kind, layer);
   if (recorder_ == nullptr) return;
   stream_ = &stream;
   int& depth = t_depth[static_cast<int>(Lane::kCompute)];
-  slot_ = recorder_->Open(name, kind, Lane::kCompute, t_label.layer, depth++);
-  Recorder* rec = recorder_;
-  const size_t slot = slot_;
-  // A stamp that cannot be enqueued leaves the span unstamped (dropped from
-  // the trace); the stream's own error surfaces from the work around it.
-  (void)stream.LaunchHostFunc([rec, slot]() -> absl::Status {
-    rec->StampBegin(slot, Recorder::NowNs());
-    return absl::OkStatus();
-  });
+  id_ = recorder_->Open(name, kind, Lane::kCompute, t_label.layer, depth++, Mark(stream));
 }
 
 Span::Span(const char* name, int layer) {
@@ -137,8 +168,7 @@ Span::Span(const char* name, int layer) {
   Push(name, Kind::kHost, layer);
   if (recorder_ == nullptr) return;
   int& depth = t_depth[static_cast<int>(Lane::kHost)];
-  slot_ = recorder_->Open(name, Kind::kHost, Lane::kHost, t_label.layer, depth++);
-  recorder_->StampBegin(slot_, Recorder::NowNs());
+  id_ = recorder_->Open(name, Kind::kHost, Lane::kHost, t_label.layer, depth++, nullptr, Recorder::NowNs());
 }
 
 Span::~Span() {
@@ -149,15 +179,10 @@ Span::~Span() {
   if (recorder_ == nullptr) return;
   if (stream_ != nullptr) {
     --t_depth[static_cast<int>(Lane::kCompute)];
-    Recorder* rec = recorder_;
-    const size_t slot = slot_;
-    (void)stream_->LaunchHostFunc([rec, slot]() -> absl::Status {
-      rec->StampEnd(slot, Recorder::NowNs());
-      return absl::OkStatus();
-    });
+    recorder_->Close(id_, Mark(*stream_));
   } else {
     --t_depth[static_cast<int>(Lane::kHost)];
-    recorder_->StampEnd(slot_, Recorder::NowNs());
+    recorder_->Close(id_, nullptr, Recorder::NowNs());
   }
 }
 

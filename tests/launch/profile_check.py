@@ -2,7 +2,10 @@
 """Checks of tests/launch/profile_test.sh.
 
   profile_check.py trace TRACE_DIR WORLD   every event valid, all ranks, no overlap per tid,
-                                           every flow paired, per-op bytes = comm totals
+                                           every flow paired (all-to-all and
+                                           point-to-point), all-to-alls labelled with phase and
+                                           layer, per-op bytes = comm totals, bytes per peer =
+                                           the transport's wire counter
   profile_check.py dom DUMPED_DOM          the report's DOM holds the summary, heatmap, matrix
 """
 import collections, glob, html.parser, json, os, sys
@@ -23,6 +26,8 @@ def check_trace(d, world):
         if not (md["clock_alignment_error_us"] >= 0): fail(f"{p}: no alignment error")
         per_tid = collections.defaultdict(list)
         op_bytes = collections.Counter()
+        peer_sent = collections.defaultdict(collections.Counter)  # kind -> world peer -> bytes
+        unlabeled = collections.Counter()
         names = set()
         for e in t["traceEvents"]:
             ph = e.get("ph")
@@ -40,8 +45,13 @@ def check_trace(d, world):
                     op_bytes[e["name"]] += a["bytes_sent"]
                     if a["peer_bytes_sent"] and sum(a["peer_bytes_sent"].values()) != a["bytes_sent"]:
                         fail(f"{p}: per-peer bytes do not sum to bytes_sent: {e}")
+                    for peer, b in a["peer_bytes_sent"].items():
+                        if b: peer_sent[e["name"]][peer] += b
+                    if not a["phase"]: unlabeled[e["name"]] += 1
+                    if e["name"].startswith("AllToAll") and (not a["phase"] or a["layer"] < 0):
+                        fail(f"{p}: an all-to-all without its phase and layer: {e}")
             elif ph in ("s", "f"):
-                flows[e["id"]].append((ph, md["rank"]))
+                flows[e["id"]].append((ph, md["rank"], e["name"]))
             elif ph == "C" and not e["args"]: fail(f"{p}: empty counter")
         if names != {md["name"]}: fail(f"{p}: process name {names}")
         for tid, ev in per_tid.items():
@@ -58,11 +68,21 @@ def check_trace(d, world):
             if need not in phases: fail(f"{p}: no '{need}' span")
         totals = {k: v["bytes_sent"] for k, v in md["comm_totals"].items()}
         if dict(op_bytes) != totals: fail(f"{p}: trace bytes {dict(op_bytes)} != communicator totals {totals}")
+        # The events' bytes per peer against the transport's own count of what it was handed.
+        wire = md["wire_bytes_sent"]
+        trace_peers = {k: dict(v) for k, v in peer_sent.items()}
+        if trace_peers != wire: fail(f"{p}: bytes per peer in the trace {trace_peers} != wire counter {wire}")
+        if not wire.get("AllToAllV"): fail(f"{p}: the wire counter saw no all-to-all bytes")
+        if unlabeled: print(f"{os.path.basename(p)}: ops without a span around them: {dict(unlabeled)}")
     if ranks != set(range(world)): fail(f"ranks {ranks}")
     if not flows: fail("no flow events")
+    kinds = collections.Counter()
     for i, ends in flows.items():
         if sorted(x[0] for x in ends) != ["f", "s"]: fail(f"flow {i} unpaired: {ends}")
-    print(f"trace ok: {world} ranks, {len(flows)} flows paired")
+        if ends[0][1] == ends[1][1]: fail(f"flow {i} does not leave its rank: {ends}")
+        kinds[ends[0][2]] += 1
+    if not kinds["p2p"]: fail("no point-to-point flow (LLEP weight moves)")
+    print(f"trace ok: {world} ranks, {len(flows)} flows paired ({dict(kinds)}), bytes per peer equal the wire counter")
 
 class Dom(html.parser.HTMLParser):
     def __init__(self):

@@ -1,0 +1,134 @@
+// moe-bench trace: the cost of profile.trace, measured in one process.
+//
+//   mpirun -np 4 moe-bench trace [config=configs/demo.textproto] [steps=8] [repeats=3]
+//                                [FIELD.PATH=VALUE ...: config overrides]
+//
+// Builds two trainers of the same config on the same ranks, each with its own
+// process groups and profiler: one with profile.trace on (its trace window
+// covers every measured step, and its trace file is written at the last one,
+// inside the timing), one with it off. Their training steps alternate (ABBA,
+// so drift in machine load falls on both alike) and each step is timed on the
+// host; the figure is the ratio of mean step times, traced over untraced
+// ("trace_overhead", target <= 1.03). Each repeat builds both trainers afresh.
+// Needs the config's data (launch/demo.sh prepares the demo's corpus);
+// metrics, traces and checkpoints go to a temporary directory, removed after.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "comm/communicator.h"
+#include "comm/mpi_env.h"
+#include "launch/bench/bench.h"
+#include "parallel/process_groups.h"
+#include "runtime/core/status.h"
+#include "runtime/job_config.h"
+#include "runtime/profiler.h"
+#include "runtime/trainer.h"
+
+namespace moe::bench {
+namespace {
+
+struct Run {
+  std::shared_ptr<Profiler> profiler;
+  std::unique_ptr<parallel::ProcessGroups> groups;
+  std::unique_ptr<Trainer> trainer;
+};
+
+absl::StatusOr<Run> Build(const JobConfig& config) {
+  Run run;
+  ASSIGN_OR_RETURN(comm::CommOptions options,
+                   comm::CommOptionsFromConfig(config.comm(), config.train().device()));
+  run.profiler = std::make_shared<Profiler>();
+  options.sink = run.profiler;
+  ASSIGN_OR_RETURN(auto world, comm::CreateWorldCommunicator(options));
+  ASSIGN_OR_RETURN(parallel::ProcessGroups groups,
+                   parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(),
+                                                 config.parallel().expert()));
+  run.groups = std::make_unique<parallel::ProcessGroups>(std::move(groups));
+  ASSIGN_OR_RETURN(run.trainer, Trainer::Create(config, run.groups.get(), run.profiler));
+  return run;
+}
+
+absl::StatusOr<double> TimedStep(Trainer& t) {
+  const auto begin = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(t.TrainStep().status());
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+}
+
+absl::Status RunTrace(const Args& args, Reporter& reporter) {
+  const int steps = static_cast<int>(args.Int("steps", 8)),
+            repeats = static_cast<int>(args.Int("repeats", 3));
+  if (steps < 2 || repeats < 1) return absl::InvalidArgumentError("trace: steps >= 2 and repeats >= 1");
+  std::vector<std::string> overrides;
+  for (const auto& [key, value] : args.kv) {
+    if (key.find('.') != std::string::npos) overrides.push_back(absl::StrCat(key, "=", value));
+  }
+  // One scratch directory, named by rank 0 and the same on every rank.
+  std::string scratch = args.rank == 0 ? absl::StrCat(std::filesystem::temp_directory_path().string(),
+                                                      "/moe-bench-trace-", getpid())
+                                       : "";
+  ASSIGN_OR_RETURN(std::vector<std::string> all, comm::MpiEnv::AllGatherBytes(scratch));
+  scratch = all[0];
+  auto config_for = [&](bool trace) -> absl::StatusOr<JobConfig> {
+    std::vector<std::string> o = overrides;
+    const std::string dir = absl::StrCat(scratch, trace ? "/on" : "/off");
+    for (std::string f :
+         {absl::StrCat("train.run_dir=", dir), std::string("checkpoint.dir="),
+          absl::StrCat("train.steps=", steps + 1), std::string("train.eval_every=0"),
+          absl::StrCat("profile.trace=", trace ? "true" : "false"), std::string("profile.trace_start=1"),
+          absl::StrCat("profile.trace_steps=", steps), absl::StrCat("profile.trace_dir=", dir, "/trace")})
+      o.push_back(f);
+    return ResolveJobConfig(args.Str("config", "configs/demo.textproto"), o, args.world);
+  };
+  ASSIGN_OR_RETURN(JobConfig on_config, config_for(true));
+  ASSIGN_OR_RETURN(JobConfig off_config, config_for(false));
+  for (int r = 0; r < repeats; ++r) {
+    double on_s = 0, off_s = 0;
+    {
+      ASSIGN_OR_RETURN(Run on, Build(on_config));
+      ASSIGN_OR_RETURN(Run off, Build(off_config));
+      // Step 1 of each warms up (and is outside the trace window).
+      RETURN_IF_ERROR(on.trainer->TrainStep().status());
+      RETURN_IF_ERROR(off.trainer->TrainStep().status());
+      for (int s = 0; s < steps; ++s) {
+        Trainer* first = s % 2 == 0 ? on.trainer.get() : off.trainer.get();
+        Trainer* second = s % 2 == 0 ? off.trainer.get() : on.trainer.get();
+        ASSIGN_OR_RETURN(double a, TimedStep(*first));
+        ASSIGN_OR_RETURN(double b, TimedStep(*second));
+        (first == on.trainer.get() ? on_s : off_s) += a;
+        (second == on.trainer.get() ? on_s : off_s) += b;
+      }
+    }
+    const bool written =
+        std::filesystem::exists(absl::StrCat(scratch, "/on/trace/rank_", args.rank, ".json"));
+    if (!written) return absl::InternalError("trace: the traced trainer wrote no trace file");
+    Measurement m;
+    m.params = {{"config", args.Str("config", "configs/demo.textproto")},
+                {"ranks", absl::StrCat(args.world)},
+                {"steps", absl::StrCat(steps)},
+                {"repeat", absl::StrCat(r + 1)}};
+    m.figures = {{"step_traced", on_s / steps * 1e3, "ms"}, {"step_untraced", off_s / steps * 1e3, "ms"}};
+    m.ratio_name = "trace_overhead";
+    m.ratio = on_s / off_s;
+    reporter.Add(std::move(m));
+  }
+  if (args.rank == 0) std::filesystem::remove_all(scratch);
+  reporter.Note(
+      "trace_overhead = mean step time with profile.trace on / off, the two trainers' steps interleaved in "
+      "one "
+      "process (ABBA), the trace file written inside the last traced step; target <= 1.03");
+  return absl::OkStatus();
+}
+
+Registrar reg("trace", "profile.trace on vs off, interleaved in one process (mpirun -np 4)", RunTrace);
+
+}  // namespace
+}  // namespace moe::bench

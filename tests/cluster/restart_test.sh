@@ -8,7 +8,9 @@
 #    those of a fresh run on 2 hosts from the same checkpoint;
 # 2. when the global batch cannot be kept on 2 hosts (grad_accum 1: 6
 #    sequences over data 2 x micro_batch 2) the launcher stops and names the
-#    host counts that would keep it.
+#    host counts that would keep it;
+# 3. with --allow-batch-change it rounds grad_accum to the nearest whole one
+#    instead (2: a batch of 8), logs the change and finishes.
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 cluster_init "$1" "$2"
 cluster_corpus || exit 1
@@ -58,5 +60,19 @@ code=$?
 expect nobatch.out "host $(cluster_ip 3) (ranks 4-5) did not answer"
 expect nobatch.out "no whole grad_accum keeps the global batch of 6 sequences on data 2 x micro_batch 2; host counts that would: 1 3"
 grep "moe-launch: no whole" nobatch.out
+
+# 3. The same with --allow-batch-change: the launcher rounds the accumulation
+# to the nearest whole one (6 sequences over data 2 x micro_batch 2 = 4 per
+# accumulation step: 1.5, so grad_accum 2 and a batch of 8), says so, and the
+# run finishes on the 2 hosts left with that layout.
+cluster_launch -n 6 "${restart[@]}" --allow-batch-change -- "${common[@]}" train.grad_accum=1 train.steps=2 \
+  train.run_dir=changed checkpoint.dir=changed/ckpt > changed.out 2>&1
+code=$?
+[ "$code" -eq 0 ] || { echo "FAIL: changed: exit code $code"; cat changed.out; fail=1; }
+expect changed.out "global batch changes from 6 to 8 sequences (--allow-batch-change)"
+expect changed.out "layout for restart 1: tensor 2, expert 1, data 2, grad_accum 2 (global batch 8)"
+expect changed.out "finished after 1 restart(s)"
+grep -q "step 2/2" changed.out || { echo "FAIL: changed: no step 2"; cat changed.out; fail=1; }
+grep "moe-launch: global batch changes" changed.out
 
 test_done "cluster restart test"

@@ -82,7 +82,7 @@ absl::Status RunTrace(const Args& args, Reporter& reporter) {
     const std::string dir = absl::StrCat(scratch, trace ? "/on" : "/off");
     for (std::string f :
          {absl::StrCat("train.run_dir=", dir), std::string("checkpoint.dir="),
-          absl::StrCat("train.steps=", steps + 1), std::string("train.eval_every=0"),
+          std::string("train.steps=1000000"), std::string("train.eval_every=0"),
           absl::StrCat("profile.trace=", trace ? "true" : "false"), std::string("profile.trace_start=1"),
           absl::StrCat("profile.trace_steps=", steps), absl::StrCat("profile.trace_dir=", dir, "/trace")})
       o.push_back(f);

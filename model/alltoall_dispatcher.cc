@@ -36,7 +36,7 @@ int64_t AllToAllTokenDispatcher::WireBytes(int chunk, bool toward_experts) const
   for (int p = 0; p < static_cast<int>(rows.size()); ++p) {
     if (p != ep_->rank()) n += rows[p];
   }
-  return n * hidden_ * static_cast<int64_t>(sizeof(float));
+  return n * hidden_ * static_cast<int64_t>(DTypeSize(dtype_));
 }
 
 absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan,
@@ -55,6 +55,7 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
   }
   num_tokens_ = T;
   hidden_ = x.size(1);
+  dtype_ = x.dtype();
   num_assignments_ = T * k;
   const int tp_size = tp_ != nullptr ? tp_->size() : 1, tp_rank = tp_ != nullptr ? tp_->rank() : 0;
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
@@ -129,7 +130,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::SendRows(Stream& stream, int chu
                                                          const Tensor& src_slice) const {
   const Chunk& ch = chunks_[chunk];
   const int64_t n = ch.token_index.numel();
-  ASSIGN_OR_RETURN(Tensor rows, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(Tensor rows, NewActivation(stream, Shape{n, hidden_}, dtype_));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, src_slice, ch.token_index, rows));
   return rows;
 }
@@ -155,7 +156,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
                                                                  const Tensor& dy_slice) {
   Chunk& ch = chunks_[chunk];
   const int64_t n = ch.token_index.numel();
-  ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}, dtype_));
   if (n == 0) return d_rows;
   // d w of row r = dy[t_r] . out_r, into the device vector of all T * k
   // assignments (each row is one assignment: the scatter only places it).
@@ -164,7 +165,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
                                       dweights_.Reshape(Shape{num_assignments_, 1})));
   // d out_r = w_r dy[t_r].
-  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}, dtype_));
   RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, gathered));
   RETURN_IF_ERROR(ops::Fill(stream, d_rows, 0.0));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, ch.row_index, d_rows, ch.weights));
@@ -221,7 +222,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
   stats_.combine_s += Since(t0);
   stats_.combine_bytes += WireBytes(0, false);
   const auto t1 = Clock::now();
-  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
   const Chunk& ch = chunks_[0];
   if (ch.token_index.numel() > 0) {
@@ -261,7 +262,7 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);
   if (ted) {
-    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
     RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
   }
   if (ch.token_index.numel() > 0)
@@ -344,7 +345,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     stats_.combine_s += Since(t0);
     stats_.combine_bytes += WireBytes(c, false);
   }
-  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+  ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
   for (int c = 0; c < C; ++c) {
     t0 = Clock::now();
@@ -446,7 +447,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);
   if (ted) {
-    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}));
+    ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
     RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
   }
   for (int c = 0; c < C; ++c) {

@@ -142,6 +142,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
 
   // State of the current micro-batch.
   int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0;
+  DType dtype_ = DType::kF32;  // of the token rows (the compute dtype)
   int64_t slice_begin_ = 0, slice_end_ = 0;
   parallel::ExchangePlan plan_;
   bool rerouted_ = false;

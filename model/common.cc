@@ -61,6 +61,36 @@ absl::StatusOr<Tensor> NewActivation(Stream& stream, Shape shape, DType dtype) {
   return Tensor::Empty(stream.backend(), shape, dtype, MemoryCategory::kActivations);
 }
 
+absl::StatusOr<Tensor> CastActivation(Stream& stream, const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype) return t;
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, t.shape(), dtype));
+  RETURN_IF_ERROR(ops::Cast(stream, t, out));
+  return out;
+}
+
+absl::Status SetComputeCopies(Stream& stream, const parallel::ParameterList& params, DType dtype) {
+  if (dtype != DType::kF32 && dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("compute copies of dtype ", DTypeName(dtype), ": only f32 and bf16 exist"));
+  }
+  for (parallel::Parameter* p : params) {
+    if (dtype == DType::kF32) {
+      p->compute = Tensor();
+      continue;
+    }
+    ASSIGN_OR_RETURN(p->compute,
+                     Tensor::Empty(stream.backend(), p->value.shape(), dtype, MemoryCategory::kParameters));
+  }
+  return RefreshComputeCopies(stream, params);
+}
+
+absl::Status RefreshComputeCopies(Stream& stream, const parallel::ParameterList& params) {
+  for (parallel::Parameter* p : params) {
+    if (p->compute.defined()) RETURN_IF_ERROR(ops::Cast(stream, p->value, p->compute));
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 absl::StatusOr<Backend*> HostBackend() { return GetBackend(Device::Cpu()); }

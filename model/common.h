@@ -84,8 +84,23 @@ absl::Status CreateParameter(Stream& stream, std::string name, Shape global_shap
                              const parallel::ShardSpec& shard, InitSpec init, uint64_t seed,
                              parallel::Parameter* p);
 
-// A new f32 activation tensor (MemoryCategory::kActivations), uninitialised.
+// A new activation tensor (MemoryCategory::kActivations), uninitialised. Layers
+// pass their input's dtype for tensors in the compute dtype (bf16 under
+// train.precision bf16) and leave f32 for what stays f32 in every precision
+// (rstd, lse, routing, losses: ops.h "Precision").
 absl::StatusOr<Tensor> NewActivation(Stream& stream, Shape shape, DType dtype = DType::kF32);
+
+// `t` itself when it is of `dtype`, else a new activation holding t converted
+// (f32 routing gradients entering a bf16 GEMM).
+absl::StatusOr<Tensor> CastActivation(Stream& stream, const Tensor& t, DType dtype);
+
+// Gives every parameter of `params` a compute copy of `dtype` (Parameter::compute:
+// a bf16 copy of the f32 master, MemoryCategory::kParameters) and fills it;
+// dtype f32 removes the copies (the layers then read the masters).
+absl::Status SetComputeCopies(Stream& stream, const parallel::ParameterList& params, DType dtype);
+// Copies every master `value` into its compute copy (rounding to bf16), after the
+// optimizer step or a checkpoint load changed the masters. No-op without copies.
+absl::Status RefreshComputeCopies(Stream& stream, const parallel::ParameterList& params);
 
 // Host staging of small arrays (routing tables, indices, scalars). ToHost
 // synchronizes the stream.

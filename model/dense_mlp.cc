@@ -25,21 +25,23 @@ absl::Status DenseMLP::Init(Stream& stream, const std::string& prefix, int64_t h
 
 absl::StatusOr<Tensor> DenseMLP::Forward(Stream& stream, const Tensor& x) {
   const int64_t n = x.size(0), f = gate_.value.size(0);
-  ASSIGN_OR_RETURN(g_, NewActivation(stream, Shape{n, f}));
-  ASSIGN_OR_RETURN(u_, NewActivation(stream, Shape{n, f}));
-  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, f}));
-  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
-  RETURN_IF_ERROR(SwiGLUForward(stream, x, gate_.value, up_.value, down_.value, g_, u_, act_, y));
+  ASSIGN_OR_RETURN(g_, NewActivation(stream, Shape{n, f}, x.dtype()));
+  ASSIGN_OR_RETURN(u_, NewActivation(stream, Shape{n, f}, x.dtype()));
+  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, f}, x.dtype()));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape(), x.dtype()));
+  RETURN_IF_ERROR(SwiGLUForward(stream, x, gate_.compute_value(), up_.compute_value(), down_.compute_value(),
+                                g_, u_, act_, y));
   if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, y));  // row-parallel down_proj
   x_ = x;
   return y;
 }
 
 absl::StatusOr<Tensor> DenseMLP::Backward(Stream& stream, const Tensor& dy) {
-  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
-  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
-  RETURN_IF_ERROR(SwiGLUBackward(stream, x_, gate_.value, up_.value, down_.value, g_, u_, act_, dact, dy,
-                                 gate_.grad, up_.grad, down_.grad, dx));
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape(), x_.dtype()));
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape(), x_.dtype()));
+  RETURN_IF_ERROR(SwiGLUBackward(stream, x_, gate_.compute_value(), up_.compute_value(),
+                                 down_.compute_value(), g_, u_, act_, dact, dy, gate_.grad, up_.grad,
+                                 down_.grad, dx));
   x_ = g_ = u_ = act_ = Tensor();
   if (tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dx));  // column-parallel gate/up
   return dx;

@@ -13,8 +13,9 @@ absl::Status Embedding::Init(Stream& stream, int64_t vocab_size, int64_t hidden_
 }
 
 absl::StatusOr<Tensor> Embedding::Forward(Stream& stream, const Tensor& ids) {
-  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{ids.numel(), weight_.value.size(1)}));
-  RETURN_IF_ERROR(ops::GatherRows(stream, weight_.value, ids, out));
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{ids.numel(), weight_.value.size(1)},
+                                             weight_.compute_value().dtype()));
+  RETURN_IF_ERROR(ops::GatherRows(stream, weight_.compute_value(), ids, out));
   ids_ = ids;
   return out;
 }

@@ -65,9 +65,9 @@ absl::Status Experts::Keep(Stream& stream, const Tensor& x, absl::Span<const int
   const int64_t n = x.size(0);
   x_ = x;
   offsets_.assign(offsets.begin(), offsets.end());
-  ASSIGN_OR_RETURN(g_, NewActivation(stream, Shape{n, ffn_}));
-  ASSIGN_OR_RETURN(u_, NewActivation(stream, Shape{n, ffn_}));
-  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, ffn_}));
+  ASSIGN_OR_RETURN(g_, NewActivation(stream, Shape{n, ffn_}, x.dtype()));
+  ASSIGN_OR_RETURN(u_, NewActivation(stream, Shape{n, ffn_}, x.dtype()));
+  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{n, ffn_}, x.dtype()));
   return absl::OkStatus();
 }
 
@@ -106,27 +106,27 @@ absl::StatusOr<std::unique_ptr<Experts>> MakeExperts(const std::string& impl) {
 absl::StatusOr<Tensor> SequentialExperts::Forward(Stream& stream, const Tensor& x,
                                                   absl::Span<const int64_t> offsets) {
   RETURN_IF_ERROR(Keep(stream, x, offsets));
-  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape(), x.dtype()));
   for (int64_t i = 0; i < num_local_experts(); ++i) {
     const int64_t b = offsets_[i], e = offsets_[i + 1];
     if (b == e) continue;
-    RETURN_IF_ERROR(SwiGLUForward(stream, x.Slice(b, e), gate_.value.Select(i), up_.value.Select(i),
-                                  down_.value.Select(i), g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e),
-                                  y.Slice(b, e)));
+    RETURN_IF_ERROR(SwiGLUForward(stream, x.Slice(b, e), gate_.compute_value().Select(i),
+                                  up_.compute_value().Select(i), down_.compute_value().Select(i),
+                                  g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e), y.Slice(b, e)));
   }
   return y;
 }
 
 absl::StatusOr<Tensor> SequentialExperts::Backward(Stream& stream, const Tensor& dy) {
-  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
-  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape(), x_.dtype()));
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape(), act_.dtype()));
   for (int64_t i = 0; i < num_local_experts(); ++i) {
     const int64_t b = offsets_[i], e = offsets_[i + 1];
     if (b == e) continue;
-    RETURN_IF_ERROR(SwiGLUBackward(stream, x_.Slice(b, e), gate_.value.Select(i), up_.value.Select(i),
-                                   down_.value.Select(i), g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e),
-                                   dact.Slice(b, e), dy.Slice(b, e), gate_.grad.Select(i), up_.grad.Select(i),
-                                   down_.grad.Select(i), dx.Slice(b, e)));
+    RETURN_IF_ERROR(SwiGLUBackward(
+        stream, x_.Slice(b, e), gate_.compute_value().Select(i), up_.compute_value().Select(i),
+        down_.compute_value().Select(i), g_.Slice(b, e), u_.Slice(b, e), act_.Slice(b, e), dact.Slice(b, e),
+        dy.Slice(b, e), gate_.grad.Select(i), up_.grad.Select(i), down_.grad.Select(i), dx.Slice(b, e)));
   }
   Release();
   return dx;
@@ -137,17 +137,18 @@ absl::StatusOr<Tensor> SequentialExperts::Backward(Stream& stream, const Tensor&
 absl::StatusOr<Tensor> GroupedExperts::Forward(Stream& stream, const Tensor& x,
                                                absl::Span<const int64_t> offsets) {
   RETURN_IF_ERROR(Keep(stream, x, offsets));
-  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape()));
-  RETURN_IF_ERROR(
-      GroupedSwiGLUForward(stream, x, gate_.value, up_.value, down_.value, offsets_, g_, u_, act_, y));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, x.shape(), x.dtype()));
+  RETURN_IF_ERROR(GroupedSwiGLUForward(stream, x, gate_.compute_value(), up_.compute_value(),
+                                       down_.compute_value(), offsets_, g_, u_, act_, y));
   return y;
 }
 
 absl::StatusOr<Tensor> GroupedExperts::Backward(Stream& stream, const Tensor& dy) {
-  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
-  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape()));
-  RETURN_IF_ERROR(GroupedSwiGLUBackward(stream, x_, gate_.value, up_.value, down_.value, offsets_, g_, u_,
-                                        act_, dact, dy, gate_.grad, up_.grad, down_.grad, dx));
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape(), x_.dtype()));
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, act_.shape(), act_.dtype()));
+  RETURN_IF_ERROR(GroupedSwiGLUBackward(stream, x_, gate_.compute_value(), up_.compute_value(),
+                                        down_.compute_value(), offsets_, g_, u_, act_, dact, dy, gate_.grad,
+                                        up_.grad, down_.grad, dx));
   Release();
   return dx;
 }

@@ -21,12 +21,15 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-absl::StatusOr<Tensor> NewTensor(Stream& stream, Shape shape, MemoryCategory category) {
-  return Tensor::Empty(stream.backend(), shape, DType::kF32, category);
+absl::StatusOr<Tensor> NewTensor(Stream& stream, Shape shape, MemoryCategory category,
+                                 DType dtype = DType::kF32) {
+  return Tensor::Empty(stream.backend(), shape, dtype, category);
 }
 
+// The weights the experts compute with (bf16 copies under train.precision bf16):
+// what LLEP lends.
 parallel::ExpertTensors ExpertValues(Experts& e) {
-  return {e.gate_proj().value, e.up_proj().value, e.down_proj().value};
+  return {e.gate_proj().compute_value(), e.up_proj().compute_value(), e.down_proj().compute_value()};
 }
 parallel::ExpertTensors ExpertGrads(Experts& e) {
   return {e.gate_proj().grad, e.up_proj().grad, e.down_proj().grad};
@@ -91,7 +94,8 @@ absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& h
 }
 
 parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const LlepRates& measured,
-                                            int64_t hidden_size, int64_t expert_ffn_hidden_size) {
+                                            int64_t hidden_size, int64_t expert_ffn_hidden_size,
+                                            DType weight_dtype) {
   parallel::LlepOptions o;
   o.trigger_ratio = cfg.trigger_ratio();
   o.capacity_factor = cfg.capacity_factor();
@@ -100,7 +104,7 @@ parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const
   if (cfg.cost_model()) {
     const double d = static_cast<double>(hidden_size), f = static_cast<double>(expert_ffn_hidden_size);
     o.flops_per_token = 18.0 * d * f;  // 3 GEMMs of 2 d Fe forward, twice that backward
-    o.weight_bytes = 3.0 * d * f * sizeof(float);
+    o.weight_bytes = 3.0 * d * f * static_cast<double>(DTypeSize(weight_dtype));
     o.gemm_flops_per_s = cfg.gemm_gflops() > 0 ? cfg.gemm_gflops() * 1e9 : measured.gemm_flops_per_s;
     o.p2p_bytes_per_s = cfg.p2p_gbps() > 0 ? cfg.p2p_gbps() * 1e9 : measured.p2p_bytes_per_s;
   }
@@ -183,19 +187,22 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
 
 absl::Status LlepRunner::PostWeightMoves(Stream& stream, Experts& local) {
   const int me = ep_->rank();
-  const Tensor& gate = local.gate_proj().value;
+  // The compute copies travel (bf16 under train.precision bf16); gradients come back in f32.
+  const Tensor& gate = local.gate_proj().compute_value();
+  const DType dt = gate.dtype();
   const int64_t ffn = gate.size(1), d = gate.size(2);
   borrowed_ = Borrowed();
   borrowed_.experts = parallel::BorrowedExperts(plan_, me);
   const int64_t B = static_cast<int64_t>(borrowed_.experts.size());
   stats_.weight_bytes_moved =
-      static_cast<int64_t>(plan_.weight_moves.size()) * 3 * ffn * d * static_cast<int64_t>(sizeof(float));
+      static_cast<int64_t>(plan_.weight_moves.size()) * 3 * ffn * d * static_cast<int64_t>(DTypeSize(dt));
   if (B > 0) {
     ASSIGN_OR_RETURN(borrowed_.weights.gate,
-                     NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
-    ASSIGN_OR_RETURN(borrowed_.weights.up, NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters));
+                     NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters, dt));
+    ASSIGN_OR_RETURN(borrowed_.weights.up,
+                     NewTensor(stream, Shape{B, ffn, d}, MemoryCategory::kParameters, dt));
     ASSIGN_OR_RETURN(borrowed_.weights.down,
-                     NewTensor(stream, Shape{B, d, ffn}, MemoryCategory::kParameters));
+                     NewTensor(stream, Shape{B, d, ffn}, MemoryCategory::kParameters, dt));
   }
   ASSIGN_OR_RETURN(weights_landed_, parallel::StartWeightMoves(*ep_p2p_, stream, plan_, expert_begin_,
                                                                ExpertValues(local), borrowed_.weights));
@@ -234,9 +241,9 @@ absl::Status LlepRunner::BorrowedForward(Stream& stream, Segment& seg, const Ten
   const int64_t n = seg.row_end - seg.row_begin, ffn = borrowed_.weights.gate.size(1);
   if (n == 0) return absl::OkStatus();
   seg.x = grouped.Slice(seg.row_begin, seg.row_end);
-  ASSIGN_OR_RETURN(seg.g, NewActivation(stream, Shape{n, ffn}));
-  ASSIGN_OR_RETURN(seg.u, NewActivation(stream, Shape{n, ffn}));
-  ASSIGN_OR_RETURN(seg.act, NewActivation(stream, Shape{n, ffn}));
+  ASSIGN_OR_RETURN(seg.g, NewActivation(stream, Shape{n, ffn}, grouped.dtype()));
+  ASSIGN_OR_RETURN(seg.u, NewActivation(stream, Shape{n, ffn}, grouped.dtype()));
+  ASSIGN_OR_RETURN(seg.act, NewActivation(stream, Shape{n, ffn}, grouped.dtype()));
   const parallel::ExpertTensors& w = borrowed_.weights;
   return GroupedSwiGLUForward(stream, seg.x, w.gate.Slice(seg.first, seg.last),
                               w.up.Slice(seg.first, seg.last), w.down.Slice(seg.first, seg.last), seg.offsets,
@@ -248,7 +255,7 @@ absl::Status LlepRunner::BorrowedBackward(Stream& stream, Segment& seg, const Te
   if (n == 0) return absl::OkStatus();
   const parallel::ExpertTensors &w = borrowed_.weights, &dw = borrowed_.grads;
   const int64_t a = seg.first, b = seg.last;
-  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, seg.act.shape()));
+  ASSIGN_OR_RETURN(Tensor dact, NewActivation(stream, seg.act.shape(), seg.act.dtype()));
   RETURN_IF_ERROR(GroupedSwiGLUBackward(
       stream, seg.x, w.gate.Slice(a, b), w.up.Slice(a, b), w.down.Slice(a, b), seg.offsets, seg.g, seg.u,
       seg.act, dact, dy.Slice(seg.row_begin, seg.row_end), dw.gate.Slice(a, b), dw.up.Slice(a, b),
@@ -279,7 +286,7 @@ absl::StatusOr<Tensor> LlepRunner::RunExperts(Stream& stream, int chunk, const T
     return local_out;
   }
   if (forward) stats_.borrowed_rows += N - (le - lb);
-  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden}));
+  ASSIGN_OR_RETURN(Tensor out, NewActivation(stream, Shape{N, hidden}, grouped.dtype()));
   if (le > lb) RETURN_IF_ERROR(ops::Copy(stream, local_out, out.Slice(lb, le)));
   local_out = Tensor();
   // Borrowed weights are read after they landed (a device-side wait).
@@ -372,8 +379,8 @@ absl::Status EnableLlep(Model& model, const config::ModelConfig& model_cfg,
     // Under expert TP a rank computes and moves its ffn slice only: the cost
     // model's FLOPs and weight bytes are the slice's.
     comm::Communicator* expert_tp = moe->expert_tp_group();
-    const parallel::LlepOptions options =
-        LlepOptionsFromConfig(llep_cfg, rates, model_cfg.hidden_size(), moe->experts().local_ffn());
+    const parallel::LlepOptions options = LlepOptionsFromConfig(
+        llep_cfg, rates, model_cfg.hidden_size(), moe->experts().local_ffn(), model.compute_dtype());
     moe->SetLlep(std::make_unique<LlepRunner>(ep, ep_p2p, expert_tp != nullptr ? nullptr : tp,
                                               model_cfg.moe().num_experts(), options, expert_tp));
   }

@@ -82,9 +82,11 @@ absl::StatusOr<LlepRates> MeasureLlepRates(Stream& stream, comm::Communicator& h
 
 // Planner options from the job's llep config; rates (GFLOP/s, GB/s) come from
 // the config when > 0, else from `measured`. The cost model uses the SwiGLU
-// expert's forward+backward FLOPs per token (18 d Fe) and its weight bytes.
+// expert's forward+backward FLOPs per token (18 d Fe) and its weight bytes
+// (3 d Fe elements of weight_dtype: the compute copies are what travels).
 parallel::LlepOptions LlepOptionsFromConfig(const config::LlepConfig& cfg, const LlepRates& measured,
-                                            int64_t hidden_size, int64_t expert_ffn_hidden_size);
+                                            int64_t hidden_size, int64_t expert_ffn_hidden_size,
+                                            DType weight_dtype = DType::kF32);
 
 class LlepRunner {
  public:

@@ -12,7 +12,7 @@ namespace moe::model {
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const config::ModelConfig& cfg, Stream& stream,
                                                      uint64_t seed, const ShardPlan& plan,
-                                                     DispatcherFactory dispatchers) {
+                                                     DispatcherFactory dispatchers, DType compute_dtype) {
   RETURN_IF_ERROR(ValidateModelConfig(cfg, plan));
   if (plan.tp_size > 1 && (plan.tp_group == nullptr || plan.tp_group->size() != plan.tp_size ||
                            plan.tp_group->rank() != plan.tp_rank)) {
@@ -28,6 +28,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const config::ModelConfig& 
   std::unique_ptr<Model> model(new Model());
   model->cfg_ = cfg;
   RETURN_IF_ERROR(model->Init(stream, seed, plan, dispatchers));
+  RETURN_IF_ERROR(SetComputeCopies(stream, model->params_, compute_dtype));
+  RETURN_IF_ERROR(stream.Synchronize());
   return model;
 }
 
@@ -102,7 +104,9 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
   } else {
     ASSIGN_OR_RETURN(hn_, final_norm_.Forward(stream, h.h));
   }
-  const Tensor& head = cfg_.tie_word_embeddings() ? embed_.weight().value : lm_head_.value;
+  const Tensor& head =
+      cfg_.tie_word_embeddings() ? embed_.weight().compute_value() : lm_head_.compute_value();
+  // Logits are f32 in every precision (f32 output of the f32-accumulated GEMM).
   ASSIGN_OR_RETURN(logits_, NewActivation(stream, Shape{T, V}));
   RETURN_IF_ERROR(ops::Gemm(stream, hn_, false, head, true, logits_));
   ASSIGN_OR_RETURN(Tensor losses, NewActivation(stream, Shape{T}));
@@ -121,14 +125,21 @@ absl::Status Model::Backward(Stream& stream, float loss_scale, const BlockDoneFn
   const int64_t T = num_tokens_;
   const bool tied = cfg_.tie_word_embeddings();
   parallel::Parameter& head = tied ? embed_.weight() : lm_head_;
-  // dlogits overwrite the logits.
+  // dlogits overwrite the logits in fp32; in bf16 they are written in bf16 (the
+  // gradient enters the bf16 backward there; the f32 logits are released after).
+  const DType dt = hn_.dtype();
+  Tensor dlogits = logits_;
+  if (dt != logits_.dtype()) {
+    ASSIGN_OR_RETURN(dlogits, NewActivation(stream, logits_.shape(), dt));
+  }
   RETURN_IF_ERROR(ops::CrossEntropyBackward(stream, logits_, targets_, lse_, Tensor(),
-                                            static_cast<float>(loss_scale / T), logits_));
-  RETURN_IF_ERROR(ops::Gemm(stream, logits_, true, hn_, false, head.grad, 1.0f, 1.0f));
-  ASSIGN_OR_RETURN(Tensor dhn, NewActivation(stream, hn_.shape()));
-  RETURN_IF_ERROR(ops::Gemm(stream, logits_, false, head.value, false, dhn));
-  logits_ = hn_ = lse_ = Tensor();
-  ASSIGN_OR_RETURN(Tensor dh, NewActivation(stream, dhn.shape()));
+                                            static_cast<float>(loss_scale / T), dlogits));
+  logits_ = Tensor();
+  RETURN_IF_ERROR(ops::Gemm(stream, dlogits, true, hn_, false, head.grad, 1.0f, 1.0f));
+  ASSIGN_OR_RETURN(Tensor dhn, NewActivation(stream, hn_.shape(), dt));
+  RETURN_IF_ERROR(ops::Gemm(stream, dlogits, false, head.compute_value(), false, dhn));
+  dlogits = hn_ = lse_ = Tensor();
+  ASSIGN_OR_RETURN(Tensor dh, NewActivation(stream, dhn.shape(), dt));
   RETURN_IF_ERROR(final_norm_.Backward(stream, dhn, dh, /*accumulate_dx=*/false));
   dhn = Tensor();
   for (int l = num_layers() - 1; l >= 0; --l) {
@@ -165,6 +176,12 @@ absl::Status Model::UpdateExpertBiases(
 void Model::SetStep(int64_t step) {
   for (auto& block : blocks_)
     if (block->is_moe()) block->moe()->set_step(step);
+}
+
+absl::Status Model::RefreshComputeWeights(Stream& stream) { return RefreshComputeCopies(stream, params_); }
+
+DType Model::compute_dtype() const {
+  return params_.size() > 0 ? params_[0]->compute_value().dtype() : DType::kF32;
 }
 
 absl::Status Model::ZeroGrads(Stream& stream) {

@@ -55,9 +55,12 @@ class Model {
   // Builds the model of `cfg` (after ApplyDefaults) on stream's backend and
   // initialises it from `seed` (docs/model.md). With plan.tp_size > 1,
   // plan.tp_group is required; with plan.ep_size > 1 a dispatcher factory.
+  // compute_dtype (train.precision): f32, or bf16 for bf16 weight copies and
+  // activations over f32 masters and gradients (docs/design.md "Precision").
   static absl::StatusOr<std::unique_ptr<Model>> Create(const config::ModelConfig& cfg, Stream& stream,
                                                        uint64_t seed, const ShardPlan& plan = {},
-                                                       DispatcherFactory dispatchers = {});
+                                                       DispatcherFactory dispatchers = {},
+                                                       DType compute_dtype = DType::kF32);
 
   // Forward of one micro-batch; keeps what Backward needs. Synchronizes the
   // stream (the losses are read on the host).
@@ -70,6 +73,12 @@ class Model {
   // seeds the per-step noise of the expert-router coupling loss, so every
   // micro-batch and every layout of a step draws the same proxies.
   void SetStep(int64_t step);
+  // After the masters (Parameter::value) changed (optimizer step, checkpoint
+  // load, LLEP weight return): rounds them into the bf16 compute copies.
+  // No-op in f32. Enqueued on `stream`.
+  absl::Status RefreshComputeWeights(Stream& stream);
+  // f32 or bf16: the dtype of the weights and activations forward computes with.
+  DType compute_dtype() const;
 
   // The parameters in docs/model.md's order (no lm_head when tied).
   const parallel::ParameterList& parameters() const { return params_; }

@@ -86,7 +86,7 @@ absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, floa
   // The shared expert first: RoutedBackward releases x.
   Tensor dx_shared;
   if (shared_ != nullptr) {
-    ASSIGN_OR_RETURN(dx_shared, NewActivation(stream, dy.shape()));
+    ASSIGN_OR_RETURN(dx_shared, NewActivation(stream, dy.shape(), dy.dtype()));
     RETURN_IF_ERROR(ops::Fill(stream, dx_shared, 0.0));
     RETURN_IF_ERROR(SharedBackward(stream, dy, dx_shared));
   }
@@ -100,7 +100,7 @@ absl::Status MoELayer::SharedForward(Stream& stream, const Tensor& x, const Tens
   if (!gated_) return ops::Add(stream, y, s, y);
   const int64_t T = x.size(0);
   ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, 1}));
-  RETURN_IF_ERROR(ops::Gemm(stream, x, false, shared_gate_.value, true, logits));
+  RETURN_IF_ERROR(ops::Gemm(stream, x, false, shared_gate_.compute_value(), true, logits));
   ASSIGN_OR_RETURN(gate_host_, ToHostFloats(stream, logits));
   for (float& g : gate_host_) g = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g))));
   std::vector<int32_t> rows(T);
@@ -128,10 +128,12 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
     dgh[t] = static_cast<float>(dgh[t] * g * (1.0 - g));
   }
   ASSIGN_OR_RETURN(Tensor dlogit, FromHostFloats(stream, dgh, Shape{T, 1}));
+  // The f32 gate gradient enters the GEMMs in the compute dtype (bf16 operands; f32 weight grad).
+  ASSIGN_OR_RETURN(dlogit, CastActivation(stream, dlogit, shared_x_.dtype()));
   RETURN_IF_ERROR(ops::Gemm(stream, dlogit, true, shared_x_, false, shared_gate_.grad, 1.0f, 1.0f));
-  RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.value, false, dx, 1.0f, 1.0f));
+  RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.compute_value(), false, dx, 1.0f, 1.0f));
   // The shared expert sees g_t dy_t.
-  ASSIGN_OR_RETURN(Tensor dys, NewActivation(stream, dy.shape()));
+  ASSIGN_OR_RETURN(Tensor dys, NewActivation(stream, dy.shape(), dy.dtype()));
   RETURN_IF_ERROR(ops::Fill(stream, dys, 0.0));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dy, rows_, dys, gate_));
   ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dys));
@@ -168,7 +170,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
 absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,
                                                 float z_scale) {
   std::vector<float> dweights;
-  ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape()));
+  ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape(), x_.dtype()));
   RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
   if (llep_active_) {
     llep_active_ = false;

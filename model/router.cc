@@ -235,7 +235,7 @@ absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor&
   }
   seq_len_ = seq_len > 0 ? seq_len : T;
   ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, E}));
-  RETURN_IF_ERROR(ops::Gemm(stream, x, false, weight_.value, true, logits));
+  RETURN_IF_ERROR(ops::Gemm(stream, x, false, weight_.compute_value(), true, logits));
   ASSIGN_OR_RETURN(z_, ToHostFloats(stream, logits));
   probs_.assign(T * E, 0.0);
   lse_.assign(T, 0.0);
@@ -377,10 +377,13 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> 
     }
   }
   for (int64_t e = 0; e < E; ++e) pending_load_[e] += plan_.selected_per_expert[e];
-  ASSIGN_OR_RETURN(Tensor dz_dev, FromHostFloats(stream, dz, Shape{T, E}));
+  ASSIGN_OR_RETURN(Tensor dz_f32, FromHostFloats(stream, dz, Shape{T, E}));
+  // Router logits and their gradient are f32; the GEMMs take them in x's dtype
+  // (bf16 operands, f32 accumulation into the f32 weight gradient).
+  ASSIGN_OR_RETURN(Tensor dz_dev, CastActivation(stream, dz_f32, x_.dtype()));
   RETURN_IF_ERROR(ops::Gemm(stream, dz_dev, true, x_, false, weight_.grad, 1.0f, 1.0f));
-  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape()));
-  RETURN_IF_ERROR(ops::Gemm(stream, dz_dev, false, weight_.value, false, dx));
+  ASSIGN_OR_RETURN(Tensor dx, NewActivation(stream, x_.shape(), x_.dtype()));
+  RETURN_IF_ERROR(ops::Gemm(stream, dz_dev, false, weight_.compute_value(), false, dx));
   x_ = Tensor();
   return dx;
 }

@@ -47,14 +47,14 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
   ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
   ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
   ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
-  ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}, x.dtype()));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
   return in;
 }
 
 absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
   ProfileScope profile(ProfileCategory::kPermute);
-  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}));
+  ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}, expert_out.dtype()));
   RETURN_IF_ERROR(ops::Fill(stream, y, 0.0));
   if (expert_out.size(0) > 0) {
     RETURN_IF_ERROR(ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_));
@@ -68,7 +68,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   ProfileScope profile(ProfileCategory::kPermute);
   const int64_t n = expert_out_.size(0);
   dweights->assign(num_assignments_, 0.0f);
-  ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
   if (n == 0) return d_out;
   // d w of row r = dy[t_r] . out_r.
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
@@ -76,7 +76,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
   for (int64_t r = 0; r < n; ++r) (*dweights)[assignment_of_row_[r]] = dw_host[r];
   // d out_r = w_r dy[t_r]: gather, then scale rows through a weighted identity scatter.
-  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}));
+  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
   RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, gathered));
   RETURN_IF_ERROR(ops::Fill(stream, d_out, 0.0));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, row_index_, d_out, weights_));

@@ -16,12 +16,14 @@ int64_t BorrowedRow(absl::Span<const int64_t> borrowed, int64_t e) {
   return std::lower_bound(borrowed.begin(), borrowed.end(), e) - borrowed.begin();
 }
 
-absl::Status CheckStack(const char* what, const ExpertTensors& t, int64_t rows) {
+// `dtype`: the stack's element type (weights: f32, or bf16 compute copies
+// under train.precision bf16; gradients: f32).
+absl::Status CheckStack(const char* what, const ExpertTensors& t, int64_t rows, DType dtype = DType::kF32) {
   for (const Tensor* m : {&t.gate, &t.up, &t.down}) {
-    if (!m->defined() || m->rank() != 3 || m->dtype() != DType::kF32 || m->size(0) < rows) {
+    if (!m->defined() || m->rank() != 3 || m->dtype() != dtype || m->size(0) < rows) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": expert tensor ",
-                                                     m->defined() ? m->ToString() : "undefined",
-                                                     " must be f32 [n >= ", rows, ", ., .]"));
+                                                     m->defined() ? m->ToString() : "undefined", " must be ",
+                                                     DTypeName(dtype), " [n >= ", rows, ", ., .]"));
     }
   }
   if (t.gate.shape() != t.up.shape() || t.down.numel() != t.gate.numel()) {
@@ -83,10 +85,15 @@ absl::StatusOr<std::shared_ptr<Event>> StartWeightMoves(comm::Communicator& ep_p
                                                         const ExpertTensors& borrowed) {
   const int me = ep_p2p.rank();
   const std::vector<int64_t> experts = BorrowedExperts(plan, me);
-  RETURN_IF_ERROR(CheckStack("StartWeightMoves (local)", local, 1));
+  const DType dt = local.gate.defined() ? local.gate.dtype() : DType::kF32;
+  if (dt != DType::kF32 && dt != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("StartWeightMoves: expert weights ", local.gate.ToString(), " must be f32 or bf16"));
+  }
+  RETURN_IF_ERROR(CheckStack("StartWeightMoves (local)", local, 1, dt));
   if (!experts.empty()) {
     RETURN_IF_ERROR(
-        CheckStack("StartWeightMoves (borrowed)", borrowed, static_cast<int64_t>(experts.size())));
+        CheckStack("StartWeightMoves (borrowed)", borrowed, static_cast<int64_t>(experts.size()), dt));
   }
   const size_t numel = static_cast<size_t>(local.gate.Select(0).numel());
   std::vector<comm::P2POp> ops;
@@ -94,11 +101,11 @@ absl::StatusOr<std::shared_ptr<Event>> StartWeightMoves(comm::Communicator& ep_p
     if (m.src == me) {
       const int64_t i = m.expert - expert_begin;
       for (const Tensor* t : {&local.gate, &local.up, &local.down})
-        ops.push_back(comm::P2POp::Send(t->Select(i).raw_data(), numel, DType::kF32, m.dst));
+        ops.push_back(comm::P2POp::Send(t->Select(i).raw_data(), numel, dt, m.dst));
     } else if (m.dst == me) {
       const int64_t b = BorrowedRow(experts, m.expert);
       for (const Tensor* t : {&borrowed.gate, &borrowed.up, &borrowed.down})
-        ops.push_back(comm::P2POp::Recv(t->Select(b).raw_data(), numel, DType::kF32, m.src));
+        ops.push_back(comm::P2POp::Recv(t->Select(b).raw_data(), numel, dt, m.src));
     }
   }
   return StartP2P(ep_p2p, stream, std::move(ops), Keep(local, borrowed));

@@ -60,7 +60,8 @@ std::vector<int64_t> BorrowedExperts(const LlepPlan& plan, int rank);
 // `borrowed` has one row per BorrowedExperts(plan, ep_p2p.rank()) entry and
 // receives them. Returns the completion event, or null when this rank takes no
 // part. `stream` must Wait on it before reading `borrowed` and before `local`
-// changes.
+// changes. The weights travel in their dtype: f32, or the bf16 compute copies
+// under train.precision bf16 (`borrowed` of the same dtype); gradients are f32.
 absl::StatusOr<std::shared_ptr<Event>> StartWeightMoves(comm::Communicator& ep_p2p, Stream& stream,
                                                         const LlepPlan& plan, int64_t expert_begin,
                                                         const ExpertTensors& local,

@@ -59,6 +59,14 @@ struct Parameter {
   ShardSpec shard;
   Tensor value;  // local part, shape LocalShape(global_shape, shard), row-major
   Tensor grad;   // same shape and device as value; backward accumulates into it
+  // The copy that forward and backward compute with (train.precision, ops.h
+  // "Precision"): undefined in fp32, where the layers read `value` itself; in
+  // bf16 a bf16 copy of `value`, which then is the f32 master weight (what the
+  // optimizer updates, the checkpoint saves and clipping reads). The copy is
+  // refreshed from `value` after every change of `value` (model::
+  // RefreshComputeCopies). `grad` is f32 in every precision.
+  Tensor compute;
+  const Tensor& compute_value() const { return compute.defined() ? compute : value; }
   // AdamW/SGD weight decay applies (false for norm gains and embeddings unless
   // optim.decay_norms_and_embeddings).
   bool weight_decay = true;

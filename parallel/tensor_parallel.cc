@@ -10,10 +10,13 @@
 namespace moe::parallel {
 namespace {
 
-absl::Status CheckF32(const char* what, const Tensor& t) {
-  if (!t.defined() || t.dtype() != DType::kF32 || t.rank() < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": tensor ", t.defined() ? t.ToString() : "undefined", " must be an f32 tensor of rank >= 1"));
+// f32, or bf16 activations under train.precision bf16 (the MPI backend sums
+// bf16 in f32 and rounds each partial sum, as NCCL does).
+absl::Status CheckFloat(const char* what, const Tensor& t) {
+  if (!t.defined() || (t.dtype() != DType::kF32 && t.dtype() != DType::kBF16) || t.rank() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": tensor ",
+                                                   t.defined() ? t.ToString() : "undefined",
+                                                   " must be an f32 or bf16 tensor of rank >= 1"));
   }
   return absl::OkStatus();
 }
@@ -33,16 +36,16 @@ std::pair<int64_t, int64_t> RowSlice(int64_t num_rows, int size, int rank) {
 }
 
 absl::Status AllReduceSum(comm::Communicator& tp, Stream& stream, const Tensor& t) {
-  RETURN_IF_ERROR(CheckF32("AllReduceSum", t));
+  RETURN_IF_ERROR(CheckFloat("AllReduceSum", t));
   if (tp.size() == 1 || t.numel() == 0) return absl::OkStatus();
   // Ordered on the compute stream (its later work needs the sum): no host wait.
-  return tp.AllReduce(t.raw_data(), t.raw_data(), static_cast<size_t>(t.numel()), DType::kF32,
+  return tp.AllReduce(t.raw_data(), t.raw_data(), static_cast<size_t>(t.numel()), t.dtype(),
                       comm::ReduceOp::kSum, stream);
 }
 
 absl::StatusOr<Tensor> AllGatherRows(comm::Communicator& tp, Stream& stream, const Tensor& local,
                                      int64_t num_rows) {
-  RETURN_IF_ERROR(CheckF32("AllGatherRows", local));
+  RETURN_IF_ERROR(CheckFloat("AllGatherRows", local));
   const int P = tp.size();
   const auto [begin, end] = RowSlice(num_rows, P, tp.rank());
   if (local.size(0) != end - begin) {
@@ -53,7 +56,7 @@ absl::StatusOr<Tensor> AllGatherRows(comm::Communicator& tp, Stream& stream, con
   int64_t row_elems = 1;
   for (int i = 1; i < local.rank(); ++i) row_elems *= local.size(i);
   ASSIGN_OR_RETURN(Tensor full, Tensor::Empty(stream.backend(), WithRows(local.shape(), num_rows),
-                                              DType::kF32, MemoryCategory::kActivations));
+                                              local.dtype(), MemoryCategory::kActivations));
   if (P == 1) {
     if (num_rows > 0) RETURN_IF_ERROR(ops::Copy(stream, local, full));
     return full;
@@ -65,7 +68,7 @@ absl::StatusOr<Tensor> AllGatherRows(comm::Communicator& tp, Stream& stream, con
     displs[r] = static_cast<size_t>(b * row_elems);
   }
   RETURN_IF_ERROR(tp.AllGatherV(local.raw_data(), counts[tp.rank()], full.raw_data(), counts, displs,
-                                DType::kF32, stream));
+                                local.dtype(), stream));
   return full;
 }
 
@@ -75,24 +78,24 @@ Tensor SplitRows(const Tensor& full, int size, int rank) {
 }
 
 absl::StatusOr<Tensor> ReduceScatterRows(comm::Communicator& tp, Stream& stream, const Tensor& full) {
-  RETURN_IF_ERROR(CheckF32("ReduceScatterRows", full));
+  RETURN_IF_ERROR(CheckFloat("ReduceScatterRows", full));
   const int P = tp.size();
   const int64_t num_rows = full.size(0);
   const auto [begin, end] = RowSlice(num_rows, P, tp.rank());
   ASSIGN_OR_RETURN(Tensor out, Tensor::Empty(stream.backend(), WithRows(full.shape(), end - begin),
-                                             DType::kF32, MemoryCategory::kActivations));
+                                             full.dtype(), MemoryCategory::kActivations));
   if (end > begin) RETURN_IF_ERROR(ops::Copy(stream, full.Slice(begin, end), out));
   if (P == 1) return out;
   if (num_rows % P == 0) {
     // Equal slices: one ReduceScatter.
     RETURN_IF_ERROR(tp.ReduceScatter(full.raw_data(), out.raw_data(), static_cast<size_t>(out.numel()),
-                                     DType::kF32, comm::ReduceOp::kSum, stream));
+                                     full.dtype(), comm::ReduceOp::kSum, stream));
     return out;
   }
   // Uneven slices: sum everything, keep this rank's rows (T x d is small next
   // to the exchange it follows; uneven splits only happen for odd batch sizes).
   ASSIGN_OR_RETURN(Tensor sum,
-                   Tensor::Empty(stream.backend(), full.shape(), DType::kF32, MemoryCategory::kActivations));
+                   Tensor::Empty(stream.backend(), full.shape(), full.dtype(), MemoryCategory::kActivations));
   RETURN_IF_ERROR(ops::Copy(stream, full, sum));
   RETURN_IF_ERROR(AllReduceSum(tp, stream, sum));
   if (end > begin) RETURN_IF_ERROR(ops::Copy(stream, sum.Slice(begin, end), out));

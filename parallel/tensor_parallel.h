@@ -1,5 +1,5 @@
 // Tensor-parallel region helpers over the TP group (Megatron's mappings.py),
-// on f32 tensors of the stream's device.
+// on f32 or bf16 tensors of the stream's device.
 //
 //   Row-parallel linear, forward:      y_partial -> AllReduceSum (y on every TP rank)
 //   Column-parallel linear, backward:  dx_partial -> AllReduceSum
@@ -33,7 +33,7 @@ namespace moe::parallel {
 // even split, the first num_rows % size ranks one row longer.
 std::pair<int64_t, int64_t> RowSlice(int64_t num_rows, int size, int rank);
 
-// t = sum over the TP ranks of t, in place (any shape, f32).
+// t = sum over the TP ranks of t, in place (any shape, f32 or bf16).
 absl::Status AllReduceSum(comm::Communicator& tp, Stream& stream, const Tensor& t);
 
 // local [rows of RowSlice(num_rows, tp.size(), tp.rank()), ...] -> a new

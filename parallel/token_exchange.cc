@@ -11,9 +11,9 @@ namespace moe::parallel {
 namespace {
 
 absl::Status CheckRows(const char* what, const Tensor& rows, int64_t expected) {
-  if (!rows.defined() || rows.rank() != 2 || rows.dtype() != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": rows ", rows.defined() ? rows.ToString() : "undefined", " must be f32 [n, d]"));
+  if (!rows.defined() || rows.rank() != 2 || (rows.dtype() != DType::kF32 && rows.dtype() != DType::kBF16)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": rows ", rows.defined() ? rows.ToString() : "undefined", " must be f32 or bf16 [n, d]"));
   }
   if (rows.size(0) != expected) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": rows ", rows.ToString(), " has ", rows.size(0),
@@ -45,7 +45,7 @@ std::vector<size_t> Elements(const std::vector<int64_t>& rows, int64_t hidden) {
 // dst[i] = src[index[i]] on the stream; index is a host permutation.
 absl::StatusOr<Tensor> Permute(Stream& stream, const Tensor& src, const std::vector<int32_t>& index) {
   const int64_t n = static_cast<int64_t>(index.size());
-  ASSIGN_OR_RETURN(Tensor dst, Tensor::Empty(stream.backend(), Shape{n, src.size(1)}, DType::kF32,
+  ASSIGN_OR_RETURN(Tensor dst, Tensor::Empty(stream.backend(), Shape{n, src.size(1)}, src.dtype(),
                                              MemoryCategory::kCommunication));
   if (n == 0) return dst;
   ASSIGN_OR_RETURN(Tensor idx,
@@ -73,11 +73,11 @@ absl::StatusOr<InFlight> StartTransfer(comm::Communicator& ep, Stream& stream, E
   f.chunk = chunk;
   f.hidden = hidden;
   f.send = send;
-  ASSIGN_OR_RETURN(f.recv, Tensor::Empty(stream.backend(), Shape{total_recv, hidden}, DType::kF32,
+  ASSIGN_OR_RETURN(f.recv, Tensor::Empty(stream.backend(), Shape{total_recv, hidden}, send.dtype(),
                                          MemoryCategory::kCommunication));
   const std::vector<size_t> sc = Elements(send_rows, hidden), rc = Elements(recv_rows, hidden);
   auto enqueue = [&](Stream& side) {
-    return ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), DType::kF32,
+    return ep.AllToAllV(send.raw_data(), sc, Displs(sc), f.recv.raw_data(), rc, Displs(rc), send.dtype(),
                         side);
   };
   ASSIGN_OR_RETURN(std::shared_ptr<Event> done, EnqueueOnSideStream(ep, stream, enqueue, {send, f.recv}));

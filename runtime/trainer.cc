@@ -116,7 +116,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
     };
   }
   ASSIGN_OR_RETURN(t->model_,
-                   model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers));
+                   model::Model::Create(config.model(), *t->stream_, train.seed(), plan, dispatchers,
+                                        train.precision() == "bf16" ? DType::kBF16 : DType::kF32));
   // LLEP (issue 7): no-op unless llep.enabled and EP > 1. Measured rates are
   // agreed over the whole job (every EP group plans with the same numbers, as
   // a resumed run will from its checkpoint) and the runners rebuilt with them.
@@ -186,7 +187,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
                                       layout.ep_rank, layout.dp_rank));
   MOE_LOG_RANK0(INFO) << "model: " << t->model_->parameters().GlobalNumel() << " parameters ("
                       << t->model_->parameters().LocalNumel() << " on this rank), optimizer "
-                      << t->optimizer_->type_name() << ", " << schedule.ToString();
+                      << t->optimizer_->type_name() << ", " << schedule.ToString() << ", precision "
+                      << train.precision();
   return t;
 }
 
@@ -210,6 +212,10 @@ absl::Status Trainer::Resume() {
       data_->train->Restore(data::SamplerState::FromInts({state.sampler_state[0], state.sampler_state[1]})));
   auto opt_step = state.int_values.find("optimizer.step");
   optimizer_->set_step(opt_step != state.int_values.end() ? opt_step->second : state.step);
+  // The checkpoint holds f32 masters (whatever precision wrote it): round them
+  // into the bf16 compute copies of this run.
+  RETURN_IF_ERROR(model_->RefreshComputeWeights(*stream_));
+  RETURN_IF_ERROR(stream_->Synchronize());
   step_ = state.step;
   resumed_ = true;
   // Plan LLEP with the rates the saved run measured, not new ones.
@@ -393,6 +399,8 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     }
     s.lr = schedule_->At(optimizer_->step() + 1);
     RETURN_IF_ERROR(optimizer_->Step(s.lr));
+    // bf16: the next forward computes with the updated masters rounded to bf16.
+    RETURN_IF_ERROR(model_->RefreshComputeWeights(*stream_));
   }
   // Auxiliary-loss-free balancing: every rank applies the same global load.
   RETURN_IF_ERROR(model_->UpdateExpertBiases(*stream_, [this](std::vector<double>& load) -> absl::Status {

@@ -8,7 +8,8 @@
 //
 // Builds the model of the config on the device= backend (parallel sizes forced to
 // 1), allocates AdamW state, and times full steps: zero grads, forward,
-// backward, AdamW update of every parameter. Reports tokens/s and the
+// backward, AdamW update of every parameter (train.precision=bf16: then the
+// bf16 copies are refreshed, as the trainer does). Reports tokens/s and the
 // forward/backward split, and the measured peak memory of a step (the device
 // MemoryTracker, all categories) against runtime/core/memory_model.h's
 // PredictPeakMemory for the same config: "measured_vs_predicted" (target:
@@ -109,7 +110,10 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   if (args.kv.count("threads")) backend->SetNumThreads(static_cast<int>(args.Int("threads", 0)));
   Stream& stream = backend->default_stream();
   MemoryTracker& mem = backend->memory();
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(cfg, stream, job.train().seed()));
+  // train.precision (bf16: bf16 weight copies and activations, refreshed after the update).
+  const DType compute_dtype = job.train().precision() == "bf16" ? DType::kBF16 : DType::kF32;
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m,
+                   model::Model::Create(cfg, stream, job.train().seed(), {}, {}, compute_dtype));
   // AdamW state, as the optimizer allocates it.
   std::vector<Tensor> exp_avg, exp_avg_sq;
   for (parallel::Parameter* p : m->parameters()) {
@@ -193,6 +197,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
       RETURN_IF_ERROR(ops::AdamW(stream, p->value, p->grad, exp_avg[i], exp_avg_sq[i], 1e-4f, 0.9f, 0.95f,
                                  1e-8f, p->weight_decay ? 0.1f : 0.0f, step + 1));
     }
+    RETURN_IF_ERROR(m->RefreshComputeWeights(stream));
     RETURN_IF_ERROR(stream.Synchronize());
     const auto t3 = Clock::now();
     OpProfiler::Enable(false);

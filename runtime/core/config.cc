@@ -263,6 +263,7 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(t, log_every, 10);
   MOE_DEFAULT(t, run_dir, "runs/default");
   MOE_DEFAULT(t, device, "cpu");
+  MOE_DEFAULT(t, precision, "fp32");
   MOE_DEFAULT(t, resume, "auto");
   MOE_DEFAULT(t, threads_per_rank, 0);
 

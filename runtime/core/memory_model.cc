@@ -3,7 +3,19 @@
 // Notation (docs/model.md): B micro_batch, S seq_len, T = B*S tokens, d hidden,
 // H heads, Hkv kv heads, hd = d/H, V vocab, L layers, E experts, k top_k,
 // Fe expert ffn, F dense ffn, TP = parallel.tensor, EP = parallel.expert.
-// All tensors f32 (4 bytes), indices i32 (4 bytes).
+// Element sizes: indices i32 (4 bytes); f32 (4 bytes) for what is f32 in every
+// precision (master parameters, gradients, optimizer state, rstd, attention lse,
+// combine weights, logits [T,V] and their lse); the compute dtype `a` (4 bytes
+// fp32, 2 bytes under train.precision bf16) for every other activation.
+//
+// train.precision bf16 adds:
+//   parameters   the bf16 compute copy of every parameter (2 bytes per element)
+//   head         dlogits are a bf16 [T,V] tensor beside the f32 logits during
+//                the cross-entropy backward (in fp32 they overwrite the logits)
+//   cpu staging  (train.device cpu) the CPU backend stages bf16 operands through
+//                f32 copies for the duration of one op (cpu/cpu_bf16.cc); the
+//                largest is the LM-head backward GEMM dh = dlogits W: f32
+//                [T,V] + [V,d] + [T,d], added to the head working set.
 //
 // Persistent (allocated once, live during the whole step):
 //   parameters   embed V*d (+ lm_head V*d if untied) + final norm d
@@ -81,15 +93,18 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   if (E > 0 && E % ep != 0)
     return absl::InvalidArgumentError(absl::StrCat("PredictPeakMemory: parallel.expert = ", ep,
                                                    " must divide model.moe.num_experts = ", E));
-  const int64_t hd = d / H, R = T * k, f = 4;
+  const bool bf16 = config.train().precision() == "bf16";
+  const int64_t hd = d / H, R = T * k;
+  const int64_t f = 4, a = bf16 ? 2 : 4;  // f32, and the compute dtype
   int num_moe = 0;
   for (int l = 0; l < L; ++l) num_moe += IsMoeLayer(m, l) ? 1 : 0;
   const int64_t num_dense = L - num_moe;
 
   MemoryPrediction p;
-  auto add = [&](MemoryCategory c, std::string name, int64_t elems) {
-    p.terms.push_back({std::move(name), c, elems * f});
-    p.bytes[static_cast<int>(c)] += elems * f;
+  // `bytes` of one element of the term (f or a).
+  auto add = [&](MemoryCategory c, std::string name, int64_t elems, int64_t bytes = 4) {
+    p.terms.push_back({std::move(name), c, elems * bytes});
+    p.bytes[static_cast<int>(c)] += elems * bytes;
   };
   using MC = MemoryCategory;
 
@@ -104,6 +119,7 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   add(MC::kParameters, "attention + norms, all layers", L * attn);
   if (num_dense) add(MC::kParameters, "dense MLPs", num_dense * dense_mlp);
   if (num_moe) add(MC::kParameters, "MoE router + local experts", num_moe * moe_mlp);
+  if (bf16) add(MC::kParameters, "bf16 compute copies of the parameters", params, a);
   add(MC::kGradients, "one gradient per parameter", params);
   std::string opt = config.optim().type();
   if (opt == "sgd") {
@@ -112,29 +128,37 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
     add(MC::kOptimizer, "AdamW exp_avg + exp_avg_sq", 2 * params);
   }
 
-  // Activations kept for backward.
-  int64_t attn_act = T * d + T + T * d + T * H * hd + 2 * T * Hkv * hd + B * H * S + T * H * hd;
-  add(MC::kActivations, "attention blocks: h, rstd, a, q, k, v, lse [B,H,S], o", L * attn_act);
-  int64_t mlp_in = T * d + T + T * d;
-  add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in);
-  if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp);
-  int64_t moe_act = 3 * R + R * d + 3 * R * Fe / tp + R * d;
+  // Activations kept for backward (bytes: compute-dtype elements * a + f32 elements * f).
+  int64_t attn_act = a * (T * d + T * d + T * H * hd + 2 * T * Hkv * hd + T * H * hd) + f * (T + B * H * S);
+  add(MC::kActivations, "attention blocks: h, rstd, a, q, k, v, lse [B,H,S], o", L * attn_act, 1);
+  int64_t mlp_in = a * 2 * T * d + f * T;
+  add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in, 1);
+  if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp, a);
+  int64_t moe_act = f * 3 * R + a * (R * d + 3 * R * Fe / tp + R * d);
   if (num_moe)
     add(MC::kActivations,
         "MoE: token/row index + weights [R], x_perm [R,d], gate, up, act [R,Fe], expert out [R,d]",
-        num_moe * moe_act);
-  const int64_t head_released = T * V + T * d + T;
+        num_moe * moe_act, 1);
+  const int64_t head_released = f * (T * V + T) + a * T * d;
   add(MC::kActivations, "head: final-norm in, rstd, normed, logits [T,V], lse, targets",
-      T * d + T + head_released + T);
+      a * T * d + f * T + head_released + f * T, 1);
 
-  // Backward working set.
-  int64_t moe_bwd = num_moe ? (2 * R * d + R * Fe / tp + T * d) : 0;
-  int64_t dense_bwd = num_dense ? (T * F / tp + T * d) : 0;
-  int64_t attn_bwd = 2 * T * H * hd + 2 * T * Hkv * hd + T * d;
-  int64_t head_bwd = 2 * T * d;
-  int64_t layer_bwd = 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
-  add(MC::kActivations, "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
-      std::max(head_bwd, layer_bwd));
+  // Backward working set (bytes).
+  int64_t moe_bwd = num_moe ? a * (2 * R * d + R * Fe / tp + T * d) : 0;
+  int64_t dense_bwd = num_dense ? a * (T * F / tp + T * d) : 0;
+  int64_t attn_bwd = a * (2 * T * H * hd + 2 * T * Hkv * hd + T * d);
+  int64_t head_bwd = a * 2 * T * d;
+  if (bf16) {
+    // dlogits beside the logits, then (CPU) the staged LM-head GEMM once the logits are gone.
+    const int64_t staging = config.train().device() == "cpu" ? f * (T * V + V * d + T * d) : 0;
+    head_bwd = std::max(a * T * V, a * T * V + a * 2 * T * d + staging - f * T * V);
+  }
+  int64_t layer_bwd = a * 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
+  add(MC::kActivations,
+      bf16 ? "backward: max(head dlogits (bf16) + dhn + dh + cpu f32 staging - released logits, dh x2 + "
+             "max(MLP, attention) scratch - released head)"
+           : "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
+      std::max(head_bwd, layer_bwd), 1);
 
   for (int c = 0; c < kNumMemoryCategories; ++c) p.peak_bytes += p.bytes[c];
   return p;

@@ -33,7 +33,9 @@ struct MemoryPrediction {
 // `config` must be resolved (ApplyDefaults). Uses model.*, train.micro_batch,
 // parallel.tensor and parallel.expert (experts per rank = E / EP; dense
 // weights / TP; expert weights / TP with parallel.expert_tensor_parallel,
-// else replicated over TP), optim.type (AdamW: 2 states; SGD: 1 if momentum > 0).
+// else replicated over TP), optim.type (AdamW: 2 states; SGD: 1 if momentum > 0),
+// train.precision (bf16: compute copies, bf16 activations) and train.device
+// (the CPU backend's bf16 staging).
 // InvalidArgument when a size is non-positive or EP does not divide E.
 absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& config);
 

@@ -70,6 +70,29 @@ TEST_CASE("PredictPeakMemory: parameters, gradients, optimizer") {
   CHECK(replicated->bytes[0] - sharded->bytes[0] == 4 * 3 * 4 * 12 * d / 2);
 }
 
+TEST_CASE("PredictPeakMemory under train.precision bf16") {
+  config::JobConfig c = TinyConfig();
+  auto p32 = PredictPeakMemory(c);
+  c.mutable_train()->set_precision("bf16");
+  auto p16 = PredictPeakMemory(c);
+  REQUIRE((p32.ok() && p16.ok()));
+  const int par = static_cast<int>(MemoryCategory::kParameters),
+            grad = static_cast<int>(MemoryCategory::kGradients);
+  const int opt = static_cast<int>(MemoryCategory::kOptimizer),
+            act = static_cast<int>(MemoryCategory::kActivations);
+  // f32 masters + bf16 copies; f32 gradients and moments unchanged.
+  CHECK(p16->bytes[par] * 4 == p32->bytes[par] * 6);
+  CHECK(p16->bytes[grad] == p32->bytes[grad]);
+  CHECK(p16->bytes[opt] == p32->bytes[opt]);
+  // Activations shrink, but not to half: rstd, lse, logits, combine weights stay f32.
+  CHECK(p16->bytes[act] < p32->bytes[act]);
+  CHECK(p16->bytes[act] * 2 > p32->bytes[act]);
+  int64_t sum = 0;
+  for (const MemoryTerm& t : p16->terms) sum += t.bytes;
+  CHECK(sum == p16->peak_bytes);
+  CHECK(p16->Report().find("bf16 compute copies") != std::string::npos);
+}
+
 TEST_CASE("PredictPeakMemory grows with the micro-batch as its activation terms say") {
   config::JobConfig c = TinyConfig();
   auto p1 = PredictPeakMemory(c);

@@ -116,6 +116,12 @@ TEST_CASE("every validation message names field, value and fix") {
     auto p = Problems(Resolved("parallel { tensor: 4 }", 6), 6);
     CHECK(Contains(p, "parallel.tensor = 4 must divide the world size 6"));
   }
+  SECTION("precision") {
+    auto p = Problems(Resolved("train { precision: \"fp16\" }", 1), 1);
+    CHECK(Contains(p, "train.precision = \"fp16\" must be \"fp32\" or \"bf16\""));
+    CHECK(Problems(Resolved("train { precision: \"bf16\" }", 1), 1).empty());
+    CHECK(Resolved("", 1).train().precision() == "fp32");
+  }
   SECTION("kv heads and top-k") {
     auto p = Problems(Resolved("model { num_kv_heads: 3 moe { top_k: 9 } }", 1), 1);
     CHECK(Contains(p, "model.num_kv_heads = 3 must divide model.num_heads = 4"));

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# profile.trace on a real 4-rank run (EP 2, DP 4, LLEP on): the trace schema
+# profile.trace on a real 4-rank run (EP 2, DP 4, LLEP on and set to fire
+# on any skew, so its weight moves are in the trace whatever the load): the trace schema
 # (tests/launch/profile_check.py), moe-profile merge and report, the report
 # opened in headless Chromium (no console errors, a screenshot, the DOM holds
 # the summary, the heatmap and the matrix), and bad input (exit 2).
@@ -8,7 +9,8 @@ test_init "$@"
 test_corpus 60 || exit 1
 "$BIN/moe-launch" -n 4 -- --config="$SRC/configs/demo.textproto" data.train_path=data/corpus train.run_dir=run \
   checkpoint.dir= optim.warmup_steps=2 train.eval_every=3 train.eval_batches=1 model.num_layers=2 \
-  model.seq_len=32 train.steps=6 profile.trace=true profile.trace_steps=3 > out 2>&1 || { echo "FAIL: run"; cat out; exit 1; }
+  model.seq_len=32 train.steps=6 profile.trace=true profile.trace_steps=3 \
+  llep.cost_model=false llep.min_tokens_per_gemm=1 llep.trigger_ratio=1.1 > out 2>&1 || { echo "FAIL: run"; cat out; exit 1; }
 python3 "$SRC/tests/launch/profile_check.py" trace run/trace 4 || fail=1
 "$BIN/moe-profile" merge run > merge.out 2>&1 || { echo "FAIL: merge"; cat merge.out; fail=1; }
 python3 -c "import json,sys; t=json.load(open('run/trace/merged.json')); assert {e['pid'] for e in t['traceEvents']} == {0,1,2,3}" \

@@ -13,20 +13,15 @@
 #   - a read-only train.run_dir: exit 2 before any work, no "config written";
 #   - moe-ckpt verify on a plain file, moe-launch with an empty hostfile or an
 #     option without its value: exit 2 with the message.
-set -uo pipefail
-BIN="$1"; SRC="$2"
-TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
-cd "$TMP"
-fail=0
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
+test_init "$@"
 mkdir text data
 for i in $(seq 1 40); do printf 'line %d of a small corpus for the checkpoint test.\n%%\n' "$i" >> text/a.txt; done
 "$BIN/moe-preprocess" --quiet --output-prefix data/corpus --split=percent text || { echo "FAIL: preprocess"; exit 1; }
 common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus optim.warmup_steps=1 train.log_every=1
         train.eval_every=0 train.eval_batches=1 model.num_layers=2 model.seq_len=32 parallel.expert=2)
-train() { timeout 180 mpirun -np 2 --oversubscribe "$BIN/moe-train" "${common[@]}" "$@"; }
-has() {  # has FILE "text": the text is in FILE
-  if grep -qF -- "$2" "$1"; then echo "ok: $2"; else echo "FAIL: no '$2' in $1:"; tail -30 "$1"; fail=1; fi
-}
+train() { TEST_MPI_LIMIT=180 test_mpirun -np 2 "$BIN/moe-train" "${common[@]}" "$@"; }
+has() { expect_in "$@"; }  # has FILE "text": the text is in FILE
 hasnt() {
   if grep -qF -- "$2" "$1"; then echo "FAIL: '$2' in $1:"; tail -30 "$1"; fail=1; else echo "ok: not '$2'"; fi
 }
@@ -115,7 +110,7 @@ has plain.out "base.out is not a checkpoint directory (a plain file)"
 mkdir ro && echo "earlier" > ro/config.textproto
 ro_run() { train train.run_dir=ro checkpoint.dir= train.steps=2 > ro.out 2>&1; }
 if [ "$(id -u)" = 0 ]; then
-  export -f train ro_run; export BIN SRC
+  export -f train ro_run test_mpirun; export BIN SRC TEST_MPI_LIMIT
   COMMON="${common[*]}" unshare -m bash -c 'mount --bind ro ro && mount -o remount,bind,ro ro && common=($COMMON) && ro_run'
 else
   chmod a-w ro; ro_run
@@ -135,4 +130,4 @@ has launch1.out "--hostfile 'empty_hosts' names no host"
 "$BIN/moe-launch" -n > launch2.out 2>&1
 code_is 2 $? "-n without a value"
 has launch2.out "-n needs a value"
-exit $fail
+test_done "checkpoint hostile test"

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "runtime/core/json.h"
+#include "runtime/core/status.h"
 
 namespace moe::parallel {
 namespace {
@@ -78,10 +79,37 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
       }
     }
   }
-  if (options.capacity_factor < 1.0 || options.trigger_ratio < 1.0 || options.min_tokens_per_gemm < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "LLEP plan: need capacity_factor >= 1 (got ", options.capacity_factor, "), trigger_ratio >= 1 (got ",
-        options.trigger_ratio, ") and min_tokens_per_gemm >= 1 (got ", options.min_tokens_per_gemm, ")"));
+  // Every token count is summed into int64 loads: the table's total must fit
+  // with room to spare (2^62), or the sums below would overflow.
+  constexpr int64_t kMaxTotal = int64_t{1} << 62;
+  int64_t table_total = 0;
+  for (int r = 0; r < P; ++r) {
+    for (int e = 0; e < E; ++e) {
+      if (counts[r][e] > kMaxTotal - table_total) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("LLEP plan: the counts sum to more than 2^62 tokens (at counts[", r, "][", e,
+                         "] = ", counts[r][e], ")"));
+      }
+      table_total += counts[r][e];
+    }
+  }
+  if (!(options.capacity_factor >= 1.0) || !(options.trigger_ratio >= 1.0) ||
+      options.min_tokens_per_gemm < 1 || !std::isfinite(options.capacity_factor) ||
+      !std::isfinite(options.trigger_ratio)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LLEP plan: need finite capacity_factor >= 1 (got ", options.capacity_factor,
+                     "), finite trigger_ratio >= 1 (got ", options.trigger_ratio,
+                     ") and min_tokens_per_gemm >= 1 (got ", options.min_tokens_per_gemm, ")"));
+  }
+  for (const auto& [name, value] :
+       {std::pair<const char*, double>{"flops_per_token", options.flops_per_token},
+        {"weight_bytes", options.weight_bytes},
+        {"gemm_flops_per_s", options.gemm_flops_per_s},
+        {"p2p_bytes_per_s", options.p2p_bytes_per_s}}) {
+    if (!std::isfinite(value)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LLEP plan: cost model ", name, " = ", value, " is not finite"));
+    }
   }
 
   LlepPlan standard = StandardPlan(counts);
@@ -103,8 +131,10 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
   plan.ranges.resize(E);
   plan.load_before = standard.load_before;
   plan.imbalance_before = standard.imbalance_before;
-  const int64_t cap =
-      static_cast<int64_t>(std::ceil(options.capacity_factor * static_cast<double>(total) / P));
+  // Capacity per rank; beyond the whole load it changes nothing (and a huge
+  // capacity_factor must not overflow the conversion).
+  const double cap_tokens = std::ceil(options.capacity_factor * static_cast<double>(total) / P);
+  const int64_t cap = cap_tokens < static_cast<double>(total) ? static_cast<int64_t>(cap_tokens) : total;
   const bool cost_model = options.flops_per_token > 0 && options.weight_bytes > 0 &&
                           options.gemm_flops_per_s > 0 && options.p2p_bytes_per_s > 0;
   // Tokens worth moving to a helper that does not hold the expert yet: the
@@ -114,7 +144,9 @@ absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& count
   if (cost_model) {
     double transfer_s = 2.0 * options.weight_bytes / options.p2p_bytes_per_s;
     double per_token_s = options.flops_per_token / options.gemm_flops_per_s;
-    min_worthwhile = static_cast<int64_t>(std::floor(transfer_s / per_token_s)) + 1;
+    // More than the whole load (or inf/NaN from extreme rates): no move pays.
+    const double breakeven = std::floor(transfer_s / per_token_s);
+    min_worthwhile = breakeven < static_cast<double>(total) ? static_cast<int64_t>(breakeven) + 1 : total + 1;
   }
 
   std::vector<int> order(E);
@@ -253,6 +285,47 @@ std::string PlanToJson(const LlepPlan& plan) {
   }
   absl::StrAppend(&out, "]}");
   return out;
+}
+
+absl::StatusOr<LlepOptions> LlepOptionsFromKnobs(absl::FunctionRef<double(const char*, double)> knob) {
+  LlepOptions o;
+  // Integer knobs: finite whole numbers in [0, max] (a double beyond int64
+  // would not convert).
+  auto integer = [&](const char* name, double fallback, int64_t max, double* out) -> absl::Status {
+    const double v = knob(name, fallback);
+    if (!(v >= 0) || v > static_cast<double>(max) || v != std::floor(v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("llep-plan: ", name, " = ", v, " is not an integer in [0, ", max, "]"));
+    }
+    *out = v;
+    return absl::OkStatus();
+  };
+  auto real = [&](const char* name, double fallback, double* out) -> absl::Status {
+    const double v = knob(name, fallback);
+    if (!std::isfinite(v))
+      return absl::InvalidArgumentError(absl::StrCat("llep-plan: ", name, " = ", v, " is not finite"));
+    *out = v;
+    return absl::OkStatus();
+  };
+  double min_tokens = 0, max_borrowed = 0, hidden = 0, ffn = 0, gflops = 0, gbps = 0;
+  RETURN_IF_ERROR(real("trigger_ratio", o.trigger_ratio, &o.trigger_ratio));
+  RETURN_IF_ERROR(real("capacity_factor", o.capacity_factor, &o.capacity_factor));
+  RETURN_IF_ERROR(integer("min_tokens_per_gemm", static_cast<double>(o.min_tokens_per_gemm), int64_t{1} << 53,
+                          &min_tokens));
+  RETURN_IF_ERROR(integer("max_borrowed_experts", o.max_borrowed_experts, 1 << 30, &max_borrowed));
+  RETURN_IF_ERROR(real("hidden", 0, &hidden));
+  RETURN_IF_ERROR(real("expert_ffn", 0, &ffn));
+  RETURN_IF_ERROR(real("gemm_gflops", 0, &gflops));
+  RETURN_IF_ERROR(real("p2p_gbps", 0, &gbps));
+  o.min_tokens_per_gemm = static_cast<int64_t>(min_tokens);
+  o.max_borrowed_experts = static_cast<int>(max_borrowed);
+  if (hidden > 0 && ffn > 0) {
+    o.flops_per_token = 18.0 * hidden * ffn;  // SwiGLU: 3 GEMMs x 2 flops x (1 forward + 2 backward)
+    o.weight_bytes = 3.0 * hidden * ffn * 4;
+    o.gemm_flops_per_s = gflops * 1e9;
+    o.p2p_bytes_per_s = gbps * 1e9;
+  }
+  return o;
 }
 
 double LlepCountTable::Knob(const std::string& name, double fallback) const {

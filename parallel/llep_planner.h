@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "parallel/layout.h"
 
@@ -79,7 +80,9 @@ struct LlepPlan {
 };
 
 // Plans one MoE layer. Errors for malformed tables (ragged, negative counts,
-// E not divisible by P), naming what is wrong.
+// E not divisible by P, counts summing past 2^62) and options out of range
+// (capacity_factor or trigger_ratio below 1 or not finite, min_tokens_per_gemm
+// below 1, a non-finite cost-model rate), naming what is wrong.
 absl::StatusOr<LlepPlan> PlanLlep(const std::vector<std::vector<int64_t>>& counts,
                                   const LlepOptions& options);
 
@@ -107,6 +110,16 @@ struct LlepCountTable {
   double Knob(const std::string& name, double fallback) const;
 };
 absl::StatusOr<LlepCountTable> ParseLlepCountTable(const std::string& text, const std::string& source);
+
+// The planner's options from knobs by name (a count table's Knob, overridden
+// by moe-bench llep-plan's arguments): trigger_ratio, capacity_factor,
+// min_tokens_per_gemm, max_borrowed_experts, and the cost model's hidden,
+// expert_ffn, gemm_gflops and p2p_gbps (off unless hidden and expert_ffn are
+// > 0). `knob(name, fallback)` returns the value or the fallback. Errors name
+// the knob: a value that is not finite, an integer knob that is fractional,
+// negative or too large. PlanLlep checks the ranges.
+absl::StatusOr<LlepOptions> LlepOptionsFromKnobs(
+    absl::FunctionRef<double(const char* name, double fallback)> knob);
 
 }  // namespace moe::parallel
 

@@ -35,18 +35,7 @@ absl::Status RunLlepPlan(const Args& args, Reporter&) {
   auto knob = [&](const char* name, double fallback) {
     return args.Double(name, table.Knob(name, fallback));
   };
-  parallel::LlepOptions o;
-  o.trigger_ratio = knob("trigger_ratio", 1.3);
-  o.capacity_factor = knob("capacity_factor", 1.0);
-  o.min_tokens_per_gemm = static_cast<int64_t>(knob("min_tokens_per_gemm", 1024));
-  o.max_borrowed_experts = static_cast<int>(knob("max_borrowed_experts", 0));
-  double hidden = knob("hidden", 0), ffn = knob("expert_ffn", 0);
-  if (hidden > 0 && ffn > 0) {
-    o.flops_per_token = 18.0 * hidden * ffn;  // SwiGLU: 3 GEMMs x 2 flops x (1 forward + 2 backward)
-    o.weight_bytes = 3.0 * hidden * ffn * 4;
-    o.gemm_flops_per_s = knob("gemm_gflops", 0) * 1e9;
-    o.p2p_bytes_per_s = knob("p2p_gbps", 0) * 1e9;
-  }
+  ASSIGN_OR_RETURN(parallel::LlepOptions o, parallel::LlepOptionsFromKnobs(knob));
   ASSIGN_OR_RETURN(parallel::LlepPlan plan, parallel::PlanLlep(counts, o));
   if (args.rank == 0) std::printf("%s\n", parallel::PlanToJson(plan).c_str());
   return absl::OkStatus();

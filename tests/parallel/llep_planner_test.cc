@@ -196,5 +196,71 @@ TEST_CASE("malformed tables are refused with a reason") {
   CHECK(PlanLlep({{1, -2}, {1, 2}}, LlepOptions{}).status().message().find("negative") != std::string::npos);
 }
 
+// Extremes a hand-written count file can hold (found while writing tests/fuzz's
+// llep_counts harness, undefined behaviour UBSan reports): a capacity_factor or cost-model rate so
+// large that the double -> int64 conversions of the cap and the break-even
+// token count overflowed, and counts whose sum overflowed int64.
+TEST_CASE("extreme knobs and counts: refused by name or planned, never an overflow") {
+  const Table counts = {{1000, 0, 0, 0}, {1000, 0, 0, 0}};
+  LlepOptions o;
+  o.capacity_factor = 1e300;  // a cap beyond the whole load: the native ranks keep everything
+  LlepPlan plan = PlanLlep(counts, o).value();
+  CheckPlanCovers(plan, counts, 1.0);
+  CHECK(plan.tokens_moved == 0);
+  o.capacity_factor = INFINITY;
+  CHECK(PlanLlep(counts, o).status().message().find("finite capacity_factor >= 1 (got inf)") !=
+        std::string::npos);
+  o.capacity_factor = NAN;
+  CHECK_FALSE(PlanLlep(counts, o).ok());
+  o = LlepOptions{};
+  o.trigger_ratio = NAN;
+  CHECK_FALSE(PlanLlep(counts, o).ok());
+
+  o = LlepOptions{};  // the break-even count beyond int64: no move pays, standard EP
+  o.flops_per_token = 1e-300;
+  o.weight_bytes = 1e300;
+  o.gemm_flops_per_s = 1e300;
+  o.p2p_bytes_per_s = 1e-300;
+  plan = PlanLlep(counts, o).value();
+  CHECK(plan.tokens_moved == 0);
+  CheckPlanCovers(plan, counts);
+  o.weight_bytes = INFINITY;
+  CHECK(PlanLlep(counts, o).status().message().find("weight_bytes = inf is not finite") != std::string::npos);
+
+  const int64_t big = int64_t{1} << 53;  // the largest count the file reader takes
+  Table huge(2, std::vector<int64_t>(1024, big));
+  CHECK(PlanLlep(huge, LlepOptions{}).status().message().find("sum to more than 2^62 tokens") !=
+        std::string::npos);
+}
+
+TEST_CASE("knobs from a count file: integers checked, non-finite refused by name") {
+  auto from = [](std::vector<std::pair<std::string, double>> knobs) {
+    LlepCountTable t;
+    t.knobs = std::move(knobs);
+    return LlepOptionsFromKnobs([&](const char* name, double fallback) { return t.Knob(name, fallback); });
+  };
+  LlepOptions o = from({}).value();
+  CHECK(o.trigger_ratio == 1.3);
+  CHECK(o.min_tokens_per_gemm == 1024);
+  CHECK(o.flops_per_token == 0);
+  o = from({{"min_tokens_per_gemm", 16},
+            {"hidden", 512},
+            {"expert_ffn", 1024},
+            {"gemm_gflops", 50},
+            {"p2p_gbps", 10}})
+          .value();
+  CHECK(o.min_tokens_per_gemm == 16);
+  CHECK(o.flops_per_token == 18.0 * 512 * 1024);
+  CHECK(o.p2p_bytes_per_s == 10e9);
+  CHECK(from({{"min_tokens_per_gemm", 1e300}}).status().message() ==
+        "llep-plan: min_tokens_per_gemm = 1e+300 is not an integer in [0, 9007199254740992]");
+  CHECK(from({{"max_borrowed_experts", 2.5}})
+            .status()
+            .message()
+            .find("max_borrowed_experts = 2.5 is not an integer") != std::string::npos);
+  CHECK(from({{"capacity_factor", INFINITY}}).status().message() ==
+        "llep-plan: capacity_factor = inf is not finite");
+}
+
 }  // namespace
 }  // namespace moe::parallel

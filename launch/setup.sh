@@ -19,8 +19,9 @@ MOE_PACKAGES=(build-essential cmake pkg-config git
   iproute2 util-linux)  # the cluster tests: ip netns, unshare
 
 # What only the tests need: a Slurm controller, node daemon and munge for the
-# slurm tests (they configure and start their own, on loopback).
-MOE_TEST_PACKAGES=(slurm-wlm munge)
+# slurm tests (they configure and start their own, on loopback); clang and its
+# runtime libraries for the sanitizer builds and libFuzzer (launch/sanitize.sh).
+MOE_TEST_PACKAGES=(slurm-wlm munge clang libclang-rt-14-dev)
 
 # moe_install_packages [EXTRA_PACKAGE...]: installs MOE_PACKAGES and the extras.
 moe_install_packages() {

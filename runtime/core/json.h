@@ -22,6 +22,15 @@ struct JsonValue {
   std::vector<JsonValue> array;
   std::vector<std::pair<std::string, JsonValue>> object;
 
+  // Defined in json.cc, where JsonValue is complete: clang with libstdc++
+  // refuses to instantiate the vectors' members on the incomplete type here.
+  JsonValue();
+  JsonValue(const JsonValue&);
+  JsonValue(JsonValue&&) noexcept;
+  JsonValue& operator=(const JsonValue&);
+  JsonValue& operator=(JsonValue&&) noexcept;
+  ~JsonValue();
+
   // The member named `key`, or nullptr.
   const JsonValue* Find(absl::string_view key) const;
 };

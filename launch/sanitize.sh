@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The sanitizer and fuzzing part of the README's test command (launch/test.sh
+# runs it after the main suite; it also runs alone). Built by clang in
+# build-asan/ with AddressSanitizer + UndefinedBehaviorSanitizer and
+# libFuzzer's coverage, -O1, line tables only; only what the chosen tests run
+# is built (the whole suite under ASan does not fit the 45-minute test budget
+# on 2 cores):
+#   asan  the unit tests, the comm tests at 2-3 ranks, the checkpoint and
+#         data-reader tests, the trainer test and two end-to-end moe-train
+#         runs (launch_demo_smoke_test, launch_failure_paths_test);
+#         MOE_ASAN_TESTS (a ctest -R regex) chooses another set.
+#   fuzz  every libFuzzer harness of tests/fuzz for MOE_FUZZ_SECONDS (20)
+#         from its seed corpus, after replaying tests/fuzz/regressions/.
+#   tsan  ThreadSanitizer in build-tsan/ on the communicator, stream-order
+#         and receive-bounds tests (MOE_TSAN_TESTS); not run by default
+#         (see README, Tests).
+# Every sanitizer report fails the run (halt_on_error, abort_on_error); the
+# only suppressions are for Open MPI (not instrumented), in tests/sanitizers/
+# with the reason beside each.
+#
+#   bash launch/sanitize.sh [asan] [fuzz] [tsan]   (default: asan fuzz)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+moe_mpi_env
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(asan fuzz)
+want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+jobs="${MOE_JOBS:-$(nproc)}"
+supp="$MOE_ROOT/tests/sanitizers"
+sanitize_configure() {  # DIR SANITIZE FUZZ
+  [ -f "$1/CMakeCache.txt" ] && return 0
+  CC=clang CXX=clang++ cmake -S "$MOE_ROOT" -B "$1" -DMOE_WITH_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" \
+    -DMOE_SANITIZE="$2" -DMOE_FUZZ="$3" >/dev/null
+}
+# The executables the tests matching regex $2 in build dir $1 run (their
+# commands' paths under bin/), as build targets.
+test_targets() {
+  (cd "$1" && ctest --show-only=json-v1 -R "$2") | python3 -c '
+import json, os, sys
+names = set()
+for t in json.load(sys.stdin)["tests"]:
+    for arg in t.get("command", []):
+        if arg.startswith(sys.argv[1] + "/"):
+            names.add(os.path.basename(arg))
+print(" ".join(sorted(names)))' "$(cd "$1" && pwd)/bin"
+}
+took() { echo "sanitize.sh: $1 took $(( $(date +%s) - $2 )) s"; }
+fail=0
+
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$supp/tsan.supp:exitcode=66"
+# Not data_text_test / data_spm_tokenizer_test: SentencePiece is dlopen()ed with
+# RTLD_DEEPBIND (data/spm_processor.cc), which the sanitizer runtimes refuse.
+asan_tests="${MOE_ASAN_TESTS:-^(core_.*|data_(indexed_dataset|hdf5_dataset|bad_data|sampler|truncated_bin)_test|model_(moe_parts|layers|memory_model)_test|model_test|optim_optimizer_test|parallel_(layout|llep_planner|parameter)_test|runtime_(config|startup_checks|metrics|checkpoint_format|checkpoint_plan)_test|comm_communicator_test_np3|comm_(stream_order|recv_bounds)_test|parallel_alltoall_dispatcher_test_np2|parallel_llep_layer_test_np2|runtime_(trainer|save_guard|checkpoint_damage)_test|runtime_checkpoint_test_np2|launch_(demo_smoke|failure_paths)_test)$}"
+
+if want asan || want fuzz; then
+  t0=$(date +%s)
+  asan="$MOE_ROOT/build-asan"
+  sanitize_configure "$asan" "address,undefined" ON
+  targets=()
+  want fuzz && targets+=(moe_fuzzers)
+  # The end-to-end tests call moe-preprocess, moe-launch's moe-train and moe-ckpt.
+  want asan && targets+=($(test_targets "$asan" "$asan_tests") moe-train moe-ckpt moe-preprocess)
+  cmake --build "$asan" -j"$jobs" --target "${targets[@]}"
+  took "build-asan (${#targets[@]} targets)" "$t0"
+fi
+if want asan; then
+  t0=$(date +%s)
+  # Single-process tests with LeakSanitizer. Under mpirun it is off: Open MPI
+  # leaks its components' state at MPI_Finalize by design and unloads them, so
+  # the leaks' stacks name no module a suppression could match.
+  (cd "$asan" && ASAN_OPTIONS="halt_on_error=1:abort_on_error=1:detect_leaks=1:check_initialization_order=1" \
+     ctest --output-on-failure --timeout 600 -L unit -R "$asan_tests") || fail=1
+  (cd "$asan" && ASAN_OPTIONS="halt_on_error=1:abort_on_error=1:detect_leaks=0:check_initialization_order=1" \
+     ctest --output-on-failure --timeout 900 --repeat until-pass:2 -L mpi -R "$asan_tests") || fail=1
+  took "the ASan+UBSan tests" "$t0"
+fi
+if want fuzz; then
+  t0=$(date +%s)
+  bash "$MOE_ROOT/tests/fuzz/run_fuzz.sh" "$MOE_ROOT/build-asan/fuzz" "${MOE_FUZZ_SECONDS:-20}" || fail=1
+  took "the fuzzers" "$t0"
+fi
+if want tsan; then
+  t0=$(date +%s)
+  tsan="$MOE_ROOT/build-tsan"
+  tsan_tests="${MOE_TSAN_TESTS:-^(comm_communicator_test|comm_stream_order_test|comm_recv_bounds_test)$}"
+  sanitize_configure "$tsan" thread OFF
+  cmake --build "$tsan" -j"$jobs" --target $(test_targets "$tsan" "$tsan_tests")
+  took "build-tsan" "$t0"
+  t0=$(date +%s)
+  (cd "$tsan" && ctest --output-on-failure --timeout 900 --repeat until-pass:2 -R "$tsan_tests") || fail=1
+  took "the TSan tests" "$t0"
+fi
+exit $fail

@@ -246,11 +246,15 @@ absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::
                                               " is negative; ", kRegenerate));
     }
     if (ptr < 0 || ptr > bin.size || len > (bin.size - ptr) / item) {
+      // (ptr is then at most the .bin's size where the end is computed, and
+      // len * item < 2^35, so the end cannot overflow.)
+      const std::string where = ptr < 0 || ptr > bin.size ? absl::StrCat("starts at byte ", ptr)
+                                                          : absl::StrCat("ends at byte ", ptr + len * item);
       return absl::DataLossError(
           absl::StrCat(bin_path, " does not match ", idx_path, ": sequence ", i, " (sequence_pointers[", i,
                        "] at .idx byte ", pointers_off + 8 * static_cast<int64_t>(i), " = ", ptr, ", length ",
-                       len, " x ", item, " bytes) ends at byte ", ptr + len * item, " but the .bin has only ",
-                       bin.size, " bytes: the .bin is truncated or belongs to another .idx; ", kRegenerate));
+                       len, " x ", item, " bytes) ", where, " but the .bin has only ", bin.size,
+                       " bytes: the .bin is truncated or belongs to another .idx; ", kRegenerate));
     }
     end_max = std::max(end_max, ptr + len * item);
     ds->token_offsets_[i + 1] = ds->token_offsets_[i] + len;

@@ -8,7 +8,9 @@
 #
 # A crash, sanitizer report, leak or timeout fails the run and keeps the
 # input in FUZZ_BIN_DIR/artifacts/; fix the bug, then add the input to
-# tests/fuzz/regressions/NAME/ so it is replayed every time.
+# tests/fuzz/regressions/NAME/ so it is replayed every time. The random seed
+# is fixed (MOE_FUZZ_SEED, default 1) so a run can be repeated; the inputs a
+# time-bounded run reaches still depend on the machine's speed.
 set -uo pipefail
 BIN="$1"; SECS="${2:-30}"; shift; [ $# -gt 0 ] && shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +32,7 @@ for name in "${names[@]}"; do
     fi
   fi
   mkdir "$work/corpus"
-  "$exe" -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+  "$exe" -seed="${MOE_FUZZ_SEED:-1}" -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
     -artifact_prefix="$BIN/artifacts/${name}-" -print_final_stats=1 "$work/corpus" "$HERE/corpus/$name" \
     >"$work/log" 2>&1
   code=$?

@@ -45,6 +45,7 @@ constexpr char kUsage[] =
     "       moe-ckpt verify DIR\n"
     "       moe-ckpt export-hf [--dtype fp32|bf16] [--max-shard-size BYTES] [--train-state] DIR OUT_DIR\n"
     "       moe-ckpt import-hf HF_DIR OUT_CKPT_DIR\n"
+    "       (also spelled `moe-ckpt export --format hf ...` and `moe-ckpt import [--format hf] ...`)\n"
     "  DIR      a checkpoint (step_NNNNNNNN/), or a checkpoint.dir: inspect then reads the one\n"
     "           `latest` names (else the newest), verify checks every checkpoint under it\n"
     "  inspect  step, layout, train state, files and tensors (global shapes, shards, bytes)\n"
@@ -282,7 +283,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i) {  // "--dtype bf16" as "--dtype=bf16"
     const std::string a = argv[i];
-    if ((a == "--dtype" || a == "--max-shard-size") && i + 1 < argc) {
+    if ((a == "--dtype" || a == "--max-shard-size" || a == "--format") && i + 1 < argc) {
       args.push_back(a + "=" + argv[++i]);
     } else {
       args.push_back(a);
@@ -291,6 +292,25 @@ int main(int argc, char** argv) {
   if (args.empty() || args[0] == "--help" || args[0] == "-h") {
     std::fputs(kUsage, args.empty() ? stderr : stdout);
     return args.empty() ? kExitUsage : kExitOk;
+  }
+  // `export --format hf` and `import [--format hf]` are the same commands as
+  // export-hf and import-hf (Hugging Face is the one foreign format).
+  if (args[0] == "export" || args[0] == "import") {
+    std::string format = args[0] == "import" ? "hf" : "";
+    for (auto it = args.begin() + 1; it != args.end();) {
+      if (absl::StartsWith(*it, "--format=")) {
+        format = it->substr(9);
+        it = args.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (format != "hf") {
+      std::fprintf(stderr, "moe-ckpt %s: --format=%s: the one format is hf (Hugging Face safetensors)\n",
+                   args[0].c_str(), format.empty() ? "(missing)" : format.c_str());
+      return kExitUsage;
+    }
+    args[0] += "-hf";
   }
   const std::string command = args[0];
   bool show_config = false;

@@ -86,7 +86,8 @@ for m in mixtral deepseek qwen tp2; do
     { echo "FAIL: $m: resumed losses differ:"; echo "$la"; echo "vs"; echo "$lb"; fail=1; }
   echo "$m: steps 4-5 after import equal the original's: $(echo $la)"
   # Weights only (no --train-state): a step-0 checkpoint with the same model tensors.
-  "$BIN/moe-ckpt" export-hf $ck $m/hf_w > /dev/null 2>&1 && "$BIN/moe-ckpt" import-hf $m/hf_w $m/imported_w > $m.import_w 2>&1 &&
+  # (The issue's spelling, export --format hf / import, for this round trip.)
+  "$BIN/moe-ckpt" export --format hf $ck $m/hf_w > /dev/null 2>&1 && "$BIN/moe-ckpt" import $m/hf_w $m/imported_w > $m.import_w 2>&1 &&
     "$BIN/moe-ckpt" verify $m/imported_w/step_00000000 > /dev/null 2>&1 &&
     "$BIN/moe-ckpt" export-hf $m/imported_w $m/hf_w2 > /dev/null 2>&1 || { echo "FAIL: $m: weights-only round trip"; cat $m.import_w; fail=1; }
   [ ! -e $m/hf_w/moe_train_state.safetensors ] || { echo "FAIL: $m: a train state without --train-state"; fail=1; }
@@ -193,4 +194,9 @@ damage config_mismatch "field \"num_local_experts\" is 8 but moe_runtime_config 
 p = os.path.join(d, "config.json"); c = json.load(open(p)); c["num_local_experts"] = 8; json.dump(c, open(p, "w"))'
 damage model_type "model_type \"llama\" is not one this runtime imports" '
 p = os.path.join(d, "config.json"); c = json.load(open(p)); c["model_type"] = "llama"; json.dump(c, open(p, "w"))'
+# A format other than hf: exit 2 naming the one there is.
+"$BIN/moe-ckpt" export --format onnx x y > bad_format.out 2>&1
+rc=$?
+[ $rc = 2 ] || { echo "FAIL: export --format onnx: exit $rc, want 2"; fail=1; }
+expect_in bad_format.out "--format=onnx: the one format is hf"
 test_done "hf interop test"

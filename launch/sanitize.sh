@@ -34,13 +34,18 @@ sanitize_configure() {  # DIR SANITIZE FUZZ
     -DMOE_SANITIZE="$2" -DMOE_FUZZ="$3" >/dev/null
 }
 # The executables the tests matching regex $2 in build dir $1 run (their
-# commands' paths under bin/), as build targets.
+# commands' paths under bin/), as build targets. A single-process test's
+# command is its own target, which ctest cannot resolve before it is built (no
+# "command" then): moe_add_test names the test after its target.
 test_targets() {
   (cd "$1" && ctest --show-only=json-v1 -R "$2") | python3 -c '
 import json, os, sys
 names = set()
 for t in json.load(sys.stdin)["tests"]:
-    for arg in t.get("command", []):
+    command = t.get("command")
+    if not command:
+        names.add(t["name"])
+    for arg in command or []:
         if arg.startswith(sys.argv[1] + "/"):
             names.add(os.path.basename(arg))
 print(" ".join(sorted(names)))' "$(cd "$1" && pwd)/bin"

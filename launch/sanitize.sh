@@ -9,7 +9,7 @@
 #         data-reader tests, the trainer test and two end-to-end moe-train
 #         runs (launch_demo_smoke_test, launch_failure_paths_test);
 #         MOE_ASAN_TESTS (a ctest -R regex) chooses another set.
-#   fuzz  every libFuzzer harness of tests/fuzz for MOE_FUZZ_SECONDS (20)
+#   fuzz  every libFuzzer harness of tests/fuzz for MOE_FUZZ_SECONDS (30)
 #         from its seed corpus, after replaying tests/fuzz/regressions/.
 #   tsan  ThreadSanitizer in build-tsan/ on the communicator, stream-order
 #         and receive-bounds tests (MOE_TSAN_TESTS); not run by default
@@ -84,7 +84,7 @@ if want asan; then
 fi
 if want fuzz; then
   t0=$(date +%s)
-  bash "$MOE_ROOT/tests/fuzz/run_fuzz.sh" "$MOE_ROOT/build-asan/fuzz" "${MOE_FUZZ_SECONDS:-20}" || fail=1
+  bash "$MOE_ROOT/tests/fuzz/run_fuzz.sh" "$MOE_ROOT/build-asan/fuzz" "${MOE_FUZZ_SECONDS:-30}" || fail=1
   took "the fuzzers" "$t0"
 fi
 if want tsan; then

@@ -71,8 +71,9 @@ std::string Box::ToString() const {
   std::vector<std::string> parts;
   for (size_t i = 0; i < count.size(); ++i) {
     int64_t end = 0;  // a hostile manifest's box may end past int64: shown as offset:+count
-    parts.push_back(__builtin_add_overflow(offset[i], count[i], &end) ? absl::StrCat(offset[i], ":+", count[i])
-                                                                      : absl::StrCat(offset[i], ":", end));
+    parts.push_back(__builtin_add_overflow(offset[i], count[i], &end)
+                        ? absl::StrCat(offset[i], ":+", count[i])
+                        : absl::StrCat(offset[i], ":", end));
   }
   return absl::StrCat("[", absl::StrJoin(parts, ", "), "]");
 }

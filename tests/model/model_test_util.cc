@@ -35,7 +35,8 @@ std::vector<float> ToVec(const Tensor& t) {
 
 void FromVec(const Tensor& t, const std::vector<float>& v) {
   REQUIRE(static_cast<int64_t>(v.size()) == t.numel());
-  if (!v.empty()) std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));  // memcpy(_, nullptr, 0) is UB
+  if (!v.empty())
+    std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));  // memcpy(_, nullptr, 0) is UB
 }
 
 Tensor NewTensor(Shape shape, const std::vector<float>& values) {

@@ -21,30 +21,13 @@ namespace {
 
 using testing::BuildModel;
 using testing::FillModel;
+using testing::FlipByte;
 using testing::GroupsOver;
+using testing::MakeCheckpointer;
 using testing::SharedTempDir;
 using testing::SynthModel;
 using testing::World;
 using testing::WorldBarrier;
-
-std::unique_ptr<Checkpointer> MakeCheckpointer(const parallel::ProcessGroups& g, const std::string& dir,
-                                               bool partial_load = false) {
-  CheckpointOptions o;
-  o.dir = dir;
-  o.timeout_s = 120;
-  o.partial_load = partial_load;
-  auto c = Checkpointer::Create(*g.world, g.layout, o);
-  REQUIRE(c.ok());
-  return std::move(*c);
-}
-
-void FlipByte(const std::string& path, uint64_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  const char c = static_cast<char>(f.get());
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.put(static_cast<char>(c ^ 0x01));
-}
 
 TEST_CASE("model.h5 damaged or missing: verify and resume refuse it, naming the file") {
   const std::string root = SharedTempDir("damage_master");
@@ -164,8 +147,9 @@ TEST_CASE("checkpoint.partial_load loads what both have and names every tensor s
                                                          Catch::Contains("checkpoint.partial_load"));
   CHECK(Values(all) == before_load);
 
-  absl::StatusOr<LoadedCheckpoint> loaded =
-      MakeCheckpointer(g, root, /*partial_load=*/true)->Load(path, model);
+  CheckpointOptions partial;
+  partial.partial_load = true;
+  absl::StatusOr<LoadedCheckpoint> loaded = MakeCheckpointer(g, root, partial)->Load(path, model);
   REQUIRE(loaded.ok());
   REQUIRE(loaded->tensors_skipped.size() == 2);
   CHECK_THAT(loaded->tensors_skipped[0],

@@ -25,7 +25,9 @@ namespace {
 using testing::BuildModel;
 using testing::CountMismatches;
 using testing::FillModel;
+using testing::FlipByte;
 using testing::GroupsOver;
+using testing::MakeCheckpointer;
 using testing::SharedTempDir;
 using testing::SynthModel;
 using testing::World;
@@ -46,20 +48,6 @@ std::vector<LayoutCase> AllLayouts() {
     }
   }
   return out;
-}
-
-std::unique_ptr<Checkpointer> MakeCheckpointer(const parallel::ProcessGroups& g, const std::string& dir,
-                                               CheckpointFs* fs = nullptr, int keep_last = 0,
-                                               bool async = false) {
-  CheckpointOptions o;
-  o.dir = dir;
-  o.fs = fs;
-  o.keep_last = keep_last;
-  o.async = async;
-  o.timeout_s = 120;
-  auto c = Checkpointer::Create(*g.world, g.layout, o);
-  REQUIRE(c.ok());
-  return std::move(*c);
 }
 
 // Saves the model of `layout` (ZeRO-1 per `zero`) filled with `salt` as step
@@ -236,14 +224,6 @@ ShardLocation LocateShard(const std::string& dir, const std::string& tensor, int
   return {};
 }
 
-void FlipByte(const std::string& path, uint64_t offset) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(offset));
-  const char c = static_cast<char>(f.get());
-  f.seekp(static_cast<std::streamoff>(offset));
-  f.put(static_cast<char>(c ^ 0x01));
-}
-
 TEST_CASE("a killed save leaves the previous checkpoint loadable") {
   const std::string root = SharedTempDir("killed");
   const int n = World().size();
@@ -251,7 +231,9 @@ TEST_CASE("a killed save leaves the previous checkpoint loadable") {
   SynthModel m;
   BuildModel(m, g, /*zero=*/true);
   FaultInjectionFs faulty(CheckpointFs::Default());
-  auto ckpt = MakeCheckpointer(g, root, &faulty);
+  CheckpointOptions o;
+  o.fs = &faulty;
+  auto ckpt = MakeCheckpointer(g, root, o);
   FillModel(m, 1);
   REQUIRE(ckpt->Save(testing::SampleTrainState(1), m.Tensors(), "").ok());
 
@@ -395,7 +377,9 @@ TEST_CASE("keep_last, latest, saving a step again, resume none and PATH") {
   parallel::ProcessGroups g = GroupsOver(n, 1, n);
   SynthModel m;
   BuildModel(m, g, /*zero=*/true);
-  auto ckpt = MakeCheckpointer(g, root, nullptr, /*keep_last=*/2);
+  CheckpointOptions o;
+  o.keep_last = 2;
+  auto ckpt = MakeCheckpointer(g, root, o);
   for (int64_t step = 1; step <= 4; ++step) {
     FillModel(m, static_cast<int>(step));
     REQUIRE(ckpt->Save(testing::SampleTrainState(step), m.Tensors(), "").ok());
@@ -437,7 +421,9 @@ TEST_CASE("an async save writes the state as it was when Save returned") {
   parallel::ProcessGroups g = GroupsOver(n, n >= 2 ? 2 : 1, 1);
   SynthModel m;
   BuildModel(m, g, /*zero=*/true);
-  auto ckpt = MakeCheckpointer(g, root, nullptr, 0, /*async=*/true);
+  CheckpointOptions o;
+  o.async = true;
+  auto ckpt = MakeCheckpointer(g, root, o);
   FillModel(m, 5);
   REQUIRE(ckpt->Save(testing::SampleTrainState(5), m.Tensors(), "").ok());
   FillModel(m, 6);  // training goes on while the save runs
@@ -451,7 +437,8 @@ TEST_CASE("an async save writes the state as it was when Save returned") {
   }
   // An async save that fails reports it at the next call, on every rank.
   FaultInjectionFs faulty(CheckpointFs::Default());
-  auto failing = MakeCheckpointer(g, root, &faulty, 0, /*async=*/true);
+  o.fs = &faulty;
+  auto failing = MakeCheckpointer(g, root, o);
   if (g.layout.rank == 0) faulty.FailOn(FsOp::kSyncDir, 0, false);
   REQUIRE(failing->Save(testing::SampleTrainState(8), m.Tensors(), "").ok());
   absl::Status s = failing->WaitForPendingSave();
@@ -582,7 +569,10 @@ TEST_CASE(
   for (bool async : {false, true}) {
     CAPTURE(async);
     SyncRecordingFs fs;
-    auto ckpt = MakeCheckpointer(g, root, &fs, /*keep_last=*/0, async);
+    CheckpointOptions o;
+    o.async = async;
+    o.fs = &fs;
+    auto ckpt = MakeCheckpointer(g, root, o);
     const int64_t step = async ? 8 : 7;
     REQUIRE(ckpt->Save(testing::SampleTrainState(step), m.Tensors(), "").ok());
     REQUIRE(ckpt->WaitForPendingSave().ok());

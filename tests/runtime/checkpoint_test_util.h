@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -201,6 +202,29 @@ inline int64_t CountMismatches(const SynthModel& m, int salt) {
     }
   }
   return bad;
+}
+
+// A checkpointer of `g` writing under `dir` with a 120 s deadline; `o` sets the
+// other options (fs, keep_last, async, partial_load).
+inline std::unique_ptr<Checkpointer> MakeCheckpointer(const parallel::ProcessGroups& g,
+                                                      const std::string& dir, CheckpointOptions o = {}) {
+  o.dir = dir;
+  if (o.timeout_s == 0) o.timeout_s = 120;
+  auto c = Checkpointer::Create(*g.world, g.layout, o);
+  INFO(c.status().ToString());
+  REQUIRE(c.ok());
+  return std::move(*c);
+}
+
+// Flips the lowest bit of the byte at `offset` of `path` in place.
+inline void FlipByte(const std::string& path, uint64_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  REQUIRE(f.good());
+  f.seekg(static_cast<std::streamoff>(offset));
+  const char c = static_cast<char>(f.get());
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.put(static_cast<char>(c ^ 0x01));
+  REQUIRE(f.good());
 }
 
 inline TrainState SampleTrainState(int64_t step) {

@@ -24,6 +24,7 @@
 #include "runtime/job_config.h"
 #include "runtime/trainer.h"
 #include "tests/compare.h"
+#include "tests/runtime/trainer_test_util.h"
 
 namespace moe {
 namespace {
@@ -73,11 +74,6 @@ void WriteCorpus() {
   }
   REQUIRE(docs > 1000);
   REQUIRE(writer->Finish().ok());
-}
-
-void Barrier() {
-  auto world = comm::CreateWorldCommunicator(comm::CommOptions()).value();
-  REQUIRE(world->Barrier().value().Wait().ok());
 }
 
 // The demo config with this test's corpus, steps and precision.
@@ -132,21 +128,10 @@ struct Outcome {
 };
 
 Outcome Train(const JobConfig& config) {
-  comm::CommOptions options;
-  options.timeout_s = 120;
-  auto world = comm::CreateWorldCommunicator(options).value();
-  auto groups =
-      parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
-          .value();
-  auto trainer = Trainer::Create(config, &groups);
-  INFO(trainer.status().message());
-  REQUIRE(trainer.ok());
-  absl::Status run = (*trainer)->Run();
-  INFO(run.message());
-  REQUIRE(run.ok());
+  auto run = testing::TrainToEnd(config);
   Outcome o;
-  for (const StepStats& s : (*trainer)->history()) o.losses.push_back(s.loss);
-  for (parallel::Parameter* p : (*trainer)->parameters()) {
+  for (const StepStats& s : run->trainer->history()) o.losses.push_back(s.loss);
+  for (parallel::Parameter* p : run->trainer->parameters()) {
     ++o.num_params;
     REQUIRE(p->value.dtype() == DType::kF32);
     const float* v = p->value.data<float>();
@@ -181,7 +166,7 @@ TEST_CASE("setup") {
     std::filesystem::remove_all(Dir());
     WriteCorpus();
   }
-  Barrier();
+  testing::WorldBarrier();
 }
 
 TEST_CASE("demo config, 50 steps: bf16 tracks fp32 within 4% at every step") {

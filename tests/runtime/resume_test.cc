@@ -17,6 +17,7 @@
 #include "runtime/job_config.h"
 #include "runtime/trainer.h"
 #include "tests/compare.h"
+#include "tests/runtime/trainer_test_util.h"
 
 namespace moe {
 namespace {
@@ -28,7 +29,7 @@ std::string Dir() {
       .string();
 }
 
-// Rank 0 writes the corpus; the others wait at the barrier in Groups().
+// Rank 0 writes the corpus; the others wait at the next testing::WorldBarrier().
 std::string CorpusPrefix() { return Dir() + "/corpus"; }
 
 void WriteCorpus() {
@@ -89,42 +90,19 @@ struct Outcome {
 };
 
 Outcome Train(const JobConfig& config) {
-  comm::CommOptions options;
-  options.timeout_s = 120;
-  auto world = comm::CreateWorldCommunicator(options).value();
-  auto groups =
-      parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
-          .value();
-  auto trainer = Trainer::Create(config, &groups);
-  INFO(trainer.status().ToString());
-  REQUIRE(trainer.ok());
-  absl::Status run = (*trainer)->Run();
-  INFO(run.message());
-  REQUIRE(run.ok());
+  auto run = testing::TrainToEnd(config);
   Outcome o;
-  for (const StepStats& s : (*trainer)->history()) {
+  for (const StepStats& s : run->trainer->history()) {
     o.losses.push_back(s.loss);
     for (const MoeLayerStats& m : s.moe_layers) {
       o.llep_fired += m.llep_fired;
       o.dropped += m.dropped;
     }
   }
-  o.llep_rates = (*trainer)->llep_rates();
-  for (parallel::Parameter* p : (*trainer)->parameters()) {
-    const float* v = p->value.data<float>();
-    o.params[p->name].assign(v, v + p->value.numel());
-  }
-  for (parallel::Parameter* p : (*trainer)->model().buffers()) {  // expert biases
-    const float* v = p->value.data<float>();
-    o.params[p->name].assign(v, v + p->value.numel());
-  }
+  o.llep_rates = run->trainer->llep_rates();
+  o.params = testing::LocalValues(run->trainer->parameters());
+  o.params.merge(testing::LocalValues(run->trainer->model().buffers()));  // expert biases
   return o;
-}
-
-void Barrier() {
-  comm::CommOptions options;
-  auto world = comm::CreateWorldCommunicator(options).value();
-  REQUIRE(world->Barrier().value().Wait().ok());
 }
 
 // Layouts (tensor, expert, grad_accum) of this world size.
@@ -139,7 +117,7 @@ TEST_CASE("same layout: a resumed run continues bit-identically") {
     std::filesystem::remove_all(Dir());
     WriteCorpus();
   }
-  Barrier();
+  testing::WorldBarrier();
   for (const Layout& layout : SameLayouts(world)) {
     for (const std::string optim : {"adamw", "sgd"}) {
       for (bool shard : {false, true}) {
@@ -322,7 +300,7 @@ TEST_CASE("LLEP with measured rates, overlap chunks and capacity drops: bit-iden
   const Layout layout = SameLayouts(world).back();  // EP 2
   const std::string init = Dir() + "/ckpt_llep_init", ckpt = Dir() + "/ckpt_llep";
   if (comm::MpiEnv::world_rank() == 0 && !std::filesystem::exists(CorpusPrefix() + ".idx")) WriteCorpus();
-  Barrier();
+  testing::WorldBarrier();
   Outcome zero = Train(LlepConfig(layout, world, 0, init, "none"));
   const model::LlepRates rates = zero.llep_rates;
   REQUIRE(rates.gemm_flops_per_s > 0);
@@ -350,21 +328,8 @@ TEST_CASE("LLEP with measured rates, overlap chunks and capacity drops: bit-iden
 // Parameters (and buffers) of a trainer built from `config` without running
 // it: the initial model, or the checkpoint's when train.resume finds one.
 std::map<std::string, std::vector<float>> CreatedParams(const JobConfig& config) {
-  comm::CommOptions options;
-  options.timeout_s = 120;
-  auto world = comm::CreateWorldCommunicator(options).value();
-  auto groups =
-      parallel::CreateProcessGroups(std::move(world), config.parallel().tensor(), config.parallel().expert())
-          .value();
-  auto trainer = Trainer::Create(config, &groups);
-  INFO(trainer.status().ToString());
-  REQUIRE(trainer.ok());
-  std::map<std::string, std::vector<float>> params;
-  for (parallel::Parameter* p : (*trainer)->parameters()) {
-    const float* v = p->value.data<float>();
-    params[p->name].assign(v, v + p->value.numel());
-  }
-  return params;
+  auto run = testing::CreateTrainer(config);
+  return testing::LocalValues(run->trainer->parameters());
 }
 
 // The validation loss of the initial model on `layout` (micro_batch sequences per rank).
@@ -372,14 +337,8 @@ double InitialValidLoss(const Layout& layout, int world, int micro_batch) {
   JobConfig config = Config(layout, world, 1, "", "adamw");
   config.mutable_train()->set_micro_batch(micro_batch);
   config.mutable_train()->set_eval_batches(2);
-  comm::CommOptions options;
-  options.timeout_s = 120;
-  auto comm_world = comm::CreateWorldCommunicator(options).value();
-  auto groups = parallel::CreateProcessGroups(std::move(comm_world), layout.tp, layout.ep).value();
-  auto trainer = Trainer::Create(config, &groups);
-  INFO(trainer.status().ToString());
-  REQUIRE(trainer.ok());
-  auto loss = (*trainer)->Evaluate();
+  auto run = testing::CreateTrainer(config, layout.tp, layout.ep);
+  auto loss = run->trainer->Evaluate();
   INFO(loss.status().ToString());
   REQUIRE(loss.ok());
   REQUIRE(loss->has_value());
@@ -403,7 +362,7 @@ TEST_CASE("validation loss is the same on every layout with the same global batc
     cases = {{{1, 1, 1}, 2}, {{1, 4, 2}, 1}, {{2, 1, 1}, 4}, {{2, 2, 2}, 2}, {{2, 1, 4}, 1}};
   }
   if (comm::MpiEnv::world_rank() == 0 && !std::filesystem::exists(CorpusPrefix() + ".idx")) WriteCorpus();
-  Barrier();
+  testing::WorldBarrier();
   const double reference = InitialValidLoss(cases[0].layout, world, cases[0].micro_batch);
   for (const Case& c : cases) {
     const double loss = InitialValidLoss(c.layout, world, c.micro_batch);
@@ -447,7 +406,7 @@ TEST_CASE("train.steps = 0 with default optim settings writes the initial model 
     if (fresh.at(name) != values) ++differs;
   }
   CHECK(differs > 0);
-  Barrier();  // the last test: leave nothing behind in the temporary directory
+  testing::WorldBarrier();  // the last test: leave nothing behind in the temporary directory
   if (comm::MpiEnv::world_rank() == 0) std::filesystem::remove_all(Dir());
 }
 

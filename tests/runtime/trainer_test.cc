@@ -15,6 +15,7 @@
 #include "comm/mpi_env.h"
 #include "data/indexed_dataset.h"
 #include "runtime/core/json.h"
+#include "tests/runtime/trainer_test_util.h"
 
 namespace moe {
 namespace {
@@ -61,13 +62,6 @@ JobConfig TinyConfig(const std::string& data_prefix, const std::string& run_dir,
   return c;
 }
 
-parallel::ProcessGroups Groups(int tp, int ep) {
-  comm::CommOptions options;
-  options.timeout_s = 120;
-  auto world = comm::CreateWorldCommunicator(options).value();
-  return parallel::CreateProcessGroups(std::move(world), tp, ep).value();
-}
-
 std::string TestDir() {
   return (std::filesystem::temp_directory_path() / ("moe_trainer_test_" + std::to_string(::getppid()) + "_" +
                                                     std::to_string(comm::MpiEnv::world_rank())))
@@ -79,7 +73,7 @@ TEST_CASE("a short data-parallel run: loss falls, metrics and evaluation are wri
   std::filesystem::remove_all(dir);
   const std::string prefix = WriteCorpus(dir);
   JobConfig config = TinyConfig(prefix, dir + "/run", comm::MpiEnv::world_size());
-  parallel::ProcessGroups groups = Groups(1, 1);
+  parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
   auto trainer = Trainer::Create(config, &groups);
   REQUIRE(trainer.ok());
   auto first_valid = (*trainer)->Evaluate();
@@ -147,7 +141,7 @@ TEST_CASE("auxiliary-loss-free balancing: metrics.jsonl records each MoE layer's
   JobConfig config = TinyConfig(prefix, dir + "/run", comm::MpiEnv::world_size());
   config.mutable_train()->set_steps(4);
   config.mutable_model()->mutable_moe()->set_expert_bias_update_rate(0.01);
-  parallel::ProcessGroups groups = Groups(1, 1);
+  parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
   auto trainer = Trainer::Create(config, &groups);
   REQUIRE(trainer.ok());
   REQUIRE((*trainer)->Run().ok());
@@ -200,7 +194,7 @@ TEST_CASE("metrics.jsonl values: expert counts, drops, LLEP fields, the eval ste
   llep->set_trigger_ratio(1.0);
   llep->set_min_tokens_per_gemm(1);
   llep->set_cost_model(false);
-  parallel::ProcessGroups groups = Groups(1, world);
+  parallel::ProcessGroups groups = testing::WorldGroups(1, world);
   auto trainer = Trainer::Create(config, &groups);
   INFO(trainer.status().ToString());
   REQUIRE(trainer.ok());
@@ -260,7 +254,7 @@ TEST_CASE("3 training steps at 1 and 2 threads per rank give bit-identical resul
     config.mutable_train()->set_steps(3);
     config.mutable_train()->set_micro_batch(3);
     config.mutable_train()->set_threads_per_rank(threads);
-    parallel::ProcessGroups groups = Groups(1, 1);
+    parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
     auto trainer = Trainer::Create(config, &groups);
     INFO(trainer.status().ToString());
     REQUIRE(trainer.ok());
@@ -299,7 +293,7 @@ TEST_CASE("expert-router coupling loss: part of the loss, reported as erc in met
   JobConfig config = TinyConfig(prefix, dir + "/run", comm::MpiEnv::world_size());
   config.mutable_train()->set_steps(3);
   config.mutable_model()->mutable_moe()->set_erc_loss_coeff(0.5);
-  parallel::ProcessGroups groups = Groups(1, 1);
+  parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
   auto trainer = Trainer::Create(config, &groups);
   REQUIRE(trainer.ok());
   REQUIRE((*trainer)->Run().ok());
@@ -332,7 +326,7 @@ TEST_CASE("a non-finite loss or gradient stops the run naming the step") {
   config.mutable_optim()->set_min_lr(1e29);
   config.mutable_optim()->set_warmup_steps(0);
   config.mutable_optim()->set_clip_grad(0);
-  parallel::ProcessGroups groups = Groups(1, 1);
+  parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
   auto trainer = Trainer::Create(config, &groups).value();
   absl::Status status = trainer->Run();
   REQUIRE_FALSE(status.ok());

@@ -24,7 +24,7 @@
 // harness is docs/model.md's global batch rule: micro-batch a * dp + dp_rank of the
 // step's global batch, loss scaled by 1 / (dp * grad_accum), GradSync (sum;
 // buckets marked ready per block during the last micro-batch's backward),
-// then p -= lr * g.
+// then p -= lr * g (tests/parallel/sgd_harness.h).
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -44,6 +44,7 @@
 #include "runtime/core/status.h"
 #include "tests/compare.h"
 #include "tests/parallel/parallel_test_util.h"
+#include "tests/parallel/sgd_harness.h"
 
 namespace moe::model {
 namespace {
@@ -116,28 +117,6 @@ config::ModelConfig TinyConfig(double capacity_factor, const std::string& varian
   return job.model();
 }
 
-// LLEP firing on any imbalance, planned from the counts alone (no cost model).
-config::LlepConfig AlwaysLlep() {
-  config::LlepConfig c;
-  c.set_enabled(true);
-  c.set_trigger_ratio(1.0);
-  c.set_capacity_factor(1.0);
-  c.set_min_tokens_per_gemm(1);
-  c.set_max_borrowed_experts(0);
-  c.set_cost_model(false);
-  return c;
-}
-
-// Sequence `seq` of step `step`'s global batch: S + 1 tokens.
-std::vector<int32_t> Sequence(int step, int seq, int vocab) {
-  std::vector<int32_t> t(kSeqLen + 1);
-  for (int i = 0; i <= kSeqLen; ++i) {
-    uint32_t h = static_cast<uint32_t>(step * 7919 + seq * 104729 + i * 31 + 17) * 2654435761u;
-    t[i] = static_cast<int32_t>((h >> 8) % vocab);
-  }
-  return t;
-}
-
 struct Result {
   std::vector<double> losses;                        // per step, the mean over the global batch
   int64_t dropped = 0;                               // assignments dropped by capacity on this rank
@@ -178,74 +157,38 @@ Result Train(comm::Communicator& job_world, int tp, int ep, int grad_accum, int 
   }
   auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory, dtype));
   if (variant == kForcedLlep && chunks > 0) {  // a no-op at EP 1
-    MOE_REQUIRE_OK(EnableLlep(*model, cfg, AlwaysLlep(), groups.host.ep.get(), groups.ep_p2p.get(),
+    MOE_REQUIRE_OK(EnableLlep(*model, cfg, testing::AlwaysLlep(), groups.host.ep.get(), groups.ep_p2p.get(),
                               tp > 1 ? groups.tp.get() : nullptr, stream));
   }
   parallel::GradSyncOptions gopt;
   gopt.bucket_mb = 0.002;  // a few buckets
   auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, gopt));
-  // Parameters of each block, for MarkReady as the blocks' backward finish.
-  std::vector<std::vector<parallel::Parameter*>> block_params(model->num_layers());
-  for (int b = 0; b < model->num_layers(); ++b) {
-    parallel::ParameterList list;
-    MOE_REQUIRE_OK(model->block(b).CollectParameters(&list));
-    block_params[b] = list.all();
-  }
-
+  testing::SgdSchedule schedule;
+  schedule.micro_batch = kMicroBatch;
+  schedule.global_micro_batches = kGlobalMicroBatches;
+  schedule.seq_len = kSeqLen;
+  schedule.lr = kLr;
+  schedule.mark_ready_per_block = true;
   Result r;
+  testing::StepHooks hooks;
+  hooks.after_forward = [&](const LossParts& loss) {
+    r.erc += loss.erc;
+    for (int b = 0; b < model->num_layers(); ++b) {
+      if (!model->block(b).is_moe()) continue;
+      const RoutingPlan& routing = model->block(b).moe()->routing();
+      r.dropped += routing.num_dropped();
+      for (int64_t t = 0; t < routing.num_tokens; ++t) {
+        const int32_t* e = &routing.experts[t * routing.top_k];
+        r.repeated += std::find(e + 1, e + routing.top_k, e[0]) != e + routing.top_k ? 1 : 0;
+      }
+      if (const LlepRunner* llep = model->block(b).moe()->llep(); llep != nullptr && llep->stats().fired) {
+        ++r.llep_fired;
+        r.llep_moved += llep->stats().tokens_moved;
+      }
+    }
+  };
   for (int step = 0; step < kSteps; ++step) {
-    MOE_REQUIRE_OK(model->ZeroGrads(stream));
-    model->SetStep(step + 1);
-    double loss_sum = 0;
-    for (int a = 0; a < grad_accum; ++a) {
-      const int m = a * l.dp + l.dp_rank;
-      std::vector<int32_t> tokens;
-      for (int s = 0; s < kMicroBatch; ++s) {
-        std::vector<int32_t> seq = Sequence(step, m * kMicroBatch + s, cfg.vocab_size());
-        tokens.insert(tokens.end(), seq.begin(), seq.end());
-      }
-      LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
-      loss_sum += loss.total();
-      r.erc += loss.erc;
-      for (int b = 0; b < model->num_layers(); ++b) {
-        if (!model->block(b).is_moe()) continue;
-        const RoutingPlan& routing = model->block(b).moe()->routing();
-        r.dropped += routing.num_dropped();
-        for (int64_t t = 0; t < routing.num_tokens; ++t) {
-          const int32_t* e = &routing.experts[t * routing.top_k];
-          r.repeated += std::find(e + 1, e + routing.top_k, e[0]) != e + routing.top_k ? 1 : 0;
-        }
-        if (const LlepRunner* llep = model->block(b).moe()->llep(); llep != nullptr && llep->stats().fired) {
-          ++r.llep_fired;
-          r.llep_moved += llep->stats().tokens_moved;
-        }
-      }
-      const bool last = a + 1 == grad_accum;
-      BlockDoneFn on_block_done;
-      if (last) {
-        on_block_done = [&](int b) -> absl::Status {
-          for (parallel::Parameter* p : block_params[b]) RETURN_IF_ERROR(sync->MarkReady(p));
-          return absl::OkStatus();
-        };
-      }
-      MOE_REQUIRE_OK(model->Backward(stream, 1.0f / (l.dp * grad_accum), on_block_done));
-    }
-    MOE_REQUIRE_OK(sync->Finish());
-    // Mean loss over the global batch: sum over DP of the local sums.
-    double total = loss_sum;
-    comm::Work w = ValueOrDie(groups.dp->AllReduce(&total, &total, 1, DType::kF64, comm::ReduceOp::kSum));
-    MOE_REQUIRE_OK(w.Wait());
-    r.losses.push_back(total / kGlobalMicroBatches);
-    for (parallel::Parameter* p : model->parameters()) {
-      MOE_REQUIRE_OK(ops::Axpby(stream, static_cast<float>(-kLr), p->grad, 1.0f, p->value));
-    }
-    MOE_REQUIRE_OK(model->RefreshComputeWeights(stream));
-    // Auxiliary-loss-free balancing: the load of the whole global batch.
-    MOE_REQUIRE_OK(model->UpdateExpertBiases(stream, [&](std::vector<double>& load) -> absl::Status {
-      ASSIGN_OR_RETURN(comm::Work w, groups.dp->AllReduce(load.data(), load.data(), load.size(), DType::kF64,
-                                                          comm::ReduceOp::kSum));
-      return w.Wait();
-    }));
+    r.losses.push_back(testing::SgdStep(*model, stream, groups, *sync, step, schedule, hooks));
   }
   for (parallel::Parameter* p : model->buffers()) {
     r.params[p->name] = parallel::testing::ToVector(p->value);

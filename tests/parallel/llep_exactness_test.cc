@@ -18,7 +18,7 @@
 //
 // A layout of w = tp x dp ranks runs on the world / w disjoint sub-worlds of
 // the job, so one mpirun covers 2 and 4 ranks (RANKS 4); RANKS 2 runs the
-// 2-rank layout alone. Harness as in layout_invariance_test.cc.
+// 2-rank layout alone. The SGD harness is tests/parallel/sgd_harness.h.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +37,7 @@
 #include "runtime/core/status.h"
 #include "tests/compare.h"
 #include "tests/parallel/parallel_test_util.h"
+#include "tests/parallel/sgd_harness.h"
 
 namespace moe::model {
 namespace {
@@ -87,28 +88,6 @@ config::ModelConfig SkewedConfig(int first_hot, bool deepseek) {
   return job.model();
 }
 
-config::LlepConfig AlwaysLlep() {
-  config::LlepConfig c;
-  c.set_enabled(true);
-  c.set_trigger_ratio(1.0);  // fire on any imbalance
-  c.set_capacity_factor(1.0);
-  c.set_min_tokens_per_gemm(1);
-  c.set_max_borrowed_experts(0);
-  c.set_cost_model(false);
-  c.set_gemm_gflops(0);
-  c.set_p2p_gbps(0);
-  return c;
-}
-
-std::vector<int32_t> Sequence(int step, int seq, int vocab) {
-  std::vector<int32_t> t(kSeqLen + 1);
-  for (int i = 0; i <= kSeqLen; ++i) {
-    uint32_t h = static_cast<uint32_t>(step * 7919 + seq * 104729 + i * 31 + 17) * 2654435761u;
-    t[i] = static_cast<int32_t>((h >> 8) % vocab);
-  }
-  return t;
-}
-
 struct Result {
   std::vector<double> losses;
   std::map<std::string, std::vector<float>> params;
@@ -134,7 +113,7 @@ constexpr double kBf16Tolerance = 1e-2;
 
 Result Train(comm::Communicator& job_world, const RunSpec& spec) {
   const int tp = spec.tp, dp = spec.dp;
-  const int sub = tp * dp, ep = dp, grad_accum = kGlobalMicroBatches / dp;
+  const int sub = tp * dp, ep = dp;
   auto sub_world = ValueOrDie(job_world.Split(job_world.rank() / sub, job_world.rank(), "llep_layout"));
   ProcessGroups groups = ValueOrDie(parallel::CreateProcessGroups(std::move(sub_world), tp, ep));
   const parallel::RankLayout& l = groups.layout;
@@ -153,60 +132,38 @@ Result Train(comm::Communicator& job_world, const RunSpec& spec) {
   };
   auto model = ValueOrDie(Model::Create(cfg, stream, kSeed, plan, factory, spec.dtype));
   if (spec.llep) {
-    config::LlepConfig lc = AlwaysLlep();
+    config::LlepConfig lc = testing::AlwaysLlep();
     lc.set_max_borrowed_experts(spec.max_borrowed);
     MOE_REQUIRE_OK(EnableLlep(*model, cfg, lc, groups.host.ep.get(), groups.ep_p2p.get(), tp_group, stream));
   }
   auto sync = ValueOrDie(parallel::GradSync::Create(groups, model->parameters(), stream, {}));
+  testing::SgdSchedule schedule;
+  schedule.micro_batch = kMicroBatch;
+  schedule.global_micro_batches = kGlobalMicroBatches;
+  schedule.seq_len = kSeqLen;
+  schedule.lr = kLr;
   Result r;
+  testing::StepHooks hooks;
+  hooks.after_forward = [&](const LossParts&) {
+    for (int b = 0; b < model->num_layers(); ++b) {
+      LlepRunner* runner = model->block(b).moe()->llep();
+      if (runner == nullptr || !runner->stats().fired) continue;
+      ++r.fired;
+      r.tokens_moved += runner->stats().tokens_moved;
+      r.borrowed_rows += runner->stats().borrowed_rows;
+      r.weight_bytes += runner->stats().weight_bytes_moved;
+    }
+  };
+  hooks.after_backward = [&] {
+    for (int b = 0; b < model->num_layers(); ++b) {
+      LlepRunner* runner = model->block(b).moe()->llep();
+      if (runner != nullptr && runner->num_borrowed_held() != 0) r.freed = false;
+    }
+  };
   for (int step = 0; step < kSteps; ++step) {
-    MOE_REQUIRE_OK(model->ZeroGrads(stream));
-    model->SetStep(step + 1);
-    double loss_sum = 0;
-    for (int a = 0; a < grad_accum; ++a) {
-      const int m = a * l.dp + l.dp_rank;
-      std::vector<int32_t> tokens;
-      for (int s = 0; s < kMicroBatch; ++s) {
-        std::vector<int32_t> seq = Sequence(step, m * kMicroBatch + s, cfg.vocab_size());
-        tokens.insert(tokens.end(), seq.begin(), seq.end());
-      }
-      LossParts loss = ValueOrDie(model->Forward(stream, tokens, kMicroBatch));
-      loss_sum += loss.total();
-      for (int b = 0; b < model->num_layers(); ++b) {
-        LlepRunner* runner = model->block(b).moe()->llep();
-        if (runner == nullptr) continue;
-        if (runner->stats().fired) {
-          ++r.fired;
-          r.tokens_moved += runner->stats().tokens_moved;
-          r.borrowed_rows += runner->stats().borrowed_rows;
-          r.weight_bytes += runner->stats().weight_bytes_moved;
-        }
-      }
-      MOE_REQUIRE_OK(model->Backward(stream, 1.0f / (l.dp * grad_accum)));
-      for (int b = 0; b < model->num_layers(); ++b) {
-        LlepRunner* runner = model->block(b).moe()->llep();
-        if (runner != nullptr && runner->num_borrowed_held() != 0) r.freed = false;
-      }
-    }
-    for (parallel::Parameter* p : model->parameters()) MOE_REQUIRE_OK(sync->MarkReady(p));
-    MOE_REQUIRE_OK(sync->Finish());
-    double total = loss_sum;
-    comm::Work w = ValueOrDie(groups.dp->AllReduce(&total, &total, 1, DType::kF64, comm::ReduceOp::kSum));
-    MOE_REQUIRE_OK(w.Wait());
-    r.losses.push_back(total / kGlobalMicroBatches);
-    for (parallel::Parameter* p : model->parameters()) {
-      MOE_REQUIRE_OK(ops::Axpby(stream, static_cast<float>(-kLr), p->grad, 1.0f, p->value));
-    }
-    MOE_REQUIRE_OK(model->RefreshComputeWeights(stream));
-    MOE_REQUIRE_OK(model->UpdateExpertBiases(stream, [&](std::vector<double>& load) -> absl::Status {
-      ASSIGN_OR_RETURN(comm::Work w, groups.dp->AllReduce(load.data(), load.data(), load.size(), DType::kF64,
-                                                          comm::ReduceOp::kSum));
-      return w.Wait();
-    }));
+    r.losses.push_back(testing::SgdStep(*model, stream, groups, *sync, step, schedule, hooks));
   }
-  for (parallel::Parameter* p : model->parameters())
-    r.params[p->name] = parallel::testing::ToVector(p->value);
-  for (parallel::Parameter* p : model->buffers()) r.params[p->name] = parallel::testing::ToVector(p->value);
+  r.params = testing::LocalValues(*model);
   return r;
 }
 

@@ -182,14 +182,13 @@ absl::Status AllToAllTokenDispatcher::FinishForward(Stream& stream, const Tensor
   return absl::OkStatus();
 }
 
-absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice,
-                                                     std::vector<float>* dweights, const Tensor& dx) {
+absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice, Tensor* dweights,
+                                                     const Tensor& dx) {
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   // Each TP rank filled the weights of its own tokens; the sum is all of them.
   if (ted) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dweights_));
-  // The router's backward runs on the host: the layer's one host read of its
-  // backward (all chunks at once).
-  ASSIGN_OR_RETURN(*dweights, ToHostFloats(stream, dweights_));
+  // The router's backward takes them on the stream (no host read).
+  *dweights = std::move(dweights_);
   dweights_ = Tensor();
   if (!ted || !dx_slice.defined()) return absl::OkStatus();  // scattered straight into dx
   ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, dx_slice, num_tokens_));
@@ -235,7 +234,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
 }
 
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::CombineBackward(Stream& stream, const Tensor& dy,
-                                                                std::vector<float>* dweights) {
+                                                                Tensor* dweights) {
   if (chunks_.size() != 1) {
     return absl::FailedPreconditionError("AllToAllTokenDispatcher::CombineBackward before Dispatch/Combine");
   }
@@ -375,8 +374,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
 }
 
 absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Tensor& dy,
-                                                        const ExpertFn& expert_backward,
-                                                        std::vector<float>* dweights, const Tensor& dx) {
+                                                        const ExpertFn& expert_backward, Tensor* dweights,
+                                                        const Tensor& dx) {
   const int C = static_cast<int>(chunks_.size());
   if (C != num_chunks_) {
     return absl::FailedPreconditionError(

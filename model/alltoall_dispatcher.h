@@ -91,7 +91,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   // against (Dispatch, Combine, CombineBackward, DispatchBackward).
   absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan);
   absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out);
-  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, std::vector<float>* dweights);
+  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, Tensor* dweights);
   absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx);
 
   // TokenDispatcher: parallel.overlap_chunks exchanges, the exchange of
@@ -100,7 +100,7 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
                                           const ExpertFn& expert_forward, const Reroute* reroute) override;
   absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
-                                 std::vector<float>* dweights, const Tensor& dx) override;
+                                 Tensor* dweights, const Tensor& dx) override;
 
   DispatchStats& stats() { return stats_; }
   // Adds the event-timed waits of the passes run so far to stats().exposed_comm_s;
@@ -127,12 +127,11 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   absl::StatusOr<Tensor> SendRows(Stream& stream, int chunk, const Tensor& src_slice) const;
   // d w of a backward: StartWeightGrads zeroes the device vector [T * k],
   // each chunk's WeightedGradRows scatters its rows' d w there, and
-  // FinishBackward sums it over TP and reads it on the host once.
+  // FinishBackward sums it over TP and hands it out (no host read).
   absl::Status StartWeightGrads(Stream& stream);
   absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice);
   absl::Status FinishForward(Stream& stream, const Tensor& y_slice, Tensor* y);
-  absl::Status FinishBackward(Stream& stream, const Tensor& dx_slice, std::vector<float>* dweights,
-                              const Tensor& dx);
+  absl::Status FinishBackward(Stream& stream, const Tensor& dx_slice, Tensor* dweights, const Tensor& dx);
 
   comm::Communicator* ep_;
   comm::Communicator* tp_;

@@ -329,8 +329,7 @@ absl::StatusOr<Tensor> LlepRunner::Forward(Stream& stream, const Tensor& x, cons
 }
 
 absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& local,
-                                  TokenDispatcher& dispatcher, std::vector<float>* dweights,
-                                  const Tensor& dx) {
+                                  TokenDispatcher& dispatcher, Tensor* dweights, const Tensor& dx) {
   if (!plan_.active || !forward_done_)
     return absl::FailedPreconditionError("LlepRunner::Backward without a firing Forward");
   Borrowed& b = borrowed_;

@@ -110,11 +110,11 @@ class LlepRunner {
   // (over the same EP and TP groups) with this plan's reroute.
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local,
                                  TokenDispatcher& dispatcher);
-  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights [T k]
-  // = d loss / d w_t,e; local expert grads += this rank's part plus the
-  // helpers' returned gradients.
+  // dy [T, d] -> dx [T, d] += the expert path's input gradient; *dweights f32
+  // [T k] = d loss / d w_t,e on the device; local expert grads += this rank's
+  // part plus the helpers' returned gradients.
   absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, TokenDispatcher& dispatcher,
-                        std::vector<float>* dweights, const Tensor& dx);
+                        Tensor* dweights, const Tensor& dx);
 
   const LlepStats& stats() const { return stats_; }
   const parallel::LlepPlan& plan() const { return plan_; }

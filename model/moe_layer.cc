@@ -169,7 +169,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
 
 absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,
                                                 float z_scale) {
-  std::vector<float> dweights;
+  Tensor dweights;  // f32 [T * k] on the device
   ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape(), x_.dtype()));
   RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
   if (llep_active_) {

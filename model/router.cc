@@ -314,23 +314,28 @@ void Router::ComputeAuxLoss(int64_t seq_len) {
   aux_loss_ = moe_.aux_loss_coeff() * E * aux / B;
 }
 
-absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> dweights, float aux_scale,
+absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, float aux_scale,
                                         float z_scale) {
   ProfileScope profile(ProfileCategory::kRouter);
   const int64_t T = plan_.num_tokens, E = num_experts_;
   const int k = plan_.top_k;
-  if (static_cast<int64_t>(dweights.size()) != T * k) {
-    return absl::InvalidArgumentError(absl::StrCat("Router::Backward: dweights has ", dweights.size(),
-                                                   " values, expected T * k = ", T * k));
+  if (!dweights.defined() || dweights.dtype() != DType::kF32 || dweights.numel() != T * k) {
+    return absl::InvalidArgumentError(absl::StrCat("Router::Backward: dweights ",
+                                                   dweights.defined() ? dweights.ToString() : "undefined",
+                                                   " must be f32 with T * k = ", T * k, " values"));
   }
   const bool by_sequence = moe_.aux_loss_type() == "sequence";
   const int64_t S = by_sequence ? seq_len_ : T, B = T / S;
+  // dz = dz_fixed + dz_w. dz_fixed (the aux and z losses' part) depends only
+  // on the forward's routing, so the host computes it now, without waiting
+  // for the stream; dz_w (through the combine weights) is linear in dweights,
+  // which the stream produces, and is computed there by ops (below).
   // d loss / d q_t,e of the aux loss is aux_col * (count of e in t's sequence):
   // aux = coeff E / B sum_b sum_e (count_b,e / (S k)) (sum_{t in b} q_t,e / S).
   const double aux_col = aux_scale * moe_.aux_loss_coeff() * E / (static_cast<double>(B) * S * S * k);
   const double z_row = z_scale * moe_.z_loss_coeff() * 2.0 / T;  // times lse_t softmax(z_t)_e
-  std::vector<float> dz(T * E);
-  std::vector<double> dp(E), count(E), q(E);
+  std::vector<float> dz(T * E), probs(sigmoid_ ? 0 : T * E), dsig(sigmoid_ ? T * E : 0);
+  std::vector<double> dp(E), count(E);
   for (int64_t t = 0; t < T; ++t) {
     const double* p = probs_.data() + t * E;
     if (!by_sequence && !sigmoid_) {
@@ -351,22 +356,12 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> 
         for (int64_t e = 0; e < E; ++e) dp[e] = (dp[e] - dot) / sum;
       }
     }
-    const int32_t* sel = plan_.experts.data() + t * k;
-    const float* dw = dweights.data() + t * k;
-    if (moe_.norm_topk_prob()) {
-      // w_j = p_j / s: d p_j = (dw_j - sum_i dw_i w_i) / s.
-      double s = 0, dot = 0;
-      for (int j = 0; j < k; ++j) s += p[sel[j]];
-      for (int j = 0; j < k; ++j) dot += dw[j] * (p[sel[j]] / s);
-      for (int j = 0; j < k; ++j) dp[sel[j]] += (dw[j] - dot) / s;
-    } else {
-      for (int j = 0; j < k; ++j) dp[sel[j]] += dw[j];
-    }
     if (sigmoid_) {
       const float* zt = z_.data() + t * E;
       for (int64_t e = 0; e < E; ++e) {
         const double softmax = std::exp(zt[e] - lse_[t]);
         dz[t * E + e] = static_cast<float>(dp[e] * p[e] * (1.0 - p[e]) + z_row * lse_[t] * softmax);
+        dsig[t * E + e] = static_cast<float>(p[e] * (1.0 - p[e]));
       }
       continue;
     }
@@ -374,10 +369,54 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, absl::Span<const float> 
     for (int64_t e = 0; e < E; ++e) dot += dp[e] * p[e];
     for (int64_t e = 0; e < E; ++e) {
       dz[t * E + e] = static_cast<float>(p[e] * (dp[e] - dot) + z_row * lse_[t] * p[e]);
+      probs[t * E + e] = static_cast<float>(p[e]);
     }
   }
   for (int64_t e = 0; e < E; ++e) pending_load_[e] += plan_.selected_per_expert[e];
+  // dz_w on the stream. d s_t,e of the selected e = sel_t,j, from dw_t,j:
+  //   norm_topk_prob (w_j = s_j / sum_i s_i): (dw_j - sum_i dw_i w_i) / sum_i s_i;
+  //   else dw_j;
+  // summed over the slots into dsw [T, E] (a repeated expert once per slot);
+  // then dz_w = SoftmaxBackward(s, dsw) (softmax) or dsw s (1 - s) (sigmoid).
+  std::vector<int32_t> cell(T * k);  // t * E + sel_t,j
+  for (int64_t a = 0; a < T * k; ++a) cell[a] = static_cast<int32_t>((a / k) * E + plan_.experts[a]);
   ASSIGN_OR_RETURN(Tensor dz_f32, FromHostFloats(stream, dz, Shape{T, E}));
+  ASSIGN_OR_RETURN(Tensor cells, FromHostInts(stream, cell, Shape{T * k}));
+  Tensor slot_grads = dweights.Reshape(Shape{T * k, 1}), slot_scale;
+  if (moe_.norm_topk_prob()) {
+    std::vector<int32_t> tokens(T), token_of(T * k);
+    std::vector<float> inv_sum(T * k);
+    for (int64_t t = 0; t < T; ++t) {
+      tokens[t] = static_cast<int32_t>(t);
+      double sum = 0;
+      for (int j = 0; j < k; ++j) sum += probs_[t * E + plan_.experts[t * k + j]];
+      for (int j = 0; j < k; ++j) {
+        token_of[t * k + j] = static_cast<int32_t>(t);
+        inv_sum[t * k + j] = static_cast<float>(1.0 / sum);
+      }
+    }
+    ASSIGN_OR_RETURN(Tensor token_index, FromHostInts(stream, tokens, Shape{T}));
+    ASSIGN_OR_RETURN(Tensor token_of_slot, FromHostInts(stream, token_of, Shape{T * k}));
+    ASSIGN_OR_RETURN(Tensor weights, FromHostFloats(stream, plan_.weights, Shape{T, k}));
+    ASSIGN_OR_RETURN(slot_scale, FromHostFloats(stream, inv_sum, Shape{T * k}));
+    // dot_t = sum_j dw_t,j w_t,j; slot_grads = dw - dot_t (per slot).
+    ASSIGN_OR_RETURN(Tensor dot, NewActivation(stream, Shape{T}));
+    RETURN_IF_ERROR(ops::GatherRowDot(stream, dweights.Reshape(Shape{T, k}), token_index, weights, dot));
+    ASSIGN_OR_RETURN(slot_grads, NewActivation(stream, Shape{T * k, 1}));
+    RETURN_IF_ERROR(ops::GatherRows(stream, dot.Reshape(Shape{T, 1}), token_of_slot, slot_grads));
+    RETURN_IF_ERROR(ops::Axpby(stream, 1.0f, dweights.Reshape(Shape{T * k, 1}), -1.0f, slot_grads));
+  }
+  ASSIGN_OR_RETURN(Tensor dsw, NewActivation(stream, Shape{T, E}));
+  RETURN_IF_ERROR(ops::Fill(stream, dsw, 0.0));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, slot_grads, cells, dsw.Reshape(Shape{T * E, 1}), slot_scale));
+  if (sigmoid_) {
+    ASSIGN_OR_RETURN(Tensor dsig_dev, FromHostFloats(stream, dsig, Shape{T, E}));
+    RETURN_IF_ERROR(ops::Mul(stream, dsw, dsig_dev, dsw));
+    RETURN_IF_ERROR(ops::Add(stream, dz_f32, dsw, dz_f32));
+  } else {
+    ASSIGN_OR_RETURN(Tensor probs_dev, FromHostFloats(stream, probs, Shape{T, E}));
+    RETURN_IF_ERROR(ops::SoftmaxBackward(stream, probs_dev, dsw, dz_f32, 1.0f, 1.0f));
+  }
   // Router logits and their gradient are f32; the GEMMs take them in x's dtype
   // (bf16 operands, f32 accumulation into the f32 weight gradient).
   ASSIGN_OR_RETURN(Tensor dz_dev, CastActivation(stream, dz_f32, x_.dtype()));

@@ -14,9 +14,11 @@
 //   ("batch") or averaged over its sequences ("sequence"), with P from s
 //   (softmax) or s / sum_e s (sigmoid); zl = z_loss_coeff * mean_t lse(z_t)^2.
 //
-// The [T, E] tail after the GEMM runs on the host: the routing decisions have to
-// reach the host anyway (the dispatcher's counts and the grouped GEMM's offsets
-// are host values), and T x E is small next to the GEMMs.
+// The forward's [T, E] tail after the GEMM runs on the host: the routing
+// decisions have to reach the host anyway (the dispatcher's counts and the
+// grouped GEMM's offsets are host values), and T x E is small next to the
+// GEMMs. The backward needs no host read: it is ordered on the stream
+// (Backward).
 //
 // Forced routing (benchmarks, config ForcedRouting): a fraction of all
 // (token, slot) assignments go to the hot_experts experts from first_hot_expert
@@ -92,11 +94,13 @@ class Router {
   double z_loss() const { return z_loss_; }
   const RoutingPlan& plan() const { return plan_; }
 
-  // dweights [T * k]: d loss / d w_t,e (0 for dropped assignments); aux_scale and
-  // z_scale: d loss / d aux and d loss / d zl. Accumulates router.weight.grad
-  // and returns dx [T, d].
-  absl::StatusOr<Tensor> Backward(Stream& stream, absl::Span<const float> dweights, float aux_scale,
-                                  float z_scale);
+  // dweights f32 [T * k] on the stream's device: d loss / d w_t,e (0 for
+  // dropped assignments); aux_scale and z_scale: d loss / d aux and d loss /
+  // d zl. Accumulates router.weight.grad and returns dx [T, d]. Stream-ordered
+  // (no host read: the loss terms that do not depend on dweights come from the
+  // forward's host copies, the rest runs as ops), so a MoE layer's backward
+  // enqueues without waiting for its chunks.
+  absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dweights, float aux_scale, float z_scale);
 
   parallel::Parameter& weight() { return weight_; }
 

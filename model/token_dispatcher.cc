@@ -32,20 +32,20 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
   const int64_t n = in.offsets[num_local];
   // Rows in expert order, tokens ascending within an expert (a counting sort).
   std::vector<int64_t> fill(in.offsets.begin(), in.offsets.end() - 1);
-  assignment_of_row_.assign(n, 0);
-  std::vector<int32_t> tok(n), rows(n);
+  std::vector<int32_t> tok(n), rows(n), assignment(n);
   std::vector<float> w(n);
   for (int64_t a = 0; a < T * k; ++a) {
     const int64_t e = plan.experts[a];
     if (!plan.kept[a] || e < expert_begin_ || e >= expert_end_) continue;
     const int64_t r = fill[e - expert_begin_]++;
-    assignment_of_row_[r] = a;
+    assignment[r] = static_cast<int32_t>(a);
     tok[r] = static_cast<int32_t>(a / k);
     w[r] = plan.weights[a];
   }
   for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
   ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
   ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
+  ASSIGN_OR_RETURN(assignment_index_, FromHostInts(stream, assignment, Shape{n}));
   ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
   ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}, x.dtype()));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
@@ -64,17 +64,18 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tenso
 }
 
 absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, const Tensor& dy,
-                                                             std::vector<float>* dweights) {
+                                                             Tensor* dweights) {
   ProfileScope profile(ProfileCategory::kPermute);
   const int64_t n = expert_out_.size(0);
-  dweights->assign(num_assignments_, 0.0f);
+  ASSIGN_OR_RETURN(*dweights, NewActivation(stream, Shape{num_assignments_}));
+  RETURN_IF_ERROR(ops::Fill(stream, *dweights, 0.0));
   ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
   if (n == 0) return d_out;
-  // d w of row r = dy[t_r] . out_r.
+  // d w of row r = dy[t_r] . out_r, placed at its assignment (each row is one).
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
-  ASSIGN_OR_RETURN(std::vector<float> dw_host, ToHostFloats(stream, dw));
-  for (int64_t r = 0; r < n; ++r) (*dweights)[assignment_of_row_[r]] = dw_host[r];
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), assignment_index_,
+                                      dweights->Reshape(Shape{num_assignments_, 1})));
   // d out_r = w_r dy[t_r]: gather, then scale rows through a weighted identity scatter.
   ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
   RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, gathered));
@@ -90,7 +91,7 @@ absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor
   if (d_expert_in.size(0) > 0) {
     RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx));
   }
-  token_index_ = row_index_ = weights_ = Tensor();
+  token_index_ = row_index_ = weights_ = assignment_index_ = Tensor();
   return absl::OkStatus();
 }
 
@@ -115,8 +116,8 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::ForwardPipelined(Stream& stream, co
 }
 
 absl::Status LocalTokenDispatcher::BackwardPipelined(Stream& stream, const Tensor& dy,
-                                                     const ExpertFn& expert_backward,
-                                                     std::vector<float>* dweights, const Tensor& dx) {
+                                                     const ExpertFn& expert_backward, Tensor* dweights,
+                                                     const Tensor& dx) {
   if (offsets_.empty()) {
     return absl::FailedPreconditionError("LocalTokenDispatcher::BackwardPipelined without ForwardPipelined");
   }

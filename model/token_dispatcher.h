@@ -84,10 +84,12 @@ class TokenDispatcher {
   // cannot reroute (local) refuses one.
   virtual absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
                                                   const ExpertFn& expert_forward, const Reroute* reroute) = 0;
-  // dy [T, d] -> dx [T, d] += the expert path's input gradient; dweights
-  // [T * k] = d loss / d w_t,e for all T tokens (0 for dropped assignments).
+  // dy [T, d] -> dx [T, d] += the expert path's input gradient; *dweights
+  // = f32 [T * k] on the stream's device: d loss / d w_t,e for all T tokens
+  // (0 for dropped assignments), the router's backward input. Stream-ordered:
+  // nothing is read on the host.
   virtual absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
-                                         std::vector<float>* dweights, const Tensor& dx) = 0;
+                                         Tensor* dweights, const Tensor& dx) = 0;
 };
 
 // One rank holds the experts [expert_begin, expert_end) (all E when EP = 1):
@@ -105,23 +107,23 @@ class LocalTokenDispatcher : public TokenDispatcher {
   absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
                                           const ExpertFn& expert_forward, const Reroute* reroute) override;
   absl::Status BackwardPipelined(Stream& stream, const Tensor& dy, const ExpertFn& expert_backward,
-                                 std::vector<float>* dweights, const Tensor& dx) override;
+                                 Tensor* dweights, const Tensor& dx) override;
 
   // The steps: x [T, d] -> the local experts' rows (ExpertInput); their
-  // outputs [N, d] -> y [T, d]; dy -> d outputs [N, d] and dweights [T * k];
+  // outputs [N, d] -> y [T, d]; dy -> d outputs [N, d] and dweights f32 [T * k];
   // d inputs [N, d] -> dx += the scattered rows.
   absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan);
   absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out);
-  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, std::vector<float>* dweights);
+  absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, Tensor* dweights);
   absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx);
 
  private:
   int64_t expert_begin_, expert_end_;
   int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0;
-  std::vector<int64_t> assignment_of_row_;  // host [N]: a = t * k + j of each row
-  Tensor token_index_;                      // i32 [N]: the token t of each row
-  Tensor row_index_;                        // i32 [N]: 0..N-1
-  Tensor weights_;                          // f32 [N]: w_t,e of each row
+  Tensor assignment_index_;  // i32 [N]: a = t * k + j of each row
+  Tensor token_index_;       // i32 [N]: the token t of each row
+  Tensor row_index_;         // i32 [N]: 0..N-1
+  Tensor weights_;           // f32 [N]: w_t,e of each row
   Tensor expert_out_;
   std::vector<int64_t> offsets_;  // E + 1 global offsets of the forward's rows
 };

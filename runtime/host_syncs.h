@@ -3,8 +3,9 @@
 // runtime/core/backend.h; tests/runtime/host_sync_test.cc pins the demo's
 // number). Everything else on the step's path -- token exchange chunks, TP
 // collectives, grad-sync buckets, LLEP weight moves and gradient returns,
-// clipping, the optimizer and the ZeRO-1 all-gathers -- is ordered on streams
-// and never waits on the host.
+// clipping, the optimizer and the ZeRO-1 all-gathers, the combine weights'
+// gradients and the router's backward (model/router.h) -- is ordered on
+// streams and never waits on the host.
 //
 // Per micro-batch:
 //   loss              1   the cross-entropy scalar (model/model.cc, Model::Forward)
@@ -19,9 +20,6 @@
 //                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1;
 //                         0 in a micro-batch where LLEP fires with overlap_chunks 1
 //                         (the plan gives the counts), so the total is an upper bound then
-//   weight_grads      1   d loss / d w of the combine weights, read once after all
-//                         chunks for the router's host backward
-//                         (model/alltoall_dispatcher.h, model/token_dispatcher.h)
 //   shared_gate       2   the gated shared expert's gate, forward and backward
 //                         (model/moe_layer.h), with model.moe.shared_expert_gate
 // Per step:
@@ -46,7 +44,7 @@ namespace moe {
 struct HostSyncBudget {
   int micro_batches = 1, moe_layers = 0;
   int per_micro_batch = 0;  // loss
-  int per_moe_layer = 0;    // router, bias, LLEP counts, count exchange, weight grads, shared gate
+  int per_moe_layer = 0;    // router, bias, LLEP counts, count exchange, shared gate
   int per_step = 0;         // metrics, grad norm, bias update, step end, profile
   int total() const { return micro_batches * (per_micro_batch + moe_layers * per_moe_layer) + per_step; }
   std::string ToString() const;

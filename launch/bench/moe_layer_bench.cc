@@ -92,7 +92,8 @@ absl::StatusOr<Result> RunOne(comm::Communicator& world, int ep, int chunks, con
                                               xs.size() * 4, MemoryCategory::kActivations));
   ASSIGN_OR_RETURN(Tensor dy, Tensor::FromHost(*backend, Shape{tokens, hidden}, DType::kF32, dys.data(),
                                                dys.size() * 4, MemoryCategory::kActivations));
-  std::vector<float> zero_dw(tokens * cfg.moe().top_k(), 0.0f);
+  ASSIGN_OR_RETURN(Tensor zero_dw, Tensor::Zeros(*backend, Shape{tokens * cfg.moe().top_k()}, DType::kF32,
+                                                 MemoryCategory::kActivations));
 
   Result r;
   std::vector<double> steps;

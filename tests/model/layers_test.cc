@@ -260,7 +260,7 @@ TEST_CASE("Router gradients: combine weights, aux and z losses") {
       loss();
       std::vector<float> dw(T * k);
       for (int64_t a = 0; a < T * k; ++a) dw[a] = router.plan().kept[a] ? cw[a] : 0.0f;
-      auto dx = router.Backward(s, dw, 0.7f, 1.3f);
+      auto dx = router.Backward(s, testing::NewTensor(Shape{T * k}, dw), 0.7f, 1.3f);
       REQUIRE(dx.ok());
       CheckGradients({{"router", router.weight().value, router.weight().grad}, {"x", x, *dx}}, loss,
                      [&] { return RoutingKey(router.plan()); }, {.step = 3e-3});

@@ -77,7 +77,7 @@ TEST_CASE("Expert bias update: rate x sign(mean load - load) from the summed loa
   const std::vector<int64_t> selected = (*plan)->selected_per_expert;
   // Forward alone (evaluation) records no load; Backward does.
   CHECK(router.pending_load() == std::vector<int64_t>(4, 0));
-  REQUIRE(router.Backward(st, std::vector<float>(6, 0.0f), 1.0f, 1.0f).ok());
+  REQUIRE(router.Backward(st, testing::NewTensor(Shape{6}, std::vector<float>(6, 0.0f)), 1.0f, 1.0f).ok());
   CHECK(router.pending_load() == selected);
   // Mean 2.5: loads 4, 1, 2.5, 2.5 -> -0.25, +0.25, 0, 0.
   REQUIRE(router.UpdateExpertBias(st, std::vector<double>{4, 1, 2.5, 2.5}).ok());
@@ -164,9 +164,11 @@ TEST_CASE("Local dispatch groups tokens by expert and combine is the weighted su
   }
   // Backward: d out = w dy[t]; d w = dy[t] . out; dx accumulates the rows.
   Tensor dy = RandomTensor(Shape{T, d}, rng);
-  std::vector<float> dyv = ToVec(dy), dweights;
-  auto dout = disp.CombineBackward(s, dy, &dweights);
+  std::vector<float> dyv = ToVec(dy);
+  Tensor dweights_dev;
+  auto dout = disp.CombineBackward(s, dy, &dweights_dev);
   REQUIRE(dout.ok());
+  const std::vector<float> dweights = ToVec(dweights_dev);
   const std::vector<float> doutv = ToVec(*dout);
   std::vector<float> dx_expect(T * d, 1.0f);
   std::vector<int64_t> next(in->offsets.begin(), in->offsets.end() - 1);

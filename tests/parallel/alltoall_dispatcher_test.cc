@@ -140,7 +140,7 @@ void Run(int tp, int ep, double capacity_factor, bool identity) {
     Tensor x = HostTensor(batch.x, Shape{kTokens, kHidden});
     Tensor dy = HostTensor(batch.dy, Shape{kTokens, kHidden});
     Tensor dx = HostTensor(std::vector<float>(kTokens * kHidden, 0.f), Shape{kTokens, kHidden});
-    std::vector<float> dweights;
+    Tensor dweights;  // f32 [T * k] on the device
     Tensor y;
     if (chunks == 0) {
       ExpertInput in = ValueOrDie(d.Dispatch(stream, x, batch.plan));
@@ -165,7 +165,7 @@ void Run(int tp, int ep, double capacity_factor, bool identity) {
     }
     ExpectClose(ToVector(y), ref.y, "y");
     ExpectClose(ToVector(dx), ref.dx, "dx");
-    ExpectClose(dweights, ref.dweights, "dweights");
+    ExpectClose(ToVector(dweights), ref.dweights, "dweights");
     if (identity && capacity_factor <= 0) {
       // Dispatch then combine is the identity (weights sum to 1 per token).
       ExpectClose(ToVector(y), std::vector<double>(batch.x.begin(), batch.x.end()), "identity y");

@@ -283,48 +283,35 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   const int C = num_chunks_;
   RETURN_IF_ERROR(Prepare(stream, x, plan, C, reroute));
   const Tensor x_slice = x.Slice(slice_begin_, slice_end_);
-  auto t0 = Clock::now();
-  parallel::InFlight next;
-  {  // the in-flight transfer holds the send rows until FinishDispatch frees them
-    Tensor send0;
+  // Every chunk's dispatch is enqueued before any expert runs: the link then
+  // never idles while a chunk computes (chunk c + 2's rows no longer queue
+  // behind chunk c's combine), and the later chunks' permutes run while the
+  // first transfer is in flight. Each combine follows its chunk's experts.
+  // The in-flight transfers hold their send rows until FinishDispatch frees
+  // them (no more than the one-chunk exchange holds at once).
+  std::vector<parallel::InFlight> sent(C), back(C);
+  for (int c = 0; c < C; ++c) {
+    auto t0 = Clock::now();
+    Tensor send;
     {
       trace::Span span(stream, "permute", trace::Kind::kCompute);
-      ASSIGN_OR_RETURN(send0, SendRows(stream, 0, x_slice));
+      ASSIGN_OR_RETURN(send, SendRows(stream, c, x_slice));
     }
     stats_.permute_s += Since(t0);
     t0 = Clock::now();
     {
       trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, send0));
+      ASSIGN_OR_RETURN(sent[c], parallel::StartDispatch(*ep_, stream, plan_, c, send));
     }
+    stats_.dispatch_s += Since(t0);
+    stats_.dispatch_bytes += WireBytes(c, true);
   }
-  stats_.dispatch_s += Since(t0);
-  stats_.dispatch_bytes += WireBytes(0, true);
-  std::vector<parallel::InFlight> back(C);
   for (int c = 0; c < C; ++c) {
-    parallel::InFlight cur = std::move(next);
-    if (c + 1 < C) {
-      // Enqueue chunk c + 1's exchange before computing chunk c.
-      t0 = Clock::now();
-      Tensor send;
-      {
-        trace::Span span(stream, "permute", trace::Kind::kCompute);
-        ASSIGN_OR_RETURN(send, SendRows(stream, c + 1, x_slice));
-      }
-      stats_.permute_s += Since(t0);
-      t0 = Clock::now();
-      {
-        trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
-        ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, send));
-      }
-      stats_.dispatch_s += Since(t0);
-      stats_.dispatch_bytes += WireBytes(c + 1, true);
-    }
-    t0 = Clock::now();
+    auto t0 = Clock::now();
     Tensor grouped;
     {
       trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur, &exposed_));
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, sent[c], &exposed_));
     }
     stats_.dispatch_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
@@ -347,7 +334,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
   for (int c = 0; c < C; ++c) {
-    t0 = Clock::now();
+    auto t0 = Clock::now();
     {
       trace::Span span(stream, "combine a2a", trace::Kind::kComm);
       ASSIGN_OR_RETURN(chunks_[c].combined, parallel::FinishCombine(stream, plan_, back[c], &exposed_));
@@ -363,7 +350,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     }
     stats_.unpermute_s += Since(t0);
   }
-  t0 = Clock::now();
+  const auto t0 = Clock::now();
   Tensor y;
   {
     trace::Span span(stream, "unpermute", trace::Kind::kCompute);
@@ -383,47 +370,31 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   }
   RETURN_IF_ERROR(StartWeightGrads(stream));
   const Tensor dy_slice = dy.Slice(slice_begin_, slice_end_);
-  auto t0 = Clock::now();
-  parallel::InFlight next;
-  {  // as in the forward: the first chunk's rows live only while in flight
-    Tensor d0;
+  // As in the forward: every chunk's output gradients go out before any
+  // expert's backward runs.
+  std::vector<parallel::InFlight> sent(C), back(C);
+  for (int c = 0; c < C; ++c) {
+    auto t0 = Clock::now();
+    Tensor d;
     {
       trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-      ASSIGN_OR_RETURN(d0, WeightedGradRows(stream, 0, dy_slice));
+      ASSIGN_OR_RETURN(d, WeightedGradRows(stream, c, dy_slice));
     }
     stats_.unpermute_s += Since(t0);
     t0 = Clock::now();
     {
       trace::Span span(stream, "combine a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, 0, d0));
+      ASSIGN_OR_RETURN(sent[c], parallel::StartDispatch(*ep_, stream, plan_, c, d));
     }
+    stats_.combine_s += Since(t0);
+    stats_.combine_bytes += WireBytes(c, true);
   }
-  stats_.combine_s += Since(t0);
-  stats_.combine_bytes += WireBytes(0, true);
-  std::vector<parallel::InFlight> back(C);
   for (int c = 0; c < C; ++c) {
-    parallel::InFlight cur = std::move(next);
-    if (c + 1 < C) {
-      t0 = Clock::now();
-      Tensor d;
-      {
-        trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-        ASSIGN_OR_RETURN(d, WeightedGradRows(stream, c + 1, dy_slice));
-      }
-      stats_.unpermute_s += Since(t0);
-      t0 = Clock::now();
-      {
-        trace::Span span(stream, "combine a2a", trace::Kind::kComm);
-        ASSIGN_OR_RETURN(next, parallel::StartDispatch(*ep_, stream, plan_, c + 1, d));
-      }
-      stats_.combine_s += Since(t0);
-      stats_.combine_bytes += WireBytes(c + 1, true);
-    }
-    t0 = Clock::now();
+    auto t0 = Clock::now();
     Tensor grouped;
     {
       trace::Span span(stream, "combine a2a", trace::Kind::kComm);
-      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, cur, &exposed_));
+      ASSIGN_OR_RETURN(grouped, parallel::FinishDispatch(stream, plan_, sent[c], &exposed_));
     }
     stats_.combine_s += Since(t0);
     const std::vector<int64_t> offsets = plan_.ExpertOffsets(c);
@@ -450,7 +421,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
   }
   for (int c = 0; c < C; ++c) {
-    t0 = Clock::now();
+    auto t0 = Clock::now();
     Tensor d_send;
     {
       trace::Span span(stream, "dispatch a2a", trace::Kind::kComm);
@@ -463,7 +434,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
       RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
     }
   }
-  t0 = Clock::now();
+  const auto t0 = Clock::now();
   {
     trace::Span span(stream, "permute", trace::Kind::kCompute);
     RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));

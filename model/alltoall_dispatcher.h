@@ -23,8 +23,10 @@
 // backward sees all T tokens; dx is all-gathered over TP.
 //
 // Driven through the TokenDispatcher interface (ForwardPipelined /
-// BackwardPipelined): num_chunks exchanges, the exchange of chunk c + 1
-// enqueued before chunk c's experts run (parallel.overlap_chunks); the
+// BackwardPipelined): num_chunks exchanges, every chunk's outbound exchange
+// enqueued before the first chunk's experts run and each chunk's return
+// right after its experts (parallel.overlap_chunks), so the link never idles
+// while a chunk computes; the
 // caller's `expert_fn` computes one chunk. Dispatch / Combine /
 // CombineBackward / DispatchBackward do the same with one exchange and no
 // overlap (tests compare the two); the results agree up to float summation
@@ -94,8 +96,8 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, Tensor* dweights);
   absl::Status DispatchBackward(Stream& stream, const Tensor& d_expert_in, const Tensor& dx);
 
-  // TokenDispatcher: parallel.overlap_chunks exchanges, the exchange of
-  // chunk c + 1 enqueued before chunk c's experts run; `reroute` sends
+  // TokenDispatcher: parallel.overlap_chunks exchanges, all chunks'
+  // outbound exchanges enqueued before chunk 0's experts run; `reroute` sends
   // assignments to the EP rank it names (LLEP).
   absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
                                           const ExpertFn& expert_forward, const Reroute* reroute) override;

@@ -1,7 +1,7 @@
 // MoELayer: router -> token dispatcher -> experts -> combine (docs/model.md's MoE(x)).
 // The layer drives its TokenDispatcher's one (pipelined) interface: with the
 // all-to-all dispatcher (model/alltoall_dispatcher.h) parallel.overlap_chunks
-// chunks, the exchange of chunk c + 1 in flight while chunk c's experts
+// chunks, the later chunks' exchanges in flight while chunk c's experts
 // compute, in forward and backward; with the local one, its one chunk.
 //
 //   y_t = sum_{e in S_t, kept} w_t,e SwiGLU_e(x_t) [+ g_t SwiGLU_shared(x_t)],

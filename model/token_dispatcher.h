@@ -10,8 +10,8 @@
 //                      combine weights' gradients (the router's input).
 //
 // Implementations: AllToAllTokenDispatcher (model/alltoall_dispatcher.h;
-// expert parallelism, parallel.overlap_chunks chunks, each chunk's exchange in
-// flight while the previous one computes; LLEP's reroute) and
+// expert parallelism, parallel.overlap_chunks chunks, the later chunks'
+// exchanges in flight while earlier ones compute; LLEP's reroute) and
 // LocalTokenDispatcher (one rank holds its experts: the one-chunk case,
 // permuting within the rank). The MoE layer sees only this interface.
 //

@@ -122,14 +122,22 @@ void DivideBy(void* buf, size_t n, DType t, int d) {
 
 // Between two polls of a transfer: spinning first, then yielding the core,
 // then pausing briefly, so a long wait does not starve ranks that share cores
-// while a short one keeps its latency. Nonblocking collectives advance one
-// round per test, so sleeping slows long transfers; only a wait of over a
-// second (a straggler, not a transfer) is polled with pauses.
+// while a short one keeps its latency. A progress thread's wait that has
+// lasted kPollYieldS is a peer that has not arrived yet (it is still
+// computing the chunk whose rows it sends back), not a transfer in progress:
+// a poller that keeps yielding still takes its fair share of a core that the
+// rank's compute thread shares, so from then on it pauses 50 us between tests.
+// Point-to-point exchanges (the token all-to-alls) complete within a few tests
+// once the peer posts (shared memory, single copy), and the nonblocking
+// collectives here take a few rounds, so a pause adds at most a few 50 us
+// steps to an operation that already waited kPollYieldS.
+constexpr double kPollYieldS = 2e-3;
+
 void PausePoll(int polls, Clock::time_point begin) {
   if (polls < 256) return;
   const double waited = std::chrono::duration<double>(Clock::now() - begin).count();
   if (waited < 50e-6) return;  // a small transfer's round trip: keep spinning
-  if (waited < 1.0) {
+  if (waited < kPollYieldS) {
     sched_yield();
   } else {
     std::this_thread::sleep_for(std::chrono::microseconds(50));

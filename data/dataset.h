@@ -11,8 +11,10 @@
 //   eval: for (b < train.eval_batches, a < grad_accum) data->valid->EvalMicroBatch(b, a, dp_rank, tokens)
 //
 // dp_rank is layout.dp_rank: the TP ranks of one data-parallel replica read the
-// same micro-batch. Every rank opens the files itself (they are memory-mapped, so the page cache
-// is shared between ranks of a node); no communication happens here.
+// same micro-batch. Every rank opens the files itself (read through the page cache,
+// which the ranks of a node share); no communication happens here: a read that fails
+// later (a file truncated under the job) fails on its rank only, and the trainer
+// agrees on it over the control plane (runtime/trainer.h).
 #ifndef MOE_DATA_DATASET_H_
 #define MOE_DATA_DATASET_H_
 

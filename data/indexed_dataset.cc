@@ -1,7 +1,6 @@
 #include "data/indexed_dataset.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -36,27 +35,21 @@ T LoadAt(const uint8_t* p) {
   return v;
 }
 
-// A read-only mapping of a whole file (or an empty one) and the open file
-// (to check its size later), unmapped and closed on scope exit.
-struct Mapping {
-  const uint8_t* data = nullptr;
-  int64_t size = 0;
+// An open file and its size at open, closed on scope exit. Nothing is
+// memory-mapped: a mapped file that shrinks turns a read past its new end into
+// SIGBUS, while pread(2) just comes back short (ReadExact).
+struct File {
   int fd = -1;
-  Mapping() = default;
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-  ~Mapping() {
-    if (data != nullptr) munmap(const_cast<uint8_t*>(data), static_cast<size_t>(size));
+  int64_t size = 0;
+  File() = default;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File() {
     if (fd >= 0) ::close(fd);
-  }
-  const uint8_t* Release() {
-    const uint8_t* d = data;
-    data = nullptr;
-    return d;
   }
 };
 
-absl::Status MapFile(const std::string& path, Mapping* m) {
+absl::Status OpenFile(const std::string& path, File* f) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) {
@@ -67,27 +60,43 @@ absl::Status MapFile(const std::string& path, Mapping* m) {
     }
     return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open: ", ErrnoText()));
   }
+  f->fd = fd;
   struct stat st;
-  if (fstat(fd, &st) != 0) {
-    std::string e = ErrnoText();
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(path, ": fstat failed: ", e));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  m->size = st.st_size;
-  if (m->size > 0) {
-    void* p = mmap(nullptr, static_cast<size_t>(m->size), PROT_READ, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      std::string e = ErrnoText();
-      ::close(fd);
-      return absl::InternalError(absl::StrCat(path, ": mmap of ", m->size, " bytes failed: ", e));
+  if (fstat(fd, &st) != 0) return absl::InternalError(absl::StrCat(path, ": fstat failed: ", ErrnoText()));
+  if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  f->size = st.st_size;
+  return absl::OkStatus();
+}
+
+// The error for a file that is now shorter than when the job opened it.
+absl::Status ShrankError(const std::string& path, int64_t opened_size, int fd) {
+  struct stat st;
+  const std::string now =
+      fstat(fd, &st) == 0 ? absl::StrCat(static_cast<int64_t>(st.st_size)) : std::string("fewer");
+  return absl::DataLossError(absl::StrCat(
+      path, " shrank from ", opened_size, " to ", now,
+      " bytes while the job was reading it (truncated or rewritten in place); restore the file or "
+      "write new data under another prefix (moe-preprocess writes a new file and renames it)"));
+}
+
+// Reads exactly `bytes` bytes at `offset` of the open file `fd` (of size
+// `opened_size` when opened). A read that ends early (the file shrank since)
+// is ShrankError, a failing one names the file and errno.
+absl::Status ReadExact(int fd, const std::string& path, int64_t opened_size, int64_t offset, size_t bytes,
+                       void* dst) {
+  auto* p = static_cast<uint8_t*>(dst);
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd, p, bytes, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return absl::DataLossError(
+          absl::StrCat(path, ": read of ", bytes, " bytes at byte ", offset, " failed: ", ErrnoText()));
     }
-    m->data = static_cast<const uint8_t*>(p);
+    if (got == 0) return ShrankError(path, opened_size, fd);
+    p += got;
+    offset += got;
+    bytes -= static_cast<size_t>(got);
   }
-  m->fd = fd;
   return absl::OkStatus();
 }
 
@@ -154,16 +163,17 @@ absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::
   std::unique_ptr<IndexedDataset> ds(new IndexedDataset());
   ds->prefix_ = prefix;
 
-  Mapping idx;
-  RETURN_IF_ERROR(MapFile(idx_path, &idx));
-  Mapping bin;
-  RETURN_IF_ERROR(MapFile(bin_path, &bin));
+  File idx;
+  RETURN_IF_ERROR(OpenFile(idx_path, &idx));
+  File bin;
+  RETURN_IF_ERROR(OpenFile(bin_path, &bin));
 
   if (idx.size < kIndexHeaderBytes) {
     return absl::DataLossError(absl::StrCat(idx_path, ": truncated .idx: ", idx.size,
                                             " bytes, shorter than the 34-byte header; ", kRegenerate));
   }
-  const uint8_t* h = idx.data;
+  uint8_t h[kIndexHeaderBytes];
+  RETURN_IF_ERROR(ReadExact(idx.fd, idx_path, idx.size, 0, sizeof(h), h));
   if (std::memcmp(h, kIndexMagic, 9) != 0) {
     std::string found;
     for (int i = 0; i < 9; ++i) {
@@ -224,13 +234,12 @@ absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::
   ds->lengths_.resize(n);
   ds->pointers_.resize(n);
   ds->document_indices_.resize(d);
-  const uint8_t* p = h + kIndexHeaderBytes;
-  if (n > 0) std::memcpy(ds->lengths_.data(), p, 4 * n);
-  if (n > 0) std::memcpy(ds->pointers_.data(), p + 4 * n, 8 * n);
-  std::memcpy(ds->document_indices_.data(), p + 12 * n, 8 * d);
   const int64_t lengths_off = kIndexHeaderBytes;
   const int64_t pointers_off = lengths_off + 4 * static_cast<int64_t>(n);
   const int64_t docs_off = pointers_off + 8 * static_cast<int64_t>(n);
+  RETURN_IF_ERROR(ReadExact(idx.fd, idx_path, idx.size, lengths_off, 4 * n, ds->lengths_.data()));
+  RETURN_IF_ERROR(ReadExact(idx.fd, idx_path, idx.size, pointers_off, 8 * n, ds->pointers_.data()));
+  RETURN_IF_ERROR(ReadExact(idx.fd, idx_path, idx.size, docs_off, 8 * d, ds->document_indices_.data()));
 
   // Every sequence must lie inside the .bin.
   ds->token_offsets_.resize(n + 1);
@@ -289,21 +298,19 @@ absl::StatusOr<std::unique_ptr<IndexedDataset>> IndexedDataset::Open(const std::
                                             kRegenerate));
   }
 
+  ds->bin_path_ = bin_path;
   ds->bin_size_ = bin.size;
-  ds->bin_ = bin.Release();
   ds->bin_fd_ = std::exchange(bin.fd, -1);
   return ds;
 }
 
 IndexedDataset::~IndexedDataset() {
-  if (bin_ != nullptr) munmap(const_cast<uint8_t*>(bin_), static_cast<size_t>(bin_size_));
   if (bin_fd_ >= 0) ::close(bin_fd_);
 }
 
 std::string IndexedDataset::Describe() const { return absl::StrCat(prefix_, ".{bin,idx}"); }
 
-bool IndexedDataset::Token(int64_t byte, int64_t* value) const {
-  const uint8_t* p = bin_ + byte;
+bool IndexedDataset::Decode(const uint8_t* p, int64_t* value) const {
   switch (dtype_) {
     case MegatronDType::kUint8:
       *value = p[0];
@@ -339,16 +346,55 @@ bool IndexedDataset::Token(int64_t byte, int64_t* value) const {
   return false;
 }
 
+int64_t IndexedDataset::SequenceOf(int64_t pos) const {
+  // The last s with token_offsets_[s] <= pos that is not empty.
+  int64_t s = static_cast<int64_t>(std::upper_bound(token_offsets_.begin(), token_offsets_.end(), pos) -
+                                   token_offsets_.begin()) -
+              1;
+  while (token_offsets_[s + 1] <= pos) ++s;  // skips empty sequences
+  return s;
+}
+
+int64_t IndexedDataset::ByteOf(int64_t pos) const {
+  const int64_t s = SequenceOf(pos);
+  return pointers_[s] + (pos - token_offsets_[s]) * static_cast<int64_t>(item_size_);
+}
+
+absl::Status IndexedDataset::ReadRaw(int64_t begin, int64_t count, uint8_t* raw) const {
+  if (count == 0) return absl::OkStatus();
+  const int64_t item = static_cast<int64_t>(item_size_);
+  const int64_t n = num_sequences();
+  int64_t s = SequenceOf(begin);
+  int64_t pos = begin;
+  while (count > 0) {
+    while (token_offsets_[s + 1] <= pos) ++s;
+    const int64_t byte = pointers_[s] + (pos - token_offsets_[s]) * item;
+    int64_t take = std::min(count, token_offsets_[s + 1] - pos);
+    // Sequences stored back to back (as every writer stores them) are one read.
+    while (take < count && s + 1 < n && pointers_[s + 1] == pointers_[s] + lengths_[s] * item) {
+      ++s;
+      take += std::min<int64_t>(count - take, lengths_[s]);
+    }
+    RETURN_IF_ERROR(ReadExact(bin_fd_, bin_path_, bin_size_, byte, static_cast<size_t>(take * item), raw));
+    raw += take * item;
+    pos += take;
+    count -= take;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status IndexedDataset::ReadSequence(int64_t i, std::vector<int64_t>* out) const {
   if (i < 0 || i >= num_sequences()) {
     return absl::OutOfRangeError(
         absl::StrCat(Describe(), ": sequence ", i, " outside [0, ", num_sequences(), ")"));
   }
   RETURN_IF_ERROR(CheckBinSize());
-  out->resize(lengths_[i]);
   const int64_t item = static_cast<int64_t>(item_size_);
+  std::vector<uint8_t> raw(static_cast<size_t>(lengths_[i] * item));
+  RETURN_IF_ERROR(ReadRaw(token_offsets_[i], lengths_[i], raw.data()));
+  out->resize(lengths_[i]);
   for (int64_t j = 0; j < lengths_[i]; ++j) {
-    if (!Token(pointers_[i] + j * item, &(*out)[j])) {
+    if (!Decode(raw.data() + j * item, &(*out)[j])) {
       return absl::DataLossError(absl::StrCat(BinPath(prefix_), ": token at byte ", pointers_[i] + j * item,
                                               " (sequence ", i, ") is not an integral ",
                                               MegatronDTypeName(dtype_), " value"));
@@ -358,17 +404,11 @@ absl::Status IndexedDataset::ReadSequence(int64_t i, std::vector<int64_t>* out) 
 }
 
 absl::Status IndexedDataset::CheckBinSize() const {
-  if (bin_fd_ < 0) return absl::OkStatus();
   struct stat st;
   if (fstat(bin_fd_, &st) != 0) {
     return absl::DataLossError(absl::StrCat(BinPath(prefix_), ": fstat failed: ", ErrnoText()));
   }
-  if (st.st_size < bin_size_) {
-    return absl::DataLossError(absl::StrCat(
-        BinPath(prefix_), " shrank from ", bin_size_, " to ", static_cast<int64_t>(st.st_size),
-        " bytes while the job was reading it (truncated or rewritten in place); restore the file or "
-        "write new data under another prefix (moe-preprocess writes a new file and renames it)"));
-  }
+  if (st.st_size < bin_size_) return ShrankError(BinPath(prefix_), bin_size_, bin_fd_);
   return absl::OkStatus();
 }
 
@@ -378,52 +418,51 @@ absl::Status IndexedDataset::Read(int64_t begin, int64_t count, int32_t* out) co
                                               ") outside the stream of ", num_tokens(), " tokens"));
   }
   if (count == 0) return absl::OkStatus();
-  // A .bin truncated in place after Open would turn the mapped read below into
-  // SIGBUS on every rank; its current size is checked first (one fstat per
-  // read, well under a microsecond).
+  // The size check makes every read after the .bin shrank fail the same way,
+  // also one whose bytes are still there (one fstat per read, see moe-bench
+  // data); ReadRaw's bounded reads make the rest safe.
   RETURN_IF_ERROR(CheckBinSize());
-  // Sequence holding token `begin`: the last s with token_offsets_[s] <= begin.
-  int64_t s = static_cast<int64_t>(std::upper_bound(token_offsets_.begin(), token_offsets_.end(), begin) -
-                                   token_offsets_.begin()) -
-              1;
-  int64_t pos = begin;
   const int64_t item = static_cast<int64_t>(item_size_);
-  while (count > 0) {
-    while (token_offsets_[s + 1] <= pos) ++s;  // skips empty sequences
-    const int64_t j0 = pos - token_offsets_[s];
-    const int64_t take = std::min(count, token_offsets_[s + 1] - pos);
-    const int64_t base = pointers_[s] + j0 * item;
+  // Through a buffer on the stack, 16 KiB at a time: no allocation per read.
+  alignas(8) uint8_t raw[16384];
+  const int64_t chunk = static_cast<int64_t>(sizeof(raw)) / item;
+  for (int64_t done = 0; done < count; done += chunk) {
+    const int64_t n = std::min(chunk, count - done);
+    RETURN_IF_ERROR(ReadRaw(begin + done, n, raw));
+    int32_t* dst = out + done;
     if (dtype_ == MegatronDType::kUint16) {  // the common case, kept tight
-      for (int64_t j = 0; j < take; ++j) out[j] = LoadAt<uint16_t>(bin_ + base + 2 * j);
-    } else {
-      for (int64_t j = 0; j < take; ++j) {
-        int64_t v;
-        if (!Token(base + j * item, &v) || v < 0 || v > std::numeric_limits<int32_t>::max()) {
-          return absl::DataLossError(absl::StrCat(
-              BinPath(prefix_), ": token at stream offset ", pos + j, " (sequence ", s, ", .bin byte ",
-              base + j * item, ") is not a token id in [0, 2^31); run Validate(vocab_size) first"));
-        }
-        out[j] = static_cast<int32_t>(v);
-      }
+      for (int64_t j = 0; j < n; ++j) dst[j] = LoadAt<uint16_t>(raw + 2 * j);
+      continue;
     }
-    out += take;
-    pos += take;
-    count -= take;
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t v;
+      const int64_t pos = begin + done + j;
+      if (!Decode(raw + j * item, &v) || v < 0 || v > std::numeric_limits<int32_t>::max()) {
+        return absl::DataLossError(absl::StrCat(
+            BinPath(prefix_), ": token at stream offset ", pos, " (sequence ", SequenceOf(pos),
+            ", .bin byte ", ByteOf(pos), ") is not a token id in [0, 2^31); run Validate(vocab_size) first"));
+      }
+      dst[j] = static_cast<int32_t>(v);
+    }
   }
   return absl::OkStatus();
 }
 
 absl::Status IndexedDataset::Validate(int64_t vocab_size) const {
   const int64_t item = static_cast<int64_t>(item_size_);
-  for (int64_t s = 0; s < num_sequences(); ++s) {
-    for (int64_t j = 0; j < lengths_[s]; ++j) {
-      const int64_t byte = pointers_[s] + j * item;
+  constexpr int64_t kChunkTokens = int64_t{1} << 20;
+  std::vector<uint8_t> raw(static_cast<size_t>(std::min(num_tokens(), kChunkTokens) * item));
+  for (int64_t begin = 0; begin < num_tokens(); begin += kChunkTokens) {
+    const int64_t count = std::min(kChunkTokens, num_tokens() - begin);
+    RETURN_IF_ERROR(ReadRaw(begin, count, raw.data()));
+    for (int64_t j = 0; j < count; ++j) {
       int64_t v = 0;
-      const bool integral = Token(byte, &v);
+      const bool integral = Decode(raw.data() + j * item, &v);
       if (!integral || v < 0 || v >= vocab_size) {
+        const int64_t pos = begin + j;
         return absl::InvalidArgumentError(absl::StrCat(
             BinPath(prefix_), ": token ", integral ? absl::StrCat(v) : std::string("(not an integer)"),
-            " at token offset ", token_offsets_[s] + j, " (sequence ", s, ", byte ", byte,
+            " at token offset ", pos, " (sequence ", SequenceOf(pos), ", byte ", ByteOf(pos),
             ") is outside [0, model.vocab_size = ", vocab_size,
             "); set model.vocab_size to the tokenizer's vocabulary (257 for moe-preprocess's "
             "byte tokenizer) or re-preprocess the data with the model's tokenizer"));

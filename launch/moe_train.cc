@@ -347,8 +347,8 @@ int main(int argc, char** argv) {
 
   absl::Status status = Train(*config);
   if (moe::IsJobWideError(status)) {
-    // Every rank has this error (a data problem, before the model is built):
-    // each exits 1 by itself, with its message.
+    // Every rank has this error (a data problem, agreed before the model is
+    // built or before a step's first collective): each exits 1 by itself.
     MOE_LOG(ERROR) << "moe-train failed: " << status.message();
     return Finish(kExitRuntimeError);
   }

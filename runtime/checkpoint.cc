@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "comm/agree.h"
 #include "optim/optimizer.h"
 #include "runtime/checkpoint.pb.h"
 #include "runtime/checkpoint_format.h"
@@ -24,7 +25,6 @@
 namespace moe {
 namespace {
 
-constexpr size_t kMessageBytes = 4096;
 constexpr size_t kWriteChunk = size_t{8} << 20;  // hash then write 8 MiB at a time (stays in cache)
 
 absl::Status Await(absl::StatusOr<comm::Work> work) {
@@ -240,21 +240,9 @@ Checkpointer::~Checkpointer() {
 }
 
 absl::Status Checkpointer::Agree(const absl::Status& local) {
-  int32_t first = local.ok() ? comm_->size() : comm_->rank();
-  RETURN_IF_ERROR(Await(comm_->AllReduce(&first, &first, 1, DType::kI32, comm::ReduceOp::kMin)));
-  if (first == comm_->size()) return absl::OkStatus();
-  std::vector<char> message(kMessageBytes, 0);
-  int32_t code = 0;
-  if (comm_->rank() == first) {
-    const std::string m = std::string(local.message()).substr(0, kMessageBytes - 1);
-    std::memcpy(message.data(), m.data(), m.size());
-    code = static_cast<int32_t>(local.code());
-  }
-  RETURN_IF_ERROR(Await(comm_->Broadcast(message.data(), message.data(), kMessageBytes, DType::kU8, first)));
-  RETURN_IF_ERROR(Await(comm_->Broadcast(&code, &code, 1, DType::kI32, first)));
-  const std::string text =
-      comm_->size() > 1 ? absl::StrCat("rank ", first, ": ", message.data()) : message.data();
-  return absl::Status(static_cast<absl::StatusCode>(code), text);
+  absl::Status agreed;
+  RETURN_IF_ERROR(comm::AgreeOnStatus(*comm_, local, &agreed));
+  return agreed;
 }
 
 absl::Status Checkpointer::WaitForPendingSave() {

@@ -24,7 +24,8 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
   b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
   b.per_moe_layer += m.moe().shared_expert_ffn_hidden_size() > 0 && m.moe().shared_expert_gate() ? 2 : 0;
-  b.per_step = (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);  // metrics, grad norm, step end, profile
+  // data agreement, metrics, grad norm, step end, profile
+  b.per_step = (world > 1 ? 1 : 0) + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
   if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 3 * b.moe_layers;
   return b;
 }

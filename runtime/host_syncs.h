@@ -23,6 +23,10 @@
 //   shared_gate       2   the gated shared expert's gate, forward and backward
 //                         (model/moe_layer.h), with model.moe.shared_expert_gate
 // Per step:
+//   data              1   the ranks agree that every micro-batch of the step was
+//                         read (Trainer::ReadMicroBatches, on the host world;
+//                         world > 1): a file truncated under the job stops every
+//                         rank before the step's first collective
 //   metrics           1   the loss and load sums over the host DP group (DP > 1)
 //   grad_norm         1   the clipping norm, reduced on the device; the one small
 //                         read that also gates the update (optim/clip.h)

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "comm/agree.h"
 #include "model/alltoall_dispatcher.h"
 #include "model/llep.h"
 #include "optim/clip.h"
@@ -81,18 +82,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
   // Data first: every data problem is reported before the model is allocated.
   // The ranks agree on the outcome (the only collective before the model), so
   // on a data error every rank returns a job-wide error and can exit 1 by
-  // itself instead of one rank aborting the others. A host flag: the control
-  // plane's world, never the data plane's (NCCL takes device buffers only).
+  // itself instead of one rank aborting the others. On the control plane's
+  // world, never the data plane's (NCCL takes device buffers only).
   absl::StatusOr<std::unique_ptr<data::TrainingData>> opened = data::OpenTrainingData(config, layout.dp);
-  int32_t failed = opened.ok() ? 0 : 1;
-  ASSIGN_OR_RETURN(comm::Work agree,
-                   groups->host.world->AllReduce(&failed, &failed, 1, DType::kI32, comm::ReduceOp::kMax));
-  RETURN_IF_ERROR(agree.Wait());
-  if (!opened.ok()) return JobWideError(opened.status());
-  if (failed != 0) {
-    return JobWideError(absl::FailedPreconditionError(
-        "another rank could not open the training data (its message names the problem)"));
-  }
+  absl::Status agreed;
+  RETURN_IF_ERROR(comm::AgreeOnStatus(*groups->host.world, opened.status(), &agreed));
+  if (!agreed.ok()) return JobWideError(agreed);
   t->data_ = std::move(*opened);
   MOE_LOG_RANK0(INFO) << t->data_->Summary();
 
@@ -151,7 +146,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobConfig& config
                              *groups));
   ASSIGN_OR_RETURN(optim::LrSchedule schedule, optim::LrSchedule::FromConfig(config.optim()));
   t->schedule_ = schedule;
-  t->tokens_.resize(static_cast<size_t>(train.micro_batch()) * (config.model().seq_len() + 1));
+  t->tokens_.resize(static_cast<size_t>(train.grad_accum()) * train.micro_batch() *
+                    (config.model().seq_len() + 1));
 
   ASSIGN_OR_RETURN(t->checkpointer_, Checkpointer::Create(*groups->host.world, layout,
                                                           CheckpointOptionsFromConfig(config.checkpoint())));
@@ -275,6 +271,21 @@ absl::StatusOr<std::vector<double>> Trainer::SumOverDataParallel(std::vector<dou
   return values;
 }
 
+absl::Status Trainer::ReadMicroBatches(int count, const std::function<absl::Status(int, int32_t*)>& read) {
+  // A read can fail on some ranks only (a .bin truncated under the job fails
+  // the ranks whose next read comes after the truncation): the ranks agree
+  // before the step's first collective, so every rank stops here with the
+  // same message instead of one leaving the others in the all-to-all.
+  trace::Span span("data");
+  const size_t per = static_cast<size_t>(config_.train().micro_batch()) * (config_.model().seq_len() + 1);
+  absl::Status local = absl::OkStatus();
+  for (int a = 0; a < count && local.ok(); ++a) local = read(a, tokens_.data() + a * per);
+  absl::Status agreed;
+  RETURN_IF_ERROR(comm::AgreeOnStatus(*groups_->host.world, local, &agreed));
+  if (!agreed.ok()) return JobWideError(agreed);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<StepStats> Trainer::TrainStep() {
   const auto start = Clock::now();
   const parallel::RankLayout& layout = groups_->layout;
@@ -300,12 +311,13 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   const size_t llep_base = kParts + moe_layers.size() * (E + 1);
   std::vector<double> sums(llep_base + moe_layers.size() * kLlepFields, 0.0);
 
+  RETURN_IF_ERROR(ReadMicroBatches(
+      grad_accum, [&](int a, int32_t* out) { return data_->train->MicroBatch(a, layout.dp_rank, out); }));
+  const size_t per = tokens_.size() / grad_accum;
   for (int a = 0; a < grad_accum; ++a) {
-    {
-      trace::Span span("data");
-      RETURN_IF_ERROR(data_->train->MicroBatch(a, layout.dp_rank, tokens_.data()));
-    }
-    ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
+    ASSIGN_OR_RETURN(
+        model::LossParts parts,
+        model_->Forward(*stream_, absl::MakeConstSpan(tokens_).subspan(a * per, per), micro_batch));
     // On the last micro-batch a block's gradients are final once its backward
     // ran: its buckets start reducing while earlier blocks still compute.
     model::BlockDoneFn on_block_done;
@@ -482,10 +494,15 @@ absl::StatusOr<std::optional<double>> Trainer::Evaluate() {
   const int64_t grad_accum = config_.train().grad_accum();
   const int64_t micro_batch = config_.train().micro_batch();
   double ce = 0;
+  const size_t per = tokens_.size() / grad_accum;
   for (int64_t b = 0; b < batches; ++b) {
+    RETURN_IF_ERROR(ReadMicroBatches(static_cast<int>(grad_accum), [&](int a, int32_t* out) {
+      return data_->valid->EvalMicroBatch(b, a, groups_->layout.dp_rank, out);
+    }));
     for (int64_t a = 0; a < grad_accum; ++a) {
-      RETURN_IF_ERROR(data_->valid->EvalMicroBatch(b, a, groups_->layout.dp_rank, tokens_.data()));
-      ASSIGN_OR_RETURN(model::LossParts parts, model_->Forward(*stream_, tokens_, micro_batch));
+      ASSIGN_OR_RETURN(
+          model::LossParts parts,
+          model_->Forward(*stream_, absl::MakeConstSpan(tokens_).subspan(a * per, per), micro_batch));
       ce += parts.ce;
     }
   }

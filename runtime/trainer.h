@@ -22,6 +22,7 @@
 #define MOE_RUNTIME_TRAINER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -71,9 +72,12 @@ struct StepStats {
   std::vector<RankStepProfile> ranks;
 };
 
-// True for an error that every rank of the job returned together (Trainer::Create
-// agrees on data errors over the world before building the model), so each
-// rank may exit on its own instead of aborting the others.
+// True for an error that every rank of the job returned together, so each
+// rank may exit on its own instead of aborting the others: the ranks agree on
+// data errors over the host world (comm/agree.h) when opening the data, before
+// the model is built (Trainer::Create), and after reading each step's and each
+// evaluation batch's micro-batches (a file truncated under the job), before
+// any collective of that step.
 bool IsJobWideError(const absl::Status& status);
 
 class Trainer {
@@ -137,7 +141,11 @@ class Trainer {
   std::vector<std::vector<const parallel::Parameter*>> block_params_;  // per layer, for grad sync
   std::optional<optim::LrSchedule> schedule_;
   std::optional<MetricsWriter> metrics_;  // rank 0
-  std::vector<int32_t> tokens_;           // one micro-batch, [micro_batch, seq_len + 1]
+  // Reads micro-batches [0, count) of `read` into tokens_ and agrees on the
+  // outcome over the host world: every rank gets OK or the same job-wide error.
+  absl::Status ReadMicroBatches(int count, const std::function<absl::Status(int, int32_t*)>& read);
+
+  std::vector<int32_t> tokens_;  // a step's micro-batches, [grad_accum, micro_batch, seq_len + 1]
   std::vector<StepStats> history_;
   absl::Status ProfileStep(StepStats* s);
   std::unique_ptr<Checkpointer> checkpointer_;

@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -184,6 +185,46 @@ TEST_CASE("a writer destroyed before Finish leaves nothing behind") {
     CHECK_THAT(std::string(s.message()), Catch::Contains("token 257") && Catch::Contains("vocab_size = 257"));
   }
   CHECK(std::filesystem::is_empty(tmp.path()));
+}
+
+// The format allows sequences anywhere in the .bin: the reader reads runs of
+// sequences stored back to back at once and jumps between the others.
+TEST_CASE("sequences stored out of order in the .bin read in index order") {
+  TempDir tmp;
+  const std::vector<std::vector<int32_t>> docs = {{1, 2, 3, 4, 5}, {6, 7, 8, 9}, {10, 11, 12, 13, 14, 15}};
+  {
+    auto w = IndexedDatasetWriter::Create(tmp / "c", 257);
+    REQUIRE(w.ok());
+    for (const auto& d : docs) REQUIRE((*w)->AddDocument(d.data(), static_cast<int64_t>(d.size())).ok());
+    REQUIRE((*w)->Finish().ok());
+  }
+  // uint16 .bin: docs at bytes 0, 10 and 18. Index them as 1, 2, 0: sequences
+  // 0 and 1 are back to back (bytes 10..30), sequence 2 jumps back to byte 0.
+  std::string idx = ReadBytes(tmp / "c.idx");
+  const int32_t lengths[3] = {4, 6, 5};
+  const int64_t pointers[3] = {10, 18, 0};
+  std::memcpy(idx.data() + kIndexHeaderBytes, lengths, sizeof(lengths));
+  std::memcpy(idx.data() + kIndexHeaderBytes + sizeof(lengths), pointers, sizeof(pointers));
+  testing::WriteBytes(tmp / "c.idx", idx);
+  auto ds = IndexedDataset::Open(tmp / "c");
+  REQUIRE(ds.ok());
+  std::vector<int32_t> stream;
+  for (int d : {1, 2, 0}) stream.insert(stream.end(), docs[d].begin(), docs[d].end());
+  REQUIRE((*ds)->num_tokens() == static_cast<int64_t>(stream.size()));
+  for (int64_t b = 0; b < (*ds)->num_tokens(); ++b) {
+    for (int64_t n = 1; b + n <= (*ds)->num_tokens(); ++n) {
+      std::vector<int32_t> got(n);
+      REQUIRE((*ds)->Read(b, n, got.data()).ok());
+      INFO("tokens [" << b << ", " << b + n << ")");
+      CHECK(got == std::vector<int32_t>(stream.begin() + b, stream.begin() + b + n));
+    }
+  }
+  std::vector<int64_t> seq;
+  REQUIRE((*ds)->ReadSequence(2, &seq).ok());
+  CHECK(seq == std::vector<int64_t>{1, 2, 3, 4, 5});
+  CHECK((*ds)->Validate(16).ok());
+  absl::Status s = (*ds)->Validate(15);
+  CHECK_THAT(std::string(s.message()), Catch::Contains("token 15 at token offset 9 (sequence 1, byte 28)"));
 }
 
 TEST_CASE("dtype for the vocabulary and the prefix helpers") {

@@ -11,8 +11,10 @@
 //   1. every rank resolves and validates its config; the ranks agree on a hash
 //      of the resolved config (a mismatch names the first differing field and
 //      the ranks holding each value);
-//   2. every rank checks that the predicted peak memory of its node's ranks
-//      fits; rank 0 probes train.run_dir and checkpoint.dir for writing.
+//   2. every rank checks that it can use train.device (a GPU build on a
+//      machine without a usable GPU stops here, exit 2) and that the predicted
+//      peak memory of its node's ranks fits; rank 0 probes train.run_dir and
+//      checkpoint.dir for writing.
 // Only then does the job build its communicators and allocate.
 #include <unistd.h>
 
@@ -41,6 +43,7 @@
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
 #include "runtime/checkpoint_signal.h"
+#include "runtime/core/device_select.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
 #include "runtime/job_config.h"
@@ -179,6 +182,19 @@ absl::Status AgreeOnConfig(const moe::JobConfig& config) {
   return absl::InvalidArgumentError(absl::StrCat(
       "the ranks resolved different configurations: ", where,
       "; every rank must run with the same --config and overrides (an MPMD launch must not differ in them)"));
+}
+
+// This rank's device problem ("" when none): train.device names a GPU that
+// this machine cannot use (a CUDA build where no device is visible or the
+// driver does not fit the runtime). Validation has already refused a device
+// the build lacks, and comm.backend = "nccl" with a CPU device.
+std::string DeviceProblem(const moe::JobConfig& config, int) {
+  const std::string& device = config.train().device();
+  absl::StatusOr<moe::Device> resolved = moe::ResolveDevice(device, nullptr);
+  if (resolved.ok()) return "";
+  return absl::StrCat("train.device = \"", device, "\": ", resolved.status().message(),
+                      "; set train.device = \"cpu\" (comm.backend \"auto\" then uses MPI) or run where every "
+                      "rank sees a usable GPU");
 }
 
 // This rank's memory problem ("" when none): the predicted peak of the
@@ -337,8 +353,10 @@ int main(int argc, char** argv) {
                   << moe::comm::MpiEnv::local_size() << " (from " << moe::comm::MpiEnv::placement_source()
                   << ")";
 
-  // Step 2: memory, then (nothing is created before the job fits) directories.
-  for (auto check : {+[](const moe::JobConfig&c, int) { return MemoryProblem(c); }, &DirectoryProblems}) {
+  // Step 2: the device, memory, then (nothing is created before the job can
+  // run) directories.
+  for (auto check :
+       {&DeviceProblem, +[](const moe::JobConfig&c, int) { return MemoryProblem(c); }, &DirectoryProblems}) {
     verdict = GatherProblems(check(*config, rank));
     if (!verdict.ok()) return stop(std::string(verdict.status().message()));
     if (!verdict->empty()) return stop(rank == 0 ? *verdict : "");

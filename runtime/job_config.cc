@@ -298,7 +298,7 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   // Train, data, checkpoint, comm.
   // "cuda" needs a build with the CUDA backend: refused here, before any work,
   // rather than in the trainer. (Whether this machine has a usable GPU is
-  // checked when the trainer picks its device.)
+  // moe-train's start-up check, also before any work: launch/moe_train.cc.)
   need(t.device() == "cpu" || (BuiltWithCuda() && ParseDevice(t.device()).ok()),
        BuiltWithCuda()
            ? absl::StrCat("train.device = \"", t.device(), "\" is not one of \"cpu\", \"cuda\", \"cuda:N\"")

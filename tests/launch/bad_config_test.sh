@@ -27,6 +27,17 @@ expect "model has no field 'hiden_size'" "$D" model.hiden_size=3
 expect 'model.moe.score_function = "tanh" must be "softmax" or "sigmoid"' "$D" model.moe.score_function=tanh
 expect "model.moe.group_topk = 3 must be at most model.moe.num_expert_groups = 2" "$D" model.moe.group_topk=3 parallel.expert=2
 expect 'comm.backend = "nccl" moves device buffers, but train.device = "cpu" keeps tensors on the host; set comm.backend = "mpi" or "auto"' "$D" comm.backend=nccl
+# A GPU this machine cannot use: a CPU-only build refuses train.device = "cuda"
+# at validation; a CUDA build without a usable GPU (as on CI) names it at
+# start-up (before that check it was a raw CUDA error, exit 1, after creating
+# the run directory). Either way: exit 2 on every rank, nothing written.
+if nvidia-smi -L > /dev/null 2>&1; then
+  echo "skipped: train.device = cuda (a GPU is visible here)"
+else
+  expect 'train.device = "cuda": ' "$D" train.device=cuda
+  grep -qE 'train.device = "cuda": (this build trains on "cpu" only|no usable CUDA device|no CUDA device)' cfg.out ||
+    test_fail "train.device = cuda: neither the build nor the device named" cfg.out
+fi
 MOE_COMM_FAULT="rank=1,kind=Gather,seq=0,action=hang" \
   expect 'MOE_COMM_FAULT="rank=1,kind=Gather,seq=0,action=hang": kind=Gather is not an operation' "$D"
 expect "cannot open config file" --config=/nonexistent.textproto

@@ -144,12 +144,13 @@ TEST_CASE("RopeBackward") {
 }
 
 TEST_CASE("CausalAttentionBackward with GQA") {
-  // One tile, then several 64 x 64 tiles with partial last ones.
+  // One tile, then several 64 x 64 tiles with partial last ones; head_dim 32 runs
+  // the 16-float vector paths with no scalar tail.
   struct Case {
     int64_t B, L, H, Hkv, hd;
   };
   for (Case c : {Case{2, 6, 4, 2, 4}, Case{2, 6, 2, 2, 4}, Case{2, 6, 3, 1, 4}, Case{1, 70, 2, 1, 6},
-                 Case{1, 140, 2, 2, 5}}) {
+                 Case{1, 140, 2, 2, 5}, Case{1, 100, 4, 2, 32}}) {
     const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
     INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd);
     Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),

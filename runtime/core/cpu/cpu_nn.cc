@@ -30,20 +30,48 @@ struct BadIndex {
   }
 };
 
-void RopeRows(const float* in, float* out, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-              double theta, int64_t position_offset, bool inverse) {
-  int64_t half = head_dim / 2;
+// cos and sin of pos * inv_freq[j] (computed in double, stored as float) for the
+// positions offset .. offset + seq - 1, [seq, head_dim / 2] each. Every layer's q
+// and k rotate by the same table, so each thread keeps the last one it built.
+struct RopeTable {
+  int64_t seq = -1, head_dim = -1, offset = 0;
+  double theta = 0;
+  std::vector<float> cos, sin;
+};
+
+const RopeTable& RopeTableFor(int64_t seq, int64_t head_dim, double theta, int64_t offset) {
+  thread_local RopeTable t;
+  if (t.seq == seq && t.head_dim == head_dim && t.theta == theta && t.offset == offset) return t;
+  const int64_t half = head_dim / 2;
   std::vector<double> inv_freq(half);
   for (int64_t j = 0; j < half; ++j) inv_freq[j] = kmath::RopeInvFreq(j, head_dim, theta);
-  int64_t row = heads * head_dim;
+  t.cos.resize(seq * half);
+  t.sin.resize(seq * half);
+  for (int64_t i = 0; i < seq; ++i) {
+    const double pos = static_cast<double>(offset + i);
+    for (int64_t j = 0; j < half; ++j) {
+      t.cos[i * half + j] = static_cast<float>(std::cos(pos * inv_freq[j]));
+      t.sin[i * half + j] = static_cast<float>(std::sin(pos * inv_freq[j]));
+    }
+  }
+  t.seq = seq;
+  t.head_dim = head_dim;
+  t.theta = theta;
+  t.offset = offset;
+  return t;
+}
+
+void RopeRows(const float* in, float* out, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+              double theta, int64_t position_offset, bool inverse) {
+  const int64_t half = head_dim / 2, row = heads * head_dim;
+  const RopeTable& table = RopeTableFor(seq, head_dim, theta, position_offset);
+  const float *cos_table = table.cos.data(), *sin_table = table.sin.data();
   Pool().ParallelFor(batch * seq, GrainFor(row * 4), [&](int64_t r0, int64_t r1) {
-    std::vector<float> c(half), sn(half);
+    std::vector<float> sn(half);
     for (int64_t r = r0; r < r1; ++r) {
-      double pos = static_cast<double>(position_offset + r % seq);
-      for (int64_t j = 0; j < half; ++j) {
-        c[j] = static_cast<float>(std::cos(pos * inv_freq[j]));
-        sn[j] = static_cast<float>(inverse ? -std::sin(pos * inv_freq[j]) : std::sin(pos * inv_freq[j]));
-      }
+      const float* c = cos_table + (r % seq) * half;
+      const float* s = sin_table + (r % seq) * half;
+      for (int64_t j = 0; j < half; ++j) sn[j] = inverse ? -s[j] : s[j];
       for (int64_t h = 0; h < heads; ++h) {
         const float* x = in + r * row + h * head_dim;
         float* y = out + r * row + h * head_dim;

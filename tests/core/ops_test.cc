@@ -122,6 +122,17 @@ TEST_CASE("Tiled GEMMs: every transpose against the reference, independent of th
       std::vector<float> x = Vec(c);
       all.insert(all.end(), x.begin(), x.end());
     }
+    // A weight gradient's shape (small C, long K): its one tile is split for the pool.
+    {
+      const int64_t wm = 128, wn = 96, wk = 700;
+      Tensor a = Random({wk, wm}, 71), b = Random({wk, wn}, 72), c = Random({wm, wn}, 73);
+      std::vector<float> c0 = Vec(c);
+      REQUIRE(ops::Gemm(S(), a, true, b, false, c, 1.0f, 1.0f).ok());
+      ExpectClose(c, RefGemm(Vec(a), true, Vec(b), false, wm, wn, wk, 1.0f, 1.0f, c0), 1e-5, 1e-5,
+                  "split weight-gradient gemm");
+      std::vector<float> x = Vec(c);
+      all.insert(all.end(), x.begin(), x.end());
+    }
     // Grouped: expert 1 spans several row tiles, expert 2 is empty.
     std::vector<int64_t> off = Offsets({300, 700, 0, 45});
     const int64_t rows = off.back(), in = 96, out = 640;

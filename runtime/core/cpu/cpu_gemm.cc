@@ -37,17 +37,22 @@ void SgemmOneThread(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // The tile grid of one GEMM: rows of C in blocks of tm, columns in blocks of tn.
 // Tiles of at most kTileRows x kTileCols (large enough that re-packing A and B
 // per tile costs a few percent), merged while a tile would hold fewer than
-// kMinTileFlops (below that the pool's hand-off costs more than it saves).
+// kMinTileFlops (below that the pool's hand-off costs more than it saves). A GEMM
+// whose C is small but whose K is long (the weight gradients, C [out, in] summed
+// over every token) would be one tile on one thread: a GEMM run alone (not one
+// matrix of a grouped or batched GEMM, whose matrices already share the pool) is
+// split, the longer side first, until it has kMinTiles tiles or another split
+// would take its tiles under kMinTileFlops.
 struct Grid {
   int64_t tm, tn, mt, nt;
   int64_t tiles() const { return mt * nt; }
 };
-constexpr int64_t kTileRows = 256, kTileCols = 512;
+constexpr int64_t kTileRows = 256, kTileCols = 512, kMinTiles = 4;
 constexpr double kMinTileFlops = 4e6;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-Grid TileGrid(int64_t m, int64_t n, int64_t k) {
+Grid TileGrid(int64_t m, int64_t n, int64_t k, int64_t min_tiles) {
   int64_t mt = std::max<int64_t>(1, CeilDiv(m, kTileRows)), nt = std::max<int64_t>(1, CeilDiv(n, kTileCols));
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   while (mt * nt > 1 && flops / static_cast<double>(mt * nt) < kMinTileFlops) {
@@ -55,6 +60,15 @@ Grid TileGrid(int64_t m, int64_t n, int64_t k) {
       mt = CeilDiv(mt, 2);
     } else {
       nt = CeilDiv(nt, 2);
+    }
+  }
+  while (mt * nt < min_tiles && flops / static_cast<double>(2 * mt * nt) >= kMinTileFlops) {
+    const int64_t rows = CeilDiv(m, mt), cols = CeilDiv(n, nt);
+    if (std::max(rows, cols) < 32) break;  // no side left to halve into 16-multiples
+    if (rows >= cols) {
+      mt *= 2;
+    } else {
+      nt *= 2;
     }
   }
   // Tile edges on multiples of 16 (OpenBLAS's register blocks), so tiles are whole kernels.
@@ -94,7 +108,7 @@ void RunGemmTasks(const std::vector<GemmTask>& tasks, float alpha, float beta) {
   std::vector<int64_t> first;  // first[i]: index of task i's first tile
   int64_t total = 0;
   for (const GemmTask& g : tasks) {
-    grids.push_back(TileGrid(g.m, g.n, g.k));
+    grids.push_back(TileGrid(g.m, g.n, g.k, /*min_tiles=*/1));
     first.push_back(total);
     total += grids.back().tiles();
   }
@@ -115,7 +129,7 @@ void RunGemmTasks(const std::vector<GemmTask>& tasks, float alpha, float beta) {
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  const Grid g = TileGrid(m, n, k);
+  const Grid g = TileGrid(m, n, k, kMinTiles);
   if (g.tiles() == 1 || k == 0) {
     SgemmOneThread(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;

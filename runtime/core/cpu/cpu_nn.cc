@@ -246,12 +246,26 @@ absl::Status CpuKernels::SoftmaxBackward(S& s, T y, T dy, T dx, float alpha, flo
 }
 
 namespace {
-float RowLogSumExp(const float* xr, int64_t cols) {
+// log sum_c exp(x[c]) of one row: the max in 16 lanes (exact, so any order), then
+// exp(x - max) by kmath::Exp (branch-free, so the loop vectorises) summed in double
+// over 8 fixed lanes (the same order on every ISA and thread count).
+MOE_CPU_CLONES float RowLogSumExp(const float* xr, int64_t cols) {
+  float lane_max[16];
+  for (float& m : lane_max) m = -std::numeric_limits<float>::infinity();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16)
+    for (int l = 0; l < 16; ++l) lane_max[l] = lane_max[l] > xr[c + l] ? lane_max[l] : xr[c + l];
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
+  for (float m : lane_max) mx = std::max(mx, m);
+  for (; c < cols; ++c) mx = std::max(mx, xr[c]);
   if (std::isinf(mx)) return mx;
+  double lane[8] = {};
+  c = 0;
+  for (; c + 8 <= cols; c += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(kmath::Exp(xr[c + l] - mx));
+  for (int l = 0; c < cols; ++c, ++l) lane[l] += static_cast<double>(kmath::Exp(xr[c] - mx));
   double sum = 0;
-  for (int64_t c = 0; c < cols; ++c) sum += std::exp(static_cast<double>(xr[c] - mx));
+  for (double x : lane) sum += x;
   return static_cast<float>(mx + std::log(sum));
 }
 }  // namespace

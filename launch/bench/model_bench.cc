@@ -21,9 +21,10 @@
 // backend and threads, timed before every step and after the last one, each
 // step compared with the mean of the samples on either side of it (so both
 // sides see the same machine load); on the CPU the same sgemm is also timed as one
-// cblas_sgemm on OpenBLAS's own threads (openblas_sgemm=0 skips it) and the
-// faster of the two is the reference. Target: mfu >= 0.40. Model FLOPs, for T = B * S
-// tokens, per layer (forward):
+// cblas_sgemm on OpenBLAS's own threads (openblas_sgemm=0 skips it; its threads
+// are parked after each timing, so their spin-wait does not take a core from
+// what is timed next) and the faster of the two is the reference. Target: mfu >= 0.40. Model FLOPs, for T = B
+// * S tokens, per layer (forward):
 //   attention projections  2 T d (2 H hd + 2 Hkv hd)
 //   attention core         2 B H hd S (S + 1)    (q k^T and p v over the causal half only)
 //   MoE layer              2 T d E (router) + 6 T k d Fe (experts; every routed assignment)
@@ -51,6 +52,10 @@
 #include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+
+// OpenBLAS's own (not in cblas.h): stops its thread pool; weak, so a build
+// without it (a serial OpenBLAS) links and skips the call.
+extern "C" int blas_thread_shutdown_(void) __attribute__((weak));
 
 namespace moe::bench {
 namespace {
@@ -144,15 +149,26 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   // (cpu_gemm.cc); the same sgemm is also timed as one cblas_sgemm on
   // OpenBLAS's own threads, and mfu divides by the faster of the two, so the
   // backend's GEMM threading cannot flatter the ratio.
+  // OpenBLAS's threads spin-wait (sched_yield) for about 2^28 TSC ticks (~0.1 s)
+  // after a threaded call, taking a core from whatever is timed next (the
+  // backend's sgemm, then the step) on a small machine; the trainer never runs
+  // them. So they are started by an untimed call before the timed one and parked
+  // after it (blas_thread_shutdown_, where this OpenBLAS has it; the next
+  // threaded call starts them again).
   auto time_openblas = [&]() -> absl::StatusOr<double> {
     std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.0f);
     openblas_set_num_threads(backend->num_threads());
+    auto sgemm = [&](int64_t size) {
+      const int sz = static_cast<int>(size);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sz, sz, sz, 1.0f, a.data(), sz, b.data(), sz,
+                  0.0f, c.data(), sz);
+    };
+    sgemm(std::min<int64_t>(n, 256));
     const auto t0 = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(n),
-                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
-                c.data(), static_cast<int>(n));
+    sgemm(n);
     const double s = Seconds(t0, Clock::now());
     openblas_set_num_threads(1);
+    if (blas_thread_shutdown_ != nullptr) blas_thread_shutdown_();
     return s;
   };
   const bool cpu_openblas = device.is_cpu() && args.Int("openblas_sgemm", 1) != 0;

@@ -83,7 +83,7 @@ class Watchdog {
           // (the probe takes up to probe_s, so the abort stays on time).
           std::string peers =
               DescribePeerAnswers(PeerProbeAsk(w->PeerWorldRanks(), probe_s, StateLocked()), probe_s);
-          if (!StillOverdue(w, op)) continue;  // it finished meanwhile
+          if (!AwaitDeadline(w, op)) continue;  // it finished meanwhile
           std::string message =
               OverdueMessage(w->Describe(), op, Waited(op, std::chrono::steady_clock::now()), peers);
           std::fprintf(stderr, "%s\n", message.c_str());
@@ -97,6 +97,19 @@ class Watchdog {
 
   static double Waited(const InFlight::Snapshot& op, std::chrono::steady_clock::time_point now) {
     return std::chrono::duration<double>(now - op.started).count();
+  }
+
+  // Peers that answer at once leave the probe before `op`'s deadline: waits
+  // (serving peers' probes, mu_ held as in the probe) until the deadline has
+  // passed. True if `op` still runs then; false as soon as it finished.
+  bool AwaitDeadline(Watched* w, const InFlight::Snapshot& op) {
+    for (;;) {
+      if (!StillOverdue(w, op)) return false;
+      const double left = op.timeout_s - Waited(op, std::chrono::steady_clock::now());
+      if (left < 0) return true;
+      PeerProbeServe(StateLocked());
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::min(left + 1e-3, 0.02)));
+    }
   }
 
   // Whether `op` of `w` is still running (not finished while we probed).

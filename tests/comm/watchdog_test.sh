@@ -26,6 +26,12 @@ run skip 2 13 124 skip 3
 check "$out" "[moe comm watchdog] world rank 0, rank 0 of group 'world' (2 ranks; world ranks 0,1), backend mpi"
 check "$out" "operation AllReduce (sequence 1, 4096 bytes sent, 4096 bytes received) has waited"
 check "$out" "past its deadline of 3.0 s"
+# Rank 1 answers the probe at once: the abort still waits for the deadline
+# (it once came up to the probe's 1 s early, "waited 2.0 s, past 3.0 s").
+waited=$(grep -o 'has waited [0-9.]* s, past its deadline of 3.0 s' <<<"$out" | head -1 | cut -d' ' -f3)
+if [ -z "$waited" ] || awk -v w="$waited" 'BEGIN { exit !(w < 3.0) }'; then
+  echo "FAIL: the watchdog aborted after ${waited:-?} s, before the 3.0 s deadline"; echo "$out"; fail=1
+fi
 # The watchdog probed rank 1: alive, in no operation (it skipped the collective).
 check "$out" "world rank 1 runs no communicator operation. Aborting the job."
 

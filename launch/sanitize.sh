@@ -11,19 +11,23 @@
 #         MOE_ASAN_TESTS (a ctest -R regex) chooses another set.
 #   fuzz  every libFuzzer harness of tests/fuzz for MOE_FUZZ_SECONDS (30)
 #         from its seed corpus, after replaying tests/fuzz/regressions/.
-#   tsan  ThreadSanitizer in build-tsan/ on the communicator, stream-order
-#         and receive-bounds tests (MOE_TSAN_TESTS); not run by default
-#         (see README, Tests).
+#   tsan  ThreadSanitizer in build-tsan/ on what runs threads: the
+#         communicator (progress thread, stream order, receive bounds), the
+#         watchdog and the fault wrapper, the token exchange, TP, grad-sync,
+#         dispatcher and LLEP layer pipelines, ZeRO-1, the trainer, sync and
+#         async checkpoint saves, resume, host-sync counting and two
+#         end-to-end moe-train runs (MOE_TSAN_TESTS, a ctest -R regex,
+#         chooses another set).
 # Every sanitizer report fails the run (halt_on_error, abort_on_error); the
 # only suppressions are for Open MPI (not instrumented), in tests/sanitizers/
 # with the reason beside each.
 #
-#   bash launch/sanitize.sh [asan] [fuzz] [tsan]   (default: asan fuzz)
+#   bash launch/sanitize.sh [asan] [fuzz] [tsan]   (default: all three)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 moe_mpi_env
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(asan fuzz)
+[ ${#parts[@]} -gt 0 ] || parts=(asan fuzz tsan)
 want() { local p; for p in "${parts[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 jobs="${MOE_JOBS:-$(nproc)}"
 supp="$MOE_ROOT/tests/sanitizers"
@@ -33,22 +37,45 @@ sanitize_configure() {  # DIR SANITIZE FUZZ
     -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" \
     -DMOE_SANITIZE="$2" -DMOE_FUZZ="$3" >/dev/null
 }
-# The executables the tests matching regex $2 in build dir $1 run (their
-# commands' paths under bin/), as build targets. A single-process test's
-# command is its own target, which ctest cannot resolve before it is built (no
-# "command" then): moe_add_test names the test after its target.
+# The executables the tests matching regex $2 in build dir $1 run, as build
+# targets: a command's paths under bin/, and for a script test the $BIN/<name>
+# its script and the helpers beside it or in tests/lib/ call (moe-launch runs
+# moe-train). A single-process test's command is its own target, which ctest
+# cannot resolve before it is built (no "command" then): moe_add_test names
+# the test after its target.
 test_targets() {
+  local targets
+  targets=$(cmake --build "$1" --target help | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')
   (cd "$1" && ctest --show-only=json-v1 -R "$2") | python3 -c '
-import json, os, sys
+import glob, json, os, re, sys
+bin_dir, targets = sys.argv[1], set(sys.argv[2].split())
 names = set()
 for t in json.load(sys.stdin)["tests"]:
     command = t.get("command")
     if not command:
         names.add(t["name"])
     for arg in command or []:
-        if arg.startswith(sys.argv[1] + "/"):
+        if arg.startswith(bin_dir + "/"):
             names.add(os.path.basename(arg))
-print(" ".join(sorted(names)))' "$(cd "$1" && pwd)/bin"
+        elif arg.endswith(".sh") and os.path.isfile(arg):
+            here = os.path.dirname(arg)
+            helpers = glob.glob(os.path.join(here, "*lib*.sh")) + glob.glob(os.path.join(here, "../lib/*.sh"))
+            for f in [arg] + helpers:
+                names.update(re.findall(r"\$BIN/([A-Za-z0-9_.-]+)", open(f).read()))
+if "moe-launch" in names:  # a script beside the binaries that runs moe-train
+    names.add("moe-train")
+print(" ".join(sorted(names & targets)))' "$(cd "$1" && pwd)/bin" "$targets"
+}
+# ctest's --repeat until-pass:2 runs a failed test once more (multi-rank tests
+# can lose a race on a loaded machine), which would hide a sanitizer report of
+# the first try: every try's output is in LastTest.log, searched after each
+# ctest run for a report.
+no_reports() {  # BUILD_DIR
+  local log="$1/Testing/Temporary/LastTest.log"
+  if grep -E -m 5 "(WARNING|ERROR|FATAL): (Address|Leak|Thread|UndefinedBehavior)Sanitizer|ThreadSanitizer: |: runtime error: " "$log"; then
+    echo "sanitize.sh: a sanitizer report (above) in $log"
+    return 1
+  fi
 }
 took() { echo "sanitize.sh: $1 took $(( $(date +%s) - $2 )) s"; }
 fail=0
@@ -78,8 +105,10 @@ if want asan; then
   # the leaks' stacks name no module a suppression could match.
   (cd "$asan" && ASAN_OPTIONS="halt_on_error=1:abort_on_error=1:detect_leaks=1:check_initialization_order=1" \
      ctest --output-on-failure --timeout 600 -L unit -R "$asan_tests") || fail=1
+  no_reports "$asan" || fail=1
   (cd "$asan" && ASAN_OPTIONS="halt_on_error=1:abort_on_error=1:detect_leaks=0:check_initialization_order=1" \
      ctest --output-on-failure --timeout 900 --repeat until-pass:2 -L mpi -R "$asan_tests") || fail=1
+  no_reports "$asan" || fail=1
   took "the ASan+UBSan tests" "$t0"
 fi
 if want fuzz; then
@@ -90,12 +119,13 @@ fi
 if want tsan; then
   t0=$(date +%s)
   tsan="$MOE_ROOT/build-tsan"
-  tsan_tests="${MOE_TSAN_TESTS:-^(comm_communicator_test|comm_stream_order_test|comm_recv_bounds_test)$}"
+  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_(demo_smoke|signal_resume)_test)$}"
   sanitize_configure "$tsan" thread OFF
   cmake --build "$tsan" -j"$jobs" --target $(test_targets "$tsan" "$tsan_tests")
   took "build-tsan" "$t0"
   t0=$(date +%s)
   (cd "$tsan" && ctest --output-on-failure --timeout 900 --repeat until-pass:2 -R "$tsan_tests") || fail=1
+  no_reports "$tsan" || fail=1
   took "the TSan tests" "$t0"
 fi
 exit $fail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs the Debian packages it needs, builds,
 # runs every test (unit and multi-rank) with ctest, then the ASan+UBSan build's
-# tests and the fuzzers (launch/sanitize.sh; its TSan part is opt-in).
+# tests, the fuzzers and the TSan build's tests (launch/sanitize.sh).
 #   bash launch/test.sh [extra ctest args, e.g. -L mpi or -R layout]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"

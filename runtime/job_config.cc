@@ -308,13 +308,6 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
                           "set train.device = \"cpu\""));
   need(t.precision() == "fp32" || t.precision() == "bf16",
        absl::StrCat("train.precision = \"", t.precision(), "\" must be \"fp32\" or \"bf16\""));
-  // The CUDA element-wise, norm, attention and row kernels are fp32 only (the
-  // GEMMs take bf16): refuse the pair before any work rather than at the first
-  // kernel launch.
-  need(!(t.precision() == "bf16" && t.device() != "cpu"),
-       absl::StrCat("train.precision = \"bf16\" with train.device = \"", t.device(),
-                    "\": the CUDA backend's element-wise, norm and attention kernels are fp32 only "
-                    "in this build; set train.precision = \"fp32\" on cuda, or train on \"cpu\""));
   need(!t.run_dir().empty(), "train.run_dir is empty; name a directory for metrics, e.g. runs/demo");
   const auto& d = c.data();
   need(!d.train_path().empty(),

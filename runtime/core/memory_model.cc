@@ -12,10 +12,13 @@
 //   parameters   the bf16 compute copy of every parameter (2 bytes per element)
 //   head         dlogits are a bf16 [T,V] tensor beside the f32 logits during
 //                the cross-entropy backward (in fp32 they overwrite the logits)
-//   cpu staging  (train.device cpu) the CPU backend stages bf16 operands through
-//                f32 copies for the duration of one op (cpu/cpu_bf16.cc); the
-//                largest is the LM-head backward GEMM dh = dlogits W: f32
-//                [T,V] + [V,d] + [T,d], added to the head working set.
+//   staging      both backends stage bf16 operands through f32 copies for the
+//                duration of one op (bf16_staging.h); the largest are in the
+//                head: the cross-entropy backward writes dlogits through an f32
+//                [T,V] (both devices), and on cpu, where GEMMs are staged too,
+//                the LM-head backward GEMM dh = dlogits W takes f32 [T,V] +
+//                [V,d] + [T,d] once the logits are released (cuda runs it on the
+//                bf16 operands). The larger moment is the head working set.
 //
 // Persistent (allocated once, live during the whole step):
 //   parameters   embed V*d (+ lm_head V*d if untied) + final norm d
@@ -149,14 +152,15 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t attn_bwd = a * (2 * T * H * hd + 2 * T * Hkv * hd + T * d);
   int64_t head_bwd = a * 2 * T * d;
   if (bf16) {
-    // dlogits beside the logits, then (CPU) the staged LM-head GEMM once the logits are gone.
-    const int64_t staging = config.train().device() == "cpu" ? f * (T * V + V * d + T * d) : 0;
-    head_bwd = std::max(a * T * V, a * T * V + a * 2 * T * d + staging - f * T * V);
+    // The cross-entropy backward: bf16 dlogits and their f32 staging beside the
+    // logits; then the LM-head GEMM once the logits are gone (staged on cpu only).
+    const int64_t gemm_staging = config.train().device() == "cpu" ? f * (T * V + V * d + T * d) : 0;
+    head_bwd = std::max(a * T * V + f * T * V, a * T * V + a * 2 * T * d + gemm_staging - f * T * V);
   }
   int64_t layer_bwd = a * 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
   add(MC::kActivations,
-      bf16 ? "backward: max(head dlogits (bf16) + dhn + dh + cpu f32 staging - released logits, dh x2 + "
-             "max(MLP, attention) scratch - released head)"
+      bf16 ? "backward: max(head dlogits (bf16) + f32 staging, dlogits + dhn + dh + cpu GEMM f32 staging - "
+             "released logits, dh x2 + max(MLP, attention) scratch - released head)"
            : "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
       std::max(head_bwd, layer_bwd), 1);
 

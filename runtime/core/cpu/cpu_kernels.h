@@ -42,10 +42,6 @@ inline int64_t GrainFor(int64_t work_per_item) {
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// Wraps f32-only kernels so that bf16 operands are staged through f32 copies
-// (cpu_bf16.cc: ops.h's precision contract on a backend without bf16 loops).
-std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32);
-
 // The f32 kernels (every floating tensor f32).
 class CpuKernels : public Kernels {
  public:

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/bf16_staging.h"
 #include "runtime/core/cpu/cpu_kernels.h"
 #include "runtime/core/kernel_math.h"
 
@@ -437,7 +438,10 @@ absl::Status CpuKernels::GatherRowDot(S& s, T a, T index, T b, T out, float alph
   });
 }
 
-// The f32 kernels behind the bf16 staging layer (cpu_bf16.cc).
-std::unique_ptr<Kernels> MakeCpuKernels() { return MakeBf16StagingKernels(std::make_unique<CpuKernels>()); }
+// The f32 kernels behind the bf16 staging decorator (runtime/core/bf16_staging.h),
+// GEMMs included: sgemm is the CPU's fast path for bf16 operands too.
+std::unique_ptr<Kernels> MakeCpuKernels() {
+  return MakeBf16StagingKernels(std::make_unique<CpuKernels>(), {.stage_gemms = true});
+}
 
 }  // namespace moe::cpu

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/bf16_staging.h"
 #include "runtime/core/check.h"
 #include "runtime/core/cuda/cuda_check.h"
 #include "runtime/core/cuda/cuda_handles.h"
@@ -361,7 +362,9 @@ class CudaBackend : public Backend {
       : device_(device),
         allocator_(device, this),
         buffer_type_(device, &memory_, &allocator_),
-        kernels_(MakeCudaKernels()) {}
+        // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); every
+        // other op stages bf16 through f32 around the f32 kernels.
+        kernels_(MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false})) {}
 
   int device_;
   MemoryTracker memory_;

@@ -47,15 +47,17 @@ absl::StatusOr<ElemType> Elem(DType t) {
 
 #define LAUNCH(call) CUDA_RETURN_IF_ERROR(call)
 
-// The element-wise, row and attention kernels are fp32 so far: a bf16 tensor
-// (allowed by ops.h's precision contract) is refused naming the op, rather
-// than read as f32. GEMMs, Copy, Cast, Fill and GatherRows take bf16.
+// The element-wise, row and attention kernels are f32: the backend wraps this
+// table in the bf16 staging decorator (bf16_staging.h), which hands them f32
+// copies of bf16 operands. A bf16 tensor that still reaches one (this table
+// used without the decorator) is refused naming the op, rather than read as
+// f32. GEMMs, Copy, Cast, Fill and GatherRows take bf16.
 absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensors) {
   for (const Tensor* t : tensors)
     if (t->defined() && t->dtype() == DType::kBF16)
       return absl::UnimplementedError(absl::StrCat("cuda ", op, ": ", t->ToString(),
-                                                   ": the CUDA kernels of this op are fp32 only so far; "
-                                                   "use train.precision = \"fp32\" on cuda"));
+                                                   ": this CUDA kernel is f32 only; bf16 operands "
+                                                   "go through the bf16 staging decorator (bf16_staging.h)"));
   return absl::OkStatus();
 }
 

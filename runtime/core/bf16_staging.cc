@@ -1,15 +1,17 @@
-// bf16 on the CPU backend: a Kernels decorator that stages every bf16 operand
-// through an f32 copy and calls the f32 kernels (cpu_gemm.cc, cpu_nn.cc, ...).
+// The bf16 staging decorator (bf16_staging.h): every bf16 operand of a wrapped
+// op goes through an f32 copy, so one f32 implementation per op serves both
+// precisions, on the CPU backend (every op, GEMMs too) and on CUDA (every op
+// but the GEMMs, which cuBLAS runs on bf16 operands with f32 accumulation).
 //
 // Why staging and not bf16 loops: the CPU has no bf16 arithmetic worth the
-// name, OpenBLAS's sgemm is the fast path for the GEMMs (the issue's "convert
-// tiles to fp32 and call cblas_sgemm", with the whole operand as the tile), and
-// one f32 implementation per op keeps the kernels in one place. The result is
-// exactly ops.h's precision contract: bf16 inputs are widened exactly
-// (kmath::BF16ToF32), the op computes and accumulates in f32, and each bf16
-// output element is rounded once (kmath::F32ToBF16, nearest even) when the
-// staged result is cast back. A CUDA kernel that loads bf16, computes in f32
-// and rounds on store gives the same numbers up to its summation order.
+// name, OpenBLAS's sgemm is the fast path for the GEMMs (the whole operand as
+// one f32 tile), and one f32 implementation per op keeps the kernels in one
+// place. The result is exactly ops.h's precision contract: bf16 inputs are
+// widened exactly (kmath::BF16ToF32), the op computes and accumulates in f32,
+// and each bf16 output element is rounded once (kmath::F32ToBF16, nearest
+// even) when the staged result is cast back. On CUDA the element-wise, norm,
+// attention and row kernels thus read and write f32 around two Cast kernels:
+// the same numbers as bf16-native kernels would give, for more memory traffic.
 //
 // Per call, for every bf16 tensor argument:
 //   read  (an input, or an output the op also reads: beta != 0, accumulate,
@@ -17,18 +19,22 @@
 //   write (an output): the kernel writes the f32 temporary; Cast f32 -> bf16
 //          after it.
 // A tensor passed twice (in place: SwiGLUBackward's dgate = gate) maps to one
-// temporary. Everything is enqueued on the op's stream in order; temporaries
-// are tensor handles captured by the enqueued work, so they live until it ran.
-// They are counted as activations (scratch) by the memory tracker.
+// temporary. Everything is enqueued on the op's stream in order. Temporaries
+// are released when the call returns, before its work ran: the CPU stream's
+// enqueued work holds tensor handles to them, and the CUDA allocator hands a
+// freed block out again only after every stream has passed the free
+// (cuda/cuda_backend.h). They are counted as activations (scratch) by the
+// memory tracker.
+#include "runtime/core/bf16_staging.h"
+
 #include <memory>
 #include <utility>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
-#include "runtime/core/cpu/cpu_kernels.h"
 #include "runtime/core/status.h"
 
-namespace moe::cpu {
+namespace moe {
 namespace {
 
 bool IsBf16(const Tensor& t) { return t.defined() && t.dtype() == DType::kBF16; }
@@ -91,7 +97,8 @@ class Staging {
 
 class Bf16StagingKernels : public Kernels {
  public:
-  explicit Bf16StagingKernels(std::unique_ptr<Kernels> f32) : f32_(std::move(f32)) {}
+  Bf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options)
+      : f32_(std::move(f32)), options_(options) {}
 
   // Dtype-agnostic already (bytes, or conversions).
   absl::Status Copy(S& s, T src, T dst) override { return f32_->Copy(s, src, dst); }
@@ -102,24 +109,28 @@ class Bf16StagingKernels : public Kernels {
   }
 
   absl::Status Gemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha, float beta) override {
+    if (!options_.stage_gemms) return f32_->Gemm(s, a, trans_a, b, trans_b, c, alpha, beta);
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
     return g.Run([&] { return f32_->Gemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta); });
   }
   absl::Status BatchedGemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha,
                            float beta) override {
+    if (!options_.stage_gemms) return f32_->BatchedGemm(s, a, trans_a, b, trans_b, c, alpha, beta);
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), c2 = g.Out(c, beta != 0.0f);
     return g.Run([&] { return f32_->BatchedGemm(s, a2, trans_a, b2, trans_b, c2, alpha, beta); });
   }
   absl::Status GroupedGemm(S& s, T x, T w, bool trans_w, T y, absl::Span<const int64_t> offsets, float alpha,
                            float beta) override {
+    if (!options_.stage_gemms) return f32_->GroupedGemm(s, x, w, trans_w, y, offsets, alpha, beta);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(w), y2 = g.Out(y, beta != 0.0f);
     return g.Run([&] { return f32_->GroupedGemm(s, x2, w2, trans_w, y2, offsets, alpha, beta); });
   }
   absl::Status GroupedGemmWeightGrad(S& s, T dy, T x, T dw, absl::Span<const int64_t> offsets, float alpha,
                                      float beta) override {
+    if (!options_.stage_gemms) return f32_->GroupedGemmWeightGrad(s, dy, x, dw, offsets, alpha, beta);
     Staging g(*f32_, s);
     Tensor dy2 = g.In(dy), x2 = g.In(x), dw2 = g.Out(dw, beta != 0.0f);
     return g.Run([&] { return f32_->GroupedGemmWeightGrad(s, dy2, x2, dw2, offsets, alpha, beta); });
@@ -274,12 +285,13 @@ class Bf16StagingKernels : public Kernels {
 
  private:
   std::unique_ptr<Kernels> f32_;
+  Bf16StagingOptions options_;
 };
 
 }  // namespace
 
-std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32) {
-  return std::make_unique<Bf16StagingKernels>(std::move(f32));
+std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options) {
+  return std::make_unique<Bf16StagingKernels>(std::move(f32), options);
 }
 
-}  // namespace moe::cpu
+}  // namespace moe

@@ -1,0 +1,31 @@
+// bf16 through f32 kernels: a Kernels decorator that stages every bf16
+// operand through an f32 copy (Cast in, the f32 kernel, Cast out), giving
+// ops.h's precision contract (bf16 storage, f32 arithmetic and accumulation,
+// one rounding per output element) on a backend whose kernels are f32.
+//
+//   CPU:  MakeBf16StagingKernels(std::make_unique<CpuKernels>(), {.stage_gemms = true})
+//   CUDA: MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false})
+//         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation)
+//
+// Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
+// (InitNormal, AdamW) are f32 only by contract and pass through; so do the
+// dtype-agnostic Copy, Cast, Fill and GatherRows. Internal to runtime/core.
+#ifndef MOE_RUNTIME_CORE_BF16_STAGING_H_
+#define MOE_RUNTIME_CORE_BF16_STAGING_H_
+
+#include <memory>
+
+#include "runtime/core/kernels.h"
+
+namespace moe {
+
+struct Bf16StagingOptions {
+  // Stage the four GEMM kinds too (false: they get bf16 tensors as they are).
+  bool stage_gemms = true;
+};
+
+std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options);
+
+}  // namespace moe
+
+#endif  // MOE_RUNTIME_CORE_BF16_STAGING_H_

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "comm/args_check.h"
 #include "comm/comm_wrapper.h"
 #include "comm/mpi_communicator.h"
@@ -42,9 +43,11 @@ Communicator::Communicator(int rank, int size, std::vector<int> group_ranks, Com
 // enqueued operation (their stream items wait only for those).
 Communicator::~Communicator() = default;
 
+// An MPI communicator of a job whose tensors are on a GPU stages their
+// buffers (host_staging.h): its side stream is one of that GPU.
 absl::StatusOr<Stream*> Communicator::side_stream() {
   if (side_stream_ == nullptr) {
-    ASSIGN_OR_RETURN(Backend * backend, GetBackend(device()));
+    ASSIGN_OR_RETURN(Backend * backend, GetBackend(StagesDeviceBuffers() ? options_.device : device()));
     ASSIGN_OR_RETURN(side_stream_, backend->CreateStream(StreamMode::kWorker));
   }
   return side_stream_.get();
@@ -60,8 +63,16 @@ absl::Status Communicator::set_timeout_s(double seconds, const char* field) {
   return absl::OkStatus();
 }
 
+bool Communicator::StagesDeviceBuffers() const {
+  return device().is_cpu() && absl::string_view(backend_name()) == "mpi";
+}
+
 absl::StatusOr<Work> Communicator::CheckAndSubmit(OpDesc op) {
   RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, device(), backend_name()));
+  if (options_.stage_through_host && StagesDeviceBuffers()) {
+    op.staged = true;
+    op.staged_device = device();
+  }
   op.sequence = next_sequence_++;
   op.timeout_s = timeout_s_.load();
   op.timeout_field = timeout_field_.load();
@@ -81,8 +92,15 @@ absl::Status Work::Wait() const {
 }
 
 absl::Status Communicator::CheckAndEnqueue(OpDesc op, Stream& stream) {
-  RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, device(), backend_name()));
-  if (!(stream.backend().device() == device())) {
+  // A host-executing communicator given a stream of another device takes that
+  // device's buffers and stages them through host memory.
+  const Device stream_device = stream.backend().device();
+  const bool stage = StagesDeviceBuffers() && (!(stream_device == device()) || options_.stage_through_host);
+  RETURN_IF_ERROR(CheckArgs(&op, rank_, size_, stage ? stream_device : device(), backend_name()));
+  if (stage) {
+    op.staged = true;
+    op.staged_device = stream_device;
+  } else if (!(stream_device == device())) {
     return absl::InvalidArgumentError(
         absl::StrCat(OpKindName(op.kind), " on communicator '", name(), "' (", backend_name(),
                      ", buffers on ", device().ToString(), "): the stream is on ",

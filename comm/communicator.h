@@ -45,7 +45,10 @@
 // - Buffers are borrowed: they must stay valid and untouched (recv) or
 //   unmodified (send) until the operation's Work is done. Counts and
 //   displacements are in elements of `dtype`. The MPI backend takes host
-//   buffers, the NCCL backend device buffers of its device (device()).
+//   buffers, the NCCL backend device buffers of its device (device()). A
+//   stream-ordered call of the MPI backend with a stream of a CUDA device
+//   takes that device's buffers and stages them through host memory
+//   (host_staging.h: comm.backend "mpi" with train.device "cuda").
 // - In place: AllReduce with send == recv; Broadcast with send == recv (send is
 //   only read on the root); AllGather with send == recv + rank * count;
 //   AllGatherV with send == recv + recv_displs[rank]; ReduceScatter with
@@ -120,6 +123,9 @@ struct CommOptions {
   std::string name = "world";      // the group's name in records and watchdog messages
   std::shared_ptr<CommSink> sink;  // optional; inherited by Split
   int cuda_device = -1;            // NCCL: device index, -1 = local rank mod device count
+  // MPI: copy every operation's buffers through host staging buffers, as is
+  // done for device buffers (host_staging.h), so that CPU tests run that path.
+  bool stage_through_host = false;
 };
 
 // comm.timeout_s and comm.backend of the job config (after ApplyDefaults),
@@ -153,6 +159,9 @@ class Communicator {
   // Where buffers must live: cpu (MPI) or cuda:i (NCCL).
   virtual Device device() const = 0;
   virtual const char* backend_name() const = 0;
+  // True for a host-executing backend (MPI): it takes buffers of another
+  // device on a stream of that device and stages them through host memory.
+  bool StagesDeviceBuffers() const;
 
   // Collective over this communicator: ranks with the same color form a new
   // communicator, ordered by (key, rank here). color = kNoColor joins none and
@@ -212,8 +221,9 @@ class Communicator {
   // Waits for every operation enqueued so far; returns the first error.
   absl::Status Synchronize();
 
-  // A worker stream of device() for callers that overlap this communicator's
-  // data-plane operations with compute, as an NCCL user keeps a comm stream:
+  // A worker stream of the tensors' device (device(); for MPI, the
+  // options' device, whose buffers it stages) for callers that overlap this
+  // communicator's data-plane operations with compute, as an NCCL user keeps a comm stream:
   // wait on the producer's event there, enqueue the operation, record the
   // completion event. Created on first use; lives as long as the communicator.
   absl::StatusOr<Stream*> side_stream();

@@ -16,11 +16,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/host_staging.h"
 #include "comm/mpi_env.h"
 #include "comm/watchdog.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/kernel_math.h"
+#include "runtime/core/ops.h"
 #include "runtime/core/status.h"
+#include "runtime/core/tensor.h"
 
 namespace moe::comm {
 namespace {
@@ -300,7 +303,32 @@ struct Started {
   std::vector<char> temp;
   bool gathered = false;  // an AllReduce posted as an all-gather (SmallAllReduce)
   CommRecord record;
+  // A staged operation (host_staging.h): its device ranges and their host copies.
+  std::vector<StagedRange> staged;
+  std::vector<Tensor> staged_host;
 };
+
+// A Buffer over memory the caller owns (the device side of a staged range), so
+// that ops::Copy can move it; it allocates and frees nothing.
+class BorrowedBuffer : public Buffer {
+ public:
+  BorrowedBuffer(void* data, size_t size, Device device) : data_(data), size_(size), device_(device) {}
+  void* data() const override { return data_; }
+  size_t size() const override { return size_; }
+  MemoryCategory category() const override { return MemoryCategory::kCommunication; }
+  Device device() const override { return device_; }
+  bool host_visible() const override { return device_.is_cpu(); }
+
+ private:
+  void* data_;
+  size_t size_;
+  Device device_;
+};
+
+absl::StatusOr<Tensor> BorrowedBytes(void* data, size_t bytes, Device device) {
+  return Tensor::FromBuffer(std::make_shared<BorrowedBuffer>(data, bytes, device), 0,
+                            Shape{static_cast<int64_t>(bytes)}, DType::kU8);
+}
 
 // Operations up to this many bytes sent or received per rank may start on the
 // enqueuing thread (MpiCommunicator::Submit); larger ones always run on the
@@ -413,7 +441,9 @@ class MpiCommunicator : public Communicator, public Watched {
   // on this thread, which is the inline stream's device) waits for it.
   // Worker streams take the marker path of Communicator.
   absl::StatusOr<Work> SubmitOnStream(OpDesc op, Stream& stream) override {
-    if (stream.mode() != StreamMode::kInline) return Communicator::SubmitOnStream(std::move(op), stream);
+    // (A CUDA stream is asynchronous whatever its mode: the marker path.)
+    if (stream.mode() != StreamMode::kInline || !stream.backend().device().is_cpu())
+      return Communicator::SubmitOnStream(std::move(op), stream);
     ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
     std::shared_ptr<WorkState> state = work.shared_state();
     RETURN_IF_ERROR(stream.LaunchHostFunc([state] { return state->Wait(); }));
@@ -439,7 +469,7 @@ class MpiCommunicator : public Communicator, public Watched {
   }
 
   static bool MayStartDirect(const OpDesc& op) {
-    return op.after == nullptr && !op.inject && op.kind != OpKind::kSplit &&
+    return op.after == nullptr && !op.inject && !op.staged && op.kind != OpKind::kSplit &&
            std::max(op.bytes_sent, op.bytes_received) <= kDirectMaxBytes;
   }
 
@@ -478,7 +508,52 @@ class MpiCommunicator : public Communicator, public Watched {
     absl::Status status = Start(p, std::move(producer), &started);
     if (status.ok()) status = started.reqs.WaitAll();
     if (status.ok()) status = Finish(op, &started);
+    if (status.ok() && op.staged) status = StageOut(op, &started);
     Conclude(p, std::move(status), &started);
+  }
+
+  // The stream the progress thread copies staged buffers on: one of their
+  // device, used by this thread only (inline on the CPU).
+  absl::StatusOr<Stream*> StagingStream(Device device) {
+    if (staging_stream_ == nullptr || !(staging_stream_->backend().device() == device)) {
+      ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
+      ASSIGN_OR_RETURN(staging_stream_, backend->CreateStream(StreamMode::kInline));
+    }
+    return staging_stream_.get();
+  }
+
+  // Copies the operation's buffers into host memory and points it there
+  // (host_staging.h); the copies are counted as communication memory.
+  absl::Status StageIn(OpDesc* op, Started* started) {
+    started->staged = StagedRanges(*op, size());
+    if (started->staged.empty()) return absl::OkStatus();
+    ASSIGN_OR_RETURN(Stream * stream, StagingStream(op->staged_device));
+    ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+    std::vector<char*> host;
+    for (const StagedRange& r : started->staged) {
+      ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(*cpu, Shape{static_cast<int64_t>(r.bytes)}, DType::kU8,
+                                               MemoryCategory::kCommunication));
+      ASSIGN_OR_RETURN(Tensor d, BorrowedBytes(r.device, r.bytes, op->staged_device));
+      RETURN_IF_ERROR(ops::Copy(*stream, d, h));
+      host.push_back(static_cast<char*>(h.raw_data()));
+      started->staged_host.push_back(std::move(h));
+    }
+    RETURN_IF_ERROR(Annotate(stream->Synchronize(), "staging its buffers into host memory"));
+    RebaseBuffers(started->staged, host, op);
+    return absl::OkStatus();
+  }
+
+  // Copies the written ranges back to the buffers' device.
+  absl::Status StageOut(const OpDesc& op, Started* started) {
+    if (started->staged.empty()) return absl::OkStatus();
+    ASSIGN_OR_RETURN(Stream * stream, StagingStream(op.staged_device));
+    for (size_t i = 0; i < started->staged.size(); ++i) {
+      const StagedRange& r = started->staged[i];
+      if (!r.written) continue;
+      ASSIGN_OR_RETURN(Tensor d, BorrowedBytes(r.device, r.bytes, op.staged_device));
+      RETURN_IF_ERROR(ops::Copy(*stream, started->staged_host[i], d));
+    }
+    return Annotate(stream->Synchronize(), "copying its staged results back");
   }
 
   // The first half of an operation: its deadline starts, earlier failures and
@@ -493,6 +568,7 @@ class MpiCommunicator : public Communicator, public Watched {
       if (!error_.ok()) return error_;
     }
     if (!producer.ok()) return Annotate(producer, "the stream that produced its input failed");
+    if (op.staged) RETURN_IF_ERROR(StageIn(&p.op, started));
     if (op.inject) RETURN_IF_ERROR(op.inject(op));
     return Post(op, p.work.get(), started);
   }
@@ -721,6 +797,7 @@ class MpiCommunicator : public Communicator, public Watched {
   std::shared_ptr<MpiWork> direct_;  // the operation started directly, until it concludes
   bool stop_ = false;
   absl::Status error_;
+  std::unique_ptr<Stream> staging_stream_;  // progress thread only (StagingStream)
   std::thread thread_;
 };
 

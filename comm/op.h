@@ -74,6 +74,12 @@ struct OpDesc {
   // thread once the operation has started (inside its deadline) and before
   // it moves data; a non-OK status fails the operation.
   std::function<absl::Status(const OpDesc&)> inject;
+  // The buffers live on `staged_device` and a host-executing backend (MPI)
+  // copies them through host memory (host_staging.h): set for device buffers
+  // given to an MPI communicator, or for every operation under
+  // CommOptions::stage_through_host (tests).
+  bool staged = false;
+  Device staged_device = Device::Cpu();
   const char* phase = nullptr;  // trace::CurrentLabel() of the enqueuing thread
   int layer = -1;
 };

@@ -10,7 +10,8 @@
 #   fuzz  every libFuzzer harness of tests/fuzz for MOE_FUZZ_SECONDS (30)
 #         from its seed corpus, after replaying tests/fuzz/regressions/.
 #   tsan  ThreadSanitizer in build-tsan/ on what runs threads: the
-#         communicator (progress thread, stream order, receive bounds), the
+#         communicator (progress thread, stream order, receive bounds, host
+#         staging of device buffers), the
 #         watchdog and the fault wrapper, the token exchange, TP, grad-sync,
 #         dispatcher and LLEP layer pipelines, ZeRO-1, the trainer, sync and
 #         async checkpoint saves, resume, host-sync counting and two
@@ -128,7 +129,7 @@ fi
 if want tsan; then
   t0=$(date +%s)
   tsan="$MOE_ROOT/build-tsan"
-  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_(demo_smoke|signal_resume)_test)$}"
+  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_(demo_smoke|signal_resume)_test)$}"
   sanitize_configure "$tsan" thread OFF
   cmake --build "$tsan" -j"$jobs" --target $(test_targets "$tsan" -R "$tsan_tests")
   took "build-tsan" "$t0"

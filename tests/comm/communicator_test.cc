@@ -6,10 +6,12 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "comm/instrumentation.h"
@@ -20,11 +22,20 @@
 namespace moe::comm {
 namespace {
 
+// MOE_TEST_STAGE_THROUGH_HOST=1 (ctest's comm_communicator_test_staged_np*)
+// runs every test with the buffers staged through host copies, the path of
+// device buffers on the MPI backend (comm/host_staging.h).
+bool Staged() {
+  const char* v = std::getenv("MOE_TEST_STAGE_THROUGH_HOST");
+  return v != nullptr && std::string(v) == "1";
+}
+
 std::unique_ptr<Communicator> World(std::shared_ptr<CommSink> sink = nullptr) {
   CommOptions options;
   options.backend = "mpi";
   options.timeout_s = 60;
   options.sink = std::move(sink);
+  options.stage_through_host = Staged();
   auto world = CreateWorldCommunicator(options);
   REQUIRE(world.ok());
   return std::move(world).value();

@@ -119,6 +119,59 @@ TEST_CASE("a stream-ordered all-reduce runs after the stream's delayed producer,
   }
 }
 
+// The MPI backend's host staging of device buffers (comm/host_staging.h),
+// forced on host buffers: the copies run after the delayed producer and the
+// results are back before the consumer; an AllToAllV leaves the gaps of its
+// receive buffer as they were; an in-place AllReduce reduces in place.
+TEST_CASE("staged through host copies, stream-ordered ops keep the stream's order and untouched bytes") {
+  CommOptions options;
+  options.backend = "mpi";
+  options.timeout_s = 60;
+  options.stage_through_host = true;
+  auto made = CreateWorldCommunicator(options);
+  REQUIRE(made.ok());
+  auto world = std::move(made).value();
+  auto compute = Worker();
+  const int n = world->size(), me = world->rank();
+  // Rank r sends r + 1 values to each peer p (value 100 r + p); receive
+  // blocks sit 3 elements apart, and the gaps hold -7.
+  std::vector<size_t> send_counts(n), send_displs(n), recv_counts(n), recv_displs(n);
+  size_t at = 0;
+  for (int p = 0; p < n; ++p) {
+    send_counts[p] = static_cast<size_t>(me + 1);
+    send_displs[p] = p * static_cast<size_t>(me + 1);
+    recv_counts[p] = static_cast<size_t>(p + 1);
+    recv_displs[p] = at;
+    at += static_cast<size_t>(p + 1) + 3;
+  }
+  std::vector<int32_t> send(n * (me + 1), -1), recv(at, -7);
+  std::vector<float> sum(33, 0.0f);
+  Ok(compute->LaunchHostFunc([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    for (int p = 0; p < n; ++p)
+      for (int k = 0; k <= me; ++k) send[send_displs[p] + k] = 100 * me + p;
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] = static_cast<float>(me + i);
+    return absl::OkStatus();
+  }));
+  Ok(world->AllToAllV(send.data(), send_counts, send_displs, recv.data(), recv_counts, recv_displs, DType::kI32,
+                      *compute));
+  Ok(world->AllReduce(sum.data(), sum.data(), sum.size(), DType::kF32, ReduceOp::kSum, *compute));
+  std::vector<int32_t> seen_recv;
+  std::vector<float> seen_sum;
+  Ok(compute->LaunchHostFunc([&] {
+    seen_recv = recv;
+    seen_sum = sum;
+    return absl::OkStatus();
+  }));
+  Ok(compute->Synchronize());
+  for (int p = 0; p < n; ++p) {
+    for (size_t k = 0; k < recv_counts[p]; ++k) REQUIRE(seen_recv[recv_displs[p] + k] == 100 * p + me);
+    for (size_t k = 0; k < 3; ++k) REQUIRE(seen_recv[recv_displs[p] + recv_counts[p] + k] == -7);
+  }
+  for (size_t i = 0; i < sum.size(); ++i)
+    REQUIRE(seen_sum[i] == static_cast<float>(n * (n - 1) / 2 + n * static_cast<int>(i)));
+}
+
 TEST_CASE("a stream-ordered op fails when its stream's producer failed; the error reaches the stream") {
   auto world = World();
   auto compute = Worker();

@@ -20,7 +20,8 @@ std::vector<StagedRange> StagedRanges(const OpDesc& op, int size) {
   const size_t es = DTypeSize(op.dtype), n = static_cast<size_t>(size);
   std::vector<StagedRange> ranges;
   auto add = [&](const void* p, size_t bytes, bool written) {
-    if (p != nullptr && bytes > 0) ranges.push_back({static_cast<char*>(const_cast<void*>(p)), bytes, written});
+    if (p != nullptr && bytes > 0)
+      ranges.push_back({static_cast<char*>(const_cast<void*>(p)), bytes, written});
   };
   switch (op.kind) {
     case OpKind::kAllReduce:

@@ -153,8 +153,8 @@ TEST_CASE("staged through host copies, stream-ordered ops keep the stream's orde
     for (size_t i = 0; i < sum.size(); ++i) sum[i] = static_cast<float>(me + i);
     return absl::OkStatus();
   }));
-  Ok(world->AllToAllV(send.data(), send_counts, send_displs, recv.data(), recv_counts, recv_displs, DType::kI32,
-                      *compute));
+  Ok(world->AllToAllV(send.data(), send_counts, send_displs, recv.data(), recv_counts, recv_displs,
+                      DType::kI32, *compute));
   Ok(world->AllReduce(sum.data(), sum.data(), sum.size(), DType::kF32, ReduceOp::kSum, *compute));
   std::vector<int32_t> seen_recv;
   std::vector<float> seen_sum;

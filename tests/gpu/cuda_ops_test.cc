@@ -229,31 +229,39 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
   const Tol bf{1e-4, 1e-2};
   const int64_t rows = 45, d = 200;
   Tensor x = Bf16(Rand({rows, d}, 1)), w = Bf16(Rand({d}, 2, 0.5f, 1.5f)), out = Bf16(Rand({rows, d}, 3));
-  Run("RmsNorm bf16", {x, w, out, Rand({rows}, 4)}, {2, 3},
+  Run(
+      "RmsNorm bf16", {x, w, out, Rand({rows}, 4)}, {2, 3},
       [](Stream& s, auto& t) { return ops::RmsNorm(s, t[0], t[1], 1e-5f, t[2], t[3]); }, bf);
-  Run("RmsNormBackward bf16 (f32 dweight)",
+  Run(
+      "RmsNormBackward bf16 (f32 dweight)",
       {x, w, Rand({rows}, 5, 0.5f, 2.0f), Bf16(Rand({rows, d}, 6)), out, Rand({d}, 7)}, {4, 5},
       [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], true); },
       bf);
-  Run("SwiGLU bf16", {x, Bf16(Rand({rows, d}, 8)), out}, {2},
+  Run(
+      "SwiGLU bf16", {x, Bf16(Rand({rows, d}, 8)), out}, {2},
       [](Stream& s, auto& t) { return ops::SwiGLU(s, t[0], t[1], t[2]); }, bf);
-  Run("SwiGLUBackward bf16, dgate in place", {x, Bf16(Rand({rows, d}, 9)), Bf16(Rand({rows, d}, 10)), out},
+  Run(
+      "SwiGLUBackward bf16, dgate in place", {x, Bf16(Rand({rows, d}, 9)), Bf16(Rand({rows, d}, 10)), out},
       {0, 3}, [](Stream& s, auto& t) { return ops::SwiGLUBackward(s, t[0], t[1], t[2], t[0], t[3]); }, bf);
   const int64_t B = 2, S = 37, H = 4, Hkv = 2, hd = 24;
   Tensor q = Bf16(Rand({B, S, H, hd}, 11)), k = Bf16(Rand({B, S, Hkv, hd}, 12)),
          v = Bf16(Rand({B, S, Hkv, hd}, 13));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  Run("CausalAttention bf16", {q, k, v, Bf16(Rand({B, S, H, hd}, 14)), Rand({B, H, S}, 15)}, {3, 4},
+  Run(
+      "CausalAttention bf16", {q, k, v, Bf16(Rand({B, S, H, hd}, 14)), Rand({B, H, S}, 15)}, {3, 4},
       [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); }, bf);
   // Weight-gradient GEMM: bf16 operands into an f32 gradient (beta 1); an
   // activation GEMM: bf16 out.
   Tensor a = Bf16(Rand({33, 65}, 16)), b = Bf16(Rand({65, 17}, 17));
-  Run("Gemm bf16 -> f32, beta 1", {a, b, Rand({33, 17}, 18)}, {2},
+  Run(
+      "Gemm bf16 -> f32, beta 1", {a, b, Rand({33, 17}, 18)}, {2},
       [](Stream& s, auto& t) { return ops::Gemm(s, t[0], false, t[1], false, t[2], 1.0f, 1.0f); }, bf);
-  Run("Gemm bf16 -> bf16", {a, b, Bf16(Rand({33, 17}, 19))}, {2},
+  Run(
+      "Gemm bf16 -> bf16", {a, b, Bf16(Rand({33, 17}, 19))}, {2},
       [](Stream& s, auto& t) { return ops::Gemm(s, t[0], false, t[1], false, t[2]); }, bf);
   const std::vector<int64_t> offsets = {0, 0, 3, 60, 60, 67};
-  Run("GroupedGemm bf16", {Bf16(Rand({67, 40}, 20)), Bf16(Rand({5, 24, 40}, 21)), Bf16(Rand({67, 24}, 22))},
+  Run(
+      "GroupedGemm bf16", {Bf16(Rand({67, 40}, 20)), Bf16(Rand({5, 24, 40}, 21)), Bf16(Rand({67, 24}, 22))},
       {2}, [&](Stream& s, auto& t) { return ops::GroupedGemm(s, t[0], t[1], true, t[2], offsets); }, bf);
   // The cross-entropy gradient of f32 logits into bf16 dlogits (the LM head).
   const int64_t n = 29, vocab = 301;
@@ -261,9 +269,11 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
   REQUIRE(ops::LogSumExp(Cpu().default_stream(), logits, lse).ok());
   std::vector<int32_t> targets(n);
   for (int64_t i = 0; i < n; ++i) targets[i] = static_cast<int32_t>((i * 37) % vocab);
-  Run("CrossEntropyBackward f32 -> bf16 dlogits", {logits, Ints({n}, targets), lse, Rand({n}, 25),
-      Bf16(Rand({n, vocab}, 26))}, {4},
-      [](Stream& s, auto& t) { return ops::CrossEntropyBackward(s, t[0], t[1], t[2], t[3], 0.25f, t[4]); }, bf);
+  Run(
+      "CrossEntropyBackward f32 -> bf16 dlogits",
+      {logits, Ints({n}, targets), lse, Rand({n}, 25), Bf16(Rand({n, vocab}, 26))}, {4},
+      [](Stream& s, auto& t) { return ops::CrossEntropyBackward(s, t[0], t[1], t[2], t[3], 0.25f, t[4]); },
+      bf);
 }
 
 TEST_CASE("softmax, losses and routing match the CPU backend") {

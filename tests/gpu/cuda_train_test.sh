@@ -15,30 +15,14 @@ common=(--config="$SRC/configs/demo.textproto" data.train_path=data/corpus paral
 "$BIN/moe-train" "${common[@]}" train.device=cuda comm.backend=mpi train.run_dir=cuda checkpoint.dir=cuda/ckpt \
   > cuda.out 2>&1
 code=$?
-if [ $code != 0 ] && grep -q -E "no usable CUDA device|no CUDA device|no CUDA backend|trains on \"cpu\" only" cuda.out; then
-  echo "skipped: $(grep -o -E '(no usable CUDA device|no CUDA device|this build has no CUDA backend|this build trains on "cpu" only)[^;]*' cuda.out | head -1)"
-  exit 77
-fi
+skip_without_gpu $code cuda.out
 [ $code = 0 ] || { echo "FAIL: cuda run exit $code"; cat cuda.out; exit 1; }
-compare() {  # compare A_DIR B_DIR TOLERANCE WHAT
-  python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4" <<'PY'
-import json, math, sys
-def losses(p):
-    return [json.loads(l)["loss"] for l in open(p) if '"event":"train"' in l]
-a, b, tol, what = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-assert len(a) == len(b) == 20, (len(a), len(b))
-worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
-ok = all(math.isfinite(x) for x in a) and worst <= tol
-print(("%s: 20 steps, worst relative loss difference %.3g" % (what, worst)) + ("" if ok else " > %g: FAIL" % tol))
-sys.exit(0 if ok else 1)
-PY
-}
 "$BIN/moe-train" "${common[@]}" train.device=cpu train.run_dir=cpu checkpoint.dir=cpu/ckpt > cpu.out 2>&1 \
   || { echo "FAIL: cpu run"; cat cpu.out; exit 1; }
-compare cuda cpu 1e-4 "cuda vs cpu (fp32)" || fail=1
+compare_losses cpu cuda 1e-4 20 "cuda vs cpu (fp32)" || fail=1
 for dev in cuda cpu; do
   "$BIN/moe-train" "${common[@]}" train.device=$dev train.precision=bf16 comm.backend=mpi train.run_dir=${dev}_bf16 \
     checkpoint.dir=${dev}_bf16/ckpt > ${dev}_bf16.out 2>&1 || { echo "FAIL: $dev bf16 run"; cat ${dev}_bf16.out; exit 1; }
 done
-compare cuda_bf16 cpu_bf16 1e-2 "cuda vs cpu (bf16)" || fail=1
+compare_losses cpu_bf16 cuda_bf16 1e-2 20 "cuda vs cpu (bf16)" || fail=1
 test_done "cuda train test"

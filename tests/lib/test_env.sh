@@ -16,6 +16,10 @@
 #   test_fail MESSAGE [FILE...] # "FAIL: MESSAGE", the files shown, fail=1
 #   test_at_exit COMMAND        # run at exit before TMP is removed (teardown)
 #   test_done "NAME test"       # "NAME test passed" or FAILED, its time; exits $fail
+#   skip_without_gpu CODE OUT   # a moe-train run that exited CODE with output OUT
+#                               # for want of a usable GPU: "skipped: why", exit 77
+#   compare_losses REF DIR TOL STEPS WHAT   # DIR's per-step training losses within
+#                               # TOL relative of REF's (metrics.jsonl), all finite
 set -uo pipefail
 
 TEST_LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -108,4 +112,27 @@ ranks_exited() {
   for i in $(seq 1 "$3"); do want+="$2 "; done
   [ "$codes" = "$want" ] ||
     test_fail "$1: rank exit codes '$codes', want $2 on each of $3 ranks" "$TMP/$1.out"
+}
+
+skip_without_gpu() {
+  local code=$1 out=$2
+  local why='(no usable CUDA device|no CUDA device|this build has no CUDA backend|this build trains on "cpu" only)'
+  if [ "$code" != 0 ] && grep -q -E "$why" "$out"; then
+    echo "skipped: $(grep -o -E "$why[^;]*" "$out" | head -1)"
+    exit 77
+  fi
+}
+
+compare_losses() {
+  python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4" "$5" <<'PY'
+import json, math, sys
+def losses(p):
+    return [json.loads(l)["loss"] for l in open(p) if '"event":"train"' in l]
+ref, got, tol, steps, what = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+assert len(ref) == len(got) == steps, (len(ref), len(got), steps)
+worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(got, ref))
+ok = all(math.isfinite(x) for x in got) and worst <= tol
+print(("%s: %d steps, worst relative loss difference %.3g" % (what, steps, worst)) + ("" if ok else " > %g: FAIL" % tol))
+sys.exit(0 if ok else 1)
+PY
 }

@@ -37,6 +37,10 @@ struct DeviceVector {
 std::unique_ptr<Communicator> World(std::shared_ptr<CommSink> sink = nullptr) {
   CommOptions options;
   options.backend = "nccl";
+  int devices = 1;
+  REQUIRE(cudaGetDeviceCount(&devices) == cudaSuccess);
+  // NCCL moves device buffers: this rank's GPU, as train.device = "cuda" picks it.
+  options.device = Device::Cuda(MpiEnv::local_rank() % devices);
   options.timeout_s = 120;
   options.sink = std::move(sink);
   auto world = CreateWorldCommunicator(options);

@@ -21,6 +21,7 @@
 #include "comm/watchdog.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/kernel_math.h"
+#include "runtime/core/logging.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 #include "runtime/core/tensor.h"
@@ -465,6 +466,15 @@ class MpiCommunicator : public Communicator, public Watched {
                              "' (", this->size(), " ranks; world ranks ", absl::StrJoin(group_ranks(), ","),
                              "), backend mpi");
     WatchdogRegister(this);
+    // Tensors on a GPU: the staging stream is made here, before any operation
+    // is in flight. Made on the progress thread at its first device buffer,
+    // its creation could wait for the device while a stream waits in a host
+    // function for that very operation.
+    if (!device().is_cpu()) {
+      absl::StatusOr<Stream*> staging = StagingStream(device());
+      if (!staging.ok())
+        MOE_LOG(WARNING) << describe_ << ": no staging stream yet: " << staging.status().message();
+    }
     thread_ = std::thread([this] { Run(); });
   }
 

@@ -321,6 +321,10 @@ class CudaBackend : public Backend {
     auto b = std::unique_ptr<CudaBackend>(new CudaBackend(device));
     CudaDeviceGuard guard(device);
     CUDA_RETURN_IF_ERROR(cudaFree(nullptr));  // creates the context now, errors here
+    {
+      std::lock_guard<std::mutex> lock(b->records_mu_);
+      RETURN_IF_ERROR(b->GrowErrorRecords());
+    }
     ASSIGN_OR_RETURN(b->default_stream_, CudaStreamImpl::Create(*b, device, StreamMode::kWorker));
     return b;
   }
@@ -342,6 +346,25 @@ class CudaBackend : public Backend {
   void SetNumThreads(int n) override {}
   int num_threads() const override { return 1; }
   Kernels& kernels() override { return *kernels_; }
+
+  // Each stream's DeviceError record, in mapped host memory. cudaHostAlloc
+  // synchronizes the device, so records come from slabs allocated up front
+  // (Create) and are reused: a stream created while another stream waits in
+  // a host function for a communication that needs the creating thread (the
+  // MPI progress thread makes its staging stream at its first device buffer)
+  // would otherwise wait for that stream, and the communication for it.
+  absl::StatusOr<DeviceError*> TakeErrorRecord() {
+    std::lock_guard<std::mutex> lock(records_mu_);
+    if (free_records_.empty()) RETURN_IF_ERROR(GrowErrorRecords());
+    DeviceError* r = free_records_.back();
+    free_records_.pop_back();
+    std::memset(r, 0, sizeof(DeviceError));
+    return r;
+  }
+  void ReturnErrorRecord(DeviceError* r) {
+    std::lock_guard<std::mutex> lock(records_mu_);
+    free_records_.push_back(r);
+  }
 
   // The live streams (the allocator fences on each).
   void AddStream(cudaStream_t s) {
@@ -366,7 +389,21 @@ class CudaBackend : public Backend {
         // other op stages bf16 through f32 around the f32 kernels.
         kernels_(MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false})) {}
 
+  // One slab of kRecordsPerSlab records (the backend, and so the slabs, live
+  // for the process). Called with records_mu_ held.
+  absl::Status GrowErrorRecords() {
+    static constexpr int kRecordsPerSlab = 128;
+    void* slab = nullptr;
+    CudaDeviceGuard guard(device_);
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&slab, kRecordsPerSlab * sizeof(DeviceError), cudaHostAllocMapped));
+    for (int i = kRecordsPerSlab - 1; i >= 0; --i)
+      free_records_.push_back(static_cast<DeviceError*>(slab) + i);
+    return absl::OkStatus();
+  }
+
   int device_;
+  std::mutex records_mu_;
+  std::vector<DeviceError*> free_records_;
   MemoryTracker memory_;
   DeviceAllocator allocator_;
   CudaBufferType buffer_type_;
@@ -381,11 +418,7 @@ absl::StatusOr<std::unique_ptr<CudaStreamImpl>> CudaStreamImpl::Create(CudaBacke
   ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(device));
   // Every CUDA stream is asynchronous: kInline is treated as kWorker (backend.h).
   auto s = std::unique_ptr<CudaStreamImpl>(new CudaStreamImpl(backend, device, mode, std::move(stream)));
-  void* record = nullptr;
-  CudaDeviceGuard guard(device);
-  CUDA_RETURN_IF_ERROR(cudaHostAlloc(&record, sizeof(DeviceError), cudaHostAllocMapped));
-  std::memset(record, 0, sizeof(DeviceError));
-  s->errors_->record = static_cast<DeviceError*>(record);
+  ASSIGN_OR_RETURN(s->errors_->record, backend.TakeErrorRecord());
   backend.AddStream(s->get());
   return s;
 }
@@ -396,7 +429,7 @@ CudaStreamImpl::~CudaStreamImpl() {
   backend_.RemoveStream(stream_.get());
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   std::lock_guard<std::mutex> lock(errors_->mu);
-  cudaFreeHost(errors_->record);
+  if (errors_->record != nullptr) backend_.ReturnErrorRecord(errors_->record);
   errors_->record = nullptr;
 }
 

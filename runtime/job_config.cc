@@ -324,6 +324,10 @@ std::vector<std::string> ValidateJobConfig(const JobConfig& c, int world_size) {
   need(!c.checkpoint().has_timeout_s() || c.checkpoint().timeout_s() > 0,
        absl::StrCat("checkpoint.timeout_s = ", c.checkpoint().timeout_s(),
                     " must be > 0 seconds (or unset: comm.timeout_s + the checkpoint's bytes / 50 MB/s)"));
+  need(c.checkpoint().host_bucket_mb() > 0,
+       absl::StrCat("checkpoint.host_bucket_mb = ", c.checkpoint().host_bucket_mb(),
+                    " must be > 0 (MiB of host memory that device tensors move through on save "
+                    "and load; default 256)"));
   need(c.comm().timeout_s() > 0,
        absl::StrCat("comm.timeout_s = ", c.comm().timeout_s(), " must be positive"));
   need(c.comm().backend() == "auto" || c.comm().backend() == "mpi" || c.comm().backend() == "nccl",

@@ -298,6 +298,7 @@ void ApplyDefaults(int world_size, JobConfig* c) {
   MOE_DEFAULT(k, save_every, 0);
   MOE_DEFAULT(k, keep_last, 0);
   MOE_DEFAULT(k, async, false);
+  MOE_DEFAULT(k, host_bucket_mb, 256);
 
   config::CommConfig* cm = c->mutable_comm();
   MOE_DEFAULT(cm, timeout_s, 600.0);

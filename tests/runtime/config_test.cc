@@ -200,6 +200,8 @@ TEST_CASE("each rule's message, alone: llep, comm, checkpoint, optim, experts_im
       {"comm { backend: \"gloo\" }", 1, "comm.backend = \"gloo\" must be \"auto\", \"mpi\" or \"nccl\""},
       {"checkpoint { save_every: -5 }", 1, "checkpoint.save_every = -5 must be >= 0"},
       {"checkpoint { keep_last: -1 }", 1, "checkpoint.keep_last = -1 must be >= 0 (0: keep all)"},
+      {"checkpoint { host_bucket_mb: 0 }", 1,
+       "checkpoint.host_bucket_mb = 0 must be > 0 (MiB of host memory"},
       {"optim { beta1: 1 }", 1, "optim.beta1 = 1 must be in [0, 1)"},
       {"optim { beta2: -0.5 }", 1, "optim.beta2 = -0.5 must be in [0, 1)"},
       {"optim { eps: 0 }", 1, "optim.eps = 0 must be positive"},

@@ -410,6 +410,14 @@ ShardReader::ShardReader(std::string dir) : dir_(std::move(dir)), impl_(new Impl
 ShardReader::~ShardReader() = default;
 
 absl::Status ShardReader::Read(const ckpt::TensorEntry& tensor, const ckpt::Shard& shard, void* dst) {
+  // One piece: the whole shard straight into dst.
+  const size_t whole = static_cast<size_t>(std::max<int64_t>(shard.nbytes(), 4));
+  return ReadInChunks(tensor, shard, dst, whole, nullptr);
+}
+
+absl::Status ShardReader::ReadInChunks(
+    const ckpt::TensorEntry& tensor, const ckpt::Shard& shard, void* buffer, size_t buffer_bytes,
+    const std::function<absl::Status(int64_t byte_offset, size_t nbytes)>& consume) {
   const Box box{{shard.offset().begin(), shard.offset().end()}, {shard.count().begin(), shard.count().end()}};
   const std::string where = absl::StrCat("checkpoint ", dir_, ": file ", shard.file(), ", tensor ",
                                          tensor.name(), ", shard ", box.ToString());
@@ -443,39 +451,71 @@ absl::Status ShardReader::Read(const ckpt::TensorEntry& tensor, const ckpt::Shar
   if (!type.valid() || H5Tget_class(type.get()) != H5T_FLOAT || H5Tget_size(type.get()) != 4) {
     return absl::DataLossError(absl::StrCat(where, ": dataset ", shard.dataset(), " is not f32"));
   }
+  const size_t chunk = buffer_bytes / 4 * 4;
+  if (chunk == 0) return absl::InvalidArgumentError(absl::StrCat(where, ": a read buffer of 0 f32 elements"));
   // Contiguous data (what the checkpointer writes) is read with pread in
-  // chunks, each hashed while still in cache; anything else through HDF5.
-  uint64_t sum = 0;
+  // pieces, each hashed while still in cache; anything else through HDF5, a
+  // chunk at a time as the hyperslabs of its flat element range.
   const haddr_t offset = H5Dget_offset(dset.get());
-  if (offset != HADDR_UNDEF && H5Tget_order(type.get()) == H5T_ORDER_LE) {
+  const bool contiguous = offset != HADDR_UNDEF && H5Tget_order(type.get()) == H5T_ORDER_LE;
+  int fd = -1;
+  if (contiguous) {
     auto fd_it = impl_->fds.find(shard.file());
     if (fd_it == impl_->fds.end()) {
-      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd < 0) return absl::DataLossError(absl::StrCat(where, ": open failed: ", std::strerror(errno)));
-      fd_it = impl_->fds.emplace(shard.file(), fd).first;
+      const int opened = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (opened < 0)
+        return absl::DataLossError(absl::StrCat(where, ": open failed: ", std::strerror(errno)));
+      fd_it = impl_->fds.emplace(shard.file(), opened).first;
     }
-    Xxh64 hash;
-    char* out = static_cast<char*>(dst);
-    const int64_t total = shard.nbytes();
-    for (int64_t done = 0; done < total;) {
-      const size_t n = static_cast<size_t>(std::min<int64_t>(int64_t{4} << 20, total - done));
-      const ssize_t r = ::pread(fd_it->second, out + done, n, static_cast<off_t>(offset + done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) {
-        return absl::DataLossError(absl::StrCat(where, ": the file ends before the shard's data (truncated?)",
-                                                r < 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
-      }
-      hash.Update(out + done, static_cast<size_t>(r));
-      done += r;
-    }
-    sum = hash.Digest();
-  } else {
-    if (H5Dread(dset.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dst) < 0) {
-      absl::Status s = data::H5Error("H5Dread", path, __FILE__, __LINE__);
-      return absl::DataLossError(absl::StrCat(where, ": read failed (truncated file?): ", s.message()));
-    }
-    sum = Xxh64Hash(dst, static_cast<size_t>(shard.nbytes()));
+    fd = fd_it->second;
   }
+  Xxh64 hash;
+  char* out = static_cast<char*>(buffer);
+  const int64_t total = shard.nbytes();
+  for (int64_t begin = 0; begin < total;) {
+    const size_t n = static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(chunk), total - begin));
+    if (contiguous) {
+      for (size_t done = 0; done < n;) {
+        const size_t m = std::min<size_t>(size_t{4} << 20, n - done);
+        const ssize_t r = ::pread(fd, out + done, m, static_cast<off_t>(offset + begin + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+          return absl::DataLossError(absl::StrCat(where,
+                                                  ": the file ends before the shard's data (truncated?)",
+                                                  r < 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
+        }
+        hash.Update(out + done, static_cast<size_t>(r));
+        done += static_cast<size_t>(r);
+      }
+    } else {
+      herr_t rc = 0;
+      if (static_cast<int64_t>(n) == total) {
+        rc = H5Dread(dset.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
+      } else {
+        H5Id file_space(H5Dget_space(dset.get()));
+        const hsize_t count = n / 4;
+        H5Id mem_space(H5Screate_simple(1, &count, nullptr));
+        rc = file_space.valid() && mem_space.valid() ? H5Sselect_none(file_space.get()) : -1;
+        const Box zero_based{std::vector<int64_t>(box.rank(), 0), box.count};
+        for (const Box& b :
+             DecomposeFlatRange(zero_based, begin / 4, (begin + static_cast<int64_t>(n)) / 4)) {
+          if (rc < 0) break;
+          rc = H5Sselect_hyperslab(file_space.get(), H5S_SELECT_OR, Dims(b.offset).data(), nullptr,
+                                   Dims(b.count).data(), nullptr);
+        }
+        if (rc >= 0)
+          rc = H5Dread(dset.get(), H5T_NATIVE_FLOAT, mem_space.get(), file_space.get(), H5P_DEFAULT, out);
+      }
+      if (rc < 0) {
+        absl::Status s = data::H5Error("H5Dread", path, __FILE__, __LINE__);
+        return absl::DataLossError(absl::StrCat(where, ": read failed (truncated file?): ", s.message()));
+      }
+      hash.Update(out, n);
+    }
+    if (consume) RETURN_IF_ERROR(consume(begin, n));
+    begin += static_cast<int64_t>(n);
+  }
+  const uint64_t sum = hash.Digest();
   if (sum != shard.checksum()) {
     return absl::DataLossError(absl::StrCat(where, ": checksum mismatch (computed ", ChecksumHex(sum),
                                             ", stored ", ChecksumHex(shard.checksum()),

@@ -13,6 +13,7 @@
 #define MOE_RUNTIME_CHECKPOINT_FORMAT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -114,6 +115,15 @@ class ShardReader {
   // Reads shard `shard` of `tensor` into `dst` (shard.nbytes() bytes) and
   // checks its checksum. Errors (DataLoss) name the file, the tensor and the box.
   absl::Status Read(const ckpt::TensorEntry& tensor, const ckpt::Shard& shard, void* dst);
+  // The same shard through a bounded buffer: reads its bytes in order, at most
+  // `buffer_bytes` (rounded down to whole f32 elements, >= 4) at a time, into
+  // `buffer`, and calls consume(byte_offset, nbytes) on each piece before the
+  // next one overwrites it. The checksum is known only at the end: an error
+  // return (checksum, truncation, or consume's own) may come after consume has
+  // seen every piece, so the caller must not trust what it stored until OK.
+  absl::Status ReadInChunks(const ckpt::TensorEntry& tensor, const ckpt::Shard& shard, void* buffer,
+                            size_t buffer_bytes,
+                            const std::function<absl::Status(int64_t byte_offset, size_t nbytes)>& consume);
 
  private:
   struct Impl;

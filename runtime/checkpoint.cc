@@ -103,23 +103,58 @@ std::string RandomSuffix() {
 
 bool IsHostVisible(const Tensor& t) { return t.buffer() != nullptr && t.buffer()->host_visible(); }
 
-// A host copy of a device tensor (synchronously).
-absl::StatusOr<Tensor> CopyToHost(const Tensor& t) {
-  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, t.shape(), t.dtype(), MemoryCategory::kOther));
+// Copies the elements [begin, begin + n) of the f32 tensor `t` to (to_host)
+// or from the first n elements of `host` (a CPU f32 tensor), synchronously:
+// views of both and ops::Copy on the default stream of t's device, which
+// orders it after the training work enqueued there.
+absl::Status CopyRange(const Tensor& t, int64_t begin, int64_t n, const Tensor& host, bool to_host) {
+  if (n == 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(Backend * dev, GetBackend(t.device()));
-  RETURN_IF_ERROR(ops::Copy(dev->default_stream(), t, host));
-  RETURN_IF_ERROR(dev->default_stream().Synchronize());
-  return host;
+  const Tensor range = t.Reshape(Shape{t.numel()}).Slice(begin, begin + n);
+  const Tensor h = host.Slice(0, n);
+  RETURN_IF_ERROR(ops::Copy(dev->default_stream(), to_host ? range : h, to_host ? h : range));
+  return dev->default_stream().Synchronize();
 }
 
-absl::Status CopyFromHost(const void* data, const Tensor& t) {
-  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-  ASSIGN_OR_RETURN(Tensor host,
-                   Tensor::FromHost(*cpu, t.shape(), t.dtype(), data, t.nbytes(), MemoryCategory::kOther));
-  ASSIGN_OR_RETURN(Backend * dev, GetBackend(t.device()));
-  RETURN_IF_ERROR(ops::Copy(dev->default_stream(), host, t));
-  return dev->default_stream().Synchronize();
+// The row-major index inside `box` of the element at global coordinates `at`.
+int64_t FlatIndex(const Box& box, absl::Span<const int64_t> at) {
+  int64_t index = 0;
+  for (int d = 0; d < box.rank(); ++d) index = index * box.count[d] + (at[d] - box.offset[d]);
+  return index;
+}
+
+// Copies `region` of a saved shard (`shard`: host bytes laid out over `sbox`)
+// into the piece `p` of the staged tensor `dev`, through `bucket`: the piece's
+// elements go in bucket-sized flat ranges (each DecomposeFlatRange's runs,
+// contiguous in the bucket); a range that the region covers only in part is
+// first copied from the device, so that the elements around the region keep
+// their values (they come from other shards).
+absl::Status CopyRegionToDevice(const char* shard, const Box& sbox, const Tensor& dev, const LocalPiece& p,
+                                const Box& region, const Tensor& bucket) {
+  const int64_t chunk = bucket.numel(), numel = p.box.numel();
+  std::vector<int64_t> last(region.offset);
+  for (int d = 0; d < region.rank(); ++d) last[d] += region.count[d] - 1;
+  const int64_t first_index = FlatIndex(p.box, region.offset), last_index = FlatIndex(p.box, last);
+  char* base = static_cast<char*>(bucket.raw_data());
+  for (int64_t begin = first_index / chunk * chunk; begin <= last_index; begin += chunk) {
+    const int64_t end = std::min(begin + chunk, numel);
+    std::vector<std::pair<Box, Box>> parts;  // (a run of the range, its overlap with the region)
+    int64_t covered = 0;
+    for (Box& run : DecomposeFlatRange(p.box, begin, end)) {
+      if (std::optional<Box> overlap = Intersect(run, region)) {
+        covered += overlap->numel();
+        parts.emplace_back(std::move(run), std::move(*overlap));
+      }
+    }
+    if (parts.empty()) continue;
+    if (covered < end - begin)
+      RETURN_IF_ERROR(CopyRange(dev, p.elem_offset + begin, end - begin, bucket, true));
+    for (const auto& [run, overlap] : parts) {
+      CopyRegion(shard, sbox, base + (FlatIndex(p.box, run.offset) - begin) * 4, run, overlap, 4);
+    }
+    RETURN_IF_ERROR(CopyRange(dev, p.elem_offset + begin, end - begin, bucket, false));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -176,6 +211,7 @@ CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& co
   o.async = config.async();
   o.partial_load = config.partial_load();
   o.timeout_s = config.timeout_s();
+  if (config.has_host_bucket_mb()) o.host_bucket_bytes = int64_t{config.host_bucket_mb()} << 20;
   return o;
 }
 
@@ -193,14 +229,18 @@ struct Checkpointer::SaveTask {
   struct Write {
     int shard = 0;
     uint64_t file_offset = 0;
-    const char* data = nullptr;
+    const char* data = nullptr;  // the bytes in host memory, or null: see `device`
     int64_t nbytes = 0;
     uint64_t checksum = 0;
+    // A sync save of a staged tensor: the bytes are its elements
+    // [elem_offset, elem_offset + nbytes / 4), copied through the host bucket.
+    Tensor device;
+    int64_t elem_offset = 0;
   };
   std::vector<Write> writes;
   std::string rank_file;                 // empty when this rank writes nothing
-  std::vector<std::vector<char>> owned;  // async: host copies of the shards
-  std::vector<Tensor> staged;            // host copies of device tensors
+  std::vector<std::vector<char>> owned;  // async: host copies of the shards of host tensors
+  Tensor snapshot;                       // async: host copy of the shards of staged tensors
   absl::Status status;
 };
 
@@ -226,12 +266,36 @@ absl::StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(comm::Communi
                                                    " must be > 0 (or unset: scaled from the bytes)"));
   }
   if (options.timeout_s > 0) RETURN_IF_ERROR(comm->set_timeout_s(options.timeout_s, "checkpoint.timeout_s"));
+  // The bucket sizes the replicas' messages on load: every rank must agree.
+  std::vector<int64_t> buckets(comm->size());
+  RETURN_IF_ERROR(Await(comm->AllGather(&options.host_bucket_bytes, buckets.data(), 1, DType::kI64)));
+  for (int r = 0; r < comm->size(); ++r) {
+    if (buckets[r] < 4) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint host bucket = ", buckets[r], " bytes on rank ", r,
+                       " must be at least 4 (one f32); set checkpoint.host_bucket_mb > 0"));
+    }
+    if (buckets[r] != buckets[0]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint host bucket = ", buckets[r], " bytes on rank ", r, " but ", buckets[0],
+                       " on rank 0: checkpoint.host_bucket_mb must be the same on every rank"));
+    }
+  }
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(comm), layout, std::move(options)));
 }
 
 absl::Status Checkpointer::SetDeadline(int64_t bytes) {
   if (options_.timeout_s > 0) return absl::OkStatus();
   return comm_->set_timeout_s(CheckpointDeadline(base_timeout_s_, bytes), "checkpoint.timeout_s");
+}
+
+bool Checkpointer::Staged(const Tensor& t) const { return options_.stage_host_tensors || !IsHostVisible(t); }
+
+absl::StatusOr<Tensor> Checkpointer::HostStaging(int64_t numel) {
+  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, Shape{numel}, DType::kF32, MemoryCategory::kOther));
+  staging_.Add(numel * 4);
+  return host;
 }
 
 Checkpointer::~Checkpointer() {
@@ -256,6 +320,7 @@ absl::Status Checkpointer::WaitForPendingSave() {
 absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const ShardedTensor> tensors,
                                 const std::string& config_text) {
   RETURN_IF_ERROR(WaitForPendingSave());
+  staging_ = {};
   if (options_.dir.empty()) {
     return absl::FailedPreconditionError("checkpoint: no checkpoint.dir is set; set it to save checkpoints");
   }
@@ -310,7 +375,10 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
   const int me = comm_->rank();
   std::vector<RankDataset> datasets = RankFileDatasets(task->plan, infos, me);
   for (int i : task->plan.ShardsWrittenBy(me)) {
-    task->writes.push_back({i, 0, nullptr, task->plan.shards[i].box.numel() * 4, 0});
+    SaveTask::Write w;
+    w.shard = i;
+    w.nbytes = task->plan.shards[i].box.numel() * 4;
+    task->writes.push_back(std::move(w));
   }
   if (!datasets.empty()) {
     task->rank_file = JoinPath(task->tmp_dir, RankFileName(me));
@@ -321,32 +389,45 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
     task->manifest = ManifestForSave(task->plan, infos, state, config_text, layout_);
     local = WriteMasterFile(JoinPath(task->tmp_dir, kMasterFileName), task->manifest);
   }
-  // Where each write's bytes are now (and, async, a private copy of them).
+  // Where each write's bytes are: host tensors' own memory (async: a private
+  // copy); staged tensors' through the bucket at write time (sync), or a host
+  // snapshot of just the pieces this rank writes (async, so that training can
+  // change the tensors meanwhile).
   absl::StatusOr<std::vector<int>> write_pieces = WriterPieces(task->plan, pieces, me);
   if (local.ok()) local = write_pieces.status();
   if (local.ok()) {
-    std::map<int, Tensor> host;  // tensor index -> host-visible tensor
+    int64_t snapshot_numel = 0;
     for (size_t k = 0; k < task->writes.size(); ++k) {
+      const LocalPiece& piece = pieces[(*write_pieces)[k]];
+      if (Staged(tensors[piece.tensor].tensor)) snapshot_numel += task->writes[k].nbytes / 4;
+    }
+    if (options_.async && snapshot_numel > 0) {
+      absl::StatusOr<Tensor> snapshot = HostStaging(snapshot_numel);
+      local = snapshot.status();
+      if (local.ok()) task->snapshot = *snapshot;
+    }
+    int64_t snapshot_at = 0;
+    for (size_t k = 0; k < task->writes.size() && local.ok(); ++k) {
       SaveTask::Write& w = task->writes[k];
       const LocalPiece& piece = pieces[(*write_pieces)[k]];
-      const int t = piece.tensor;
-      auto it = host.find(t);
-      if (it == host.end()) {
-        const Tensor& tensor = tensors[t].tensor;
-        if (IsHostVisible(tensor)) {
-          it = host.emplace(t, tensor).first;
-        } else {
-          absl::StatusOr<Tensor> copy = CopyToHost(tensor);
-          if (!copy.ok()) {
-            local = Annotate(copy.status(), absl::StrCat("checkpoint tensor ", tensors[t].name));
-            break;
-          }
-          task->staged.push_back(*copy);
-          it = host.emplace(t, *copy).first;
+      const Tensor& tensor = tensors[piece.tensor].tensor;
+      if (Staged(tensor)) {
+        if (!options_.async) {
+          w.device = tensor;
+          w.elem_offset = piece.elem_offset;
+          continue;
         }
+        const int64_t n = w.nbytes / 4;
+        local = CopyRange(tensor, piece.elem_offset, n, task->snapshot.Slice(snapshot_at, snapshot_at + n),
+                          /*to_host=*/true);
+        if (!local.ok())
+          local = Annotate(local, absl::StrCat("checkpoint tensor ", tensors[piece.tensor].name));
+        w.data = static_cast<const char*>(task->snapshot.raw_data()) + snapshot_at * 4;
+        snapshot_at += n;
+        continue;
       }
-      const char* data = static_cast<const char*>(it->second.raw_data()) + piece.elem_offset * 4;
-      if (options_.async && IsHostVisible(tensors[t].tensor)) {
+      const char* data = static_cast<const char*>(tensor.raw_data()) + piece.elem_offset * 4;
+      if (options_.async) {
         task->owned.emplace_back(data, data + w.nbytes);
         data = task->owned.back().data();
       }
@@ -372,21 +453,50 @@ absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
     }
     return s;
   };
-  // 1. This rank's shards: hash and write in chunks, then fsync.
+  // 1. This rank's shards: hash and write in chunks, then fsync. Staged
+  //    tensors (sync saves only: an async task holds host copies) come
+  //    through one host bucket, a bucket of elements at a time.
   absl::Status local;
   if (!task.writes.empty()) {
     absl::StatusOr<std::unique_ptr<CheckpointFile>> file = fs_->OpenForWrite(task.rank_file);
     local = file.status();
+    int64_t largest_staged = 0;  // elements
+    for (const SaveTask::Write& w : task.writes) {
+      if (w.device.defined()) largest_staged = std::max(largest_staged, w.nbytes / 4);
+    }
+    Tensor bucket;
+    if (local.ok() && largest_staged > 0) {
+      absl::StatusOr<Tensor> b = HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4));
+      local = b.status();
+      if (b.ok()) bucket = *b;
+    }
     for (SaveTask::Write& w : task.writes) {
       if (!local.ok()) break;
       Xxh64 hash;
-      for (int64_t done = 0; done < w.nbytes && local.ok();) {
-        const size_t n = static_cast<size_t>(std::min<int64_t>(kWriteChunk, w.nbytes - done));
-        hash.Update(w.data + done, n);
-        local = (*file)->WriteAt(w.file_offset + static_cast<uint64_t>(done), w.data + done, n);
-        done += static_cast<int64_t>(n);
+      auto put = [&](const char* data, int64_t at, int64_t nbytes) {
+        for (int64_t done = 0; done < nbytes;) {
+          const size_t n = static_cast<size_t>(std::min<int64_t>(kWriteChunk, nbytes - done));
+          hash.Update(data + done, n);
+          RETURN_IF_ERROR((*file)->WriteAt(w.file_offset + static_cast<uint64_t>(at + done), data + done, n));
+          done += static_cast<int64_t>(n);
+        }
+        return absl::OkStatus();
+      };
+      if (!w.device.defined()) {
+        local = put(w.data, 0, w.nbytes);
+      } else {
+        for (int64_t done = 0; done < w.nbytes && local.ok();) {
+          const int64_t n = std::min(bucket.numel(), (w.nbytes - done) / 4);
+          local = CopyRange(w.device, w.elem_offset + done / 4, n, bucket, /*to_host=*/true);
+          if (local.ok()) local = put(static_cast<const char*>(bucket.raw_data()), done, n * 4);
+          done += n * 4;
+        }
       }
       w.checksum = hash.Digest();
+    }
+    if (bucket.defined()) {
+      staging_.Sub(bucket.numel() * 4);
+      bucket = Tensor();
     }
     if (local.ok()) local = (*file)->Sync();
     if (file.ok()) {
@@ -498,6 +608,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, std::string>>> Checkpointer::List(
 absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
                                                     absl::Span<const ShardedTensor> tensors) {
   RETURN_IF_ERROR(WaitForPendingSave());
+  staging_ = {};
   // 1. Manifest and the tensors' names and shapes (every rank reads it).
   const std::vector<TensorInfo> infos = TensorInfos(tensors);
   absl::StatusOr<std::vector<LocalPiece>> local_pieces = LocalPieces(tensors);
@@ -525,71 +636,107 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   const int me = comm_->rank();
   ASSIGN_OR_RETURN(std::vector<std::vector<LocalPiece>> held, GatherHeld(*comm_, infos, pieces));
   const LoadPlan plan = PlanLoad(held, *entries, me);
-  // Host memory of each tensor (device tensors: a staging copy).
-  std::map<int, std::vector<char>> staging;
-  auto host_base = [&](int i) -> char* {
-    const Tensor& t = tensors[i].tensor;
-    if (IsHostVisible(t)) return static_cast<char*>(t.raw_data());
-    std::vector<char>& v = staging[i];
-    v.resize(t.nbytes());
-    return v.data();
-  };
-  // 3. Read the boxes assigned here from the shards overlapping them.
+  // 3. Read the boxes assigned here from the shards overlapping them: host
+  //    tensors straight into their memory; staged ones through the bucket,
+  //    sized to the largest staged box read or exchanged here (at most
+  //    host_bucket_bytes).
+  int64_t largest_staged = 0;  // elements
+  for (const LoadPlan::PieceRead& pr : plan.reads) {
+    const LocalPiece& p = pieces[pr.piece];
+    if (Staged(tensors[p.tensor].tensor)) largest_staged = std::max(largest_staged, p.box.numel());
+  }
+  for (const LoadPlan::Transfer& t : plan.transfers) {
+    const LocalPiece& p = pieces[t.piece];
+    if (Staged(tensors[p.tensor].tensor)) largest_staged = std::max(largest_staged, p.box.numel());
+  }
+  Tensor bucket;
+  if (largest_staged > 0) {
+    absl::StatusOr<Tensor> b = HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4));
+    local = b.status();
+    if (b.ok()) bucket = *b;
+  }
   const auto read_start = std::chrono::steady_clock::now();
   int64_t bytes_read = 0;
   {
     ShardReader reader(path);
+    // Saved shards a piece needs only part of (the layout changed), read whole
+    // (their checksum covers the whole) and kept while the next reads may
+    // need them: every shard of the current tensor for host tensors, as
+    // before; for staged tensors just the last one, so that the host holds at
+    // most one saved shard besides the bucket (a shard two non-consecutive
+    // pieces share is then read twice).
     std::map<std::pair<int, int>, std::vector<char>> cache;  // (tensor, shard) -> bytes
+    int64_t cached_staged_bytes = 0;
+    auto clear_cache = [&] {
+      cache.clear();
+      staging_.Sub(cached_staged_bytes);
+      cached_staged_bytes = 0;
+    };
     int cached_tensor = -1;
     for (const LoadPlan::PieceRead& pr : plan.reads) {
       if (!local.ok()) break;
       const LocalPiece& p = pieces[pr.piece];
-      if (p.tensor != cached_tensor) cache.clear(), cached_tensor = p.tensor;
-      char* dst = host_base(p.tensor) + p.elem_offset * 4;
+      if (p.tensor != cached_tensor) clear_cache(), cached_tensor = p.tensor;
+      const Tensor& tensor = tensors[p.tensor].tensor;
+      const bool staged = Staged(tensor);
+      char* dst = staged ? nullptr : static_cast<char*>(tensor.raw_data()) + p.elem_offset * 4;
       const ckpt::TensorEntry& e = *(*entries)[p.tensor];
       for (const LoadPlan::Read& r : pr.reads) {
         if (!local.ok()) break;
         const ckpt::Shard& sh = e.shards(r.shard);
         if (r.whole) {  // the saving layout held this box too: straight in
-          local = reader.Read(e, sh, dst);
+          if (staged) {
+            local = reader.ReadInChunks(
+                e, sh, bucket.raw_data(), static_cast<size_t>(bucket.numel()) * 4, [&](int64_t at, size_t n) {
+                  return CopyRange(tensor, p.elem_offset + at / 4, static_cast<int64_t>(n / 4), bucket,
+                                   /*to_host=*/false);
+                });
+          } else {
+            local = reader.Read(e, sh, dst);
+          }
           bytes_read += sh.nbytes();
           continue;
         }
         auto it = cache.find({p.tensor, r.shard});
         if (it == cache.end()) {
+          if (staged) clear_cache();
           it = cache
                    .emplace(std::make_pair(p.tensor, r.shard),
                             std::vector<char>(static_cast<size_t>(sh.nbytes())))
                    .first;
+          if (staged) {
+            cached_staged_bytes = sh.nbytes();
+            staging_.Add(cached_staged_bytes);
+          }
           local = reader.Read(e, sh, it->second.data());
           bytes_read += sh.nbytes();
           if (!local.ok()) break;
         }
         const Box sbox{{sh.offset().begin(), sh.offset().end()}, {sh.count().begin(), sh.count().end()}};
-        CopyRegion(it->second.data(), sbox, dst, p.box, r.region, 4);
+        if (staged) {
+          local = CopyRegionToDevice(it->second.data(), sbox, tensor, p, r.region, bucket);
+        } else {
+          CopyRegion(it->second.data(), sbox, dst, p.box, r.region, 4);
+        }
       }
+      // (The reader's errors name the tensor already; a device copy's do not.)
+      if (!local.ok() && staged)
+        local = Annotate(local, absl::StrCat("checkpoint tensor ", tensors[p.tensor].name));
     }
+    clear_cache();
   }
   const double read_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - read_start).count();
   RETURN_IF_ERROR(Agree(local));
   // 4. Replicas: each reader sends its boxes to the other holders.
   const auto exchange_start = std::chrono::steady_clock::now();
-  std::vector<comm::P2POp> ops;
-  for (const LoadPlan::Transfer& t : plan.transfers) {
-    const LocalPiece& p = pieces[t.piece];
-    char* data = host_base(p.tensor) + p.elem_offset * 4;
-    const size_t count = static_cast<size_t>(p.box.numel());
-    ops.push_back(t.send ? comm::P2POp::Send(data, count, DType::kF32, t.peer)
-                         : comm::P2POp::Recv(data, count, DType::kF32, t.peer));
-  }
-  if (!ops.empty()) RETURN_IF_ERROR(Await(comm_->GroupP2P(ops)));
+  RETURN_IF_ERROR(ExchangeReplicas(plan, pieces, tensors, bucket, &local));
   MOE_LOG(DEBUG) << "checkpoint: load read " << bytes_read << " bytes in " << read_s << " s, exchanged "
-                 << ops.size() << " boxes with replicas in "
+                 << plan.transfers.size() << " boxes with replicas in "
                  << std::chrono::duration<double>(std::chrono::steady_clock::now() - exchange_start).count()
                  << " s";
-  for (auto& [i, bytes] : staging) {
-    if (!local.ok()) break;
-    local = CopyFromHost(bytes.data(), tensors[i].tensor);
+  if (bucket.defined()) {
+    staging_.Sub(bucket.numel() * 4);
+    bucket = Tensor();
   }
   RETURN_IF_ERROR(Agree(local));
 
@@ -606,6 +753,75 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   MOE_LOG_RANK0(INFO) << "checkpoint: loaded " << path << " (step " << out.state.step << ", saved at world "
                       << l.world() << " tp " << l.tp() << " ep " << l.ep() << " dp " << l.dp() << ")";
   return out;
+}
+
+// Every box goes in messages of at most host_bucket_bytes (the same on every
+// rank, and both sides hold the same box, so sender and receiver cut it
+// alike). A rank whose boxes here are all host tensors posts all its messages
+// at once, as one GroupP2P. A rank with staged tensors goes through its
+// transfers in plan order, one bucket of one box at a time (the reader sends
+// it to all the other holders at once). That is deadlock-free: every rank
+// lists its transfers in the same (tensor, box) order, so the first
+// unfinished (box, bucket) step of the whole job has every rank taking part
+// in it at that step (or with everything posted), and it completes. A failed
+// device copy does not stop the exchange (the peers wait for its messages):
+// it goes to *local after it, for the caller's Agree; the status returned is
+// the communicator's.
+absl::Status Checkpointer::ExchangeReplicas(const LoadPlan& plan, absl::Span<const LocalPiece> pieces,
+                                            absl::Span<const ShardedTensor> tensors, const Tensor& bucket,
+                                            absl::Status* local_status) {
+  const int64_t chunk = options_.host_bucket_bytes / 4;
+  auto host_data = [&](const LocalPiece& p) {
+    return static_cast<char*>(tensors[p.tensor].tensor.raw_data()) + p.elem_offset * 4;
+  };
+  bool any_staged = false;
+  for (const LoadPlan::Transfer& t : plan.transfers)
+    any_staged |= Staged(tensors[pieces[t.piece].tensor].tensor);
+  if (!any_staged) {
+    std::vector<comm::P2POp> ops;
+    for (const LoadPlan::Transfer& t : plan.transfers) {
+      const LocalPiece& p = pieces[t.piece];
+      char* data = host_data(p);
+      for (int64_t begin = 0; begin < p.box.numel(); begin += chunk) {
+        const size_t n = static_cast<size_t>(std::min(chunk, p.box.numel() - begin));
+        ops.push_back(t.send ? comm::P2POp::Send(data + begin * 4, n, DType::kF32, t.peer)
+                             : comm::P2POp::Recv(data + begin * 4, n, DType::kF32, t.peer));
+      }
+    }
+    if (!ops.empty()) RETURN_IF_ERROR(Await(comm_->GroupP2P(ops)));
+    return absl::OkStatus();
+  }
+  absl::Status& local = *local_status;
+  int failed_at = -1;  // annotate the first failure once
+  std::vector<comm::P2POp> ops;
+  for (size_t i = 0; i < plan.transfers.size();) {
+    // The transfers of one box: the reader's sends to every other holder, or
+    // a holder's one receive.
+    size_t j = i;
+    while (j < plan.transfers.size() && plan.transfers[j].piece == plan.transfers[i].piece) ++j;
+    const LocalPiece& p = pieces[plan.transfers[i].piece];
+    const Tensor& tensor = tensors[p.tensor].tensor;
+    const bool staged = Staged(tensor), send = plan.transfers[i].send;
+    for (int64_t begin = 0; begin < p.box.numel(); begin += chunk) {
+      const int64_t n = std::min(chunk, p.box.numel() - begin);
+      char* data = staged ? static_cast<char*>(bucket.raw_data()) : host_data(p) + begin * 4;
+      if (staged && send && local.ok()) local = CopyRange(tensor, p.elem_offset + begin, n, bucket, true);
+      ops.clear();
+      for (size_t k = i; k < j; ++k) {
+        const int peer = plan.transfers[k].peer;
+        ops.push_back(send ? comm::P2POp::Send(data, static_cast<size_t>(n), DType::kF32, peer)
+                           : comm::P2POp::Recv(data, static_cast<size_t>(n), DType::kF32, peer));
+      }
+      RETURN_IF_ERROR(Await(comm_->GroupP2P(ops)));
+      if (staged && !send && local.ok()) local = CopyRange(tensor, p.elem_offset + begin, n, bucket, false);
+    }
+    if (!local.ok() && failed_at < 0) {
+      local = Annotate(local, absl::StrCat("checkpoint tensor ", tensors[p.tensor].name));
+      failed_at = static_cast<int>(i);
+    }
+    i = j;
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::optional<LoadedCheckpoint>> Checkpointer::Resume(

@@ -35,6 +35,19 @@
 //   manifest of a newer format version. Errors name the file and the tensor.
 // - Every collective method returns the same status on every rank.
 //
+// Host memory: tensors the host can read (CPU) are written from and read into
+// their own memory. Tensors in device memory move through one reusable host
+// bucket of options.host_bucket_bytes (checkpoint.host_bucket_mb): a sync save
+// copies each shard a contiguous element range at a time into it, hashes and
+// writes it, and reuses it; a load reads into it (or assembles there, from a
+// saved shard, the part of a box it holds) and copies to the device; replicas
+// exchange their boxes through it in bucket-sized messages. So a sync save
+// never holds more than the bucket on the host, and a load the bucket plus, when
+// the layout changed, the one saved shard it is reading from. An async save
+// trades host memory for not stalling training: it snapshots the bytes this
+// rank writes (just its pieces, not whole tensors) to the host before Save
+// returns. last_peak_host_staging_bytes() reports what a call held.
+//
 // Threads: the methods are called from one thread. With options.async, Save
 // returns once the state is copied to host memory; a background thread writes
 // it (plain pwrite/fsync: HDF5 calls stay on the calling thread) and runs the
@@ -43,6 +56,7 @@
 #ifndef MOE_RUNTIME_CHECKPOINT_H_
 #define MOE_RUNTIME_CHECKPOINT_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -99,6 +113,15 @@ struct CheckpointOptions {
   // File system for data, syncs, renames; nullptr = POSIX. Tests pass a
   // FaultInjectionFs (it must outlive the checkpointer).
   CheckpointFs* fs = nullptr;
+  // checkpoint.host_bucket_mb, in bytes: the host memory through which tensors
+  // that are not host-visible (device memory) are saved and loaded, a
+  // contiguous element range at a time (see "Host memory" above). The same on
+  // every rank (Create checks): the replicas of a load exchange their boxes in
+  // messages of at most this size. At least 4 (one f32).
+  int64_t host_bucket_bytes = int64_t{256} << 20;
+  // Tests: treat host-visible tensors as device tensors, so that the CPU suite
+  // runs the bucketed device path (like CommOptions::stage_through_host).
+  bool stage_host_tensors = false;
 };
 
 CheckpointOptions CheckpointOptionsFromConfig(const config::CheckpointConfig& config);
@@ -171,7 +194,21 @@ class Checkpointer {
 
   const CheckpointOptions& options() const { return options_; }
 
+  // The most host memory held at once for staged (device) tensors by the last
+  // Save or Load: the bucket, a load's cached shard, an async save's snapshot.
+  // A sync save keeps it <= options.host_bucket_bytes.
+  int64_t last_peak_host_staging_bytes() const { return staging_.peak; }
+
  private:
+  // Host staging bytes live and their peak (calling thread only).
+  struct StagingMeter {
+    int64_t live = 0, peak = 0;
+    void Add(int64_t bytes) {
+      live += bytes;
+      peak = std::max(peak, live);
+    }
+    void Sub(int64_t bytes) { live -= bytes; }
+  };
   struct SaveTask;
   Checkpointer(std::unique_ptr<comm::Communicator> comm, const parallel::RankLayout& layout,
                CheckpointOptions options);
@@ -182,6 +219,18 @@ class Checkpointer {
   // The deadline of the collectives that move `bytes` (checkpoint.timeout_s
   // when set, else CheckpointDeadline from the world's comm.timeout_s).
   absl::Status SetDeadline(int64_t bytes);
+  // Does the checkpointer move `t` through the host bucket (not host-visible,
+  // or options.stage_host_tensors)?
+  bool Staged(const Tensor& t) const;
+  // A counted host f32 tensor of `numel` elements (staging_.Add); the caller
+  // calls staging_.Sub(numel * 4) when it lets go of it.
+  absl::StatusOr<Tensor> HostStaging(int64_t numel);
+  // Load: the replicas' exchange of plan.transfers, through `bucket` for
+  // staged tensors. Returns the communicator's errors; a failed device copy
+  // goes to *local (the exchange goes on: the peers wait for its messages).
+  absl::Status ExchangeReplicas(const LoadPlan& plan, absl::Span<const LocalPiece> pieces,
+                                absl::Span<const ShardedTensor> tensors, const Tensor& bucket,
+                                absl::Status* local);
 
   std::unique_ptr<comm::Communicator> comm_;
   double base_timeout_s_ = 0;  // the world communicator's timeout (comm.timeout_s)
@@ -191,6 +240,7 @@ class Checkpointer {
   std::thread worker_;
   std::shared_ptr<SaveTask> pending_;
   absl::Status pending_status_;
+  StagingMeter staging_;
 };
 
 }  // namespace moe

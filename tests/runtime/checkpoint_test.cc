@@ -17,6 +17,7 @@
 #include "parallel/layout.h"
 #include "runtime/checkpoint_format.h"
 #include "runtime/checkpoint_signal.h"
+#include "runtime/core/config.pb.h"
 #include "runtime/core/status.h"
 
 namespace moe {
@@ -445,6 +446,190 @@ TEST_CASE("an async save writes the state as it was when Save returned") {
   CHECK_THAT(std::string(s.message()), Catch::Contains("injected fault: sync_dir"));
   WorldBarrier();
   if (World().rank() == 0) std::filesystem::remove_all(root);
+}
+
+// The bytes of `dataset` of HDF5 file `path` as stored (contiguous data).
+std::string DatasetBytes(const std::string& path, const std::string& dataset, int64_t nbytes) {
+  hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  REQUIRE(f >= 0);
+  hid_t d = H5Dopen2(f, dataset.c_str(), H5P_DEFAULT);
+  REQUIRE(d >= 0);
+  const haddr_t offset = H5Dget_offset(d);
+  H5Dclose(d);
+  H5Fclose(f);
+  REQUIRE(offset != HADDR_UNDEF);
+  std::string bytes(static_cast<size_t>(nbytes), '\0');
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(offset));
+  in.read(bytes.data(), nbytes);
+  REQUIRE(in.gcount() == nbytes);
+  return bytes;
+}
+
+// CheckpointOptions::stage_host_tensors runs the device path on CPU tensors:
+// every shard through a host bucket smaller than most of them (4100 bytes:
+// 1025 floats, so the chunks cut rows at odd places).
+TEST_CASE("tensors staged through a small host bucket save the same files and load exactly") {
+  constexpr int64_t kBucket = 4100;
+  const std::string root = SharedTempDir("bucket");
+  const int n = World().size();
+  const LayoutCase save_at{n, n >= 2 ? 2 : 1, 1};
+  const std::string text = "model { num_layers: 1 }";
+  CheckpointOptions staged;
+  staged.host_bucket_bytes = kBucket;
+  staged.stage_host_tensors = true;
+  // Scale 4: the experts' [4, 48, 32] tensors are 24 KiB, embed 8 KiB.
+  {
+    parallel::ProcessGroups g = GroupsOver(save_at.world, save_at.tp, save_at.ep);
+    SynthModel m;
+    BuildModel(m, g, /*zero=*/true, /*scale=*/4);
+    FillModel(m, 3);
+    auto plain = MakeCheckpointer(g, root + "/plain");
+    REQUIRE(plain->Save(testing::SampleTrainState(3), m.Tensors(), text).ok());
+    CHECK(plain->last_peak_host_staging_bytes() == 0);  // host tensors: written in place
+    auto bucketed = MakeCheckpointer(g, root + "/staged", staged);
+    REQUIRE(bucketed->Save(testing::SampleTrainState(3), m.Tensors(), text).ok());
+    const int64_t peak = bucketed->last_peak_host_staging_bytes();
+    UNSCOPED_INFO("rank " << g.layout.rank << ": sync save peak host staging " << peak << " bytes, bucket "
+                          << kBucket);
+    CHECK(peak > 0);
+    CHECK(peak <= kBucket);
+  }
+  WorldBarrier();
+  const std::string plain_path = JoinPath(root + "/plain", StepDirName(3));
+  const std::string staged_path = JoinPath(root + "/staged", StepDirName(3));
+  if (World().rank() == 0) {
+    // The same plan, checksums and data bytes in every rank file.
+    ckpt::Manifest a = ReadManifest(plain_path).value(), b = ReadManifest(staged_path).value();
+    REQUIRE(a.tensors_size() == b.tensors_size());
+    int64_t largest = 0, chunked = 0;
+    for (int t = 0; t < a.tensors_size(); ++t) {
+      REQUIRE(a.tensors(t).shards_size() == b.tensors(t).shards_size());
+      for (int k = 0; k < a.tensors(t).shards_size(); ++k) {
+        const ckpt::Shard& x = a.tensors(t).shards(k);
+        const ckpt::Shard& y = b.tensors(t).shards(k);
+        CAPTURE(a.tensors(t).name(), k);
+        CHECK(x.file() == y.file());
+        CHECK(x.dataset() == y.dataset());
+        CHECK(x.nbytes() == y.nbytes());
+        CHECK(x.checksum() == y.checksum());
+        CHECK(DatasetBytes(JoinPath(plain_path, x.file()), x.dataset(), x.nbytes()) ==
+              DatasetBytes(JoinPath(staged_path, y.file()), y.dataset(), y.nbytes()));
+        largest = std::max<int64_t>(largest, x.nbytes());
+        chunked += x.nbytes() > kBucket ? 1 : 0;
+      }
+    }
+    CHECK(largest > 4 * kBucket);
+    CHECK(chunked >= 4);
+    CHECK(a.total_bytes() == b.total_bytes());
+    CHECK(a.config_text() == b.config_text());
+  }
+  int64_t largest_shard = 0;
+  const ckpt::Manifest saved = ReadManifest(staged_path).value();
+  for (const auto& t : saved.tensors()) {
+    for (const auto& sh : t.shards()) largest_shard = std::max<int64_t>(largest_shard, sh.nbytes());
+  }
+  // Loads through the bucket: the same layout (whole shards, through the
+  // bucket only), and every other layout of this world size, ZeRO-1 on and off
+  // (partial shards; replicas exchanged in bucket-sized messages). In the
+  // last round only the even ranks stage, so ranks on the host path (all
+  // messages at once) and the bucketed path (one bucket at a time) meet.
+  std::vector<LayoutCase> loads;
+  for (const LayoutCase& l : AllLayouts()) {
+    if (l.world == n) loads.push_back(l);
+  }
+  for (int mixed = 0; mixed <= (n >= 2 ? 1 : 0); ++mixed) {
+    for (const LayoutCase& l : loads) {
+      for (bool zero : {false, true}) {
+        const bool same = l.tp == save_at.tp && l.ep == save_at.ep && zero;
+        INFO("load at " << l.Name() << " zero " << zero << (mixed ? " (even ranks staged)" : ""));
+        parallel::ProcessGroups g = GroupsOver(l.world, l.tp, l.ep);
+        SynthModel m;
+        BuildModel(m, g, zero, /*scale=*/4);
+        const float sentinel = -12345.0f;
+        FillModel(m, 0, &sentinel);
+        CheckpointOptions o = staged;
+        o.stage_host_tensors = !mixed || g.layout.rank % 2 == 0;
+        auto ckpt = MakeCheckpointer(g, "", o);
+        absl::StatusOr<LoadedCheckpoint> loaded = ckpt->Load(staged_path, m.Tensors());
+        INFO(loaded.status().ToString());
+        REQUIRE(loaded.ok());
+        CHECK(CountMismatches(m, 3) == 0);
+        CHECK(loaded->state == testing::SampleTrainState(3));
+        const int64_t peak = ckpt->last_peak_host_staging_bytes();
+        if (!o.stage_host_tensors) {
+          CHECK(peak == 0);
+        } else if (same) {
+          CHECK(peak <= kBucket);  // whole shards stream through the bucket
+        } else {
+          CHECK(peak <= kBucket + largest_shard);  // plus the one saved shard it cuts from
+        }
+        if (same && !mixed) {
+          UNSCOPED_INFO("rank " << g.layout.rank << ": load peak host staging " << peak << " bytes");
+        }
+        WorldBarrier();
+      }
+    }
+  }
+  if (World().rank() == 0) std::filesystem::remove_all(root);
+}
+
+TEST_CASE("an async save of staged tensors snapshots only this rank's pieces") {
+  constexpr int64_t kBucket = 4096;
+  const std::string root = SharedTempDir("bucket_async");
+  const int n = World().size();
+  parallel::ProcessGroups g = GroupsOver(n, n >= 2 ? 2 : 1, 1);
+  SynthModel m;
+  BuildModel(m, g, /*zero=*/true, /*scale=*/4);
+  CheckpointOptions o;
+  o.async = true;
+  o.host_bucket_bytes = kBucket;
+  o.stage_host_tensors = true;
+  auto ckpt = MakeCheckpointer(g, root, o);
+  FillModel(m, 5);
+  REQUIRE(ckpt->Save(testing::SampleTrainState(5), m.Tensors(), "").ok());
+  const int64_t peak = ckpt->last_peak_host_staging_bytes();
+  FillModel(m, 6);  // training goes on while the save runs
+  REQUIRE(ckpt->WaitForPendingSave().ok());
+  // The snapshot is exactly the bytes this rank wrote.
+  int64_t written = 0, held = 0;
+  const std::string path = JoinPath(root, StepDirName(5));
+  const ckpt::Manifest saved = ReadManifest(path).value();
+  for (const auto& t : saved.tensors()) {
+    for (const auto& sh : t.shards()) {
+      if (sh.writer_rank() == g.layout.rank) written += sh.nbytes();
+    }
+  }
+  for (const ShardedTensor& t : m.Tensors()) held += t.tensor.defined() ? t.tensor.nbytes() : 0;
+  CHECK(peak == written);
+  if (n >= 2) CHECK(peak < held);  // replicas are written once: not every rank's whole tensors
+  auto loaded = ckpt->Load(path, m.Tensors());
+  REQUIRE(loaded.ok());
+  CHECK(CountMismatches(m, 5) == 0);
+  WorldBarrier();
+  if (World().rank() == 0) std::filesystem::remove_all(root);
+}
+
+TEST_CASE("the host bucket is checked: positive, and the same on every rank") {
+  const int n = World().size();
+  parallel::ProcessGroups g = GroupsOver(n, 1, 1);
+  CheckpointOptions o;
+  o.host_bucket_bytes = 0;
+  auto zero = Checkpointer::Create(*g.world, g.layout, o);
+  REQUIRE(!zero.ok());
+  CHECK_THAT(std::string(zero.status().message()), Catch::Contains("set checkpoint.host_bucket_mb > 0"));
+  if (n >= 2) {
+    o.host_bucket_bytes = g.layout.rank == 1 ? 8192 : 4096;
+    auto differ = Checkpointer::Create(*g.world, g.layout, o);
+    REQUIRE(!differ.ok());
+    CHECK_THAT(std::string(differ.status().message()),
+               Catch::Contains("checkpoint.host_bucket_mb must be the same on every rank"));
+  }
+  config::CheckpointConfig c;
+  CHECK(CheckpointOptionsFromConfig(c).host_bucket_bytes == int64_t{256} << 20);
+  c.set_host_bucket_mb(3);
+  CHECK(CheckpointOptionsFromConfig(c).host_bucket_bytes == int64_t{3} << 20);
+  WorldBarrier();
 }
 
 TEST_CASE("moe-ckpt inspect and verify, with exit codes") {

@@ -14,7 +14,8 @@
 #   build/bin/      the programs the GPU check runs (moe-train, moe-preprocess,
 #                   moe-bench and the gpu-labelled test binaries);
 #   build/**/CTestTestfile.cmake   the build's test list, its absolute paths
-#                   replaced by placeholders that `check` fills in there;
+#                   written as the tokens @MOE_BUILD@, @MOE_SRC@ and
+#                   @MOE_MPIEXEC@, which `check` rewrites to that machine's paths;
 #   lib/            every shared library those programs and Open MPI's and
 #                   PMIx's plugins load, except glibc, the C++ runtime, the
 #                   driver and the CUDA toolkit's libraries (those must come
@@ -59,7 +60,8 @@ pack() {
   mkdir -p "$stage/build/bin" "$stage/root" "$stage/text"
   for p in "${PROGRAMS[@]}"; do cp "$build/bin/$p" "$stage/build/bin/"; done
   strip --strip-debug "$stage"/build/bin/*
-  # The test list, with this machine's paths as placeholders.
+  # The test list, this machine's build, source and mpiexec paths written as
+  # @MOE_BUILD@, @MOE_SRC@ and @MOE_MPIEXEC@.
   local mpiexec; mpiexec="$(sed -n 's/^MOE_MPIEXEC:FILEPATH=//p' "$build/CMakeCache.txt")"
   (cd "$build" && find . -name CTestTestfile.cmake) | while read -r f; do
     mkdir -p "$stage/build/$(dirname "$f")"
@@ -143,7 +145,7 @@ setup() {
     if [ -n "$missing" ]; then echo "gpu_bundle: $f: $(tr -s ' \t\n' ' ' <<< "$missing")" >&2; bad=1; fi
   done
   [ "$bad" = 0 ] || die "libraries missing (above)"
-  # The test list's placeholders: this machine's paths.
+  # The test list's @MOE_BUILD@, @MOE_SRC@ and @MOE_MPIEXEC@: this machine's paths.
   local mpiexec; mpiexec="$(command -v mpiexec)"
   find "$dir/build" -name CTestTestfile.cmake -exec sed -i -e "s|@MOE_BUILD@|$dir/build|g" \
     -e "s|@MOE_SRC@|$ROOT|g" -e "s|@MOE_MPIEXEC@|$mpiexec|g" {} +

@@ -81,12 +81,19 @@ bench_run() {  # bench_run NAME SECONDS ARGS...
 gemm_grouped=$(bench_run gemm_grouped 40 gpu-gemm --json dtype=bf16 path=grouped)
 gemm_per_expert=$(bench_run gemm_per_expert 40 gpu-gemm --json dtype=bf16 path=per_expert)
 gemm_f32=$(bench_run gemm_f32 40 gpu-gemm --json dtype=f32 path=per_expert)
+# Attention alone at the benchmark shape: the fused kernel vs the chunked GEMM path.
+attention=$(bench_run attention 90 attention --json device=cuda iters=3)
 # docs/design.md's benchmark shape: hidden 1024, 16 layers, 8 experts top-2,
 # expert ffn 2816, seq 2048, in bf16.
-model=$(bench_run model 120 model --json verbose=1 config=configs/bench_model.textproto device=cuda steps=4 warmup=1 \
-  train.precision=bf16 model.hidden_size=1024 model.num_layers=16 model.num_heads=16 model.num_kv_heads=4 \
-  model.ffn_hidden_size=2816 model.moe.num_experts=8 model.moe.top_k=2 model.moe.expert_ffn_hidden_size=2816 \
+model_args=(model --json verbose=1 config=configs/bench_model.textproto device=cuda steps=4 warmup=1
+  train.precision=bf16 model.hidden_size=1024 model.num_layers=16 model.num_heads=16 model.num_kv_heads=4
+  model.ffn_hidden_size=2816 model.moe.num_experts=8 model.moe.top_k=2 model.moe.expert_ffn_hidden_size=2816
   model.seq_len=2048 micro_batch=4)
+model=$(MOE_ATTENTION=fused bench_run model 120 "${model_args[@]}")
+# The same step with attention on the chunked GEMM driver (cuBLAS; attention_gemm.h).
+export MOE_ATTENTION=gemm
+model_gemm_attention=$(bench_run model_gemm_attention 120 "${model_args[@]}")
+unset MOE_ATTENTION
 cat "$LOGS"/bench_*.log >&2
 
 phase "50-step training (~110M parameters, bf16)"
@@ -130,8 +137,9 @@ def j(s):
   except Exception: return None
 print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
-  "model_step": j(a[8]), "memcheck": j(a[12]),
+  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "attention": j(a[14]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
-  "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck")
+  "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
+  "$model_gemm_attention" "$attention")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

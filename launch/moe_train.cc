@@ -43,6 +43,7 @@
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
 #include "runtime/checkpoint_signal.h"
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/device_select.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/status.h"
@@ -337,6 +338,11 @@ int main(int argc, char** argv) {
     if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(wrap.message()).c_str());
     return Finish(kExitUsage);
   }
+  // So are the attention path's (runtime/core/attention_gemm.h).
+  if (absl::Status attn = moe::attn::AttentionSettingsFromEnv().status(); !attn.ok()) {
+    if (rank == 0) std::fprintf(stderr, "moe-train: %s\n", std::string(attn.message()).c_str());
+    return Finish(kExitUsage);
+  }
   const auto& p = config->parallel();
   absl::StatusOr<std::string> table = moe::parallel::FormatLayoutTable(world, p.tensor(), p.expert());
   if (!table.ok()) return stop(rank == 0 ? std::string(table.status().message()) : "");
@@ -352,6 +358,10 @@ int main(int argc, char** argv) {
                   << ", local rank " << moe::comm::MpiEnv::local_rank() << " of "
                   << moe::comm::MpiEnv::local_size() << " (from " << moe::comm::MpiEnv::placement_source()
                   << ")";
+  MOE_LOG_RANK0(INFO) << "attention path: "
+                      << moe::attn::AttentionPathName(moe::attn::AttentionSettingsRef().path)
+                      << " (MOE_ATTENTION), workspace bound "
+                      << (moe::attn::AttentionSettingsRef().workspace_bytes >> 20) << " MiB";
 
   // Step 2: the device, memory, then (nothing is created before the job can
   // run) directories.

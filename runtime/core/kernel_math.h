@@ -104,6 +104,11 @@ MOE_HOST_DEVICE float OnlineSoftmaxRescale(float old_max, float new_max) { retur
 MOE_HOST_DEVICE float LogSumExpFrom(float max, float sum) {
   return sum > 0.0f ? max + std::log(sum) : -INFINITY;
 }
+// Attention: the probability of a raw score s = q . k given the row's log-sum-exp
+// of scale * s, and dS of it, P (dP - D) with D = dout . out of the row (the
+// caller multiplies by scale where dS meets Q or K). Both attention paths use them.
+MOE_HOST_DEVICE float AttentionProb(float s, float scale, float lse) { return Exp(s * scale - lse); }
+MOE_HOST_DEVICE float AttentionScoreGrad(float p, float dp, float delta) { return p * (dp - delta); }
 // Cross-entropy gradient of one logit: f (softmax - onehot), f = scale * dloss.
 MOE_HOST_DEVICE float CrossEntropyGrad(float logit, float lse, float f, bool is_target) {
   return f * Exp(logit - lse) - (is_target ? f : 0.0f);

@@ -143,6 +143,26 @@ TEST_CASE("RopeBackward") {
   CheckGrad(x, dx, loss, "rope");
 }
 
+// Finite differences of attention's dq, dk, dv at (B, S, H, Hkv, hd), on whichever
+// path is set.
+void CheckAttentionGrad(int64_t B, int64_t L, int64_t H, int64_t Hkv, int64_t hd, const char* what) {
+  INFO(what << ": B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd);
+  Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
+         dy = Random({B, L, H, hd}, 4);
+  Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
+  const float scale = 0.5f;
+  auto loss = [&] {
+    REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, lse).ok());
+    return Dot(dy, out);
+  };
+  loss();
+  Tensor dq = NewF32({B, L, H, hd}), dk = NewF32({B, L, Hkv, hd}), dv = NewF32({B, L, Hkv, hd});
+  REQUIRE(ops::CausalAttentionBackward(S(), q, k, v, out, lse, scale, dy, dq, dk, dv).ok());
+  CheckGrad(q, dq, loss, "attention dq");
+  CheckGrad(k, dk, loss, "attention dk");
+  CheckGrad(v, dv, loss, "attention dv");
+}
+
 TEST_CASE("CausalAttentionBackward with GQA") {
   // One tile, then several 64 x 64 tiles with partial last ones; head_dim 32 runs
   // the 16-float vector paths with no scalar tail.
@@ -150,23 +170,19 @@ TEST_CASE("CausalAttentionBackward with GQA") {
     int64_t B, L, H, Hkv, hd;
   };
   for (Case c : {Case{2, 6, 4, 2, 4}, Case{2, 6, 2, 2, 4}, Case{2, 6, 3, 1, 4}, Case{1, 70, 2, 1, 6},
-                 Case{1, 140, 2, 2, 5}, Case{1, 100, 4, 2, 32}}) {
-    const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
-    INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd);
-    Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
-           dy = Random({B, L, H, hd}, 4);
-    Tensor out = NewF32({B, L, H, hd}), lse = NewF32({B, H, L});
-    float scale = 0.5f;
-    auto loss = [&] {
-      REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, lse).ok());
-      return Dot(dy, out);
-    };
-    loss();
-    Tensor dq = NewF32({B, L, H, hd}), dk = NewF32({B, L, Hkv, hd}), dv = NewF32({B, L, Hkv, hd});
-    REQUIRE(ops::CausalAttentionBackward(S(), q, k, v, out, lse, scale, dy, dq, dk, dv).ok());
-    CheckGrad(q, dq, loss, "attention dq");
-    CheckGrad(k, dk, loss, "attention dk");
-    CheckGrad(v, dv, loss, "attention dv");
+                 Case{1, 140, 2, 2, 5}, Case{1, 100, 4, 2, 32}})
+    CheckAttentionGrad(c.B, c.L, c.H, c.Hkv, c.hd, "fused");
+}
+
+TEST_CASE("CausalAttentionBackward on the gemm path, in chunks") {
+  // attention_gemm.h's driver on the CPU: chunks of 3 and 7 rows (not dividing S),
+  // grouped KV heads, and one chunk of the whole sequence.
+  struct Case {
+    int64_t B, L, H, Hkv, hd, chunk;
+  };
+  for (Case c : {Case{2, 10, 4, 2, 4, 3}, Case{1, 23, 3, 1, 6, 7}, Case{2, 9, 2, 2, 5, 9}}) {
+    GemmAttentionScope gemm(c.chunk, c.B, c.L);
+    CheckAttentionGrad(c.B, c.L, c.H, c.Hkv, c.hd, "gemm");
   }
 }
 

@@ -388,7 +388,9 @@ TEST_CASE("CausalAttention forward with GQA") {
              .ok());
 }
 
-TEST_CASE("CausalAttention and its backward do not depend on the thread count") {
+// Attention forward + backward (B 2, S 130, H 4 over Hkv 2, hd 16) at 1 and at 3
+// threads: every output the same bit for bit, on whichever path is set.
+void CheckAttentionThreadIndependence() {
   const int64_t B = 2, L = 130, H = 4, Hkv = 2, hd = 16;
   Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
          dy = Random({B, L, H, hd}, 4);
@@ -405,6 +407,116 @@ TEST_CASE("CausalAttention and its backward do not depend on the thread count") 
     return all;
   };
   CheckSameAtOneAndThreeThreads(run);
+}
+
+TEST_CASE("CausalAttention and its backward do not depend on the thread count") {
+  CheckAttentionThreadIndependence();
+}
+
+// The gemm path (attention_gemm.h): the chunked GEMM driver the CUDA backend runs
+// on cuBLAS, here on the CPU's sgemm. Chunks of 1 row, of sizes that do not
+// divide S, of 64 rows and of the whole sequence.
+struct GemmAttentionCase {
+  int64_t B, L, H, Hkv, hd, chunk;
+};
+const GemmAttentionCase kGemmAttentionCases[] = {
+    {2, 7, 4, 2, 5, 1},    {2, 7, 4, 2, 5, 3},     {2, 7, 3, 3, 5, 7},
+    {2, 7, 4, 1, 5, 2},    {2, 150, 4, 2, 12, 64}, {2, 150, 4, 2, 12, 37},
+    {1, 129, 1, 1, 3, 50}, {3, 1, 2, 2, 4, 1},     {1, 100, 4, 2, 32, 64}};
+
+TEST_CASE("gemm attention path: forward matches the reference, chunk by chunk") {
+  for (const GemmAttentionCase& c : kGemmAttentionCases) {
+    const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
+    INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd << " chunk " << c.chunk);
+    GemmAttentionScope gemm(c.chunk, B, L);
+    REQUIRE(attn::ChunkRows(attn::Shape{B, L, H, Hkv, hd}, attn::AttentionSettingsRef().workspace_bytes) ==
+            std::min(c.chunk, L));
+    Tensor q = Random({B, L, H, hd}, 1, -2, 2), k = Random({B, L, Hkv, hd}, 2, -2, 2),
+           v = Random({B, L, Hkv, hd}, 3);
+    Tensor out = Random({B, L, H, hd}, 9), lse = Random({B, H, L}, 10);  // garbage: every element is written
+    const float scale = 1.0f / std::sqrt(float(hd));
+    REQUIRE(ops::CausalAttention(S(), q, k, v, scale, out, lse).ok());
+    std::vector<double> want_out, want_lse;
+    RefAttention(Vec(q), Vec(k), Vec(v), B, L, H, Hkv, hd, scale, &want_out, &want_lse);
+    ExpectClose(out, want_out, 1e-5, 2e-6, "gemm attention out");
+    ExpectClose(lse, want_lse, 1e-5, 2e-6, "gemm attention lse");
+  }
+}
+
+std::vector<double> AsDouble(const Tensor& t) {
+  std::vector<float> f = Vec(t);
+  return std::vector<double>(f.begin(), f.end());
+}
+
+TEST_CASE("gemm attention path: backward matches the fused kernel, from either path's forward") {
+  for (const GemmAttentionCase& c : kGemmAttentionCases) {
+    const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
+    INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd << " chunk " << c.chunk);
+    Tensor q = Random({B, L, H, hd}, 1), k = Random({B, L, Hkv, hd}, 2), v = Random({B, L, Hkv, hd}, 3),
+           dy = Random({B, L, H, hd}, 4);
+    const float scale = 0.5f;
+    struct Result {
+      Tensor out, lse, dq, dk, dv;
+    };
+    auto forward = [&](Result& r) {
+      r.out = Random({B, L, H, hd}, 11);
+      r.lse = Random({B, H, L}, 12);
+      REQUIRE(ops::CausalAttention(S(), q, k, v, scale, r.out, r.lse).ok());
+    };
+    auto backward = [&](const Result& from, Result& r) {
+      r.dq = Random({B, L, H, hd}, 13);  // garbage: dq, dk, dv are overwritten
+      r.dk = Random({B, L, Hkv, hd}, 14);
+      r.dv = Random({B, L, Hkv, hd}, 15);
+      REQUIRE(
+          ops::CausalAttentionBackward(S(), q, k, v, from.out, from.lse, scale, dy, r.dq, r.dk, r.dv).ok());
+    };
+    Result fused, gemm, mixed;
+    forward(fused);
+    backward(fused, fused);
+    {
+      GemmAttentionScope scope(c.chunk, B, L);
+      forward(gemm);
+      backward(gemm, gemm);
+      backward(fused, mixed);  // the fused forward's out and lse feed the gemm backward
+    }
+    ExpectClose(gemm.out, AsDouble(fused.out), 1e-5, 1e-6, "out");
+    ExpectClose(gemm.lse, AsDouble(fused.lse), 1e-5, 1e-6, "lse");
+    for (const Result* r : {&gemm, &mixed}) {
+      ExpectClose(r->dq, AsDouble(fused.dq), 1e-4, 2e-6, "dq");
+      ExpectClose(r->dk, AsDouble(fused.dk), 1e-4, 2e-6, "dk");
+      ExpectClose(r->dv, AsDouble(fused.dv), 1e-4, 2e-6, "dv");
+    }
+    // And the fused backward from the gemm forward's out and lse.
+    Result back;
+    backward(gemm, back);
+    ExpectClose(back.dq, AsDouble(fused.dq), 1e-4, 2e-6, "dq (fused from gemm)");
+  }
+}
+
+TEST_CASE("gemm attention path does not depend on the thread count") {
+  GemmAttentionScope gemm(48, 2, 130);
+  CheckAttentionThreadIndependence();
+}
+
+TEST_CASE("attention path settings: names, environment values and chunk sizes") {
+  CHECK(*attn::ParseAttentionPath("gemm") == attn::AttentionPath::kGemm);
+  CHECK(*attn::ParseAttentionPath("fused") == attn::AttentionPath::kFused);
+  absl::StatusOr<attn::AttentionPath> bad = attn::ParseAttentionPath("flash");
+  REQUIRE(!bad.ok());
+  CHECK(bad.status().message().find("MOE_ATTENTION") != std::string::npos);
+  CHECK(bad.status().message().find("\"gemm\"") != std::string::npos);
+  // 64 MiB at B 4, S 2048: two [4, n, 2048] f32 blocks fit n = 1024 rows, but
+  // 8 chunks of 256 rows waste less of the diagonal blocks.
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, int64_t{64} << 20) == 256);
+  CHECK(attn::ChunkRows(attn::Shape{4, 8192, 16, 4, 64}, int64_t{64} << 20) == 256);  // the workspace
+  CHECK(attn::ChunkRows(attn::Shape{1, 4000, 16, 4, 64}, int64_t{1} << 30) == 512);   // S/8 up to 64s
+  CHECK(attn::ChunkRows(attn::Shape{2, 512, 16, 4, 64}, int64_t{1} << 30) == 64);
+  // Rounded down to whole 64-row tiles; never 0, never past S.
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, 100 * 2 * 4 * 2048 * 4) == 64);
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, 1) == 1);
+  CHECK(attn::ChunkRows(attn::Shape{1, 10, 1, 1, 8}, int64_t{1} << 30) == 10);
+  CHECK(attn::WorkspaceFloats(attn::Shape{4, 2048, 16, 4, 64}, 1024, true) == 2 * 4 * 1024 * 2048);
+  CHECK(attn::WorkspaceFloats(attn::Shape{4, 100, 16, 4, 64}, 1024, false) == 4 * 100 * 100);
 }
 
 TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/tensor.h"
@@ -82,6 +83,22 @@ inline void ExpectEqual(const Tensor& a, const Tensor& b, const std::string& wha
   INFO(what << ": " << bad << " of " << va.size() << " elements differ");
   CHECK(bad == 0);
 }
+
+// While alive: attention takes the gemm path (attention_gemm.h) with `chunk` query
+// rows per chunk for batch B and sequence S (the workspace sized to give it).
+class GemmAttentionScope {
+ public:
+  GemmAttentionScope(int64_t chunk, int64_t B, int64_t S) : saved_(attn::AttentionSettingsRef()) {
+    attn::AttentionSettingsRef().path = attn::AttentionPath::kGemm;
+    attn::AttentionSettingsRef().workspace_bytes = chunk * 2 * B * S * static_cast<int64_t>(sizeof(float));
+  }
+  ~GemmAttentionScope() { attn::AttentionSettingsRef() = saved_; }
+  GemmAttentionScope(const GemmAttentionScope&) = delete;
+  GemmAttentionScope& operator=(const GemmAttentionScope&) = delete;
+
+ private:
+  attn::AttentionSettings saved_;
+};
 
 }  // namespace moe::testing
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
@@ -203,21 +204,44 @@ TEST_CASE("normalisation, RoPE and attention match the CPU backend") {
       [](Stream& s, auto& t) { return ops::Rope(s, t[0], t[1], 10000.0, 5); });
   Run("RopeBackward", {r, Rand({2, 13, 3, 10}, 12)}, {1},
       [](Stream& s, auto& t) { return ops::RopeBackward(s, t[0], t[1], 500.0, 0); });
-  // Attention: B 2, S 37 (not a tile multiple), H 4 over Hkv 2, hd 24.
-  const int64_t B = 2, S = 37, H = 4, Hkv = 2, hd = 24;
-  Tensor q = Rand({B, S, H, hd}, 13), k = Rand({B, S, Hkv, hd}, 14), v = Rand({B, S, Hkv, hd}, 15);
-  Tensor o = Rand({B, S, H, hd}, 16), lse = Rand({B, H, S}, 17);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  Run("CausalAttention", {q, k, v, o, lse}, {3, 4},
-      [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); });
-  Tensor fo = Copy(Cpu(), o), fl = Copy(Cpu(), lse);
-  REQUIRE(ops::CausalAttention(Cpu().default_stream(), q, k, v, scale, fo, fl).ok());
-  Run("CausalAttentionBackward",
-      {q, k, v, fo, fl, Rand({B, S, H, hd}, 18), Rand({B, S, H, hd}, 19), Rand({B, S, Hkv, hd}, 20),
-       Rand({B, S, Hkv, hd}, 21)},
-      {6, 7, 8}, [=](Stream& s, auto& t) {
-        return ops::CausalAttentionBackward(s, t[0], t[1], t[2], t[3], t[4], scale, t[5], t[6], t[7], t[8]);
-      });
+}
+
+// Both attention paths (attention_gemm.h), each on both backends: the fused
+// kernels, and the chunked GEMM driver on cuBLAS with chunks that do not divide
+// S (the CPU tests hold the CPU's gemm path to its fused kernel and to finite
+// differences). B 2, S 37 (not a tile multiple), H 4 over Hkv 2, hd 24; then
+// S 300, hd 64, H 8 over Hkv 2 in 64-row chunks.
+TEST_CASE("attention, both paths, matches the CPU backend") {
+  struct Case {
+    int64_t B, S, H, Hkv, hd, chunk;
+  };
+  for (Case c : {Case{2, 37, 4, 2, 24, 10}, Case{2, 300, 8, 2, 64, 64}}) {
+    for (attn::AttentionPath path : {attn::AttentionPath::kFused, attn::AttentionPath::kGemm}) {
+      const int64_t B = c.B, S = c.S, H = c.H, Hkv = c.Hkv, hd = c.hd;
+      const std::string tag = absl::StrCat(" (", attn::AttentionPathName(path), ", S ", S, ")");
+      struct Restore {
+        attn::AttentionSettings saved = attn::AttentionSettingsRef();
+        ~Restore() { attn::AttentionSettingsRef() = saved; }
+      } restore;
+      attn::AttentionSettingsRef().path = path;
+      attn::AttentionSettingsRef().workspace_bytes =
+          c.chunk * 2 * B * S * static_cast<int64_t>(sizeof(float));
+      Tensor q = Rand({B, S, H, hd}, 13), k = Rand({B, S, Hkv, hd}, 14), v = Rand({B, S, Hkv, hd}, 15);
+      Tensor o = Rand({B, S, H, hd}, 16), lse = Rand({B, H, S}, 17);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      Run("CausalAttention" + tag, {q, k, v, o, lse}, {3, 4},
+          [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); });
+      Tensor fo = Copy(Cpu(), o), fl = Copy(Cpu(), lse);
+      REQUIRE(ops::CausalAttention(Cpu().default_stream(), q, k, v, scale, fo, fl).ok());
+      Run("CausalAttentionBackward" + tag,
+          {q, k, v, fo, fl, Rand({B, S, H, hd}, 18), Rand({B, S, H, hd}, 19), Rand({B, S, Hkv, hd}, 20),
+           Rand({B, S, Hkv, hd}, 21)},
+          {6, 7, 8}, [=](Stream& s, auto& t) {
+            return ops::CausalAttentionBackward(s, t[0], t[1], t[2], t[3], t[4], scale, t[5], t[6], t[7],
+                                                t[8]);
+          });
+    }
+  }
 }
 
 // train.precision bf16 on cuda: the GEMMs take the bf16 operands (cuBLAS, f32

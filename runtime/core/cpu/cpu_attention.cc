@@ -16,11 +16,15 @@
 // vector extensions, no intrinsics); every sum runs in a fixed order.
 // MOE_CPU_CLONES builds the task functions for AVX-512, AVX2+FMA and baseline
 // x86-64 and picks one at load time.
+//
+// MOE_ATTENTION=gemm runs attention_gemm.h's chunked GEMM driver instead
+// (cpu_attention_gemm.cc), the algorithm of the CUDA backend's cuBLAS path.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/cpu/cpu_kernels.h"
 #include "runtime/core/kernel_math.h"
 
@@ -296,10 +300,10 @@ MOE_INLINE void ProbsAndDs(const Dims& d, int64_t i0, int64_t nq, int64_t j0, in
     // which may hold anything, are selected away.
 #pragma GCC ivdep
     for (int64_t j = 0; j < kTileK; ++j) {
-      const float p = kmath::Exp(sr[j] * d.scale - lse);
+      const float p = kmath::AttentionProb(sr[j], d.scale, lse);
       const bool visible = j < vis;
       sr[j] = visible ? p : 0.0f;
-      dr[j] = visible ? p * (dr[j] - delta) : 0.0f;
+      dr[j] = visible ? kmath::AttentionScoreGrad(p, dr[j], delta) : 0.0f;
     }
   }
 }
@@ -390,7 +394,9 @@ MOE_CPU_CLONES void DeltaRows(const Dims& d, const float* out, const float* dout
 }  // namespace
 
 absl::Status CpuKernels::CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) {
+  const bool gemm = attn::AttentionSettingsRef().path == attn::AttentionPath::kGemm;
   return AsCpu(s).Run([=]() {
+    if (gemm) return GemmCausalAttention(q, k, v, scale, out, lse);
     const Dims d = MakeDims(q, k, scale);
     const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>();
     float *po = out.data<float>(), *pl = lse.data<float>();
@@ -405,7 +411,9 @@ absl::Status CpuKernels::CausalAttention(S& s, T q, T k, T v, float scale, T out
 
 absl::Status CpuKernels::CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq,
                                                  T dk, T dv) {
+  const bool gemm = attn::AttentionSettingsRef().path == attn::AttentionPath::kGemm;
   return AsCpu(s).Run([=]() {
+    if (gemm) return GemmCausalAttentionBackward(q, k, v, out, lse, scale, dout, dq, dk, dv);
     const Dims d = MakeDims(q, k, scale);
     const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>(), *po = out.data<float>(),
                 *pl = lse.data<float>(), *pdo = dout.data<float>();

@@ -90,17 +90,7 @@ void SgemmTile(const Grid& g, int64_t t, bool trans_a, bool trans_b, int64_t m, 
   SgemmOneThread(trans_a, trans_b, rows, cols, k, alpha, ai, lda, bj, ldb, beta, c + i0 * ldc + j0, ldc);
 }
 
-// One matrix of a grouped or batched GEMM.
-struct GemmTask {
-  bool trans_a, trans_b;
-  int64_t m, n, k;
-  const float* a;
-  int64_t lda;
-  const float* b;
-  int64_t ldb;
-  float* c;
-  int64_t ldc;
-};
+}  // namespace
 
 // Runs every tile of every task as one pool job (tasks in order, tiles in grid order).
 void RunGemmTasks(const std::vector<GemmTask>& tasks, float alpha, float beta) {
@@ -123,8 +113,6 @@ void RunGemmTasks(const std::vector<GemmTask>& tasks, float alpha, float beta) {
     }
   });
 }
-
-}  // namespace
 
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "runtime/core/cpu/cpu_backend.h"
 #include "runtime/core/kernels.h"
@@ -41,6 +42,29 @@ inline int64_t GrainFor(int64_t work_per_item) {
 // sizes (k = 0 gives C = beta * C, beta = 0 never reads C).
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// One matrix of a grouped or batched GEMM (row-major, as Sgemm).
+struct GemmTask {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const float* a;
+  int64_t lda;
+  const float* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+};
+// Runs every tile of every task as one pool job (tasks in order, tiles in grid
+// order), each C = alpha op(A) op(B) + beta C.
+void RunGemmTasks(const std::vector<GemmTask>& tasks, float alpha, float beta);
+
+// The gemm attention path (attention_gemm.h) on this backend's sgemm and row
+// loops (cpu_attention_gemm.cc); called from inside the stream's work.
+absl::Status GemmCausalAttention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                                 const Tensor& out, const Tensor& lse);
+absl::Status GemmCausalAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                         const Tensor& lse, float scale, const Tensor& dout, const Tensor& dq,
+                                         const Tensor& dk, const Tensor& dv);
 
 // The f32 kernels (every floating tensor f32).
 class CpuKernels : public Kernels {

@@ -141,6 +141,60 @@ __global__ void DkvKernel(const float* q, const float* k, const float* v, const 
   }
 }
 
+// ---- Row passes of the gemm path (attention_gemm.h): one block per row of a
+// score block, the row's causal keys j <= i0 + r visible, the rest written 0.
+
+__device__ inline int64_t VisibleKeys(int64_t i0, int64_t r, int64_t keys) {
+  return i0 + r + 1 < keys ? i0 + r + 1 : keys;
+}
+
+__global__ void SoftmaxRowsKernel(float* s, int64_t ld, int64_t stride, int64_t rows, int64_t keys,
+                                  int64_t i0, int64_t lse_stride, float scale, float* lse) {
+  __shared__ double red[32];
+  const int64_t b = blockIdx.x / rows, r = blockIdx.x % rows;
+  float* row = s + b * stride + r * ld;
+  const int64_t vis = VisibleKeys(i0, r, keys);
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < vis; j += blockDim.x) {
+    const float x = row[j] * scale;
+    mx = x > mx ? x : mx;
+  }
+  const float m = static_cast<float>(BlockMax(static_cast<double>(mx), red));
+  double sum = 0;
+  for (int64_t j = threadIdx.x; j < vis; j += blockDim.x) sum += kmath::Exp(row[j] * scale - m);
+  const float l = kmath::LogSumExpFrom(m, static_cast<float>(BlockSum(sum, red)));
+  for (int64_t j = threadIdx.x; j < keys; j += blockDim.x)
+    row[j] = j < vis ? kmath::AttentionProb(row[j], scale, l) : 0.0f;
+  if (threadIdx.x == 0) lse[b * lse_stride + i0 + r] = l;
+}
+
+__global__ void SoftmaxBackwardRowsKernel(float* s, float* dp, int64_t ld, int64_t stride, int64_t rows,
+                                          int64_t keys, int64_t i0, int64_t lse_stride, float scale,
+                                          const float* lse, const float* delta) {
+  const int64_t b = blockIdx.x / rows, r = blockIdx.x % rows, at = b * stride + r * ld;
+  float* srow = s + at;
+  float* drow = dp + at;
+  const int64_t vis = VisibleKeys(i0, r, keys);
+  const float l = lse[b * lse_stride + i0 + r], dl = delta[b * lse_stride + i0 + r];
+  for (int64_t j = threadIdx.x; j < keys; j += blockDim.x) {
+    const float p = j < vis ? kmath::AttentionProb(srow[j], scale, l) : 0.0f;
+    drow[j] = j < vis ? kmath::AttentionScoreGrad(p, drow[j], dl) : 0.0f;
+    srow[j] = p;
+  }
+}
+
+// delta[(b * heads + h) * seq + i] = out[b, i, h] . dout[b, i, h], a thread per row.
+__global__ void DeltaKernel(const float* out, const float* dout, float* delta, AttentionShape sh) {
+  const int64_t rows = sh.batch * sh.heads * sh.seq;
+  MOE_GRID_STRIDE(t, rows) {
+    const int64_t i = t % sh.seq, bh = t / sh.seq, h = bh % sh.heads, b = bh / sh.heads;
+    const int64_t off = QRow(sh, b, i, h);
+    double acc = 0;
+    for (int64_t c = 0; c < sh.head_dim; ++c) acc += static_cast<double>(out[off + c]) * dout[off + c];
+    delta[t] = static_cast<float>(acc);
+  }
+}
+
 cudaError_t AllowSharedMemory(const void* kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
@@ -173,6 +227,33 @@ cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float*
     return e;
   DqKernel<<<qblocks, kAttnThreads, smem, s>>>(q, k, v, out, lse, scale, dout, dq, delta, sh);
   DkvKernel<<<kblocks, kAttnThreads, 2 * smem, s>>>(q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionSoftmaxRows(float* s, int64_t ld, int64_t stride, int64_t batch, int64_t rows,
+                                       int64_t keys, int64_t i0, int64_t lse_stride, float scale, float* lse,
+                                       cudaStream_t st) {
+  if (batch * rows == 0) return cudaGetLastError();
+  SoftmaxRowsKernel<<<static_cast<unsigned>(batch * rows), kAttnThreads, 0, st>>>(s, ld, stride, rows, keys,
+                                                                                  i0, lse_stride, scale, lse);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionSoftmaxBackwardRows(float* s, float* dp, int64_t ld, int64_t stride, int64_t batch,
+                                               int64_t rows, int64_t keys, int64_t i0, int64_t lse_stride,
+                                               float scale, const float* lse, const float* delta,
+                                               cudaStream_t st) {
+  if (batch * rows == 0) return cudaGetLastError();
+  SoftmaxBackwardRowsKernel<<<static_cast<unsigned>(batch * rows), kAttnThreads, 0, st>>>(
+      s, dp, ld, stride, rows, keys, i0, lse_stride, scale, lse, delta);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAttentionDelta(const float* out, const float* dout, float* delta, AttentionShape sh,
+                                 cudaStream_t st) {
+  const int64_t rows = sh.batch * sh.heads * sh.seq;
+  if (rows == 0) return cudaGetLastError();
+  DeltaKernel<<<GridFor(rows), kThreads, 0, st>>>(out, dout, delta, sh);
   return cudaGetLastError();
 }
 

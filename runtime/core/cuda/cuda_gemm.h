@@ -1,5 +1,6 @@
 // cuBLAS GEMMs of the CUDA backend (cuda_gemm.cc): plain, batched (GQA
-// broadcast) and the grouped expert GEMM with its two paths. Called by
+// broadcast) and the grouped expert GEMM with its two paths; and the gemm
+// attention path built on them (cuda_attention_gemm.cc). Called by
 // cuda_kernels.cc after ops.cc validated the arguments.
 //
 // Compiled only with MOE_WITH_CUDA.
@@ -30,6 +31,15 @@ absl::Status GroupedGemm(Stream& s, const Tensor& x, const Tensor& w, bool trans
                          absl::Span<const int64_t> offsets, float alpha, float beta);
 absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x, const Tensor& dw,
                                    absl::Span<const int64_t> offsets, float alpha, float beta);
+
+// Causal attention on cuBLAS: attention_gemm.h's driver (cuda_attention_gemm.cc),
+// taken when MOE_ATTENTION=gemm. Arguments as ops::CausalAttention(+Backward).
+absl::Status GemmCausalAttention(Stream& s, const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+                                 const Tensor& out, const Tensor& lse);
+absl::Status GemmCausalAttentionBackward(Stream& s, const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& out, const Tensor& lse, float scale,
+                                         const Tensor& dout, const Tensor& dq, const Tensor& dk,
+                                         const Tensor& dv);
 
 }  // namespace moe::cuda
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/cuda/cuda_backend.h"
 #include "runtime/core/cuda/cuda_check.h"
 #include "runtime/core/cuda/cuda_gemm.h"
@@ -189,6 +190,7 @@ class CudaKernels : public Kernels {
   }
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
     RETURN_IF_ERROR(F32Only("CausalAttention", {&q, &k, &v, &out, &lse}));
+    if (GemmAttention()) return GemmCausalAttention(s, q, k, v, scale, out, lse);
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttention"));
     LAUNCH(LaunchAttentionForward(Ptr(q), Ptr(k), Ptr(v), scale, Ptr(out), Ptr(lse), sh, NativeStream(s)));
     return absl::OkStatus();
@@ -196,6 +198,7 @@ class CudaKernels : public Kernels {
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override {
     RETURN_IF_ERROR(F32Only("CausalAttentionBackward", {&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}));
+    if (GemmAttention()) return GemmCausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttentionBackward"));
     ASSIGN_OR_RETURN(void* delta, ScratchAlloc(s, static_cast<size_t>(lse.numel()) * sizeof(float)));
     cudaError_t e =
@@ -290,12 +293,16 @@ class CudaKernels : public Kernels {
   }
 
  private:
+  // MOE_ATTENTION=gemm: attention_gemm.h's driver on cuBLAS, without the fused
+  // kernels' limits below.
+  static bool GemmAttention() { return attn::AttentionSettingsRef().path == attn::AttentionPath::kGemm; }
   static absl::StatusOr<AttentionShape> Shape(const Tensor& q, const Tensor& k, const char* op) {
     AttentionShape sh{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
     if (sh.seq > MaxAttentionSeq() || sh.head_dim > 512)
-      return absl::InvalidArgumentError(
-          absl::StrCat("cuda ", op, ": sequence length ", sh.seq, " / head_dim ", sh.head_dim,
-                       " exceed this kernel's limits (", MaxAttentionSeq(), " / 512)"));
+      return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": sequence length ", sh.seq,
+                                                     " / head_dim ", sh.head_dim,
+                                                     " exceed this kernel's limits (", MaxAttentionSeq(),
+                                                     " / 512); MOE_ATTENTION=gemm has no such limit"));
     return sh;
   }
 };

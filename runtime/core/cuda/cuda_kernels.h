@@ -78,6 +78,20 @@ cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float*
                                     const float* lse, float scale, const float* dout, float* dq, float* dk,
                                     float* dv, float* delta, AttentionShape sh, cudaStream_t s);
 
+// Row passes of the gemm path (attention_gemm.h's ScoreBlock: `batch` blocks of
+// `rows` x `keys` at s + b * stride, row r at stride ld, query i0 + r; lse and
+// delta of that row at b * lse_stride + i0 + r).
+cudaError_t LaunchAttentionSoftmaxRows(float* s, int64_t ld, int64_t stride, int64_t batch, int64_t rows,
+                                       int64_t keys, int64_t i0, int64_t lse_stride, float scale, float* lse,
+                                       cudaStream_t st);
+cudaError_t LaunchAttentionSoftmaxBackwardRows(float* s, float* dp, int64_t ld, int64_t stride, int64_t batch,
+                                               int64_t rows, int64_t keys, int64_t i0, int64_t lse_stride,
+                                               float scale, const float* lse, const float* delta,
+                                               cudaStream_t st);
+// delta [batch, heads, seq] = rowsum(out o dout).
+cudaError_t LaunchAttentionDelta(const float* out, const float* dout, float* delta, AttentionShape sh,
+                                 cudaStream_t st);
+
 // ---- cuda_softmax.cu (softmax, log-sum-exp, cross-entropy, top-k) ----
 cudaError_t LaunchSoftmax(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s);
 cudaError_t LaunchSoftmaxBackward(const float* y, const float* dy, float* dx, float alpha, float beta,

@@ -1,0 +1,121 @@
+// Causal attention as strided-batched GEMMs and row passes over a chunk of
+// query rows at a time: the "gemm" attention path, which a backend takes
+// instead of its fused kernel when AttentionPathSetting() says so.
+//
+// For each chunk of queries [i0, i0 + n) and each query head h (KV head g):
+//   forward   S = Q_c K[0:L]^T (L = i0 + n keys: the causal half, plus the
+//             masked corner of the diagonal block), P = softmax(scale S) with
+//             the row log-sum-exp kept, O_c = P V[0:L];
+//   backward  S and dP = dO_c V^T recomputed, P = exp(scale S - lse) and
+//             dS = P (dP - D) row by row (D = rowsum(dO o O)), then
+//             dV += P^T dO_c, dK += scale dS^T Q_c, dQ_c = scale dS K.
+// The workspace holds one [batch, n, L] block of scores (two in backward),
+// never [B, H, S, S]; what is kept for backward is the same as the fused
+// kernels' (out and lse [B, H, S]), so the two paths are interchangeable
+// between forward and backward. dK and dV sum over chunks and over the heads
+// of a KV group in a fixed order (deterministic).
+//
+// The driver is host code over raw pointers; an Engine supplies the
+// backend's strided-batched GEMM (cuBLAS on CUDA, the CPU backend's sgemm)
+// and the row passes, whose arithmetic is kernel_math.h's. The CPU backend
+// runs this same driver, so the CPU tests check the algorithm the CUDA
+// backend runs on cuBLAS.
+#ifndef MOE_RUNTIME_CORE_ATTENTION_GEMM_H_
+#define MOE_RUNTIME_CORE_ATTENTION_GEMM_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace moe::attn {
+
+// Which CausalAttention(+Backward) a backend runs: its fused kernel (on CPU the
+// tiled online-softmax one, on CUDA one block per query row) or this driver.
+enum class AttentionPath { kFused, kGemm };
+
+struct AttentionSettings {
+  AttentionPath path = AttentionPath::kFused;
+  // Bound on the gemm path's score workspace per call (two blocks in backward).
+  int64_t workspace_bytes = int64_t{64} << 20;
+};
+// Process-wide; read from MOE_ATTENTION ("fused" | "gemm") and
+// MOE_ATTENTION_WORKSPACE_MB at first use. An unknown value is a fatal error
+// naming the variable. Tests and benchmarks set it directly.
+AttentionSettings& AttentionSettingsRef();
+// The settings MOE_ATTENTION and MOE_ATTENTION_WORKSPACE_MB ask for, or an error
+// naming the variable and its allowed values (moe-train checks at start-up).
+absl::StatusOr<AttentionSettings> AttentionSettingsFromEnv();
+absl::StatusOr<AttentionPath> ParseAttentionPath(absl::string_view name);
+absl::string_view AttentionPathName(AttentionPath path);
+
+// q, out, dout, dq: [batch, seq, heads, head_dim]; k, v, dk, dv: [batch, seq,
+// kv_heads, head_dim]; lse and delta: [batch, heads, seq].
+struct Shape {
+  int64_t batch, seq, heads, kv_heads, head_dim;
+};
+
+// Query rows per chunk: the backward's two score blocks fit in `workspace_bytes`
+// (a multiple of 64 when that allows 64 or more), and at most seq / kMinChunks
+// rounded up to a multiple of 64 (the causal waste, the masked half of each
+// chunk's diagonal block, is then about 1 / kMinChunks of the work); at least
+// 1, at most seq.
+inline constexpr int64_t kMinChunks = 8;
+int64_t ChunkRows(const Shape& sh, int64_t workspace_bytes);
+// Floats of workspace Forward / Backward need at this chunk size.
+int64_t WorkspaceFloats(const Shape& sh, int64_t chunk, bool backward);
+
+// Row-major c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, matrix i at
+// a + i * stride_a and so on; op(a) is m x k, op(b) k x n. beta 0 never reads c.
+struct BatchedGemm {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  float alpha;
+  const float* a;
+  int64_t lda, stride_a;
+  const float* b;
+  int64_t ldb, stride_b;
+  float beta;
+  float* c;
+  int64_t ldc, stride_c;
+  int64_t batch;
+};
+
+// A block of scores: `batch` matrices of `rows` x `keys` at s + b * stride, row r
+// at stride ld, row r being query i0 + r. lse and delta of that row are at
+// lse[b * lse_stride + i0 + r]. A row sees keys j <= i0 + r; the rest of it is
+// written 0 by the row passes and otherwise never read.
+struct ScoreBlock {
+  float* s;
+  int64_t ld, stride, batch, rows, keys, i0, lse_stride;
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual absl::Status Gemm(const BatchedGemm& g) = 0;
+  // In place: s = softmax(scale s) over each row's visible keys (kmath::AttentionProb
+  // of the row's log-sum-exp), and that log-sum-exp to lse.
+  virtual absl::Status SoftmaxRows(const ScoreBlock& blk, float scale, float* lse) = 0;
+  // In place: s = P = exp(scale s - lse), dp = dS = P (dp - delta) (kmath::AttentionScoreGrad).
+  virtual absl::Status SoftmaxBackwardRows(const ScoreBlock& blk, float* dp, float scale, const float* lse,
+                                           const float* delta) = 0;
+  // delta[(b * heads + h) * seq + i] = out[b, i, h] . dout[b, i, h].
+  virtual absl::Status DeltaRows(const Shape& sh, const float* out, const float* dout, float* delta) = 0;
+  // p[0, n) = 0.
+  virtual absl::Status Zero(float* p, int64_t n) = 0;
+};
+
+// Forward; `work` holds WorkspaceFloats(sh, chunk, false) floats.
+absl::Status Forward(Engine& e, const Shape& sh, const float* q, const float* k, const float* v, float scale,
+                     float* out, float* lse, float* work, int64_t chunk);
+// Backward; `delta` holds batch * heads * seq floats, `work`
+// WorkspaceFloats(sh, chunk, true). dq, dk and dv are overwritten.
+absl::Status Backward(Engine& e, const Shape& sh, const float* q, const float* k, const float* v,
+                      const float* out, const float* lse, float scale, const float* dout, float* dq,
+                      float* dk, float* dv, float* delta, float* work, int64_t chunk);
+
+}  // namespace moe::attn
+
+#endif  // MOE_RUNTIME_CORE_ATTENTION_GEMM_H_

@@ -266,6 +266,18 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     const double peak = args.Double("peak_tflops", 989.0);
     row.figures.push_back({"mfu_vs_peak", model_gflops / (peak * 1e3), ""});
   }
+  if (verbose) {
+    // Per-step time by kind of work (host-timed and stream-timed together: an op is
+    // one or the other), as figures so that --json carries them.
+    profile = OpProfiler::Take();
+    profile.DivideBy(steps);
+    for (int c = 0; c < kNumProfileCategories; ++c) {
+      const double ms = 1e3 * (profile.seconds[c] + profile.stream_seconds[c]);
+      if (profile.calls[c] + profile.stream_calls[c] > 0)
+        row.figures.push_back(
+            {absl::StrCat("ms_", ProfileCategoryName(static_cast<ProfileCategory>(c))), ms, "ms"});
+    }
+  }
   row.ratio_name = "measured_vs_predicted";
   row.ratio = static_cast<double>(measured_peak) / static_cast<double>(pred.peak_bytes);
   reporter.Add(row);
@@ -276,12 +288,10 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   }
   reporter.Note(cats);
   if (verbose) {
-    profile = OpProfiler::Take();
-    for (int c = 0; c < kNumProfileCategories; ++c) profile.seconds[c] /= steps;
-    for (int c = 0; c < kNumProfileCategories; ++c) profile.calls[c] /= steps;
-    reporter.Note(absl::StrCat("time per step by kind of work (host-timed ops and regions, ",
-                               absl::StrFormat("%.2f", 1e3 * step_s), " ms step):\n",
-                               profile.Report(step_s)));
+    reporter.Note(
+        absl::StrCat("time per step by kind of work (host-timed ops and regions; ops on "
+                     "asynchronous streams, as on a GPU, timed by events around each; ",
+                     absl::StrFormat("%.2f", 1e3 * step_s), " ms step):\n", profile.Report(step_s)));
     reporter.Note(absl::StrCat("predicted terms:\n", pred.Report()));
     reporter.Note(absl::StrCat("measured (last step):\n", mem.Report()));
   }

@@ -3,7 +3,7 @@
 // GEMM driver, interleaved in one process.
 //
 //   build/bin/moe-bench attention [device=cpu|cuda] [batch=] [seq=] [heads=] [kv_heads=]
-//       [head_dim=] [workspace_mb=64] [iters=3] [--json]
+//       [head_dim=] [workspace_mb=256] [iters=3] [--json]
 //
 // Defaults: on cuda docs/design.md's benchmark shape (batch 4, seq 2048, 16
 // heads over 4 KV heads, head_dim 64); on cpu batch 2, seq 512, 8 over 2, 64.
@@ -77,7 +77,7 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
         "heads a multiple of kv_heads");
   attn::AttentionSettings& settings = attn::AttentionSettingsRef();
   const attn::AttentionSettings saved = settings;
-  settings.workspace_bytes = static_cast<int64_t>(args.Int("workspace_mb", 64)) << 20;
+  settings.workspace_bytes = static_cast<int64_t>(args.Int("workspace_mb", 256)) << 20;
   ASSIGN_OR_RETURN(Tensor q, Uniform(*be, {B, S, H, hd}, 1));
   ASSIGN_OR_RETURN(Tensor k, Uniform(*be, {B, S, Hkv, hd}, 2));
   ASSIGN_OR_RETURN(Tensor v, Uniform(*be, {B, S, Hkv, hd}, 3));
@@ -139,7 +139,7 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
       {"heads", absl::StrCat(H, "/", Hkv)},
       {"head_dim", absl::StrCat(hd)},
       {"chunk", absl::StrCat(attn::ChunkRows(attn::Shape{B, S, H, Hkv, hd},
-                                             static_cast<int64_t>(args.Int("workspace_mb", 64)) << 20))}};
+                                             static_cast<int64_t>(args.Int("workspace_mb", 256)) << 20))}};
   m.figures = {{"fused_fwd", ff, "ms"},
                {"fused_bwd", fb, "ms"},
                {"gemm_fwd", gf, "ms"},

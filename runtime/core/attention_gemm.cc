@@ -50,7 +50,8 @@ AttentionSettings& AttentionSettingsRef() {
 
 int64_t ChunkRows(const Shape& sh, int64_t workspace_bytes) {
   const int64_t seq = std::max<int64_t>(sh.seq, 1);
-  const int64_t per_row = 2 * std::max<int64_t>(sh.batch, 1) * seq * static_cast<int64_t>(sizeof(float));
+  const int64_t per_row = 2 * std::max<int64_t>(sh.batch, 1) * std::max<int64_t>(sh.heads, 1) * seq *
+                          static_cast<int64_t>(sizeof(float));
   int64_t rows = std::max<int64_t>(workspace_bytes / per_row, 1);
   if (rows >= 64) rows = rows / 64 * 64;
   // At least kMinChunks chunks where the rows allow: a chunk of n rows computes the
@@ -59,13 +60,22 @@ int64_t ChunkRows(const Shape& sh, int64_t workspace_bytes) {
   return std::min({rows, target, seq});
 }
 
+bool OneStride(const Operand& x, int64_t batch, int64_t heads, int64_t* stride) {
+  if (heads == 1) {
+    *stride = x.stride;
+    return true;
+  }
+  *stride = x.head_stride;
+  return x.head_div == 1 && (batch == 1 || x.stride == heads * x.head_stride);
+}
+
 int64_t WorkspaceFloats(const Shape& sh, int64_t chunk, bool backward) {
-  return (backward ? 2 : 1) * sh.batch * std::min(chunk, sh.seq) * sh.seq;
+  return (backward ? 2 : 1) * sh.batch * sh.heads * std::min(chunk, sh.seq) * sh.seq;
 }
 
 namespace {
 
-// Strides of the [B, S, H, hd] and [B, S, Hkv, hd] tensors and the [B, H, S] rows.
+// Strides of the [B, S, H, hd] and [B, S, Hkv, hd] tensors.
 struct Layout {
   int64_t q_ld, q_batch, kv_ld, kv_batch, group;
   explicit Layout(const Shape& sh)
@@ -74,35 +84,82 @@ struct Layout {
         kv_ld(sh.kv_heads * sh.head_dim),
         kv_batch(sh.seq * sh.kv_heads * sh.head_dim),
         group(sh.heads / sh.kv_heads) {}
-  // Element offset of row i of head h (of batch 0) in a [B, S, H, hd] tensor.
-  int64_t q_at(const Shape& sh, int64_t i, int64_t h) const { return i * q_ld + h * sh.head_dim; }
-  int64_t kv_at(const Shape& sh, int64_t g) const { return g * sh.head_dim; }
 };
 
-// scores[b] (n x L) = alpha x[b, i0:i0+n, h] (n x hd) y[b, 0:L, g]^T (hd x L).
-BatchedGemm RowsTimesKeysT(const Shape& sh, const Layout& l, const float* x, const float* y, float* scores,
-                           int64_t i0, int64_t n, int64_t keys, int64_t h) {
-  return BatchedGemm{false,
-                     true,
-                     n,
-                     keys,
-                     sh.head_dim,
-                     1.0f,
-                     x + l.q_at(sh, i0, h),
-                     l.q_ld,
-                     l.q_batch,
-                     y + l.kv_at(sh, h / l.group),
-                     l.kv_ld,
-                     l.kv_batch,
-                     0.0f,
-                     scores,
-                     keys,
-                     n * keys,
-                     sh.batch};
+// One chunk of query rows [i0, i0 + n) against its keys [0, keys = i0 + n).
+struct Chunk {
+  int64_t i0, n, keys;
+};
+
+// Rows i0.. of a [B, S, H, hd] tensor, matrix (b, h) per query head h.
+Operand QueryRows(const Shape& sh, const Layout& l, const float* x, const Chunk& c) {
+  return Operand{x + c.i0 * l.q_ld, l.q_ld, l.q_batch, sh.head_dim, 1};
+}
+// The keys (or values) of query head h: KV head h / group of a [B, S, Hkv, hd] tensor.
+Operand KeyRows(const Shape& sh, const Layout& l, const float* x) {
+  return Operand{x, l.kv_ld, l.kv_batch, sh.head_dim, l.group};
+}
+// A [B, H, n, keys] score block, matrix (b, h).
+Operand Scores(const Shape& sh, const float* s, const Chunk& c) {
+  return Operand{s, c.keys, sh.heads * c.n * c.keys, c.n * c.keys, 1};
 }
 
-ScoreBlock Block(const Shape& sh, float* scores, int64_t i0, int64_t n, int64_t keys) {
-  return ScoreBlock{scores, keys, n * keys, sh.batch, n, keys, i0, sh.heads * sh.seq};
+// scores[b, h] (n x keys) = x[b, i0:i0+n, h] (n x hd) y[b, 0:keys, h / group]^T.
+BatchedGemm RowsTimesKeysT(const Shape& sh, const Layout& l, const float* x, const float* y, float* scores,
+                           const Chunk& c) {
+  return BatchedGemm{false,
+                     true,
+                     c.n,
+                     c.keys,
+                     sh.head_dim,
+                     1.0f,
+                     QueryRows(sh, l, x, c),
+                     KeyRows(sh, l, y),
+                     0.0f,
+                     Scores(sh, scores, c),
+                     sh.batch,
+                     sh.heads};
+}
+
+// out[b, i0:i0+n, h] (n x hd) = alpha scores[b, h] (n x keys) y[b, 0:keys, h / group].
+BatchedGemm ScoresTimesKeys(const Shape& sh, const Layout& l, const float* scores, const float* y,
+                            float alpha, float* out, const Chunk& c) {
+  return BatchedGemm{false,
+                     false,
+                     c.n,
+                     sh.head_dim,
+                     c.keys,
+                     alpha,
+                     Scores(sh, scores, c),
+                     KeyRows(sh, l, y),
+                     0.0f,
+                     QueryRows(sh, l, out, c),
+                     sh.batch,
+                     sh.heads};
+}
+
+// For the heads h = g * group + e of member e of every KV group g:
+// acc[b, 0:keys, g] (keys x hd) += alpha scores[b, h]^T (keys x n) x[b, i0:i0+n, h].
+BatchedGemm ScoresTTimesRows(const Shape& sh, const Layout& l, const float* scores, const float* x,
+                             float alpha, float* acc, const Chunk& c, int64_t e) {
+  const Operand s = Scores(sh, scores, c), rows = QueryRows(sh, l, x, c);
+  return BatchedGemm{
+      true,
+      false,
+      c.keys,
+      sh.head_dim,
+      c.n,
+      alpha,
+      Operand{s.base + e * s.head_stride, s.ld, s.stride, l.group * s.head_stride, 1},
+      Operand{rows.base + e * rows.head_stride, rows.ld, rows.stride, l.group * rows.head_stride, 1},
+      1.0f,
+      Operand{acc, l.kv_ld, l.kv_batch, sh.head_dim, 1},
+      sh.batch,
+      sh.kv_heads};
+}
+
+ScoreBlock Block(const Shape& sh, float* scores, const Chunk& c) {
+  return ScoreBlock{scores, c.keys, c.n * c.keys, sh.batch * sh.heads, c.n, c.keys, c.i0, sh.seq};
 }
 
 absl::Status CheckShape(const Shape& sh, int64_t chunk) {
@@ -121,16 +178,11 @@ absl::Status Forward(Engine& e, const Shape& sh, const float* q, const float* k,
   RETURN_IF_ERROR(CheckShape(sh, chunk));
   const Layout l(sh);
   for (int64_t i0 = 0; i0 < sh.seq; i0 += chunk) {
-    const int64_t n = std::min(chunk, sh.seq - i0), keys = i0 + n;
-    for (int64_t h = 0; h < sh.heads; ++h) {
-      // S = Q_c K^T; P = softmax(scale S) in place, lse kept.
-      RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, q, k, work, i0, n, keys, h)));
-      RETURN_IF_ERROR(e.SoftmaxRows(Block(sh, work, i0, n, keys), scale, lse + h * sh.seq));
-      // O_c = P V[0:L] (n x L times L x hd), straight into out's rows.
-      RETURN_IF_ERROR(e.Gemm(BatchedGemm{false, false, n, sh.head_dim, keys, 1.0f, work, keys, n * keys,
-                                         v + l.kv_at(sh, h / l.group), l.kv_ld, l.kv_batch, 0.0f,
-                                         out + l.q_at(sh, i0, h), l.q_ld, l.q_batch, sh.batch}));
-    }
+    const int64_t n = std::min(chunk, sh.seq - i0);
+    const Chunk c{i0, n, i0 + n};
+    RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, q, k, work, c)));           // S = Q_c K^T
+    RETURN_IF_ERROR(e.SoftmaxRows(Block(sh, work, c), scale, lse));          // P = softmax(scale S), lse
+    RETURN_IF_ERROR(e.Gemm(ScoresTimesKeys(sh, l, work, v, 1.0f, out, c)));  // O_c = P V
   }
   return absl::OkStatus();
 }
@@ -144,31 +196,20 @@ absl::Status Backward(Engine& e, const Shape& sh, const float* q, const float* k
   RETURN_IF_ERROR(e.Zero(dk, kv_elems));
   RETURN_IF_ERROR(e.Zero(dv, kv_elems));
   RETURN_IF_ERROR(e.DeltaRows(sh, out, dout, delta));
-  const int64_t block = sh.batch * std::min(chunk, sh.seq) * sh.seq;
   float* s = work;
-  float* dp = work + block;
+  float* dp = work + sh.batch * sh.heads * std::min(chunk, sh.seq) * sh.seq;
   for (int64_t i0 = 0; i0 < sh.seq; i0 += chunk) {
-    const int64_t n = std::min(chunk, sh.seq - i0), keys = i0 + n;
-    for (int64_t h = 0; h < sh.heads; ++h) {
-      const int64_t g = h / l.group;
-      RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, q, k, s, i0, n, keys, h)));      // S = Q_c K^T
-      RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, dout, v, dp, i0, n, keys, h)));  // dP = dO_c V^T
-      RETURN_IF_ERROR(
-          e.SoftmaxBackwardRows(Block(sh, s, i0, n, keys), dp, scale, lse + h * sh.seq, delta + h * sh.seq));
-      const float* q_c = q + l.q_at(sh, i0, h);
-      const float* do_c = dout + l.q_at(sh, i0, h);
-      // dV[0:L] += P^T dO_c and dK[0:L] += scale dS^T Q_c (L x n times n x hd).
-      RETURN_IF_ERROR(
-          e.Gemm(BatchedGemm{true, false, keys, sh.head_dim, n, 1.0f, s, keys, n * keys, do_c, l.q_ld,
-                             l.q_batch, 1.0f, dv + l.kv_at(sh, g), l.kv_ld, l.kv_batch, sh.batch}));
-      RETURN_IF_ERROR(
-          e.Gemm(BatchedGemm{true, false, keys, sh.head_dim, n, scale, dp, keys, n * keys, q_c, l.q_ld,
-                             l.q_batch, 1.0f, dk + l.kv_at(sh, g), l.kv_ld, l.kv_batch, sh.batch}));
-      // dQ_c = scale dS K[0:L] (n x L times L x hd).
-      RETURN_IF_ERROR(e.Gemm(BatchedGemm{false, false, n, sh.head_dim, keys, scale, dp, keys, n * keys,
-                                         k + l.kv_at(sh, g), l.kv_ld, l.kv_batch, 0.0f,
-                                         dq + l.q_at(sh, i0, h), l.q_ld, l.q_batch, sh.batch}));
+    const int64_t n = std::min(chunk, sh.seq - i0);
+    const Chunk c{i0, n, i0 + n};
+    RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, q, k, s, c)));                      // S = Q_c K^T
+    RETURN_IF_ERROR(e.Gemm(RowsTimesKeysT(sh, l, dout, v, dp, c)));                  // dP = dO_c V^T
+    RETURN_IF_ERROR(e.SoftmaxBackwardRows(Block(sh, s, c), dp, scale, lse, delta));  // P, dS
+    // dV += P^T dO_c and dK += scale dS^T Q_c, the group's heads one after another.
+    for (int64_t m = 0; m < l.group; ++m) {
+      RETURN_IF_ERROR(e.Gemm(ScoresTTimesRows(sh, l, s, dout, 1.0f, dv, c, m)));
+      RETURN_IF_ERROR(e.Gemm(ScoresTTimesRows(sh, l, dp, q, scale, dk, c, m)));
     }
+    RETURN_IF_ERROR(e.Gemm(ScoresTimesKeys(sh, l, dp, k, scale, dq, c)));  // dQ_c = scale dS K
   }
   return absl::OkStatus();
 }

@@ -1,22 +1,25 @@
 // Causal attention as strided-batched GEMMs and row passes over a chunk of
 // query rows at a time: the "gemm" attention path, which a backend takes
-// instead of its fused kernel when AttentionPathSetting() says so.
+// instead of its fused kernel when AttentionSettingsRef() says so.
 //
-// For each chunk of queries [i0, i0 + n) and each query head h (KV head g):
+// For each chunk of queries [i0, i0 + n), over every sequence and query head h
+// (KV head g) at once:
 //   forward   S = Q_c K[0:L]^T (L = i0 + n keys: the causal half, plus the
 //             masked corner of the diagonal block), P = softmax(scale S) with
 //             the row log-sum-exp kept, O_c = P V[0:L];
 //   backward  S and dP = dO_c V^T recomputed, P = exp(scale S - lse) and
 //             dS = P (dP - D) row by row (D = rowsum(dO o O)), then
 //             dV += P^T dO_c, dK += scale dS^T Q_c, dQ_c = scale dS K.
-// The workspace holds one [batch, n, L] block of scores (two in backward),
-// never [B, H, S, S]; what is kept for backward is the same as the fused
+// Each product is one batched GEMM over (sequence, head), except dK and dV
+// with grouped KV heads: one per member of a group (the group's heads share
+// an output). The workspace holds one [B, H, n, L] block of scores (two in
+// backward), never [B, H, S, S]; what is kept for backward is the same as the fused
 // kernels' (out and lse [B, H, S]), so the two paths are interchangeable
 // between forward and backward. dK and dV sum over chunks and over the heads
 // of a KV group in a fixed order (deterministic).
 //
 // The driver is host code over raw pointers; an Engine supplies the
-// backend's strided-batched GEMM (cuBLAS on CUDA, the CPU backend's sgemm)
+// backend's batched GEMM (cuBLAS on CUDA, the CPU backend's sgemm tiles)
 // and the row passes, whose arithmetic is kernel_math.h's. The CPU backend
 // runs this same driver, so the CPU tests check the algorithm the CUDA
 // backend runs on cuBLAS.
@@ -38,7 +41,7 @@ enum class AttentionPath { kFused, kGemm };
 struct AttentionSettings {
   AttentionPath path = AttentionPath::kFused;
   // Bound on the gemm path's score workspace per call (two blocks in backward).
-  int64_t workspace_bytes = int64_t{64} << 20;
+  int64_t workspace_bytes = int64_t{256} << 20;
 };
 // Process-wide; read from MOE_ATTENTION ("fused" | "gemm") and
 // MOE_ATTENTION_WORKSPACE_MB at first use. An unknown value is a fatal error
@@ -56,7 +59,8 @@ struct Shape {
   int64_t batch, seq, heads, kv_heads, head_dim;
 };
 
-// Query rows per chunk: the backward's two score blocks fit in `workspace_bytes`
+// Query rows per chunk: the backward's two [batch, heads, rows, seq] score
+// blocks fit in `workspace_bytes`
 // (a multiple of 64 when that allows 64 or more), and at most seq / kMinChunks
 // rounded up to a multiple of 64 (the causal waste, the masked half of each
 // chunk's diagonal block, is then about 1 / kMinChunks of the work); at least
@@ -66,26 +70,40 @@ int64_t ChunkRows(const Shape& sh, int64_t workspace_bytes);
 // Floats of workspace Forward / Backward need at this chunk size.
 int64_t WorkspaceFloats(const Shape& sh, int64_t chunk, bool backward);
 
-// Row-major c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, matrix i at
-// a + i * stride_a and so on; op(a) is m x k, op(b) k x n. beta 0 never reads c.
+// One operand of a batched GEMM over the matrices t = b * heads + h (b < batch,
+// h < heads): matrix t at base + b * stride + (h / head_div) * head_stride, its
+// rows at ld. head_div > 1 maps query heads onto their grouped KV head.
+struct Operand {
+  const float* base;
+  int64_t ld, stride, head_stride, head_div;
+  const float* At(int64_t t, int64_t heads) const {
+    return base + (t / heads) * stride + ((t % heads) / head_div) * head_stride;
+  }
+};
+
+// Whether x's matrices t < batch * heads are at x.base + t * stride for one
+// stride (then *stride is it): a strided-batched GEMM can take x.
+bool OneStride(const Operand& x, int64_t batch, int64_t heads, int64_t* stride);
+
+// Row-major c[t] = alpha op(a[t]) op(b[t]) + beta c[t] for t < batch * heads;
+// op(a) is m x k, op(b) k x n. The c matrices never overlap (c.head_div is 1), so
+// the products may run in any order; beta 0 never reads c.
 struct BatchedGemm {
   bool trans_a, trans_b;
   int64_t m, n, k;
   float alpha;
-  const float* a;
-  int64_t lda, stride_a;
-  const float* b;
-  int64_t ldb, stride_b;
+  Operand a, b;
   float beta;
-  float* c;
-  int64_t ldc, stride_c;
-  int64_t batch;
+  Operand c;  // written: base is the caller's writable memory
+  int64_t batch, heads;
+  int64_t count() const { return batch * heads; }
 };
 
-// A block of scores: `batch` matrices of `rows` x `keys` at s + b * stride, row r
-// at stride ld, row r being query i0 + r. lse and delta of that row are at
-// lse[b * lse_stride + i0 + r]. A row sees keys j <= i0 + r; the rest of it is
-// written 0 by the row passes and otherwise never read.
+// A block of scores: `batch` matrices of `rows` x `keys` at s + t * stride (one
+// per sequence and head, t = b * heads + h), row r at stride ld, row r being
+// query i0 + r. lse and delta of that row are at lse[t * lse_stride + i0 + r]. A
+// row sees keys j <= i0 + r; the rest of it is written 0 by the row passes and
+// otherwise never read.
 struct ScoreBlock {
   float* s;
   int64_t ld, stride, batch, rows, keys, i0, lse_stride;

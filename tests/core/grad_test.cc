@@ -181,7 +181,7 @@ TEST_CASE("CausalAttentionBackward on the gemm path, in chunks") {
     int64_t B, L, H, Hkv, hd, chunk;
   };
   for (Case c : {Case{2, 10, 4, 2, 4, 3}, Case{1, 23, 3, 1, 6, 7}, Case{2, 9, 2, 2, 5, 9}}) {
-    GemmAttentionScope gemm(c.chunk, c.B, c.L);
+    GemmAttentionScope gemm(c.chunk, c.B, c.H, c.L);
     CheckAttentionGrad(c.B, c.L, c.H, c.Hkv, c.hd, "gemm");
   }
 }

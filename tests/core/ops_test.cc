@@ -428,7 +428,7 @@ TEST_CASE("gemm attention path: forward matches the reference, chunk by chunk") 
   for (const GemmAttentionCase& c : kGemmAttentionCases) {
     const int64_t B = c.B, L = c.L, H = c.H, Hkv = c.Hkv, hd = c.hd;
     INFO("B " << B << " S " << L << " H " << H << " Hkv " << Hkv << " hd " << hd << " chunk " << c.chunk);
-    GemmAttentionScope gemm(c.chunk, B, L);
+    GemmAttentionScope gemm(c.chunk, B, H, L);
     REQUIRE(attn::ChunkRows(attn::Shape{B, L, H, Hkv, hd}, attn::AttentionSettingsRef().workspace_bytes) ==
             std::min(c.chunk, L));
     Tensor q = Random({B, L, H, hd}, 1, -2, 2), k = Random({B, L, Hkv, hd}, 2, -2, 2),
@@ -474,7 +474,7 @@ TEST_CASE("gemm attention path: backward matches the fused kernel, from either p
     forward(fused);
     backward(fused, fused);
     {
-      GemmAttentionScope scope(c.chunk, B, L);
+      GemmAttentionScope scope(c.chunk, B, H, L);
       forward(gemm);
       backward(gemm, gemm);
       backward(fused, mixed);  // the fused forward's out and lse feed the gemm backward
@@ -494,8 +494,31 @@ TEST_CASE("gemm attention path: backward matches the fused kernel, from either p
 }
 
 TEST_CASE("gemm attention path does not depend on the thread count") {
-  GemmAttentionScope gemm(48, 2, 130);
+  GemmAttentionScope gemm(48, 2, 4, 130);
   CheckAttentionThreadIndependence();
+}
+
+TEST_CASE("gemm attention: OneStride finds the operands a strided-batched GEMM can take") {
+  // Every (stride, head_stride, head_div) at batch 1..3, heads 1..4: when OneStride
+  // says yes, matrix t is at base + t * stride for every t; it says yes for the
+  // score blocks (contiguous per head) and no for grouped keys.
+  static const float base[256] = {};  // every offset below stays inside
+  for (int64_t batch = 1; batch <= 3; ++batch)
+    for (int64_t heads = 1; heads <= 4; ++heads)
+      for (int64_t stride : {0, 4, 16, 64})
+        for (int64_t head_stride : {0, 4, 16})
+          for (int64_t div : {1, 2}) {
+            const attn::Operand x{base, 8, stride, head_stride, div};
+            int64_t one = -1;
+            if (!attn::OneStride(x, batch, heads, &one)) continue;
+            for (int64_t t = 0; t < batch * heads; ++t) REQUIRE(x.At(t, heads) == base + t * one);
+          }
+  int64_t one = 0;
+  CHECK(attn::OneStride(attn::Operand{base, 64, 4 * 64, 64, 1}, 3, 4, &one));  // [B, H, n, L] scores
+  CHECK(one == 64);
+  CHECK(!attn::OneStride(attn::Operand{base, 64, 1000, 16, 2}, 3, 4, &one));  // grouped KV heads
+  CHECK(!attn::OneStride(attn::Operand{base, 64, 1000, 16, 1}, 3, 4, &one));  // [B, S, H, hd] rows
+  CHECK(attn::OneStride(attn::Operand{base, 64, 1000, 16, 1}, 1, 4, &one));   // ... of one sequence
 }
 
 TEST_CASE("attention path settings: names, environment values and chunk sizes") {
@@ -505,18 +528,18 @@ TEST_CASE("attention path settings: names, environment values and chunk sizes") 
   REQUIRE(!bad.ok());
   CHECK(bad.status().message().find("MOE_ATTENTION") != std::string::npos);
   CHECK(bad.status().message().find("\"gemm\"") != std::string::npos);
-  // 64 MiB at B 4, S 2048: two [4, n, 2048] f32 blocks fit n = 1024 rows, but
-  // 8 chunks of 256 rows waste less of the diagonal blocks.
-  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, int64_t{64} << 20) == 256);
-  CHECK(attn::ChunkRows(attn::Shape{4, 8192, 16, 4, 64}, int64_t{64} << 20) == 256);  // the workspace
-  CHECK(attn::ChunkRows(attn::Shape{1, 4000, 16, 4, 64}, int64_t{1} << 30) == 512);   // S/8 up to 64s
+  // 256 MiB (the default) at B 4, S 2048, H 16: two [4, 16, n, 2048] f32 blocks fit
+  // n = 256 rows, which is also S / 8 (the causal waste bound); 64 MiB fits 64.
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, int64_t{256} << 20) == 256);
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, int64_t{64} << 20) == 64);
+  CHECK(attn::ChunkRows(attn::Shape{1, 4000, 1, 1, 64}, int64_t{1} << 30) == 512);  // S/8 up to 64s
   CHECK(attn::ChunkRows(attn::Shape{2, 512, 16, 4, 64}, int64_t{1} << 30) == 64);
   // Rounded down to whole 64-row tiles; never 0, never past S.
-  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, 100 * 2 * 4 * 2048 * 4) == 64);
+  CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, 100 * 2 * 4 * 16 * 2048 * 4) == 64);
   CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, 1) == 1);
   CHECK(attn::ChunkRows(attn::Shape{1, 10, 1, 1, 8}, int64_t{1} << 30) == 10);
-  CHECK(attn::WorkspaceFloats(attn::Shape{4, 2048, 16, 4, 64}, 1024, true) == 2 * 4 * 1024 * 2048);
-  CHECK(attn::WorkspaceFloats(attn::Shape{4, 100, 16, 4, 64}, 1024, false) == 4 * 100 * 100);
+  CHECK(attn::WorkspaceFloats(attn::Shape{4, 2048, 16, 4, 64}, 256, true) == 2 * 4 * 16 * 256 * 2048);
+  CHECK(attn::WorkspaceFloats(attn::Shape{4, 100, 16, 4, 64}, 1024, false) == 4 * 16 * 100 * 100);
 }
 
 TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {

@@ -85,12 +85,14 @@ inline void ExpectEqual(const Tensor& a, const Tensor& b, const std::string& wha
 }
 
 // While alive: attention takes the gemm path (attention_gemm.h) with `chunk` query
-// rows per chunk for batch B and sequence S (the workspace sized to give it).
+// rows per chunk for batch B, H query heads and sequence S (the workspace sized
+// to give it).
 class GemmAttentionScope {
  public:
-  GemmAttentionScope(int64_t chunk, int64_t B, int64_t S) : saved_(attn::AttentionSettingsRef()) {
+  GemmAttentionScope(int64_t chunk, int64_t B, int64_t H, int64_t S) : saved_(attn::AttentionSettingsRef()) {
     attn::AttentionSettingsRef().path = attn::AttentionPath::kGemm;
-    attn::AttentionSettingsRef().workspace_bytes = chunk * 2 * B * S * static_cast<int64_t>(sizeof(float));
+    attn::AttentionSettingsRef().workspace_bytes =
+        chunk * 2 * B * H * S * static_cast<int64_t>(sizeof(float));
   }
   ~GemmAttentionScope() { attn::AttentionSettingsRef() = saved_; }
   GemmAttentionScope(const GemmAttentionScope&) = delete;

@@ -225,7 +225,7 @@ TEST_CASE("attention, both paths, matches the CPU backend") {
       } restore;
       attn::AttentionSettingsRef().path = path;
       attn::AttentionSettingsRef().workspace_bytes =
-          c.chunk * 2 * B * S * static_cast<int64_t>(sizeof(float));
+          c.chunk * 2 * B * H * S * static_cast<int64_t>(sizeof(float));
       Tensor q = Rand({B, S, H, hd}, 13), k = Rand({B, S, Hkv, hd}, 14), v = Rand({B, S, Hkv, hd}, 15);
       Tensor o = Rand({B, S, H, hd}, 16), lse = Rand({B, H, S}, 17);
       const float scale = 1.0f / std::sqrt(static_cast<float>(hd));

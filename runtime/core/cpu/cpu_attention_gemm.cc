@@ -21,10 +21,10 @@ class CpuAttentionEngine : public attn::Engine {
  public:
   absl::Status Gemm(const attn::BatchedGemm& g) override {
     std::vector<GemmTask> tasks;
-    tasks.reserve(static_cast<size_t>(g.batch));
-    for (int64_t i = 0; i < g.batch; ++i)
-      tasks.push_back({g.trans_a, g.trans_b, g.m, g.n, g.k, g.a + i * g.stride_a, g.lda, g.b + i * g.stride_b,
-                       g.ldb, g.c + i * g.stride_c, g.ldc});
+    tasks.reserve(static_cast<size_t>(g.count()));
+    for (int64_t t = 0; t < g.count(); ++t)
+      tasks.push_back({g.trans_a, g.trans_b, g.m, g.n, g.k, g.a.At(t, g.heads), g.a.ld, g.b.At(t, g.heads),
+                       g.b.ld, const_cast<float*>(g.c.At(t, g.heads)), g.c.ld});
     RunGemmTasks(tasks, g.alpha, g.beta);
     return absl::OkStatus();
   }

@@ -183,6 +183,20 @@ __global__ void SoftmaxBackwardRowsKernel(float* s, float* dp, int64_t ld, int64
   }
 }
 
+__device__ inline const float* OperandAt(const BatchOperand& x, int64_t t, int64_t heads) {
+  return x.base + (t / heads) * x.stride + ((t % heads) / x.head_div) * x.head_stride;
+}
+
+__global__ void BatchPointersKernel(BatchOperand a, BatchOperand b, BatchOperand c, int64_t batch,
+                                    int64_t heads, void** out) {
+  const int64_t count = batch * heads;
+  MOE_GRID_STRIDE(t, count) {
+    out[t] = const_cast<float*>(OperandAt(a, t, heads));
+    out[count + t] = const_cast<float*>(OperandAt(b, t, heads));
+    out[2 * count + t] = const_cast<float*>(OperandAt(c, t, heads));
+  }
+}
+
 // delta[(b * heads + h) * seq + i] = out[b, i, h] . dout[b, i, h], a thread per row.
 __global__ void DeltaKernel(const float* out, const float* dout, float* delta, AttentionShape sh) {
   const int64_t rows = sh.batch * sh.heads * sh.seq;
@@ -254,6 +268,14 @@ cudaError_t LaunchAttentionDelta(const float* out, const float* dout, float* del
   const int64_t rows = sh.batch * sh.heads * sh.seq;
   if (rows == 0) return cudaGetLastError();
   DeltaKernel<<<GridFor(rows), kThreads, 0, st>>>(out, dout, delta, sh);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBatchPointers(BatchOperand a, BatchOperand b, BatchOperand c, int64_t batch, int64_t heads,
+                                void** out, cudaStream_t st) {
+  const int64_t count = batch * heads;
+  if (count == 0) return cudaGetLastError();
+  BatchPointersKernel<<<GridFor(count), kThreads, 0, st>>>(a, b, c, batch, heads, out);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,8 @@
-// The gemm attention path (attention_gemm.h) on CUDA: the batched products are
-// cublasGemmStridedBatchedEx calls (f32, CUBLAS_COMPUTE_32F, row-major mapped
-// as in cuda_gemm.cc: C^T = op(B)^T op(A)^T), the row passes and delta are
+// The gemm attention path (attention_gemm.h) on CUDA: each batched product is
+// one cublasGemmStridedBatchedEx, or a cublasGemmBatchedEx over device pointer
+// arrays where the (sequence, head) matrices are not at one stride (f32,
+// CUBLAS_COMPUTE_32F, row-major mapped as in cuda_gemm.cc: C^T = op(B)^T
+// op(A)^T); the row passes and delta are
 // cuda_attention.cu's kernels, whose arithmetic is kernel_math.h's. The score
 // workspace is stream-ordered scratch, freed once the work is enqueued.
 // Everything is enqueued on the caller's stream; nothing waits.
@@ -25,18 +27,44 @@ namespace {
 int Ld(int64_t v) { return static_cast<int>(v < 1 ? 1 : v); }
 cublasOperation_t Op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
+BatchOperand AsBatchOperand(const attn::Operand& x) {
+  return BatchOperand{x.base, x.stride, x.head_stride, x.head_div};
+}
+
 class CudaAttentionEngine : public attn::Engine {
  public:
-  CudaAttentionEngine(cublasHandle_t handle, cudaStream_t stream) : handle_(handle), stream_(stream) {}
+  CudaAttentionEngine(Stream& s, cublasHandle_t handle) : s_(s), handle_(handle), stream_(NativeStream(s)) {}
 
+  // One cublasGemmStridedBatchedEx when every operand's matrices are at one
+  // stride; else one cublasGemmBatchedEx over pointer arrays that a kernel
+  // fills on the stream (no host-to-device copy, so nothing waits).
   absl::Status Gemm(const attn::BatchedGemm& g) override {
-    if (g.batch == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
+    const int64_t count = g.count();
+    if (count == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
     const float alpha = g.alpha, beta = g.beta;
-    CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
-        handle_, Op(g.trans_b), Op(g.trans_a), static_cast<int>(g.n), static_cast<int>(g.m),
-        static_cast<int>(g.k), &alpha, g.b, CUDA_R_32F, Ld(g.ldb), g.stride_b, g.a, CUDA_R_32F, Ld(g.lda),
-        g.stride_a, &beta, g.c, CUDA_R_32F, Ld(g.ldc), g.stride_c, static_cast<int>(g.batch),
-        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    int64_t sa = 0, sb = 0, sc = 0;
+    if (attn::OneStride(g.a, g.batch, g.heads, &sa) && attn::OneStride(g.b, g.batch, g.heads, &sb) &&
+        attn::OneStride(g.c, g.batch, g.heads, &sc)) {
+      CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+          handle_, Op(g.trans_b), Op(g.trans_a), static_cast<int>(g.n), static_cast<int>(g.m),
+          static_cast<int>(g.k), &alpha, g.b.base, CUDA_R_32F, Ld(g.b.ld), sb, g.a.base, CUDA_R_32F,
+          Ld(g.a.ld), sa, &beta, const_cast<float*>(g.c.base), CUDA_R_32F, Ld(g.c.ld), sc,
+          static_cast<int>(count), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return absl::OkStatus();
+    }
+    ASSIGN_OR_RETURN(void* arrays, ScratchAlloc(s_, 3 * static_cast<size_t>(count) * sizeof(void*)));
+    void** ptrs = static_cast<void**>(arrays);  // [a..., b..., c...]
+    cudaError_t e = LaunchBatchPointers(AsBatchOperand(g.a), AsBatchOperand(g.b), AsBatchOperand(g.c),
+                                        g.batch, g.heads, ptrs, stream_);
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    if (e == cudaSuccess)
+      st = cublasGemmBatchedEx(handle_, Op(g.trans_b), Op(g.trans_a), static_cast<int>(g.n),
+                               static_cast<int>(g.m), static_cast<int>(g.k), &alpha, ptrs + count, CUDA_R_32F,
+                               Ld(g.b.ld), ptrs, CUDA_R_32F, Ld(g.a.ld), &beta, ptrs + 2 * count, CUDA_R_32F,
+                               Ld(g.c.ld), static_cast<int>(count), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    ScratchFree(s_, arrays);  // stream-ordered: after the GEMM
+    CUDA_RETURN_IF_ERROR(e);
+    CUBLAS_RETURN_IF_ERROR(st);
     return absl::OkStatus();
   }
 
@@ -65,6 +93,7 @@ class CudaAttentionEngine : public attn::Engine {
   }
 
  private:
+  Stream& s_;
   cublasHandle_t handle_;
   cudaStream_t stream_;
 };
@@ -102,7 +131,7 @@ absl::Status GemmCausalAttention(Stream& s, const Tensor& q, const Tensor& k, co
   const int64_t chunk = attn::ChunkRows(sh, attn::AttentionSettingsRef().workspace_bytes);
   Scratch work(s);
   ASSIGN_OR_RETURN(float* w, work.Get(attn::WorkspaceFloats(sh, chunk, /*backward=*/false)));
-  CudaAttentionEngine engine(h, NativeStream(s));
+  CudaAttentionEngine engine(s, h);
   return attn::Forward(engine, sh, F(q), F(k), F(v), scale, F(out), F(lse), w, chunk);
 }
 
@@ -117,7 +146,7 @@ absl::Status GemmCausalAttentionBackward(Stream& s, const Tensor& q, const Tenso
   Scratch work(s), delta(s);
   ASSIGN_OR_RETURN(float* w, work.Get(attn::WorkspaceFloats(sh, chunk, /*backward=*/true)));
   ASSIGN_OR_RETURN(float* d, delta.Get(sh.batch * sh.heads * sh.seq));
-  CudaAttentionEngine engine(h, NativeStream(s));
+  CudaAttentionEngine engine(s, h);
   return attn::Backward(engine, sh, F(q), F(k), F(v), F(out), F(lse), scale, F(dout), F(dq), F(dk), F(dv), d,
                         w, chunk);
 }

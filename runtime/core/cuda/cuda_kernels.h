@@ -88,6 +88,14 @@ cudaError_t LaunchAttentionSoftmaxBackwardRows(float* s, float* dp, int64_t ld, 
                                                int64_t rows, int64_t keys, int64_t i0, int64_t lse_stride,
                                                float scale, const float* lse, const float* delta,
                                                cudaStream_t st);
+// Pointer arrays of a batched GEMM over t = b * heads + h (attention_gemm.h's
+// Operand, in floats): out[t], out[count + t], out[2 count + t] for a, b, c.
+struct BatchOperand {
+  const float* base;
+  int64_t stride, head_stride, head_div;
+};
+cudaError_t LaunchBatchPointers(BatchOperand a, BatchOperand b, BatchOperand c, int64_t batch, int64_t heads,
+                                void** out, cudaStream_t st);
 // delta [batch, heads, seq] = rowsum(out o dout).
 cudaError_t LaunchAttentionDelta(const float* out, const float* dout, float* delta, AttentionShape sh,
                                  cudaStream_t st);

@@ -89,7 +89,14 @@ fail=0
 
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$supp/tsan.supp:exitcode=66"
+# detect_deadlocks=0: TSan's lock-order (deadlock) detector keeps its own view of
+# which thread holds which mutex, and Open MPI's uninstrumented PMIx code takes
+# and releases some mutexes where TSan cannot see it (called_from_lib). Seen
+# once here: at MPI_Finalize its bookkeeping tripped an internal check
+# ("CHECK failed: sanitizer_deadlock_detector1.cpp:166 !dd.isHeld(...)" on a
+# PMIx thread), and the check's own stack unwinding then hung the rank. Data
+# races, the reports this build is for, are still all detected.
+export TSAN_OPTIONS="halt_on_error=1:detect_deadlocks=0:suppressions=$supp/tsan.supp:exitcode=66"
 # Never under ASan (MOE_ASAN_EXCLUDE):
 # - data_text_test, data_spm_tokenizer_test: SentencePiece is dlopen()ed with
 #   RTLD_DEEPBIND (data/spm_processor.cc), which the sanitizer runtimes refuse;

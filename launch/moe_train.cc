@@ -61,7 +61,7 @@ constexpr double kDefaultStartupTimeoutS = 300;
 constexpr char kUsage[] =
     "usage: moe-train --config=FILE [field.path=value ...]\n"
     "  --config=FILE     job config in protobuf text format (configs/demo.textproto)\n"
-    "  field.path=value  override any scalar field, e.g. train.steps=20 parallel.expert=2\n"
+    "  field.path=value  override any scalar field, e.g. train.steps=100 parallel.expert=2\n"
     "  --print-config    print the resolved config and layout, then exit\n"
     "  --world-size=N    with --print-config: resolve for N ranks without starting\n"
     "                    them (moe-launch plans a restart's layout this way)\n"

@@ -237,14 +237,14 @@ TEST_CASE("ResolveJobConfig reports file, overrides and validation") {
   REQUIRE_FALSE(r.ok());
   CHECK(Contains(std::string(r.status().message()),
                  "parallel.expert = 3 must divide model.moe.num_experts = 8"));
-  auto ok = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"train.steps=30"}, 4);
+  auto ok = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"train.steps=50"}, 4);
   REQUIRE(ok.ok());
-  CHECK(ok->train().steps() == 30);
-  CHECK(ok->optim().decay_steps() == 30);
+  CHECK(ok->train().steps() == 50);
+  CHECK(ok->optim().decay_steps() == 50);
   auto short_run = ResolveJobConfig(MOE_SOURCE_DIR "/configs/demo.textproto", {"train.steps=7"}, 4);
   REQUIRE_FALSE(short_run.ok());
   CHECK(Contains(std::string(short_run.status().message()),
-                 "optim.decay_steps = 7 must exceed optim.warmup_steps = 20"));
+                 "optim.decay_steps = 7 must exceed optim.warmup_steps = 40"));
 }
 
 TEST_CASE("IsMoeLayer follows l % n == n - 1") {

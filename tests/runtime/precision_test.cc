@@ -1,13 +1,12 @@
-// train.precision through the trainer, on 2 ranks (expert parallel 2, LLEP on
-// as in the demo):
-//   - the demo config, 50 steps: bf16 tracks fp32 (loss within 4% at every step;
-//     issue 14's 2% holds except at steps 22-24, see kBf16LossTolerance)
-//     and is not fp32 under another name (the losses differ, the compute
-//     copies are bf16 roundings of f32 masters, the gradients f32);
+// train.precision through the trainer, on 4 ranks (the demo's layout: tensor 1,
+// expert 2, data 4, LLEP on):
+//   - the demo config, 50 steps: bf16 tracks fp32 (loss within 2% at every step,
+//     issue 14) and is not fp32 under another name (the losses differ, the
+//     compute copies are bf16 roundings of f32 masters, the gradients f32);
 //   - a bf16 run resumed from its checkpoint continues bit-identically;
 //   - checkpoints hold f32 masters under the canonical names: an fp32 checkpoint
 //     resumes in bf16 and a bf16 one in fp32, with the masters loaded bit for bit
-//     and the losses continuing within 4% of the run that did not switch.
+//     and the losses continuing within 2% of the run that did not switch.
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -29,11 +28,15 @@
 namespace moe {
 namespace {
 
-// Relative, every step. Issue 14 asks for 2%; measured on this corpus and 2
-// ranks: mean 0.4%, but up to 2.7% at steps 22-24 (the steep descent right
-// after the 20 warmup steps at lr 3e-3), so the demo case holds 4% and the 2%
-// target is not met there (an open item of the issue).
-constexpr double kBf16LossTolerance = 0.04;
+// Relative, every step (issue 14). Measured on this corpus with the demo
+// config on 4 ranks: 1.1% at most with its seed (1234); over 8 seeds 0.8-1.5%,
+// and one seed 2.7% at one step (a single batch's spike). What this bounds is
+// how far two trajectories part, not bf16 arithmetic alone: fp32 training
+// started from bf16-rounded initial weights parts from fp32 by as much (up to
+// 1.5%). With the demo's earlier 20 warmup steps bf16 reached 3.2% and that
+// control 8.4% at steps 20-28 (loss spikes at the peak lr); on 2 ranks (half
+// the global batch) up to 2.2% remains. docs/design.md has the numbers.
+constexpr double kBf16LossTolerance = 0.02;
 
 std::string Dir() {
   return (std::filesystem::temp_directory_path() / ("moe_precision_test_" + std::to_string(::getppid())))
@@ -169,7 +172,9 @@ TEST_CASE("setup") {
   testing::WorldBarrier();
 }
 
-TEST_CASE("demo config, 50 steps: bf16 tracks fp32 within 4% at every step") {
+TEST_CASE("demo config, 50 steps: bf16 tracks fp32 within 2% at every step") {
+  // The demo's own layout and global batch (16 sequences).
+  REQUIRE(comm::MpiEnv::world_size() == 4);
   const Outcome f32 = Train(Demo("fp32", 50));
   const Outcome b16 = Train(Demo("bf16", 50));
   REQUIRE(f32.losses.size() == 50);

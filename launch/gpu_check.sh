@@ -73,6 +73,13 @@ for l in open(sys.argv[1], errors="replace"):
   l=l.strip()
   if l.startswith("{"):
     r=json.loads(l); print(json.dumps({"ratio": r.get("ratio",{}).get("value"), "figures": {k: v["value"] for k, v in r["figures"].items()}}))' "$1" | tail -1; }
+json_lines() { python3 -c 'import json,sys
+out=[]
+for l in open(sys.argv[1], errors="replace"):
+  l=l.strip()
+  if l.startswith("{"):
+    r=json.loads(l); out.append({"params": r.get("params",{}), "ratio": r.get("ratio",{}).get("value"), "figures": {k: v["value"] for k, v in r["figures"].items()}})
+print(json.dumps(out))' "$1"; }
 bench_run() {  # bench_run NAME SECONDS ARGS...
   local name=$1 s=$2; shift 2
   limited "$s" "$LOGS/bench_$name.log" "$bench" "$@" || echo "gpu_check: bench $name exit $?" >&2
@@ -80,9 +87,17 @@ bench_run() {  # bench_run NAME SECONDS ARGS...
 }
 gemm_grouped=$(bench_run gemm_grouped 40 gpu-gemm --json dtype=bf16 path=grouped)
 gemm_per_expert=$(bench_run gemm_per_expert 40 gpu-gemm --json dtype=bf16 path=per_expert)
+gemm_streams=$(bench_run gemm_streams 40 gpu-gemm --json dtype=bf16 path=streams)
 gemm_f32=$(bench_run gemm_f32 40 gpu-gemm --json dtype=f32 path=per_expert)
 # Attention alone at the benchmark shape: the fused kernel vs the chunked GEMM path.
 attention=$(bench_run attention 90 attention --json device=cuda iters=3)
+# The same in bf16 (as train.precision bf16 runs it: the gemm path's products at TF32).
+attention_bf16=$(bench_run attention_bf16 90 attention --json device=cuda iters=3 precision=bf16)
+# Checkpoint save and load of ~512 MB of GPU tensors through the 256 MiB host
+# bucket, against a plain write/read of the same bytes (both records).
+limited 90 "$LOGS/bench_ckpt.log" "$bench" ckpt --json device=cuda mb=512 reps=2 dir="$LOGS/ckpt_bench" ||
+  echo "gpu_check: bench ckpt exit $?" >&2
+ckpt=$(json_lines "$LOGS/bench_ckpt.log" || true)
 # docs/design.md's benchmark shape: hidden 1024, 16 layers, 8 experts top-2,
 # expert ffn 2816, seq 2048, in bf16.
 model_args=(model --json verbose=1 config=configs/bench_model.textproto device=cuda steps=4 warmup=1
@@ -136,10 +151,10 @@ def j(s):
   try: return json.loads(s)
   except Exception: return None
 print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "tests": j(a[4]),
-  "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
-  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "attention": j(a[14]), "memcheck": j(a[12]),
+  "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
+  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

@@ -3,8 +3,11 @@
 // GEMM driver, interleaved in one process.
 //
 //   build/bin/moe-bench attention [device=cpu|cuda] [batch=] [seq=] [heads=] [kv_heads=]
-//       [head_dim=] [workspace_mb=256] [iters=3] [--json]
+//       [head_dim=] [precision=fp32|bf16] [workspace_mb=256] [iters=3] [--json]
 //
+// precision=bf16: q, k, v, out, dout and the gradients are bf16 (lse f32),
+// run as train.precision bf16 runs them (bf16_staging.h: f32 copies around
+// the f32 kernels; on CUDA the gemm path's products at TF32).
 // Defaults: on cuda docs/design.md's benchmark shape (batch 4, seq 2048, 16
 // heads over 4 KV heads, head_dim 64); on cpu batch 2, seq 512, 8 over 2, 64.
 // Each iteration times forward, then backward, each from enqueue to the
@@ -31,19 +34,25 @@
 namespace moe::bench {
 namespace {
 
-absl::StatusOr<Tensor> Uniform(Backend& b, Shape shape, uint64_t seed) {
+absl::StatusOr<Tensor> Uniform(Backend& b, Shape shape, uint64_t seed, DType dtype) {
   ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(b, shape, DType::kF32, MemoryCategory::kActivations));
   RETURN_IF_ERROR(ops::InitNormal(b.default_stream(), t, seed, "bench", 1.0f));
-  return t;
+  if (dtype == DType::kF32) return t;
+  ASSIGN_OR_RETURN(Tensor c, Tensor::Empty(b, shape, dtype, MemoryCategory::kActivations));
+  RETURN_IF_ERROR(ops::Cast(b.default_stream(), t, c));
+  return c;
 }
 
-// A host copy of t's values (through the stream of t's backend).
+// A host copy of t's values as f32 (through the stream of t's backend).
 absl::StatusOr<std::vector<float>> Host(Stream& s, const Tensor& t) {
   ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(*cpu, t.shape(), DType::kF32, MemoryCategory::kActivations));
+  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(*cpu, t.shape(), t.dtype(), MemoryCategory::kActivations));
   RETURN_IF_ERROR(ops::Copy(s, t, h));
   RETURN_IF_ERROR(s.Synchronize());
-  const float* p = h.data<float>();
+  ASSIGN_OR_RETURN(Tensor f, Tensor::Empty(*cpu, t.shape(), DType::kF32, MemoryCategory::kActivations));
+  RETURN_IF_ERROR(ops::Cast(cpu->default_stream(), h, f));
+  RETURN_IF_ERROR(cpu->default_stream().Synchronize());
+  const float* p = f.data<float>();
   return std::vector<float>(p, p + t.numel());
 }
 
@@ -75,24 +84,29 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
     return absl::InvalidArgumentError(
         "attention: batch, seq, heads, kv_heads, head_dim must be >= 1 and "
         "heads a multiple of kv_heads");
+  const std::string precision = args.Str("precision", "fp32");
+  if (precision != "fp32" && precision != "bf16")
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention: precision=", precision, " is not one of fp32, bf16"));
+  const DType dt = precision == "bf16" ? DType::kBF16 : DType::kF32;
   attn::AttentionSettings& settings = attn::AttentionSettingsRef();
   const attn::AttentionSettings saved = settings;
   settings.workspace_bytes = static_cast<int64_t>(args.Int("workspace_mb", 256)) << 20;
-  ASSIGN_OR_RETURN(Tensor q, Uniform(*be, {B, S, H, hd}, 1));
-  ASSIGN_OR_RETURN(Tensor k, Uniform(*be, {B, S, Hkv, hd}, 2));
-  ASSIGN_OR_RETURN(Tensor v, Uniform(*be, {B, S, Hkv, hd}, 3));
-  ASSIGN_OR_RETURN(Tensor dout, Uniform(*be, {B, S, H, hd}, 4));
+  ASSIGN_OR_RETURN(Tensor q, Uniform(*be, {B, S, H, hd}, 1, dt));
+  ASSIGN_OR_RETURN(Tensor k, Uniform(*be, {B, S, Hkv, hd}, 2, dt));
+  ASSIGN_OR_RETURN(Tensor v, Uniform(*be, {B, S, Hkv, hd}, 3, dt));
+  ASSIGN_OR_RETURN(Tensor dout, Uniform(*be, {B, S, H, hd}, 4, dt));
   struct Run {
     Tensor out, lse, dq, dk, dv;
     std::vector<double> fwd_ms, bwd_ms;
   };
   Run runs[2];
   for (Run& r : runs) {
-    ASSIGN_OR_RETURN(r.out, Tensor::Empty(*be, {B, S, H, hd}, DType::kF32, MemoryCategory::kActivations));
+    ASSIGN_OR_RETURN(r.out, Tensor::Empty(*be, {B, S, H, hd}, dt, MemoryCategory::kActivations));
     ASSIGN_OR_RETURN(r.lse, Tensor::Empty(*be, {B, H, S}, DType::kF32, MemoryCategory::kActivations));
-    ASSIGN_OR_RETURN(r.dq, Tensor::Empty(*be, {B, S, H, hd}, DType::kF32, MemoryCategory::kActivations));
-    ASSIGN_OR_RETURN(r.dk, Tensor::Empty(*be, {B, S, Hkv, hd}, DType::kF32, MemoryCategory::kActivations));
-    ASSIGN_OR_RETURN(r.dv, Tensor::Empty(*be, {B, S, Hkv, hd}, DType::kF32, MemoryCategory::kActivations));
+    ASSIGN_OR_RETURN(r.dq, Tensor::Empty(*be, {B, S, H, hd}, dt, MemoryCategory::kActivations));
+    ASSIGN_OR_RETURN(r.dk, Tensor::Empty(*be, {B, S, Hkv, hd}, dt, MemoryCategory::kActivations));
+    ASSIGN_OR_RETURN(r.dv, Tensor::Empty(*be, {B, S, Hkv, hd}, dt, MemoryCategory::kActivations));
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const attn::AttentionPath paths[2] = {attn::AttentionPath::kFused, attn::AttentionPath::kGemm};
@@ -138,6 +152,7 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
       {"seq", absl::StrCat(S)},
       {"heads", absl::StrCat(H, "/", Hkv)},
       {"head_dim", absl::StrCat(hd)},
+      {"precision", precision},
       {"chunk", absl::StrCat(attn::ChunkRows(attn::Shape{B, S, H, Hkv, hd},
                                              static_cast<int64_t>(args.Int("workspace_mb", 256)) << 20))}};
   m.figures = {{"fused_fwd", ff, "ms"},

@@ -2,7 +2,7 @@
 // cuBLAS GEMM of the same FLOPs, on a CUDA device, timed with CUDA events.
 //
 //   build/bin/moe-bench gpu-gemm [device=cuda:0] [dtype=bf16] [experts=8] [hidden=1024]
-//       [expert_ffn=2816] [tokens=16384] [skew=0] [iters=20] [path=auto|per_expert|grouped] [--json]
+//       [expert_ffn=2816] [tokens=16384] [skew=0] [iters=20] [path=auto|per_expert|streams|grouped] [--json]
 //
 // Rows are already in expert order (R = tokens rows); expert 0 gets skew * R
 // rows more than the others (the rest shared evenly). One iteration is the three grouped GEMMs of
@@ -47,6 +47,9 @@ absl::StatusOr<double> TimeMs(Backend& b, Stream& s, Fn fn) {
 
 absl::Status RunGpuGemm(const Args& args, Reporter& rep) {
   const std::string path = args.Str("path", "auto");
+  if (path != "auto" && path != "per_expert" && path != "streams" && path != "grouped")
+    return absl::InvalidArgumentError(
+        absl::StrCat("gpu-gemm: path=", path, " is not one of auto, per_expert, streams, grouped"));
   if (path != "auto") setenv("MOE_CUDA_GROUPED_GEMM", path.c_str(), 1);  // read at the first grouped GEMM
   std::string how;
   ASSIGN_OR_RETURN(Device device, ResolveDevice(args.Str("device", "cuda"), &how));

@@ -36,6 +36,14 @@ absl::StatusOr<AttentionSettings> AttentionSettingsFromEnv() {
   return s;
 }
 
+namespace {
+thread_local bool tf32_products = false;
+}  // namespace
+
+bool Tf32ProductsAllowed() { return tf32_products; }
+Tf32ProductsScope::Tf32ProductsScope(bool allow) : saved_(tf32_products) { tf32_products = allow; }
+Tf32ProductsScope::~Tf32ProductsScope() { tf32_products = saved_; }
+
 AttentionSettings& AttentionSettingsRef() {
   static AttentionSettings settings = [] {
     absl::StatusOr<AttentionSettings> s = AttentionSettingsFromEnv();

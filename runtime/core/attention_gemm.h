@@ -53,6 +53,27 @@ absl::StatusOr<AttentionSettings> AttentionSettingsFromEnv();
 absl::StatusOr<AttentionPath> ParseAttentionPath(absl::string_view name);
 absl::string_view AttentionPathName(AttentionPath path);
 
+// Whether the batched products of this thread's current attention call may
+// round their f32 operands to TF32 (10-bit mantissa, tensor cores) where the
+// backend has it: CUDA's gemm path does (CUBLAS_COMPUTE_32F_FAST_TF32); the CPU
+// and the fused kernels ignore it. The bf16 staging decorator (bf16_staging.cc)
+// allows it around an attention call whose q, k and v are bf16: those operands,
+// and out and dout, are then bf16 values widened to f32, which TF32 holds
+// exactly, and only the probabilities and their gradients round, at 2^-11,
+// finer than the 2^-8 of the bf16 outputs. An f32 call (train.precision fp32)
+// keeps full f32 products, so CUDA matches the CPU backend to 1e-5 there.
+bool Tf32ProductsAllowed();
+class Tf32ProductsScope {
+ public:
+  explicit Tf32ProductsScope(bool allow);
+  ~Tf32ProductsScope();
+  Tf32ProductsScope(const Tf32ProductsScope&) = delete;
+  Tf32ProductsScope& operator=(const Tf32ProductsScope&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // q, out, dout, dq: [batch, seq, heads, head_dim]; k, v, dk, dv: [batch, seq,
 // kv_heads, head_dim]; lse and delta: [batch, heads, seq].
 struct Shape {

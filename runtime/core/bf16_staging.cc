@@ -9,9 +9,11 @@
 // place. The result is exactly ops.h's precision contract: bf16 inputs are
 // widened exactly (kmath::BF16ToF32), the op computes and accumulates in f32,
 // and each bf16 output element is rounded once (kmath::F32ToBF16, nearest
-// even) when the staged result is cast back. On CUDA the element-wise, norm,
+// even) when the staged result is cast back. On CUDA the norm, RoPE,
 // attention and row kernels thus read and write f32 around two Cast kernels:
-// the same numbers as bf16-native kernels would give, for more memory traffic.
+// the same numbers as bf16-native kernels would give, for more memory traffic;
+// the arithmetic element-wise kernels (Add ... SwiGLUBackward) are bf16-native
+// there and pass through (stage_elementwise = false).
 //
 // Per call, for every bf16 tensor argument:
 //   read  (an input, or an output the op also reads: beta != 0, accumulate,
@@ -32,12 +34,18 @@
 #include <vector>
 
 #include "absl/functional/function_ref.h"
+#include "runtime/core/attention_gemm.h"
 #include "runtime/core/status.h"
 
 namespace moe {
 namespace {
 
 bool IsBf16(const Tensor& t) { return t.defined() && t.dtype() == DType::kBF16; }
+// q, k and v are bf16: the staged attention call's products may run at TF32
+// (attention_gemm.h, Tf32ProductsScope).
+bool BF16Products(const Tensor& q, const Tensor& k, const Tensor& v) {
+  return IsBf16(q) && IsBf16(k) && IsBf16(v);
+}
 
 // The f32 stand-ins of one call.
 class Staging {
@@ -137,41 +145,49 @@ class Bf16StagingKernels : public Kernels {
   }
 
   absl::Status Add(S& s, T a, T b, T out) override {
+    if (!options_.stage_elementwise) return f32_->Add(s, a, b, out);
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->Add(s, a2, b2, o2); });
   }
   absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
+    if (!options_.stage_elementwise) return f32_->Axpby(s, alpha, x, beta, y);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), y2 = g.Out(y, beta != 0.0f);
     return g.Run([&] { return f32_->Axpby(s, alpha, x2, beta, y2); });
   }
   absl::Status Mul(S& s, T a, T b, T out) override {
+    if (!options_.stage_elementwise) return f32_->Mul(s, a, b, out);
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->Mul(s, a2, b2, o2); });
   }
   absl::Status Scale(S& s, T x, float alpha, T out) override {
+    if (!options_.stage_elementwise) return f32_->Scale(s, x, alpha, out);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->Scale(s, x2, alpha, o2); });
   }
   absl::Status Silu(S& s, T x, T out) override {
+    if (!options_.stage_elementwise) return f32_->Silu(s, x, out);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->Silu(s, x2, o2); });
   }
   absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
+    if (!options_.stage_elementwise) return f32_->SiluBackward(s, x, dout, dx, alpha, beta);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), d2 = g.In(dout), dx2 = g.Out(dx, beta != 0.0f);
     return g.Run([&] { return f32_->SiluBackward(s, x2, d2, dx2, alpha, beta); });
   }
   absl::Status SwiGLU(S& s, T gate, T up, T out) override {
+    if (!options_.stage_elementwise) return f32_->SwiGLU(s, gate, up, out);
     Staging g(*f32_, s);
     Tensor g2 = g.In(gate), u2 = g.In(up), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->SwiGLU(s, g2, u2, o2); });
   }
   absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
+    if (!options_.stage_elementwise) return f32_->SwiGLUBackward(s, gate, up, dout, dgate, dup);
     Staging g(*f32_, s);
     Tensor g2 = g.In(gate), u2 = g.In(up), d2 = g.In(dout), dg2 = g.Out(dgate, false),
            du2 = g.Out(dup, false);
@@ -230,6 +246,7 @@ class Bf16StagingKernels : public Kernels {
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.Out(out, false);
+    attn::Tf32ProductsScope tf32(BF16Products(q, k, v));
     return g.Run([&] { return f32_->CausalAttention(s, q2, k2, v2, scale, o2, lse); });
   }
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
@@ -237,6 +254,7 @@ class Bf16StagingKernels : public Kernels {
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.In(out), d2 = g.In(dout), dq2 = g.Out(dq, false),
            dk2 = g.Out(dk, false), dv2 = g.Out(dv, false);
+    attn::Tf32ProductsScope tf32(BF16Products(q, k, v));
     return g.Run(
         [&] { return f32_->CausalAttentionBackward(s, q2, k2, v2, o2, lse, scale, d2, dq2, dk2, dv2); });
   }

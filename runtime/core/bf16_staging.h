@@ -4,8 +4,10 @@
 // one rounding per output element) on a backend whose kernels are f32.
 //
 //   CPU:  MakeBf16StagingKernels(std::make_unique<CpuKernels>(), {.stage_gemms = true})
-//   CUDA: MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false})
-//         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation)
+//   CUDA: MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false,
+//                                                    .stage_elementwise = false})
+//         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation; the
+//         element-wise kernels read and write bf16 themselves)
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
@@ -22,6 +24,11 @@ namespace moe {
 struct Bf16StagingOptions {
   // Stage the four GEMM kinds too (false: they get bf16 tensors as they are).
   bool stage_gemms = true;
+  // Stage the arithmetic element-wise ops (Add, Axpby, Mul, Scale, Silu,
+  // SiluBackward, SwiGLU, SwiGLUBackward); false: the wrapped kernels take
+  // bf16 operands themselves, with this layer's arithmetic (widen exactly,
+  // f32, round each output once).
+  bool stage_elementwise = true;
 };
 
 std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options);

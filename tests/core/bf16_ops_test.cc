@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/core/bf16_staging.h"
+#include "runtime/core/cpu/cpu_kernels.h"
 #include "runtime/core/kernel_math.h"
 #include "runtime/core/status.h"
 #include "tests/core/test_util.h"
@@ -271,6 +273,100 @@ TEST_CASE("bf16 where the contract says f32 or one dtype: refused, naming the ar
   CHECK(std::string(st.message()).find("without being the same tensor") != std::string::npos);
   Tensor i32 = FromVecI32({4, 4}, std::vector<int32_t>(16, 1));
   CHECK(!ops::Add(S(), a, i32, o).ok());
+}
+
+// The bf16 staging decorator lets an attention call's products run at TF32
+// (attn::Tf32ProductsScope; CUDA's gemm path takes it) exactly when q, k and v
+// are bf16, and only for that call. Observed from inside the wrapped CPU
+// kernels, which still compute the result.
+class Tf32Observer : public cpu::CpuKernels {
+ public:
+  std::vector<bool> seen;
+  absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
+    seen.push_back(attn::Tf32ProductsAllowed());
+    return cpu::CpuKernels::CausalAttention(s, q, k, v, scale, out, lse);
+  }
+  absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
+                                       T dv) override {
+    seen.push_back(attn::Tf32ProductsAllowed());
+    return cpu::CpuKernels::CausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
+  }
+};
+
+TEST_CASE("bf16 attention allows TF32 products for its call only; f32 attention never") {
+  auto observer = std::make_unique<Tf32Observer>();
+  Tf32Observer* seen = observer.get();
+  std::unique_ptr<Kernels> staged = MakeBf16StagingKernels(std::move(observer), {.stage_gemms = true});
+  const int64_t b = 1, s = 5, h = 2, hkv = 1, hd = 4;
+  Tensor q = RandomBf16Values({b, s, h, hd}, 21), k = RandomBf16Values({b, s, hkv, hd}, 22),
+         v = RandomBf16Values({b, s, hkv, hd}, 23), dout = RandomBf16Values({b, s, h, hd}, 24);
+  Tensor lse = NewF32({b, h, s});
+  auto run = [&](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout) {
+    Tensor out = NewF32(q.shape()), dq = NewF32(q.shape()), dk = NewF32(k.shape()), dv = NewF32(v.shape());
+    REQUIRE(staged->CausalAttention(S(), q, k, v, 0.5f, out, lse).ok());
+    REQUIRE(staged->CausalAttentionBackward(S(), q, k, v, out, lse, 0.5f, dout, dq, dk, dv).ok());
+    REQUIRE(S().Synchronize().ok());
+  };
+  run(q, k, v, dout);
+  REQUIRE(seen->seen == std::vector<bool>{false, false});
+  run(ToBf16(q), ToBf16(k), ToBf16(v), ToBf16(dout));
+  REQUIRE(seen->seen == std::vector<bool>{false, false, true, true});
+  CHECK_FALSE(attn::Tf32ProductsAllowed());  // restored after each call
+  // Mixed: a bf16 q with f32 k and v keeps full f32 products.
+  run(ToBf16(q), k, v, dout);
+  CHECK(seen->seen == std::vector<bool>{false, false, true, true, false, false});
+  {
+    attn::Tf32ProductsScope outer(true);
+    run(q, k, v, dout);  // an f32 call inside an allowing scope still gets f32
+    CHECK(attn::Tf32ProductsAllowed());
+  }
+  CHECK(seen->seen.back() == false);
+  CHECK_FALSE(attn::Tf32ProductsAllowed());
+}
+
+// stage_elementwise = false (CUDA, whose element-wise kernels read and write
+// bf16): the eight arithmetic element-wise ops reach the wrapped kernels with
+// their bf16 tensors; with the default, as f32 copies. Every other op is
+// staged either way. Observed from inside the wrapped CPU kernels.
+class DtypeObserver : public cpu::CpuKernels {
+ public:
+  std::vector<std::string> seen;
+  absl::Status SwiGLU(S& s, T gate, T up, T out) override {
+    return Note("SwiGLU", gate, [&] { return cpu::CpuKernels::SwiGLU(s, gate, up, out); });
+  }
+  absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
+    return Note("Axpby", x, [&] { return cpu::CpuKernels::Axpby(s, alpha, x, beta, y); });
+  }
+  absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
+    return Note("RmsNorm", x, [&] { return cpu::CpuKernels::RmsNorm(s, x, weight, eps, out, rstd); });
+  }
+
+ private:
+  // Records op:dtype; runs the f32 CPU kernel only on f32 operands (it has no
+  // bf16 arithmetic: the passed-through case is CUDA's to compute).
+  absl::Status Note(const char* op, const Tensor& t, const std::function<absl::Status()>& run) {
+    seen.push_back(std::string(op) + ":" + std::string(DTypeName(t.dtype())));
+    return t.dtype() == DType::kF32 ? run() : absl::OkStatus();
+  }
+};
+
+TEST_CASE("stage_elementwise = false passes the element-wise ops' bf16 operands through") {
+  const int64_t rows = 3, d = 8;
+  Tensor x = ToBf16(RandomBf16Values({rows, d}, 31)), y = ToBf16(RandomBf16Values({rows, d}, 32));
+  Tensor out = ToBf16(RandomBf16Values({rows, d}, 33)), w = ToBf16(RandomBf16Values({d}, 34, 0.5f, 1.5f));
+  Tensor rstd = NewF32({rows});
+  for (bool stage : {true, false}) {
+    auto observer = std::make_unique<DtypeObserver>();
+    DtypeObserver* seen = observer.get();
+    std::unique_ptr<Kernels> k =
+        MakeBf16StagingKernels(std::move(observer), {.stage_gemms = true, .stage_elementwise = stage});
+    REQUIRE(k->SwiGLU(S(), x, y, out).ok());
+    REQUIRE(k->Axpby(S(), 0.5f, x, 1.0f, y).ok());
+    REQUIRE(k->RmsNorm(S(), x, w, 1e-5f, out, rstd).ok());
+    REQUIRE(S().Synchronize().ok());
+    const std::string el = stage ? "f32" : "bf16";
+    CHECK(seen->seen == std::vector<std::string>{"SwiGLU:" + el, "Axpby:" + el, "RmsNorm:f32"});
+  }
 }
 
 }  // namespace

@@ -187,6 +187,15 @@ TEST_CASE("GEMMs match the CPU backend on odd shapes") {
         [&](Stream& s, auto& t) {
           return ops::GroupedGemmWeightGrad(s, t[0], t[1], t[2], offsets, 1.0f, beta);
         });
+  // More experts with rows than the streams path has lanes (several products
+  // per lane), uneven sizes, a zero-token expert in the middle.
+  const std::vector<int64_t> many = {0, 40, 41, 141, 141, 150, 230, 231, 260, 390, 400, 513};
+  const int64_t mrows = many.back(), me = static_cast<int64_t>(many.size()) - 1;
+  Tensor mw = Rand({me, p, q}, 14);
+  Run("GroupedGemm x W^T, 11 experts", {Rand({mrows, q}, 15), mw, Rand({mrows, p}, 16)}, {2},
+      [&](Stream& s, auto& t) { return ops::GroupedGemm(s, t[0], t[1], true, t[2], many); });
+  Run("GroupedGemmWeightGrad, 11 experts", {Rand({mrows, p}, 17), Rand({mrows, q}, 18), mw}, {2},
+      [&](Stream& s, auto& t) { return ops::GroupedGemmWeightGrad(s, t[0], t[1], t[2], many, 1.0f, 1.0f); });
 }
 
 TEST_CASE("normalisation, RoPE and attention match the CPU backend") {
@@ -264,16 +273,64 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
   Run(
       "SwiGLU bf16", {x, Bf16(Rand({rows, d}, 8)), out}, {2},
       [](Stream& s, auto& t) { return ops::SwiGLU(s, t[0], t[1], t[2]); }, bf);
+  // The arithmetic element-wise kernels read and write bf16 themselves
+  // (stage_elementwise = false), all-bf16 and mixed with f32.
+  Tensor y = Bf16(Rand({rows, d}, 30)), yf = Rand({rows, d}, 31);
+  Run(
+      "Add bf16", {x, y, out}, {2}, [](Stream& s, auto& t) { return ops::Add(s, t[0], t[1], t[2]); }, bf);
+  Run(
+      "Mul bf16, in place", {x, y}, {0}, [](Stream& s, auto& t) { return ops::Mul(s, t[0], t[1], t[0]); },
+      bf);
+  Run(
+      "Axpby bf16 x into f32 y", {x, yf}, {1},
+      [](Stream& s, auto& t) { return ops::Axpby(s, 0.5f, t[0], -2.0f, t[1]); }, bf);
+  Run(
+      "Axpby bf16, beta 0", {x, y}, {1},
+      [](Stream& s, auto& t) { return ops::Axpby(s, 3.0f, t[0], 0.0f, t[1]); }, bf);
+  Run(
+      "Scale bf16", {x, out}, {1}, [](Stream& s, auto& t) { return ops::Scale(s, t[0], -1.5f, t[1]); }, bf);
+  Run(
+      "Silu bf16", {x, out}, {1}, [](Stream& s, auto& t) { return ops::Silu(s, t[0], t[1]); }, bf);
+  Run(
+      "SiluBackward bf16, beta 1", {x, y, Bf16(Rand({rows, d}, 32))}, {2},
+      [](Stream& s, auto& t) { return ops::SiluBackward(s, t[0], t[1], t[2], 0.5f, 1.0f); }, bf);
   Run(
       "SwiGLUBackward bf16, dgate in place", {x, Bf16(Rand({rows, d}, 9)), Bf16(Rand({rows, d}, 10)), out},
       {0, 3}, [](Stream& s, auto& t) { return ops::SwiGLUBackward(s, t[0], t[1], t[2], t[0], t[3]); }, bf);
-  const int64_t B = 2, S = 37, H = 4, Hkv = 2, hd = 24;
-  Tensor q = Bf16(Rand({B, S, H, hd}, 11)), k = Bf16(Rand({B, S, Hkv, hd}, 12)),
-         v = Bf16(Rand({B, S, Hkv, hd}, 13));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  Run(
-      "CausalAttention bf16", {q, k, v, Bf16(Rand({B, S, H, hd}, 14)), Rand({B, H, S}, 15)}, {3, 4},
-      [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); }, bf);
+  // Attention in bf16 on both paths, forward and backward: the gemm path's
+  // cuBLAS products run at TF32 here (attn::Tf32ProductsScope), the CPU's at
+  // f32; the probabilities' TF32 rounding (2^-11) stays below the outputs'.
+  for (attn::AttentionPath path : {attn::AttentionPath::kFused, attn::AttentionPath::kGemm}) {
+    struct Restore {
+      attn::AttentionSettings saved = attn::AttentionSettingsRef();
+      ~Restore() { attn::AttentionSettingsRef() = saved; }
+    } restore;
+    attn::AttentionSettingsRef().path = path;
+    for (int64_t S : {37, 300}) {
+      const int64_t B = 2, H = 4, Hkv = 2, hd = S < 100 ? 24 : 64;
+      const std::string tag = absl::StrCat(" bf16 (", attn::AttentionPathName(path), ", S ", S, ")");
+      attn::AttentionSettingsRef().workspace_bytes = 48 * 2 * B * H * S * static_cast<int64_t>(sizeof(float));
+      Tensor q = Bf16(Rand({B, S, H, hd}, 11)), k = Bf16(Rand({B, S, Hkv, hd}, 12)),
+             v = Bf16(Rand({B, S, Hkv, hd}, 13));
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      Run(
+          "CausalAttention" + tag, {q, k, v, Bf16(Rand({B, S, H, hd}, 14)), Rand({B, H, S}, 15)}, {3, 4},
+          [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); },
+          bf);
+      Tensor fo = Bf16(Rand({B, S, H, hd}, 16)), fl = Rand({B, H, S}, 17);
+      REQUIRE(ops::CausalAttention(Cpu().default_stream(), q, k, v, scale, fo, fl).ok());
+      Run(
+          "CausalAttentionBackward" + tag,
+          {q, k, v, fo, fl, Bf16(Rand({B, S, H, hd}, 18)), Bf16(Rand({B, S, H, hd}, 19)),
+           Bf16(Rand({B, S, Hkv, hd}, 20)), Bf16(Rand({B, S, Hkv, hd}, 21))},
+          {6, 7, 8},
+          [=](Stream& s, auto& t) {
+            return ops::CausalAttentionBackward(s, t[0], t[1], t[2], t[3], t[4], scale, t[5], t[6], t[7],
+                                                t[8]);
+          },
+          bf);
+    }
+  }
   // Weight-gradient GEMM: bf16 operands into an f32 gradient (beta 1); an
   // activation GEMM: bf16 out.
   Tensor a = Bf16(Rand({33, 65}, 16)), b = Bf16(Rand({65, 17}, 17));

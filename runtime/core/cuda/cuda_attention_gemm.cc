@@ -1,8 +1,10 @@
 // The gemm attention path (attention_gemm.h) on CUDA: each batched product is
 // one cublasGemmStridedBatchedEx, or a cublasGemmBatchedEx over device pointer
-// arrays where the (sequence, head) matrices are not at one stride (f32,
-// CUBLAS_COMPUTE_32F, row-major mapped as in cuda_gemm.cc: C^T = op(B)^T
-// op(A)^T); the row passes and delta are
+// arrays where the (sequence, head) matrices are not at one stride (f32
+// operands, row-major mapped as in cuda_gemm.cc: C^T = op(B)^T op(A)^T).
+// Products are CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 (tensor
+// cores, f32 accumulation) inside a bf16 call (attn::Tf32ProductsAllowed:
+// the operands are bf16 values, exact in TF32). The row passes and delta are
 // cuda_attention.cu's kernels, whose arithmetic is kernel_math.h's. The score
 // workspace is stream-ordered scratch, freed once the work is enqueued.
 // Everything is enqueued on the caller's stream; nothing waits.
@@ -33,7 +35,11 @@ BatchOperand AsBatchOperand(const attn::Operand& x) {
 
 class CudaAttentionEngine : public attn::Engine {
  public:
-  CudaAttentionEngine(Stream& s, cublasHandle_t handle) : s_(s), handle_(handle), stream_(NativeStream(s)) {}
+  CudaAttentionEngine(Stream& s, cublasHandle_t handle)
+      : s_(s),
+        handle_(handle),
+        stream_(NativeStream(s)),
+        compute_(attn::Tf32ProductsAllowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F) {}
 
   // One cublasGemmStridedBatchedEx when every operand's matrices are at one
   // stride; else one cublasGemmBatchedEx over pointer arrays that a kernel
@@ -49,7 +55,7 @@ class CudaAttentionEngine : public attn::Engine {
           handle_, Op(g.trans_b), Op(g.trans_a), static_cast<int>(g.n), static_cast<int>(g.m),
           static_cast<int>(g.k), &alpha, g.b.base, CUDA_R_32F, Ld(g.b.ld), sb, g.a.base, CUDA_R_32F,
           Ld(g.a.ld), sa, &beta, const_cast<float*>(g.c.base), CUDA_R_32F, Ld(g.c.ld), sc,
-          static_cast<int>(count), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          static_cast<int>(count), compute_, CUBLAS_GEMM_DEFAULT));
       return absl::OkStatus();
     }
     ASSIGN_OR_RETURN(void* arrays, ScratchAlloc(s_, 3 * static_cast<size_t>(count) * sizeof(void*)));
@@ -61,7 +67,7 @@ class CudaAttentionEngine : public attn::Engine {
       st = cublasGemmBatchedEx(handle_, Op(g.trans_b), Op(g.trans_a), static_cast<int>(g.n),
                                static_cast<int>(g.m), static_cast<int>(g.k), &alpha, ptrs + count, CUDA_R_32F,
                                Ld(g.b.ld), ptrs, CUDA_R_32F, Ld(g.a.ld), &beta, ptrs + 2 * count, CUDA_R_32F,
-                               Ld(g.c.ld), static_cast<int>(count), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                               Ld(g.c.ld), static_cast<int>(count), compute_, CUBLAS_GEMM_DEFAULT);
     ScratchFree(s_, arrays);  // stream-ordered: after the GEMM
     CUDA_RETURN_IF_ERROR(e);
     CUBLAS_RETURN_IF_ERROR(st);
@@ -96,6 +102,7 @@ class CudaAttentionEngine : public attn::Engine {
   Stream& s_;
   cublasHandle_t handle_;
   cudaStream_t stream_;
+  cublasComputeType_t compute_;
 };
 
 attn::Shape ShapeOf(const Tensor& q, const Tensor& k) {

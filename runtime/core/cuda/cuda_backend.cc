@@ -278,6 +278,38 @@ class CudaStreamImpl : public Stream {
   cudaStream_t get() const { return stream_.get(); }
   int device() const { return device_; }
   DeviceError* record() const { return errors_->record; }
+  // Side lanes (cuda_backend.h ForkLanes / JoinLanes).
+  absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(int n) {
+    CudaDeviceGuard guard(device_);
+    if (fork_.get() == nullptr) {
+      ASSIGN_OR_RETURN(fork_, CudaEvent::Create(device_));
+    }
+    while (static_cast<int>(lanes_.size()) < n) {
+      Lane lane;
+      ASSIGN_OR_RETURN(lane.stream, CudaStream::Create(device_));
+      ASSIGN_OR_RETURN(lane.done, CudaEvent::Create(device_));
+      CUBLAS_RETURN_IF_ERROR(cublasCreate(&lane.cublas));
+      lanes_.push_back(std::move(lane));
+      CUBLAS_RETURN_IF_ERROR(cublasSetStream(lanes_.back().cublas, lanes_.back().stream.get()));
+      CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(lanes_.back().cublas, CUBLAS_DEFAULT_MATH));
+    }
+    RETURN_IF_ERROR(fork_.Record(stream_.get()));
+    std::vector<cublasHandle_t> handles;
+    for (int i = 0; i < n; ++i) {
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(lanes_[i].stream.get(), fork_.get(), 0));
+      handles.push_back(lanes_[i].cublas);
+    }
+    return handles;
+  }
+  absl::Status JoinLanes(int n) {
+    CudaDeviceGuard guard(device_);
+    for (int i = 0; i < n && i < static_cast<int>(lanes_.size()); ++i) {
+      RETURN_IF_ERROR(lanes_[i].done.Record(lanes_[i].stream.get()));
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), lanes_[i].done.get(), 0));
+    }
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<cublasHandle_t> cublas() {
     if (cublas_ == nullptr) {
       CudaDeviceGuard guard(device_);
@@ -313,6 +345,13 @@ class CudaStreamImpl : public Stream {
   CudaStream stream_;
   std::shared_ptr<StreamErrors> errors_ = std::make_shared<StreamErrors>();
   cublasHandle_t cublas_ = nullptr;
+  struct Lane {
+    CudaStream stream;
+    CudaEvent done;
+    cublasHandle_t cublas = nullptr;
+  };
+  std::vector<Lane> lanes_;  // created by ForkLanes; handles destroyed in the destructor
+  CudaEvent fork_;
 };
 
 class CudaBackend : public Backend {
@@ -385,9 +424,11 @@ class CudaBackend : public Backend {
       : device_(device),
         allocator_(device, this),
         buffer_type_(device, &memory_, &allocator_),
-        // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); every
-        // other op stages bf16 through f32 around the f32 kernels.
-        kernels_(MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false})) {}
+        // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation) and the
+        // arithmetic element-wise kernels read and write bf16; every other op
+        // stages bf16 through f32 around the f32 kernels.
+        kernels_(
+            MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false, .stage_elementwise = false})) {}
 
   // One slab of kRecordsPerSlab records (the backend, and so the slabs, live
   // for the process). Called with records_mu_ held.
@@ -428,6 +469,10 @@ CudaStreamImpl::~CudaStreamImpl() {
   cudaStreamSynchronize(stream_.get());  // destroying a stream waits for its work (backend.h)
   backend_.RemoveStream(stream_.get());
   if (cublas_ != nullptr) cublasDestroy(cublas_);
+  for (Lane& lane : lanes_) {
+    cudaStreamSynchronize(lane.stream.get());
+    if (lane.cublas != nullptr) cublasDestroy(lane.cublas);
+  }
   std::lock_guard<std::mutex> lock(errors_->mu);
   if (errors_->record != nullptr) backend_.ReturnErrorRecord(errors_->record);
   errors_->record = nullptr;
@@ -522,6 +567,8 @@ absl::StatusOr<Backend*> GetCudaBackend(int index) {
 
 cudaStream_t NativeStream(Stream& s) { return AsCuda(s).get(); }
 absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s) { return AsCuda(s).cublas(); }
+absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n) { return AsCuda(s).ForkLanes(n); }
+absl::Status JoinLanes(Stream& s, int n) { return AsCuda(s).JoinLanes(n); }
 DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }
 int DeviceIndex(Stream& s) { return AsCuda(s).device(); }
 

@@ -29,6 +29,7 @@
 #include <cuda_runtime_api.h>
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/core/backend.h"
@@ -46,6 +47,16 @@ cudaStream_t NativeStream(Stream& s);
 absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s);
 DeviceError* DeviceErrorRecord(Stream& s);
 int DeviceIndex(Stream& s);
+
+// Side lanes of `s` for independent cuBLAS products (cuda_gemm.cc's "streams"
+// path of the grouped GEMM): ForkLanes makes `n` lanes (each a non-blocking
+// stream of its own with a cuBLAS handle bound to it, created at first use and
+// kept by `s`) wait for the work enqueued on `s` so far and returns their
+// handles; JoinLanes makes `s` wait for everything enqueued on those lanes
+// since. Work on the lanes must only touch memory that `s` keeps alive past
+// the join (the allocator fences `s`, not the lanes). Same host thread as `s`.
+absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n);
+absl::Status JoinLanes(Stream& s, int n);
 
 // Stream-ordered scratch memory (cudaMallocAsync / cudaFreeAsync on the stream):
 // valid for work enqueued on `s` between the two calls.

@@ -1,4 +1,6 @@
 // Element-wise kernels: fill, cast, add, axpby, mul, scale, SiLU, SwiGLU.
+#include <initializer_list>
+
 #include "runtime/core/cuda/cuda_launch.cuh"
 
 namespace moe::cuda {
@@ -49,41 +51,99 @@ __global__ void CastKernel(const void* src, ElemType st, void* dst, ElemType dt,
   MOE_GRID_STRIDE(i, n) StoreAs(dst, dt, i, LoadAs(src, st, i));
 }
 
-__global__ void AddKernel(const float* a, const float* b, float* out, int64_t n) {
-  MOE_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+// The arithmetic kernels take each operand as f32 or bf16 (ElemIn/ElemOut).
+// M: 0 = every operand f32, 1 = every operand bf16, 2 = per-operand types
+// (read from the operand); the launchers pick the instantiation.
+template <int M>
+__device__ __forceinline__ bool IsBf16(ElemType t) {
+  return M == 2 ? t == ElemType::kBF16 : M == 1;
 }
-__global__ void MulKernel(const float* a, const float* b, float* out, int64_t n) {
-  MOE_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+// kmath::LoadF32 / StoreF32: the conversions of the CPU backend's Cast.
+template <int M>
+__device__ __forceinline__ float Ld(ElemIn x, int64_t i) {
+  return IsBf16<M>(x.t) ? kmath::LoadF32(static_cast<const uint16_t*>(x.p), i)
+                        : kmath::LoadF32(static_cast<const float*>(x.p), i);
 }
-__global__ void AxpbyKernel(float alpha, const float* x, float beta, float* y, int64_t n) {
+template <int M>
+__device__ __forceinline__ float Ld(ElemOut x, int64_t i) {
+  return Ld<M>(ElemIn{x.p, x.t}, i);
+}
+template <int M>
+__device__ __forceinline__ void St(ElemOut x, int64_t i, float v) {
+  if (IsBf16<M>(x.t))
+    kmath::StoreF32(static_cast<uint16_t*>(x.p), i, v);
+  else
+    kmath::StoreF32(static_cast<float*>(x.p), i, v);
+}
+
+int Mode(std::initializer_list<ElemType> types) {
+  bool f32 = true, bf16 = true;
+  for (ElemType t : types) {
+    f32 = f32 && t == ElemType::kF32;
+    bf16 = bf16 && t == ElemType::kBF16;
+  }
+  return f32 ? 0 : bf16 ? 1 : 2;
+}
+
+template <int M>
+__global__ void AddKernel(ElemIn a, ElemIn b, ElemOut out, int64_t n) {
+  MOE_GRID_STRIDE(i, n) St<M>(out, i, Ld<M>(a, i) + Ld<M>(b, i));
+}
+template <int M>
+__global__ void MulKernel(ElemIn a, ElemIn b, ElemOut out, int64_t n) {
+  MOE_GRID_STRIDE(i, n) St<M>(out, i, Ld<M>(a, i) * Ld<M>(b, i));
+}
+template <int M>
+__global__ void AxpbyKernel(float alpha, ElemIn x, float beta, ElemOut y, int64_t n) {
   // beta = 0 never reads y (NaNs there do not propagate), as ops.h promises.
-  MOE_GRID_STRIDE(i, n) y[i] = beta == 0.0f ? alpha * x[i] : alpha * x[i] + beta * y[i];
+  MOE_GRID_STRIDE(i, n)
+  St<M>(y, i, beta == 0.0f ? alpha * Ld<M>(x, i) : alpha * Ld<M>(x, i) + beta * Ld<M>(y, i));
 }
-__global__ void ScaleKernel(const float* x, float alpha, float* out, int64_t n) {
-  MOE_GRID_STRIDE(i, n) out[i] = alpha * x[i];
+template <int M>
+__global__ void ScaleKernel(ElemIn x, float alpha, ElemOut out, int64_t n) {
+  MOE_GRID_STRIDE(i, n) St<M>(out, i, alpha * Ld<M>(x, i));
 }
-__global__ void SiluKernel(const float* x, float* out, int64_t n) {
-  MOE_GRID_STRIDE(i, n) out[i] = kmath::Silu(x[i]);
+template <int M>
+__global__ void SiluKernel(ElemIn x, ElemOut out, int64_t n) {
+  MOE_GRID_STRIDE(i, n) St<M>(out, i, kmath::Silu(Ld<M>(x, i)));
 }
-__global__ void SiluBackwardKernel(const float* x, const float* dout, float* dx, float alpha, float beta,
-                                   int64_t n) {
+template <int M>
+__global__ void SiluBackwardKernel(ElemIn x, ElemIn dout, ElemOut dx, float alpha, float beta, int64_t n) {
   MOE_GRID_STRIDE(i, n) {
-    const float g = alpha * dout[i] * kmath::SiluGrad(x[i]);
-    dx[i] = beta == 0.0f ? g : g + beta * dx[i];
+    const float g = alpha * Ld<M>(dout, i) * kmath::SiluGrad(Ld<M>(x, i));
+    St<M>(dx, i, beta == 0.0f ? g : g + beta * Ld<M>(dx, i));
   }
 }
-__global__ void SwiGLUKernel(const float* gate, const float* up, float* out, int64_t n) {
-  MOE_GRID_STRIDE(i, n) out[i] = kmath::SwiGLU(gate[i], up[i]);
+template <int M>
+__global__ void SwiGLUKernel(ElemIn gate, ElemIn up, ElemOut out, int64_t n) {
+  MOE_GRID_STRIDE(i, n) St<M>(out, i, kmath::SwiGLU(Ld<M>(gate, i), Ld<M>(up, i)));
 }
-__global__ void SwiGLUBackwardKernel(const float* gate, const float* up, const float* dout, float* dgate,
-                                     float* dup, int64_t n) {
+template <int M>
+__global__ void SwiGLUBackwardKernel(ElemIn gate, ElemIn up, ElemIn dout, ElemOut dgate, ElemOut dup,
+                                     int64_t n) {
   MOE_GRID_STRIDE(i, n) {
     float dg, du;
-    kmath::SwiGLUBackward(gate[i], up[i], dout[i], &dg, &du);
-    dgate[i] = dg;
-    dup[i] = du;
+    kmath::SwiGLUBackward(Ld<M>(gate, i), Ld<M>(up, i), Ld<M>(dout, i), &dg, &du);
+    St<M>(dgate, i, dg);
+    St<M>(dup, i, du);
   }
 }
+
+// Launches kernel<mode> over n items on stream s.
+#define MOE_ELEM_LAUNCH(kernel, mode, n, s, ...)                \
+  do {                                                          \
+    if ((n) <= 0) break;                                        \
+    switch (mode) {                                             \
+      case 0:                                                   \
+        kernel<0><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+      case 1:                                                   \
+        kernel<1><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+      default:                                                  \
+        kernel<2><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
+    }                                                           \
+  } while (0)
 
 }  // namespace
 
@@ -95,38 +155,39 @@ cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int
   if (n > 0) CastKernel<<<GridFor(n), kThreads, 0, s>>>(src, st, dst, dt, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t s) {
-  if (n > 0) AddKernel<<<GridFor(n), kThreads, 0, s>>>(a, b, out, n);
+cudaError_t LaunchAdd(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(AddKernel, Mode({a.t, b.t, out.t}), n, s, a, b, out, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchMul(const float* a, const float* b, float* out, int64_t n, cudaStream_t s) {
-  if (n > 0) MulKernel<<<GridFor(n), kThreads, 0, s>>>(a, b, out, n);
+cudaError_t LaunchMul(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(MulKernel, Mode({a.t, b.t, out.t}), n, s, a, b, out, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchAxpby(float alpha, const float* x, float beta, float* y, int64_t n, cudaStream_t s) {
-  if (n > 0) AxpbyKernel<<<GridFor(n), kThreads, 0, s>>>(alpha, x, beta, y, n);
+cudaError_t LaunchAxpby(float alpha, ElemIn x, float beta, ElemOut y, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(AxpbyKernel, Mode({x.t, y.t}), n, s, alpha, x, beta, y, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchScale(const float* x, float alpha, float* out, int64_t n, cudaStream_t s) {
-  if (n > 0) ScaleKernel<<<GridFor(n), kThreads, 0, s>>>(x, alpha, out, n);
+cudaError_t LaunchScale(ElemIn x, float alpha, ElemOut out, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(ScaleKernel, Mode({x.t, out.t}), n, s, x, alpha, out, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchSilu(const float* x, float* out, int64_t n, cudaStream_t s) {
-  if (n > 0) SiluKernel<<<GridFor(n), kThreads, 0, s>>>(x, out, n);
+cudaError_t LaunchSilu(ElemIn x, ElemOut out, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(SiluKernel, Mode({x.t, out.t}), n, s, x, out, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchSiluBackward(const float* x, const float* dout, float* dx, float alpha, float beta,
-                               int64_t n, cudaStream_t s) {
-  if (n > 0) SiluBackwardKernel<<<GridFor(n), kThreads, 0, s>>>(x, dout, dx, alpha, beta, n);
+cudaError_t LaunchSiluBackward(ElemIn x, ElemIn dout, ElemOut dx, float alpha, float beta, int64_t n,
+                               cudaStream_t s) {
+  MOE_ELEM_LAUNCH(SiluBackwardKernel, Mode({x.t, dout.t, dx.t}), n, s, x, dout, dx, alpha, beta, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchSwiGLU(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s) {
-  if (n > 0) SwiGLUKernel<<<GridFor(n), kThreads, 0, s>>>(gate, up, out, n);
+cudaError_t LaunchSwiGLU(ElemIn gate, ElemIn up, ElemOut out, int64_t n, cudaStream_t s) {
+  MOE_ELEM_LAUNCH(SwiGLUKernel, Mode({gate.t, up.t, out.t}), n, s, gate, up, out, n);
   return cudaGetLastError();
 }
-cudaError_t LaunchSwiGLUBackward(const float* gate, const float* up, const float* dout, float* dgate,
-                                 float* dup, int64_t n, cudaStream_t s) {
-  if (n > 0) SwiGLUBackwardKernel<<<GridFor(n), kThreads, 0, s>>>(gate, up, dout, dgate, dup, n);
+cudaError_t LaunchSwiGLUBackward(ElemIn gate, ElemIn up, ElemIn dout, ElemOut dgate, ElemOut dup, int64_t n,
+                                 cudaStream_t s) {
+  MOE_ELEM_LAUNCH(SwiGLUBackwardKernel, Mode({gate.t, up.t, dout.t, dgate.t, dup.t}), n, s, gate, up, dout,
+                  dgate, dup, n);
   return cudaGetLastError();
 }
 

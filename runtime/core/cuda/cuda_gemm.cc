@@ -2,11 +2,18 @@
 // fp32, no TF32). Row-major operands map onto column-major cuBLAS by computing
 // C^T = op(B)^T op(A)^T, so transposes cost no copy, as on CPU.
 //
-// The grouped expert GEMM has two paths: one cublasGemmEx per expert with rows
-// (any dtype), and one cublasGemmGroupedBatchedEx call over the experts with
-// rows (bf16 operands; the device pointer arrays are copied on the stream).
-// MOE_CUDA_GROUPED_GEMM=per_expert forces the first, =grouped the second where
-// the dtypes allow it (moe-bench gpu-gemm compares them). Default: per expert.
+// The grouped expert GEMM has three paths: one cublasGemmEx per expert with
+// rows (any dtype) on the caller's stream; the same products spread over
+// side lanes (cuda_backend.h ForkLanes: up to kLanes streams with a cuBLAS
+// handle each, experts placed largest-first on the least-loaded lane, joined
+// back before the call returns), so that one expert's tiles fill the SMs that
+// another's last wave leaves idle; and one cublasGemmGroupedBatchedEx call over
+// the experts with rows (bf16 operands; the device pointer arrays are copied
+// on the stream). MOE_CUDA_GROUPED_GEMM=per_expert | streams | grouped picks
+// one (grouped where the dtypes allow it; moe-bench gpu-gemm compares them).
+// Default: per expert. Every expert writes its own rows of y (its own dW_e),
+// so the lanes never write the same memory and results do not depend on the
+// path: each product is the same cublasGemmEx call.
 // On an H200 (8 experts of 2048 rows, hidden 1024, ffn 2816, bf16) the forward
 // and dX products took 0.47 ms per expert against 0.79 ms grouped, forward +
 // backward (0.70 and 0.42 of one GEMM of equal FLOPs); the grouped call is for
@@ -15,6 +22,7 @@
 
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -23,6 +31,7 @@
 #include "runtime/core/cuda/cuda_backend.h"
 #include "runtime/core/cuda/cuda_check.h"
 #include "runtime/core/cuda/cuda_kernels.h"
+#include "runtime/core/logging.h"
 
 namespace moe::cuda {
 namespace {
@@ -56,6 +65,10 @@ GroupedGemmPath PathFromEnv() {
   const char* v = std::getenv("MOE_CUDA_GROUPED_GEMM");
   if (v != nullptr && std::strcmp(v, "per_expert") == 0) return GroupedGemmPath::kPerExpert;
   if (v != nullptr && std::strcmp(v, "grouped") == 0) return GroupedGemmPath::kGrouped;
+  if (v != nullptr && std::strcmp(v, "streams") == 0) return GroupedGemmPath::kStreams;
+  if (v != nullptr && *v != '\0' && std::strcmp(v, "auto") != 0)
+    MOE_LOG(ERROR) << "MOE_CUDA_GROUPED_GEMM=" << v
+                   << " is not one of auto, per_expert, streams, grouped; using auto (per expert)";
   return GroupedGemmPath::kAuto;
 }
 
@@ -108,10 +121,39 @@ absl::Status GroupedCall(Stream& s, cublasHandle_t h, const std::vector<ExpertGe
   return CublasStatus(st, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
 }
 
+// The experts' products on up to kLanes side lanes of s: largest (m n k)
+// first, each on the lane with the fewest FLOPs so far. The lanes are joined
+// back into s even when a product fails to enqueue.
+constexpr int kLanes = 4;
+absl::Status LanedCall(Stream& s, const std::vector<ExpertGemm>& g, float alpha, float beta, DType at,
+                       DType bt, DType ct) {
+  const int lanes = static_cast<int>(std::min<size_t>(kLanes, g.size()));
+  std::vector<size_t> order(g.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto flops = [&](size_t i) { return static_cast<double>(g[i].m) * g[i].n * g[i].k; };
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return flops(x) > flops(y); });
+  ASSIGN_OR_RETURN(std::vector<cublasHandle_t> handles, ForkLanes(s, lanes));
+  std::vector<double> load(lanes, 0.0);
+  absl::Status status;
+  for (size_t i : order) {
+    const int lane = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    load[lane] += flops(i);
+    const ExpertGemm& e = g[i];
+    status = RowMajorGemm(handles[lane], e.ta, e.tb, e.m, e.n, e.k, alpha, e.a, at, e.lda, e.b, bt, e.ldb,
+                          beta, e.c, ct, e.ldc);
+    if (!status.ok()) break;
+  }
+  absl::Status joined = JoinLanes(s, lanes);
+  RETURN_IF_ERROR(status);
+  return joined;
+}
+
 absl::Status RunExperts(Stream& s, const std::vector<ExpertGemm>& g, float alpha, float beta, DType at,
                         DType bt, DType ct) {
   ASSIGN_OR_RETURN(cublasHandle_t h, CublasHandle(s));
   if (UseGroupedGemm(at, bt, ct)) return GroupedCall(s, h, g, alpha, beta, at, bt, ct);
+  if (GroupedGemmPathSetting() == GroupedGemmPath::kStreams && g.size() > 1)
+    return LanedCall(s, g, alpha, beta, at, bt, ct);
   for (const ExpertGemm& e : g)
     RETURN_IF_ERROR(RowMajorGemm(h, e.ta, e.tb, e.m, e.n, e.k, alpha, e.a, at, e.lda, e.b, bt, e.ldb, beta,
                                  e.c, ct, e.ldc));
@@ -200,8 +242,8 @@ absl::Status GroupedGemmWeightGrad(Stream& s, const Tensor& dy, const Tensor& x,
       if (dw.dtype() != DType::kF32)
         return absl::InvalidArgumentError("cuda GroupedGemmWeightGrad: dw must be f32 (fp32 accumulation)");
       cudaError_t err = beta == 0.0f ? LaunchFill(dwe, ElemType::kF32, p * q, 0.0, NativeStream(s))
-                                     : LaunchScale(reinterpret_cast<const float*>(dwe), beta,
-                                                   reinterpret_cast<float*>(dwe), p * q, NativeStream(s));
+                                     : LaunchScale(ElemIn{dwe, ElemType::kF32}, beta,
+                                                   ElemOut{dwe, ElemType::kF32}, p * q, NativeStream(s));
       CUDA_RETURN_IF_ERROR(err);
       continue;
     }

@@ -16,7 +16,7 @@
 
 namespace moe::cuda {
 
-enum class GroupedGemmPath { kAuto, kPerExpert, kGrouped };
+enum class GroupedGemmPath { kAuto, kPerExpert, kGrouped, kStreams };
 // The path the grouped GEMM takes (from MOE_CUDA_GROUPED_GEMM at first use;
 // benchmarks set it to compare both paths in one process).
 GroupedGemmPath& GroupedGemmPathSetting();

@@ -48,11 +48,28 @@ absl::StatusOr<ElemType> Elem(DType t) {
 
 #define LAUNCH(call) CUDA_RETURN_IF_ERROR(call)
 
-// The element-wise, row and attention kernels are f32: the backend wraps this
-// table in the bf16 staging decorator (bf16_staging.h), which hands them f32
-// copies of bf16 operands. A bf16 tensor that still reaches one (this table
-// used without the decorator) is refused naming the op, rather than read as
-// f32. GEMMs, Copy, Cast, Fill and GatherRows take bf16.
+// An operand of the arithmetic element-wise kernels: f32 or bf16 (their
+// launchers widen and round; cuda_kernels.h ElemIn). Other dtypes are refused
+// naming the op (ops.cc admits only these two).
+absl::StatusOr<ElemType> FloatElem(const char* op, const Tensor& t) {
+  if (t.dtype() == DType::kF32) return ElemType::kF32;
+  if (t.dtype() == DType::kBF16) return ElemType::kBF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("cuda ", op, ": ", t.ToString(), " is neither f32 nor bf16"));
+}
+#define ELEM_IN(var, op, t)                                \
+  ASSIGN_OR_RETURN(ElemType var##_type, FloatElem(op, t)); \
+  const ElemIn var { (t).raw_data(), var##_type }
+#define ELEM_OUT(var, op, t)                               \
+  ASSIGN_OR_RETURN(ElemType var##_type, FloatElem(op, t)); \
+  const ElemOut var { (t).raw_data(), var##_type }
+
+// The reduction, norm, RoPE, attention, softmax and row kernels are f32: the
+// backend wraps this table in the bf16 staging decorator (bf16_staging.h),
+// which hands them f32 copies of bf16 operands. A bf16 tensor that still
+// reaches one (this table used without the decorator) is refused naming the
+// op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows and the
+// arithmetic element-wise ops (Add ... SwiGLUBackward) take bf16.
 absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensors) {
   for (const Tensor* t : tensors)
     if (t->defined() && t->dtype() == DType::kBF16)
@@ -96,45 +113,61 @@ class CudaKernels : public Kernels {
                                      float beta) override {
     return cuda::GroupedGemmWeightGrad(s, dy, x, dw, offsets, alpha, beta);
   }
+  // The arithmetic element-wise ops take f32 and bf16 operands natively (the
+  // bf16 staging decorator passes them through: Bf16StagingOptions).
   absl::Status Add(S& s, T a, T b, T out) override {
-    RETURN_IF_ERROR(F32Only("Add", {&a, &b, &out}));
-    LAUNCH(LaunchAdd(Ptr(a), Ptr(b), Ptr(out), out.numel(), NativeStream(s)));
+    ELEM_IN(ea, "Add", a);
+    ELEM_IN(eb, "Add", b);
+    ELEM_OUT(eo, "Add", out);
+    LAUNCH(LaunchAdd(ea, eb, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
-    RETURN_IF_ERROR(F32Only("Axpby", {&x, &y}));
-    LAUNCH(LaunchAxpby(alpha, Ptr(x), beta, Ptr(y), y.numel(), NativeStream(s)));
+    ELEM_IN(ex, "Axpby", x);
+    ELEM_OUT(ey, "Axpby", y);
+    LAUNCH(LaunchAxpby(alpha, ex, beta, ey, y.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Mul(S& s, T a, T b, T out) override {
-    RETURN_IF_ERROR(F32Only("Mul", {&a, &b, &out}));
-    LAUNCH(LaunchMul(Ptr(a), Ptr(b), Ptr(out), out.numel(), NativeStream(s)));
+    ELEM_IN(ea, "Mul", a);
+    ELEM_IN(eb, "Mul", b);
+    ELEM_OUT(eo, "Mul", out);
+    LAUNCH(LaunchMul(ea, eb, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Scale(S& s, T x, float alpha, T out) override {
-    RETURN_IF_ERROR(F32Only("Scale", {&x, &out}));
-    LAUNCH(LaunchScale(Ptr(x), alpha, Ptr(out), out.numel(), NativeStream(s)));
+    ELEM_IN(ex, "Scale", x);
+    ELEM_OUT(eo, "Scale", out);
+    LAUNCH(LaunchScale(ex, alpha, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Silu(S& s, T x, T out) override {
-    RETURN_IF_ERROR(F32Only("Silu", {&x, &out}));
-    LAUNCH(LaunchSilu(Ptr(x), Ptr(out), out.numel(), NativeStream(s)));
+    ELEM_IN(ex, "Silu", x);
+    ELEM_OUT(eo, "Silu", out);
+    LAUNCH(LaunchSilu(ex, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
-    RETURN_IF_ERROR(F32Only("SiluBackward", {&x, &dout, &dx}));
-    LAUNCH(LaunchSiluBackward(Ptr(x), Ptr(dout), Ptr(dx), alpha, beta, dx.numel(), NativeStream(s)));
+    ELEM_IN(ex, "SiluBackward", x);
+    ELEM_IN(ed, "SiluBackward", dout);
+    ELEM_OUT(edx, "SiluBackward", dx);
+    LAUNCH(LaunchSiluBackward(ex, ed, edx, alpha, beta, dx.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SwiGLU(S& s, T gate, T up, T out) override {
-    RETURN_IF_ERROR(F32Only("SwiGLU", {&gate, &up, &out}));
-    LAUNCH(LaunchSwiGLU(Ptr(gate), Ptr(up), Ptr(out), out.numel(), NativeStream(s)));
+    ELEM_IN(eg, "SwiGLU", gate);
+    ELEM_IN(eu, "SwiGLU", up);
+    ELEM_OUT(eo, "SwiGLU", out);
+    LAUNCH(LaunchSwiGLU(eg, eu, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
-    RETURN_IF_ERROR(F32Only("SwiGLUBackward", {&gate, &up, &dout, &dgate, &dup}));
-    LAUNCH(LaunchSwiGLUBackward(Ptr(gate), Ptr(up), Ptr(dout), Ptr(dgate), Ptr(dup), gate.numel(),
-                                NativeStream(s)));
+    ELEM_IN(eg, "SwiGLUBackward", gate);
+    ELEM_IN(eu, "SwiGLUBackward", up);
+    ELEM_IN(ed, "SwiGLUBackward", dout);
+    ELEM_OUT(edg, "SwiGLUBackward", dgate);
+    ELEM_OUT(edu, "SwiGLUBackward", dup);
+    LAUNCH(LaunchSwiGLUBackward(eg, eu, ed, edg, edu, gate.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status ReduceSum(S& s, T x, T out, float alpha, float beta) override {

@@ -33,16 +33,29 @@ enum class ElemType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kI64 = 3, kF64 = 4 };
 // ---- cuda_elementwise.cu ----
 cudaError_t LaunchFill(void* p, ElemType t, int64_t n, double value, cudaStream_t s);
 cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int64_t n, cudaStream_t s);
-cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
-cudaError_t LaunchMul(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
-cudaError_t LaunchAxpby(float alpha, const float* x, float beta, float* y, int64_t n, cudaStream_t s);
-cudaError_t LaunchScale(const float* x, float alpha, float* out, int64_t n, cudaStream_t s);
-cudaError_t LaunchSilu(const float* x, float* out, int64_t n, cudaStream_t s);
-cudaError_t LaunchSiluBackward(const float* x, const float* dout, float* dx, float alpha, float beta,
-                               int64_t n, cudaStream_t s);
-cudaError_t LaunchSwiGLU(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s);
-cudaError_t LaunchSwiGLUBackward(const float* gate, const float* up, const float* dout, float* dgate,
-                                 float* dup, int64_t n, cudaStream_t s);
+// Operands of the arithmetic element-wise kernels: f32 or bf16 each, mixed
+// freely. A bf16 input is widened exactly, the arithmetic is f32 (kernel_math.h)
+// and a bf16 output is rounded once, to nearest even: the numbers the bf16
+// staging decorator gives around an f32 kernel, without its copies. Each
+// element is read before it is written, so an output may alias an input.
+struct ElemIn {
+  const void* p;
+  ElemType t;  // kF32 or kBF16
+};
+struct ElemOut {
+  void* p;
+  ElemType t;  // kF32 or kBF16
+};
+cudaError_t LaunchAdd(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s);
+cudaError_t LaunchMul(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s);
+cudaError_t LaunchAxpby(float alpha, ElemIn x, float beta, ElemOut y, int64_t n, cudaStream_t s);
+cudaError_t LaunchScale(ElemIn x, float alpha, ElemOut out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSilu(ElemIn x, ElemOut out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSiluBackward(ElemIn x, ElemIn dout, ElemOut dx, float alpha, float beta, int64_t n,
+                               cudaStream_t s);
+cudaError_t LaunchSwiGLU(ElemIn gate, ElemIn up, ElemOut out, int64_t n, cudaStream_t s);
+cudaError_t LaunchSwiGLUBackward(ElemIn gate, ElemIn up, ElemIn dout, ElemOut dgate, ElemOut dup, int64_t n,
+                                 cudaStream_t s);
 
 // ---- cuda_reduce.cu ----
 enum class ReduceKind : int { kSum = 0, kSumSquares = 1, kMax = 2 };

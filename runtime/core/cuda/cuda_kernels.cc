@@ -57,12 +57,14 @@ absl::StatusOr<ElemType> FloatElem(const char* op, const Tensor& t) {
   return absl::InvalidArgumentError(
       absl::StrCat("cuda ", op, ": ", t.ToString(), " is neither f32 nor bf16"));
 }
-#define ELEM_IN(var, op, t)                                \
-  ASSIGN_OR_RETURN(ElemType var##_type, FloatElem(op, t)); \
-  const ElemIn var { (t).raw_data(), var##_type }
-#define ELEM_OUT(var, op, t)                               \
-  ASSIGN_OR_RETURN(ElemType var##_type, FloatElem(op, t)); \
-  const ElemOut var { (t).raw_data(), var##_type }
+absl::StatusOr<ElemIn> In(const char* op, const Tensor& t) {
+  ASSIGN_OR_RETURN(ElemType e, FloatElem(op, t));
+  return ElemIn{t.raw_data(), e};
+}
+absl::StatusOr<ElemOut> Out(const char* op, const Tensor& t) {
+  ASSIGN_OR_RETURN(ElemType e, FloatElem(op, t));
+  return ElemOut{t.raw_data(), e};
+}
 
 // The reduction, norm, RoPE, attention, softmax and row kernels are f32: the
 // backend wraps this table in the bf16 staging decorator (bf16_staging.h),
@@ -116,57 +118,57 @@ class CudaKernels : public Kernels {
   // The arithmetic element-wise ops take f32 and bf16 operands natively (the
   // bf16 staging decorator passes them through: Bf16StagingOptions).
   absl::Status Add(S& s, T a, T b, T out) override {
-    ELEM_IN(ea, "Add", a);
-    ELEM_IN(eb, "Add", b);
-    ELEM_OUT(eo, "Add", out);
+    ASSIGN_OR_RETURN(const ElemIn ea, In("Add", a));
+    ASSIGN_OR_RETURN(const ElemIn eb, In("Add", b));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("Add", out));
     LAUNCH(LaunchAdd(ea, eb, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Axpby(S& s, float alpha, T x, float beta, T y) override {
-    ELEM_IN(ex, "Axpby", x);
-    ELEM_OUT(ey, "Axpby", y);
+    ASSIGN_OR_RETURN(const ElemIn ex, In("Axpby", x));
+    ASSIGN_OR_RETURN(const ElemOut ey, Out("Axpby", y));
     LAUNCH(LaunchAxpby(alpha, ex, beta, ey, y.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Mul(S& s, T a, T b, T out) override {
-    ELEM_IN(ea, "Mul", a);
-    ELEM_IN(eb, "Mul", b);
-    ELEM_OUT(eo, "Mul", out);
+    ASSIGN_OR_RETURN(const ElemIn ea, In("Mul", a));
+    ASSIGN_OR_RETURN(const ElemIn eb, In("Mul", b));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("Mul", out));
     LAUNCH(LaunchMul(ea, eb, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Scale(S& s, T x, float alpha, T out) override {
-    ELEM_IN(ex, "Scale", x);
-    ELEM_OUT(eo, "Scale", out);
+    ASSIGN_OR_RETURN(const ElemIn ex, In("Scale", x));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("Scale", out));
     LAUNCH(LaunchScale(ex, alpha, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Silu(S& s, T x, T out) override {
-    ELEM_IN(ex, "Silu", x);
-    ELEM_OUT(eo, "Silu", out);
+    ASSIGN_OR_RETURN(const ElemIn ex, In("Silu", x));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("Silu", out));
     LAUNCH(LaunchSilu(ex, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SiluBackward(S& s, T x, T dout, T dx, float alpha, float beta) override {
-    ELEM_IN(ex, "SiluBackward", x);
-    ELEM_IN(ed, "SiluBackward", dout);
-    ELEM_OUT(edx, "SiluBackward", dx);
+    ASSIGN_OR_RETURN(const ElemIn ex, In("SiluBackward", x));
+    ASSIGN_OR_RETURN(const ElemIn ed, In("SiluBackward", dout));
+    ASSIGN_OR_RETURN(const ElemOut edx, Out("SiluBackward", dx));
     LAUNCH(LaunchSiluBackward(ex, ed, edx, alpha, beta, dx.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SwiGLU(S& s, T gate, T up, T out) override {
-    ELEM_IN(eg, "SwiGLU", gate);
-    ELEM_IN(eu, "SwiGLU", up);
-    ELEM_OUT(eo, "SwiGLU", out);
+    ASSIGN_OR_RETURN(const ElemIn eg, In("SwiGLU", gate));
+    ASSIGN_OR_RETURN(const ElemIn eu, In("SwiGLU", up));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("SwiGLU", out));
     LAUNCH(LaunchSwiGLU(eg, eu, eo, out.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status SwiGLUBackward(S& s, T gate, T up, T dout, T dgate, T dup) override {
-    ELEM_IN(eg, "SwiGLUBackward", gate);
-    ELEM_IN(eu, "SwiGLUBackward", up);
-    ELEM_IN(ed, "SwiGLUBackward", dout);
-    ELEM_OUT(edg, "SwiGLUBackward", dgate);
-    ELEM_OUT(edu, "SwiGLUBackward", dup);
+    ASSIGN_OR_RETURN(const ElemIn eg, In("SwiGLUBackward", gate));
+    ASSIGN_OR_RETURN(const ElemIn eu, In("SwiGLUBackward", up));
+    ASSIGN_OR_RETURN(const ElemIn ed, In("SwiGLUBackward", dout));
+    ASSIGN_OR_RETURN(const ElemOut edg, Out("SwiGLUBackward", dgate));
+    ASSIGN_OR_RETURN(const ElemOut edu, Out("SwiGLUBackward", dup));
     LAUNCH(LaunchSwiGLUBackward(eg, eu, ed, edg, edu, gate.numel(), NativeStream(s)));
     return absl::OkStatus();
   }

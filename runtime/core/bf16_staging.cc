@@ -9,11 +9,12 @@
 // place. The result is exactly ops.h's precision contract: bf16 inputs are
 // widened exactly (kmath::BF16ToF32), the op computes and accumulates in f32,
 // and each bf16 output element is rounded once (kmath::F32ToBF16, nearest
-// even) when the staged result is cast back. On CUDA the norm, RoPE,
-// attention and row kernels thus read and write f32 around two Cast kernels:
-// the same numbers as bf16-native kernels would give, for more memory traffic;
-// the arithmetic element-wise kernels (Add ... SwiGLUBackward) are bf16-native
-// there and pass through (stage_elementwise = false).
+// even) when the staged result is cast back. On CUDA the attention,
+// reduction and row scatter/dot kernels thus read and write f32 around two
+// Cast kernels: the same numbers as bf16-native kernels would give, for more
+// memory traffic; the arithmetic element-wise kernels (Add ... SwiGLUBackward),
+// the norms, RoPE and the cross-entropy are bf16-native there and pass
+// through (stage_elementwise = false, stage_rows = false).
 //
 // Per call, for every bf16 tensor argument:
 //   read  (an input, or an output the op also reads: beta != 0, accumulate,
@@ -216,29 +217,35 @@ class Bf16StagingKernels : public Kernels {
   }
 
   absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
+    if (!options_.stage_rows) return f32_->RmsNorm(s, x, weight, eps, out, rstd);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(weight), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->RmsNorm(s, x2, w2, eps, o2, rstd); });
   }
   absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
                                bool accumulate_dx) override {
+    if (!options_.stage_rows)
+      return f32_->RmsNormBackward(s, x, weight, rstd, dout, dx, dweight, accumulate_dx);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), w2 = g.In(weight), d2 = g.In(dout), dx2 = g.Out(dx, accumulate_dx),
            dw2 = g.Out(dweight, true);
     return g.Run([&] { return f32_->RmsNormBackward(s, x2, w2, rstd, d2, dx2, dw2, accumulate_dx); });
   }
   absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
+    if (!options_.stage_rows) return f32_->AddRmsNorm(s, x, residual, weight, eps, sum, out, rstd);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), r2 = g.In(residual), w2 = g.In(weight), s2 = g.Out(sum, false),
            o2 = g.Out(out, false);
     return g.Run([&] { return f32_->AddRmsNorm(s, x2, r2, w2, eps, s2, o2, rstd); });
   }
   absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
+    if (!options_.stage_rows) return f32_->Rope(s, x, out, theta, position_offset);
     Staging g(*f32_, s);
     Tensor x2 = g.In(x), o2 = g.Out(out, false);
     return g.Run([&] { return f32_->Rope(s, x2, o2, theta, position_offset); });
   }
   absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
+    if (!options_.stage_rows) return f32_->RopeBackward(s, dout, dx, theta, position_offset);
     Staging g(*f32_, s);
     Tensor d2 = g.In(dout), dx2 = g.Out(dx, false);
     return g.Run([&] { return f32_->RopeBackward(s, d2, dx2, theta, position_offset); });
@@ -270,12 +277,15 @@ class Bf16StagingKernels : public Kernels {
   }
 
   absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
+    if (!options_.stage_rows) return f32_->CrossEntropy(s, logits, targets, losses, lse);
     Staging g(*f32_, s);
     Tensor l2 = g.In(logits);
     return g.Run([&] { return f32_->CrossEntropy(s, l2, targets, losses, lse); });
   }
   absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                     T dlogits) override {
+    if (!options_.stage_rows)
+      return f32_->CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
     Staging g(*f32_, s);
     Tensor l2 = g.In(logits), d2 = g.Out(dlogits, false);
     return g.Run([&] { return f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2); });

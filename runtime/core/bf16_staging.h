@@ -5,9 +5,12 @@
 //
 //   CPU:  MakeBf16StagingKernels(std::make_unique<CpuKernels>(), {.stage_gemms = true})
 //   CUDA: MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false,
-//                                                    .stage_elementwise = false})
+//                                                    .stage_elementwise = false,
+//                                                    .stage_rows = false})
 //         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation; the
-//         element-wise kernels read and write bf16 themselves)
+//         element-wise, norm, RoPE and cross-entropy kernels read and write
+//         bf16 themselves; attention, reductions and the row scatter/dot
+//         kernels are still staged)
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
@@ -29,6 +32,12 @@ struct Bf16StagingOptions {
   // bf16 operands themselves, with this layer's arithmetic (widen exactly,
   // f32, round each output once).
   bool stage_elementwise = true;
+  // Stage the norm, RoPE and cross-entropy ops (RmsNorm, AddRmsNorm,
+  // RmsNormBackward, Rope, RopeBackward, CrossEntropy, CrossEntropyBackward);
+  // false: the wrapped kernels take their bf16 activations, weight, logits
+  // and dlogits themselves, with the same arithmetic (the f32 statistics,
+  // rstd, lse and losses, are f32 either way).
+  bool stage_rows = true;
 };
 
 std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options);

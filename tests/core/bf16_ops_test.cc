@@ -340,6 +340,32 @@ class DtypeObserver : public cpu::CpuKernels {
   absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
     return Note("RmsNorm", x, [&] { return cpu::CpuKernels::RmsNorm(s, x, weight, eps, out, rstd); });
   }
+  absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
+    return Note("AddRmsNorm", x,
+                [&] { return cpu::CpuKernels::AddRmsNorm(s, x, residual, weight, eps, sum, out, rstd); });
+  }
+  absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
+                               bool accumulate_dx) override {
+    return Note("RmsNormBackward", dout, [&] {
+      return cpu::CpuKernels::RmsNormBackward(s, x, weight, rstd, dout, dx, dweight, accumulate_dx);
+    });
+  }
+  absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
+    return Note("Rope", x, [&] { return cpu::CpuKernels::Rope(s, x, out, theta, position_offset); });
+  }
+  absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
+    return Note("RopeBackward", dx,
+                [&] { return cpu::CpuKernels::RopeBackward(s, dout, dx, theta, position_offset); });
+  }
+  absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
+                                    T dlogits) override {
+    return Note("CrossEntropyBackward", dlogits, [&] {
+      return cpu::CpuKernels::CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
+    });
+  }
+  absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
+    return Note("SumRows", x, [&] { return cpu::CpuKernels::SumRows(s, x, out, alpha, beta); });
+  }
 
  private:
   // Records op:dtype; runs the f32 CPU kernel only on f32 operands (it has no
@@ -366,6 +392,40 @@ TEST_CASE("stage_elementwise = false passes the element-wise ops' bf16 operands 
     REQUIRE(S().Synchronize().ok());
     const std::string el = stage ? "f32" : "bf16";
     CHECK(seen->seen == std::vector<std::string>{"SwiGLU:" + el, "Axpby:" + el, "RmsNorm:f32"});
+  }
+}
+
+// stage_rows = false (CUDA, whose norm, RoPE and cross-entropy kernels read
+// and write bf16): those seven ops reach the wrapped kernels with their bf16
+// tensors; with the default, as f32 copies. The other ops (SumRows here) and
+// the element-wise ops (stage_elementwise keeps its default) stay staged.
+TEST_CASE("stage_rows = false passes the norm, RoPE and cross-entropy ops' bf16 operands through") {
+  const int64_t b = 1, seq = 3, h = 2, hd = 4, d = h * hd, rows = b * seq, vocab = 7;
+  Tensor x = ToBf16(RandomBf16Values({rows, d}, 41)), r = ToBf16(RandomBf16Values({rows, d}, 42));
+  Tensor out = ToBf16(RandomBf16Values({rows, d}, 43)), w = ToBf16(RandomBf16Values({d}, 44, 0.5f, 1.5f));
+  Tensor dw = NewF32({d}), rstd = NewF32({rows}), colsum = NewF32({d});
+  Tensor q = ToBf16(RandomBf16Values({b, seq, h, hd}, 45)), logits = RandomBf16Values({rows, vocab}, 46);
+  Tensor lse = NewF32({rows}), dlogits = ToBf16(RandomBf16Values({rows, vocab}, 47));
+  auto targets = Tensor::Empty(Cpu(), Shape{rows}, DType::kI32, MemoryCategory::kActivations);
+  REQUIRE(targets.ok());
+  for (int64_t i = 0; i < rows; ++i) targets->data<int32_t>()[i] = static_cast<int32_t>(i % vocab);
+  REQUIRE(ops::LogSumExp(S(), logits, lse).ok());
+  for (bool stage : {true, false}) {
+    auto observer = std::make_unique<DtypeObserver>();
+    DtypeObserver* seen = observer.get();
+    std::unique_ptr<Kernels> k = MakeBf16StagingKernels(std::move(observer), {.stage_rows = stage});
+    REQUIRE(k->RmsNorm(S(), x, w, 1e-5f, out, rstd).ok());
+    REQUIRE(k->AddRmsNorm(S(), x, r, w, 1e-5f, r, out, rstd).ok());
+    REQUIRE(k->RmsNormBackward(S(), x, w, rstd, out, r, dw, false).ok());
+    REQUIRE(k->Rope(S(), q, q, 10000.0, 0).ok());
+    REQUIRE(k->RopeBackward(S(), q, q, 10000.0, 0).ok());
+    REQUIRE(k->CrossEntropyBackward(S(), logits, *targets, lse, Tensor(), 0.5f, dlogits).ok());
+    REQUIRE(k->SumRows(S(), x, colsum, 1.0f, 0.0f).ok());
+    REQUIRE(S().Synchronize().ok());
+    const std::string el = stage ? "f32" : "bf16";
+    CHECK(seen->seen == std::vector<std::string>{"RmsNorm:" + el, "AddRmsNorm:" + el, "RmsNormBackward:" + el,
+                                                 "Rope:" + el, "RopeBackward:" + el,
+                                                 "CrossEntropyBackward:" + el, "SumRows:f32"});
   }
 }
 

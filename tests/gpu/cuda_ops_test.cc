@@ -270,6 +270,45 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
       {x, w, Rand({rows}, 5, 0.5f, 2.0f), Bf16(Rand({rows, d}, 6)), out, Rand({d}, 7)}, {4, 5},
       [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], true); },
       bf);
+  // The norms, RoPE and the cross-entropy read and write bf16 themselves
+  // (stage_rows = false): in place as the model calls them, and mixed with f32.
+  Run(
+      "AddRmsNorm bf16, sum in place on residual", {x, Bf16(Rand({rows, d}, 40)), w, out, Rand({rows}, 41)},
+      {1, 3, 4},
+      [](Stream& s, auto& t) { return ops::AddRmsNorm(s, t[0], t[1], t[2], 1e-5f, t[1], t[3], t[4]); }, bf);
+  Run(
+      "AddRmsNorm bf16 x, f32 residual and sum",
+      {x, Rand({rows, d}, 42), w, out, Rand({rows}, 43), Rand({rows, d}, 44)}, {3, 4, 5},
+      [](Stream& s, auto& t) { return ops::AddRmsNorm(s, t[0], t[1], t[2], 1e-5f, t[5], t[3], t[4]); }, bf);
+  Run(
+      "RmsNormBackward bf16 (bf16 dweight, dx overwritten)",
+      {x, w, Rand({rows}, 45, 0.5f, 2.0f), Bf16(Rand({rows, d}, 46)), out, Bf16(Rand({d}, 47))}, {4, 5},
+      [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], false); },
+      bf);
+  {
+    const int64_t B = 2, S = 13, H = 3, hd = 16;
+    Run(
+        "Rope bf16, in place, offset 5", {Bf16(Rand({B, S, H, hd}, 48))}, {0},
+        [](Stream& s, auto& t) { return ops::Rope(s, t[0], t[0], 10000.0, 5); }, bf);
+    Run(
+        "RopeBackward bf16 dout into f32 dx", {Bf16(Rand({B, S, H, hd}, 49)), Rand({B, S, H, hd}, 50)}, {1},
+        [](Stream& s, auto& t) { return ops::RopeBackward(s, t[0], t[1], 500000.0, 0); }, bf);
+  }
+  {
+    const int64_t n = 21, vocab = 517;
+    Tensor blogits = Bf16(Rand({n, vocab}, 51, -8, 8)), blse = Rand({n}, 52);
+    REQUIRE(ops::LogSumExp(Cpu().default_stream(), ToF32(blogits), blse).ok());
+    std::vector<int32_t> targets(n);
+    for (int64_t i = 0; i < n; ++i) targets[i] = i == 4 ? -1 : static_cast<int32_t>((i * 53) % vocab);
+    Run(
+        "CrossEntropy bf16 logits", {blogits, Ints({n}, targets), Rand({n}, 53), Rand({n}, 54)}, {2, 3},
+        [](Stream& s, auto& t) { return ops::CrossEntropy(s, t[0], t[1], t[2], t[3]); }, bf);
+    Run(
+        "CrossEntropyBackward bf16, dlogits in place", {blogits, Ints({n}, targets), blse, Rand({n}, 55)},
+        {0},
+        [](Stream& s, auto& t) { return ops::CrossEntropyBackward(s, t[0], t[1], t[2], t[3], 0.5f, t[0]); },
+        bf);
+  }
   Run(
       "SwiGLU bf16", {x, Bf16(Rand({rows, d}, 8)), out}, {2},
       [](Stream& s, auto& t) { return ops::SwiGLU(s, t[0], t[1], t[2]); }, bf);

@@ -424,11 +424,12 @@ class CudaBackend : public Backend {
       : device_(device),
         allocator_(device, this),
         buffer_type_(device, &memory_, &allocator_),
-        // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation) and the
-        // arithmetic element-wise kernels read and write bf16; every other op
-        // stages bf16 through f32 around the f32 kernels.
-        kernels_(
-            MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false, .stage_elementwise = false})) {}
+        // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); the
+        // arithmetic element-wise, norm, RoPE and cross-entropy kernels read and
+        // write bf16; attention, reductions and the row scatter/dot kernels
+        // stage bf16 through f32 around the f32 kernels.
+        kernels_(MakeBf16StagingKernels(
+            MakeCudaKernels(), {.stage_gemms = false, .stage_elementwise = false, .stage_rows = false})) {}
 
   // One slab of kRecordsPerSlab records (the backend, and so the slabs, live
   // for the process). Called with records_mu_ held.

@@ -1,6 +1,4 @@
 // Element-wise kernels: fill, cast, add, axpby, mul, scale, SiLU, SwiGLU.
-#include <initializer_list>
-
 #include "runtime/core/cuda/cuda_launch.cuh"
 
 namespace moe::cuda {
@@ -51,40 +49,6 @@ __global__ void CastKernel(const void* src, ElemType st, void* dst, ElemType dt,
   MOE_GRID_STRIDE(i, n) StoreAs(dst, dt, i, LoadAs(src, st, i));
 }
 
-// The arithmetic kernels take each operand as f32 or bf16 (ElemIn/ElemOut).
-// M: 0 = every operand f32, 1 = every operand bf16, 2 = per-operand types
-// (read from the operand); the launchers pick the instantiation.
-template <int M>
-__device__ __forceinline__ bool IsBf16(ElemType t) {
-  return M == 2 ? t == ElemType::kBF16 : M == 1;
-}
-// kmath::LoadF32 / StoreF32: the conversions of the CPU backend's Cast.
-template <int M>
-__device__ __forceinline__ float Ld(ElemIn x, int64_t i) {
-  return IsBf16<M>(x.t) ? kmath::LoadF32(static_cast<const uint16_t*>(x.p), i)
-                        : kmath::LoadF32(static_cast<const float*>(x.p), i);
-}
-template <int M>
-__device__ __forceinline__ float Ld(ElemOut x, int64_t i) {
-  return Ld<M>(ElemIn{x.p, x.t}, i);
-}
-template <int M>
-__device__ __forceinline__ void St(ElemOut x, int64_t i, float v) {
-  if (IsBf16<M>(x.t))
-    kmath::StoreF32(static_cast<uint16_t*>(x.p), i, v);
-  else
-    kmath::StoreF32(static_cast<float*>(x.p), i, v);
-}
-
-int Mode(std::initializer_list<ElemType> types) {
-  bool f32 = true, bf16 = true;
-  for (ElemType t : types) {
-    f32 = f32 && t == ElemType::kF32;
-    bf16 = bf16 && t == ElemType::kBF16;
-  }
-  return f32 ? 0 : bf16 ? 1 : 2;
-}
-
 template <int M>
 __global__ void AddKernel(ElemIn a, ElemIn b, ElemOut out, int64_t n) {
   MOE_GRID_STRIDE(i, n) St<M>(out, i, Ld<M>(a, i) + Ld<M>(b, i));
@@ -129,22 +93,6 @@ __global__ void SwiGLUBackwardKernel(ElemIn gate, ElemIn up, ElemIn dout, ElemOu
   }
 }
 
-// Launches kernel<mode> over n items on stream s.
-#define MOE_ELEM_LAUNCH(kernel, mode, n, s, ...)                \
-  do {                                                          \
-    if ((n) <= 0) break;                                        \
-    switch (mode) {                                             \
-      case 0:                                                   \
-        kernel<0><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
-        break;                                                  \
-      case 1:                                                   \
-        kernel<1><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
-        break;                                                  \
-      default:                                                  \
-        kernel<2><<<GridFor(n), kThreads, 0, s>>>(__VA_ARGS__); \
-    }                                                           \
-  } while (0)
-
 }  // namespace
 
 cudaError_t LaunchFill(void* p, ElemType t, int64_t n, double value, cudaStream_t s) {
@@ -156,38 +104,38 @@ cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int
   return cudaGetLastError();
 }
 cudaError_t LaunchAdd(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(AddKernel, Mode({a.t, b.t, out.t}), n, s, a, b, out, n);
+  MOE_ELEM_LAUNCH(AddKernel, ElemMode({a.t, b.t, out.t}), n, s, a, b, out, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchMul(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(MulKernel, Mode({a.t, b.t, out.t}), n, s, a, b, out, n);
+  MOE_ELEM_LAUNCH(MulKernel, ElemMode({a.t, b.t, out.t}), n, s, a, b, out, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchAxpby(float alpha, ElemIn x, float beta, ElemOut y, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(AxpbyKernel, Mode({x.t, y.t}), n, s, alpha, x, beta, y, n);
+  MOE_ELEM_LAUNCH(AxpbyKernel, ElemMode({x.t, y.t}), n, s, alpha, x, beta, y, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchScale(ElemIn x, float alpha, ElemOut out, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(ScaleKernel, Mode({x.t, out.t}), n, s, x, alpha, out, n);
+  MOE_ELEM_LAUNCH(ScaleKernel, ElemMode({x.t, out.t}), n, s, x, alpha, out, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchSilu(ElemIn x, ElemOut out, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(SiluKernel, Mode({x.t, out.t}), n, s, x, out, n);
+  MOE_ELEM_LAUNCH(SiluKernel, ElemMode({x.t, out.t}), n, s, x, out, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchSiluBackward(ElemIn x, ElemIn dout, ElemOut dx, float alpha, float beta, int64_t n,
                                cudaStream_t s) {
-  MOE_ELEM_LAUNCH(SiluBackwardKernel, Mode({x.t, dout.t, dx.t}), n, s, x, dout, dx, alpha, beta, n);
+  MOE_ELEM_LAUNCH(SiluBackwardKernel, ElemMode({x.t, dout.t, dx.t}), n, s, x, dout, dx, alpha, beta, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchSwiGLU(ElemIn gate, ElemIn up, ElemOut out, int64_t n, cudaStream_t s) {
-  MOE_ELEM_LAUNCH(SwiGLUKernel, Mode({gate.t, up.t, out.t}), n, s, gate, up, out, n);
+  MOE_ELEM_LAUNCH(SwiGLUKernel, ElemMode({gate.t, up.t, out.t}), n, s, gate, up, out, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchSwiGLUBackward(ElemIn gate, ElemIn up, ElemIn dout, ElemOut dgate, ElemOut dup, int64_t n,
                                  cudaStream_t s) {
-  MOE_ELEM_LAUNCH(SwiGLUBackwardKernel, Mode({gate.t, up.t, dout.t, dgate.t, dup.t}), n, s, gate, up, dout,
-                  dgate, dup, n);
+  MOE_ELEM_LAUNCH(SwiGLUBackwardKernel, ElemMode({gate.t, up.t, dout.t, dgate.t, dup.t}), n, s, gate, up,
+                  dout, dgate, dup, n);
   return cudaGetLastError();
 }
 

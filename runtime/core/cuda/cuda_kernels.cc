@@ -66,12 +66,13 @@ absl::StatusOr<ElemOut> Out(const char* op, const Tensor& t) {
   return ElemOut{t.raw_data(), e};
 }
 
-// The reduction, norm, RoPE, attention, softmax and row kernels are f32: the
+// The reduction, attention, softmax, routing and row kernels are f32: the
 // backend wraps this table in the bf16 staging decorator (bf16_staging.h),
 // which hands them f32 copies of bf16 operands. A bf16 tensor that still
 // reaches one (this table used without the decorator) is refused naming the
-// op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows and the
-// arithmetic element-wise ops (Add ... SwiGLUBackward) take bf16.
+// op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows, the
+// arithmetic element-wise ops (Add ... SwiGLUBackward), the norms, RoPE and
+// the cross-entropy's logits take bf16 (In / Out above).
 absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensors) {
   for (const Tensor* t : tensors)
     if (t->defined() && t->dtype() == DType::kBF16)
@@ -192,35 +193,50 @@ class CudaKernels : public Kernels {
     LAUNCH(LaunchSumRows(Ptr(x), LeadRows(x), Cols(x), Ptr(out), alpha, beta, NativeStream(s)));
     return absl::OkStatus();
   }
+  // Norm and RoPE: activations and weight f32 or bf16 natively (the bf16
+  // staging decorator passes them through: Bf16StagingOptions::stage_rows).
   absl::Status RmsNorm(S& s, T x, T weight, float eps, T out, T rstd) override {
-    RETURN_IF_ERROR(F32Only("RmsNorm", {&x, &weight, &out, &rstd}));
-    LAUNCH(LaunchRmsNorm(Ptr(x), nullptr, nullptr, Ptr(weight), eps, Ptr(out), Ptr(rstd), LeadRows(x),
-                         Cols(x), NativeStream(s)));
+    ASSIGN_OR_RETURN(const ElemIn ex, In("RmsNorm", x));
+    ASSIGN_OR_RETURN(const ElemIn ew, In("RmsNorm", weight));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("RmsNorm", out));
+    LAUNCH(LaunchRmsNorm(ex, ElemIn{nullptr, ElemType::kF32}, ElemOut{nullptr, ElemType::kF32}, ew, eps, eo,
+                         Ptr(rstd), LeadRows(x), Cols(x), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status RmsNormBackward(S& s, T x, T weight, T rstd, T dout, T dx, T dweight,
                                bool accumulate_dx) override {
-    RETURN_IF_ERROR(F32Only("RmsNormBackward", {&x, &weight, &rstd, &dout, &dx, &dweight}));
-    LAUNCH(LaunchRmsNormBackward(Ptr(x), Ptr(weight), Ptr(rstd), Ptr(dout), Ptr(dx), Ptr(dweight),
-                                 accumulate_dx, LeadRows(x), Cols(x), NativeStream(s)));
+    const char* op = "RmsNormBackward";
+    ASSIGN_OR_RETURN(const ElemIn ex, In(op, x));
+    ASSIGN_OR_RETURN(const ElemIn ew, In(op, weight));
+    ASSIGN_OR_RETURN(const ElemIn ed, In(op, dout));
+    ASSIGN_OR_RETURN(const ElemOut edx, Out(op, dx));
+    ASSIGN_OR_RETURN(const ElemOut edw, Out(op, dweight));
+    LAUNCH(LaunchRmsNormBackward(ex, ew, Ptr(rstd), ed, edx, edw, accumulate_dx, LeadRows(x), Cols(x),
+                                 NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
-    RETURN_IF_ERROR(F32Only("AddRmsNorm", {&x, &residual, &weight, &sum, &out, &rstd}));
-    LAUNCH(LaunchRmsNorm(Ptr(x), Ptr(residual), Ptr(sum), Ptr(weight), eps, Ptr(out), Ptr(rstd), LeadRows(x),
-                         Cols(x), NativeStream(s)));
+    const char* op = "AddRmsNorm";
+    ASSIGN_OR_RETURN(const ElemIn ex, In(op, x));
+    ASSIGN_OR_RETURN(const ElemIn er, In(op, residual));
+    ASSIGN_OR_RETURN(const ElemIn ew, In(op, weight));
+    ASSIGN_OR_RETURN(const ElemOut es, Out(op, sum));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out(op, out));
+    LAUNCH(LaunchRmsNorm(ex, er, es, ew, eps, eo, Ptr(rstd), LeadRows(x), Cols(x), NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status Rope(S& s, T x, T out, double theta, int64_t position_offset) override {
-    RETURN_IF_ERROR(F32Only("Rope", {&x, &out}));
-    LAUNCH(LaunchRope(Ptr(x), Ptr(out), x.size(0), x.size(1), x.size(2), x.size(3), theta, position_offset,
+    ASSIGN_OR_RETURN(const ElemIn ex, In("Rope", x));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("Rope", out));
+    LAUNCH(LaunchRope(ex, eo, x.size(0), x.size(1), x.size(2), x.size(3), theta, position_offset,
                       /*inverse=*/false, NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status RopeBackward(S& s, T dout, T dx, double theta, int64_t position_offset) override {
-    RETURN_IF_ERROR(F32Only("RopeBackward", {&dout, &dx}));
-    LAUNCH(LaunchRope(Ptr(dout), Ptr(dx), dout.size(0), dout.size(1), dout.size(2), dout.size(3), theta,
-                      position_offset, /*inverse=*/true, NativeStream(s)));
+    ASSIGN_OR_RETURN(const ElemIn ed, In("RopeBackward", dout));
+    ASSIGN_OR_RETURN(const ElemOut edx, Out("RopeBackward", dx));
+    LAUNCH(LaunchRope(ed, edx, dout.size(0), dout.size(1), dout.size(2), dout.size(3), theta, position_offset,
+                      /*inverse=*/true, NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
@@ -259,19 +275,22 @@ class CudaKernels : public Kernels {
     LAUNCH(LaunchLogSumExp(Ptr(x), Ptr(out), LeadRows(x), Cols(x), NativeStream(s)));
     return absl::OkStatus();
   }
+  // The cross-entropy's logits and dlogits: f32 or bf16 natively (stage_rows).
   absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
-    RETURN_IF_ERROR(F32Only("CrossEntropy", {&logits, &targets, &losses, &lse}));
-    LAUNCH(LaunchCrossEntropy(Ptr(logits), Ptr<int32_t>(targets), Ptr(losses), Ptr(lse), LeadRows(logits),
+    ASSIGN_OR_RETURN(const ElemIn el, In("CrossEntropy", logits));
+    LAUNCH(LaunchCrossEntropy(el, Ptr<int32_t>(targets), Ptr(losses), Ptr(lse), LeadRows(logits),
                               Cols(logits), DeviceErrorRecord(s), static_cast<int>(OpKind::kCrossEntropy),
                               NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                     T dlogits) override {
-    RETURN_IF_ERROR(F32Only("CrossEntropyBackward", {&logits, &targets, &lse, &dloss, &dlogits}));
-    LAUNCH(LaunchCrossEntropyBackward(Ptr(logits), Ptr<int32_t>(targets), Ptr(lse),
-                                      dloss.defined() ? Ptr(dloss) : nullptr, scale, Ptr(dlogits),
-                                      LeadRows(logits), Cols(logits), DeviceErrorRecord(s),
+    const char* op = "CrossEntropyBackward";
+    ASSIGN_OR_RETURN(const ElemIn el, In(op, logits));
+    ASSIGN_OR_RETURN(const ElemOut ed, Out(op, dlogits));
+    LAUNCH(LaunchCrossEntropyBackward(el, Ptr<int32_t>(targets), Ptr(lse),
+                                      dloss.defined() ? Ptr(dloss) : nullptr, scale, ed, LeadRows(logits),
+                                      Cols(logits), DeviceErrorRecord(s),
                                       static_cast<int>(OpKind::kCrossEntropyBackward), NativeStream(s)));
     return absl::OkStatus();
   }

@@ -67,16 +67,19 @@ cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out
                           cudaStream_t s);
 
 // ---- cuda_norm.cu ----
-// residual and sum null: RmsNorm; else AddRmsNorm (sum = x + residual, normalised).
-cudaError_t LaunchRmsNorm(const float* x, const float* residual, float* sum, const float* weight, float eps,
-                          float* out, float* rstd, int64_t rows, int64_t d, cudaStream_t s);
-cudaError_t LaunchRmsNormBackward(const float* x, const float* weight, const float* rstd, const float* dout,
-                                  float* dx, float* dweight, bool accumulate_dx, int64_t rows, int64_t d,
+// Activations and weight f32 or bf16 each (as ElemIn / ElemOut above); rstd f32.
+// residual.p null: RmsNorm (sum unused); else AddRmsNorm (sum = x + residual,
+// normalised; sum may alias x or residual).
+cudaError_t LaunchRmsNorm(ElemIn x, ElemIn residual, ElemOut sum, ElemIn weight, float eps, ElemOut out,
+                          float* rstd, int64_t rows, int64_t d, cudaStream_t s);
+cudaError_t LaunchRmsNormBackward(ElemIn x, ElemIn weight, const float* rstd, ElemIn dout, ElemOut dx,
+                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d,
                                   cudaStream_t s);
 
 // ---- cuda_rope.cu ----
-cudaError_t LaunchRope(const float* in, float* out, int64_t batch, int64_t seq, int64_t heads,
-                       int64_t head_dim, double theta, int64_t position_offset, bool inverse, cudaStream_t s);
+// in and out f32 or bf16 each; out may alias in.
+cudaError_t LaunchRope(ElemIn in, ElemOut out, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                       double theta, int64_t position_offset, bool inverse, cudaStream_t s);
 
 // ---- cuda_attention.cu ----
 struct AttentionShape {
@@ -118,10 +121,11 @@ cudaError_t LaunchSoftmax(const float* x, float* out, int64_t rows, int64_t cols
 cudaError_t LaunchSoftmaxBackward(const float* y, const float* dy, float* dx, float alpha, float beta,
                                   int64_t rows, int64_t cols, cudaStream_t s);
 cudaError_t LaunchLogSumExp(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s);
-cudaError_t LaunchCrossEntropy(const float* logits, const int32_t* targets, float* losses, float* lse,
-                               int64_t rows, int64_t cols, DeviceError* err, int op, cudaStream_t s);
-cudaError_t LaunchCrossEntropyBackward(const float* logits, const int32_t* targets, const float* lse,
-                                       const float* dloss, float scale, float* dlogits, int64_t rows,
+// logits and dlogits f32 or bf16 each (dlogits may alias logits); losses, lse, dloss f32.
+cudaError_t LaunchCrossEntropy(ElemIn logits, const int32_t* targets, float* losses, float* lse, int64_t rows,
+                               int64_t cols, DeviceError* err, int op, cudaStream_t s);
+cudaError_t LaunchCrossEntropyBackward(ElemIn logits, const int32_t* targets, const float* lse,
+                                       const float* dloss, float scale, ElemOut dlogits, int64_t rows,
                                        int64_t cols, DeviceError* err, int op, cudaStream_t s);
 cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, int64_t rows, int64_t cols,
                        cudaStream_t s);

@@ -1,11 +1,13 @@
-// Device helpers shared by the .cu files: launch geometry, block reductions in
-// a fixed order (deterministic), and the device error record.
+// Device helpers shared by the .cu files: launch geometry, f32 / bf16 operand
+// access (Ld / St, by mode), block reductions in a fixed order
+// (deterministic), and the device error record.
 #ifndef MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 #define MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "runtime/core/cuda/cuda_kernels.h"
 #include "runtime/core/kernel_math.h"
@@ -68,6 +70,63 @@ __device__ inline void ReportBadIndex(DeviceError* err, int op, long long positi
     atomicExch(&err->code, 1);
   }
 }
+
+// ---- f32 / bf16 operands (cuda_kernels.h ElemIn / ElemOut) -------------------
+// Kernels that take each floating operand as f32 or bf16 are templated on a
+// mode M: 0 = every operand f32, 1 = every operand bf16, 2 = per-operand types
+// read from the operand. The all-f32 and all-bf16 instantiations carry no
+// per-element type test; ElemMode picks one from the operands' types.
+template <int M>
+__device__ __forceinline__ bool IsBf16(ElemType t) {
+  return M == 2 ? t == ElemType::kBF16 : M == 1;
+}
+// kmath::LoadF32 / StoreF32: the conversions of the CPU backend's Cast (bf16
+// widened exactly; an f32 result rounded once, to nearest even).
+template <int M>
+__device__ __forceinline__ float Ld(ElemIn x, int64_t i) {
+  return IsBf16<M>(x.t) ? kmath::LoadF32(static_cast<const uint16_t*>(x.p), i)
+                        : kmath::LoadF32(static_cast<const float*>(x.p), i);
+}
+template <int M>
+__device__ __forceinline__ float Ld(ElemOut x, int64_t i) {
+  return Ld<M>(ElemIn{x.p, x.t}, i);
+}
+template <int M>
+__device__ __forceinline__ void St(ElemOut x, int64_t i, float v) {
+  if (IsBf16<M>(x.t))
+    kmath::StoreF32(static_cast<uint16_t*>(x.p), i, v);
+  else
+    kmath::StoreF32(static_cast<float*>(x.p), i, v);
+}
+
+inline int ElemMode(std::initializer_list<ElemType> types) {
+  bool f32 = true, bf16 = true;
+  for (ElemType t : types) {
+    f32 = f32 && t == ElemType::kF32;
+    bf16 = bf16 && t == ElemType::kBF16;
+  }
+  return f32 ? 0 : bf16 ? 1 : 2;
+}
+
+// Launches kernel<mode><<<grid, block, 0, s>>>(args...) when items > 0.
+#define MOE_MODE_LAUNCH(kernel, mode, items, grid, block, s, ...) \
+  do {                                                            \
+    if ((items) <= 0) break;                                      \
+    switch (mode) {                                               \
+      case 0:                                                     \
+        kernel<0><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
+        break;                                                    \
+      case 1:                                                     \
+        kernel<1><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
+        break;                                                    \
+      default:                                                    \
+        kernel<2><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
+    }                                                             \
+  } while (0)
+
+// The same over n items, one grid-stride loop (GridFor(n) x kThreads).
+#define MOE_ELEM_LAUNCH(kernel, mode, n, s, ...) \
+  MOE_MODE_LAUNCH(kernel, mode, n, GridFor(n), kThreads, s, __VA_ARGS__)
 
 }  // namespace moe::cuda
 

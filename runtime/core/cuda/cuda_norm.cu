@@ -1,57 +1,62 @@
-// RMSNorm forward (with the fused residual add) and backward: one block per row.
+// RMSNorm forward (with the fused residual add) and backward: one block per
+// row. Activations and the weight are f32 or bf16 each (cuda_launch.cuh Ld /
+// St: widened exactly, f32 arithmetic, double row sums, one rounding per
+// output); rstd is f32.
 #include "runtime/core/cuda/cuda_launch.cuh"
 
 namespace moe::cuda {
 namespace {
 
-__global__ void RmsNormKernel(const float* x, const float* residual, float* sum, const float* w, float eps,
-                              float* out, float* rstd, int64_t d) {
+// residual.p null: RmsNorm of x. Else AddRmsNorm: v = x + residual (f32) is
+// written to `sum` and normalised. The second pass recomputes v instead of
+// reading `sum` back, so a bf16 sum (rounded) does not feed the normalised
+// output: the numbers of the staged f32 kernel. sum may alias x or residual:
+// each thread reads and writes only its own elements in both passes.
+template <int M>
+__global__ void RmsNormKernel(ElemIn x, ElemIn residual, ElemOut sum, ElemIn w, float eps, ElemOut out,
+                              float* rstd, int64_t d) {
   __shared__ double shared[32];
-  const int64_t r = blockIdx.x;
-  const float* xr = x + r * d;
+  const int64_t base = blockIdx.x * d;
+  const bool add = residual.p != nullptr;
   double acc = 0;
-  if (residual != nullptr) {
-    const float* rr = residual + r * d;
-    float* sr = sum + r * d;
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-      const float v = xr[i] + rr[i];
-      sr[i] = v;
-      acc += static_cast<double>(v) * v;
-    }
-    __syncthreads();
-    xr = sr;  // sum may alias x or residual: every thread reads back its own elements only
-  } else {
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) acc += static_cast<double>(xr[i]) * xr[i];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = add ? Ld<M>(x, base + i) + Ld<M>(residual, base + i) : Ld<M>(x, base + i);
+    acc += static_cast<double>(v) * v;
   }
   const float rs = kmath::RmsNormRstd(BlockSum(acc, shared), d, eps);
-  if (threadIdx.x == 0) rstd[r] = rs;
-  float* orow = out + r * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * rs * w[i];
+  if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = add ? Ld<M>(x, base + i) + Ld<M>(residual, base + i) : Ld<M>(x, base + i);
+    if (add) St<M>(sum, base + i, v);
+    St<M>(out, base + i, v * rs * Ld<M>(w, i));
+  }
 }
 
-__global__ void RmsNormDxKernel(const float* x, const float* w, const float* rstd, const float* dout,
-                                float* dx, bool accumulate, int64_t d) {
+template <int M>
+__global__ void RmsNormDxKernel(ElemIn x, ElemIn w, const float* rstd, ElemIn dout, ElemOut dx,
+                                bool accumulate, int64_t d) {
   __shared__ double shared[32];
-  const int64_t r = blockIdx.x;
-  const float *xr = x + r * d, *dr = dout + r * d;
+  const int64_t base = blockIdx.x * d;
   double acc = 0;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) acc += static_cast<double>(w[i]) * dr[i] * xr[i];
-  const float rs = rstd[r];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    acc += static_cast<double>(Ld<M>(w, i)) * Ld<M>(dout, base + i) * Ld<M>(x, base + i);
+  const float rs = rstd[blockIdx.x];
   const float coef = kmath::RmsNormBackwardCoef(BlockSum(acc, shared), d, rs);
-  float* dxr = dx + r * d;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float g = kmath::RmsNormDx(xr[i], w[i], dr[i], rs, coef);
-    dxr[i] = accumulate ? dxr[i] + g : g;
+    const float g = kmath::RmsNormDx(Ld<M>(x, base + i), Ld<M>(w, i), Ld<M>(dout, base + i), rs, coef);
+    St<M>(dx, base + i, accumulate ? Ld<M>(dx, base + i) + g : g);
   }
 }
 
 // dweight[c] += sum_r dout[r, c] x[r, c] rstd[r] (rows in order: deterministic).
-__global__ void RmsNormDwKernel(const float* x, const float* rstd, const float* dout, float* dw, int64_t rows,
+template <int M>
+__global__ void RmsNormDwKernel(ElemIn x, const float* rstd, ElemIn dout, ElemOut dw, int64_t rows,
                                 int64_t d) {
   MOE_GRID_STRIDE(c, d) {
     double acc = 0;
-    for (int64_t r = 0; r < rows; ++r) acc += static_cast<double>(dout[r * d + c]) * x[r * d + c] * rstd[r];
-    dw[c] += static_cast<float>(acc);
+    for (int64_t r = 0; r < rows; ++r)
+      acc += static_cast<double>(Ld<M>(dout, r * d + c)) * Ld<M>(x, r * d + c) * rstd[r];
+    St<M>(dw, c, Ld<M>(dw, c) + static_cast<float>(acc));
   }
 }
 
@@ -59,18 +64,23 @@ int RowThreads(int64_t d) { return d >= 1024 ? 512 : (d >= 256 ? 256 : 128); }
 
 }  // namespace
 
-cudaError_t LaunchRmsNorm(const float* x, const float* residual, float* sum, const float* weight, float eps,
-                          float* out, float* rstd, int64_t rows, int64_t d, cudaStream_t s) {
-  if (rows > 0) RmsNormKernel<<<rows, RowThreads(d), 0, s>>>(x, residual, sum, weight, eps, out, rstd, d);
+cudaError_t LaunchRmsNorm(ElemIn x, ElemIn residual, ElemOut sum, ElemIn weight, float eps, ElemOut out,
+                          float* rstd, int64_t rows, int64_t d, cudaStream_t s) {
+  const int mode = residual.p != nullptr ? ElemMode({x.t, residual.t, sum.t, weight.t, out.t})
+                                         : ElemMode({x.t, weight.t, out.t});
+  MOE_MODE_LAUNCH(RmsNormKernel, mode, rows, rows, RowThreads(d), s, x, residual, sum, weight, eps, out, rstd,
+                  d);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchRmsNormBackward(const float* x, const float* weight, const float* rstd, const float* dout,
-                                  float* dx, float* dweight, bool accumulate_dx, int64_t rows, int64_t d,
+cudaError_t LaunchRmsNormBackward(ElemIn x, ElemIn weight, const float* rstd, ElemIn dout, ElemOut dx,
+                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d,
                                   cudaStream_t s) {
   if (rows == 0) return cudaGetLastError();
-  RmsNormDxKernel<<<rows, RowThreads(d), 0, s>>>(x, weight, rstd, dout, dx, accumulate_dx, d);
-  RmsNormDwKernel<<<GridFor(d), kThreads, 0, s>>>(x, rstd, dout, dweight, rows, d);
+  const int mode = ElemMode({x.t, weight.t, dout.t, dx.t, dweight.t});
+  MOE_MODE_LAUNCH(RmsNormDxKernel, mode, rows, rows, RowThreads(d), s, x, weight, rstd, dout, dx,
+                  accumulate_dx, d);
+  MOE_MODE_LAUNCH(RmsNormDwKernel, mode, d, GridFor(d), kThreads, s, x, rstd, dout, dweight, rows, d);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
 // Row softmax and its backward, log-sum-exp, fused softmax cross-entropy and
-// top-k (router): one block per row (top-k: one thread per row), fp32 in,
-// double row sums as on CPU.
+// top-k (router): one block per row (top-k: one thread per row), double row
+// sums as on CPU. Routing is f32; the cross-entropy's logits and dlogits are
+// f32 or bf16 each.
 #include <cfloat>
 
 #include "runtime/core/cuda/cuda_launch.cuh"
@@ -10,14 +11,19 @@ namespace {
 
 constexpr int kRowThreads = 256;
 
-// (max, sum of exp(x - max)) of a row over the block.
-__device__ inline float RowLse(const float* xr, int64_t cols, double* red) {
+// (max, sum of exp(x - max)) of the row at x + base over the block.
+template <int M>
+__device__ inline float RowLse(ElemIn x, int64_t base, int64_t cols, double* red) {
   float mx = -INFINITY;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) mx = xr[c] > mx ? xr[c] : mx;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = Ld<M>(x, base + c);
+    mx = v > mx ? v : mx;
+  }
   const float m = static_cast<float>(BlockMax(static_cast<double>(mx), red));
   if (isinf(m)) return m;
   double sum = 0;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sum += exp(static_cast<double>(xr[c] - m));
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    sum += exp(static_cast<double>(Ld<M>(x, base + c) - m));
   return static_cast<float>(m + log(BlockSum(sum, red)));
 }
 
@@ -54,38 +60,40 @@ __global__ void SoftmaxBackwardKernel(const float* y, const float* dy, float* dx
 
 __global__ void LogSumExpKernel(const float* x, float* out, int64_t cols) {
   __shared__ double red[32];
-  const float l = RowLse(x + blockIdx.x * cols, cols, red);
+  const float l = RowLse<0>(ElemIn{x, ElemType::kF32}, blockIdx.x * cols, cols, red);
   if (threadIdx.x == 0) out[blockIdx.x] = l;
 }
 
-__global__ void CrossEntropyKernel(const float* logits, const int32_t* targets, float* losses, float* lse,
+// logits and dlogits are f32 or bf16 each (cuda_launch.cuh Ld / St); losses,
+// lse and dloss f32. dlogits may alias logits (each element is read by the
+// thread that writes it, before it writes it).
+template <int M>
+__global__ void CrossEntropyKernel(ElemIn logits, const int32_t* targets, float* losses, float* lse,
                                    int64_t cols, DeviceError* err, int op) {
   __shared__ double red[32];
   const int64_t r = blockIdx.x;
-  const float* xr = logits + r * cols;
-  const float l = RowLse(xr, cols, red);
+  const float l = RowLse<M>(logits, r * cols, cols, red);
   if (threadIdx.x != 0) return;
   lse[r] = l;
   const int32_t t = targets[r];
   if (t >= cols) ReportBadIndex(err, op, r, t, cols);
-  losses[r] = (t < 0 || t >= cols) ? 0.0f : l - xr[t];
+  losses[r] = (t < 0 || t >= cols) ? 0.0f : l - Ld<M>(logits, r * cols + t);
 }
 
-__global__ void CrossEntropyBackwardKernel(const float* logits, const int32_t* targets, const float* lse,
-                                           const float* dloss, float scale, float* dlogits, int64_t cols,
+template <int M>
+__global__ void CrossEntropyBackwardKernel(ElemIn logits, const int32_t* targets, const float* lse,
+                                           const float* dloss, float scale, ElemOut dlogits, int64_t cols,
                                            DeviceError* err, int op) {
-  const int64_t r = blockIdx.x;
+  const int64_t r = blockIdx.x, base = r * cols;
   const int32_t t = targets[r];
-  const float* xr = logits + r * cols;
-  float* gr = dlogits + r * cols;
   if (t >= cols && threadIdx.x == 0) ReportBadIndex(err, op, r, t, cols);
   if (t < 0) {
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) gr[c] = 0.0f;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) St<M>(dlogits, base + c, 0.0f);
     return;
   }
   const float f = scale * (dloss != nullptr ? dloss[r] : 1.0f), l = lse[r];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    gr[c] = kmath::CrossEntropyGrad(xr[c], l, f, c == t);
+    St<M>(dlogits, base + c, kmath::CrossEntropyGrad(Ld<M>(logits, base + c), l, f, c == t));
 }
 
 // k passes of selection; the j-th pass takes the best column not yet taken
@@ -129,17 +137,17 @@ cudaError_t LaunchLogSumExp(const float* x, float* out, int64_t rows, int64_t co
   if (rows > 0) LogSumExpKernel<<<rows, kRowThreads, 0, s>>>(x, out, cols);
   return cudaGetLastError();
 }
-cudaError_t LaunchCrossEntropy(const float* logits, const int32_t* targets, float* losses, float* lse,
-                               int64_t rows, int64_t cols, DeviceError* err, int op, cudaStream_t s) {
-  if (rows > 0) CrossEntropyKernel<<<rows, kRowThreads, 0, s>>>(logits, targets, losses, lse, cols, err, op);
+cudaError_t LaunchCrossEntropy(ElemIn logits, const int32_t* targets, float* losses, float* lse, int64_t rows,
+                               int64_t cols, DeviceError* err, int op, cudaStream_t s) {
+  MOE_MODE_LAUNCH(CrossEntropyKernel, ElemMode({logits.t}), rows, rows, kRowThreads, s, logits, targets,
+                  losses, lse, cols, err, op);
   return cudaGetLastError();
 }
-cudaError_t LaunchCrossEntropyBackward(const float* logits, const int32_t* targets, const float* lse,
-                                       const float* dloss, float scale, float* dlogits, int64_t rows,
+cudaError_t LaunchCrossEntropyBackward(ElemIn logits, const int32_t* targets, const float* lse,
+                                       const float* dloss, float scale, ElemOut dlogits, int64_t rows,
                                        int64_t cols, DeviceError* err, int op, cudaStream_t s) {
-  if (rows > 0)
-    CrossEntropyBackwardKernel<<<rows, kRowThreads, 0, s>>>(logits, targets, lse, dloss, scale, dlogits, cols,
-                                                            err, op);
+  MOE_MODE_LAUNCH(CrossEntropyBackwardKernel, ElemMode({logits.t, dlogits.t}), rows, rows, kRowThreads, s,
+                  logits, targets, lse, dloss, scale, dlogits, cols, err, op);
   return cudaGetLastError();
 }
 cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, int64_t rows, int64_t cols,

@@ -9,12 +9,12 @@
 // place. The result is exactly ops.h's precision contract: bf16 inputs are
 // widened exactly (kmath::BF16ToF32), the op computes and accumulates in f32,
 // and each bf16 output element is rounded once (kmath::F32ToBF16, nearest
-// even) when the staged result is cast back. On CUDA the attention,
-// reduction and row scatter/dot kernels thus read and write f32 around two
-// Cast kernels: the same numbers as bf16-native kernels would give, for more
-// memory traffic; the arithmetic element-wise kernels (Add ... SwiGLUBackward),
-// the norms, RoPE and the cross-entropy are bf16-native there and pass
-// through (stage_elementwise = false, stage_rows = false).
+// even) when the staged result is cast back. On CUDA the attention and
+// reduction kernels thus read and write f32 around two Cast kernels: the same
+// numbers as bf16-native kernels would give, for more memory traffic; the
+// arithmetic element-wise kernels (Add ... SwiGLUBackward), the norms, RoPE,
+// the cross-entropy and the row scatter-add and dot are bf16-native there and
+// pass through (stage_elementwise = false, stage_rows = false).
 //
 // Per call, for every bf16 tensor argument:
 //   read  (an input, or an output the op also reads: beta != 0, accumulate,
@@ -291,11 +291,13 @@ class Bf16StagingKernels : public Kernels {
     return g.Run([&] { return f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2); });
   }
   absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
+    if (!options_.stage_rows) return f32_->ScatterAddRows(s, src, index, dst, weight);
     Staging g(*f32_, s);
     Tensor s2 = g.In(src), d2 = g.Out(dst, true);
     return g.Run([&] { return f32_->ScatterAddRows(s, s2, index, d2, weight); });
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
+    if (!options_.stage_rows) return f32_->GatherRowDot(s, a, index, b, out, alpha, beta);
     Staging g(*f32_, s);
     Tensor a2 = g.In(a), b2 = g.In(b);
     return g.Run([&] { return f32_->GatherRowDot(s, a2, index, b2, out, alpha, beta); });

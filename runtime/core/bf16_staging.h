@@ -8,9 +8,9 @@
 //                                                    .stage_elementwise = false,
 //                                                    .stage_rows = false})
 //         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation; the
-//         element-wise, norm, RoPE and cross-entropy kernels read and write
-//         bf16 themselves; attention, reductions and the row scatter/dot
-//         kernels are still staged)
+//         element-wise, norm, RoPE, cross-entropy and row scatter/dot
+//         kernels read and write bf16 themselves; attention and the
+//         reductions are still staged)
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
@@ -32,11 +32,12 @@ struct Bf16StagingOptions {
   // bf16 operands themselves, with this layer's arithmetic (widen exactly,
   // f32, round each output once).
   bool stage_elementwise = true;
-  // Stage the norm, RoPE and cross-entropy ops (RmsNorm, AddRmsNorm,
-  // RmsNormBackward, Rope, RopeBackward, CrossEntropy, CrossEntropyBackward);
-  // false: the wrapped kernels take their bf16 activations, weight, logits
-  // and dlogits themselves, with the same arithmetic (the f32 statistics,
-  // rstd, lse and losses, are f32 either way).
+  // Stage the norm, RoPE, cross-entropy and row ops (RmsNorm, AddRmsNorm,
+  // RmsNormBackward, Rope, RopeBackward, CrossEntropy, CrossEntropyBackward,
+  // ScatterAddRows, GatherRowDot); false: the wrapped kernels take their bf16
+  // activations, weight, logits, dlogits and rows themselves, with the same
+  // arithmetic (rstd, lse, losses, combine weights and dots are f32 either
+  // way).
   bool stage_rows = true;
 };
 

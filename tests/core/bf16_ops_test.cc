@@ -363,6 +363,14 @@ class DtypeObserver : public cpu::CpuKernels {
       return cpu::CpuKernels::CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
     });
   }
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
+    return Note("ScatterAddRows", dst,
+                [&] { return cpu::CpuKernels::ScatterAddRows(s, src, index, dst, weight); });
+  }
+  absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
+    return Note("GatherRowDot", b,
+                [&] { return cpu::CpuKernels::GatherRowDot(s, a, index, b, out, alpha, beta); });
+  }
   absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
     return Note("SumRows", x, [&] { return cpu::CpuKernels::SumRows(s, x, out, alpha, beta); });
   }
@@ -395,11 +403,11 @@ TEST_CASE("stage_elementwise = false passes the element-wise ops' bf16 operands 
   }
 }
 
-// stage_rows = false (CUDA, whose norm, RoPE and cross-entropy kernels read
-// and write bf16): those seven ops reach the wrapped kernels with their bf16
-// tensors; with the default, as f32 copies. The other ops (SumRows here) and
-// the element-wise ops (stage_elementwise keeps its default) stay staged.
-TEST_CASE("stage_rows = false passes the norm, RoPE and cross-entropy ops' bf16 operands through") {
+// stage_rows = false (CUDA, whose norm, RoPE, cross-entropy and row
+// scatter/dot kernels read and write bf16): those nine ops reach the wrapped
+// kernels with their bf16 tensors; with the default, as f32 copies. The
+// reductions (SumRows here) and attention stay staged either way.
+TEST_CASE("stage_rows = false passes the norm, RoPE, cross-entropy and row ops' bf16 operands through") {
   const int64_t b = 1, seq = 3, h = 2, hd = 4, d = h * hd, rows = b * seq, vocab = 7;
   Tensor x = ToBf16(RandomBf16Values({rows, d}, 41)), r = ToBf16(RandomBf16Values({rows, d}, 42));
   Tensor out = ToBf16(RandomBf16Values({rows, d}, 43)), w = ToBf16(RandomBf16Values({d}, 44, 0.5f, 1.5f));
@@ -420,12 +428,15 @@ TEST_CASE("stage_rows = false passes the norm, RoPE and cross-entropy ops' bf16 
     REQUIRE(k->Rope(S(), q, q, 10000.0, 0).ok());
     REQUIRE(k->RopeBackward(S(), q, q, 10000.0, 0).ok());
     REQUIRE(k->CrossEntropyBackward(S(), logits, *targets, lse, Tensor(), 0.5f, dlogits).ok());
+    REQUIRE(k->ScatterAddRows(S(), x, *targets, out, Tensor()).ok());
+    REQUIRE(k->GatherRowDot(S(), out, *targets, x, lse, 1.0f, 0.0f).ok());
     REQUIRE(k->SumRows(S(), x, colsum, 1.0f, 0.0f).ok());
     REQUIRE(S().Synchronize().ok());
     const std::string el = stage ? "f32" : "bf16";
     CHECK(seen->seen == std::vector<std::string>{"RmsNorm:" + el, "AddRmsNorm:" + el, "RmsNormBackward:" + el,
                                                  "Rope:" + el, "RopeBackward:" + el,
-                                                 "CrossEntropyBackward:" + el, "SumRows:f32"});
+                                                 "CrossEntropyBackward:" + el, "ScatterAddRows:" + el,
+                                                 "GatherRowDot:" + el, "SumRows:f32"});
   }
 }
 

@@ -438,6 +438,32 @@ TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU b
       [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2]); });
   Run("GatherRowDot", {src, index, Rand({m, d}, 6), Rand({m}, 7)}, {3},
       [](Stream& s, auto& t) { return ops::GatherRowDot(s, t[0], t[1], t[2], t[3], 0.5f, 1.0f); });
+  // The scatter-add sorts its sources by destination (stable) and gives each
+  // destination row a block: many rows without a source, skewed ones with
+  // hundreds, d = 1 (the combine weights' gradient) and a column count that
+  // is not a multiple of the block; the CPU's i order makes it exact.
+  {
+    const int64_t rows = 1000, srcs = 3000;
+    std::vector<int32_t> skew(srcs);
+    for (int64_t i = 0; i < srcs; ++i) skew[i] = static_cast<int32_t>(i % 3 == 0 ? 7 : (i * 131) % 600);
+    Tensor sk = Ints({srcs}, skew);
+    for (int64_t cols : {1, 33, 257})
+      Run(absl::StrCat("ScatterAddRows skewed, d ", cols),
+          {Rand({srcs, cols}, 60), sk, Rand({rows, cols}, 61), Rand({srcs}, 62)}, {2},
+          [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2], t[3]); });
+  }
+  // bf16 rows, read and written natively (stage_rows = false): the f32 sum
+  // of each destination's sources is rounded once.
+  const Tol bf{1e-4, 1e-2};
+  Run(
+      "ScatterAddRows bf16 into bf16", {Bf16(Rand({m, d}, 63)), index, Bf16(Rand({n, d}, 64)), Rand({m}, 65)},
+      {2}, [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2], t[3]); }, bf);
+  Run(
+      "ScatterAddRows bf16 into f32", {Bf16(Rand({m, d}, 66)), index, Rand({n, d}, 67)}, {2},
+      [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2]); }, bf);
+  Run(
+      "GatherRowDot bf16", {Bf16(src), index, Bf16(Rand({m, d}, 68)), Rand({m}, 69)}, {3},
+      [](Stream& s, auto& t) { return ops::GatherRowDot(s, t[0], t[1], t[2], t[3], 2.0f, 0.0f); }, bf);
   const Shape global{10, 12, 7};
   const std::vector<int64_t> offsets = {3, 5, 0};
   Run("InitNormal box", {Rand({4, 6, 7}, 8)}, {0}, [&](Stream& s, auto& t) {
@@ -460,6 +486,15 @@ TEST_CASE("a bad index is reported by the stream's Synchronize") {
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(st.message()).find("index[1] = 9") != std::string::npos);
   CHECK(G().Synchronize().ok());  // reported once
+  // The scatter-add checks its indices in parallel and reports the first bad one.
+  Tensor rows = Copy(*g_gpu, Rand({6, 3}, 3));
+  Tensor bad = Copy(*g_gpu, Ints({6}, {1, 0, 8, 1, -2, 11}));
+  REQUIRE(ops::ScatterAddRows(G(), rows, bad, dst).ok());
+  st = G().Synchronize();
+  INFO(st.message());
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()).find("index[2] = 8") != std::string::npos);
+  CHECK(G().Synchronize().ok());
 }
 
 TEST_CASE("streams, events, host functions and memory accounting on the GPU") {

@@ -425,9 +425,9 @@ class CudaBackend : public Backend {
         allocator_(device, this),
         buffer_type_(device, &memory_, &allocator_),
         // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); the
-        // arithmetic element-wise, norm, RoPE and cross-entropy kernels read and
-        // write bf16; attention, reductions and the row scatter/dot kernels
-        // stage bf16 through f32 around the f32 kernels.
+        // arithmetic element-wise, norm, RoPE, cross-entropy and row
+        // scatter/dot kernels read and write bf16; attention and the
+        // reductions stage bf16 through f32 around the f32 kernels.
         kernels_(MakeBf16StagingKernels(
             MakeCudaKernels(), {.stage_gemms = false, .stage_elementwise = false, .stage_rows = false})) {}
 

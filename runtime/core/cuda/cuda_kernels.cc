@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -66,13 +67,14 @@ absl::StatusOr<ElemOut> Out(const char* op, const Tensor& t) {
   return ElemOut{t.raw_data(), e};
 }
 
-// The reduction, attention, softmax, routing and row kernels are f32: the
+// The reduction, attention, softmax and routing kernels are f32: the
 // backend wraps this table in the bf16 staging decorator (bf16_staging.h),
 // which hands them f32 copies of bf16 operands. A bf16 tensor that still
 // reaches one (this table used without the decorator) is refused naming the
 // op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows, the
-// arithmetic element-wise ops (Add ... SwiGLUBackward), the norms, RoPE and
-// the cross-entropy's logits take bf16 (In / Out above).
+// arithmetic element-wise ops (Add ... SwiGLUBackward), the norms, RoPE,
+// the cross-entropy's logits and the row scatter-add and dot take bf16 (In /
+// Out above).
 absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensors) {
   for (const Tensor* t : tensors)
     if (t->defined() && t->dtype() == DType::kBF16)
@@ -306,19 +308,32 @@ class CudaKernels : public Kernels {
                             NativeStream(s)));
     return absl::OkStatus();
   }
+  // The row scatter-add and dot: f32 or bf16 rows natively (stage_rows).
   absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override {
-    RETURN_IF_ERROR(F32Only("ScatterAddRows", {&src, &index, &dst, &weight}));
-    LAUNCH(LaunchScatterAddRows(Ptr(src), Ptr<int32_t>(index), Ptr(dst),
-                                weight.defined() ? Ptr(weight) : nullptr, index.numel(), LeadRows(dst),
-                                Cols(src), DeviceErrorRecord(s), static_cast<int>(OpKind::kScatterAddRows),
-                                NativeStream(s)));
+    const char* op = "ScatterAddRows";
+    ASSIGN_OR_RETURN(const ElemIn es, In(op, src));
+    ASSIGN_OR_RETURN(const ElemOut ed, Out(op, dst));
+    const int64_t m = index.numel(), n = LeadRows(dst);
+    if (m > std::numeric_limits<int32_t>::max() || n >= std::numeric_limits<int32_t>::max())
+      return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": ", m, " source rows into ", n,
+                                                     " destination rows exceed this kernel's int32 sort"));
+    void* scratch = nullptr;
+    if (const size_t bytes = ScatterAddRowsScratchBytes(m, n); bytes > 0) {
+      ASSIGN_OR_RETURN(scratch, ScratchAlloc(s, bytes));
+    }
+    const cudaError_t e = LaunchScatterAddRows(
+        es, Ptr<int32_t>(index), ed, weight.defined() ? Ptr(weight) : nullptr, m, n, Cols(src), scratch,
+        DeviceErrorRecord(s), static_cast<int>(OpKind::kScatterAddRows), NativeStream(s));
+    if (scratch != nullptr) ScratchFree(s, scratch);
+    LAUNCH(e);
     return absl::OkStatus();
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
-    RETURN_IF_ERROR(F32Only("GatherRowDot", {&a, &index, &b, &out}));
-    LAUNCH(LaunchGatherRowDot(Ptr(a), Ptr<int32_t>(index), Ptr(b), Ptr(out), alpha, beta, index.numel(),
-                              LeadRows(a), Cols(a), DeviceErrorRecord(s),
-                              static_cast<int>(OpKind::kGatherRowDot), NativeStream(s)));
+    ASSIGN_OR_RETURN(const ElemIn ea, In("GatherRowDot", a));
+    ASSIGN_OR_RETURN(const ElemIn eb, In("GatherRowDot", b));
+    LAUNCH(LaunchGatherRowDot(ea, Ptr<int32_t>(index), eb, Ptr(out), alpha, beta, index.numel(), LeadRows(a),
+                              Cols(a), DeviceErrorRecord(s), static_cast<int>(OpKind::kGatherRowDot),
+                              NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const moe::Shape& global_shape,

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moe::cuda {
@@ -133,12 +134,18 @@ cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, i
 // ---- cuda_rows.cu (permute / un-permute, embedding) ----
 cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t n,
                              int64_t row_bytes, DeviceError* err, int op, cudaStream_t s);
-// weight may be null (1). Deterministic: each destination element adds its sources in i order.
-cudaError_t LaunchScatterAddRows(const float* src, const int32_t* index, float* dst, const float* weight,
-                                 int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
-cudaError_t LaunchGatherRowDot(const float* a, const int32_t* index, const float* b, float* out, float alpha,
-                               float beta, int64_t m, int64_t n, int64_t d, DeviceError* err, int op,
-                               cudaStream_t s);
+// dst[index[i]] += weight[i] * src[i] (weight may be null: 1); src and dst f32
+// or bf16 each. Deterministic: each destination element adds its sources in
+// i order in f32 (rounded once into a bf16 dst), as on CPU. `scratch`: a
+// device block of ScatterAddRowsScratchBytes(m, n) bytes, free again once the
+// stream has passed the launch.
+size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n);
+cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
+                                 int64_t m, int64_t n, int64_t d, void* scratch, DeviceError* err, int op,
+                                 cudaStream_t s);
+// out[i] = alpha * dot(a[index[i]], b[i]) + beta * out[i]; a and b f32 or bf16 each, out f32.
+cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* out, float alpha, float beta,
+                               int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
 
 // ---- cuda_optim.cu (AdamW, initialisation) ----
 cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, float lr, float beta1,

@@ -1,7 +1,11 @@
 // Row gather / scatter-add (permute into expert order, un-permute with the
 // combine weights, embedding forward and backward) and the gathered row dot
 // (gradient of the combine weights). Bad indices are reported through the
-// stream's DeviceError record and the row is skipped.
+// stream's DeviceError record and the row is skipped. Scatter-add and row dot
+// take f32 or bf16 rows (cuda_launch.cuh Ld / St); gather copies bytes.
+#include <algorithm>
+#include <cub/device/device_radix_sort.cuh>
+
 #include "runtime/core/cuda/cuda_launch.cuh"
 
 namespace moe::cuda {
@@ -21,25 +25,75 @@ __global__ void GatherKernel(const W* src, const int32_t* index, W* dst, int64_t
   }
 }
 
-// One thread per column: the M source rows are added in i order, so repeated
-// indices accumulate deterministically (ops.h), as on CPU.
-__global__ void ScatterAddKernel(const float* src, const int32_t* index, float* dst, const float* weight,
-                                 int64_t m, int64_t n, int64_t d, DeviceError* err, int op) {
-  MOE_GRID_STRIDE(c, d) {
-    for (int64_t i = 0; i < m; ++i) {
-      const int32_t r = index[i];
-      if (r < 0 || r >= n) {
-        if (c == 0) ReportBadIndex(err, op, i, r, n);
-        continue;
+// ScatterAddRows in three steps, deterministic without atomics on the data:
+//  1. key[i] = index[i], or n for a bad index (the smallest bad i is kept by
+//     atomicMin and reported after); val[i] = i;
+//  2. a stable radix sort of (key, val) (CUB): each destination's sources end
+//     up together, still in i order;
+//  3. one block per destination row: its sources' range by binary search,
+//     threads over the columns, each adding its sources in i order into an
+//     f32 accumulator started from dst (widened) and stored once (rounded
+//     once if dst is bf16): the order and arithmetic of the CPU backend's
+//     loop, with every destination row and column in parallel.
+__global__ void ScatterKeysKernel(const int32_t* index, uint32_t* keys, int32_t* vals, int64_t m, int64_t n,
+                                  unsigned long long* min_bad) {
+  MOE_GRID_STRIDE(i, m) {
+    const int32_t r = index[i];
+    const bool bad = r < 0 || r >= n;
+    keys[i] = bad ? static_cast<uint32_t>(n) : static_cast<uint32_t>(r);
+    vals[i] = static_cast<int32_t>(i);
+    if (bad) atomicMin(min_bad, static_cast<unsigned long long>(i));
+  }
+}
+
+__global__ void ReportMinBadKernel(const unsigned long long* min_bad, const int32_t* index, int64_t n,
+                                   DeviceError* err, int op) {
+  const unsigned long long i = *min_bad;
+  if (i != ~0ull) ReportBadIndex(err, op, static_cast<long long>(i), index[i], n);
+}
+
+// The first position of sorted keys[0, m) that is >= key.
+__device__ inline int64_t LowerBound(const uint32_t* keys, int64_t m, uint32_t key) {
+  int64_t lo = 0, hi = m;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+template <int M>
+__global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const int32_t* order, ElemOut dst,
+                                       const float* weight, int64_t m, int64_t n, int64_t d) {
+  __shared__ int64_t range[2];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    if (threadIdx.x == 0) {
+      range[0] = LowerBound(keys, m, static_cast<uint32_t>(r));
+      range[1] = LowerBound(keys, m, static_cast<uint32_t>(r + 1));
+    }
+    __syncthreads();
+    const int64_t lo = range[0], hi = range[1];
+    __syncthreads();  // every thread has read the range before thread 0 writes the next row's
+    if (lo == hi) continue;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      float acc = Ld<M>(dst, r * d + c);
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t i = order[j];
+        const float w = weight != nullptr ? weight[i] : 1.0f;
+        acc += w * Ld<M>(src, i * d + c);
       }
-      const float w = weight != nullptr ? weight[i] : 1.0f;
-      dst[static_cast<int64_t>(r) * d + c] += w * src[i * d + c];
+      St<M>(dst, r * d + c, acc);
     }
   }
 }
 
-__global__ void GatherRowDotKernel(const float* a, const int32_t* index, const float* b, float* out,
-                                   float alpha, float beta, int64_t n, int64_t d, DeviceError* err, int op) {
+// a and b f32 or bf16 each (widened exactly), the dot in double, out f32.
+template <int M>
+__global__ void GatherRowDotKernel(ElemIn a, const int32_t* index, ElemIn b, float* out, float alpha,
+                                   float beta, int64_t n, int64_t d, DeviceError* err, int op) {
   __shared__ double red[32];
   const int64_t i = blockIdx.x;
   const int32_t r = index[i];
@@ -47,7 +101,7 @@ __global__ void GatherRowDotKernel(const float* a, const int32_t* index, const f
   double dot = 0;
   if (!bad)
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
-      dot += static_cast<double>(a[static_cast<int64_t>(r) * d + c]) * b[i * d + c];
+      dot += static_cast<double>(Ld<M>(a, static_cast<int64_t>(r) * d + c)) * Ld<M>(b, i * d + c);
   const double total = BlockSum(dot, red);
   if (threadIdx.x != 0) return;
   if (bad) {
@@ -56,6 +110,47 @@ __global__ void GatherRowDotKernel(const float* a, const int32_t* index, const f
   }
   const float g = static_cast<float>(alpha * total);
   out[i] = beta == 0.0f ? g : g + beta * out[i];
+}
+
+// The scratch of LaunchScatterAddRows: keys and values in and out (4 x m
+// int32), the smallest bad i, then CUB's temporary storage.
+struct ScatterScratch {
+  uint32_t *keys_in, *keys_out;
+  int32_t *vals_in, *vals_out;
+  unsigned long long* min_bad;
+  void* cub;
+  size_t cub_bytes;
+};
+
+size_t AlignUp(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
+
+// Bits of the sort keys: values 0 .. n.
+int KeyBits(int64_t n) {
+  int bits = 1;
+  while (bits < 32 && (static_cast<uint64_t>(1) << bits) <= static_cast<uint64_t>(n)) ++bits;
+  return bits;
+}
+
+size_t CubSortBytes(int64_t m, int64_t n) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint32_t*>(nullptr),
+                                  static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(m), 0, KeyBits(n));
+  return bytes;
+}
+
+ScatterScratch Carve(void* base, int64_t m, int64_t n) {
+  char* p = static_cast<char*>(base);
+  const size_t words = AlignUp(static_cast<size_t>(m) * 4);
+  ScatterScratch sc{};
+  sc.keys_in = reinterpret_cast<uint32_t*>(p);
+  sc.keys_out = reinterpret_cast<uint32_t*>(p + words);
+  sc.vals_in = reinterpret_cast<int32_t*>(p + 2 * words);
+  sc.vals_out = reinterpret_cast<int32_t*>(p + 3 * words);
+  sc.min_bad = reinterpret_cast<unsigned long long*>(p + 4 * words);
+  sc.cub = p + 4 * words + 256;
+  sc.cub_bytes = CubSortBytes(m, n);
+  return sc;
 }
 
 }  // namespace
@@ -74,17 +169,36 @@ cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, i
   return cudaGetLastError();
 }
 
-cudaError_t LaunchScatterAddRows(const float* src, const int32_t* index, float* dst, const float* weight,
-                                 int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s) {
-  if (m > 0 && d > 0)
-    ScatterAddKernel<<<GridFor(d, 128), 128, 0, s>>>(src, index, dst, weight, m, n, d, err, op);
+size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n) {
+  if (m <= 0) return 0;
+  return 4 * AlignUp(static_cast<size_t>(m) * 4) + 256 + CubSortBytes(m, n);
+}
+
+cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
+                                 int64_t m, int64_t n, int64_t d, void* scratch, DeviceError* err, int op,
+                                 cudaStream_t s) {
+  if (m <= 0 || d <= 0) return cudaGetLastError();
+  const ScatterScratch sc = Carve(scratch, m, n);
+  cudaError_t e = cudaMemsetAsync(sc.min_bad, 0xff, sizeof(unsigned long long), s);
+  if (e != cudaSuccess) return e;
+  ScatterKeysKernel<<<GridFor(m), kThreads, 0, s>>>(index, sc.keys_in, sc.vals_in, m, n, sc.min_bad);
+  ReportMinBadKernel<<<1, 1, 0, s>>>(sc.min_bad, index, n, err, op);
+  size_t cub_bytes = sc.cub_bytes;
+  e = cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,
+                                      static_cast<int>(m), 0, KeyBits(n), s);
+  if (e != cudaSuccess) return e;
+  if (n <= 0) return cudaGetLastError();
+  const int threads = d >= 128 ? 128 : static_cast<int>((d + 31) / 32 * 32);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 1048560));
+  MOE_MODE_LAUNCH(ScatterAddSortedKernel, ElemMode({src.t, dst.t}), n, blocks, threads, s, src, sc.keys_out,
+                  sc.vals_out, dst, weight, m, n, d);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchGatherRowDot(const float* a, const int32_t* index, const float* b, float* out, float alpha,
-                               float beta, int64_t m, int64_t n, int64_t d, DeviceError* err, int op,
-                               cudaStream_t s) {
-  if (m > 0) GatherRowDotKernel<<<m, 128, 0, s>>>(a, index, b, out, alpha, beta, n, d, err, op);
+cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* out, float alpha, float beta,
+                               int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s) {
+  MOE_MODE_LAUNCH(GatherRowDotKernel, ElemMode({a.t, b.t}), m, m, 128, s, a, index, b, out, alpha, beta, n, d,
+                  err, op);
   return cudaGetLastError();
 }
 

@@ -91,7 +91,8 @@ gemm_streams=$(bench_run gemm_streams 40 gpu-gemm --json dtype=bf16 path=streams
 gemm_f32=$(bench_run gemm_f32 40 gpu-gemm --json dtype=f32 path=per_expert)
 # Attention alone at the benchmark shape: the fused kernel vs the chunked GEMM path.
 attention=$(bench_run attention 90 attention --json device=cuda iters=3)
-# The same in bf16 (as train.precision bf16 runs it: the gemm path's products at TF32).
+# The same in bf16 (as train.precision bf16 runs it: the gemm path's products at
+# TF32), with the flash kernel as a third path.
 attention_bf16=$(bench_run attention_bf16 90 attention --json device=cuda iters=3 precision=bf16)
 # Checkpoint save and load of ~512 MB of GPU tensors through the 256 MiB host
 # bucket, against a plain write/read of the same bytes (both records).
@@ -108,6 +109,9 @@ model=$(MOE_ATTENTION=fused bench_run model 120 "${model_args[@]}")
 # The same step with attention on the chunked GEMM driver (cuBLAS; attention_gemm.h).
 export MOE_ATTENTION=gemm
 model_gemm_attention=$(bench_run model_gemm_attention 120 "${model_args[@]}")
+# And on the tensor-core flash kernel (cuda_flash_attention.cu; bf16 operands).
+export MOE_ATTENTION=flash
+model_flash_attention=$(bench_run model_flash_attention 120 "${model_args[@]}")
 unset MOE_ATTENTION
 cat "$LOGS"/bench_*.log >&2
 
@@ -152,9 +156,9 @@ def j(s):
   except Exception: return None
 print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
-  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "memcheck": j(a[12]),
+  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

@@ -1,21 +1,24 @@
-// moe-bench attention: causal attention forward + backward on its two paths
+// moe-bench attention: causal attention forward + backward on its paths
 // (runtime/core/attention_gemm.h), the backend's fused kernel and the chunked
-// GEMM driver, interleaved in one process.
+// GEMM driver, and on cuda with precision=bf16 the tensor-core flash kernel,
+// interleaved in one process.
 //
 //   build/bin/moe-bench attention [device=cpu|cuda] [batch=] [seq=] [heads=] [kv_heads=]
 //       [head_dim=] [precision=fp32|bf16] [workspace_mb=256] [iters=3] [--json]
 //
 // precision=bf16: q, k, v, out, dout and the gradients are bf16 (lse f32),
 // run as train.precision bf16 runs them (bf16_staging.h: f32 copies around
-// the f32 kernels; on CUDA the gemm path's products at TF32).
+// the f32 kernels; on CUDA the gemm path's products at TF32, and the flash
+// path on the bf16 tensors themselves).
 // Defaults: on cuda docs/design.md's benchmark shape (batch 4, seq 2048, 16
 // heads over 4 KV heads, head_dim 64); on cpu batch 2, seq 512, 8 over 2, 64.
 // Each iteration times forward, then backward, each from enqueue to the
 // stream's Synchronize (launches included). Figures: the median ms of each
 // path and phase, TFLOP/s of the causal FLOPs (forward 2 B H S^2 hd: QK^T and
-// PV over the causal half; backward 2.5 times that), the gemm path's largest
+// PV over the causal half; backward 2.5 times that), each other path's largest
 // difference from the fused one (relative to max |fused|, out and dq), and
-// ratio gemm_speedup = fused ms / gemm ms, forward + backward.
+// ratio gemm_speedup = fused ms / gemm ms, forward + backward (flash_speedup
+// likewise, as a figure).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -100,7 +103,9 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
     Tensor out, lse, dq, dk, dv;
     std::vector<double> fwd_ms, bwd_ms;
   };
-  Run runs[2];
+  std::vector<attn::AttentionPath> paths = {attn::AttentionPath::kFused, attn::AttentionPath::kGemm};
+  if (gpu && dt == DType::kBF16) paths.push_back(attn::AttentionPath::kFlash);
+  std::vector<Run> runs(paths.size());
   for (Run& r : runs) {
     ASSIGN_OR_RETURN(r.out, Tensor::Empty(*be, {B, S, H, hd}, dt, MemoryCategory::kActivations));
     ASSIGN_OR_RETURN(r.lse, Tensor::Empty(*be, {B, H, S}, DType::kF32, MemoryCategory::kActivations));
@@ -109,7 +114,6 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
     ASSIGN_OR_RETURN(r.dv, Tensor::Empty(*be, {B, S, Hkv, hd}, dt, MemoryCategory::kActivations));
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const attn::AttentionPath paths[2] = {attn::AttentionPath::kFused, attn::AttentionPath::kGemm};
   auto timed = [&](auto fn) -> absl::StatusOr<double> {
     const auto t0 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(fn());
@@ -118,7 +122,7 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
   };
   absl::Status status;
   for (int64_t it = 0; it <= iters && status.ok(); ++it) {  // iteration 0 warms up
-    for (int p = 0; p < 2 && status.ok(); ++p) {
+    for (size_t p = 0; p < paths.size() && status.ok(); ++p) {
       settings.path = paths[p];
       Run& r = runs[p];
       absl::StatusOr<double> f = timed([&] { return ops::CausalAttention(s, q, k, v, scale, r.out, r.lse); });
@@ -138,13 +142,9 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
   }
   settings = saved;
   RETURN_IF_ERROR(status);
-  ASSIGN_OR_RETURN(std::vector<float> out_f, Host(s, runs[0].out));
-  ASSIGN_OR_RETURN(std::vector<float> out_g, Host(s, runs[1].out));
-  ASSIGN_OR_RETURN(std::vector<float> dq_f, Host(s, runs[0].dq));
-  ASSIGN_OR_RETURN(std::vector<float> dq_g, Host(s, runs[1].dq));
   const double fwd_flops = 2.0 * B * H * static_cast<double>(S) * S * hd, bwd_flops = 2.5 * fwd_flops;
-  const double ff = Median(runs[0].fwd_ms), fb = Median(runs[0].bwd_ms), gf = Median(runs[1].fwd_ms),
-               gb = Median(runs[1].bwd_ms);
+  ASSIGN_OR_RETURN(std::vector<float> out_f, Host(s, runs[0].out));
+  ASSIGN_OR_RETURN(std::vector<float> dq_f, Host(s, runs[0].dq));
   Measurement m;
   m.params = {
       {"device", how},
@@ -155,25 +155,37 @@ absl::Status RunAttention(const Args& args, Reporter& rep) {
       {"precision", precision},
       {"chunk", absl::StrCat(attn::ChunkRows(attn::Shape{B, S, H, Hkv, hd},
                                              static_cast<int64_t>(args.Int("workspace_mb", 256)) << 20))}};
-  m.figures = {{"fused_fwd", ff, "ms"},
-               {"fused_bwd", fb, "ms"},
-               {"gemm_fwd", gf, "ms"},
-               {"gemm_bwd", gb, "ms"},
-               {"fused_tflops", (fwd_flops + bwd_flops) / (ff + fb) / 1e9, "TFLOP/s"},
-               {"gemm_tflops", (fwd_flops + bwd_flops) / (gf + gb) / 1e9, "TFLOP/s"},
-               {"diff_out", RelDiff(out_g, out_f), ""},
-               {"diff_dq", RelDiff(dq_g, dq_f), ""}};
+  const double fused_ms = Median(runs[0].fwd_ms) + Median(runs[0].bwd_ms);
+  for (size_t p = 0; p < paths.size(); ++p) {
+    const std::string name(attn::AttentionPathName(paths[p]));
+    const double f = Median(runs[p].fwd_ms), b = Median(runs[p].bwd_ms);
+    m.figures.push_back({name + "_fwd", f, "ms"});
+    m.figures.push_back({name + "_bwd", b, "ms"});
+    m.figures.push_back({name + "_tflops", (fwd_flops + bwd_flops) / (f + b) / 1e9, "TFLOP/s"});
+    if (p == 0) continue;
+    ASSIGN_OR_RETURN(std::vector<float> out_p, Host(s, runs[p].out));
+    ASSIGN_OR_RETURN(std::vector<float> dq_p, Host(s, runs[p].dq));
+    // "diff_out" / "diff_dq" for the gemm path (the names gpu_check.sh reads), prefixed for the others.
+    const std::string prefix = paths[p] == attn::AttentionPath::kGemm ? "" : name + "_";
+    m.figures.push_back({prefix + "diff_out", RelDiff(out_p, out_f), ""});
+    m.figures.push_back({prefix + "diff_dq", RelDiff(dq_p, dq_f), ""});
+    if (paths[p] == attn::AttentionPath::kFlash)
+      m.figures.push_back({"flash_speedup", fused_ms / (f + b), ""});
+  }
   m.ratio_name = "gemm_speedup";
-  m.ratio = (ff + fb) / (gf + gb);
+  m.ratio = fused_ms / (Median(runs[1].fwd_ms) + Median(runs[1].bwd_ms));
   rep.Add(m);
-  rep.Note(
-      absl::StrFormat("medians of %d interleaved iterations after one warm-up; gemm_speedup = fused / "
-                      "gemm, forward + backward; diff_* = max |gemm - fused| / max |fused|",
-                      iters));
+  rep.Note(absl::StrFormat(
+      "medians of %d interleaved iterations after one warm-up; gemm_speedup = fused / "
+      "gemm, forward + backward (flash_speedup = fused / flash); diff_* = max |path - fused| / "
+      "max |fused|",
+      iters));
   return absl::OkStatus();
 }
 
-Registrar reg("attention", "causal attention fwd+bwd: fused kernel vs the chunked GEMM path", RunAttention);
+Registrar reg("attention",
+              "causal attention fwd+bwd: fused kernel vs the chunked GEMM path (and flash on cuda bf16)",
+              RunAttention);
 
 }  // namespace
 }  // namespace moe::bench

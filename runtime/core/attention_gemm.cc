@@ -13,12 +13,21 @@ namespace moe::attn {
 absl::StatusOr<AttentionPath> ParseAttentionPath(absl::string_view name) {
   if (name == "fused") return AttentionPath::kFused;
   if (name == "gemm") return AttentionPath::kGemm;
-  return absl::InvalidArgumentError(
-      absl::StrCat("MOE_ATTENTION=\"", name, "\": not an attention path; use \"fused\" or \"gemm\""));
+  if (name == "flash") return AttentionPath::kFlash;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "MOE_ATTENTION=\"", name, "\": not an attention path; use \"fused\", \"gemm\" or \"flash\""));
 }
 
 absl::string_view AttentionPathName(AttentionPath path) {
-  return path == AttentionPath::kGemm ? "gemm" : "fused";
+  switch (path) {
+    case AttentionPath::kGemm:
+      return "gemm";
+    case AttentionPath::kFlash:
+      return "flash";
+    case AttentionPath::kFused:
+      break;
+  }
+  return "fused";
 }
 
 absl::StatusOr<AttentionSettings> AttentionSettingsFromEnv() {

@@ -35,15 +35,19 @@
 namespace moe::attn {
 
 // Which CausalAttention(+Backward) a backend runs: its fused kernel (on CPU the
-// tiled online-softmax one, on CUDA one block per query row) or this driver.
-enum class AttentionPath { kFused, kGemm };
+// tiled online-softmax one, on CUDA one block per query row), this driver, or
+// (kFlash) CUDA's tensor-core kernel for bf16 operands (cuda_flash_attention.cu:
+// FlashAttention-2 tiling, bf16 P and dS in its products); where that kernel
+// does not apply (the CPU, f32 operands, a head_dim other than 32, 64, 128)
+// kFlash runs the fused kernel.
+enum class AttentionPath { kFused, kGemm, kFlash };
 
 struct AttentionSettings {
   AttentionPath path = AttentionPath::kFused;
   // Bound on the gemm path's score workspace per call (two blocks in backward).
   int64_t workspace_bytes = int64_t{256} << 20;
 };
-// Process-wide; read from MOE_ATTENTION ("fused" | "gemm") and
+// Process-wide; read from MOE_ATTENTION ("fused" | "gemm" | "flash") and
 // MOE_ATTENTION_WORKSPACE_MB at first use. An unknown value is a fatal error
 // naming the variable. Tests and benchmarks set it directly.
 AttentionSettings& AttentionSettingsRef();

@@ -30,6 +30,7 @@
 // memory tracker.
 #include "runtime/core/bf16_staging.h"
 
+#include <initializer_list>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -251,6 +252,7 @@ class Bf16StagingKernels : public Kernels {
     return g.Run([&] { return f32_->RopeBackward(s, d2, dx2, theta, position_offset); });
   }
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
+    if (Native({&q, &k, &v, &out})) return f32_->CausalAttention(s, q, k, v, scale, out, lse);
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.Out(out, false);
     attn::Tf32ProductsScope tf32(BF16Products(q, k, v));
@@ -258,6 +260,8 @@ class Bf16StagingKernels : public Kernels {
   }
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override {
+    if (Native({&q, &k, &v, &out, &dout, &dq, &dk, &dv}))
+      return f32_->CausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
     Staging g(*f32_, s);
     Tensor q2 = g.In(q), k2 = g.In(k), v2 = g.In(v), o2 = g.In(out), d2 = g.In(dout), dq2 = g.Out(dq, false),
            dk2 = g.Out(dk, false), dv2 = g.Out(dv, false);
@@ -314,6 +318,11 @@ class Bf16StagingKernels : public Kernels {
   }
 
  private:
+  bool Native(std::initializer_list<const Tensor*> tensors) const {
+    return options_.native_attention != nullptr &&
+           options_.native_attention(absl::Span<const Tensor* const>(tensors.begin(), tensors.size()));
+  }
+
   std::unique_ptr<Kernels> f32_;
   Bf16StagingOptions options_;
 };

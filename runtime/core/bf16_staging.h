@@ -9,8 +9,9 @@
 //                                                    .stage_rows = false})
 //         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation; the
 //         element-wise, norm, RoPE, cross-entropy and row scatter/dot
-//         kernels read and write bf16 themselves; attention and the
-//         reductions are still staged)
+//         kernels read and write bf16 themselves, and so does attention on
+//         the flash path (native_attention); other attention calls and the
+//         reductions are staged)
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
@@ -39,6 +40,10 @@ struct Bf16StagingOptions {
   // arithmetic (rstd, lse, losses, combine weights and dots are f32 either
   // way).
   bool stage_rows = true;
+  // Attention calls this accepts (q, k, v first, then out, or out, dout, dq,
+  // dk, dv) reach the wrapped kernels with their bf16 tensors; the rest are
+  // staged. Null: every attention call is staged. CUDA: cuda::FlashAttentionTakes.
+  bool (*native_attention)(absl::Span<const Tensor* const> tensors) = nullptr;
 };
 
 std::unique_ptr<Kernels> MakeBf16StagingKernels(std::unique_ptr<Kernels> f32, Bf16StagingOptions options);

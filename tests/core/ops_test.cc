@@ -524,10 +524,13 @@ TEST_CASE("gemm attention: OneStride finds the operands a strided-batched GEMM c
 TEST_CASE("attention path settings: names, environment values and chunk sizes") {
   CHECK(*attn::ParseAttentionPath("gemm") == attn::AttentionPath::kGemm);
   CHECK(*attn::ParseAttentionPath("fused") == attn::AttentionPath::kFused);
-  absl::StatusOr<attn::AttentionPath> bad = attn::ParseAttentionPath("flash");
+  CHECK(*attn::ParseAttentionPath("flash") == attn::AttentionPath::kFlash);
+  for (auto path : {attn::AttentionPath::kFused, attn::AttentionPath::kGemm, attn::AttentionPath::kFlash})
+    CHECK(*attn::ParseAttentionPath(attn::AttentionPathName(path)) == path);
+  absl::StatusOr<attn::AttentionPath> bad = attn::ParseAttentionPath("flash2");
   REQUIRE(!bad.ok());
   CHECK(bad.status().message().find("MOE_ATTENTION") != std::string::npos);
-  CHECK(bad.status().message().find("\"gemm\"") != std::string::npos);
+  CHECK(bad.status().message().find("\"flash\"") != std::string::npos);
   // 256 MiB (the default) at B 4, S 2048, H 16: two [4, 16, n, 2048] f32 blocks fit
   // n = 256 rows, which is also S / 8 (the causal waste bound); 64 MiB fits 64.
   CHECK(attn::ChunkRows(attn::Shape{4, 2048, 16, 4, 64}, int64_t{256} << 20) == 256);

@@ -20,6 +20,9 @@
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 #include "runtime/core/tensor.h"
+#if MOE_WITH_CUDA
+#include "runtime/core/cuda/cuda_backend.h"
+#endif
 
 namespace moe {
 namespace {
@@ -394,6 +397,54 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
       {logits, Ints({n}, targets), lse, Rand({n}, 25), Bf16(Rand({n, vocab}, 26))}, {4},
       [](Stream& s, auto& t) { return ops::CrossEntropyBackward(s, t[0], t[1], t[2], t[3], 0.25f, t[4]); },
       bf);
+}
+
+// MOE_ATTENTION=flash: bf16 attention on tensor cores (cuda_flash_attention.cu)
+// against the CPU backend's f32-staged fused kernel. P and dS are rounded to
+// bf16 before their products there, so the bound is a bf16 step's, as for the
+// other bf16 ops. Every head size the kernels take, sequences that end inside
+// a tile and at a tile's end, GQA and plain multi-head.
+TEST_CASE("flash attention (bf16 on tensor cores) matches the CPU backend") {
+  struct Restore {
+    attn::AttentionSettings saved = attn::AttentionSettingsRef();
+    ~Restore() { attn::AttentionSettingsRef() = saved; }
+  } restore;
+  attn::AttentionSettingsRef().path = attn::AttentionPath::kFlash;
+  const Tol bf{1e-4, 1e-2};
+  struct Case {
+    int64_t B, S, H, Hkv, hd;
+  };
+  for (const Case c : {Case{2, 37, 4, 2, 32}, Case{1, 64, 2, 2, 64}, Case{2, 300, 4, 1, 64},
+                       Case{1, 129, 2, 1, 128}, Case{1, 1, 2, 2, 64}}) {
+    const std::string tag =
+        absl::StrCat(" flash (B ", c.B, ", S ", c.S, ", H ", c.H, "/", c.Hkv, ", hd ", c.hd, ")");
+    Tensor q = Bf16(Rand({c.B, c.S, c.H, c.hd}, 71)), k = Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 72)),
+           v = Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 73));
+    Tensor out0 = Bf16(Rand({c.B, c.S, c.H, c.hd}, 74)), lse0 = Rand({c.B, c.H, c.S}, 75);
+#if MOE_WITH_CUDA
+    {  // the shapes and dtypes reach the flash kernels (not the staged fallback)
+      Tensor dq = Copy(*g_gpu, q), dk = Copy(*g_gpu, k), dv = Copy(*g_gpu, v), dout = Copy(*g_gpu, out0);
+      CHECK(cuda::FlashAttentionTakes({&dq, &dk, &dv, &dout}));
+      Tensor f32 = Copy(*g_gpu, ToF32(q));
+      CHECK_FALSE(cuda::FlashAttentionTakes({&f32, &dk, &dv, &dout}));
+    }
+#endif
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    Run(
+        "CausalAttention" + tag, {q, k, v, out0, lse0}, {3, 4},
+        [=](Stream& s, auto& t) { return ops::CausalAttention(s, t[0], t[1], t[2], scale, t[3], t[4]); }, bf);
+    Tensor fo = Bf16(Rand({c.B, c.S, c.H, c.hd}, 76)), fl = Rand({c.B, c.H, c.S}, 77);
+    REQUIRE(ops::CausalAttention(Cpu().default_stream(), q, k, v, scale, fo, fl).ok());
+    Run(
+        "CausalAttentionBackward" + tag,
+        {q, k, v, fo, fl, Bf16(Rand({c.B, c.S, c.H, c.hd}, 78)), Bf16(Rand({c.B, c.S, c.H, c.hd}, 79)),
+         Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 80)), Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 81))},
+        {6, 7, 8},
+        [=](Stream& s, auto& t) {
+          return ops::CausalAttentionBackward(s, t[0], t[1], t[2], t[3], t[4], scale, t[5], t[6], t[7], t[8]);
+        },
+        bf);
+  }
 }
 
 TEST_CASE("softmax, losses and routing match the CPU backend") {

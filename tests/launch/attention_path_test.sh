@@ -5,7 +5,7 @@
 # give the same per-step losses within 1e-4 relative (the two sum scores in
 # other orders, and AdamW's first steps amplify ulp-level differences), at 1
 # rank and at tp 2 (each rank's heads, grouped KV heads split across ranks);
-# and in bf16. A bad MOE_ATTENTION or MOE_ATTENTION_WORKSPACE_MB is refused at
+# and in bf16; MOE_ATTENTION=flash on the CPU is the fused kernel. A bad MOE_ATTENTION or MOE_ATTENTION_WORKSPACE_MB is refused at
 # start-up naming the variable, before any file is written.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/test_env.sh"
 test_init "$@"
@@ -29,9 +29,14 @@ compare_losses fused gemm_tp2 1e-4 10 "gemm attention at tp 2 vs fused at 1 rank
 run fused_bf16 1 train.precision=bf16
 MOE_ATTENTION=gemm run gemm_bf16 1 train.precision=bf16
 compare_losses fused_bf16 gemm_bf16 2e-2 10 "gemm vs fused attention, 1 rank (bf16)" || fail=1
+# MOE_ATTENTION=flash is CUDA's tensor-core kernel; the CPU backend runs its
+# fused kernel for it: the same losses as the fused run, bit for bit.
+MOE_ATTENTION=flash run flash_bf16 1 train.precision=bf16
+expect_in flash_bf16.out "attention path: flash (MOE_ATTENTION)"
+compare_losses fused_bf16 flash_bf16 0 10 "flash (CPU: the fused kernel) vs fused attention (bf16)" || fail=1
 
 # Bad values: usage errors (exit 2) naming the variable, no run directory made.
-for bad in "MOE_ATTENTION=flash" "MOE_ATTENTION_WORKSPACE_MB=0" "MOE_ATTENTION_WORKSPACE_MB=lots"; do
+for bad in "MOE_ATTENTION=flash2" "MOE_ATTENTION_WORKSPACE_MB=0" "MOE_ATTENTION_WORKSPACE_MB=lots"; do
   env "$bad" "$BIN/moe-train" "${common[@]}" train.run_dir=bad checkpoint.dir=bad/ckpt > bad.out 2>&1
   code=$?
   [ "$code" = 2 ] || test_fail "$bad: exit code $code, want 2 (usage)" bad.out

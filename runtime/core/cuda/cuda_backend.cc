@@ -426,10 +426,13 @@ class CudaBackend : public Backend {
         buffer_type_(device, &memory_, &allocator_),
         // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); the
         // arithmetic element-wise, norm, RoPE, cross-entropy and row
-        // scatter/dot kernels read and write bf16; attention and the
-        // reductions stage bf16 through f32 around the f32 kernels.
-        kernels_(MakeBf16StagingKernels(
-            MakeCudaKernels(), {.stage_gemms = false, .stage_elementwise = false, .stage_rows = false})) {}
+        // scatter/dot kernels read and write bf16, and so does attention on the
+        // flash path; other attention calls and the reductions stage bf16
+        // through f32 around the f32 kernels.
+        kernels_(MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false,
+                                                            .stage_elementwise = false,
+                                                            .stage_rows = false,
+                                                            .native_attention = FlashAttentionTakes})) {}
 
   // One slab of kRecordsPerSlab records (the backend, and so the slabs, live
   // for the process). Called with records_mu_ held.

@@ -32,8 +32,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/cuda/cuda_kernels.h"
+#include "runtime/core/tensor.h"
 
 namespace moe::cuda {
 
@@ -65,6 +67,12 @@ void ScratchFree(Stream& s, void* p);
 
 // The kernels table (cuda_kernels.cc).
 std::unique_ptr<Kernels> MakeCudaKernels();
+// Whether the attention call over `tensors` (q, k, v first; then the other
+// bf16 operands: out, or out, dout, dq, dk, dv) runs on the flash kernels:
+// MOE_ATTENTION=flash, every tensor bf16 with 16-byte aligned rows, and a shape
+// they take (FlashAttentionShapeOk). The bf16 staging decorator passes such
+// calls through (Bf16StagingOptions::native_attention) and stages the rest.
+bool FlashAttentionTakes(absl::Span<const Tensor* const> tensors);
 
 }  // namespace moe::cuda
 

@@ -6,6 +6,7 @@
 #include "runtime/core/cuda/cuda_kernels.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -82,6 +83,10 @@ absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensor
                                                    ": this CUDA kernel is f32 only; bf16 operands "
                                                    "go through the bf16 staging decorator (bf16_staging.h)"));
   return absl::OkStatus();
+}
+
+AttentionShape ShapeOf(const Tensor& q, const Tensor& k) {
+  return AttentionShape{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
 class CudaKernels : public Kernels {
@@ -242,6 +247,11 @@ class CudaKernels : public Kernels {
     return absl::OkStatus();
   }
   absl::Status CausalAttention(S& s, T q, T k, T v, float scale, T out, T lse) override {
+    if (FlashAttentionTakes({&q, &k, &v, &out})) {
+      LAUNCH(LaunchFlashAttentionForward(Ptr<uint16_t>(q), Ptr<uint16_t>(k), Ptr<uint16_t>(v), scale,
+                                         Ptr<uint16_t>(out), Ptr(lse), ShapeOf(q, k), NativeStream(s)));
+      return absl::OkStatus();
+    }
     RETURN_IF_ERROR(F32Only("CausalAttention", {&q, &k, &v, &out, &lse}));
     if (GemmAttention()) return GemmCausalAttention(s, q, k, v, scale, out, lse);
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttention"));
@@ -250,6 +260,16 @@ class CudaKernels : public Kernels {
   }
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override {
+    if (FlashAttentionTakes({&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
+      ASSIGN_OR_RETURN(void* delta, ScratchAlloc(s, static_cast<size_t>(lse.numel()) * sizeof(float)));
+      const cudaError_t e = LaunchFlashAttentionBackward(
+          Ptr<uint16_t>(q), Ptr<uint16_t>(k), Ptr<uint16_t>(v), Ptr<uint16_t>(out), Ptr(lse), scale,
+          Ptr<uint16_t>(dout), Ptr<uint16_t>(dq), Ptr<uint16_t>(dk), Ptr<uint16_t>(dv),
+          static_cast<float*>(delta), ShapeOf(q, k), NativeStream(s));
+      ScratchFree(s, delta);
+      LAUNCH(e);
+      return absl::OkStatus();
+    }
     RETURN_IF_ERROR(F32Only("CausalAttentionBackward", {&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}));
     if (GemmAttention()) return GemmCausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttentionBackward"));
@@ -366,7 +386,7 @@ class CudaKernels : public Kernels {
   // kernels' limits below.
   static bool GemmAttention() { return attn::AttentionSettingsRef().path == attn::AttentionPath::kGemm; }
   static absl::StatusOr<AttentionShape> Shape(const Tensor& q, const Tensor& k, const char* op) {
-    AttentionShape sh{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+    const AttentionShape sh = ShapeOf(q, k);
     if (sh.seq > MaxAttentionSeq() || sh.head_dim > 512)
       return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": sequence length ", sh.seq,
                                                      " / head_dim ", sh.head_dim,
@@ -377,6 +397,15 @@ class CudaKernels : public Kernels {
 };
 
 }  // namespace
+
+bool FlashAttentionTakes(absl::Span<const Tensor* const> tensors) {
+  if (attn::AttentionSettingsRef().path != attn::AttentionPath::kFlash || tensors.size() < 3) return false;
+  for (const Tensor* t : tensors)
+    if (!t->defined() || t->dtype() != DType::kBF16 || reinterpret_cast<uintptr_t>(t->raw_data()) % 16 != 0)
+      return false;
+  const Tensor &q = *tensors[0], &k = *tensors[1];
+  return q.rank() == 4 && k.rank() == 4 && FlashAttentionShapeOk(ShapeOf(q, k));
+}
 
 std::unique_ptr<Kernels> MakeCudaKernels() { return std::make_unique<CudaKernels>(); }
 

@@ -95,6 +95,18 @@ cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float*
                                     const float* lse, float scale, const float* dout, float* dq, float* dk,
                                     float* dv, float* delta, AttentionShape sh, cudaStream_t s);
 
+// ---- cuda_flash_attention.cu (MOE_ATTENTION=flash: bf16 on tensor cores) ----
+// Shapes the flash kernels take: head_dim 32, 64 or 128, batch * heads <= 65535.
+// Their operands must also be bf16 with 16-byte aligned rows (the caller checks).
+bool FlashAttentionShapeOk(AttentionShape sh);
+cudaError_t LaunchFlashAttentionForward(const uint16_t* q, const uint16_t* k, const uint16_t* v, float scale,
+                                        uint16_t* out, float* lse, AttentionShape sh, cudaStream_t s);
+// delta: scratch [batch, heads, seq] floats.
+cudaError_t LaunchFlashAttentionBackward(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                         const uint16_t* out, const float* lse, float scale,
+                                         const uint16_t* dout, uint16_t* dq, uint16_t* dk, uint16_t* dv,
+                                         float* delta, AttentionShape sh, cudaStream_t s);
+
 // Row passes of the gemm path (attention_gemm.h's ScoreBlock: `batch` blocks of
 // `rows` x `keys` at s + b * stride, row r at stride ld, query i0 + r; lse and
 // delta of that row at b * lse_stride + i0 + r).

@@ -12,13 +12,14 @@
 //   parameters   the bf16 compute copy of every parameter (2 bytes per element)
 //   head         dlogits are a bf16 [T,V] tensor beside the f32 logits during
 //                the cross-entropy backward (in fp32 they overwrite the logits)
-//   staging      both backends stage bf16 operands through f32 copies for the
-//                duration of one op (bf16_staging.h); the largest are in the
-//                head: the cross-entropy backward writes dlogits through an f32
-//                [T,V] (both devices), and on cpu, where GEMMs are staged too,
-//                the LM-head backward GEMM dh = dlogits W takes f32 [T,V] +
-//                [V,d] + [T,d] once the logits are released (cuda runs it on the
-//                bf16 operands). The larger moment is the head working set.
+//   staging      the cpu backend stages bf16 operands through f32 copies for
+//                the duration of one op (bf16_staging.h); the largest are in
+//                the head: the cross-entropy backward writes dlogits through an
+//                f32 [T,V], and the LM-head backward GEMM dh = dlogits W takes
+//                f32 [T,V] + [V,d] + [T,d] once the logits are released. cuda
+//                runs both on the bf16 tensors (stage_rows, stage_gemms false);
+//                its staged ops (attention, reductions) are a layer's size.
+//                The larger moment is the head working set.
 //
 // Persistent (allocated once, live during the whole step):
 //   parameters   embed V*d (+ lm_head V*d if untied) + final norm d
@@ -152,14 +153,17 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t attn_bwd = a * (2 * T * H * hd + 2 * T * Hkv * hd + T * d);
   int64_t head_bwd = a * 2 * T * d;
   if (bf16) {
-    // The cross-entropy backward: bf16 dlogits and their f32 staging beside the
-    // logits; then the LM-head GEMM once the logits are gone (staged on cpu only).
-    const int64_t gemm_staging = config.train().device() == "cpu" ? f * (T * V + V * d + T * d) : 0;
-    head_bwd = std::max(a * T * V + f * T * V, a * T * V + a * 2 * T * d + gemm_staging - f * T * V);
+    // The cross-entropy backward: bf16 dlogits (and on cpu their f32 staging)
+    // beside the logits; then the LM-head GEMM once the logits are gone (staged
+    // on cpu only).
+    const bool cpu = config.train().device() == "cpu";
+    const int64_t ce_staging = cpu ? f * T * V : 0;
+    const int64_t gemm_staging = cpu ? f * (T * V + V * d + T * d) : 0;
+    head_bwd = std::max(a * T * V + ce_staging, a * T * V + a * 2 * T * d + gemm_staging - f * T * V);
   }
   int64_t layer_bwd = a * 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
   add(MC::kActivations,
-      bf16 ? "backward: max(head dlogits (bf16) + f32 staging, dlogits + dhn + dh + cpu GEMM f32 staging - "
+      bf16 ? "backward: max(head dlogits (bf16) + cpu f32 staging, dlogits + dhn + dh + cpu GEMM f32 staging - "
              "released logits, dh x2 + max(MLP, attention) scratch - released head)"
            : "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
       std::max(head_bwd, layer_bwd), 1);

@@ -93,7 +93,7 @@ TEST_CASE("PredictPeakMemory under train.precision bf16") {
   CHECK(p16->Report().find("bf16 compute copies") != std::string::npos);
 }
 
-TEST_CASE("PredictPeakMemory bf16: dlogits staged through f32 on both devices, the LM-head GEMM on cpu") {
+TEST_CASE("PredictPeakMemory bf16: dlogits and the LM-head GEMM staged through f32 on cpu, not on cuda") {
   const int act = static_cast<int>(MemoryCategory::kActivations);
   auto predict = [](config::JobConfig c, const char* device) {
     c.mutable_train()->set_precision("bf16");
@@ -103,15 +103,16 @@ TEST_CASE("PredictPeakMemory bf16: dlogits staged through f32 on both devices, t
     return *p;
   };
   // A large vocabulary (T = 32 tokens, V = 4096, d = 16): the cross-entropy
-  // backward's bf16 dlogits and their f32 staging (2TV + 4TV bytes beside the
-  // f32 logits) outweigh the cpu's staged LM-head GEMM, the same on both.
+  // backward's bf16 dlogits beside the f32 logits, and on cpu their f32
+  // staging (4TV bytes more; cuda's kernel writes bf16 itself: stage_rows).
   config::JobConfig big_vocab = TinyConfig();
   big_vocab.mutable_model()->set_vocab_size(4096);
   big_vocab.mutable_train()->set_micro_batch(4);
   const MemoryPrediction cpu = predict(big_vocab, "cpu"), cuda = predict(big_vocab, "cuda");
-  CHECK(cpu.bytes[act] == cuda.bytes[act]);
   const int64_t T = 32, V = 4096;
-  CHECK(cuda.bytes[act] >= 4 * T * V + 2 * T * V + 4 * T * V);  // logits, dlogits, staging
+  CHECK(cpu.bytes[act] - cuda.bytes[act] == 4 * T * V);
+  CHECK(cpu.bytes[act] >= 4 * T * V + 2 * T * V + 4 * T * V);  // logits, dlogits, staging
+  CHECK(cuda.bytes[act] >= 4 * T * V + 2 * T * V);
   // A wide model (d = 64, V = 512): the cpu's staged LM-head GEMM (f32 dlogits,
   // W and dh) is the larger moment there; cuda runs that GEMM on bf16 operands.
   config::JobConfig wide = TinyConfig();

@@ -83,7 +83,8 @@ __global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const i
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t i = order[j];
         const float w = weight != nullptr ? weight[i] : 1.0f;
-        acc += w * Ld<M>(src, i * d + c);
+        // Product and sum rounded separately, never fused: the CPU loop's arithmetic.
+        acc = __fadd_rn(acc, __fmul_rn(w, Ld<M>(src, i * d + c)));
       }
       St<M>(dst, r * d + c, acc);
     }
@@ -109,7 +110,7 @@ __global__ void GatherRowDotKernel(ElemIn a, const int32_t* index, ElemIn b, flo
     return;
   }
   const float g = static_cast<float>(alpha * total);
-  out[i] = beta == 0.0f ? g : g + beta * out[i];
+  out[i] = beta == 0.0f ? g : __fadd_rn(g, __fmul_rn(beta, out[i]));  // unfused, as on CPU
 }
 
 // The scratch of LaunchScatterAddRows: keys and values in and out (4 x m
@@ -177,12 +178,13 @@ size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n) {
 cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
                                  int64_t m, int64_t n, int64_t d, void* scratch, DeviceError* err, int op,
                                  cudaStream_t s) {
-  if (m <= 0 || d <= 0) return cudaGetLastError();
+  if (m <= 0) return cudaGetLastError();
   const ScatterScratch sc = Carve(scratch, m, n);
   cudaError_t e = cudaMemsetAsync(sc.min_bad, 0xff, sizeof(unsigned long long), s);
   if (e != cudaSuccess) return e;
   ScatterKeysKernel<<<GridFor(m), kThreads, 0, s>>>(index, sc.keys_in, sc.vals_in, m, n, sc.min_bad);
-  ReportMinBadKernel<<<1, 1, 0, s>>>(sc.min_bad, index, n, err, op);
+  ReportMinBadKernel<<<1, 1, 0, s>>>(sc.min_bad, index, n, err, op);  // bad indices count even when d = 0
+  if (d <= 0) return cudaGetLastError();
   size_t cub_bytes = sc.cub_bytes;
   e = cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,
                                       static_cast<int>(m), 0, KeyBits(n), s);

@@ -17,10 +17,22 @@
 //
 // head_dim 32, 64 or 128 (a template argument: the accumulators of a warp's
 // 16 rows are register fragments in backward); rows 16-byte aligned.
+//
+// The CPU suite runs this file's kernels under tests/core/cuda_emulation.h
+// (MOE_CUDA_EMULATION: real threads and barriers per block, wmma by its
+// documented semantics) against a float64 reference:
+// core_flash_attention_emulation_test. Kernels here launch through
+// MOE_LAUNCH and take shared memory through MOE_DYNAMIC_SHARED for that.
+#include <algorithm>
+
+#ifndef MOE_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <mma.h>
 
 #include "runtime/core/cuda/cuda_launch.cuh"
+#endif
+#include "runtime/core/cuda/cuda_kernels.h"
+#include "runtime/core/kernel_math.h"
 
 namespace moe::cuda {
 namespace {
@@ -142,7 +154,7 @@ template <int HD>
 __global__ void __launch_bounds__(kFlashThreads)
     FlashForwardKernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float scale, uint16_t* out,
                        float* lse, AttentionShape sh) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SHARED(smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* ks = qs + kTile * LdB<HD>();
   uint16_t* vs = ks + kTile * LdB<HD>();
@@ -267,7 +279,7 @@ template <int HD>
 __global__ void __launch_bounds__(kFlashThreads)
     FlashDkvKernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* lse, float scale,
                    const uint16_t* dout, const float* delta, uint16_t* dk, uint16_t* dv, AttentionShape sh) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SHARED(smem);
   uint16_t* ks = reinterpret_cast<uint16_t*>(smem);
   uint16_t* vs = ks + kTile * LdB<HD>();
   uint16_t* qs = vs + kTile * LdB<HD>();
@@ -327,7 +339,7 @@ template <int HD>
 __global__ void __launch_bounds__(kFlashThreads)
     FlashDqKernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* lse, float scale,
                   const uint16_t* dout, const float* delta, uint16_t* dq, AttentionShape sh) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SHARED(smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* dos = qs + kTile * LdB<HD>();
   uint16_t* ks = dos + kTile * LdB<HD>();
@@ -396,7 +408,7 @@ cudaError_t Forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, flo
     return e;
   const dim3 grid(static_cast<unsigned>((sh.seq + kTile - 1) / kTile),
                   static_cast<unsigned>(sh.batch * sh.heads));
-  FlashForwardKernel<HD><<<grid, kFlashThreads, smem, s>>>(q, k, v, scale, out, lse, sh);
+  MOE_LAUNCH(FlashForwardKernel<HD>, grid, kFlashThreads, smem, s, q, k, v, scale, out, lse, sh);
   return cudaGetLastError();
 }
 
@@ -410,12 +422,14 @@ cudaError_t Backward(const uint16_t* q, const uint16_t* k, const uint16_t* v, co
   if (cudaError_t e = AllowShared(reinterpret_cast<const void*>(FlashDqKernel<HD>), smem); e != cudaSuccess)
     return e;
   const int64_t rows = sh.batch * sh.heads * sh.seq;
-  FlashDeltaKernel<<<GridFor(rows * 32), kThreads, 0, s>>>(out, dout, delta, sh);
+  // A warp per row, 8 per block, grid-stride beyond 4096 blocks.
+  const unsigned delta_blocks = static_cast<unsigned>(std::min<int64_t>((rows + 7) / 8, 4096));
+  MOE_LAUNCH(FlashDeltaKernel, delta_blocks, 256, 0, s, out, dout, delta, sh);
   const unsigned tiles = static_cast<unsigned>((sh.seq + kTile - 1) / kTile);
-  FlashDkvKernel<HD><<<dim3(tiles, static_cast<unsigned>(sh.batch * sh.kv_heads)), kFlashThreads, smem, s>>>(
-      q, k, v, lse, scale, dout, delta, dk, dv, sh);
-  FlashDqKernel<HD><<<dim3(tiles, static_cast<unsigned>(sh.batch * sh.heads)), kFlashThreads, smem, s>>>(
-      q, k, v, lse, scale, dout, delta, dq, sh);
+  MOE_LAUNCH(FlashDkvKernel<HD>, dim3(tiles, static_cast<unsigned>(sh.batch * sh.kv_heads)), kFlashThreads,
+             smem, s, q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  MOE_LAUNCH(FlashDqKernel<HD>, dim3(tiles, static_cast<unsigned>(sh.batch * sh.heads)), kFlashThreads, smem,
+             s, q, k, v, lse, scale, dout, delta, dq, sh);
   return cudaGetLastError();
 }
 
@@ -423,8 +437,8 @@ cudaError_t Backward(const uint16_t* q, const uint16_t* k, const uint16_t* v, co
 
 bool FlashAttentionShapeOk(AttentionShape sh) {
   const bool hd = sh.head_dim == 32 || sh.head_dim == 64 || sh.head_dim == 128;
-  return hd && sh.kv_heads > 0 && sh.heads % sh.kv_heads == 0 && sh.batch * sh.heads <= 65535 &&
-         sh.batch * sh.kv_heads <= 65535;
+  return hd && sh.heads > 0 && sh.kv_heads > 0 && sh.heads % sh.kv_heads == 0 &&
+         sh.batch * sh.heads <= 65535 && sh.batch * sh.kv_heads <= 65535;
 }
 
 cudaError_t LaunchFlashAttentionForward(const uint16_t* q, const uint16_t* k, const uint16_t* v, float scale,

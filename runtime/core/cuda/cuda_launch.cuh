@@ -108,6 +108,13 @@ inline int ElemMode(std::initializer_list<ElemType> types) {
   return f32 ? 0 : bf16 ? 1 : 2;
 }
 
+// A kernel's dynamic shared memory, and a launch: as macros so that a file
+// written with them also runs under tests/core/cuda_emulation.h (the CPU
+// suite's stand-in, which defines both its own way).
+#define MOE_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#define MOE_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<(grid), (block), (shared_bytes), (stream)>>>(__VA_ARGS__)
+
 // Launches kernel<mode><<<grid, block, 0, s>>>(args...) when items > 0.
 #define MOE_MODE_LAUNCH(kernel, mode, items, grid, block, s, ...) \
   do {                                                            \

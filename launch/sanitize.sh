@@ -22,10 +22,10 @@
 #         watchdog and the fault wrapper, the token exchange, TP, grad-sync,
 #         dispatcher and LLEP layer pipelines, ZeRO-1, the trainer, sync and
 #         async checkpoint saves, resume, host-sync counting, the demo's
-#         end-to-end run, and the CUDA flash attention kernels under the CPU
-#         emulation (a block's threads are real threads there: a missing
-#         barrier is a race) (MOE_TSAN_TESTS, a ctest -R regex, chooses another
-#         set).
+#         end-to-end run, and the CUDA kernels run under the CPU emulation
+#         (flash attention, element-wise, norm, RoPE, cross-entropy: a
+#         block's threads are real threads there, so a missing barrier is a
+#         race) (MOE_TSAN_TESTS, a ctest -R regex, chooses another set).
 # Every sanitizer report fails the run (halt_on_error, abort_on_error); the
 # only suppressions are for Open MPI (not instrumented), in tests/sanitizers/
 # with the reason beside each.
@@ -145,7 +145,7 @@ fi
 if want tsan; then
   t0=$(date +%s)
   tsan="$MOE_ROOT/build-tsan"
-  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_demo_smoke_test|core_flash_attention_emulation_test)$}"
+  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_demo_smoke_test|core_(flash_attention|cuda_kernels)_emulation_test)$}"
   sanitize_configure "$tsan" thread OFF
   cmake --build "$tsan" -j"$jobs" --target $(test_targets "$tsan" -R "$tsan_tests")
   took "build-tsan" "$t0"

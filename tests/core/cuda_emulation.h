@@ -1,5 +1,6 @@
-// A CPU stand-in for the part of CUDA that runtime/core/cuda/cuda_flash_attention.cu
-// uses, so that the CPU suite runs that file's kernels (the real source,
+// A CPU stand-in for the part of CUDA that the kernels of runtime/core/cuda/
+// use (cuda_launch.cuh, the flash attention, element-wise, norm, RoPE and
+// softmax files), so that the CPU suite runs those kernels (the real source,
 // compiled as C++ with MOE_CUDA_EMULATION defined) where no GPU can:
 //   - a launch runs each block as blockDim.x real threads, one block after the
 //     other; __syncthreads and __syncwarp are real barriers and
@@ -14,7 +15,8 @@
 //     (32-byte pointers; ldm a multiple of 8 for 16-bit elements, 4 for f32)
 //     checked on every call, and mma_sync in f32.
 // What it cannot show: real-hardware timing, memory-model or register effects.
-// Test code only (tests/core/flash_attention_emulation_test.cc).
+// Test code only (tests/core/flash_attention_emulation_test.cc,
+// tests/core/cuda_kernels_emulation_test.cc).
 #ifndef MOE_TESTS_CORE_CUDA_EMULATION_H_
 #define MOE_TESTS_CORE_CUDA_EMULATION_H_
 
@@ -22,6 +24,7 @@
 #error "define MOE_CUDA_EMULATION before including cuda_emulation.h"
 #endif
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -41,6 +44,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
+// A kernel's __shared__ array: one per kernel, shared by the threads of the
+// block that runs (blocks run one after another).
+#define __shared__ static
 
 using cudaError_t = int;
 using cudaStream_t = void*;
@@ -73,7 +79,7 @@ struct State {
   size_t shared_bytes = 0;
   std::barrier<>* block_barrier = nullptr;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  float exchange[32][32] = {};  // [warp][lane]
+  double exchange[32][32] = {};  // [warp][lane]
 };
 inline State& S() {
   static State state;
@@ -146,17 +152,26 @@ inline cudaError_t cudaGetLastError() {
 }
 inline void __syncthreads() { moe::cuda_emulation::S().block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { moe::cuda_emulation::S().warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(std::is_floating_point_v<T>, "the kernels shuffle float and double");
   if (mask != 0xffffffffu)
     moe::cuda_emulation::Fail("__shfl_xor_sync: only full-warp masks are emulated", nullptr, mask);
   auto& x = moe::cuda_emulation::S().exchange[threadIdx.x / 32];
   const unsigned lane = threadIdx.x % 32;
-  x[lane] = v;
+  x[lane] = static_cast<double>(v);  // exact for float
   __syncwarp();
-  const float r = x[lane ^ static_cast<unsigned>(lane_mask)];
+  const T r = static_cast<T>(x[lane ^ static_cast<unsigned>(lane_mask)]);
   __syncwarp();
   return r;
 }
+inline int atomicCAS(int* p, int compare, int value) {
+  std::atomic_ref<int>(*p).compare_exchange_strong(compare, value);
+  return compare;  // the old value
+}
+inline int atomicExch(int* p, int value) { return std::atomic_ref<int>(*p).exchange(value); }
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+using std::isinf;
 
 // The two macros cuda_launch.cuh defines for the real build.
 #define MOE_DYNAMIC_SHARED(name) unsigned char* name = moe::cuda_emulation::S().shared

@@ -96,11 +96,11 @@ __global__ void SwiGLUBackwardKernel(ElemIn gate, ElemIn up, ElemIn dout, ElemOu
 }  // namespace
 
 cudaError_t LaunchFill(void* p, ElemType t, int64_t n, double value, cudaStream_t s) {
-  if (n > 0) FillKernel<<<GridFor(n), kThreads, 0, s>>>(p, t, n, value);
+  if (n > 0) MOE_LAUNCH(FillKernel, GridFor(n), kThreads, 0, s, p, t, n, value);
   return cudaGetLastError();
 }
 cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int64_t n, cudaStream_t s) {
-  if (n > 0) CastKernel<<<GridFor(n), kThreads, 0, s>>>(src, st, dst, dt, n);
+  if (n > 0) MOE_LAUNCH(CastKernel, GridFor(n), kThreads, 0, s, src, st, dst, dt, n);
   return cudaGetLastError();
 }
 cudaError_t LaunchAdd(ElemIn a, ElemIn b, ElemOut out, int64_t n, cudaStream_t s) {

@@ -28,11 +28,9 @@
 #ifndef MOE_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <mma.h>
+#endif
 
 #include "runtime/core/cuda/cuda_launch.cuh"
-#endif
-#include "runtime/core/cuda/cuda_kernels.h"
-#include "runtime/core/kernel_math.h"
 
 namespace moe::cuda {
 namespace {

@@ -4,7 +4,9 @@
 #ifndef MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 #define MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 
+#ifndef MOE_CUDA_EMULATION  // tests/core/cuda_emulation.h stands in for the runtime
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <initializer_list>
@@ -111,24 +113,26 @@ inline int ElemMode(std::initializer_list<ElemType> types) {
 // A kernel's dynamic shared memory, and a launch: as macros so that a file
 // written with them also runs under tests/core/cuda_emulation.h (the CPU
 // suite's stand-in, which defines both its own way).
+#ifndef MOE_CUDA_EMULATION
 #define MOE_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define MOE_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
   kernel<<<(grid), (block), (shared_bytes), (stream)>>>(__VA_ARGS__)
+#endif
 
-// Launches kernel<mode><<<grid, block, 0, s>>>(args...) when items > 0.
-#define MOE_MODE_LAUNCH(kernel, mode, items, grid, block, s, ...) \
-  do {                                                            \
-    if ((items) <= 0) break;                                      \
-    switch (mode) {                                               \
-      case 0:                                                     \
-        kernel<0><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
-        break;                                                    \
-      case 1:                                                     \
-        kernel<1><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
-        break;                                                    \
-      default:                                                    \
-        kernel<2><<<(grid), (block), 0, (s)>>>(__VA_ARGS__);      \
-    }                                                             \
+// Launches kernel<mode> on (grid, block) and stream s when items > 0.
+#define MOE_MODE_LAUNCH(kernel, mode, items, grid, block, s, ...)    \
+  do {                                                               \
+    if ((items) <= 0) break;                                         \
+    switch (mode) {                                                  \
+      case 0:                                                        \
+        MOE_LAUNCH(kernel<0>, (grid), (block), 0, (s), __VA_ARGS__); \
+        break;                                                       \
+      case 1:                                                        \
+        MOE_LAUNCH(kernel<1>, (grid), (block), 0, (s), __VA_ARGS__); \
+        break;                                                       \
+      default:                                                       \
+        MOE_LAUNCH(kernel<2>, (grid), (block), 0, (s), __VA_ARGS__); \
+    }                                                                \
   } while (0)
 
 // The same over n items, one grid-stride loop (GridFor(n) x kThreads).

@@ -125,16 +125,16 @@ __global__ void TopKKernel(const float* x, int k, float* values, int32_t* indice
 }  // namespace
 
 cudaError_t LaunchSoftmax(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s) {
-  if (rows > 0) SoftmaxKernel<<<rows, kRowThreads, 0, s>>>(x, out, cols);
+  if (rows > 0) MOE_LAUNCH(SoftmaxKernel, rows, kRowThreads, 0, s, x, out, cols);
   return cudaGetLastError();
 }
 cudaError_t LaunchSoftmaxBackward(const float* y, const float* dy, float* dx, float alpha, float beta,
                                   int64_t rows, int64_t cols, cudaStream_t s) {
-  if (rows > 0) SoftmaxBackwardKernel<<<rows, kRowThreads, 0, s>>>(y, dy, dx, alpha, beta, cols);
+  if (rows > 0) MOE_LAUNCH(SoftmaxBackwardKernel, rows, kRowThreads, 0, s, y, dy, dx, alpha, beta, cols);
   return cudaGetLastError();
 }
 cudaError_t LaunchLogSumExp(const float* x, float* out, int64_t rows, int64_t cols, cudaStream_t s) {
-  if (rows > 0) LogSumExpKernel<<<rows, kRowThreads, 0, s>>>(x, out, cols);
+  if (rows > 0) MOE_LAUNCH(LogSumExpKernel, rows, kRowThreads, 0, s, x, out, cols);
   return cudaGetLastError();
 }
 cudaError_t LaunchCrossEntropy(ElemIn logits, const int32_t* targets, float* losses, float* lse, int64_t rows,
@@ -152,7 +152,7 @@ cudaError_t LaunchCrossEntropyBackward(ElemIn logits, const int32_t* targets, co
 }
 cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, int64_t rows, int64_t cols,
                        cudaStream_t s) {
-  if (rows > 0) TopKKernel<<<GridFor(rows, 128), 128, 0, s>>>(x, k, values, indices, rows, cols);
+  if (rows > 0) MOE_LAUNCH(TopKKernel, GridFor(rows, 128), 128, 0, s, x, k, values, indices, rows, cols);
   return cudaGetLastError();
 }
 

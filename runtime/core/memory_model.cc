@@ -163,7 +163,8 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   }
   int64_t layer_bwd = a * 2 * T * d + std::max({moe_bwd, dense_bwd, attn_bwd}) - head_released;
   add(MC::kActivations,
-      bf16 ? "backward: max(head dlogits (bf16) + cpu f32 staging, dlogits + dhn + dh + cpu GEMM f32 staging - "
+      bf16 ? "backward: max(head dlogits (bf16) + cpu f32 staging, dlogits + dhn + dh + cpu GEMM f32 staging "
+             "- "
              "released logits, dh x2 + max(MLP, attention) scratch - released head)"
            : "backward: max(head dhn + dh, dh x2 + max(MLP, attention) scratch - released head)",
       std::max(head_bwd, layer_bwd), 1);

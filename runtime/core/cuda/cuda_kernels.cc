@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/core/attention_gemm.h"
 #include "runtime/core/cuda/cuda_backend.h"
@@ -85,9 +86,25 @@ absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensor
   return absl::OkStatus();
 }
 
+// Runs `launch` with a device scratch block of `bytes` (null when 0), released
+// stream-ordered right after the enqueue (the allocator hands it out again
+// only once the stream has passed the launch: cuda_backend.h).
+absl::Status LaunchWithScratch(Stream& s, size_t bytes, absl::FunctionRef<cudaError_t(void*)> launch) {
+  void* scratch = nullptr;
+  if (bytes > 0) {
+    ASSIGN_OR_RETURN(scratch, ScratchAlloc(s, bytes));
+  }
+  const cudaError_t e = launch(scratch);
+  if (scratch != nullptr) ScratchFree(s, scratch);
+  CUDA_RETURN_IF_ERROR(e);
+  return absl::OkStatus();
+}
+
 AttentionShape ShapeOf(const Tensor& q, const Tensor& k) {
   return AttentionShape{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
+// The attention backward's delta scratch: one f32 per row of lse [B, H, S].
+size_t DeltaBytes(const Tensor& lse) { return static_cast<size_t>(lse.numel()) * sizeof(float); }
 
 class CudaKernels : public Kernels {
  public:
@@ -261,25 +278,20 @@ class CudaKernels : public Kernels {
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
                                        T dv) override {
     if (FlashAttentionTakes({&q, &k, &v, &out, &dout, &dq, &dk, &dv})) {
-      ASSIGN_OR_RETURN(void* delta, ScratchAlloc(s, static_cast<size_t>(lse.numel()) * sizeof(float)));
-      const cudaError_t e = LaunchFlashAttentionBackward(
-          Ptr<uint16_t>(q), Ptr<uint16_t>(k), Ptr<uint16_t>(v), Ptr<uint16_t>(out), Ptr(lse), scale,
-          Ptr<uint16_t>(dout), Ptr<uint16_t>(dq), Ptr<uint16_t>(dk), Ptr<uint16_t>(dv),
-          static_cast<float*>(delta), ShapeOf(q, k), NativeStream(s));
-      ScratchFree(s, delta);
-      LAUNCH(e);
-      return absl::OkStatus();
+      return LaunchWithScratch(s, DeltaBytes(lse), [&](void* delta) {
+        return LaunchFlashAttentionBackward(Ptr<uint16_t>(q), Ptr<uint16_t>(k), Ptr<uint16_t>(v),
+                                            Ptr<uint16_t>(out), Ptr(lse), scale, Ptr<uint16_t>(dout),
+                                            Ptr<uint16_t>(dq), Ptr<uint16_t>(dk), Ptr<uint16_t>(dv),
+                                            static_cast<float*>(delta), ShapeOf(q, k), NativeStream(s));
+      });
     }
     RETURN_IF_ERROR(F32Only("CausalAttentionBackward", {&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}));
     if (GemmAttention()) return GemmCausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttentionBackward"));
-    ASSIGN_OR_RETURN(void* delta, ScratchAlloc(s, static_cast<size_t>(lse.numel()) * sizeof(float)));
-    cudaError_t e =
-        LaunchAttentionBackward(Ptr(q), Ptr(k), Ptr(v), Ptr(out), Ptr(lse), scale, Ptr(dout), Ptr(dq),
-                                Ptr(dk), Ptr(dv), static_cast<float*>(delta), sh, NativeStream(s));
-    ScratchFree(s, delta);
-    LAUNCH(e);
-    return absl::OkStatus();
+    return LaunchWithScratch(s, DeltaBytes(lse), [&](void* delta) {
+      return LaunchAttentionBackward(Ptr(q), Ptr(k), Ptr(v), Ptr(out), Ptr(lse), scale, Ptr(dout), Ptr(dq),
+                                     Ptr(dk), Ptr(dv), static_cast<float*>(delta), sh, NativeStream(s));
+    });
   }
   absl::Status Softmax(S& s, T x, T out) override {
     RETURN_IF_ERROR(F32Only("Softmax", {&x, &out}));
@@ -337,16 +349,11 @@ class CudaKernels : public Kernels {
     if (m > std::numeric_limits<int32_t>::max() || n >= std::numeric_limits<int32_t>::max())
       return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": ", m, " source rows into ", n,
                                                      " destination rows exceed this kernel's int32 sort"));
-    void* scratch = nullptr;
-    if (const size_t bytes = ScatterAddRowsScratchBytes(m, n); bytes > 0) {
-      ASSIGN_OR_RETURN(scratch, ScratchAlloc(s, bytes));
-    }
-    const cudaError_t e = LaunchScatterAddRows(
-        es, Ptr<int32_t>(index), ed, weight.defined() ? Ptr(weight) : nullptr, m, n, Cols(src), scratch,
-        DeviceErrorRecord(s), static_cast<int>(OpKind::kScatterAddRows), NativeStream(s));
-    if (scratch != nullptr) ScratchFree(s, scratch);
-    LAUNCH(e);
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ScatterAddRowsScratchBytes(m, n), [&](void* scratch) {
+      return LaunchScatterAddRows(es, Ptr<int32_t>(index), ed, weight.defined() ? Ptr(weight) : nullptr, m, n,
+                                  Cols(src), scratch, DeviceErrorRecord(s),
+                                  static_cast<int>(OpKind::kScatterAddRows), NativeStream(s));
+    });
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
     ASSIGN_OR_RETURN(const ElemIn ea, In("GatherRowDot", a));

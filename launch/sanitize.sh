@@ -107,8 +107,11 @@ export TSAN_OPTIONS="halt_on_error=1:detect_deadlocks=0:suppressions=$supp/tsan.
 #   moe-launch and moe-train runs the launch tests make under ASan (4 min);
 # - runtime_precision_test: 2 minutes of 50-step trainings; the bf16 kernels
 #   and staging it runs are under ASan in core_bf16_ops_test, model_test and
-#   the trainer tests.
-asan_exclude="${MOE_ASAN_EXCLUDE:-^(data_(text|spm_tokenizer)_test|gpu_.*|cluster_.*|slurm_.*|runtime_precision_test)$}"
+#   the trainer tests;
+# - core_cuda_backend_emulation_test_{grouped,streams}_gemm: the emulated CUDA
+#   backend's GEMM cases again on other grouped-GEMM paths (the whole test,
+#   core_cuda_backend_emulation_test, runs under ASan).
+asan_exclude="${MOE_ASAN_EXCLUDE:-^(data_(text|spm_tokenizer)_test|gpu_.*|cluster_.*|slurm_.*|runtime_precision_test|core_cuda_backend_emulation_test_.*)$}"
 # (ctest's regular expressions take at most 9 groups.)
 asan_tests="${MOE_ASAN_TESTS:-^(core_.*|data_(indexed_dataset|hdf5_dataset|bad_data|sampler|truncated_bin)_test|model_(moe_parts|layers|memory_model)_test|model_test|optim_optimizer_test|parallel_(layout|llep_planner|parameter)_test|runtime_(config|startup_checks|metrics|checkpoint_format|checkpoint_plan|host_sync|resume|trainer|save_guard|checkpoint_damage)_test|runtime_checkpoint_test_np2|comm_(communicator|args|stream_order|recv_bounds|host_staging)_test|comm_communicator_test_np3|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|launch_(demo_smoke|failure_paths|signal_resume|data_shrink|missing_source)_test)$}"
 asan_select=(-R "$asan_tests" -E "$asan_exclude")

@@ -24,17 +24,28 @@
 #error "define MOE_CUDA_EMULATION before including cuda_emulation.h"
 #endif
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "runtime/core/kernel_math.h"
@@ -44,14 +55,37 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
+#define CUDART_CB
 // A kernel's __shared__ array: one per kernel, shared by the threads of the
-// block that runs (blocks run one after another).
+// block that runs (blocks run one after another, one kernel at a time).
 #define __shared__ static
 
-using cudaError_t = int;
-using cudaStream_t = void*;
-constexpr cudaError_t cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchOutOfResources = 7;
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorLaunchOutOfResources = 7,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
+  cudaErrorNotReady = 600,
+};
+struct CUstream_st;
+struct CUevent_st;
+using cudaStream_t = CUstream_st*;
+using cudaEvent_t = CUevent_st*;
+using cudaHostFn_t = void (*)(void*);
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost,
+  cudaMemcpyHostToDevice,
+  cudaMemcpyDeviceToHost,
+  cudaMemcpyDeviceToDevice,
+  cudaMemcpyDefault
+};
+constexpr unsigned cudaStreamDefault = 0, cudaStreamNonBlocking = 1;
+constexpr unsigned cudaEventDefault = 0, cudaEventDisableTiming = 2;
+constexpr unsigned cudaHostAllocDefault = 0, cudaHostAllocMapped = 2;
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -72,24 +106,194 @@ struct __nv_bfloat16 {
 
 namespace moe::cuda_emulation {
 
+[[noreturn]] inline void Fail(const char* what, const void* p, size_t n) {
+  std::fprintf(stderr, "cuda emulation: %s (pointer %p, %zu)\n", what, p, n);
+  std::abort();
+}
+
+// ---- One kernel's blocks ------------------------------------------------------
+// A barrier among `count` emulated threads.
+struct Group {
+  explicit Group(unsigned n = 0) : count(n) {}
+  unsigned count, arrived = 0, generation = 0;
+  std::unique_ptr<std::barrier<>> os;  // the threads mode's
+};
+
 struct State {
+  std::mutex kernel_mu;                        // one kernel runs at a time
   std::map<const void*, size_t> shared_limit;  // cudaFuncSetAttribute
-  cudaError_t error = cudaSuccess;
   unsigned char* shared = nullptr;
   size_t shared_bytes = 0;
-  std::barrier<>* block_barrier = nullptr;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  Group block;
+  std::vector<Group> warps;
   double exchange[32][32] = {};  // [warp][lane]
 };
 inline State& S() {
   static State state;
   return state;
 }
+inline thread_local cudaError_t t_error = cudaSuccess;  // per host thread, as CUDA's last error
 
-[[noreturn]] inline void Fail(const char* what, const void* p, size_t n) {
-  std::fprintf(stderr, "cuda emulation: %s (pointer %p, %zu)\n", what, p, n);
-  std::abort();
+#ifdef MOE_CUDA_EMULATION_FIBERS
+// Fibers: a block's threads are coroutines on the one host thread that runs
+// the kernel, switched at barriers only (fast; no data race between them can
+// show, a missing barrier still does as a wrong result). On x86-64 a switch
+// saves and loads the callee-saved registers and the stack pointer (no system
+// call, unlike swapcontext's signal mask); elsewhere it is swapcontext.
+#if defined(__x86_64__)
+extern "C" void moe_cuda_emulation_switch(void** save_sp, void* load_sp);
+// Weak: every translation unit that includes this header defines it.
+asm(R"(
+  .text
+  .weak moe_cuda_emulation_switch
+  .type moe_cuda_emulation_switch, @function
+moe_cuda_emulation_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size moe_cuda_emulation_switch, .-moe_cuda_emulation_switch
+)");
+struct Context {
+  void* sp = nullptr;
+};
+inline void SwitchTo(Context& save, Context& load) { moe_cuda_emulation_switch(&save.sp, load.sp); }
+// A context that enters `entry` (which must never return) on the given stack.
+inline void Prepare(Context& c, void* stack, size_t bytes, void (*entry)(), Context*) {
+  auto* p = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  *--p = 0;                                  // entry's return address: none
+  *--p = reinterpret_cast<uint64_t>(entry);  // 16-byte aligned, so entry starts as if called
+  for (int r = 0; r < 6; ++r) *--p = 0;      // rbp, rbx, r12-r15
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--p = mxcsr | static_cast<uint64_t>(fpucw) << 32;
+  c.sp = p;
 }
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void SwitchTo(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void Prepare(Context& c, void* stack, size_t bytes, void (*entry)(), Context* back) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = &back->uc;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fibers {
+  Context scheduler;
+  std::vector<Context> ctx;
+  std::vector<void*> stacks;
+  std::vector<char> done;
+  std::vector<std::pair<const Group*, unsigned>> waiting;  // the barrier and generation a thread waits for
+  unsigned current = 0;
+  uint64_t progress = 0;
+  const std::function<void()>* body = nullptr;
+  static constexpr size_t kStack = 256 * 1024;
+  ~Fibers() {
+    for (void* s : stacks) munmap(s, kStack);
+  }
+};
+inline Fibers& F() {
+  static thread_local Fibers f;
+  return f;
+}
+inline void Yield() {
+  Fibers& f = F();
+  SwitchTo(f.ctx[f.current], f.scheduler);
+}
+inline void FiberEntry() {
+  Fibers& f = F();
+  (*f.body)();
+  f.done[f.current] = 1;
+  ++f.progress;
+  SwitchTo(f.ctx[f.current], f.scheduler);  // never resumed
+  Fail("a finished fiber was resumed", nullptr, f.current);
+}
+inline void Arrive(Group& g) {
+  Fibers& f = F();
+  const unsigned generation = g.generation;
+  ++f.progress;
+  if (++g.arrived == g.count) {
+    g.arrived = 0;
+    ++g.generation;
+    return;
+  }
+  f.waiting[f.current] = {&g, generation};
+  while (g.generation == generation) Yield();
+  f.waiting[f.current] = {nullptr, 0};
+}
+inline void RunBlock(unsigned threads, const std::function<void()>& body) {
+  Fibers& f = F();
+  f.body = &body;
+  f.ctx.resize(threads);
+  f.done.assign(threads, 0);
+  f.waiting.assign(threads, {nullptr, 0});
+  while (f.stacks.size() < threads) {
+    void* s = mmap(nullptr, Fibers::kStack, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (s == MAP_FAILED) Fail("no memory for a fiber stack", nullptr, Fibers::kStack);
+    f.stacks.push_back(s);
+  }
+  for (unsigned t = 0; t < threads; ++t)
+    Prepare(f.ctx[t], f.stacks[t], Fibers::kStack, &FiberEntry, &f.scheduler);
+  for (unsigned left = threads; left > 0;) {
+    const uint64_t before = f.progress;
+    left = 0;
+    for (unsigned t = 0; t < threads; ++t) {
+      if (f.done[t]) continue;
+      const auto [group, generation] = f.waiting[t];
+      if (group == nullptr || group->generation != generation) {  // else it would only yield again
+        f.current = t;
+        threadIdx.x = t;
+        SwitchTo(f.scheduler, f.ctx[t]);
+      }
+      left += f.done[t] ? 0 : 1;
+    }
+    if (left > 0 && f.progress == before)
+      Fail("deadlock: a barrier that not every thread of the block (or warp) reaches", nullptr, left);
+  }
+}
+#else
+// Threads: each thread of a block is a host thread, barriers are real barriers
+// (a missing one shows as a wrong result and as a race under ThreadSanitizer).
+inline void Arrive(Group& g) { g.os->arrive_and_wait(); }
+inline void RunBlock(unsigned threads, const std::function<void()>& body) {
+  const dim3 block_index(blockIdx.x, blockIdx.y);
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx.x = t;
+      blockIdx.x = block_index.x;
+      blockIdx.y = block_index.y;
+      body();
+    });
+  for (std::thread& t : pool) t.join();
+}
+#endif
+
 inline void CheckFragmentPointer(const void* p, unsigned ldm, unsigned ldm_multiple, size_t span_bytes) {
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0) Fail("fragment pointer not 32-byte aligned", p, 32);
   if (ldm % ldm_multiple != 0) Fail("ldm not a multiple of the element's requirement", p, ldm);
@@ -99,19 +303,10 @@ inline void CheckFragmentPointer(const void* p, unsigned ldm, unsigned ldm_multi
     Fail("fragment reaches past the dynamic shared memory", p, span_bytes);
 }
 
-// Runs `body` (the kernel call) as grid.x * grid.y blocks of block.x threads.
-template <typename Body>
-void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, Body&& body) {
+// Runs grid.x * grid.y blocks of block.x threads, one block after another.
+inline void RunKernel(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
   State& s = S();
-  const auto limit = s.shared_limit.find(kernel);
-  if (shared_bytes > 48 * 1024 && (limit == s.shared_limit.end() || limit->second < shared_bytes)) {
-    s.error = cudaErrorLaunchOutOfResources;
-    return;
-  }
-  if (grid.y > 65535 || grid.z > 65535 || block.x > 1024 || block.x % 32 != 0) {
-    s.error = cudaErrorInvalidValue;
-    return;
-  }
+  std::lock_guard<std::mutex> lock(s.kernel_mu);
   gridDim = grid;
   blockDim = block;
   for (unsigned by = 0; by < grid.y; ++by) {
@@ -119,44 +314,412 @@ void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, Body
       std::vector<unsigned char> shared(shared_bytes + 128, 0xff);  // NaN bytes
       s.shared = shared.data() + (128 - reinterpret_cast<uintptr_t>(shared.data()) % 128) % 128;
       s.shared_bytes = shared_bytes;
-      std::barrier<> block_barrier(block.x);
-      s.block_barrier = &block_barrier;
-      s.warp_barriers.clear();
-      for (unsigned w = 0; w < block.x / 32; ++w)
-        s.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-      std::vector<std::thread> threads;
-      for (unsigned t = 0; t < block.x; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx.x = t;
-          blockIdx.x = bx;
-          blockIdx.y = by;
-          body();
-        });
-      for (std::thread& t : threads) t.join();
+      s.block = Group(block.x);
+      s.warps.clear();
+      for (unsigned w = 0; w * 32 < block.x; ++w) s.warps.emplace_back(std::min(32u, block.x - w * 32));
+#ifndef MOE_CUDA_EMULATION_FIBERS
+      s.block.os = std::make_unique<std::barrier<>>(block.x);
+      for (Group& g : s.warps) g.os = std::make_unique<std::barrier<>>(g.count);
+#endif
+      blockIdx.x = bx;
+      blockIdx.y = by;
+      RunBlock(block.x, body);
       s.shared = nullptr;
     }
   }
 }
 
+// ---- Streams and events -------------------------------------------------------
+// A stream is a host thread that runs its operations (kernels, copies, host
+// functions, event records, waits) in order; the enqueuing call returns at
+// once, as on a GPU, so a missing Synchronize or Wait shows as a race. The
+// null stream runs each operation in the calling thread before returning.
+struct Progress {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t completed = 0;
+  void WaitFor(uint64_t ticket) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return completed >= ticket; });
+  }
+  bool Reached(uint64_t ticket) {
+    std::lock_guard<std::mutex> lock(mu);
+    return completed >= ticket;
+  }
+};
+
+class Stream {
+ public:
+  Stream() : worker_([this] { Run(); }) {}
+  ~Stream() {
+    Synchronize();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
+  uint64_t Enqueue(std::function<void()> op) {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(std::move(op));
+    cv_.notify_all();
+    return ++enqueued_;
+  }
+  uint64_t enqueued() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return enqueued_;
+  }
+  void Synchronize() { progress_->WaitFor(enqueued()); }
+  const std::shared_ptr<Progress>& progress() const { return progress_; }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::function<void()> op;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        op = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      op();
+      {
+        std::lock_guard<std::mutex> lock(progress_->mu);
+        ++progress_->completed;
+      }
+      progress_->cv.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  uint64_t enqueued_ = 0;
+  bool stop_ = false;
+  std::shared_ptr<Progress> progress_ = std::make_shared<Progress>();
+  std::thread worker_;  // last: starts after the members it uses
+};
+
+struct Event {
+  std::mutex mu;
+  bool timing = true;
+  std::shared_ptr<Progress> progress;  // of the stream it was last recorded on; null: complete
+  uint64_t ticket = 0;
+  std::shared_ptr<std::chrono::steady_clock::time_point> when;
+  // The stream progress and ticket of the last record (null: nothing to wait for).
+  std::pair<std::shared_ptr<Progress>, uint64_t> Last() {
+    std::lock_guard<std::mutex> lock(mu);
+    return {progress, ticket};
+  }
+};
+
+struct Streams {
+  std::mutex mu;
+  std::set<Stream*> live;
+};
+inline Streams& LiveStreams() {
+  static Streams* s = new Streams();  // never destroyed (streams may outlive static destruction)
+  return *s;
+}
+inline void SynchronizeDevice() {
+  std::vector<Stream*> live;
+  {
+    std::lock_guard<std::mutex> lock(LiveStreams().mu);
+    live.assign(LiveStreams().live.begin(), LiveStreams().live.end());
+  }
+  for (Stream* s : live) s->Synchronize();
+}
+// Runs `op` in stream order: now on the null stream.
+inline void Submit(cudaStream_t stream, std::function<void()> op) {
+  if (stream == nullptr)
+    op();
+  else
+    reinterpret_cast<Stream*>(stream)->Enqueue(std::move(op));
+}
+
+// A launch checks its configuration as CUDA does (the error is the launching
+// thread's next cudaGetLastError) and runs in stream order.
+inline void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   std::function<void()> body) {
+  State& s = S();
+  size_t limit = 48 * 1024;
+  {
+    std::lock_guard<std::mutex> lock(s.kernel_mu);
+    if (auto it = s.shared_limit.find(kernel); it != s.shared_limit.end())
+      limit = std::max(limit, it->second);
+  }
+  if (shared_bytes > limit) {
+    t_error = cudaErrorLaunchOutOfResources;
+    return;
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z != 1 || grid.x > 2147483647u || grid.y > 65535 || block.x == 0 ||
+      block.x > 1024 || block.y != 1 || block.z != 1) {
+    t_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  Submit(stream,
+         [grid, block, shared_bytes, body = std::move(body)] { RunKernel(grid, block, shared_bytes, body); });
+}
+
 }  // namespace moe::cuda_emulation
 
+// ---- The runtime API -------------------------------------------------------------
+inline cudaError_t cudaGetLastError() { return std::exchange(moe::cuda_emulation::t_error, cudaSuccess); }
+inline cudaError_t cudaPeekAtLastError() { return moe::cuda_emulation::t_error; }
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorLaunchOutOfResources:
+      return "cudaErrorLaunchOutOfResources";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle:
+      return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady:
+      return "cudaErrorNotReady";
+  }
+  return "cudaErrorUnknown";
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : "error of the CPU emulation of CUDA (tests/core/cuda_emulation.h)";
+}
 inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute, int bytes) {
   if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;  // sm_90's opt-in limit
+  std::lock_guard<std::mutex> lock(moe::cuda_emulation::S().kernel_mu);
   moe::cuda_emulation::S().shared_limit[kernel] = static_cast<size_t>(bytes);
   return cudaSuccess;
 }
-inline cudaError_t cudaGetLastError() {
-  const cudaError_t e = moe::cuda_emulation::S().error;
-  moe::cuda_emulation::S().error = cudaSuccess;
-  return e;
+
+// One device, 0.
+inline thread_local int t_emulated_device = 0;
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
 }
-inline void __syncthreads() { moe::cuda_emulation::S().block_barrier->arrive_and_wait(); }
-inline void __syncwarp() { moe::cuda_emulation::S().warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = t_emulated_device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  if (d != 0) return cudaErrorInvalidDevice;
+  t_emulated_device = d;
+  return cudaSuccess;
+}
+
+// Device memory is host memory, filled with 0xff bytes (NaN as f32 and bf16,
+// -1 as integers) so that a read before any write shows; freeing waits for
+// the device (cudaFree) or for the stream (cudaFreeAsync) as CUDA does. Each
+// allocation is registered as device or pinned host memory, so copies and
+// memsets check their pointers, and a copy from pageable host memory reads
+// its source during the call (CUDA stages it before returning).
+namespace moe::cuda_emulation {
+enum class Memory { kPageable, kDevice, kPinned };
+struct Allocations {
+  std::mutex mu;
+  std::map<uintptr_t, std::pair<size_t, Memory>> blocks;  // start -> (bytes, kind)
+};
+inline Allocations& Registry() {
+  static Allocations* a = new Allocations();  // never destroyed
+  return *a;
+}
+// The kind of memory [p, p + bytes) lies in; kPageable when no one allocation holds it all.
+inline Memory KindOf(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  Allocations& r = Registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.blocks.upper_bound(a);
+  if (it == r.blocks.begin()) return Memory::kPageable;
+  --it;
+  return a + bytes <= it->first + it->second.first ? it->second.second : Memory::kPageable;
+}
+inline cudaError_t Allocate(void** p, size_t bytes, Memory kind) {
+  *p = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  void* q = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  if (q == nullptr) return t_error = cudaErrorMemoryAllocation;
+  std::memset(q, 0xff, bytes);
+  std::lock_guard<std::mutex> lock(Registry().mu);
+  Registry().blocks[reinterpret_cast<uintptr_t>(q)] = {bytes, kind};
+  *p = q;
+  return cudaSuccess;
+}
+inline cudaError_t Release(void* p, Memory kind) {
+  if (p == nullptr) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lock(Registry().mu);
+    auto it = Registry().blocks.find(reinterpret_cast<uintptr_t>(p));
+    if (it == Registry().blocks.end() || it->second.second != kind) return cudaErrorInvalidValue;
+    Registry().blocks.erase(it);
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+}  // namespace moe::cuda_emulation
+
+inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  return moe::cuda_emulation::Allocate(p, bytes, moe::cuda_emulation::Memory::kDevice);
+}
+inline cudaError_t cudaFree(void* p) {
+  moe::cuda_emulation::SynchronizeDevice();
+  return moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kDevice);
+}
+inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
+  if (p != nullptr && moe::cuda_emulation::KindOf(p, 1) != moe::cuda_emulation::Memory::kDevice)
+    return cudaErrorInvalidValue;
+  moe::cuda_emulation::Submit(s,
+                              [p] { moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kDevice); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  moe::cuda_emulation::SynchronizeDevice();
+  return moe::cuda_emulation::Allocate(p, bytes, moe::cuda_emulation::Memory::kPinned);
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  moe::cuda_emulation::SynchronizeDevice();
+  return moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kPinned);
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                                   cudaStream_t s) {
+  using moe::cuda_emulation::Memory;
+  if (bytes == 0) return cudaSuccess;
+  if (dst == nullptr || src == nullptr) return cudaErrorInvalidValue;
+  const Memory from = moe::cuda_emulation::KindOf(src, bytes), to = moe::cuda_emulation::KindOf(dst, bytes);
+  const bool host_from = from != Memory::kDevice, host_to = to != Memory::kDevice;
+  if ((kind == cudaMemcpyHostToDevice && (!host_from || host_to)) ||
+      (kind == cudaMemcpyDeviceToHost && (host_from || !host_to)) ||
+      (kind == cudaMemcpyDeviceToDevice && (host_from || host_to)) ||
+      (kind == cudaMemcpyHostToHost && (!host_from || !host_to)))
+    return cudaErrorInvalidValue;  // a kind that the pointers contradict
+  if (from == Memory::kPageable && !host_to) {
+    // From pageable memory: the stream's earlier work first, then the source
+    // is staged before the call returns (the caller may reuse it at once).
+    if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+  }
+  moe::cuda_emulation::Submit(s, [=] { std::memmove(dst, src, bytes); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s) {
+  if (bytes == 0) return cudaSuccess;
+  if (dst == nullptr || moe::cuda_emulation::KindOf(dst, bytes) != moe::cuda_emulation::Memory::kDevice)
+    return cudaErrorInvalidValue;
+  moe::cuda_emulation::Submit(s, [=] { std::memset(dst, value, bytes); });
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  auto* stream = new moe::cuda_emulation::Stream();
+  {
+    auto& live = moe::cuda_emulation::LiveStreams();
+    std::lock_guard<std::mutex> lock(live.mu);
+    live.live.insert(stream);
+  }
+  *s = reinterpret_cast<cudaStream_t>(stream);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  return cudaStreamCreateWithFlags(s, cudaStreamDefault);
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  if (s == nullptr) return cudaErrorInvalidResourceHandle;
+  auto* stream = reinterpret_cast<moe::cuda_emulation::Stream*>(s);
+  {
+    auto& live = moe::cuda_emulation::LiveStreams();
+    std::lock_guard<std::mutex> lock(live.mu);
+    if (live.live.erase(stream) == 0) return cudaErrorInvalidResourceHandle;
+  }
+  delete stream;  // its work finishes first
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  moe::cuda_emulation::SynchronizeDevice();
+  return cudaSuccess;
+}
+inline cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* arg) {
+  moe::cuda_emulation::Submit(s, [fn, arg] { fn(arg); });
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
+  auto* event = new moe::cuda_emulation::Event();
+  event->timing = (flags & cudaEventDisableTiming) == 0;
+  *e = reinterpret_cast<cudaEvent_t>(event);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  if (e == nullptr) return cudaErrorInvalidResourceHandle;
+  delete reinterpret_cast<moe::cuda_emulation::Event*>(e);
+  return cudaSuccess;
+}
+// Records the stream's work so far: the event completes when the stream gets here.
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+  if (e == nullptr) return cudaErrorInvalidResourceHandle;
+  auto* event = reinterpret_cast<moe::cuda_emulation::Event*>(e);
+  auto when = std::make_shared<std::chrono::steady_clock::time_point>();
+  std::lock_guard<std::mutex> lock(event->mu);
+  event->when = when;
+  if (s == nullptr) {
+    *when = std::chrono::steady_clock::now();
+    event->progress = nullptr;
+    return cudaSuccess;
+  }
+  auto* stream = reinterpret_cast<moe::cuda_emulation::Stream*>(s);
+  event->progress = stream->progress();
+  event->ticket = stream->Enqueue([when] { *when = std::chrono::steady_clock::now(); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+  auto* event = reinterpret_cast<moe::cuda_emulation::Event*>(e);
+  std::lock_guard<std::mutex> lock(event->mu);
+  return event->progress == nullptr || event->progress->Reached(event->ticket) ? cudaSuccess
+                                                                               : cudaErrorNotReady;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  const auto [progress, ticket] = reinterpret_cast<moe::cuda_emulation::Event*>(e)->Last();
+  if (progress != nullptr) progress->WaitFor(ticket);
+  return cudaSuccess;
+}
+// Work enqueued on `s` later waits for the event's last record (as of this call).
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  const auto [progress, ticket] = reinterpret_cast<moe::cuda_emulation::Event*>(e)->Last();
+  if (progress != nullptr) moe::cuda_emulation::Submit(s, [p = progress, t = ticket] { p->WaitFor(t); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  auto* a = reinterpret_cast<moe::cuda_emulation::Event*>(start);
+  auto* b = reinterpret_cast<moe::cuda_emulation::Event*>(end);
+  if (!a->timing || !b->timing || a->when == nullptr || b->when == nullptr)
+    return cudaErrorInvalidResourceHandle;
+  if (cudaEventQuery(start) != cudaSuccess || cudaEventQuery(end) != cudaSuccess) return cudaErrorNotReady;
+  *ms = std::chrono::duration<float, std::milli>(*b->when - *a->when).count();
+  return cudaSuccess;
+}
+
+// ---- Device functions ------------------------------------------------------------
+inline void __syncthreads() { moe::cuda_emulation::Arrive(moe::cuda_emulation::S().block); }
+inline void __syncwarp() { moe::cuda_emulation::Arrive(moe::cuda_emulation::S().warps[threadIdx.x / 32]); }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(std::is_floating_point_v<T>, "the kernels shuffle float and double");
   if (mask != 0xffffffffu)
     moe::cuda_emulation::Fail("__shfl_xor_sync: only full-warp masks are emulated", nullptr, mask);
+  if (moe::cuda_emulation::S().warps[threadIdx.x / 32].count != 32)
+    moe::cuda_emulation::Fail("__shfl_xor_sync in a warp that is not full", nullptr, threadIdx.x);
   auto& x = moe::cuda_emulation::S().exchange[threadIdx.x / 32];
   const unsigned lane = threadIdx.x % 32;
   x[lane] = static_cast<double>(v);  // exact for float
@@ -170,14 +733,70 @@ inline int atomicCAS(int* p, int compare, int value) {
   return compare;  // the old value
 }
 inline int atomicExch(int* p, int value) { return std::atomic_ref<int>(*p).exchange(value); }
+template <typename T>
+T atomicMin(T* p, T value) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (value < old && !a.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// Rounded separately, never contracted into an FMA (volatile keeps GCC from fusing).
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+inline float __fadd_rn(float a, float b) {
+  volatile float r = a + b;
+  return r;
+}
 using std::isinf;
 
-// The two macros cuda_launch.cuh defines for the real build.
+// The two macros cuda_launch.cuh defines for the real build. Arguments are
+// copied at the launch, as a kernel's are.
 #define MOE_DYNAMIC_SHARED(name) unsigned char* name = moe::cuda_emulation::S().shared
 #define MOE_LAUNCH(kernel, grid, block, shared_bytes, stream, ...)                                          \
   moe::cuda_emulation::Launch(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(block), shared_bytes, \
-                              [&] { kernel(__VA_ARGS__); })
+                              stream, [=] { kernel(__VA_ARGS__); })
+
+// ---- CUB: DeviceRadixSort::SortPairs (a stable sort by the key's bits
+// [begin_bit, end_bit), in stream order; the temporary storage is written over).
+namespace cub {
+struct DeviceRadixSort {
+  template <typename K, typename V>
+  static cudaError_t SortPairs(void* temp, size_t& temp_bytes, const K* keys_in, K* keys_out,
+                               const V* values_in, V* values_out, int n, int begin_bit = 0,
+                               int end_bit = sizeof(K) * 8, cudaStream_t stream = nullptr) {
+    const size_t need = 256 + static_cast<size_t>(std::max(n, 0)) * (sizeof(K) + sizeof(V) + sizeof(int));
+    if (temp == nullptr) {
+      temp_bytes = need;
+      return cudaSuccess;
+    }
+    if (temp_bytes < need || n < 0 || begin_bit < 0 || end_bit > static_cast<int>(sizeof(K) * 8) ||
+        begin_bit > end_bit)
+      return cudaErrorInvalidValue;
+    moe::cuda_emulation::Submit(stream, [=] {
+      std::memset(temp, 0xab, need);
+      std::vector<int> order(n);
+      for (int i = 0; i < n; ++i) order[i] = i;
+      const int bits = end_bit - begin_bit;
+      auto digit = [&](K k) {
+        const uint64_t v = static_cast<uint64_t>(k) >> begin_bit;
+        return bits >= 64 ? v : v & ((uint64_t{1} << bits) - 1);
+      };
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int b) { return digit(keys_in[a]) < digit(keys_in[b]); });
+      std::vector<K> k(n);
+      std::vector<V> v(n);
+      for (int i = 0; i < n; ++i) k[i] = keys_in[order[i]], v[i] = values_in[order[i]];
+      std::copy(k.begin(), k.end(), keys_out);
+      std::copy(v.begin(), v.end(), values_out);
+    });
+    return cudaSuccess;
+  }
+};
+}  // namespace cub
 
 namespace nvcuda::wmma {
 struct matrix_a {};

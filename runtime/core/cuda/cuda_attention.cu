@@ -36,7 +36,8 @@ __device__ inline int64_t KRow(const AttentionShape& sh, int64_t b, int64_t j, i
 
 __global__ void ForwardKernel(const float* q, const float* k, const float* v, float scale, float* out,
                               float* lse, AttentionShape sh) {
-  extern __shared__ float scores[];  // [seq]
+  MOE_DYNAMIC_SHARED(scores_bytes);
+  float* scores = reinterpret_cast<float*>(scores_bytes);  // [seq]
   __shared__ double red[32];
   const int64_t h = blockIdx.x % sh.heads, i = (blockIdx.x / sh.heads) % sh.seq,
                 b = blockIdx.x / (sh.heads * sh.seq);
@@ -70,7 +71,8 @@ __global__ void ForwardKernel(const float* q, const float* k, const float* v, fl
 // dQ of row (b, i, h) and delta[b, h, i] = dout_i . out_i.
 __global__ void DqKernel(const float* q, const float* k, const float* v, const float* out, const float* lse,
                          float scale, const float* dout, float* dq, float* delta, AttentionShape sh) {
-  extern __shared__ float ds[];  // [seq]
+  MOE_DYNAMIC_SHARED(ds_bytes);
+  float* ds = reinterpret_cast<float*>(ds_bytes);  // [seq]
   __shared__ double red[32];
   const int64_t h = blockIdx.x % sh.heads, i = (blockIdx.x / sh.heads) % sh.seq,
                 b = blockIdx.x / (sh.heads * sh.seq);
@@ -99,7 +101,8 @@ __global__ void DqKernel(const float* q, const float* k, const float* v, const f
 // dK, dV of key row (b, j, hk): sums over the group's heads and the query rows i >= j.
 __global__ void DkvKernel(const float* q, const float* k, const float* v, const float* lse, float scale,
                           const float* dout, const float* delta, float* dk, float* dv, AttentionShape sh) {
-  extern __shared__ float smem[];  // p [seq], ds [seq], each PaddedRow(seq) floats
+  MOE_DYNAMIC_SHARED(smem_bytes);
+  float* smem = reinterpret_cast<float*>(smem_bytes);  // p [seq], ds [seq], each PaddedRow(seq) floats
   float* ps = smem;
   float* ds = smem + PaddedRow(sh.seq);
   const int64_t hk = blockIdx.x % sh.kv_heads, j = (blockIdx.x / sh.kv_heads) % sh.seq,
@@ -225,7 +228,7 @@ cudaError_t LaunchAttentionForward(const float* q, const float* k, const float* 
   const size_t smem = static_cast<size_t>(PaddedRow(sh.seq)) * sizeof(float);
   if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(ForwardKernel), smem); e != cudaSuccess)
     return e;
-  ForwardKernel<<<blocks, kAttnThreads, smem, s>>>(q, k, v, scale, out, lse, sh);
+  MOE_LAUNCH(ForwardKernel, blocks, kAttnThreads, smem, s, q, k, v, scale, out, lse, sh);
   return cudaGetLastError();
 }
 
@@ -239,8 +242,8 @@ cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float*
     return e;
   if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(DkvKernel), 2 * smem); e != cudaSuccess)
     return e;
-  DqKernel<<<qblocks, kAttnThreads, smem, s>>>(q, k, v, out, lse, scale, dout, dq, delta, sh);
-  DkvKernel<<<kblocks, kAttnThreads, 2 * smem, s>>>(q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  MOE_LAUNCH(DqKernel, qblocks, kAttnThreads, smem, s, q, k, v, out, lse, scale, dout, dq, delta, sh);
+  MOE_LAUNCH(DkvKernel, kblocks, kAttnThreads, 2 * smem, s, q, k, v, lse, scale, dout, delta, dk, dv, sh);
   return cudaGetLastError();
 }
 
@@ -248,8 +251,8 @@ cudaError_t LaunchAttentionSoftmaxRows(float* s, int64_t ld, int64_t stride, int
                                        int64_t keys, int64_t i0, int64_t lse_stride, float scale, float* lse,
                                        cudaStream_t st) {
   if (batch * rows == 0) return cudaGetLastError();
-  SoftmaxRowsKernel<<<static_cast<unsigned>(batch * rows), kAttnThreads, 0, st>>>(s, ld, stride, rows, keys,
-                                                                                  i0, lse_stride, scale, lse);
+  MOE_LAUNCH(SoftmaxRowsKernel, static_cast<unsigned>(batch * rows), kAttnThreads, 0, st, s, ld, stride, rows,
+             keys, i0, lse_stride, scale, lse);
   return cudaGetLastError();
 }
 
@@ -258,8 +261,8 @@ cudaError_t LaunchAttentionSoftmaxBackwardRows(float* s, float* dp, int64_t ld, 
                                                float scale, const float* lse, const float* delta,
                                                cudaStream_t st) {
   if (batch * rows == 0) return cudaGetLastError();
-  SoftmaxBackwardRowsKernel<<<static_cast<unsigned>(batch * rows), kAttnThreads, 0, st>>>(
-      s, dp, ld, stride, rows, keys, i0, lse_stride, scale, lse, delta);
+  MOE_LAUNCH(SoftmaxBackwardRowsKernel, static_cast<unsigned>(batch * rows), kAttnThreads, 0, st, s, dp, ld,
+             stride, rows, keys, i0, lse_stride, scale, lse, delta);
   return cudaGetLastError();
 }
 
@@ -267,7 +270,7 @@ cudaError_t LaunchAttentionDelta(const float* out, const float* dout, float* del
                                  cudaStream_t st) {
   const int64_t rows = sh.batch * sh.heads * sh.seq;
   if (rows == 0) return cudaGetLastError();
-  DeltaKernel<<<GridFor(rows), kThreads, 0, st>>>(out, dout, delta, sh);
+  MOE_LAUNCH(DeltaKernel, GridFor(rows), kThreads, 0, st, out, dout, delta, sh);
   return cudaGetLastError();
 }
 
@@ -275,7 +278,7 @@ cudaError_t LaunchBatchPointers(BatchOperand a, BatchOperand b, BatchOperand c, 
                                 void** out, cudaStream_t st) {
   const int64_t count = batch * heads;
   if (count == 0) return cudaGetLastError();
-  BatchPointersKernel<<<GridFor(count), kThreads, 0, st>>>(a, b, c, batch, heads, out);
+  MOE_LAUNCH(BatchPointersKernel, GridFor(count), kThreads, 0, st, a, b, c, batch, heads, out);
   return cudaGetLastError();
 }
 

@@ -23,12 +23,10 @@
 // documented semantics) against a float64 reference:
 // core_flash_attention_emulation_test. Kernels here launch through
 // MOE_LAUNCH and take shared memory through MOE_DYNAMIC_SHARED for that.
-#include <algorithm>
-
-#ifndef MOE_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <mma.h>
-#endif
+
+#include <algorithm>
 
 #include "runtime/core/cuda/cuda_launch.cuh"
 

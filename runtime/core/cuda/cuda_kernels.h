@@ -10,9 +10,7 @@
 #ifndef MOE_RUNTIME_CORE_CUDA_CUDA_KERNELS_H_
 #define MOE_RUNTIME_CORE_CUDA_CUDA_KERNELS_H_
 
-#ifndef MOE_CUDA_EMULATION  // tests/core/cuda_emulation.h declares what is used
 #include <cuda_runtime_api.h>
-#endif
 
 #include <cstddef>
 #include <cstdint>

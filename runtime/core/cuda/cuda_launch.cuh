@@ -4,9 +4,7 @@
 #ifndef MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 #define MOE_RUNTIME_CORE_CUDA_CUDA_LAUNCH_CUH_
 
-#ifndef MOE_CUDA_EMULATION  // tests/core/cuda_emulation.h stands in for the runtime
 #include <cuda_runtime.h>
-#endif
 
 #include <cstdint>
 #include <initializer_list>

@@ -38,14 +38,14 @@ cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, flo
                         float beta2, float eps, float weight_decay, float bc1, float bc2, int64_t n,
                         cudaStream_t s) {
   if (n > 0)
-    AdamWKernel<<<GridFor(n), kThreads, 0, s>>>(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, bc1,
-                                                bc2, n);
+    MOE_LAUNCH(AdamWKernel, GridFor(n), kThreads, 0, s, param, grad, m, v, lr, beta1, beta2, eps,
+               weight_decay, bc1, bc2, n);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchInitNormal(float* p, int64_t n, uint64_t seed, uint32_t k0, uint32_t k1, float std,
                              InitBox box, cudaStream_t s) {
-  if (n > 0) InitNormalKernel<<<GridFor(n), kThreads, 0, s>>>(p, n, seed, k0, k1, std, box);
+  if (n > 0) MOE_LAUNCH(InitNormalKernel, GridFor(n), kThreads, 0, s, p, n, seed, k0, k1, std, box);
   return cudaGetLastError();
 }
 

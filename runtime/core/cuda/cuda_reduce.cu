@@ -46,13 +46,13 @@ __global__ void SumRowsKernel(const float* x, int64_t rows, int64_t cols, float*
 
 cudaError_t LaunchReduce(const float* x, int64_t n, ReduceKind kind, float* out, float alpha, float beta,
                          cudaStream_t s) {
-  ReduceKernel<<<1, kReduceThreads, 0, s>>>(x, n, kind, out, alpha, beta);
+  MOE_LAUNCH(ReduceKernel, 1, kReduceThreads, 0, s, x, n, kind, out, alpha, beta);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out, float alpha, float beta,
                           cudaStream_t s) {
-  if (cols > 0) SumRowsKernel<<<GridFor(cols), kThreads, 0, s>>>(x, rows, cols, out, alpha, beta);
+  if (cols > 0) MOE_LAUNCH(SumRowsKernel, GridFor(cols), kThreads, 0, s, x, rows, cols, out, alpha, beta);
   return cudaGetLastError();
 }
 

@@ -161,11 +161,11 @@ cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, i
   if (m == 0 || row_bytes == 0) return cudaGetLastError();
   if (row_bytes % 4 == 0) {
     const int64_t words = row_bytes / 4;
-    GatherKernel<<<GridFor(m * words), kThreads, 0, s>>>(static_cast<const uint32_t*>(src), index,
-                                                         static_cast<uint32_t*>(dst), m, n, words, err, op);
+    MOE_LAUNCH(GatherKernel<uint32_t>, GridFor(m * words), kThreads, 0, s, static_cast<const uint32_t*>(src),
+               index, static_cast<uint32_t*>(dst), m, n, words, err, op);
   } else {
-    GatherKernel<<<GridFor(m * row_bytes), kThreads, 0, s>>>(
-        static_cast<const uint8_t*>(src), index, static_cast<uint8_t*>(dst), m, n, row_bytes, err, op);
+    MOE_LAUNCH(GatherKernel<uint8_t>, GridFor(m * row_bytes), kThreads, 0, s,
+               static_cast<const uint8_t*>(src), index, static_cast<uint8_t*>(dst), m, n, row_bytes, err, op);
   }
   return cudaGetLastError();
 }
@@ -182,8 +182,9 @@ cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, 
   const ScatterScratch sc = Carve(scratch, m, n);
   cudaError_t e = cudaMemsetAsync(sc.min_bad, 0xff, sizeof(unsigned long long), s);
   if (e != cudaSuccess) return e;
-  ScatterKeysKernel<<<GridFor(m), kThreads, 0, s>>>(index, sc.keys_in, sc.vals_in, m, n, sc.min_bad);
-  ReportMinBadKernel<<<1, 1, 0, s>>>(sc.min_bad, index, n, err, op);  // bad indices count even when d = 0
+  MOE_LAUNCH(ScatterKeysKernel, GridFor(m), kThreads, 0, s, index, sc.keys_in, sc.vals_in, m, n, sc.min_bad);
+  MOE_LAUNCH(ReportMinBadKernel, 1, 1, 0, s, sc.min_bad, index, n, err,
+             op);  // bad indices count even when d = 0
   if (d <= 0) return cudaGetLastError();
   size_t cub_bytes = sc.cub_bytes;
   e = cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,

@@ -1,0 +1,6 @@
+// Stands in for the CUDA toolkit's <cublas_v2.h> in the CPU emulation of the
+// CUDA backend (tests/core/cublas_emulation.h says what is emulated and how).
+// GEMMs run in the order of their handle's stream, like the kernels.
+#include "tests/core/cuda_emulation.h"
+#define MOE_CUBLAS_EMULATION_SUBMIT(stream, fn) moe::cuda_emulation::Submit(stream, fn)
+#include "tests/core/cublas_emulation.h"

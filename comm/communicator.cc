@@ -12,7 +12,7 @@
 #include "runtime/core/config.h"
 #include "runtime/core/status.h"
 #include "runtime/core/trace.h"
-#ifdef MOE_WITH_CUDA
+#ifdef MOE_WITH_NCCL  // comm/cuda, in every build with CUDA (comm/CMakeLists.txt)
 #include "comm/cuda/nccl_communicator.h"
 #endif
 
@@ -348,11 +348,11 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateWorldCommunicator(const Comm
     return WrapCommunicator(std::move(world), std::move(wrap));
   }
   if (backend == "nccl") {
-#ifdef MOE_WITH_CUDA
+#ifdef MOE_WITH_NCCL
     return CreateNcclWorldCommunicator(options);
 #else
     return absl::FailedPreconditionError(
-        "comm.backend = 'nccl' but this build has no CUDA; configure with -DMOE_WITH_CUDA=ON or use 'mpi'");
+        "comm.backend = 'nccl' but this build has no NCCL; configure with -DMOE_WITH_CUDA=ON or use 'mpi'");
 #endif
   }
   return absl::InvalidArgumentError(

@@ -363,6 +363,17 @@ inline bool PointersUsable(const Gemm& g) {
 }
 
 inline void Run(const Gemm& g) {
+  // op(A)'s rows and op(B)'s columns, each contiguous and with its inputs
+  // rounded: op(A)(i, p) is A(i, p) if transa == N, else A(p, i); op(B)(p, j) likewise.
+  std::vector<float> a(static_cast<size_t>(g.m * g.k)), b(static_cast<size_t>(g.n * g.k));
+  for (int64_t i = 0; i < g.m; ++i)
+    for (int64_t p = 0; p < g.k; ++p)
+      a[i * g.k + p] = RoundInput(
+          Load(g.a, g.a_type, g.transa == CUBLAS_OP_N ? i + p * g.lda : p + i * g.lda), g.rounding);
+  for (int64_t j = 0; j < g.n; ++j)
+    for (int64_t p = 0; p < g.k; ++p)
+      b[j * g.k + p] = RoundInput(
+          Load(g.b, g.b_type, g.transb == CUBLAS_OP_N ? p + j * g.ldb : j + p * g.ldb), g.rounding);
   for (int64_t j = 0; j < g.n; ++j) {
     for (int64_t i = 0; i < g.m; ++i) {
       const int64_t ci = i + j * g.ldc;
@@ -370,14 +381,10 @@ inline void Run(const Gemm& g) {
       if (g.k == 0) {
         r = g.beta == 0.0f ? 0.0f : g.beta * Load(g.c, g.c_type, ci);
       } else {
+        const float *ar = a.data() + i * g.k, *bc = b.data() + j * g.k;
         float acc = 0.0f;
-        for (int64_t p = 0; p < g.k; ++p) {
-          // op(A)(i, p): A(i, p) if transa == N, else A(p, i); op(B)(p, j) likewise.
-          const int64_t ai = g.transa == CUBLAS_OP_N ? i + p * g.lda : p + i * g.lda;
-          const int64_t bi = g.transb == CUBLAS_OP_N ? p + j * g.ldb : j + p * g.ldb;
-          const float av = RoundInput(Load(g.a, g.a_type, ai), g.rounding);
-          const float bv = RoundInput(Load(g.b, g.b_type, bi), g.rounding);
-          const float prod = av * bv;
+        for (int64_t p = 0; p < g.k; ++p) {  // in k order, each product rounded before the sum
+          const float prod = ar[p] * bc[p];
           acc = acc + prod;
         }
         r = g.alpha * acc;

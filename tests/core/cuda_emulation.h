@@ -139,7 +139,8 @@ inline thread_local cudaError_t t_error = cudaSuccess;  // per host thread, as C
 // the kernel, switched at barriers only (fast; no data race between them can
 // show, a missing barrier still does as a wrong result). On x86-64 a switch
 // saves and loads the callee-saved registers and the stack pointer (no system
-// call, unlike swapcontext's signal mask); elsewhere it is swapcontext.
+// call, unlike swapcontext's signal mask; the floating-point control words are
+// the thread's, which no kernel changes); elsewhere it is swapcontext.
 #if defined(__x86_64__)
 extern "C" void moe_cuda_emulation_switch(void** save_sp, void* load_sp);
 // Weak: every translation unit that includes this header defines it.
@@ -154,14 +155,8 @@ moe_cuda_emulation_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -181,11 +176,6 @@ inline void Prepare(Context& c, void* stack, size_t bytes, void (*entry)(), Cont
   *--p = 0;                                  // entry's return address: none
   *--p = reinterpret_cast<uint64_t>(entry);  // 16-byte aligned, so entry starts as if called
   for (int r = 0; r < 6; ++r) *--p = 0;      // rbp, rbx, r12-r15
-  uint32_t mxcsr = 0;
-  uint16_t fpucw = 0;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-  *--p = mxcsr | static_cast<uint64_t>(fpucw) << 32;
   c.sp = p;
 }
 #else
@@ -564,6 +554,30 @@ inline cudaError_t Release(void* p, Memory kind) {
 }
 }  // namespace moe::cuda_emulation
 
+enum cudaMemoryType {
+  cudaMemoryTypeUnregistered = 0,
+  cudaMemoryTypeHost = 1,
+  cudaMemoryTypeDevice = 2,
+  cudaMemoryTypeManaged = 3
+};
+struct cudaPointerAttributes {
+  cudaMemoryType type;
+  int device;
+  void* devicePointer;
+  void* hostPointer;
+};
+// As CUDA 11 on: pageable memory is "unregistered" (not an error).
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+  using moe::cuda_emulation::Memory;
+  const Memory kind = moe::cuda_emulation::KindOf(p, 1);
+  void* q = const_cast<void*>(p);
+  *a = {kind == Memory::kDevice   ? cudaMemoryTypeDevice
+        : kind == Memory::kPinned ? cudaMemoryTypeHost
+                                  : cudaMemoryTypeUnregistered,
+        kind == Memory::kPageable ? -2 : 0, kind == Memory::kPageable ? nullptr : q,
+        kind == Memory::kDevice ? nullptr : q};
+  return cudaSuccess;
+}
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   return moe::cuda_emulation::Allocate(p, bytes, moe::cuda_emulation::Memory::kDevice);
 }

@@ -260,6 +260,9 @@ absl::Status WriteResolvedConfig(const moe::JobConfig& config) {
 absl::Status Train(const moe::JobConfig& config) {
   ASSIGN_OR_RETURN(moe::comm::CommOptions options,
                    moe::comm::CommOptionsFromConfig(config.comm(), config.train().device()));
+  // The device the trainer computes on ("cuda" is the local rank's GPU, not
+  // cuda:0): the MPI communicator stages that device's buffers.
+  ASSIGN_OR_RETURN(options.device, moe::ResolveDevice(config.train().device(), nullptr));
   // Every communicator reports its ops to the profiler (the groups inherit the sink).
   auto profiler = std::make_shared<moe::Profiler>();
   options.sink = profiler;

@@ -23,9 +23,9 @@
 namespace moe::comm {
 namespace {
 
-using cuda::CudaDeviceGuard;
 using cuda::CudaEvent;
 using cuda::CudaStream;
+using cuda::UseDevice;
 
 using Clock = std::chrono::steady_clock;
 
@@ -142,7 +142,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     ASSIGN_OR_RETURN(CudaStream stream, CudaStream::Create(device));
     void* scratch = nullptr;
     {
-      CudaDeviceGuard guard(device);
+      UseDevice(device);
       CUDA_RETURN_IF_ERROR(cudaMalloc(&scratch, sizeof(int32_t)));
     }
     return std::unique_ptr<Communicator>(new NcclCommunicator(nccl, mpi, device, std::move(stream), scratch,
@@ -159,7 +159,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
     cv_.notify_all();
     poller_.join();
     WatchdogUnregister(this);
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     if (!aborted_.load()) {
       // Non-blocking: finalize (flushes NCCL's outstanding work), wait, destroy.
       ncclCommFinalize(nccl_);
@@ -177,7 +177,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
   cudaStream_t stream() const override { return stream_.get(); }
 
   absl::Status WaitForStream(cudaStream_t compute) override {
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(device_));
     RETURN_IF_ERROR(e.Record(compute));
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), e.get(), 0));
@@ -185,7 +185,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
   }
 
   absl::Status MakeStreamWait(cudaStream_t compute) override {
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create(device_));
     RETURN_IF_ERROR(e.Record(stream_.get()));
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(compute, e.get(), 0));
@@ -233,7 +233,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
       std::lock_guard<std::mutex> lock(mu_);
       if (!error_.ok()) return error_;
     }
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     auto issued = std::make_unique<Issued>();
     ASSIGN_OR_RETURN(issued->start, CudaEvent::Create(device_));
     ASSIGN_OR_RETURN(issued->end, CudaEvent::Create(device_));
@@ -262,7 +262,7 @@ class NcclCommunicator : public Communicator, public Watched, public CudaStreamO
         MPI_Comm_split(mpi_, color == NCCL_SPLIT_NOCOLOR ? MPI_UNDEFINED : color, op.split_key, &mpi_child));
     ncclComm_t nccl_child = nullptr;
     {
-      CudaDeviceGuard guard(device_);
+      UseDevice(device_);
       ncclConfig_t config = NonBlockingConfig();
       NCCL_RETURN_IF_ERROR(ncclCommSplit(nccl_, color, op.split_key, &nccl_child, &config));
       absl::Status ready = WaitNcclReady(nccl_, timeout_s(), "ncclCommSplit");
@@ -501,7 +501,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclWorldCommunicator(const 
   MPI_RETURN_IF_ERROR(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
   ncclComm_t nccl = nullptr;
   {
-    CudaDeviceGuard guard(device);
+    UseDevice(device);
     ncclConfig_t config = NonBlockingConfig();
     NCCL_RETURN_IF_ERROR(
         ncclCommInitRankConfig(&nccl, MpiEnv::world_size(), id, MpiEnv::world_rank(), &config));

@@ -31,6 +31,7 @@
 #include "comm/mpi_env.h"
 #include "launch/bench/bench.h"
 #include "parallel/process_groups.h"
+#include "runtime/core/device_select.h"
 #include "runtime/core/status.h"
 #include "runtime/job_config.h"
 #include "runtime/profiler.h"
@@ -49,6 +50,7 @@ absl::StatusOr<Run> Build(const JobConfig& config) {
   Run run;
   ASSIGN_OR_RETURN(comm::CommOptions options,
                    comm::CommOptionsFromConfig(config.comm(), config.train().device()));
+  ASSIGN_OR_RETURN(options.device, ResolveDevice(config.train().device(), nullptr));  // the local rank's GPU
   run.profiler = std::make_shared<Profiler>();
   options.sink = run.profiler;
   ASSIGN_OR_RETURN(auto world, comm::CreateWorldCommunicator(options));

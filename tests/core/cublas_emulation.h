@@ -191,6 +191,9 @@ typedef enum {
 struct cublasContext {
   cudaStream_t stream = nullptr;
   cublasMath_t math_mode = CUBLAS_DEFAULT_MATH;
+#ifdef MOE_CUBLAS_EMULATION_DEVICE
+  int device = MOE_CUBLAS_EMULATION_DEVICE;  // current at cublasCreate: the handle's device
+#endif
 };
 typedef struct cublasContext* cublasHandle_t;
 
@@ -203,8 +206,8 @@ struct HandleRegistry {
   std::unordered_set<const cublasContext*> live;
 };
 inline HandleRegistry& Handles() {
-  static HandleRegistry registry;
-  return registry;
+  static HandleRegistry* registry = new HandleRegistry();  // never destroyed (used by stream workers at exit)
+  return *registry;
 }
 inline bool IsLive(const cublasContext* h) {
   if (h == nullptr) return false;
@@ -418,6 +421,11 @@ inline void* Offset(void* p, cudaDataType t, long long elements) {
 template <typename Work>
 cublasStatus_t Enqueue(cublasHandle_t handle, Work work) {
   static_cast<void>(handle);  // unused when the work runs at once
+#ifdef MOE_CUBLAS_EMULATION_DEVICE
+  // A handle works on the device that was current at its creation: its
+  // kernels cannot launch from a thread with another device current.
+  if (handle->device != MOE_CUBLAS_EMULATION_DEVICE) return CUBLAS_STATUS_EXECUTION_FAILED;
+#endif
 #ifdef MOE_CUBLAS_EMULATION_SUBMIT
   MOE_CUBLAS_EMULATION_SUBMIT(handle->stream, [work]() mutable {
     if (!work()) {

@@ -120,7 +120,8 @@ struct Group {
 };
 
 struct State {
-  std::mutex kernel_mu;                        // one kernel runs at a time
+  std::mutex kernel_mu;  // one kernel runs at a time
+  std::mutex limit_mu;
   std::map<const void*, size_t> shared_limit;  // cudaFuncSetAttribute
   unsigned char* shared = nullptr;
   size_t shared_bytes = 0;
@@ -129,10 +130,21 @@ struct State {
   double exchange[32][32] = {};  // [warp][lane]
 };
 inline State& S() {
-  static State state;
-  return state;
+  static State* state = new State();  // never destroyed (stream workers may outlive static destruction)
+  return *state;
 }
 inline thread_local cudaError_t t_error = cudaSuccess;  // per host thread, as CUDA's last error
+// Devices: MOE_CUDA_EMULATION_DEVICES of them (default 1, at most 16); each
+// host thread has a current one (0 until cudaSetDevice), as in CUDA.
+inline int DeviceCount() {
+  static const int n = [] {
+    const char* v = std::getenv("MOE_CUDA_EMULATION_DEVICES");
+    const int d = v != nullptr ? std::atoi(v) : 1;
+    return d < 1 ? 1 : d > 16 ? 16 : d;
+  }();
+  return n;
+}
+inline thread_local int t_device = 0;
 
 #ifdef MOE_CUDA_EMULATION_FIBERS
 // Fibers: a block's threads are coroutines on the one host thread that runs
@@ -388,11 +400,17 @@ class Stream {
   uint64_t enqueued_ = 0;
   bool stop_ = false;
   std::shared_ptr<Progress> progress_ = std::make_shared<Progress>();
+
+ public:
+  const int device = t_device;  // the creating thread's current device
+
+ private:
   std::thread worker_;  // last: starts after the members it uses
 };
 
 struct Event {
   std::mutex mu;
+  const int device = t_device;  // the creating thread's current device
   bool timing = true;
   std::shared_ptr<Progress> progress;  // of the stream it was last recorded on; null: complete
   uint64_t ticket = 0;
@@ -412,13 +430,15 @@ inline Streams& LiveStreams() {
   static Streams* s = new Streams();  // never destroyed (streams may outlive static destruction)
   return *s;
 }
+// Waits for the work every live stream holds now (of every device: the
+// calls that wait for "the device" are only made with one device in use).
 inline void SynchronizeDevice() {
-  std::vector<Stream*> live;
+  std::vector<std::pair<std::shared_ptr<Progress>, uint64_t>> work;
   {
-    std::lock_guard<std::mutex> lock(LiveStreams().mu);
-    live.assign(LiveStreams().live.begin(), LiveStreams().live.end());
+    std::lock_guard<std::mutex> lock(LiveStreams().mu);  // no stream is destroyed meanwhile
+    for (Stream* s : LiveStreams().live) work.emplace_back(s->progress(), s->enqueued());
   }
-  for (Stream* s : live) s->Synchronize();
+  for (auto& [progress, ticket] : work) progress->WaitFor(ticket);
 }
 // Runs `op` in stream order: now on the null stream.
 inline void Submit(cudaStream_t stream, std::function<void()> op) {
@@ -433,9 +453,13 @@ inline void Submit(cudaStream_t stream, std::function<void()> op) {
 inline void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                    std::function<void()> body) {
   State& s = S();
+  if (stream != nullptr && reinterpret_cast<Stream*>(stream)->device != t_device) {
+    t_error = cudaErrorInvalidResourceHandle;  // a launch into a stream of another device fails
+    return;
+  }
   size_t limit = 48 * 1024;
   {
-    std::lock_guard<std::mutex> lock(s.kernel_mu);
+    std::lock_guard<std::mutex> lock(s.limit_mu);
     if (auto it = s.shared_limit.find(kernel); it != s.shared_limit.end())
       limit = std::max(limit, it->second);
   }
@@ -483,24 +507,22 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 }
 inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute, int bytes) {
   if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;  // sm_90's opt-in limit
-  std::lock_guard<std::mutex> lock(moe::cuda_emulation::S().kernel_mu);
+  std::lock_guard<std::mutex> lock(moe::cuda_emulation::S().limit_mu);
   moe::cuda_emulation::S().shared_limit[kernel] = static_cast<size_t>(bytes);
   return cudaSuccess;
 }
 
-// One device, 0.
-inline thread_local int t_emulated_device = 0;
 inline cudaError_t cudaGetDeviceCount(int* n) {
-  *n = 1;
+  *n = moe::cuda_emulation::DeviceCount();
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
-  *d = t_emulated_device;
+  *d = moe::cuda_emulation::t_device;
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int d) {
-  if (d != 0) return cudaErrorInvalidDevice;
-  t_emulated_device = d;
+  if (d < 0 || d >= moe::cuda_emulation::DeviceCount()) return cudaErrorInvalidDevice;
+  moe::cuda_emulation::t_device = d;
   return cudaSuccess;
 }
 
@@ -512,24 +534,34 @@ inline cudaError_t cudaSetDevice(int d) {
 // its source during the call (CUDA stages it before returning).
 namespace moe::cuda_emulation {
 enum class Memory { kPageable, kDevice, kPinned };
+struct Block {
+  size_t bytes;
+  Memory kind;
+  int device;  // the allocating thread's current device
+};
 struct Allocations {
   std::mutex mu;
-  std::map<uintptr_t, std::pair<size_t, Memory>> blocks;  // start -> (bytes, kind)
+  std::map<uintptr_t, Block> blocks;  // by start
 };
 inline Allocations& Registry() {
   static Allocations* a = new Allocations();  // never destroyed
   return *a;
 }
-// The kind of memory [p, p + bytes) lies in; kPageable when no one allocation holds it all.
-inline Memory KindOf(const void* p, size_t bytes) {
+// The allocation [p, p + bytes) lies in (kind kPageable: none); a range that
+// starts in one and runs past its end aborts (on a GPU, a fault).
+inline Block BlockOf(const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
   Allocations& r = Registry();
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.blocks.upper_bound(a);
-  if (it == r.blocks.begin()) return Memory::kPageable;
+  if (it == r.blocks.begin()) return {0, Memory::kPageable, -2};
   --it;
-  return a + bytes <= it->first + it->second.first ? it->second.second : Memory::kPageable;
+  if (a >= it->first + it->second.bytes) return {0, Memory::kPageable, -2};
+  if (a + bytes > it->first + it->second.bytes)
+    Fail("a copy or memset runs past the end of an allocation", p, bytes);
+  return it->second;
 }
+inline Memory KindOf(const void* p, size_t bytes) { return BlockOf(p, bytes).kind; }
 inline cudaError_t Allocate(void** p, size_t bytes, Memory kind) {
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;
@@ -537,7 +569,7 @@ inline cudaError_t Allocate(void** p, size_t bytes, Memory kind) {
   if (q == nullptr) return t_error = cudaErrorMemoryAllocation;
   std::memset(q, 0xff, bytes);
   std::lock_guard<std::mutex> lock(Registry().mu);
-  Registry().blocks[reinterpret_cast<uintptr_t>(q)] = {bytes, kind};
+  Registry().blocks[reinterpret_cast<uintptr_t>(q)] = {bytes, kind, t_device};
   *p = q;
   return cudaSuccess;
 }
@@ -546,7 +578,7 @@ inline cudaError_t Release(void* p, Memory kind) {
   {
     std::lock_guard<std::mutex> lock(Registry().mu);
     auto it = Registry().blocks.find(reinterpret_cast<uintptr_t>(p));
-    if (it == Registry().blocks.end() || it->second.second != kind) return cudaErrorInvalidValue;
+    if (it == Registry().blocks.end() || it->second.kind != kind) return cudaErrorInvalidValue;
     Registry().blocks.erase(it);
   }
   std::free(p);
@@ -569,13 +601,12 @@ struct cudaPointerAttributes {
 // As CUDA 11 on: pageable memory is "unregistered" (not an error).
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   using moe::cuda_emulation::Memory;
-  const Memory kind = moe::cuda_emulation::KindOf(p, 1);
+  const moe::cuda_emulation::Block b = moe::cuda_emulation::BlockOf(p, 1);
   void* q = const_cast<void*>(p);
-  *a = {kind == Memory::kDevice   ? cudaMemoryTypeDevice
-        : kind == Memory::kPinned ? cudaMemoryTypeHost
-                                  : cudaMemoryTypeUnregistered,
-        kind == Memory::kPageable ? -2 : 0, kind == Memory::kPageable ? nullptr : q,
-        kind == Memory::kDevice ? nullptr : q};
+  *a = {b.kind == Memory::kDevice   ? cudaMemoryTypeDevice
+        : b.kind == Memory::kPinned ? cudaMemoryTypeHost
+                                    : cudaMemoryTypeUnregistered,
+        b.device, b.kind == Memory::kPageable ? nullptr : q, b.kind == Memory::kDevice ? nullptr : q};
   return cudaSuccess;
 }
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
@@ -589,8 +620,10 @@ inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { retur
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   if (p != nullptr && moe::cuda_emulation::KindOf(p, 1) != moe::cuda_emulation::Memory::kDevice)
     return cudaErrorInvalidValue;
-  moe::cuda_emulation::Submit(s,
-                              [p] { moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kDevice); });
+  moe::cuda_emulation::Submit(s, [p] {
+    if (moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kDevice) != cudaSuccess)
+      moe::cuda_emulation::Fail("cudaFreeAsync of memory freed already", p, 0);
+  });
   return cudaSuccess;
 }
 inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
@@ -613,6 +646,11 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
       (kind == cudaMemcpyDeviceToDevice && (host_from || host_to)) ||
       (kind == cudaMemcpyHostToHost && (!host_from || !host_to)))
     return cudaErrorInvalidValue;  // a kind that the pointers contradict
+  if (host_from && host_to) {      // host to host: synchronous, as CUDA's
+    if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+  }
   if (from == Memory::kPageable && !host_to) {
     // From pageable memory: the stream's earlier work first, then the source
     // is staged before the call returns (the caller may reuse it at once).
@@ -693,6 +731,7 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
     return cudaSuccess;
   }
   auto* stream = reinterpret_cast<moe::cuda_emulation::Stream*>(s);
+  if (stream->device != event->device) return cudaErrorInvalidResourceHandle;  // as CUDA's
   event->progress = stream->progress();
   event->ticket = stream->Enqueue([when] { *when = std::chrono::steady_clock::now(); });
   return cudaSuccess;

@@ -240,7 +240,7 @@ class CudaStreamImpl : public Stream {
   StreamMode mode() const override { return mode_; }
   absl::Status Synchronize() override {
     CountHostSync();
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
     return errors_->Take(true);
   }
@@ -280,7 +280,7 @@ class CudaStreamImpl : public Stream {
   DeviceError* record() const { return errors_->record; }
   // Side lanes (cuda_backend.h ForkLanes / JoinLanes).
   absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(int n) {
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     if (fork_.get() == nullptr) {
       ASSIGN_OR_RETURN(fork_, CudaEvent::Create(device_));
     }
@@ -302,7 +302,7 @@ class CudaStreamImpl : public Stream {
     return handles;
   }
   absl::Status JoinLanes(int n) {
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     for (int i = 0; i < n && i < static_cast<int>(lanes_.size()); ++i) {
       RETURN_IF_ERROR(lanes_[i].done.Record(lanes_[i].stream.get()));
       CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), lanes_[i].done.get(), 0));
@@ -312,7 +312,7 @@ class CudaStreamImpl : public Stream {
 
   absl::StatusOr<cublasHandle_t> cublas() {
     if (cublas_ == nullptr) {
-      CudaDeviceGuard guard(device_);
+      UseDevice(device_);
       CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
       CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_.get()));
       // fp32 GEMMs stay fp32 (no TF32): results match the CPU backend to 1e-5.
@@ -358,7 +358,7 @@ class CudaBackend : public Backend {
  public:
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device) {
     auto b = std::unique_ptr<CudaBackend>(new CudaBackend(device));
-    CudaDeviceGuard guard(device);
+    UseDevice(device);
     CUDA_RETURN_IF_ERROR(cudaFree(nullptr));  // creates the context now, errors here
     {
       std::lock_guard<std::mutex> lock(b->records_mu_);
@@ -414,9 +414,17 @@ class CudaBackend : public Backend {
     std::lock_guard<std::mutex> lock(streams_mu_);
     streams_.erase(s);
   }
-  std::vector<cudaStream_t> Streams() {
+  // An event recorded on each live stream, under the lock, so that none is
+  // destroyed meanwhile (~CudaStreamImpl removes its stream before that).
+  std::vector<CudaEvent> RecordOnStreams() {
     std::lock_guard<std::mutex> lock(streams_mu_);
-    return {streams_.begin(), streams_.end()};
+    std::vector<CudaEvent> events;
+    for (cudaStream_t s : streams_) {
+      absl::StatusOr<CudaEvent> e = CudaEvent::Create(device_);
+      if (!e.ok() || !e->Record(s).ok()) continue;  // a broken context fails every later call anyway
+      events.push_back(std::move(*e));
+    }
+    return events;
   }
 
  private:
@@ -439,7 +447,7 @@ class CudaBackend : public Backend {
   absl::Status GrowErrorRecords() {
     static constexpr int kRecordsPerSlab = 128;
     void* slab = nullptr;
-    CudaDeviceGuard guard(device_);
+    UseDevice(device_);
     CUDA_RETURN_IF_ERROR(cudaHostAlloc(&slab, kRecordsPerSlab * sizeof(DeviceError), cudaHostAllocMapped));
     for (int i = kRecordsPerSlab - 1; i >= 0; --i)
       free_records_.push_back(static_cast<DeviceError*>(slab) + i);
@@ -469,9 +477,9 @@ absl::StatusOr<std::unique_ptr<CudaStreamImpl>> CudaStreamImpl::Create(CudaBacke
 }
 
 CudaStreamImpl::~CudaStreamImpl() {
-  CudaDeviceGuard guard(device_);
+  UseDevice(device_);
   cudaStreamSynchronize(stream_.get());  // destroying a stream waits for its work (backend.h)
-  backend_.RemoveStream(stream_.get());
+  backend_.RemoveStream(stream_.get());  // before cudaStreamDestroy (the member's destructor)
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   for (Lane& lane : lanes_) {
     cudaStreamSynchronize(lane.stream.get());
@@ -502,11 +510,7 @@ void DeviceAllocator::Advance() {
   Fenced f;
   f.blocks = std::move(pending_);
   pending_.clear();
-  for (cudaStream_t s : backend_->Streams()) {
-    absl::StatusOr<CudaEvent> e = CudaEvent::Create(device_);
-    if (!e.ok() || !e->Record(s).ok()) continue;  // a broken context fails every later call anyway
-    f.events.push_back(std::move(*e));
-  }
+  f.events = backend_->RecordOnStreams();
   fenced_.push_back(std::move(f));
 }
 
@@ -523,7 +527,7 @@ void DeviceAllocator::ReleaseAll() {
 
 absl::StatusOr<void*> DeviceAllocator::Take(size_t rounded) {
   std::lock_guard<std::mutex> lock(mu_);
-  CudaDeviceGuard guard(device_);
+  UseDevice(device_);
   Advance();
   if (auto it = free_.find(rounded); it != free_.end()) {
     void* p = it->second;
@@ -569,8 +573,17 @@ absl::StatusOr<Backend*> GetCudaBackend(int index) {
   return slot.get();
 }
 
-cudaStream_t NativeStream(Stream& s) { return AsCuda(s).get(); }
-absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s) { return AsCuda(s).cublas(); }
+// The launchers get their stream and cuBLAS handle here, so this is where the
+// calling thread is put on the stream's device.
+cudaStream_t NativeStream(Stream& s) {
+  CudaStreamImpl& c = AsCuda(s);
+  UseDevice(c.device());
+  return c.get();
+}
+absl::StatusOr<cublasHandle_t> CublasHandle(Stream& s) {
+  UseDevice(AsCuda(s).device());
+  return AsCuda(s).cublas();
+}
 absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n) { return AsCuda(s).ForkLanes(n); }
 absl::Status JoinLanes(Stream& s, int n) { return AsCuda(s).JoinLanes(n); }
 DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }
@@ -578,13 +591,13 @@ int DeviceIndex(Stream& s) { return AsCuda(s).device(); }
 
 absl::StatusOr<void*> ScratchAlloc(Stream& s, size_t bytes) {
   void* p = nullptr;
-  CudaDeviceGuard guard(DeviceIndex(s));
+  UseDevice(DeviceIndex(s));
   CUDA_RETURN_IF_ERROR(cudaMallocAsync(&p, std::max<size_t>(bytes, 1), NativeStream(s)));
   return p;
 }
 
 void ScratchFree(Stream& s, void* p) {
-  CudaDeviceGuard guard(DeviceIndex(s));
+  UseDevice(DeviceIndex(s));
   cudaFreeAsync(p, NativeStream(s));
 }
 

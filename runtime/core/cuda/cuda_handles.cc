@@ -6,17 +6,13 @@
 
 namespace moe::cuda {
 
-CudaDeviceGuard::CudaDeviceGuard(int device) {
-  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-  if (device != previous_) cudaSetDevice(device);
-}
-
-CudaDeviceGuard::~CudaDeviceGuard() {
-  if (previous_ >= 0) cudaSetDevice(previous_);
+void UseDevice(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device) cudaSetDevice(device);
 }
 
 absl::StatusOr<CudaStream> CudaStream::Create(int device) {
-  CudaDeviceGuard guard(device);
+  UseDevice(device);
   CudaStream s;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.stream_, cudaStreamNonBlocking));
   s.device_ = device;
@@ -37,7 +33,7 @@ CudaStream& CudaStream::operator=(CudaStream&& o) noexcept {
 }
 
 absl::StatusOr<CudaEvent> CudaEvent::Create(int device, bool timing) {
-  CudaDeviceGuard guard(device);
+  UseDevice(device);
   CudaEvent e;
   CUDA_RETURN_IF_ERROR(
       cudaEventCreateWithFlags(&e.event_, timing ? cudaEventDefault : cudaEventDisableTiming));

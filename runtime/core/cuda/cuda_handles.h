@@ -9,17 +9,13 @@
 
 namespace moe::cuda {
 
-// Makes `device` current for the scope and restores the previous one.
-class CudaDeviceGuard {
- public:
-  explicit CudaDeviceGuard(int device);
-  ~CudaDeviceGuard();
-  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
-  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
+// Makes `device` current for the calling thread and leaves it so (each
+// process drives one GPU, its local rank's). Not a scoped guard: restoring the
+// device a thread had before would make a thread that never chose one
+// initialise a context on GPU 0, every rank of a node alike. The backend's
+// entry points that launch work (NativeStream, CublasHandle, ForkLanes) call
+// it, since a kernel launched into a stream of another device fails.
+void UseDevice(int device);
 
 class CudaStream {
  public:

@@ -64,9 +64,12 @@
 #define MOE_COMM_COMMUNICATOR_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -93,6 +96,34 @@ class WorkState {
   virtual ~WorkState() = default;
   virtual absl::Status Wait() = 0;  // blocks until done
   virtual bool Test() = 0;          // true once done
+  // Runs fn(final status) once the operation is done: at once, on this
+  // thread, if it is; else on the thread that completes it (the progress
+  // thread; for an operation started directly, whichever thread's Wait or
+  // Test completes it). `fn` must not block.
+  virtual void OnDone(std::function<void(const absl::Status&)> fn) = 0;
+};
+
+// The completion every backend's WorkState shares: a final status set once
+// by Complete, host waiters, and OnDone callbacks (run by Complete's thread,
+// after the waiters are woken).
+class CompletionState : public WorkState {
+ public:
+  // Blocks until Complete; refused inside a CUDA host function (backend.h).
+  absl::Status Wait() override;
+  bool Test() override { return done(); }
+  void OnDone(std::function<void(const absl::Status&)> fn) override;
+  void Complete(absl::Status status);
+
+ protected:
+  bool done() const { return done_.load(std::memory_order_acquire); }
+  const absl::Status& final_status() const { return status_; }  // once done()
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> done_{false};
+  absl::Status status_;                                            // final once done_
+  std::vector<std::function<void(const absl::Status&)>> on_done_;  // guarded by mu_
 };
 
 // A handle to an enqueued operation. Copyable; all copies see the same

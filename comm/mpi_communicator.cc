@@ -150,21 +150,17 @@ void PausePoll(int polls, Clock::time_point begin) {
 
 // ---- work ------------------------------------------------------------------
 
-class MpiWork : public WorkState {
+class MpiWork : public CompletionState {
  public:
   absl::Status Wait() override {
-    if (done_.load(std::memory_order_acquire)) return status_;
-    if (direct_) {
-      // Started on the enqueuing thread: whoever waits completes it.
-      const Clock::time_point begin = Clock::now();
-      for (int polls = 0; !Poll(); ++polls) PausePoll(polls, begin);
-      return status_;
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return done_.load(std::memory_order_relaxed); });
-    return status_;
+    if (!direct_) return CompletionState::Wait();
+    RETURN_IF_ERROR(RefuseWaitInHostFunction("comm::Work::Wait"));
+    // Started on the enqueuing thread: whoever waits completes it.
+    const Clock::time_point begin = Clock::now();
+    for (int polls = 0; !Poll(); ++polls) PausePoll(polls, begin);
+    return final_status();
   }
-  bool Test() override { return direct_ ? Poll() : done_.load(std::memory_order_acquire); }
+  bool Test() override { return direct_ ? Poll() : done(); }
 
   // A direct operation (started by Submit on the caller's thread): `poll`
   // tests its requests once and concludes it when they completed, returning
@@ -176,19 +172,11 @@ class MpiWork : public WorkState {
   // One test of a direct operation; only one thread tests at a time (MPI
   // forbids testing one request from two threads). True once done.
   bool Poll() {
-    if (done_.load(std::memory_order_acquire)) return true;
+    if (done()) return true;
     std::unique_lock<std::mutex> lock(poll_mu_, std::try_to_lock);
-    if (!lock.owns_lock()) return done_.load(std::memory_order_acquire);
+    if (!lock.owns_lock()) return done();
     if (poll_ && poll_()) poll_ = nullptr;  // concluded: drop the captures
-    return done_.load(std::memory_order_acquire);
-  }
-  void Complete(absl::Status status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      status_ = std::move(status);
-      done_.store(true, std::memory_order_release);
-    }
-    cv_.notify_all();
+    return done();
   }
   MPI_Comm split_result = MPI_COMM_NULL;
 
@@ -196,10 +184,6 @@ class MpiWork : public WorkState {
   bool direct_ = false;
   std::mutex poll_mu_;
   std::function<bool()> poll_;  // guarded by poll_mu_
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<bool> done_{false};
-  absl::Status status_;
 };
 
 struct Pending {

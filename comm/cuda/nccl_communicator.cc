@@ -61,30 +61,7 @@ ncclRedOp_t NcclOp(ReduceOp op) {
   return ncclSum;
 }
 
-class NcclWork : public WorkState {
- public:
-  absl::Status Wait() override {
-    if (done_.load(std::memory_order_acquire)) return status_;
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return done_.load(std::memory_order_relaxed); });
-    return status_;
-  }
-  bool Test() override { return done_.load(std::memory_order_acquire); }
-  void Complete(absl::Status status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      status_ = std::move(status);
-      done_.store(true, std::memory_order_release);
-    }
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<bool> done_{false};
-  absl::Status status_;
-};
+class NcclWork : public CompletionState {};
 
 // An operation on the stream, between its two events.
 struct Issued {

@@ -68,6 +68,53 @@ void CountHostSync() {
 void MarkDeviceThread() { t_device_thread = true; }
 bool IsDeviceThread() { return t_device_thread; }
 
+namespace {
+thread_local bool t_in_host_function = false;
+}  // namespace
+bool InHostFunction() { return t_in_host_function; }
+void SetInHostFunction(bool in) { t_in_host_function = in; }
+absl::Status RefuseWaitInHostFunction(const char* what) {
+  if (!t_in_host_function) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat(what, " called inside a CUDA host function (cudaLaunchHostFunc), which must not wait ",
+                   "for other work; make the stream wait with Stream::WaitHostGate instead"));
+}
+
+void HostGate::Open(absl::Status status) {
+  std::vector<std::function<void(const absl::Status&)>> run;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (open_) return;
+    open_ = true;
+    status_ = std::move(status);
+    run.swap(on_open_);
+  }
+  cv_.notify_all();
+  for (auto& fn : run) fn(status_);  // status_ no longer changes
+}
+
+void HostGate::OnOpen(std::function<void(const absl::Status&)> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!open_) {
+      on_open_.push_back(std::move(fn));
+      return;
+    }
+  }
+  fn(status_);
+}
+
+bool HostGate::is_open() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return open_;
+}
+
+absl::Status HostGate::Wait() const {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return open_; });
+  return status_;
+}
+
 absl::StatusOr<Backend*> GetBackend(Device device) {
   if (device.is_cpu()) return &cpu::CpuBackendInstance();
 #if MOE_WITH_CUDA

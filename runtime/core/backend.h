@@ -37,10 +37,13 @@
 #ifndef MOE_RUNTIME_CORE_BACKEND_H_
 #define MOE_RUNTIME_CORE_BACKEND_H_
 
+#include <condition_variable>
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -78,6 +81,7 @@ class BufferType {
 };
 
 class Event;
+class HostGate;
 
 enum class StreamMode : uint8_t {
   // Work runs on the calling thread when it is enqueued (in order, trivially).
@@ -111,7 +115,17 @@ class Stream {
   // Enqueues a host function (cudaLaunchHostFunc on CUDA). A non-OK status it
   // returns is kept and reported by Synchronize(). Communicators use this to
   // run MPI calls in stream order.
+  // A host function must not wait for other work: CUDA may run the host
+  // functions of every stream on one thread, and forbids waits that depend on
+  // CUDA work not ordered before them. To make a stream wait for the host
+  // (a communication run by a progress thread), use WaitHostGate.
   virtual absl::Status LaunchHostFunc(std::function<absl::Status()> fn) = 0;
+  // Work enqueued on this stream after the call runs once `gate` is opened
+  // (HostGate::Open, from any host thread). The wait holds no host thread on
+  // CUDA: a one-thread kernel polls a word of mapped host memory. A non-OK
+  // status given to Open is kept by the stream and returned by Synchronize.
+  // Destroying the stream waits for its gates, as for any queued work.
+  virtual absl::Status WaitHostGate(std::shared_ptr<HostGate> gate) = 0;
   // The native queue (cudaStream_t on CUDA); nullptr on CPU.
   virtual void* native_handle() const { return nullptr; }
 };
@@ -136,6 +150,41 @@ class Event {
   // events of different streams of one process are comparable.
   virtual absl::StatusOr<double> ElapsedMsSince(const Event& start) const = 0;
 };
+
+// A point the host opens, once, for the streams waiting on it (WaitHostGate).
+// Thread-safe.
+class HostGate {
+ public:
+  HostGate() = default;
+  HostGate(const HostGate&) = delete;
+  HostGate& operator=(const HostGate&) = delete;
+  // Opens the gate with `status` (later calls are ignored) and runs the
+  // OnOpen callbacks on this thread.
+  void Open(absl::Status status);
+  // Runs `fn(status)` when the gate opens: now, on this thread, if it is open.
+  void OnOpen(std::function<void(const absl::Status&)> fn);
+  bool is_open() const;
+  // Blocks until the gate opens; returns its status. For device-side threads
+  // (a CPU stream's worker): not counted as a host wait.
+  absl::Status Wait() const;
+
+ private:
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  bool open_ = false;
+  absl::Status status_;
+  std::vector<std::function<void(const absl::Status&)>> on_open_;
+};
+
+// True on a thread while it runs a CUDA host function (cudaLaunchHostFunc),
+// where waiting for other work is forbidden: the waits of Stream, Event and
+// comm::Work return FailedPrecondition there (RefuseWaitInHostFunction)
+// instead of risking a deadlock that depends on the driver's thread.
+bool InHostFunction();
+// Set by the CUDA backend around each host function it runs.
+void SetInHostFunction(bool in);
+// OK, or the FailedPrecondition for a wait named `what` made in a host function.
+absl::Status RefuseWaitInHostFunction(const char* what);
 
 // Host-wait accounting (see "Host waits" above). Counts are process-wide.
 uint64_t HostSyncCount();

@@ -133,6 +133,7 @@ inline State& S() {
   static State* state = new State();  // never destroyed (stream workers may outlive static destruction)
   return *state;
 }
+inline thread_local bool t_in_host_function = false;    // on the host-function thread while it runs one
 inline thread_local cudaError_t t_error = cudaSuccess;  // per host thread, as CUDA's last error
 // Devices: MOE_CUDA_EMULATION_DEVICES of them (default 1, at most 16); each
 // host thread has a current one (0 until cudaSetDevice), as in CUDA.
@@ -442,6 +443,8 @@ inline void SynchronizeDevice() {
 }
 // Runs `op` in stream order: now on the null stream.
 inline void Submit(cudaStream_t stream, std::function<void()> op) {
+  if (t_in_host_function)
+    Fail("a CUDA call enqueued work from a host function (cudaLaunchHostFunc); CUDA forbids it", stream, 0);
   if (stream == nullptr)
     op();
   else
@@ -476,6 +479,65 @@ inline void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
          [grid, block, shared_bytes, body = std::move(body)] { RunKernel(grid, block, shared_bytes, body); });
 }
 
+// ---- Host functions -----------------------------------------------------------
+// CUDA may run the host functions of every stream on one thread, and forbids
+// CUDA calls in them. So here: one process-wide thread runs them all (a stream
+// hands its host function over and waits for it, keeping stream order), and
+// a CUDA call made inside one aborts with its name. A host function that
+// waits for work queued behind another stream's host function hangs here as
+// it may on a GPU.
+inline void NotInHostFunction(const char* api) {
+  if (t_in_host_function) Fail(api, nullptr, 0);
+}
+class HostFunctionThread {
+ public:
+  // Runs fn(arg) on the thread; returns when it has.
+  void Run(cudaHostFn_t fn, void* arg) {
+    auto done = std::make_shared<Progress>();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back([fn, arg, done] {
+        t_in_host_function = true;
+        fn(arg);
+        t_in_host_function = false;
+        {
+          std::lock_guard<std::mutex> l(done->mu);
+          done->completed = 1;
+        }
+        done->cv.notify_all();
+      });
+    }
+    cv_.notify_all();
+    done->WaitFor(1);
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> op;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !queue_.empty(); });
+        op = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      op();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  std::thread worker_{[this] { Loop(); }};  // last; detached, as the object is never destroyed
+
+ public:
+  HostFunctionThread() { worker_.detach(); }
+};
+inline HostFunctionThread& HostFunctions() {
+  static auto* t =
+      new HostFunctionThread();  // never destroyed (stream workers may outlive static destruction)
+  return *t;
+}
+
 }  // namespace moe::cuda_emulation
 
 // ---- The runtime API -------------------------------------------------------------
@@ -506,6 +568,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "error of the CPU emulation of CUDA (tests/core/cuda_emulation.h)";
 }
 inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute, int bytes) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaFuncSetAttribute called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;  // sm_90's opt-in limit
   std::lock_guard<std::mutex> lock(moe::cuda_emulation::S().limit_mu);
   moe::cuda_emulation::S().shared_limit[kernel] = static_cast<size_t>(bytes);
@@ -513,14 +577,20 @@ inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute, i
 }
 
 inline cudaError_t cudaGetDeviceCount(int* n) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaGetDeviceCount called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   *n = moe::cuda_emulation::DeviceCount();
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaGetDevice called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   *d = moe::cuda_emulation::t_device;
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int d) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaSetDevice called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (d < 0 || d >= moe::cuda_emulation::DeviceCount()) return cudaErrorInvalidDevice;
   moe::cuda_emulation::t_device = d;
   return cudaSuccess;
@@ -600,6 +670,8 @@ struct cudaPointerAttributes {
 };
 // As CUDA 11 on: pageable memory is "unregistered" (not an error).
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaPointerGetAttributes called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   using moe::cuda_emulation::Memory;
   const moe::cuda_emulation::Block b = moe::cuda_emulation::BlockOf(p, 1);
   void* q = const_cast<void*>(p);
@@ -610,14 +682,20 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void
   return cudaSuccess;
 }
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaMalloc called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   return moe::cuda_emulation::Allocate(p, bytes, moe::cuda_emulation::Memory::kDevice);
 }
 inline cudaError_t cudaFree(void* p) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaFree called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   moe::cuda_emulation::SynchronizeDevice();
   return moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kDevice);
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaFreeAsync called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (p != nullptr && moe::cuda_emulation::KindOf(p, 1) != moe::cuda_emulation::Memory::kDevice)
     return cudaErrorInvalidValue;
   moe::cuda_emulation::Submit(s, [p] {
@@ -627,15 +705,21 @@ inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaHostAlloc called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   moe::cuda_emulation::SynchronizeDevice();
   return moe::cuda_emulation::Allocate(p, bytes, moe::cuda_emulation::Memory::kPinned);
 }
 inline cudaError_t cudaFreeHost(void* p) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaFreeHost called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   moe::cuda_emulation::SynchronizeDevice();
   return moe::cuda_emulation::Release(p, moe::cuda_emulation::Memory::kPinned);
 }
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
                                    cudaStream_t s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaMemcpyAsync called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   using moe::cuda_emulation::Memory;
   if (bytes == 0) return cudaSuccess;
   if (dst == nullptr || src == nullptr) return cudaErrorInvalidValue;
@@ -662,6 +746,8 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaMemsetAsync called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (bytes == 0) return cudaSuccess;
   if (dst == nullptr || moe::cuda_emulation::KindOf(dst, bytes) != moe::cuda_emulation::Memory::kDevice)
     return cudaErrorInvalidValue;
@@ -670,6 +756,8 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStrea
 }
 
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaStreamCreateWithFlags called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   auto* stream = new moe::cuda_emulation::Stream();
   {
     auto& live = moe::cuda_emulation::LiveStreams();
@@ -680,9 +768,13 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaStreamCreate called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   return cudaStreamCreateWithFlags(s, cudaStreamDefault);
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaStreamDestroy called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (s == nullptr) return cudaErrorInvalidResourceHandle;
   auto* stream = reinterpret_cast<moe::cuda_emulation::Stream*>(s);
   {
@@ -694,19 +786,27 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaStreamSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaDeviceSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   moe::cuda_emulation::SynchronizeDevice();
   return cudaSuccess;
 }
 inline cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* arg) {
-  moe::cuda_emulation::Submit(s, [fn, arg] { fn(arg); });
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaLaunchHostFunc called in a host function (cudaLaunchHostFunc); CUDA forbids it");
+  moe::cuda_emulation::Submit(s, [fn, arg] { moe::cuda_emulation::HostFunctions().Run(fn, arg); });
   return cudaSuccess;
 }
 
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventCreateWithFlags called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   auto* event = new moe::cuda_emulation::Event();
   event->timing = (flags & cudaEventDisableTiming) == 0;
   *e = reinterpret_cast<cudaEvent_t>(event);
@@ -714,12 +814,16 @@ inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
 }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventDestroy called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
   delete reinterpret_cast<moe::cuda_emulation::Event*>(e);
   return cudaSuccess;
 }
 // Records the stream's work so far: the event completes when the stream gets here.
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventRecord called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
   auto* event = reinterpret_cast<moe::cuda_emulation::Event*>(e);
   auto when = std::make_shared<std::chrono::steady_clock::time_point>();
@@ -737,23 +841,31 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventQuery called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   auto* event = reinterpret_cast<moe::cuda_emulation::Event*>(e);
   std::lock_guard<std::mutex> lock(event->mu);
   return event->progress == nullptr || event->progress->Reached(event->ticket) ? cudaSuccess
                                                                                : cudaErrorNotReady;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   const auto [progress, ticket] = reinterpret_cast<moe::cuda_emulation::Event*>(e)->Last();
   if (progress != nullptr) progress->WaitFor(ticket);
   return cudaSuccess;
 }
 // Work enqueued on `s` later waits for the event's last record (as of this call).
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaStreamWaitEvent called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   const auto [progress, ticket] = reinterpret_cast<moe::cuda_emulation::Event*>(e)->Last();
   if (progress != nullptr) moe::cuda_emulation::Submit(s, [p = progress, t = ticket] { p->WaitFor(t); });
   return cudaSuccess;
 }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  moe::cuda_emulation::NotInHostFunction(
+      "cudaEventElapsedTime called in a host function (cudaLaunchHostFunc); CUDA forbids it");
   auto* a = reinterpret_cast<moe::cuda_emulation::Event*>(start);
   auto* b = reinterpret_cast<moe::cuda_emulation::Event*>(end);
   if (!a->timing || !b->timing || a->when == nullptr || b->when == nullptr)
@@ -795,6 +907,7 @@ T atomicMin(T* p, T value) {
   return old;
 }
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
 // Rounded separately, never contracted into an FMA (volatile keeps GCC from fusing).
 inline float __fmul_rn(float a, float b) {
   volatile float r = a * b;

@@ -1,6 +1,7 @@
 // Tensor views, memory accounting, streams and events of the CPU backend.
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <thread>
 
 #include "runtime/core/backend.h"
@@ -202,6 +203,38 @@ TEST_CASE("Events order streams") {
   REQUIRE(S().Wait(**ev).ok());
   CHECK(done == 1);
   releaser.join();
+}
+
+TEST_CASE("A host gate holds a CPU worker stream until it opens, and its error surfaces at Synchronize") {
+  auto stream = Cpu().CreateStream(StreamMode::kWorker);
+  REQUIRE(stream.ok());
+  Stream& s = **stream;
+  auto gate = std::make_shared<HostGate>();
+  std::atomic<int> ran{0};
+  REQUIRE(s.WaitHostGate(gate).ok());
+  REQUIRE(s.LaunchHostFunc([&] {
+             ran = 1;
+             return absl::OkStatus();
+           }).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  CHECK(ran == 0);
+  CHECK_FALSE(gate->is_open());
+  int callbacks = 0;
+  gate->OnOpen([&](const absl::Status& st) { callbacks += st.ok() ? 1 : 100; });
+  gate->Open(absl::OkStatus());
+  gate->Open(absl::InternalError("ignored: a gate opens once"));
+  gate->OnOpen([&](const absl::Status& st) { callbacks += st.ok() ? 1 : 100; });  // runs at once
+  CHECK(callbacks == 2);
+  REQUIRE(s.Synchronize().ok());
+  CHECK(ran == 1);
+  auto failed = std::make_shared<HostGate>();
+  REQUIRE(s.WaitHostGate(failed).ok());
+  failed->Open(absl::AbortedError("peer failed"));
+  CHECK(s.Synchronize().code() == absl::StatusCode::kAborted);
+  CHECK(s.Synchronize().ok());
+  // Only a CUDA backend marks host functions; a CPU stream's may wait.
+  CHECK_FALSE(InHostFunction());
+  CHECK(RefuseWaitInHostFunction("test").ok());
 }
 
 TEST_CASE("Asynchronous errors surface at Synchronize") {

@@ -6,12 +6,15 @@
 // exits 77, which ctest reports as skipped.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -584,6 +587,49 @@ TEST_CASE("streams, events, host functions and memory accounting on the GPU") {
     CHECK(h.data<float>()[999] == 0.0f);
   }
   CHECK(g_gpu->memory().Stats(MemoryCategory::kOptimizer).live_bytes == live);
+}
+
+TEST_CASE("host gates hold a stream with no host thread waiting, in order, and carry errors") {
+  auto side = g_gpu->CreateStream(StreamMode::kWorker);
+  REQUIRE(side.ok());
+  auto done = g_gpu->CreateEvent();
+  REQUIRE(done.ok());
+  Tensor big = Copy(*g_gpu, Rand({1 << 16}, 4)), sum = Copy(*g_gpu, Rand({1}, 5));
+  auto first = std::make_shared<HostGate>(), second = std::make_shared<HostGate>();
+  REQUIRE((*side)->WaitHostGate(first).ok());
+  REQUIRE((*side)->WaitHostGate(second).ok());
+  REQUIRE(ops::ReduceSumSquares(**side, big, sum).ok());
+  REQUIRE((*side)->Record(**done).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_FALSE((*done)->Query());
+  second->Open(absl::OkStatus());  // the later gate alone does not release the stream
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_FALSE((*done)->Query());
+  first->Open(absl::OkStatus());
+  REQUIRE((*side)->Synchronize().ok());
+  CHECK((*done)->Query());
+  Tensor host_big = Copy(Cpu(), big), host_sum = Copy(Cpu(), sum);
+  double expect = 0;
+  for (int64_t i = 0; i < host_big.numel(); ++i)
+    expect += double(host_big.data<float>()[i]) * host_big.data<float>()[i];
+  CHECK(std::abs(host_sum.data<float>()[0] - expect) <= 1e-5 * expect);
+  // An already open gate does not hold the stream; a gate opened with an
+  // error releases it and the stream reports the error.
+  auto open = std::make_shared<HostGate>();
+  open->Open(absl::OkStatus());
+  REQUIRE((*side)->WaitHostGate(open).ok());
+  auto failed = std::make_shared<HostGate>();
+  REQUIRE((*side)->WaitHostGate(failed).ok());
+  failed->Open(absl::UnavailableError("peer rank 3 failed"));
+  absl::Status st = (*side)->Synchronize();
+  CHECK(st.code() == absl::StatusCode::kUnavailable);
+  CHECK((*side)->Synchronize().ok());  // reported once
+  // A host function must not wait: the waits refuse there, and say what to use.
+  REQUIRE((*side)->LaunchHostFunc([&] { return G().Synchronize(); }).ok());
+  st = (*side)->Synchronize();
+  INFO(st.message());
+  CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(st.message()).find("WaitHostGate") != std::string::npos);
 }
 
 }  // namespace

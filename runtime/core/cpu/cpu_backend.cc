@@ -235,6 +235,12 @@ absl::Status CpuStream::Wait(const Event& event) {
 
 absl::Status CpuStream::LaunchHostFunc(std::function<absl::Status()> fn) { return Run(std::move(fn)); }
 
+// The worker (or, inline, the calling thread: the stream's device) waits for
+// the gate, as a GPU would spin on it.
+absl::Status CpuStream::WaitHostGate(std::shared_ptr<HostGate> gate) {
+  return Run([gate = std::move(gate)] { return gate->Wait(); });
+}
+
 void CpuEvent::Set(std::shared_ptr<StreamState> state, uint64_t seq, std::shared_ptr<EventStamp> stamp) {
   std::lock_guard<std::mutex> lock(mu_);
   state_ = std::move(state);

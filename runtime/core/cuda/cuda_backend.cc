@@ -27,23 +27,43 @@ constexpr size_t kAlignment = 256;
 
 class CudaBackend;
 
-// Errors of host functions and of kernels (DeviceError), per stream. Shared by
-// the stream, its events and the streams that waited on them.
+// Errors of host functions and of kernels (DeviceError), per stream, and its
+// host gates. Shared by the stream, its events, the streams that waited on
+// them and the callbacks of its open gates.
 struct StreamErrors {
   std::mutex mu;
-  absl::Status host_error;        // first failed LaunchHostFunc
-  DeviceError* record = nullptr;  // mapped host memory; device pointer == host pointer (UVA)
+  absl::Status host_error;         // first failed LaunchHostFunc or non-OK host gate
+  StreamRecord* record = nullptr;  // mapped host memory; device pointer == host pointer (UVA)
   std::vector<std::weak_ptr<StreamErrors>> upstream;  // streams this one waited on
+  // Host gates: tickets handed out (WaitHostGate) and opened. record->gates_open
+  // is the largest n with gates 1..n all open (a gate's kernel passes once all
+  // the stream's earlier gates have too); `opened_early` holds the others.
+  uint64_t gates_enqueued = 0;
+  uint64_t gates_open = 0;
+  std::set<uint64_t> opened_early;
+
+  // Opens gate `ticket` (keeps a non-OK status as the stream's error).
+  void OpenGate(uint64_t ticket, const absl::Status& status) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!status.ok() && host_error.ok()) host_error = status;
+    opened_early.insert(ticket);
+    while (!opened_early.empty() && *opened_early.begin() == gates_open + 1) {
+      opened_early.erase(opened_early.begin());
+      ++gates_open;
+    }
+    if (record != nullptr) __atomic_store_n(&record->gates_open, gates_open, __ATOMIC_RELEASE);
+  }
 
   // This stream's own first error (cleared when `clear`).
   absl::Status Own(bool clear) {
     std::lock_guard<std::mutex> lock(mu);
     absl::Status st = host_error;
-    if (st.ok() && record != nullptr && record->code == 1) {
-      st = absl::InvalidArgumentError(absl::StrCat("ops::", OpKindName(static_cast<OpKind>(record->op)),
-                                                   ": index[", record->position, "] = ", record->value,
-                                                   " is outside [0, ", record->limit, ")"));
-      if (clear) record->code = 0;
+    if (st.ok() && record != nullptr && record->error.code == 1) {
+      const DeviceError& e = record->error;
+      st = absl::InvalidArgumentError(absl::StrCat("ops::", OpKindName(static_cast<OpKind>(e.op)), ": index[",
+                                                   e.position, "] = ", e.value, " is outside [0, ", e.limit,
+                                                   ")"));
+      if (clear) record->error.code = 0;
     }
     if (clear) host_error = absl::OkStatus();
     return st;
@@ -74,6 +94,7 @@ class CudaEventImpl : public Event {
  public:
   CudaEventImpl(CudaEvent event) : event_(std::move(event)) {}
   absl::Status Synchronize() const override {
+    RETURN_IF_ERROR(RefuseWaitInHostFunction("Event::Synchronize"));
     CountHostSync();
     std::shared_ptr<StreamErrors> errors;
     {
@@ -239,6 +260,7 @@ class CudaStreamImpl : public Stream {
   Backend& backend() const override;
   StreamMode mode() const override { return mode_; }
   absl::Status Synchronize() override {
+    RETURN_IF_ERROR(RefuseWaitInHostFunction("Stream::Synchronize"));
     CountHostSync();
     UseDevice(device_);
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
@@ -273,11 +295,25 @@ class CudaStreamImpl : public Stream {
     }
     return absl::OkStatus();
   }
+  absl::Status WaitHostGate(std::shared_ptr<HostGate> gate) override {
+    if (gate == nullptr) return absl::InvalidArgumentError("Stream::WaitHostGate: null gate");
+    UseDevice(device_);
+    uint64_t ticket = 0;
+    {
+      // Tickets are launched in their order on the stream (the lock spans the launch).
+      std::lock_guard<std::mutex> lock(errors_->mu);
+      ticket = errors_->gates_enqueued + 1;
+      CUDA_RETURN_IF_ERROR(LaunchWaitHostGate(&errors_->record->gates_open, ticket, stream_.get()));
+      errors_->gates_enqueued = ticket;
+    }
+    gate->OnOpen([errors = errors_, ticket](const absl::Status& st) { errors->OpenGate(ticket, st); });
+    return absl::OkStatus();
+  }
   void* native_handle() const override { return stream_.get(); }
 
   cudaStream_t get() const { return stream_.get(); }
   int device() const { return device_; }
-  DeviceError* record() const { return errors_->record; }
+  DeviceError* record() const { return &errors_->record->error; }
   // Side lanes (cuda_backend.h ForkLanes / JoinLanes).
   absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(int n) {
     UseDevice(device_);
@@ -327,13 +363,17 @@ class CudaStreamImpl : public Stream {
     std::shared_ptr<StreamErrors> errors;
   };
   static void CUDART_CB RunHostFunc(void* arg) {
-    std::unique_ptr<HostFunc> f(static_cast<HostFunc*>(arg));
     MarkDeviceThread();
-    absl::Status st = f->fn();
-    if (!st.ok()) {
-      std::lock_guard<std::mutex> lock(f->errors->mu);
-      if (f->errors->host_error.ok()) f->errors->host_error = st;
+    SetInHostFunction(true);  // until the payload (and what it holds) is gone
+    {
+      std::unique_ptr<HostFunc> f(static_cast<HostFunc*>(arg));
+      absl::Status st = f->fn();
+      if (!st.ok()) {
+        std::lock_guard<std::mutex> lock(f->errors->mu);
+        if (f->errors->host_error.ok()) f->errors->host_error = st;
+      }
     }
+    SetInHostFunction(false);
   }
 
   CudaStreamImpl(CudaBackend& backend, int device, StreamMode mode, CudaStream stream)
@@ -386,21 +426,22 @@ class CudaBackend : public Backend {
   int num_threads() const override { return 1; }
   Kernels& kernels() override { return *kernels_; }
 
-  // Each stream's DeviceError record, in mapped host memory. cudaHostAlloc
-  // synchronizes the device, so records come from slabs allocated up front
-  // (Create) and are reused: a stream created while another stream waits in
-  // a host function for a communication that needs the creating thread (the
-  // MPI progress thread makes its staging stream at its first device buffer)
-  // would otherwise wait for that stream, and the communication for it.
-  absl::StatusOr<DeviceError*> TakeErrorRecord() {
+  // Each stream's record (its DeviceError and host-gate count), in mapped host
+  // memory. cudaHostAlloc synchronizes the device, so records come from slabs
+  // allocated up front (Create) and are reused: a stream created while
+  // another stream waits on a host gate for a communication that needs the
+  // creating thread (the MPI progress thread makes its staging stream at its
+  // first device buffer) would otherwise wait for that stream, and the
+  // communication for it.
+  absl::StatusOr<StreamRecord*> TakeErrorRecord() {
     std::lock_guard<std::mutex> lock(records_mu_);
     if (free_records_.empty()) RETURN_IF_ERROR(GrowErrorRecords());
-    DeviceError* r = free_records_.back();
+    StreamRecord* r = free_records_.back();
     free_records_.pop_back();
-    std::memset(r, 0, sizeof(DeviceError));
+    std::memset(r, 0, sizeof(StreamRecord));
     return r;
   }
-  void ReturnErrorRecord(DeviceError* r) {
+  void ReturnErrorRecord(StreamRecord* r) {
     std::lock_guard<std::mutex> lock(records_mu_);
     free_records_.push_back(r);
   }
@@ -448,15 +489,15 @@ class CudaBackend : public Backend {
     static constexpr int kRecordsPerSlab = 128;
     void* slab = nullptr;
     UseDevice(device_);
-    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&slab, kRecordsPerSlab * sizeof(DeviceError), cudaHostAllocMapped));
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(&slab, kRecordsPerSlab * sizeof(StreamRecord), cudaHostAllocMapped));
     for (int i = kRecordsPerSlab - 1; i >= 0; --i)
-      free_records_.push_back(static_cast<DeviceError*>(slab) + i);
+      free_records_.push_back(static_cast<StreamRecord*>(slab) + i);
     return absl::OkStatus();
   }
 
   int device_;
   std::mutex records_mu_;
-  std::vector<DeviceError*> free_records_;
+  std::vector<StreamRecord*> free_records_;
   MemoryTracker memory_;
   DeviceAllocator allocator_;
   CudaBufferType buffer_type_;

@@ -6,10 +6,15 @@
 // Each stream owns a cuBLAS handle (handles are not shared between host
 // threads). LaunchHostFunc is cudaLaunchHostFunc; its function runs on CUDA's
 // callback thread (marked as a device thread, so its waits are not counted)
-// and must not call CUDA; a non-OK status it returns is kept by the stream
-// and returned by the next Synchronize, as are index errors that kernels
-// found (a DeviceErrorRecord in mapped host memory, written by the first
-// failing thread). Events are timed cudaEvent_t's.
+// and must neither call CUDA nor wait for other work (the waits of Stream,
+// Event and comm::Work refuse there, RefuseWaitInHostFunction); a non-OK
+// status it returns is kept by the stream and returned by the next
+// Synchronize, as are index errors that kernels found (a DeviceErrorRecord in
+// mapped host memory, written by the first failing thread). WaitHostGate
+// holds the stream with a one-thread kernel that polls the stream's count of
+// opened gates in that mapped memory (cuda_gate.cu), so a stream waits for a
+// host-side communication without any host thread waiting. Events are timed
+// cudaEvent_t's.
 //
 // Buffers come from a caching allocator: a freed block is reused only after
 // every stream of the device has passed the point where it was freed (a fence

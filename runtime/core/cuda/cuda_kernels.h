@@ -28,6 +28,19 @@ struct DeviceError {
   long long limit;
 };
 
+// A stream's record in mapped host memory: its kernels' DeviceError and the
+// count of its opened host gates (cuda_gate.cu).
+struct StreamRecord {
+  DeviceError error;
+  unsigned long long gates_open;
+};
+
+// ---- cuda_gate.cu ----
+// Holds stream s until *gates_open >= ticket (a one-thread kernel polling
+// mapped host memory; the host raises the count with a release store).
+cudaError_t LaunchWaitHostGate(const unsigned long long* gates_open, unsigned long long ticket,
+                               cudaStream_t s);
+
 // Element types the element-wise launchers take (runtime/core/dtype.h order is not assumed).
 enum class ElemType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kI64 = 3, kF64 = 4 };
 

@@ -87,33 +87,7 @@ absl::StatusOr<Work> Communicator::CheckAndSubmit(OpDesc op) {
 
 absl::Status CompletionState::Wait() {
   RETURN_IF_ERROR(RefuseWaitInHostFunction("comm::Work::Wait"));
-  if (done()) return status_;
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return done_.load(std::memory_order_relaxed); });
-  return status_;
-}
-
-void CompletionState::OnDone(std::function<void(const absl::Status&)> fn) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!done_.load(std::memory_order_relaxed)) {
-      on_done_.push_back(std::move(fn));
-      return;
-    }
-  }
-  fn(status_);
-}
-
-void CompletionState::Complete(absl::Status status) {
-  std::vector<std::function<void(const absl::Status&)>> run;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    status_ = std::move(status);
-    done_.store(true, std::memory_order_release);
-    run.swap(on_done_);
-  }
-  cv_.notify_all();
-  for (auto& fn : run) fn(status_);
+  return done_.Wait();
 }
 
 absl::Status Work::Wait() const {
@@ -154,21 +128,18 @@ absl::StatusOr<Work> Communicator::SubmitOnStream(OpDesc op, Stream& stream) {
   RETURN_IF_ERROR(stream.Record(*marker));
   op.after = std::shared_ptr<const Event>(std::move(marker));
   ASSIGN_OR_RETURN(Work work, Submit(std::move(op)));
-  // The stream's later work waits for the operation. A CPU stream's device
-  // (its worker, or for an inline stream the calling thread) waits in a host
-  // function. A device stream waits on a host gate that the operation's
-  // completion opens: a CUDA host function must not wait for other work (CUDA
-  // may run every stream's host functions on one thread, and the operation
-  // may be queued behind another stream's).
+  // The stream's later work waits on a host gate that the operation's
+  // completion opens (on CPU the stream's device, its worker or for an inline
+  // stream the calling thread, waits for it; on CUDA a kernel does). Not a
+  // host function that waits: CUDA forbids those (it may run every stream's
+  // host functions on one thread, and the operation may be queued behind
+  // another stream's).
   std::shared_ptr<WorkState> state = work.shared_state();
   if (state == nullptr) return work;
-  if (stream.backend().device().is_cpu()) {
-    RETURN_IF_ERROR(stream.LaunchHostFunc([state] { return state->Wait(); }));
-    return work;
-  }
   auto gate = std::make_shared<HostGate>();
+  state->OnDone(
+      [gate](const absl::Status& status) { gate->Open(status); });  // first: an inline stream waits now
   RETURN_IF_ERROR(stream.WaitHostGate(gate));
-  state->OnDone([gate](const absl::Status& status) { gate->Open(status); });
   return work;
 }
 

@@ -64,12 +64,10 @@
 #define MOE_COMM_COMMUNICATOR_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -78,11 +76,8 @@
 #include "absl/types/span.h"
 #include "comm/instrumentation.h"
 #include "comm/op.h"
+#include "runtime/core/backend.h"
 #include "runtime/core/dtype.h"
-
-namespace moe {
-class Stream;
-}
 
 namespace moe::config {
 class CommConfig;
@@ -103,27 +98,23 @@ class WorkState {
   virtual void OnDone(std::function<void(const absl::Status&)> fn) = 0;
 };
 
-// The completion every backend's WorkState shares: a final status set once
-// by Complete, host waiters, and OnDone callbacks (run by Complete's thread,
-// after the waiters are woken).
+// The completion every backend's WorkState shares: a HostGate (backend.h)
+// that Complete opens with the final status, waking the waiters, then
+// running the OnDone callbacks on Complete's thread.
 class CompletionState : public WorkState {
  public:
   // Blocks until Complete; refused inside a CUDA host function (backend.h).
   absl::Status Wait() override;
   bool Test() override { return done(); }
-  void OnDone(std::function<void(const absl::Status&)> fn) override;
-  void Complete(absl::Status status);
+  void OnDone(std::function<void(const absl::Status&)> fn) override { done_.OnOpen(std::move(fn)); }
+  void Complete(absl::Status status) { done_.Open(std::move(status)); }
 
  protected:
-  bool done() const { return done_.load(std::memory_order_acquire); }
-  const absl::Status& final_status() const { return status_; }  // once done()
+  bool done() const { return done_.is_open(); }
+  absl::Status final_status() const { return done_.Wait(); }  // at once when done()
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<bool> done_{false};
-  absl::Status status_;                                            // final once done_
-  std::vector<std::function<void(const absl::Status&)>> on_done_;  // guarded by mu_
+  HostGate done_;
 };
 
 // A handle to an enqueued operation. Copyable; all copies see the same

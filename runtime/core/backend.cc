@@ -84,9 +84,9 @@ void HostGate::Open(absl::Status status) {
   std::vector<std::function<void(const absl::Status&)>> run;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (open_) return;
-    open_ = true;
+    if (open_.load(std::memory_order_relaxed)) return;
     status_ = std::move(status);
+    open_.store(true, std::memory_order_release);
     run.swap(on_open_);
   }
   cv_.notify_all();
@@ -96,7 +96,7 @@ void HostGate::Open(absl::Status status) {
 void HostGate::OnOpen(std::function<void(const absl::Status&)> fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!open_) {
+    if (!open_.load(std::memory_order_relaxed)) {
       on_open_.push_back(std::move(fn));
       return;
     }
@@ -104,14 +104,10 @@ void HostGate::OnOpen(std::function<void(const absl::Status&)> fn) {
   fn(status_);
 }
 
-bool HostGate::is_open() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return open_;
-}
-
 absl::Status HostGate::Wait() const {
+  if (is_open()) return status_;
   std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return open_; });
+  cv_.wait(lock, [&] { return open_.load(std::memory_order_relaxed); });
   return status_;
 }
 

@@ -37,6 +37,7 @@
 #ifndef MOE_RUNTIME_CORE_BACKEND_H_
 #define MOE_RUNTIME_CORE_BACKEND_H_
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
@@ -163,16 +164,16 @@ class HostGate {
   void Open(absl::Status status);
   // Runs `fn(status)` when the gate opens: now, on this thread, if it is open.
   void OnOpen(std::function<void(const absl::Status&)> fn);
-  bool is_open() const;
-  // Blocks until the gate opens; returns its status. For device-side threads
-  // (a CPU stream's worker): not counted as a host wait.
+  bool is_open() const { return open_.load(std::memory_order_acquire); }
+  // Blocks until the gate opens; returns its status (at once when open). Not
+  // counted as a host wait: callers that are the host count their own.
   absl::Status Wait() const;
 
  private:
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
-  bool open_ = false;
-  absl::Status status_;
+  std::atomic<bool> open_{false};
+  absl::Status status_;  // final once open_
   std::vector<std::function<void(const absl::Status&)>> on_open_;
 };
 

@@ -5,8 +5,14 @@
 // reached its marker:
 //   1. StagedRanges: the byte ranges of device memory the operation touches,
 //      overlapping ones merged (in place: send and recv are one range);
-//   2. copies every range into a host buffer of its own (the ranges written
-//      too, so that what a V-collective leaves untouched stays as it was);
+//   2. copies every range into the communicator's host staging region (the
+//      ranges written too, so that what a V-collective leaves untouched
+//      stays as it was). The region is page-locked memory on a GPU
+//      (Backend::AllocatePinnedHost), so the copies are DMA at full speed;
+//      it is reserved on the submitting thread (allocating page-locked
+//      memory may wait for the whole device, and a stream may be waiting
+//      for the progress thread), grows to a power of two (at least 1 MiB)
+//      and is reused by every staged operation, one at a time;
 //   3. RebaseBuffers: points the operation's buffers into those copies, and
 //      runs it on the host as usual;
 //   4. copies the written ranges back, before the operation completes, so

@@ -380,6 +380,7 @@ class MpiCommunicator : public Communicator, public Watched {
   // is queued for the progress thread. Either way the call returns once the
   // operation is enqueued or started, never waiting for the peers.
   absl::StatusOr<Work> Submit(OpDesc op) override {
+    if (op.staged) RETURN_IF_ERROR(ReserveStaging(op));
     auto work = std::make_shared<MpiWork>();
     const uint64_t sequence = op.sequence;
     bool direct = false;
@@ -516,17 +517,66 @@ class MpiCommunicator : public Communicator, public Watched {
     return staging_stream_.get();
   }
 
-  // Copies the operation's buffers into host memory and points it there
-  // (host_staging.h); the copies are counted as communication memory.
+  // Makes the staging region hold `op`'s ranges (host_staging.h), on the
+  // submitting thread: page-locked memory is allocated here, never on the
+  // progress thread, whose operations a stream's host gate may be waiting for
+  // while the allocation waits for the device. The region only grows (to a
+  // power of two, at least 1 MiB); an outgrown one is kept until the
+  // communicator dies, as an operation already queued may be using it.
+  absl::Status ReserveStaging(const OpDesc& op) {
+    const size_t need = StagingBytes(StagedRanges(op, size()));
+    if (need == 0) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(staging_mu_);
+    if (staging_.defined() && staging_.nbytes() >= need && staging_device_ == op.staged_device)
+      return absl::OkStatus();
+    size_t bytes = size_t{1} << 20;
+    while (bytes < need) bytes *= 2;
+    ASSIGN_OR_RETURN(Backend * backend, GetBackend(op.staged_device));
+    absl::StatusOr<std::shared_ptr<Buffer>> buffer =
+        backend->AllocatePinnedHost(bytes, MemoryCategory::kCommunication);
+    if (!buffer.ok())
+      return Annotate(buffer.status(), absl::StrCat("communicator '", name(), "': its host staging region"));
+    ASSIGN_OR_RETURN(Tensor region, Tensor::FromBuffer(std::move(*buffer), 0,
+                                                       Shape{static_cast<int64_t>(bytes)}, DType::kU8));
+    if (staging_.defined()) retired_staging_.push_back(std::move(staging_));
+    staging_ = std::move(region);
+    staging_device_ = op.staged_device;
+    return absl::OkStatus();
+  }
+
+  // Bytes of the staging region that `ranges` take: each at an offset
+  // aligned to kStagingAlign.
+  static constexpr size_t kStagingAlign = 256;
+  static size_t StagingBytes(const std::vector<StagedRange>& ranges) {
+    size_t bytes = 0;
+    for (const StagedRange& r : ranges)
+      bytes += (r.bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign;
+    return bytes;
+  }
+
+  // Copies the operation's buffers into the staging region (reserved at
+  // submit; one operation at a time uses it) and points the operation there
+  // (host_staging.h).
   absl::Status StageIn(OpDesc* op, Started* started) {
     started->staged = StagedRanges(*op, size());
     if (started->staged.empty()) return absl::OkStatus();
     ASSIGN_OR_RETURN(Stream * stream, StagingStream(op->staged_device));
-    ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+    Tensor region;
+    {
+      std::lock_guard<std::mutex> lock(staging_mu_);
+      region = staging_;
+    }
+    const size_t need = StagingBytes(started->staged);
+    if (!region.defined() || region.nbytes() < need)
+      return absl::InternalError(absl::StrCat("communicator '", name(), "': the host staging region holds ",
+                                              region.defined() ? region.nbytes() : 0,
+                                              " bytes, the operation needs ", need,
+                                              " (ReserveStaging was not called at submit)"));
     std::vector<char*> host;
+    int64_t at = 0;
     for (const StagedRange& r : started->staged) {
-      ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(*cpu, Shape{static_cast<int64_t>(r.bytes)}, DType::kU8,
-                                               MemoryCategory::kCommunication));
+      Tensor h = region.Slice(at, at + static_cast<int64_t>(r.bytes));
+      at += static_cast<int64_t>((r.bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign);
       ASSIGN_OR_RETURN(Tensor d, BorrowedBytes(r.device, r.bytes, op->staged_device));
       RETURN_IF_ERROR(ops::Copy(*stream, d, h));
       host.push_back(static_cast<char*>(h.raw_data()));
@@ -792,6 +842,11 @@ class MpiCommunicator : public Communicator, public Watched {
   bool stop_ = false;
   absl::Status error_;
   std::unique_ptr<Stream> staging_stream_;  // progress thread only (StagingStream)
+  // The host staging region (ReserveStaging) and the ones it outgrew.
+  std::mutex staging_mu_;
+  Tensor staging_;
+  Device staging_device_ = Device::Cpu();
+  std::vector<Tensor> retired_staging_;
   std::thread thread_;
 };
 

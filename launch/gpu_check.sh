@@ -4,7 +4,8 @@
 # builds with CUDA (build-gpu/, sm_90), runs every gpu-labelled test, the GPU
 # benchmarks (grouped expert GEMM vs one cuBLAS GEMM of equal FLOPs in bf16,
 # both grouped-GEMM paths; the whole-model step of docs/design.md's benchmark
-# shape: tokens/s, MFU, measured vs predicted peak memory) and a 50-step bf16
+# shape: tokens/s, MFU, measured vs predicted peak memory; page-locked vs
+# pageable host copies; checkpoint save and load) and a 50-step bf16
 # training of a ~110M-parameter MoE (configs/gpu_check.textproto), then prints
 # one JSON summary line (also written to build-gpu/gpu_check.json; every
 # phase's full output is in build-gpu/gpu_check/). Budget: under 8 minutes on
@@ -94,6 +95,9 @@ attention=$(bench_run attention 90 attention --json device=cuda iters=3)
 # The same in bf16 (as train.precision bf16 runs it: the gemm path's products at
 # TF32), with the flash kernel as a third path.
 attention_bf16=$(bench_run attention_bf16 90 attention --json device=cuda iters=3 precision=bf16)
+# Device<->host copies through page-locked memory (the MPI staging region, the
+# checkpoint bucket) vs pageable memory.
+host_copy=$(bench_run host_copy 30 host-copy --json device=cuda mb=256 iters=5)
 # Checkpoint save and load of ~512 MB of GPU tensors through the 256 MiB host
 # bucket, against a plain write/read of the same bytes (both records).
 limited 90 "$LOGS/bench_ckpt.log" "$bench" ckpt --json device=cuda mb=512 reps=2 dir="$LOGS/ckpt_bench" ||
@@ -156,9 +160,9 @@ def j(s):
   except Exception: return None
 print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
-  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "memcheck": j(a[12]),
+  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "host_copy": j(a[19]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

@@ -291,9 +291,11 @@ absl::Status Checkpointer::SetDeadline(int64_t bytes) {
 
 bool Checkpointer::Staged(const Tensor& t) const { return options_.stage_host_tensors || !IsHostVisible(t); }
 
-absl::StatusOr<Tensor> Checkpointer::HostStaging(int64_t numel) {
-  ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
-  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty(*cpu, Shape{numel}, DType::kF32, MemoryCategory::kOther));
+absl::StatusOr<Tensor> Checkpointer::HostStaging(int64_t numel, Device device) {
+  ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
+  ASSIGN_OR_RETURN(std::shared_ptr<Buffer> buffer,
+                   backend->AllocatePinnedHost(static_cast<size_t>(numel) * 4, MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::FromBuffer(std::move(buffer), 0, Shape{numel}, DType::kF32));
   staging_.Add(numel * 4);
   return host;
 }
@@ -402,7 +404,9 @@ absl::Status Checkpointer::Save(const TrainState& state, absl::Span<const Sharde
       if (Staged(tensors[piece.tensor].tensor)) snapshot_numel += task->writes[k].nbytes / 4;
     }
     if (options_.async && snapshot_numel > 0) {
-      absl::StatusOr<Tensor> snapshot = HostStaging(snapshot_numel);
+      // Ordinary memory: page-locking the whole local model at every save
+      // would cost more than its faster copies gain.
+      absl::StatusOr<Tensor> snapshot = HostStaging(snapshot_numel, Device::Cpu());
       local = snapshot.status();
       if (local.ok()) task->snapshot = *snapshot;
     }
@@ -461,12 +465,16 @@ absl::Status Checkpointer::RunSaveTask(SaveTask& task) {
     absl::StatusOr<std::unique_ptr<CheckpointFile>> file = fs_->OpenForWrite(task.rank_file);
     local = file.status();
     int64_t largest_staged = 0;  // elements
+    Device staged_device = Device::Cpu();
     for (const SaveTask::Write& w : task.writes) {
-      if (w.device.defined()) largest_staged = std::max(largest_staged, w.nbytes / 4);
+      if (!w.device.defined()) continue;
+      largest_staged = std::max(largest_staged, w.nbytes / 4);
+      staged_device = w.device.device();
     }
     Tensor bucket;
     if (local.ok() && largest_staged > 0) {
-      absl::StatusOr<Tensor> b = HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4));
+      absl::StatusOr<Tensor> b =
+          HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4), staged_device);
       local = b.status();
       if (b.ok()) bucket = *b;
     }
@@ -641,17 +649,18 @@ absl::StatusOr<LoadedCheckpoint> Checkpointer::Load(const std::string& path,
   //    sized to the largest staged box read or exchanged here (at most
   //    host_bucket_bytes).
   int64_t largest_staged = 0;  // elements
-  for (const LoadPlan::PieceRead& pr : plan.reads) {
-    const LocalPiece& p = pieces[pr.piece];
-    if (Staged(tensors[p.tensor].tensor)) largest_staged = std::max(largest_staged, p.box.numel());
-  }
-  for (const LoadPlan::Transfer& t : plan.transfers) {
-    const LocalPiece& p = pieces[t.piece];
-    if (Staged(tensors[p.tensor].tensor)) largest_staged = std::max(largest_staged, p.box.numel());
-  }
+  Device staged_device = Device::Cpu();
+  auto note_staged = [&](const LocalPiece& p) {
+    if (!Staged(tensors[p.tensor].tensor)) return;
+    largest_staged = std::max(largest_staged, p.box.numel());
+    staged_device = tensors[p.tensor].tensor.device();
+  };
+  for (const LoadPlan::PieceRead& pr : plan.reads) note_staged(pieces[pr.piece]);
+  for (const LoadPlan::Transfer& t : plan.transfers) note_staged(pieces[t.piece]);
   Tensor bucket;
   if (largest_staged > 0) {
-    absl::StatusOr<Tensor> b = HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4));
+    absl::StatusOr<Tensor> b =
+        HostStaging(std::min(largest_staged, options_.host_bucket_bytes / 4), staged_device);
     local = b.status();
     if (b.ok()) bucket = *b;
   }

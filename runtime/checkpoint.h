@@ -223,8 +223,10 @@ class Checkpointer {
   // or options.stage_host_tensors)?
   bool Staged(const Tensor& t) const;
   // A counted host f32 tensor of `numel` elements (staging_.Add); the caller
-  // calls staging_.Sub(numel * 4) when it lets go of it.
-  absl::StatusOr<Tensor> HostStaging(int64_t numel);
+  // calls staging_.Sub(numel * 4) when it lets go of it. For copies to and
+  // from `device`: page-locked when it is a GPU (the bucket, allocated once
+  // per save or load; Backend::AllocatePinnedHost).
+  absl::StatusOr<Tensor> HostStaging(int64_t numel, Device device);
   // Load: the replicas' exchange of plan.transfers, through `bucket` for
   // staged tensors. Returns the communicator's errors; a failed device copy
   // goes to *local (the exchange goes on: the peers wait for its messages).

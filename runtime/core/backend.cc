@@ -111,6 +111,20 @@ absl::Status HostGate::Wait() const {
   return status_;
 }
 
+absl::StatusOr<std::shared_ptr<Buffer>> Backend::AllocatePinnedHost(size_t bytes, MemoryCategory category) {
+  if (IsDeviceThread() || InHostFunction())
+    return absl::FailedPreconditionError(absl::StrCat(
+        name(), ": page-locked host memory (", bytes, " bytes for ", MemoryCategoryName(category),
+        ") requested on a device-side thread or in a host function; allocating it may wait for the whole ",
+        "device, which may be waiting for this thread: allocate it on the thread that enqueues the work"));
+  return AllocatePinnedHostImpl(bytes, category);
+}
+
+absl::StatusOr<std::shared_ptr<Buffer>> Backend::AllocatePinnedHostImpl(size_t bytes,
+                                                                        MemoryCategory category) {
+  return cpu::CpuBackendInstance().default_buffer_type().Allocate(bytes, category);
+}
+
 absl::StatusOr<Backend*> GetBackend(Device device) {
   if (device.is_cpu()) return &cpu::CpuBackendInstance();
 #if MOE_WITH_CUDA

@@ -258,6 +258,27 @@ class Backend {
   virtual int num_threads() const = 0;
   // The kernels behind ops.h (backend implementers' interface, kernels.h).
   virtual Kernels& kernels() = 0;
+
+  // Host memory this device copies to and from at full speed and
+  // asynchronously (a copy into it does not wait for its stream): page-locked
+  // memory (cudaHostAlloc, portable to every device) on CUDA, ordinary memory
+  // on the CPU. The buffer is on Device::Cpu(), host-visible, and counted in
+  // the CPU backend's MemoryTracker under `category`. Allocating (and on CUDA
+  // freeing) page-locked memory may wait for the whole device, so a thread
+  // that a stream may be waiting for must not allocate it: on a device-side
+  // thread (MarkDeviceThread: a communicator's progress thread, a CPU
+  // stream's worker) or in a host function this returns FailedPrecondition,
+  // on every backend. A buffer whose last reference dies on such a thread is
+  // freed later, at the next allocation on an ordinary thread. Used for
+  // staging buffers that are allocated once and reused (the MPI
+  // communicator's staging region, the checkpoint bucket).
+  absl::StatusOr<std::shared_ptr<Buffer>> AllocatePinnedHost(size_t bytes, MemoryCategory category);
+
+ protected:
+  // AllocatePinnedHost once the thread is checked; by default the CPU
+  // backend's ordinary memory.
+  virtual absl::StatusOr<std::shared_ptr<Buffer>> AllocatePinnedHostImpl(size_t bytes,
+                                                                         MemoryCategory category);
 };
 
 // The backend of `device`, created on first use and alive until exit. The CPU

@@ -18,10 +18,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::unique_ptr<Communicator> World() {
+// stage_through_host: buffers go through the MPI communicator's host staging
+// (comm/host_staging.h), as device buffers do.
+std::unique_ptr<Communicator> World(bool stage_through_host = false) {
   CommOptions options;
   options.backend = "mpi";
   options.timeout_s = 60;
+  options.stage_through_host = stage_through_host;
   auto world = CreateWorldCommunicator(options);
   REQUIRE(world.ok());
   return std::move(world).value();
@@ -124,13 +127,7 @@ TEST_CASE("a stream-ordered all-reduce runs after the stream's delayed producer,
 // results are back before the consumer; an AllToAllV leaves the gaps of its
 // receive buffer as they were; an in-place AllReduce reduces in place.
 TEST_CASE("staged through host copies, stream-ordered ops keep the stream's order and untouched bytes") {
-  CommOptions options;
-  options.backend = "mpi";
-  options.timeout_s = 60;
-  options.stage_through_host = true;
-  auto made = CreateWorldCommunicator(options);
-  REQUIRE(made.ok());
-  auto world = std::move(made).value();
+  auto world = World(/*stage_through_host=*/true);
   auto compute = Worker();
   const int n = world->size(), me = world->rank();
   // Rank r sends r + 1 values to each peer p (value 100 r + p); receive
@@ -170,6 +167,50 @@ TEST_CASE("staged through host copies, stream-ordered ops keep the stream's orde
   }
   for (size_t i = 0; i < sum.size(); ++i)
     REQUIRE(seen_sum[i] == static_cast<float>(n * (n - 1) / 2 + n * static_cast<int>(i)));
+}
+
+// Staged operations share one host staging region per communicator, reserved
+// on the submitting thread (Backend::AllocatePinnedHost: page-locked on a
+// GPU) and grown to a power of two: it is allocated once for many operations,
+// grows when one needs more, and is released with the communicator.
+TEST_CASE("staged ops reuse one host staging region, grown at submit and freed with the communicator") {
+  MemoryTracker& memory = Cpu().memory();
+  const MemoryStats before = memory.Stats(MemoryCategory::kCommunication);
+  constexpr int64_t kMiB = int64_t{1} << 20;
+  {
+    auto world = World(/*stage_through_host=*/true);
+    auto compute = Worker();
+    const int n = world->size();
+    // 40 AllReduces of 1 to 40 KiB (send and recv one range: in place) and
+    // AllGathers: every one fits the first 1 MiB region.
+    std::vector<float> buf(10240), gathered(10240 * n);
+    for (int i = 1; i <= 40; ++i) {
+      const size_t count = static_cast<size_t>(256 * i);
+      for (size_t k = 0; k < count; ++k) buf[k] = 1.0f;
+      Ok(world->AllReduce(buf.data(), buf.data(), count, DType::kF32, ReduceOp::kSum, *compute));
+      Ok(world->AllGather(buf.data(), gathered.data(), count, DType::kF32, *compute));
+      Ok(compute->Synchronize());  // before the host writes buf again
+      REQUIRE(buf[count - 1] == static_cast<float>(n));
+      REQUIRE(gathered[count * n - 1] == static_cast<float>(n));
+    }
+    MemoryStats now = memory.Stats(MemoryCategory::kCommunication);
+    CHECK(now.num_allocations - before.num_allocations == 1);
+    CHECK(now.live_bytes - before.live_bytes == kMiB);
+    // 3 MiB in place: the region grows to 4 MiB; the 1 MiB one is kept (an
+    // operation queued before the growth may still use it).
+    std::vector<float> big(3 * kMiB / 4, 2.0f);
+    Ok(world->AllReduce(big.data(), big.data(), big.size(), DType::kF32, ReduceOp::kSum, *compute));
+    Ok(compute->Synchronize());
+    CHECK(big[12345] == static_cast<float>(2 * n));
+    now = memory.Stats(MemoryCategory::kCommunication);
+    CHECK(now.num_allocations - before.num_allocations == 2);
+    CHECK(now.live_bytes - before.live_bytes == 5 * kMiB);
+    // Smaller again: no new region.
+    Ok(world->AllReduce(buf.data(), buf.data(), 16, DType::kF32, ReduceOp::kSum, *compute));
+    Ok(compute->Synchronize());
+    CHECK(memory.Stats(MemoryCategory::kCommunication).num_allocations - before.num_allocations == 2);
+  }
+  CHECK(memory.Stats(MemoryCategory::kCommunication).live_bytes == before.live_bytes);
 }
 
 TEST_CASE("a stream-ordered op fails when its stream's producer failed; the error reaches the stream") {

@@ -85,7 +85,7 @@ enum cudaMemcpyKind {
 };
 constexpr unsigned cudaStreamDefault = 0, cudaStreamNonBlocking = 1;
 constexpr unsigned cudaEventDefault = 0, cudaEventDisableTiming = 2;
-constexpr unsigned cudaHostAllocDefault = 0, cudaHostAllocMapped = 2;
+constexpr unsigned cudaHostAllocDefault = 0, cudaHostAllocPortable = 1, cudaHostAllocMapped = 2;
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -738,6 +738,14 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
   if (from == Memory::kPageable && !host_to) {
     // From pageable memory: the stream's earlier work first, then the source
     // is staged before the call returns (the caller may reuse it at once).
+    if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+  }
+  if (to == Memory::kPageable && !host_from) {
+    // Into pageable memory: CUDA returns once the copy is done, so the call
+    // waits for the stream's earlier work (only page-locked memory makes a
+    // device-to-host copy asynchronous).
     if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
     std::memmove(dst, src, bytes);
     return cudaSuccess;

@@ -237,6 +237,37 @@ TEST_CASE("A host gate holds a CPU worker stream until it opens, and its error s
   CHECK(RefuseWaitInHostFunction("test").ok());
 }
 
+TEST_CASE("Page-locked host memory: ordinary CPU memory here, counted, refused on device-side threads") {
+  const MemoryStats before = Cpu().memory().Stats(MemoryCategory::kCommunication);
+  {
+    auto buffer = Cpu().AllocatePinnedHost(1000, MemoryCategory::kCommunication);
+    REQUIRE(buffer.ok());
+    CHECK((*buffer)->device().is_cpu());
+    CHECK((*buffer)->host_visible());
+    CHECK((*buffer)->size() == 1000);
+    static_cast<char*>((*buffer)->data())[999] = 7;
+    const MemoryStats during = Cpu().memory().Stats(MemoryCategory::kCommunication);
+    CHECK(during.live_bytes == before.live_bytes + 1000);
+    CHECK(during.num_allocations == before.num_allocations + 1);
+  }
+  CHECK(Cpu().memory().Stats(MemoryCategory::kCommunication).live_bytes == before.live_bytes);
+  // A worker stream's thread is device-side (a stream may be waiting for it):
+  // refused there on every backend, as page-locking may wait for the device.
+  auto stream = Cpu().CreateStream(StreamMode::kWorker);
+  REQUIRE(stream.ok());
+  absl::Status on_worker;
+  REQUIRE((*stream)
+              ->LaunchHostFunc([&] {
+                on_worker = Cpu().AllocatePinnedHost(64, MemoryCategory::kOther).status();
+                return absl::OkStatus();
+              })
+              .ok());
+  REQUIRE((*stream)->Synchronize().ok());
+  INFO(on_worker.message());
+  CHECK(on_worker.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(on_worker.message()).find("device-side thread") != std::string::npos);
+}
+
 TEST_CASE("Asynchronous errors surface at Synchronize") {
   auto stream = Cpu().CreateStream(StreamMode::kWorker);
   auto ev = Cpu().CreateEvent();

@@ -5,6 +5,8 @@
 // (no device, driver too old, or a build without CUDA) it prints one line and
 // exits 77, which ctest reports as skipped.
 #define CATCH_CONFIG_RUNNER
+#include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
@@ -630,6 +632,129 @@ TEST_CASE("host gates hold a stream with no host thread waiting, in order, and c
   INFO(st.message());
   CHECK(st.code() == absl::StatusCode::kFailedPrecondition);
   CHECK(std::string(st.message()).find("WaitHostGate") != std::string::npos);
+}
+
+TEST_CASE(
+    "page-locked host memory: counted on the CPU, copies into it do not wait, freed off device threads") {
+  const MemoryStats before = Cpu().memory().Stats(MemoryCategory::kCommunication);
+  auto side = g_gpu->CreateStream(StreamMode::kWorker);
+  REQUIRE(side.ok());
+  Tensor src = Copy(*g_gpu, Rand({4096}, 6));
+  const int64_t gpu_live = g_gpu->memory().Total().live_bytes;
+  {
+    auto buffer = g_gpu->AllocatePinnedHost(4096 * 4, MemoryCategory::kCommunication);
+    REQUIRE(buffer.ok());
+    CHECK((*buffer)->device().is_cpu());
+    CHECK((*buffer)->host_visible());
+    CHECK(Cpu().memory().Stats(MemoryCategory::kCommunication).live_bytes == before.live_bytes + 4096 * 4);
+    CHECK(g_gpu->memory().Total().live_bytes == gpu_live);
+    auto host = Tensor::FromBuffer(*buffer, 0, Shape{4096}, DType::kF32);
+    REQUIRE(host.ok());
+    std::fill(host->data<float>(), host->data<float>() + 4096, -1.0f);
+    // The copy is enqueued behind a closed gate and returns at once; into
+    // pageable memory CUDA copies synchronously, so the call would return
+    // only once the gate opened.
+    auto gate = std::make_shared<HostGate>();
+    REQUIRE((*side)->WaitHostGate(gate).ok());
+    std::atomic<bool> returned{false};
+    absl::Status copied;
+    std::thread enqueue([&] {
+      copied = ops::Copy(**side, src, *host);
+      returned = true;
+    });
+    for (int i = 0; i < 200 && !returned; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    const bool asynchronous = returned;
+    const float before_gate = host->data<float>()[0];
+    gate->Open(absl::OkStatus());
+    enqueue.join();
+    CHECK(asynchronous);
+    CHECK(before_gate == -1.0f);
+    REQUIRE(copied.ok());
+    REQUIRE((*side)->Synchronize().ok());
+    Tensor want = Copy(Cpu(), src);
+    int mismatches = 0;
+    for (int i = 0; i < 4096; ++i) mismatches += host->data<float>()[i] != want.data<float>()[i];
+    CHECK(mismatches == 0);
+  }
+  CHECK(Cpu().memory().Stats(MemoryCategory::kCommunication).live_bytes == before.live_bytes);
+  // Refused in a host function (allocating may wait for the device, which
+  // waits for the host function); a buffer whose last reference dies there is
+  // freed later, not in it (the emulation aborts on cudaFreeHost there).
+  auto kept = g_gpu->AllocatePinnedHost(64, MemoryCategory::kOther);
+  REQUIRE(kept.ok());
+  std::shared_ptr<Buffer> held = std::move(*kept);
+  absl::Status in_host_function;
+  REQUIRE((*side)
+              ->LaunchHostFunc([&] {
+                in_host_function = g_gpu->AllocatePinnedHost(64, MemoryCategory::kOther).status();
+                held.reset();
+                return absl::OkStatus();
+              })
+              .ok());
+  REQUIRE((*side)->Synchronize().ok());
+  INFO(in_host_function.message());
+  CHECK(in_host_function.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(held == nullptr);
+  CHECK(g_gpu->AllocatePinnedHost(8, MemoryCategory::kOther).ok());  // frees the deferred one first
+}
+
+TEST_CASE(
+    "uploads through the stream's page-locked ring do not wait for the stream and never overwrite a pending "
+    "copy") {
+  cuda::SetUploadRingBytesForTesting(4096);  // 4 slots of 1 KiB: the uploads below wrap it 4 times
+  auto side = g_gpu->CreateStream(StreamMode::kWorker);
+  REQUIRE(side.ok());
+  constexpr int kUploads = 16, kFloats = 256;  // 1 KiB each
+  auto dev = Tensor::Zeros(*g_gpu, {kUploads, kFloats}, DType::kF32, MemoryCategory::kOther);
+  REQUIRE(dev.ok());
+  std::vector<float> host(kFloats);
+  auto upload = [&](int i) {
+    for (int k = 0; k < kFloats; ++k) host[k] = static_cast<float>(1000 * i + k);  // reused at once
+    return cuda::UploadAsync(**side, dev->Slice(i, i + 1).raw_data(), host.data(), kFloats * sizeof(float));
+  };
+  // The first upload makes the ring (page-locking may wait for the device).
+  REQUIRE(upload(0).ok());
+  REQUIRE((*side)->Synchronize().ok());
+  // Behind a closed gate the next four (the whole ring) return at once; from
+  // pageable memory CUDA may wait for the stream, and these would hang.
+  auto gate = std::make_shared<HostGate>();
+  REQUIRE((*side)->WaitHostGate(gate).ok());
+  std::atomic<bool> returned{false};
+  absl::Status first;
+  std::thread enqueue([&] {
+    for (int i = 0; i < 4 && first.ok(); ++i) first = upload(i);
+    returned = true;
+  });
+  for (int i = 0; i < 200 && !returned; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const bool asynchronous = returned;
+  gate->Open(absl::OkStatus());
+  enqueue.join();
+  CHECK(asynchronous);
+  REQUIRE(first.ok());
+  // The next twelve reuse the slots, each only once the copy that read it
+  // ran: behind another closed gate the ring is full, so they wait for it.
+  auto gate2 = std::make_shared<HostGate>();
+  REQUIRE((*side)->WaitHostGate(gate2).ok());
+  std::atomic<bool> returned2{false};
+  absl::Status rest;
+  std::thread enqueue2([&] {
+    for (int i = 4; i < kUploads && rest.ok(); ++i) rest = upload(i);
+    returned2 = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const bool waited_for_ring = !returned2;
+  gate2->Open(absl::OkStatus());
+  enqueue2.join();
+  CHECK(waited_for_ring);
+  REQUIRE(rest.ok());
+  REQUIRE((*side)->Synchronize().ok());
+  Tensor got = Copy(Cpu(), *dev);
+  int wrong = 0;
+  for (int i = 0; i < kUploads; ++i)
+    for (int k = 0; k < kFloats; ++k)
+      wrong += got.data<float>()[i * kFloats + k] != static_cast<float>(1000 * i + k);
+  CHECK(wrong == 0);
+  cuda::SetUploadRingBytesForTesting(0);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -89,6 +90,9 @@ struct StreamErrors {
 };
 
 class CudaStreamImpl;
+
+// UploadAsync's ring per stream (SetUploadRingBytesForTesting).
+std::atomic<size_t> g_upload_ring_bytes{size_t{1} << 20};
 
 class CudaEventImpl : public Event {
  public:
@@ -250,6 +254,53 @@ class CudaBufferType : public BufferType {
   DeviceAllocator* allocator_;
 };
 
+// ---- Page-locked host memory -----------------------------------------------------
+
+// cudaFreeHost waits for the device, so a buffer released on a device-side
+// thread or in a host function (backend.h AllocatePinnedHost) is freed at the
+// next allocation on an ordinary thread instead. Process-wide: the memory is
+// portable, so any device's backend may free it.
+std::mutex g_deferred_pinned_mu;
+std::vector<void*>& DeferredPinnedFrees() {
+  static auto* frees = new std::vector<void*>();  // never destroyed
+  return *frees;
+}
+
+void FreeDeferredPinned() {
+  std::vector<void*> frees;
+  {
+    std::lock_guard<std::mutex> lock(g_deferred_pinned_mu);
+    frees.swap(DeferredPinnedFrees());
+  }
+  for (void* p : frees) cudaFreeHost(p);
+}
+
+class PinnedHostBuffer : public Buffer {
+ public:
+  PinnedHostBuffer(void* data, size_t size, MemoryCategory category, MemoryTracker* tracker)
+      : data_(data), size_(size), category_(category), tracker_(tracker) {}
+  ~PinnedHostBuffer() override {
+    tracker_->OnFree(category_, static_cast<int64_t>(size_));
+    if (IsDeviceThread() || InHostFunction()) {
+      std::lock_guard<std::mutex> lock(g_deferred_pinned_mu);
+      DeferredPinnedFrees().push_back(data_);
+      return;
+    }
+    cudaFreeHost(data_);
+  }
+  void* data() const override { return data_; }
+  size_t size() const override { return size_; }
+  MemoryCategory category() const override { return category_; }
+  Device device() const override { return Device::Cpu(); }
+  bool host_visible() const override { return true; }
+
+ private:
+  void* data_;
+  size_t size_;
+  MemoryCategory category_;
+  MemoryTracker* tracker_;  // the CPU backend's
+};
+
 // ---- Streams --------------------------------------------------------------------
 
 class CudaStreamImpl : public Stream {
@@ -310,6 +361,9 @@ class CudaStreamImpl : public Stream {
     return absl::OkStatus();
   }
   void* native_handle() const override { return stream_.get(); }
+
+  // cuda_backend.h UploadAsync.
+  absl::Status Upload(void* dst, const void* src, size_t bytes);
 
   cudaStream_t get() const { return stream_.get(); }
   int device() const { return device_; }
@@ -392,6 +446,18 @@ class CudaStreamImpl : public Stream {
   };
   std::vector<Lane> lanes_;  // created by ForkLanes; handles destroyed in the destructor
   CudaEvent fork_;
+  // UploadAsync's ring of page-locked memory: the uploads in flight (in
+  // stream order, so their events complete in order) and spare events.
+  struct InFlightUpload {
+    size_t begin, end;
+    CudaEvent done;
+  };
+  std::mutex upload_mu_;
+  std::shared_ptr<Buffer> upload_ring_;
+  bool upload_ring_refused_ = false;  // page-locked memory could not be had: pageable copies
+  size_t upload_head_ = 0;
+  std::deque<InFlightUpload> uploads_;
+  std::vector<CudaEvent> spare_upload_events_;
 };
 
 class CudaBackend : public Backend {
@@ -425,6 +491,24 @@ class CudaBackend : public Backend {
   void SetNumThreads(int n) override {}
   int num_threads() const override { return 1; }
   Kernels& kernels() override { return *kernels_; }
+
+  // Page-locked host memory (backend.h): the thread was checked by the caller.
+  absl::StatusOr<std::shared_ptr<Buffer>> AllocatePinnedHostImpl(size_t bytes,
+                                                                 MemoryCategory category) override {
+    ASSIGN_OR_RETURN(Backend * cpu, GetBackend(Device::Cpu()));
+    UseDevice(device_);
+    FreeDeferredPinned();
+    void* p = nullptr;
+    const cudaError_t e = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return absl::ResourceExhaustedError(
+          absl::StrCat(name(), ": cannot page-lock ", bytes, " bytes of host memory for ",
+                       MemoryCategoryName(category), ": ", cudaGetErrorString(e)));
+    }
+    cpu->memory().OnAllocate(category, static_cast<int64_t>(bytes));
+    return std::shared_ptr<Buffer>(std::make_shared<PinnedHostBuffer>(p, bytes, category, &cpu->memory()));
+  }
 
   // Each stream's record (its DeviceError and host-gate count), in mapped host
   // memory. cudaHostAlloc synchronizes the device, so records come from slabs
@@ -533,6 +617,63 @@ CudaStreamImpl::~CudaStreamImpl() {
 
 Backend& CudaStreamImpl::backend() const { return backend_; }
 
+absl::Status CudaStreamImpl::Upload(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  UseDevice(device_);
+  std::lock_guard<std::mutex> lock(upload_mu_);
+  constexpr size_t kAlign = 256;
+  const size_t need = (bytes + kAlign - 1) / kAlign * kAlign;
+  if (upload_ring_ == nullptr && !upload_ring_refused_) {
+    // On a thread that may not page-lock memory (backend.h), pageable copies
+    // until a later call from an ordinary thread makes the ring.
+    absl::StatusOr<std::shared_ptr<Buffer>> ring =
+        backend_.AllocatePinnedHost(g_upload_ring_bytes.load(), MemoryCategory::kOther);
+    if (ring.ok()) {
+      upload_ring_ = std::move(*ring);
+    } else if (ring.status().code() != absl::StatusCode::kFailedPrecondition) {
+      MOE_LOG(WARNING) << "cuda:" << device_ << ": no page-locked upload ring (" << ring.status().message()
+                       << "); host-to-device uploads stay pageable and may wait for their stream";
+      upload_ring_refused_ = true;
+    }
+  }
+  if (upload_ring_ == nullptr || need > upload_ring_->size()) {
+    // From pageable memory: CUDA may wait for the stream before staging it.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_.get()));
+    return absl::OkStatus();
+  }
+  const size_t begin = upload_head_ + need <= upload_ring_->size() ? upload_head_ : 0, end = begin + need;
+  // The uploads still reading [begin, end) must have run: wait for the newest
+  // of them (the stream runs them in order, so the older ones are done too).
+  int newest_overlap = -1;
+  for (int i = 0; i < static_cast<int>(uploads_.size()); ++i)
+    if (uploads_[i].begin < end && begin < uploads_[i].end) newest_overlap = i;
+  if (newest_overlap >= 0) CUDA_RETURN_IF_ERROR(cudaEventSynchronize(uploads_[newest_overlap].done.get()));
+  for (int i = 0; i <= newest_overlap; ++i) {
+    spare_upload_events_.push_back(std::move(uploads_.front().done));
+    uploads_.pop_front();
+  }
+  while (!uploads_.empty()) {  // and retire the finished ones
+    absl::StatusOr<bool> done = uploads_.front().done.Query();
+    if (!done.ok() || !*done) break;
+    spare_upload_events_.push_back(std::move(uploads_.front().done));
+    uploads_.pop_front();
+  }
+  char* slot = static_cast<char*>(upload_ring_->data()) + begin;
+  std::memcpy(slot, src, bytes);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream_.get()));
+  CudaEvent done;
+  if (!spare_upload_events_.empty()) {
+    done = std::move(spare_upload_events_.back());
+    spare_upload_events_.pop_back();
+  } else {
+    ASSIGN_OR_RETURN(done, CudaEvent::Create(device_));
+  }
+  RETURN_IF_ERROR(done.Record(stream_.get()));
+  uploads_.push_back({begin, end, std::move(done)});
+  upload_head_ = end;
+  return absl::OkStatus();
+}
+
 void DeviceAllocator::Advance() {
   while (!fenced_.empty()) {
     bool done = true;
@@ -629,6 +770,14 @@ absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n) { return
 absl::Status JoinLanes(Stream& s, int n) { return AsCuda(s).JoinLanes(n); }
 DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }
 int DeviceIndex(Stream& s) { return AsCuda(s).device(); }
+
+absl::Status UploadAsync(Stream& s, void* dst, const void* host, size_t bytes) {
+  return AsCuda(s).Upload(dst, host, bytes);
+}
+
+void SetUploadRingBytesForTesting(size_t bytes) {
+  g_upload_ring_bytes = bytes == 0 ? size_t{1} << 20 : bytes;
+}
 
 absl::StatusOr<void*> ScratchAlloc(Stream& s, size_t bytes) {
   void* p = nullptr;

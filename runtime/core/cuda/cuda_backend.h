@@ -24,6 +24,12 @@
 // counted). An allocation that fails empties the cache (after the fences
 // complete) and retries before returning ResourceExhausted.
 //
+// Page-locked host memory (Backend::AllocatePinnedHost) is cudaHostAlloc'ed
+// portable memory, counted in the CPU backend's tracker; not cached (its
+// users allocate once and reuse). Its buffers free with cudaFreeHost, which
+// waits for the device; one released on a device-side thread or in a host
+// function is freed at the next allocation instead.
+//
 // Rank to GPU: device_select.h (LocalRankDevice).
 //
 // Compiled only with MOE_WITH_CUDA.
@@ -64,6 +70,17 @@ int DeviceIndex(Stream& s);
 // the join (the allocator fences `s`, not the lanes). Same host thread as `s`.
 absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n);
 absl::Status JoinLanes(Stream& s, int n);
+
+// Copies `bytes` of host memory at `host` to device memory at `dst` in stream
+// order on `s`, without the host waiting for the stream: through a ring of
+// page-locked memory that the stream keeps (1 MiB, made at the first call,
+// which may so wait for the device; a slot is reused once the copy that read
+// it ran, waiting for it only when the ring is full). `host` may be reused once this returns. A copy larger than
+// the ring, or one made before the ring could be page-locked (a device-side
+// thread), is a pageable copy, which CUDA may make wait for the stream.
+absl::Status UploadAsync(Stream& s, void* dst, const void* host, size_t bytes);
+// The ring size of streams whose ring is made from now on (0: 1 MiB).
+void SetUploadRingBytesForTesting(size_t bytes);
 
 // Stream-ordered scratch memory (cudaMallocAsync / cudaFreeAsync on the stream):
 // valid for work enqueued on `s` between the two calls.

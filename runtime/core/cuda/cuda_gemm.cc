@@ -32,6 +32,7 @@
 #include "runtime/core/cuda/cuda_check.h"
 #include "runtime/core/cuda/cuda_kernels.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/status.h"
 
 namespace moe::cuda {
 namespace {
@@ -106,11 +107,11 @@ absl::Status GroupedCall(Stream& s, cublasHandle_t h, const std::vector<ExpertGe
   }
   const size_t bytes = ptrs.size() * sizeof(void*);
   ASSIGN_OR_RETURN(void* dev, ScratchAlloc(s, bytes));
-  // From pageable memory: the runtime stages the host array before returning.
-  cudaError_t e = cudaMemcpyAsync(dev, ptrs.data(), bytes, cudaMemcpyHostToDevice, NativeStream(s));
-  if (e != cudaSuccess) {
+  // Through the stream's page-locked ring: a copy from pageable memory may
+  // make the host wait for the stream at every grouped GEMM.
+  if (absl::Status up = UploadAsync(s, dev, ptrs.data(), bytes); !up.ok()) {
     ScratchFree(s, dev);
-    return CudaStatus(e, "cudaMemcpyAsync(grouped GEMM pointers)", __FILE__, __LINE__);
+    return Annotate(up, "uploading the grouped GEMM's pointers");
   }
   void** p = static_cast<void**>(dev);
   cublasStatus_t st =

@@ -113,14 +113,14 @@ absl::StatusOr<std::vector<float>> ToHostFloats(Stream& stream, const Tensor& t)
 
 absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> values, Shape shape,
                                       MemoryCategory category) {
-  return Tensor::FromHost(stream.backend(), shape, DType::kF32, values.data(), values.size() * sizeof(float),
-                          category);
+  return Tensor::FromHostOn(stream, shape, DType::kF32, values.data(), values.size() * sizeof(float),
+                            category);
 }
 
 absl::StatusOr<Tensor> FromHostInts(Stream& stream, absl::Span<const int32_t> values, Shape shape,
                                     MemoryCategory category) {
-  return Tensor::FromHost(stream.backend(), shape, DType::kI32, values.data(),
-                          values.size() * sizeof(int32_t), category);
+  return Tensor::FromHostOn(stream, shape, DType::kI32, values.data(), values.size() * sizeof(int32_t),
+                            category);
 }
 
 absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t) {

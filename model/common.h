@@ -103,7 +103,8 @@ absl::Status SetComputeCopies(Stream& stream, const parallel::ParameterList& par
 absl::Status RefreshComputeCopies(Stream& stream, const parallel::ParameterList& params);
 
 // Host staging of small arrays (routing tables, indices, scalars). ToHost
-// synchronizes the stream.
+// synchronizes the stream; FromHost does not wait (Tensor::FromHostOn: the
+// values land in stream order, for work enqueued on `stream` after it).
 absl::StatusOr<std::vector<float>> ToHostFloats(Stream& stream, const Tensor& t);
 absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> values, Shape shape,
                                       MemoryCategory category = MemoryCategory::kActivations);

@@ -336,8 +336,7 @@ absl::Status LlepRunner::Backward(Stream& stream, const Tensor& dy, Experts& loc
   if (!b.experts.empty()) {
     for (auto [w, g] : {std::pair{&b.weights.gate, &b.grads.gate}, std::pair{&b.weights.up, &b.grads.up},
                         std::pair{&b.weights.down, &b.grads.down}}) {
-      ASSIGN_OR_RETURN(*g,
-                       Tensor::Zeros(stream.backend(), w->shape(), DType::kF32, MemoryCategory::kGradients));
+      ASSIGN_OR_RETURN(*g, Tensor::ZerosOn(stream, w->shape(), DType::kF32, MemoryCategory::kGradients));
     }
   }
   auto backward = [&](int chunk, const Tensor& rows, absl::Span<const int64_t> offsets) {

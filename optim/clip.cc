@@ -85,7 +85,7 @@ absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
   ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
   Stream& stream = backend->default_stream();
   const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(counted.size()));
-  ASSIGN_OR_RETURN(Tensor parts, Tensor::Zeros(*backend, Shape{n}, DType::kF32, MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Tensor parts, Tensor::ZerosOn(stream, Shape{n}, DType::kF32, MemoryCategory::kOther));
   ASSIGN_OR_RETURN(Tensor total, Tensor::Empty(*backend, Shape{1}, DType::kF32, MemoryCategory::kOther));
   for (size_t i = 0; i < counted.size(); ++i) {
     const int64_t j = static_cast<int64_t>(i);
@@ -93,7 +93,10 @@ absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
   }
   RETURN_IF_ERROR(ops::ReduceSum(stream, parts, total));
   comm::Communicator& world = *groups.world;
-  const bool on_device = world.device() == device;
+  // Stream-ordered on the gradients' device: a communicator of that device,
+  // or one that stages its buffers through host memory (MPI with device
+  // memory, host_staging.h).
+  const bool on_device = world.device() == device || world.StagesDeviceBuffers();
   if (world.size() > 1 && on_device) {
     absl::Status st =
         world.AllReduce(total.raw_data(), total.raw_data(), 1, DType::kF32, comm::ReduceOp::kSum, stream);
@@ -106,8 +109,8 @@ absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
   if (!st.ok()) return Annotate(st, "gradient norm all-reduce");
   double sum = host.data<float>()[0];
   if (world.size() > 1 && !on_device) {
-    // A communicator on another device than the gradients (comm.backend mpi
-    // with device memory): the scalar is staged through the host.
+    // A communicator that can take neither the gradients' device buffers nor
+    // stage them: the scalar is reduced on the host.
     ASSIGN_OR_RETURN(comm::Work w,
                      groups.host.world->AllReduce(&sum, &sum, 1, DType::kF64, comm::ReduceOp::kSum));
     st = w.Wait();

@@ -49,8 +49,8 @@ absl::StatusOr<Tensor> Permute(Stream& stream, const Tensor& src, const std::vec
                                              MemoryCategory::kCommunication));
   if (n == 0) return dst;
   ASSIGN_OR_RETURN(Tensor idx,
-                   Tensor::FromHost(stream.backend(), Shape{n}, DType::kI32, index.data(),
-                                    index.size() * sizeof(int32_t), MemoryCategory::kCommunication));
+                   Tensor::FromHostOn(stream, Shape{n}, DType::kI32, index.data(),
+                                      index.size() * sizeof(int32_t), MemoryCategory::kCommunication));
   RETURN_IF_ERROR(ops::GatherRows(stream, src, idx, dst));
   return dst;
 }
@@ -163,8 +163,8 @@ absl::StatusOr<ExchangePlan> ExchangePlan::Create(comm::Communicator& ep, Stream
     // in a layer.
     Backend& backend = stream.backend();
     ASSIGN_OR_RETURN(Tensor send_t,
-                     Tensor::FromHost(backend, Shape{static_cast<int64_t>(n)}, DType::kI64, wire.data(),
-                                      n * sizeof(int64_t), MemoryCategory::kCommunication));
+                     Tensor::FromHostOn(stream, Shape{static_cast<int64_t>(n)}, DType::kI64, wire.data(),
+                                        n * sizeof(int64_t), MemoryCategory::kCommunication));
     ASSIGN_OR_RETURN(Tensor recv_t, Tensor::Empty(backend, Shape{static_cast<int64_t>(n)}, DType::kI64,
                                                   MemoryCategory::kCommunication));
     // Stream-ordered exchange, copy to host memory on the stream, then the

@@ -5,7 +5,10 @@
 // collectives, grad-sync buckets, LLEP weight moves and gradient returns,
 // clipping, the optimizer and the ZeRO-1 all-gathers, the combine weights'
 // gradients and the router's backward (model/router.h) -- is ordered on
-// streams and never waits on the host.
+// streams and never waits on the host, on CUDA too: device copies of host
+// tables go through Tensor::FromHostOn (Stream::CopyFromHost), zero fills
+// through Tensor::ZerosOn (tests/runtime/host_sync_test.cc runs the step on
+// the emulated CUDA backend as well).
 //
 // Per micro-batch:
 //   loss              1   the cross-entropy scalar (model/model.cc, Model::Forward)

@@ -127,6 +127,13 @@ class Stream {
   // status given to Open is kept by the stream and returned by Synchronize.
   // Destroying the stream waits for its gates, as for any queued work.
   virtual absl::Status WaitHostGate(std::shared_ptr<HostGate> gate) = 0;
+  // Enqueues a copy of `bytes` of host memory at `src` into `dst` (memory of
+  // this stream's device) and returns without waiting for the stream: the
+  // bytes are taken before it returns, so `src` may be reused at once, and
+  // land in stream order. CUDA: through the stream's page-locked upload ring
+  // (cuda_backend.h UploadAsync); CPU: copied now (inline) or by the worker
+  // from a private copy. Tensor::FromHostOn builds on it.
+  virtual absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) = 0;
   // The native queue (cudaStream_t on CUDA); nullptr on CPU.
   virtual void* native_handle() const { return nullptr; }
 };

@@ -84,6 +84,31 @@ absl::StatusOr<Tensor> Tensor::FromHost(Backend& backend, Shape shape, DType dty
   return t;
 }
 
+absl::StatusOr<Tensor> Tensor::FromHostOn(Stream& stream, Shape shape, DType dtype, const void* host_data,
+                                          size_t nbytes, MemoryCategory category) {
+  ASSIGN_OR_RETURN(Tensor t, Empty(stream.backend(), shape, dtype, category));
+  if (nbytes != t.nbytes())
+    return absl::InvalidArgumentError(
+        absl::StrCat("Tensor::FromHostOn: nbytes = ", nbytes, " but ", t.ToString(), " needs ", t.nbytes()));
+  if (nbytes == 0) return t;
+  if (t.buffer()->host_visible()) {
+    std::memcpy(t.raw_data(), host_data, nbytes);  // fresh memory: no stream uses it yet
+    return t;
+  }
+  RETURN_IF_ERROR(stream.CopyFromHost(t.raw_data(), host_data, nbytes));
+  return t;
+}
+
+absl::StatusOr<Tensor> Tensor::ZerosOn(Stream& stream, Shape shape, DType dtype, MemoryCategory category) {
+  ASSIGN_OR_RETURN(Tensor t, Empty(stream.backend(), shape, dtype, category));
+  if (t.buffer()->host_visible()) {
+    std::memset(t.raw_data(), 0, t.nbytes());
+    return t;
+  }
+  RETURN_IF_ERROR(ops::Fill(stream, t, 0.0));
+  return t;
+}
+
 absl::StatusOr<Tensor> Tensor::FromBuffer(std::shared_ptr<Buffer> buffer, size_t byte_offset, Shape shape,
                                           DType dtype) {
   if (buffer == nullptr) return absl::InvalidArgumentError("Tensor::FromBuffer: null buffer");

@@ -38,6 +38,7 @@ namespace moe {
 
 class Backend;
 class Buffer;
+class Stream;
 
 inline constexpr int kMaxTensorDims = 5;
 
@@ -103,11 +104,23 @@ class Tensor {
   // Uninitialised storage from `backend`'s default buffer type, attributed to
   // `category` in that device's memory accounting.
   static absl::StatusOr<Tensor> Empty(Backend& backend, Shape shape, DType dtype, MemoryCategory category);
-  // Zero-filled (synchronously: the memory is zero when this returns).
+  // Zero-filled (synchronously: the memory is zero when this returns; in
+  // device memory a host wait, so a training step's path uses ZerosOn).
   static absl::StatusOr<Tensor> Zeros(Backend& backend, Shape shape, DType dtype, MemoryCategory category);
-  // A tensor on `backend` holding a copy of `nbytes` host bytes (numel * dtype size).
+  // A tensor on `backend` holding a copy of `nbytes` host bytes (numel * dtype
+  // size), there when this returns (in device memory a host wait: a step's
+  // path uses FromHostOn).
   static absl::StatusOr<Tensor> FromHost(Backend& backend, Shape shape, DType dtype, const void* host_data,
                                          size_t nbytes, MemoryCategory category);
+  // A tensor on `stream`'s device holding a copy of `nbytes` host bytes, for
+  // work enqueued on `stream` after this call (other streams wait on an event
+  // recorded after it). No host wait: device memory is filled in stream
+  // order (Stream::CopyFromHost); `host_data` may be reused once it returns.
+  static absl::StatusOr<Tensor> FromHostOn(Stream& stream, Shape shape, DType dtype, const void* host_data,
+                                           size_t nbytes, MemoryCategory category);
+  // Zero-filled in stream order on `stream` (no host wait), for work
+  // enqueued on it after this call.
+  static absl::StatusOr<Tensor> ZerosOn(Stream& stream, Shape shape, DType dtype, MemoryCategory category);
   // A tensor over an existing buffer at `byte_offset` (must fit in the buffer).
   static absl::StatusOr<Tensor> FromBuffer(std::shared_ptr<Buffer> buffer, size_t byte_offset, Shape shape,
                                            DType dtype);

@@ -268,6 +268,32 @@ TEST_CASE("Page-locked host memory: ordinary CPU memory here, counted, refused o
   CHECK(std::string(on_worker.message()).find("device-side thread") != std::string::npos);
 }
 
+TEST_CASE(
+    "Uploads in stream order: CopyFromHost takes the bytes at the call, FromHostOn and ZerosOn do not wait") {
+  auto stream = Cpu().CreateStream(StreamMode::kWorker);
+  REQUIRE(stream.ok());
+  Stream& s = **stream;
+  auto gate = std::make_shared<HostGate>();
+  REQUIRE(s.WaitHostGate(gate).ok());
+  std::vector<float> src = {1, 2, 3, 4};
+  std::vector<float> dst(4, -1.0f);
+  REQUIRE(s.CopyFromHost(dst.data(), src.data(), 4 * sizeof(float)).ok());  // returns behind the gate
+  src.assign(4, 99.0f);                                                     // reused at once
+  auto t =
+      Tensor::FromHostOn(s, Shape{4}, DType::kF32, src.data(), 4 * sizeof(float), MemoryCategory::kOther);
+  REQUIRE(t.ok());
+  auto z = Tensor::ZerosOn(s, Shape{3}, DType::kF32, MemoryCategory::kOther);
+  REQUIRE(z.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(dst[0] == -1.0f);  // still behind the gate
+  gate->Open(absl::OkStatus());
+  REQUIRE(s.Synchronize().ok());
+  CHECK(dst == std::vector<float>({1, 2, 3, 4}));
+  CHECK(Vec(*t) == std::vector<float>({99, 99, 99, 99}));
+  CHECK(Vec(*z) == std::vector<float>({0, 0, 0}));
+  CHECK_FALSE(Tensor::FromHostOn(s, Shape{4}, DType::kF32, src.data(), 8, MemoryCategory::kOther).ok());
+}
+
 TEST_CASE("Asynchronous errors surface at Synchronize") {
   auto stream = Cpu().CreateStream(StreamMode::kWorker);
   auto ev = Cpu().CreateEvent();

@@ -115,6 +115,22 @@ void Expect(const std::string& what, const Tensor& want_any, const Tensor& got_d
   CHECK((std::isfinite(max_abs) && max_abs <= tol.max_abs * scale));
 }
 
+// Runs `enqueue` on another thread while `gate` holds a stream, then opens
+// the gate and joins the thread. True when `enqueue` returned within 2 s, so
+// it did not wait for the held stream (it would have waited for good).
+bool ReturnsBehindGate(HostGate& gate, const std::function<void()>& enqueue) {
+  std::atomic<bool> returned{false};
+  std::thread t([&] {
+    enqueue();
+    returned = true;
+  });
+  for (int i = 0; i < 200 && !returned; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const bool in_time = returned;
+  gate.Open(absl::OkStatus());
+  t.join();
+  return in_time;
+}
+
 using Op = std::function<absl::Status(Stream&, const std::vector<Tensor>&)>;
 
 // Runs `op` on the CPU backend over copies of `args` and on the GPU over device
@@ -656,18 +672,12 @@ TEST_CASE(
     // only once the gate opened.
     auto gate = std::make_shared<HostGate>();
     REQUIRE((*side)->WaitHostGate(gate).ok());
-    std::atomic<bool> returned{false};
     absl::Status copied;
-    std::thread enqueue([&] {
+    float before_gate = 0;
+    CHECK(ReturnsBehindGate(*gate, [&] {
       copied = ops::Copy(**side, src, *host);
-      returned = true;
-    });
-    for (int i = 0; i < 200 && !returned; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    const bool asynchronous = returned;
-    const float before_gate = host->data<float>()[0];
-    gate->Open(absl::OkStatus());
-    enqueue.join();
-    CHECK(asynchronous);
+      before_gate = host->data<float>()[0];  // the gate is still closed
+    }));
     CHECK(before_gate == -1.0f);
     REQUIRE(copied.ok());
     REQUIRE((*side)->Synchronize().ok());
@@ -719,17 +729,10 @@ TEST_CASE(
   // pageable memory CUDA may wait for the stream, and these would hang.
   auto gate = std::make_shared<HostGate>();
   REQUIRE((*side)->WaitHostGate(gate).ok());
-  std::atomic<bool> returned{false};
   absl::Status first;
-  std::thread enqueue([&] {
+  CHECK(ReturnsBehindGate(*gate, [&] {
     for (int i = 0; i < 4 && first.ok(); ++i) first = upload(i);
-    returned = true;
-  });
-  for (int i = 0; i < 200 && !returned; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  const bool asynchronous = returned;
-  gate->Open(absl::OkStatus());
-  enqueue.join();
-  CHECK(asynchronous);
+  }));
   REQUIRE(first.ok());
   // The next twelve reuse the slots, each only once the copy that read it
   // ran: behind another closed gate the ring is full, so they wait for it.
@@ -755,6 +758,43 @@ TEST_CASE(
       wrong += got.data<float>()[i * kFloats + k] != static_cast<float>(1000 * i + k);
   CHECK(wrong == 0);
   cuda::SetUploadRingBytesForTesting(0);
+}
+
+TEST_CASE("FromHostOn and ZerosOn fill device memory in stream order without a host wait") {
+  auto side = g_gpu->CreateStream(StreamMode::kWorker);
+  REQUIRE(side.ok());
+  std::vector<int32_t> values(1000);
+  for (int i = 0; i < 1000; ++i) values[i] = 7 * i - 3;
+  {
+    // The stream's upload ring, and cached blocks of both sizes (a fresh
+    // cudaMalloc may wait for the device).
+    REQUIRE(Tensor::FromHostOn(**side, Shape{1000}, DType::kI32, values.data(), 4000, MemoryCategory::kOther)
+                .ok());
+    REQUIRE(Tensor::ZerosOn(**side, Shape{5, 7}, DType::kF32, MemoryCategory::kOther).ok());
+    REQUIRE((*side)->Synchronize().ok());
+  }
+  REQUIRE(
+      Tensor::Empty(*g_gpu, Shape{1}, DType::kF32, MemoryCategory::kOther).ok());  // fences the freed blocks
+  REQUIRE((*side)->Synchronize().ok());
+  REQUIRE(G().Synchronize().ok());
+  auto gate = std::make_shared<HostGate>();
+  REQUIRE((*side)->WaitHostGate(gate).ok());
+  const uint64_t syncs = HostSyncCount();
+  absl::StatusOr<Tensor> ints = absl::UnknownError("not run"), zeros = absl::UnknownError("not run");
+  CHECK(ReturnsBehindGate(*gate, [&] {
+    ints = Tensor::FromHostOn(**side, Shape{1000}, DType::kI32, values.data(), 4000, MemoryCategory::kOther);
+    values.assign(1000, -1);  // reused at once
+    zeros = Tensor::ZerosOn(**side, Shape{5, 7}, DType::kF32, MemoryCategory::kOther);
+  }));
+  CHECK(HostSyncCount() == syncs);
+  REQUIRE(ints.ok());
+  REQUIRE(zeros.ok());
+  REQUIRE((*side)->Synchronize().ok());
+  Tensor got = Copy(Cpu(), *ints), got_zeros = Copy(Cpu(), *zeros);
+  int wrong = 0;
+  for (int i = 0; i < 1000; ++i) wrong += got.data<int32_t>()[i] != 7 * i - 3;
+  for (int i = 0; i < 35; ++i) wrong += got_zeros.data<float>()[i] != 0.0f;
+  CHECK(wrong == 0);
 }
 
 }  // namespace

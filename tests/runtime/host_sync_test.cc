@@ -3,10 +3,15 @@
 // ranks: EP 2, 2 overlap chunks, LLEP on, clipping on) makes exactly the host
 // waits that runtime/trainer.h documents (HostSyncsPerStep), counted by the
 // CPU backend (HostSyncCount, runtime/core/backend.h). A new Synchronize or
-// Work::Wait anywhere on the step's path fails this test.
+// Work::Wait anywhere on the step's path fails this test. With
+// MOE_TEST_DEVICE=cuda (runtime_host_sync_test_cuda_emulated: linked with the
+// emulated CUDA backend) the same step trains on cuda over the MPI
+// communicator (device buffers staged through host memory) and must make
+// the same waits: uploads and fills of device memory wait for nothing.
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -50,6 +55,12 @@ TEST_CASE("a demo training step makes exactly the documented host waits") {
   config.mutable_train()->set_eval_every(0);
   config.mutable_checkpoint()->set_dir("");
   config.mutable_checkpoint()->set_save_every(0);
+  const char* device = std::getenv("MOE_TEST_DEVICE");
+  const bool cuda = device != nullptr && std::string(device) == "cuda";
+  if (cuda) {
+    config.mutable_train()->set_device("cuda");
+    config.mutable_comm()->set_backend("mpi");
+  }
   ApplyDefaults(world, &config);
   REQUIRE(config.parallel().expert() == 2);
   REQUIRE(config.parallel().overlap_chunks() == 2);
@@ -57,6 +68,10 @@ TEST_CASE("a demo training step makes exactly the documented host waits") {
 
   comm::CommOptions options;
   options.timeout_s = 120;
+  if (cuda) {
+    options.backend = "mpi";
+    options.device = Device::Cuda(0);
+  }
   auto groups = parallel::CreateProcessGroups(comm::CreateWorldCommunicator(options).value(), 1, 2).value();
   auto trainer = Trainer::Create(config, &groups).value();
 

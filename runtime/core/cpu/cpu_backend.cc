@@ -235,6 +235,20 @@ absl::Status CpuStream::Wait(const Event& event) {
 
 absl::Status CpuStream::LaunchHostFunc(std::function<absl::Status()> fn) { return Run(std::move(fn)); }
 
+absl::Status CpuStream::CopyFromHost(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  if (mode_ == StreamMode::kInline) {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  auto copy = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                  static_cast<const char*>(src) + bytes);
+  return Run([dst, copy] {
+    std::memcpy(dst, copy->data(), copy->size());
+    return absl::OkStatus();
+  });
+}
+
 // The worker (or, inline, the calling thread: the stream's device) waits for
 // the gate, as a GPU would spin on it.
 absl::Status CpuStream::WaitHostGate(std::shared_ptr<HostGate> gate) {

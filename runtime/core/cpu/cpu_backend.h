@@ -98,6 +98,7 @@ class CpuStream : public Stream {
   absl::Status Wait(const Event& event) override;
   absl::Status LaunchHostFunc(std::function<absl::Status()> fn) override;
   absl::Status WaitHostGate(std::shared_ptr<HostGate> gate) override;
+  absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) override;
   // Runs `fn` in stream order: now (inline; its status is returned) or on the
   // worker. `*seq` (when given) receives the item's position in the stream.
   absl::Status Run(std::function<absl::Status()> fn, uint64_t* seq = nullptr);

@@ -364,6 +364,9 @@ class CudaStreamImpl : public Stream {
 
   // cuda_backend.h UploadAsync.
   absl::Status Upload(void* dst, const void* src, size_t bytes);
+  absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) override {
+    return Upload(dst, src, bytes);
+  }
 
   cudaStream_t get() const { return stream_.get(); }
   int device() const { return device_; }

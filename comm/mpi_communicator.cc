@@ -544,13 +544,12 @@ class MpiCommunicator : public Communicator, public Watched {
     return absl::OkStatus();
   }
 
-  // Bytes of the staging region that `ranges` take: each at an offset
-  // aligned to kStagingAlign.
-  static constexpr size_t kStagingAlign = 256;
+  // Bytes of the staging region that a range takes (each starts at a
+  // 256-byte aligned offset), and that all of `ranges` take.
+  static size_t StagingSlot(const StagedRange& r) { return (r.bytes + 255) / 256 * 256; }
   static size_t StagingBytes(const std::vector<StagedRange>& ranges) {
     size_t bytes = 0;
-    for (const StagedRange& r : ranges)
-      bytes += (r.bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign;
+    for (const StagedRange& r : ranges) bytes += StagingSlot(r);
     return bytes;
   }
 
@@ -576,7 +575,7 @@ class MpiCommunicator : public Communicator, public Watched {
     int64_t at = 0;
     for (const StagedRange& r : started->staged) {
       Tensor h = region.Slice(at, at + static_cast<int64_t>(r.bytes));
-      at += static_cast<int64_t>((r.bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign);
+      at += static_cast<int64_t>(StagingSlot(r));
       ASSIGN_OR_RETURN(Tensor d, BorrowedBytes(r.device, r.bytes, op->staged_device));
       RETURN_IF_ERROR(ops::Copy(*stream, d, h));
       host.push_back(static_cast<char*>(h.raw_data()));

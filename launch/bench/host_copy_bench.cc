@@ -36,7 +36,8 @@ absl::Status RunHostCopy(const Args& args, Reporter& rep) {
   Stream& s = dev->default_stream();
   ASSIGN_OR_RETURN(Tensor src, Tensor::Empty(*dev, Shape{bytes / 4}, DType::kF32, MemoryCategory::kOther));
   RETURN_IF_ERROR(ops::Fill(s, src, 1.5));
-  ASSIGN_OR_RETURN(Tensor pageable, Tensor::Empty(*cpu, Shape{bytes / 4}, DType::kF32, MemoryCategory::kOther));
+  ASSIGN_OR_RETURN(Tensor pageable,
+                   Tensor::Empty(*cpu, Shape{bytes / 4}, DType::kF32, MemoryCategory::kOther));
   ASSIGN_OR_RETURN(std::shared_ptr<Buffer> pinned_buffer,
                    dev->AllocatePinnedHost(static_cast<size_t>(bytes), MemoryCategory::kOther));
   ASSIGN_OR_RETURN(Tensor pinned, Tensor::FromBuffer(pinned_buffer, 0, Shape{bytes / 4}, DType::kF32));
@@ -70,7 +71,8 @@ absl::Status RunHostCopy(const Args& args, Reporter& rep) {
   m.ratio_name = "pinned_vs_pageable";
   m.ratio = mp / ml;
   rep.Add(m);
-  rep.Note("a round trip device -> host -> device and a stream sync; pinned_vs_pageable = pageable time / pinned");
+  rep.Note(
+      "a round trip device -> host -> device and a stream sync; pinned_vs_pageable = pageable time / pinned");
   return absl::OkStatus();
 }
 

@@ -131,7 +131,7 @@ class Stream {
   // this stream's device) and returns without waiting for the stream: the
   // bytes are taken before it returns, so `src` may be reused at once, and
   // land in stream order. CUDA: through the stream's page-locked upload ring
-  // (cuda_backend.h UploadAsync); CPU: copied now (inline) or by the worker
+  // (cuda_backend.h); CPU: copied now (inline) or by the worker
   // from a private copy. Tensor::FromHostOn builds on it.
   virtual absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) = 0;
   // The native queue (cudaStream_t on CUDA); nullptr on CPU.

@@ -720,7 +720,7 @@ TEST_CASE(
   std::vector<float> host(kFloats);
   auto upload = [&](int i) {
     for (int k = 0; k < kFloats; ++k) host[k] = static_cast<float>(1000 * i + k);  // reused at once
-    return cuda::UploadAsync(**side, dev->Slice(i, i + 1).raw_data(), host.data(), kFloats * sizeof(float));
+    return (*side)->CopyFromHost(dev->Slice(i, i + 1).raw_data(), host.data(), kFloats * sizeof(float));
   };
   // The first upload makes the ring (page-locking may wait for the device).
   REQUIRE(upload(0).ok());

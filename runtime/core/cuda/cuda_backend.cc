@@ -91,7 +91,7 @@ struct StreamErrors {
 
 class CudaStreamImpl;
 
-// UploadAsync's ring per stream (SetUploadRingBytesForTesting).
+// The size of each stream's upload ring (CopyFromHost; SetUploadRingBytesForTesting).
 std::atomic<size_t> g_upload_ring_bytes{size_t{1} << 20};
 
 class CudaEventImpl : public Event {
@@ -362,11 +362,8 @@ class CudaStreamImpl : public Stream {
   }
   void* native_handle() const override { return stream_.get(); }
 
-  // cuda_backend.h UploadAsync.
-  absl::Status Upload(void* dst, const void* src, size_t bytes);
-  absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) override {
-    return Upload(dst, src, bytes);
-  }
+  // Through the stream's page-locked upload ring (cuda_backend.h).
+  absl::Status CopyFromHost(void* dst, const void* src, size_t bytes) override;
 
   cudaStream_t get() const { return stream_.get(); }
   int device() const { return device_; }
@@ -449,7 +446,7 @@ class CudaStreamImpl : public Stream {
   };
   std::vector<Lane> lanes_;  // created by ForkLanes; handles destroyed in the destructor
   CudaEvent fork_;
-  // UploadAsync's ring of page-locked memory: the uploads in flight (in
+  // CopyFromHost's ring of page-locked memory: the uploads in flight (in
   // stream order, so their events complete in order) and spare events.
   struct InFlightUpload {
     size_t begin, end;
@@ -620,7 +617,7 @@ CudaStreamImpl::~CudaStreamImpl() {
 
 Backend& CudaStreamImpl::backend() const { return backend_; }
 
-absl::Status CudaStreamImpl::Upload(void* dst, const void* src, size_t bytes) {
+absl::Status CudaStreamImpl::CopyFromHost(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return absl::OkStatus();
   UseDevice(device_);
   std::lock_guard<std::mutex> lock(upload_mu_);
@@ -773,10 +770,6 @@ absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n) { return
 absl::Status JoinLanes(Stream& s, int n) { return AsCuda(s).JoinLanes(n); }
 DeviceError* DeviceErrorRecord(Stream& s) { return AsCuda(s).record(); }
 int DeviceIndex(Stream& s) { return AsCuda(s).device(); }
-
-absl::Status UploadAsync(Stream& s, void* dst, const void* host, size_t bytes) {
-  return AsCuda(s).Upload(dst, host, bytes);
-}
 
 void SetUploadRingBytesForTesting(size_t bytes) {
   g_upload_ring_bytes = bytes == 0 ? size_t{1} << 20 : bytes;

@@ -71,14 +71,13 @@ int DeviceIndex(Stream& s);
 absl::StatusOr<std::vector<cublasHandle_t>> ForkLanes(Stream& s, int n);
 absl::Status JoinLanes(Stream& s, int n);
 
-// Copies `bytes` of host memory at `host` to device memory at `dst` in stream
-// order on `s`, without the host waiting for the stream: through a ring of
-// page-locked memory that the stream keeps (1 MiB, made at the first call,
-// which may so wait for the device; a slot is reused once the copy that read
-// it ran, waiting for it only when the ring is full). `host` may be reused once this returns. A copy larger than
-// the ring, or one made before the ring could be page-locked (a device-side
-// thread), is a pageable copy, which CUDA may make wait for the stream.
-absl::Status UploadAsync(Stream& s, void* dst, const void* host, size_t bytes);
+// Stream::CopyFromHost on a CUDA stream goes through a ring of page-locked
+// memory that the stream keeps (1 MiB, made at the first call, which may so
+// wait for the device; a slot is reused once the copy that read it ran,
+// waiting for it only when the ring is full), so the host does not wait for
+// the stream. A copy larger than the ring, or one made before the ring could
+// be page-locked (a device-side thread), is a pageable copy, which CUDA may
+// make wait for the stream.
 // The ring size of streams whose ring is made from now on (0: 1 MiB).
 void SetUploadRingBytesForTesting(size_t bytes);
 

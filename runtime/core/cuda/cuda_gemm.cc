@@ -109,7 +109,7 @@ absl::Status GroupedCall(Stream& s, cublasHandle_t h, const std::vector<ExpertGe
   ASSIGN_OR_RETURN(void* dev, ScratchAlloc(s, bytes));
   // Through the stream's page-locked ring: a copy from pageable memory may
   // make the host wait for the stream at every grouped GEMM.
-  if (absl::Status up = UploadAsync(s, dev, ptrs.data(), bytes); !up.ok()) {
+  if (absl::Status up = s.CopyFromHost(dev, ptrs.data(), bytes); !up.ok()) {
     ScratchFree(s, dev);
     return Annotate(up, "uploading the grouped GEMM's pointers");
   }

@@ -9,7 +9,8 @@
 # training of a ~110M-parameter MoE (configs/gpu_check.textproto), then prints
 # one JSON summary line (also written to build-gpu/gpu_check.json; every
 # phase's full output is in build-gpu/gpu_check/). Budget: under 8 minutes on
-# one GPU; each phase has its own time limit, so a hang costs that phase only.
+# one GPU; each phase has its own time limit, so a hang costs that phase only,
+# and all of them together (after the build) at most MOE_GPU_CHECK_BUDGET_S.
 # No test may be skipped, except the NCCL test's multi-rank runs on a machine
 # with fewer GPUs than ranks (NCCL needs one GPU per rank; layout invariance on
 # one GPU runs over the MPI communicator instead).
@@ -18,13 +19,19 @@
 # binaries already in $MOE_GPU_BUILD_DIR/bin without building (launch/gpu_bundle.sh
 # does this on a machine without the build's packages); MOE_GPU_TEXT, the text
 # corpus of the training run (default /usr/share/games/fortunes); MOE_GPU_MEMCHECK=1
-# also runs gpu_cuda_ops_test under compute-sanitizer's memcheck.
+# also runs gpu_cuda_ops_test under compute-sanitizer's memcheck;
+# MOE_GPU_CHECK_BUDGET_S (default 480) bounds the seconds of all phases after the
+# build together: a phase is cut at what is left, one with under 10 s left is
+# not run (its entry in the summary is null), and the summary is printed.
 # Without a GPU, the CUDA toolkit or NCCL it stops at once, naming what is missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${MOE_GPU_BUILD_DIR:-$ROOT/build-gpu}"
 cd "$ROOT"
 die() { echo "gpu_check: $*" >&2; exit 1; }
+budget=${MOE_GPU_CHECK_BUDGET_S:-480}
+[[ "$budget" =~ ^[1-9][0-9]*$ ]] ||
+  die "MOE_GPU_CHECK_BUDGET_S=$budget: the seconds all phases after the build may take together, a positive integer (default 480)"
 command -v nvidia-smi >/dev/null || die "no NVIDIA driver (nvidia-smi not found): run this on a GPU machine"
 gpus="$(nvidia-smi -L 2>&1)" || die "nvidia-smi failed: $gpus"
 [ -n "$gpus" ] || die "nvidia-smi lists no GPU"
@@ -46,8 +53,22 @@ fi
 rm -rf "$LOGS"; mkdir -p "$LOGS"
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-# limited SECONDS LOG COMMAND...: COMMAND's output in LOG; its exit code (124: over time).
-limited() { local s=$1 log=$2; shift 2; set +e; timeout -k 10 "$s" "$@" > "$log" 2>&1; local rc=$?; set -e; return $rc; }
+# The phases below share one budget, so that the summary is always printed in
+# time (a lent GPU's command is killed whole at its limit): a phase gets at most
+# what is left of it, and one that would start with under 10 s left is skipped.
+deadline=$(( $(date +%s) + budget ))
+# limited SECONDS LOG COMMAND...: COMMAND's output in LOG; its exit code (124:
+# over time, its own limit or the budget's; 125: not run, the budget spent).
+limited() {
+  local s=$1 log=$2; shift 2
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt 10 ]; then
+    echo "gpu_check: not run, the check's $budget s budget is spent (MOE_GPU_CHECK_BUDGET_S)" | tee "$log" >&2
+    return 125
+  fi
+  [ "$s" -le "$left" ] || s=$left
+  set +e; timeout -k 10 "$s" "$@" > "$log" 2>&1; local rc=$?; set -e; return $rc
+}
 
 phase "gpu tests"
 tests_rc=0
@@ -158,11 +179,11 @@ a=sys.argv
 def j(s):
   try: return json.loads(s)
   except Exception: return None
-print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "tests": j(a[4]),
+print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "budget_s": int(a[20]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
   "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "host_copy": j(a[19]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy" "$budget")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

@@ -20,8 +20,9 @@ MOE_PACKAGES=(build-essential cmake pkg-config git
 
 # What only the tests need: a Slurm controller, node daemon and munge for the
 # slurm tests (they configure and start their own, on loopback); clang and its
-# runtime libraries for the sanitizer builds and libFuzzer (launch/sanitize.sh).
-MOE_TEST_PACKAGES=(slurm-wlm munge clang libclang-rt-14-dev)
+# runtime libraries for the sanitizer builds and libFuzzer (launch/sanitize.sh);
+# xz for launch_gpu_bundle_test (launch/gpu_bundle.sh packs with tar -J).
+MOE_TEST_PACKAGES=(slurm-wlm munge clang libclang-rt-14-dev xz-utils)
 
 # moe_install_packages [EXTRA_PACKAGE...]: installs MOE_PACKAGES and the extras.
 moe_install_packages() {

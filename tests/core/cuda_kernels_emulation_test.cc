@@ -20,6 +20,7 @@
 #include "tests/core/cuda_emulation.h"
 #include "runtime/core/cuda/cuda_elementwise.cu"
 #include "runtime/core/cuda/cuda_norm.cu"
+#include "runtime/core/cuda/cuda_reduce.cu"
 #include "runtime/core/cuda/cuda_rope.cu"
 #include "runtime/core/cuda/cuda_softmax.cu"
 // clang-format on
@@ -68,6 +69,8 @@ TEST_CASE("emulated RMSNorm kernels: bf16 and mixed operands give the f32 kernel
   for (int64_t d : {200, 1030}) {  // 128 and 512 threads a row
     INFO("d " << d);
     const int64_t rows = 5;
+    std::vector<double> scratch(cuda::ColumnSumScratchBytes(rows, d) /
+                                sizeof(double));  // none: one row chunk
     const float eps = 1e-5f;
     const Bf16s x = RandomBf16(rows * d, 1), w = RandomBf16(d, 2, 0.5f, 1.5f), res0 = RandomBf16(rows * d, 3);
     // AddRmsNorm in place on the residual (model/rms_norm.cc): f32 on the widened values ...
@@ -105,18 +108,82 @@ TEST_CASE("emulated RMSNorm kernels: bf16 and mixed operands give the f32 kernel
     const Bf16s dout = RandomBf16(rows * d, 4), dx0 = RandomBf16(rows * d, 5), dw0 = RandomBf16(d, 6);
     F32s dx_f = Widen(dx0), dw_f = Widen(dw0);
     REQUIRE(cuda::LaunchRmsNormBackward(In(Widen(x)), In(Widen(w)), rstd_f.data(), In(Widen(dout)), Out(dx_f),
-                                        Out(dw_f), true, rows, d, nullptr) == cudaSuccess);
+                                        Out(dw_f), true, rows, d, scratch.data(), nullptr) == cudaSuccess);
+    {  // dweight against float64: dw0[c] + sum_r dout[r, c] x[r, c] rstd[r]
+      std::vector<double> want_dw(d);
+      const F32s df = Widen(dout), dw0f = Widen(dw0);
+      for (int64_t c = 0; c < d; ++c) {
+        double acc = 0;
+        for (int64_t r = 0; r < rows; ++r) acc += double{df[r * d + c]} * xf[r * d + c] * rstd_f[r];
+        want_dw[c] = dw0f[c] + acc;
+      }
+      CHECK(MaxRel(want_dw, dw_f) < 1e-6);
+    }
     Bf16s dx_b = dx0, dw_b = dw0;
     F32s dw_m = Widen(dw0);
     REQUIRE(cuda::LaunchRmsNormBackward(In(x), In(w), rstd_f.data(), In(dout), Out(dx_b), Out(dw_b), true,
-                                        rows, d, nullptr) == cudaSuccess);
+                                        rows, d, scratch.data(), nullptr) == cudaSuccess);
     CHECK(dx_b == Round(dx_f));
     CHECK(dw_b == Round(dw_f));
     dx_b = dx0;
     REQUIRE(cuda::LaunchRmsNormBackward(In(x), In(w), rstd_f.data(), In(dout), Out(dx_b), Out(dw_m), true,
-                                        rows, d, nullptr) == cudaSuccess);
+                                        rows, d, scratch.data(), nullptr) == cudaSuccess);
     CHECK(dw_m == dw_f);  // an f32 gradient beside bf16 activations: the f32 run's exactly
     CHECK(dx_b == Round(dx_f));
+  }
+}
+
+TEST_CASE(
+    "emulated reductions and column sums: one block or chunk, or several and a second pass, against "
+    "float64") {
+  for (int64_t n : {int64_t{1000}, int64_t{3 * 16384 + 7}}) {  // 1 block; 4 blocks of one slice each
+    INFO("n " << n);
+    const F32s x = Widen(RandomBf16(n, 11));
+    std::vector<double> scratch(cuda::ReduceScratchBytes(n) / sizeof(double));
+    CHECK(scratch.size() == (n > 16384 ? 4u : 0u));
+    double sum = 0, squares = 0, max = -INFINITY;
+    for (float v : x) {
+      sum += v;
+      squares += double{v} * v;
+      max = std::max(max, double{v});
+    }
+    F32s out = {3.0f};
+    REQUIRE(cuda::LaunchReduce(x.data(), n, cuda::ReduceKind::kSum, out.data(), 2.0f, 0.5f, scratch.data(),
+                               nullptr) == cudaSuccess);
+    CHECK(MaxRel({2 * sum + 1.5}, out) < 1e-6);
+    REQUIRE(cuda::LaunchReduce(x.data(), n, cuda::ReduceKind::kSumSquares, out.data(), 1.0f, 0.0f,
+                               scratch.data(), nullptr) == cudaSuccess);
+    CHECK(MaxRel({squares}, out) < 1e-6);
+    REQUIRE(cuda::LaunchReduce(x.data(), n, cuda::ReduceKind::kMax, out.data(), 1.0f, 0.0f, scratch.data(),
+                               nullptr) == cudaSuccess);
+    CHECK(out[0] == static_cast<float>(max));
+  }
+  for (int64_t rows : {int64_t{100}, int64_t{300}}) {  // 1 row chunk; 3 chunks and a second pass
+    INFO("rows " << rows);
+    const int64_t cols = 70;
+    const F32s x = Widen(RandomBf16(rows * cols, 12));
+    std::vector<double> scratch(cuda::ColumnSumScratchBytes(rows, cols) / sizeof(double));
+    F32s out(cols, 1.0f);
+    REQUIRE(cuda::LaunchSumRows(x.data(), rows, cols, out.data(), 1.0f, -0.5f, scratch.data(), nullptr) ==
+            cudaSuccess);
+    std::vector<double> want(cols, -0.5);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) want[c] += x[r * cols + c];
+    CHECK(MaxRel(want, out) < 1e-6);
+  }
+  {  // RMSNorm's weight gradient in two row chunks (130 rows) and a second pass
+    const int64_t rows = 130, d = 48;
+    const F32s x = Widen(RandomBf16(rows * d, 13)), w = Widen(RandomBf16(d, 14)),
+               dout = Widen(RandomBf16(rows * d, 15));
+    F32s rstd = Widen(RandomBf16(rows, 16, 0.5f, 2.0f)), dx(rows * d), dw = Widen(RandomBf16(d, 17));
+    std::vector<double> scratch(cuda::ColumnSumScratchBytes(rows, d) / sizeof(double));
+    CHECK(scratch.size() == static_cast<size_t>(2 * d));
+    std::vector<double> want(dw.begin(), dw.end());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < d; ++c) want[c] += double{dout[r * d + c]} * x[r * d + c] * rstd[r];
+    REQUIRE(cuda::LaunchRmsNormBackward(In(x), In(w), rstd.data(), In(dout), Out(dx), Out(dw), false, rows, d,
+                                        scratch.data(), nullptr) == cudaSuccess);
+    CHECK(MaxRel(want, dw) < 1e-6);
   }
 }
 

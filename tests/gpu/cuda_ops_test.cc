@@ -183,8 +183,22 @@ TEST_CASE("element-wise and reductions match the CPU backend") {
       return ops::Cast(s, t[1], t[2]);
     });
   }
-  Tensor x = Rand({37, 129}, 7), cols = Rand({129}, 8);
-  Run("SumRows", {x, cols}, {1}, [](Stream& s, auto& t) { return ops::SumRows(s, t[0], t[1], 1.0f, 0.5f); });
+  // The reductions over many blocks: slices of a million elements, combined in a second pass.
+  {
+    Tensor big = Rand({1000003}, 9, -2, 2), out = Rand({1}, 10);
+    Run("ReduceSum, 62 blocks", {big, out}, {1},
+        [](Stream& s, auto& t) { return ops::ReduceSum(s, t[0], t[1], 0.5f, -1.0f); });
+    Run("ReduceSumSquares, 62 blocks", {big, out}, {1},
+        [](Stream& s, auto& t) { return ops::ReduceSumSquares(s, t[0], t[1]); });
+    Run("ReduceMax, 62 blocks", {big, out}, {1},
+        [](Stream& s, auto& t) { return ops::ReduceMax(s, t[0], t[1]); });
+  }
+  // Column sums in one row chunk (37 rows) and in eight (1000 rows, a second pass).
+  for (int64_t rows : {37, 1000}) {
+    Tensor x = Rand({rows, 129}, 7), cols = Rand({129}, 8);
+    Run(absl::StrCat("SumRows, ", rows, " rows"), {x, cols}, {1},
+        [](Stream& s, auto& t) { return ops::SumRows(s, t[0], t[1], 1.0f, 0.5f); });
+  }
 }
 
 TEST_CASE("GEMMs match the CPU backend on odd shapes") {
@@ -232,6 +246,15 @@ TEST_CASE("normalisation, RoPE and attention match the CPU backend") {
       [](Stream& s, auto& t) { return ops::AddRmsNorm(s, t[0], t[1], t[2], 1e-5f, t[3], t[4], t[5]); });
   Run("RmsNormBackward", {x, w, Rand({rows}, 7, 0.5f, 2.0f), Rand({rows, d}, 8), out, Rand({d}, 9)}, {4, 5},
       [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], true); });
+  {  // the weight gradient's column sums in six row chunks, added in a second pass
+    const int64_t many = 700;
+    Run("RmsNormBackward, 700 rows",
+        {Rand({many, d}, 20), w, Rand({many}, 21, 0.5f, 2.0f), Rand({many, d}, 22), Rand({many, d}, 23),
+         Rand({d}, 24)},
+        {4, 5}, [](Stream& s, auto& t) {
+          return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], false);
+        });
+  }
   Tensor r = Rand({2, 13, 3, 10}, 10);
   Run("Rope", {r, Rand({2, 13, 3, 10}, 11)}, {1},
       [](Stream& s, auto& t) { return ops::Rope(s, t[0], t[1], 10000.0, 5); });
@@ -304,6 +327,13 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
       "AddRmsNorm bf16 x, f32 residual and sum",
       {x, Rand({rows, d}, 42), w, out, Rand({rows}, 43), Rand({rows, d}, 44)}, {3, 4, 5},
       [](Stream& s, auto& t) { return ops::AddRmsNorm(s, t[0], t[1], t[2], 1e-5f, t[5], t[3], t[4]); }, bf);
+  Run(
+      "RmsNormBackward bf16, 700 rows (six row chunks)",
+      {Bf16(Rand({700, d}, 50)), w, Rand({700}, 51, 0.5f, 2.0f), Bf16(Rand({700, d}, 52)),
+       Bf16(Rand({700, d}, 53)), Rand({d}, 54)},
+      {4, 5},
+      [](Stream& s, auto& t) { return ops::RmsNormBackward(s, t[0], t[1], t[2], t[3], t[4], t[5], true); },
+      bf);
   Run(
       "RmsNormBackward bf16 (bf16 dweight, dx overwritten)",
       {x, w, Rand({rows}, 45, 0.5f, 2.0f), Bf16(Rand({rows, d}, 46)), out, Bf16(Rand({d}, 47))}, {4, 5},

@@ -199,23 +199,30 @@ class CudaKernels : public Kernels {
   }
   absl::Status ReduceSum(S& s, T x, T out, float alpha, float beta) override {
     RETURN_IF_ERROR(F32Only("ReduceSum", {&x, &out}));
-    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSum, Ptr(out), alpha, beta, NativeStream(s)));
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ReduceScratchBytes(x.numel()), [&](void* scratch) {
+      return LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSum, Ptr(out), alpha, beta, scratch,
+                          NativeStream(s));
+    });
   }
   absl::Status ReduceSumSquares(S& s, T x, T out, float alpha, float beta) override {
     RETURN_IF_ERROR(F32Only("ReduceSumSquares", {&x, &out}));
-    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSumSquares, Ptr(out), alpha, beta, NativeStream(s)));
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ReduceScratchBytes(x.numel()), [&](void* scratch) {
+      return LaunchReduce(Ptr(x), x.numel(), ReduceKind::kSumSquares, Ptr(out), alpha, beta, scratch,
+                          NativeStream(s));
+    });
   }
   absl::Status ReduceMax(S& s, T x, T out) override {
     RETURN_IF_ERROR(F32Only("ReduceMax", {&x, &out}));
-    LAUNCH(LaunchReduce(Ptr(x), x.numel(), ReduceKind::kMax, Ptr(out), 1.0f, 0.0f, NativeStream(s)));
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ReduceScratchBytes(x.numel()), [&](void* scratch) {
+      return LaunchReduce(Ptr(x), x.numel(), ReduceKind::kMax, Ptr(out), 1.0f, 0.0f, scratch,
+                          NativeStream(s));
+    });
   }
   absl::Status SumRows(S& s, T x, T out, float alpha, float beta) override {
     RETURN_IF_ERROR(F32Only("SumRows", {&x, &out}));
-    LAUNCH(LaunchSumRows(Ptr(x), LeadRows(x), Cols(x), Ptr(out), alpha, beta, NativeStream(s)));
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ColumnSumScratchBytes(LeadRows(x), Cols(x)), [&](void* scratch) {
+      return LaunchSumRows(Ptr(x), LeadRows(x), Cols(x), Ptr(out), alpha, beta, scratch, NativeStream(s));
+    });
   }
   // Norm and RoPE: activations and weight f32 or bf16 natively (the bf16
   // staging decorator passes them through: Bf16StagingOptions::stage_rows).
@@ -235,9 +242,10 @@ class CudaKernels : public Kernels {
     ASSIGN_OR_RETURN(const ElemIn ed, In(op, dout));
     ASSIGN_OR_RETURN(const ElemOut edx, Out(op, dx));
     ASSIGN_OR_RETURN(const ElemOut edw, Out(op, dweight));
-    LAUNCH(LaunchRmsNormBackward(ex, ew, Ptr(rstd), ed, edx, edw, accumulate_dx, LeadRows(x), Cols(x),
-                                 NativeStream(s)));
-    return absl::OkStatus();
+    return LaunchWithScratch(s, ColumnSumScratchBytes(LeadRows(x), Cols(x)), [&](void* scratch) {
+      return LaunchRmsNormBackward(ex, ew, Ptr(rstd), ed, edx, edw, accumulate_dx, LeadRows(x), Cols(x),
+                                   scratch, NativeStream(s));
+    });
   }
   absl::Status AddRmsNorm(S& s, T x, T residual, T weight, float eps, T sum, T out, T rstd) override {
     const char* op = "AddRmsNorm";

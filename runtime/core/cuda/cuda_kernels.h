@@ -73,12 +73,20 @@ cudaError_t LaunchSwiGLUBackward(ElemIn gate, ElemIn up, ElemIn dout, ElemOut dg
 
 // ---- cuda_reduce.cu ----
 enum class ReduceKind : int { kSum = 0, kSumSquares = 1, kMax = 2 };
-// out[0] = alpha * reduce(x) + beta * out[0] (max: out[0] = max); one block, double accumulation in a
-// fixed order (deterministic).
+// out[0] = alpha * reduce(x) + beta * out[0] (max: out[0] = max), accumulated in
+// double in a fixed order that depends on n only (deterministic): up to 1024
+// blocks each reduce one contiguous slice into `scratch`, one double per block,
+// and one block combines those in order. ReduceScratchBytes(n) is 0 where one
+// block does it all (n <= 16384); scratch may then be null.
+size_t ReduceScratchBytes(int64_t n);
 cudaError_t LaunchReduce(const float* x, int64_t n, ReduceKind kind, float* out, float alpha, float beta,
-                         cudaStream_t s);
+                         void* scratch, cudaStream_t s);
+// out[c] = alpha * sum_r x[r, c] + beta * out[c], in row chunks (cuda_launch.cuh
+// ColumnChunks) whose double partials go to `scratch`; ColumnSumScratchBytes is
+// 0 (scratch may be null) for one chunk (rows <= 128).
+size_t ColumnSumScratchBytes(int64_t rows, int64_t cols);
 cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out, float alpha, float beta,
-                          cudaStream_t s);
+                          void* scratch, cudaStream_t s);
 
 // ---- cuda_norm.cu ----
 // Activations and weight f32 or bf16 each (as ElemIn / ElemOut above); rstd f32.
@@ -86,8 +94,10 @@ cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out
 // normalised; sum may alias x or residual).
 cudaError_t LaunchRmsNorm(ElemIn x, ElemIn residual, ElemOut sum, ElemIn weight, float eps, ElemOut out,
                           float* rstd, int64_t rows, int64_t d, cudaStream_t s);
+// dweight += its column sums, over row chunks as SumRows's: `scratch` holds
+// ColumnSumScratchBytes(rows, d) (null where that is 0).
 cudaError_t LaunchRmsNormBackward(ElemIn x, ElemIn weight, const float* rstd, ElemIn dout, ElemOut dx,
-                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d,
+                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d, void* scratch,
                                   cudaStream_t s);
 
 // ---- cuda_rope.cu ----

@@ -24,6 +24,23 @@ inline unsigned GridFor(int64_t n, int threads = kThreads) {
   return static_cast<unsigned>(b);
 }
 
+// Column sums over many rows (SumRows, RMSNorm's weight gradient) run in row
+// chunks, so that more blocks than one per 256 columns share the rows: the
+// grid's row y sums rows [y * per, (y + 1) * per) of its columns in double
+// (per = ColumnChunkRows), and with more than one chunk a second pass adds the
+// chunks' partials (ColumnSumScratchBytes, cuda_kernels.h) in chunk order. The
+// chunking depends on the row count only, so the sums are deterministic.
+inline constexpr int64_t kColumnChunkRows = 128;
+inline constexpr int64_t kMaxColumnChunks = 64;
+inline int64_t ColumnChunks(int64_t rows) {
+  const int64_t c = (rows + kColumnChunkRows - 1) / kColumnChunkRows;
+  return c < 1 ? 1 : (c > kMaxColumnChunks ? kMaxColumnChunks : c);
+}
+inline int64_t ColumnChunkRows(int64_t rows) {
+  const int64_t c = ColumnChunks(rows);
+  return (rows + c - 1) / c;
+}
+
 #define MOE_GRID_STRIDE(i, n)                                                            \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)

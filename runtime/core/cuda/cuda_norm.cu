@@ -48,14 +48,30 @@ __global__ void RmsNormDxKernel(ElemIn x, ElemIn w, const float* rstd, ElemIn do
   }
 }
 
-// dweight[c] += sum_r dout[r, c] x[r, c] rstd[r] (rows in order: deterministic).
+// dweight[c] += sum_r dout[r, c] x[r, c] rstd[r], rows [blockIdx.y * per, ...)
+// in order (ColumnChunks): into partial[y, c], or with one chunk (partial null)
+// straight into dweight.
 template <int M>
-__global__ void RmsNormDwKernel(ElemIn x, const float* rstd, ElemIn dout, ElemOut dw, int64_t rows,
-                                int64_t d) {
+__global__ void RmsNormDwKernel(ElemIn x, const float* rstd, ElemIn dout, ElemOut dw, int64_t rows, int64_t d,
+                                int64_t per, double* partial) {
+  const int64_t r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
   MOE_GRID_STRIDE(c, d) {
     double acc = 0;
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t r = r0; r < r1; ++r)
       acc += static_cast<double>(Ld<M>(dout, r * d + c)) * Ld<M>(x, r * d + c) * rstd[r];
+    if (partial != nullptr)
+      partial[blockIdx.y * d + c] = acc;
+    else
+      St<M>(dw, c, Ld<M>(dw, c) + static_cast<float>(acc));
+  }
+}
+
+// The chunks' partials of each column, added in chunk order, into dweight.
+template <int M>
+__global__ void RmsNormDwFinishKernel(const double* partial, int64_t chunks, ElemOut dw, int64_t d) {
+  MOE_GRID_STRIDE(c, d) {
+    double acc = 0;
+    for (int64_t k = 0; k < chunks; ++k) acc += partial[k * d + c];
     St<M>(dw, c, Ld<M>(dw, c) + static_cast<float>(acc));
   }
 }
@@ -74,13 +90,19 @@ cudaError_t LaunchRmsNorm(ElemIn x, ElemIn residual, ElemOut sum, ElemIn weight,
 }
 
 cudaError_t LaunchRmsNormBackward(ElemIn x, ElemIn weight, const float* rstd, ElemIn dout, ElemOut dx,
-                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d,
+                                  ElemOut dweight, bool accumulate_dx, int64_t rows, int64_t d, void* scratch,
                                   cudaStream_t s) {
   if (rows == 0) return cudaGetLastError();
   const int mode = ElemMode({x.t, weight.t, dout.t, dx.t, dweight.t});
   MOE_MODE_LAUNCH(RmsNormDxKernel, mode, rows, rows, RowThreads(d), s, x, weight, rstd, dout, dx,
                   accumulate_dx, d);
-  MOE_MODE_LAUNCH(RmsNormDwKernel, mode, d, GridFor(d), kThreads, s, x, rstd, dout, dweight, rows, d);
+  const int64_t chunks = ColumnChunks(rows);
+  if (chunks > 1 && scratch == nullptr) return cudaErrorInvalidValue;  // ColumnSumScratchBytes were due
+  double* partial = chunks > 1 ? static_cast<double*>(scratch) : nullptr;
+  MOE_MODE_LAUNCH(RmsNormDwKernel, mode, d, dim3(GridFor(d), static_cast<unsigned>(chunks)), kThreads, s, x,
+                  rstd, dout, dweight, rows, d, ColumnChunkRows(rows), partial);
+  if (chunks > 1)
+    MOE_MODE_LAUNCH(RmsNormDwFinishKernel, mode, d, GridFor(d), kThreads, s, partial, chunks, dweight, d);
   return cudaGetLastError();
 }
 

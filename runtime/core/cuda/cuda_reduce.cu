@@ -1,5 +1,6 @@
 // Reductions: sum, sum of squares, max (the clipping norm, losses) and column sums.
-// Sums accumulate in double in a fixed order, so results do not depend on timing.
+// Sums accumulate in double in a fixed order that depends on the sizes only, so
+// results do not depend on timing; both spread over the whole GPU.
 #include <cfloat>
 
 #include "runtime/core/cuda/cuda_launch.cuh"
@@ -7,52 +8,117 @@
 namespace moe::cuda {
 namespace {
 
-constexpr int kReduceThreads = 1024;
+constexpr int kReduceThreads = 512;
+// Elements per block of the first pass (32 per thread), and at most this many
+// blocks: a gradient tensor of tens of millions of elements is read by every
+// SM, where one block would read it at one SM's bandwidth.
+constexpr int64_t kReducePerBlock = int64_t{kReduceThreads} * 32;
+constexpr int64_t kMaxReduceBlocks = 1024;
 
-// One block: each thread strides over x, then a fixed-order block sum. Read
-// bandwidth is that of one SM; gradient clipping calls it once per parameter
-// tensor, and the trainer reads the one resulting scalar.
-__global__ void ReduceKernel(const float* x, int64_t n, ReduceKind kind, float* out, float alpha,
-                             float beta) {
+int64_t ReduceBlocks(int64_t n) {
+  const int64_t b = (n + kReducePerBlock - 1) / kReducePerBlock;
+  return b < 1 ? 1 : (b > kMaxReduceBlocks ? kMaxReduceBlocks : b);
+}
+
+// Block b reduces x[b * slice, min(n, (b + 1) * slice)): each thread strides
+// over the slice, then a fixed-order block sum (or max). With `partial` the
+// block's result goes to partial[b]; without it (one block) to out[0]:
+// alpha * r + beta * out[0], or r for the max.
+template <typename In>
+__global__ void ReduceKernel(const In* x, int64_t n, int64_t slice, ReduceKind kind, double* partial,
+                             float* out, float alpha, float beta) {
   __shared__ double shared[32];
+  const int64_t begin = blockIdx.x * slice, end = begin + slice < n ? begin + slice : n;
+  double r;
   if (kind == ReduceKind::kMax) {
-    float m = -INFINITY;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = x[i] > m ? x[i] : m;
-    double r = BlockMax(static_cast<double>(m), shared);
-    if (threadIdx.x == 0) out[0] = static_cast<float>(r);
-    return;
+    double m = -INFINITY;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const double v = x[i];
+      m = v > m ? v : m;
+    }
+    r = BlockMax(m, shared);
+  } else {
+    double acc = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const double v = x[i];
+      acc += kind == ReduceKind::kSumSquares ? v * v : v;
+    }
+    r = BlockSum(acc, shared);
   }
-  double acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const double v = x[i];
-    acc += kind == ReduceKind::kSumSquares ? v * v : v;
-  }
-  const double total = BlockSum(acc, shared);
-  if (threadIdx.x == 0) {
-    out[0] = static_cast<float>(alpha * total + (beta == 0.0f ? 0.0 : static_cast<double>(beta) * out[0]));
+  if (threadIdx.x != 0) return;
+  if (partial != nullptr) {
+    partial[blockIdx.x] = r;
+  } else if (kind == ReduceKind::kMax) {
+    out[0] = static_cast<float>(r);
+  } else {
+    out[0] = static_cast<float>(alpha * r + (beta == 0.0f ? 0.0 : static_cast<double>(beta) * out[0]));
   }
 }
 
-__global__ void SumRowsKernel(const float* x, int64_t rows, int64_t cols, float* out, float alpha,
-                              float beta) {
+// Column sums of rows [blockIdx.y * per, ...) (ColumnChunks): to partial[y, c],
+// or with one chunk (partial null) to out[c] = alpha * sum + beta * out[c].
+__global__ void SumRowsKernel(const float* x, int64_t rows, int64_t cols, int64_t per, double* partial,
+                              float* out, float alpha, float beta) {
+  const int64_t r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
   MOE_GRID_STRIDE(c, cols) {
     double acc = 0;
-    for (int64_t r = 0; r < rows; ++r) acc += x[r * cols + c];
+    for (int64_t r = r0; r < r1; ++r) acc += x[r * cols + c];
+    if (partial != nullptr)
+      partial[blockIdx.y * cols + c] = acc;
+    else
+      out[c] = static_cast<float>(alpha * acc + (beta == 0.0f ? 0.0 : static_cast<double>(beta) * out[c]));
+  }
+}
+
+// The chunks' partials of each column, added in chunk order.
+__global__ void SumRowsFinishKernel(const double* partial, int64_t chunks, int64_t cols, float* out,
+                                    float alpha, float beta) {
+  MOE_GRID_STRIDE(c, cols) {
+    double acc = 0;
+    for (int64_t k = 0; k < chunks; ++k) acc += partial[k * cols + c];
     out[c] = static_cast<float>(alpha * acc + (beta == 0.0f ? 0.0 : static_cast<double>(beta) * out[c]));
   }
 }
 
 }  // namespace
 
+size_t ReduceScratchBytes(int64_t n) {
+  const int64_t blocks = ReduceBlocks(n);
+  return blocks == 1 ? 0 : static_cast<size_t>(blocks) * sizeof(double);
+}
+
 cudaError_t LaunchReduce(const float* x, int64_t n, ReduceKind kind, float* out, float alpha, float beta,
-                         cudaStream_t s) {
-  MOE_LAUNCH(ReduceKernel, 1, kReduceThreads, 0, s, x, n, kind, out, alpha, beta);
+                         void* scratch, cudaStream_t s) {
+  const int64_t blocks = ReduceBlocks(n);
+  if (blocks == 1) {
+    MOE_LAUNCH(ReduceKernel<float>, 1, kReduceThreads, 0, s, x, n, n, kind, nullptr, out, alpha, beta);
+    return cudaGetLastError();
+  }
+  if (scratch == nullptr) return cudaErrorInvalidValue;  // ReduceScratchBytes(n) were due
+  double* partial = static_cast<double*>(scratch);
+  MOE_LAUNCH(ReduceKernel<float>, static_cast<unsigned>(blocks), kReduceThreads, 0, s, x, n,
+             (n + blocks - 1) / blocks, kind, partial, out, alpha, beta);
+  const ReduceKind second = kind == ReduceKind::kMax ? ReduceKind::kMax : ReduceKind::kSum;
+  MOE_LAUNCH(ReduceKernel<double>, 1, kReduceThreads, 0, s, partial, blocks, blocks, second, nullptr, out,
+             alpha, beta);
   return cudaGetLastError();
 }
 
+size_t ColumnSumScratchBytes(int64_t rows, int64_t cols) {
+  const int64_t chunks = ColumnChunks(rows);
+  return chunks == 1 ? 0 : static_cast<size_t>(chunks * cols) * sizeof(double);
+}
+
 cudaError_t LaunchSumRows(const float* x, int64_t rows, int64_t cols, float* out, float alpha, float beta,
-                          cudaStream_t s) {
-  if (cols > 0) MOE_LAUNCH(SumRowsKernel, GridFor(cols), kThreads, 0, s, x, rows, cols, out, alpha, beta);
+                          void* scratch, cudaStream_t s) {
+  if (cols <= 0) return cudaGetLastError();
+  const int64_t chunks = ColumnChunks(rows);
+  if (chunks > 1 && scratch == nullptr) return cudaErrorInvalidValue;  // ColumnSumScratchBytes were due
+  double* partial = chunks > 1 ? static_cast<double*>(scratch) : nullptr;
+  MOE_LAUNCH(SumRowsKernel, dim3(GridFor(cols), static_cast<unsigned>(chunks)), kThreads, 0, s, x, rows, cols,
+             ColumnChunkRows(rows), partial, out, alpha, beta);
+  if (chunks > 1)
+    MOE_LAUNCH(SumRowsFinishKernel, GridFor(cols), kThreads, 0, s, partial, chunks, cols, out, alpha, beta);
   return cudaGetLastError();
 }
 

@@ -8,15 +8,17 @@
 //
 // Builds the model of the config on the device= backend (parallel sizes forced to
 // 1), allocates AdamW state, and times full steps: zero grads, forward,
-// backward, AdamW update of every parameter (train.precision=bf16: then the
-// bf16 copies are refreshed, as the trainer does). Reports tokens/s and the
+// backward, the gradient-norm clipping (optim.clip_grad, default 1.0: the trainer's
+// optim::ClipGradNorm over a 1-rank world, with its one host read of the norm;
+// optim.clip_grad=0 leaves it out), AdamW update of every parameter
+// (train.precision=bf16: then the bf16 copies are refreshed, as the trainer does). Reports tokens/s and the
 // forward/backward split, and the measured peak memory of a step (the device
 // MemoryTracker, all categories) against runtime/core/memory_model.h's
 // PredictPeakMemory for the same config: "measured_vs_predicted" (target:
 // within 15%, i.e. 0.85 .. 1.15).
 //
 // Model-FLOPs utilisation ("mfu"): model FLOPs of forward + backward per step
-// divided by the mean step time (zero grads + forward + backward + AdamW),
+// divided by the mean step time (zero grads + forward + backward + clipping + AdamW),
 // over the GFLOP/s of one sgemm of sgemm x sgemm x sgemm through the same
 // backend and threads, timed before every step and after the last one, each
 // step compared with the mean of the samples on either side of it (so both
@@ -43,8 +45,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "comm/communicator.h"
 #include "launch/bench/bench.h"
 #include "model/model.h"
+#include "optim/clip.h"
+#include "parallel/process_groups.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
 #include "runtime/core/device_select.h"
@@ -119,6 +124,12 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   const DType compute_dtype = job.train().precision() == "bf16" ? DType::kBF16 : DType::kF32;
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m,
                    model::Model::Create(cfg, stream, job.train().seed(), {}, {}, compute_dtype));
+  // The trainer's gradient clipping runs over process groups: a world of this rank.
+  comm::CommOptions comm_options;
+  comm_options.backend = "mpi";
+  ASSIGN_OR_RETURN(auto world, comm::CreateWorldCommunicator(comm_options));
+  ASSIGN_OR_RETURN(parallel::ProcessGroups groups, parallel::CreateProcessGroups(std::move(world), 1, 1));
+  const double clip_grad = job.optim().clip_grad();
   // AdamW state, as the optimizer allocates it.
   std::vector<Tensor> exp_avg, exp_avg_sq;
   for (parallel::Parameter* p : m->parameters()) {
@@ -193,7 +204,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   std::vector<int32_t> tokens(B * (S + 1));
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % cfg.vocab_size());
 
-  double fwd_s = 0, bwd_s = 0, opt_s = 0, loss_value = 0;
+  double fwd_s = 0, bwd_s = 0, clip_s = 0, opt_s = 0, loss_value = 0;
   int64_t measured_peak = 0;
   MemoryStats peak_by_cat[kNumMemoryCategories];
   for (int step = 0; step < warmup + steps; ++step) {
@@ -208,6 +219,8 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     RETURN_IF_ERROR(m->Backward(stream, 1.0f));
     RETURN_IF_ERROR(stream.Synchronize());
     const auto t2 = Clock::now();
+    if (clip_grad > 0) RETURN_IF_ERROR(optim::ClipGradNorm(m->parameters(), groups, clip_grad).status());
+    const auto t2c = Clock::now();  // the norm read; the scaling runs on into the update
     for (size_t i = 0; i < m->parameters().size(); ++i) {
       parallel::Parameter* p = m->parameters()[i];
       RETURN_IF_ERROR(ops::AdamW(stream, p->value, p->grad, exp_avg[i], exp_avg_sq[i], 1e-4f, 0.9f, 0.95f,
@@ -225,7 +238,8 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     if (step < warmup) continue;
     fwd_s += Seconds(t0, t1);
     bwd_s += Seconds(t1, t2);
-    opt_s += Seconds(t2, t3);
+    clip_s += Seconds(t2, t2c);
+    opt_s += Seconds(t2c, t3);
     loss_value = loss.total();
   }
   RETURN_IF_ERROR(sample_reference());
@@ -235,7 +249,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     openblas_s += 0.5 * (openblas_samples[step] + openblas_samples[step + 1]);
   }
   ASSIGN_OR_RETURN(MemoryPrediction pred, PredictPeakMemory(job));
-  const double step_s = (fwd_s + bwd_s + opt_s) / steps;
+  const double step_s = (fwd_s + bwd_s + clip_s + opt_s) / steps;
   const double sgemm_gflops = 2.0 * n * n * n / (sgemm_s / steps) * 1e-9;
   const double openblas_gflops = cpu_openblas ? 2.0 * n * n * n / (openblas_s / steps) * 1e-9 : 0.0;
   const double ref_gflops = std::max(sgemm_gflops, openblas_gflops);
@@ -252,6 +266,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   row.figures = {{"tokens_per_s", tokens_per_s, "tok/s"},
                  {"forward_ms", 1e3 * fwd_s / steps, "ms"},
                  {"backward_ms", 1e3 * bwd_s / steps, "ms"},
+                 {"clip_ms", 1e3 * clip_s / steps, "ms"},
                  {"adamw_ms", 1e3 * opt_s / steps, "ms"},
                  {"step_ms", 1e3 * step_s, "ms"},
                  {"model_gflops", model_gflops, "GFLOP/s"},
@@ -295,14 +310,14 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     reporter.Note(absl::StrCat("predicted terms:\n", pred.Report()));
     reporter.Note(absl::StrCat("measured (last step):\n", mem.Report()));
   }
-  reporter.Note(
-      absl::StrCat("tokens/s counts forward + backward of ", B, " x ", S,
-                   " tokens; the step adds AdamW. mfu = model FLOPs (",
-                   absl::StrFormat("%.3f", TrainingFlops(cfg, B, S) * 1e-9),
-                   " GFLOP per step, formula in model_bench.cc) / step time / the GFLOP/s of a ", n,
-                   "^3 sgemm timed before and after each step (on the CPU the faster of the backend's "
-                   "and one cblas_sgemm on OpenBLAS's threads). Targets: mfu >= 0.40; measured_vs_predicted "
-                   "within 0.85 .. 1.15."));
+  reporter.Note(absl::StrCat(
+      "tokens/s counts forward + backward of ", B, " x ", S,
+      " tokens; the step adds the gradient clipping (optim.clip_grad ", clip_grad,
+      ") and AdamW. mfu = model FLOPs (", absl::StrFormat("%.3f", TrainingFlops(cfg, B, S) * 1e-9),
+      " GFLOP per step, formula in model_bench.cc) / step time / the GFLOP/s of a ", n,
+      "^3 sgemm timed before and after each step (on the CPU the faster of the backend's "
+      "and one cblas_sgemm on OpenBLAS's threads). Targets: mfu >= 0.40; measured_vs_predicted "
+      "within 0.85 .. 1.15."));
   return absl::OkStatus();
 }
 

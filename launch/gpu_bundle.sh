@@ -13,6 +13,7 @@
 # BUNDLE (default build-gpu/moe-gpu-bundle.tar.xz) holding:
 #   build/bin/      the programs the GPU check runs (moe-train, moe-preprocess,
 #                   moe-bench and the gpu-labelled test binaries);
+#   build/source_commit   the commit they were built from (+dirty);
 #   build/**/CTestTestfile.cmake   the build's test list, its absolute paths
 #                   written as the tokens @MOE_BUILD@, @MOE_SRC@ and
 #                   @MOE_MPIEXEC@, which `check` rewrites to that machine's paths;
@@ -59,6 +60,11 @@ pack() {
   local stage; stage="$(mktemp -d)"; trap 'rm -rf "$stage"' RETURN
   mkdir -p "$stage/build/bin" "$stage/root" "$stage/text"
   for p in "${PROGRAMS[@]}"; do cp "$build/bin/$p" "$stage/build/bin/"; done
+  # The source commit the programs were built from (+dirty with uncommitted
+  # changes), which gpu_check.sh puts in its summary.
+  local commit; commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  [ -z "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit+dirty"
+  echo "$commit" > "$stage/build/source_commit"
   strip --strip-debug "$stage"/build/bin/*
   # The test list, this machine's build, source and mpiexec paths written as
   # @MOE_BUILD@, @MOE_SRC@ and @MOE_MPIEXEC@.

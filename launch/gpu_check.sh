@@ -51,6 +51,13 @@ else
   cmake --build "$BUILD" -j"$(nproc)" --target moe-train moe-preprocess moe-bench gpu_cuda_ops_test comm_nccl_test >/dev/null
 fi
 rm -rf "$LOGS"; mkdir -p "$LOGS"
+# The source commit of the programs: the bundle's record, else this tree's.
+if [ -s "$BUILD/source_commit" ]; then
+  commit="$(head -c 64 "$BUILD/source_commit")"
+else
+  commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit+dirty"
+fi
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # The phases below share one budget, so that the summary is always printed in
@@ -179,11 +186,11 @@ a=sys.argv
 def j(s):
   try: return json.loads(s)
   except Exception: return None
-print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "seconds": int(a[3]), "budget_s": int(a[20]), "tests": j(a[4]),
+print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "commit": a[21], "seconds": int(a[3]), "budget_s": int(a[20]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
   "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "host_copy": j(a[19]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy" "$budget")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy" "$budget" "$commit")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

@@ -42,16 +42,19 @@ summary="$(grep '^{' check.out | tail -1)"
 # The gpu tests this build defines, each Skipped in the bundle's run.
 (cd "$BUILD" && ctest -N -L gpu) | sed -n 's/^ *Test *#[0-9]*: *//p' | sort > expected_tests.txt
 [ -s expected_tests.txt ] || test_fail "this build lists no gpu test"
-python3 - "$summary" expected_tests.txt > summary_check.out 2>&1 <<'PY' || test_fail "the summary" summary_check.out
+head="$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || true)"  # the bundle records the build's commit
+python3 - "$summary" expected_tests.txt "$head" > summary_check.out 2>&1 <<'PY' || test_fail "the summary" summary_check.out
 import json, sys
 s = json.loads(sys.argv[1])
 expected = [l.strip() for l in open(sys.argv[2]) if l.strip()]
 bad = []
-keys = ["ok", "gpus", "seconds", "budget_s", "tests", "grouped_gemm_bf16", "model_step", "model_step_gemm_attention",
+keys = ["ok", "gpus", "commit", "seconds", "budget_s", "tests", "grouped_gemm_bf16", "model_step", "model_step_gemm_attention",
         "model_step_flash_attention", "attention", "attention_bf16", "checkpoint", "host_copy", "memcheck", "train"]
 bad += ["missing key " + k for k in keys if k not in s]
 if s.get("ok") is not False: bad.append("ok is %r, expected false" % s.get("ok"))
 if "H100" not in s.get("gpus", ""): bad.append("gpus is %r" % s.get("gpus"))
+head = sys.argv[3]
+if head and not s.get("commit", "").startswith(head): bad.append("commit is %r, this tree's is %s" % (s.get("commit"), head))
 res = (s.get("tests") or {}).get("results", {})
 for t in expected:
     if res.get(t) != "Skipped": bad.append("test %s: %s" % (t, res.get(t, "not in the bundle's run")))

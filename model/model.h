@@ -73,8 +73,9 @@ class Model {
   // seeds the per-step noise of the expert-router coupling loss, so every
   // micro-batch and every layout of a step draws the same proxies.
   void SetStep(int64_t step);
-  // After the masters (Parameter::value) changed (optimizer step, checkpoint
-  // load, LLEP weight return): rounds them into the bf16 compute copies.
+  // After the masters (Parameter::value) changed outside the optimizer
+  // (checkpoint load, a hand-written update): rounds them into the bf16
+  // compute copies. optim::Optimizer::Step keeps them itself.
   // No-op in f32. Enqueued on `stream`.
   absl::Status RefreshComputeWeights(Stream& stream);
   // f32 or bf16: the dtype of the weights and activations forward computes with.

@@ -119,11 +119,15 @@ absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
   return std::sqrt(sum);
 }
 
+double ClipCoefficient(double norm, double max_norm) {
+  if (max_norm <= 0 || !std::isfinite(norm)) return 1.0;
+  return std::min(1.0, max_norm / (norm + 1e-6));
+}
+
 absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
                                     const parallel::ProcessGroups& groups, double max_norm) {
   ASSIGN_OR_RETURN(double norm, GlobalGradNorm(params, groups));
-  if (max_norm <= 0 || !std::isfinite(norm)) return norm;
-  const double coeff = max_norm / (norm + 1e-6);
+  const double coeff = ClipCoefficient(norm, max_norm);
   if (coeff >= 1.0) return norm;
   // Enqueued on each gradient's stream; the optimizer's update follows there.
   for (const parallel::Parameter* p : params) {

@@ -45,11 +45,16 @@ bool CountsInGlobalNorm(const parallel::Parameter& p, const parallel::RankLayout
 absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
                                       const parallel::ProcessGroups& groups);
 
-// Computes the global norm (returned, before clipping) and, when max_norm > 0
-// and the norm is finite, multiplies every local gradient by
-// min(1, max_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_). A
+// The factor clipping multiplies the gradients by: min(1, max_norm / (norm +
+// 1e-6)) (torch.nn.utils.clip_grad_norm_); 1 when max_norm <= 0 (optim.clip_grad
+// off) or the norm is not finite.
+double ClipCoefficient(double norm, double max_norm);
+
+// Computes the global norm (returned, before clipping) and multiplies every
+// local gradient by ClipCoefficient(norm, max_norm) when that is below 1. A
 // non-finite norm leaves the gradients untouched (the trainer stops then).
-// max_norm <= 0 (optim.clip_grad off) only computes the norm.
+// The trainer instead passes the coefficient to Optimizer::Step, which
+// scales the gradients as it reads them (no pass over them of its own).
 absl::StatusOr<double> ClipGradNorm(const parallel::ParameterList& params,
                                     const parallel::ProcessGroups& groups, double max_norm);
 

@@ -1,6 +1,7 @@
 #include "optim/optimizer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 #include <tuple>
 
@@ -15,6 +16,12 @@ namespace {
 // Elements [begin, end) of `t` in row-major order, as a 1-D view.
 Tensor FlatRange(const Tensor& t, int64_t begin, int64_t end) {
   return t.Reshape(Shape{t.numel()}).Slice(begin, end);
+}
+
+// The same range of the parameter's compute copy (Parameter::compute: the
+// bf16 copy the layers read), or an undefined tensor when it has none.
+Tensor ComputeRange(const parallel::Parameter& p, int64_t begin, int64_t end) {
+  return p.compute.defined() ? FlatRange(p.compute, begin, end) : Tensor();
 }
 
 }  // namespace
@@ -188,34 +195,45 @@ absl::Status Optimizer::Partition(parallel::ParameterList& params, const paralle
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::Update(const ParamState& s, double lr) {
+absl::Status Optimizer::Update(const ParamState& s, double lr, double grad_scale) {
   Stream& stream = backend_->default_stream();
   const Tensor p = FlatRange(s.param->value, s.begin, s.end);
   const Tensor g = FlatRange(s.param->grad, s.begin, s.end);
+  // The compute copy's elements of the range (undefined in fp32).
+  const Tensor c = ComputeRange(*s.param, s.begin, s.end);
   const int64_t n = s.end - s.begin;
   const double wd = WeightDecayOf(*s.param);
   if (options_.type == OptimizerType::kAdamW) {
     const Tensor m = s.tensors[0].second.Reshape(Shape{n});
     const Tensor v = s.tensors[1].second.Reshape(Shape{n});
+    // One pass: the kernel writes the compute copy from the updated value.
     return ops::AdamW(stream, p, g, m, v, static_cast<float>(lr), static_cast<float>(options_.beta1),
                       static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
-                      static_cast<float>(wd), step_);
+                      static_cast<float>(wd), step_, c, static_cast<float>(grad_scale));
   }
   if (options_.momentum > 0) {
-    // buf = momentum * buf + (g + wd * p); p -= lr * buf.
+    // buf = momentum * buf + (scale g + wd * p); p -= lr * buf.
     const Tensor buf = s.tensors[0].second.Reshape(Shape{n});
-    RETURN_IF_ERROR(ops::Axpby(stream, 1.0f, g, static_cast<float>(options_.momentum), buf));
+    RETURN_IF_ERROR(
+        ops::Axpby(stream, static_cast<float>(grad_scale), g, static_cast<float>(options_.momentum), buf));
     if (wd != 0) RETURN_IF_ERROR(ops::Axpby(stream, static_cast<float>(wd), p, 1.0f, buf));
-    return ops::Axpby(stream, static_cast<float>(-lr), buf, 1.0f, p);
+    RETURN_IF_ERROR(ops::Axpby(stream, static_cast<float>(-lr), buf, 1.0f, p));
+  } else {
+    // p -= lr * (scale g + wd * p) = (1 - lr * wd) p - lr * scale * g.
+    RETURN_IF_ERROR(
+        ops::Axpby(stream, static_cast<float>(-lr * grad_scale), g, static_cast<float>(1.0 - lr * wd), p));
   }
-  // p -= lr * (g + wd * p) = (1 - lr * wd) p - lr * g.
-  return ops::Axpby(stream, static_cast<float>(-lr), g, static_cast<float>(1.0 - lr * wd), p);
+  return c.defined() ? ops::Cast(stream, p, c) : absl::OkStatus();
 }
 
-absl::Status Optimizer::Step(double lr) {
+absl::Status Optimizer::Step(double lr, double grad_scale) {
+  if (!(std::isfinite(grad_scale) && grad_scale > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "optimizer step ", step_ + 1, ": grad_scale = ", grad_scale, " must be finite and positive"));
+  }
   ++step_;
   for (const ParamState& s : states_) {
-    absl::Status st = Update(s, lr);
+    absl::Status st = Update(s, lr, grad_scale);
     if (!st.ok()) return Annotate(st, absl::StrCat("optimizer step ", step_, ", parameter ", s.param->name));
   }
   // The gathers follow the updates on the same stream: no host wait.
@@ -242,7 +260,14 @@ absl::Status Optimizer::Gather(const FlatGroup& g) {
       if (b >= e) continue;
       const Tensor param = FlatRange(g.params[i]->value, b - g.offsets[i], e - g.offsets[i]);
       const Tensor buf = gather_buffer_.Slice(b - c0, e - c0);
-      RETURN_IF_ERROR(to_buffer ? ops::Copy(stream, param, buf) : ops::Copy(stream, buf, param));
+      if (to_buffer) {
+        RETURN_IF_ERROR(ops::Copy(stream, param, buf));
+        continue;
+      }
+      RETURN_IF_ERROR(ops::Copy(stream, buf, param));
+      // Another rank's update: this rank's compute copy of it too.
+      const Tensor compute = ComputeRange(*g.params[i], b - g.offsets[i], e - g.offsets[i]);
+      if (compute.defined()) RETURN_IF_ERROR(ops::Cast(stream, buf, compute));
     }
     return absl::OkStatus();
   };

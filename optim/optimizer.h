@@ -4,14 +4,22 @@
 //   ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> opt, CreateOptimizer(config.optim(), params, groups));
 //   ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::FromConfig(config.optim()));
 //   ... forward, backward, gradient all-reduce (parallel/) ...
-//   ASSIGN_OR_RETURN(double grad_norm, ClipGradNorm(params, groups, config.optim().clip_grad()));  // clip.h
+//   ASSIGN_OR_RETURN(double grad_norm, GlobalGradNorm(params, groups));  // clip.h
 //   const double lr = schedule.At(opt->step() + 1);
-//   RETURN_IF_ERROR(opt->Step(lr));                 // opt->step() is now one more
+//   // opt->step() is now one more; the update reads the gradients clipped.
+//   RETURN_IF_ERROR(opt->Step(lr, ClipCoefficient(grad_norm, config.optim().clip_grad())));
 //
 // Contract
-// - Step reads Parameter::grad (already reduced over DP / EDP and clipped:
-//   gradient synchronisation happens elsewhere) and updates Parameter::value in
-//   place. It does not zero the gradients.
+// - Step reads Parameter::grad (already reduced over DP / EDP: gradient
+//   synchronisation happens elsewhere), times grad_scale (clipping), and
+//   updates Parameter::value in place. It neither changes nor zeroes the
+//   gradients.
+// - Mixed precision (train.precision bf16): a parameter with a compute copy
+//   (Parameter::compute, bf16) has it rewritten from every updated element,
+//   equal bit for bit to model::RefreshComputeCopies after the step, so the
+//   caller does not refresh. AdamW writes it in the update's own pass (one
+//   read of the master, not two); SGD casts after its update; under ZeRO-1 the
+//   other ranks' updates are cast as they arrive from the all-gather.
 // - Every parameter's value and grad are f32 on one device; Step enqueues its
 //   ops (and, under ZeRO-1, the stream-ordered all-gathers) on that device's
 //   default stream and returns without a host wait: later work on the stream
@@ -117,7 +125,11 @@ class Optimizer {
 
   // One update of every parameter with learning rate `lr` (see the rules
   // above); increments step() first. Collective over DP and EDP under ZeRO-1.
-  absl::Status Step(double lr);
+  // grad_scale multiplies every gradient element as the update reads it (the
+  // clipping coefficient, optim::ClipCoefficient), the gradients unchanged:
+  // the update of scaling them first (AdamW bit for bit, SGD to f32
+  // rounding: its lr * scale is one factor), without a pass over them.
+  absl::Status Step(double lr, double grad_scale = 1.0);
 
   // Number of Steps taken (or set by set_step).
   int64_t step() const { return step_; }
@@ -152,7 +164,7 @@ class Optimizer {
 
   Optimizer(const OptimizerOptions& options, Backend* backend);
   absl::Status Partition(parallel::ParameterList& params, const parallel::ProcessGroups* groups);
-  absl::Status Update(const ParamState& s, double lr);
+  absl::Status Update(const ParamState& s, double lr, double grad_scale);
   absl::Status Gather(const FlatGroup& g);
 
   OptimizerOptions options_;

@@ -63,8 +63,9 @@ struct Parameter {
   // "Precision"): undefined in fp32, where the layers read `value` itself; in
   // bf16 a bf16 copy of `value`, which then is the f32 master weight (what the
   // optimizer updates, the checkpoint saves and clipping reads). The copy is
-  // refreshed from `value` after every change of `value` (model::
-  // RefreshComputeCopies). `grad` is f32 in every precision.
+  // refreshed from `value` after every change of `value`: by the optimizer's
+  // step itself (optim/optimizer.h), else by model::RefreshComputeCopies.
+  // `grad` is f32 in every precision.
   Tensor compute;
   const Tensor& compute_value() const { return compute.defined() ? compute : value; }
   // AdamW/SGD weight decay applies (false for norm gains and embeddings unless

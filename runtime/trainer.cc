@@ -397,8 +397,7 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     // The global norm (reduced on the device, the step's one host read) is
     // the same on every rank and finite exactly when every gradient is: it
     // gates the update; only a failing step looks for the parameter to name.
-    ASSIGN_OR_RETURN(s.grad_norm,
-                     optim::ClipGradNorm(model_->parameters(), *groups_, config_.optim().clip_grad()));
+    ASSIGN_OR_RETURN(s.grad_norm, optim::GlobalGradNorm(model_->parameters(), *groups_));
     if (!std::isfinite(s.grad_norm)) {
       ASSIGN_OR_RETURN(std::optional<std::string> bad,
                        optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
@@ -410,9 +409,10 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
           "; stopping before the update. Lower optim.lr or set optim.clip_grad"));
     }
     s.lr = schedule_->At(optimizer_->step() + 1);
-    RETURN_IF_ERROR(optimizer_->Step(s.lr));
-    // bf16: the next forward computes with the updated masters rounded to bf16.
-    RETURN_IF_ERROR(model_->RefreshComputeWeights(*stream_));
+    // Clipping (optim.clip_grad) scales the gradients as the update reads
+    // them. bf16: the step also rounds the updated masters into the compute
+    // copies the next forward reads (optim/optimizer.h, "Mixed precision").
+    RETURN_IF_ERROR(optimizer_->Step(s.lr, optim::ClipCoefficient(s.grad_norm, config_.optim().clip_grad())));
   }
   // Auxiliary-loss-free balancing: every rank applies the same global load.
   RETURN_IF_ERROR(model_->UpdateExpertBiases(*stream_, [this](std::vector<double>& load) -> absl::Status {

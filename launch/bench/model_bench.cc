@@ -7,18 +7,20 @@
 //                   [FIELD.PATH=VALUE ...: config overrides, e.g. model.seq_len=256]
 //
 // Builds the model of the config on the device= backend (parallel sizes forced to
-// 1), allocates AdamW state, and times full steps: zero grads, forward,
-// backward, the gradient-norm clipping (optim.clip_grad, default 1.0: the trainer's
-// optim::ClipGradNorm over a 1-rank world, with its one host read of the norm;
-// optim.clip_grad=0 leaves it out), AdamW update of every parameter
-// (train.precision=bf16: then the bf16 copies are refreshed, as the trainer does). Reports tokens/s and the
+// 1), creates the trainer's optimizer, and times full steps: zero grads, forward,
+// backward, the gradient norm (optim.clip_grad, default 1.0: the trainer's
+// optim::GlobalGradNorm over a 1-rank world, with its one host read;
+// optim.clip_grad=0 leaves it out), and the trainer's optimizer step
+// (optim::Optimizer of the config's optim, AdamW by default, at lr 1e-4: it
+// reads the gradients times the clipping coefficient and, in
+// train.precision=bf16, writes the bf16 copies in its pass). Reports tokens/s and the
 // forward/backward split, and the measured peak memory of a step (the device
 // MemoryTracker, all categories) against runtime/core/memory_model.h's
 // PredictPeakMemory for the same config: "measured_vs_predicted" (target:
 // within 15%, i.e. 0.85 .. 1.15).
 //
 // Model-FLOPs utilisation ("mfu"): model FLOPs of forward + backward per step
-// divided by the mean step time (zero grads + forward + backward + clipping + AdamW),
+// divided by the mean step time (zero grads + forward + backward + norm + optimizer step),
 // over the GFLOP/s of one sgemm of sgemm x sgemm x sgemm through the same
 // backend and threads, timed before every step and after the last one, each
 // step compared with the mean of the samples on either side of it (so both
@@ -49,6 +51,7 @@
 #include "launch/bench/bench.h"
 #include "model/model.h"
 #include "optim/clip.h"
+#include "optim/optimizer.h"
 #include "parallel/process_groups.h"
 #include "runtime/core/backend.h"
 #include "runtime/core/config.h"
@@ -130,16 +133,10 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
   ASSIGN_OR_RETURN(auto world, comm::CreateWorldCommunicator(comm_options));
   ASSIGN_OR_RETURN(parallel::ProcessGroups groups, parallel::CreateProcessGroups(std::move(world), 1, 1));
   const double clip_grad = job.optim().clip_grad();
-  // AdamW state, as the optimizer allocates it.
-  std::vector<Tensor> exp_avg, exp_avg_sq;
-  for (parallel::Parameter* p : m->parameters()) {
-    ASSIGN_OR_RETURN(Tensor a,
-                     Tensor::Zeros(*backend, p->value.shape(), DType::kF32, MemoryCategory::kOptimizer));
-    ASSIGN_OR_RETURN(Tensor b,
-                     Tensor::Zeros(*backend, p->value.shape(), DType::kF32, MemoryCategory::kOptimizer));
-    exp_avg.push_back(a);
-    exp_avg_sq.push_back(b);
-  }
+  // The trainer's optimizer and its state.
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<optim::Optimizer> optimizer,
+      optim::CreateOptimizer(job.optim(), const_cast<parallel::ParameterList&>(m->parameters()), groups));
   // The sgemm the step is compared with: c = a b, square, through the backend.
   // Its buffers live only while it runs, so they are not in the step's peak.
   const int64_t n = args.Int("sgemm", 2048);
@@ -219,14 +216,13 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     RETURN_IF_ERROR(m->Backward(stream, 1.0f));
     RETURN_IF_ERROR(stream.Synchronize());
     const auto t2 = Clock::now();
-    if (clip_grad > 0) RETURN_IF_ERROR(optim::ClipGradNorm(m->parameters(), groups, clip_grad).status());
-    const auto t2c = Clock::now();  // the norm read; the scaling runs on into the update
-    for (size_t i = 0; i < m->parameters().size(); ++i) {
-      parallel::Parameter* p = m->parameters()[i];
-      RETURN_IF_ERROR(ops::AdamW(stream, p->value, p->grad, exp_avg[i], exp_avg_sq[i], 1e-4f, 0.9f, 0.95f,
-                                 1e-8f, p->weight_decay ? 0.1f : 0.0f, step + 1));
+    double grad_scale = 1.0;  // the clipping coefficient, as the trainer passes it
+    if (clip_grad > 0) {
+      ASSIGN_OR_RETURN(const double norm, optim::GlobalGradNorm(m->parameters(), groups));
+      grad_scale = optim::ClipCoefficient(norm, clip_grad);
     }
-    RETURN_IF_ERROR(m->RefreshComputeWeights(stream));
+    const auto t2c = Clock::now();  // the norm read
+    RETURN_IF_ERROR(optimizer->Step(1e-4, grad_scale));
     RETURN_IF_ERROR(stream.Synchronize());
     const auto t3 = Clock::now();
     OpProfiler::Enable(false);
@@ -310,14 +306,15 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
     reporter.Note(absl::StrCat("predicted terms:\n", pred.Report()));
     reporter.Note(absl::StrCat("measured (last step):\n", mem.Report()));
   }
-  reporter.Note(absl::StrCat(
-      "tokens/s counts forward + backward of ", B, " x ", S,
-      " tokens; the step adds the gradient clipping (optim.clip_grad ", clip_grad,
-      ") and AdamW. mfu = model FLOPs (", absl::StrFormat("%.3f", TrainingFlops(cfg, B, S) * 1e-9),
-      " GFLOP per step, formula in model_bench.cc) / step time / the GFLOP/s of a ", n,
-      "^3 sgemm timed before and after each step (on the CPU the faster of the backend's "
-      "and one cblas_sgemm on OpenBLAS's threads). Targets: mfu >= 0.40; measured_vs_predicted "
-      "within 0.85 .. 1.15."));
+  reporter.Note(
+      absl::StrCat("tokens/s counts forward + backward of ", B, " x ", S,
+                   " tokens; the step adds the gradient norm for clipping (optim.clip_grad ", clip_grad,
+                   ") and the optimizer step (", optimizer->type_name(), "). mfu = model FLOPs (",
+                   absl::StrFormat("%.3f", TrainingFlops(cfg, B, S) * 1e-9),
+                   " GFLOP per step, formula in model_bench.cc) / step time / the GFLOP/s of a ", n,
+                   "^3 sgemm timed before and after each step (on the CPU the faster of the backend's "
+                   "and one cblas_sgemm on OpenBLAS's threads). Targets: mfu >= 0.40; measured_vs_predicted "
+                   "within 0.85 .. 1.15."));
   return absl::OkStatus();
 }
 

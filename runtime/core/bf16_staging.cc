@@ -312,9 +312,11 @@ class Bf16StagingKernels : public Kernels {
                           absl::Span<const int64_t> offsets, float std) override {
     return f32_->InitNormal(s, t, seed, name, global_shape, offsets, std);
   }
-  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1, float beta2,
-                     float eps, float weight_decay, int64_t step) override {
-    return f32_->AdamW(s, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step);
+  // Its bf16 output (param_bf16) is written natively by the backend's kernel.
+  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int64_t step) override {
+    return f32_->AdamW(s, param, grad, exp_avg, exp_avg_sq, param_bf16, grad_scale, lr, beta1, beta2, eps,
+                       weight_decay, step);
   }
 
  private:

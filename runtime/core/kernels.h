@@ -68,8 +68,10 @@ class Kernels {
   virtual absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) = 0;
   virtual absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
                                   absl::Span<const int64_t> offsets, float std) = 0;
-  virtual absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1,
-                             float beta2, float eps, float weight_decay, int64_t step) = 0;
+  // param_bf16 may be undefined (ops.h AdamW).
+  virtual absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale,
+                             float lr, float beta1, float beta2, float eps, float weight_decay,
+                             int64_t step) = 0;
 };
 
 }  // namespace moe

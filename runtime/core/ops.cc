@@ -2,6 +2,8 @@
 // backend's kernel.
 #include "runtime/core/ops.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/core/kernels.h"
@@ -690,20 +692,30 @@ absl::Status InitNormal(Stream& s, const Tensor& t, uint64_t seed, absl::string_
 
 absl::Status AdamW(Stream& s, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
                    const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
-                   float weight_decay, int64_t step) {
+                   float weight_decay, int64_t step, const Tensor& param_bf16, float grad_scale) {
   const char* op = "AdamW";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kAdamW));
-  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"param", &param},
-                         {"grad", &grad},
-                         {"exp_avg", &exp_avg},
-                         {"exp_avg_sq", &exp_avg_sq}}) {
+  const std::pair<const char*, const Tensor*> f32_args[] = {
+      {"param", &param}, {"grad", &grad}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  for (auto [name, t] : f32_args) {
     RETURN_IF_ERROR(F32(op, s, name, *t));
     RETURN_IF_ERROR(Numel(op, name, *t, param.numel()));
   }
+  if (param_bf16.defined()) {
+    RETURN_IF_ERROR(Arg(op, s, "param_bf16", param_bf16, DType::kBF16));
+    RETURN_IF_ERROR(Numel(op, "param_bf16", param_bf16, param.numel()));
+    for (auto [name, t] : f32_args) {
+      if (t->Overlaps(param_bf16))
+        return Bad(
+            op, absl::StrCat("param_bf16 ", param_bf16.ToString(), " overlaps ", name, " ", t->ToString()));
+    }
+  }
   if (step < 1) return Bad(op, absl::StrCat("step = ", step, " must be >= 1"));
+  if (!std::isfinite(grad_scale))
+    return Bad(op, absl::StrCat("grad_scale = ", grad_scale, " must be finite"));
   ProfileScope scope(s, OpKind::kAdamW);
-  return s.backend().kernels().AdamW(s, param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                                     step);
+  return s.backend().kernels().AdamW(s, param, grad, exp_avg, exp_avg_sq, param_bf16, grad_scale, lr, beta1,
+                                     beta2, eps, weight_decay, step);
 }
 
 }  // namespace moe::ops

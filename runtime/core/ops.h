@@ -252,9 +252,17 @@ absl::Status InitNormal(Stream& stream, const Tensor& t, uint64_t seed, absl::st
 // correction uses it):
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^step) / (sqrt(v / (1 - b2^step)) + eps) + weight_decay * p)
+// `param_bf16`, when defined (bf16, param's element count, not overlapping
+// the others), also receives the updated p rounded to bf16 in the same pass:
+// the mixed-precision compute copy (parallel::Parameter::compute), equal bit
+// for bit to a Cast of the updated param, without that Cast's second read of
+// the master. `grad_scale` (finite) multiplies each gradient element as it is
+// read, g = grad_scale * grad (the clipping coefficient, optim/clip.h), the
+// gradient itself unchanged: bit for bit a Scale of grad before the step.
 absl::Status AdamW(Stream& stream, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
                    const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
-                   float weight_decay, int64_t step);
+                   float weight_decay, int64_t step, const Tensor& param_bf16 = Tensor(),
+                   float grad_scale = 1.0f);
 
 }  // namespace moe::ops
 

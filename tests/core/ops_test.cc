@@ -690,5 +690,58 @@ TEST_CASE("AdamW step") {
   CHECK(!ops::AdamW(S(), p, g, m, v, lr, b1, b2, eps, wd, 0).ok());
 }
 
+TEST_CASE("AdamW's grad_scale equals scaling the gradient first, bit for bit") {
+  const int64_t n = 3001;
+  const float scale = 0.3712f;  // a clipping coefficient
+  Tensor p1 = Random({n}, 5), g = Random({n}, 6), m1 = Random({n}, 7, 0, 0.1f), v1 = Random({n}, 8, 0, 0.1f);
+  Tensor p2 = Clone(p1), m2 = Clone(m1), v2 = Clone(v1), g2 = Clone(g);
+  const std::vector<float> g_before = Vec(g);
+  REQUIRE(ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 4, Tensor(), scale).ok());
+  REQUIRE(ops::Scale(S(), g2, scale, g2).ok());
+  REQUIRE(ops::AdamW(S(), p2, g2, m2, v2, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 4).ok());
+  CHECK(Vec(p1) == Vec(p2));
+  CHECK(Vec(m1) == Vec(m2));
+  CHECK(Vec(v1) == Vec(v2));
+  CHECK(Vec(g) == g_before);  // read, not rewritten
+  absl::Status st = ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 5, Tensor(), NAN);
+  CHECK(std::string(st.message()).find("grad_scale = nan must be finite") != std::string::npos);
+}
+
+TEST_CASE("AdamW writes the bf16 compute copy in its pass") {
+  // Two identical states; one step with the copy, one without.
+  const int64_t n = 5003;  // several worker ranges
+  Tensor p1 = Random({n}, 1), g = Random({n}, 2), m1 = Random({n}, 3, 0, 0.1f), v1 = Random({n}, 4, 0, 0.1f);
+  Tensor p2 = FromVec({n}, Vec(p1)), m2 = FromVec({n}, Vec(m1)), v2 = FromVec({n}, Vec(v1));
+  auto copy = Tensor::Empty(Cpu(), {n}, DType::kBF16, MemoryCategory::kOther);
+  REQUIRE(copy.ok());
+  REQUIRE(ops::Fill(S(), *copy, 0.0).ok());
+  REQUIRE(ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2, *copy).ok());
+  REQUIRE(ops::AdamW(S(), p2, g, m2, v2, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 2).ok());
+  // The update itself is unchanged, bit for bit.
+  CHECK(Vec(p1) == Vec(p2));
+  CHECK(Vec(m1) == Vec(m2));
+  CHECK(Vec(v1) == Vec(v2));
+  // The copy is the new value rounded to nearest even (computed here on the bits).
+  const float* pv = p1.data<float>();
+  const uint16_t* c = copy->data<uint16_t>();
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &pv[i], sizeof(bits));
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    wrong += c[i] != static_cast<uint16_t>(bits >> 16);
+  }
+  CHECK(wrong == 0);
+  // Refused: an f32 copy, a wrong length, a copy over the state's bytes.
+  absl::Status st = ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, NewF32({n}));
+  CHECK(std::string(st.message()).find("param_bf16") != std::string::npos);
+  st = ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, copy->Slice(0, n - 1));
+  CHECK(std::string(st.message()).find("must have 5003 elements") != std::string::npos);
+  auto alias = Tensor::FromBuffer(m1.buffer(), m1.byte_offset(), Shape{n}, DType::kBF16);
+  REQUIRE(alias.ok());
+  st = ops::AdamW(S(), p1, g, m1, v1, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, *alias);
+  CHECK(std::string(st.message()).find("overlaps exp_avg") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace moe

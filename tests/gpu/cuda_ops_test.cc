@@ -579,6 +579,38 @@ TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU b
         [step](Stream& s, auto& t) {
           return ops::AdamW(s, t[0], t[1], t[2], t[3], 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
         });
+  // With the bf16 compute copy written in the same pass (train.precision bf16).
+  Run(
+      "AdamW with the bf16 copy",
+      {Rand({1001}, 9), Rand({1001}, 10), Rand({1001}, 11), Rand({1001}, 12, 0.0f, 1.0f),
+       Bf16(Rand({1001}, 13))},
+      {0, 2, 3, 4},
+      [](Stream& s, auto& t) {
+        return ops::AdamW(s, t[0], t[1], t[2], t[3], 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 2, t[4]);
+      },
+      Tol{1e-9, 1.0 / 128});
+  Run(
+      "AdamW with grad_scale",
+      {Rand({1001}, 9), Rand({1001}, 10), Rand({1001}, 11), Rand({1001}, 12, 0.0f, 1.0f),
+       Bf16(Rand({1001}, 13))},
+      {0, 1, 2, 3, 4},
+      [](Stream& s, auto& t) {
+        return ops::AdamW(s, t[0], t[1], t[2], t[3], 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, t[4], 0.25f);
+      },
+      Tol{1e-9, 1.0 / 128});
+  {
+    // On the device the copy is the updated master rounded, bit for bit: what
+    // a Cast after the update (the refresh it replaces) gives.
+    const int64_t n = 70001;
+    Tensor p = Copy(*g_gpu, Rand({n}, 14)), g = Copy(*g_gpu, Rand({n}, 15));
+    Tensor m = Copy(*g_gpu, Rand({n}, 16)), v = Copy(*g_gpu, Rand({n}, 17, 0.0f, 1.0f));
+    Tensor fused = Copy(*g_gpu, Bf16(Rand({n}, 18))), cast = Copy(*g_gpu, Bf16(Rand({n}, 19)));
+    REQUIRE(ops::AdamW(G(), p, g, m, v, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 5, fused).ok());
+    REQUIRE(ops::Cast(G(), p, cast).ok());
+    REQUIRE(G().Synchronize().ok());
+    const Tensor a = Copy(Cpu(), fused), b = Copy(Cpu(), cast);
+    CHECK(std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0);
+  }
 }
 
 TEST_CASE("a bad index is reported by the stream's Synchronize") {

@@ -49,7 +49,7 @@ s = json.loads(sys.argv[1])
 expected = [l.strip() for l in open(sys.argv[2]) if l.strip()]
 bad = []
 keys = ["ok", "gpus", "commit", "seconds", "budget_s", "tests", "grouped_gemm_bf16", "model_step", "model_step_gemm_attention",
-        "model_step_flash_attention", "attention", "attention_bf16", "checkpoint", "host_copy", "memcheck", "train"]
+        "model_step_flash_attention", "attention", "attention_bf16", "checkpoint", "host_copy", "optim_update", "memcheck", "train"]
 bad += ["missing key " + k for k in keys if k not in s]
 if s.get("ok") is not False: bad.append("ok is %r, expected false" % s.get("ok"))
 if "H100" not in s.get("gpus", ""): bad.append("gpus is %r" % s.get("gpus"))
@@ -78,7 +78,7 @@ for f in "$logs"/bench_*.log "$logs/train/train.log"; do
   if grep -q "error while loading shared libraries" "$f"; then test_fail "$(basename "$f"): a library is missing" "$f"; fi
 done
 n_bench=$(ls "$logs"/bench_*.log | wc -l)
-[ "$n_bench" -ge 11 ] && echo "ok: $n_bench benchmark logs" || test_fail "only $n_bench benchmark logs" check.err
+[ "$n_bench" -ge 12 ] && echo "ok: $n_bench benchmark logs" || test_fail "only $n_bench benchmark logs" check.err
 
 # In the bundle's environment, every library of every program resolves to the
 # bundle or to what the GPU machine provides.

@@ -78,6 +78,15 @@ TEST_CASE("Clipped norm equals the single-rank norm under every layout of world 
   }
 }
 
+TEST_CASE("ClipCoefficient: the factor clipping applies, 1 when off or not finite") {
+  CHECK(ClipCoefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6));
+  CHECK(ClipCoefficient(0.5, 1.0) == 1.0);  // below the limit: no clipping
+  CHECK(ClipCoefficient(4.0, 0.0) == 1.0);  // optim.clip_grad = 0: off
+  CHECK(ClipCoefficient(4.0, -1.0) == 1.0);
+  CHECK(ClipCoefficient(std::nan(""), 1.0) == 1.0);  // the trainer stops on this norm
+  CHECK(ClipCoefficient(INFINITY, 1.0) == 1.0);
+}
+
 TEST_CASE("Counting rule: each shard once") {
   for (const TpEp& layout : kLayouts) {
     parallel::ProcessGroups groups = MakeGroups(layout.tp, layout.ep);

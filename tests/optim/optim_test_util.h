@@ -41,6 +41,35 @@ inline void SetValues(const Tensor& t, const std::vector<float>& v) {
   std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
 }
 
+// Gives `p` a bf16 compute copy (Parameter::compute, as train.precision bf16
+// does) filled with a pattern that no rounding of a finite value produces
+// (0xffff is a NaN), so a copy the optimizer skipped shows.
+inline void AddComputeCopy(parallel::Parameter& p) {
+  auto c = Tensor::Empty(Cpu(), p.value.shape(), DType::kBF16, MemoryCategory::kParameters);
+  REQUIRE(c.ok());
+  std::memset(c->raw_data(), 0xff, c->nbytes());
+  p.compute = *c;
+}
+
+// The elements of p's compute copy that differ from its value rounded to bf16
+// (round to nearest even), as "index: got/want" lines; empty when all agree.
+inline std::vector<std::string> ComputeCopyMismatches(const parallel::Parameter& p) {
+  REQUIRE(p.compute.defined());
+  REQUIRE(p.compute.numel() == p.value.numel());
+  const float* v = p.value.data<float>();
+  const uint16_t* c = p.compute.data<uint16_t>();
+  std::vector<std::string> bad;
+  for (int64_t i = 0; i < p.value.numel(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &v[i], sizeof(bits));
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // finite values only here
+    const uint16_t want = static_cast<uint16_t>(bits >> 16);
+    if (c[i] != want)
+      bad.push_back(std::to_string(i) + ": " + std::to_string(c[i]) + "/" + std::to_string(want));
+  }
+  return bad;
+}
+
 // Element `index` of the global tensor `name` (salt: which tensor/step).
 inline float GlobalValue(const std::string& name, int64_t index, int salt) {
   uint32_t h = 2166136261u;

@@ -60,19 +60,33 @@ void CheckClose(const std::vector<float>& got, const std::vector<double>& want, 
 }
 
 // Runs 3 steps on a [2, 2] parameter with the given flags; checks every step.
+// Then again with a bf16 compute copy (train.precision bf16): the masters take
+// the same values bit for bit, and every step leaves the copy equal to them
+// rounded to bf16, with no refresh by the caller.
 void RunThreeSteps(const OptimizerOptions& options, bool weight_decay_flag, const Rows& expected) {
-  TestModel m;
-  parallel::Parameter* p =
-      m.Add("w", Shape{2, 2}, parallel::ParamKind::kDense, parallel::ShardSpec{}, weight_decay_flag);
-  SetValues(p->value, kP0);
-  auto opt = Optimizer::Create(options, m.list, nullptr);
-  REQUIRE(opt.ok());
-  for (int s = 0; s < 3; ++s) {
-    SetValues(p->grad, kGrads[s]);
-    REQUIRE((*opt)->Step(kLr[s]).ok());
-    CHECK((*opt)->step() == s + 1);
-    INFO("step " << s + 1);
-    CheckClose(ToVector(p->value), expected[s]);
+  std::vector<std::vector<float>> plain;
+  for (bool with_copy : {false, true}) {
+    INFO((with_copy ? "with" : "without") << " a bf16 compute copy");
+    TestModel m;
+    parallel::Parameter* p =
+        m.Add("w", Shape{2, 2}, parallel::ParamKind::kDense, parallel::ShardSpec{}, weight_decay_flag);
+    SetValues(p->value, kP0);
+    if (with_copy) testing::AddComputeCopy(*p);
+    auto opt = Optimizer::Create(options, m.list, nullptr);
+    REQUIRE(opt.ok());
+    for (int s = 0; s < 3; ++s) {
+      SetValues(p->grad, kGrads[s]);
+      REQUIRE((*opt)->Step(kLr[s]).ok());
+      CHECK((*opt)->step() == s + 1);
+      INFO("step " << s + 1);
+      CheckClose(ToVector(p->value), expected[s]);
+      if (!with_copy) {
+        plain.push_back(ToVector(p->value));
+        continue;
+      }
+      CHECK(ToVector(p->value) == plain[s]);
+      CHECK(testing::ComputeCopyMismatches(*p).empty());
+    }
   }
 }
 
@@ -129,6 +143,67 @@ TEST_CASE("SGD matches hand-computed steps") {
     o.momentum = 0.9;
     o.weight_decay = 0.1;
     RunThreeSteps(o, true, kSgdMomentumDecay);
+  }
+}
+
+TEST_CASE("Step's grad_scale (clipping) equals scaling the gradients first") {
+  // Three steps each way: the gradients scaled in place then Step(lr), and
+  // Step(lr, scale) on the unscaled gradients, which it leaves unchanged.
+  // AdamW bit for bit; SGD folds lr * scale into one factor (f32 rounding).
+  const double scale[3] = {0.25, 1.0, 0.61};
+  auto run_both = [&](const OptimizerOptions& o, double tol) {
+    TestModel a, b;
+    parallel::Parameter* pa = a.Add("w", Shape{2, 2}, parallel::ParamKind::kDense, parallel::ShardSpec{});
+    parallel::Parameter* pb = b.Add("w", Shape{2, 2}, parallel::ParamKind::kDense, parallel::ShardSpec{});
+    SetValues(pa->value, kP0);
+    SetValues(pb->value, kP0);
+    auto opt_a = Optimizer::Create(o, a.list, nullptr);
+    auto opt_b = Optimizer::Create(o, b.list, nullptr);
+    REQUIRE(opt_a.ok());
+    REQUIRE(opt_b.ok());
+    for (int s = 0; s < 3; ++s) {
+      INFO("step " << s + 1);
+      std::vector<float> scaled = kGrads[s];
+      for (float& g : scaled) g *= static_cast<float>(scale[s]);
+      SetValues(pa->grad, scaled);
+      SetValues(pb->grad, kGrads[s]);
+      REQUIRE((*opt_a)->Step(kLr[s]).ok());
+      REQUIRE((*opt_b)->Step(kLr[s], scale[s]).ok());
+      CHECK(ToVector(pb->grad) == kGrads[s]);
+      const std::vector<float> va = ToVector(pa->value), vb = ToVector(pb->value);
+      if (tol == 0) {
+        CHECK(va == vb);
+      } else {
+        std::vector<double> want(va.begin(), va.end());
+        CheckClose(vb, want, tol);
+      }
+    }
+  };
+  OptimizerOptions o;
+  o.weight_decay = 0.1;
+  SECTION("AdamW") { run_both(o, 0); }
+  SECTION("SGD with momentum") {
+    o.type = OptimizerType::kSgd;
+    o.momentum = 0.9;
+    run_both(o, 1e-6);
+  }
+  SECTION("SGD") {
+    o.type = OptimizerType::kSgd;
+    run_both(o, 1e-6);
+  }
+  SECTION("a scale that is not finite and positive is refused before any update") {
+    TestModel m;
+    parallel::Parameter* p = m.Add("w", Shape{4}, parallel::ParamKind::kDense, parallel::ShardSpec{});
+    SetValues(p->value, kP0);
+    auto opt = Optimizer::Create(o, m.list, nullptr);
+    REQUIRE(opt.ok());
+    for (double bad : {0.0, -1.0, std::nan(""), static_cast<double>(INFINITY)}) {
+      absl::Status st = (*opt)->Step(0.1, bad);
+      CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+      CHECK(std::string(st.message()).find("grad_scale") != std::string::npos);
+      CHECK((*opt)->step() == 0);
+      CHECK(ToVector(p->value) == kP0);
+    }
   }
 }
 

@@ -286,6 +286,64 @@ TEST_CASE("3 training steps at 1 and 2 threads per rank give bit-identical resul
   CHECK(differ == 0);
 }
 
+TEST_CASE("optim.clip_grad scales the step's update by the clipping coefficient") {
+  // SGD without momentum or decay: the update is -lr * coefficient * grad, so
+  // a clipped first step moves every parameter by the coefficient times the
+  // unclipped one (the optimizer applies it as it reads the gradients).
+  const std::string dir = TestDir();
+  std::filesystem::remove_all(dir);
+  const std::string prefix = WriteCorpus(dir);
+  struct Outcome {
+    double norm = 0;
+    std::vector<std::vector<float>> before, after;
+  };
+  auto run = [&](double clip_grad) {
+    JobConfig config = TinyConfig(prefix, dir + "/run_clip", comm::MpiEnv::world_size());
+    config.mutable_optim()->set_type("sgd");
+    config.mutable_optim()->set_warmup_steps(0);
+    config.mutable_optim()->set_clip_grad(clip_grad);
+    config.mutable_train()->set_steps(1);
+    parallel::ProcessGroups groups = testing::WorldGroups(1, 1);
+    auto trainer = Trainer::Create(config, &groups);
+    INFO(trainer.status().ToString());
+    REQUIRE(trainer.ok());
+    Outcome o;
+    for (const parallel::Parameter* p : (*trainer)->parameters()) {
+      const float* v = p->value.data<float>();
+      o.before.emplace_back(v, v + p->value.numel());
+    }
+    REQUIRE((*trainer)->Run().ok());
+    REQUIRE((*trainer)->history().size() == 1);
+    o.norm = (*trainer)->history()[0].grad_norm;
+    for (const parallel::Parameter* p : (*trainer)->parameters()) {
+      const float* v = p->value.data<float>();
+      o.after.emplace_back(v, v + p->value.numel());
+    }
+    return o;
+  };
+  const Outcome free = run(0);  // clipping off
+  REQUIRE(std::isfinite(free.norm));
+  REQUIRE(free.norm > 0);
+  const double max_norm = free.norm / 4;
+  const Outcome clipped = run(max_norm);
+  CHECK(clipped.norm == free.norm);  // the norm is reported before clipping
+  const double coefficient = max_norm / (free.norm + 1e-6);
+  REQUIRE(free.before == clipped.before);
+  double worst = 0, largest = 0;
+  for (size_t i = 0; i < free.before.size(); ++i) {
+    for (size_t j = 0; j < free.before[i].size(); ++j) {
+      const double full = static_cast<double>(free.after[i][j]) - free.before[i][j];
+      const double cut = static_cast<double>(clipped.after[i][j]) - clipped.before[i][j];
+      worst = std::max(worst, std::fabs(cut - coefficient * full));
+      largest = std::max(largest, std::fabs(full));
+    }
+  }
+  INFO("coefficient " << coefficient << ", largest unclipped step " << largest << ", worst error " << worst);
+  REQUIRE(largest > 1e-4);
+  // f32 parameters of |p| up to ~0.1: two rounded subtractions per element.
+  CHECK(worst <= 1e-7 + 1e-4 * largest);
+}
+
 TEST_CASE("expert-router coupling loss: part of the loss, reported as erc in metrics.jsonl") {
   const std::string dir = TestDir();
   std::filesystem::remove_all(dir);

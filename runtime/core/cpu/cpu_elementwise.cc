@@ -83,12 +83,28 @@ MOE_CPU_CLONES void SwiGLUBackwardRange(const float* gate, const float* up, cons
   }
 }
 
+// g is read as scale * g (the clipping coefficient; 1 leaves it exact).
 MOE_CPU_CLONES void AdamWRange(float* __restrict p, const float* __restrict g, float* __restrict m,
-                               float* __restrict v, float lr, float beta1, float beta2, float eps,
-                               float weight_decay, float bc1, float bc2, int64_t b, int64_t e) {
+                               float* __restrict v, float scale, float lr, float beta1, float beta2,
+                               float eps, float weight_decay, float bc1, float bc2, int64_t b, int64_t e) {
 #pragma GCC ivdep
-  for (int64_t i = b; i < e; ++i)
-    kmath::AdamWElement(g[i], lr, beta1, beta2, eps, weight_decay, bc1, bc2, &p[i], &m[i], &v[i]);
+  for (int64_t i = b; i < e; ++i) {
+    const float gs = scale * g[i];
+    kmath::AdamWElement(gs, lr, beta1, beta2, eps, weight_decay, bc1, bc2, &p[i], &m[i], &v[i]);
+  }
+}
+
+// The same, also writing the updated p rounded to bf16 (the compute copy).
+MOE_CPU_CLONES void AdamWBf16Range(float* __restrict p, const float* __restrict g, float* __restrict m,
+                                   float* __restrict v, uint16_t* __restrict p16, float scale, float lr,
+                                   float beta1, float beta2, float eps, float weight_decay, float bc1,
+                                   float bc2, int64_t b, int64_t e) {
+#pragma GCC ivdep
+  for (int64_t i = b; i < e; ++i) {
+    const float gs = scale * g[i];
+    kmath::AdamWElement(gs, lr, beta1, beta2, eps, weight_decay, bc1, bc2, &p[i], &m[i], &v[i]);
+    p16[i] = kmath::F32ToBF16(p[i]);
+  }
 }
 
 }  // namespace
@@ -341,17 +357,23 @@ absl::Status CpuKernels::InitNormal(S& s, T t, uint64_t seed, absl::string_view 
   });
 }
 
-absl::Status CpuKernels::AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1,
-                               float beta2, float eps, float weight_decay, int64_t step) {
+absl::Status CpuKernels::AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale,
+                               float lr, float beta1, float beta2, float eps, float weight_decay,
+                               int64_t step) {
   return AsCpu(s).Run([=]() {
     float* p = param.data<float>();
     const float* g = grad.data<float>();
     float* m = exp_avg.data<float>();
     float* v = exp_avg_sq.data<float>();
+    uint16_t* p16 = param_bf16.defined() ? param_bf16.data<uint16_t>() : nullptr;
     float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
     float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step));
     Pool().ParallelFor(param.numel(), kElemGrain, [&](int64_t b, int64_t e) {
-      AdamWRange(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, b, e);
+      if (p16 != nullptr) {
+        AdamWBf16Range(p, g, m, v, p16, grad_scale, lr, beta1, beta2, eps, weight_decay, bc1, bc2, b, e);
+      } else {
+        AdamWRange(p, g, m, v, grad_scale, lr, beta1, beta2, eps, weight_decay, bc1, bc2, b, e);
+      }
     });
     return absl::OkStatus();
   });

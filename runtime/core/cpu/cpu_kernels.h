@@ -111,8 +111,8 @@ class CpuKernels : public Kernels {
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override;
   absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
                           absl::Span<const int64_t> offsets, float std) override;
-  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1, float beta2,
-                     float eps, float weight_decay, int64_t step) override;
+  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int64_t step) override;
 };
 
 }  // namespace moe::cpu

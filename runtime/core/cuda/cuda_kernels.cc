@@ -385,14 +385,15 @@ class CudaKernels : public Kernels {
     LAUNCH(LaunchInitNormal(Ptr(t), t.numel(), seed, key[0], key[1], std, box, NativeStream(s)));
     return absl::OkStatus();
   }
-  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, float lr, float beta1, float beta2,
-                     float eps, float weight_decay, int64_t step) override {
+  absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int64_t step) override {
     RETURN_IF_ERROR(F32Only("AdamW", {&param, &grad, &exp_avg, &exp_avg_sq}));
     // Bias corrections in double, as on CPU.
     const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
     const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step));
-    LAUNCH(LaunchAdamW(Ptr(param), Ptr(grad), Ptr(exp_avg), Ptr(exp_avg_sq), lr, beta1, beta2, eps,
-                       weight_decay, bc1, bc2, param.numel(), NativeStream(s)));
+    uint16_t* p16 = param_bf16.defined() ? Ptr<uint16_t>(param_bf16) : nullptr;
+    LAUNCH(LaunchAdamW(Ptr(param), Ptr(grad), Ptr(exp_avg), Ptr(exp_avg_sq), p16, grad_scale, lr, beta1,
+                       beta2, eps, weight_decay, bc1, bc2, param.numel(), NativeStream(s)));
     return absl::OkStatus();
   }
 

@@ -183,9 +183,11 @@ cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* 
                                int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
 
 // ---- cuda_optim.cu (AdamW, initialisation) ----
-cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, float lr, float beta1,
-                        float beta2, float eps, float weight_decay, float bc1, float bc2, int64_t n,
-                        cudaStream_t s);
+// param_bf16 (may be null) receives the updated param rounded to bf16; the
+// gradient is read as grad_scale * grad.
+cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, uint16_t* param_bf16,
+                        float grad_scale, float lr, float beta1, float beta2, float eps, float weight_decay,
+                        float bc1, float bc2, int64_t n, cudaStream_t s);
 struct InitBox {
   int rank;
   int64_t local[5];   // the box's shape

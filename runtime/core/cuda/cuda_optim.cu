@@ -5,14 +5,19 @@
 namespace moe::cuda {
 namespace {
 
-__global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float lr, float beta1, float beta2,
-                            float eps, float weight_decay, float bc1, float bc2, int64_t n) {
+// p16 (may be null): the updated p rounded to bf16, the compute copy. g is
+// read as scale * g (the clipping coefficient).
+__global__ void AdamWKernel(float* p, const float* g, float* m, float* v, uint16_t* p16, float scale,
+                            float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+                            float bc2, int64_t n) {
   MOE_GRID_STRIDE(i, n) {
     float pi = p[i], mi = m[i], vi = v[i];
-    kmath::AdamWElement(g[i], lr, beta1, beta2, eps, weight_decay, bc1, bc2, &pi, &mi, &vi);
+    const float gs = scale * g[i];
+    kmath::AdamWElement(gs, lr, beta1, beta2, eps, weight_decay, bc1, bc2, &pi, &mi, &vi);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
+    if (p16 != nullptr) p16[i] = kmath::F32ToBF16(pi);
   }
 }
 
@@ -34,12 +39,12 @@ __global__ void InitNormalKernel(float* p, int64_t n, uint64_t seed, uint32_t k0
 
 }  // namespace
 
-cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, float lr, float beta1,
-                        float beta2, float eps, float weight_decay, float bc1, float bc2, int64_t n,
-                        cudaStream_t s) {
+cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, uint16_t* param_bf16,
+                        float grad_scale, float lr, float beta1, float beta2, float eps, float weight_decay,
+                        float bc1, float bc2, int64_t n, cudaStream_t s) {
   if (n > 0)
-    MOE_LAUNCH(AdamWKernel, GridFor(n), kThreads, 0, s, param, grad, m, v, lr, beta1, beta2, eps,
-               weight_decay, bc1, bc2, n);
+    MOE_LAUNCH(AdamWKernel, GridFor(n), kThreads, 0, s, param, grad, m, v, param_bf16, grad_scale, lr, beta1,
+               beta2, eps, weight_decay, bc1, bc2, n);
   return cudaGetLastError();
 }
 

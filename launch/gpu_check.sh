@@ -11,6 +11,8 @@
 # phase's full output is in build-gpu/gpu_check/). Budget: under 8 minutes on
 # one GPU; each phase has its own time limit, so a hang costs that phase only,
 # and all of them together (after the build) at most MOE_GPU_CHECK_BUDGET_S.
+# Order: benchmarks, training, then the tests (their multi-rank runs are the
+# likeliest to hang, and then cannot starve the measurements of the budget).
 # No test may be skipped, except the NCCL test's multi-rank runs on a machine
 # with fewer GPUs than ranks (NCCL needs one GPU per rank; layout invariance on
 # one GPU runs over the MPI communicator instead).
@@ -76,24 +78,6 @@ limited() {
   [ "$s" -le "$left" ] || s=$left
   set +e; timeout -k 10 "$s" "$@" > "$log" 2>&1; local rc=$?; set -e; return $rc
 }
-
-phase "gpu tests"
-tests_rc=0
-(cd "$BUILD" && limited 300 "$LOGS/tests.log" ctest -L gpu --output-on-failure --timeout 180) || tests_rc=$?
-cp "$BUILD/Testing/Temporary/LastTest.log" "$LOGS/LastTest.log" 2>/dev/null || true
-tests=$(python3 - "$LOGS/tests.log" "$gpu_count" <<'PY'
-import json, re, sys
-res = {}
-for l in open(sys.argv[1], errors="replace"):
-    m = re.search(r"Test +#\d+: (\S+) \.*\s*(\*\*\*)?(Passed|Failed|Skipped|Timeout|Exception|Not Run)?", l)
-    if m and m.group(3): res[m.group(1)] = m.group(3)
-# NCCL needs one GPU per rank: its multi-rank runs may skip on a machine with fewer GPUs.
-allowed = {n for n in res if re.fullmatch(r"comm_nccl_test_np(\d+)", n) and int(n[len("comm_nccl_test_np"):]) > int(sys.argv[2])}
-bad = {n: s for n, s in res.items() if s != "Passed" and not (s == "Skipped" and n in allowed)}
-print(json.dumps({"results": res, "ok": bool(res) and not bad}))
-PY
-) || tests='{"ok": false}'
-cat "$LOGS/tests.log" >&2
 
 phase "benchmarks"
 bench="$BUILD/bin/moe-bench"
@@ -170,6 +154,26 @@ r=[json.loads(x) for x in open(sys.argv[1]) if "\"event\":\"train\"" in x]
 l=[x["loss"] for x in r]
 print(json.dumps({"steps": len(l), "first": l[0] if l else None, "last": l[-1] if l else None,
                   "last_record": r[-1] if r else None}))' "$run/metrics.jsonl" 2>/dev/null || echo '{}')
+
+# The tests come after the measurements: a hanging multi-rank test then costs
+# only its own phase, never the step, MFU and training numbers.
+phase "gpu tests"
+tests_rc=0
+(cd "$BUILD" && limited 300 "$LOGS/tests.log" ctest -L gpu --output-on-failure --timeout 180) || tests_rc=$?
+cp "$BUILD/Testing/Temporary/LastTest.log" "$LOGS/LastTest.log" 2>/dev/null || true
+tests=$(python3 - "$LOGS/tests.log" "$gpu_count" <<'PY'
+import json, re, sys
+res = {}
+for l in open(sys.argv[1], errors="replace"):
+    m = re.search(r"Test +#\d+: (\S+) \.*\s*(\*\*\*)?(Passed|Failed|Skipped|Timeout|Exception|Not Run)?", l)
+    if m and m.group(3): res[m.group(1)] = m.group(3)
+# NCCL needs one GPU per rank: its multi-rank runs may skip on a machine with fewer GPUs.
+allowed = {n for n in res if re.fullmatch(r"comm_nccl_test_np(\d+)", n) and int(n[len("comm_nccl_test_np"):]) > int(sys.argv[2])}
+bad = {n: s for n, s in res.items() if s != "Passed" and not (s == "Skipped" and n in allowed)}
+print(json.dumps({"results": res, "ok": bool(res) and not bad}))
+PY
+) || tests='{"ok": false}'
+cat "$LOGS/tests.log" >&2
 
 memcheck='"not run (MOE_GPU_MEMCHECK=1 runs it)"'
 if [ "${MOE_GPU_MEMCHECK:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then

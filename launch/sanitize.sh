@@ -20,7 +20,8 @@
 #         communicator (progress thread, stream order, receive bounds, host
 #         staging of device buffers), the
 #         watchdog and the fault wrapper, the token exchange, TP, grad-sync,
-#         dispatcher and LLEP layer pipelines, ZeRO-1, the trainer, sync and
+#         dispatcher and LLEP layer pipelines, ZeRO-1, the router's host
+#         threads, the trainer, sync and
 #         async checkpoint saves, resume, host-sync counting, the demo's
 #         end-to-end run, and the CUDA kernels run under the CPU emulation
 #         (flash attention, element-wise, norm, RoPE, cross-entropy: a
@@ -148,7 +149,7 @@ fi
 if want tsan; then
   t0=$(date +%s)
   tsan="$MOE_ROOT/build-tsan"
-  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_demo_smoke_test|core_(flash_attention|cuda_kernels)_emulation_test)$}"
+  tsan_tests="${MOE_TSAN_TESTS:-^(comm_(communicator|stream_order|recv_bounds|watchdog|fault_wrapper)_test|comm_communicator_test_staged_np2|parallel_(token_exchange|grad_sync|alltoall_dispatcher|llep_layer)_test_np2|parallel_(enqueue_order|tensor_parallel)_test|optim_zero_test_2|model_moe_parts_test|runtime_(trainer|host_sync|resume)_test|runtime_checkpoint_test_np2|launch_demo_smoke_test|core_(flash_attention|cuda_kernels)_emulation_test)$}"
   sanitize_configure "$tsan" thread OFF
   cmake --build "$tsan" -j"$jobs" --target $(test_targets "$tsan" -R "$tsan_tests")
   took "build-tsan" "$t0"

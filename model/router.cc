@@ -5,12 +5,19 @@
 #include <functional>
 #include <numeric>
 
+#include "runtime/core/backend.h"
 #include "runtime/core/op_profile.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/rng.h"
 #include "runtime/core/status.h"
 
 namespace moe::model {
+namespace {
+
+// Tokens per chunk of the host's routing loops (~100 ns a token at 8 experts).
+constexpr int64_t kRoutingGrain = 512;
+
+}  // namespace
 
 int64_t RoutingPlan::num_dropped() const {
   int64_t n = 0;
@@ -50,57 +57,66 @@ RoutingPlan ComputeRoutingPlan(absl::Span<const double> scores, absl::Span<const
   const int64_t per_group = grouped ? E / G : E;
   // A group's score: the sum of its top_k / group_topk best selection scores.
   const int64_t group_best = grouped ? std::clamp<int64_t>(k / options.group_topk, 1, per_group) : 0;
-  std::vector<int32_t> order(E), group_order(G);
-  std::vector<double> biased(bias.empty() ? 0 : E), group_score(G), in_group(per_group);
-  for (int64_t t = 0; t < T; ++t) {
-    const double* p = scores.data() + t * E;
-    int32_t* sel = plan.experts.data() + t * k;
-    if (!selection.empty()) {
-      std::copy_n(selection.data() + t * k, k, sel);
-    } else {
-      // Selection scores u = s + b (b only steers the choice).
-      const double* u = p;
-      if (!bias.empty()) {
-        for (int64_t e = 0; e < E; ++e) biased[e] = p[e] + static_cast<double>(bias[e]);
-        u = biased.data();
-      }
-      const auto higher = [u](int32_t a, int32_t b) { return u[a] > u[b] || (u[a] == u[b] && a < b); };
-      int64_t candidates = E;
-      if (grouped) {
-        for (int64_t g = 0; g < G; ++g) {
-          std::copy_n(u + g * per_group, per_group, in_group.begin());
-          std::partial_sort(in_group.begin(), in_group.begin() + group_best, in_group.end(),
-                            std::greater<>());
-          double sum = 0;
-          for (int64_t i = 0; i < group_best; ++i) sum += in_group[i];
-          group_score[g] = sum;
-        }
-        std::iota(group_order.begin(), group_order.end(), 0);
-        std::partial_sort(group_order.begin(), group_order.begin() + options.group_topk, group_order.end(),
-                          [&](int32_t a, int32_t b) {
-                            return group_score[a] > group_score[b] ||
-                                   (group_score[a] == group_score[b] && a < b);
-                          });
-        std::sort(group_order.begin(), group_order.begin() + options.group_topk);
-        candidates = 0;
-        for (int g = 0; g < options.group_topk; ++g) {
-          for (int64_t i = 0; i < per_group; ++i)
-            order[candidates++] = static_cast<int32_t>(group_order[g] * per_group + i);
-        }
+  // Each token's choice and weights alone, on the host's threads (scratch per
+  // chunk); the counts and the capacity below run in token order.
+  HostParallelFor(T, kRoutingGrain, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> order(E), group_order(G);
+    std::vector<double> biased(bias.empty() ? 0 : E), group_score(G), in_group(per_group);
+    for (int64_t t = t0; t < t1; ++t) {
+      const double* p = scores.data() + t * E;
+      int32_t* sel = plan.experts.data() + t * k;
+      if (!selection.empty()) {
+        std::copy_n(selection.data() + t * k, k, sel);
       } else {
-        std::iota(order.begin(), order.end(), 0);
+        // Selection scores u = s + b (b only steers the choice).
+        const double* u = p;
+        if (!bias.empty()) {
+          for (int64_t e = 0; e < E; ++e) biased[e] = p[e] + static_cast<double>(bias[e]);
+          u = biased.data();
+        }
+        const auto higher = [u](int32_t a, int32_t b) { return u[a] > u[b] || (u[a] == u[b] && a < b); };
+        int64_t candidates = E;
+        if (grouped) {
+          for (int64_t g = 0; g < G; ++g) {
+            std::copy_n(u + g * per_group, per_group, in_group.begin());
+            std::partial_sort(in_group.begin(), in_group.begin() + group_best, in_group.end(),
+                              std::greater<>());
+            double sum = 0;
+            for (int64_t i = 0; i < group_best; ++i) sum += in_group[i];
+            group_score[g] = sum;
+          }
+          std::iota(group_order.begin(), group_order.end(), 0);
+          std::partial_sort(group_order.begin(), group_order.begin() + options.group_topk, group_order.end(),
+                            [&](int32_t a, int32_t b) {
+                              return group_score[a] > group_score[b] ||
+                                     (group_score[a] == group_score[b] && a < b);
+                            });
+          std::sort(group_order.begin(), group_order.begin() + options.group_topk);
+          candidates = 0;
+          for (int g = 0; g < options.group_topk; ++g) {
+            for (int64_t i = 0; i < per_group; ++i)
+              order[candidates++] = static_cast<int32_t>(group_order[g] * per_group + i);
+          }
+        }
+        // The k best candidates, best first: descending u, ties to the lower
+        // expert index. Candidates come in ascending index, so an insertion
+        // that moves only past strictly lower entries keeps equal ones first.
+        int filled = 0;
+        for (int64_t i = 0; i < candidates; ++i) {
+          const int32_t c = grouped ? order[i] : static_cast<int32_t>(i);
+          if (filled == k && !higher(c, sel[k - 1])) continue;
+          int pos = filled < k ? filled++ : k - 1;
+          for (; pos > 0 && higher(c, sel[pos - 1]); --pos) sel[pos] = sel[pos - 1];
+          sel[pos] = c;
+        }
       }
-      // Descending u, ties to the lower expert index.
-      std::partial_sort(order.begin(), order.begin() + k, order.begin() + candidates, higher);
-      std::copy_n(order.data(), k, sel);
+      double sum = 0;
+      for (int j = 0; j < k; ++j) sum += p[sel[j]];
+      for (int j = 0; j < k; ++j)
+        plan.weights[t * k + j] = static_cast<float>(options.norm_topk_prob ? p[sel[j]] / sum : p[sel[j]]);
     }
-    double sum = 0;
-    for (int j = 0; j < k; ++j) sum += p[sel[j]];
-    for (int j = 0; j < k; ++j) {
-      plan.weights[t * k + j] = static_cast<float>(options.norm_topk_prob ? p[sel[j]] / sum : p[sel[j]]);
-      ++plan.selected_per_expert[sel[j]];
-    }
-  }
+  });
+  for (int64_t a = 0; a < T * k; ++a) ++plan.selected_per_expert[plan.experts[a]];
   if (capacity_factor > 0) {
     plan.capacity = static_cast<int64_t>(
         std::ceil(capacity_factor * static_cast<double>(T) * k / static_cast<double>(E)));
@@ -172,11 +188,16 @@ double Router::Scores(const float* zt, double* s) const {
   const int64_t E = num_experts_;
   const double m = *std::max_element(zt, zt + E);
   double sum = 0;
-  for (int64_t e = 0; e < E; ++e) sum += std::exp(zt[e] - m);
   if (sigmoid_) {
+    for (int64_t e = 0; e < E; ++e) sum += std::exp(zt[e] - m);
     for (int64_t e = 0; e < E; ++e) s[e] = 1.0 / (1.0 + std::exp(-static_cast<double>(zt[e])));
   } else {
-    for (int64_t e = 0; e < E; ++e) s[e] = std::exp(zt[e] - m) / sum;
+    // Each exponential once: kept in s, then normalised.
+    for (int64_t e = 0; e < E; ++e) {
+      s[e] = std::exp(zt[e] - m);
+      sum += s[e];
+    }
+    for (int64_t e = 0; e < E; ++e) s[e] /= sum;
   }
   return m + std::log(sum);
 }
@@ -239,11 +260,13 @@ absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor&
   ASSIGN_OR_RETURN(z_, ToHostFloats(stream, logits));
   probs_.assign(T * E, 0.0);
   lse_.assign(T, 0.0);
+  // Per token on the host's threads (the stream waits for the plan: on a GPU
+  // it idles until routing is done); the z-loss sum stays in token order.
+  HostParallelFor(T, kRoutingGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) lse_[t] = Scores(z_.data() + t * E, probs_.data() + t * E);
+  });
   double z_sum = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    lse_[t] = Scores(z_.data() + t * E, probs_.data() + t * E);
-    z_sum += lse_[t] * lse_[t];
-  }
+  for (int64_t t = 0; t < T; ++t) z_sum += lse_[t] * lse_[t];
   std::vector<int32_t> forced;
   if (moe_.forced_routing().fraction() > 0) {
     forced = ForcedSelection(moe_.forced_routing(), weight_.name, T, E, k);

@@ -17,8 +17,12 @@
 // The forward's [T, E] tail after the GEMM runs on the host: the routing
 // decisions have to reach the host anyway (the dispatcher's counts and the
 // grouped GEMM's offsets are host values), and T x E is small next to the
-// GEMMs. The backward needs no host read: it is ordered on the stream
-// (Backward).
+// GEMMs. But the stream has nothing to run meanwhile (a GPU idles), so the
+// per-token work (scores, choice, weights) runs on the host's threads
+// (HostParallelFor), each exponential once; the sums over tokens (z loss,
+// counts, capacity) stay in token order, so the plan and the losses are the
+// same on any thread count (moe-bench router times it). The backward needs
+// no host read: it is ordered on the stream (Backward).
 //
 // Forced routing (benchmarks, config ForcedRouting): a fraction of all
 // (token, slot) assignments go to the hot_experts experts from first_hot_expert

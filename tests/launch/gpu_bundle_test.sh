@@ -49,8 +49,10 @@ s = json.loads(sys.argv[1])
 expected = [l.strip() for l in open(sys.argv[2]) if l.strip()]
 bad = []
 keys = ["ok", "gpus", "commit", "seconds", "budget_s", "tests", "grouped_gemm_bf16", "model_step", "model_step_gemm_attention",
-        "model_step_flash_attention", "attention", "attention_bf16", "checkpoint", "host_copy", "optim_update", "memcheck", "train"]
+        "model_step_flash_attention", "attention", "attention_bf16", "checkpoint", "host_copy", "optim_update", "router_host", "memcheck", "train"]
 bad += ["missing key " + k for k in keys if k not in s]
+# The router's host benchmark needs no GPU: its figures must be there.
+if "forward_ms" not in ((s.get("router_host") or {}).get("figures") or {}): bad.append("router_host has no forward_ms")
 if s.get("ok") is not False: bad.append("ok is %r, expected false" % s.get("ok"))
 if "H100" not in s.get("gpus", ""): bad.append("gpus is %r" % s.get("gpus"))
 head = sys.argv[3]
@@ -72,13 +74,16 @@ n_tests=$(wc -l < expected_tests.txt)
 n_skips=$(grep -c "^skipped: .*CUDA dev" "$logs/LastTest.log" || true)
 [ "$n_skips" = "$n_tests" ] && echo "ok: $n_tests tests skipped at the device probe" ||
   test_fail "$n_skips of $n_tests tests skipped at the device probe" "$logs/LastTest.log"
-# Every benchmark and the training run stopped at the device probe.
+# Every benchmark and the training run stopped at the device probe, except the
+# router's host benchmark, which runs on the CPU and must give its figures.
 for f in "$logs"/bench_*.log "$logs/train/train.log"; do
-  if ! grep -q "no usable CUDA device" "$f"; then test_fail "$(basename "$f"): not stopped at the device probe" "$f"; fi
+  if [ "$(basename "$f")" = bench_router.log ]; then
+    grep -q '"suite":"router"' "$f" || test_fail "bench_router.log: no measurement" "$f"
+  elif ! grep -q "no usable CUDA device" "$f"; then test_fail "$(basename "$f"): not stopped at the device probe" "$f"; fi
   if grep -q "error while loading shared libraries" "$f"; then test_fail "$(basename "$f"): a library is missing" "$f"; fi
 done
 n_bench=$(ls "$logs"/bench_*.log | wc -l)
-[ "$n_bench" -ge 12 ] && echo "ok: $n_bench benchmark logs" || test_fail "only $n_bench benchmark logs" check.err
+[ "$n_bench" -ge 13 ] && echo "ok: $n_bench benchmark logs" || test_fail "only $n_bench benchmark logs" check.err
 
 # In the bundle's environment, every library of every program resolves to the
 # bundle or to what the GPU machine provides.

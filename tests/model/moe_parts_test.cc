@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <numeric>
 #include <random>
+#include <tuple>
 
 #include "model/erc_loss.h"
 #include "model/experts.h"
@@ -111,6 +113,53 @@ TEST_CASE("Capacity: probs policy keeps the highest weights, ties to the lower t
   // Normalised top-1 weights are all 1: a pure tie, so the lowest tokens win.
   RoutingPlan tie = ComputeRoutingPlan(p, 5, 2, 1, true, 1.0, false);
   CHECK(tie.kept == std::vector<uint8_t>{1, 1, 1, 0, 0});
+}
+
+TEST_CASE("Routing many tokens on the host's threads: a sort's choice, the same plan on any thread count") {
+  // Scores on a grid of eighths, so most tokens hold ties; several chunks of
+  // the host loop (HostParallelFor). Each token's choice must be what a full
+  // sort by (score descending, expert ascending) gives, and the plan must not
+  // depend on how many threads computed it.
+  Backend& cpu = CpuStream().backend();
+  const int before = cpu.num_threads();
+  std::mt19937 rng(11);
+  for (const auto& [E, k, groups, group_topk, capacity] :
+       std::vector<std::tuple<int64_t, int, int, int, double>>{
+           {8, 2, 1, 0, 0.0}, {16, 4, 4, 2, 1.0}, {8, 1, 1, 0, 1.25}, {6, 6, 1, 0, 0.0}}) {
+    INFO("E " << E << " k " << k << " groups " << groups << "/" << group_topk << " capacity " << capacity);
+    const int64_t T = 3001;
+    std::vector<double> s(T * E);
+    for (double& v : s) v = static_cast<double>(rng() % 8) / 8.0;
+    std::vector<float> bias(E);
+    for (float& b : bias) b = static_cast<float>(rng() % 3) / 8.0f;
+    RoutingOptions opt;
+    opt.top_k = k;
+    opt.norm_topk_prob = true;
+    opt.capacity_factor = capacity;
+    opt.num_groups = groups;
+    opt.group_topk = group_topk;
+    cpu.SetNumThreads(1);
+    const RoutingPlan one = ComputeRoutingPlan(s, bias, T, E, opt);
+    cpu.SetNumThreads(4);
+    const RoutingPlan four = ComputeRoutingPlan(s, bias, T, E, opt);
+    CHECK(one.experts == four.experts);
+    CHECK(one.weights == four.weights);
+    CHECK(one.kept == four.kept);
+    CHECK(one.selected_per_expert == four.selected_per_expert);
+    CHECK(one.tokens_per_expert == four.tokens_per_expert);
+    if (groups > 1) continue;  // the group stage is checked by the cases above
+    int64_t wrong = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      const auto u = [&](int32_t e) { return s[t * E + e] + static_cast<double>(bias[e]); };
+      std::sort(order.begin(), order.end(),
+                [&](int32_t a, int32_t b) { return u(a) > u(b) || (u(a) == u(b) && a < b); });
+      for (int j = 0; j < k; ++j) wrong += four.experts[t * k + j] != order[j];
+    }
+    CHECK(wrong == 0);
+  }
+  cpu.SetNumThreads(before);
 }
 
 TEST_CASE("Capacity uses ceil(c T k / E) and T not divisible by E") {

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <numeric>
 #include <random>
-#include <tuple>
 
 #include "model/erc_loss.h"
 #include "model/experts.h"
@@ -123,9 +122,17 @@ TEST_CASE("Routing many tokens on the host's threads: a sort's choice, the same 
   Backend& cpu = CpuStream().backend();
   const int before = cpu.num_threads();
   std::mt19937 rng(11);
-  for (const auto& [E, k, groups, group_topk, capacity] :
-       std::vector<std::tuple<int64_t, int, int, int, double>>{
-           {8, 2, 1, 0, 0.0}, {16, 4, 4, 2, 1.0}, {8, 1, 1, 0, 1.25}, {6, 6, 1, 0, 0.0}}) {
+  struct Setup {
+    int64_t experts;
+    int top_k, groups, group_topk;
+    double capacity;
+  };
+  for (const Setup& setup :
+       std::vector<Setup>{{8, 2, 1, 0, 0.0}, {16, 4, 4, 2, 1.0}, {8, 1, 1, 0, 1.25}, {6, 6, 1, 0, 0.0}}) {
+    // Plain locals: the lambdas below capture them.
+    const int64_t E = setup.experts;
+    const int k = setup.top_k, groups = setup.groups, group_topk = setup.group_topk;
+    const double capacity = setup.capacity;
     INFO("E " << E << " k " << k << " groups " << groups << "/" << group_topk << " capacity " << capacity);
     const int64_t T = 3001;
     std::vector<double> s(T * E);

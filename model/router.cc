@@ -17,6 +17,93 @@ namespace {
 // Tokens per chunk of the host's routing loops (~100 ns a token at 8 experts).
 constexpr int64_t kRoutingGrain = 512;
 
+// One token's k experts, best first, from its selection scores u = s + b (the
+// bias only steers the choice): descending u, ties to the lower expert index;
+// with group-limited routing, only among the experts of the token's
+// group_topk best groups. Holds the scratch of one thread's chunk of tokens.
+class ExpertChooser {
+ public:
+  ExpertChooser(int64_t num_experts, absl::Span<const float> bias, const RoutingOptions& options)
+      : E_(num_experts), k_(options.top_k), bias_(bias), options_(options) {
+    const int64_t G = options.num_groups;
+    grouped_ = options.group_topk > 0 && options.group_topk < G;
+    if (!bias.empty()) biased_.resize(E_);
+    if (grouped_) {
+      per_group_ = E_ / G;
+      // A group's score: the sum of its top_k / group_topk best selection scores.
+      group_best_ = std::clamp<int64_t>(k_ / options.group_topk, 1, per_group_);
+      candidates_.resize(E_);
+      group_order_.resize(G);
+      group_score_.resize(G);
+      in_group_.resize(per_group_);
+    }
+  }
+
+  // Writes the choice for the scores s[0, E) into sel[0, k).
+  void Choose(const double* s, int32_t* sel) {
+    const double* u = s;
+    if (!bias_.empty()) {
+      for (int64_t e = 0; e < E_; ++e) biased_[e] = s[e] + static_cast<double>(bias_[e]);
+      u = biased_.data();
+    }
+    if (grouped_) {
+      const int64_t n = GroupCandidates(u);
+      InsertBest(u, n, candidates_.data(), sel);
+    } else {
+      InsertBest(u, E_, nullptr, sel);
+    }
+  }
+
+ private:
+  // The experts of the group_topk best groups, in ascending index; returns how many.
+  int64_t GroupCandidates(const double* u) {
+    const int64_t G = options_.num_groups;
+    for (int64_t g = 0; g < G; ++g) {
+      std::copy_n(u + g * per_group_, per_group_, in_group_.begin());
+      std::partial_sort(in_group_.begin(), in_group_.begin() + group_best_, in_group_.end(),
+                        std::greater<>());
+      group_score_[g] = std::accumulate(in_group_.begin(), in_group_.begin() + group_best_, 0.0);
+    }
+    std::iota(group_order_.begin(), group_order_.end(), 0);
+    const auto better = [this](int32_t a, int32_t b) {
+      return group_score_[a] > group_score_[b] || (group_score_[a] == group_score_[b] && a < b);
+    };
+    std::partial_sort(group_order_.begin(), group_order_.begin() + options_.group_topk, group_order_.end(),
+                      better);
+    std::sort(group_order_.begin(), group_order_.begin() + options_.group_topk);
+    int64_t n = 0;
+    for (int g = 0; g < options_.group_topk; ++g) {
+      for (int64_t i = 0; i < per_group_; ++i)
+        candidates_[n++] = static_cast<int32_t>(group_order_[g] * per_group_ + i);
+    }
+    return n;
+  }
+
+  // The k best of n candidates (candidates[i], or i where candidates is null),
+  // which come in ascending index: an insertion that moves only past strictly
+  // lower entries keeps equal ones first.
+  void InsertBest(const double* u, int64_t n, const int32_t* candidates, int32_t* sel) const {
+    const auto higher = [u](int32_t a, int32_t b) { return u[a] > u[b] || (u[a] == u[b] && a < b); };
+    int filled = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t c = candidates != nullptr ? candidates[i] : static_cast<int32_t>(i);
+      if (filled == k_ && !higher(c, sel[k_ - 1])) continue;
+      int pos = filled < k_ ? filled++ : k_ - 1;
+      for (; pos > 0 && higher(c, sel[pos - 1]); --pos) sel[pos] = sel[pos - 1];
+      sel[pos] = c;
+    }
+  }
+
+  const int64_t E_;
+  const int k_;
+  const absl::Span<const float> bias_;
+  const RoutingOptions& options_;
+  bool grouped_ = false;
+  int64_t per_group_ = 0, group_best_ = 0;
+  std::vector<double> biased_, group_score_, in_group_;
+  std::vector<int32_t> candidates_, group_order_;
+};
+
 }  // namespace
 
 int64_t RoutingPlan::num_dropped() const {
@@ -52,64 +139,17 @@ RoutingPlan ComputeRoutingPlan(absl::Span<const double> scores, absl::Span<const
   plan.kept.assign(T * k, 1);
   plan.selected_per_expert.assign(E, 0);
   plan.tokens_per_expert.assign(E, 0);
-  const int64_t G = options.num_groups;
-  const bool grouped = options.group_topk > 0 && options.group_topk < G;
-  const int64_t per_group = grouped ? E / G : E;
-  // A group's score: the sum of its top_k / group_topk best selection scores.
-  const int64_t group_best = grouped ? std::clamp<int64_t>(k / options.group_topk, 1, per_group) : 0;
-  // Each token's choice and weights alone, on the host's threads (scratch per
-  // chunk); the counts and the capacity below run in token order.
+  // Each token's choice and weights alone, on the host's threads (a chooser's
+  // scratch per chunk); the counts and the capacity below run in token order.
   HostParallelFor(T, kRoutingGrain, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> order(E), group_order(G);
-    std::vector<double> biased(bias.empty() ? 0 : E), group_score(G), in_group(per_group);
+    ExpertChooser chooser(E, bias, options);
     for (int64_t t = t0; t < t1; ++t) {
       const double* p = scores.data() + t * E;
       int32_t* sel = plan.experts.data() + t * k;
-      if (!selection.empty()) {
+      if (selection.empty())
+        chooser.Choose(p, sel);
+      else
         std::copy_n(selection.data() + t * k, k, sel);
-      } else {
-        // Selection scores u = s + b (b only steers the choice).
-        const double* u = p;
-        if (!bias.empty()) {
-          for (int64_t e = 0; e < E; ++e) biased[e] = p[e] + static_cast<double>(bias[e]);
-          u = biased.data();
-        }
-        const auto higher = [u](int32_t a, int32_t b) { return u[a] > u[b] || (u[a] == u[b] && a < b); };
-        int64_t candidates = E;
-        if (grouped) {
-          for (int64_t g = 0; g < G; ++g) {
-            std::copy_n(u + g * per_group, per_group, in_group.begin());
-            std::partial_sort(in_group.begin(), in_group.begin() + group_best, in_group.end(),
-                              std::greater<>());
-            double sum = 0;
-            for (int64_t i = 0; i < group_best; ++i) sum += in_group[i];
-            group_score[g] = sum;
-          }
-          std::iota(group_order.begin(), group_order.end(), 0);
-          std::partial_sort(group_order.begin(), group_order.begin() + options.group_topk, group_order.end(),
-                            [&](int32_t a, int32_t b) {
-                              return group_score[a] > group_score[b] ||
-                                     (group_score[a] == group_score[b] && a < b);
-                            });
-          std::sort(group_order.begin(), group_order.begin() + options.group_topk);
-          candidates = 0;
-          for (int g = 0; g < options.group_topk; ++g) {
-            for (int64_t i = 0; i < per_group; ++i)
-              order[candidates++] = static_cast<int32_t>(group_order[g] * per_group + i);
-          }
-        }
-        // The k best candidates, best first: descending u, ties to the lower
-        // expert index. Candidates come in ascending index, so an insertion
-        // that moves only past strictly lower entries keeps equal ones first.
-        int filled = 0;
-        for (int64_t i = 0; i < candidates; ++i) {
-          const int32_t c = grouped ? order[i] : static_cast<int32_t>(i);
-          if (filled == k && !higher(c, sel[k - 1])) continue;
-          int pos = filled < k ? filled++ : k - 1;
-          for (; pos > 0 && higher(c, sel[pos - 1]); --pos) sel[pos] = sel[pos - 1];
-          sel[pos] = c;
-        }
-      }
       double sum = 0;
       for (int j = 0; j < k; ++j) sum += p[sel[j]];
       for (int j = 0; j < k; ++j)

@@ -263,7 +263,7 @@ absl::Status RunModel(const Args& args, Reporter& reporter) {
                  {"forward_ms", 1e3 * fwd_s / steps, "ms"},
                  {"backward_ms", 1e3 * bwd_s / steps, "ms"},
                  {"clip_ms", 1e3 * clip_s / steps, "ms"},
-                 {"adamw_ms", 1e3 * opt_s / steps, "ms"},
+                 {"optimizer_ms", 1e3 * opt_s / steps, "ms"},
                  {"step_ms", 1e3 * step_s, "ms"},
                  {"model_gflops", model_gflops, "GFLOP/s"},
                  {"sgemm_gflops", sgemm_gflops, "GFLOP/s"},

@@ -67,7 +67,7 @@ bool CountsInGlobalNorm(const parallel::Parameter& p, const parallel::RankLayout
 
 absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
                                       const parallel::ProcessGroups& groups) {
-  std::vector<const Tensor*> counted;
+  std::vector<Tensor> counted;
   for (const parallel::Parameter* p : params) {
     if (!CountsInGlobalNorm(*p, groups.layout)) continue;
     if (!p->grad.defined() || p->grad.dtype() != DType::kF32) {
@@ -75,22 +75,20 @@ absl::StatusOr<double> GlobalGradNorm(const parallel::ParameterList& params,
                                                      p->grad.defined() ? p->grad.ToString() : "no gradient",
                                                      "; an f32 gradient is needed"));
     }
-    counted.push_back(&p->grad);
+    counted.push_back(p->grad);
   }
   // Everything on the gradients' device, ordered on its default stream: one
   // partial sum of squares per counted tensor (each accumulated in double by
-  // the kernel), their sum, the world all-reduce (data plane, stream-ordered),
-  // and then the step's one small host read of the result.
+  // the kernel; one list op, so a few launches), their sum, the world
+  // all-reduce (data plane, stream-ordered), and then the step's one small
+  // host read of the result.
   const Device device = params.size() > 0 ? params[0]->grad.device() : groups.world->device();
   ASSIGN_OR_RETURN(Backend * backend, GetBackend(device));
   Stream& stream = backend->default_stream();
   const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(counted.size()));
   ASSIGN_OR_RETURN(Tensor parts, Tensor::ZerosOn(stream, Shape{n}, DType::kF32, MemoryCategory::kOther));
   ASSIGN_OR_RETURN(Tensor total, Tensor::Empty(*backend, Shape{1}, DType::kF32, MemoryCategory::kOther));
-  for (size_t i = 0; i < counted.size(); ++i) {
-    const int64_t j = static_cast<int64_t>(i);
-    RETURN_IF_ERROR(ops::ReduceSumSquares(stream, *counted[i], parts.Slice(j, j + 1)));
-  }
+  if (!counted.empty()) RETURN_IF_ERROR(ops::ReduceSumSquares(stream, counted, parts));
   RETURN_IF_ERROR(ops::ReduceSum(stream, parts, total));
   comm::Communicator& world = *groups.world;
   // Stream-ordered on the gradients' device: a communicator of that device,

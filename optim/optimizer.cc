@@ -195,7 +195,20 @@ absl::Status Optimizer::Partition(parallel::ParameterList& params, const paralle
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::Update(const ParamState& s, double lr, double grad_scale) {
+AdamWTarget Optimizer::AdamWTargetOf(const ParamState& s) const {
+  const int64_t n = s.end - s.begin;
+  AdamWTarget t;
+  t.param = FlatRange(s.param->value, s.begin, s.end);
+  t.grad = FlatRange(s.param->grad, s.begin, s.end);
+  t.exp_avg = s.tensors[0].second.Reshape(Shape{n});
+  t.exp_avg_sq = s.tensors[1].second.Reshape(Shape{n});
+  // One pass: the kernel writes the compute copy from the updated value.
+  t.param_bf16 = ComputeRange(*s.param, s.begin, s.end);
+  t.weight_decay = static_cast<float>(WeightDecayOf(*s.param));
+  return t;
+}
+
+absl::Status Optimizer::SgdUpdate(const ParamState& s, double lr, double grad_scale) {
   Stream& stream = backend_->default_stream();
   const Tensor p = FlatRange(s.param->value, s.begin, s.end);
   const Tensor g = FlatRange(s.param->grad, s.begin, s.end);
@@ -203,14 +216,6 @@ absl::Status Optimizer::Update(const ParamState& s, double lr, double grad_scale
   const Tensor c = ComputeRange(*s.param, s.begin, s.end);
   const int64_t n = s.end - s.begin;
   const double wd = WeightDecayOf(*s.param);
-  if (options_.type == OptimizerType::kAdamW) {
-    const Tensor m = s.tensors[0].second.Reshape(Shape{n});
-    const Tensor v = s.tensors[1].second.Reshape(Shape{n});
-    // One pass: the kernel writes the compute copy from the updated value.
-    return ops::AdamW(stream, p, g, m, v, static_cast<float>(lr), static_cast<float>(options_.beta1),
-                      static_cast<float>(options_.beta2), static_cast<float>(options_.eps),
-                      static_cast<float>(wd), step_, c, static_cast<float>(grad_scale));
-  }
   if (options_.momentum > 0) {
     // buf = momentum * buf + (scale g + wd * p); p -= lr * buf.
     const Tensor buf = s.tensors[0].second.Reshape(Shape{n});
@@ -232,9 +237,24 @@ absl::Status Optimizer::Step(double lr, double grad_scale) {
         "optimizer step ", step_ + 1, ": grad_scale = ", grad_scale, " must be finite and positive"));
   }
   ++step_;
-  for (const ParamState& s : states_) {
-    absl::Status st = Update(s, lr, grad_scale);
-    if (!st.ok()) return Annotate(st, absl::StrCat("optimizer step ", step_, ", parameter ", s.param->name));
+  if (options_.type == OptimizerType::kAdamW) {
+    // Every parameter in one list op: a few launches on a GPU, not one each.
+    std::vector<AdamWTarget> targets;
+    targets.reserve(states_.size());
+    for (const ParamState& s : states_) targets.push_back(AdamWTargetOf(s));
+    absl::Status st = ops::AdamW(backend_->default_stream(), targets, static_cast<float>(lr),
+                                 static_cast<float>(options_.beta1), static_cast<float>(options_.beta2),
+                                 static_cast<float>(options_.eps), step_, static_cast<float>(grad_scale));
+    if (!st.ok()) {
+      return Annotate(st, absl::StrCat("optimizer step ", step_, " (targets[i]: parameter i of ",
+                                       states_.size(), " in the model's order)"));
+    }
+  } else {
+    for (const ParamState& s : states_) {
+      absl::Status st = SgdUpdate(s, lr, grad_scale);
+      if (!st.ok())
+        return Annotate(st, absl::StrCat("optimizer step ", step_, ", parameter ", s.param->name));
+    }
   }
   // The gathers follow the updates on the same stream: no host wait.
   for (const FlatGroup& g : groups_) {

@@ -20,6 +20,8 @@
 //   caller does not refresh. AdamW writes it in the update's own pass (one
 //   read of the master, not two); SGD casts after its update; under ZeRO-1 the
 //   other ranks' updates are cast as they arrive from the all-gather.
+// - AdamW updates every parameter (range) in one call of the list form of
+//   ops::AdamW: on a GPU one launch per 32 parameters, not one each.
 // - Every parameter's value and grad are f32 on one device; Step enqueues its
 //   ops (and, under ZeRO-1, the stream-ordered all-gathers) on that device's
 //   default stream and returns without a host wait: later work on the stream
@@ -72,6 +74,7 @@
 #include "parallel/parameter.h"
 #include "parallel/process_groups.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/kernels.h"  // AdamWTarget
 #include "runtime/core/tensor.h"
 
 namespace moe::config {
@@ -164,7 +167,10 @@ class Optimizer {
 
   Optimizer(const OptimizerOptions& options, Backend* backend);
   absl::Status Partition(parallel::ParameterList& params, const parallel::ProcessGroups* groups);
-  absl::Status Update(const ParamState& s, double lr, double grad_scale);
+  // SGD's update of one state's range (AdamW updates every range in one list op).
+  absl::Status SgdUpdate(const ParamState& s, double lr, double grad_scale);
+  // The AdamW list op's target for one state's range.
+  AdamWTarget AdamWTargetOf(const ParamState& s) const;
   absl::Status Gather(const FlatGroup& g);
 
   OptimizerOptions options_;

@@ -319,6 +319,21 @@ class Bf16StagingKernels : public Kernels {
                        weight_decay, step);
   }
 
+  // The list forms: f32 lists go to the backend's own (one launch for many);
+  // a bf16 tensor to sum makes the default's one-tensor calls, staged above.
+  absl::Status FillMany(S& s, absl::Span<const Tensor> ts, double value) override {
+    return f32_->FillMany(s, ts, value);
+  }
+  absl::Status ReduceSumSquaresMany(S& s, absl::Span<const Tensor> xs, T out) override {
+    for (const Tensor& x : xs)
+      if (x.dtype() == DType::kBF16) return Kernels::ReduceSumSquaresMany(s, xs, out);
+    return f32_->ReduceSumSquaresMany(s, xs, out);
+  }
+  absl::Status AdamWMany(S& s, absl::Span<const AdamWTarget> targets, float grad_scale, float lr, float beta1,
+                         float beta2, float eps, int64_t step) override {
+    return f32_->AdamWMany(s, targets, grad_scale, lr, beta1, beta2, eps, step);
+  }
+
  private:
   bool Native(std::initializer_list<const Tensor*> tensors) const {
     return options_.native_attention != nullptr &&

@@ -19,6 +19,13 @@
 
 namespace moe {
 
+// One parameter's tensors for the AdamW step over a list (ops.h AdamW over
+// targets): param_bf16 may be undefined; weight_decay is the parameter's own.
+struct AdamWTarget {
+  Tensor param, grad, exp_avg, exp_avg_sq, param_bf16;
+  float weight_decay = 0;
+};
+
 class Kernels {
  public:
   virtual ~Kernels() = default;
@@ -72,6 +79,16 @@ class Kernels {
   virtual absl::Status AdamW(S& s, T param, T grad, T exp_avg, T exp_avg_sq, T param_bf16, float grad_scale,
                              float lr, float beta1, float beta2, float eps, float weight_decay,
                              int64_t step) = 0;
+
+  // The list forms (ops.h): the same work as the one-tensor op on each
+  // element, so the same results bit for bit; a backend whose launches cost
+  // (a GPU) overrides them to do the whole list in a few launches. These
+  // defaults (kernels.cc) call the one-tensor op for each element in order.
+  virtual absl::Status FillMany(S& s, absl::Span<const Tensor> ts, double value);
+  // out[i] = the sum of squares of xs[i] (out: f32 [xs.size()]).
+  virtual absl::Status ReduceSumSquaresMany(S& s, absl::Span<const Tensor> xs, T out);
+  virtual absl::Status AdamWMany(S& s, absl::Span<const AdamWTarget> targets, float grad_scale, float lr,
+                                 float beta1, float beta2, float eps, int64_t step);
 };
 
 }  // namespace moe

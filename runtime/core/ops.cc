@@ -2,7 +2,12 @@
 // backend's kernel.
 #include "runtime/core/ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -690,32 +695,137 @@ absl::Status InitNormal(Stream& s, const Tensor& t, uint64_t seed, absl::string_
   return InitNormal(s, t, seed, name, t.shape(), zeros, std);
 }
 
-absl::Status AdamW(Stream& s, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
-                   const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
-                   float weight_decay, int64_t step, const Tensor& param_bf16, float grad_scale) {
+namespace {
+
+// One AdamW target's tensors; `prefix` names it in a list ("targets[3].").
+absl::Status CheckAdamWTensors(Stream& s, const std::string& prefix, const Tensor& param, const Tensor& grad,
+                               const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16) {
   const char* op = "AdamW";
-  RETURN_IF_ERROR(Supported(op, s, OpKind::kAdamW));
   const std::pair<const char*, const Tensor*> f32_args[] = {
       {"param", &param}, {"grad", &grad}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
   for (auto [name, t] : f32_args) {
-    RETURN_IF_ERROR(F32(op, s, name, *t));
-    RETURN_IF_ERROR(Numel(op, name, *t, param.numel()));
+    const std::string full = prefix + name;
+    RETURN_IF_ERROR(F32(op, s, full.c_str(), *t));
+    RETURN_IF_ERROR(Numel(op, full.c_str(), *t, param.numel()));
   }
   if (param_bf16.defined()) {
-    RETURN_IF_ERROR(Arg(op, s, "param_bf16", param_bf16, DType::kBF16));
-    RETURN_IF_ERROR(Numel(op, "param_bf16", param_bf16, param.numel()));
+    const std::string full = prefix + "param_bf16";
+    RETURN_IF_ERROR(Arg(op, s, full.c_str(), param_bf16, DType::kBF16));
+    RETURN_IF_ERROR(Numel(op, full.c_str(), param_bf16, param.numel()));
     for (auto [name, t] : f32_args) {
       if (t->Overlaps(param_bf16))
-        return Bad(
-            op, absl::StrCat("param_bf16 ", param_bf16.ToString(), " overlaps ", name, " ", t->ToString()));
+        return Bad(op, absl::StrCat(full, " ", param_bf16.ToString(), " overlaps ", prefix, name, " ",
+                                    t->ToString()));
     }
   }
-  if (step < 1) return Bad(op, absl::StrCat("step = ", step, " must be >= 1"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckAdamWScalars(int64_t step, float grad_scale) {
+  if (step < 1) return Bad("AdamW", absl::StrCat("step = ", step, " must be >= 1"));
   if (!std::isfinite(grad_scale))
-    return Bad(op, absl::StrCat("grad_scale = ", grad_scale, " must be finite"));
+    return Bad("AdamW", absl::StrCat("grad_scale = ", grad_scale, " must be finite"));
+  return absl::OkStatus();
+}
+
+// The list elements' tensors (name, tensor; element_of: which element each
+// belongs to) overlap no tensor of another element, so that a backend may
+// run the elements at once. A sweep in address order keeps the furthest-
+// reaching tensor so far and the furthest of any other element.
+absl::Status NoOverlapAcross(const char* op, const std::vector<std::pair<std::string, Tensor>>& named,
+                             const std::vector<size_t>& element_of) {
+  const auto begin = [&](size_t j) { return reinterpret_cast<uintptr_t>(named[j].second.raw_data()); };
+  const auto end = [&](size_t j) { return begin(j) + named[j].second.nbytes(); };
+  std::vector<size_t> order;
+  for (size_t i = 0; i < named.size(); ++i)
+    if (named[i].second.defined() && named[i].second.nbytes() > 0) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return begin(a) < begin(b); });
+  constexpr size_t kNone = ~size_t{0};
+  size_t best = kNone, other = kNone;  // other: the furthest with an element other than best's
+  for (size_t i : order) {
+    const size_t witness = best != kNone && element_of[best] != element_of[i] ? best : other;
+    if (witness != kNone && end(witness) > begin(i)) {
+      return Bad(op, absl::StrCat(named[i].first, " ", named[i].second.ToString(), " overlaps ",
+                                  named[witness].first, " ", named[witness].second.ToString(),
+                                  " (the list's elements must be disjoint)"));
+    }
+    if (best != kNone && element_of[best] == element_of[i]) {
+      if (end(i) > end(best)) best = i;
+    } else if (best == kNone || end(i) > end(best)) {
+      other = best;
+      best = i;
+    } else if (other == kNone || end(i) > end(other)) {
+      other = i;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status AdamW(Stream& s, const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
+                   const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
+                   float weight_decay, int64_t step, const Tensor& param_bf16, float grad_scale) {
+  RETURN_IF_ERROR(Supported("AdamW", s, OpKind::kAdamW));
+  RETURN_IF_ERROR(CheckAdamWTensors(s, "", param, grad, exp_avg, exp_avg_sq, param_bf16));
+  RETURN_IF_ERROR(CheckAdamWScalars(step, grad_scale));
   ProfileScope scope(s, OpKind::kAdamW);
   return s.backend().kernels().AdamW(s, param, grad, exp_avg, exp_avg_sq, param_bf16, grad_scale, lr, beta1,
                                      beta2, eps, weight_decay, step);
+}
+
+absl::Status Fill(Stream& s, absl::Span<const Tensor> ts, double value) {
+  RETURN_IF_ERROR(Supported("Fill", s, OpKind::kFill));
+  std::vector<std::pair<std::string, Tensor>> named;
+  std::vector<size_t> element_of;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const std::string name = absl::StrCat("ts[", i, "]");
+    RETURN_IF_ERROR(Arg("Fill", s, name.c_str(), ts[i], ts[i].dtype()));
+    if (ts[i].dtype() == DType::kU8) return Bad("Fill", absl::StrCat(name, ": u8 tensors are not supported"));
+    named.emplace_back(name, ts[i]);
+    element_of.push_back(i);
+  }
+  RETURN_IF_ERROR(NoOverlapAcross("Fill", named, element_of));
+  ProfileScope scope(s, OpKind::kFill);
+  return s.backend().kernels().FillMany(s, ts, value);
+}
+
+absl::Status ReduceSumSquares(Stream& s, absl::Span<const Tensor> xs, const Tensor& out) {
+  const char* op = "ReduceSumSquares";
+  RETURN_IF_ERROR(Supported(op, s, OpKind::kReduceSumSquares));
+  RETURN_IF_ERROR(F32(op, s, "out", out));
+  RETURN_IF_ERROR(Numel(op, "out", out, static_cast<int64_t>(xs.size())));
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string name = absl::StrCat("xs[", i, "]");
+    RETURN_IF_ERROR(Flt(op, s, name.c_str(), xs[i]));
+    RETURN_IF_ERROR(NoOverlap(op, name.c_str(), xs[i], "out", out));
+  }
+  ProfileScope scope(s, OpKind::kReduceSumSquares);
+  return s.backend().kernels().ReduceSumSquaresMany(s, xs, out);
+}
+
+absl::Status AdamW(Stream& s, absl::Span<const AdamWTarget> targets, float lr, float beta1, float beta2,
+                   float eps, int64_t step, float grad_scale) {
+  RETURN_IF_ERROR(Supported("AdamW", s, OpKind::kAdamW));
+  std::vector<std::pair<std::string, Tensor>> named;
+  std::vector<size_t> element_of;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const AdamWTarget& t = targets[i];
+    const std::string prefix = absl::StrCat("targets[", i, "].");
+    RETURN_IF_ERROR(CheckAdamWTensors(s, prefix, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16));
+    for (auto [name, tensor] : {std::pair<const char*, const Tensor*>{"param", &t.param},
+                                {"grad", &t.grad},
+                                {"exp_avg", &t.exp_avg},
+                                {"exp_avg_sq", &t.exp_avg_sq},
+                                {"param_bf16", &t.param_bf16}}) {
+      named.emplace_back(prefix + name, *tensor);
+      element_of.push_back(i);
+    }
+  }
+  RETURN_IF_ERROR(NoOverlapAcross("AdamW", named, element_of));
+  RETURN_IF_ERROR(CheckAdamWScalars(step, grad_scale));
+  ProfileScope scope(s, OpKind::kAdamW);
+  return s.backend().kernels().AdamWMany(s, targets, grad_scale, lr, beta1, beta2, eps, step);
 }
 
 }  // namespace moe::ops

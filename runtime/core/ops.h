@@ -53,6 +53,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/kernels.h"  // AdamWTarget
 #include "runtime/core/tensor.h"
 
 namespace moe::ops {
@@ -263,6 +264,23 @@ absl::Status AdamW(Stream& stream, const Tensor& param, const Tensor& grad, cons
                    const Tensor& exp_avg_sq, float lr, float beta1, float beta2, float eps,
                    float weight_decay, int64_t step, const Tensor& param_bf16 = Tensor(),
                    float grad_scale = 1.0f);
+
+// ---- List forms ----------------------------------------------------------------
+// The one-tensor op on each element of a list, bit for bit, in as few
+// launches as the backend can: a GPU pays a fixed cost per launch, and a
+// training step has a gradient, a norm term and an update per parameter
+// (hundreds at 16 layers). The optimizer, the gradient norm and
+// Model::ZeroGrads use these. The elements must not overlap each other (nor,
+// for ReduceSumSquares, `out`).
+
+// Fill on each tensor of `ts` (not u8).
+absl::Status Fill(Stream& stream, absl::Span<const Tensor> ts, double value);
+// out[i] = the sum of squares of xs[i] ([f32] out of xs.size() elements; xs [any]).
+absl::Status ReduceSumSquares(Stream& stream, absl::Span<const Tensor> xs, const Tensor& out);
+// AdamW on each target (kernels.h AdamWTarget: its tensors as AdamW's, and
+// its own weight decay), with one lr, betas, eps, step and grad_scale.
+absl::Status AdamW(Stream& stream, absl::Span<const AdamWTarget> targets, float lr, float beta1, float beta2,
+                   float eps, int64_t step, float grad_scale = 1.0f);
 
 }  // namespace moe::ops
 

@@ -419,12 +419,16 @@ inline void* Offset(void* p, cudaDataType t, long long elements) {
 // A null matrix pointer found when the work runs is a device fault: the call's
 // CUBLAS_STATUS_EXECUTION_FAILED when it runs at once, an abort when queued.
 template <typename Work>
-cublasStatus_t Enqueue(cublasHandle_t handle, Work work) {
+cublasStatus_t Enqueue(cublasHandle_t handle, const char* api, Work work) {
+  static_cast<void>(api);     // named to the census only where one is kept
   static_cast<void>(handle);  // unused when the work runs at once
 #ifdef MOE_CUBLAS_EMULATION_DEVICE
   // A handle works on the device that was current at its creation: its
   // kernels cannot launch from a thread with another device current.
   if (handle->device != MOE_CUBLAS_EMULATION_DEVICE) return CUBLAS_STATUS_EXECUTION_FAILED;
+#endif
+#ifdef MOE_CUBLAS_EMULATION_COUNT
+  MOE_CUBLAS_EMULATION_COUNT(api);
 #endif
 #ifdef MOE_CUBLAS_EMULATION_SUBMIT
   MOE_CUBLAS_EMULATION_SUBMIT(handle->stream, [work]() mutable {
@@ -447,7 +451,8 @@ cublasStatus_t UniformBatch(cublasHandle_t handle, cublasOperation_t transa, cub
                             int64_t m, int64_t n, int64_t k, const void* alpha, cudaDataType a_type,
                             int64_t lda, cudaDataType b_type, int64_t ldb, const void* beta,
                             cudaDataType c_type, int64_t ldc, int64_t batch_count, bool arrays_present,
-                            cublasComputeType_t compute, cublasGemmAlgo_t algo, MatrixOf matrix) {
+                            cublasComputeType_t compute, cublasGemmAlgo_t algo, const char* api,
+                            MatrixOf matrix) {
   if (!IsLive(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (cublasStatus_t s = CheckShape(transa, transb, m, n, k, lda, ldb, ldc); s != CUBLAS_STATUS_SUCCESS)
     return s;
@@ -465,7 +470,7 @@ cublasStatus_t UniformBatch(cublasHandle_t handle, cublasOperation_t transa, cub
   std::memcpy(&beta_v, beta, sizeof beta_v);
   const Gemm shape{transa, transb,  m,      n,   k,       alpha_v, beta_v, nullptr, a_type,
                    lda,    nullptr, b_type, ldb, nullptr, c_type,  ldc,    rounding};
-  return Enqueue(handle, [shape, batch_count, matrix]() {
+  return Enqueue(handle, api, [shape, batch_count, matrix]() {
     Gemm g = shape;
     for (int64_t i = 0; i < batch_count; ++i) {
       matrix(i, &g.a, &g.b, &g.c);
@@ -529,7 +534,7 @@ cublasStatus_t Grouped(cublasHandle_t handle, const cublasOperation_t transa_arr
   // Aarray, Barray and Carray hold problem_count = sum(group_size) pointers,
   // group after group: group gi's group_size[gi] problems follow those of
   // groups 0 .. gi-1 (a group of size 0 takes none).
-  return Enqueue(handle, [groups, Aarray, Barray, Carray]() {
+  return Enqueue(handle, "cublasGemmGroupedBatchedEx", [groups, Aarray, Barray, Carray]() {
     for (int pass = 0; pass < 2; ++pass) {  // check every pointer, then run
       int64_t p = 0;
       for (const Group& group : groups) {
@@ -671,7 +676,7 @@ inline cublasStatus_t cublasGemmEx_64(cublasHandle_t handle, cublasOperation_t t
                                       void* C, cudaDataType Ctype, int64_t ldc,
                                       cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
   return moe::cublas_emulation::UniformBatch(handle, transa, transb, m, n, k, alpha, Atype, lda, Btype, ldb,
-                                             beta, Ctype, ldc, 1, true, computeType, algo,
+                                             beta, Ctype, ldc, 1, true, computeType, algo, "cublasGemmEx",
                                              [=](int64_t, const void** a, const void** b, void** c) {
                                                *a = A;
                                                *b = B;
@@ -697,13 +702,13 @@ inline cublasStatus_t cublasGemmBatchedEx_64(cublasHandle_t handle, cublasOperat
                                              int64_t batchCount, cublasComputeType_t computeType,
                                              cublasGemmAlgo_t algo) {
   const bool arrays = Aarray != nullptr && Barray != nullptr && Carray != nullptr;
-  return moe::cublas_emulation::UniformBatch(handle, transa, transb, m, n, k, alpha, Atype, lda, Btype, ldb,
-                                             beta, Ctype, ldc, batchCount, arrays, computeType, algo,
-                                             [=](int64_t i, const void** a, const void** b, void** c) {
-                                               *a = Aarray[i];
-                                               *b = Barray[i];
-                                               *c = Carray[i];
-                                             });
+  return moe::cublas_emulation::UniformBatch(
+      handle, transa, transb, m, n, k, alpha, Atype, lda, Btype, ldb, beta, Ctype, ldc, batchCount, arrays,
+      computeType, algo, "cublasGemmBatchedEx", [=](int64_t i, const void** a, const void** b, void** c) {
+        *a = Aarray[i];
+        *b = Barray[i];
+        *c = Carray[i];
+      });
 }
 
 inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
@@ -729,6 +734,7 @@ inline cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t handle, cubla
   using moe::cublas_emulation::Offset;
   return moe::cublas_emulation::UniformBatch(handle, transa, transb, m, n, k, alpha, Atype, lda, Btype, ldb,
                                              beta, Ctype, ldc, batchCount, true, computeType, algo,
+                                             "cublasGemmStridedBatchedEx",
                                              [=](int64_t i, const void** a, const void** b, void** c) {
                                                *a = Offset(A, Atype, i * strideA);
                                                *b = Offset(B, Btype, i * strideB);

@@ -43,6 +43,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -441,6 +442,31 @@ inline void SynchronizeDevice() {
   }
   for (auto& [progress, ticket] : work) progress->WaitFor(ticket);
 }
+// The device work census: how many kernels, library calls, copies, fills
+// and host functions were enqueued, by name (a kernel's function name,
+// "cudaMemcpyAsync DtoH", "cublasGemmStridedBatchedEx", ...), counted as
+// the calls are accepted. A GPU pays a launch's fixed cost (microseconds)
+// for each, whatever its size, so tests bound how many a training step
+// makes (tests/runtime/device_work_test.cc).
+struct WorkCensus {
+  std::mutex mu;
+  std::map<std::string, uint64_t> counts;
+};
+inline WorkCensus& Census() {
+  static WorkCensus* c = new WorkCensus();  // never destroyed (stream workers may outlive static destruction)
+  return *c;
+}
+inline void CountWork(const char* what) {
+  WorkCensus& c = Census();
+  std::lock_guard<std::mutex> lock(c.mu);
+  ++c.counts[what];
+}
+inline std::map<std::string, uint64_t> WorkCensusSnapshot() {
+  WorkCensus& c = Census();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.counts;
+}
+
 // Runs `op` in stream order: now on the null stream.
 inline void Submit(cudaStream_t stream, std::function<void()> op) {
   if (t_in_host_function)
@@ -453,8 +479,8 @@ inline void Submit(cudaStream_t stream, std::function<void()> op) {
 
 // A launch checks its configuration as CUDA does (the error is the launching
 // thread's next cudaGetLastError) and runs in stream order.
-inline void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
-                   std::function<void()> body) {
+inline void Launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t shared_bytes,
+                   cudaStream_t stream, std::function<void()> body) {
   State& s = S();
   if (stream != nullptr && reinterpret_cast<Stream*>(stream)->device != t_device) {
     t_error = cudaErrorInvalidResourceHandle;  // a launch into a stream of another device fails
@@ -475,6 +501,7 @@ inline void Launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
     t_error = cudaErrorInvalidConfiguration;
     return;
   }
+  CountWork(name);
   Submit(stream,
          [grid, block, shared_bytes, body = std::move(body)] { RunKernel(grid, block, shared_bytes, body); });
 }
@@ -730,7 +757,11 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
       (kind == cudaMemcpyDeviceToDevice && (host_from || host_to)) ||
       (kind == cudaMemcpyHostToHost && (!host_from || !host_to)))
     return cudaErrorInvalidValue;  // a kind that the pointers contradict
-  if (host_from && host_to) {      // host to host: synchronous, as CUDA's
+  moe::cuda_emulation::CountWork(host_from && host_to ? "cudaMemcpyAsync HtoH"
+                                 : host_from          ? "cudaMemcpyAsync HtoD"
+                                 : host_to            ? "cudaMemcpyAsync DtoH"
+                                                      : "cudaMemcpyAsync DtoD");
+  if (host_from && host_to) {  // host to host: synchronous, as CUDA's
     if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
     std::memmove(dst, src, bytes);
     return cudaSuccess;
@@ -759,6 +790,7 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStrea
   if (bytes == 0) return cudaSuccess;
   if (dst == nullptr || moe::cuda_emulation::KindOf(dst, bytes) != moe::cuda_emulation::Memory::kDevice)
     return cudaErrorInvalidValue;
+  moe::cuda_emulation::CountWork("cudaMemsetAsync");
   moe::cuda_emulation::Submit(s, [=] { std::memset(dst, value, bytes); });
   return cudaSuccess;
 }
@@ -808,6 +840,7 @@ inline cudaError_t cudaDeviceSynchronize() {
 inline cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* arg) {
   moe::cuda_emulation::NotInHostFunction(
       "cudaLaunchHostFunc called in a host function (cudaLaunchHostFunc); CUDA forbids it");
+  moe::cuda_emulation::CountWork("cudaLaunchHostFunc");
   moe::cuda_emulation::Submit(s, [fn, arg] { moe::cuda_emulation::HostFunctions().Run(fn, arg); });
   return cudaSuccess;
 }
@@ -930,9 +963,9 @@ using std::isinf;
 // The two macros cuda_launch.cuh defines for the real build. Arguments are
 // copied at the launch, as a kernel's are.
 #define MOE_DYNAMIC_SHARED(name) unsigned char* name = moe::cuda_emulation::S().shared
-#define MOE_LAUNCH(kernel, grid, block, shared_bytes, stream, ...)                                          \
-  moe::cuda_emulation::Launch(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(block), shared_bytes, \
-                              stream, [=] { kernel(__VA_ARGS__); })
+#define MOE_LAUNCH(kernel, grid, block, shared_bytes, stream, ...)                                     \
+  moe::cuda_emulation::Launch(reinterpret_cast<const void*>(kernel), #kernel, dim3(grid), dim3(block), \
+                              shared_bytes, stream, [=] { kernel(__VA_ARGS__); })
 
 // ---- CUB: DeviceRadixSort::SortPairs (a stable sort by the key's bits
 // [begin_bit, end_bit), in stream order; the temporary storage is written over).
@@ -950,6 +983,7 @@ struct DeviceRadixSort {
     if (temp_bytes < need || n < 0 || begin_bit < 0 || end_bit > static_cast<int>(sizeof(K) * 8) ||
         begin_bit > end_bit)
       return cudaErrorInvalidValue;
+    moe::cuda_emulation::CountWork("cub::DeviceRadixSort::SortPairs");
     moe::cuda_emulation::Submit(stream, [=] {
       std::memset(temp, 0xab, need);
       std::vector<int> order(n);

@@ -743,5 +743,79 @@ TEST_CASE("AdamW writes the bf16 compute copy in its pass") {
   CHECK(std::string(st.message()).find("overlaps exp_avg") != std::string::npos);
 }
 
+TEST_CASE("the list forms do each element's one-tensor op and refuse overlapping elements") {
+  // Two AdamW targets (one with a bf16 copy, their own weight decays) against
+  // the one-tensor op on clones.
+  const int64_t n0 = 777, n1 = 4099;
+  std::vector<AdamWTarget> list(2);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t n = i == 0 ? n0 : n1;
+    list[i].param = Random({n}, 10 * i + 1);
+    list[i].grad = Random({n}, 10 * i + 2);
+    list[i].exp_avg = Random({n}, 10 * i + 3, 0, 0.1f);
+    list[i].exp_avg_sq = Random({n}, 10 * i + 4, 0, 0.1f);
+    list[i].weight_decay = i == 0 ? 0.1f : 0.0f;
+  }
+  auto copy = Tensor::Empty(Cpu(), {n1}, DType::kBF16, MemoryCategory::kOther);
+  REQUIRE(copy.ok());
+  list[1].param_bf16 = *copy;
+  std::vector<Tensor> p, m, v;
+  for (const AdamWTarget& t : list) {
+    p.push_back(Clone(t.param));
+    m.push_back(Clone(t.exp_avg));
+    v.push_back(Clone(t.exp_avg_sq));
+  }
+  REQUIRE(ops::AdamW(S(), list, 1e-2f, 0.9f, 0.95f, 1e-8f, 3, 0.5f).ok());
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE(ops::AdamW(S(), p[i], list[i].grad, m[i], v[i], 1e-2f, 0.9f, 0.95f, 1e-8f, list[i].weight_decay,
+                       3, Tensor(), 0.5f)
+                .ok());
+    CHECK(Vec(p[i]) == Vec(list[i].param));
+    CHECK(Vec(m[i]) == Vec(list[i].exp_avg));
+    CHECK(Vec(v[i]) == Vec(list[i].exp_avg_sq));
+  }
+  auto cast = Tensor::Empty(Cpu(), {n1}, DType::kBF16, MemoryCategory::kOther);
+  REQUIRE(ops::Cast(S(), list[1].param, *cast).ok());
+  CHECK(std::memcmp(cast->raw_data(), copy->raw_data(), copy->nbytes()) == 0);
+
+  // The sums of squares, into one vector.
+  Tensor out = NewF32({3}), one = NewF32({1});
+  const std::vector<Tensor> xs = {
+      list[0].grad, Tensor::Zeros(Cpu(), {0}, DType::kF32, MemoryCategory::kOther).value(), list[1].grad};
+  REQUIRE(ops::ReduceSumSquares(S(), xs, out).ok());
+  REQUIRE(ops::ReduceSumSquares(S(), xs[2], one).ok());
+  CHECK(Vec(out)[2] == Vec(one)[0]);
+  CHECK(Vec(out)[1] == 0.0f);
+  absl::Status st = ops::ReduceSumSquares(S(), xs, NewF32({2}));
+  CHECK(std::string(st.message()).find("out") != std::string::npos);
+  st = ops::ReduceSumSquares(S(), {list[0].grad, out}, out.Slice(0, 2));
+  CHECK(std::string(st.message()).find("xs[1]") != std::string::npos);
+
+  // Fill.
+  REQUIRE(ops::Fill(S(), {list[0].grad, list[1].grad}, 2.0).ok());
+  CHECK(Vec(list[0].grad) == std::vector<float>(n0, 2.0f));
+  CHECK(Vec(list[1].grad) == std::vector<float>(n1, 2.0f));
+
+  // Elements that share memory could race where a backend runs them at once:
+  // refused, naming both.
+  std::vector<AdamWTarget> shared = {list[0], list[0]};
+  shared[1].exp_avg = Clone(list[0].exp_avg);
+  shared[1].exp_avg_sq = Clone(list[0].exp_avg_sq);
+  shared[1].grad = Clone(list[0].grad);
+  st = ops::AdamW(S(), shared, 1e-2f, 0.9f, 0.95f, 1e-8f, 4);
+  INFO(st.message());
+  CHECK(std::string(st.message()).find("targets[1].param") != std::string::npos);
+  CHECK(std::string(st.message()).find("overlaps targets[0].param") != std::string::npos);
+  Tensor big = NewF32({100});
+  st = ops::Fill(S(), {big.Slice(0, 60), big.Slice(50, 100)}, 1.0);
+  CHECK(std::string(st.message()).find("ts[1]") != std::string::npos);
+  CHECK(ops::Fill(S(), {big.Slice(0, 50), big.Slice(50, 100)}, 1.0).ok());  // adjacent, not overlapping
+  // A bad element is named by its index.
+  std::vector<AdamWTarget> short_grad = {list[0], list[1]};
+  short_grad[1].grad = list[1].grad.Slice(0, n1 - 1);
+  st = ops::AdamW(S(), short_grad, 1e-2f, 0.9f, 0.95f, 1e-8f, 4);
+  CHECK(std::string(st.message()).find("targets[1].grad") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace moe

@@ -527,6 +527,92 @@ TEST_CASE("softmax, losses and routing match the CPU backend") {
         [k](Stream& s, auto& t) { return ops::TopK(s, t[0], k, t[1], t[2]); });
 }
 
+// The list forms run many tensors a launch (kMaxListTensors, cuda_kernels.h);
+// each element must come out as its one-tensor op's, bit for bit: sizes
+// from empty to several reduction blocks, more tensors than one launch
+// takes, some with a bf16 copy and each with its own weight decay.
+TEST_CASE("the list forms of Fill, ReduceSumSquares and AdamW equal their one-tensor ops, bit for bit") {
+  const int64_t sizes[] = {0, 1, 31, 257, 4097, 20000, 70001};
+  const int count = 75;
+  auto bits = [](const Tensor& t) {
+    const Tensor h = Copy(Cpu(), t);
+    return std::vector<uint8_t>(static_cast<const uint8_t*>(h.raw_data()),
+                                static_cast<const uint8_t*>(h.raw_data()) + h.nbytes());
+  };
+  std::vector<Tensor> xs;
+  std::vector<AdamWTarget> list, one;
+  for (int i = 0; i < count; ++i) {
+    const int64_t n = sizes[i % 7];
+    const uint32_t seed = 1000 + 10 * i;
+    xs.push_back(Copy(*g_gpu, Rand({n}, seed, -3, 3)));
+    AdamWTarget a;
+    a.param = Copy(*g_gpu, Rand({n}, seed + 1));
+    a.grad = Copy(*g_gpu, Rand({n}, seed + 2));
+    a.exp_avg = Copy(*g_gpu, Rand({n}, seed + 3));
+    a.exp_avg_sq = Copy(*g_gpu, Rand({n}, seed + 4, 0.0f, 1.0f));
+    if (i % 3 == 0) a.param_bf16 = Copy(*g_gpu, Bf16(Rand({n}, seed + 5)));
+    a.weight_decay = i % 2 == 0 ? 0.1f : 0.0f;
+    AdamWTarget b = a;
+    b.param = Copy(*g_gpu, a.param);
+    b.exp_avg = Copy(*g_gpu, a.exp_avg);
+    b.exp_avg_sq = Copy(*g_gpu, a.exp_avg_sq);
+    if (a.param_bf16.defined()) b.param_bf16 = Copy(*g_gpu, a.param_bf16);
+    list.push_back(a);
+    one.push_back(b);
+  }
+  SECTION("ReduceSumSquares") {
+    auto listed = Tensor::Empty(*g_gpu, {count}, DType::kF32, MemoryCategory::kOther);
+    auto single = Tensor::Empty(*g_gpu, {count}, DType::kF32, MemoryCategory::kOther);
+    REQUIRE((listed.ok() && single.ok()));
+    REQUIRE(ops::Fill(G(), *listed, NAN).ok());  // every element written
+    REQUIRE(ops::ReduceSumSquares(G(), xs, *listed).ok());
+    for (int i = 0; i < count; ++i) REQUIRE(ops::ReduceSumSquares(G(), xs[i], single->Slice(i, i + 1)).ok());
+    REQUIRE(G().Synchronize().ok());
+    CHECK(bits(*listed) == bits(*single));
+    CHECK(Copy(Cpu(), *listed).data<float>()[0] == 0.0f);  // the empty tensor's sum
+  }
+  SECTION("AdamW") {
+    for (int64_t step : {1, 2}) {
+      REQUIRE(ops::AdamW(G(), list, 1e-3f, 0.9f, 0.95f, 1e-8f, step, 0.625f).ok());
+      for (const AdamWTarget& b : one) {
+        REQUIRE(ops::AdamW(G(), b.param, b.grad, b.exp_avg, b.exp_avg_sq, 1e-3f, 0.9f, 0.95f, 1e-8f,
+                           b.weight_decay, step, b.param_bf16, 0.625f)
+                    .ok());
+      }
+    }
+    REQUIRE(G().Synchronize().ok());
+    for (int i = 0; i < count; ++i) {
+      INFO("target " << i << " of " << list[i].param.numel() << " elements");
+      CHECK(bits(list[i].param) == bits(one[i].param));
+      CHECK(bits(list[i].exp_avg) == bits(one[i].exp_avg));
+      CHECK(bits(list[i].exp_avg_sq) == bits(one[i].exp_avg_sq));
+      if (list[i].param_bf16.defined()) CHECK(bits(list[i].param_bf16) == bits(one[i].param_bf16));
+    }
+    // And against the CPU backend's one-tensor op.
+    const AdamWTarget& a = list[6];  // 70001 elements, a bf16 copy
+    Tensor p = Rand({70001}, 1061), g = Rand({70001}, 1062), m = Rand({70001}, 1063);
+    Tensor v = Rand({70001}, 1064, 0.0f, 1.0f);
+    for (int64_t step : {1, 2})
+      REQUIRE(ops::AdamW(Cpu().default_stream(), p, g, m, v, 1e-3f, 0.9f, 0.95f, 1e-8f, a.weight_decay, step,
+                         Tensor(), 0.625f)
+                  .ok());
+    Expect("AdamW list vs cpu", p, a.param, Tol{});
+  }
+  SECTION("Fill") {
+    std::vector<Tensor> ts;
+    for (int i = 0; i < count; ++i)
+      ts.push_back(i % 5 == 0 ? Copy(*g_gpu, Bf16(Rand({sizes[i % 7]}, 7 * i))) : Copy(*g_gpu, xs[i]));
+    REQUIRE(ops::Fill(G(), ts, 0.5).ok());
+    REQUIRE(G().Synchronize().ok());
+    for (int i = 0; i < count; ++i) {
+      const Tensor h = ToF32(Copy(Cpu(), ts[i]));
+      int64_t wrong = 0;
+      for (int64_t j = 0; j < h.numel(); ++j) wrong += h.data<float>()[j] == 0.5f ? 0 : 1;
+      CHECK(wrong == 0);
+    }
+  }
+}
+
 TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU backend") {
   const int64_t n = 23, m = 41, d = 67;
   std::vector<int32_t> idx(m);

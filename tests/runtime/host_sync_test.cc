@@ -16,30 +16,13 @@
 #include <string>
 
 #include "comm/mpi_env.h"
-#include "data/indexed_dataset.h"
 #include "runtime/core/backend.h"
 #include "runtime/host_syncs.h"
 #include "runtime/trainer.h"
+#include "tests/runtime/trainer_test_util.h"
 
 namespace moe {
 namespace {
-
-std::string WriteCorpus(const std::string& dir) {
-  std::filesystem::create_directories(dir);
-  const std::string prefix = dir + "/corpus";
-  auto writer = data::IndexedDatasetWriter::Create(prefix, 257).value();
-  const char* sentences[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
-                             "we like to read good books. ", "the sun is warm today. "};
-  for (int doc = 0; doc < 200; ++doc) {
-    std::string text;
-    for (int i = 0; i < 12; ++i) text += sentences[(doc + i * 3) % 4];
-    std::vector<int32_t> tokens(text.begin(), text.end());
-    tokens.push_back(256);
-    REQUIRE(writer->AddDocument(tokens.data(), tokens.size()).ok());
-  }
-  REQUIRE(writer->Finish().ok());
-  return prefix;
-}
 
 TEST_CASE("a demo training step makes exactly the documented host waits") {
   const int world = comm::MpiEnv::world_size();
@@ -49,12 +32,7 @@ TEST_CASE("a demo training step makes exactly the documented host waits") {
                                                  std::to_string(comm::MpiEnv::world_rank())))
           .string();
   std::filesystem::remove_all(dir);
-  JobConfig config = LoadConfigFile(std::string(MOE_SOURCE_DIR) + "/configs/demo.textproto").value();
-  config.mutable_data()->set_train_path(WriteCorpus(dir));
-  config.mutable_train()->set_run_dir(dir + "/run");
-  config.mutable_train()->set_eval_every(0);
-  config.mutable_checkpoint()->set_dir("");
-  config.mutable_checkpoint()->set_save_every(0);
+  JobConfig config = testing::DemoStepConfig(dir);
   const char* device = std::getenv("MOE_TEST_DEVICE");
   const bool cuda = device != nullptr && std::string(device) == "cuda";
   if (cuda) {

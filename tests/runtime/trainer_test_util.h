@@ -5,6 +5,7 @@
 #define MOE_TESTS_RUNTIME_TRAINER_TEST_UTIL_H_
 
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "data/indexed_dataset.h"
 #include "parallel/parameter.h"
 #include "parallel/process_groups.h"
 #include "runtime/job_config.h"
@@ -31,6 +33,40 @@ inline parallel::ProcessGroups WorldGroups(int tp, int ep) {
   INFO(groups.status().ToString());
   REQUIRE(groups.ok());
   return std::move(*groups);
+}
+
+// A corpus of 200 documents of 12 short English sentences each, byte tokens
+// plus the end-of-document token 256 (vocabulary 257), at dir/corpus; returns
+// that prefix.
+inline std::string WriteSentenceCorpus(const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  const std::string prefix = dir + "/corpus";
+  auto writer = data::IndexedDatasetWriter::Create(prefix, 257);
+  REQUIRE(writer.ok());
+  const char* sentences[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
+                             "we like to read good books. ", "the sun is warm today. "};
+  for (int doc = 0; doc < 200; ++doc) {
+    std::string text;
+    for (int i = 0; i < 12; ++i) text += sentences[(doc + i * 3) % 4];
+    std::vector<int32_t> tokens(text.begin(), text.end());
+    tokens.push_back(256);
+    REQUIRE((*writer)->AddDocument(tokens.data(), tokens.size()).ok());
+  }
+  REQUIRE((*writer)->Finish().ok());
+  return prefix;
+}
+
+// configs/demo.textproto for a few steps in `dir`: trained on the sentence
+// corpus (written there), no evaluation, no checkpoints.
+inline JobConfig DemoStepConfig(const std::string& dir) {
+  auto config = LoadConfigFile(std::string(MOE_SOURCE_DIR) + "/configs/demo.textproto");
+  REQUIRE(config.ok());
+  config->mutable_data()->set_train_path(WriteSentenceCorpus(dir));
+  config->mutable_train()->set_run_dir(dir + "/run");
+  config->mutable_train()->set_eval_every(0);
+  config->mutable_checkpoint()->set_dir("");
+  config->mutable_checkpoint()->set_save_every(0);
+  return *config;
 }
 
 // Every rank waits for every other (collective over every rank).

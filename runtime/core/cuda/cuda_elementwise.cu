@@ -44,6 +44,16 @@ __global__ void FillKernel(void* p, ElemType t, int64_t n, double value) {
   MOE_GRID_STRIDE(i, n) StoreAs(p, t, i, value);
 }
 
+struct FillList {
+  ListBlocks blocks;
+  FillEntry e[kMaxListTensors];
+};
+__global__ void FillListKernel(FillList l, double value) {
+  const int i = ListEntry(l.blocks, blockIdx.x);
+  const FillEntry e = l.e[i];
+  MOE_LIST_STRIDE(j, e.n, l.blocks, i) StoreAs(e.p, e.t, j, value);
+}
+
 __global__ void CastKernel(const void* src, ElemType st, void* dst, ElemType dt, int64_t n) {
   // i64 -> i32 and back go through double, exact for |v| < 2^53 (indices, counts).
   MOE_GRID_STRIDE(i, n) StoreAs(dst, dt, i, LoadAs(src, st, i));
@@ -97,6 +107,12 @@ __global__ void SwiGLUBackwardKernel(ElemIn gate, ElemIn up, ElemIn dout, ElemOu
 
 cudaError_t LaunchFill(void* p, ElemType t, int64_t n, double value, cudaStream_t s) {
   if (n > 0) MOE_LAUNCH(FillKernel, GridFor(n), kThreads, 0, s, p, t, n, value);
+  return cudaGetLastError();
+}
+cudaError_t LaunchFillList(const FillEntry* entries, int count, double value, cudaStream_t s) {
+  FillList l{};
+  if (!PackElementwiseList(&l, entries, count)) return cudaErrorInvalidValue;
+  if (l.blocks.count > 0) MOE_LAUNCH(FillListKernel, TotalBlocks(l.blocks), kThreads, 0, s, l, value);
   return cudaGetLastError();
 }
 cudaError_t LaunchCast(const void* src, ElemType st, void* dst, ElemType dt, int64_t n, cudaStream_t s) {

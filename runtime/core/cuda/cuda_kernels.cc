@@ -5,6 +5,7 @@
 // size) are checked here and named in the error.
 #include "runtime/core/cuda/cuda_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -394,6 +395,53 @@ class CudaKernels : public Kernels {
     uint16_t* p16 = param_bf16.defined() ? Ptr<uint16_t>(param_bf16) : nullptr;
     LAUNCH(LaunchAdamW(Ptr(param), Ptr(grad), Ptr(exp_avg), Ptr(exp_avg_sq), p16, grad_scale, lr, beta1,
                        beta2, eps, weight_decay, bc1, bc2, param.numel(), NativeStream(s)));
+    return absl::OkStatus();
+  }
+
+  // The list forms: kMaxListTensors entries a launch.
+  absl::Status FillMany(S& s, absl::Span<const Tensor> ts, double value) override {
+    std::vector<FillEntry> batch;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      ASSIGN_OR_RETURN(ElemType e, Elem(ts[i].dtype()));
+      batch.push_back(FillEntry{ts[i].raw_data(), e, ts[i].numel()});
+      if (batch.size() == kMaxListTensors || i + 1 == ts.size()) {
+        LAUNCH(LaunchFillList(batch.data(), static_cast<int>(batch.size()), value, NativeStream(s)));
+        batch.clear();
+      }
+    }
+    return absl::OkStatus();
+  }
+  absl::Status ReduceSumSquaresMany(S& s, absl::Span<const Tensor> xs, T out) override {
+    for (const Tensor& x : xs) RETURN_IF_ERROR(F32Only("ReduceSumSquares", {&x, &out}));
+    for (size_t first = 0; first < xs.size(); first += kMaxListTensors) {
+      std::vector<ReduceEntry> batch;
+      for (size_t i = first; i < std::min(xs.size(), first + kMaxListTensors); ++i)
+        batch.push_back(ReduceEntry{Ptr(xs[i]), xs[i].numel()});
+      const int count = static_cast<int>(batch.size());
+      RETURN_IF_ERROR(
+          LaunchWithScratch(s, SumSquaresListScratchBytes(batch.data(), count), [&](void* scratch) {
+            return LaunchSumSquaresList(batch.data(), count, Ptr(out) + first, scratch, NativeStream(s));
+          }));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status AdamWMany(S& s, absl::Span<const AdamWTarget> targets, float grad_scale, float lr, float beta1,
+                         float beta2, float eps, int64_t step) override {
+    const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
+    const float bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), step));
+    std::vector<AdamWEntry> batch;
+    for (size_t i = 0; i < targets.size(); ++i) {
+      const AdamWTarget& t = targets[i];
+      RETURN_IF_ERROR(F32Only("AdamW", {&t.param, &t.grad, &t.exp_avg, &t.exp_avg_sq}));
+      uint16_t* p16 = t.param_bf16.defined() ? Ptr<uint16_t>(t.param_bf16) : nullptr;
+      batch.push_back(AdamWEntry{Ptr(t.param), Ptr(t.grad), Ptr(t.exp_avg), Ptr(t.exp_avg_sq), p16,
+                                 t.param.numel(), t.weight_decay});
+      if (batch.size() == kMaxListTensors || i + 1 == targets.size()) {
+        LAUNCH(LaunchAdamWList(batch.data(), static_cast<int>(batch.size()), grad_scale, lr, beta1, beta2,
+                               eps, bc1, bc2, NativeStream(s)));
+        batch.clear();
+      }
+    }
     return absl::OkStatus();
   }
 

@@ -188,6 +188,38 @@ cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* 
 cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, uint16_t* param_bf16,
                         float grad_scale, float lr, float beta1, float beta2, float eps, float weight_decay,
                         float bc1, float bc2, int64_t n, cudaStream_t s);
+
+// ---- the list forms (ops.h; cuda_elementwise.cu, cuda_reduce.cu, cuda_optim.cu) ----
+// Each launcher takes at most kMaxListTensors entries (their pointers travel
+// in the kernel's parameters, within CUDA's 4 KiB) and does what the
+// one-tensor launcher does for each, in one launch (the sum of squares: two).
+inline constexpr int kMaxListTensors = 32;
+struct FillEntry {
+  void* p;
+  ElemType t;
+  int64_t n;
+};
+cudaError_t LaunchFillList(const FillEntry* entries, int count, double value, cudaStream_t s);
+struct ReduceEntry {
+  const float* x;
+  int64_t n;
+};
+size_t SumSquaresListScratchBytes(const ReduceEntry* entries, int count);
+// out[i] = sum of squares of entry i (as LaunchReduce's kSumSquares with alpha 1, beta 0).
+cudaError_t LaunchSumSquaresList(const ReduceEntry* entries, int count, float* out, void* scratch,
+                                 cudaStream_t s);
+struct AdamWEntry {
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  uint16_t* param_bf16;  // may be null
+  int64_t n;
+  float weight_decay;
+};
+cudaError_t LaunchAdamWList(const AdamWEntry* entries, int count, float grad_scale, float lr, float beta1,
+                            float beta2, float eps, float bc1, float bc2, cudaStream_t s);
+
 struct InitBox {
   int rank;
   int64_t local[5];   // the box's shape

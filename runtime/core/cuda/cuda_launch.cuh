@@ -125,6 +125,50 @@ inline int ElemMode(std::initializer_list<ElemType> types) {
   return f32 ? 0 : bf16 ? 1 : 2;
 }
 
+// ---- the list forms (ops.h): up to kMaxListTensors tensors a launch -----------
+// Entry i owns the grid's blocks [first[i], first[i + 1]): as many as the
+// one-tensor kernel would launch for it, so each element gets the same work
+// and the same arithmetic (the results are the one-tensor op's, bit for bit).
+struct ListBlocks {
+  int count;
+  int first[kMaxListTensors + 1];
+};
+// The entry that owns block b (count <= kMaxListTensors: a linear scan).
+__device__ inline int ListEntry(const ListBlocks& l, int64_t b) {
+  int i = 0;
+  while (i + 1 < l.count && b >= l.first[i + 1]) ++i;
+  return i;
+}
+// Appends an entry of `blocks` blocks.
+inline void ListAppend(ListBlocks* l, int64_t blocks) {
+  if (l->count == 0) l->first[0] = 0;
+  l->first[l->count + 1] = l->first[l->count] + static_cast<int>(blocks);
+  ++l->count;
+}
+// Packs the non-empty entries (n > 0) of an element-wise list (a struct with
+// `blocks` and `e[kMaxListTensors]`), each with the one-tensor kernel's
+// GridFor(n) blocks; false when count is out of range. The grid is then
+// TotalBlocks(l->blocks), none when every entry is empty.
+template <typename List, typename Entry>
+inline bool PackElementwiseList(List* l, const Entry* entries, int count) {
+  if (count < 0 || count > kMaxListTensors) return false;
+  for (int i = 0; i < count; ++i) {
+    if (entries[i].n <= 0) continue;
+    l->e[l->blocks.count] = entries[i];
+    ListAppend(&l->blocks, GridFor(entries[i].n));
+  }
+  return true;
+}
+inline unsigned TotalBlocks(const ListBlocks& l) {
+  return l.count == 0 ? 0u : static_cast<unsigned>(l.first[l.count]);
+}
+
+// Grid-stride over n items within the entry's blocks (i: the entry).
+#define MOE_LIST_STRIDE(j, n, l, i)                                                              \
+  for (int64_t j = (blockIdx.x - static_cast<int64_t>((l).first[i])) * blockDim.x + threadIdx.x, \
+               j##_step = static_cast<int64_t>((l).first[(i) + 1] - (l).first[i]) * blockDim.x;  \
+       j < (n); j += j##_step)
+
 // A kernel's dynamic shared memory, and a launch: as macros so that a file
 // written with them also runs under tests/core/cuda_emulation.h (the CPU
 // suite's stand-in, which defines both its own way).

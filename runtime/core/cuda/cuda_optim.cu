@@ -1,5 +1,5 @@
-// The AdamW step and Philox initialisation (the same element values as the
-// CPU backend: kernel_math.h's AdamWElement and PhiloxNormal).
+// The AdamW step (one tensor, or a list in one launch) and Philox initialisation (the same element values as
+// the CPU backend: kernel_math.h's AdamWElement and PhiloxNormal).
 #include "runtime/core/cuda/cuda_launch.cuh"
 
 namespace moe::cuda {
@@ -18,6 +18,26 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, uint16
     m[i] = mi;
     v[i] = vi;
     if (p16 != nullptr) p16[i] = kmath::F32ToBF16(pi);
+  }
+}
+
+// AdamWKernel over a list: each entry's elements as AdamWKernel's.
+struct AdamWList {
+  ListBlocks blocks;
+  AdamWEntry e[kMaxListTensors];
+};
+__global__ void AdamWListKernel(AdamWList l, float scale, float lr, float beta1, float beta2, float eps,
+                                float bc1, float bc2) {
+  const int i = ListEntry(l.blocks, blockIdx.x);
+  const AdamWEntry e = l.e[i];
+  MOE_LIST_STRIDE(j, e.n, l.blocks, i) {
+    float pj = e.param[j], mj = e.m[j], vj = e.v[j];
+    const float gs = scale * e.grad[j];
+    kmath::AdamWElement(gs, lr, beta1, beta2, eps, e.weight_decay, bc1, bc2, &pj, &mj, &vj);
+    e.param[j] = pj;
+    e.m[j] = mj;
+    e.v[j] = vj;
+    if (e.param_bf16 != nullptr) e.param_bf16[j] = kmath::F32ToBF16(pj);
   }
 }
 
@@ -45,6 +65,16 @@ cudaError_t LaunchAdamW(float* param, const float* grad, float* m, float* v, uin
   if (n > 0)
     MOE_LAUNCH(AdamWKernel, GridFor(n), kThreads, 0, s, param, grad, m, v, param_bf16, grad_scale, lr, beta1,
                beta2, eps, weight_decay, bc1, bc2, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAdamWList(const AdamWEntry* entries, int count, float grad_scale, float lr, float beta1,
+                            float beta2, float eps, float bc1, float bc2, cudaStream_t s) {
+  AdamWList l{};
+  if (!PackElementwiseList(&l, entries, count)) return cudaErrorInvalidValue;
+  if (l.blocks.count > 0)
+    MOE_LAUNCH(AdamWListKernel, TotalBlocks(l.blocks), kThreads, 0, s, l, grad_scale, lr, beta1, beta2, eps,
+               bc1, bc2);
   return cudaGetLastError();
 }
 

@@ -24,27 +24,31 @@ int64_t ReduceBlocks(int64_t n) {
 // over the slice, then a fixed-order block sum (or max). With `partial` the
 // block's result goes to partial[b]; without it (one block) to out[0]:
 // alpha * r + beta * out[0], or r for the max.
+// The block's reduction of x[begin, end) (every thread gets it).
 template <typename In>
-__global__ void ReduceKernel(const In* x, int64_t n, int64_t slice, ReduceKind kind, double* partial,
-                             float* out, float alpha, float beta) {
-  __shared__ double shared[32];
-  const int64_t begin = blockIdx.x * slice, end = begin + slice < n ? begin + slice : n;
-  double r;
+__device__ double ReduceRange(const In* x, int64_t begin, int64_t end, ReduceKind kind, double* shared) {
   if (kind == ReduceKind::kMax) {
     double m = -INFINITY;
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       const double v = x[i];
       m = v > m ? v : m;
     }
-    r = BlockMax(m, shared);
-  } else {
-    double acc = 0;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const double v = x[i];
-      acc += kind == ReduceKind::kSumSquares ? v * v : v;
-    }
-    r = BlockSum(acc, shared);
+    return BlockMax(m, shared);
   }
+  double acc = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const double v = x[i];
+    acc += kind == ReduceKind::kSumSquares ? v * v : v;
+  }
+  return BlockSum(acc, shared);
+}
+
+template <typename In>
+__global__ void ReduceKernel(const In* x, int64_t n, int64_t slice, ReduceKind kind, double* partial,
+                             float* out, float alpha, float beta) {
+  __shared__ double shared[32];
+  const int64_t begin = blockIdx.x * slice, end = begin + slice < n ? begin + slice : n;
+  const double r = ReduceRange(x, begin, end, kind, shared);
   if (threadIdx.x != 0) return;
   if (partial != nullptr) {
     partial[blockIdx.x] = r;
@@ -53,6 +57,33 @@ __global__ void ReduceKernel(const In* x, int64_t n, int64_t slice, ReduceKind k
   } else {
     out[0] = static_cast<float>(alpha * r + (beta == 0.0f ? 0.0 : static_cast<double>(beta) * out[0]));
   }
+}
+
+// The sum of squares over a list, first pass: entry i's blocks are the ones
+// LaunchReduce would give it (ReduceBlocks, the same slices), each writing
+// its partial to partial[block]. The second pass sums each entry's
+// partials as LaunchReduce's second (or, for one block, passes it on
+// unchanged: the first pass's value plus zeros), so out[i] is LaunchReduce's
+// result bit for bit.
+struct ReduceList {
+  ListBlocks blocks;
+  ReduceEntry e[kMaxListTensors];
+};
+__global__ void SumSquaresListKernel(ReduceList l, double* partial) {
+  __shared__ double shared[32];
+  const int i = ListEntry(l.blocks, blockIdx.x);
+  const int64_t blocks = l.blocks.first[i + 1] - l.blocks.first[i], n = l.e[i].n;
+  const int64_t slice = (n + blocks - 1) / blocks, b = blockIdx.x - l.blocks.first[i];
+  const int64_t begin = b * slice, end = begin + slice < n ? begin + slice : n;
+  const double r = ReduceRange(l.e[i].x, begin, end, ReduceKind::kSumSquares, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = r;
+}
+// One block per entry.
+__global__ void SumListFinishKernel(ListBlocks l, const double* partial, float* out) {
+  __shared__ double shared[32];
+  const int i = blockIdx.x;
+  const double r = ReduceRange(partial, l.first[i], l.first[i + 1], ReduceKind::kSum, shared);
+  if (threadIdx.x == 0) out[i] = static_cast<float>(r);
 }
 
 // Column sums of rows [blockIdx.y * per, ...) (ColumnChunks): to partial[y, c],
@@ -101,6 +132,28 @@ cudaError_t LaunchReduce(const float* x, int64_t n, ReduceKind kind, float* out,
   const ReduceKind second = kind == ReduceKind::kMax ? ReduceKind::kMax : ReduceKind::kSum;
   MOE_LAUNCH(ReduceKernel<double>, 1, kReduceThreads, 0, s, partial, blocks, blocks, second, nullptr, out,
              alpha, beta);
+  return cudaGetLastError();
+}
+
+size_t SumSquaresListScratchBytes(const ReduceEntry* entries, int count) {
+  int64_t blocks = 0;
+  for (int i = 0; i < count; ++i) blocks += ReduceBlocks(entries[i].n);
+  return static_cast<size_t>(blocks) * sizeof(double);
+}
+
+cudaError_t LaunchSumSquaresList(const ReduceEntry* entries, int count, float* out, void* scratch,
+                                 cudaStream_t s) {
+  if (count < 0 || count > kMaxListTensors) return cudaErrorInvalidValue;
+  if (count == 0) return cudaGetLastError();
+  if (scratch == nullptr) return cudaErrorInvalidValue;  // SumSquaresListScratchBytes were due
+  ReduceList l{};
+  for (int i = 0; i < count; ++i) {  // every entry, empty ones too (their sum: 0)
+    l.e[i] = entries[i];
+    ListAppend(&l.blocks, ReduceBlocks(entries[i].n));
+  }
+  double* partial = static_cast<double*>(scratch);
+  MOE_LAUNCH(SumSquaresListKernel, TotalBlocks(l.blocks), kReduceThreads, 0, s, l, partial);
+  MOE_LAUNCH(SumListFinishKernel, static_cast<unsigned>(count), kReduceThreads, 0, s, l.blocks, partial, out);
   return cudaGetLastError();
 }
 

@@ -5,4 +5,5 @@
 #include "tests/core/cuda_emulation.h"
 #define MOE_CUBLAS_EMULATION_SUBMIT(stream, fn) moe::cuda_emulation::Submit(stream, fn)
 #define MOE_CUBLAS_EMULATION_DEVICE moe::cuda_emulation::t_device
+#define MOE_CUBLAS_EMULATION_COUNT(api) moe::cuda_emulation::CountWork(api)
 #include "tests/core/cublas_emulation.h"

@@ -103,10 +103,16 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
     const int64_t n = static_cast<int64_t>(tok.size());
     rows.resize(n);
     for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
-    ASSIGN_OR_RETURN(ch.token_index, FromHostInts(stream, tok, Shape{n}));
-    ASSIGN_OR_RETURN(ch.row_index, FromHostInts(stream, rows, Shape{n}));
-    ASSIGN_OR_RETURN(ch.weights, FromHostFloats(stream, w, Shape{n}));
-    ASSIGN_OR_RETURN(ch.assignment, FromHostInts(stream, assignment, Shape{n}));
+    HostUploads up;  // the chunk's four tables in one copy
+    up.AddInts(tok, Shape{n});
+    up.AddInts(rows, Shape{n});
+    up.AddFloats(w, Shape{n});
+    up.AddInts(assignment, Shape{n});
+    ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
+    ch.token_index = tables[0];
+    ch.row_index = tables[1];
+    ch.weights = tables[2];
+    ch.assignment = tables[3];
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();

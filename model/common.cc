@@ -117,6 +117,46 @@ absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> va
                             category);
 }
 
+size_t HostUploads::Add(const void* data, size_t count, DType dtype, Shape shape) {
+  constexpr size_t kAlign = 256;
+  const size_t offset = (bytes_.size() + kAlign - 1) / kAlign * kAlign;
+  const size_t bytes = count * DTypeSize(dtype);
+  bytes_.resize(offset + bytes);
+  if (bytes > 0) std::memcpy(bytes_.data() + offset, data, bytes);
+  entries_.push_back(Entry{offset, count, dtype, std::move(shape)});
+  return entries_.size() - 1;
+}
+
+size_t HostUploads::AddFloats(absl::Span<const float> values, Shape shape) {
+  return Add(values.data(), values.size(), DType::kF32, std::move(shape));
+}
+
+size_t HostUploads::AddInts(absl::Span<const int32_t> values, Shape shape) {
+  return Add(values.data(), values.size(), DType::kI32, std::move(shape));
+}
+
+absl::StatusOr<std::vector<Tensor>> HostUploads::Upload(Stream& stream, MemoryCategory category) {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    if (static_cast<int64_t>(e.count) != e.shape.numel()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("HostUploads: array ", i, " has ", e.count, " values for shape ", e.shape.ToString()));
+    }
+  }
+  if (bytes_.empty()) bytes_.resize(1);  // every array empty: a one-byte buffer for the views
+  const int64_t total = static_cast<int64_t>(bytes_.size());
+  ASSIGN_OR_RETURN(Tensor buffer, Tensor::FromHostOn(stream, Shape{total}, DType::kU8, bytes_.data(),
+                                                     bytes_.size(), category));
+  std::vector<Tensor> out;
+  out.reserve(entries_.size());
+  for (const Entry& e : entries_) {
+    ASSIGN_OR_RETURN(Tensor view,
+                     Tensor::FromBuffer(buffer.buffer(), buffer.byte_offset() + e.offset, e.shape, e.dtype));
+    out.push_back(std::move(view));
+  }
+  return out;
+}
+
 absl::StatusOr<Tensor> FromHostInts(Stream& stream, absl::Span<const int32_t> values, Shape shape,
                                     MemoryCategory category) {
   return Tensor::FromHostOn(stream, shape, DType::kI32, values.data(), values.size() * sizeof(int32_t),

@@ -110,6 +110,36 @@ absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> va
                                       MemoryCategory category = MemoryCategory::kActivations);
 absl::StatusOr<Tensor> FromHostInts(Stream& stream, absl::Span<const int32_t> values, Shape shape,
                                     MemoryCategory category = MemoryCategory::kActivations);
+// Several small host arrays uploaded in one copy: one device buffer and one
+// Stream::CopyFromHost for all (a GPU pays a copy's fixed cost once, not per
+// array). Each Add returns the index of its tensor in Upload's result, a view
+// of that buffer with the shape and dtype added (each at a 256-byte aligned
+// offset), in stream order as FromHostFloats gives it; the views keep the
+// whole buffer alive. The arrays are copied at Add: the caller's may go.
+//
+//   HostUploads up;
+//   const size_t tok = up.AddInts(token_ids, Shape{n}), w = up.AddFloats(weights, Shape{n});
+//   ASSIGN_OR_RETURN(std::vector<Tensor> t, up.Upload(stream));
+class HostUploads {
+ public:
+  size_t AddFloats(absl::Span<const float> values, Shape shape);
+  size_t AddInts(absl::Span<const int32_t> values, Shape shape);
+  // An error names the array whose values do not match its shape.
+  absl::StatusOr<std::vector<Tensor>> Upload(Stream& stream,
+                                             MemoryCategory category = MemoryCategory::kActivations);
+
+ private:
+  size_t Add(const void* data, size_t count, DType dtype, Shape shape);
+  struct Entry {
+    size_t offset;
+    size_t count;
+    DType dtype;
+    Shape shape;
+  };
+  std::vector<unsigned char> bytes_;
+  std::vector<Entry> entries_;
+};
+
 // The single f32 value of a 1-element tensor (synchronizes).
 absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t);
 

@@ -86,8 +86,12 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
     }
   }
   num_tokens_ = T;
-  ASSIGN_OR_RETURN(Tensor ids, FromHostInts(stream, input, Shape{T}));
-  ASSIGN_OR_RETURN(targets_, FromHostInts(stream, target, Shape{T}));
+  HostUploads up;  // inputs and targets in one copy
+  up.AddInts(input, Shape{T});
+  up.AddInts(target, Shape{T});
+  ASSIGN_OR_RETURN(std::vector<Tensor> tokens_dev, up.Upload(stream));
+  const Tensor ids = tokens_dev[0];
+  targets_ = tokens_dev[1];
   Residual h;
   ASSIGN_OR_RETURN(h.h, embed_.Forward(stream, ids));
   LossParts loss;

@@ -105,8 +105,12 @@ absl::Status MoELayer::SharedForward(Stream& stream, const Tensor& x, const Tens
   for (float& g : gate_host_) g = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g))));
   std::vector<int32_t> rows(T);
   std::iota(rows.begin(), rows.end(), 0);
-  ASSIGN_OR_RETURN(rows_, FromHostInts(stream, rows, Shape{T}));
-  ASSIGN_OR_RETURN(gate_, FromHostFloats(stream, gate_host_, Shape{T}));
+  HostUploads up;  // rows and gates in one copy
+  up.AddInts(rows, Shape{T});
+  up.AddFloats(gate_host_, Shape{T});
+  ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
+  rows_ = tables[0];
+  gate_ = tables[1];
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_));  // y_t += g_t s_t
   shared_out_ = s;
   shared_x_ = x;

@@ -443,25 +443,35 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
   // then dz_w = SoftmaxBackward(s, dsw) (softmax) or dsw s (1 - s) (sigmoid).
   std::vector<int32_t> cell(T * k);  // t * E + sel_t,j
   for (int64_t a = 0; a < T * k; ++a) cell[a] = static_cast<int32_t>((a / k) * E + plan_.experts[a]);
-  ASSIGN_OR_RETURN(Tensor dz_f32, FromHostFloats(stream, dz, Shape{T, E}));
-  ASSIGN_OR_RETURN(Tensor cells, FromHostInts(stream, cell, Shape{T * k}));
-  Tensor slot_grads = dweights.Reshape(Shape{T * k, 1}), slot_scale;
-  if (moe_.norm_topk_prob()) {
-    std::vector<int32_t> tokens(T), token_of(T * k);
-    std::vector<float> inv_sum(T * k);
-    for (int64_t t = 0; t < T; ++t) {
-      tokens[t] = static_cast<int32_t>(t);
-      double sum = 0;
-      for (int j = 0; j < k; ++j) sum += probs_[t * E + plan_.experts[t * k + j]];
-      for (int j = 0; j < k; ++j) {
-        token_of[t * k + j] = static_cast<int32_t>(t);
-        inv_sum[t * k + j] = static_cast<float>(1.0 / sum);
-      }
+  const bool norm_topk = moe_.norm_topk_prob();
+  std::vector<int32_t> tokens(norm_topk ? T : 0), token_of(norm_topk ? T * k : 0);
+  std::vector<float> inv_sum(norm_topk ? T * k : 0);
+  for (int64_t t = 0; norm_topk && t < T; ++t) {
+    tokens[t] = static_cast<int32_t>(t);
+    double sum = 0;
+    for (int j = 0; j < k; ++j) sum += probs_[t * E + plan_.experts[t * k + j]];
+    for (int j = 0; j < k; ++j) {
+      token_of[t * k + j] = static_cast<int32_t>(t);
+      inv_sum[t * k + j] = static_cast<float>(1.0 / sum);
     }
-    ASSIGN_OR_RETURN(Tensor token_index, FromHostInts(stream, tokens, Shape{T}));
-    ASSIGN_OR_RETURN(Tensor token_of_slot, FromHostInts(stream, token_of, Shape{T * k}));
-    ASSIGN_OR_RETURN(Tensor weights, FromHostFloats(stream, plan_.weights, Shape{T, k}));
-    ASSIGN_OR_RETURN(slot_scale, FromHostFloats(stream, inv_sum, Shape{T * k}));
+  }
+  // Every host table of the backward in one copy.
+  HostUploads up;
+  const size_t dz_i = up.AddFloats(dz, Shape{T, E}), cell_i = up.AddInts(cell, Shape{T * k});
+  const size_t tokens_i = up.AddInts(tokens, Shape{static_cast<int64_t>(tokens.size())});
+  const size_t token_of_i = up.AddInts(token_of, Shape{static_cast<int64_t>(token_of.size())});
+  const size_t weights_i =
+      up.AddFloats(norm_topk ? absl::Span<const float>(plan_.weights) : absl::Span<const float>(),
+                   Shape{norm_topk ? T : 0, k});
+  const size_t inv_sum_i = up.AddFloats(inv_sum, Shape{static_cast<int64_t>(inv_sum.size())});
+  const size_t ds_i = up.AddFloats(sigmoid_ ? dsig : probs, Shape{T, E});
+  ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
+  const Tensor dz_f32 = tables[dz_i], cells = tables[cell_i];
+  Tensor slot_grads = dweights.Reshape(Shape{T * k, 1}), slot_scale;
+  if (norm_topk) {
+    const Tensor token_index = tables[tokens_i], token_of_slot = tables[token_of_i];
+    const Tensor weights = tables[weights_i];
+    slot_scale = tables[inv_sum_i];
     // dot_t = sum_j dw_t,j w_t,j; slot_grads = dw - dot_t (per slot).
     ASSIGN_OR_RETURN(Tensor dot, NewActivation(stream, Shape{T}));
     RETURN_IF_ERROR(ops::GatherRowDot(stream, dweights.Reshape(Shape{T, k}), token_index, weights, dot));
@@ -473,11 +483,11 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
   RETURN_IF_ERROR(ops::Fill(stream, dsw, 0.0));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, slot_grads, cells, dsw.Reshape(Shape{T * E, 1}), slot_scale));
   if (sigmoid_) {
-    ASSIGN_OR_RETURN(Tensor dsig_dev, FromHostFloats(stream, dsig, Shape{T, E}));
+    const Tensor dsig_dev = tables[ds_i];
     RETURN_IF_ERROR(ops::Mul(stream, dsw, dsig_dev, dsw));
     RETURN_IF_ERROR(ops::Add(stream, dz_f32, dsw, dz_f32));
   } else {
-    ASSIGN_OR_RETURN(Tensor probs_dev, FromHostFloats(stream, probs, Shape{T, E}));
+    const Tensor probs_dev = tables[ds_i];
     RETURN_IF_ERROR(ops::SoftmaxBackward(stream, probs_dev, dsw, dz_f32, 1.0f, 1.0f));
   }
   // Router logits and their gradient are f32; the GEMMs take them in x's dtype

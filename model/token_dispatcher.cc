@@ -43,10 +43,16 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
     w[r] = plan.weights[a];
   }
   for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
-  ASSIGN_OR_RETURN(token_index_, FromHostInts(stream, tok, Shape{n}));
-  ASSIGN_OR_RETURN(row_index_, FromHostInts(stream, rows, Shape{n}));
-  ASSIGN_OR_RETURN(assignment_index_, FromHostInts(stream, assignment, Shape{n}));
-  ASSIGN_OR_RETURN(weights_, FromHostFloats(stream, w, Shape{n}));
+  HostUploads up;  // the four tables in one copy
+  up.AddInts(tok, Shape{n});
+  up.AddInts(rows, Shape{n});
+  up.AddInts(assignment, Shape{n});
+  up.AddFloats(w, Shape{n});
+  ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
+  token_index_ = tables[0];
+  row_index_ = tables[1];
+  assignment_index_ = tables[2];
+  weights_ = tables[3];
   ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}, x.dtype()));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
   return in;

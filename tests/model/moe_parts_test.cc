@@ -21,6 +21,40 @@ using testing::CpuStream;
 using testing::RandomTensor;
 using testing::ToVec;
 
+TEST_CASE("HostUploads puts several arrays in one buffer, each a view with its shape and dtype") {
+  Stream& s = CpuStream();
+  HostUploads up;
+  const std::vector<int32_t> ints = {3, -1, 7};
+  const std::vector<float> floats = {0.5f, 1.5f, -2.0f, 4.0f};
+  const size_t a = up.AddInts(ints, Shape{3});
+  const size_t b = up.AddFloats({}, Shape{0, 2});  // empty
+  const size_t c = up.AddFloats(floats, Shape{2, 2});
+  auto tables = up.Upload(s);
+  REQUIRE(tables.ok());
+  REQUIRE(tables->size() == 3);
+  const Tensor& ti = (*tables)[a];
+  const Tensor& tf = (*tables)[c];
+  CHECK(ti.dtype() == DType::kI32);
+  CHECK(ti.shape() == Shape{3});
+  CHECK(std::vector<int32_t>(ti.data<int32_t>(), ti.data<int32_t>() + 3) == ints);
+  CHECK((*tables)[b].numel() == 0);
+  CHECK(tf.shape() == Shape{2, 2});
+  CHECK(ToVec(tf) == floats);
+  // One buffer, each array 256-byte aligned within it, none overlapping.
+  CHECK(ti.buffer() == tf.buffer());
+  CHECK(ti.byte_offset() % 256 == 0);
+  CHECK(tf.byte_offset() % 256 == 0);
+  CHECK(!ti.Overlaps(tf));
+  // A shape that does not hold the values is refused, naming the array.
+  HostUploads bad;
+  bad.AddInts(ints, Shape{3});
+  bad.AddFloats(floats, Shape{5});
+  auto refused = bad.Upload(s);
+  REQUIRE(!refused.ok());
+  CHECK(std::string(refused.status().message()).find("array 1 has 4 values for shape [5]") !=
+        std::string::npos);
+}
+
 TEST_CASE("Top-k ties go to the lower expert index") {
   // Token 0: all equal. Token 1: experts 1 and 3 tie for first.
   std::vector<double> p = {0.25, 0.25, 0.25, 0.25, 0.1, 0.35, 0.2, 0.35};

@@ -717,6 +717,14 @@ TEST_CASE("a bad index is reported by the stream's Synchronize") {
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(st.message()).find("index[2] = 8") != std::string::npos);
   CHECK(G().Synchronize().ok());
+  // Rows of no columns (as matrices, no rows either) are not sorted nor added,
+  // and every index is still checked, on the launcher's other path.
+  Tensor empty_rows = Copy(*g_gpu, Rand({6, 0}, 4)), empty_dst = Copy(*g_gpu, Rand({2, 0}, 5));
+  REQUIRE(ops::ScatterAddRows(G(), empty_rows, bad, empty_dst).ok());
+  st = G().Synchronize();
+  INFO(st.message());
+  CHECK(std::string(st.message()).find("index[0] = 1 is outside [0, 0)") != std::string::npos);
+  CHECK(G().Synchronize().ok());
 }
 
 TEST_CASE("streams, events, host functions and memory accounting on the GPU") {

@@ -26,15 +26,19 @@ __global__ void GatherKernel(const W* src, const int32_t* index, W* dst, int64_t
 }
 
 // ScatterAddRows in three steps, deterministic without atomics on the data:
-//  1. key[i] = index[i], or n for a bad index (the smallest bad i is kept by
-//     atomicMin and reported after); val[i] = i;
+//  1. key[i] = index[i], or n for a bad index; val[i] = i;
 //  2. a stable radix sort of (key, val) (CUB): each destination's sources end
 //     up together, still in i order;
 //  3. one block per destination row: its sources' range by binary search,
 //     threads over the columns, each adding its sources in i order into an
 //     f32 accumulator started from dst (widened) and stored once (rounded
 //     once if dst is bf16): the order and arithmetic of the CPU backend's
-//     loop, with every destination row and column in parallel.
+//     loop, with every destination row and column in parallel. Block 0
+//     also reports the smallest bad i: bad keys sort last, their values in
+//     ascending i, so it is the value at the first key n.
+// Where the sort does not run (no columns, no destination rows), the keys
+// pass keeps the smallest bad i by atomicMin instead and a one-thread kernel
+// reports it.
 __global__ void ScatterKeysKernel(const int32_t* index, uint32_t* keys, int32_t* vals, int64_t m, int64_t n,
                                   unsigned long long* min_bad) {
   MOE_GRID_STRIDE(i, m) {
@@ -42,7 +46,7 @@ __global__ void ScatterKeysKernel(const int32_t* index, uint32_t* keys, int32_t*
     const bool bad = r < 0 || r >= n;
     keys[i] = bad ? static_cast<uint32_t>(n) : static_cast<uint32_t>(r);
     vals[i] = static_cast<int32_t>(i);
-    if (bad) atomicMin(min_bad, static_cast<unsigned long long>(i));
+    if (bad && min_bad != nullptr) atomicMin(min_bad, static_cast<unsigned long long>(i));
   }
 }
 
@@ -67,8 +71,16 @@ __device__ inline int64_t LowerBound(const uint32_t* keys, int64_t m, uint32_t k
 
 template <int M>
 __global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const int32_t* order, ElemOut dst,
-                                       const float* weight, int64_t m, int64_t n, int64_t d) {
+                                       const float* weight, int64_t m, int64_t n, int64_t d,
+                                       const int32_t* index, DeviceError* err, int op) {
   __shared__ int64_t range[2];
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const int64_t first_bad = LowerBound(keys, m, static_cast<uint32_t>(n));
+    if (first_bad < m) {
+      const int64_t i = order[first_bad];
+      ReportBadIndex(err, op, i, index[i], n);
+    }
+  }
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     if (threadIdx.x == 0) {
       range[0] = LowerBound(keys, m, static_cast<uint32_t>(r));
@@ -180,21 +192,25 @@ cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, 
                                  cudaStream_t s) {
   if (m <= 0) return cudaGetLastError();
   const ScatterScratch sc = Carve(scratch, m, n);
-  cudaError_t e = cudaMemsetAsync(sc.min_bad, 0xff, sizeof(unsigned long long), s);
-  if (e != cudaSuccess) return e;
-  MOE_LAUNCH(ScatterKeysKernel, GridFor(m), kThreads, 0, s, index, sc.keys_in, sc.vals_in, m, n, sc.min_bad);
-  MOE_LAUNCH(ReportMinBadKernel, 1, 1, 0, s, sc.min_bad, index, n, err,
-             op);  // bad indices count even when d = 0
-  if (d <= 0) return cudaGetLastError();
+  if (d <= 0 || n <= 0) {
+    // Nothing to add; bad indices count all the same (every one of them when n = 0).
+    cudaError_t e = cudaMemsetAsync(sc.min_bad, 0xff, sizeof(unsigned long long), s);
+    if (e != cudaSuccess) return e;
+    MOE_LAUNCH(ScatterKeysKernel, GridFor(m), kThreads, 0, s, index, sc.keys_in, sc.vals_in, m, n,
+               sc.min_bad);
+    MOE_LAUNCH(ReportMinBadKernel, 1, 1, 0, s, sc.min_bad, index, n, err, op);
+    return cudaGetLastError();
+  }
+  MOE_LAUNCH(ScatterKeysKernel, GridFor(m), kThreads, 0, s, index, sc.keys_in, sc.vals_in, m, n, nullptr);
   size_t cub_bytes = sc.cub_bytes;
-  e = cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,
+  const cudaError_t e =
+      cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,
                                       static_cast<int>(m), 0, KeyBits(n), s);
   if (e != cudaSuccess) return e;
-  if (n <= 0) return cudaGetLastError();
   const int threads = d >= 128 ? 128 : static_cast<int>((d + 31) / 32 * 32);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 1048560));
   MOE_MODE_LAUNCH(ScatterAddSortedKernel, ElemMode({src.t, dst.t}), n, blocks, threads, s, src, sc.keys_out,
-                  sc.vals_out, dst, weight, m, n, d);
+                  sc.vals_out, dst, weight, m, n, d, index, err, op);
   return cudaGetLastError();
 }
 

@@ -6,12 +6,13 @@
 //   CPU:  MakeBf16StagingKernels(std::make_unique<CpuKernels>(), {.stage_gemms = true})
 //   CUDA: MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false,
 //                                                    .stage_elementwise = false,
-//                                                    .stage_rows = false})
+//                                                    .stage_rows = false,
+//                                                    .native_attention = cuda::NativeAttentionTakes})
 //         (cuBLAS runs the GEMMs on bf16 operands with f32 accumulation; the
 //         element-wise, norm, RoPE, cross-entropy and row scatter/dot
 //         kernels read and write bf16 themselves, and so does attention on
-//         the flash path (native_attention); other attention calls and the
-//         reductions are staged)
+//         the fused and flash kernels (native_attention); attention on the
+//         gemm path and the reductions are staged)
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
@@ -42,7 +43,7 @@ struct Bf16StagingOptions {
   bool stage_rows = true;
   // Attention calls this accepts (q, k, v first, then out, or out, dout, dq,
   // dk, dv) reach the wrapped kernels with their bf16 tensors; the rest are
-  // staged. Null: every attention call is staged. CUDA: cuda::FlashAttentionTakes.
+  // staged. Null: every attention call is staged. CUDA: cuda::NativeAttentionTakes.
   bool (*native_attention)(absl::Span<const Tensor* const> tensors) = nullptr;
 };
 

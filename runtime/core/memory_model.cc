@@ -18,7 +18,8 @@
 //                f32 [T,V], and the LM-head backward GEMM dh = dlogits W takes
 //                f32 [T,V] + [V,d] + [T,d] once the logits are released. cuda
 //                runs both on the bf16 tensors (stage_rows, stage_gemms false);
-//                its staged ops (attention, reductions) are a layer's size.
+//                its staged ops (gemm-path attention, reductions) are a
+//                layer's size.
 //                The larger moment is the head working set.
 //
 // Persistent (allocated once, live during the whole step):

@@ -37,8 +37,8 @@
 // The model's use (docs/design.md): bf16 weight copies and activations, f32
 // master weights, gradients, optimizer moments, routing and losses.
 // A backend without native bf16 kernels may stage bf16 operands through f32
-// copies (bf16_staging.h: the CPU backend for every op, CUDA for all but the
-// GEMMs); results are the same.
+// copies (bf16_staging.h: the CPU backend for every op, CUDA for the
+// reductions and the gemm attention path); results are the same.
 //
 // Threads (CPU): GEMMs use OpenBLAS threads, the other ops a small pool of the
 // same size; Backend::SetNumThreads / OPENBLAS_NUM_THREADS set it. Keep

@@ -450,6 +450,75 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
       bf);
 }
 
+// The fused kernels read and write bf16 themselves (no staging casts, no f32
+// copies), with the f32 kernels' arithmetic on the widened operands: a bf16
+// call's outputs are the f32 call's rounded once, bit for bit, and lse is the
+// same. The gemm path still stages (its row passes are f32).
+TEST_CASE("bf16 attention on the fused kernels is the f32 kernels' result rounded once, bit for bit") {
+  struct Restore {
+    attn::AttentionSettings saved = attn::AttentionSettingsRef();
+    ~Restore() { attn::AttentionSettingsRef() = saved; }
+  } restore;
+  attn::AttentionSettingsRef().path = attn::AttentionPath::kFused;
+  auto bits = [](const Tensor& t) {
+    const Tensor h = Copy(Cpu(), t);
+    return std::vector<uint8_t>(static_cast<const uint8_t*>(h.raw_data()),
+                                static_cast<const uint8_t*>(h.raw_data()) + h.nbytes());
+  };
+  // A device bf16 copy of a device f32 tensor (the device Cast: one rounding).
+  auto rounded = [](const Tensor& t) {
+    auto out = Tensor::Empty(*g_gpu, t.shape(), DType::kBF16, MemoryCategory::kActivations);
+    REQUIRE(out.ok());
+    REQUIRE(ops::Cast(G(), t, *out).ok());
+    return *out;
+  };
+  auto empty = [](Shape shape, DType dtype) {
+    auto out = Tensor::Empty(*g_gpu, shape, dtype, MemoryCategory::kActivations);
+    REQUIRE(out.ok());
+    REQUIRE(ops::Fill(G(), *out, NAN).ok());  // every element written
+    return *out;
+  };
+  struct Case {
+    int64_t B, S, H, Hkv, hd;
+  };
+  for (const Case c : {Case{2, 37, 4, 2, 24}, Case{1, 130, 2, 1, 64}, Case{1, 1, 2, 2, 8}}) {
+    INFO("B " << c.B << ", S " << c.S << ", H " << c.H << "/" << c.Hkv << ", hd " << c.hd);
+    Tensor q = Copy(*g_gpu, Bf16(Rand({c.B, c.S, c.H, c.hd}, 91, -3, 3)));
+    Tensor k = Copy(*g_gpu, Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 92, -3, 3)));
+    Tensor v = Copy(*g_gpu, Bf16(Rand({c.B, c.S, c.Hkv, c.hd}, 93)));
+    Tensor dout = Copy(*g_gpu, Bf16(Rand({c.B, c.S, c.H, c.hd}, 94)));
+#if MOE_WITH_CUDA
+    CHECK(cuda::NativeAttentionTakes({&q, &k, &v, &dout}));
+    attn::AttentionSettingsRef().path = attn::AttentionPath::kGemm;
+    CHECK_FALSE(cuda::NativeAttentionTakes({&q, &k, &v, &dout}));
+    attn::AttentionSettingsRef().path = attn::AttentionPath::kFused;
+#endif
+    Tensor q32 = Copy(*g_gpu, ToF32(Copy(Cpu(), q))), k32 = Copy(*g_gpu, ToF32(Copy(Cpu(), k))),
+           v32 = Copy(*g_gpu, ToF32(Copy(Cpu(), v))), dout32 = Copy(*g_gpu, ToF32(Copy(Cpu(), dout)));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    const Shape rows{c.B, c.H, c.S};
+    Tensor out = empty(q.shape(), DType::kBF16), lse = empty(rows, DType::kF32);
+    Tensor out32 = empty(q.shape(), DType::kF32), lse32 = empty(rows, DType::kF32);
+    REQUIRE(ops::CausalAttention(G(), q, k, v, scale, out, lse).ok());
+    REQUIRE(ops::CausalAttention(G(), q32, k32, v32, scale, out32, lse32).ok());
+    CHECK(bits(out) == bits(rounded(out32)));
+    CHECK(bits(lse) == bits(lse32));
+    // Backward from the bf16 forward's out and lse, against the f32 kernels
+    // on the same values widened.
+    Tensor o32 = Copy(*g_gpu, ToF32(Copy(Cpu(), out)));
+    Tensor dq = empty(q.shape(), DType::kBF16), dk = empty(k.shape(), DType::kBF16),
+           dv = empty(v.shape(), DType::kBF16);
+    Tensor dq32 = empty(q.shape(), DType::kF32), dk32 = empty(k.shape(), DType::kF32),
+           dv32 = empty(v.shape(), DType::kF32);
+    REQUIRE(ops::CausalAttentionBackward(G(), q, k, v, out, lse, scale, dout, dq, dk, dv).ok());
+    REQUIRE(ops::CausalAttentionBackward(G(), q32, k32, v32, o32, lse, scale, dout32, dq32, dk32, dv32).ok());
+    REQUIRE(G().Synchronize().ok());
+    CHECK(bits(dq) == bits(rounded(dq32)));
+    CHECK(bits(dk) == bits(rounded(dk32)));
+    CHECK(bits(dv) == bits(rounded(dv32)));
+  }
+}
+
 // MOE_ATTENTION=flash: bf16 attention on tensor cores (cuda_flash_attention.cu)
 // against the CPU backend's f32-staged fused kernel. P and dS are rounded to
 // bf16 before their products there, so the bound is a bf16 step's, as for the

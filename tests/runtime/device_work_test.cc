@@ -39,6 +39,11 @@ using Census = std::map<std::string, uint64_t>;
 // experts, top-2, fp32): docs/design.md "Device work per step" says what it
 // is made of. A change that adds work to every layer must update both.
 constexpr uint64_t kWorkPerLayer = 48;
+// The same in bf16: one more, the cast of the router's f32 logit gradient to
+// bf16 for its two GEMMs. Attention reads and writes bf16 itself (the fused
+// kernels), so nothing is staged through f32 around it.
+constexpr uint64_t kWorkPerLayerBf16 = 49;
+constexpr uint64_t kCastsPerLayerBf16 = 1;
 
 Census Minus(const Census& a, const Census& b) {
   Census d;
@@ -81,7 +86,7 @@ struct Measured {
 };
 
 // Trains `layers` layers at `micro_batch` for three steps on cuda.
-Measured Train(int layers, int micro_batch) {
+Measured Train(int layers, int micro_batch, const std::string& precision = "fp32") {
   const std::string dir =
       (std::filesystem::temp_directory_path() / ("moe_device_work_test_" + std::to_string(::getpid())))
           .string();
@@ -92,6 +97,7 @@ Measured Train(int layers, int micro_batch) {
   config.mutable_model()->set_num_layers(layers);
   config.mutable_train()->set_micro_batch(micro_batch);
   config.mutable_parallel()->set_expert(1);
+  config.mutable_train()->set_precision(precision);
   ApplyDefaults(1, &config);
   comm::CommOptions options;
   options.timeout_s = 120;
@@ -176,6 +182,21 @@ TEST_CASE("a CUDA training step's device work: steady, independent of the tokens
     CHECK(Count(m->step3, "SumSquaresListKernel") == static_cast<uint64_t>(Launches(m->params)));
     CHECK(Count(m->step3, "SumListFinishKernel") == static_cast<uint64_t>(Launches(m->params)));
   }
+}
+
+TEST_CASE("in bf16, a layer's device work is fp32's plus one cast: no staging around attention") {
+  REQUIRE(comm::MpiEnv::world_size() == 1);
+  const Measured l2 = Train(2, 4, "bf16"), l3 = Train(3, 4, "bf16");
+  const Census per_layer = Rest(Minus(l3.step3, l2.step3));
+  Print("bf16 device work per layer, GEMMs apart", per_layer);
+  INFO("steps 2 and 3 at 3 layers: " << Diff(Rest(l3.step2), Rest(l3.step3)));
+  CHECK(Rest(l3.step2) == Rest(l3.step3));
+  CHECK(Total(per_layer) <= kWorkPerLayerBf16);
+  CHECK(Count(per_layer, "CastKernel") == kCastsPerLayerBf16);
+  // Attention ran on its bf16 kernels.
+  CHECK(Count(per_layer, "ForwardKernel<1>") == 1);
+  CHECK(Count(per_layer, "DqKernel<1>") == 1);
+  CHECK(Count(per_layer, "DkvKernel<1>") == 1);
 }
 
 }  // namespace

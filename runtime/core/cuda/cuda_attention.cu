@@ -20,9 +20,15 @@ constexpr int64_t kMaxSeq = 16384;  // backward keeps 2 * seq floats of shared m
 // (seen on an H200 for the last query row of an odd seq).
 __host__ __device__ inline int64_t PaddedRow(int64_t seq) { return (seq + 3) / 4 * 4; }
 
-__device__ inline float Dot(const float* a, const float* b, int64_t n) {
+// q, k, v, out and their gradients are f32 (M = 0) or bf16 (M = 1, widened
+// exactly as read; each output rounded once as stored): the f32 arithmetic of
+// a bf16 call is the f32 call's on the widened operands, so a bf16 call gives,
+// bit for bit, what the bf16 staging decorator gave by casting around the f32
+// kernel, without the casts or the f32 copies. lse and delta are f32.
+template <int M>
+__device__ inline float Dot(ElemIn a, int64_t ao, ElemIn b, int64_t bo, int64_t n) {
   float acc = 0.0f;
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  for (int64_t d = 0; d < n; ++d) acc += Ld<M>(a, ao + d) * Ld<M>(b, bo + d);
   return acc;
 }
 
@@ -34,18 +40,19 @@ __device__ inline int64_t KRow(const AttentionShape& sh, int64_t b, int64_t j, i
   return ((b * sh.seq + j) * sh.kv_heads + hk) * sh.head_dim;
 }
 
-__global__ void ForwardKernel(const float* q, const float* k, const float* v, float scale, float* out,
-                              float* lse, AttentionShape sh) {
+template <int M>
+__global__ void ForwardKernel(ElemIn q, ElemIn k, ElemIn v, float scale, ElemOut out, float* lse,
+                              AttentionShape sh) {
   MOE_DYNAMIC_SHARED(scores_bytes);
   float* scores = reinterpret_cast<float*>(scores_bytes);  // [seq]
   __shared__ double red[32];
   const int64_t h = blockIdx.x % sh.heads, i = (blockIdx.x / sh.heads) % sh.seq,
                 b = blockIdx.x / (sh.heads * sh.seq);
   const int64_t hk = h / (sh.heads / sh.kv_heads), hd = sh.head_dim;
-  const float* qi = q + QRow(sh, b, i, h);
+  const int64_t qrow = QRow(sh, b, i, h);
   float mx = -INFINITY;
   for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float s = scale * Dot(qi, k + KRow(sh, b, j, hk), hd);
+    const float s = scale * Dot<M>(q, qrow, k, KRow(sh, b, j, hk), hd);
     scores[j] = s;
     mx = s > mx ? s : mx;
   }
@@ -60,17 +67,17 @@ __global__ void ForwardKernel(const float* q, const float* k, const float* v, fl
   const float l = kmath::LogSumExpFrom(m, static_cast<float>(total));
   if (threadIdx.x == 0) lse[(b * sh.heads + h) * sh.seq + i] = l;
   const float inv = static_cast<float>(1.0 / total);
-  float* oi = out + QRow(sh, b, i, h);
   for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t j = 0; j <= i; ++j) acc += scores[j] * v[KRow(sh, b, j, hk) + d];
-    oi[d] = acc * inv;
+    for (int64_t j = 0; j <= i; ++j) acc += scores[j] * Ld<M>(v, KRow(sh, b, j, hk) + d);
+    St<M>(out, qrow + d, acc * inv);
   }
 }
 
 // dQ of row (b, i, h) and delta[b, h, i] = dout_i . out_i.
-__global__ void DqKernel(const float* q, const float* k, const float* v, const float* out, const float* lse,
-                         float scale, const float* dout, float* dq, float* delta, AttentionShape sh) {
+template <int M>
+__global__ void DqKernel(ElemIn q, ElemIn k, ElemIn v, ElemIn out, const float* lse, float scale, ElemIn dout,
+                         ElemOut dq, float* delta, AttentionShape sh) {
   MOE_DYNAMIC_SHARED(ds_bytes);
   float* ds = reinterpret_cast<float*>(ds_bytes);  // [seq]
   __shared__ double red[32];
@@ -78,29 +85,30 @@ __global__ void DqKernel(const float* q, const float* k, const float* v, const f
                 b = blockIdx.x / (sh.heads * sh.seq);
   const int64_t hk = h / (sh.heads / sh.kv_heads), hd = sh.head_dim;
   const int64_t qrow = QRow(sh, b, i, h);
-  const float *qi = q + qrow, *doi = dout + qrow;
   double acc = 0;
-  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) acc += static_cast<double>(doi[d]) * out[qrow + d];
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x)
+    acc += static_cast<double>(Ld<M>(dout, qrow + d)) * Ld<M>(out, qrow + d);
   const float D = static_cast<float>(BlockSum(acc, red));
   const int64_t li = (b * sh.heads + h) * sh.seq + i;
   if (threadIdx.x == 0) delta[li] = D;
   const float l = lse[li];
   for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
     const int64_t kr = KRow(sh, b, j, hk);
-    const float p = kmath::Exp(scale * Dot(qi, k + kr, hd) - l);
-    ds[j] = p * (Dot(doi, v + kr, hd) - D);
+    const float p = kmath::Exp(scale * Dot<M>(q, qrow, k, kr, hd) - l);
+    ds[j] = p * (Dot<M>(dout, qrow, v, kr, hd) - D);
   }
   __syncthreads();
   for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
     float g = 0.0f;
-    for (int64_t j = 0; j <= i; ++j) g += ds[j] * k[KRow(sh, b, j, hk) + d];
-    dq[qrow + d] = scale * g;
+    for (int64_t j = 0; j <= i; ++j) g += ds[j] * Ld<M>(k, KRow(sh, b, j, hk) + d);
+    St<M>(dq, qrow + d, scale * g);
   }
 }
 
 // dK, dV of key row (b, j, hk): sums over the group's heads and the query rows i >= j.
-__global__ void DkvKernel(const float* q, const float* k, const float* v, const float* lse, float scale,
-                          const float* dout, const float* delta, float* dk, float* dv, AttentionShape sh) {
+template <int M>
+__global__ void DkvKernel(ElemIn q, ElemIn k, ElemIn v, const float* lse, float scale, ElemIn dout,
+                          const float* delta, ElemOut dk, ElemOut dv, AttentionShape sh) {
   MOE_DYNAMIC_SHARED(smem_bytes);
   float* smem = reinterpret_cast<float*>(smem_bytes);  // p [seq], ds [seq], each PaddedRow(seq) floats
   float* ps = smem;
@@ -109,7 +117,6 @@ __global__ void DkvKernel(const float* q, const float* k, const float* v, const 
                 b = blockIdx.x / (sh.kv_heads * sh.seq);
   const int64_t group = sh.heads / sh.kv_heads, hd = sh.head_dim;
   const int64_t kr = KRow(sh, b, j, hk);
-  const float *kj = k + kr, *vj = v + kr;
   // Each thread owns a few d; the accumulators live in registers across heads.
   constexpr int kMaxPerThread = 4;  // head_dim <= 4 * kAttnThreads
   float gk[kMaxPerThread] = {}, gv[kMaxPerThread] = {};
@@ -117,9 +124,9 @@ __global__ void DkvKernel(const float* q, const float* k, const float* v, const 
     const int64_t h = hk * group + g;
     for (int64_t i = j + threadIdx.x; i < sh.seq; i += blockDim.x) {
       const int64_t qrow = QRow(sh, b, i, h), li = (b * sh.heads + h) * sh.seq + i;
-      const float p = kmath::Exp(scale * Dot(q + qrow, kj, hd) - lse[li]);
+      const float p = kmath::Exp(scale * Dot<M>(q, qrow, k, kr, hd) - lse[li]);
       ps[i] = p;
-      ds[i] = p * (Dot(dout + qrow, vj, hd) - delta[li]);
+      ds[i] = p * (Dot<M>(dout, qrow, v, kr, hd) - delta[li]);
     }
     __syncthreads();
     for (int t = 0; t < kMaxPerThread; ++t) {
@@ -128,8 +135,8 @@ __global__ void DkvKernel(const float* q, const float* k, const float* v, const 
       float ak = 0.0f, av = 0.0f;
       for (int64_t i = j; i < sh.seq; ++i) {
         const int64_t qrow = QRow(sh, b, i, h);
-        av += ps[i] * dout[qrow + d];
-        ak += ds[i] * q[qrow + d];
+        av += ps[i] * Ld<M>(dout, qrow + d);
+        ak += ds[i] * Ld<M>(q, qrow + d);
       }
       gk[t] += ak;
       gv[t] += av;
@@ -139,8 +146,8 @@ __global__ void DkvKernel(const float* q, const float* k, const float* v, const 
   for (int t = 0; t < kMaxPerThread; ++t) {
     const int64_t d = threadIdx.x + static_cast<int64_t>(t) * blockDim.x;
     if (d >= hd) break;
-    dk[kr + d] = scale * gk[t];
-    dv[kr + d] = gv[t];
+    St<M>(dk, kr + d, scale * gk[t]);
+    St<M>(dv, kr + d, gv[t]);
   }
 }
 
@@ -217,33 +224,45 @@ cudaError_t AllowSharedMemory(const void* kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Launches kernel (an instantiation) on `blocks` blocks of kAttnThreads with
+// `smem` bytes of dynamic shared memory, first allowing more than 48 KiB.
+#define MOE_ATTN_LAUNCH(kernel, blocks, smem, s, ...)                                                     \
+  do {                                                                                                    \
+    if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(kernel), smem); e != cudaSuccess) \
+      return e;                                                                                           \
+    MOE_LAUNCH(kernel, blocks, kAttnThreads, smem, s, __VA_ARGS__);                                       \
+  } while (0)
+
 }  // namespace
 
 int64_t MaxAttentionSeq() { return kMaxSeq; }
 
-cudaError_t LaunchAttentionForward(const float* q, const float* k, const float* v, float scale, float* out,
-                                   float* lse, AttentionShape sh, cudaStream_t s) {
+cudaError_t LaunchAttentionForward(ElemIn q, ElemIn k, ElemIn v, float scale, ElemOut out, float* lse,
+                                   AttentionShape sh, cudaStream_t s) {
   const int64_t blocks = sh.batch * sh.seq * sh.heads;
   if (blocks == 0) return cudaGetLastError();
   const size_t smem = static_cast<size_t>(PaddedRow(sh.seq)) * sizeof(float);
-  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(ForwardKernel), smem); e != cudaSuccess)
-    return e;
-  MOE_LAUNCH(ForwardKernel, blocks, kAttnThreads, smem, s, q, k, v, scale, out, lse, sh);
+  if (q.t == ElemType::kBF16) {
+    MOE_ATTN_LAUNCH(ForwardKernel<1>, blocks, smem, s, q, k, v, scale, out, lse, sh);
+  } else {
+    MOE_ATTN_LAUNCH(ForwardKernel<0>, blocks, smem, s, q, k, v, scale, out, lse, sh);
+  }
   return cudaGetLastError();
 }
 
-cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float* v, const float* out,
-                                    const float* lse, float scale, const float* dout, float* dq, float* dk,
-                                    float* dv, float* delta, AttentionShape sh, cudaStream_t s) {
+cudaError_t LaunchAttentionBackward(ElemIn q, ElemIn k, ElemIn v, ElemIn out, const float* lse, float scale,
+                                    ElemIn dout, ElemOut dq, ElemOut dk, ElemOut dv, float* delta,
+                                    AttentionShape sh, cudaStream_t s) {
   const int64_t qblocks = sh.batch * sh.seq * sh.heads, kblocks = sh.batch * sh.seq * sh.kv_heads;
   if (qblocks == 0) return cudaGetLastError();
   const size_t smem = static_cast<size_t>(PaddedRow(sh.seq)) * sizeof(float);
-  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(DqKernel), smem); e != cudaSuccess)
-    return e;
-  if (cudaError_t e = AllowSharedMemory(reinterpret_cast<const void*>(DkvKernel), 2 * smem); e != cudaSuccess)
-    return e;
-  MOE_LAUNCH(DqKernel, qblocks, kAttnThreads, smem, s, q, k, v, out, lse, scale, dout, dq, delta, sh);
-  MOE_LAUNCH(DkvKernel, kblocks, kAttnThreads, 2 * smem, s, q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  if (q.t == ElemType::kBF16) {
+    MOE_ATTN_LAUNCH(DqKernel<1>, qblocks, smem, s, q, k, v, out, lse, scale, dout, dq, delta, sh);
+    MOE_ATTN_LAUNCH(DkvKernel<1>, kblocks, 2 * smem, s, q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  } else {
+    MOE_ATTN_LAUNCH(DqKernel<0>, qblocks, smem, s, q, k, v, out, lse, scale, dout, dq, delta, sh);
+    MOE_ATTN_LAUNCH(DkvKernel<0>, kblocks, 2 * smem, s, q, k, v, lse, scale, dout, delta, dk, dv, sh);
+  }
   return cudaGetLastError();
 }
 

@@ -560,12 +560,12 @@ class CudaBackend : public Backend {
         // bf16: the GEMMs run on bf16 operands (cuBLAS, f32 accumulation); the
         // arithmetic element-wise, norm, RoPE, cross-entropy and row
         // scatter/dot kernels read and write bf16, and so does attention on the
-        // flash path; other attention calls and the reductions stage bf16
-        // through f32 around the f32 kernels.
+        // fused and flash kernels; the gemm attention path and the reductions
+        // stage bf16 through f32 around the f32 kernels.
         kernels_(MakeBf16StagingKernels(MakeCudaKernels(), {.stage_gemms = false,
                                                             .stage_elementwise = false,
                                                             .stage_rows = false,
-                                                            .native_attention = FlashAttentionTakes})) {}
+                                                            .native_attention = NativeAttentionTakes})) {}
 
   // One slab of kRecordsPerSlab records (the backend, and so the slabs, live
   // for the process). Called with records_mu_ held.

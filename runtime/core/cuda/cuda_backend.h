@@ -91,9 +91,14 @@ std::unique_ptr<Kernels> MakeCudaKernels();
 // Whether the attention call over `tensors` (q, k, v first; then the other
 // bf16 operands: out, or out, dout, dq, dk, dv) runs on the flash kernels:
 // MOE_ATTENTION=flash, every tensor bf16 with 16-byte aligned rows, and a shape
-// they take (FlashAttentionShapeOk). The bf16 staging decorator passes such
-// calls through (Bf16StagingOptions::native_attention) and stages the rest.
+// they take (FlashAttentionShapeOk).
 bool FlashAttentionTakes(absl::Span<const Tensor* const> tensors);
+// Whether the attention call reads and writes bf16 itself: on the flash
+// kernels, or on the fused ones (every path but MOE_ATTENTION=gemm, whose
+// f32 row passes and TF32 products take f32 operands). The bf16 staging
+// decorator passes such calls through (Bf16StagingOptions::native_attention)
+// and stages the rest.
+bool NativeAttentionTakes(absl::Span<const Tensor* const> tensors);
 
 }  // namespace moe::cuda
 

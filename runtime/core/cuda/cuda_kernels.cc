@@ -70,14 +70,14 @@ absl::StatusOr<ElemOut> Out(const char* op, const Tensor& t) {
   return ElemOut{t.raw_data(), e};
 }
 
-// The reduction, attention, softmax and routing kernels are f32: the
-// backend wraps this table in the bf16 staging decorator (bf16_staging.h),
-// which hands them f32 copies of bf16 operands. A bf16 tensor that still
+// The reduction, softmax and routing kernels, and attention on the gemm path,
+// are f32: the backend wraps this table in the bf16 staging decorator
+// (bf16_staging.h), which hands them f32 copies of bf16 operands. A bf16 tensor that still
 // reaches one (this table used without the decorator) is refused naming the
 // op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows, the
 // arithmetic element-wise ops (Add ... SwiGLUBackward), the norms, RoPE,
-// the cross-entropy's logits and the row scatter-add and dot take bf16 (In /
-// Out above).
+// the cross-entropy's logits, the row scatter-add and dot, and attention on
+// the fused and flash kernels take bf16 (In / Out above).
 absl::Status F32Only(const char* op, std::initializer_list<const Tensor*> tensors) {
   for (const Tensor* t : tensors)
     if (t->defined() && t->dtype() == DType::kBF16)
@@ -278,10 +278,18 @@ class CudaKernels : public Kernels {
                                          Ptr<uint16_t>(out), Ptr(lse), ShapeOf(q, k), NativeStream(s)));
       return absl::OkStatus();
     }
-    RETURN_IF_ERROR(F32Only("CausalAttention", {&q, &k, &v, &out, &lse}));
-    if (GemmAttention()) return GemmCausalAttention(s, q, k, v, scale, out, lse);
+    if (GemmAttention()) {
+      RETURN_IF_ERROR(F32Only("CausalAttention", {&q, &k, &v, &out, &lse}));
+      return GemmCausalAttention(s, q, k, v, scale, out, lse);
+    }
+    // The fused kernels: f32 or bf16 operands (ops.h: all one dtype), lse f32.
+    RETURN_IF_ERROR(F32Only("CausalAttention", {&lse}));
     ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttention"));
-    LAUNCH(LaunchAttentionForward(Ptr(q), Ptr(k), Ptr(v), scale, Ptr(out), Ptr(lse), sh, NativeStream(s)));
+    ASSIGN_OR_RETURN(const ElemIn eq, In("CausalAttention", q));
+    ASSIGN_OR_RETURN(const ElemIn ek, In("CausalAttention", k));
+    ASSIGN_OR_RETURN(const ElemIn ev, In("CausalAttention", v));
+    ASSIGN_OR_RETURN(const ElemOut eo, Out("CausalAttention", out));
+    LAUNCH(LaunchAttentionForward(eq, ek, ev, scale, eo, Ptr(lse), sh, NativeStream(s)));
     return absl::OkStatus();
   }
   absl::Status CausalAttentionBackward(S& s, T q, T k, T v, T out, T lse, float scale, T dout, T dq, T dk,
@@ -294,12 +302,24 @@ class CudaKernels : public Kernels {
                                             static_cast<float*>(delta), ShapeOf(q, k), NativeStream(s));
       });
     }
-    RETURN_IF_ERROR(F32Only("CausalAttentionBackward", {&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}));
-    if (GemmAttention()) return GemmCausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
-    ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, "CausalAttentionBackward"));
+    if (GemmAttention()) {
+      RETURN_IF_ERROR(F32Only("CausalAttentionBackward", {&q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv}));
+      return GemmCausalAttentionBackward(s, q, k, v, out, lse, scale, dout, dq, dk, dv);
+    }
+    const char* op = "CausalAttentionBackward";
+    RETURN_IF_ERROR(F32Only(op, {&lse}));
+    ASSIGN_OR_RETURN(AttentionShape sh, Shape(q, k, op));
+    ASSIGN_OR_RETURN(const ElemIn eq, In(op, q));
+    ASSIGN_OR_RETURN(const ElemIn ek, In(op, k));
+    ASSIGN_OR_RETURN(const ElemIn ev, In(op, v));
+    ASSIGN_OR_RETURN(const ElemIn eo, In(op, out));
+    ASSIGN_OR_RETURN(const ElemIn edo, In(op, dout));
+    ASSIGN_OR_RETURN(const ElemOut edq, Out(op, dq));
+    ASSIGN_OR_RETURN(const ElemOut edk, Out(op, dk));
+    ASSIGN_OR_RETURN(const ElemOut edv, Out(op, dv));
     return LaunchWithScratch(s, DeltaBytes(lse), [&](void* delta) {
-      return LaunchAttentionBackward(Ptr(q), Ptr(k), Ptr(v), Ptr(out), Ptr(lse), scale, Ptr(dout), Ptr(dq),
-                                     Ptr(dk), Ptr(dv), static_cast<float*>(delta), sh, NativeStream(s));
+      return LaunchAttentionBackward(eq, ek, ev, eo, Ptr(lse), scale, edo, edq, edk, edv,
+                                     static_cast<float*>(delta), sh, NativeStream(s));
     });
   }
   absl::Status Softmax(S& s, T x, T out) override {
@@ -469,6 +489,10 @@ bool FlashAttentionTakes(absl::Span<const Tensor* const> tensors) {
       return false;
   const Tensor &q = *tensors[0], &k = *tensors[1];
   return q.rank() == 4 && k.rank() == 4 && FlashAttentionShapeOk(ShapeOf(q, k));
+}
+
+bool NativeAttentionTakes(absl::Span<const Tensor* const> tensors) {
+  return FlashAttentionTakes(tensors) || attn::AttentionSettingsRef().path != attn::AttentionPath::kGemm;
 }
 
 std::unique_ptr<Kernels> MakeCudaKernels() { return std::make_unique<CudaKernels>(); }

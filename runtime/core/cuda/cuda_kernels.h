@@ -111,12 +111,15 @@ struct AttentionShape {
 };
 // The largest seq the kernels take (the row of scores lives in shared memory).
 int64_t MaxAttentionSeq();
-cudaError_t LaunchAttentionForward(const float* q, const float* k, const float* v, float scale, float* out,
-                                   float* lse, AttentionShape sh, cudaStream_t s);
+// q, k, v, out, dout, dq, dk, dv all f32 or all bf16 (q's type says which;
+// f32 arithmetic either way, bf16 widened as read and rounded once as
+// written); lse f32.
+cudaError_t LaunchAttentionForward(ElemIn q, ElemIn k, ElemIn v, float scale, ElemOut out, float* lse,
+                                   AttentionShape sh, cudaStream_t s);
 // delta: scratch [batch, heads, seq] floats.
-cudaError_t LaunchAttentionBackward(const float* q, const float* k, const float* v, const float* out,
-                                    const float* lse, float scale, const float* dout, float* dq, float* dk,
-                                    float* dv, float* delta, AttentionShape sh, cudaStream_t s);
+cudaError_t LaunchAttentionBackward(ElemIn q, ElemIn k, ElemIn v, ElemIn out, const float* lse, float scale,
+                                    ElemIn dout, ElemOut dq, ElemOut dk, ElemOut dv, float* delta,
+                                    AttentionShape sh, cudaStream_t s);
 
 // ---- cuda_flash_attention.cu (MOE_ATTENTION=flash: bf16 on tensor cores) ----
 // Shapes the flash kernels take: head_dim 32, 64 or 128, batch * heads <= 65535.

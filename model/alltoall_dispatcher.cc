@@ -87,7 +87,7 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
       }
     }
     Chunk& ch = chunks_[c];
-    std::vector<int32_t> tok, rows, assignment;
+    std::vector<int32_t> tok, assignment;
     std::vector<float> w;
     for (int p = 0; p < P; ++p) {
       for (int64_t e = 0; e < E; ++e) {
@@ -101,18 +101,14 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
       }
     }
     const int64_t n = static_cast<int64_t>(tok.size());
-    rows.resize(n);
-    for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
-    HostUploads up;  // the chunk's four tables in one copy
+    HostUploads up;  // the chunk's three tables in one copy
     up.AddInts(tok, Shape{n});
-    up.AddInts(rows, Shape{n});
     up.AddFloats(w, Shape{n});
     up.AddInts(assignment, Shape{n});
     ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
     ch.token_index = tables[0];
-    ch.row_index = tables[1];
-    ch.weights = tables[2];
-    ch.assignment = tables[3];
+    ch.weights = tables[1];
+    ch.assignment = tables[2];
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();
@@ -170,11 +166,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
                                       dweights_.Reshape(Shape{num_assignments_, 1})));
-  // d out_r = w_r dy[t_r].
-  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}, dtype_));
-  RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, gathered));
-  RETURN_IF_ERROR(ops::Fill(stream, d_rows, 0.0));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, ch.row_index, d_rows, ch.weights));
+  // d out_r = w_r dy[t_r]: a weighted gather.
+  RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, d_rows, ch.weights));
   ch.combined = Tensor();
   return d_rows;
 }

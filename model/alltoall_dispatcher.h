@@ -113,7 +113,6 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   struct Chunk {
     Tensor assignment;   // i32 [n]: assignment a = t * k + j of each send row
     Tensor token_index;  // i32 [n]: the token of each send row, relative to the slice
-    Tensor row_index;    // i32 [n]: 0..n-1
     Tensor weights;      // f32 [n]: w_t,e
     Tensor combined;     // [n, d] expert outputs back on this rank (for d w)
   };

@@ -32,7 +32,7 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
   const int64_t n = in.offsets[num_local];
   // Rows in expert order, tokens ascending within an expert (a counting sort).
   std::vector<int64_t> fill(in.offsets.begin(), in.offsets.end() - 1);
-  std::vector<int32_t> tok(n), rows(n), assignment(n);
+  std::vector<int32_t> tok(n), assignment(n);
   std::vector<float> w(n);
   for (int64_t a = 0; a < T * k; ++a) {
     const int64_t e = plan.experts[a];
@@ -42,17 +42,14 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
     tok[r] = static_cast<int32_t>(a / k);
     w[r] = plan.weights[a];
   }
-  for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
-  HostUploads up;  // the four tables in one copy
+  HostUploads up;  // the three tables in one copy
   up.AddInts(tok, Shape{n});
-  up.AddInts(rows, Shape{n});
   up.AddInts(assignment, Shape{n});
   up.AddFloats(w, Shape{n});
   ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
   token_index_ = tables[0];
-  row_index_ = tables[1];
-  assignment_index_ = tables[2];
-  weights_ = tables[3];
+  assignment_index_ = tables[1];
+  weights_ = tables[2];
   ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}, x.dtype()));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
   return in;
@@ -82,11 +79,8 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), assignment_index_,
                                       dweights->Reshape(Shape{num_assignments_, 1})));
-  // d out_r = w_r dy[t_r]: gather, then scale rows through a weighted identity scatter.
-  ASSIGN_OR_RETURN(Tensor gathered, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
-  RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, gathered));
-  RETURN_IF_ERROR(ops::Fill(stream, d_out, 0.0));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, gathered, row_index_, d_out, weights_));
+  // d out_r = w_r dy[t_r]: a weighted gather.
+  RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, d_out, weights_));
   expert_out_ = Tensor();
   return d_out;
 }
@@ -97,7 +91,7 @@ absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor
   if (d_expert_in.size(0) > 0) {
     RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx));
   }
-  token_index_ = row_index_ = weights_ = assignment_index_ = Tensor();
+  token_index_ = weights_ = assignment_index_ = Tensor();
   return absl::OkStatus();
 }
 

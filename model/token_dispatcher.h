@@ -122,7 +122,6 @@ class LocalTokenDispatcher : public TokenDispatcher {
   int64_t num_tokens_ = 0, hidden_ = 0, num_assignments_ = 0;
   Tensor assignment_index_;  // i32 [N]: a = t * k + j of each row
   Tensor token_index_;       // i32 [N]: the token t of each row
-  Tensor row_index_;         // i32 [N]: 0..N-1
   Tensor weights_;           // f32 [N]: w_t,e of each row
   Tensor expert_out_;
   std::vector<int64_t> offsets_;  // E + 1 global offsets of the forward's rows

@@ -114,8 +114,12 @@ class Bf16StagingKernels : public Kernels {
   absl::Status Copy(S& s, T src, T dst) override { return f32_->Copy(s, src, dst); }
   absl::Status Cast(S& s, T src, T dst) override { return f32_->Cast(s, src, dst); }
   absl::Status Fill(S& s, T t, double value) override { return f32_->Fill(s, t, value); }
-  absl::Status GatherRows(S& s, T src, T index, T dst) override {
-    return f32_->GatherRows(s, src, index, dst);
+  // Rows are copied as bytes; a weighted gather is arithmetic (stage_rows).
+  absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override {
+    if (!weight.defined() || !options_.stage_rows) return f32_->GatherRows(s, src, index, dst, weight);
+    Staging g(*f32_, s);
+    Tensor s2 = g.In(src), d2 = g.Out(dst, false);
+    return g.Run([&] { return f32_->GatherRows(s, s2, index, d2, weight); });
   }
 
   absl::Status Gemm(S& s, T a, bool trans_a, T b, bool trans_b, T c, float alpha, float beta) override {

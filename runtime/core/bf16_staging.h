@@ -16,7 +16,8 @@
 //
 // Routing (Softmax, LogSumExp, TopK), master weights and optimizer state
 // (InitNormal, AdamW) are f32 only by contract and pass through; so do the
-// dtype-agnostic Copy, Cast, Fill and GatherRows. Internal to runtime/core.
+// dtype-agnostic Copy, Cast, Fill and GatherRows (the weighted GatherRows is
+// arithmetic: a row op). Internal to runtime/core.
 #ifndef MOE_RUNTIME_CORE_BF16_STAGING_H_
 #define MOE_RUNTIME_CORE_BF16_STAGING_H_
 
@@ -36,7 +37,7 @@ struct Bf16StagingOptions {
   bool stage_elementwise = true;
   // Stage the norm, RoPE, cross-entropy and row ops (RmsNorm, AddRmsNorm,
   // RmsNormBackward, Rope, RopeBackward, CrossEntropy, CrossEntropyBackward,
-  // ScatterAddRows, GatherRowDot); false: the wrapped kernels take their bf16
+  // ScatterAddRows, GatherRowDot, the weighted GatherRows); false: the wrapped kernels take their bf16
   // activations, weight, logits, dlogits and rows themselves, with the same
   // arithmetic (rstd, lse, losses, combine weights and dots are f32 either
   // way).

@@ -70,7 +70,7 @@ class Kernels {
   virtual absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                             T dlogits) = 0;
   virtual absl::Status TopK(S& s, T x, int k, T values, T indices) = 0;
-  virtual absl::Status GatherRows(S& s, T src, T index, T dst) = 0;
+  virtual absl::Status GatherRows(S& s, T src, T index, T dst, T weight) = 0;
   virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) = 0;
   virtual absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) = 0;
   virtual absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,

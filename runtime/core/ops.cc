@@ -619,18 +619,27 @@ absl::Status TopK(Stream& s, const Tensor& x, int k, const Tensor& values, const
   return s.backend().kernels().TopK(s, x, k, values, indices);
 }
 
-absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst) {
+absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst,
+                        const Tensor& weight) {
   const char* op = "GatherRows";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kGatherRows));
-  RETURN_IF_ERROR(Arg(op, s, "src", src, src.dtype()));
+  if (weight.defined()) {  // a product: f32 or bf16 rows each, an f32 weight per row
+    RETURN_IF_ERROR(Flt(op, s, "src", src));
+    RETURN_IF_ERROR(Flt(op, s, "dst", dst));
+    RETURN_IF_ERROR(F32(op, s, "weight", weight));
+    RETURN_IF_ERROR(Numel(op, "weight", weight, index.numel()));
+    RETURN_IF_ERROR(NoOverlap(op, "weight", weight, "dst", dst));
+  } else {  // a copy: one dtype
+    RETURN_IF_ERROR(Arg(op, s, "src", src, src.dtype()));
+    RETURN_IF_ERROR(Arg(op, s, "dst", dst, src.dtype()));
+  }
   RETURN_IF_ERROR(Arg(op, s, "index", index, DType::kI32));
-  RETURN_IF_ERROR(Arg(op, s, "dst", dst, src.dtype()));
   if (src.rank() < 1 || dst.rank() < 1 || Cols(src) != Cols(dst) || LeadRows(dst) != index.numel())
     return Bad(op, absl::StrCat("src ", src.ToString(), " [N, d], index ", index.ToString(), " [M] and dst ",
                                 dst.ToString(), " [M, d] do not fit"));
   RETURN_IF_ERROR(NoOverlap(op, "src", src, "dst", dst));
   ProfileScope scope(s, OpKind::kGatherRows);
-  return s.backend().kernels().GatherRows(s, src, index, dst);
+  return s.backend().kernels().GatherRows(s, src, index, dst, weight);
 }
 
 absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst,

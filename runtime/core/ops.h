@@ -217,8 +217,12 @@ absl::Status TopK(Stream& stream, const Tensor& x, int k, const Tensor& values, 
 
 // dst[i, :] = src[index[i], :] for i < M: src [N, d], index i32 [M] (0 <= index < N),
 // dst [M, d]. Permuting tokens into expert order; embedding lookup. src and dst
-// share one dtype (any dtype: rows are copied).
-absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst);
+// share one dtype (any dtype: rows are copied). With weight (f32 [M]),
+// dst[i, :] = weight[i] * src[index[i], :] instead: [any] src, dst; the
+// product in f32, rounded once into a bf16 dst (the combine's gradient to
+// expert rows).
+absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
+                        const Tensor& weight = Tensor());
 // dst[index[i], :] += weight[i] * src[i, :] for i < M (weight f32 [M], or an
 // undefined Tensor for 1): src [M, d], dst [N, d]. Repeated indices accumulate
 // (deterministically, in i order). Un-permute + weighted combine; embedding backward.

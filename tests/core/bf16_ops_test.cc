@@ -202,6 +202,12 @@ TEST_CASE("bf16 rows: gather, combine, combine-weight gradient, cross-entropy") 
   CheckExact({"GatherRows", {src, idx, dst}, {true, false, true}, [](Args t) {
                 return ops::GatherRows(S(), t[0], t[1], t[2]);
               }});
+  // Weighted (the combine's gradient to expert rows): bf16 or f32 destination.
+  Tensor gw = Random({m}, 6, 0, 1);
+  for (bool f32_dst : {false, true})
+    CheckExact({"GatherRows weighted", {src, idx, dst, gw}, {true, false, !f32_dst, false}, [](Args t) {
+                  return ops::GatherRows(S(), t[0], t[1], t[2], t[3]);
+                }});
   // Un-permute and combine: repeated destinations, f32 weights, bf16 or f32 destination.
   Tensor rows = RandomBf16Values({m, d}, 3), acc = RandomBf16Values({n, d}, 4), wts = Random({m}, 5, 0, 1);
   for (bool f32_dst : {false, true})

@@ -619,6 +619,18 @@ TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t c = 0; c < d; ++c) want[i * d + c] = vs[index[i] * d + c];
   ExpectClose(dst, want, 0, 0, "gather");
+  // Weighted: dst[i] = w[i] src[index[i]], each element one f32 product.
+  Tensor gw = Random({M}, 5), wdst = Random({M, d}, 6);
+  REQUIRE(ops::GatherRows(S(), src, idx, wdst, gw).ok());
+  std::vector<float> vgw = Vec(gw), vwd = Vec(wdst);
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < d; ++c) wrong += vwd[i * d + c] == vgw[i] * vs[index[i] * d + c] ? 0 : 1;
+  CHECK(wrong == 0);
+  CHECK(!ops::GatherRows(S(), src, idx, wdst, NewF32({M + 1})).ok());  // a weight per row
+  CHECK(!ops::GatherRows(S(), FromVecI32({2, 1}, {1, 2}), FromVecI32({1}, {0}), FromVecI32({1, 1}, {0}),
+                         NewF32({1}))
+             .ok());  // integer rows have no product
 
   Tensor rows = Random({M, d}, 2), w = Random({M}, 3), acc = Random({N, d}, 4);
   std::vector<float> vr = Vec(rows), vw = Vec(w), va = Vec(acc);
@@ -644,6 +656,8 @@ TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
   // Embedding-style gather of i32 rows and out-of-range indices.
   Tensor bad = FromVecI32({2}, {0, 6});
   CHECK(ops::GatherRows(S(), src, bad, NewF32({2, d})).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ops::GatherRows(S(), src, bad, NewF32({2, d}), NewF32({2})).code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), bad, acc2).ok());
   CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), FromVecI32({2}, {-1, 0}), acc2).ok());
 }

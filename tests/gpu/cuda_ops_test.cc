@@ -689,6 +689,9 @@ TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU b
   Tensor index = Ints({m}, idx), src = Rand({n, d}, 1);
   Run("GatherRows", {src, index, Rand({m, d}, 2)}, {2},
       [](Stream& s, auto& t) { return ops::GatherRows(s, t[0], t[1], t[2]); });
+  Run(  // one f32 product per element on both backends: exact
+      "GatherRows weighted", {src, index, Rand({m, d}, 2), Rand({m}, 8)}, {2},
+      [](Stream& s, auto& t) { return ops::GatherRows(s, t[0], t[1], t[2], t[3]); }, Tol{0, 0});
   Run("ScatterAddRows", {Rand({m, d}, 3), index, Rand({n, d}, 4), Rand({m}, 5)}, {2},
       [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2], t[3]); });
   Run("ScatterAddRows unweighted", {Rand({m, d}, 3), index, Rand({n, d}, 4)}, {2},
@@ -720,6 +723,12 @@ TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU b
   Run(
       "ScatterAddRows bf16 into f32", {Bf16(Rand({m, d}, 66)), index, Rand({n, d}, 67)}, {2},
       [](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2]); }, bf);
+  Run(  // the product rounded once on both backends: exact
+      "GatherRows weighted bf16", {Bf16(src), index, Bf16(Rand({m, d}, 70)), Rand({m}, 71)}, {2},
+      [](Stream& s, auto& t) { return ops::GatherRows(s, t[0], t[1], t[2], t[3]); }, Tol{0, 0});
+  Run(
+      "GatherRows weighted bf16 into f32", {Bf16(src), index, Rand({m, d}, 72), Rand({m}, 73)}, {2},
+      [](Stream& s, auto& t) { return ops::GatherRows(s, t[0], t[1], t[2], t[3]); }, Tol{0, 0});
   Run(
       "GatherRowDot bf16", {Bf16(src), index, Bf16(Rand({m, d}, 68)), Rand({m}, 69)}, {3},
       [](Stream& s, auto& t) { return ops::GatherRowDot(s, t[0], t[1], t[2], t[3], 2.0f, 0.0f); }, bf);
@@ -777,6 +786,11 @@ TEST_CASE("a bad index is reported by the stream's Synchronize") {
   CHECK(st.code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(st.message()).find("index[1] = 9") != std::string::npos);
   CHECK(G().Synchronize().ok());  // reported once
+  Tensor weight = Copy(*g_gpu, Rand({2}, 6));
+  REQUIRE(ops::GatherRows(G(), src, index, dst, weight).ok());  // the weighted gather too
+  st = G().Synchronize();
+  INFO(st.message());
+  CHECK(std::string(st.message()).find("index[1] = 9") != std::string::npos);
   // The scatter-add checks its indices in parallel and reports the first bad one.
   Tensor rows = Copy(*g_gpu, Rand({6, 3}, 3));
   Tensor bad = Copy(*g_gpu, Ints({6}, {1, 0, 8, 1, -2, 11}));

@@ -106,7 +106,7 @@ class CpuKernels : public Kernels {
   absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                     T dlogits) override;
   absl::Status TopK(S& s, T x, int k, T values, T indices) override;
-  absl::Status GatherRows(S& s, T src, T index, T dst) override;
+  absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override;
   absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) override;
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override;
   absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,

@@ -379,12 +379,26 @@ absl::Status CheckIndices(const char* op, const int32_t* idx, int64_t m, int64_t
 }
 }  // namespace
 
-absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst) {
+absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst, T weight) {
   return AsCpu(s).Run([=]() -> absl::Status {
     int64_t m = index.numel(), n = LeadRows(src);
     const int32_t* idx = index.data<int32_t>();
     absl::Status st = CheckIndices("GatherRows", idx, m, n);
     if (!st.ok()) return st;
+    if (weight.defined()) {  // f32 rows (bf16 ones are staged)
+      const int64_t d = Cols(src);
+      const float *ps = src.data<float>(), *pw = weight.data<float>();
+      float* pd = dst.data<float>();
+      Pool().ParallelFor(m, GrainFor(d), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* sr = ps + static_cast<int64_t>(idx[i]) * d;
+          float* dr = pd + i * d;
+          const float w = pw[i];
+          for (int64_t c = 0; c < d; ++c) dr[c] = w * sr[c];
+        }
+      });
+      return absl::OkStatus();
+    }
     size_t row_bytes = static_cast<size_t>(Cols(src)) * DTypeSize(src.dtype());
     const char* ps = static_cast<const char*>(src.raw_data());
     char* pd = static_cast<char*>(dst.raw_data());

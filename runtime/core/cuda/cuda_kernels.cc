@@ -362,7 +362,15 @@ class CudaKernels : public Kernels {
     LAUNCH(LaunchTopK(Ptr(x), k, Ptr(values), Ptr<int32_t>(indices), LeadRows(x), Cols(x), NativeStream(s)));
     return absl::OkStatus();
   }
-  absl::Status GatherRows(S& s, T src, T index, T dst) override {
+  absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override {
+    if (weight.defined()) {  // f32 or bf16 rows natively (stage_rows)
+      ASSIGN_OR_RETURN(const ElemIn es, In("GatherRows", src));
+      ASSIGN_OR_RETURN(const ElemOut ed, Out("GatherRows", dst));
+      LAUNCH(LaunchGatherRowsScaled(es, Ptr<int32_t>(index), Ptr(weight), ed, index.numel(), LeadRows(src),
+                                    Cols(src), DeviceErrorRecord(s), static_cast<int>(OpKind::kGatherRows),
+                                    NativeStream(s)));
+      return absl::OkStatus();
+    }
     const int64_t row_bytes = Cols(src) * static_cast<int64_t>(DTypeSize(src.dtype()));
     LAUNCH(LaunchGatherRows(src.raw_data(), Ptr<int32_t>(index), dst.raw_data(), index.numel(), LeadRows(src),
                             row_bytes, DeviceErrorRecord(s), static_cast<int>(OpKind::kGatherRows),

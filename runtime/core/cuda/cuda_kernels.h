@@ -172,6 +172,10 @@ cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, i
 // ---- cuda_rows.cu (permute / un-permute, embedding) ----
 cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t n,
                              int64_t row_bytes, DeviceError* err, int op, cudaStream_t s);
+// dst[i] = weight[i] * src[index[i]] (rows of d; src and dst f32 or bf16 each,
+// the product in f32, rounded once).
+cudaError_t LaunchGatherRowsScaled(ElemIn src, const int32_t* index, const float* weight, ElemOut dst,
+                                   int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
 // dst[index[i]] += weight[i] * src[i] (weight may be null: 1); src and dst f32
 // or bf16 each. Deterministic: each destination element adds its sources in
 // i order in f32 (rounded once into a bf16 dst), as on CPU. `scratch`: a

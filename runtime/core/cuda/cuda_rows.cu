@@ -2,7 +2,8 @@
 // combine weights, embedding forward and backward) and the gathered row dot
 // (gradient of the combine weights). Bad indices are reported through the
 // stream's DeviceError record and the row is skipped. Scatter-add and row dot
-// take f32 or bf16 rows (cuda_launch.cuh Ld / St); gather copies bytes.
+// take f32 or bf16 rows (cuda_launch.cuh Ld / St), and so does the weighted
+// gather; the plain gather copies bytes.
 #include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
 
@@ -22,6 +23,20 @@ __global__ void GatherKernel(const W* src, const int32_t* index, W* dst, int64_t
       continue;
     }
     dst[t] = src[static_cast<int64_t>(r) * words + w];
+  }
+}
+
+template <int M>
+__global__ void GatherScaledKernel(ElemIn src, const int32_t* index, const float* weight, ElemOut dst,
+                                   int64_t m, int64_t n, int64_t d, DeviceError* err, int op) {
+  MOE_GRID_STRIDE(t, m * d) {
+    const int64_t i = t / d, c = t % d;
+    const int32_t r = index[i];
+    if (r < 0 || r >= n) {
+      if (c == 0) ReportBadIndex(err, op, i, r, n);
+      continue;
+    }
+    St<M>(dst, t, weight[i] * Ld<M>(src, static_cast<int64_t>(r) * d + c));
   }
 }
 
@@ -179,6 +194,14 @@ cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, i
     MOE_LAUNCH(GatherKernel<uint8_t>, GridFor(m * row_bytes), kThreads, 0, s,
                static_cast<const uint8_t*>(src), index, static_cast<uint8_t*>(dst), m, n, row_bytes, err, op);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherRowsScaled(ElemIn src, const int32_t* index, const float* weight, ElemOut dst,
+                                   int64_t m, int64_t n, int64_t d, DeviceError* err, int op,
+                                   cudaStream_t s) {
+  MOE_ELEM_LAUNCH(GatherScaledKernel, ElemMode({src.t, dst.t}), m * d, s, src, index, weight, dst, m, n, d,
+                  err, op);
   return cudaGetLastError();
 }
 

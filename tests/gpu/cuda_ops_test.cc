@@ -61,6 +61,19 @@ Tensor Ints(Shape shape, const std::vector<int32_t>& v) {
   return *t;
 }
 
+// The bytes of a tensor (copied to the host), for bit-for-bit comparisons.
+std::vector<uint8_t> Bits(const Tensor& t) {
+  const Tensor h = Copy(Cpu(), t);
+  return std::vector<uint8_t>(static_cast<const uint8_t*>(h.raw_data()),
+                              static_cast<const uint8_t*>(h.raw_data()) + h.nbytes());
+}
+
+// Puts the process-wide attention settings back as they were when it goes.
+struct AttentionSettingsRestore {
+  attn::AttentionSettings saved = attn::AttentionSettingsRef();
+  ~AttentionSettingsRestore() { attn::AttentionSettingsRef() = saved; }
+};
+
 struct Tol {
   double nmse = 1e-9;     // sum (got - want)^2 / sum want^2
   double max_abs = 1e-4;  // times max(1, max |want|)
@@ -275,10 +288,7 @@ TEST_CASE("attention, both paths, matches the CPU backend") {
     for (attn::AttentionPath path : {attn::AttentionPath::kFused, attn::AttentionPath::kGemm}) {
       const int64_t B = c.B, S = c.S, H = c.H, Hkv = c.Hkv, hd = c.hd;
       const std::string tag = absl::StrCat(" (", attn::AttentionPathName(path), ", S ", S, ")");
-      struct Restore {
-        attn::AttentionSettings saved = attn::AttentionSettingsRef();
-        ~Restore() { attn::AttentionSettingsRef() = saved; }
-      } restore;
+      const AttentionSettingsRestore restore;
       attn::AttentionSettingsRef().path = path;
       attn::AttentionSettingsRef().workspace_bytes =
           c.chunk * 2 * B * H * S * static_cast<int64_t>(sizeof(float));
@@ -394,10 +404,7 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
   // cuBLAS products run at TF32 here (attn::Tf32ProductsScope), the CPU's at
   // f32; the probabilities' TF32 rounding (2^-11) stays below the outputs'.
   for (attn::AttentionPath path : {attn::AttentionPath::kFused, attn::AttentionPath::kGemm}) {
-    struct Restore {
-      attn::AttentionSettings saved = attn::AttentionSettingsRef();
-      ~Restore() { attn::AttentionSettingsRef() = saved; }
-    } restore;
+    const AttentionSettingsRestore restore;
     attn::AttentionSettingsRef().path = path;
     for (int64_t S : {37, 300}) {
       const int64_t B = 2, H = 4, Hkv = 2, hd = S < 100 ? 24 : 64;
@@ -455,16 +462,8 @@ TEST_CASE("bf16 operands: staged ops and bf16 GEMMs match the CPU backend") {
 // call's outputs are the f32 call's rounded once, bit for bit, and lse is the
 // same. The gemm path still stages (its row passes are f32).
 TEST_CASE("bf16 attention on the fused kernels is the f32 kernels' result rounded once, bit for bit") {
-  struct Restore {
-    attn::AttentionSettings saved = attn::AttentionSettingsRef();
-    ~Restore() { attn::AttentionSettingsRef() = saved; }
-  } restore;
+  const AttentionSettingsRestore restore;
   attn::AttentionSettingsRef().path = attn::AttentionPath::kFused;
-  auto bits = [](const Tensor& t) {
-    const Tensor h = Copy(Cpu(), t);
-    return std::vector<uint8_t>(static_cast<const uint8_t*>(h.raw_data()),
-                                static_cast<const uint8_t*>(h.raw_data()) + h.nbytes());
-  };
   // A device bf16 copy of a device f32 tensor (the device Cast: one rounding).
   auto rounded = [](const Tensor& t) {
     auto out = Tensor::Empty(*g_gpu, t.shape(), DType::kBF16, MemoryCategory::kActivations);
@@ -501,8 +500,8 @@ TEST_CASE("bf16 attention on the fused kernels is the f32 kernels' result rounde
     Tensor out32 = empty(q.shape(), DType::kF32), lse32 = empty(rows, DType::kF32);
     REQUIRE(ops::CausalAttention(G(), q, k, v, scale, out, lse).ok());
     REQUIRE(ops::CausalAttention(G(), q32, k32, v32, scale, out32, lse32).ok());
-    CHECK(bits(out) == bits(rounded(out32)));
-    CHECK(bits(lse) == bits(lse32));
+    CHECK(Bits(out) == Bits(rounded(out32)));
+    CHECK(Bits(lse) == Bits(lse32));
     // Backward from the bf16 forward's out and lse, against the f32 kernels
     // on the same values widened.
     Tensor o32 = Copy(*g_gpu, ToF32(Copy(Cpu(), out)));
@@ -513,9 +512,9 @@ TEST_CASE("bf16 attention on the fused kernels is the f32 kernels' result rounde
     REQUIRE(ops::CausalAttentionBackward(G(), q, k, v, out, lse, scale, dout, dq, dk, dv).ok());
     REQUIRE(ops::CausalAttentionBackward(G(), q32, k32, v32, o32, lse, scale, dout32, dq32, dk32, dv32).ok());
     REQUIRE(G().Synchronize().ok());
-    CHECK(bits(dq) == bits(rounded(dq32)));
-    CHECK(bits(dk) == bits(rounded(dk32)));
-    CHECK(bits(dv) == bits(rounded(dv32)));
+    CHECK(Bits(dq) == Bits(rounded(dq32)));
+    CHECK(Bits(dk) == Bits(rounded(dk32)));
+    CHECK(Bits(dv) == Bits(rounded(dv32)));
   }
 }
 
@@ -525,10 +524,7 @@ TEST_CASE("bf16 attention on the fused kernels is the f32 kernels' result rounde
 // other bf16 ops. Every head size the kernels take, sequences that end inside
 // a tile and at a tile's end, GQA and plain multi-head.
 TEST_CASE("flash attention (bf16 on tensor cores) matches the CPU backend") {
-  struct Restore {
-    attn::AttentionSettings saved = attn::AttentionSettingsRef();
-    ~Restore() { attn::AttentionSettingsRef() = saved; }
-  } restore;
+  const AttentionSettingsRestore restore;
   attn::AttentionSettingsRef().path = attn::AttentionPath::kFlash;
   const Tol bf{1e-4, 1e-2};
   struct Case {
@@ -603,11 +599,6 @@ TEST_CASE("softmax, losses and routing match the CPU backend") {
 TEST_CASE("the list forms of Fill, ReduceSumSquares and AdamW equal their one-tensor ops, bit for bit") {
   const int64_t sizes[] = {0, 1, 31, 257, 4097, 20000, 70001};
   const int count = 75;
-  auto bits = [](const Tensor& t) {
-    const Tensor h = Copy(Cpu(), t);
-    return std::vector<uint8_t>(static_cast<const uint8_t*>(h.raw_data()),
-                                static_cast<const uint8_t*>(h.raw_data()) + h.nbytes());
-  };
   std::vector<Tensor> xs;
   std::vector<AdamWTarget> list, one;
   for (int i = 0; i < count; ++i) {
@@ -637,7 +628,7 @@ TEST_CASE("the list forms of Fill, ReduceSumSquares and AdamW equal their one-te
     REQUIRE(ops::ReduceSumSquares(G(), xs, *listed).ok());
     for (int i = 0; i < count; ++i) REQUIRE(ops::ReduceSumSquares(G(), xs[i], single->Slice(i, i + 1)).ok());
     REQUIRE(G().Synchronize().ok());
-    CHECK(bits(*listed) == bits(*single));
+    CHECK(Bits(*listed) == Bits(*single));
     CHECK(Copy(Cpu(), *listed).data<float>()[0] == 0.0f);  // the empty tensor's sum
   }
   SECTION("AdamW") {
@@ -652,10 +643,10 @@ TEST_CASE("the list forms of Fill, ReduceSumSquares and AdamW equal their one-te
     REQUIRE(G().Synchronize().ok());
     for (int i = 0; i < count; ++i) {
       INFO("target " << i << " of " << list[i].param.numel() << " elements");
-      CHECK(bits(list[i].param) == bits(one[i].param));
-      CHECK(bits(list[i].exp_avg) == bits(one[i].exp_avg));
-      CHECK(bits(list[i].exp_avg_sq) == bits(one[i].exp_avg_sq));
-      if (list[i].param_bf16.defined()) CHECK(bits(list[i].param_bf16) == bits(one[i].param_bf16));
+      CHECK(Bits(list[i].param) == Bits(one[i].param));
+      CHECK(Bits(list[i].exp_avg) == Bits(one[i].exp_avg));
+      CHECK(Bits(list[i].exp_avg_sq) == Bits(one[i].exp_avg_sq));
+      if (list[i].param_bf16.defined()) CHECK(Bits(list[i].param_bf16) == Bits(one[i].param_bf16));
     }
     // And against the CPU backend's one-tensor op.
     const AdamWTarget& a = list[6];  // 70001 elements, a bf16 copy

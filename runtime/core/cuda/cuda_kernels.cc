@@ -72,8 +72,8 @@ absl::StatusOr<ElemOut> Out(const char* op, const Tensor& t) {
 
 // The reduction, softmax and routing kernels, and attention on the gemm path,
 // are f32: the backend wraps this table in the bf16 staging decorator
-// (bf16_staging.h), which hands them f32 copies of bf16 operands. A bf16 tensor that still
-// reaches one (this table used without the decorator) is refused naming the
+// (bf16_staging.h), which hands them f32 copies of bf16 operands. A bf16
+// tensor that still reaches one (this table used without the decorator) is refused naming the
 // op, rather than read as f32. GEMMs, Copy, Cast, Fill, GatherRows, the
 // arithmetic element-wise ops (Add ... SwiGLUBackward), the norms, RoPE,
 // the cross-entropy's logits, the row scatter-add and dot, and attention on
@@ -499,8 +499,10 @@ bool FlashAttentionTakes(absl::Span<const Tensor* const> tensors) {
   return q.rank() == 4 && k.rank() == 4 && FlashAttentionShapeOk(ShapeOf(q, k));
 }
 
-bool NativeAttentionTakes(absl::Span<const Tensor* const> tensors) {
-  return FlashAttentionTakes(tensors) || attn::AttentionSettingsRef().path != attn::AttentionPath::kGemm;
+bool NativeAttentionTakes(absl::Span<const Tensor* const> /*tensors*/) {
+  // Off the gemm path a call runs on the flash kernels or the fused ones, and
+  // both take bf16 operands whatever the shape.
+  return attn::AttentionSettingsRef().path != attn::AttentionPath::kGemm;
 }
 
 std::unique_ptr<Kernels> MakeCudaKernels() { return std::make_unique<CudaKernels>(); }

@@ -18,6 +18,22 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// Chunk after chunk of rows scattered into a fresh buffer `dst`: the first
+// chunk that has rows overwrites all of dst (its zero fill and its scatter in
+// one kernel), later ones add; ZeroUnwritten fills a buffer no chunk wrote.
+absl::Status ScatterIntoFresh(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
+                              const Tensor& weight, bool* written) {
+  if (index.numel() == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, src, index, dst, weight,
+                                      *written ? ScatterMode::kAccumulate : ScatterMode::kOverwrite));
+  *written = true;
+  return absl::OkStatus();
+}
+
+absl::Status ZeroUnwritten(Stream& stream, const Tensor& dst, bool written) {
+  return written ? absl::OkStatus() : ops::Fill(stream, dst, 0.0);
+}
+
 }  // namespace
 
 AllToAllTokenDispatcher::AllToAllTokenDispatcher(comm::Communicator* ep, comm::Communicator* tp,
@@ -150,8 +166,9 @@ absl::Status AllToAllTokenDispatcher::CheckLocalRows(absl::Span<const int64_t> a
 }
 
 absl::Status AllToAllTokenDispatcher::StartWeightGrads(Stream& stream) {
+  dweights_written_ = false;  // the first chunk's scatter zeroes the rest
   ASSIGN_OR_RETURN(dweights_, NewActivation(stream, Shape{num_assignments_}));
-  return ops::Fill(stream, dweights_, 0.0);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream, int chunk,
@@ -164,8 +181,9 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
   // assignments (each row is one assignment: the scatter only places it).
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
-                                      dweights_.Reshape(Shape{num_assignments_, 1})));
+  RETURN_IF_ERROR(ScatterIntoFresh(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
+                                   dweights_.Reshape(Shape{num_assignments_, 1}), Tensor(),
+                                   &dweights_written_));
   // d out_r = w_r dy[t_r]: a weighted gather.
   RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, d_rows, ch.weights));
   ch.combined = Tensor();
@@ -184,6 +202,7 @@ absl::Status AllToAllTokenDispatcher::FinishForward(Stream& stream, const Tensor
 absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice, Tensor* dweights,
                                                      const Tensor& dx) {
   const bool ted = tp_ != nullptr && tp_->size() > 1;
+  RETURN_IF_ERROR(ZeroUnwritten(stream, dweights_, dweights_written_));
   // Each TP rank filled the weights of its own tokens; the sum is all of them.
   if (ted) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dweights_));
   // The router's backward takes them on the stream (no host read).
@@ -221,11 +240,10 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
   stats_.combine_bytes += WireBytes(0, false);
   const auto t1 = Clock::now();
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
-  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
   const Chunk& ch = chunks_[0];
-  if (ch.token_index.numel() > 0) {
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
-  }
+  bool written = false;
+  RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, y_slice, ch.weights, &written));
+  RETURN_IF_ERROR(ZeroUnwritten(stream, y_slice, written));
   Tensor y;
   RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
   stats_.unpermute_s += Since(t1);
@@ -258,13 +276,14 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   stats_.dispatch_bytes += WireBytes(0, false);
   const Chunk& ch = chunks_[0];
   const bool ted = tp_ != nullptr && tp_->size() > 1;
+  // Into dx's slice (added to), or with TED into a fresh buffer (overwritten).
   Tensor target = dx.Slice(slice_begin_, slice_end_);
+  bool written = !ted;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
-    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
   }
-  if (ch.token_index.numel() > 0)
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
+  RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, target, Tensor(), &written));
+  RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
   if (ted) {
     ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
     RETURN_IF_ERROR(ops::Add(stream, dx, full, dx));
@@ -331,7 +350,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     stats_.combine_bytes += WireBytes(c, false);
   }
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
-  RETURN_IF_ERROR(ops::Fill(stream, y_slice, 0.0));
+  bool written = false;
   for (int c = 0; c < C; ++c) {
     auto t0 = Clock::now();
     {
@@ -344,7 +363,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     if (ch.token_index.numel() > 0) {
       {
         trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-        RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights));
+        RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, y_slice, ch.weights, &written));
       }
     }
     stats_.unpermute_s += Since(t0);
@@ -353,6 +372,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   Tensor y;
   {
     trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+    RETURN_IF_ERROR(ZeroUnwritten(stream, y_slice, written));
     RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
   }
   stats_.unpermute_s += Since(t0);
@@ -414,10 +434,10 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     stats_.dispatch_bytes += WireBytes(c, false);
   }
   const bool ted = tp_ != nullptr && tp_->size() > 1;
-  Tensor target = dx.Slice(slice_begin_, slice_end_);
+  Tensor target = dx.Slice(slice_begin_, slice_end_);  // or a fresh buffer, as in DispatchBackward
+  bool written = !ted;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
-    RETURN_IF_ERROR(ops::Fill(stream, target, 0.0));
   }
   for (int c = 0; c < C; ++c) {
     auto t0 = Clock::now();
@@ -430,12 +450,13 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     const Chunk& ch = chunks_[c];
     if (ch.token_index.numel() > 0) {
       trace::Span span(stream, "permute", trace::Kind::kCompute);
-      RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target));
+      RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, target, Tensor(), &written));
     }
   }
   const auto t0 = Clock::now();
   {
     trace::Span span(stream, "permute", trace::Kind::kCompute);
+    RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
     RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));
   }
   stats_.unpermute_s += Since(t0);

@@ -138,8 +138,7 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
   RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.compute_value(), false, dx, 1.0f, 1.0f));
   // The shared expert sees g_t dy_t.
   ASSIGN_OR_RETURN(Tensor dys, NewActivation(stream, dy.shape(), dy.dtype()));
-  RETURN_IF_ERROR(ops::Fill(stream, dys, 0.0));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dy, rows_, dys, gate_));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dy, rows_, dys, gate_, ScatterMode::kOverwrite));
   ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dys));
   RETURN_IF_ERROR(ops::Add(stream, dx, d, dx));
   shared_out_ = shared_x_ = rows_ = gate_ = Tensor();

@@ -480,8 +480,8 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
     RETURN_IF_ERROR(ops::Axpby(stream, 1.0f, dweights.Reshape(Shape{T * k, 1}), -1.0f, slot_grads));
   }
   ASSIGN_OR_RETURN(Tensor dsw, NewActivation(stream, Shape{T, E}));
-  RETURN_IF_ERROR(ops::Fill(stream, dsw, 0.0));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, slot_grads, cells, dsw.Reshape(Shape{T * E, 1}), slot_scale));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, slot_grads, cells, dsw.Reshape(Shape{T * E, 1}), slot_scale,
+                                      ScatterMode::kOverwrite));  // cells no slot chose: 0
   if (sigmoid_) {
     const Tensor dsig_dev = tables[ds_i];
     RETURN_IF_ERROR(ops::Mul(stream, dsw, dsig_dev, dsw));

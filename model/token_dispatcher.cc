@@ -58,10 +58,9 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
 absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tensor& expert_out) {
   ProfileScope profile(ProfileCategory::kPermute);
   ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}, expert_out.dtype()));
-  RETURN_IF_ERROR(ops::Fill(stream, y, 0.0));
-  if (expert_out.size(0) > 0) {
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_));
-  }
+  // y = 0, then every row adds its weighted output to its token (one kernel).
+  RETURN_IF_ERROR(
+      ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_, ScatterMode::kOverwrite));
   expert_out_ = expert_out;
   return y;
 }
@@ -71,14 +70,18 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   ProfileScope profile(ProfileCategory::kPermute);
   const int64_t n = expert_out_.size(0);
   ASSIGN_OR_RETURN(*dweights, NewActivation(stream, Shape{num_assignments_}));
-  RETURN_IF_ERROR(ops::Fill(stream, *dweights, 0.0));
   ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
-  if (n == 0) return d_out;
-  // d w of row r = dy[t_r] . out_r, placed at its assignment (each row is one).
+  if (n == 0) {
+    RETURN_IF_ERROR(ops::Fill(stream, *dweights, 0.0));
+    return d_out;
+  }
+  // d w of row r = dy[t_r] . out_r, placed at its assignment (each row is
+  // one); the assignments no row has (dropped) get 0.
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), assignment_index_,
-                                      dweights->Reshape(Shape{num_assignments_, 1})));
+                                      dweights->Reshape(Shape{num_assignments_, 1}), Tensor(),
+                                      ScatterMode::kOverwrite));
   // d out_r = w_r dy[t_r]: a weighted gather.
   RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, d_out, weights_));
   expert_out_ = Tensor();

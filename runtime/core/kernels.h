@@ -26,6 +26,11 @@ struct AdamWTarget {
   float weight_decay = 0;
 };
 
+// What ScatterAddRows does with dst (ops.h): add into it, or start every
+// destination row from 0 (dst is not read: one launch where a fill and a
+// scatter-add were two).
+enum class ScatterMode : uint8_t { kAccumulate, kOverwrite };
+
 class Kernels {
  public:
   virtual ~Kernels() = default;
@@ -71,7 +76,7 @@ class Kernels {
                                             T dlogits) = 0;
   virtual absl::Status TopK(S& s, T x, int k, T values, T indices) = 0;
   virtual absl::Status GatherRows(S& s, T src, T index, T dst, T weight) = 0;
-  virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight) = 0;
+  virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) = 0;
   virtual absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) = 0;
   virtual absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
                                   absl::Span<const int64_t> offsets, float std) = 0;

@@ -643,7 +643,7 @@ absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const
 }
 
 absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst,
-                            const Tensor& weight) {
+                            const Tensor& weight, ScatterMode mode) {
   const char* op = "ScatterAddRows";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kScatterAddRows));
   RETURN_IF_ERROR(Flt(op, s, "src", src));
@@ -659,7 +659,7 @@ absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, c
   }
   RETURN_IF_ERROR(NoOverlap(op, "src", src, "dst", dst));
   ProfileScope scope(s, OpKind::kScatterAddRows);
-  return s.backend().kernels().ScatterAddRows(s, src, index, dst, weight);
+  return s.backend().kernels().ScatterAddRows(s, src, index, dst, weight, mode);
 }
 
 absl::Status GatherRowDot(Stream& s, const Tensor& a, const Tensor& index, const Tensor& b, const Tensor& out,

@@ -228,8 +228,11 @@ absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, 
 // (deterministically, in i order). Un-permute + weighted combine; embedding backward.
 // [any] src, dst; [f32] weight. A bf16 dst element is loaded once, gets all of
 // this call's contributions in f32 (in i order) and is rounded once.
+// ScatterMode::kOverwrite: dst = 0 first (rows no index names end up 0; dst is
+// not read, so it may hold anything): bit for bit a Fill(dst, 0) and the
+// scatter-add, in one kernel.
 absl::Status ScatterAddRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
-                            const Tensor& weight = Tensor());
+                            const Tensor& weight = Tensor(), ScatterMode mode = ScatterMode::kAccumulate);
 // out[i] = alpha * dot(a[index[i], :], b[i, :]) + beta * out[i]: a [N, d], b [M, d],
 // out f32 [M]. The gradient of the combine weights. [any] a, b; [f32] out.
 absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, const Tensor& b,

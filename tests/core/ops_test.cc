@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 
 #include "runtime/core/status.h"
@@ -645,6 +646,23 @@ TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t c = 0; c < d; ++c) want2[index[i] * d + c] += vr[i * d + c];
   ExpectClose(acc2, want2, 1e-5, 1e-6, "scatter-add");
+  // Overwriting: a fill with 0 and the scatter-add, bit for bit, without
+  // reading dst (NaN here); the two rows no index names come out +0.
+  Tensor fresh = NewF32({N + 2, d}), filled = NewF32({N + 2, d});
+  std::fill_n(fresh.data<float>(), fresh.numel(), std::numeric_limits<float>::quiet_NaN());
+  REQUIRE(ops::Fill(S(), filled, 0.0).ok());
+  REQUIRE(ops::ScatterAddRows(S(), rows, idx, filled, w).ok());
+  REQUIRE(ops::ScatterAddRows(S(), rows, idx, fresh, w, ScatterMode::kOverwrite).ok());
+  CHECK(std::memcmp(fresh.raw_data(), filled.raw_data(), fresh.nbytes()) == 0);
+  for (int64_t c = 0; c < 2 * d; ++c) CHECK(std::signbit(fresh.data<float>()[N * d + c]) == false);
+  // No source rows at all: all zero.
+  std::fill_n(fresh.data<float>(), fresh.numel(), std::numeric_limits<float>::quiet_NaN());
+  REQUIRE(
+      ops::ScatterAddRows(S(), NewF32({0, d}), FromVecI32({0}, {}), fresh, Tensor(), ScatterMode::kOverwrite)
+          .ok());
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < fresh.numel(); ++i) nonzero += fresh.data<float>()[i] == 0.0f ? 0 : 1;
+  CHECK(nonzero == 0);
 
   Tensor dots = NewF32({M});
   REQUIRE(ops::GatherRowDot(S(), src, idx, rows, dots).ok());
@@ -660,6 +678,7 @@ TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
         absl::StatusCode::kInvalidArgument);
   CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), bad, acc2).ok());
   CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), FromVecI32({2}, {-1, 0}), acc2).ok());
+  CHECK(!ops::ScatterAddRows(S(), NewF32({2, d}), bad, acc2, Tensor(), ScatterMode::kOverwrite).ok());
 }
 
 TEST_CASE("Copy, Cast, Fill") {

@@ -409,7 +409,7 @@ absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst, T weight) {
   });
 }
 
-absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight) {
+absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) {
   return AsCpu(s).Run([=]() -> absl::Status {
     int64_t m = index.numel(), n = LeadRows(dst), d = Cols(src);
     const int32_t* idx = index.data<int32_t>();
@@ -418,8 +418,11 @@ absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight) {
     const float* ps = src.data<float>();
     const float* pw = weight.defined() ? weight.data<float>() : nullptr;
     float* pd = dst.data<float>();
-    // Column blocks: every destination element is accumulated in i order.
+    // Column blocks: every destination element is accumulated in i order
+    // (from 0 when overwriting: the block's columns of every row are cleared first).
     Pool().ParallelFor(d, std::max<int64_t>(16, (d + 1) / 2), [&](int64_t c0, int64_t c1) {
+      if (mode == ScatterMode::kOverwrite)
+        for (int64_t r = 0; r < n; ++r) std::fill(pd + r * d + c0, pd + r * d + c1, 0.0f);
       for (int64_t i = 0; i < m; ++i) {
         const float* sr = ps + i * d;
         float* dr = pd + static_cast<int64_t>(idx[i]) * d;

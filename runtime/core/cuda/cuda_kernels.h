@@ -177,14 +177,15 @@ cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, i
 cudaError_t LaunchGatherRowsScaled(ElemIn src, const int32_t* index, const float* weight, ElemOut dst,
                                    int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);
 // dst[index[i]] += weight[i] * src[i] (weight may be null: 1); src and dst f32
-// or bf16 each. Deterministic: each destination element adds its sources in
-// i order in f32 (rounded once into a bf16 dst), as on CPU. `scratch`: a
-// device block of ScatterAddRowsScratchBytes(m, n) bytes, free again once the
-// stream has passed the launch.
+// or bf16 each; `overwrite`: every row of dst [n, d] starts from 0 instead (dst
+// not read). Deterministic: each destination element adds its sources in i
+// order in f32 (rounded once into a bf16 dst), as on CPU. `scratch`: a device
+// block of ScatterAddRowsScratchBytes(m, n) bytes, free again once the stream
+// has passed the launch.
 size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n);
 cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
-                                 int64_t m, int64_t n, int64_t d, void* scratch, DeviceError* err, int op,
-                                 cudaStream_t s);
+                                 bool overwrite, int64_t m, int64_t n, int64_t d, void* scratch,
+                                 DeviceError* err, int op, cudaStream_t s);
 // out[i] = alpha * dot(a[index[i]], b[i]) + beta * out[i]; a and b f32 or bf16 each, out f32.
 cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* out, float alpha, float beta,
                                int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);

@@ -46,9 +46,11 @@ __global__ void GatherScaledKernel(ElemIn src, const int32_t* index, const float
 //     up together, still in i order;
 //  3. one block per destination row: its sources' range by binary search,
 //     threads over the columns, each adding its sources in i order into an
-//     f32 accumulator started from dst (widened) and stored once (rounded
-//     once if dst is bf16): the order and arithmetic of the CPU backend's
-//     loop, with every destination row and column in parallel. Block 0
+//     f32 accumulator started from dst (widened; from 0 when overwriting)
+//     and stored once (rounded once if dst is bf16): the order and
+//     arithmetic of the CPU backend's loop, with every destination row and
+//     column in parallel. A row without sources is left alone, or stored 0
+//     when overwriting. Block 0
 //     also reports the smallest bad i: bad keys sort last, their values in
 //     ascending i, so it is the value at the first key n.
 // Where the sort does not run (no columns, no destination rows), the keys
@@ -86,7 +88,7 @@ __device__ inline int64_t LowerBound(const uint32_t* keys, int64_t m, uint32_t k
 
 template <int M>
 __global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const int32_t* order, ElemOut dst,
-                                       const float* weight, int64_t m, int64_t n, int64_t d,
+                                       const float* weight, bool overwrite, int64_t m, int64_t n, int64_t d,
                                        const int32_t* index, DeviceError* err, int op) {
   __shared__ int64_t range[2];
   if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -104,9 +106,9 @@ __global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const i
     __syncthreads();
     const int64_t lo = range[0], hi = range[1];
     __syncthreads();  // every thread has read the range before thread 0 writes the next row's
-    if (lo == hi) continue;
+    if (lo == hi && !overwrite) continue;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-      float acc = Ld<M>(dst, r * d + c);
+      float acc = overwrite ? 0.0f : Ld<M>(dst, r * d + c);
       for (int64_t j = lo; j < hi; ++j) {
         const int64_t i = order[j];
         const float w = weight != nullptr ? weight[i] : 1.0f;
@@ -211,9 +213,13 @@ size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n) {
 }
 
 cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
-                                 int64_t m, int64_t n, int64_t d, void* scratch, DeviceError* err, int op,
-                                 cudaStream_t s) {
-  if (m <= 0) return cudaGetLastError();
+                                 bool overwrite, int64_t m, int64_t n, int64_t d, void* scratch,
+                                 DeviceError* err, int op, cudaStream_t s) {
+  if (m <= 0) {  // no sources: dst stays, or is all zero bits (+0 in f32 and bf16)
+    if (!overwrite || n <= 0 || d <= 0) return cudaGetLastError();
+    const size_t elem = dst.t == ElemType::kBF16 ? 2 : 4;
+    return cudaMemsetAsync(dst.p, 0, static_cast<size_t>(n) * static_cast<size_t>(d) * elem, s);
+  }
   const ScatterScratch sc = Carve(scratch, m, n);
   if (d <= 0 || n <= 0) {
     // Nothing to add; bad indices count all the same (every one of them when n = 0).
@@ -233,7 +239,7 @@ cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, 
   const int threads = d >= 128 ? 128 : static_cast<int>((d + 31) / 32 * 32);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 1048560));
   MOE_MODE_LAUNCH(ScatterAddSortedKernel, ElemMode({src.t, dst.t}), n, blocks, threads, s, src, sc.keys_out,
-                  sc.vals_out, dst, weight, m, n, d, index, err, op);
+                  sc.vals_out, dst, weight, overwrite, m, n, d, index, err, op);
   return cudaGetLastError();
 }
 

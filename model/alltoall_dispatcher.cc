@@ -21,11 +21,12 @@ double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 // Chunk after chunk of rows scattered into a fresh buffer `dst`: the first
 // chunk that has rows overwrites all of dst (its zero fill and its scatter in
 // one kernel), later ones add; ZeroUnwritten fills a buffer no chunk wrote.
-absl::Status ScatterIntoFresh(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
-                              const Tensor& weight, bool* written) {
+// by_row: the chunk's ops::ScatterRowOrder of index (no device sort).
+absl::Status ScatterIntoFresh(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& by_row,
+                              const Tensor& dst, const Tensor& weight, bool* written) {
   if (index.numel() == 0) return absl::OkStatus();
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, src, index, dst, weight,
-                                      *written ? ScatterMode::kAccumulate : ScatterMode::kOverwrite));
+                                      *written ? ScatterMode::kAccumulate : ScatterMode::kOverwrite, by_row));
   *written = true;
   return absl::OkStatus();
 }
@@ -117,14 +118,22 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
       }
     }
     const int64_t n = static_cast<int64_t>(tok.size());
-    HostUploads up;  // the chunk's three tables in one copy
+    // The rows of each token of the slice and of each assignment, so that the
+    // scatter-adds back to them need not sort on the device.
+    ASSIGN_OR_RETURN(const std::vector<int32_t> by_token, ops::ScatterRowOrder(tok, slice_len));
+    ASSIGN_OR_RETURN(const std::vector<int32_t> by_assignment, ops::ScatterRowOrder(assignment, T * k));
+    HostUploads up;  // the chunk's five tables in one copy
     up.AddInts(tok, Shape{n});
     up.AddFloats(w, Shape{n});
     up.AddInts(assignment, Shape{n});
+    up.AddInts(by_token, Shape{static_cast<int64_t>(by_token.size())});
+    up.AddInts(by_assignment, Shape{static_cast<int64_t>(by_assignment.size())});
     ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
     ch.token_index = tables[0];
     ch.weights = tables[1];
     ch.assignment = tables[2];
+    ch.by_token = tables[3];
+    ch.by_assignment = tables[4];
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();
@@ -181,7 +190,7 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
   // assignments (each row is one assignment: the scatter only places it).
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
-  RETURN_IF_ERROR(ScatterIntoFresh(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
+  RETURN_IF_ERROR(ScatterIntoFresh(stream, dw.Reshape(Shape{n, 1}), ch.assignment, ch.by_assignment,
                                    dweights_.Reshape(Shape{num_assignments_, 1}), Tensor(),
                                    &dweights_written_));
   // d out_r = w_r dy[t_r]: a weighted gather.
@@ -242,7 +251,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   const Chunk& ch = chunks_[0];
   bool written = false;
-  RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, y_slice, ch.weights, &written));
+  RETURN_IF_ERROR(
+      ScatterIntoFresh(stream, ch.combined, ch.token_index, ch.by_token, y_slice, ch.weights, &written));
   RETURN_IF_ERROR(ZeroUnwritten(stream, y_slice, written));
   Tensor y;
   RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
@@ -282,7 +292,7 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   }
-  RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, target, Tensor(), &written));
+  RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, ch.by_token, target, Tensor(), &written));
   RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
   if (ted) {
     ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
@@ -363,7 +373,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     if (ch.token_index.numel() > 0) {
       {
         trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-        RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, y_slice, ch.weights, &written));
+        RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, ch.by_token, y_slice,
+                                         ch.weights, &written));
       }
     }
     stats_.unpermute_s += Since(t0);
@@ -450,7 +461,8 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     const Chunk& ch = chunks_[c];
     if (ch.token_index.numel() > 0) {
       trace::Span span(stream, "permute", trace::Kind::kCompute);
-      RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, target, Tensor(), &written));
+      RETURN_IF_ERROR(
+          ScatterIntoFresh(stream, d_send, ch.token_index, ch.by_token, target, Tensor(), &written));
     }
   }
   const auto t0 = Clock::now();

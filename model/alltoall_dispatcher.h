@@ -111,10 +111,12 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
 
  private:
   struct Chunk {
-    Tensor assignment;   // i32 [n]: assignment a = t * k + j of each send row
-    Tensor token_index;  // i32 [n]: the token of each send row, relative to the slice
-    Tensor weights;      // f32 [n]: w_t,e
-    Tensor combined;     // [n, d] expert outputs back on this rank (for d w)
+    Tensor assignment;     // i32 [n]: assignment a = t * k + j of each send row
+    Tensor token_index;    // i32 [n]: the token of each send row, relative to the slice
+    Tensor weights;        // f32 [n]: w_t,e
+    Tensor by_token;       // i32: ops::ScatterRowOrder(token_index, slice length)
+    Tensor by_assignment;  // i32: ops::ScatterRowOrder(assignment, T * k)
+    Tensor combined;       // [n, d] expert outputs back on this rank (for d w)
   };
   // Steps 1-3: slices, orders and counts the plan's assignments into `chunks`.
   absl::Status Prepare(Stream& stream, const Tensor& x, const RoutingPlan& plan, int chunks,

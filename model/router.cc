@@ -455,9 +455,12 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
       inv_sum[t * k + j] = static_cast<float>(1.0 / sum);
     }
   }
+  // The slots of each cell, so that the device need not sort them.
+  ASSIGN_OR_RETURN(const std::vector<int32_t> slots_by_cell, ops::ScatterRowOrder(cell, T * E));
   // Every host table of the backward in one copy.
   HostUploads up;
   const size_t dz_i = up.AddFloats(dz, Shape{T, E}), cell_i = up.AddInts(cell, Shape{T * k});
+  const size_t by_cell_i = up.AddInts(slots_by_cell, Shape{static_cast<int64_t>(slots_by_cell.size())});
   const size_t tokens_i = up.AddInts(tokens, Shape{static_cast<int64_t>(tokens.size())});
   const size_t token_of_i = up.AddInts(token_of, Shape{static_cast<int64_t>(token_of.size())});
   const size_t weights_i =
@@ -481,7 +484,7 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
   }
   ASSIGN_OR_RETURN(Tensor dsw, NewActivation(stream, Shape{T, E}));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, slot_grads, cells, dsw.Reshape(Shape{T * E, 1}), slot_scale,
-                                      ScatterMode::kOverwrite));  // cells no slot chose: 0
+                                      ScatterMode::kOverwrite, tables[by_cell_i]));  // cells no slot chose: 0
   if (sigmoid_) {
     const Tensor dsig_dev = tables[ds_i];
     RETURN_IF_ERROR(ops::Mul(stream, dsw, dsig_dev, dsw));

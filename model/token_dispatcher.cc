@@ -42,14 +42,22 @@ absl::StatusOr<ExpertInput> LocalTokenDispatcher::Dispatch(Stream& stream, const
     tok[r] = static_cast<int32_t>(a / k);
     w[r] = plan.weights[a];
   }
-  HostUploads up;  // the three tables in one copy
+  // The rows of each token and of each assignment, so that the scatter-adds
+  // back to them need not sort on the device.
+  ASSIGN_OR_RETURN(const std::vector<int32_t> by_token, ops::ScatterRowOrder(tok, T));
+  ASSIGN_OR_RETURN(const std::vector<int32_t> by_assignment, ops::ScatterRowOrder(assignment, T * k));
+  HostUploads up;  // the five tables in one copy
   up.AddInts(tok, Shape{n});
   up.AddInts(assignment, Shape{n});
   up.AddFloats(w, Shape{n});
+  up.AddInts(by_token, Shape{static_cast<int64_t>(by_token.size())});
+  up.AddInts(by_assignment, Shape{static_cast<int64_t>(by_assignment.size())});
   ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
   token_index_ = tables[0];
   assignment_index_ = tables[1];
   weights_ = tables[2];
+  by_token_ = tables[3];
+  by_assignment_ = tables[4];
   ASSIGN_OR_RETURN(in.tokens, NewActivation(stream, Shape{n, hidden_}, x.dtype()));
   if (n > 0) RETURN_IF_ERROR(ops::GatherRows(stream, x, token_index_, in.tokens));
   return in;
@@ -60,7 +68,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::Combine(Stream& stream, const Tenso
   ASSIGN_OR_RETURN(Tensor y, NewActivation(stream, Shape{num_tokens_, hidden_}, expert_out.dtype()));
   // y = 0, then every row adds its weighted output to its token (one kernel).
   RETURN_IF_ERROR(
-      ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_, ScatterMode::kOverwrite));
+      ops::ScatterAddRows(stream, expert_out, token_index_, y, weights_, ScatterMode::kOverwrite, by_token_));
   expert_out_ = expert_out;
   return y;
 }
@@ -81,7 +89,7 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), assignment_index_,
                                       dweights->Reshape(Shape{num_assignments_, 1}), Tensor(),
-                                      ScatterMode::kOverwrite));
+                                      ScatterMode::kOverwrite, by_assignment_));
   // d out_r = w_r dy[t_r]: a weighted gather.
   RETURN_IF_ERROR(ops::GatherRows(stream, dy, token_index_, d_out, weights_));
   expert_out_ = Tensor();
@@ -92,9 +100,10 @@ absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor
                                                     const Tensor& dx) {
   ProfileScope profile(ProfileCategory::kPermute);
   if (d_expert_in.size(0) > 0) {
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx));
+    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx, Tensor(),
+                                        ScatterMode::kAccumulate, by_token_));
   }
-  token_index_ = weights_ = assignment_index_ = Tensor();
+  token_index_ = weights_ = assignment_index_ = by_token_ = by_assignment_ = Tensor();
   return absl::OkStatus();
 }
 

@@ -123,6 +123,8 @@ class LocalTokenDispatcher : public TokenDispatcher {
   Tensor assignment_index_;  // i32 [N]: a = t * k + j of each row
   Tensor token_index_;       // i32 [N]: the token t of each row
   Tensor weights_;           // f32 [N]: w_t,e of each row
+  Tensor by_token_;          // i32: ops::ScatterRowOrder(token_index_, T)
+  Tensor by_assignment_;     // i32: ops::ScatterRowOrder(assignment_index_, T * k)
   Tensor expert_out_;
   std::vector<int64_t> offsets_;  // E + 1 global offsets of the forward's rows
 };

@@ -298,11 +298,11 @@ class Bf16StagingKernels : public Kernels {
     Tensor l2 = g.In(logits), d2 = g.Out(dlogits, false);
     return g.Run([&] { return f32_->CrossEntropyBackward(s, l2, targets, lse, dloss, scale, d2); });
   }
-  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) override {
-    if (!options_.stage_rows) return f32_->ScatterAddRows(s, src, index, dst, weight, mode);
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) override {
+    if (!options_.stage_rows) return f32_->ScatterAddRows(s, src, index, dst, weight, mode, by_row);
     Staging g(*f32_, s);
     Tensor s2 = g.In(src), d2 = g.Out(dst, mode == ScatterMode::kAccumulate);
-    return g.Run([&] { return f32_->ScatterAddRows(s, s2, index, d2, weight, mode); });
+    return g.Run([&] { return f32_->ScatterAddRows(s, s2, index, d2, weight, mode, by_row); });
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
     if (!options_.stage_rows) return f32_->GatherRowDot(s, a, index, b, out, alpha, beta);

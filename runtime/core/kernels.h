@@ -26,6 +26,10 @@ struct AdamWTarget {
   float weight_decay = 0;
 };
 
+// The error of a ScatterAddRows whose by_row (ops.h) does not match its
+// index: `entry` of by_row holds `value` (every backend says the same).
+absl::Status ByRowMismatch(const char* op, int64_t entry, int64_t value);
+
 // What ScatterAddRows does with dst (ops.h): add into it, or start every
 // destination row from 0 (dst is not read: one launch where a fill and a
 // scatter-add were two).
@@ -76,7 +80,8 @@ class Kernels {
                                             T dlogits) = 0;
   virtual absl::Status TopK(S& s, T x, int k, T values, T indices) = 0;
   virtual absl::Status GatherRows(S& s, T src, T index, T dst, T weight) = 0;
-  virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) = 0;
+  // by_row may be undefined (ops.h ScatterAddRows).
+  virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) = 0;
   virtual absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) = 0;
   virtual absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
                                   absl::Span<const int64_t> offsets, float std) = 0;

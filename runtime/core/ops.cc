@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +15,16 @@
 #include "runtime/core/kernels.h"
 #include "runtime/core/op_profile.h"
 #include "runtime/core/status.h"
+
+namespace moe {
+
+absl::Status ByRowMismatch(const char* op, int64_t entry, int64_t value) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("ops::", op, ": by_row[", entry, "] = ", value,
+                   " does not match index (make it with ops::ScatterRowOrder)"));
+}
+
+}  // namespace moe
 
 namespace moe::ops {
 namespace {
@@ -643,7 +654,7 @@ absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const
 }
 
 absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst,
-                            const Tensor& weight, ScatterMode mode) {
+                            const Tensor& weight, ScatterMode mode, const Tensor& by_row) {
   const char* op = "ScatterAddRows";
   RETURN_IF_ERROR(Supported(op, s, OpKind::kScatterAddRows));
   RETURN_IF_ERROR(Flt(op, s, "src", src));
@@ -657,9 +668,30 @@ absl::Status ScatterAddRows(Stream& s, const Tensor& src, const Tensor& index, c
     RETURN_IF_ERROR(Numel(op, "weight", weight, index.numel()));
     RETURN_IF_ERROR(NoOverlap(op, "weight", weight, "dst", dst));
   }
+  if (by_row.defined()) {
+    RETURN_IF_ERROR(Arg(op, s, "by_row", by_row, DType::kI32));
+    RETURN_IF_ERROR(Numel(op, "by_row", by_row, LeadRows(dst) + 1 + index.numel()));
+  }
   RETURN_IF_ERROR(NoOverlap(op, "src", src, "dst", dst));
   ProfileScope scope(s, OpKind::kScatterAddRows);
-  return s.backend().kernels().ScatterAddRows(s, src, index, dst, weight, mode);
+  return s.backend().kernels().ScatterAddRows(s, src, index, dst, weight, mode, by_row);
+}
+
+absl::StatusOr<std::vector<int32_t>> ScatterRowOrder(absl::Span<const int32_t> index, int64_t n) {
+  const int64_t m = static_cast<int64_t>(index.size());
+  if (n < 0 || n >= std::numeric_limits<int32_t>::max() || m >= std::numeric_limits<int32_t>::max())
+    return Bad("ScatterRowOrder", absl::StrCat(m, " sources into ", n, " rows do not fit int32 offsets"));
+  std::vector<int32_t> out(n + 1 + m, 0);
+  int32_t* offsets = out.data();
+  for (int64_t i = 0; i < m; ++i) {
+    if (index[i] < 0 || index[i] >= n)
+      return Bad("ScatterRowOrder", absl::StrCat("index[", i, "] = ", index[i], " is outside [0, ", n, ")"));
+    ++offsets[index[i] + 1];
+  }
+  for (int64_t r = 0; r < n; ++r) offsets[r + 1] += offsets[r];
+  std::vector<int32_t> next(offsets, offsets + n);  // a stable counting sort
+  for (int64_t i = 0; i < m; ++i) out[n + 1 + next[index[i]]++] = static_cast<int32_t>(i);
+  return out;
 }
 
 absl::Status GatherRowDot(Stream& s, const Tensor& a, const Tensor& index, const Tensor& b, const Tensor& out,

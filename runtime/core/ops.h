@@ -48,8 +48,10 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "runtime/core/backend.h"
@@ -231,8 +233,20 @@ absl::Status GatherRows(Stream& stream, const Tensor& src, const Tensor& index, 
 // ScatterMode::kOverwrite: dst = 0 first (rows no index names end up 0; dst is
 // not read, so it may hold anything): bit for bit a Fill(dst, 0) and the
 // scatter-add, in one kernel.
+// `by_row` (i32 [N + 1 + M], optional): ScatterRowOrder(index, N), made on the
+// host where the index is, so that the device need not sort the sources by
+// destination (on CUDA one launch instead of a key pass, a radix sort and the
+// add; on CPU destination rows in parallel). Same result bit for bit. An
+// entry that does not match index fails like a bad index (InvalidArgument).
 absl::Status ScatterAddRows(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& dst,
-                            const Tensor& weight = Tensor(), ScatterMode mode = ScatterMode::kAccumulate);
+                            const Tensor& weight = Tensor(), ScatterMode mode = ScatterMode::kAccumulate,
+                            const Tensor& by_row = Tensor());
+// Host side, for ScatterAddRows' by_row: the sources of each of the n
+// destination rows of index[0, m): offsets [n + 1] (row r's sources are
+// entries offsets[r] .. offsets[r + 1] of what follows), then the source
+// positions i, row by row, ascending within a row (the order the add keeps).
+// InvalidArgument names the first index outside [0, n).
+absl::StatusOr<std::vector<int32_t>> ScatterRowOrder(absl::Span<const int32_t> index, int64_t n);
 // out[i] = alpha * dot(a[index[i], :], b[i, :]) + beta * out[i]: a [N, d], b [M, d],
 // out f32 [M]. The gradient of the combine weights. [any] a, b; [f32] out.
 absl::Status GatherRowDot(Stream& stream, const Tensor& a, const Tensor& index, const Tensor& b,

@@ -210,11 +210,16 @@ TEST_CASE("bf16 rows: gather, combine, combine-weight gradient, cross-entropy") 
                 }});
   // Un-permute and combine: repeated destinations, f32 weights, bf16 or f32 destination.
   Tensor rows = RandomBf16Values({m, d}, 3), acc = RandomBf16Values({n, d}, 4), wts = Random({m}, 5, 0, 1);
+  auto order = ops::ScatterRowOrder({0, 3, 3, 6, 1, 0, 2, 5, 4, 3}, n);
+  REQUIRE(order.ok());
+  const Tensor by_row = FromVecI32({n + 1 + m}, *order);
   for (bool f32_dst : {false, true})
     for (ScatterMode mode : {ScatterMode::kAccumulate, ScatterMode::kOverwrite})
-      CheckExact({"ScatterAddRows", {rows, idx, acc, wts}, {true, false, !f32_dst, false}, [mode](Args t) {
-                    return ops::ScatterAddRows(S(), t[0], t[1], t[2], t[3], mode);
-                  }});
+      for (const Tensor& sorted : {Tensor(), by_row})
+        CheckExact({"ScatterAddRows",
+                    {rows, idx, acc, wts, sorted},
+                    {true, false, !f32_dst, false, false},
+                    [mode](Args t) { return ops::ScatterAddRows(S(), t[0], t[1], t[2], t[3], mode, t[4]); }});
   Tensor dots = NewF32({m});
   CheckExact({"GatherRowDot", {src, idx, rows, dots}, {true, false, true, false}, [](Args t) {
                 return ops::GatherRowDot(S(), t[0], t[1], t[2], t[3], 1.0f, 0.0f);
@@ -370,9 +375,9 @@ class DtypeObserver : public cpu::CpuKernels {
       return cpu::CpuKernels::CrossEntropyBackward(s, logits, targets, lse, dloss, scale, dlogits);
     });
   }
-  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) override {
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) override {
     return Note("ScatterAddRows", dst,
-                [&] { return cpu::CpuKernels::ScatterAddRows(s, src, index, dst, weight, mode); });
+                [&] { return cpu::CpuKernels::ScatterAddRows(s, src, index, dst, weight, mode, by_row); });
   }
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override {
     return Note("GatherRowDot", b,
@@ -435,7 +440,7 @@ TEST_CASE("stage_rows = false passes the norm, RoPE, cross-entropy and row ops' 
     REQUIRE(k->Rope(S(), q, q, 10000.0, 0).ok());
     REQUIRE(k->RopeBackward(S(), q, q, 10000.0, 0).ok());
     REQUIRE(k->CrossEntropyBackward(S(), logits, *targets, lse, Tensor(), 0.5f, dlogits).ok());
-    REQUIRE(k->ScatterAddRows(S(), x, *targets, out, Tensor(), ScatterMode::kAccumulate).ok());
+    REQUIRE(k->ScatterAddRows(S(), x, *targets, out, Tensor(), ScatterMode::kAccumulate, Tensor()).ok());
     REQUIRE(k->GatherRowDot(S(), out, *targets, x, lse, 1.0f, 0.0f).ok());
     REQUIRE(k->SumRows(S(), x, colsum, 1.0f, 0.0f).ok());
     REQUIRE(S().Synchronize().ok());

@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "absl/strings/str_cat.h"
 #include "runtime/core/status.h"
 #include "tests/core/test_util.h"
 
@@ -663,6 +664,43 @@ TEST_CASE("GatherRows, ScatterAddRows, GatherRowDot") {
   int64_t nonzero = 0;
   for (int64_t i = 0; i < fresh.numel(); ++i) nonzero += fresh.data<float>()[i] == 0.0f ? 0 : 1;
   CHECK(nonzero == 0);
+  // The order made on the host (no sort): the same bits, adding or overwriting.
+  auto order = ops::ScatterRowOrder(index, N + 2);
+  REQUIRE(order.ok());
+  CHECK(std::vector<int32_t>(order->begin(), order->begin() + N + 3) ==
+        std::vector<int32_t>{0, 3, 4, 5, 6, 7, 9, 9, 9});  // offsets: row 0 has 3 sources, rows 6, 7 none
+  CHECK(std::vector<int32_t>(order->begin() + N + 3, order->end()) ==
+        std::vector<int32_t>{1, 2, 8, 6, 4, 3, 7, 0, 5});  // ascending within each row
+  const Tensor by_row = FromVecI32({N + 3 + M}, *order);
+  for (ScatterMode mode : {ScatterMode::kAccumulate, ScatterMode::kOverwrite}) {
+    Tensor a = Random({N + 2, d}, 7), b = Clone(a);
+    REQUIRE(ops::ScatterAddRows(S(), rows, idx, a, w, mode).ok());
+    REQUIRE(ops::ScatterAddRows(S(), rows, idx, b, w, mode, by_row).ok());
+    CHECK(std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0);
+  }
+  // An order that does not match the index is refused, naming the entry.
+  const auto refused = [&](int64_t entry, int32_t value) {
+    std::vector<int32_t> v = *order;
+    v[entry] = value;
+    absl::Status st = ops::ScatterAddRows(S(), rows, idx, NewF32({N + 2, d}), w, ScatterMode::kAccumulate,
+                                          FromVecI32({N + 3 + M}, v));
+    INFO(st.message());
+    return st.code() == absl::StatusCode::kInvalidArgument &&
+           std::string(st.message()).find(absl::StrCat("by_row[", entry, "] = ", value)) != std::string::npos;
+  };
+  CHECK(refused(0, 1));          // offsets do not start at 0
+  CHECK(refused(N + 2, M - 1));  // nor end at M
+  CHECK(refused(2, 2));          // go back
+  CHECK(refused(N + 3 + 1, 1));  // a source twice in a row (not ascending)
+  CHECK(refused(N + 3 + 3, 7));  // a source of another row
+  CHECK(refused(N + 3 + 3, M));  // outside [0, M)
+  CHECK(!ops::ScatterAddRows(S(), rows, idx, NewF32({N + 2, d}), w, ScatterMode::kAccumulate,
+                             FromVecI32({3}, {0, 0, 0}))
+             .ok());  // the wrong length
+  auto bad_order = ops::ScatterRowOrder({0, 6}, 6);
+  CHECK(bad_order.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad_order.status().message()).find("index[1] = 6 is outside [0, 6)") !=
+        std::string::npos);
 
   Tensor dots = NewF32({M});
   REQUIRE(ops::GatherRowDot(S(), src, idx, rows, dots).ok());

@@ -725,6 +725,25 @@ TEST_CASE("permute, un-permute, combine gradient, init and AdamW match the CPU b
         Tol{0, 0});
     Run("ScatterAddRows overwrite, no sources",
         {Rand({0, 33}, 84), Ints({0}, {}), Nans({rows, 33}), Tensor()}, {2}, overwrite, Tol{0, 0});
+    // With the order made on the host: one launch, no sort; the same bits.
+    auto order = ops::ScatterRowOrder(skew, rows);
+    REQUIRE(order.ok());
+    const Tensor by_row = Ints({rows + 1 + srcs}, *order);
+    for (ScatterMode mode : {ScatterMode::kAccumulate, ScatterMode::kOverwrite})
+      for (int64_t cols : {1, 33, 257})
+        Run(
+            absl::StrCat("ScatterAddRows by_row, d ", cols,
+                         mode == ScatterMode::kOverwrite ? ", overwrite" : ""),
+            {Rand({srcs, cols}, 85), sk, Rand({rows, cols}, 86), Rand({srcs}, 87), by_row}, {2},
+            [mode](Stream& s, auto& t) { return ops::ScatterAddRows(s, t[0], t[1], t[2], t[3], mode, t[4]); },
+            Tol{0, 0});
+    Run(
+        "ScatterAddRows by_row bf16", {Bf16(Rand({srcs, 33}, 88)), sk, Bf16(Rand({rows, 33}, 89)), by_row},
+        {2},
+        [](Stream& s, auto& t) {
+          return ops::ScatterAddRows(s, t[0], t[1], t[2], Tensor(), ScatterMode::kAccumulate, t[3]);
+        },
+        Tol{0, 0});
   }
   // bf16 rows, read and written natively (stage_rows = false): the f32 sum
   // of each destination's sources is rounded once.
@@ -819,6 +838,21 @@ TEST_CASE("a bad index is reported by the stream's Synchronize") {
   st = G().Synchronize();
   INFO(st.message());
   CHECK(std::string(st.message()).find("index[0] = 1 is outside [0, 0)") != std::string::npos);
+  // An order made on the host that does not match the index: its rows are
+  // checked on the device and the entry named (a source of another row here).
+  const std::vector<int32_t> good = {1, 0, 1, 1, 0, 1};
+  auto order = ops::ScatterRowOrder(good, 2);  // offsets 0 2 6, then 1 4 | 0 2 3 5
+  REQUIRE(order.ok());
+  std::vector<int32_t> wrong = *order;
+  wrong[6] = 1;  // row 1's second source (still ascending), but index[1] = 0
+  REQUIRE(ops::ScatterAddRows(G(), rows, Copy(*g_gpu, Ints({6}, good)), dst, Tensor(),
+                              ScatterMode::kAccumulate, Copy(*g_gpu, Ints({9}, wrong)))
+              .ok());
+  st = G().Synchronize();
+  INFO(st.message());
+  CHECK(st.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(st.message()).find("by_row[6] = 1 does not match index") != std::string::npos);
+  CHECK(G().Synchronize().ok());
   CHECK(G().Synchronize().ok());
 }
 

@@ -107,7 +107,7 @@ class CpuKernels : public Kernels {
                                     T dlogits) override;
   absl::Status TopK(S& s, T x, int k, T values, T indices) override;
   absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override;
-  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) override;
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) override;
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override;
   absl::Status InitNormal(S& s, T t, uint64_t seed, absl::string_view name, const Shape& global_shape,
                           absl::Span<const int64_t> offsets, float std) override;

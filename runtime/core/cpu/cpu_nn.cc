@@ -377,6 +377,23 @@ absl::Status CheckIndices(const char* op, const int32_t* idx, int64_t m, int64_t
           absl::StrCat("ops::", op, ": index[", i, "] = ", idx[i], " is outside [0, ", n, ")"));
   return absl::OkStatus();
 }
+
+// The first entry of by_row (ops.h ScatterRowOrder) that does not match
+// index: offsets not running from 0 to m without going back, a source outside
+// [0, m), of another row, or not above the one before it in its row. -1: none.
+int64_t FirstByRowMismatch(const int32_t* by_row, const int32_t* idx, int64_t m, int64_t n) {
+  if (by_row[0] != 0) return 0;
+  if (by_row[n] != m) return n;
+  const int32_t* order = by_row + n + 1;
+  for (int64_t r = 0; r < n; ++r) {
+    if (by_row[r + 1] < by_row[r]) return r + 1;
+    for (int64_t j = by_row[r]; j < by_row[r + 1]; ++j) {
+      const int32_t i = order[j];
+      if (i < 0 || i >= m || idx[i] != r || (j > by_row[r] && order[j - 1] >= i)) return n + 1 + j;
+    }
+  }
+  return -1;
+}
 }  // namespace
 
 absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst, T weight) {
@@ -409,7 +426,7 @@ absl::Status CpuKernels::GatherRows(S& s, T src, T index, T dst, T weight) {
   });
 }
 
-absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) {
+absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) {
   return AsCpu(s).Run([=]() -> absl::Status {
     int64_t m = index.numel(), n = LeadRows(dst), d = Cols(src);
     const int32_t* idx = index.data<int32_t>();
@@ -418,10 +435,31 @@ absl::Status CpuKernels::ScatterAddRows(S& s, T src, T index, T dst, T weight, S
     const float* ps = src.data<float>();
     const float* pw = weight.defined() ? weight.data<float>() : nullptr;
     float* pd = dst.data<float>();
+    const bool overwrite = mode == ScatterMode::kOverwrite;
+    if (by_row.defined()) {
+      const int32_t* rows = by_row.data<int32_t>();
+      if (const int64_t bad = FirstByRowMismatch(rows, idx, m, n); bad >= 0)
+        return ByRowMismatch("ScatterAddRows", bad, rows[bad]);
+      // Destination rows in parallel, each adding its sources in i order.
+      const int32_t* order = rows + n + 1;
+      Pool().ParallelFor(n, GrainFor(d + 1), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* dr = pd + r * d;
+          if (overwrite) std::fill(dr, dr + d, 0.0f);
+          for (int64_t j = rows[r]; j < rows[r + 1]; ++j) {
+            const int64_t i = order[j];
+            const float* sr = ps + i * d;
+            const float w = pw ? pw[i] : 1.0f;
+            for (int64_t c = 0; c < d; ++c) dr[c] += w * sr[c];
+          }
+        }
+      });
+      return absl::OkStatus();
+    }
     // Column blocks: every destination element is accumulated in i order
     // (from 0 when overwriting: the block's columns of every row are cleared first).
     Pool().ParallelFor(d, std::max<int64_t>(16, (d + 1) / 2), [&](int64_t c0, int64_t c1) {
-      if (mode == ScatterMode::kOverwrite)
+      if (overwrite)
         for (int64_t r = 0; r < n; ++r) std::fill(pd + r * d + c0, pd + r * d + c1, 0.0f);
       for (int64_t i = 0; i < m; ++i) {
         const float* sr = ps + i * d;

@@ -59,11 +59,13 @@ struct StreamErrors {
   absl::Status Own(bool clear) {
     std::lock_guard<std::mutex> lock(mu);
     absl::Status st = host_error;
-    if (st.ok() && record != nullptr && record->error.code == 1) {
+    if (st.ok() && record != nullptr && (record->error.code == 1 || record->error.code == 2)) {
       const DeviceError& e = record->error;
-      st = absl::InvalidArgumentError(absl::StrCat("ops::", OpKindName(static_cast<OpKind>(e.op)), ": index[",
-                                                   e.position, "] = ", e.value, " is outside [0, ", e.limit,
-                                                   ")"));
+      const char* op = OpKindName(static_cast<OpKind>(e.op));
+      st = e.code == 2
+               ? ByRowMismatch(op, e.position, e.value)
+               : absl::InvalidArgumentError(absl::StrCat("ops::", op, ": index[", e.position, "] = ", e.value,
+                                                         " is outside [0, ", e.limit, ")"));
       if (clear) record->error.code = 0;
     }
     if (clear) host_error = absl::OkStatus();

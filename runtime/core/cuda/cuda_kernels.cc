@@ -378,7 +378,7 @@ class CudaKernels : public Kernels {
     return absl::OkStatus();
   }
   // The row scatter-add and dot: f32 or bf16 rows natively (stage_rows).
-  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode) override {
+  absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) override {
     const char* op = "ScatterAddRows";
     ASSIGN_OR_RETURN(const ElemIn es, In(op, src));
     ASSIGN_OR_RETURN(const ElemOut ed, Out(op, dst));
@@ -386,9 +386,10 @@ class CudaKernels : public Kernels {
     if (m > std::numeric_limits<int32_t>::max() || n >= std::numeric_limits<int32_t>::max())
       return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": ", m, " source rows into ", n,
                                                      " destination rows exceed this kernel's int32 sort"));
-    return LaunchWithScratch(s, ScatterAddRowsScratchBytes(m, n), [&](void* scratch) {
+    const int32_t* rows = by_row.defined() ? Ptr<int32_t>(by_row) : nullptr;
+    return LaunchWithScratch(s, ScatterAddRowsScratchBytes(m, n, rows != nullptr), [&](void* scratch) {
       return LaunchScatterAddRows(es, Ptr<int32_t>(index), ed, weight.defined() ? Ptr(weight) : nullptr,
-                                  mode == ScatterMode::kOverwrite, m, n, Cols(src), scratch,
+                                  mode == ScatterMode::kOverwrite, rows, m, n, Cols(src), scratch,
                                   DeviceErrorRecord(s), static_cast<int>(OpKind::kScatterAddRows),
                                   NativeStream(s));
     });

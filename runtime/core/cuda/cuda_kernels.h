@@ -21,7 +21,7 @@ namespace moe::cuda {
 // memory, one per stream); the stream's Synchronize turns it into
 // InvalidArgument naming the op, the position and the value, and clears it.
 struct DeviceError {
-  int code;  // 0 = none, 1 = index out of range
+  int code;  // 0 = none, 1 = index out of range, 2 = a by_row entry that does not match the index
   int op;    // OpKind
   long long position;
   long long value;
@@ -179,13 +179,15 @@ cudaError_t LaunchGatherRowsScaled(ElemIn src, const int32_t* index, const float
 // dst[index[i]] += weight[i] * src[i] (weight may be null: 1); src and dst f32
 // or bf16 each; `overwrite`: every row of dst [n, d] starts from 0 instead (dst
 // not read). Deterministic: each destination element adds its sources in i
-// order in f32 (rounded once into a bf16 dst), as on CPU. `scratch`: a device
-// block of ScatterAddRowsScratchBytes(m, n) bytes, free again once the stream
-// has passed the launch.
-size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n);
+// order in f32 (rounded once into a bf16 dst), as on CPU. `by_row` (ops.h
+// ScatterRowOrder, n + 1 + m entries, or null) spares the sort: one launch,
+// checked against index (code 2). `scratch`: a device block of
+// ScatterAddRowsScratchBytes(m, n, by_row given) bytes, free again once the
+// stream has passed the launch.
+size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n, bool by_row);
 cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
-                                 bool overwrite, int64_t m, int64_t n, int64_t d, void* scratch,
-                                 DeviceError* err, int op, cudaStream_t s);
+                                 bool overwrite, const int32_t* by_row, int64_t m, int64_t n, int64_t d,
+                                 void* scratch, DeviceError* err, int op, cudaStream_t s);
 // out[i] = alpha * dot(a[index[i]], b[i]) + beta * out[i]; a and b f32 or bf16 each, out f32.
 cudaError_t LaunchGatherRowDot(ElemIn a, const int32_t* index, ElemIn b, float* out, float alpha, float beta,
                                int64_t m, int64_t n, int64_t d, DeviceError* err, int op, cudaStream_t s);

@@ -74,9 +74,9 @@ __device__ inline T BlockMax(T v, T* shared) {
   return m;
 }
 
-// Records the first bad index (later ones are dropped).
-__device__ inline void ReportBadIndex(DeviceError* err, int op, long long position, long long value,
-                                      long long limit) {
+// Records the stream's first error (later ones are dropped): DeviceError's code.
+__device__ inline void ReportDeviceError(DeviceError* err, int code, int op, long long position,
+                                         long long value, long long limit) {
   if (err == nullptr) return;
   if (atomicCAS(&err->code, 0, -1) == 0) {
     err->op = op;
@@ -84,8 +84,12 @@ __device__ inline void ReportBadIndex(DeviceError* err, int op, long long positi
     err->value = value;
     err->limit = limit;
     __threadfence_system();
-    atomicExch(&err->code, 1);
+    atomicExch(&err->code, code);
   }
+}
+__device__ inline void ReportBadIndex(DeviceError* err, int op, long long position, long long value,
+                                      long long limit) {
+  ReportDeviceError(err, 1, op, position, value, limit);
 }
 
 // ---- f32 / bf16 operands (cuda_kernels.h ElemIn / ElemOut) -------------------

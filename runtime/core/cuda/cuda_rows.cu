@@ -56,6 +56,12 @@ __global__ void GatherScaledKernel(ElemIn src, const int32_t* index, const float
 // Where the sort does not run (no columns, no destination rows), the keys
 // pass keeps the smallest bad i by atomicMin instead and a one-thread kernel
 // reports it.
+// Given by_row (ops.h ScatterRowOrder: offsets [n + 1], then the sources row
+// by row), steps 1 and 2 are skipped: step 3 reads each row's range from the
+// offsets and checks, with its threads in parallel, that every source in it
+// is in [0, m), has index == the row and is above the one before it; block 0
+// checks that the offsets run from 0 to m. That makes the entries a
+// permutation of [0, m) grouped by destination, the sort's own output.
 __global__ void ScatterKeysKernel(const int32_t* index, uint32_t* keys, int32_t* vals, int64_t m, int64_t n,
                                   unsigned long long* min_bad) {
   MOE_GRID_STRIDE(i, m) {
@@ -86,26 +92,55 @@ __device__ inline int64_t LowerBound(const uint32_t* keys, int64_t m, uint32_t k
   return lo;
 }
 
+// Each row's sources: from the sorted keys (offsets null), or from by_row's
+// offsets (keys null; order = by_row + n + 1), checked.
 template <int M>
-__global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const int32_t* order, ElemOut dst,
-                                       const float* weight, bool overwrite, int64_t m, int64_t n, int64_t d,
-                                       const int32_t* index, DeviceError* err, int op) {
+__global__ void ScatterAddSortedKernel(ElemIn src, const uint32_t* keys, const int32_t* offsets,
+                                       const int32_t* order, ElemOut dst, const float* weight, bool overwrite,
+                                       int64_t m, int64_t n, int64_t d, const int32_t* index,
+                                       DeviceError* err, int op) {
   __shared__ int64_t range[2];
+  __shared__ int range_bad, entry_bad;  // by_row's offsets of the row, its entries
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const int64_t first_bad = LowerBound(keys, m, static_cast<uint32_t>(n));
-    if (first_bad < m) {
-      const int64_t i = order[first_bad];
-      ReportBadIndex(err, op, i, index[i], n);
+    if (offsets != nullptr) {
+      if (offsets[0] != 0) ReportDeviceError(err, 2, op, 0, offsets[0], 0);
+      if (offsets[n] != m) ReportDeviceError(err, 2, op, n, offsets[n], 0);
+    } else {
+      const int64_t first_bad = LowerBound(keys, m, static_cast<uint32_t>(n));
+      if (first_bad < m) {
+        const int64_t i = order[first_bad];
+        ReportBadIndex(err, op, i, index[i], n);
+      }
     }
   }
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     if (threadIdx.x == 0) {
-      range[0] = LowerBound(keys, m, static_cast<uint32_t>(r));
-      range[1] = LowerBound(keys, m, static_cast<uint32_t>(r + 1));
+      if (offsets != nullptr) {
+        range[0] = offsets[r];
+        range[1] = offsets[r + 1];
+        range_bad = range[0] < 0 || range[1] < range[0] || range[1] > m;
+        if (range_bad) ReportDeviceError(err, 2, op, r + 1, offsets[r + 1], 0);
+      } else {
+        range[0] = LowerBound(keys, m, static_cast<uint32_t>(r));
+        range[1] = LowerBound(keys, m, static_cast<uint32_t>(r + 1));
+        range_bad = 0;
+      }
+      entry_bad = 0;
     }
     __syncthreads();
-    const int64_t lo = range[0], hi = range[1];
-    __syncthreads();  // every thread has read the range before thread 0 writes the next row's
+    int64_t lo = range[0], hi = range[1];
+    if (offsets != nullptr && range_bad == 0) {  // the same for the whole block
+      for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const int32_t i = order[j];
+        if (i < 0 || i >= m || index[i] != r || (j > lo && order[j - 1] >= i)) {
+          ReportDeviceError(err, 2, op, n + 1 + j, i, 0);
+          atomicExch(&entry_bad, 1);
+        }
+      }
+      __syncthreads();
+    }
+    if (range_bad != 0 || entry_bad != 0) lo = hi = 0;  // a row of a bad by_row gets no sources
+    __syncthreads();  // every thread has read the range and flags before thread 0 writes the next row's
     if (lo == hi && !overwrite) continue;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
       float acc = overwrite ? 0.0f : Ld<M>(dst, r * d + c);
@@ -207,18 +242,26 @@ cudaError_t LaunchGatherRowsScaled(ElemIn src, const int32_t* index, const float
   return cudaGetLastError();
 }
 
-size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n) {
-  if (m <= 0) return 0;
+size_t ScatterAddRowsScratchBytes(int64_t m, int64_t n, bool by_row) {
+  if (m <= 0 || by_row) return 0;
   return 4 * AlignUp(static_cast<size_t>(m) * 4) + 256 + CubSortBytes(m, n);
 }
 
 cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, const float* weight,
-                                 bool overwrite, int64_t m, int64_t n, int64_t d, void* scratch,
-                                 DeviceError* err, int op, cudaStream_t s) {
+                                 bool overwrite, const int32_t* by_row, int64_t m, int64_t n, int64_t d,
+                                 void* scratch, DeviceError* err, int op, cudaStream_t s) {
   if (m <= 0) {  // no sources: dst stays, or is all zero bits (+0 in f32 and bf16)
     if (!overwrite || n <= 0 || d <= 0) return cudaGetLastError();
     const size_t elem = dst.t == ElemType::kBF16 ? 2 : 4;
     return cudaMemsetAsync(dst.p, 0, static_cast<size_t>(n) * static_cast<size_t>(d) * elem, s);
+  }
+  const int threads = d >= 128 ? 128 : static_cast<int>(std::max<int64_t>(32, (d + 31) / 32 * 32));
+  if (by_row != nullptr) {
+    // No keys, no sort: one launch, which checks every row (with or without columns).
+    const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>(n, 1, 1048560));
+    MOE_MODE_LAUNCH(ScatterAddSortedKernel, ElemMode({src.t, dst.t}), m, blocks, threads, s, src, nullptr,
+                    by_row, by_row + n + 1, dst, weight, overwrite, m, n, d, index, err, op);
+    return cudaGetLastError();
   }
   const ScatterScratch sc = Carve(scratch, m, n);
   if (d <= 0 || n <= 0) {
@@ -236,10 +279,9 @@ cudaError_t LaunchScatterAddRows(ElemIn src, const int32_t* index, ElemOut dst, 
       cub::DeviceRadixSort::SortPairs(sc.cub, cub_bytes, sc.keys_in, sc.keys_out, sc.vals_in, sc.vals_out,
                                       static_cast<int>(m), 0, KeyBits(n), s);
   if (e != cudaSuccess) return e;
-  const int threads = d >= 128 ? 128 : static_cast<int>((d + 31) / 32 * 32);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 1048560));
   MOE_MODE_LAUNCH(ScatterAddSortedKernel, ElemMode({src.t, dst.t}), n, blocks, threads, s, src, sc.keys_out,
-                  sc.vals_out, dst, weight, overwrite, m, n, d, index, err, op);
+                  nullptr, sc.vals_out, dst, weight, overwrite, m, n, d, index, err, op);
   return cudaGetLastError();
 }
 

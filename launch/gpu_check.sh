@@ -116,6 +116,9 @@ optim_update=$(bench_run optim 30 optim --json device=cuda mparams=256 iters=5)
 # The router's host work per MoE layer at the benchmark shape's 8192 tokens, on
 # this machine's CPU: what the GPU idles per MoE layer and micro-batch.
 router_host=$(bench_run router 20 router --json tokens=8192 experts=8 top_k=2)
+# The combine's scatter-add at that shape: the order from the host (one launch)
+# vs sorted on the device (keys, CUB radix sort, the add), and the fill it saves.
+scatter=$(bench_run scatter 20 scatter --json device=cuda tokens=8192 hidden=1024 iters=20)
 # Checkpoint save and load of ~512 MB of GPU tensors through the 256 MiB host
 # bucket, against a plain write/read of the same bytes (both records).
 limited 90 "$LOGS/bench_ckpt.log" "$bench" ckpt --json device=cuda mb=512 reps=2 dir="$LOGS/ckpt_bench" ||
@@ -198,9 +201,9 @@ def j(s):
   except Exception: return None
 print(json.dumps({"ok": a[1]=="true", "gpus": a[2], "commit": a[21], "seconds": int(a[3]), "budget_s": int(a[20]), "tests": j(a[4]),
   "grouped_gemm_bf16": {"grouped": j(a[5]), "per_expert": j(a[6]), "streams": j(a[16]), "f32_per_expert": j(a[7]), "target_vs_gemm": 0.8},
-  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "host_copy": j(a[19]), "optim_update": j(a[22]), "router_host": j(a[23]), "memcheck": j(a[12]),
+  "model_step": j(a[8]), "model_step_gemm_attention": j(a[13]), "model_step_flash_attention": j(a[18]), "attention": j(a[14]), "attention_bf16": j(a[15]), "checkpoint": j(a[17]), "host_copy": j(a[19]), "optim_update": j(a[22]), "router_host": j(a[23]), "scatter": j(a[24]), "memcheck": j(a[12]),
   "train": {"exit": int(a[9]), "seconds": int(a[10]), "precision": "bf16", "losses": j(a[11])}}))' \
   "$ok" "$gpus" "$total" "$tests" "$gemm_grouped" "$gemm_per_expert" "$gemm_f32" "$model" "$train_rc" "$train_s" "$losses" "$memcheck" \
-  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy" "$budget" "$commit" "$optim_update" "$router_host")
+  "$model_gemm_attention" "$attention" "$attention_bf16" "$gemm_streams" "$ckpt" "$model_flash_attention" "$host_copy" "$budget" "$commit" "$optim_update" "$router_host" "$scatter")
 echo "$summary" | tee "$BUILD/gpu_check.json"
 [ "$ok" = true ]

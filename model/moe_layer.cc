@@ -105,13 +105,19 @@ absl::Status MoELayer::SharedForward(Stream& stream, const Tensor& x, const Tens
   for (float& g : gate_host_) g = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g))));
   std::vector<int32_t> rows(T);
   std::iota(rows.begin(), rows.end(), 0);
-  HostUploads up;  // rows and gates in one copy
+  // Row t to row t: its order is 0..T (offsets) then 0..T-1 (no device sort).
+  std::vector<int32_t> by_row(2 * T + 1);
+  std::iota(by_row.begin(), by_row.begin() + T + 1, 0);
+  std::iota(by_row.begin() + T + 1, by_row.end(), 0);
+  HostUploads up;  // rows, gates and the order in one copy
   up.AddInts(rows, Shape{T});
   up.AddFloats(gate_host_, Shape{T});
+  up.AddInts(by_row, Shape{2 * T + 1});
   ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
   rows_ = tables[0];
   gate_ = tables[1];
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_));  // y_t += g_t s_t
+  // y_t += g_t s_t
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_, ScatterMode::kAccumulate, tables[2]));
   shared_out_ = s;
   shared_x_ = x;
   return absl::OkStatus();
@@ -138,7 +144,7 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
   RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.compute_value(), false, dx, 1.0f, 1.0f));
   // The shared expert sees g_t dy_t.
   ASSIGN_OR_RETURN(Tensor dys, NewActivation(stream, dy.shape(), dy.dtype()));
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dy, rows_, dys, gate_, ScatterMode::kOverwrite));
+  RETURN_IF_ERROR(ops::GatherRows(stream, dy, rows_, dys, gate_));  // dys_t = g_t dy_t
   ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dys));
   RETURN_IF_ERROR(ops::Add(stream, dx, d, dx));
   shared_out_ = shared_x_ = rows_ = gate_ = Tensor();

@@ -13,6 +13,7 @@
 #ifndef MOE_LAUNCH_BENCH_BENCH_H_
 #define MOE_LAUNCH_BENCH_BENCH_H_
 
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace moe::bench {
 
@@ -75,6 +77,12 @@ struct Registrar {
   Registrar(std::string name, std::string description, SuiteFn fn);
 };
 std::vector<Suite>& Suites();
+
+// Runs `run(kind)` (one timed call, in ms) for kinds 0 .. kinds - 1: each once
+// to warm up, then `iters` rounds, interleaved (kind 0, 1, ..., then again);
+// returns each kind's median.
+absl::StatusOr<std::vector<double>> InterleavedMedians(int kinds, int64_t iters,
+                                                       const std::function<absl::StatusOr<double>(int)>& run);
 
 }  // namespace moe::bench
 

@@ -12,6 +12,29 @@
 
 namespace moe::bench {
 
+absl::StatusOr<std::vector<double>> InterleavedMedians(
+    int kinds, int64_t iters, const std::function<absl::StatusOr<double>(int)>& run) {
+  for (int kind = 0; kind < kinds; ++kind) {  // warm-up: pages, launches, caches
+    absl::StatusOr<double> t = run(kind);
+    if (!t.ok()) return t.status();
+  }
+  std::vector<std::vector<double>> times(kinds);
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int kind = 0; kind < kinds; ++kind) {
+      absl::StatusOr<double> t = run(kind);
+      if (!t.ok()) return t.status();
+      times[kind].push_back(*t);
+    }
+  }
+  std::vector<double> median(kinds, 0.0);
+  for (int kind = 0; kind < kinds; ++kind) {
+    if (times[kind].empty()) continue;
+    std::sort(times[kind].begin(), times[kind].end());
+    median[kind] = times[kind][times[kind].size() / 2];
+  }
+  return median;
+}
+
 std::vector<Suite>& Suites() {
   static std::vector<Suite> suites;
   return suites;

@@ -89,20 +89,7 @@ absl::Status RunOptim(const Args& args, Reporter& rep) {
     RETURN_IF_ERROR(s.Synchronize());
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   };
-  constexpr int kKinds = 5;
-  for (int kind = 0; kind < kKinds; ++kind) RETURN_IF_ERROR(run(kind).status());  // warm-up: pages, launch
-  std::vector<double> times[kKinds];
-  for (int64_t i = 0; i < iters; ++i) {  // interleaved
-    for (int kind = 0; kind < kKinds; ++kind) {
-      ASSIGN_OR_RETURN(double t, run(kind));
-      times[kind].push_back(t);
-    }
-  }
-  double median[kKinds];
-  for (int kind = 0; kind < kKinds; ++kind) {
-    std::sort(times[kind].begin(), times[kind].end());
-    median[kind] = times[kind][times[kind].size() / 2];
-  }
+  ASSIGN_OR_RETURN(const std::vector<double> median, InterleavedMedians(5, iters, run));
   const double gb = static_cast<double>(n) / 1e9;
   Measurement row;
   row.params = {{"device", how},

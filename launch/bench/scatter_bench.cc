@@ -85,21 +85,8 @@ absl::Status RunScatter(const Args& args, Reporter& rep) {
     RETURN_IF_ERROR(s.Synchronize());
     return Ms(start);
   };
-  constexpr int kKinds = 3;
-  for (int kind = 0; kind < kKinds; ++kind) RETURN_IF_ERROR(run(kind).status());  // warm-up
-  std::vector<double> times[kKinds];
-  for (int64_t i = 0; i < iters; ++i) {
-    for (int kind = 0; kind < kKinds; ++kind) {
-      ASSIGN_OR_RETURN(double t, run(kind));
-      times[kind].push_back(t);
-    }
-  }
-  double median[kKinds];
-  for (int kind = 0; kind < kKinds; ++kind) {
-    std::sort(times[kind].begin(), times[kind].end());
-    median[kind] = times[kind][times[kind].size() / 2];
-  }
-  // Bytes a pass must move: read the rows, write y (and the fill's write).
+  ASSIGN_OR_RETURN(const std::vector<double> median, InterleavedMedians(3, iters, run));
+  // Bytes a pass must move: read the rows, write y.
   const double gb = static_cast<double>(n * d + T * d) * 4 / 1e9;
   Measurement row;
   row.params = {{"device", how},

@@ -219,7 +219,7 @@ absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tenso
   dweights_ = Tensor();
   if (!ted || !dx_slice.defined()) return absl::OkStatus();  // scattered straight into dx
   ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, dx_slice, num_tokens_));
-  return ops::Add(stream, dx, full, dx);
+  return ops::Copy(stream, full, dx);
 }
 
 // ---- TokenDispatcher interface: one exchange, no overlap ----------------------
@@ -286,9 +286,10 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   stats_.dispatch_bytes += WireBytes(0, false);
   const Chunk& ch = chunks_[0];
   const bool ted = tp_ != nullptr && tp_->size() > 1;
-  // Into dx's slice (added to), or with TED into a fresh buffer (overwritten).
+  // Overwrites dx (without TED the slice is all of it), or with TED a fresh
+  // buffer of this rank's slice, which the TP ranks then gather into dx.
   Tensor target = dx.Slice(slice_begin_, slice_end_);
-  bool written = !ted;
+  bool written = false;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   }
@@ -296,7 +297,7 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
   if (ted) {
     ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
-    RETURN_IF_ERROR(ops::Add(stream, dx, full, dx));
+    RETURN_IF_ERROR(ops::Copy(stream, full, dx));
   }
   chunks_.clear();
   return absl::OkStatus();
@@ -446,7 +447,7 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   }
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);  // or a fresh buffer, as in DispatchBackward
-  bool written = !ted;
+  bool written = false;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   }

@@ -110,7 +110,8 @@ class LlepRunner {
   // (over the same EP and TP groups) with this plan's reroute.
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local,
                                  TokenDispatcher& dispatcher);
-  // dy [T, d] -> dx [T, d] += the expert path's input gradient; *dweights f32
+  // dy [T, d] -> dx [T, d] = the expert path's input gradient (overwritten,
+  // as TokenDispatcher::BackwardPipelined); *dweights f32
   // [T k] = d loss / d w_t,e on the device; local expert grads += this rank's
   // part plus the helpers' returned gradients.
   absl::Status Backward(Stream& stream, const Tensor& dy, Experts& local, TokenDispatcher& dispatcher,

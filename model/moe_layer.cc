@@ -179,8 +179,8 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
 absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,
                                                 float z_scale) {
   Tensor dweights;  // f32 [T * k] on the device
+  // Overwritten by the dispatcher (TokenDispatcher::BackwardPipelined): no fill.
   ASSIGN_OR_RETURN(Tensor dx_experts, NewActivation(stream, x_.shape(), x_.dtype()));
-  RETURN_IF_ERROR(ops::Fill(stream, dx_experts, 0.0));
   if (llep_active_) {
     llep_active_ = false;
     RETURN_IF_ERROR(llep_->Backward(stream, dy, *experts_, *dispatcher_, &dweights, dx_experts));

@@ -99,10 +99,9 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
 absl::Status LocalTokenDispatcher::DispatchBackward(Stream& stream, const Tensor& d_expert_in,
                                                     const Tensor& dx) {
   ProfileScope profile(ProfileCategory::kPermute);
-  if (d_expert_in.size(0) > 0) {
-    RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx, Tensor(),
-                                        ScatterMode::kAccumulate, by_token_));
-  }
+  // dx = 0, then every row adds its gradient to its token (one kernel).
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_expert_in, token_index_, dx, Tensor(),
+                                      ScatterMode::kOverwrite, by_token_));
   token_index_ = weights_ = assignment_index_ = by_token_ = by_assignment_ = Tensor();
   return absl::OkStatus();
 }

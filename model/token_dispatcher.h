@@ -6,8 +6,9 @@
 //                      y_t = sum over kept assignments (t, e) of w_t,e * out_e(x_t),
 //                      calling expert_fn once per chunk, in chunk order, with
 //                      the chunk's rows grouped by expert;
-//   BackwardPipelined  dy -> dx += the expert path's input gradient, and the
-//                      combine weights' gradients (the router's input).
+//   BackwardPipelined  dy -> dx = the expert path's input gradient (dx is
+//                      overwritten, never read: a fresh buffer needs no fill),
+//                      and the combine weights' gradients (the router's input).
 //
 // Implementations: AllToAllTokenDispatcher (model/alltoall_dispatcher.h;
 // expert parallelism, parallel.overlap_chunks chunks, the later chunks'
@@ -84,7 +85,8 @@ class TokenDispatcher {
   // cannot reroute (local) refuses one.
   virtual absl::StatusOr<Tensor> ForwardPipelined(Stream& stream, const Tensor& x, const RoutingPlan& plan,
                                                   const ExpertFn& expert_forward, const Reroute* reroute) = 0;
-  // dy [T, d] -> dx [T, d] += the expert path's input gradient; *dweights
+  // dy [T, d] -> dx [T, d] = the expert path's input gradient (overwritten:
+  // dx's contents are not read; tokens without a kept assignment get 0); *dweights
   // = f32 [T * k] on the stream's device: d loss / d w_t,e for all T tokens
   // (0 for dropped assignments), the router's backward input. Stream-ordered:
   // nothing is read on the host.
@@ -111,7 +113,7 @@ class LocalTokenDispatcher : public TokenDispatcher {
 
   // The steps: x [T, d] -> the local experts' rows (ExpertInput); their
   // outputs [N, d] -> y [T, d]; dy -> d outputs [N, d] and dweights f32 [T * k];
-  // d inputs [N, d] -> dx += the scattered rows.
+  // d inputs [N, d] -> dx = the scattered rows (overwritten; 0 for tokens without rows).
   absl::StatusOr<ExpertInput> Dispatch(Stream& stream, const Tensor& x, const RoutingPlan& plan);
   absl::StatusOr<Tensor> Combine(Stream& stream, const Tensor& expert_out);
   absl::StatusOr<Tensor> CombineBackward(Stream& stream, const Tensor& dy, Tensor* dweights);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -260,7 +261,7 @@ TEST_CASE("Local dispatch groups tokens by expert and combine is the weighted su
   REQUIRE(dout.ok());
   const std::vector<float> dweights = ToVec(dweights_dev);
   const std::vector<float> doutv = ToVec(*dout);
-  std::vector<float> dx_expect(T * d, 1.0f);
+  std::vector<float> dx_expect(T * d, 0.0f);
   std::vector<int64_t> next(in->offsets.begin(), in->offsets.end() - 1);
   for (int64_t t = 0; t < T; ++t)
     for (int j = 0; j < 2; ++j) {
@@ -278,7 +279,9 @@ TEST_CASE("Local dispatch groups tokens by expert and combine is the weighted su
       }
       CHECK(dweights[a] == Approx(dot).margin(1e-5));
     }
-  Tensor dx = testing::NewTensor(Shape{T, d}, std::vector<float>(T * d, 1.0f));
+  // dx is overwritten, never read: it starts as NaN.
+  Tensor dx =
+      testing::NewTensor(Shape{T, d}, std::vector<float>(T * d, std::numeric_limits<float>::quiet_NaN()));
   REQUIRE(disp.DispatchBackward(s, *dout, dx).ok());
   const std::vector<float> dxv = ToVec(dx);
   for (int64_t i = 0; i < T * d; ++i) CHECK(dxv[i] == Approx(dx_expect[i]).margin(1e-6));

@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -139,7 +140,9 @@ void Run(int tp, int ep, double capacity_factor, bool identity) {
     };
     Tensor x = HostTensor(batch.x, Shape{kTokens, kHidden});
     Tensor dy = HostTensor(batch.dy, Shape{kTokens, kHidden});
-    Tensor dx = HostTensor(std::vector<float>(kTokens * kHidden, 0.f), Shape{kTokens, kHidden});
+    // The dispatcher overwrites dx, never reads it: it starts as NaN.
+    Tensor dx = HostTensor(std::vector<float>(kTokens * kHidden, std::numeric_limits<float>::quiet_NaN()),
+                           Shape{kTokens, kHidden});
     Tensor dweights;  // f32 [T * k] on the device
     Tensor y;
     if (chunks == 0) {

@@ -18,21 +18,11 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Chunk after chunk of rows scattered into a fresh buffer `dst`: the first
-// chunk that has rows overwrites all of dst (its zero fill and its scatter in
-// one kernel), later ones add; ZeroUnwritten fills a buffer no chunk wrote.
-// by_row: the chunk's ops::ScatterRowOrder of index (no device sort).
-absl::Status ScatterIntoFresh(Stream& stream, const Tensor& src, const Tensor& index, const Tensor& by_row,
-                              const Tensor& dst, const Tensor& weight, bool* written) {
-  if (index.numel() == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, src, index, dst, weight,
-                                      *written ? ScatterMode::kAccumulate : ScatterMode::kOverwrite, by_row));
-  *written = true;
-  return absl::OkStatus();
-}
-
-absl::Status ZeroUnwritten(Stream& stream, const Tensor& dst, bool written) {
-  return written ? absl::OkStatus() : ops::Fill(stream, dst, 0.0);
+// Chunk after chunk of rows scattered into one fresh buffer: chunk 0
+// overwrites all of it (the zero fill in its own kernel, with rows or
+// without), later chunks add.
+ScatterMode FreshChunkMode(int chunk) {
+  return chunk == 0 ? ScatterMode::kOverwrite : ScatterMode::kAccumulate;
 }
 
 }  // namespace
@@ -175,7 +165,6 @@ absl::Status AllToAllTokenDispatcher::CheckLocalRows(absl::Span<const int64_t> a
 }
 
 absl::Status AllToAllTokenDispatcher::StartWeightGrads(Stream& stream) {
-  dweights_written_ = false;  // the first chunk's scatter zeroes the rest
   ASSIGN_OR_RETURN(dweights_, NewActivation(stream, Shape{num_assignments_}));
   return absl::OkStatus();
 }
@@ -185,14 +174,14 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::WeightedGradRows(Stream& stream,
   Chunk& ch = chunks_[chunk];
   const int64_t n = ch.token_index.numel();
   ASSIGN_OR_RETURN(Tensor d_rows, NewActivation(stream, Shape{n, hidden_}, dtype_));
-  if (n == 0) return d_rows;
   // d w of row r = dy[t_r] . out_r, into the device vector of all T * k
-  // assignments (each row is one assignment: the scatter only places it).
+  // assignments (each row is one assignment: the scatter only places it;
+  // chunk 0's, rows or none, zeroes the rest).
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy_slice, ch.token_index, ch.combined, dw));
-  RETURN_IF_ERROR(ScatterIntoFresh(stream, dw.Reshape(Shape{n, 1}), ch.assignment, ch.by_assignment,
-                                   dweights_.Reshape(Shape{num_assignments_, 1}), Tensor(),
-                                   &dweights_written_));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), ch.assignment,
+                                      dweights_.Reshape(Shape{num_assignments_, 1}), Tensor(),
+                                      FreshChunkMode(chunk), ch.by_assignment));
   // d out_r = w_r dy[t_r]: a weighted gather.
   RETURN_IF_ERROR(ops::GatherRows(stream, dy_slice, ch.token_index, d_rows, ch.weights));
   ch.combined = Tensor();
@@ -211,7 +200,6 @@ absl::Status AllToAllTokenDispatcher::FinishForward(Stream& stream, const Tensor
 absl::Status AllToAllTokenDispatcher::FinishBackward(Stream& stream, const Tensor& dx_slice, Tensor* dweights,
                                                      const Tensor& dx) {
   const bool ted = tp_ != nullptr && tp_->size() > 1;
-  RETURN_IF_ERROR(ZeroUnwritten(stream, dweights_, dweights_written_));
   // Each TP rank filled the weights of its own tokens; the sum is all of them.
   if (ted) RETURN_IF_ERROR(parallel::AllReduceSum(*tp_, stream, dweights_));
   // The router's backward takes them on the stream (no host read).
@@ -250,10 +238,8 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::Combine(Stream& stream, const Te
   const auto t1 = Clock::now();
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   const Chunk& ch = chunks_[0];
-  bool written = false;
-  RETURN_IF_ERROR(
-      ScatterIntoFresh(stream, ch.combined, ch.token_index, ch.by_token, y_slice, ch.weights, &written));
-  RETURN_IF_ERROR(ZeroUnwritten(stream, y_slice, written));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights,
+                                      FreshChunkMode(0), ch.by_token));
   Tensor y;
   RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
   stats_.unpermute_s += Since(t1);
@@ -289,12 +275,11 @@ absl::Status AllToAllTokenDispatcher::DispatchBackward(Stream& stream, const Ten
   // Overwrites dx (without TED the slice is all of it), or with TED a fresh
   // buffer of this rank's slice, which the TP ranks then gather into dx.
   Tensor target = dx.Slice(slice_begin_, slice_end_);
-  bool written = false;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   }
-  RETURN_IF_ERROR(ScatterIntoFresh(stream, d_send, ch.token_index, ch.by_token, target, Tensor(), &written));
-  RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
+  RETURN_IF_ERROR(
+      ops::ScatterAddRows(stream, d_send, ch.token_index, target, Tensor(), FreshChunkMode(0), ch.by_token));
   if (ted) {
     ASSIGN_OR_RETURN(Tensor full, parallel::AllGatherRows(*tp_, stream, target, num_tokens_));
     RETURN_IF_ERROR(ops::Copy(stream, full, dx));
@@ -361,7 +346,6 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     stats_.combine_bytes += WireBytes(c, false);
   }
   ASSIGN_OR_RETURN(Tensor y_slice, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
-  bool written = false;
   for (int c = 0; c < C; ++c) {
     auto t0 = Clock::now();
     {
@@ -371,12 +355,10 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
     stats_.combine_s += Since(t0);
     t0 = Clock::now();
     const Chunk& ch = chunks_[c];
-    if (ch.token_index.numel() > 0) {
-      {
-        trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-        RETURN_IF_ERROR(ScatterIntoFresh(stream, ch.combined, ch.token_index, ch.by_token, y_slice,
-                                         ch.weights, &written));
-      }
+    if (c == 0 || ch.token_index.numel() > 0) {
+      trace::Span span(stream, "unpermute", trace::Kind::kCompute);
+      RETURN_IF_ERROR(ops::ScatterAddRows(stream, ch.combined, ch.token_index, y_slice, ch.weights,
+                                          FreshChunkMode(c), ch.by_token));
     }
     stats_.unpermute_s += Since(t0);
   }
@@ -384,7 +366,6 @@ absl::StatusOr<Tensor> AllToAllTokenDispatcher::ForwardPipelined(Stream& stream,
   Tensor y;
   {
     trace::Span span(stream, "unpermute", trace::Kind::kCompute);
-    RETURN_IF_ERROR(ZeroUnwritten(stream, y_slice, written));
     RETURN_IF_ERROR(FinishForward(stream, y_slice, &y));
   }
   stats_.unpermute_s += Since(t0);
@@ -447,7 +428,6 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
   }
   const bool ted = tp_ != nullptr && tp_->size() > 1;
   Tensor target = dx.Slice(slice_begin_, slice_end_);  // or a fresh buffer, as in DispatchBackward
-  bool written = false;
   if (ted) {
     ASSIGN_OR_RETURN(target, NewActivation(stream, Shape{slice_end_ - slice_begin_, hidden_}, dtype_));
   }
@@ -460,16 +440,15 @@ absl::Status AllToAllTokenDispatcher::BackwardPipelined(Stream& stream, const Te
     }
     stats_.dispatch_s += Since(t0);
     const Chunk& ch = chunks_[c];
-    if (ch.token_index.numel() > 0) {
+    if (c == 0 || ch.token_index.numel() > 0) {
       trace::Span span(stream, "permute", trace::Kind::kCompute);
-      RETURN_IF_ERROR(
-          ScatterIntoFresh(stream, d_send, ch.token_index, ch.by_token, target, Tensor(), &written));
+      RETURN_IF_ERROR(ops::ScatterAddRows(stream, d_send, ch.token_index, target, Tensor(), FreshChunkMode(c),
+                                          ch.by_token));
     }
   }
   const auto t0 = Clock::now();
   {
     trace::Span span(stream, "permute", trace::Kind::kCompute);
-    RETURN_IF_ERROR(ZeroUnwritten(stream, target, written));
     RETURN_IF_ERROR(FinishBackward(stream, ted ? target : Tensor(), dweights, dx));
   }
   stats_.unpermute_s += Since(t0);

@@ -129,9 +129,9 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   int64_t WireBytes(int chunk, bool toward_experts) const;
   absl::StatusOr<Tensor> SendRows(Stream& stream, int chunk, const Tensor& src_slice) const;
   // d w of a backward: StartWeightGrads makes the device vector [T * k],
-  // each chunk's WeightedGradRows scatters its rows' d w there (the first
-  // that has rows overwrites it: no separate zero fill), and FinishBackward
-  // zeroes it if none had, sums it over TP and hands it out (no host read).
+  // each chunk's WeightedGradRows scatters its rows' d w there (chunk 0
+  // overwrites it: no separate zero fill), and FinishBackward sums it over TP
+  // and hands it out (no host read).
   absl::Status StartWeightGrads(Stream& stream);
   absl::StatusOr<Tensor> WeightedGradRows(Stream& stream, int chunk, const Tensor& dy_slice);
   absl::Status FinishForward(Stream& stream, const Tensor& y_slice, Tensor* y);
@@ -151,7 +151,6 @@ class AllToAllTokenDispatcher : public TokenDispatcher {
   bool rerouted_ = false;
   std::vector<Chunk> chunks_;
   Tensor dweights_;  // f32 [T * k] during a backward
-  bool dweights_written_ = false;
   parallel::ExposedCommTimer exposed_;
   DispatchStats stats_;
 };

@@ -79,12 +79,8 @@ absl::StatusOr<Tensor> LocalTokenDispatcher::CombineBackward(Stream& stream, con
   const int64_t n = expert_out_.size(0);
   ASSIGN_OR_RETURN(*dweights, NewActivation(stream, Shape{num_assignments_}));
   ASSIGN_OR_RETURN(Tensor d_out, NewActivation(stream, Shape{n, hidden_}, dy.dtype()));
-  if (n == 0) {
-    RETURN_IF_ERROR(ops::Fill(stream, *dweights, 0.0));
-    return d_out;
-  }
   // d w of row r = dy[t_r] . out_r, placed at its assignment (each row is
-  // one); the assignments no row has (dropped) get 0.
+  // one); the assignments no row has (dropped) get 0, all of them with no rows.
   ASSIGN_OR_RETURN(Tensor dw, NewActivation(stream, Shape{n}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, token_index_, expert_out_, dw));
   RETURN_IF_ERROR(ops::ScatterAddRows(stream, dw.Reshape(Shape{n, 1}), assignment_index_,

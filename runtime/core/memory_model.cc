@@ -27,6 +27,7 @@
 //                + per layer: 2 norms 2d, attention (H*hd*d + 2*Hkv*hd*d + d*H*hd) / TP,
 //                  dense MLP 3*F*d / TP, or MoE router E*d + experts 3*(E/EP)*Fe*d / ETP
 //                  (ETP = TP with parallel.expert_tensor_parallel, else 1: replicated over TP)
+//                  + shared expert 3*Fs*d / TP + its gate d (shared_expert_gate)
 //   gradients    one per parameter element
 //   optimizer    AdamW: 2 per parameter element (exp_avg, exp_avg_sq); SGD: 1 with momentum
 //
@@ -41,13 +42,18 @@
 //     MoE (dispatched rows R = T*k, dropless and balanced in expectation; the
 //       router's probabilities and the routing plan live on the host):
 //       token index, row index and combine weights [R] (i32, i32, f32),
-//       permuted tokens [R,d], gate, up, act [R,Fe] each (/TP), expert outputs [R,d]
+//       permuted tokens [R,d], gate, up, act [R,Fe] each (/TP), expert outputs [R,d];
+//       a shared expert (Fs = model.moe.shared_expert_ffn_hidden_size) adds
+//       gate, up, act [T,Fs] (/TP), and when gated its output [T,d], the gate
+//       and its slope [T] (f32), its row index [T] and order [2T+1] (i32)
 // Head: final-norm input [T,d], rstd [T], normed [T,d], logits [T,V], lse [T],
 //   targets [T]. dlogits overwrite the logits.
 // Backward working set: the head needs dhn and dh [T,d]; then logits, normed
 // and lse are released, and each layer needs dh [T,d] in and out plus the
 // larger of the MLP scratch (MoE: d expert-out [R,d], expert dx [R,d], dact
-// [R,Fe] (SwiGLU backward in place over gate/up), the token gradient [T,d];
+// [R,Fe] (SwiGLU backward in place over gate/up), the token gradient [T,d],
+// and with a shared expert its dx [T,d], live through all of that after the
+// shared expert's own scratch: dact [T,Fs], dx [T,d], gated dy*g [T,d];
 // dense: dact [T,F], dx [T,d]) and the attention scratch (do, dq [T,H*hd],
 // dk, dv [T,Hkv*hd], da [T,d]). Predicted peak = persistent + kept activations
 // + max(head working set, layer working set - released head tensors).
@@ -119,11 +125,16 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t dense_mlp = 3 * F * d / tp;
   const int64_t etp = config.parallel().expert_tensor_parallel() ? tp : 1;
   int64_t moe_mlp = E * d + 3 * (E / ep) * Fe * d / etp;
-  int64_t params = embed + L * attn + num_dense * dense_mlp + num_moe * moe_mlp;
+  // The shared expert (sharded over TP like a dense MLP) and its gate [1, d].
+  const int64_t Fs = std::max<int64_t>(moe.shared_expert_ffn_hidden_size(), 0);
+  const bool gated = Fs > 0 && moe.shared_expert_gate();
+  const int64_t shared_mlp = 3 * Fs * d / tp + (gated ? d : 0);
+  int64_t params = embed + L * attn + num_dense * dense_mlp + num_moe * (moe_mlp + shared_mlp);
   add(MC::kParameters, "embed (+ untied lm_head) + final norm", embed);
   add(MC::kParameters, "attention + norms, all layers", L * attn);
   if (num_dense) add(MC::kParameters, "dense MLPs", num_dense * dense_mlp);
   if (num_moe) add(MC::kParameters, "MoE router + local experts", num_moe * moe_mlp);
+  if (num_moe && Fs > 0) add(MC::kParameters, "MoE shared experts (+ gates)", num_moe * shared_mlp);
   if (bf16) add(MC::kParameters, "bf16 compute copies of the parameters", params, a);
   add(MC::kGradients, "one gradient per parameter", params);
   std::string opt = config.optim().type();
@@ -144,12 +155,28 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
     add(MC::kActivations,
         "MoE: token/row index + weights [R], x_perm [R,d], gate, up, act [R,Fe], expert out [R,d]",
         num_moe * moe_act, 1);
+  // Shared expert: gate, up, act [T,Fs] (/TP); gated, its output [T,d], the
+  // gate and its slope [T] (f32), the row index [T] and row order [2T+1] (i32).
+  const int64_t shared_act = a * 3 * T * Fs / tp + (gated ? a * T * d + f * 2 * T + 4 * (3 * T + 1) : 0);
+  if (num_moe && Fs > 0)
+    add(MC::kActivations,
+        gated
+            ? "MoE shared experts: gate, up, act [T,Fs], output [T,d], gate + slope + rows [T], order [2T+1]"
+            : "MoE shared experts: gate, up, act [T,Fs]",
+        num_moe * shared_act, 1);
   const int64_t head_released = f * (T * V + T) + a * T * d;
   add(MC::kActivations, "head: final-norm in, rstd, normed, logits [T,V], lse, targets",
       a * T * d + f * T + head_released + f * T, 1);
 
   // Backward working set (bytes).
   int64_t moe_bwd = num_moe ? a * (2 * R * d + R * Fe / tp + T * d) : 0;
+  if (num_moe && Fs > 0) {
+    // The shared expert's backward runs first (dact [T,Fs], its dx [T,d], for
+    // a gated one the scaled dy [T,d]) into dx_shared [T,d], which stays live
+    // through the routed backward.
+    const int64_t shared_bwd = a * (T * Fs / tp + T * d + (gated ? T * d : 0));
+    moe_bwd = a * T * d + std::max(moe_bwd, shared_bwd);
+  }
   int64_t dense_bwd = num_dense ? a * (T * F / tp + T * d) : 0;
   int64_t attn_bwd = a * (2 * T * H * hd + 2 * T * Hkv * hd + T * d);
   int64_t head_bwd = a * 2 * T * d;

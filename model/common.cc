@@ -1,5 +1,6 @@
 #include "model/common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -109,6 +110,73 @@ absl::StatusOr<std::vector<float>> ToHostFloats(Stream& stream, const Tensor& t)
   RETURN_IF_ERROR(stream.Synchronize());
   std::memcpy(out.data(), staging.data<float>(), out.size() * sizeof(float));
   return out;
+}
+
+size_t HostReadback::Add(const Tensor& t) {
+  tensors_.push_back(t);
+  return tensors_.size() - 1;
+}
+
+absl::Status HostReadback::Start(Stream& stream) {
+  if (started_) {
+    return absl::FailedPreconditionError("HostReadback::Start: the previous read was not waited for (Wait)");
+  }
+  constexpr size_t kAlignFloats = 64;  // 256 bytes
+  offsets_.clear();
+  counts_.clear();
+  size_t floats = 0;
+  for (const Tensor& t : tensors_) {
+    if (!t.defined() || t.dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "HostReadback: ", t.defined() ? t.ToString() : "an undefined tensor", " is not an f32 tensor"));
+    }
+    floats = (floats + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
+    offsets_.push_back(floats);
+    counts_.push_back(static_cast<size_t>(t.numel()));
+    floats += counts_.back();
+  }
+  const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
+  Backend& backend = stream.backend();
+  if (staging_ == nullptr || staging_->size() < bytes) {
+    // Grown by half again, so that a slowly growing read reallocates rarely.
+    ASSIGN_OR_RETURN(staging_,
+                     backend.AllocatePinnedHost(std::max(bytes, bytes / 2 * 3), MemoryCategory::kOther));
+  }
+  if (landed_ == nullptr) {
+    ASSIGN_OR_RETURN(landed_, backend.CreateEvent());
+  }
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    if (tensors_[i].numel() == 0) continue;
+    ASSIGN_OR_RETURN(Tensor view, Tensor::FromBuffer(staging_, offsets_[i] * sizeof(float),
+                                                     tensors_[i].shape(), DType::kF32));
+    RETURN_IF_ERROR(ops::Copy(stream, tensors_[i], view));
+  }
+  RETURN_IF_ERROR(stream.Record(*landed_));
+  started_ = true;
+  ready_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status HostReadback::Wait() {
+  if (!started_) return absl::FailedPreconditionError("HostReadback::Wait: no read was started (Start)");
+  started_ = false;
+  RETURN_IF_ERROR(landed_->Synchronize());
+  // The values are on the host: the device tensors may go (their sizes stay).
+  for (Tensor& t : tensors_) t = Tensor();
+  ready_ = true;
+  return absl::OkStatus();
+}
+
+absl::Span<const float> HostReadback::values(size_t i) const {
+  if (!ready_ || i >= counts_.size()) return {};
+  return absl::Span<const float>(static_cast<const float*>(staging_->data()) + offsets_[i], counts_[i]);
+}
+
+void HostReadback::Reset() {
+  tensors_.clear();
+  offsets_.clear();
+  counts_.clear();
+  ready_ = false;
 }
 
 absl::StatusOr<Tensor> FromHostFloats(Stream& stream, absl::Span<const float> values, Shape shape,

@@ -140,6 +140,45 @@ class HostUploads {
   std::vector<Entry> entries_;
 };
 
+// Several f32 device tensors read to the host with one wait, without waiting
+// for the work enqueued after them. Add each tensor; Start enqueues their
+// copies into one page-locked staging buffer (Backend::AllocatePinnedHost,
+// kept and reused by later reads, so it is allocated once per size) and
+// records an event; work enqueued after Start runs on while the host waits in
+// Wait, which blocks until the copies landed (one host wait, however many
+// tensors; an asynchronous error of the stream up to the copies is its
+// status). values(i) then holds tensor i's floats, until Reset. A MoE layer
+// reads its router logits, expert bias and shared-expert gate logits in one
+// read, and enqueues its shared expert between Start and Wait, so that on a
+// GPU the shared expert runs while the host routes (model/moe_layer.h).
+//
+//   HostReadback read;
+//   const size_t z = read.Add(logits);
+//   RETURN_IF_ERROR(read.Start(stream));
+//   ... enqueue work that does not need the values ...
+//   RETURN_IF_ERROR(read.Wait());
+//   absl::Span<const float> zv = read.values(z);
+class HostReadback {
+ public:
+  // The index of t's values; t must be f32 (checked by Start) and stay
+  // unchanged until the read lands. The read holds t until Wait.
+  size_t Add(const Tensor& t);
+  // FailedPrecondition when a started read was not waited for.
+  absl::Status Start(Stream& stream);
+  absl::Status Wait();
+  // Tensor i's values after Wait (empty before).
+  absl::Span<const float> values(size_t i) const;
+  // Forgets the tensors and values; keeps the staging buffer and the event.
+  void Reset();
+
+ private:
+  std::vector<Tensor> tensors_;           // released by Wait
+  std::vector<size_t> offsets_, counts_;  // in floats, into the staging buffer
+  std::shared_ptr<Buffer> staging_;
+  std::unique_ptr<Event> landed_;
+  bool started_ = false, ready_ = false;
+};
+
 // The single f32 value of a 1-element tensor (synchronizes).
 absl::StatusOr<double> ReadScalar(Stream& stream, const Tensor& t);
 

@@ -65,8 +65,37 @@ absl::Status MoELayer::CollectParameters(parallel::ParameterList* list) {
 }
 
 absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
-  ASSIGN_OR_RETURN(Tensor y, RoutedForward(stream, x, seq_len));
-  if (shared_ != nullptr) RETURN_IF_ERROR(SharedForward(stream, x, y));
+  // One host read for all the host needs before it routes: the router's
+  // logits (and expert bias) and the shared expert's gate logits.
+  read_.Reset();
+  {
+    trace::Span span(stream, "route");
+    RETURN_IF_ERROR(router_.EnqueueLogits(stream, x, seq_len, &read_));
+  }
+  size_t gate_read = 0;
+  if (gated_) {
+    ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{x.size(0), 1}));
+    RETURN_IF_ERROR(ops::Gemm(stream, x, false, shared_gate_.compute_value(), true, logits));
+    gate_read = read_.Add(logits);
+  }
+  RETURN_IF_ERROR(read_.Start(stream));
+  // The shared expert needs no routing: enqueued before the host waits for
+  // the read, so that on a GPU it computes while the host routes.
+  Tensor shared_out;
+  if (shared_ != nullptr) {
+    ASSIGN_OR_RETURN(shared_out, shared_->Forward(stream, x));
+  }
+  RETURN_IF_ERROR(read_.Wait());
+  const RoutingPlan* plan = nullptr;
+  {
+    trace::Span span(stream, "route");
+    ASSIGN_OR_RETURN(plan, router_.Route(read_));
+  }
+  ASSIGN_OR_RETURN(Tensor y, RoutedForward(stream, x, *plan));
+  if (shared_ != nullptr) {
+    RETURN_IF_ERROR(SharedCombine(stream, x, shared_out,
+                                  gated_ ? read_.values(gate_read) : absl::Span<const float>(), y));
+  }
   if (erc_.enabled()) {
     trace::Span span(stream, "ERC loss");
     RETURN_IF_ERROR(erc_.Forward(stream, router_.weight().value, experts_->gate_proj().value,
@@ -95,29 +124,34 @@ absl::StatusOr<Tensor> MoELayer::Backward(Stream& stream, const Tensor& dy, floa
   return dx;
 }
 
-absl::Status MoELayer::SharedForward(Stream& stream, const Tensor& x, const Tensor& y) {
-  ASSIGN_OR_RETURN(Tensor s, shared_->Forward(stream, x));
+absl::Status MoELayer::SharedCombine(Stream& stream, const Tensor& x, const Tensor& s,
+                                     absl::Span<const float> gate_logits, const Tensor& y) {
   if (!gated_) return ops::Add(stream, y, s, y);
   const int64_t T = x.size(0);
-  ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, 1}));
-  RETURN_IF_ERROR(ops::Gemm(stream, x, false, shared_gate_.compute_value(), true, logits));
-  ASSIGN_OR_RETURN(gate_host_, ToHostFloats(stream, logits));
-  for (float& g : gate_host_) g = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g))));
+  // g_t = sigmoid(logit_t) and its slope g_t (1 - g_t), for the backward.
+  std::vector<float> gate(T), slope(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const double g = 1.0 / (1.0 + std::exp(-static_cast<double>(gate_logits[t])));
+    gate[t] = static_cast<float>(g);
+    slope[t] = static_cast<float>(g * (1.0 - g));
+  }
   std::vector<int32_t> rows(T);
   std::iota(rows.begin(), rows.end(), 0);
   // Row t to row t: its order is 0..T (offsets) then 0..T-1 (no device sort).
   std::vector<int32_t> by_row(2 * T + 1);
   std::iota(by_row.begin(), by_row.begin() + T + 1, 0);
   std::iota(by_row.begin() + T + 1, by_row.end(), 0);
-  HostUploads up;  // rows, gates and the order in one copy
+  HostUploads up;  // rows, gates, slopes and the order in one copy
   up.AddInts(rows, Shape{T});
-  up.AddFloats(gate_host_, Shape{T});
+  up.AddFloats(gate, Shape{T});
+  up.AddFloats(slope, Shape{T});
   up.AddInts(by_row, Shape{2 * T + 1});
   ASSIGN_OR_RETURN(std::vector<Tensor> tables, up.Upload(stream));
   rows_ = tables[0];
   gate_ = tables[1];
+  gate_slope_ = tables[2];
   // y_t += g_t s_t
-  RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_, ScatterMode::kAccumulate, tables[2]));
+  RETURN_IF_ERROR(ops::ScatterAddRows(stream, s, rows_, y, gate_, ScatterMode::kAccumulate, tables[3]));
   shared_out_ = s;
   shared_x_ = x;
   return absl::OkStatus();
@@ -129,17 +163,12 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
     return ops::Add(stream, dx, d, dx);
   }
   const int64_t T = dy.size(0);
-  // d g_t = dy_t . s_t; d logit_t = d g_t g_t (1 - g_t).
+  // d g_t = dy_t . s_t; d logit_t = d g_t g_t (1 - g_t), on the stream (no host read).
   ASSIGN_OR_RETURN(Tensor dg, NewActivation(stream, Shape{T}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, dy, rows_, shared_out_, dg));
-  ASSIGN_OR_RETURN(std::vector<float> dgh, ToHostFloats(stream, dg));
-  for (int64_t t = 0; t < T; ++t) {
-    const double g = gate_host_[t];
-    dgh[t] = static_cast<float>(dgh[t] * g * (1.0 - g));
-  }
-  ASSIGN_OR_RETURN(Tensor dlogit, FromHostFloats(stream, dgh, Shape{T, 1}));
+  RETURN_IF_ERROR(ops::Mul(stream, dg, gate_slope_, dg));
   // The f32 gate gradient enters the GEMMs in the compute dtype (bf16 operands; f32 weight grad).
-  ASSIGN_OR_RETURN(dlogit, CastActivation(stream, dlogit, shared_x_.dtype()));
+  ASSIGN_OR_RETURN(Tensor dlogit, CastActivation(stream, dg.Reshape(Shape{T, 1}), shared_x_.dtype()));
   RETURN_IF_ERROR(ops::Gemm(stream, dlogit, true, shared_x_, false, shared_gate_.grad, 1.0f, 1.0f));
   RETURN_IF_ERROR(ops::Gemm(stream, dlogit, false, shared_gate_.compute_value(), false, dx, 1.0f, 1.0f));
   // The shared expert sees g_t dy_t.
@@ -147,16 +176,12 @@ absl::Status MoELayer::SharedBackward(Stream& stream, const Tensor& dy, const Te
   RETURN_IF_ERROR(ops::GatherRows(stream, dy, rows_, dys, gate_));  // dys_t = g_t dy_t
   ASSIGN_OR_RETURN(Tensor d, shared_->Backward(stream, dys));
   RETURN_IF_ERROR(ops::Add(stream, dx, d, dx));
-  shared_out_ = shared_x_ = rows_ = gate_ = Tensor();
+  shared_out_ = shared_x_ = rows_ = gate_ = gate_slope_ = Tensor();
   return absl::OkStatus();
 }
 
-absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len) {
-  const RoutingPlan* plan = nullptr;
-  {
-    trace::Span span(stream, "route");
-    ASSIGN_OR_RETURN(plan, router_.Forward(stream, x, seq_len));
-  }
+absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, const RoutingPlan& routing) {
+  const RoutingPlan* plan = &routing;
   llep_active_ = false;
   if (llep_ != nullptr) {
     trace::Span span(stream, "LLEP plan", trace::Kind::kComm);

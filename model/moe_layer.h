@@ -13,6 +13,13 @@
 //   With model.moe.erc_loss_coeff > 0 Forward also computes the expert-router
 //   coupling loss (model/erc_loss.h; collective over the EP group).
 //
+// Forward's one host wait: the host routes (model/router.h), so it reads the
+// router's logits, the expert bias and the shared expert's gate logits in one
+// HostReadback (model/common.h), started before the shared expert is enqueued
+// and waited for after: on a GPU the shared expert computes while the host
+// routes. Backward waits for nothing (the gate's slope g (1 - g) is uploaded
+// with the forward's tables).
+//
 // Expert tensor parallelism (ShardPlan::expert_tp, parallel.expert_tensor_parallel):
 // each TP rank holds a 1/tp slice of every local expert's ffn dimension
 // (model/experts.h), so SwiGLU_e(x) is the sum over the TP ranks of their
@@ -79,10 +86,12 @@ class MoELayer {
   comm::Communicator* expert_tp_group() const { return expert_tp_; }
 
  private:
-  absl::StatusOr<Tensor> RoutedForward(Stream& stream, const Tensor& x, int64_t seq_len);
+  absl::StatusOr<Tensor> RoutedForward(Stream& stream, const Tensor& x, const RoutingPlan& plan);
   absl::StatusOr<Tensor> RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
-  // y += g * shared(x) / its backward (dx += ...).
-  absl::Status SharedForward(Stream& stream, const Tensor& x, const Tensor& y);
+  // y += g * s, s = shared(x) (g = 1 ungated, else sigmoid of `gate_logits`
+  // [T], read with the router's logits) / its backward (dx += ...).
+  absl::Status SharedCombine(Stream& stream, const Tensor& x, const Tensor& s,
+                             absl::Span<const float> gate_logits, const Tensor& y);
   absl::Status SharedBackward(Stream& stream, const Tensor& dy, const Tensor& dx);
 
   Router router_;
@@ -90,8 +99,9 @@ class MoELayer {
   std::unique_ptr<DenseMLP> shared_;
   bool gated_ = false;
   parallel::Parameter shared_gate_;
-  Tensor shared_out_, shared_x_, rows_, gate_;  // gated: shared(x) [T, d], x, 0..T-1, g [T]
-  std::vector<float> gate_host_;
+  // gated: shared(x) [T, d], x, 0..T-1, g [T], g (1 - g) [T]
+  Tensor shared_out_, shared_x_, rows_, gate_, gate_slope_;
+  HostReadback read_;  // the router's logits and bias, the gate's logits
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
   comm::Communicator* expert_tp_ = nullptr;  // ExpertTpGroup(plan)

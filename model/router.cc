@@ -212,16 +212,18 @@ absl::Status Router::UpdateExpertBias(Stream& stream, absl::Span<const double> l
   double mean = 0;
   for (double l : load) mean += l;
   mean /= static_cast<double>(E);
-  ASSIGN_OR_RETURN(std::vector<float> b, ToHostFloats(stream, expert_bias_.value));
+  // The step rate * sign is known on the host: uploaded and added on the
+  // stream (one f32 add, as the host would make it), so nothing waits.
   const float rate = static_cast<float>(moe_.expert_bias_update_rate());
+  std::vector<float> step(E);
   for (int64_t e = 0; e < E; ++e) {
     const float sign = load[e] < mean ? 1.0f : (load[e] > mean ? -1.0f : 0.0f);
-    b[e] += rate * sign;
+    step[e] = rate * sign;
   }
-  ASSIGN_OR_RETURN(Tensor staged, FromHostFloats(stream, b, expert_bias_.global_shape));
-  RETURN_IF_ERROR(ops::Copy(stream, staged, expert_bias_.value));
+  ASSIGN_OR_RETURN(Tensor staged, FromHostFloats(stream, step, expert_bias_.global_shape));
+  RETURN_IF_ERROR(ops::Add(stream, expert_bias_.value, staged, expert_bias_.value));
   std::fill(pending_load_.begin(), pending_load_.end(), 0);
-  return stream.Synchronize();
+  return absl::OkStatus();
 }
 
 double Router::Scores(const float* zt, double* s) const {
@@ -287,9 +289,16 @@ std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std:
 }  // namespace
 
 absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor& x, int64_t seq_len) {
+  own_read_.Reset();
+  RETURN_IF_ERROR(EnqueueLogits(stream, x, seq_len, &own_read_));
+  RETURN_IF_ERROR(own_read_.Start(stream));
+  RETURN_IF_ERROR(own_read_.Wait());
+  return Route(own_read_);
+}
+
+absl::Status Router::EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_len, HostReadback* read) {
   ProfileScope profile(ProfileCategory::kRouter);
   const int64_t T = x.size(0), E = num_experts_;
-  const int k = moe_.top_k();
   if (seq_len < 0 || (seq_len > 0 && T % seq_len != 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("Router::Forward: ", T, " tokens are not whole sequences of seq_len = ", seq_len));
@@ -297,11 +306,28 @@ absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor&
   seq_len_ = seq_len > 0 ? seq_len : T;
   ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, E}));
   RETURN_IF_ERROR(ops::Gemm(stream, x, false, weight_.compute_value(), true, logits));
-  ASSIGN_OR_RETURN(z_, ToHostFloats(stream, logits));
+  logits_read_ = read->Add(logits);
+  // The bias steers the choice: read with the logits (no wait of its own).
+  if (has_expert_bias()) bias_read_ = read->Add(expert_bias_.value);
+  x_ = x;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const RoutingPlan*> Router::Route(const HostReadback& read) {
+  ProfileScope profile(ProfileCategory::kRouter);
+  const int64_t T = x_.size(0), E = num_experts_;
+  const int k = moe_.top_k();
+  const absl::Span<const float> z = read.values(logits_read_);
+  if (static_cast<int64_t>(z.size()) != T * E) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Router::Route: ", weight_.name, "'s logits were not read (EnqueueLogits, then the read's Wait)"));
+  }
+  z_.assign(z.begin(), z.end());
   probs_.assign(T * E, 0.0);
   lse_.assign(T, 0.0);
   // Per token on the host's threads (the stream waits for the plan: on a GPU
-  // it idles until routing is done); the z-loss sum stays in token order.
+  // it runs only what was enqueued before the wait, such as the shared
+  // expert); the z-loss sum stays in token order.
   HostParallelFor(T, kRoutingGrain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) lse_[t] = Scores(z_.data() + t * E, probs_.data() + t * E);
   });
@@ -311,10 +337,8 @@ absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor&
   if (moe_.forced_routing().fraction() > 0) {
     forced = ForcedSelection(moe_.forced_routing(), weight_.name, T, E, k);
   }
-  std::vector<float> bias;
-  if (has_expert_bias()) {
-    ASSIGN_OR_RETURN(bias, ToHostFloats(stream, expert_bias_.value));
-  }
+  absl::Span<const float> bias;
+  if (has_expert_bias()) bias = read.values(bias_read_);
   RoutingOptions options;
   options.top_k = k;
   options.norm_topk_prob = moe_.norm_topk_prob();
@@ -325,7 +349,6 @@ absl::StatusOr<const RoutingPlan*> Router::Forward(Stream& stream, const Tensor&
   plan_ = ComputeRoutingPlan(probs_, bias, T, E, options, forced);
   ComputeAuxLoss(seq_len_);
   z_loss_ = moe_.z_loss_coeff() * z_sum / T;
-  x_ = x;
   return &plan_;
 }
 

@@ -17,12 +17,15 @@
 // The forward's [T, E] tail after the GEMM runs on the host: the routing
 // decisions have to reach the host anyway (the dispatcher's counts and the
 // grouped GEMM's offsets are host values), and T x E is small next to the
-// GEMMs. But the stream has nothing to run meanwhile (a GPU idles), so the
+// GEMMs. But the stream has little to run meanwhile (a GPU idles), so the
 // per-token work (scores, choice, weights) runs on the host's threads
 // (HostParallelFor), each exponential once; the sums over tokens (z loss,
 // counts, capacity) stay in token order, so the plan and the losses are the
-// same on any thread count (moe-bench router times it). The backward needs
-// no host read: it is ordered on the stream (Backward).
+// same on any thread count (moe-bench router times it). A MoE layer splits
+// Forward (EnqueueLogits, Route) to read its shared expert's gate with the
+// logits and to enqueue its shared expert before the host waits, so that a
+// GPU computes it meanwhile (model/moe_layer.h). The backward needs no host
+// read: it is ordered on the stream (Backward).
 //
 // Forced routing (benchmarks, config ForcedRouting): a fraction of all
 // (token, slot) assignments go to the hot_experts experts from first_hot_expert
@@ -93,7 +96,16 @@ class Router {
   // aux and z losses. Keeps x and host copies of z, s and lse. `seq_len`: the
   // tokens of one sequence (x holds T / seq_len whole sequences), used by the
   // sequence-level aux loss; 0 = the micro-batch is one sequence.
+  // EnqueueLogits, then `read`'s Start and Wait, then Route, with a read of
+  // the router's own.
   absl::StatusOr<const RoutingPlan*> Forward(Stream& stream, const Tensor& x, int64_t seq_len = 0);
+  // Forward in two halves, so that a MoE layer can enqueue work that does not
+  // need the routing between them (its shared expert) and read other values
+  // with the same host wait (its shared-expert gate). EnqueueLogits enqueues
+  // the logits GEMM and adds the logits (and the expert bias) to `read`
+  // (model/common.h); after read.Wait(), Route computes the plan on the host.
+  absl::Status EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_len, HostReadback* read);
+  absl::StatusOr<const RoutingPlan*> Route(const HostReadback& read);
   double aux_loss() const { return aux_loss_; }
   double z_loss() const { return z_loss_; }
   const RoutingPlan& plan() const { return plan_; }
@@ -114,8 +126,9 @@ class Router {
   // training micro-batches of the step; forward-only evaluation adds nothing).
   // UpdateExpertBias(load): load [E] = the pending loads summed over the whole
   // global batch (the caller sums pending_load() over the data-parallel group);
-  // b_e += rate * sign(mean_e load - load_e) in f32, then pending_load() = 0.
-  // Same load on every rank => same bias on every rank.
+  // b_e += rate * sign(mean_e load - load_e) in f32 (on the stream: no host
+  // wait), then pending_load() = 0. Same load on every rank => same bias on
+  // every rank.
   bool has_expert_bias() const { return expert_bias_.value.defined(); }
   parallel::Parameter& expert_bias() { return expert_bias_; }
   const std::vector<int64_t>& pending_load() const { return pending_load_; }
@@ -133,8 +146,10 @@ class Router {
   int64_t num_experts_ = 0;
   int64_t seq_len_ = 0;  // tokens per sequence of the last Forward (sequence aux)
   Tensor x_;
-  std::vector<float> z_;             // [T, E] logits
-  std::vector<double> probs_, lse_;  // [T, E] scores s, [T]
+  size_t logits_read_ = 0, bias_read_ = 0;  // EnqueueLogits's entries in the read
+  HostReadback own_read_;                   // Forward's
+  std::vector<float> z_;                    // [T, E] logits
+  std::vector<double> probs_, lse_;         // [T, E] scores s, [T]
   std::vector<int64_t> pending_load_;
   RoutingPlan plan_;
   double aux_loss_ = 0, z_loss_ = 0;

@@ -20,13 +20,12 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   b.micro_batches = config.train().grad_accum();
   for (int l = 0; l < m.num_layers(); ++l) b.moe_layers += IsMoeLayer(m, l) ? 1 : 0;
   b.per_micro_batch = 1;                                         // loss
-  b.per_moe_layer = 1 + (bias ? 1 : 0);                          // router, expert bias
+  b.per_moe_layer = 1;                                           // routing read (bias, gate included)
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
   b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
-  b.per_moe_layer += m.moe().shared_expert_ffn_hidden_size() > 0 && m.moe().shared_expert_gate() ? 2 : 0;
   // data agreement, metrics, grad norm, step end, profile
   b.per_step = (world > 1 ? 1 : 0) + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
-  if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 3 * b.moe_layers;
+  if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 1;  // load sum, metrics read
   return b;
 }
 

@@ -13,9 +13,12 @@
 // Per micro-batch:
 //   loss              1   the cross-entropy scalar (model/model.cc, Model::Forward)
 // Per micro-batch and MoE layer:
-//   router            1   the router's logits: softmax, top-k and capacity run on
-//                         the host in double (model/router.h)
-//   expert_bias       1   the bias read by the choice (expert_bias_update_rate > 0)
+//   routing           1   one read of the router's logits (softmax, top-k and
+//                         capacity run on the host in double, model/router.h),
+//                         with the expert bias (expert_bias_update_rate > 0) and
+//                         the shared expert's gate logits (shared_expert_gate)
+//                         in the same wait; the shared expert is enqueued before
+//                         it (model/moe_layer.h)
 //   llep_counts       1   LLEP's per-expert count gather on the host EP group (the
 //                         planner runs on the host; parallel/llep_exchange.h),
 //                         llep.enabled with EP > 1
@@ -23,8 +26,6 @@
 //                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1;
 //                         0 in a micro-batch where LLEP fires with overlap_chunks 1
 //                         (the plan gives the counts), so the total is an upper bound then
-//   shared_gate       2   the gated shared expert's gate, forward and backward
-//                         (model/moe_layer.h), with model.moe.shared_expert_gate
 // Per step:
 //   data              1   the ranks agree that every micro-batch of the step was
 //                         read (Trainer::ReadMicroBatches, on the host world;
@@ -33,9 +34,10 @@
 //   metrics           1   the loss and load sums over the host DP group (DP > 1)
 //   grad_norm         1   the clipping norm, reduced on the device; the one small
 //                         read that also gates the update (optim/clip.h)
-//   bias_update   2L + 1  the global load sum over DP (1, DP > 1) and per MoE layer
-//                         the bias update's read and write-back (2) and the
-//                         metrics read of the new bias (1); expert_bias_update_rate > 0
+//   bias_update       2   the global load sum over DP (1, DP > 1) and one read of
+//                         every MoE layer's new bias for the metrics (1); the
+//                         update itself is an add on the stream (model/router.h);
+//                         expert_bias_update_rate > 0
 //   step_end          1   the step's end (Profiler::SyncStepEnd: Stream::Synchronize): step
 //                         time, memory, and the reference time of the spans' events
 //   profile           1   every rank's step profile gathered on the host world (world > 1)
@@ -51,7 +53,7 @@ namespace moe {
 struct HostSyncBudget {
   int micro_batches = 1, moe_layers = 0;
   int per_micro_batch = 0;  // loss
-  int per_moe_layer = 0;    // router, bias, LLEP counts, count exchange, shared gate
+  int per_moe_layer = 0;    // routing read, LLEP counts, count exchange
   int per_step = 0;         // metrics, grad norm, bias update, step end, profile
   int total() const { return micro_batches * (per_micro_batch + moe_layers * per_moe_layer) + per_step; }
   std::string ToString() const;

@@ -419,11 +419,18 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     ASSIGN_OR_RETURN(load, SumOverDataParallel(std::move(load)));
     return absl::OkStatus();
   }));
+  // The new biases for the metrics: every layer's in one read (one host wait).
+  bias_read_.Reset();
+  std::vector<std::pair<MoeLayerStats*, size_t>> biases;
   for (MoeLayerStats& m : s.moe_layers) {
     model::Router& router = model_->block(m.layer).moe()->router();
-    if (!router.has_expert_bias()) continue;
-    ASSIGN_OR_RETURN(std::vector<float> bias, model::ToHostFloats(*stream_, router.expert_bias().value));
-    m.expert_bias.assign(bias.begin(), bias.end());
+    if (router.has_expert_bias()) biases.emplace_back(&m, bias_read_.Add(router.expert_bias().value));
+  }
+  if (!biases.empty()) {
+    RETURN_IF_ERROR(bias_read_.Start(*stream_));
+    RETURN_IF_ERROR(bias_read_.Wait());
+    for (auto& [m, i] : biases)
+      m->expert_bias.assign(bias_read_.values(i).begin(), bias_read_.values(i).end());
   }
   data_->train->Advance();
   step_ = next_step;

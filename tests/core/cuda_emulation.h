@@ -467,6 +467,36 @@ inline std::map<std::string, uint64_t> WorkCensusSnapshot() {
   return c.counts;
 }
 
+// The host's waits (cudaStreamSynchronize, cudaEventSynchronize,
+// cudaDeviceSynchronize), while recorded (RecordHostWaits(true)): each with
+// the census as it stood when the host began to wait, i.e. the work the
+// device had been given to run meanwhile (tests/runtime/device_work_test.cc).
+struct HostWaitLog {
+  std::mutex mu;
+  bool on = false;
+  std::vector<std::map<std::string, uint64_t>> waits;
+};
+inline HostWaitLog& HostWaits() {
+  static HostWaitLog* log = new HostWaitLog();  // never destroyed, as the census
+  return *log;
+}
+inline void RecordHostWaits(bool on) {
+  HostWaitLog& log = HostWaits();
+  std::lock_guard<std::mutex> lock(log.mu);
+  log.on = on;
+  log.waits.clear();
+}
+inline std::vector<std::map<std::string, uint64_t>> RecordedHostWaits() {
+  HostWaitLog& log = HostWaits();
+  std::lock_guard<std::mutex> lock(log.mu);
+  return log.waits;
+}
+inline void NoteHostWait() {
+  HostWaitLog& log = HostWaits();
+  std::lock_guard<std::mutex> lock(log.mu);
+  if (log.on) log.waits.push_back(WorkCensusSnapshot());
+}
+
 // Runs `op` in stream order: now on the null stream.
 inline void Submit(cudaStream_t stream, std::function<void()> op) {
   if (t_in_host_function)
@@ -828,12 +858,14 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   moe::cuda_emulation::NotInHostFunction(
       "cudaStreamSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
+  moe::cuda_emulation::NoteHostWait();
   if (s != nullptr) reinterpret_cast<moe::cuda_emulation::Stream*>(s)->Synchronize();
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() {
   moe::cuda_emulation::NotInHostFunction(
       "cudaDeviceSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
+  moe::cuda_emulation::NoteHostWait();
   moe::cuda_emulation::SynchronizeDevice();
   return cudaSuccess;
 }
@@ -892,6 +924,7 @@ inline cudaError_t cudaEventQuery(cudaEvent_t e) {
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   moe::cuda_emulation::NotInHostFunction(
       "cudaEventSynchronize called in a host function (cudaLaunchHostFunc); CUDA forbids it");
+  moe::cuda_emulation::NoteHostWait();
   const auto [progress, ticket] = reinterpret_cast<moe::cuda_emulation::Event*>(e)->Last();
   if (progress != nullptr) progress->WaitFor(ticket);
   return cudaSuccess;

@@ -1,16 +1,20 @@
 // Router decisions on hand-made probabilities, the local dispatcher's
 // permutation, and GroupedExperts against SequentialExperts.
 #include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "model/erc_loss.h"
 #include "model/experts.h"
 #include "model/router.h"
 #include "model/token_dispatcher.h"
+#include "runtime/core/backend.h"
 #include "runtime/core/ops.h"
 #include "tests/compare.h"
 #include "tests/model/model_test_util.h"
@@ -54,6 +58,67 @@ TEST_CASE("HostUploads puts several arrays in one buffer, each a view with its s
   REQUIRE(!refused.ok());
   CHECK(std::string(refused.status().message()).find("array 1 has 4 values for shape [5]") !=
         std::string::npos);
+}
+
+TEST_CASE("HostReadback reads several tensors with one wait and does not wait for work enqueued after it") {
+  auto worker = CpuStream().backend().CreateStream(StreamMode::kWorker);
+  REQUIRE(worker.ok());
+  Stream& s = **worker;
+  const std::vector<float> av = {1.0f, -2.0f, 3.5f}, bv = {0.25f, 8.0f, -1.0f, 6.0f, 7.0f, 9.5f};
+  auto a = FromHostFloats(s, av, Shape{3});
+  auto b = FromHostFloats(s, bv, Shape{2, 3});
+  auto none = FromHostFloats(s, {}, Shape{0, 4});
+  REQUIRE((a.ok() && b.ok() && none.ok()));
+  HostReadback read;
+  const size_t ia = read.Add(*a), in = read.Add(*none), ib = read.Add(*b);
+  CHECK(read.values(ia).empty());  // nothing before Wait
+  REQUIRE(read.Start(s).ok());
+  CHECK(read.Start(s).code() == absl::StatusCode::kFailedPrecondition);  // not waited for yet
+  // Work after Start: the stream stops at a closed gate, then overwrites a.
+  auto gate = std::make_shared<HostGate>();
+  REQUIRE(s.WaitHostGate(gate).ok());
+  REQUIRE(ops::Fill(s, *a, 42.0).ok());
+  // Wait returns with the gate still closed (it waits for the copies only,
+  // not for the stream), with one host wait, and the values from before the
+  // fill. (Were it to wait for the stream, the gate would be opened by this
+  // thread after 5 s, and the check below fail.)
+  std::atomic<bool> waited{false};
+  std::thread opener([&] {
+    for (int i = 0; i < 500 && !waited; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (!waited) gate->Open(absl::OkStatus());
+  });
+  const uint64_t waits = HostSyncCount();
+  const absl::Status waited_status = read.Wait();
+  const bool opened_meanwhile = gate->is_open();
+  waited = true;
+  opener.join();
+  REQUIRE(waited_status.ok());
+  CHECK(HostSyncCount() - waits == 1);
+  CHECK_FALSE(opened_meanwhile);
+  const absl::Span<const float> got_a = read.values(ia), got_b = read.values(ib);
+  CHECK(std::vector<float>(got_a.begin(), got_a.end()) == av);
+  CHECK(std::vector<float>(got_b.begin(), got_b.end()) == bv);
+  CHECK(read.values(in).empty());
+  CHECK(read.values(7).empty());
+  gate->Open(absl::OkStatus());
+  REQUIRE(s.Synchronize().ok());
+  CHECK(ToVec(*a) == std::vector<float>(3, 42.0f));
+  // A second read reuses the staging buffer and sees the new values.
+  read.Reset();
+  const size_t again = read.Add(*a);
+  REQUIRE(read.Start(s).ok());
+  REQUIRE(read.Wait().ok());
+  CHECK(std::vector<float>(read.values(again).begin(), read.values(again).end()) ==
+        std::vector<float>(3, 42.0f));
+  CHECK(read.Wait().code() == absl::StatusCode::kFailedPrecondition);  // nothing started
+  // Only f32 tensors, named in the refusal.
+  auto ints = FromHostInts(s, std::vector<int32_t>{1, 2}, Shape{2});
+  REQUIRE(ints.ok());
+  read.Reset();
+  read.Add(*ints);
+  const absl::Status refused = read.Start(s);
+  CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(refused.message()).find("is not an f32 tensor") != std::string::npos);
 }
 
 TEST_CASE("Top-k ties go to the lower expert index") {

@@ -18,13 +18,18 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "comm/mpi_env.h"
+#include "model/common.h"
+#include "model/moe_layer.h"
 #include "runtime/core/backend.h"
+#include "runtime/core/config.h"
 #include "runtime/core/cuda/cuda_kernels.h"
 #include "runtime/trainer.h"
 #include "tests/core/cuda_emulation.h"
@@ -202,6 +207,67 @@ TEST_CASE("in bf16, a layer's device work is fp32's plus one cast: no staging ar
   CHECK(Count(per_layer, "ForwardKernel<1>") == 1);
   CHECK(Count(per_layer, "DqKernel<1>") == 1);
   CHECK(Count(per_layer, "DkvKernel<1>") == 1);
+}
+
+// A MoE layer's forward waits on the host once, for the routing read; the
+// shared expert needs no routing, so it is on the device before that wait
+// (on a GPU it computes while the host routes). Its backward waits for
+// nothing, gate included.
+TEST_CASE("a MoE layer's shared expert is on the device before the host waits to route") {
+  Backend* cuda = GetBackend(Device::Cuda(0)).value();
+  std::unique_ptr<Stream> stream = cuda->CreateStream(StreamMode::kWorker).value();
+  Stream& s = *stream;
+  for (const bool gated : {false, true}) {
+    DYNAMIC_SECTION((gated ? "gated" : "ungated") << " shared expert, expert bias") {
+      auto job = ParseConfigText(
+          std::string(
+              "model { hidden_size: 32 num_layers: 1 num_heads: 2 num_kv_heads: 2 moe { num_experts: 4 "
+              "top_k: 2 expert_ffn_hidden_size: 16 expert_bias_update_rate: 0.01 "
+              "shared_expert_ffn_hidden_size: 24 shared_expert_gate: ") +
+              (gated ? "true" : "false") + " } }",
+          "test");
+      REQUIRE(job.ok());
+      ApplyDefaults(1, &*job);
+      model::MoELayer layer;
+      REQUIRE(layer.Init(s, "model.layers.0.mlp.", job->model(), 0.5f, 0.5f, {}, 3).ok());
+      const int64_t T = 24;
+      std::vector<float> xv(T * 32);
+      for (size_t i = 0; i < xv.size(); ++i) xv[i] = std::sin(0.37f * static_cast<float>(i));
+      const Tensor x = model::FromHostFloats(s, xv, Shape{T, 32}).value();
+      REQUIRE(s.Synchronize().ok());
+
+      // The GEMMs of the shared expert's forward alone.
+      Census before = cuda_emulation::WorkCensusSnapshot();
+      REQUIRE(layer.shared_expert()->Forward(s, x).ok());
+      REQUIRE(s.Synchronize().ok());
+      const uint64_t shared_gemms =
+          Count(Minus(cuda_emulation::WorkCensusSnapshot(), before), "cublasGemmEx");
+      REQUIRE(shared_gemms >= 3);
+
+      before = cuda_emulation::WorkCensusSnapshot();
+      cuda_emulation::RecordHostWaits(true);
+      uint64_t waits = HostSyncCount();
+      auto y = layer.Forward(s, x);
+      const auto forward_waits = cuda_emulation::RecordedHostWaits();
+      cuda_emulation::RecordHostWaits(false);
+      REQUIRE(y.ok());
+      // One wait: the router's logits, the expert bias and the gate's logits in one read.
+      CHECK(HostSyncCount() - waits == 1);
+      REQUIRE(forward_waits.size() == 1);
+      // Given to the device before it: the router's GEMM, the gate's and the shared expert's.
+      const Census at_wait = Minus(forward_waits[0], before);
+      CHECK(Count(at_wait, "cublasGemmEx") == 1 + (gated ? 1 : 0) + shared_gemms);
+      CHECK(Count(at_wait, "cudaMemcpyAsync DtoH") == 2 + (gated ? 1 : 0));
+
+      std::vector<float> dyv(T * 32);
+      for (size_t i = 0; i < dyv.size(); ++i) dyv[i] = std::cos(0.11f * static_cast<float>(i));
+      const Tensor dy = model::FromHostFloats(s, dyv, Shape{T, 32}).value();
+      waits = HostSyncCount();
+      REQUIRE(layer.Backward(s, dy, 1.0f, 1.0f, 0.0f).ok());
+      CHECK(HostSyncCount() - waits == 0);
+      REQUIRE(s.Synchronize().ok());
+    }
+  }
 }
 
 }  // namespace

@@ -61,7 +61,8 @@ absl::Status Model::Init(Stream& stream, uint64_t seed, const ShardPlan& plan,
   return stream.Synchronize();
 }
 
-absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs) {
+absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs,
+                                         HostReadback* ce_read) {
   if (num_seqs <= 0 || tokens.size() % num_seqs != 0 || static_cast<int64_t>(tokens.size()) / num_seqs < 2) {
     return absl::InvalidArgumentError(absl::StrCat("Model::Forward: ", tokens.size(), " tokens are not ",
                                                    num_seqs, " sequences of S + 1 >= 2 tokens"));
@@ -118,6 +119,10 @@ absl::StatusOr<LossParts> Model::Forward(Stream& stream, absl::Span<const int32_
   RETURN_IF_ERROR(ops::CrossEntropy(stream, logits_, targets_, losses, lse_));
   ASSIGN_OR_RETURN(Tensor sum, NewActivation(stream, Shape{1}));
   RETURN_IF_ERROR(ops::ReduceSum(stream, losses, sum, static_cast<float>(1.0 / T)));
+  if (ce_read != nullptr) {
+    loss.ce_read = ce_read->Add(sum);
+    return loss;
+  }
   ASSIGN_OR_RETURN(loss.ce, ReadScalar(stream, sum));
   return loss;
 }

@@ -37,6 +37,9 @@ struct LossParts {
   double aux = 0;  // load-balancing losses, summed over MoE layers
   double z = 0;    // router z-losses, summed over MoE layers
   double erc = 0;  // expert-router coupling losses, summed over MoE layers (0 when off)
+  // With Forward's ce_read: the index of the cross-entropy in that read (ce
+  // is 0 until the caller waits for the read and takes it from there).
+  size_t ce_read = 0;
   double total() const { return ce + aux + z + erc; }
 };
 
@@ -62,9 +65,13 @@ class Model {
                                                        DispatcherFactory dispatchers = {},
                                                        DType compute_dtype = DType::kF32);
 
-  // Forward of one micro-batch; keeps what Backward needs. Synchronizes the
-  // stream (the losses are read on the host).
-  absl::StatusOr<LossParts> Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs);
+  // Forward of one micro-batch; keeps what Backward needs. Reads the
+  // cross-entropy on the host (a host wait for the whole forward), unless
+  // `ce_read` is given: then its device value is added to that read
+  // (LossParts::ce_read) and the caller reads it later, e.g. every micro-batch's
+  // at once after their backwards are enqueued (Trainer::TrainStep).
+  absl::StatusOr<LossParts> Forward(Stream& stream, absl::Span<const int32_t> tokens, int64_t num_seqs,
+                                    HostReadback* ce_read = nullptr);
   // Accumulates loss_scale * d(ce + aux + z + erc)/d param into every grad.
   absl::Status Backward(Stream& stream, float loss_scale = 1.0f, const BlockDoneFn& on_block_done = {});
   // Every grad = 0.

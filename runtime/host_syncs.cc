@@ -6,9 +6,8 @@
 namespace moe {
 
 std::string HostSyncBudget::ToString() const {
-  return absl::StrCat(total(), " host waits per step = ", micro_batches, " micro-batches x (",
-                      per_micro_batch, " + ", moe_layers, " MoE layers x ", per_moe_layer, ") + ", per_step,
-                      " per step");
+  return absl::StrCat(total(), " host waits per step = ", micro_batches, " micro-batches x ", moe_layers,
+                      " MoE layers x ", per_moe_layer, " + ", per_step, " per step");
 }
 
 HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
@@ -19,12 +18,11 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   HostSyncBudget b;
   b.micro_batches = config.train().grad_accum();
   for (int l = 0; l < m.num_layers(); ++l) b.moe_layers += IsMoeLayer(m, l) ? 1 : 0;
-  b.per_micro_batch = 1;                                         // loss
   b.per_moe_layer = 1;                                           // routing read (bias, gate included)
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
   b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
-  // data agreement, metrics, grad norm, step end, profile
-  b.per_step = (world > 1 ? 1 : 0) + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
+  // data agreement, losses, metrics, grad norm, step end, profile
+  b.per_step = (world > 1 ? 1 : 0) + 1 + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
   if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 1;  // load sum, metrics read
   return b;
 }

@@ -10,8 +10,6 @@
 // through Tensor::ZerosOn (tests/runtime/host_sync_test.cc runs the step on
 // the emulated CUDA backend as well).
 //
-// Per micro-batch:
-//   loss              1   the cross-entropy scalar (model/model.cc, Model::Forward)
 // Per micro-batch and MoE layer:
 //   routing           1   one read of the router's logits (softmax, top-k and
 //                         capacity run on the host in double, model/router.h),
@@ -31,6 +29,10 @@
 //                         read (Trainer::ReadMicroBatches, on the host world;
 //                         world > 1): a file truncated under the job stops every
 //                         rank before the step's first collective
+//   losses            1   every micro-batch's cross-entropy scalar in one read, after
+//                         the last backward is enqueued (Model::Forward's ce_read;
+//                         it used to be one wait per micro-batch, between its
+//                         forward and its backward)
 //   metrics           1   the loss and load sums over the host DP group (DP > 1)
 //   grad_norm         1   the clipping norm, reduced on the device; the one small
 //                         read that also gates the update (optim/clip.h)
@@ -52,10 +54,9 @@ namespace moe {
 
 struct HostSyncBudget {
   int micro_batches = 1, moe_layers = 0;
-  int per_micro_batch = 0;  // loss
-  int per_moe_layer = 0;    // routing read, LLEP counts, count exchange
-  int per_step = 0;         // metrics, grad norm, bias update, step end, profile
-  int total() const { return micro_batches * (per_micro_batch + moe_layers * per_moe_layer) + per_step; }
+  int per_moe_layer = 0;  // routing read, LLEP counts, count exchange
+  int per_step = 0;       // data, losses, metrics, grad norm, bias update, step end, profile
+  int total() const { return micro_batches * moe_layers * per_moe_layer + per_step; }
   std::string ToString() const;
 };
 

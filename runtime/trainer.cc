@@ -314,10 +314,15 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
   RETURN_IF_ERROR(ReadMicroBatches(
       grad_accum, [&](int a, int32_t* out) { return data_->train->MicroBatch(a, layout.dp_rank, out); }));
   const size_t per = tokens_.size() / grad_accum;
+  // Every micro-batch's cross-entropy in one read after the last backward is
+  // enqueued: no host wait between a forward and its backward.
+  ce_read_.Reset();
+  std::vector<size_t> ce_index(grad_accum);
   for (int a = 0; a < grad_accum; ++a) {
-    ASSIGN_OR_RETURN(
-        model::LossParts parts,
-        model_->Forward(*stream_, absl::MakeConstSpan(tokens_).subspan(a * per, per), micro_batch));
+    ASSIGN_OR_RETURN(model::LossParts parts,
+                     model_->Forward(*stream_, absl::MakeConstSpan(tokens_).subspan(a * per, per),
+                                     micro_batch, &ce_read_));
+    ce_index[a] = parts.ce_read;
     // On the last micro-batch a block's gradients are final once its backward
     // ran: its buckets start reducing while earlier blocks still compute.
     model::BlockDoneFn on_block_done;
@@ -328,7 +333,6 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
       };
     }
     RETURN_IF_ERROR(model_->Backward(*stream_, loss_scale, on_block_done));
-    sums[0] += parts.ce;
     sums[1] += parts.aux;
     sums[2] += parts.z;
     sums[3] += parts.erc;
@@ -351,6 +355,9 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
       }
     }
   }
+  RETURN_IF_ERROR(ce_read_.Start(*stream_));
+  RETURN_IF_ERROR(ce_read_.Wait());
+  for (int a = 0; a < grad_accum; ++a) sums[0] += ce_read_.values(ce_index[a])[0];
   // TP ranks see the same tokens: sum over DP only.
   ASSIGN_OR_RETURN(sums, SumOverDataParallel(std::move(sums)));
 

@@ -141,6 +141,7 @@ class Trainer {
   std::vector<std::vector<const parallel::Parameter*>> block_params_;  // per layer, for grad sync
   std::optional<optim::LrSchedule> schedule_;
   std::optional<MetricsWriter> metrics_;  // rank 0
+  model::HostReadback ce_read_;           // the step's micro-batch cross-entropies
   model::HostReadback bias_read_;         // the step's new expert biases, for the metrics
   // Reads micro-batches [0, count) of `read` into tokens_ and agrees on the
   // outcome over the host world: every rank gets OK or the same job-wide error.

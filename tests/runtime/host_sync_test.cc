@@ -9,7 +9,8 @@
 // communicator (device buffers staged through host memory) and must make
 // the same waits: uploads and fills of device memory wait for nothing. A
 // second case adds the expert bias and a gated shared expert, which are read
-// with the router's logits and add no wait per layer.
+// with the router's logits and add no wait per layer, and a second
+// micro-batch, whose loss is read with the first's.
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -92,12 +93,16 @@ TEST_CASE("the expert bias and the shared expert's gate add no host wait") {
   moe->set_expert_bias_update_rate(0.001);
   moe->set_shared_expert_ffn_hidden_size(2 * config.model().hidden_size());
   moe->set_shared_expert_gate(true);
+  // Two micro-batches a step: their losses are read together.
+  config.mutable_train()->set_grad_accum(2);
   const HostSyncBudget budget = CheckSteps(config, dir);
   // Per MoE layer and micro-batch: the routing read, LLEP's counts, the count
-  // exchange. Per step the demo's 5 and the bias update's 2 (the load sum over
-  // DP, one read of the new biases), whatever the number of MoE layers.
+  // exchange. Per step the demo's 6 and the bias update's 2 (the load sum over
+  // DP, one read of the new biases), whatever the number of MoE layers and
+  // micro-batches.
   CHECK(budget.per_moe_layer == 3);
-  CHECK(budget.per_step == 5 + 2);
+  CHECK(budget.per_step == 6 + 2);
+  CHECK(budget.total() == 2 * 4 * 3 + 8);
 }
 
 }  // namespace

@@ -58,7 +58,8 @@ void ErcLoss::DrawNoise(const std::vector<float>& r, int64_t E, int64_t d) {
 }
 
 absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, const Tensor& gate_w,
-                                        int64_t expert_begin, comm::Communicator* ep) {
+                                        int64_t expert_begin, comm::Communicator* ep,
+                                        absl::Span<const float> router_values) {
   const int64_t E = router_w.size(0), d = router_w.size(1);
   if (gate_w.rank() != 3 || gate_w.size(2) != d || expert_begin < 0 || expert_begin + gate_w.size(0) > E) {
     return absl::InvalidArgumentError(absl::StrCat("ErcLoss::Forward: router ", router_w.ToString(),
@@ -78,7 +79,15 @@ absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, 
   // Proxies on the host (E x d is small). The noise (eps_i from the rows'
   // distances, u from Philox) is drawn at the first Forward of a step and kept
   // for the step's other micro-batches: a constant of the step.
-  ASSIGN_OR_RETURN(std::vector<float> r, ToHostFloats(stream, router_w));
+  std::vector<float> r;
+  if (router_values.empty()) {
+    ASSIGN_OR_RETURN(r, ToHostFloats(stream, router_w));
+  } else if (static_cast<int64_t>(router_values.size()) == E * d) {
+    r.assign(router_values.begin(), router_values.end());
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ErcLoss::Forward: ", router_values.size(), " router values for ", router_w.ToString()));
+  }
   if (noise_step_ != step_ || static_cast<int64_t>(delta_.size()) != E * d) DrawNoise(r, E, d);
   std::vector<float> proxies(E * d);
   for (int64_t i = 0; i < E * d; ++i) proxies[i] = static_cast<float>(r[i] * delta_[i]);
@@ -169,10 +178,11 @@ absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w
   ASSIGN_OR_RETURN(Tensor dproxy, NewActivation(stream, Shape{E, d}));
   RETURN_IF_ERROR(ops::Gemm(stream, dact_t, false, gate2d, false, dproxy));
   if (expert_tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*expert_tp_, stream, dproxy));
-  ASSIGN_OR_RETURN(std::vector<float> dp, ToHostFloats(stream, dproxy));
-  for (int64_t i = 0; i < E * d; ++i) dp[i] = static_cast<float>(dp[i] * delta_[i]);
-  ASSIGN_OR_RETURN(Tensor dr, FromHostFloats(stream, dp, Shape{E, d}));
-  RETURN_IF_ERROR(ops::Axpby(stream, scale * static_cast<float>(ep_size_), dr, 1.0f, router_grad));
+  // The noise factors are host values: uploaded and multiplied on the stream (no host read).
+  const std::vector<float> delta(delta_.begin(), delta_.end());
+  ASSIGN_OR_RETURN(Tensor delta_t, FromHostFloats(stream, delta, Shape{E, d}));
+  RETURN_IF_ERROR(ops::Mul(stream, dproxy, delta_t, dproxy));
+  RETURN_IF_ERROR(ops::Axpby(stream, scale * static_cast<float>(ep_size_), dproxy, 1.0f, router_grad));
   proxies_ = Tensor();
   act_.clear();
   return absl::OkStatus();

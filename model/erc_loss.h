@@ -55,8 +55,12 @@ class ErcLoss {
   // router_w [E, d]; gate_w [E_local, Fe, d] = experts [expert_begin, expert_begin + E_local);
   // `ep`: the EP group when ep_size > 1 (collective: every EP rank calls this in
   // the same order), else null. Returns L and keeps what Backward needs.
+  // `router_values`: router_w's values when the caller read them already (a MoE
+  // layer reads them with its routing, model/moe_layer.h); empty: read here
+  // (a host wait). The activations' norms are read here either way.
   absl::StatusOr<double> Forward(Stream& stream, const Tensor& router_w, const Tensor& gate_w,
-                                 int64_t expert_begin, comm::Communicator* ep);
+                                 int64_t expert_begin, comm::Communicator* ep,
+                                 absl::Span<const float> router_values = {});
   // Accumulates scale * dL / d(router_w) into router_grad and scale * dL / d(gate_w)
   // into gate_grad (each times the factor above). Releases the saved state.
   absl::Status Backward(Stream& stream, float scale, const Tensor& gate_w, const Tensor& router_grad,

@@ -72,6 +72,8 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_
     trace::Span span(stream, "route");
     RETURN_IF_ERROR(router_.EnqueueLogits(stream, x, seq_len, &read_));
   }
+  // The coupling loss's proxies start from the router's rows: read with them.
+  const size_t router_read = erc_.enabled() ? read_.Add(router_.weight().value) : 0;
   size_t gate_read = 0;
   if (gated_) {
     ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{x.size(0), 1}));
@@ -99,7 +101,7 @@ absl::StatusOr<Tensor> MoELayer::Forward(Stream& stream, const Tensor& x, int64_
   if (erc_.enabled()) {
     trace::Span span(stream, "ERC loss");
     RETURN_IF_ERROR(erc_.Forward(stream, router_.weight().value, experts_->gate_proj().value,
-                                 experts_->expert_begin(), dispatcher_->ep_group())
+                                 experts_->expert_begin(), dispatcher_->ep_group(), read_.values(router_read))
                         .status());
   }
   return y;

@@ -13,12 +13,13 @@
 //   With model.moe.erc_loss_coeff > 0 Forward also computes the expert-router
 //   coupling loss (model/erc_loss.h; collective over the EP group).
 //
-// Forward's one host wait: the host routes (model/router.h), so it reads the
-// router's logits, the expert bias and the shared expert's gate logits in one
-// HostReadback (model/common.h), started before the shared expert is enqueued
-// and waited for after: on a GPU the shared expert computes while the host
-// routes. Backward waits for nothing (the gate's slope g (1 - g) is uploaded
-// with the forward's tables).
+// Forward's routing wait: the host routes (model/router.h), so it reads the
+// router's logits, the expert bias, the shared expert's gate logits and, with
+// the coupling loss, the router's rows in one HostReadback (model/common.h),
+// started before the shared expert is enqueued and waited for after: on a GPU
+// the shared expert computes while the host routes. (The coupling loss reads
+// its activations' norms on its own: runtime/host_syncs.h.) Backward waits for
+// nothing (the gate's slope g (1 - g) is uploaded with the forward's tables).
 //
 // Expert tensor parallelism (ShardPlan::expert_tp, parallel.expert_tensor_parallel):
 // each TP rank holds a 1/tp slice of every local expert's ffn dimension

@@ -21,6 +21,10 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   b.per_moe_layer = 1;                                           // routing read (bias, gate included)
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
   b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
+  if (m.moe().erc_loss_coeff() > 0) {  // the coupling loss's norms, their TP sum, their EP gather
+    const bool expert_tp = config.parallel().expert_tensor_parallel() && tp > 1;
+    b.per_moe_layer += 1 + (expert_tp ? 1 : 0) + (ep > 1 ? 1 : 0);
+  }
   // data agreement, losses, metrics, grad norm, step end, profile
   b.per_step = (world > 1 ? 1 : 0) + 1 + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
   if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 1;  // load sum, metrics read

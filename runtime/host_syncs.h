@@ -20,6 +20,11 @@
 //   llep_counts       1   LLEP's per-expert count gather on the host EP group (the
 //                         planner runs on the host; parallel/llep_exchange.h),
 //                         llep.enabled with EP > 1
+//   erc               1   the coupling loss's activations for its norms
+//                         (model/erc_loss.h; its router rows come with the routing
+//                         read, its backward waits for nothing), plus 1 for their
+//                         sum over the expert TP group (expert_tensor_parallel) and
+//                         1 for their gather over EP (EP > 1); erc_loss_coeff > 0
 //   count_exchange    1   the count table that sizes the all-to-all
 //                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1;
 //                         0 in a micro-batch where LLEP fires with overlap_chunks 1

@@ -8,8 +8,8 @@
 // emulated CUDA backend) the same step trains on cuda over the MPI
 // communicator (device buffers staged through host memory) and must make
 // the same waits: uploads and fills of device memory wait for nothing. A
-// second case adds the expert bias and a gated shared expert, which are read
-// with the router's logits and add no wait per layer, and a second
+// second case adds the expert bias, a gated shared expert and the coupling
+// loss, whose inputs are read with the router's logits, and a second
 // micro-batch, whose loss is read with the first's.
 #include <unistd.h>
 
@@ -82,7 +82,7 @@ TEST_CASE("a demo training step makes exactly the documented host waits") {
   CHECK(budget.total() == 18);
 }
 
-TEST_CASE("the expert bias and the shared expert's gate add no host wait") {
+TEST_CASE("the expert bias, the shared expert's gate and the coupling loss's rows add no host wait") {
   // DeepSeek-V3's bias-steered choice and a Qwen-style gated shared expert:
   // the bias and the gate logits are read with the router's logits (one wait
   // a layer for the routing), the gate's backward runs on the stream.
@@ -93,16 +93,19 @@ TEST_CASE("the expert bias and the shared expert's gate add no host wait") {
   moe->set_expert_bias_update_rate(0.001);
   moe->set_shared_expert_ffn_hidden_size(2 * config.model().hidden_size());
   moe->set_shared_expert_gate(true);
+  // The coupling loss: its router rows come with the routing read; its
+  // norms are read and gathered over EP (2 waits); its backward waits for nothing.
+  moe->set_erc_loss_coeff(0.01);
   // Two micro-batches a step: their losses are read together.
   config.mutable_train()->set_grad_accum(2);
   const HostSyncBudget budget = CheckSteps(config, dir);
   // Per MoE layer and micro-batch: the routing read, LLEP's counts, the count
-  // exchange. Per step the demo's 6 and the bias update's 2 (the load sum over
-  // DP, one read of the new biases), whatever the number of MoE layers and
-  // micro-batches.
-  CHECK(budget.per_moe_layer == 3);
+  // exchange and the coupling loss's 2. Per step the demo's 6 and the bias
+  // update's 2 (the load sum over DP, one read of the new biases), whatever
+  // the number of MoE layers and micro-batches.
+  CHECK(budget.per_moe_layer == 3 + 2);
   CHECK(budget.per_step == 6 + 2);
-  CHECK(budget.total() == 2 * 4 * 3 + 8);
+  CHECK(budget.total() == 2 * 4 * 5 + 8);
 }
 
 }  // namespace

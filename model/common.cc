@@ -139,8 +139,7 @@ absl::Status HostReadback::Start(Stream& stream) {
   Backend& backend = stream.backend();
   if (staging_ == nullptr || staging_->size() < bytes) {
     // Grown by half again, so that a slowly growing read reallocates rarely.
-    ASSIGN_OR_RETURN(staging_,
-                     backend.AllocatePinnedHost(std::max(bytes, bytes / 2 * 3), MemoryCategory::kOther));
+    ASSIGN_OR_RETURN(staging_, backend.AllocatePinnedHost(bytes + bytes / 2, MemoryCategory::kOther));
   }
   if (landed_ == nullptr) {
     ASSIGN_OR_RETURN(landed_, backend.CreateEvent());

@@ -22,7 +22,7 @@ void ErcLoss::Init(const std::string& prefix, const config::MoeConfig& moe, uint
   expert_tp_ = ExpertTpGroup(plan);
 }
 
-void ErcLoss::DrawNoise(const std::vector<float>& r, int64_t E, int64_t d) {
+void ErcLoss::DrawNoise(absl::Span<const float> r, int64_t E, int64_t d) {
   std::vector<double> norm(E);
   for (int64_t i = 0; i < E; ++i) {
     double s = 0;
@@ -79,15 +79,15 @@ absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, 
   // Proxies on the host (E x d is small). The noise (eps_i from the rows'
   // distances, u from Philox) is drawn at the first Forward of a step and kept
   // for the step's other micro-batches: a constant of the step.
-  std::vector<float> r;
+  std::vector<float> read_here;
   if (router_values.empty()) {
-    ASSIGN_OR_RETURN(r, ToHostFloats(stream, router_w));
-  } else if (static_cast<int64_t>(router_values.size()) == E * d) {
-    r.assign(router_values.begin(), router_values.end());
-  } else {
+    ASSIGN_OR_RETURN(read_here, ToHostFloats(stream, router_w));
+  } else if (static_cast<int64_t>(router_values.size()) != E * d) {
     return absl::InvalidArgumentError(
         absl::StrCat("ErcLoss::Forward: ", router_values.size(), " router values for ", router_w.ToString()));
   }
+  const absl::Span<const float> r =
+      router_values.empty() ? absl::Span<const float>(read_here) : router_values;
   if (noise_step_ != step_ || static_cast<int64_t>(delta_.size()) != E * d) DrawNoise(r, E, d);
   std::vector<float> proxies(E * d);
   for (int64_t i = 0; i < E * d; ++i) proxies[i] = static_cast<float>(r[i] * delta_[i]);

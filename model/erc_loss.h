@@ -75,7 +75,7 @@ class ErcLoss {
 
  private:
   // delta_ from the router rows r [E, d] and step_.
-  void DrawNoise(const std::vector<float>& r, int64_t E, int64_t d);
+  void DrawNoise(absl::Span<const float> r, int64_t E, int64_t d);
 
   std::string noise_name_;
   double coeff_ = 0, alpha_ = 1;

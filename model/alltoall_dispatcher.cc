@@ -68,7 +68,7 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
   const int64_t slice_len = slice_end_ - slice_begin_;
   const int P = ep_->size();
-  rerouted_ = reroute != nullptr;
+  rerouted_ = reroute != nullptr && !reroute->dst.empty();
   if (rerouted_ && static_cast<int64_t>(reroute->dst.size()) != T * k) {
     return absl::InvalidArgumentError(absl::StrCat("AllToAllTokenDispatcher: the reroute has ",
                                                    reroute->dst.size(), " destinations for T * k = ", T * k,
@@ -127,10 +127,15 @@ absl::Status AllToAllTokenDispatcher::Prepare(Stream& stream, const Tensor& x, c
   }
   stats_.permute_s += Since(t0);
   const auto t1 = Clock::now();
-  if (rerouted_ && num_chunks == 1 && !reroute->recv_counts.empty()) {
-    // Every rank derived its receive counts from the same plan: no exchange.
-    ASSIGN_OR_RETURN(plan_,
-                     parallel::ExchangePlan::FromCounts(P, 1, E, std::move(counts), reroute->recv_counts));
+  if (reroute != nullptr && !reroute->recv_counts.empty()) {
+    // Every rank derived its receive counts from the same gathered table: no exchange.
+    if (reroute->recv_counts.size() != counts.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("AllToAllTokenDispatcher: the reroute has ",
+                                                     reroute->recv_counts.size(),
+                                                     " receive counts for C * P * E = ", counts.size()));
+    }
+    ASSIGN_OR_RETURN(
+        plan_, parallel::ExchangePlan::FromCounts(P, num_chunks, E, std::move(counts), reroute->recv_counts));
     return absl::OkStatus();
   }
   // The one host copy point of counts in this layer.

@@ -131,29 +131,46 @@ void LlepRunner::Clear() {
   forward_done_ = false;
 }
 
-absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan) {
+absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan,
+                                      int num_chunks) {
   (void)stream;
   const int64_t T = plan.num_tokens, E = num_experts_;
   const int k = plan.top_k;
-  if (plan.num_experts != E || x.rank() != 2 || x.size(0) != T) {
+  if (plan.num_experts != E || x.rank() != 2 || x.size(0) != T || num_chunks < 1) {
     return absl::InvalidArgumentError(absl::StrCat("LlepRunner: x ", x.ToString(), " and a plan of ",
-                                                   plan.num_experts, " experts over ", T,
-                                                   " tokens do not match E = ", E));
+                                                   plan.num_experts, " experts over ", T, " tokens in ",
+                                                   num_chunks, " chunks do not match E = ", E));
   }
   Clear();  // a forward without backward (evaluation) leaves state behind
   const int tp_size = tp_ != nullptr ? tp_->size() : 1, tp_rank = tp_ != nullptr ? tp_->rank() : 0;
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
-  std::vector<int64_t> my_counts(E, 0);
-  for (int64_t a = slice_begin_ * k; a < slice_end_ * k; ++a)
-    if (plan.kept[a]) ++my_counts[plan.experts[a]];
+  // This rank's kept assignments per chunk (the dispatcher's chunks: consecutive
+  // token ranges of the TED slice) and expert.
+  std::vector<int64_t> chunk_counts(static_cast<size_t>(num_chunks) * E, 0), my_counts(E, 0);
+  for (int c = 0; c < num_chunks; ++c) {
+    const auto [cb, ce] = parallel::RowSlice(slice_end_ - slice_begin_, num_chunks, c);
+    for (int64_t a = (slice_begin_ + cb) * k; a < (slice_begin_ + ce) * k; ++a) {
+      if (!plan.kept[a]) continue;
+      ++chunk_counts[static_cast<size_t>(c) * E + plan.experts[a]];
+      ++my_counts[plan.experts[a]];
+    }
+  }
   const int P = ep_->size(), me = ep_->rank();
   // Control plane: the count table is tiny and the planner runs on the host.
-  ASSIGN_OR_RETURN(counts_, parallel::GatherExpertCounts(*ep_, my_counts));
+  // Gathered per chunk, it also gives every rank what it will receive, fired
+  // or not: the dispatcher skips its count exchange.
+  ASSIGN_OR_RETURN(const auto all_chunk_counts, parallel::GatherExpertCounts(*ep_, chunk_counts));
+  counts_.assign(P, std::vector<int64_t>(E, 0));
+  for (int p = 0; p < P; ++p)
+    for (size_t i = 0; i < chunk_counts.size(); ++i) counts_[p][i % E] += all_chunk_counts[p][i];
   ASSIGN_OR_RETURN(plan_, parallel::PlanLlep(counts_, options_));
   stats_ = LlepStats();
   stats_.fired = plan_.active;
   stats_.imbalance_before = plan_.imbalance_before;
   stats_.imbalance_after = plan_.active ? plan_.imbalance_after : plan_.imbalance_before;
+  reroute_ = Reroute();
+  ASSIGN_OR_RETURN(reroute_.recv_counts,
+                   parallel::ChunkReceiveCounts(plan_, counts_, all_chunk_counts, num_chunks, me));
   if (!plan_.active) return false;
   stats_.tokens_moved = plan_.tokens_moved;
   for (const auto& m : plan_.weight_moves)
@@ -174,13 +191,6 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
     }
     reroute_.dst[a] = mine[e][range[e]].first;
     --left[e];
-  }
-  reroute_.recv_counts.assign(static_cast<size_t>(P) * E, 0);
-  for (int src = 0; src < P; ++src) {
-    const auto splits = src == me ? mine : parallel::SourceSplits(plan_, counts_, src);
-    for (int64_t e = 0; e < E; ++e)
-      for (const auto& [dst, n] : splits[e])
-        if (dst == me) reroute_.recv_counts[static_cast<size_t>(src) * E + e] += n;
   }
   return true;
 }

@@ -7,9 +7,10 @@
 // moves, gradient return) is parallel/llep_exchange.h's.
 //
 // One layer, forward (LlepRunner::Plan, then Forward when Plan returned true):
-//   1. counts: this rank's kept assignments per expert (its TED slice of the
-//      micro-batch), gathered over the EP group's host communicator (control
-//      plane) -> the table [P][E] on every rank; PlanLlep on it (every rank
+//   1. counts: this rank's kept assignments per chunk and expert (its TED
+//      slice of the micro-batch), gathered over the EP group's host
+//      communicator (control plane) -> the table [P][C * E] on every rank,
+//      summed over chunks to [P][E]; PlanLlep on it (every rank
 //      computes the same plan), and from it the computing rank of each of this
 //      rank's assignments (SourceSplits, in token order) and the rows this rank
 //      will receive.
@@ -18,8 +19,9 @@
 //      enqueued before the token all-to-all so both are on the wire together.
 //   3. tokens: the all-to-all dispatcher's pipelined path with that Reroute
 //      (model/alltoall_dispatcher.h): parallel.overlap_chunks chunks, each
-//      chunk's exchange in flight while the previous chunk computes; with one
-//      chunk the receive counts come from the plan (no count exchange).
+//      chunk's exchange in flight while the previous chunk computes; the
+//      receive counts of every chunk come from the plan and the gathered
+//      per-chunk table (parallel::ChunkReceiveCounts; no count exchange).
 //   4. experts, per chunk: the local experts on their rows, the borrowed ones
 //      (a grouped SwiGLU over each contiguous run of borrowed rows, in place)
 //      after the compute stream waited for the weights' arrival event.
@@ -30,8 +32,10 @@
 // borrowed weights and grads are freed at the end of the layer's backward.
 //
 // Host waits: one per layer and micro-batch, the count gather (the planner
-// runs on the host); weights and gradients move without any (the compute
-// stream waits on their events).
+// runs on the host), which also stands in for the dispatcher's count
+// exchange whether LLEP fires or not (MoELayer passes reroute() to a standard
+// dispatch); weights and gradients move without any (the compute stream waits
+// on their events).
 //
 // Collective: every rank of the EP group (and the TP group) calls Plan,
 // Forward and Backward in the same order. Communicators are borrowed.
@@ -102,10 +106,15 @@ class LlepRunner {
   LlepRunner(comm::Communicator* host_ep, comm::Communicator* ep_p2p, comm::Communicator* tp,
              int64_t num_experts, parallel::LlepOptions options, comm::Communicator* expert_tp = nullptr);
 
-  // Collective over host_ep: gathers the count table and plans. Returns true when
-  // LLEP fires for this micro-batch (then call Forward/Backward); false means
-  // standard EP (the caller uses its usual dispatcher).
-  absl::StatusOr<bool> Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan);
+  // Collective over host_ep: gathers the count table (per chunk of the
+  // dispatcher's num_chunks) and plans. Returns true when LLEP fires for this
+  // micro-batch (then call Forward/Backward); false means standard EP (the
+  // caller uses its usual dispatcher, with reroute() for the receive counts).
+  absl::StatusOr<bool> Plan(Stream& stream, const Tensor& x, const RoutingPlan& plan, int num_chunks);
+  // After Plan: the receive counts of every chunk, and when LLEP fired the
+  // computing rank of each assignment; a standard dispatch passes it too (dst
+  // empty), so that neither needs the dispatcher's count exchange.
+  const Reroute& reroute() const { return reroute_; }
   // x [T, d] (unchanged until Backward) -> y [T, d], through `dispatcher`
   // (over the same EP and TP groups) with this plan's reroute.
   absl::StatusOr<Tensor> Forward(Stream& stream, const Tensor& x, const RoutingPlan& plan, Experts& local,

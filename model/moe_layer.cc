@@ -187,7 +187,7 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
   llep_active_ = false;
   if (llep_ != nullptr) {
     trace::Span span(stream, "LLEP plan", trace::Kind::kComm);
-    ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan));
+    ASSIGN_OR_RETURN(llep_active_, llep_->Plan(stream, x, *plan, dispatcher_->num_chunks()));
   }
   x_ = x;
   if (llep_active_) return llep_->Forward(stream, x, *plan, *experts_, *dispatcher_);
@@ -200,7 +200,9 @@ absl::StatusOr<Tensor> MoELayer::RoutedForward(Stream& stream, const Tensor& x, 
     RETURN_IF_ERROR(SumExpertPartials(expert_tp_, stream, out));
     return out;
   };
-  return dispatcher_->ForwardPipelined(stream, x, *plan, forward, /*reroute=*/nullptr);
+  // LLEP's count gather gave the receive counts (no count exchange); without LLEP, none.
+  return dispatcher_->ForwardPipelined(stream, x, *plan, forward,
+                                       llep_ != nullptr ? &llep_->reroute() : nullptr);
 }
 
 absl::StatusOr<Tensor> MoELayer::RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale,

@@ -44,15 +44,17 @@ struct ExpertInput {
   std::vector<int64_t> offsets;
 };
 
-// Where each assignment is computed when it is not the expert's owner (LLEP).
+// Where each assignment is computed when it is not the expert's owner (LLEP),
+// and what this rank receives when the caller knows it.
 struct Reroute {
   // [T * k]: the EP rank that computes assignment a = t * k + j; read for the
-  // kept assignments of this rank's TED slice only.
+  // kept assignments of this rank's TED slice only. Empty: every assignment
+  // goes to its expert's owner (standard EP).
   std::vector<int32_t> dst;
-  // [P * E], index src * E + e: rows this rank receives from EP rank src for
-  // expert e, when the caller knows them (every rank planned from the same
-  // count table). With one chunk the count exchange is then skipped; empty
-  // (or several chunks): the counts are exchanged as usual.
+  // [C * P * E], index (c * P + src) * E + e: rows this rank receives in chunk
+  // c from EP rank src for expert e, when the caller knows them (LLEP's count
+  // gather: every rank derives them from the same table); the count exchange
+  // is then skipped. Empty: the counts are exchanged as usual.
   std::vector<int64_t> recv_counts;
 };
 

@@ -3,11 +3,12 @@
 // layer and micro-batch, all derived from the same plan on every EP rank, so
 // the point-to-point pairs match without further agreement:
 //
-//   counts    control plane: every EP rank's kept assignments per expert,
-//             AllGather over the EP group's host communicator
-//             (ProcessGroups::host.ep) -> the table [P][E] the planner runs
-//             on. The planner runs on the host, so this is a host read by
-//             nature: one host wait per MoE layer per micro-batch with LLEP on.
+//   counts    control plane: every EP rank's kept assignments per chunk and
+//             expert, AllGather over the EP group's host communicator
+//             (ProcessGroups::host.ep) -> the table the planner runs on and
+//             from which every rank derives what it receives (no count
+//             exchange). The planner runs on the host, so this is a host read
+//             by nature: one host wait per MoE layer per micro-batch with LLEP on.
 //   weights   data plane: for every move (e, owner, helper), the owner sends
 //             gate/up/down of e to the helper (GroupP2P on the EP group's
 //             second communicator, ep_p2p, so the weights travel while the
@@ -42,7 +43,8 @@
 namespace moe::parallel {
 
 // Control plane, collective over `host_ep` (host buffers): this rank's counts
-// (E values) -> counts[p][e] of every EP rank p.
+// (the same number n on every rank: E per expert, or C * E per chunk and
+// expert as LlepRunner gathers them) -> counts[p][i] of every EP rank p.
 absl::StatusOr<std::vector<std::vector<int64_t>>> GatherExpertCounts(comm::Communicator& host_ep,
                                                                      absl::Span<const int64_t> counts);
 

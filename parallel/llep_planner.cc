@@ -260,6 +260,52 @@ std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(
   return out;
 }
 
+absl::StatusOr<std::vector<int64_t>> ChunkReceiveCounts(const LlepPlan& plan,
+                                                        const std::vector<std::vector<int64_t>>& counts,
+                                                        const std::vector<std::vector<int64_t>>& chunk_counts,
+                                                        int num_chunks, int me) {
+  const int P = plan.num_ranks;
+  const int64_t E = plan.num_experts;
+  const size_t CE = static_cast<size_t>(num_chunks) * E;
+  if (num_chunks < 1 || me < 0 || me >= P || static_cast<int>(counts.size()) != P ||
+      static_cast<int>(chunk_counts.size()) != P) {
+    return absl::InvalidArgumentError(absl::StrCat("ChunkReceiveCounts: ", chunk_counts.size(), " and ",
+                                                   counts.size(), " count rows for ", P, " ranks, ",
+                                                   num_chunks, " chunks, rank ", me));
+  }
+  std::vector<int64_t> recv(static_cast<size_t>(num_chunks) * P * E, 0);
+  for (int src = 0; src < P; ++src) {
+    if (chunk_counts[src].size() != CE) {
+      return absl::InvalidArgumentError(absl::StrCat("ChunkReceiveCounts: EP rank ", src, " has ",
+                                                     chunk_counts[src].size(),
+                                                     " chunk counts, not C * E = ", CE));
+    }
+    const auto splits = SourceSplits(plan, counts, src);
+    for (int64_t e = 0; e < E; ++e) {
+      // The source's rows of e in token order: split i covers [split_begin, + n).
+      int64_t chunk_begin = 0, split_begin = 0;
+      size_t i = 0;
+      for (int c = 0; c < num_chunks; ++c) {
+        const int64_t chunk_end = chunk_begin + chunk_counts[src][static_cast<size_t>(c) * E + e];
+        for (; i < splits[e].size(); ++i) {
+          const auto [dst, n] = splits[e][i];
+          const int64_t lo = std::max(chunk_begin, split_begin), hi = std::min(chunk_end, split_begin + n);
+          if (dst == me && hi > lo) recv[(static_cast<size_t>(c) * P + src) * E + e] += hi - lo;
+          if (split_begin + n > chunk_end) break;  // the split goes on in the next chunk
+          split_begin += n;
+        }
+        chunk_begin = chunk_end;
+      }
+      if (chunk_begin != counts[src][e]) {
+        return absl::InvalidArgumentError(absl::StrCat("ChunkReceiveCounts: EP rank ", src, "'s chunks hold ",
+                                                       chunk_begin, " rows of expert ", e, ", its count is ",
+                                                       counts[src][e]));
+      }
+    }
+  }
+  return recv;
+}
+
 std::string PlanToJson(const LlepPlan& plan) {
   auto ints = [](const std::vector<int64_t>& v) { return absl::StrCat("[", absl::StrJoin(v, ","), "]"); };
   std::string out = absl::StrFormat(

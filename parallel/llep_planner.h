@@ -94,6 +94,20 @@ LlepPlan StandardPlan(const std::vector<std::vector<int64_t>>& counts);
 std::vector<std::vector<std::pair<int, int64_t>>> SourceSplits(
     const LlepPlan& plan, const std::vector<std::vector<int64_t>>& counts, int src);
 
+// The rows EP rank `me` receives, per chunk of the token exchange, when every
+// source sends its rows of expert e in token order split as SourceSplits says
+// (the standard plan: all to the owner). chunk_counts[src][c * E + e]: source
+// src's rows of expert e in chunk c (its chunks are consecutive token ranges,
+// so chunk c holds rows [sum_{c' < c}, + chunk_counts) of the source's e rows);
+// summed over c they must equal plan's counts[src][e]. Returns the receive
+// table [C * P * E], index (c * P + src) * E + e, as ExchangePlan::FromCounts
+// takes it: with the counts gathered for the planner, no rank needs the count
+// exchange. Errors name a ragged or inconsistent table.
+absl::StatusOr<std::vector<int64_t>> ChunkReceiveCounts(const LlepPlan& plan,
+                                                        const std::vector<std::vector<int64_t>>& counts,
+                                                        const std::vector<std::vector<int64_t>>& chunk_counts,
+                                                        int num_chunks, int me);
+
 // The plan as JSON (ranges, moves, loads), for moe-bench llep-plan and logs.
 std::string PlanToJson(const LlepPlan& plan);
 

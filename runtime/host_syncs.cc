@@ -20,7 +20,8 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   for (int l = 0; l < m.num_layers(); ++l) b.moe_layers += IsMoeLayer(m, l) ? 1 : 0;
   b.per_moe_layer = 1;                                           // routing read (bias, gate included)
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
-  b.per_moe_layer += ep > 1 ? 1 : 0;                             // count exchange
+  // The count exchange: LLEP's gather stands in for it (model/llep.h).
+  b.per_moe_layer += ep > 1 && !config.llep().enabled() ? 1 : 0;
   if (m.moe().erc_loss_coeff() > 0) {  // the coupling loss's norms, their TP sum, their EP gather
     const bool expert_tp = config.parallel().expert_tensor_parallel() && tp > 1;
     b.per_moe_layer += 1 + (expert_tp ? 1 : 0) + (ep > 1 ? 1 : 0);

@@ -17,18 +17,20 @@
 //                         the shared expert's gate logits (shared_expert_gate)
 //                         in the same wait; the shared expert is enqueued before
 //                         it (model/moe_layer.h)
-//   llep_counts       1   LLEP's per-expert count gather on the host EP group (the
-//                         planner runs on the host; parallel/llep_exchange.h),
-//                         llep.enabled with EP > 1
+//   llep_counts       1   LLEP's per-chunk, per-expert count gather on the host EP
+//                         group (the planner runs on the host;
+//                         parallel/llep_exchange.h), llep.enabled with EP > 1; every
+//                         rank derives its receive counts from it, fired or not
+//                         (parallel::ChunkReceiveCounts), so it replaces the count
+//                         exchange
 //   erc               1   the coupling loss's activations for its norms
 //                         (model/erc_loss.h; its router rows come with the routing
 //                         read, its backward waits for nothing), plus 1 for their
 //                         sum over the expert TP group (expert_tensor_parallel) and
 //                         1 for their gather over EP (EP > 1); erc_loss_coeff > 0
 //   count_exchange    1   the count table that sizes the all-to-all
-//                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1;
-//                         0 in a micro-batch where LLEP fires with overlap_chunks 1
-//                         (the plan gives the counts), so the total is an upper bound then
+//                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1
+//                         without LLEP (with it, LLEP's gather gives the counts)
 // Per step:
 //   data              1   the ranks agree that every micro-batch of the step was
 //                         read (Trainer::ReadMicroBatches, on the host world;
@@ -59,7 +61,7 @@ namespace moe {
 
 struct HostSyncBudget {
   int micro_batches = 1, moe_layers = 0;
-  int per_moe_layer = 0;  // routing read, LLEP counts, count exchange
+  int per_moe_layer = 0;  // routing read, LLEP counts or count exchange, coupling loss
   int per_step = 0;       // data, losses, metrics, grad norm, bias update, step end, profile
   int total() const { return micro_batches * moe_layers * per_moe_layer + per_step; }
   std::string ToString() const;

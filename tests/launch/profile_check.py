@@ -63,7 +63,7 @@ def check_trace(d, world):
                     fail(f"{p}: tid {tid}: '{n}' [{b}, {en}] overlaps '{stack[-1][2]}' ending {stack[-1][1]}")
                 stack.append((b, en, n))
         phases = {x[2] for ev in per_tid.values() for x in ev}
-        for need in ("route", "permute", "count exchange", "dispatch a2a", "experts", "combine a2a", "unpermute",
+        for need in ("route", "permute", "LLEP plan", "dispatch a2a", "experts", "combine a2a", "unpermute",
                      "optimizer", "grad sync", "data", "forward L0", "backward L1", "AllToAllV"):
             if need not in phases: fail(f"{p}: no '{need}' span")
         totals = {k: v["bytes_sent"] for k, v in md["comm_totals"].items()}

@@ -187,6 +187,87 @@ TEST_CASE("random tables: exact cover, deterministic, never worse than standard 
   }
 }
 
+// What each rank's dispatcher would send, row by row: a source walks its rows
+// in token order (chunk by chunk), hands each row of expert e to the
+// computing rank of its next SourceSplits entry (as LlepRunner::Plan assigns
+// them) and counts it in (chunk, dst, e). The receive table of rank `me` is
+// then the column of those sends: what ChunkReceiveCounts derives without
+// walking rows or exchanging anything.
+std::vector<int64_t> SimulatedReceives(const LlepPlan& plan, const Table& counts, const Table& chunk_counts,
+                                       int C, int me) {
+  const int P = counts.size(), E = counts[0].size();
+  std::vector<int64_t> recv(static_cast<size_t>(C) * P * E, 0);
+  for (int src = 0; src < P; ++src) {
+    const auto splits = SourceSplits(plan, counts, src);
+    std::vector<size_t> split(E, 0);
+    std::vector<int64_t> used(E, 0);
+    for (int c = 0; c < C; ++c) {
+      for (int e = 0; e < E; ++e) {
+        for (int64_t row = 0; row < chunk_counts[src][c * E + e]; ++row) {
+          while (used[e] == splits[e][split[e]].second) {
+            ++split[e];
+            used[e] = 0;
+          }
+          ++used[e];
+          if (splits[e][split[e]].first == me) ++recv[(static_cast<size_t>(c) * P + src) * E + e];
+        }
+      }
+    }
+  }
+  return recv;
+}
+
+TEST_CASE("per-chunk receive counts from the gathered table equal what the sources send") {
+  std::mt19937_64 rng(11);
+  int fired = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int P = 1 << (1 + rng() % 3);  // 2, 4, 8
+    const int E = P * (1 + rng() % 3);
+    const int C = 1 + rng() % 4;
+    Table chunk_counts(P, std::vector<int64_t>(static_cast<size_t>(C) * E)),
+        counts(P, std::vector<int64_t>(E));
+    const int hot = rng() % E;
+    for (int r = 0; r < P; ++r) {
+      for (int c = 0; c < C; ++c) {
+        for (int e = 0; e < E; ++e) {
+          // Skewed, with empty chunks and experts now and then.
+          int64_t n = rng() % 4 == 0 ? 0 : (rng() % 60) + (e == hot ? rng() % 900 : 0);
+          chunk_counts[r][c * E + e] = n;
+          counts[r][e] += n;
+        }
+      }
+    }
+    LlepOptions o;
+    o.min_tokens_per_gemm = 1 + rng() % 64;
+    const LlepPlan plan = trial % 5 == 0 ? StandardPlan(counts) : PlanLlep(counts, o).value();
+    fired += plan.active ? 1 : 0;
+    CAPTURE(trial, P, E, C, plan.active);
+    std::vector<int64_t> total(static_cast<size_t>(C) * P * E, 0);
+    for (int me = 0; me < P; ++me) {
+      CAPTURE(me);
+      const std::vector<int64_t> derived = ChunkReceiveCounts(plan, counts, chunk_counts, C, me).value();
+      REQUIRE(derived == SimulatedReceives(plan, counts, chunk_counts, C, me));
+      for (size_t i = 0; i < derived.size(); ++i) total[i] += derived[i];
+    }
+    // Every row lands on exactly one rank.
+    for (int c = 0; c < C; ++c)
+      for (int src = 0; src < P; ++src)
+        for (int e = 0; e < E; ++e)
+          CHECK(total[(static_cast<size_t>(c) * P + src) * E + e] == chunk_counts[src][c * E + e]);
+  }
+  CHECK(fired > 50);  // the splits that cross chunk boundaries were exercised
+  // A table whose chunks do not add up to the planner's counts is refused by name.
+  const Table counts = {{4, 0}, {0, 4}};
+  const auto bad = ChunkReceiveCounts(StandardPlan(counts), counts, {{3, 0}, {0, 4}}, 1, 0);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.status().message().find("EP rank 0's chunks hold 3 rows of expert 0, its count is 4") !=
+        std::string::npos);
+  CHECK(ChunkReceiveCounts(StandardPlan(counts), counts, {{4, 0}}, 1, 0)
+            .status()
+            .message()
+            .find("count rows for 2 ranks") != std::string::npos);
+}
+
 TEST_CASE("malformed tables are refused with a reason") {
   CHECK(PlanLlep({}, LlepOptions{}).status().message().find("no ranks") != std::string::npos);
   CHECK(PlanLlep({{1, 2, 3}, {1, 2, 3}}, LlepOptions{}).status().message().find("cannot be split evenly") !=

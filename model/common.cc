@@ -160,9 +160,24 @@ absl::Status HostReadback::Wait() {
   if (!started_) return absl::FailedPreconditionError("HostReadback::Wait: no read was started (Start)");
   started_ = false;
   RETURN_IF_ERROR(landed_->Synchronize());
+  Landed();
+  return absl::OkStatus();
+}
+
+void HostReadback::Landed() {
   // The values are on the host: the device tensors may go (their sizes stay).
   for (Tensor& t : tensors_) t = Tensor();
   ready_ = true;
+}
+
+absl::Status HostReadback::Collect() {
+  if (!started_) return absl::FailedPreconditionError("HostReadback::Collect: no read was started (Start)");
+  if (!landed_->Query()) {
+    return absl::FailedPreconditionError(
+        "HostReadback::Collect: the copies have not landed; wait for the stream after Start (or call Wait)");
+  }
+  started_ = false;
+  Landed();
   return absl::OkStatus();
 }
 

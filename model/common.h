@@ -156,7 +156,7 @@ class HostUploads {
 //   const size_t z = read.Add(logits);
 //   RETURN_IF_ERROR(read.Start(stream));
 //   ... enqueue work that does not need the values ...
-//   RETURN_IF_ERROR(read.Wait());
+//   RETURN_IF_ERROR(read.Wait());  // or Collect() after a wait for later work
 //   absl::Span<const float> zv = read.values(z);
 class HostReadback {
  public:
@@ -166,12 +166,23 @@ class HostReadback {
   // FailedPrecondition when a started read was not waited for.
   absl::Status Start(Stream& stream);
   absl::Status Wait();
+  // Wait for a read whose copies have landed already, because the host has
+  // since waited for later work of the same stream (a Stream::Synchronize,
+  // another read's Wait): it takes the values without a host wait of its own.
+  // FailedPrecondition, naming the fix, when they have not landed (the event
+  // is queried, never waited on). An asynchronous error of the stream is the
+  // status of the wait that passed the copies. The trainer takes the step's
+  // losses this way after the gradient norm's wait, and the new expert
+  // biases after the step end's.
+  absl::Status Collect();
   // Tensor i's values after Wait (empty before).
   absl::Span<const float> values(size_t i) const;
   // Forgets the tensors and values; keeps the staging buffer and the event.
   void Reset();
 
  private:
+  void Landed();  // releases the tensors; values() answers
+
   std::vector<Tensor> tensors_;           // released by Wait
   std::vector<size_t> offsets_, counts_;  // in floats, into the staging buffer
   std::shared_ptr<Buffer> staging_;

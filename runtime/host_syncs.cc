@@ -26,9 +26,10 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
     const bool expert_tp = config.parallel().expert_tensor_parallel() && tp > 1;
     b.per_moe_layer += 1 + (expert_tp ? 1 : 0) + (ep > 1 ? 1 : 0);
   }
-  // data agreement, losses, metrics, grad norm, step end, profile
-  b.per_step = (world > 1 ? 1 : 0) + 1 + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
-  if (bias && b.moe_layers > 0) b.per_step += (dp > 1 ? 1 : 0) + 1;  // load sum, metrics read
+  // data agreement, metrics, grad norm (the losses' read lands with it), step
+  // end (the new biases' read lands with it), profile
+  b.per_step = (world > 1 ? 1 : 0) + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);
+  if (bias && b.moe_layers > 0) b.per_step += dp > 1 ? 1 : 0;  // the load sum
   return b;
 }
 

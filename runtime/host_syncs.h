@@ -36,17 +36,20 @@
 //                         read (Trainer::ReadMicroBatches, on the host world;
 //                         world > 1): a file truncated under the job stops every
 //                         rank before the step's first collective
-//   losses            1   every micro-batch's cross-entropy scalar in one read, after
-//                         the last backward is enqueued (Model::Forward's ce_read;
-//                         it used to be one wait per micro-batch, between its
-//                         forward and its backward)
+//   losses            0   every micro-batch's cross-entropy scalar in one read
+//                         (Model::Forward's ce_read), enqueued after the last
+//                         backward and taken after the gradient norm's wait, which
+//                         passes it (HostReadback::Collect); it used to be one wait
+//                         per micro-batch, between its forward and its backward,
+//                         then one per step that drained the backward before the
+//                         grad sync and the norm were enqueued
 //   metrics           1   the loss and load sums over the host DP group (DP > 1)
 //   grad_norm         1   the clipping norm, reduced on the device; the one small
 //                         read that also gates the update (optim/clip.h)
-//   bias_update       2   the global load sum over DP (1, DP > 1) and one read of
-//                         every MoE layer's new bias for the metrics (1); the
-//                         update itself is an add on the stream (model/router.h);
-//                         expert_bias_update_rate > 0
+//   bias_update       1   the global load sum over DP (DP > 1); the update itself
+//                         is an add on the stream (model/router.h) and every MoE
+//                         layer's new bias for the metrics is read in one read taken
+//                         after the step end's wait; expert_bias_update_rate > 0
 //   step_end          1   the step's end (Profiler::SyncStepEnd: Stream::Synchronize): step
 //                         time, memory, and the reference time of the spans' events
 //   profile           1   every rank's step profile gathered on the host world (world > 1)
@@ -62,7 +65,7 @@ namespace moe {
 struct HostSyncBudget {
   int micro_batches = 1, moe_layers = 0;
   int per_moe_layer = 0;  // routing read, LLEP counts or count exchange, coupling loss
-  int per_step = 0;       // data, losses, metrics, grad norm, bias update, step end, profile
+  int per_step = 0;       // data, metrics, grad norm, bias load sum, step end, profile
   int total() const { return micro_batches * moe_layers * per_moe_layer + per_step; }
   std::string ToString() const;
 };

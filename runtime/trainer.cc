@@ -355,19 +355,36 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
       }
     }
   }
+  // Every micro-batch's cross-entropy lands with the gradient norm's read:
+  // the copies are enqueued after the last backward, the grad sync and the
+  // norm behind them, and the host's first wait (GlobalGradNorm's) passes
+  // them. The stream is not drained between the backward and the grad sync.
   RETURN_IF_ERROR(ce_read_.Start(*stream_));
-  RETURN_IF_ERROR(ce_read_.Wait());
+  // Dense gradients summed over DP, expert gradients over EDP (and TP, whose
+  // ranks computed different tokens with the same experts).
+  {
+    trace::Span span(*stream_, "grad sync", trace::Kind::kComm);
+    RETURN_IF_ERROR(grad_sync_->Finish());
+  }
+  StepStats s;
+  const int64_t next_step = step_ + 1;
+  {
+    trace::Span span(*stream_, "grad norm");
+    // The global norm (reduced on the device, the step's one host read) is
+    // the same on every rank and finite exactly when every gradient is: it
+    // gates the update (below).
+    ASSIGN_OR_RETURN(s.grad_norm, optim::GlobalGradNorm(model_->parameters(), *groups_));
+  }
+  RETURN_IF_ERROR(ce_read_.Collect());  // landed before the norm: no wait of its own
   for (int a = 0; a < grad_accum; ++a) sums[0] += ce_read_.values(ce_index[a])[0];
   // TP ranks see the same tokens: sum over DP only.
   ASSIGN_OR_RETURN(sums, SumOverDataParallel(std::move(sums)));
 
-  StepStats s;
   s.ce = sums[0] / num_micro_batches;
   s.aux = sums[1] / num_micro_batches;
   s.z = sums[2] / num_micro_batches;
   s.erc = sums[3] / num_micro_batches;
   s.loss = s.ce + s.aux + s.z + s.erc;
-  const int64_t next_step = step_ + 1;
   if (!std::isfinite(s.loss)) {
     return absl::DataLossError(absl::StrFormat(
         "step %d: the loss is not finite (ce %g, aux %g, z %g); stopping before the update. Lower optim.lr "
@@ -393,18 +410,9 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     s.moe_layers.push_back(std::move(m));
   }
 
-  // Dense gradients summed over DP, expert gradients over EDP (and TP, whose
-  // ranks computed different tokens with the same experts).
-  {
-    trace::Span span(*stream_, "grad sync", trace::Kind::kComm);
-    RETURN_IF_ERROR(grad_sync_->Finish());
-  }
   {
     trace::Span span(*stream_, "optimizer");
-    // The global norm (reduced on the device, the step's one host read) is
-    // the same on every rank and finite exactly when every gradient is: it
-    // gates the update; only a failing step looks for the parameter to name.
-    ASSIGN_OR_RETURN(s.grad_norm, optim::GlobalGradNorm(model_->parameters(), *groups_));
+    // Only a failing step looks for the parameter to name.
     if (!std::isfinite(s.grad_norm)) {
       ASSIGN_OR_RETURN(std::optional<std::string> bad,
                        optim::FirstNonFiniteGrad(model_->parameters(), *groups_));
@@ -426,25 +434,26 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     ASSIGN_OR_RETURN(load, SumOverDataParallel(std::move(load)));
     return absl::OkStatus();
   }));
-  // The new biases for the metrics: every layer's in one read (one host wait).
+  // The new biases for the metrics: every layer's in one read, which lands
+  // with the step end's wait (no wait of its own).
   bias_read_.Reset();
   std::vector<std::pair<MoeLayerStats*, size_t>> biases;
   for (MoeLayerStats& m : s.moe_layers) {
     model::Router& router = model_->block(m.layer).moe()->router();
     if (router.has_expert_bias()) biases.emplace_back(&m, bias_read_.Add(router.expert_bias().value));
   }
-  if (!biases.empty()) {
-    RETURN_IF_ERROR(bias_read_.Start(*stream_));
-    RETURN_IF_ERROR(bias_read_.Wait());
-    for (auto& [m, i] : biases)
-      m->expert_bias.assign(bias_read_.values(i).begin(), bias_read_.values(i).end());
-  }
+  if (!biases.empty()) RETURN_IF_ERROR(bias_read_.Start(*stream_));
   data_->train->Advance();
   step_ = next_step;
 
   s.step = step_;
   step_span.reset();
   RETURN_IF_ERROR(profiler_->SyncStepEnd(*stream_));  // the step end's host wait
+  if (!biases.empty()) {
+    RETURN_IF_ERROR(bias_read_.Collect());
+    for (auto& [m, i] : biases)
+      m->expert_bias.assign(bias_read_.values(i).begin(), bias_read_.values(i).end());
+  }
   s.step_time_s = std::chrono::duration<double>(Clock::now() - start).count();
   RETURN_IF_ERROR(ProfileStep(&s));
   const double tokens = num_micro_batches * micro_batch * config_.model().seq_len();

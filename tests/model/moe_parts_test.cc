@@ -121,6 +121,38 @@ TEST_CASE("HostReadback reads several tensors with one wait and does not wait fo
   CHECK(std::string(refused.message()).find("is not an f32 tensor") != std::string::npos);
 }
 
+TEST_CASE("HostReadback::Collect takes a landed read without a wait and refuses one still in flight") {
+  auto worker = CpuStream().backend().CreateStream(StreamMode::kWorker);
+  REQUIRE(worker.ok());
+  Stream& s = **worker;
+  auto a = FromHostFloats(s, std::vector<float>{1.5f, -4.0f}, Shape{2});
+  REQUIRE(a.ok());
+  HostReadback read;
+  const size_t ia = read.Add(*a);
+  CHECK(read.Collect().code() == absl::StatusCode::kFailedPrecondition);  // nothing started
+  // The stream stops at a closed gate before the copies: they have not landed.
+  auto gate = std::make_shared<HostGate>();
+  REQUIRE(s.WaitHostGate(gate).ok());
+  REQUIRE(read.Start(s).ok());
+  const uint64_t waits = HostSyncCount();
+  const absl::Status early = read.Collect();
+  CHECK(early.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(early.message()).find("have not landed") != std::string::npos);
+  CHECK(read.values(ia).empty());
+  CHECK(HostSyncCount() == waits);  // queried, never waited on
+  // Later work, then one wait for the stream (as the gradient norm's read):
+  // the earlier read is taken without a second wait.
+  REQUIRE(ops::Fill(s, *a, 9.0).ok());
+  gate->Open(absl::OkStatus());
+  REQUIRE(s.Synchronize().ok());
+  CHECK(HostSyncCount() - waits == 1);
+  REQUIRE(read.Collect().ok());
+  CHECK(HostSyncCount() - waits == 1);
+  CHECK(std::vector<float>(read.values(ia).begin(), read.values(ia).end()) ==
+        std::vector<float>{1.5f, -4.0f});
+  CHECK(read.Collect().code() == absl::StatusCode::kFailedPrecondition);  // taken already
+}
+
 TEST_CASE("Top-k ties go to the lower expert index") {
   // Token 0: all equal. Token 1: experts 1 and 3 tie for first.
   std::vector<double> p = {0.25, 0.25, 0.25, 0.25, 0.1, 0.35, 0.2, 0.35};

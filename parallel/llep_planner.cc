@@ -301,6 +301,13 @@ absl::StatusOr<std::vector<int64_t>> ChunkReceiveCounts(const LlepPlan& plan,
                                                        chunk_begin, " rows of expert ", e, ", its count is ",
                                                        counts[src][e]));
       }
+      int64_t covered = 0;
+      for (const auto& [dst, n] : splits[e]) covered += n;
+      if (covered != counts[src][e]) {  // every row must go somewhere, or the exchange would hang
+        return absl::InvalidArgumentError(absl::StrCat("ChunkReceiveCounts: the plan places ", covered,
+                                                       " of EP rank ", src, "'s ", counts[src][e],
+                                                       " rows of expert ", e));
+      }
     }
   }
   return recv;

@@ -266,6 +266,12 @@ TEST_CASE("per-chunk receive counts from the gathered table equal what the sourc
             .status()
             .message()
             .find("count rows for 2 ranks") != std::string::npos);
+  // A plan that leaves rows unplaced (not one of these counts) is refused too.
+  const Table more = {{5, 0}, {0, 4}};
+  const auto unplaced = ChunkReceiveCounts(StandardPlan(counts), more, {{5, 0}, {0, 4}}, 1, 0);
+  REQUIRE_FALSE(unplaced.ok());
+  CHECK(unplaced.status().message().find("the plan places 4 of EP rank 0's 5 rows of expert 0") !=
+        std::string::npos);
 }
 
 TEST_CASE("malformed tables are refused with a reason") {

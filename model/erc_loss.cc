@@ -94,34 +94,31 @@ absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, 
   ASSIGN_OR_RETURN(proxies_, FromHostFloats(stream, proxies, Shape{E, d}));
   // act [E, E_local * Fe] = P Wg_local^T: proxy i through every local expert's gate.
   const Tensor gate2d = gate_w.Reshape(Shape{local_ * ffn_, d});
-  ASSIGN_OR_RETURN(Tensor act, NewActivation(stream, Shape{E, local_ * ffn_}));
-  RETURN_IF_ERROR(ops::Gemm(stream, proxies_, false, gate2d, true, act));
-  ASSIGN_OR_RETURN(act_, ToHostFloats(stream, act));
-  // This rank's columns, as rows j of M^T [E_local, E]; gathered into M^T [E, E].
-  // Under expert TP the squared norms of the ffn slices are summed over TP first.
-  std::vector<float> mt(local_ * E);
-  for (int64_t i = 0; i < E; ++i) {
-    for (int64_t j = 0; j < local_; ++j) {
-      const float* a = &act_[i * local_ * ffn_ + j * ffn_];
-      double s = 0;
-      for (int64_t f = 0; f < ffn_; ++f) s += static_cast<double>(a[f]) * a[f];
-      mt[j * E + i] = static_cast<float>(expert_tp_ != nullptr ? s : std::sqrt(s));
-    }
+  ASSIGN_OR_RETURN(act_, NewActivation(stream, Shape{E, local_ * ffn_}));
+  RETURN_IF_ERROR(ops::Gemm(stream, proxies_, false, gate2d, true, act_));
+  // The squared norm of each activation a_i,j (row i * E_local + j of act as
+  // [E * E_local, Fe]; a dot accumulated in double, stored in f32), summed
+  // over the expert TP group (each rank holds an ffn slice), gathered over
+  // EP: all on the stream, then one host read of every rank's [E, E_local].
+  std::vector<int32_t> identity(E * local_);
+  for (size_t r = 0; r < identity.size(); ++r) identity[r] = static_cast<int32_t>(r);
+  ASSIGN_OR_RETURN(rows_, FromHostInts(stream, identity, Shape{E * local_}));
+  const Tensor act_rows = act_.Reshape(Shape{E * local_, ffn_});
+  ASSIGN_OR_RETURN(Tensor squares, NewActivation(stream, Shape{1, E * local_}));
+  RETURN_IF_ERROR(ops::GatherRowDot(stream, act_rows, rows_, act_rows, squares.Reshape(Shape{E * local_})));
+  if (expert_tp_ != nullptr) RETURN_IF_ERROR(parallel::AllReduceSum(*expert_tp_, stream, squares));
+  const int P = ep != nullptr ? ep->size() : 1;
+  if (P > 1) {
+    ASSIGN_OR_RETURN(squares, parallel::AllGatherRows(*ep, stream, squares, P));
   }
-  if (expert_tp_ != nullptr) {
-    ASSIGN_OR_RETURN(Tensor squares, FromHostFloats(stream, mt, Shape{local_, E}));
-    RETURN_IF_ERROR(parallel::AllReduceSum(*expert_tp_, stream, squares));
-    ASSIGN_OR_RETURN(mt, ToHostFloats(stream, squares));
-    for (float& v : mt) v = static_cast<float>(std::sqrt(static_cast<double>(v)));
-  }
-  if (ep != nullptr && ep->size() > 1) {
-    ASSIGN_OR_RETURN(Tensor local, FromHostFloats(stream, mt, Shape{local_, E}));
-    ASSIGN_OR_RETURN(Tensor all, parallel::AllGatherRows(*ep, stream, local, E));
-    ASSIGN_OR_RETURN(mt, ToHostFloats(stream, all));
-  }
+  ASSIGN_OR_RETURN(const std::vector<float> all, ToHostFloats(stream, squares));  // [P, E, E_local]
+  // M_i,e for expert e = p E_local + j of EP rank p.
   m_.assign(E * E, 0.0f);
-  for (int64_t j = 0; j < E; ++j)
-    for (int64_t i = 0; i < E; ++i) m_[i * E + j] = mt[j * E + i];
+  for (int p = 0; p < P; ++p)
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = 0; j < local_; ++j)
+        m_[i * E + p * local_ + j] =
+            static_cast<float>(std::sqrt(static_cast<double>(all[(p * E + i) * local_ + j])));
   double sum = 0;
   for (int64_t i = 0; i < E; ++i) {
     const double own = alpha_ * m_[i * E + i];
@@ -155,19 +152,20 @@ absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w
       }
     }
   }
-  // dact = G_i,j act / M_i,j (d||a|| / da = a / ||a||; 0 when M = 0).
-  std::vector<float> dact(act_.size(), 0.0f);
+  // dact = G_i,j act / M_i,j (d||a|| / da = a / ||a||; 0 when M = 0): each
+  // activation scaled on the stream by its host-known factor (no host read).
+  std::vector<float> factor(E * local_, 0.0f);
   for (int64_t i = 0; i < E; ++i) {
     for (int64_t j = 0; j < local_; ++j) {
       const int64_t col = expert_begin_ + j;
       const double m = m_[i * E + col], gij = g[i * E + col];
-      if (gij == 0 || m <= 0) continue;
-      const float* a = &act_[i * local_ * ffn_ + j * ffn_];
-      float* da = &dact[i * local_ * ffn_ + j * ffn_];
-      for (int64_t f = 0; f < ffn_; ++f) da[f] = static_cast<float>(gij * a[f] / m);
+      if (gij != 0 && m > 0) factor[i * local_ + j] = static_cast<float>(gij / m);
     }
   }
-  ASSIGN_OR_RETURN(Tensor dact_t, FromHostFloats(stream, dact, Shape{E, local_ * ffn_}));
+  ASSIGN_OR_RETURN(Tensor factor_t, FromHostFloats(stream, factor, Shape{E * local_}));
+  ASSIGN_OR_RETURN(Tensor dact_t, NewActivation(stream, Shape{E, local_ * ffn_}));
+  RETURN_IF_ERROR(ops::GatherRows(stream, act_.Reshape(Shape{E * local_, ffn_}), rows_,
+                                  dact_t.Reshape(Shape{E * local_, ffn_}), factor_t));
   const Tensor gate2d = gate_w.Reshape(Shape{local_ * ffn_, d});
   const Tensor dgate2d = gate_grad.Reshape(Shape{local_ * ffn_, d});
   // Expert grads are summed over EDP x TP when replicated over TP, over EDP only when sharded.
@@ -183,8 +181,7 @@ absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w
   ASSIGN_OR_RETURN(Tensor delta_t, FromHostFloats(stream, delta, Shape{E, d}));
   RETURN_IF_ERROR(ops::Mul(stream, dproxy, delta_t, dproxy));
   RETURN_IF_ERROR(ops::Axpby(stream, scale * static_cast<float>(ep_size_), dproxy, 1.0f, router_grad));
-  proxies_ = Tensor();
-  act_.clear();
+  proxies_ = act_ = rows_ = Tensor();
   return absl::OkStatus();
 }
 

@@ -57,7 +57,9 @@ class ErcLoss {
   // the same order), else null. Returns L and keeps what Backward needs.
   // `router_values`: router_w's values when the caller read them already (a MoE
   // layer reads them with its routing, model/moe_layer.h); empty: read here
-  // (a host wait). The activations' norms are read here either way.
+  // (a host wait). The activations' squared norms are computed, summed over
+  // the expert TP group and gathered over EP on the stream and read once
+  // here (one host wait, whatever the layout).
   absl::StatusOr<double> Forward(Stream& stream, const Tensor& router_w, const Tensor& gate_w,
                                  int64_t expert_begin, comm::Communicator* ep,
                                  absl::Span<const float> router_values = {});
@@ -87,7 +89,8 @@ class ErcLoss {
   int64_t num_experts_ = 0, hidden_ = 0, local_ = 0, ffn_ = 0, expert_begin_ = 0;
   std::vector<double> delta_;  // [E * d]
   std::vector<float> m_;       // [E * E], M_i,j at i * E + j
-  std::vector<float> act_;     // [E, E_local * Fe]: P Wg_local^T
+  Tensor act_;                 // [E, E_local * Fe]: P Wg_local^T, on the device
+  Tensor rows_;                // i32 [E * E_local]: 0, 1, ... (act_'s rows as [E * E_local, Fe])
   Tensor proxies_;             // [E, d]
   double loss_ = 0;
 };

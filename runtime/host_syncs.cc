@@ -22,10 +22,7 @@ HostSyncBudget HostSyncsPerStep(const JobConfig& config, int world) {
   b.per_moe_layer += config.llep().enabled() && ep > 1 ? 1 : 0;  // LLEP counts
   // The count exchange: LLEP's gather stands in for it (model/llep.h).
   b.per_moe_layer += ep > 1 && !config.llep().enabled() ? 1 : 0;
-  if (m.moe().erc_loss_coeff() > 0) {  // the coupling loss's norms, their TP sum, their EP gather
-    const bool expert_tp = config.parallel().expert_tensor_parallel() && tp > 1;
-    b.per_moe_layer += 1 + (expert_tp ? 1 : 0) + (ep > 1 ? 1 : 0);
-  }
+  b.per_moe_layer += m.moe().erc_loss_coeff() > 0 ? 1 : 0;  // the coupling loss's norms
   // data agreement, metrics, grad norm (the losses' read lands with it), step
   // end (the new biases' read lands with it), profile
   b.per_step = (world > 1 ? 1 : 0) + (dp > 1 ? 1 : 0) + 1 + 1 + (world > 1 ? 1 : 0);

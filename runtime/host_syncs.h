@@ -23,11 +23,12 @@
 //                         rank derives its receive counts from it, fired or not
 //                         (parallel::ChunkReceiveCounts), so it replaces the count
 //                         exchange
-//   erc               1   the coupling loss's activations for its norms
-//                         (model/erc_loss.h; its router rows come with the routing
-//                         read, its backward waits for nothing), plus 1 for their
-//                         sum over the expert TP group (expert_tensor_parallel) and
-//                         1 for their gather over EP (EP > 1); erc_loss_coeff > 0
+//   erc               1   the coupling loss's activation norms: squared on the
+//                         device, summed over the expert TP group and gathered over
+//                         EP on the stream, read once (model/erc_loss.h; its router
+//                         rows come with the routing read, its backward waits for
+//                         nothing; it used to read the activations, then their TP
+//                         sum, then their EP gather: up to 3); erc_loss_coeff > 0
 //   count_exchange    1   the count table that sizes the all-to-all
 //                         (parallel/token_exchange.h, ExchangePlan::Create), EP > 1
 //                         without LLEP (with it, LLEP's gather gives the counts)

@@ -94,19 +94,21 @@ TEST_CASE("the expert bias, the shared expert's gate and the coupling loss's row
   moe->set_shared_expert_ffn_hidden_size(2 * config.model().hidden_size());
   moe->set_shared_expert_gate(true);
   // The coupling loss: its router rows come with the routing read; its
-  // norms are read and gathered over EP (2 waits); its backward waits for nothing.
+  // norms are gathered over EP on the stream and read once; its backward
+  // waits for nothing.
   moe->set_erc_loss_coeff(0.01);
-  // Two micro-batches a step: their losses are read together.
+  // Two micro-batches a step: their losses land together, with the gradient norm.
   config.mutable_train()->set_grad_accum(2);
   const HostSyncBudget budget = CheckSteps(config, dir);
   // Per MoE layer and micro-batch: the routing read, LLEP's counts (which
-  // stand in for the count exchange) and the coupling loss's 2. Per step the
+  // stand in for the count exchange) and the coupling loss's norms (squared,
+  // gathered over EP on the stream, read once). Per step the
   // demo's 5 and the bias update's load sum over DP (its read of the new
   // biases lands with the step end), whatever the number of MoE layers and
   // micro-batches (their losses land with the gradient norm).
-  CHECK(budget.per_moe_layer == 2 + 2);
+  CHECK(budget.per_moe_layer == 2 + 1);
   CHECK(budget.per_step == 5 + 1);
-  CHECK(budget.total() == 2 * 4 * 4 + 6);
+  CHECK(budget.total() == 2 * 4 * 3 + 6);
 }
 
 }  // namespace

@@ -100,9 +100,11 @@ absl::StatusOr<double> ErcLoss::Forward(Stream& stream, const Tensor& router_w, 
   // [E * E_local, Fe]; a dot accumulated in double, stored in f32), summed
   // over the expert TP group (each rank holds an ffn slice), gathered over
   // EP: all on the stream, then one host read of every rank's [E, E_local].
-  std::vector<int32_t> identity(E * local_);
-  for (size_t r = 0; r < identity.size(); ++r) identity[r] = static_cast<int32_t>(r);
-  ASSIGN_OR_RETURN(rows_, FromHostInts(stream, identity, Shape{E * local_}));
+  if (!rows_.defined() || rows_.numel() != E * local_) {  // uploaded once: the shape is the layer's
+    std::vector<int32_t> identity(E * local_);
+    for (size_t r = 0; r < identity.size(); ++r) identity[r] = static_cast<int32_t>(r);
+    ASSIGN_OR_RETURN(rows_, FromHostInts(stream, identity, Shape{E * local_}, MemoryCategory::kOther));
+  }
   const Tensor act_rows = act_.Reshape(Shape{E * local_, ffn_});
   ASSIGN_OR_RETURN(Tensor squares, NewActivation(stream, Shape{1, E * local_}));
   RETURN_IF_ERROR(ops::GatherRowDot(stream, act_rows, rows_, act_rows, squares.Reshape(Shape{E * local_})));
@@ -181,7 +183,7 @@ absl::Status ErcLoss::Backward(Stream& stream, float scale, const Tensor& gate_w
   ASSIGN_OR_RETURN(Tensor delta_t, FromHostFloats(stream, delta, Shape{E, d}));
   RETURN_IF_ERROR(ops::Mul(stream, dproxy, delta_t, dproxy));
   RETURN_IF_ERROR(ops::Axpby(stream, scale * static_cast<float>(ep_size_), dproxy, 1.0f, router_grad));
-  proxies_ = act_ = rows_ = Tensor();
+  proxies_ = act_ = Tensor();
   return absl::OkStatus();
 }
 

@@ -90,7 +90,7 @@ class ErcLoss {
   std::vector<double> delta_;  // [E * d]
   std::vector<float> m_;       // [E * E], M_i,j at i * E + j
   Tensor act_;                 // [E, E_local * Fe]: P Wg_local^T, on the device
-  Tensor rows_;                // i32 [E * E_local]: 0, 1, ... (act_'s rows as [E * E_local, Fe])
+  Tensor rows_;                // i32 [E * E_local]: 0, 1, ... (act_'s rows as [E * E_local, Fe]); kept
   Tensor proxies_;             // [E, d]
   double loss_ = 0;
 };

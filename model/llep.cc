@@ -146,13 +146,12 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
   std::tie(slice_begin_, slice_end_) = parallel::RowSlice(T, tp_size, tp_rank);
   // This rank's kept assignments per chunk (the dispatcher's chunks: consecutive
   // token ranges of the TED slice) and expert.
-  std::vector<int64_t> chunk_counts(static_cast<size_t>(num_chunks) * E, 0), my_counts(E, 0);
+  std::vector<int64_t> chunk_counts(static_cast<size_t>(num_chunks) * E, 0);
   for (int c = 0; c < num_chunks; ++c) {
     const auto [cb, ce] = parallel::RowSlice(slice_end_ - slice_begin_, num_chunks, c);
     for (int64_t a = (slice_begin_ + cb) * k; a < (slice_begin_ + ce) * k; ++a) {
       if (!plan.kept[a]) continue;
       ++chunk_counts[static_cast<size_t>(c) * E + plan.experts[a]];
-      ++my_counts[plan.experts[a]];
     }
   }
   const int P = ep_->size(), me = ep_->rank();
@@ -187,7 +186,7 @@ absl::StatusOr<bool> LlepRunner::Plan(Stream& stream, const Tensor& x, const Rou
     while (left[e] == 0 && range[e] + 1 < mine[e].size()) left[e] = mine[e][++range[e]].second;
     if (left[e] == 0) {
       return absl::InternalError(absl::StrCat("LlepRunner: the plan splits fewer rows of expert ", e,
-                                              " than EP rank ", me, " holds (", my_counts[e], ")"));
+                                              " than EP rank ", me, " holds (", counts_[me][e], ")"));
     }
     reroute_.dst[a] = mine[e][range[e]].first;
     --left[e];

@@ -46,6 +46,8 @@ const char* OpKindName(OpKind op) {
                                        "CrossEntropy",
                                        "CrossEntropyBackward",
                                        "TopK",
+                                       "RouterScores",
+                                       "RouterScoresBackward",
                                        "GatherRows",
                                        "ScatterAddRows",
                                        "GatherRowDot",

@@ -237,6 +237,8 @@ enum class OpKind : uint8_t {
   kCrossEntropy,
   kCrossEntropyBackward,
   kTopK,
+  kRouterScores,
+  kRouterScoresBackward,
   kGatherRows,
   kScatterAddRows,
   kGatherRowDot,

@@ -283,6 +283,14 @@ class Bf16StagingKernels : public Kernels {
   absl::Status TopK(S& s, T x, int k, T values, T indices) override {
     return f32_->TopK(s, x, k, values, indices);
   }
+  absl::Status RouterScores(S& s, T logits, T bias, T selection, const RouterChoice& choice, T scores,
+                            T aux_scores, T lse, T experts, T selected) override {
+    return f32_->RouterScores(s, logits, bias, selection, choice, scores, aux_scores, lse, experts, selected);
+  }
+  absl::Status RouterScoresBackward(S& s, T scores, T logits, T lse, T daux, T dscores, bool sigmoid,
+                                    float z_coef, T dlogits) override {
+    return f32_->RouterScoresBackward(s, scores, logits, lse, daux, dscores, sigmoid, z_coef, dlogits);
+  }
 
   absl::Status CrossEntropy(S& s, T logits, T targets, T losses, T lse) override {
     if (!options_.stage_rows) return f32_->CrossEntropy(s, logits, targets, losses, lse);

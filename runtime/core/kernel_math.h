@@ -159,6 +159,148 @@ MOE_HOST_DEVICE bool TopKBefore(float a, int32_t ia, float b, int32_t ib) {
   return a > b || (a == b && ia < ib);
 }
 
+// ---- The router (ops.h RouterScores, RouterScoresBackward), per token ------
+
+// Scores s[0, E) of one token's logits z: softmax, s = exp(z - lse(z))
+// (score_function "softmax"), or sigmoid(z) ("sigmoid"); with q not null, the
+// aux loss's scores q = s / sum s (sigmoid). Returns lse(z) (the z loss's).
+// Row sums in double, in column order; kmath::Exp, so every backend agrees.
+MOE_HOST_DEVICE float RouterScoresRow(const float* z, int64_t E, bool sigmoid, float* s, float* q) {
+  float m = z[0];
+  for (int64_t e = 1; e < E; ++e) m = z[e] > m ? z[e] : m;
+  double sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const float x = Exp(z[e] - m);
+    if (!sigmoid) s[e] = x;
+    sum += x;
+  }
+  const float lse = static_cast<float>(static_cast<double>(m) + std::log(sum));
+  if (!sigmoid) {
+    for (int64_t e = 0; e < E; ++e) s[e] = static_cast<float>(static_cast<double>(s[e]) / sum);
+    return lse;
+  }
+  double ssum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = Sigmoid(z[e]);
+    ssum += s[e];
+  }
+  if (q != nullptr)
+    for (int64_t e = 0; e < E; ++e) q[e] = static_cast<float>(static_cast<double>(s[e]) / ssum);
+  return lse;
+}
+
+// One expert's selection score u = s + b (b: the expert bias, or none); NaN
+// ranks below everything, so a non-finite row still picks k distinct experts
+// (and its NaN weights reach the loss, which the trainer checks).
+MOE_HOST_DEVICE float RouterSelectionScore(const float* s, const float* bias, int64_t e) {
+  const float u = bias != nullptr ? s[e] + bias[e] : s[e];
+  return u != u ? -INFINITY : u;
+}
+
+// The best expert of [0, E) after (pv, pi) in TopKBefore order on u (pi < 0:
+// from the top), among the groups in `mask` when per_group > 0 (expert e is in
+// group e / per_group); -1 when none is left.
+MOE_HOST_DEVICE int32_t RouterNextBest(const float* s, const float* bias, int64_t e0, int64_t e1, float pv,
+                                       int32_t pi, int64_t per_group, uint64_t mask) {
+  int32_t bi = -1;
+  float bv = 0.0f;
+  for (int64_t e = e0; e < e1; ++e) {
+    if (per_group > 0 && ((mask >> (e / per_group)) & 1u) == 0) continue;
+    const float u = RouterSelectionScore(s, bias, e);
+    const int32_t c = static_cast<int32_t>(e);
+    if (pi >= 0 && !TopKBefore(pv, pi, u, c)) continue;  // taken already
+    if (bi < 0 || TopKBefore(u, c, bv, bi)) {
+      bv = u;
+      bi = c;
+    }
+  }
+  return bi;
+}
+
+// The most groups group-limited routing takes (a 64-bit mask per token).
+constexpr int64_t kRouterMaxGroups = 64;
+
+// One token's k experts, best first, from its scores s[0, E): the top k of
+// u = s + b (TopKBefore: descending, ties to the lower expert). With
+// group_topk > 0 (and < num_groups <= kRouterMaxGroups), only the experts of
+// the group_topk best of num_groups groups of E / num_groups consecutive
+// experts are eligible; a group's score is the sum (in double) of its
+// clamp(k / group_topk, 1, E / num_groups) best u (ties: the lower group).
+// Writes sel[0, k) and selected[j] = s[sel[j]] (the weights come from s, not u).
+// k selection passes, no scratch: k and E are small, one thread per token.
+MOE_HOST_DEVICE void RouterChooseRow(const float* s, const float* bias, int64_t E, int k, int64_t num_groups,
+                                     int group_topk, int32_t* sel, float* selected) {
+  int64_t per_group = 0;
+  uint64_t mask = 0;
+  if (group_topk > 0 && group_topk < num_groups) {
+    per_group = E / num_groups;
+    int64_t best = k / group_topk;
+    best = best < 1 ? 1 : (best > per_group ? per_group : best);
+    double pv = 0;
+    int64_t pg = -1;
+    for (int g = 0; g < group_topk; ++g) {  // the g-th best group, after (pv, pg)
+      double bv = 0;
+      int64_t bg = -1;
+      for (int64_t h = 0; h < num_groups; ++h) {
+        double score = 0;
+        float v = 0.0f;
+        int32_t i = -1;
+        for (int64_t j = 0; j < best; ++j) {
+          i = RouterNextBest(s, bias, h * per_group, (h + 1) * per_group, v, i, 0, 0);
+          v = RouterSelectionScore(s, bias, i);
+          score += v;
+        }
+        if (pg >= 0 && !(pv > score || (pv == score && pg < h))) continue;  // taken already
+        if (bg < 0 || score > bv) {
+          bv = score;
+          bg = h;
+        }
+      }
+      mask |= uint64_t{1} << bg;
+      pv = bv;
+      pg = bg;
+    }
+  }
+  float pv = 0.0f;
+  int32_t pi = -1;
+  for (int j = 0; j < k; ++j) {
+    pi = RouterNextBest(s, bias, 0, E, pv, pi, per_group, mask);
+    sel[j] = pi;
+    selected[j] = pi >= 0 ? s[pi] : 0.0f;
+    if (pi >= 0) pv = RouterSelectionScore(s, bias, pi);
+  }
+}
+
+// d loss / d z of one token (ops.h RouterScoresBackward): dq[0, E) = d loss /
+// d q (the aux loss's), ds[0, E) = d loss / d s (the combine weights'; null =
+// 0), z_coef lse the z loss's d loss / d lse. softmax: g = dq + ds,
+// dz = s (g - <g, s>) + z_coef lse s; sigmoid: q = s / S with S = sum s, so
+// d loss / d s = (dq - <dq, q>) / S + ds, dz = that s (1 - s) + z_coef lse
+// exp(z - lse). Dot products in double.
+MOE_HOST_DEVICE void RouterScoresBackwardRow(const float* s, const float* z, float lse, const float* dq,
+                                             const float* ds, int64_t E, bool sigmoid, float z_coef,
+                                             float* dz) {
+  const float zl = z_coef * lse;
+  if (!sigmoid) {
+    double dot = 0;
+    for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(dq[e] + (ds != nullptr ? ds[e] : 0.0f)) * s[e];
+    const float fd = static_cast<float>(dot);
+    for (int64_t e = 0; e < E; ++e)
+      dz[e] = SoftmaxGrad(s[e], dq[e] + (ds != nullptr ? ds[e] : 0.0f), fd) + zl * s[e];
+    return;
+  }
+  double sum = 0, dot = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    sum += s[e];
+    dot += static_cast<double>(dq[e]) * s[e];
+  }
+  const float mean = static_cast<float>(dot / sum), inv = static_cast<float>(1.0 / sum);
+  for (int64_t e = 0; e < E; ++e) {
+    const float g = (dq[e] - mean) * inv + (ds != nullptr ? ds[e] : 0.0f);
+    dz[e] = g * s[e] * (1.0f - s[e]) + zl * Exp(z[e] - lse);
+  }
+}
+
 // Philox4x32-10 (rng.h): ten rounds on the counter c[4] with key (k0, k1), in place.
 MOE_HOST_DEVICE void Philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;

@@ -35,6 +35,16 @@ absl::Status ByRowMismatch(const char* op, int64_t entry, int64_t value);
 // scatter-add were two).
 enum class ScatterMode : uint8_t { kAccumulate, kOverwrite };
 
+// How ops::RouterScores scores and chooses (ops.h): sigmoid or softmax
+// scores, top_k experts per token, and group-limited routing when
+// group_topk > 0 (num_groups groups, at most kmath::kRouterMaxGroups).
+struct RouterChoice {
+  bool sigmoid = false;
+  int top_k = 1;
+  int64_t num_groups = 1;
+  int group_topk = 0;
+};
+
 class Kernels {
  public:
   virtual ~Kernels() = default;
@@ -79,6 +89,12 @@ class Kernels {
   virtual absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                             T dlogits) = 0;
   virtual absl::Status TopK(S& s, T x, int k, T values, T indices) = 0;
+  // bias, selection and aux_scores may be undefined (ops.h RouterScores).
+  virtual absl::Status RouterScores(S& s, T logits, T bias, T selection, const RouterChoice& choice, T scores,
+                                    T aux_scores, T lse, T experts, T selected) = 0;
+  // logits (softmax) and dscores may be undefined (ops.h RouterScoresBackward).
+  virtual absl::Status RouterScoresBackward(S& s, T scores, T logits, T lse, T daux, T dscores, bool sigmoid,
+                                            float z_coef, T dlogits) = 0;
   virtual absl::Status GatherRows(S& s, T src, T index, T dst, T weight) = 0;
   // by_row may be undefined (ops.h ScatterAddRows).
   virtual absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) = 0;

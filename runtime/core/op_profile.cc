@@ -73,6 +73,8 @@ ProfileCategory CategoryOfOp(OpKind op) {
     case OpKind::kSoftmax:
     case OpKind::kSoftmaxBackward:
     case OpKind::kTopK:
+    case OpKind::kRouterScores:
+    case OpKind::kRouterScoresBackward:
       return ProfileCategory::kRouter;
     case OpKind::kGatherRows:
     case OpKind::kScatterAddRows:

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "runtime/core/kernel_math.h"
 #include "runtime/core/kernels.h"
 #include "runtime/core/op_profile.h"
 #include "runtime/core/status.h"
@@ -628,6 +629,89 @@ absl::Status TopK(Stream& s, const Tensor& x, int k, const Tensor& values, const
   RETURN_IF_ERROR(NoOverlap(op, "x", x, "values", values));
   ProfileScope scope(s, OpKind::kTopK);
   return s.backend().kernels().TopK(s, x, k, values, indices);
+}
+
+absl::Status RouterScores(Stream& s, const Tensor& logits, const Tensor& bias, const Tensor& selection,
+                          const RouterChoice& choice, const Tensor& scores, const Tensor& aux_scores,
+                          const Tensor& lse, const Tensor& experts, const Tensor& selected) {
+  const char* op = "RouterScores";
+  RETURN_IF_ERROR(Supported(op, s, OpKind::kRouterScores));
+  RETURN_IF_ERROR(F32(op, s, "logits", logits));
+  if (logits.rank() != 2) return Bad(op, absl::StrCat("logits ", logits.ToString(), " must be [T, E]"));
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const int k = choice.top_k;
+  if (E < 1 || k < 1 || k > E)
+    return Bad(op, absl::StrCat("top_k = ", k, " must be in [1, ", E, "] (the experts of logits)"));
+  if (choice.group_topk < 0 || (choice.group_topk > 0 && choice.group_topk < choice.num_groups &&
+                                (choice.num_groups > kmath::kRouterMaxGroups || E % choice.num_groups != 0 ||
+                                 choice.group_topk * (E / choice.num_groups) < k))) {
+    return Bad(op, absl::StrCat("group_topk = ", choice.group_topk, " of num_groups = ", choice.num_groups,
+                                " must pick at least top_k = ", k, " of ", E,
+                                " experts in groups of equal size, with at most ", kmath::kRouterMaxGroups,
+                                " groups"));
+  }
+  RETURN_IF_ERROR(F32(op, s, "scores", scores));
+  RETURN_IF_ERROR(SameShape(op, "logits", logits, "scores", scores));
+  RETURN_IF_ERROR(F32(op, s, "lse", lse));
+  RETURN_IF_ERROR(Numel(op, "lse", lse, T));
+  RETURN_IF_ERROR(Arg(op, s, "experts", experts, DType::kI32));
+  RETURN_IF_ERROR(Numel(op, "experts", experts, T * k));
+  RETURN_IF_ERROR(F32(op, s, "selected", selected));
+  RETURN_IF_ERROR(Numel(op, "selected", selected, T * k));
+  if (bias.defined()) {
+    RETURN_IF_ERROR(F32(op, s, "bias", bias));
+    RETURN_IF_ERROR(Numel(op, "bias", bias, E));
+  }
+  if (selection.defined()) {
+    RETURN_IF_ERROR(Arg(op, s, "selection", selection, DType::kI32));
+    RETURN_IF_ERROR(Numel(op, "selection", selection, T * k));
+  }
+  if (aux_scores.defined()) {
+    if (!choice.sigmoid) return Bad(op, "aux_scores are the sigmoid router's (softmax: they are the scores)");
+    RETURN_IF_ERROR(F32(op, s, "aux_scores", aux_scores));
+    RETURN_IF_ERROR(SameShape(op, "logits", logits, "aux_scores", aux_scores));
+    RETURN_IF_ERROR(NoOverlap(op, "scores", scores, "aux_scores", aux_scores));
+  }
+  RETURN_IF_ERROR(NoOverlap(op, "logits", logits, "scores", scores));
+  RETURN_IF_ERROR(NoOverlap(op, "logits", logits, "lse", lse));
+  RETURN_IF_ERROR(NoOverlap(op, "scores", scores, "selected", selected));
+  ProfileScope scope(s, OpKind::kRouterScores);
+  return s.backend().kernels().RouterScores(s, logits, bias, selection, choice, scores, aux_scores, lse,
+                                            experts, selected);
+}
+
+absl::Status RouterScoresBackward(Stream& s, const Tensor& scores, const Tensor& logits, const Tensor& lse,
+                                  const Tensor& daux, const Tensor& dscores, bool sigmoid, float z_coef,
+                                  const Tensor& dlogits) {
+  const char* op = "RouterScoresBackward";
+  RETURN_IF_ERROR(Supported(op, s, OpKind::kRouterScoresBackward));
+  RETURN_IF_ERROR(F32(op, s, "scores", scores));
+  if (scores.rank() != 2) return Bad(op, absl::StrCat("scores ", scores.ToString(), " must be [T, E]"));
+  const int64_t T = scores.size(0), E = scores.size(1);
+  if (sigmoid || logits.defined()) {
+    if (!logits.defined()) return Bad(op, "the sigmoid router's backward needs its logits");
+    RETURN_IF_ERROR(F32(op, s, "logits", logits));
+    RETURN_IF_ERROR(SameShape(op, "scores", scores, "logits", logits));
+  }
+  RETURN_IF_ERROR(F32(op, s, "lse", lse));
+  RETURN_IF_ERROR(Numel(op, "lse", lse, T));
+  RETURN_IF_ERROR(F32(op, s, "daux", daux));
+  if (daux.rank() != 2 || daux.size(1) != E || daux.size(0) < 1 || T % daux.size(0) != 0) {
+    return Bad(op, absl::StrCat("daux ", daux.ToString(), " must be [B, ", E, "] with B dividing T = ", T));
+  }
+  if (dscores.defined()) {
+    RETURN_IF_ERROR(F32(op, s, "dscores", dscores));
+    RETURN_IF_ERROR(SameShape(op, "scores", scores, "dscores", dscores));
+    RETURN_IF_ERROR(AliasOk(op, "dscores", dscores, "dlogits", dlogits));
+  }
+  RETURN_IF_ERROR(F32(op, s, "dlogits", dlogits));
+  RETURN_IF_ERROR(SameShape(op, "scores", scores, "dlogits", dlogits));
+  RETURN_IF_ERROR(NoOverlap(op, "scores", scores, "dlogits", dlogits));
+  if (logits.defined()) RETURN_IF_ERROR(NoOverlap(op, "logits", logits, "dlogits", dlogits));
+  RETURN_IF_ERROR(NoOverlap(op, "daux", daux, "dlogits", dlogits));
+  ProfileScope scope(s, OpKind::kRouterScoresBackward);
+  return s.backend().kernels().RouterScoresBackward(s, scores, logits, lse, daux, dscores, sigmoid, z_coef,
+                                                    dlogits);
 }
 
 absl::Status GatherRows(Stream& s, const Tensor& src, const Tensor& index, const Tensor& dst,

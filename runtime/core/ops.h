@@ -217,6 +217,39 @@ absl::Status CrossEntropyBackward(Stream& stream, const Tensor& logits, const Te
 // the lower index first. 1 <= k <= C.
 absl::Status TopK(Stream& stream, const Tensor& x, int k, const Tensor& values, const Tensor& indices);
 
+// The MoE router's per-token work (model/router.h, docs/model.md), in one
+// pass over logits [T, E] (matrix view): scores [T, E] = softmax(logits), or
+// sigmoid(logits) with choice.sigmoid; lse [T] = log sum_e exp(logits) (the z
+// loss's); each token's choice.top_k = k experts, best first (experts i32
+// [T, k]), and their scores (selected [T, k], the combine weights' source).
+// The choice: the top k of u = scores + bias (bias [E], or undefined for 0;
+// descending, ties to the lower expert; a NaN u ranks last, so a row still
+// names k distinct experts); with choice.group_topk > 0 (< num_groups <=
+// kmath::kRouterMaxGroups, and E divisible by num_groups) only among the
+// experts of the token's group_topk best of num_groups groups of E /
+// num_groups consecutive experts, a group scored by the sum of its
+// max(1, min(k / group_topk, E / num_groups)) best u (ties: the lower group).
+// `selection` (i32 [T, k], or undefined) replaces the choice (forced routing;
+// an expert may repeat; an entry outside [0, E) fails like a bad index).
+// aux_scores ([T, E], or undefined; sigmoid only) = scores / their row sum
+// (the aux loss's scores). [f32] every floating tensor. Row sums in double
+// and kmath's exp: the backends run the same arithmetic (kmath::RouterScoresRow,
+// RouterChooseRow).
+absl::Status RouterScores(Stream& stream, const Tensor& logits, const Tensor& bias, const Tensor& selection,
+                          const RouterChoice& choice, const Tensor& scores, const Tensor& aux_scores,
+                          const Tensor& lse, const Tensor& experts, const Tensor& selected);
+// The gradient through RouterScores' scores and lse: dlogits [T, E]
+// (overwritten) from daux [B, E] = d loss / d q of the aux loss's scores q
+// (q = scores for softmax; token t uses row t / (T / B): one row per
+// sequence, B dividing T), dscores [T, E] = d loss / d scores through the
+// combine weights (or undefined for 0), and d loss / d lse_t = z_coef lse_t
+// (the z loss). `logits` (sigmoid only; may be undefined for softmax) gives
+// the z loss's softmax. kmath::RouterScoresBackwardRow states the arithmetic.
+// [f32] every tensor. dlogits may alias dscores.
+absl::Status RouterScoresBackward(Stream& stream, const Tensor& scores, const Tensor& logits,
+                                  const Tensor& lse, const Tensor& daux, const Tensor& dscores, bool sigmoid,
+                                  float z_coef, const Tensor& dlogits);
+
 // dst[i, :] = src[index[i], :] for i < M: src [N, d], index i32 [M] (0 <= index < N),
 // dst [M, d]. Permuting tokens into expert order; embedding lookup. src and dst
 // share one dtype (any dtype: rows are copied). With weight (f32 [M]),

@@ -576,6 +576,213 @@ TEST_CASE("Softmax, LogSumExp, CrossEntropy forward") {
   CHECK(std::string(st.message()).find("targets[1] = 23") != std::string::npos);
 }
 
+bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
+
+// The router's scores in double: s (softmax or sigmoid), the aux scores q
+// (s / sum s for sigmoid, s for softmax) and lse(z).
+void RefRouterRow(const float* z, int64_t E, bool sigmoid, double* s, double* q, double* lse) {
+  double mx = -1e300, sum = 0;
+  for (int64_t e = 0; e < E; ++e) mx = std::max<double>(mx, z[e]);
+  for (int64_t e = 0; e < E; ++e) sum += std::exp(z[e] - mx);
+  *lse = mx + std::log(sum);
+  double ssum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = sigmoid ? 1.0 / (1.0 + std::exp(-static_cast<double>(z[e]))) : std::exp(z[e] - *lse);
+    ssum += s[e];
+  }
+  for (int64_t e = 0; e < E; ++e) q[e] = sigmoid ? s[e] / ssum : s[e];
+}
+
+// The choice by sorting (not kmath's selection passes), on the op's own f32
+// scores: u = s + b, descending, ties to the lower expert; with groups, only
+// the experts of the gk best groups by the sum of their best k / gk u.
+std::vector<int32_t> RefChoice(const float* s, const float* bias, int64_t E, int k, int64_t G, int gk) {
+  std::vector<float> u(E);
+  for (int64_t e = 0; e < E; ++e) u[e] = bias != nullptr ? s[e] + bias[e] : s[e];
+  std::vector<int32_t> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return u[a] > u[b]; });
+  if (gk > 0 && gk < G) {
+    const int64_t per = E / G, best = std::clamp<int64_t>(k / gk, 1, per);
+    std::vector<double> score(G, 0.0);
+    for (int64_t g = 0; g < G; ++g) {
+      std::vector<float> in(u.begin() + g * per, u.begin() + (g + 1) * per);
+      std::sort(in.begin(), in.end(), std::greater<>());
+      for (int64_t j = 0; j < best; ++j) score[g] += in[j];
+    }
+    std::vector<int32_t> groups(G);
+    std::iota(groups.begin(), groups.end(), 0);
+    std::stable_sort(groups.begin(), groups.end(), [&](int32_t a, int32_t b) { return score[a] > score[b]; });
+    std::vector<bool> eligible(G, false);
+    for (int g = 0; g < gk; ++g) eligible[groups[g]] = true;
+    std::vector<int32_t> kept;
+    for (int32_t e : order)
+      if (eligible[e / per]) kept.push_back(e);
+    order = kept;
+  }
+  order.resize(k);
+  return order;
+}
+
+TEST_CASE(
+    "RouterScores: scores, lse, aux scores and the choice (bias, groups, ties, forced) against a reference") {
+  const int64_t T = 37, E = 12;
+  const int k = 3;
+  std::vector<float> z = Vec(Random({T, E}, 31, -3.0f, 3.0f));
+  for (int64_t e = 0; e < E; ++e) z[e] = 0.25f;            // row 0: all tied
+  z[E + 4] = z[E + 9] = 5.0f;                              // row 1: two tied maxima
+  z[2 * E + 5] = std::numeric_limits<float>::quiet_NaN();  // row 2: a NaN logit ranks last
+  const Tensor logits = FromVec({T, E}, z);
+  const std::vector<float> bias = {0.3f, -0.2f, 0.0f,  0.1f,  0.5f, -0.4f,
+                                   0.0f, 0.2f,  -0.1f, 0.05f, 0.0f, 0.6f};
+  struct Case {
+    bool sigmoid, biased;
+    int64_t groups;
+    int group_topk;
+  };
+  for (const Case c : {Case{false, false, 1, 0}, Case{false, true, 1, 0}, Case{true, false, 4, 2},
+                       Case{true, true, 4, 2}, Case{false, true, 6, 3}, Case{true, false, 1, 0}}) {
+    INFO("sigmoid " << c.sigmoid << " bias " << c.biased << " groups " << c.groups << "/" << c.group_topk);
+    RouterChoice choice;
+    choice.sigmoid = c.sigmoid;
+    choice.top_k = k;
+    choice.num_groups = c.groups;
+    choice.group_topk = c.group_topk;
+    Tensor scores = NewF32({T, E}), aux = NewF32({T, E}), lse = NewF32({T}), selected = NewF32({T, k});
+    Tensor experts = FromVecI32({T, k}, std::vector<int32_t>(T * k, -7));
+    const Tensor b = c.biased ? FromVec({E}, bias) : Tensor();
+    REQUIRE(ops::RouterScores(S(), logits, b, Tensor(), choice, scores, c.sigmoid ? aux : Tensor(), lse,
+                              experts, selected)
+                .ok());
+    const std::vector<float> s = Vec(scores), q = Vec(aux), l = Vec(lse), sel = Vec(selected);
+    const int32_t* ex = experts.data<int32_t>();
+    std::vector<double> rs(E), rq(E);
+    double rl = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      INFO("token " << t);
+      const std::vector<int32_t> want =
+          RefChoice(&s[t * E], c.biased ? bias.data() : nullptr, E, k, c.groups, c.group_topk);
+      CHECK(std::vector<int32_t>(ex + t * k, ex + (t + 1) * k) == want);
+      for (int j = 0; j < k; ++j) CHECK(SameBits(sel[t * k + j], s[t * E + ex[t * k + j]]));
+      if (t == 2) continue;  // the NaN row: checked below
+      RefRouterRow(&z[t * E], E, c.sigmoid, rs.data(), rq.data(), &rl);
+      CHECK(std::abs(l[t] - rl) <= 1e-6 * std::max(1.0, std::abs(rl)));
+      for (int64_t e = 0; e < E; ++e) {
+        CHECK(std::abs(s[t * E + e] - rs[e]) <= 1e-6 * rs[e] + 1e-8);
+        if (c.sigmoid) CHECK(std::abs(q[t * E + e] - rq[e]) <= 1e-6 * rq[e] + 1e-8);
+      }
+    }
+    // Row 0 is all ties (the lowest experts of the eligible groups), row 1 takes its two maxima first.
+    if (!c.biased && c.group_topk == 0) {
+      CHECK(std::vector<int32_t>(ex, ex + k) == std::vector<int32_t>{0, 1, 2});
+      CHECK(std::vector<int32_t>(ex + k, ex + k + 2) == std::vector<int32_t>{4, 9});
+    }
+    // The NaN row still names k distinct experts (and its weights are NaN for the loss to catch).
+    std::vector<int32_t> row2(ex + 2 * k, ex + 3 * k);
+    std::sort(row2.begin(), row2.end());
+    CHECK(std::adjacent_find(row2.begin(), row2.end()) == row2.end());
+    CHECK(row2.front() >= 0);
+    CheckSameAtOneAndThreeThreads([&] {
+      Tensor s2 = NewF32({T, E}), l2 = NewF32({T}), v2 = NewF32({T, k});
+      Tensor e2 = FromVecI32({T, k}, std::vector<int32_t>(T * k, 0));
+      REQUIRE(ops::RouterScores(S(), logits, b, Tensor(), choice, s2, Tensor(), l2, e2, v2).ok());
+      std::vector<float> all = Vec(s2), lv = Vec(l2), vv = Vec(v2);
+      all.insert(all.end(), lv.begin(), lv.end());
+      all.insert(all.end(), vv.begin(), vv.end());
+      for (int64_t i = 0; i < T * k; ++i) all.push_back(static_cast<float>(e2.data<int32_t>()[i]));
+      return all;
+    });
+  }
+  // Forced routing: the selection replaces the choice (repeats allowed); its scores are read from s.
+  RouterChoice choice;
+  choice.top_k = k;
+  std::vector<int32_t> forced(T * k);
+  for (int64_t i = 0; i < T * k; ++i) forced[i] = static_cast<int32_t>((i * 5) % E);
+  forced[3] = forced[4] = 7;
+  Tensor scores = NewF32({T, E}), lse = NewF32({T}), selected = NewF32({T, k});
+  Tensor experts = FromVecI32({T, k}, std::vector<int32_t>(T * k, 0));
+  REQUIRE(ops::RouterScores(S(), logits, Tensor(), FromVecI32({T, k}, forced), choice, scores, Tensor(), lse,
+                            experts, selected)
+              .ok());
+  CHECK(std::vector<int32_t>(experts.data<int32_t>(), experts.data<int32_t>() + T * k) == forced);
+  const std::vector<float> s = Vec(scores), sel = Vec(selected);
+  for (int64_t i = 0; i < T * k; ++i) CHECK(SameBits(sel[i], s[(i / k) * E + forced[i]]));
+  // A selection outside [0, E) and a group count that cannot hold top_k are refused by name.
+  forced[10] = static_cast<int32_t>(E);
+  absl::Status bad = ops::RouterScores(S(), logits, Tensor(), FromVecI32({T, k}, forced), choice, scores,
+                                       Tensor(), lse, experts, selected);
+  CHECK(bad.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad.message()).find("selection[10] = 12") != std::string::npos);
+  choice.num_groups = 6;
+  choice.group_topk = 1;  // 1 group of 2 experts < top_k 3
+  bad = ops::RouterScores(S(), logits, Tensor(), Tensor(), choice, scores, Tensor(), lse, experts, selected);
+  CHECK(bad.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad.message()).find("group_topk = 1") != std::string::npos);
+}
+
+TEST_CASE(
+    "RouterScoresBackward: finite differences through softmax and sigmoid scores, per-sequence aux rows") {
+  const int64_t T = 8, E = 6, B = 2, per = T / B;
+  const std::vector<float> z = Vec(Random({T, E}, 41, -2.0f, 2.0f));
+  const std::vector<float> daux = Vec(Random({B, E}, 42)), ds = Vec(Random({T, E}, 43));
+  const float z_coef = 0.3f;
+  for (bool sigmoid : {false, true}) {
+    for (bool with_ds : {true, false}) {
+      INFO("sigmoid " << sigmoid << " dscores " << with_ds);
+      // L(z) = sum_t sum_e daux[t / per, e] q_t,e + ds_t,e s_t,e + z_coef / 2 sum_t lse_t^2, in double.
+      const auto loss = [&](const std::vector<float>& zz) {
+        std::vector<double> s(E), q(E);
+        double l = 0, total = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          RefRouterRow(&zz[t * E], E, sigmoid, s.data(), q.data(), &l);
+          for (int64_t e = 0; e < E; ++e)
+            total += daux[(t / per) * E + e] * q[e] + (with_ds ? ds[t * E + e] * s[e] : 0.0);
+          total += 0.5 * z_coef * l * l;
+        }
+        return total;
+      };
+      RouterChoice choice;
+      choice.sigmoid = sigmoid;
+      choice.top_k = 2;
+      const Tensor logits = FromVec({T, E}, z);
+      Tensor scores = NewF32({T, E}), lse = NewF32({T}), selected = NewF32({T, 2});
+      Tensor experts = FromVecI32({T, 2}, std::vector<int32_t>(T * 2, 0));
+      REQUIRE(
+          ops::RouterScores(S(), logits, Tensor(), Tensor(), choice, scores, Tensor(), lse, experts, selected)
+              .ok());
+      Tensor dz = NewF32({T, E});
+      REQUIRE(ops::RouterScoresBackward(S(), scores, sigmoid ? logits : Tensor(), lse, FromVec({B, E}, daux),
+                                        with_ds ? FromVec({T, E}, ds) : Tensor(), sigmoid, z_coef, dz)
+                  .ok());
+      const std::vector<float> got = Vec(dz);
+      for (int64_t i = 0; i < T * E; ++i) {
+        std::vector<float> zp = z, zm = z;
+        const float h = 1e-2f;
+        zp[i] += h;
+        zm[i] -= h;
+        const double want = (loss(zp) - loss(zm)) / (static_cast<double>(zp[i]) - zm[i]);
+        INFO("dz[" << i << "] = " << got[i] << ", finite difference " << want);
+        CHECK(std::abs(got[i] - want) <= 2e-4 + 2e-3 * std::abs(want));
+      }
+      if (with_ds) {  // in place over dscores: the same values
+        Tensor inplace = FromVec({T, E}, ds);
+        REQUIRE(ops::RouterScoresBackward(S(), scores, sigmoid ? logits : Tensor(), lse,
+                                          FromVec({B, E}, daux), inplace, sigmoid, z_coef, inplace)
+                    .ok());
+        CHECK(Vec(inplace) == got);
+      }
+    }
+  }
+  // The sigmoid backward needs the logits; daux rows must divide the tokens.
+  Tensor scores = NewF32({T, E}), lse = NewF32({T}), dz = NewF32({T, E});
+  absl::Status bad =
+      ops::RouterScoresBackward(S(), scores, Tensor(), lse, NewF32({B, E}), Tensor(), true, 0, dz);
+  CHECK(bad.code() == absl::StatusCode::kInvalidArgument);
+  bad = ops::RouterScoresBackward(S(), scores, Tensor(), lse, NewF32({3, E}), Tensor(), false, 0, dz);
+  CHECK(bad.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(bad.message()).find("B dividing T = 8") != std::string::npos);
+}
+
 TEST_CASE("TopK: order, ties to the lower index, k = E") {
   std::vector<float> v = {0.1f,  0.5f,  0.5f,  0.2f,  0.5f,   // ties
                           3.0f,  2.0f,  1.0f,  0.0f,  -1.0f,  // descending

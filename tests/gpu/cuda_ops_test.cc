@@ -598,6 +598,41 @@ TEST_CASE("softmax, losses and routing match the CPU backend") {
     Run(absl::StrCat("TopK k ", k),
         {*lt, Rand({rows, k}, 10), Ints({rows, k}, std::vector<int32_t>(rows * k))}, {1, 2},
         [k](Stream& s, auto& t) { return ops::TopK(s, t[0], k, t[1], t[2]); });
+  // The router: softmax and sigmoid scores, the choice with ties, the expert
+  // bias and groups, forced selection; its backward with per-sequence aux rows.
+  const int64_t T = 37, E = 16;
+  std::vector<float> z(T * E);
+  for (size_t i = 0; i < z.size(); ++i) z[i] = static_cast<float>((i * 7919) % 61) * 0.1f - 3.0f;
+  for (int64_t e = 0; e < E; ++e) z[e] = 0.5f;  // a row of ties
+  auto zt =
+      Tensor::FromHost(Cpu(), {T, E}, DType::kF32, z.data(), z.size() * 4, MemoryCategory::kActivations);
+  REQUIRE(zt.ok());
+  const Tensor bias = Rand({E}, 11, -0.3f, 0.3f);
+  std::vector<int32_t> forced(T * 4);
+  for (size_t i = 0; i < forced.size(); ++i) forced[i] = static_cast<int32_t>((i * 5) % E);
+  for (bool sigmoid : {false, true}) {
+    for (int variant = 0; variant < 3; ++variant) {  // plain; bias and 4 groups of which 2; forced
+      RouterChoice choice;
+      choice.sigmoid = sigmoid;
+      choice.top_k = 4;
+      choice.num_groups = variant == 1 ? 4 : 1;
+      choice.group_topk = variant == 1 ? 2 : 0;
+      const Tensor b = variant == 1 ? bias : Tensor(), sel = variant == 2 ? Ints({T, 4}, forced) : Tensor();
+      Run(absl::StrCat("RouterScores sigmoid ", sigmoid, " variant ", variant),
+          {*zt, b, sel, Rand({T, E}, 12), sigmoid ? Rand({T, E}, 13) : Tensor(), Rand({T}, 14),
+           Ints({T, 4}, std::vector<int32_t>(T * 4)), Rand({T, 4}, 15)},
+          {3, 5, 6, 7}, [choice, sigmoid](Stream& s, auto& t) {
+            return ops::RouterScores(s, t[0], t[1], t[2], choice, t[3], sigmoid ? t[4] : Tensor(), t[5], t[6],
+                                     t[7]);
+          });
+    }
+    Tensor scores = Rand({T, E}, 16, 0.01f, 1.0f), lse_r = Rand({T}, 17);
+    Run(absl::StrCat("RouterScoresBackward sigmoid ", sigmoid),
+        {scores, sigmoid ? *zt : Tensor(), lse_r, Rand({T, E}, 18), Rand({T, E}, 19), Rand({T, E}, 20)}, {5},
+        [sigmoid](Stream& s, auto& t) {
+          return ops::RouterScoresBackward(s, t[0], t[1], t[2], t[3], t[4], sigmoid, 0.3f, t[5]);
+        });
+  }
 }
 
 // The list forms run many tensors a launch (kMaxListTensors, cuda_kernels.h);

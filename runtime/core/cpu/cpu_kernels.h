@@ -1,5 +1,5 @@
 // The CPU Kernels table (internal). Methods are defined by topic in
-// cpu_gemm.cc, cpu_elementwise.cc and cpu_nn.cc; each wraps its loop in
+// cpu_gemm.cc, cpu_elementwise.cc, cpu_nn.cc and cpu_router.cc; each wraps its loop in
 // AsCpu(stream).Run(...), capturing tensor handles by value (they keep the
 // storage alive until the work has run) and copying host spans.
 #ifndef MOE_RUNTIME_CORE_CPU_CPU_KERNELS_H_
@@ -106,6 +106,10 @@ class CpuKernels : public Kernels {
   absl::Status CrossEntropyBackward(S& s, T logits, T targets, T lse, T dloss, float scale,
                                     T dlogits) override;
   absl::Status TopK(S& s, T x, int k, T values, T indices) override;
+  absl::Status RouterScores(S& s, T logits, T bias, T selection, const RouterChoice& choice, T scores,
+                            T aux_scores, T lse, T experts, T selected) override;  // cpu_router.cc
+  absl::Status RouterScoresBackward(S& s, T scores, T logits, T lse, T daux, T dscores, bool sigmoid,
+                                    float z_coef, T dlogits) override;
   absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override;
   absl::Status ScatterAddRows(S& s, T src, T index, T dst, T weight, ScatterMode mode, T by_row) override;
   absl::Status GatherRowDot(S& s, T a, T index, T b, T out, float alpha, float beta) override;

@@ -362,6 +362,24 @@ class CudaKernels : public Kernels {
     LAUNCH(LaunchTopK(Ptr(x), k, Ptr(values), Ptr<int32_t>(indices), LeadRows(x), Cols(x), NativeStream(s)));
     return absl::OkStatus();
   }
+  absl::Status RouterScores(S& s, T logits, T bias, T selection, const RouterChoice& choice, T scores,
+                            T aux_scores, T lse, T experts, T selected) override {
+    LAUNCH(LaunchRouterScores(
+        Ptr(logits), bias.defined() ? Ptr(bias) : nullptr,
+        selection.defined() ? Ptr<int32_t>(selection) : nullptr, choice.sigmoid, choice.top_k,
+        choice.num_groups, choice.group_topk, Ptr(scores), aux_scores.defined() ? Ptr(aux_scores) : nullptr,
+        Ptr(lse), Ptr<int32_t>(experts), Ptr(selected), logits.size(0), logits.size(1), DeviceErrorRecord(s),
+        static_cast<int>(OpKind::kRouterScores), NativeStream(s)));
+    return absl::OkStatus();
+  }
+  absl::Status RouterScoresBackward(S& s, T scores, T logits, T lse, T daux, T dscores, bool sigmoid,
+                                    float z_coef, T dlogits) override {
+    LAUNCH(LaunchRouterScoresBackward(Ptr(scores), logits.defined() ? Ptr(logits) : nullptr, Ptr(lse),
+                                      Ptr(daux), dscores.defined() ? Ptr(dscores) : nullptr, sigmoid, z_coef,
+                                      Ptr(dlogits), scores.size(0), scores.size(1), daux.size(0),
+                                      NativeStream(s)));
+    return absl::OkStatus();
+  }
   absl::Status GatherRows(S& s, T src, T index, T dst, T weight) override {
     if (weight.defined()) {  // f32 or bf16 rows natively (stage_rows)
       ASSIGN_OR_RETURN(const ElemIn es, In("GatherRows", src));

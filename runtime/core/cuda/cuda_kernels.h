@@ -169,6 +169,19 @@ cudaError_t LaunchCrossEntropyBackward(ElemIn logits, const int32_t* targets, co
 cudaError_t LaunchTopK(const float* x, int k, float* values, int32_t* indices, int64_t rows, int64_t cols,
                        cudaStream_t s);
 
+// ---- cuda_router.cu (ops.h RouterScores and its backward; one thread a token) ----
+// selection (may be null) entries outside [0, E) are reported (code 1) and give a 0 score.
+// The choice (kernels.h RouterChoice): sigmoid, top_k, num_groups, group_topk.
+cudaError_t LaunchRouterScores(const float* logits, const float* bias, const int32_t* selection, bool sigmoid,
+                               int top_k, int64_t num_groups, int group_topk, float* scores,
+                               float* aux_scores, float* lse, int32_t* experts, float* selected, int64_t rows,
+                               int64_t E, DeviceError* err, int op, cudaStream_t s);
+// logits, dscores may be null; daux has daux_rows rows (dividing rows).
+cudaError_t LaunchRouterScoresBackward(const float* scores, const float* logits, const float* lse,
+                                       const float* daux, const float* dscores, bool sigmoid, float z_coef,
+                                       float* dlogits, int64_t rows, int64_t E, int64_t daux_rows,
+                                       cudaStream_t s);
+
 // ---- cuda_rows.cu (permute / un-permute, embedding) ----
 cudaError_t LaunchGatherRows(const void* src, const int32_t* index, void* dst, int64_t m, int64_t n,
                              int64_t row_bytes, DeviceError* err, int op, cudaStream_t s);

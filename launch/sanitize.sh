@@ -20,8 +20,8 @@
 #         communicator (progress thread, stream order, receive bounds, host
 #         staging of device buffers), the
 #         watchdog and the fault wrapper, the token exchange, TP, grad-sync,
-#         dispatcher and LLEP layer pipelines, ZeRO-1, the router's host
-#         threads, the trainer, sync and
+#         dispatcher and LLEP layer pipelines, ZeRO-1, the MoE layer's
+#         parts, the trainer (the router's kernels on the CPU pool), sync and
 #         async checkpoint saves, resume, host-sync counting, the demo's
 #         end-to-end run, and the CUDA kernels run under the CPU emulation
 #         (flash attention, element-wise, norm, RoPE, cross-entropy: a

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/core/kernel_math.h"
 #include "runtime/core/ops.h"
 #include "runtime/core/status.h"
 
@@ -124,15 +125,18 @@ absl::Status HostReadback::Start(Stream& stream) {
   constexpr size_t kAlignFloats = 64;  // 256 bytes
   offsets_.clear();
   counts_.clear();
+  dtypes_.clear();
   size_t floats = 0;
   for (const Tensor& t : tensors_) {
-    if (!t.defined() || t.dtype() != DType::kF32) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "HostReadback: ", t.defined() ? t.ToString() : "an undefined tensor", " is not an f32 tensor"));
+    if (!t.defined() || (t.dtype() != DType::kF32 && t.dtype() != DType::kI32)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("HostReadback: ", t.defined() ? t.ToString() : "an undefined tensor",
+                       " is not an f32 or i32 tensor"));
     }
     floats = (floats + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
     offsets_.push_back(floats);
     counts_.push_back(static_cast<size_t>(t.numel()));
+    dtypes_.push_back(t.dtype());
     floats += counts_.back();
   }
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
@@ -147,7 +151,7 @@ absl::Status HostReadback::Start(Stream& stream) {
   for (size_t i = 0; i < tensors_.size(); ++i) {
     if (tensors_[i].numel() == 0) continue;
     ASSIGN_OR_RETURN(Tensor view, Tensor::FromBuffer(staging_, offsets_[i] * sizeof(float),
-                                                     tensors_[i].shape(), DType::kF32));
+                                                     tensors_[i].shape(), tensors_[i].dtype()));
     RETURN_IF_ERROR(ops::Copy(stream, tensors_[i], view));
   }
   RETURN_IF_ERROR(stream.Record(*landed_));
@@ -182,14 +186,20 @@ absl::Status HostReadback::Collect() {
 }
 
 absl::Span<const float> HostReadback::values(size_t i) const {
-  if (!ready_ || i >= counts_.size()) return {};
+  if (!ready_ || i >= counts_.size() || dtypes_[i] != DType::kF32) return {};
   return absl::Span<const float>(static_cast<const float*>(staging_->data()) + offsets_[i], counts_[i]);
+}
+
+absl::Span<const int32_t> HostReadback::int_values(size_t i) const {
+  if (!ready_ || i >= counts_.size() || dtypes_[i] != DType::kI32) return {};
+  return absl::Span<const int32_t>(static_cast<const int32_t*>(staging_->data()) + offsets_[i], counts_[i]);
 }
 
 void HostReadback::Reset() {
   tensors_.clear();
   offsets_.clear();
   counts_.clear();
+  dtypes_.clear();
   ready_ = false;
 }
 
@@ -384,6 +394,10 @@ std::vector<std::string> MoeRoutingProblems(const config::MoeConfig& moe) {
     } else if (moe.group_topk() > groups) {
       e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(),
                                " must be at most model.moe.num_expert_groups = ", groups));
+    } else if (moe.group_topk() < groups && groups > kmath::kRouterMaxGroups) {
+      e.push_back(absl::StrCat("model.moe.num_expert_groups = ", groups, " is more than the router's ",
+                               kmath::kRouterMaxGroups,
+                               " groups (a token's groups are a 64-bit mask); use fewer, larger groups"));
     } else if (moe.group_topk() * (E / groups) < k) {
       e.push_back(absl::StrCat("model.moe.group_topk = ", moe.group_topk(), " groups of ", E / groups,
                                " experts hold fewer than model.moe.top_k = ", k,

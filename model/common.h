@@ -160,8 +160,8 @@ class HostUploads {
 //   absl::Span<const float> zv = read.values(z);
 class HostReadback {
  public:
-  // The index of t's values; t must be f32 (checked by Start) and stay
-  // unchanged until the read lands. The read holds t until Wait.
+  // The index of t's values; t must be f32 or i32 (checked by Start) and
+  // stay unchanged until the read lands. The read holds t until Wait.
   size_t Add(const Tensor& t);
   // FailedPrecondition when a started read was not waited for.
   absl::Status Start(Stream& stream);
@@ -175,8 +175,10 @@ class HostReadback {
   // losses this way after the gradient norm's wait, and the new expert
   // biases after the step end's.
   absl::Status Collect();
-  // Tensor i's values after Wait (empty before).
+  // Tensor i's values after Wait (empty before, or for a tensor of the
+  // other dtype).
   absl::Span<const float> values(size_t i) const;
+  absl::Span<const int32_t> int_values(size_t i) const;
   // Forgets the tensors and values; keeps the staging buffer and the event.
   void Reset();
 
@@ -184,7 +186,8 @@ class HostReadback {
   void Landed();  // releases the tensors; values() answers
 
   std::vector<Tensor> tensors_;           // released by Wait
-  std::vector<size_t> offsets_, counts_;  // in floats, into the staging buffer
+  std::vector<size_t> offsets_, counts_;  // in 4-byte words, into the staging buffer
+  std::vector<DType> dtypes_;
   std::shared_ptr<Buffer> staging_;
   std::unique_ptr<Event> landed_;
   bool started_ = false, ready_ = false;

@@ -13,11 +13,11 @@
 //   With model.moe.erc_loss_coeff > 0 Forward also computes the expert-router
 //   coupling loss (model/erc_loss.h; collective over the EP group).
 //
-// Forward's routing wait: the host routes (model/router.h), so it reads the
-// router's logits, the expert bias, the shared expert's gate logits and, with
-// the coupling loss, the router's rows in one HostReadback (model/common.h),
-// started before the shared expert is enqueued and waited for after: on a GPU
-// the shared expert computes while the host routes. (The coupling loss reads
+// Forward's routing wait: the host makes the plan (model/router.h), so it
+// reads the router's choice and loss sums, the shared expert's gate logits
+// and, with the coupling loss, the router's rows in one HostReadback
+// (model/common.h), started before the shared expert is enqueued and waited
+// for after: on a GPU the shared expert computes while the host plans. (The coupling loss reads
 // its activations' norms on its own: runtime/host_syncs.h.) Backward waits for
 // nothing (the gate's slope g (1 - g) is uploaded with the forward's tables).
 //
@@ -90,7 +90,7 @@ class MoELayer {
   absl::StatusOr<Tensor> RoutedForward(Stream& stream, const Tensor& x, const RoutingPlan& plan);
   absl::StatusOr<Tensor> RoutedBackward(Stream& stream, const Tensor& dy, float aux_scale, float z_scale);
   // y += g * s, s = shared(x) (g = 1 ungated, else sigmoid of `gate_logits`
-  // [T], read with the router's logits) / its backward (dx += ...).
+  // [T], read with the router's choice) / its backward (dx += ...).
   absl::Status SharedCombine(Stream& stream, const Tensor& x, const Tensor& s,
                              absl::Span<const float> gate_logits, const Tensor& y);
   absl::Status SharedBackward(Stream& stream, const Tensor& dy, const Tensor& dx);
@@ -102,7 +102,7 @@ class MoELayer {
   parallel::Parameter shared_gate_;
   // gated: shared(x) [T, d], x, 0..T-1, g [T], g (1 - g) [T]
   Tensor shared_out_, shared_x_, rows_, gate_, gate_slope_;
-  HostReadback read_;  // the router's logits and bias, the gate's logits
+  HostReadback read_;  // the router's choice and loss sums, the gate's logits
   std::unique_ptr<TokenDispatcher> dispatcher_;
   std::unique_ptr<Experts> experts_;
   comm::Communicator* expert_tp_ = nullptr;  // ExpertTpGroup(plan)

@@ -14,18 +14,20 @@
 //   ("batch") or averaged over its sequences ("sequence"), with P from s
 //   (softmax) or s / sum_e s (sigmoid); zl = z_loss_coeff * mean_t lse(z_t)^2.
 //
-// The forward's [T, E] tail after the GEMM runs on the host: the routing
-// decisions have to reach the host anyway (the dispatcher's counts and the
-// grouped GEMM's offsets are host values), and T x E is small next to the
-// GEMMs. But the stream has little to run meanwhile (a GPU idles), so the
-// per-token work (scores, choice, weights) runs on the host's threads
-// (HostParallelFor), each exponential once; the sums over tokens (z loss,
-// counts, capacity) stay in token order, so the plan and the losses are the
-// same on any thread count (moe-bench router times it). A MoE layer splits
-// Forward (EnqueueLogits, Route) to read its shared expert's gate with the
-// logits and to enqueue its shared expert before the host waits, so that a
-// GPU computes it meanwhile (model/moe_layer.h). The backward needs no host
-// read: it is ordered on the stream (Backward).
+// The per-token work runs on the stream, in f32 (ops::RouterScores, one
+// thread a token on CUDA): the scores, lse(z), the choice (bias, groups) and
+// the chosen experts' scores; then the sums over tokens the losses need (the
+// aux scores' column sums per sequence, sum_t lse_t^2). The host reads only
+// those: the experts and their scores [T, k], the sums [B, E] and one float,
+// never the [T, E] logits. It then makes the plan (weights, in double; the
+// counts and the capacity, in token order) and the losses: the routing
+// decisions have to reach the host (the dispatcher's counts and the grouped
+// GEMM's offsets are host values). A MoE layer splits Forward (EnqueueLogits,
+// Route) to read its shared expert's gate with the choice and to enqueue its
+// shared expert before the host waits, so that a GPU computes it meanwhile
+// (model/moe_layer.h). The backward needs no host read: the aux loss's
+// gradient per sequence and expert comes from the plan's counts, the rest
+// runs on the stream (ops::RouterScoresBackward).
 //
 // Forced routing (benchmarks, config ForcedRouting): a fraction of all
 // (token, slot) assignments go to the hot_experts experts from first_hot_expert
@@ -72,9 +74,16 @@ struct RoutingOptions {
   int group_topk = 0;
 };
 
-// Pure host routing (exposed for tests): top-k, weights and capacity from the
-// scores s [T, E] (row-major). `bias` [E], when not empty, is added to the
-// scores for the choice of groups and experts only (the weights come from s).
+// The plan from each token's choice: experts [T * k] and their scores s
+// (selected [T * k]) give the weights (s / sum of the token's s in double with
+// norm_topk_prob, else s), the counts and the capacity (in token order).
+RoutingPlan PlanFromChoice(absl::Span<const int32_t> experts, absl::Span<const float> selected,
+                           int64_t num_tokens, int64_t num_experts, const RoutingOptions& options);
+
+// Host routing (tests and references): the choice of ops::RouterScores
+// (kmath::RouterChooseRow) on the scores s [T, E] (row-major; rounded to f32),
+// then PlanFromChoice. `bias` [E], when not empty, is added to the scores for
+// the choice of groups and experts only (the weights come from s).
 // `selection` [T * k], when not empty, replaces the choice (forced routing).
 RoutingPlan ComputeRoutingPlan(absl::Span<const double> scores, absl::Span<const float> bias,
                                int64_t num_tokens, int64_t num_experts, const RoutingOptions& options,
@@ -93,7 +102,8 @@ class Router {
   absl::Status Init(Stream& stream, const std::string& prefix, const config::ModelConfig& cfg, float init_std,
                     uint64_t seed);
   // x [T, d] -> the routing plan (valid until the next Forward); computes the
-  // aux and z losses. Keeps x and host copies of z, s and lse. `seq_len`: the
+  // aux and z losses. Keeps x, the scores s and lse on the device (and the
+  // sigmoid router's logits), and the chosen scores on the host. `seq_len`: the
   // tokens of one sequence (x holds T / seq_len whole sequences), used by the
   // sequence-level aux loss; 0 = the micro-batch is one sequence.
   // EnqueueLogits, then `read`'s Start and Wait, then Route, with a read of
@@ -102,8 +112,9 @@ class Router {
   // Forward in two halves, so that a MoE layer can enqueue work that does not
   // need the routing between them (its shared expert) and read other values
   // with the same host wait (its shared-expert gate). EnqueueLogits enqueues
-  // the logits GEMM and adds the logits (and the expert bias) to `read`
-  // (model/common.h); after read.Wait(), Route computes the plan on the host.
+  // the logits GEMM, ops::RouterScores and the losses' sums, and adds the
+  // choice and the sums to `read` (model/common.h); after read.Wait(), Route
+  // makes the plan and the losses on the host.
   absl::Status EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_len, HostReadback* read);
   absl::StatusOr<const RoutingPlan*> Route(const HostReadback& read);
   double aux_loss() const { return aux_loss_; }
@@ -113,9 +124,9 @@ class Router {
   // dweights f32 [T * k] on the stream's device: d loss / d w_t,e (0 for
   // dropped assignments); aux_scale and z_scale: d loss / d aux and d loss /
   // d zl. Accumulates router.weight.grad and returns dx [T, d]. Stream-ordered
-  // (no host read: the loss terms that do not depend on dweights come from the
-  // forward's host copies, the rest runs as ops), so a MoE layer's backward
-  // enqueues without waiting for its chunks.
+  // (no host read: the aux loss's d loss / d q per sequence and expert comes
+  // from the plan, the rest runs as ops), so a MoE layer's backward enqueues
+  // without waiting for its chunks.
   absl::StatusOr<Tensor> Backward(Stream& stream, const Tensor& dweights, float aux_scale, float z_scale);
 
   parallel::Parameter& weight() { return weight_; }
@@ -135,9 +146,11 @@ class Router {
   absl::Status UpdateExpertBias(Stream& stream, absl::Span<const double> load);
 
  private:
-  // Scores s from the logits z (one token's row); returns lse(z).
-  double Scores(const float* z, double* s) const;
-  void ComputeAuxLoss(int64_t seq_len);
+  // The plan's assignments (before capacity) per sequence of T / B tokens
+  // and expert: count [B * E].
+  void SequenceCounts(int64_t B, std::vector<double>* count) const;
+  // aux_loss_ from the aux scores' column sums [B * E] and the plan.
+  void ComputeAuxLoss(absl::Span<const float> column_sums);
 
   parallel::Parameter weight_;
   parallel::Parameter expert_bias_;  // value only, when has_expert_bias()
@@ -146,10 +159,11 @@ class Router {
   int64_t num_experts_ = 0;
   int64_t seq_len_ = 0;  // tokens per sequence of the last Forward (sequence aux)
   Tensor x_;
-  size_t logits_read_ = 0, bias_read_ = 0;  // EnqueueLogits's entries in the read
-  HostReadback own_read_;                   // Forward's
-  std::vector<float> z_;                    // [T, E] logits
-  std::vector<double> probs_, lse_;         // [T, E] scores s, [T]
+  Tensor scores_, lse_, logits_;  // [T, E], [T]; [T, E] (sigmoid only): kept for Backward
+  // EnqueueLogits's entries in the read.
+  size_t experts_read_ = 0, selected_read_ = 0, sums_read_ = 0;
+  HostReadback own_read_;        // Forward's
+  std::vector<float> selected_;  // [T * k] the chosen experts' scores
   std::vector<int64_t> pending_load_;
   RoutingPlan plan_;
   double aux_loss_ = 0, z_loss_ = 0;

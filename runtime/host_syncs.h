@@ -11,12 +11,13 @@
 // the emulated CUDA backend as well).
 //
 // Per micro-batch and MoE layer:
-//   routing           1   one read of the router's logits (softmax, top-k and
-//                         capacity run on the host in double, model/router.h),
-//                         with the expert bias (expert_bias_update_rate > 0) and
-//                         the shared expert's gate logits (shared_expert_gate)
-//                         in the same wait; the shared expert is enqueued before
-//                         it (model/moe_layer.h)
+//   routing           1   one read of the router's choice (experts and their
+//                         scores, chosen on the stream by ops::RouterScores)
+//                         and the losses' sums, for the host's plan (weights,
+//                         counts, capacity; model/router.h), with the shared
+//                         expert's gate logits (shared_expert_gate) in the same
+//                         wait; the shared expert is enqueued before it
+//                         (model/moe_layer.h)
 //   llep_counts       1   LLEP's per-chunk, per-expert count gather on the host EP
 //                         group (the planner runs on the host;
 //                         parallel/llep_exchange.h), llep.enabled with EP > 1; every

@@ -297,13 +297,6 @@ absl::StatusOr<Backend*> GetBackend(Device device);
 // Parses "cpu" / "cuda" / "cuda:N".
 absl::StatusOr<Device> ParseDevice(const std::string& text);
 
-// A data-parallel loop of host code (the router's per-token scores and
-// choices) on the CPU backend's threads: fn(begin, end) over [0, n) in chunks
-// of at least `grain`, split by (n, grain) alone. fn must write disjoint
-// outputs per index; then the result does not depend on the thread count.
-// On a GPU rank these threads are otherwise idle while the host routes.
-void HostParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
-
 }  // namespace moe
 
 #endif  // MOE_RUNTIME_CORE_BACKEND_H_

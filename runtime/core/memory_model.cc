@@ -40,7 +40,8 @@
 //   MLP block: block input h [T,d], rstd [T], normed m [T,d], then
 //     dense: gate, up, silu(gate)*up [T,F] each (/TP)
 //     MoE (dispatched rows R = T*k, dropless and balanced in expectation; the
-//       router's probabilities and the routing plan live on the host):
+//       routing plan lives on the host): the router's scores [T,E] and lse [T]
+//       (f32; the sigmoid router also keeps its logits [T,E]),
 //       token index, row index and combine weights [R] (i32, i32, f32),
 //       permuted tokens [R,d], gate, up, act [R,Fe] each (/TP), expert outputs [R,d];
 //       a shared expert (Fs = model.moe.shared_expert_ffn_hidden_size) adds
@@ -150,10 +151,13 @@ absl::StatusOr<MemoryPrediction> PredictPeakMemory(const config::JobConfig& conf
   int64_t mlp_in = a * 2 * T * d + f * T;
   add(MC::kActivations, "MLP blocks: h, rstd, m", L * mlp_in, 1);
   if (num_dense) add(MC::kActivations, "dense MLPs: gate, up, act [T,F]", num_dense * 3 * T * F / tp, a);
-  int64_t moe_act = f * 3 * R + a * (R * d + 3 * R * Fe / tp + R * d);
+  const int64_t router_act = f * ((moe.score_function() == "sigmoid" ? 2 : 1) * T * E + T);
+  int64_t moe_act = router_act + f * 3 * R + a * (R * d + 3 * R * Fe / tp + R * d);
   if (num_moe)
     add(MC::kActivations,
-        "MoE: token/row index + weights [R], x_perm [R,d], gate, up, act [R,Fe], expert out [R,d]",
+        "MoE: router scores [T,E] + lse [T], token/row index + weights [R], x_perm [R,d], gate, up, act "
+        "[R,Fe], "
+        "expert out [R,d]",
         num_moe * moe_act, 1);
   // Shared expert: gate, up, act [T,Fs] (/TP); gated, its output [T,d], the
   // gate and its slope [T] (f32), the row index [T] and row order [2T+1] (i32).

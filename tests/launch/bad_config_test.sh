@@ -26,6 +26,7 @@ expect "model.moe.top_k = 9 must be at most model.moe.num_experts = 8" "$D" mode
 expect "model has no field 'hiden_size'" "$D" model.hiden_size=3
 expect 'model.moe.score_function = "tanh" must be "softmax" or "sigmoid"' "$D" model.moe.score_function=tanh
 expect "model.moe.group_topk = 3 must be at most model.moe.num_expert_groups = 2" "$D" model.moe.group_topk=3 parallel.expert=2
+expect "model.moe.num_expert_groups = 65 is more than the router's 64 groups" "$D" model.moe.num_experts=130 model.moe.num_expert_groups=65 model.moe.group_topk=2
 expect 'comm.backend = "nccl" moves device buffers, but train.device = "cpu" keeps tensors on the host; set comm.backend = "mpi" or "auto"' "$D" comm.backend=nccl
 # A GPU this machine cannot use: a CPU-only build refuses train.device = "cuda"
 # at validation; a CUDA build without a usable GPU (as on CI) names it at

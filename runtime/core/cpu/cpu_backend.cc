@@ -124,14 +124,6 @@ ThreadPool& Pool() {
 
 }  // namespace moe::cpu
 
-namespace moe {
-
-void HostParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  cpu::Pool().ParallelFor(n, grain, fn);
-}
-
-}  // namespace moe
-
 namespace moe::cpu {
 
 // ---- Streams and events ---------------------------------------------------------

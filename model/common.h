@@ -140,17 +140,18 @@ class HostUploads {
   std::vector<Entry> entries_;
 };
 
-// Several f32 device tensors read to the host with one wait, without waiting
+// Several f32 or i32 device tensors read to the host with one wait, without waiting
 // for the work enqueued after them. Add each tensor; Start enqueues their
 // copies into one page-locked staging buffer (Backend::AllocatePinnedHost,
 // kept and reused by later reads, so it is allocated once per size) and
 // records an event; work enqueued after Start runs on while the host waits in
 // Wait, which blocks until the copies landed (one host wait, however many
 // tensors; an asynchronous error of the stream up to the copies is its
-// status). values(i) then holds tensor i's floats, until Reset. A MoE layer
-// reads its router logits, expert bias and shared-expert gate logits in one
+// status). values(i) (f32) or int_values(i) (i32) then holds tensor i's
+// values, until Reset. A MoE layer reads its router's choice (i32 experts,
+// f32 scores), the losses' sums and the shared-expert gate logits in one
 // read, and enqueues its shared expert between Start and Wait, so that on a
-// GPU the shared expert runs while the host routes (model/moe_layer.h).
+// GPU the shared expert runs while the host plans (model/moe_layer.h).
 //
 //   HostReadback read;
 //   const size_t z = read.Add(logits);

@@ -1,9 +1,10 @@
 // The arithmetic of the kernels, per element and per row: small inline
 // functions that the CPU backend's loops call and that a CUDA backend compiles
 // as __host__ __device__ (MOE_HOST_DEVICE), so both backends run the same math.
-// Nothing here allocates, branches on data in ways a vector unit cannot follow,
-// or touches memory beyond its arguments: the CPU loops that call these
-// functions vectorise.
+// Nothing here allocates or touches memory beyond its arguments. The element
+// functions do not branch on data in ways a vector unit cannot follow, so the
+// CPU loops that call them vectorise; the router's row functions (a token's
+// scores, choice and gradient) are scalar loops over its E experts.
 #ifndef MOE_RUNTIME_CORE_KERNEL_MATH_H_
 #define MOE_RUNTIME_CORE_KERNEL_MATH_H_
 

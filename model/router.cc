@@ -206,13 +206,12 @@ absl::Status Router::EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_
   seq_len_ = seq_len > 0 ? seq_len : T;
   ASSIGN_OR_RETURN(Tensor logits, NewActivation(stream, Shape{T, E}));
   RETURN_IF_ERROR(ops::Gemm(stream, x, false, weight_.compute_value(), true, logits));
-  // Forced routing (benchmarks): the choice is known on the host beforehand.
-  Tensor selection;
-  if (moe_.forced_routing().fraction() > 0) {
+  // Forced routing (benchmarks): the choice depends on (seed, name, T) only,
+  // so it is drawn and uploaded once per micro-batch size and kept.
+  if (moe_.forced_routing().fraction() > 0 && (!forced_.defined() || forced_.size(0) != T)) {
     const std::vector<int32_t> forced = ForcedSelection(moe_.forced_routing(), weight_.name, T, E, k);
-    ASSIGN_OR_RETURN(selection,
-                     Tensor::FromHostOn(stream, Shape{T, k}, DType::kI32, forced.data(),
-                                        forced.size() * sizeof(int32_t), MemoryCategory::kActivations));
+    ASSIGN_OR_RETURN(forced_, Tensor::FromHostOn(stream, Shape{T, k}, DType::kI32, forced.data(),
+                                                 forced.size() * sizeof(int32_t), MemoryCategory::kOther));
   }
   // Scores, lse and the choice on the stream (kept for the backward: the
   // scores and lse, and the sigmoid router's logits and aux scores).
@@ -232,8 +231,8 @@ absl::Status Router::EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_
   choice.num_groups = std::max(1, moe_.num_expert_groups());
   choice.group_topk = moe_.group_topk();
   RETURN_IF_ERROR(ops::RouterScores(stream, logits, has_expert_bias() ? expert_bias_.value : Tensor(),
-                                    selection, choice, scores_, sigmoid_ ? aux_scores : Tensor(), lse_,
-                                    experts, selected));
+                                    forced_, choice, scores_, sigmoid_ ? aux_scores : Tensor(), lse_, experts,
+                                    selected));
   // The losses' sums over tokens, in one tensor (one copy): the aux scores'
   // column sums per sequence ([B, E]; B = 1, the whole micro-batch, unless
   // aux_loss_type is "sequence"), then sum_t lse_t^2 (the z loss). B > 1: one

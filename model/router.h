@@ -160,6 +160,7 @@ class Router {
   int64_t seq_len_ = 0;  // tokens per sequence of the last Forward (sequence aux)
   Tensor x_;
   Tensor scores_, lse_, logits_;  // [T, E], [T]; [T, E] (sigmoid only): kept for Backward
+  Tensor forced_;                 // i32 [T, k]: forced routing's selection, kept per T
   // EnqueueLogits's entries in the read.
   size_t experts_read_ = 0, selected_read_ = 0, sums_read_ = 0;
   HostReadback own_read_;        // Forward's

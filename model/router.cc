@@ -152,6 +152,12 @@ namespace {
 // paper's benchmark routing does, so that the fraction of all assignments asked
 // for really lands in the hot experts (95% into 1 expert with top_k = 2 needs
 // most tokens to send both slots there).
+// The sequences the aux loss averages over in a micro-batch of T tokens: T /
+// seq_len with aux_loss_type "sequence", else 1 (the whole micro-batch).
+int64_t AuxSequences(const config::MoeConfig& moe, int64_t T, int64_t seq_len) {
+  return moe.aux_loss_type() == "sequence" ? T / seq_len : 1;
+}
+
 std::vector<int32_t> ForcedSelection(const config::ForcedRouting& fr, const std::string& name, int64_t T,
                                      int64_t E, int k) {
   std::vector<int32_t> sel(T * k);
@@ -238,7 +244,7 @@ absl::Status Router::EnqueueLogits(Stream& stream, const Tensor& x, int64_t seq_
   // aux_loss_type is "sequence"), then sum_t lse_t^2 (the z loss). B > 1: one
   // batched product with a column of ones (sums_b = q_b^T 1), so the launches
   // do not grow with the sequences of a micro-batch.
-  const int64_t B = moe_.aux_loss_type() == "sequence" ? T / seq_len_ : 1, S = T / B;
+  const int64_t B = AuxSequences(moe_, T, seq_len_), S = T / B;
   ASSIGN_OR_RETURN(Tensor sums, NewActivation(stream, Shape{B * E + 1}));
   if (B == 1) {
     RETURN_IF_ERROR(ops::SumRows(stream, aux_scores, sums.Slice(0, E)));
@@ -324,7 +330,7 @@ absl::StatusOr<Tensor> Router::Backward(Stream& stream, const Tensor& dweights, 
   // d loss / d q of the aux loss (q: the aux scores) is, per sequence b and
   // expert e, aux_col * count_b,e: the host knows it from the plan. The rest
   // (through the scores, lse and the combine weights) runs on the stream.
-  const int64_t B = moe_.aux_loss_type() == "sequence" ? T / seq_len_ : 1, S = T / B;
+  const int64_t B = AuxSequences(moe_, T, seq_len_), S = T / B;
   const double aux_col = aux_scale * moe_.aux_loss_coeff() * E / (static_cast<double>(B) * S * S * k);
   std::vector<double> count;
   SequenceCounts(B, &count);
